@@ -1,0 +1,760 @@
+"""The cooperative job manager: EventMQ's ``JobManager`` API, run on gevent.
+
+Greenlets stand in for EventMQ's worker processes. One greenlet reads the
+router socket, one sends heartbeats, one drives the lifecycle; each job runs
+in a greenlet of a :class:`gevent.pool.Pool` of ``concurrent_jobs``.
+
+Lifecycle (changed only by :meth:`JobManager._set_state`)::
+
+    connecting -> running -> (router dead / SIGHUP) -> connecting -> ...
+    running|connecting -> draining -> stopped
+
+Slot accounting. The router trusts READY counts completely, so the manager
+keeps one invariant: READYs outstanding on the current connection never
+exceed ``concurrent_jobs - len(jobs_in_flight)``. After each ACK it offers
+exactly the free slots (jobs still running from an old connection stay
+counted); after each job it offers a slot only if the invariant allows. A
+REQUEST beyond the slots offered (an over-committing router) is still run,
+in a backlog, and costs no extra READY.
+
+Graceful stop order: KBYE to the router; no more READY or HEARTBEAT; REQUESTs
+already on the wire are still run; running jobs get ``kill_grace_period``;
+what is left is killed (their replies say ``Killed``); the socket closes
+with a short linger so the last replies leave.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Optional, Sequence, Union
+
+import gevent
+import gevent.event
+import gevent.pool
+import zmq.green as zmq
+
+from . import __version__
+from .connection import Connection
+from .jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
+from .protocol import (
+    Command,
+    Headers,
+    Message,
+    ProtocolError,
+    RunRequest,
+    queues_json,
+    reply_requested_in,
+)
+from .settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger(__name__)
+
+# How long a draining manager keeps reading after its KBYE, for REQUESTs the
+# router sent before it saw the KBYE.
+DRAIN_LINGER = 0.5
+# How long the last replies may take to leave when the socket closes.
+CLOSE_LINGER = 2.0
+
+
+class State(str, Enum):
+    CONNECTING = "connecting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class StopMode(str, Enum):
+    GRACEFUL = "graceful"
+    NOW = "now"
+
+
+@dataclass
+class JobRecord:
+    """One entry of :attr:`JobManager.jobs_in_flight`."""
+
+    msgid: str
+    queue: str
+    headers: Headers
+    request: Optional[RunRequest]
+    started: float = field(default_factory=time.monotonic)
+    greenlet: Optional[gevent.Greenlet] = None
+    done: bool = False
+
+    @property
+    def callable_name(self) -> str:
+        return self.request.name if self.request else "<invalid request>"
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+
+QueuesArg = Union[None, str, Sequence[Union[str, Sequence[Any]]]]
+
+
+def _normalise_queues(queues: QueuesArg, weight: int) -> Optional[tuple[tuple[int, str], ...]]:
+    """Accept EventMQ's forms: "a,b", ["a", "b"], [[10, "a"], ...]."""
+    if not queues:
+        return None
+    if isinstance(queues, str):
+        queues = [q for q in queues.split(",") if q]
+    result = []
+    for q in queues:
+        if isinstance(q, str):
+            name, sep, w = q.partition(":")
+            result.append((int(w) if sep else weight, name))
+        else:
+            w, name = q
+            result.append((int(w), str(name)))
+    return tuple(result)
+
+
+def monkey_patched() -> bool:
+    from gevent import monkey
+
+    return all(monkey.is_module_patched(m) for m in ("socket", "time", "select"))
+
+
+class JobManager:
+    """A drop-in for ``eventmq.jobmanager.JobManager`` that runs jobs in greenlets.
+
+    Keyword arguments (all optional):
+        name: unique name of this instance; default host-pid-random. Socket
+            identities are derived from it, one fresh identity per connection.
+        queues: queue names (or ``[weight, name]`` pairs) to listen on.
+        concurrent_jobs: jobs run at once (greenlets in the pool).
+        skip_signal: do not install signal handlers (for tests and embedding).
+        settings: a :class:`~emq_green.settings.Settings`; read from the
+            usual sources by :meth:`jobmanager_main` when not given.
+        settings_loader: called on SIGHUP to read the settings again.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        settings: Optional[Settings] = None,
+        name: Optional[str] = None,
+        queues: QueuesArg = None,
+        concurrent_jobs: Optional[int] = None,
+        skip_signal: bool = False,
+        settings_loader: Optional[Callable[[], Settings]] = None,
+        context: Optional[zmq.Context] = None,
+        **kwargs: Any,
+    ) -> None:
+        if args or kwargs:
+            logger.debug("ignoring JobManager arguments %r %r", args, kwargs)
+        self._overrides: dict[str, Any] = {}
+        if name:
+            self._overrides["name"] = name
+        if concurrent_jobs is not None:
+            self._overrides["concurrent_jobs"] = int(concurrent_jobs)
+        weight = (settings or Settings()).default_queue_weight
+        normalised = _normalise_queues(queues, weight)
+        if normalised:
+            self._overrides["queues"] = normalised
+        self._settings_given = settings is not None
+        self._settings_loader = settings_loader
+        self.skip_signal = skip_signal
+        self._context = context or zmq.Context.instance()
+
+        #: Name of this instance, as used in logs and socket identities.
+        self.name: str = ""
+        #: ``(weight, name)`` pairs this manager listens on.
+        self.queues: tuple[tuple[int, str], ...] = ()
+        #: Jobs run at once: the pool size.
+        self.concurrent_jobs: int = 0
+        self.settings: Settings = Settings()
+        self._apply_settings(settings or Settings())
+
+        #: The current :class:`~emq_green.connection.Connection` to the
+        #: router (None between connections). Every send goes through it.
+        self.outgoing: Optional[Connection] = None
+        #: Jobs accepted and not yet finished: msgid -> :class:`JobRecord`.
+        self.jobs_in_flight: dict[str, JobRecord] = {}
+        #: REQUEST messages received.
+        self.total_requests = 0
+        #: READY messages sent.
+        self.total_ready_sent = 0
+        #: Jobs finished per process id: this process for greenlet jobs,
+        #: the child's pid for subprocess jobs.
+        self.pid_distribution: dict[int, int] = {}
+        #: Other counters, shown in the SIGUSR1 status dump.
+        self.counters: collections.Counter[str] = collections.Counter()
+
+        self.state = State.STOPPED
+        self._state_changed = gevent.event.Event()
+        self._wake = gevent.event.Event()
+        self._stop_mode: Optional[StopMode] = None
+        self._reload_requested = False
+        self._router_gone: Optional[str] = None
+        self._acked = gevent.event.Event()
+        self._ready_outstanding = 0
+        self._running = 0
+        self._backlog: collections.deque[JobRecord] = collections.deque()
+        self._pending_replies: list[tuple[str, str]] = []
+        self._pool = gevent.pool.Pool(self.concurrent_jobs)
+        self._connections_made = 0
+        self._addr_index = 0
+        self._main: Optional[gevent.Greenlet] = None
+        self._stopped = gevent.event.Event()
+        self._signal_handlers: list[Any] = []
+        self._callbacks: dict[str, Callable[[Any, Optional[str], bool, int], None]] = {
+            "worker_done": self.worker_done,
+            "worker_done_with_reply": self.worker_done_with_reply,
+            "worker_death": self.worker_death,
+        }
+        self._dispatch: dict[Command, Callable[[Message], None]] = {
+            Command.ACK: self._on_ack,
+            Command.REQUEST: lambda m: self.on_request(m.msgid, list(m.body)),
+            Command.HEARTBEAT: lambda m: self.on_heartbeat(m.msgid, list(m.body)),
+            Command.DISCONNECT: self._on_disconnect,
+            Command.KBYE: self._on_router_kbye,
+        }
+
+    # ------------------------------------------------------------------
+    # settings
+
+    def _apply_settings(self, settings: Settings) -> None:
+        settings = settings.replace(**self._overrides)
+        self.settings = settings
+        self.name = settings.name
+        self.queues = settings.queues
+        self.concurrent_jobs = settings.concurrent_jobs
+        try:
+            entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
+            exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
+        except ImportError as exc:
+            raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        self.runner = JobRunner(global_timeout=settings.global_timeout,
+                                entry_func=entry, exit_func=exit_)
+
+    def _reload_settings(self) -> None:
+        if self._settings_loader is None:
+            logger.info("SIGHUP: no settings source to re-read; reconnecting only")
+            return
+        try:
+            new = self._settings_loader()
+        except SettingsError as exc:
+            logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
+            return
+        old_size = self.concurrent_jobs
+        self._apply_settings(new.replace(name=self.name))
+        if self.concurrent_jobs != old_size:
+            # Running jobs stay tracked by their records; new ones use the new pool.
+            self._pool = gevent.pool.Pool(self.concurrent_jobs)
+        logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
+                    queues_json(self.queues), self.concurrent_jobs)
+
+    # ------------------------------------------------------------------
+    # lifecycle
+
+    def _set_state(self, state: State) -> None:
+        if state is not self.state:
+            logger.info("%s: %s -> %s", self.name, self.state.value, state.value)
+            self.state = state
+            self._state_changed.set()
+            self._state_changed.clear()
+
+    def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
+        """Block (cooperatively) until the manager is in ``state``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state is not state:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._state_changed.wait(left)
+        return True
+
+    def start(self) -> None:
+        """Start serving in the background; returns at once."""
+        if self._main is not None:
+            raise RuntimeError("JobManager already started")
+        if not monkey_patched():
+            logger.warning(
+                "gevent has not monkeypatched this process: a job that uses blocking IO "
+                "(socket, ssl, time.sleep, threading) stalls every job and the heartbeats. "
+                "Call gevent.monkey.patch_all() before importing anything else, or run "
+                "the emq-green console script.")
+        if not self.skip_signal:
+            self._install_signals()
+        self._set_state(State.CONNECTING)
+        self._main = gevent.spawn(self._run)
+        self._heart = gevent.spawn(self._heartbeat_loop)
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until stopped."""
+        if self._main is None:
+            self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout: Optional[float] = None, graceful: bool = True) -> bool:
+        """Ask for a stop and wait up to ``timeout`` for it; True when stopped."""
+        self._request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
+        return self._stopped.wait(timeout)
+
+    def jobmanager_main(self, broker_addr: Optional[str] = None) -> None:
+        """Read the settings (unless given), connect to ``broker_addr`` and serve."""
+        if not self._settings_given:
+            if self._settings_loader is None:
+                self._settings_loader = lambda: load_settings([], os.environ)[0]
+            self._apply_settings(self._settings_loader())
+            self._pool = gevent.pool.Pool(self.concurrent_jobs)
+        if broker_addr:
+            self._overrides.update(worker_addr=broker_addr, worker_addr_default=broker_addr,
+                                   worker_addr_failover=broker_addr)
+            self._apply_settings(self.settings)
+        self.serve_forever()
+
+    def _request_stop(self, mode: StopMode) -> None:
+        if self._stop_mode is StopMode.GRACEFUL and mode is StopMode.GRACEFUL:
+            mode = StopMode.NOW  # asked twice: stop at once
+        if self._stop_mode is not StopMode.NOW:
+            self._stop_mode = mode
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        import signal
+
+        def stop(_signum: int = 0) -> None:
+            logger.info("signal received: stopping%s",
+                        " at once" if self._stop_mode else " gracefully")
+            self._request_stop(StopMode.GRACEFUL)
+
+        def quit_now() -> None:
+            self._request_stop(StopMode.GRACEFUL)
+
+        def reload() -> None:
+            self._reload_requested = True
+            self._wake.set()
+
+        table = {
+            signal.SIGTERM: stop,
+            signal.SIGINT: stop,
+            signal.SIGQUIT: quit_now,
+            signal.SIGHUP: reload,
+            signal.SIGUSR1: self.log_status,
+        }
+        try:
+            for signum, handler in table.items():
+                self._signal_handlers.append(gevent.signal_handler(signum, handler))
+        except ValueError:  # not the main thread
+            logger.warning("signal handlers not installed (not in the main thread)")
+
+    def _run(self) -> None:
+        try:
+            while self._stop_mode is None:
+                addr = self._next_addr()
+                self._session(addr)
+            self._shutdown()
+        except BaseException:
+            logger.exception("job manager loop crashed; stopping")
+            self._kill_jobs()
+            raise
+        finally:
+            for handler in self._signal_handlers:
+                handler.cancel()
+            self._heart.kill(block=False)
+            if self.outgoing is not None:
+                self.outgoing.close(CLOSE_LINGER)
+            self._set_state(State.STOPPED)
+            self._stopped.set()
+
+    def _next_addr(self) -> str:
+        if self._connections_made == 0:
+            return self.settings.worker_addr
+        addrs = self.settings.worker_addresses()
+        addr = addrs[self._addr_index % 2]
+        self._addr_index += 1
+        return addr
+
+    def _session(self, addr: str) -> None:
+        """One connection: INFORM, wait for ACK, serve until it must end."""
+        self._connections_made += 1
+        identity = f"{self.name}:{os.getpid()}:{self._connections_made}"
+        conn = Connection(self._context, addr, identity, hwm=self.settings.hwm,
+                          debug_log=self.settings.super_debug,
+                          hide_heartbeats=self.settings.hide_heartbeat_logs)
+        self.outgoing = conn
+        self._acked.clear()
+        self._router_gone = None
+        self._ready_outstanding = 0
+        self._set_state(State.CONNECTING)
+        reader = gevent.spawn(self._read_loop, conn)
+        try:
+            logger.info("connecting to %s as %s (queues %s)", addr, identity,
+                        queues_json(self.queues))
+            conn.send(Message.new(Command.INFORM, queues_json(self.queues), "worker"))
+            if not self._wait_for_ack():
+                return
+            self.counters["connections"] += 1
+            logger.info("ACK from %s; %d job(s) still running, %d slot(s) free", addr,
+                        len(self.jobs_in_flight), self.free_slots)
+            self._set_state(State.RUNNING)
+            for reply, msgid in self._pending_replies:
+                self.send_reply(reply, msgid)
+            self._pending_replies.clear()
+            self._offer_slots()
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stop_mode is not None:
+                    return
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self._reload_settings()
+                    self.counters["reloads"] += 1
+                    conn.send(Message.new(Command.KBYE))
+                    return
+                if self._router_gone:
+                    logger.error("%s; reconnecting", self._router_gone)
+                    self.counters["router_lost"] += 1
+                    return
+        finally:
+            if self._stop_mode is None:
+                reader.kill()
+                conn.close(0 if self._router_gone else CLOSE_LINGER)
+                self.outgoing = None
+            else:
+                self._reader = reader
+
+    def _wait_for_ack(self) -> bool:
+        deadline = time.monotonic() + self.settings.reconnect_timeout
+        while not self._acked.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop_mode is not None:
+                if self._stop_mode is None:
+                    logger.warning("no ACK from %s in %g s; trying again",
+                                   self.outgoing.addr if self.outgoing else "?",
+                                   self.settings.reconnect_timeout)
+                return False
+            self._wake.wait(min(left, 0.5))
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload_settings()
+                return False
+        return True
+
+    def _shutdown(self) -> None:
+        """Drain (graceful) or kill (now), then leave."""
+        conn = self.outgoing
+        was_running = self.state is State.RUNNING
+        self._set_state(State.DRAINING)
+        if conn is not None and was_running:
+            conn.send(Message.new(Command.KBYE))
+        if self._stop_mode is StopMode.GRACEFUL:
+            grace = self.settings.kill_grace_period
+            deadline = time.monotonic() + grace
+            linger_until = time.monotonic() + (DRAIN_LINGER if was_running else 0)
+            logger.info("draining: %d job(s) running, waiting up to %g s",
+                        len(self.jobs_in_flight), grace)
+            while time.monotonic() < deadline and self._stop_mode is StopMode.GRACEFUL:
+                if not self.jobs_in_flight and time.monotonic() >= linger_until:
+                    break
+                self._wake.clear()
+                self._wake.wait(0.05)
+        if self.jobs_in_flight:
+            logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
+            self._kill_jobs()
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.kill()
+
+    def _kill_jobs(self) -> None:
+        for record in list(self._backlog):
+            self._complete(record, JobOutcome(Status.KILLED, "Killed", "Killed",
+                                              "the worker stopped before the job started", 0))
+        self._backlog.clear()
+        greenlets = [r.greenlet for r in self.jobs_in_flight.values() if r.greenlet]
+        gevent.killall(greenlets, timeout=5)
+
+    # ------------------------------------------------------------------
+    # reading the socket: exactly one greenlet per connection
+
+    def _read_loop(self, conn: Connection) -> None:
+        while True:
+            try:
+                frames = conn.recv()
+            except zmq.ZMQError as exc:
+                if not conn.closed:
+                    logger.error("receiving from %s failed: %s", conn.addr, exc)
+                    self._router_gone = f"socket error: {exc}"
+                    self._wake.set()
+                return
+            try:
+                message = Message.parse(frames)
+            except ProtocolError as exc:
+                self.counters["malformed_messages"] += 1
+                logger.warning("dropped a malformed message from the router: %s", exc)
+                continue
+            if self.settings.super_debug and not (
+                self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
+            ):
+                logger.debug("<- %s %s %s", message.command.value, message.msgid, message.body)
+            handler = self._dispatch.get(message.command)
+            if handler is None:
+                self.counters["unexpected_messages"] += 1
+                logger.warning("ignored %s from the router: a worker does not handle it",
+                               message.command.value)
+                continue
+            try:
+                handler(message)
+            except Exception:
+                logger.exception("error handling %s %s", message.command.value, message.msgid)
+
+    def _on_ack(self, message: Message) -> None:
+        self._acked.set()
+        self._wake.set()
+
+    def _on_disconnect(self, message: Message) -> None:
+        logger.info("DISCONNECT from the router: stopping gracefully")
+        self._request_stop(StopMode.GRACEFUL)
+
+    def _on_router_kbye(self, message: Message) -> None:
+        if self.state is State.RUNNING:
+            self._router_gone = "the router said KBYE (it is shutting down)"
+            self._wake.set()
+
+    def on_heartbeat(self, msgid: str, message: list[str]) -> None:
+        """HEARTBEAT from the router. Liveness itself is counted for every
+        message in :meth:`Connection.recv`; here the pool gets a health check,
+        as EventMQ does on each heartbeat."""
+        if self.state is State.RUNNING:
+            self.check_worker_health()
+
+    def _heartbeat_loop(self) -> None:
+        s = self.settings
+        while True:
+            conn = self.outgoing
+            wait = s.heartbeat_interval
+            if conn is not None and self.state is State.RUNNING and not s.disable_heartbeats:
+                now = time.monotonic()
+                if now - conn.last_sent >= s.heartbeat_interval:
+                    conn.send(Message.new(Command.HEARTBEAT, f"{time.time():.6f}"))
+                    self.counters["heartbeats_sent"] += 1
+                silence = now - conn.last_received
+                dead_after = s.heartbeat_timeout * s.heartbeat_liveness
+                if silence >= dead_after and self._router_gone is None:
+                    self._router_gone = f"nothing from the router for {silence:.1f} s"
+                    self._wake.set()
+                wait = min(conn.last_sent + s.heartbeat_interval - time.monotonic(),
+                           conn.last_received + dead_after - time.monotonic())
+            gevent.sleep(max(0.05, min(wait, s.heartbeat_interval)))
+            s = self.settings
+
+    # ------------------------------------------------------------------
+    # requests and jobs
+
+    @property
+    def free_slots(self) -> int:
+        return self.concurrent_jobs - len(self.jobs_in_flight)
+
+    def on_request(self, msgid: str, msg: list[str]) -> None:
+        """Handle a REQUEST body ``[queue, headers_csv, payload_json]``.
+
+        The payload is ``["run", {path, callable, args, kwargs, class_args,
+        class_kwargs}]``; ``path`` may be ``module:Class``. Never blocks: the
+        job starts in the pool, or waits in the backlog if the router sent
+        more than it was offered. A request that cannot be parsed is answered
+        at once (an error REPLY when one was requested) and its slot returned.
+        """
+        self.total_requests += 1
+        self._ready_outstanding = max(0, self._ready_outstanding - 1)
+        queue = msg[0] if msg else ""
+        raw_headers = msg[1] if len(msg) > 1 else ""
+        try:
+            headers = Headers.parse(raw_headers)
+        except ProtocolError:
+            headers = Headers(reply_requested=reply_requested_in(raw_headers))
+        record = JobRecord(msgid, queue, headers, None)
+        self.jobs_in_flight[msgid] = record
+        try:
+            if len(msg) != 3:
+                raise ProtocolError(f"REQUEST needs 3 body frames, got {len(msg)}")
+            Headers.parse(raw_headers)
+            record.request = RunRequest.parse(msg[2])
+        except ProtocolError as exc:
+            self.counters["invalid_requests"] += 1
+            logger.warning("invalid REQUEST %s: %s", msgid, exc)
+            self._complete(record, JobOutcome.rejected("InvalidRequest", str(exc)))
+            return
+        if self._running >= self.concurrent_jobs:
+            self.counters["backlogged"] += 1
+            logger.warning("REQUEST %s beyond the %d slots offered; it waits in the worker",
+                           msgid, self.concurrent_jobs)
+            self._backlog.append(record)
+        else:
+            self._start(record)
+
+    def _start(self, record: JobRecord) -> None:
+        self._running += 1
+        record.started = time.monotonic()
+        record.greenlet = self._pool.spawn(self._job, record)
+
+    def _job(self, record: JobRecord) -> None:
+        outcome: Optional[JobOutcome] = None
+        try:
+            assert record.request is not None
+            outcome = self.runner.run(record.request, record.headers)
+        except gevent.GreenletExit:
+            outcome = JobOutcome(Status.KILLED, "Killed", "Killed",
+                                 "the job was killed when the worker stopped")
+        except BaseException as exc:  # a job must never take the worker down
+            logger.exception("job %s crashed the runner", record.msgid)
+            outcome = JobOutcome.failure(exc)
+        finally:
+            self._running -= 1
+            self._complete(record, outcome or JobOutcome(Status.KILLED, "Killed", "Killed",
+                                                         "the job greenlet died"))
+            if self._backlog and self._running < self.concurrent_jobs:
+                self._start(self._backlog.popleft())
+
+    def _complete(self, record: JobRecord, outcome: JobOutcome) -> None:
+        if record.done:
+            return
+        record.done = True
+        self.counters[outcome.status.value] += 1
+        callback = "worker_done_with_reply" if record.headers.reply_requested else "worker_done"
+        self.handle_response({
+            "callback": callback,
+            "msgid": record.msgid,
+            "return": outcome.reply(),
+            "pid": os.getpid(),
+            "death": outcome.status is Status.KILLED,
+        })
+
+    def handle_response(self, resp: dict[str, Any]) -> None:
+        """Account for a finished job and call its callback.
+
+        ``resp``: ``{"callback": "worker_done" | "worker_done_with_reply" |
+        "worker_death", "msgid": str, "return": {"value": ...}, "pid": int,
+        "death": bool}``. The job leaves :attr:`jobs_in_flight` before the
+        callback runs, so the callback sees its slot as free.
+        """
+        callback = self._callbacks.get(resp["callback"])
+        if callback is None:
+            raise ValueError(f"unknown callback {resp['callback']!r}")
+        msgid, pid, death = resp.get("msgid"), resp.get("pid", os.getpid()), resp.get("death")
+        if msgid is not None:
+            self.jobs_in_flight.pop(msgid, None)
+        if not death:
+            self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
+        callback(resp.get("return"), msgid, bool(death), pid)
+
+    def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
+        """A job finished without a reply requested: offer its slot."""
+        self._offer_slots()
+
+    def worker_done_with_reply(
+        self, reply: Any, msgid: Optional[str], death: bool, pid: int
+    ) -> None:
+        """A job finished and its caller asked for the result: REPLY, then READY."""
+        if msgid is not None:
+            self.send_reply(reply, msgid)
+        self._offer_slots()
+
+    def worker_death(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
+        """The unit that ran a job died (a killed greenlet, a crashed child).
+        Its slot is already free; this logs it and checks the pool."""
+        logger.warning("worker %s died (job %s)", pid, msgid)
+        self.check_worker_health()
+        self._offer_slots()
+
+    def premature_death(self, reply: Any, msgid: Optional[str]) -> None:
+        """A worker died before running any job. Greenlets cannot; kept for
+        API compatibility (subprocess children are restarted by their pool)."""
+
+    def check_worker_health(self) -> int:
+        """Repair the books: jobs whose greenlet is gone without reporting are
+        completed as failed, and backlogged jobs are started if slots allow.
+        Returns the number of jobs repaired (0 when healthy)."""
+        repaired = 0
+        for record in list(self.jobs_in_flight.values()):
+            if record.greenlet is not None and record.greenlet.dead and not record.done:
+                repaired += 1
+                self._running -= 1
+                self._complete(record, JobOutcome(Status.KILLED, "Killed", "Killed",
+                                                  "the job greenlet died without a result"))
+        while self._backlog and self._running < self.concurrent_jobs:
+            self._start(self._backlog.popleft())
+        if repaired:
+            logger.error("check_worker_health repaired %d job(s)", repaired)
+        return repaired
+
+    def _offer_slots(self) -> None:
+        if self.state is not State.RUNNING or self.outgoing is None:
+            return
+        while self._ready_outstanding < self.free_slots:
+            self.send_ready()
+
+    def send_ready(self) -> None:
+        """Send one READY: the router may send one more REQUEST."""
+        if self.outgoing is None:
+            raise RuntimeError("not connected")
+        self.outgoing.send(Message.new(Command.READY))
+        self.total_ready_sent += 1
+        self._ready_outstanding += 1
+
+    def send_reply(self, reply: Any, msgid: str) -> None:
+        """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
+        until the next ACK when no connection is up."""
+        text = reply if isinstance(reply, str) else encode_reply(reply)
+        if self.outgoing is None or self.state is State.CONNECTING:
+            self._pending_replies.append((text, msgid))
+            return
+        self.outgoing.send(Message.new(Command.REPLY, text, msgid))
+        self.counters["replies_sent"] += 1
+
+    # ------------------------------------------------------------------
+    # status
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "name": self.name,
+            "version": __version__,
+            "state": self.state.value,
+            "router": self.outgoing.addr if self.outgoing else None,
+            "identity": self.outgoing.identity if self.outgoing else None,
+            "concurrent_jobs": self.concurrent_jobs,
+            "free_slots": self.free_slots,
+            "ready_outstanding": self._ready_outstanding,
+            "backlog": len(self._backlog),
+            "greenlets": len(self._pool),
+            "total_requests": self.total_requests,
+            "total_ready_sent": self.total_ready_sent,
+            "counters": dict(self.counters),
+            "jobs_in_flight": [
+                {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,
+                 "age": round(now - r.started, 3)}
+                for r in sorted(self.jobs_in_flight.values(), key=lambda r: r.started)
+            ],
+        }
+
+    def log_status(self) -> None:
+        """The SIGUSR1 dump: counters, then jobs in flight oldest first."""
+        status = self.status()
+        jobs = status.pop("jobs_in_flight")
+        logger.info("status: %s", json.dumps(status, sort_keys=True))
+        for job in jobs[:200]:
+            logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
+                        job["msgid"], job["queue"])
+        if len(jobs) > 200:
+            logger.info("  ... and %d more", len(jobs) - 200)
+
+
+def jobmanager_main(broker_addr: Optional[str] = None) -> None:
+    """Module-level entry, as in EventMQ: build a manager from the settings."""
+    JobManager().jobmanager_main(broker_addr=broker_addr)
+
+
+__all__ = ["JobManager", "JobRecord", "State", "jobmanager_main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the emq-green console script")

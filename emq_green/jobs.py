@@ -1,0 +1,177 @@
+"""Job execution: resolve a callable, run it under a timeout, say what happened.
+
+Nothing here knows about sockets. :class:`JobRunner` turns a
+:class:`~emq_green.protocol.RunRequest` into a :class:`JobOutcome` whose
+``reply()`` is the ``{"value": ...}`` document EventMQ 0.3.13 sends back:
+
+- success: the callable's return value;
+- an exception: the exception's text (plus an ``error`` key);
+- a timeout: the string ``"TimeoutError"``;
+- a return value JSON cannot encode: the encoder's error text.
+
+The ``error`` key (``{"type": ..., "message": ...}``) is an emq-green
+addition that EventMQ's consumers ignore.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import gevent
+
+from .protocol import Headers, RunRequest
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_VALUE = "TimeoutError"
+
+
+class Status(str, Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What became of one job (after its retries)."""
+
+    status: Status
+    value: Any
+    error_type: str = ""
+    error_message: str = ""
+    attempts: int = 1
+
+    @classmethod
+    def failure(cls, exc: BaseException, attempts: int = 1) -> JobOutcome:
+        return cls(Status.FAILED, str(exc), type(exc).__name__, str(exc), attempts)
+
+    @classmethod
+    def rejected(cls, error_type: str, message: str) -> JobOutcome:
+        """A request that could not even be started (bad payload)."""
+        return cls(Status.FAILED, message, error_type, message, 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+    def reply(self) -> dict[str, Any]:
+        if self.ok:
+            return {"value": self.value}
+        return {
+            "value": self.value,
+            "error": {"type": self.error_type, "message": self.error_message},
+        }
+
+
+def encode_reply(reply: Any) -> str:
+    """JSON for a REPLY frame; an unencodable value becomes its error text."""
+    try:
+        return json.dumps(reply)
+    except (TypeError, ValueError, OverflowError) as exc:
+        message = str(exc)
+        return json.dumps({"value": message,
+                           "error": {"type": type(exc).__name__, "message": message}})
+
+
+def import_dotted(path: str) -> Callable[..., Any]:
+    """``pkg.mod.func`` or ``pkg.mod:func`` -> the function."""
+    if ":" in path:
+        module, _, name = path.partition(":")
+    else:
+        module, _, name = path.rpartition(".")
+    if not module or not name:
+        raise ImportError(f"{path!r} is not a dotted path to a function")
+    func = getattr(importlib.import_module(module), name, None)
+    if not callable(func):
+        raise ImportError(f"{path!r}: {name!r} is not a callable in {module!r}")
+    return func
+
+
+def resolve(request: RunRequest) -> Callable[..., Any]:
+    """The callable a request names; ``module:Class`` is instantiated first."""
+    module_name, _, class_name = request.path.partition(":")
+    module = importlib.import_module(module_name)
+    target: Any = module
+    if class_name:
+        cls = getattr(module, class_name)
+        target = cls(*request.class_args, **request.class_kwargs)
+    func = getattr(target, request.callable)
+    if not callable(func):
+        raise TypeError(f"{request.name} is not callable")
+    return func
+
+
+class JobRunner:
+    """Runs requests in the calling greenlet, with timeout, retries and hooks."""
+
+    def __init__(
+        self,
+        *,
+        global_timeout: float = 300.0,
+        entry_func: Optional[Callable[[], Any]] = None,
+        exit_func: Optional[Callable[[], Any]] = None,
+    ) -> None:
+        self.global_timeout = global_timeout
+        self.entry_func = entry_func
+        self.exit_func = exit_func
+
+    def timeout_for(self, headers: Headers) -> Optional[float]:
+        """``timeout:N`` header, else ``global_timeout``; 0 means none."""
+        return headers.timeout or self.global_timeout or None
+
+    def run(self, request: RunRequest, headers: Headers) -> JobOutcome:
+        """Run once, plus up to ``retry-count`` more times if it raises.
+
+        The timeout applies to each attempt. A timed-out job is not retried:
+        it may have done part of its work, and would likely time out again.
+        """
+        timeout = self.timeout_for(headers)
+        if self.entry_func is not None:
+            try:
+                self.entry_func()
+            except Exception as exc:
+                logger.exception("job_entry_func failed; %s not run", request.name)
+                return JobOutcome.failure(exc, attempts=0)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                outcome = self._attempt(request, timeout, attempt)
+                if outcome.status is not Status.FAILED or attempt > headers.retry_count:
+                    return outcome
+                logger.info("%s failed (attempt %d of %d), retrying: %s", request.name,
+                            attempt, headers.retry_count + 1, outcome.error_message)
+        finally:
+            if self.exit_func is not None:
+                try:
+                    self.exit_func()
+                except Exception:
+                    logger.exception("job_exit_func failed after %s", request.name)
+
+    @staticmethod
+    def _attempt(request: RunRequest, timeout: Optional[float], attempt: int) -> JobOutcome:
+        # gevent.Timeout derives from BaseException, so a job's own
+        # ``except Exception`` cannot swallow it.
+        timer = gevent.Timeout(timeout)
+        timer.start()
+        try:
+            value = resolve(request)(*request.args, **request.kwargs)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            message = f"{request.name} exceeded its timeout of {timeout:g} s"
+            return JobOutcome(Status.TIMED_OUT, TIMEOUT_VALUE, "TimeoutError", message, attempt)
+        except Exception as exc:
+            logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            return JobOutcome.failure(exc, attempt)
+        finally:
+            timer.close()
+        return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)

@@ -1,0 +1,390 @@
+"""Settings: parsed once, at the edge, into one immutable :class:`Settings`.
+
+Sources and precedence are EventMQ 0.3.13's, with the command line on top:
+
+    command line  >  EVENTMQ_<NAME> environment variables  >  INI file  >  default
+
+The INI file is ``-C/--config``, else ``$EVENTMQ_CONFIG_FILE``, else
+``/etc/eventmq.conf`` (a missing default file is fine). A job manager reads
+``[global]`` and then ``[jobmanager]``, the latter winning whatever the order
+in the file; the router reads ``[global]`` then ``[router]``. Keys that belong
+to other programs are ignored. Lists are JSON; a boolean is true when its
+text contains a ``t`` (``true``, ``True``, ``t``), as in EventMQ.
+
+A bad value raises :class:`SettingsError` naming the setting and its source.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import json
+import os
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import configargparse
+
+DEFAULT_CONFIG_FILE = "/etc/eventmq.conf"
+ENV_PREFIX = "EVENTMQ_"
+DEFAULT_ADDR = "tcp://127.0.0.1:47290"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+Queues = tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting emq-green reads. Build it with :func:`load_settings`."""
+
+    name: str = ""
+    config_file: str = DEFAULT_CONFIG_FILE
+    worker_addr: str = DEFAULT_ADDR
+    worker_addr_default: str = DEFAULT_ADDR
+    worker_addr_failover: str = DEFAULT_ADDR
+    concurrent_jobs: int = 4
+    queues: Queues = ((10, "default"),)
+    default_queue_name: str = "default"
+    default_queue_weight: int = 10
+    heartbeat_interval: float = 3.0
+    heartbeat_timeout: float = 5.0
+    heartbeat_liveness: int = 3
+    disable_heartbeats: bool = False
+    reconnect_timeout: float = 5.0
+    global_timeout: float = 300.0
+    kill_grace_period: float = 300.0
+    max_job_count: int = 1024
+    subprocess_setup_func: str = ""
+    job_entry_func: str = ""
+    job_exit_func: str = ""
+    super_debug: bool = False
+    hide_heartbeat_logs: bool = True
+    max_sockets: int = 1024
+    hwm: int = 10000
+    # emq-green's own
+    monkey_patch: bool = True
+    subprocess_callables: tuple[str, ...] = ()
+    subprocess_pool_size: int = 0
+    # the embedded router
+    frontend_addr: str = "tcp://127.0.0.1:47291"
+    backend_addr: str = DEFAULT_ADDR
+    administrative_addr: str = "tcp://127.0.0.1:47293"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def worker_addresses(self) -> tuple[str, str]:
+        """The two addresses a job manager alternates between on reconnect."""
+        return self.worker_addr_default, self.worker_addr_failover
+
+
+# ---------------------------------------------------------------------------
+# conversions: text -> value; each raises ValueError with a short reason
+
+def _to_bool(text: str) -> bool:
+    return "t" in text.lower()
+
+
+def _to_int(text: str) -> int:
+    return int(text.strip())
+
+
+def _to_positive_int(text: str) -> int:
+    value = _to_int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _to_seconds(text: str) -> float:
+    value = float(text.strip())
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _to_positive_seconds(text: str) -> float:
+    value = _to_seconds(text)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _to_queues_json(text: str) -> Queues:
+    raw = json.loads(text)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError('must be a non-empty JSON list like [[10, "default"]]')
+    queues = []
+    for item in raw:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"entry {item!r} is not a [weight, name] pair")
+        weight, name = item
+        if isinstance(weight, str) and not isinstance(name, str):
+            weight, name = name, weight
+        queues.append((int(weight), str(name)))
+    return tuple(queues)
+
+
+def _to_str_list(text: str) -> tuple[str, ...]:
+    raw = json.loads(text)
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ValueError('must be a JSON list of strings like ["reports.build"]')
+    return tuple(raw)
+
+
+def _to_addr(text: str) -> str:
+    text = text.strip()
+    if "://" not in text:
+        raise ValueError("must be a ZeroMQ address like tcp://127.0.0.1:47290")
+    return text
+
+
+@dataclass(frozen=True)
+class _Spec:
+    field: str
+    flags: tuple[str, ...]
+    convert: Callable[[str], Any]
+    help: str
+    cli_only: bool = False
+
+
+_SPECS: tuple[_Spec, ...] = (
+    _Spec("worker_addr", ("-B", "--broker-addr", "--worker-addr"), _to_addr,
+          "router backend address to connect to"),
+    _Spec("worker_addr_default", ("--worker-addr-default",), _to_addr,
+          "first of the two addresses alternated on reconnect (default: worker_addr)"),
+    _Spec("worker_addr_failover", ("--worker-addr-failover",), _to_addr,
+          "second of the two addresses alternated on reconnect (default: worker_addr)"),
+    _Spec("concurrent_jobs", ("-J", "--jobs", "--concurrent-jobs"), _to_positive_int,
+          "jobs run at once (greenlets)"),
+    _Spec("default_queue_name", ("--default-queue-name",), str, "queue used when none is given"),
+    _Spec("default_queue_weight", ("--default-queue-weight",), _to_int,
+          "weight of a queue named without one"),
+    _Spec("heartbeat_interval", ("--heartbeat-interval",), _to_positive_seconds,
+          "seconds between heartbeats sent"),
+    _Spec("heartbeat_timeout", ("--heartbeat-timeout",), _to_positive_seconds,
+          "seconds of silence that count as one missed heartbeat"),
+    _Spec("heartbeat_liveness", ("--heartbeat-liveness",), _to_positive_int,
+          "missed heartbeats before the router is taken for dead"),
+    _Spec("disable_heartbeats", ("--disable-heartbeats",), _to_bool,
+          "neither send nor watch heartbeats"),
+    _Spec("reconnect_timeout", ("--reconnect-timeout",), _to_positive_seconds,
+          "seconds to wait for ACK before trying again"),
+    _Spec("global_timeout", ("--global-timeout",), _to_seconds,
+          "job timeout when the request gives none (0: none)"),
+    _Spec("kill_grace_period", ("--kill-grace-period",), _to_seconds,
+          "seconds a graceful stop waits for running jobs"),
+    _Spec("max_job_count", ("--max-job-count",), _to_positive_int,
+          "jobs a subprocess child runs before it is replaced"),
+    _Spec("subprocess_setup_func", ("--subprocess-setup-func",), str,
+          "dotted path of a function run once in each subprocess child"),
+    _Spec("job_entry_func", ("--job-entry-func",), str,
+          "dotted path of a function run before every job"),
+    _Spec("job_exit_func", ("--job-exit-func",), str,
+          "dotted path of a function run after every job, even a failed one"),
+    _Spec("super_debug", ("--super-debug",), _to_bool, "log every message"),
+    _Spec("hide_heartbeat_logs", ("--hide-heartbeat-logs",), _to_bool,
+          "leave heartbeats out of debug logs"),
+    _Spec("max_sockets", ("--max-sockets",), _to_positive_int, "ZeroMQ socket limit"),
+    _Spec("hwm", ("--hwm",), _to_positive_int, "ZeroMQ high-water mark"),
+    _Spec("subprocess_callables", ("--subprocess-callables",), _to_str_list,
+          'callables or "module.*" prefixes always run in a subprocess (JSON list)'),
+    _Spec("subprocess_pool_size", ("--subprocess-pool-size",), _to_int,
+          "subprocess children for CPU-bound jobs (0: number of CPUs)"),
+    _Spec("frontend_addr", ("--frontend-addr",), _to_addr, "router: address for clients"),
+    _Spec("backend_addr", ("--backend-addr",), _to_addr, "router: address for workers"),
+    _Spec("administrative_addr", ("--administrative-addr",), _to_addr,
+          "router: administrative address"),
+)
+
+# Keys whose meaning in the file differs from the command-line flag of the
+# same name: the file's ``queues`` is JSON, ``-Q`` takes names.
+_FILE_KEY_ALIASES = {"queues": "queues-json"}
+_QUEUES_JSON_FLAG = "--queues-json"
+
+
+class _SectionsParser(configargparse.ConfigFileParser):
+    """INI reader: ``[global]`` then ``[<section>]``, the latter winning."""
+
+    def __init__(self, section: str) -> None:
+        super().__init__()
+        self.section = section
+
+    def __call__(self) -> _SectionsParser:
+        return self
+
+    def get_syntax_description(self) -> str:
+        return f"INI file; [global] then [{self.section}] are read, unknown keys ignored"
+
+    def parse(self, stream: Any) -> OrderedDict:
+        ini = configparser.ConfigParser(interpolation=None)
+        try:
+            ini.read_string(stream.read(), source=getattr(stream, "name", "<config>"))
+        except configparser.Error as exc:
+            raise configargparse.ConfigFileParserException(str(exc)) from exc
+        items: OrderedDict = OrderedDict()
+        for section in ("global", self.section):
+            if ini.has_section(section):
+                for key, value in ini.items(section):
+                    key = key.strip().lower().replace("_", "-")
+                    items[_FILE_KEY_ALIASES.get(key, key)] = value
+        return items
+
+
+def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, bool]:
+    """(path, explicit): -C wins over $EVENTMQ_CONFIG_FILE over the default."""
+    pre = configargparse.ArgumentParser(add_help=False)
+    pre.add_argument("-C", "--config")
+    known, _ = pre.parse_known_args(list(argv))
+    if known.config:
+        return known.config, True
+    if environ.get(ENV_PREFIX + "CONFIG_FILE"):
+        return environ[ENV_PREFIX + "CONFIG_FILE"], True
+    return DEFAULT_CONFIG_FILE, False
+
+
+def build_parser(
+    section: str, config_file: str, prog: Optional[str] = None
+) -> configargparse.ArgumentParser:
+    parser = configargparse.ArgumentParser(
+        prog=prog,
+        description="emq-green: a cooperative (gevent) job manager for EventMQ",
+        default_config_files=[config_file],
+        config_file_parser_class=_SectionsParser(section),
+        ignore_unknown_config_file_keys=True,
+        add_env_var_help=False,
+        formatter_class=configargparse.ArgumentDefaultsRawHelpFormatter,
+    )
+    parser.add_argument("-C", "--config", help="INI file (env EVENTMQ_CONFIG_FILE)")
+    parser.add_argument("-n", "--name", env_var=ENV_PREFIX + "NAME",
+                        help="name of this instance (default: host-pid-random)")
+    parser.add_argument("-Q", "--queues", nargs="+", metavar="NAME[:WEIGHT]",
+                        help="queues to listen on")
+    parser.add_argument(_QUEUES_JSON_FLAG, dest="queues_json", env_var=ENV_PREFIX + "QUEUES",
+                        help='queues as JSON [[weight, name], ...] (file key "queues")')
+    for spec in _SPECS:
+        kwargs: dict[str, Any] = {"dest": spec.field, "help": spec.help,
+                                  "env_var": ENV_PREFIX + spec.field.upper()}
+        if spec.convert is _to_bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(*spec.flags, **kwargs)
+    parser.add_argument("--no-monkey-patch", dest="no_monkey_patch", action="store_true",
+                        env_var=ENV_PREFIX + "NO_MONKEY_PATCH",
+                        help="do not gevent-monkeypatch the process (console script only)")
+    return parser
+
+
+def _sources(parser: configargparse.ArgumentParser) -> dict[str, str]:
+    """dest -> where its value came from, for every value not from the command line."""
+    found: dict[str, str] = {}
+    for source, entries in parser.get_source_to_settings_dict().items():
+        for key, (action, _value) in entries.items():
+            if action is None:
+                continue
+            if source == "environment_variables":
+                found[action.dest] = f"environment variable {key}"
+            elif source.startswith("config_file"):
+                found[action.dest] = f"config file {source.partition('|')[2]} (key {key})"
+    return found
+
+
+def _parse_cli_queues(names: Sequence[str], default_weight: int) -> Queues:
+    queues = []
+    for item in names:
+        for part in (p for p in item.split(",") if p):
+            name, sep, weight = part.partition(":")
+            if not name:
+                raise ValueError(f"empty queue name in {item!r}")
+            queues.append((int(weight) if sep else default_weight, name))
+    if not queues:
+        raise ValueError("no queue names given")
+    return tuple(queues)
+
+
+def default_name() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def load_settings(
+    argv: Optional[Sequence[str]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    section: str = "jobmanager",
+    prog: Optional[str] = None,
+    extra_arguments: Optional[Callable[[configargparse.ArgumentParser], None]] = None,
+) -> tuple[Settings, Any]:
+    """Read every source once and return (settings, parsed namespace).
+
+    ``extra_arguments`` lets a console script add its own flags; their values
+    are in the returned namespace.
+    """
+    argv = list(argv if argv is not None else [])
+    environ = dict(os.environ if environ is None else environ)
+    config_file, explicit = _config_path(argv, environ)
+    if explicit and not os.path.exists(config_file):
+        raise SettingsError(f"config: file {config_file} does not exist")
+    parser = build_parser(section, config_file, prog)
+    if extra_arguments:
+        extra_arguments(parser)
+    # configargparse reads os.environ itself; hand it the mapping we were given
+    saved = os.environ.copy()
+    try:
+        os.environ.clear()
+        os.environ.update(environ)
+        try:
+            ns = parser.parse_args(argv)
+        except configargparse.ConfigFileParserException as exc:
+            raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
+        sources = _sources(parser)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    values: dict[str, Any] = {"config_file": config_file}
+
+    def convert(field: str, text: Any, fn: Callable[[Any], Any], dest: str = "") -> Any:
+        where = sources.get(dest or field, "the command line")
+        try:
+            return fn(text)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"{field}: bad value {text!r} from {where}: {exc}") from None
+
+    for spec in _SPECS:
+        text = getattr(ns, spec.field, None)
+        if text is not None:
+            values[spec.field] = convert(spec.field, text, spec.convert)
+    if ns.name:
+        values["name"] = ns.name
+    weight = values.get("default_queue_weight", Settings.default_queue_weight)
+    if ns.queues:
+        values["queues"] = convert("queues", ns.queues,
+                                   lambda names: _parse_cli_queues(names, weight))
+    elif ns.queues_json:
+        values["queues"] = convert("queues", ns.queues_json, _to_queues_json, "queues_json")
+    if ns.no_monkey_patch:
+        values["monkey_patch"] = False
+
+    # -B sets where to connect; the alternates follow it unless set themselves
+    addr = values.get("worker_addr", Settings.worker_addr)
+    values.setdefault("worker_addr_default", addr)
+    values.setdefault("worker_addr_failover", addr)
+    values.setdefault("name", default_name())
+    settings = Settings(**values)
+    _check(settings)
+    return settings, ns
+
+
+def _check(s: Settings) -> None:
+    if s.heartbeat_interval >= s.heartbeat_timeout * s.heartbeat_liveness:
+        raise SettingsError(
+            f"heartbeat_interval: {s.heartbeat_interval:g} s must be shorter than "
+            f"heartbeat_timeout x heartbeat_liveness "
+            f"({s.heartbeat_timeout:g} x {s.heartbeat_liveness})"
+        )
+    if not s.name or any(c.isspace() for c in s.name):
+        raise SettingsError(f"name: {s.name!r} must be non-empty without spaces")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command: sets everything up on a machine that has only Python and
+# the package registries, then runs ruff and the test suite.
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+# EventMQ 0.3.13 is a test-only interop peer. Its pinned dependencies do not
+# build on current Python, so it is installed without them.
+if ! .venv/bin/python -c "import eventmq" 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-deps eventmq==0.3.13
+  .venv/bin/python -m pip install -q six future croniter psutil pyzmq
+fi
+.venv/bin/ruff check emq_green tests scripts examples
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
