@@ -42,6 +42,7 @@ import zmq.green as zmq
 
 from . import __version__
 from .connection import Connection
+from .extensions import Executor, Extension
 from .jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
 from .protocol import (
     Command,
@@ -134,6 +135,8 @@ class JobManager:
         settings: a :class:`~emq_green.settings.Settings`; read from the
             usual sources by :meth:`jobmanager_main` when not given.
         settings_loader: called on SIGHUP to read the settings again.
+        extensions: :class:`~emq_green.extensions.Extension` objects whose
+            hooks run at each step of a job's and a connection's life.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class JobManager:
         skip_signal: bool = False,
         settings_loader: Optional[Callable[[], Settings]] = None,
         context: Optional[zmq.Context] = None,
+        extensions: Sequence[Extension] = (),
         **kwargs: Any,
     ) -> None:
         if args or kwargs:
@@ -163,6 +167,7 @@ class JobManager:
         self._settings_loader = settings_loader
         self.skip_signal = skip_signal
         self._context = context or zmq.Context.instance()
+        self.extensions: list[Extension] = list(extensions)
 
         #: Name of this instance, as used in logs and socket identities.
         self.name: str = ""
@@ -249,8 +254,30 @@ class JobManager:
         if self.concurrent_jobs != old_size:
             # Running jobs stay tracked by their records; new ones use the new pool.
             self._pool = gevent.pool.Pool(self.concurrent_jobs)
+        self._notify("reload")
         logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
                     queues_json(self.queues), self.concurrent_jobs)
+
+    # ------------------------------------------------------------------
+    # extensions
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for ext in self.extensions:
+            try:
+                getattr(ext, hook)(self, *args)
+            except Exception:
+                logger.exception("extension %s failed in %s", type(ext).__name__, hook)
+
+    def _executor_for(self, record: JobRecord) -> Optional[Executor]:
+        for ext in self.extensions:
+            try:
+                executor = ext.executor_for(self, record)
+            except Exception:
+                logger.exception("extension %s failed in executor_for", type(ext).__name__)
+                continue
+            if executor is not None:
+                return executor
+        return None
 
     # ------------------------------------------------------------------
     # lifecycle
@@ -285,6 +312,7 @@ class JobManager:
         if not self.skip_signal:
             self._install_signals()
         self._set_state(State.CONNECTING)
+        self._notify("manager_started")
         self._main = gevent.spawn(self._run)
         self._heart = gevent.spawn(self._heartbeat_loop)
 
@@ -364,6 +392,7 @@ class JobManager:
             if self.outgoing is not None:
                 self.outgoing.close(CLOSE_LINGER)
             self._set_state(State.STOPPED)
+            self._notify("manager_stopped")
             self._stopped.set()
 
     def _next_addr(self) -> str:
@@ -397,6 +426,7 @@ class JobManager:
             logger.info("ACK from %s; %d job(s) still running, %d slot(s) free", addr,
                         len(self.jobs_in_flight), self.free_slots)
             self._set_state(State.RUNNING)
+            self._notify("connected", addr, identity)
             for reply, msgid in self._pending_replies:
                 self.send_reply(reply, msgid)
             self._pending_replies.clear()
@@ -411,10 +441,12 @@ class JobManager:
                     self._reload_settings()
                     self.counters["reloads"] += 1
                     conn.send(Message.new(Command.KBYE))
+                    self._notify("disconnected", "settings reloaded")
                     return
                 if self._router_gone:
                     logger.error("%s; reconnecting", self._router_gone)
                     self.counters["router_lost"] += 1
+                    self._notify("disconnected", self._router_gone)
                     return
         finally:
             if self._stop_mode is None:
@@ -597,35 +629,55 @@ class JobManager:
         record.started = time.monotonic()
         record.greenlet = self._pool.spawn(self._job, record)
 
-    def _job(self, record: JobRecord) -> None:
+    def _job(self, record: Optional[JobRecord]) -> None:
+        # A finished job's greenlet takes the next backlogged request itself:
+        # spawning into the pool from here would wait on our own pool slot.
+        try:
+            while record is not None:
+                self._run_record(record)
+                record = self._backlog.popleft() if self._backlog else None
+                if record is not None:
+                    record.started = time.monotonic()
+                    record.greenlet = gevent.getcurrent()
+        finally:
+            self._running -= 1
+
+    def _run_record(self, record: JobRecord) -> None:
         outcome: Optional[JobOutcome] = None
+        pid = os.getpid()
         try:
             assert record.request is not None
-            outcome = self.runner.run(record.request, record.headers)
+            self._notify("job_started", record)
+            executor = self._executor_for(record)
+            if executor is None:
+                outcome = self.runner.run(record.request, record.headers)
+            else:
+                outcome, pid = executor.run(record.request, record.headers)
         except gevent.GreenletExit:
             outcome = JobOutcome(Status.KILLED, "Killed", "Killed",
                                  "the job was killed when the worker stopped")
+            raise
         except BaseException as exc:  # a job must never take the worker down
             logger.exception("job %s crashed the runner", record.msgid)
             outcome = JobOutcome.failure(exc)
         finally:
-            self._running -= 1
-            self._complete(record, outcome or JobOutcome(Status.KILLED, "Killed", "Killed",
-                                                         "the job greenlet died"))
-            if self._backlog and self._running < self.concurrent_jobs:
-                self._start(self._backlog.popleft())
+            if outcome is None:
+                outcome = JobOutcome(Status.KILLED, "Killed", "Killed", "the job greenlet died")
+            self._complete(record, outcome, pid)
 
-    def _complete(self, record: JobRecord, outcome: JobOutcome) -> None:
+    def _complete(self, record: JobRecord, outcome: JobOutcome,
+                  pid: Optional[int] = None) -> None:
         if record.done:
             return
         record.done = True
         self.counters[outcome.status.value] += 1
+        self._notify("job_finished", record, outcome, time.monotonic() - record.started)
         callback = "worker_done_with_reply" if record.headers.reply_requested else "worker_done"
         self.handle_response({
             "callback": callback,
             "msgid": record.msgid,
             "return": outcome.reply(),
-            "pid": os.getpid(),
+            "pid": pid or os.getpid(),
             "death": outcome.status is Status.KILLED,
         })
 
@@ -716,7 +768,14 @@ class JobManager:
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        extra: dict[str, Any] = {}
+        for ext in self.extensions:
+            try:
+                extra.update(ext.status(self))
+            except Exception:
+                logger.exception("extension %s failed in status", type(ext).__name__)
         return {
+            **extra,
             "name": self.name,
             "version": __version__,
             "state": self.state.value,

@@ -1,0 +1,89 @@
+"""Job functions the tests send by module path."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import gevent
+import gevent.event
+
+#: name -> Event a job waits on; tests release jobs by setting them.
+gates: dict[str, gevent.event.Event] = collections.defaultdict(gevent.event.Event)
+calls: collections.Counter[str] = collections.Counter()
+events: list[str] = []
+
+
+def reset() -> None:
+    gates.clear()
+    calls.clear()
+    events.clear()
+
+
+def add(a, b):
+    return a + b
+
+
+def echo(*args, **kwargs):
+    return {"args": list(args), "kwargs": kwargs}
+
+
+def nap(seconds):
+    gevent.sleep(seconds)
+    return seconds
+
+
+def wait_gate(name):
+    """Run until the test opens gate ``name``."""
+    calls["wait_gate"] += 1
+    gates[name].wait()
+    return name
+
+
+def boom(message="boom"):
+    raise ValueError(message)
+
+
+def unserialisable():
+    return {1, 2, 3}
+
+
+def flaky(key, failures):
+    """Raise on the first ``failures`` calls for ``key``, then succeed."""
+    calls[key] += 1
+    if calls[key] <= failures:
+        raise RuntimeError(f"failure {calls[key]}")
+    return calls[key]
+
+
+def swallow_everything(seconds):
+    """A job that catches Exception: it must still be stopped by its timeout."""
+    try:
+        gevent.sleep(seconds)
+    except Exception:
+        return "swallowed"
+    return "finished"
+
+
+def pid():
+    return os.getpid()
+
+
+def entry():
+    events.append("entry")
+
+
+def exit_():
+    events.append("exit")
+
+
+class Greeter:
+    def __init__(self, greeting, punctuation="!"):
+        self.greeting = greeting
+        self.punctuation = punctuation
+
+    def greet(self, name):
+        return f"{self.greeting}, {name}{self.punctuation}"
+
+
+not_callable = 42

@@ -1,0 +1,350 @@
+"""The job manager against a fake router on real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import gevent
+import jobs_for_tests as J
+import pytest
+from fakerouter import FakeRouter
+
+from emq_green.jobmanager import State
+from emq_green.protocol import Command, Message
+
+JOBS = "jobs_for_tests"
+
+
+def test_handshake_sends_inform_then_one_ready_per_slot(router, make_manager):
+    manager = make_manager(concurrent_jobs=7, queues=((30, "fast"), (10, "default")))
+    ident = router.wait_inform()
+    inform = router.messages(Command.INFORM)[0]
+    assert inform.message.body == ('[[30, "fast"], [10, "default"]]', "worker")
+    assert ident.decode().startswith("test-worker:")
+    router.wait_count(Command.READY, 7)
+    # A job round trip proves the worker is past its start-up READYs: had it
+    # sent more than 7, they would be in before this REPLY's READY.
+    msgid = router.request(ident, JOBS, "add", args=[1, 2], headers="reply-requested")
+    assert router.wait_reply(msgid) == {"value": 3}
+    router.wait_count(Command.READY, 8)
+    assert router.count(Command.READY) == 8
+    assert manager.total_ready_sent == 8
+    # frames exactly as EventMQ sends them: REPLY [reply_json, orig_msgid]
+    raw = [f for f in router.raw if f[3] == b"REPLY"][0]
+    assert raw[1:3] == [b"", b"eMQP/1.0"]
+    assert json.loads(raw[5]) == {"value": 3} and raw[6] == msgid.encode()
+
+
+def test_reply_only_when_requested_and_ready_after_each_job(router, make_manager):
+    make_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    quiet = router.request(ident, JOBS, "add", args=[1, 1])
+    loud = router.request(ident, JOBS, "add", args=[2, 2], headers="reply-requested")
+    assert router.wait_reply(loud) == {"value": 4}
+    router.wait_count(Command.READY, 4)
+    assert quiet not in router.replies()
+
+
+def test_slots_are_never_overcommitted(router, make_manager):
+    manager = make_manager(concurrent_jobs=3)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 3)
+    for i in range(3):
+        router.request(ident, JOBS, "wait_gate", args=[f"g{i}"])
+    router.wait_until(lambda: J.calls["wait_gate"] == 3)
+    assert manager.free_slots == 0
+    # a fourth REQUEST the router had no READY for still runs, in the backlog
+    extra = router.request(ident, JOBS, "add", args=[5, 5], headers="reply-requested")
+    router.wait_until(lambda: manager.counters["backlogged"] == 1)
+    assert router.count(Command.READY) == 3
+    J.gates["g0"].set()
+    assert router.wait_reply(extra) == {"value": 10}
+    # g0 and the extra job are done: the router is owed exactly... one READY
+    # (3 slots, 2 jobs still running, 0 READYs outstanding -> 1)
+    router.wait_count(Command.READY, 4)
+    J.gates["g1"].set()
+    J.gates["g2"].set()
+    router.wait_count(Command.READY, 6)
+    router.wait_until(lambda: not manager.jobs_in_flight)
+    assert manager.free_slots == 3
+    assert router.count(Command.READY) == 6  # 3 + one per slot that came back
+
+
+def test_class_path_with_class_args(router, make_manager):
+    make_manager()
+    ident = router.wait_inform()
+    msgid = router.request(ident, f"{JOBS}:Greeter", "greet", args=["Ada"],
+                           class_args=["Hello"], class_kwargs={"punctuation": "?"},
+                           headers="reply-requested")
+    assert router.wait_reply(msgid) == {"value": "Hello, Ada?"}
+
+
+@pytest.mark.parametrize(
+    "path, name, args, value_part, error_type",
+    [
+        ("no_such_module_xyz", "f", [], "No module named 'no_such_module_xyz'",
+         "ModuleNotFoundError"),
+        (JOBS, "missing_function", [], "missing_function", "AttributeError"),
+        (JOBS, "not_callable", [], "not callable", "TypeError"),
+        (JOBS, "boom", ["kaput"], "kaput", "ValueError"),
+        (JOBS, "unserialisable", [], "not JSON serializable", "TypeError"),
+        (JOBS, "add", [1], "missing 1 required positional argument", "TypeError"),
+    ],
+)
+def test_failing_jobs_reply_with_error_and_return_the_slot(
+        router, make_manager, path, name, args, value_part, error_type):
+    manager = make_manager(concurrent_jobs=1)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 1)
+    msgid = router.request(ident, path, name, args=args, headers="reply-requested")
+    reply = router.wait_reply(msgid)
+    assert value_part in reply["value"]
+    assert reply["error"]["type"] == error_type
+    router.wait_count(Command.READY, 2)
+    # the worker keeps working
+    ok = router.request(ident, JOBS, "add", args=[1, 2], headers="reply-requested")
+    assert router.wait_reply(ok) == {"value": 3}
+    assert manager.state is State.RUNNING
+
+
+def test_malformed_input_is_logged_answered_and_never_fatal(router, make_manager, caplog):
+    manager = make_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    router.send_raw(ident, [b"", b"eMQP/9.9", b"REQUEST", b"x"])          # bad version
+    router.send_raw(ident, [b"", b"eMQP/1.0", b"FROBNICATE", b"x"])       # unknown command
+    router.send_raw(ident, [b"only-one-frame"])                           # too short
+    router.send_raw(ident, [b"", b"eMQP/1.0", b"REQUEST", b"m1", b"\xff\xfe", b"", b"{}"])
+    bad_json = router.send(ident, Command.REQUEST, "default", "reply-requested", "{not json")
+    bad_shape = router.send(ident, Command.REQUEST, "default", "reply-requested",
+                            '["run", {"path": "os"}]')
+    short = router.send(ident, Command.REQUEST, "default", "reply-requested")
+    bad_header = router.send(ident, Command.REQUEST, "default", "reply-requested,timeout:x",
+                             '["run", {"path": "os", "callable": "getpid"}]')
+    for msgid in (bad_json, bad_shape, short, bad_header):
+        reply = router.wait_reply(msgid)
+        assert reply["error"]["type"] == "InvalidRequest", reply
+    # every REQUEST took a slot at the router; each one gives it back
+    router.wait_count(Command.READY, 2 + 4)
+    assert manager.counters["malformed_messages"] == 4
+    assert manager.counters["invalid_requests"] == 4
+    assert "unknown command" in caplog.text and "unsupported protocol version" in caplog.text
+    ok = router.request(ident, JOBS, "add", args=[2, 3], headers="reply-requested")
+    assert router.wait_reply(ok) == {"value": 5}
+
+
+def test_timeout_header_stops_the_job_and_returns_the_slot(router, make_manager):
+    manager = make_manager(concurrent_jobs=1, global_timeout=60)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 1)
+    started = time.monotonic()
+    msgid = router.request(ident, JOBS, "swallow_everything", args=[30],
+                           headers="reply-requested,timeout:1")
+    reply = router.wait_reply(msgid, timeout=10)
+    assert reply["value"] == "TimeoutError"
+    assert reply["error"]["type"] == "TimeoutError"
+    assert 0.9 <= time.monotonic() - started < 5
+    router.wait_count(Command.READY, 2)
+    assert manager.counters["timed_out"] == 1 and not manager.jobs_in_flight
+
+
+def test_global_timeout_applies_without_header(router, make_manager):
+    make_manager(global_timeout=0.5)
+    ident = router.wait_inform()
+    msgid = router.request(ident, JOBS, "nap", args=[30], headers="reply-requested")
+    assert router.wait_reply(msgid, timeout=10)["value"] == "TimeoutError"
+
+
+def test_retry_count_reruns_a_failing_job(router, make_manager):
+    manager = make_manager()
+    ident = router.wait_inform()
+    enough = router.request(ident, JOBS, "flaky", args=["a", 2],
+                            headers="reply-requested,retry-count:2")
+    assert router.wait_reply(enough) == {"value": 3}
+    too_few = router.request(ident, JOBS, "flaky", args=["b", 2],
+                             headers="reply-requested,retry-count:1")
+    reply = router.wait_reply(too_few)
+    assert reply["value"] == "failure 2" and J.calls["b"] == 2
+    assert manager.counters["succeeded"] == 1 and manager.counters["failed"] == 1
+
+
+def test_entry_and_exit_functions_wrap_every_job(router, make_manager):
+    make_manager(concurrent_jobs=1, job_entry_func=f"{JOBS}.entry",
+                 job_exit_func=f"{JOBS}.exit_")
+    ident = router.wait_inform()
+    ok = router.request(ident, JOBS, "add", args=[1, 1], headers="reply-requested")
+    router.wait_reply(ok)
+    bad = router.request(ident, JOBS, "boom", headers="reply-requested")
+    router.wait_reply(bad)
+    assert J.events == ["entry", "exit", "entry", "exit"]
+
+
+@pytest.mark.timeout(60)
+def test_heartbeats_keep_flowing_while_500_jobs_wait_on_io(router, make_manager):
+    manager = make_manager(concurrent_jobs=500)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 500)
+    start = time.monotonic()
+    for _ in range(500):
+        router.request(ident, JOBS, "nap", args=[3])
+    router.wait_until(lambda: len(manager.jobs_in_flight) == 500, timeout=10)
+    router.wait_count(Command.READY, 1000, timeout=20)
+    end = time.monotonic()
+    assert end - start >= 3
+    interval = manager.settings.heartbeat_interval
+    assert router.longest_silence(ident, start, end) < interval + 0.5
+    assert router.count(Command.HEARTBEAT, ident) >= int((end - start) / interval) - 2
+
+
+def test_router_death_reconnects_to_failover_and_keeps_running_jobs(make_manager):
+    primary = FakeRouter(heartbeat_interval=0.2)
+    failover = FakeRouter(heartbeat_interval=0.2)
+    try:
+        manager = make_manager(concurrent_jobs=4, worker_addr=primary.addr,
+                               worker_addr_default=primary.addr,
+                               worker_addr_failover=failover.addr)
+        first = primary.wait_inform()
+        primary.wait_count(Command.READY, 4)
+        running = [primary.request(first, JOBS, "wait_gate", args=["r"],
+                                   headers="reply-requested") for _ in range(2)]
+        primary.wait_until(lambda: J.calls["wait_gate"] == 2)
+        primary.close()  # the router dies: no more heartbeats, nothing answers
+        second = failover.wait_inform(timeout=15)
+        assert second != first and second.decode().startswith("test-worker:")
+        # only the free slots are offered on the new connection
+        failover.wait_count(Command.READY, 2)
+        J.gates["r"].set()
+        for msgid in running:  # replies of jobs from the old connection
+            assert failover.wait_reply(msgid) == {"value": "r"}
+        failover.wait_count(Command.READY, 4)
+        assert len(failover.messages(Command.READY)) == 4
+        assert manager.counters["router_lost"] == 1
+        ok = failover.request(second, JOBS, "add", args=[2, 2], headers="reply-requested")
+        assert failover.wait_reply(ok) == {"value": 4}
+    finally:
+        primary.close()
+        failover.close()
+
+
+def test_no_ack_means_retry_with_a_fresh_identity():
+    silent = FakeRouter(auto_ack=False)
+    try:
+        from emq_green.jobmanager import JobManager
+        from emq_green.settings import Settings
+        manager = JobManager(settings=Settings(name="w", worker_addr=silent.addr,
+                                               worker_addr_default=silent.addr,
+                                               worker_addr_failover=silent.addr,
+                                               reconnect_timeout=0.3), skip_signal=True)
+        manager.start()
+        silent.wait_until(lambda: len(silent.identities) >= 2, timeout=5)
+        assert silent.identities[0] != silent.identities[1]
+        assert manager.state is State.CONNECTING
+        silent.send(silent.identities[-1], Command.ACK, "x")
+        assert manager.wait_for_state(State.RUNNING, timeout=5)
+        assert manager.stop(timeout=5, graceful=False)
+    finally:
+        silent.close()
+
+
+def test_graceful_stop_finishes_running_jobs_and_runs_requests_on_the_wire(
+        router, make_manager):
+    manager = make_manager(concurrent_jobs=4)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    running = [router.request(ident, JOBS, "nap", args=[0.5], headers="reply-requested")
+               for _ in range(3)]
+    router.wait_until(lambda: len(manager.jobs_in_flight) == 3)
+    stopper = gevent.spawn(manager.stop, 10)
+    router.wait_count(Command.KBYE, 1)
+    kbye_at = router.messages(Command.KBYE)[0].at
+    # the router had one more READY counted: its REQUEST crosses the KBYE
+    late = router.request(ident, JOBS, "add", args=[1, 1], headers="reply-requested")
+    assert stopper.get(timeout=10) is True
+    assert manager.state is State.STOPPED
+    replies = router.replies()
+    assert all(replies[m] == {"value": 0.5} for m in running)
+    assert replies[late] == {"value": 2}
+    after = [r for r in router.received if r.at > kbye_at and r.identity == ident]
+    assert {r.command for r in after} <= {Command.REPLY}
+
+
+def test_grace_period_expiry_kills_jobs_and_says_so(router, make_manager):
+    manager = make_manager(concurrent_jobs=2, kill_grace_period=0.5)
+    ident = router.wait_inform()
+    stuck = router.request(ident, JOBS, "nap", args=[60], headers="reply-requested")
+    router.wait_until(lambda: manager.jobs_in_flight)
+    started = time.monotonic()
+    assert manager.stop(timeout=10)
+    assert time.monotonic() - started < 5
+    reply = router.wait_reply(stuck)
+    assert reply["error"]["type"] == "Killed"
+
+
+def test_second_stop_request_stops_at_once(router, make_manager):
+    manager = make_manager(concurrent_jobs=2, kill_grace_period=60)
+    ident = router.wait_inform()
+    router.request(ident, JOBS, "nap", args=[60])
+    router.wait_until(lambda: manager.jobs_in_flight)
+    first = gevent.spawn(manager.stop, 30)
+    router.wait_count(Command.KBYE, 1)
+    assert manager.state is State.DRAINING
+    started = time.monotonic()
+    assert manager.stop(timeout=10)  # the second request
+    assert time.monotonic() - started < 5
+    assert first.get(timeout=5)
+
+
+def test_router_disconnect_means_graceful_stop(router, make_manager):
+    manager = make_manager()
+    ident = router.wait_inform()
+    router.send(ident, Command.DISCONNECT)
+    assert manager.wait_for_state(State.STOPPED, timeout=10)
+    router.wait_count(Command.KBYE, 1)
+
+
+def test_check_worker_health_repairs_a_lost_job(router, make_manager):
+    manager = make_manager(concurrent_jobs=1)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 1)
+    router.request(ident, JOBS, "wait_gate", args=["never"])
+    router.wait_until(lambda: manager.jobs_in_flight)
+    record = next(iter(manager.jobs_in_flight.values()))
+    # simulate a greenlet that vanished without reporting (e.g. killed by
+    # foreign code with a raw greenlet throw): mark it reported-nothing
+    record.greenlet.kill(block=True)
+    assert not manager.jobs_in_flight  # GreenletExit is reported as Killed
+    assert manager.check_worker_health() == 0
+    router.wait_count(Command.READY, 2)
+
+
+def test_seed_api_members_exist(router, make_manager):
+    manager = make_manager(concurrent_jobs=3, name="seed")
+    assert manager.name == "seed" and manager.concurrent_jobs == 3
+    assert manager.queues == ((10, "default"),)
+    assert manager.outgoing is not None
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 3)
+    manager.send_reply({"value": "hand-made"}, "abc")
+    assert router.wait_reply("abc") == {"value": "hand-made"}
+    manager.on_heartbeat("m", ["1"])
+    assert manager.total_requests == 0 and manager.pid_distribution == {}
+    router.request(ident, JOBS, "add", args=[1, 2])
+    router.wait_count(Command.READY, 4)
+    import os
+    assert manager.pid_distribution == {os.getpid(): 1}
+    assert manager.total_requests == 1
+    with pytest.raises(ValueError):
+        manager.handle_response({"callback": "no_such_callback", "msgid": None})
+    manager.premature_death(None, None)
+
+
+def test_unpatched_embedding_warns(router, make_manager, caplog):
+    make_manager()
+    assert "has not monkeypatched" in caplog.text
+
+
+def test_message_frames_round_trip():
+    msg = Message.new(Command.REPLY, '{"value": 1}', "orig")
+    assert Message.parse(msg.frames()) == msg
