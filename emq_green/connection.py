@@ -5,6 +5,15 @@ manager keeps to that: exactly one greenlet calls :meth:`Connection.recv`,
 and every send goes through :meth:`Connection.send`, which never waits. When
 ZeroMQ's send queue is full (the high-water mark), messages go to a local
 overflow queue that one flusher greenlet drains in order.
+
+Fast path. ``zmq.green`` re-checks the socket state on every frame in pure
+Python (about 50 us per 5-frame message on the reference machine, against
+6 us for the C calls), which was most of a no-op job's cost. When an
+operation can complete without waiting, :class:`_FastGreenSocket` calls the
+C backend directly and then runs the green socket's own state check once
+per message, which is what wakes a reader whose edge-triggered file
+descriptor notification was consumed by the operation. Anything that has to
+wait falls back to the ordinary green methods.
 """
 
 from __future__ import annotations
@@ -15,10 +24,47 @@ import time
 
 import gevent
 import zmq.green as zmq
+from zmq.backend import Socket as _BackendSocket
 
 from .protocol import Command, Message
 
 logger = logging.getLogger(__name__)
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_RCVMORE = int(zmq.RCVMORE)
+_send_frame = _BackendSocket.send
+_recv_frame = _BackendSocket.recv
+_getsockopt = _BackendSocket.get
+
+
+class _FastGreenSocket(zmq.Socket):
+    """A green socket with non-waiting multipart send/recv in C calls."""
+
+    def send_now(self, frames: list[bytes]) -> None:
+        """Send a whole message or raise zmq.Again (nothing sent).
+
+        ZeroMQ accepts the remaining parts once the first is queued, so a
+        message is never split by the high-water mark. The caller must call
+        :meth:`check_state` after its last send.
+        """
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            _send_frame(self, frame, _MORE_NOBLOCK if i < last else _NOBLOCK)
+
+    def check_state(self) -> None:
+        """zmq.green's own state check: wakes a waiting reader if needed."""
+        self._Socket__state_changed()
+
+    def recv_now(self) -> list[bytes] | None:
+        """The next whole message, or None when none is waiting."""
+        try:
+            frames = [_recv_frame(self, _NOBLOCK)]
+        except zmq.Again:
+            return None
+        while _getsockopt(self, _RCVMORE):
+            frames.append(_recv_frame(self, _NOBLOCK))
+        return frames
 
 
 class Connection:
@@ -40,7 +86,7 @@ class Connection:
     ) -> None:
         self.addr = addr
         self.identity = identity
-        self.socket = context.socket(zmq.DEALER)
+        self.socket = context.socket(zmq.DEALER, socket_class=_FastGreenSocket)
         self.socket.setsockopt(zmq.IDENTITY, identity.encode())
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
@@ -49,6 +95,7 @@ class Connection:
         self.last_sent = self.last_received = time.monotonic()
         self.sent_count = 0
         self.closed = False
+        self._outbox: list[list[bytes]] = []
         self._overflow: collections.deque[list[bytes]] = collections.deque()
         self._flusher: gevent.Greenlet | None = None
         self._debug_log = debug_log
@@ -70,16 +117,34 @@ class Connection:
         frames = message.frames()
         self.last_sent = time.monotonic()
         self.sent_count += 1
-        if not self._overflow:
-            try:
-                self.socket.send_multipart(frames, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
-        self._overflow.append(frames)
-        if self._flusher is None:
-            logger.warning("send queue to %s is full (hwm); buffering in the worker", self.addr)
-            self._flusher = gevent.spawn(self._flush)
+        if self._overflow:
+            self._overflow.append(frames)
+            return
+        # Messages sent in one turn of the event loop leave together at its
+        # end: one state check and fewer wake-ups of ZeroMQ's IO thread.
+        if not self._outbox:
+            gevent.get_hub().loop.run_callback(self._send_outbox)
+        self._outbox.append(frames)
+
+    def _send_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.closed:
+            return
+        try:
+            for i, frames in enumerate(outbox):
+                try:
+                    self.socket.send_now(frames)
+                except zmq.Again:
+                    self._overflow.extend(outbox[i:])
+                    if self._flusher is None:
+                        logger.warning("send queue to %s is full (hwm); buffering in the "
+                                       "worker", self.addr)
+                        self._flusher = gevent.spawn(self._flush)
+                    return
+        except zmq.ZMQError as exc:
+            logger.error("sending to %s failed: %s", self.addr, exc)
+        finally:
+            self.socket.check_state()
 
     def _flush(self) -> None:
         try:
@@ -94,19 +159,23 @@ class Connection:
 
     def recv(self) -> list[bytes]:
         """Wait for the next message; only the reader greenlet calls this."""
-        frames = self.socket.recv_multipart()
+        frames = self.socket.recv_now()
+        if frames is None:
+            frames = self.socket.recv_multipart()  # waits, the green way
         self.last_received = time.monotonic()
         return frames
 
     @property
     def pending(self) -> int:
-        """Messages waiting in the worker because ZeroMQ's queue was full."""
-        return len(self._overflow)
+        """Messages not yet handed to ZeroMQ."""
+        return len(self._outbox) + len(self._overflow)
 
     def close(self, linger: float = 0.0) -> None:
         """Close the socket, giving queued messages ``linger`` seconds to leave."""
         if self.closed:
             return
+        if self._outbox:
+            self._send_outbox()
         if self._overflow and linger > 0:
             deadline = time.monotonic() + linger
             while self._overflow and time.monotonic() < deadline:

@@ -54,6 +54,7 @@ from .protocol import (
     reply_requested_in,
 )
 from .settings import Settings, SettingsError, load_settings
+from .subprocess_pool import SubprocessExtension
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,10 @@ class JobManager:
         self.skip_signal = skip_signal
         self._context = context or zmq.Context.instance()
         self.extensions: list[Extension] = list(extensions)
+        if not any(isinstance(e, SubprocessExtension) for e in self.extensions):
+            # CPU-bound jobs ("subprocess": true, subprocess_callables); its
+            # pool starts on the first such job.
+            self.extensions.append(SubprocessExtension())
 
         #: Name of this instance, as used in logs and socket identities.
         self.name: str = ""
@@ -204,7 +209,11 @@ class JobManager:
         self._running = 0
         self._backlog: collections.deque[JobRecord] = collections.deque()
         self._pending_replies: list[tuple[str, str]] = []
-        self._pool = gevent.pool.Pool(self.concurrent_jobs)
+        # A Group, not Pool(concurrent_jobs): a Pool frees its slot only when
+        # the finished greenlet's link callback runs, one hub iteration
+        # later, so a REQUEST arriving in between would make the reader wait
+        # on the pool. The limit is kept exactly by ``_running`` instead.
+        self._pool = gevent.pool.Group()
         self._connections_made = 0
         self._addr_index = 0
         self._main: Optional[gevent.Greenlet] = None
@@ -249,11 +258,7 @@ class JobManager:
         except SettingsError as exc:
             logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
             return
-        old_size = self.concurrent_jobs
         self._apply_settings(new.replace(name=self.name))
-        if self.concurrent_jobs != old_size:
-            # Running jobs stay tracked by their records; new ones use the new pool.
-            self._pool = gevent.pool.Pool(self.concurrent_jobs)
         self._notify("reload")
         logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
                     queues_json(self.queues), self.concurrent_jobs)
@@ -333,7 +338,6 @@ class JobManager:
             if self._settings_loader is None:
                 self._settings_loader = lambda: load_settings([], os.environ)[0]
             self._apply_settings(self._settings_loader())
-            self._pool = gevent.pool.Pool(self.concurrent_jobs)
         if broker_addr:
             self._overrides.update(worker_addr=broker_addr, worker_addr_default=broker_addr,
                                    worker_addr_failover=broker_addr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Optional
@@ -97,7 +98,7 @@ def import_dotted(path: str) -> Callable[..., Any]:
 def resolve(request: RunRequest) -> Callable[..., Any]:
     """The callable a request names; ``module:Class`` is instantiated first."""
     module_name, _, class_name = request.path.partition(":")
-    module = importlib.import_module(module_name)
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
     target: Any = module
     if class_name:
         cls = getattr(module, class_name)

@@ -12,7 +12,7 @@ Two quirks of the released code are kept on purpose: REPLY from a worker is
 from __future__ import annotations
 
 import json
-import uuid
+import random
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Sequence
@@ -47,8 +47,18 @@ _COMMANDS = {c.value.encode(): c for c in Command}
 
 
 def new_msgid() -> str:
-    """A fresh message id, a uuid4 string as EventMQ makes them."""
-    return str(uuid.uuid4())
+    """A fresh message id in uuid4 form, as EventMQ makes them.
+
+    Ids need to be unique, not secret, so they come from ``random`` (about
+    twice as fast as ``uuid.uuid4()``, which reads the OS's entropy source
+    for every id); ``random`` is re-seeded in a forked child.
+    """
+    h = f"{_bits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_bits = random.getrandbits
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def _decode(frame: bytes, what: str) -> str:

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Benchmark one emq-green worker against a stand-in router.
+
+The harness process is the router: a plain pyzmq ROUTER that ACKs the
+worker's INFORM, sends a REQUEST for each READY it counts (never more) and
+waits for every job's REPLY, so completion is observed, not inferred. The
+worker is the real ``emq-green`` console script in its own process.
+
+Printed per workload: jobs/s, latency p50/p99 (REQUEST sent -> REPLY
+received), the worker's peak RSS (sampled every 20 ms) and the longest
+silence from the worker (no message of any kind).
+
+    .venv/bin/python scripts/bench_worker.py                 # both workloads
+    .venv/bin/python scripts/bench_worker.py --only sleep --jobs 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import psutil
+import zmq
+
+JOB_MODULE = '''
+import time
+
+def noop():
+    return None
+
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+'''
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class PeakRss(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            self.stop.wait(0.02)
+
+
+def frames(command: str, *body: str) -> list[bytes]:
+    return [b"", b"eMQP/1.0", command.encode(), str(uuid.uuid4()).encode(),
+            *(b.encode() for b in body)]
+
+
+def run_workload(label: str, callable_name: str, args: list, jobs: int, concurrency: int,
+                 extra_flags: list[str], workdir: str) -> dict:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    addr = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=workdir)
+    cmd = [shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
+                                                     "emq-green"),
+           "-B", addr, "-J", str(concurrency), "-n", f"bench-{label}", *extra_flags]
+    log = open(os.path.join(workdir, f"worker-{label}.log"), "w")
+    worker = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    sampler = PeakRss(worker.pid)
+    sampler.start()
+    payload = json.dumps(["run", {"path": "benchjobs", "callable": callable_name,
+                                  "args": args, "kwargs": {}}])
+    sent_at: dict[bytes, float] = {}
+    latencies: list[float] = []
+    credit = 0
+    next_job = 0
+    identity = None
+    last_from_worker = None
+    longest_silence = 0.0
+    started = None
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    deadline = time.monotonic() + 600
+    try:
+        while len(latencies) < jobs:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{label}: only {len(latencies)} of {jobs} jobs done")
+            if not poller.poll(1000):
+                if worker.poll() is not None:
+                    raise RuntimeError(f"{label}: worker exited with {worker.returncode}")
+                continue
+            while True:
+                try:
+                    msg = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                now = time.monotonic()
+                if last_from_worker is not None and started is not None:
+                    longest_silence = max(longest_silence, now - last_from_worker)
+                last_from_worker = now
+                command = msg[3]
+                if command == b"READY":
+                    credit += 1
+                elif command == b"REPLY":
+                    latencies.append(now - sent_at.pop(msg[6]))
+                elif command == b"INFORM":
+                    identity = msg[0]
+                    sock.send_multipart([identity, *frames("ACK", msg[4].decode())])
+                    started = time.monotonic()
+                elif command == b"HEARTBEAT":
+                    sock.send_multipart([identity, *frames("HEARTBEAT", str(time.time()))])
+            while credit and next_job < jobs:
+                job = frames("REQUEST", "default", "reply-requested", payload)
+                sent_at[job[3]] = time.monotonic()
+                sock.send_multipart([identity, *job])
+                credit -= 1
+                next_job += 1
+        elapsed = time.monotonic() - started
+    finally:
+        sampler.stop.set()
+        worker.terminate()
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        sock.close(0)
+        log.close()
+    return {
+        "workload": label, "jobs": jobs, "J": concurrency,
+        "jobs_per_s": jobs / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "mean_ms": statistics.fmean(latencies) * 1000,
+        "peak_rss_mb": sampler.peak / 2**20,
+        "longest_silence_s": longest_silence,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["noop", "sleep"])
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--noop-j", type=int, default=100)
+    ap.add_argument("--sleep-j", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per workload (median shown)")
+    ap.add_argument("--worker-flag", action="append", default=[],
+                    help="extra emq-green flag (repeatable), e.g. --worker-flag=--foo=1")
+    opts = ap.parse_args()
+    workdir = tempfile.mkdtemp(prefix="emq-bench-")
+    with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
+        f.write(JOB_MODULE)
+    plan = [("noop", "noop", [], opts.noop_j), ("sleep", "sleep", [0.1], opts.sleep_j)]
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    rows = []
+    for label, name, args, j in plan:
+        if opts.only and opts.only != label:
+            continue
+        runs = [run_workload(label, name, args, opts.jobs, j, opts.worker_flag, workdir)
+                for _ in range(opts.repeat)]
+        runs.sort(key=lambda r: r["jobs_per_s"])
+        row = runs[len(runs) // 2]
+        row["runs_jobs_per_s"] = [round(r["jobs_per_s"]) for r in runs]
+        rows.append(row)
+    header = f"{'workload':8} {'jobs':>6} {'-J':>5} {'jobs/s':>8} {'p50 ms':>8} " \
+             f"{'p99 ms':>8} {'peak MB':>8} {'silence s':>9}"
+    print(header)
+    for r in rows:
+        print(f"{r['workload']:8} {r['jobs']:>6} {r['J']:>5} {r['jobs_per_s']:>8.0f} "
+              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['peak_rss_mb']:>8.1f} "
+              f"{r['longest_silence_s']:>9.2f}")
+    print(json.dumps(rows))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
