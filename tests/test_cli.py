@@ -1,0 +1,204 @@
+"""The emq-green console script as a real process: signals, patching, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+from gevent import subprocess
+
+from emq_green.protocol import Command
+
+EMQ_GREEN = str(Path(sys.executable).with_name("emq-green"))
+
+JOBS = '''
+import time
+
+import gevent.monkey
+
+
+def patched():
+    return [gevent.monkey.is_module_patched(m) for m in ("socket", "ssl", "threading", "time")]
+
+
+def nap(seconds):
+    time.sleep(seconds)  # cooperative only when the process is patched
+    return seconds
+'''
+
+
+class Worker:
+    """emq-green in a subprocess, its log in a file the test can wait on."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: dict | None = None) -> None:
+        (tmp_path / "clijobs.py").write_text(JOBS)
+        self.log_path = tmp_path / "worker.log"
+        self.log = open(self.log_path, "w")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTMQ_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([EMQ_GREEN, *args], cwd=tmp_path, env=full_env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not logged; log:\n{self.text()}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.text()}")
+            gevent.sleep(0.05)  # polling a file with a deadline
+        return self.text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    made: list[Worker] = []
+
+    def make(*args: str, env: dict | None = None) -> Worker:
+        w = Worker(tmp_path, *args, env=env)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+def fast(router) -> list[str]:
+    return ["-B", router.addr, "--heartbeat-interval", "0.2", "--heartbeat-timeout", "1",
+            "--reconnect-timeout", "1"]
+
+
+def test_script_is_patched_and_runs_jobs_from_the_current_directory(router, worker_factory):
+    worker_factory(*fast(router), "-J", "3", "-n", "cli")
+    ident = router.wait_inform(timeout=20)
+    assert ident.startswith(b"cli:")
+    router.wait_count(Command.READY, 3)
+    msgid = router.request(ident, "clijobs", "patched", headers="reply-requested")
+    assert router.wait_reply(msgid) == {"value": [True, True, True, True]}
+    # patched time.sleep is cooperative: 3 naps of 1 s overlap
+    started = time.monotonic()
+    naps = [router.request(ident, "clijobs", "nap", args=[1], headers="reply-requested")
+            for _ in range(3)]
+    for m in naps:
+        router.wait_reply(m)
+    assert time.monotonic() - started < 2.5
+
+
+def test_no_monkey_patch_opts_out(router, worker_factory):
+    w = worker_factory(*fast(router), "--no-monkey-patch")
+    ident = router.wait_inform(timeout=20)
+    msgid = router.request(ident, "clijobs", "patched", headers="reply-requested")
+    assert router.wait_reply(msgid) == {"value": [False, False, False, False]}
+    assert "has not monkeypatched" in w.text()
+
+
+def test_sigterm_drains_running_jobs_then_exits(router, worker_factory):
+    w = worker_factory(*fast(router), "-J", "5")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 5)
+    naps = [router.request(ident, "clijobs", "nap", args=[1], headers="reply-requested")
+            for _ in range(5)]
+    w.wait_log("connecting -> running")
+    # REQUESTs still on the wire when the KBYE leaves are run all the same
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(15) == 0
+    router.wait_count(Command.KBYE, 1)
+    replies = router.replies()
+    assert all(replies.get(m) == {"value": 1} for m in naps), replies
+    assert "running -> draining" in w.text() and "draining -> stopped" in w.text()
+
+
+def test_second_sigint_stops_at_once(router, worker_factory):
+    w = worker_factory(*fast(router), "-J", "2", "--kill-grace-period", "60")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    msgid = router.request(ident, "clijobs", "nap", args=[60], headers="reply-requested")
+    w.wait_log("connecting -> running")
+    w.proc.send_signal(signal.SIGINT)
+    w.wait_log("draining: 1 job(s) running")
+    started = time.monotonic()
+    w.proc.send_signal(signal.SIGINT)
+    assert w.proc.wait(10) == 0
+    assert time.monotonic() - started < 8
+    assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+
+
+def test_sigusr1_logs_a_status_dump(router, worker_factory):
+    w = worker_factory(*fast(router), "-J", "2")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    router.request(ident, "clijobs", "nap", args=[30])
+    w.wait_log("connecting -> running")
+    w.proc.send_signal(signal.SIGUSR1)
+    text = w.wait_log("in flight")
+    line = next(x for x in text.splitlines() if "status: {" in x)
+    status = json.loads(line.split("status: ", 1)[1])
+    assert status["state"] == "running" and status["free_slots"] == 1
+    assert "clijobs.nap" in text
+
+
+def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path):
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text('[jobmanager]\nqueues = [[10, "default"]]\n')
+    w = worker_factory(*fast(router), "-C", str(conf), "-J", "2")
+    first = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    conf.write_text('[jobmanager]\nqueues = [[20, "email"], [10, "default"]]\n')
+    w.proc.send_signal(signal.SIGHUP)
+    second = router.wait_inform(index=1, timeout=10)
+    assert second != first
+    informs = router.messages(Command.INFORM)
+    assert informs[-1].message.body[0] == '[[20, "email"], [10, "default"]]'
+    assert router.count(Command.KBYE, first) == 1
+    router.wait_count(Command.READY, 2, identity=second)
+
+
+def test_bad_setting_stops_at_start_with_a_clear_message(tmp_path, worker_factory):
+    w = worker_factory("-J", "many")
+    assert w.proc.wait(20) == 2
+    assert "concurrent_jobs: bad value 'many' from the command line" in w.text()
+    w2 = worker_factory(env={"EVENTMQ_HEARTBEAT_TIMEOUT": "-1"})
+    assert w2.proc.wait(20) == 2
+    assert "environment variable EVENTMQ_HEARTBEAT_TIMEOUT" in w2.text()
+
+
+def test_help_lists_eventmq_flags(tmp_path):
+    out = subprocess.run([EMQ_GREEN, "--help"], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0
+    for flag in ("--broker-addr", "--config", "--queues", "--jobs", "--name",
+                 "--no-monkey-patch", "--kill-grace-period"):
+        assert flag in out.stdout
+
+
+def test_config_file_from_env_configures_the_script(router, worker_factory, tmp_path):
+    conf = tmp_path / "env.conf"
+    conf.write_text(textwrap.dedent(f"""
+        [global]
+        worker_addr = {router.addr}
+        heartbeat_interval = 0.2
+        [jobmanager]
+        concurrent_jobs = 6
+        queues = [[30, "fast"]]
+    """))
+    worker_factory(env={"EVENTMQ_CONFIG_FILE": str(conf), "EVENTMQ_NAME": "from-env"})
+    ident = router.wait_inform(timeout=20)
+    assert ident.startswith(b"from-env:")
+    assert router.messages(Command.INFORM)[0].message.body[0] == '[[30, "fast"]]'
+    router.wait_count(Command.READY, 6)

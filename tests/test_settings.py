@@ -1,0 +1,142 @@
+"""Settings: sources, precedence, sections and errors."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from emq_green.settings import Settings, SettingsError, load_settings
+
+
+def write(tmp_path, text: str, name: str = "eventmq.conf") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_defaults_match_eventmq(tmp_path):
+    s, _ = load_settings([], {"EVENTMQ_CONFIG_FILE": write(tmp_path, "")})
+    assert s.worker_addr == "tcp://127.0.0.1:47290"
+    assert (s.concurrent_jobs, s.queues) == (4, ((10, "default"),))
+    assert (s.heartbeat_interval, s.heartbeat_timeout, s.heartbeat_liveness) == (3, 5, 3)
+    assert (s.reconnect_timeout, s.global_timeout, s.kill_grace_period) == (5, 300, 300)
+    assert s.max_job_count == 1024 and s.hide_heartbeat_logs and not s.disable_heartbeats
+
+
+def test_jobmanager_section_wins_over_global_whatever_the_order(tmp_path):
+    conf = write(tmp_path, """
+        [jobmanager]
+        concurrent_jobs = 7
+        [global]
+        concurrent_jobs = 3
+        heartbeat_interval = 2
+        queues = [[30, "fast"], [10, "default"]]
+        # router and scheduler keys share the file and are ignored
+        wal = /var/log/eventmq/wal.log
+        rq_host = localhost
+        frontend_addr = tcp://127.0.0.1:5000
+        made_up_key = 1
+        [router]
+        concurrent_jobs = 99
+    """)
+    s, _ = load_settings(["-C", conf], {})
+    assert s.concurrent_jobs == 7
+    assert s.heartbeat_interval == 2
+    assert s.queues == ((30, "fast"), (10, "default"))
+    router, _ = load_settings(["-C", conf], {}, section="router")
+    assert router.concurrent_jobs == 99 and router.frontend_addr == "tcp://127.0.0.1:5000"
+
+
+def test_precedence_command_line_env_file_default(tmp_path):
+    conf = write(tmp_path, """
+        [global]
+        concurrent_jobs = 3
+        global_timeout = 30
+        reconnect_timeout = 9
+    """)
+    env = {"EVENTMQ_CONFIG_FILE": conf, "EVENTMQ_CONCURRENT_JOBS": "8",
+           "EVENTMQ_GLOBAL_TIMEOUT": "40"}
+    s, _ = load_settings(["-J", "9"], env)
+    assert s.concurrent_jobs == 9          # command line over env over file
+    assert s.global_timeout == 40          # env over file
+    assert s.reconnect_timeout == 9        # file over default
+    assert s.kill_grace_period == 300      # default
+
+
+def test_config_flag_wins_over_config_env(tmp_path):
+    a = write(tmp_path, "[global]\nconcurrent_jobs = 11\n", "a.conf")
+    b = write(tmp_path, "[global]\nconcurrent_jobs = 22\n", "b.conf")
+    s, _ = load_settings(["-C", a], {"EVENTMQ_CONFIG_FILE": b})
+    assert s.concurrent_jobs == 11 and s.config_file == a
+    s, _ = load_settings([], {"EVENTMQ_CONFIG_FILE": b})
+    assert s.concurrent_jobs == 22
+
+
+def test_eventmq_command_line_is_accepted(tmp_path):
+    conf = write(tmp_path, "[global]\n")
+    s, _ = load_settings(["-B", "tcp://127.0.0.1:6000", "-C", conf, "-Q", "fast", "slow:5",
+                          "-J", "12", "-n", "box-1"], {})
+    assert s.worker_addr == "tcp://127.0.0.1:6000"
+    # -B also moves the reconnect alternates unless they are set themselves
+    assert s.worker_addresses() == ("tcp://127.0.0.1:6000", "tcp://127.0.0.1:6000")
+    assert s.queues == ((10, "fast"), (5, "slow"))
+    assert (s.concurrent_jobs, s.name) == (12, "box-1")
+
+
+def test_failover_address_from_file(tmp_path):
+    conf = write(tmp_path, """
+        [jobmanager]
+        worker_addr = tcp://127.0.0.1:6001
+        worker_addr_failover = tcp://127.0.0.1:6002
+    """)
+    s, _ = load_settings(["-C", conf], {})
+    assert s.worker_addresses() == ("tcp://127.0.0.1:6001", "tcp://127.0.0.1:6002")
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("True", True), ("t", True),
+                                            ("false", False), ("0", False), ("no", False)])
+def test_booleans_are_true_when_they_contain_a_t(tmp_path, text, expected):
+    conf = write(tmp_path, f"[global]\ndisable_heartbeats = {text}\n")
+    assert load_settings(["-C", conf], {})[0].disable_heartbeats is expected
+
+
+@pytest.mark.parametrize(
+    "argv, env, file_text, message",
+    [
+        ([], {"EVENTMQ_CONCURRENT_JOBS": "lots"}, "",
+         "concurrent_jobs: bad value 'lots' from environment variable EVENTMQ_CONCURRENT_JOBS"),
+        (["-J", "0"], {}, "", "concurrent_jobs: bad value '0' from the command line"),
+        ([], {}, "[jobmanager]\nqueues = [[10, default]]\n", "queues: bad value"),
+        ([], {}, "[jobmanager]\nheartbeat_timeout = soon\n", "(key heartbeat-timeout)"),
+        ([], {}, "[global]\nworker_addr = localhost:47290\n", "worker_addr: bad value"),
+        (["--heartbeat-interval", "20"], {}, "", "heartbeat_interval: 20 s must be shorter"),
+    ],
+)
+def test_bad_values_name_the_setting_and_its_source(tmp_path, argv, env, file_text, message):
+    conf = write(tmp_path, file_text)
+    with pytest.raises(SettingsError) as info:
+        load_settings(["-C", conf, *argv], env)
+    assert message in str(info.value)
+    if file_text and "key" in message:
+        assert conf in str(info.value)
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(["-C", str(tmp_path / "nope.conf")], {})
+
+
+def test_settings_are_immutable():
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.concurrent_jobs = 5  # type: ignore[misc]
+    assert s.replace(concurrent_jobs=5).concurrent_jobs == 5 and s.concurrent_jobs == 4
+
+
+def test_sample_config_in_conf_is_valid():
+    import pathlib
+
+    sample = pathlib.Path(__file__).parent.parent / "conf" / "eventmq.conf"
+    s, _ = load_settings(["-C", str(sample)], {})
+    assert s.concurrent_jobs >= 1
