@@ -31,6 +31,13 @@ def patched():
 def nap(seconds):
     time.sleep(seconds)  # cooperative only when the process is patched
     return seconds
+
+
+def marked_nap(seconds):
+    with open("started", "a") as f:
+        f.write("x")
+    time.sleep(seconds)
+    return seconds
 '''
 
 
@@ -125,12 +132,13 @@ def test_sigterm_drains_running_jobs_then_exits(router, worker_factory):
     assert "running -> draining" in w.text() and "draining -> stopped" in w.text()
 
 
-def test_second_sigint_stops_at_once(router, worker_factory):
+def test_second_sigint_stops_at_once(router, worker_factory, tmp_path):
     w = worker_factory(*fast(router), "-J", "2", "--kill-grace-period", "60")
     ident = router.wait_inform(timeout=20)
     router.wait_count(Command.READY, 2)
-    msgid = router.request(ident, "clijobs", "nap", args=[60], headers="reply-requested")
-    w.wait_log("connecting -> running")
+    msgid = router.request(ident, "clijobs", "marked_nap", args=[60],
+                           headers="reply-requested")
+    router.wait_until(lambda: (tmp_path / "started").exists())
     w.proc.send_signal(signal.SIGINT)
     w.wait_log("draining: 1 job(s) running")
     started = time.monotonic()
@@ -140,18 +148,18 @@ def test_second_sigint_stops_at_once(router, worker_factory):
     assert router.wait_reply(msgid)["error"]["type"] == "Killed"
 
 
-def test_sigusr1_logs_a_status_dump(router, worker_factory):
+def test_sigusr1_logs_a_status_dump(router, worker_factory, tmp_path):
     w = worker_factory(*fast(router), "-J", "2")
     ident = router.wait_inform(timeout=20)
     router.wait_count(Command.READY, 2)
-    router.request(ident, "clijobs", "nap", args=[30])
-    w.wait_log("connecting -> running")
+    router.request(ident, "clijobs", "marked_nap", args=[30])
+    router.wait_until(lambda: (tmp_path / "started").exists())
     w.proc.send_signal(signal.SIGUSR1)
     text = w.wait_log("in flight")
     line = next(x for x in text.splitlines() if "status: {" in x)
     status = json.loads(line.split("status: ", 1)[1])
     assert status["state"] == "running" and status["free_slots"] == 1
-    assert "clijobs.nap" in text
+    assert "clijobs.marked_nap" in text
 
 
 def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path):
