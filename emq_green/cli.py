@@ -26,6 +26,14 @@ def setup_logging(debug: bool) -> None:
     )
 
 
+def _add_standalone(parser) -> None:
+    parser.add_argument(
+        "--standalone", action="store_true",
+        help="run a router in this process too (frontend_addr, backend_addr, "
+             "administrative_addr from [router]); this job manager connects to it "
+             "in-process and other workers may connect to its backend")
+
+
 def main(argv: "list[str] | None" = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _wants_patch(argv, dict(os.environ)):
@@ -37,10 +45,16 @@ def main(argv: "list[str] | None" = None) -> int:
     from .settings import SettingsError, load_settings
 
     def load():
-        return load_settings(argv, os.environ, section="jobmanager", prog="emq-green")[0]
+        return load_settings(argv, os.environ, section="jobmanager", prog="emq-green",
+                             extra_arguments=_add_standalone)
 
     try:
-        settings = load()
+        settings, ns = load()
+        router_settings = None
+        if ns.standalone:
+            router_settings = load_settings(argv, os.environ, section="router",
+                                            prog="emq-green",
+                                            extra_arguments=_add_standalone)[0]
     except SettingsError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 2
@@ -49,8 +63,74 @@ def main(argv: "list[str] | None" = None) -> int:
     # directory is importable.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    manager = JobManager(settings=settings, settings_loader=load)
+    if router_settings is not None:
+        return _standalone(settings, router_settings, lambda: load()[0])
+    manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
     manager.serve_forever()
+    return 0
+
+
+def _standalone(settings, router_settings, load) -> int:
+    """Router and job manager in one process; the manager reaches the router
+    over ``inproc://``. Stopping either stops both."""
+    import uuid
+
+    import gevent
+    import zmq.green as zmq
+
+    from .jobmanager import JobManager
+    from .router import Router
+
+    inproc = f"inproc://emq-green-{uuid.uuid4().hex}"
+    to_router = {"worker_addr": inproc, "worker_addr_default": inproc,
+                 "worker_addr_failover": inproc}
+    context = zmq.Context.instance()
+    router = Router(settings=router_settings, extra_backend_addrs=(inproc,), context=context)
+    try:
+        router.start()
+    except OSError as exc:
+        sys.stderr.write(f"emq-green: {exc}\n")
+        return 1
+    manager = JobManager(settings=settings.replace(**to_router),
+                         settings_loader=lambda: load().replace(**to_router), context=context)
+
+    def stop_manager_with_router() -> None:
+        router.serve_forever()
+        manager.stop(timeout=None)
+
+    watcher = gevent.spawn(stop_manager_with_router)
+    manager.serve_forever()
+    watcher.kill()
+    router.stop()
+    return 0
+
+
+def router_main(argv: "list[str] | None" = None) -> int:
+    """``emq-green-router``: the router alone, settings from [global] and [router]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+
+    import gevent
+
+    from .router import Router
+    from .settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(argv, os.environ, section="router",
+                                 prog="emq-green-router")[0]
+    except SettingsError as exc:
+        sys.stderr.write(f"emq-green-router: {exc}\n")
+        return 2
+    setup_logging(settings.super_debug)
+    router = Router(settings=settings)
+    try:
+        router.start()
+    except OSError as exc:
+        sys.stderr.write(f"emq-green-router: {exc}\n")
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        gevent.signal_handler(signum, lambda: gevent.spawn(router.stop))
+    router.serve_forever()
     return 0
 
 

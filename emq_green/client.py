@@ -1,0 +1,297 @@
+"""The client: send jobs to an eMQP/1.0 router, as EventMQ's client does.
+
+The wire is EventMQ 0.3.13's: ``REQUEST [queue, headers_csv, ["run", {...}]]``
+on a DEALER socket connected to the router's frontend; the router may answer
+``REPLY [msgid]`` when it hands the job to a worker at once (an
+acknowledgement, not the job's result; buffered jobs get none).
+
+Concurrency. A :class:`Client` keeps a small pool of DEALER sockets: a caller
+takes one, sends, and gives it back, so concurrent greenlets (or threads)
+never share a socket and a burst of calls does not open a socket each. In a
+gevent-patched process the sockets are ``zmq.green`` ones, so a full send
+queue makes the greenlet wait, not the whole process. Acknowledgements are
+read when a socket goes back to the pool and counted in
+:attr:`Client.acknowledged`.
+
+Differences from EventMQ's client, on purpose: functions raise ``ValueError``
+for a bad callable instead of logging and returning None; ``defer_job`` takes
+``subprocess=True`` (emq-green runs that job in a child process).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+import threading
+import uuid
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+
+import zmq
+
+from .protocol import Command, Headers, Message, ProtocolError, RunRequest
+
+logger = logging.getLogger(__name__)
+
+ENV_BROKER_ADDR = "EMQ_BROKER_ADDR"
+DEFAULT_ADDR = "tcp://127.0.0.1:47291"
+DEFAULT_QUEUE = "default"
+
+F = TypeVar("F", bound=Callable[..., Any])
+JobFunc = Union[str, Callable[..., Any]]
+
+
+def _gevent_patched() -> bool:
+    if "gevent.monkey" not in sys.modules:
+        return False
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))
+
+
+def callable_path(func: JobFunc) -> tuple[str, str]:
+    """``(path, callable)`` for a function, a bound method (``module:Class``)
+    or a ``"dotted.path.name"`` string."""
+    if isinstance(func, str):
+        path, _, name = func.rpartition(".")
+        if not path or not name:
+            raise ValueError(f"callable {func!r} needs an absolute dotted path, "
+                             "like 'myapp.jobs.send_mail'")
+        return path, name
+    if inspect.ismethod(func):
+        owner = func.__self__
+        cls = owner if inspect.isclass(owner) else type(owner)
+        return f"{func.__module__}:{cls.__name__}", func.__name__
+    if inspect.isfunction(func) or inspect.isbuiltin(func):
+        if "<locals>" in func.__qualname__ or "." in func.__qualname__:
+            raise ValueError(f"{func.__qualname__} is not importable by module path")
+        if func.__module__ == "__main__":
+            logger.warning("%s is defined in __main__; a worker cannot import it",
+                           func.__qualname__)
+        return func.__module__, func.__name__
+    raise ValueError(f"{func!r} is not a function, a bound method or a dotted path")
+
+
+class Client:
+    """Sends REQUESTs to the router frontend at ``addr``.
+
+    Args:
+        addr: router frontend; default ``$EMQ_BROKER_ADDR``, else
+            ``tcp://127.0.0.1:47291``.
+        green: use ``zmq.green`` sockets; default: whether gevent has
+            patched ``socket`` in this process.
+        max_idle: sockets kept in the pool between calls.
+        hwm: ZeroMQ high-water mark of each socket.
+        linger: seconds :meth:`close` waits for queued requests to leave.
+    """
+
+    def __init__(
+        self,
+        addr: Optional[str] = None,
+        *,
+        green: Optional[bool] = None,
+        max_idle: int = 8,
+        hwm: int = 10000,
+        linger: float = 5.0,
+    ) -> None:
+        self.addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
+        self.green = _gevent_patched() if green is None else green
+        if self.green:
+            import zmq.green as zmq_module
+        else:
+            zmq_module = zmq  # type: ignore[no-redef]
+        self._zmq = zmq_module
+        self._context = zmq_module.Context()
+        self._max_idle = max_idle
+        self._hwm = hwm
+        self._linger = linger
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        #: REQUESTs sent.
+        self.sent = 0
+        #: ``REPLY [msgid]`` acknowledgements read so far.
+        self.acknowledged = 0
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+    # the socket pool
+
+    def _take(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("client is closed")
+            if self._idle:
+                return self._idle.pop()
+        sock = self._context.socket(self._zmq.DEALER)
+        sock.setsockopt(self._zmq.IDENTITY, str(uuid.uuid4()).encode())
+        sock.setsockopt(self._zmq.SNDHWM, self._hwm)
+        sock.setsockopt(self._zmq.RCVHWM, self._hwm)
+        sock.setsockopt(self._zmq.LINGER, int(self._linger * 1000))
+        sock.connect(self.addr)
+        return sock
+
+    def _give_back(self, sock: Any) -> None:
+        self._read_acks(sock)
+        with self._lock:
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _read_acks(self, sock: Any) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(self._zmq.NOBLOCK)
+            except self._zmq.Again:
+                return
+            try:
+                if Message.parse(frames).command is Command.REPLY:
+                    self.acknowledged += 1
+            except ProtocolError as exc:
+                logger.debug("client: ignored a malformed message from the router: %s", exc)
+
+    def poll_acks(self) -> int:
+        """Read the acknowledgements waiting on idle sockets; returns the total."""
+        with self._lock:
+            idle = list(self._idle)
+            self._idle.clear()
+        for sock in idle:
+            self._give_back(sock)
+        return self.acknowledged
+
+    def close(self) -> None:
+        """Close the sockets, giving queued requests ``linger`` seconds to leave."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+        self._context.term()
+
+    # ------------------------------------------------------------------
+    # sending
+
+    def send_request(
+        self,
+        message: Union[str, Sequence[Any]],
+        *,
+        queue: Optional[str] = None,
+        reply_requested: bool = False,
+        guarantee: bool = False,
+        retry_count: int = 0,
+        timeout: float = 0,
+    ) -> str:
+        """Send a REQUEST whose payload is ``message`` (``["run", {...}]`` or
+        its JSON text); returns the message id."""
+        import json
+
+        payload = message if isinstance(message, str) else json.dumps(list(message))
+        headers = Headers(reply_requested=reply_requested, guarantee=guarantee,
+                          retry_count=retry_count, timeout=timeout or None)
+        request = Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
+        sock = self._take()
+        try:
+            sock.send_multipart(request.frames())
+        finally:
+            self._give_back(sock)
+        self.sent += 1
+        return request.msgid
+
+    def defer_job(
+        self,
+        func: JobFunc,
+        args: Sequence[Any] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+        class_args: Sequence[Any] = (),
+        class_kwargs: Optional[dict[str, Any]] = None,
+        *,
+        reply_requested: bool = False,
+        guarantee: bool = False,
+        retry_count: int = 0,
+        timeout: float = 0,
+        queue: Optional[str] = None,
+        subprocess: bool = False,
+    ) -> str:
+        """Run ``func(*args, **kwargs)`` on a worker; returns the message id.
+
+        ``func`` is a module-level function, a bound method (its class is
+        built with ``class_args``/``class_kwargs`` on the worker) or a dotted
+        path. Arguments must be JSON-serialisable (``TypeError`` otherwise).
+        """
+        path, name = callable_path(func)
+        run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
+                         class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
+                         subprocess=subprocess)
+        return self.send_request(run.payload(), queue=queue, reply_requested=reply_requested,
+                                 guarantee=guarantee, retry_count=retry_count, timeout=timeout)
+
+
+# ----------------------------------------------------------------------
+# module-level helpers on one shared client per address
+
+_clients: dict[str, Client] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(addr: Optional[str] = None) -> Client:
+    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``)."""
+    addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
+    with _clients_lock:
+        client = _clients.get(addr)
+        if client is None:
+            client = _clients[addr] = Client(addr)
+        return client
+
+
+def send_request(message: Union[str, Sequence[Any]], *, addr: Optional[str] = None,
+                 **options: Any) -> str:
+    """:meth:`Client.send_request` on the shared client for ``addr``."""
+    return get_client(addr).send_request(message, **options)
+
+
+def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
+              class_args: Sequence[Any] = (), class_kwargs: Optional[dict[str, Any]] = None,
+              *, addr: Optional[str] = None, **options: Any) -> str:
+    """:meth:`Client.defer_job` on the shared client for ``addr``."""
+    return get_client(addr).defer_job(func, args, kwargs, class_args, class_kwargs, **options)
+
+
+def job(
+    func: Optional[F] = None,
+    *,
+    queue: Optional[str] = None,
+    broker_addr: Optional[str] = None,
+    async_: bool = True,
+    **options: Any,
+) -> Any:
+    """Decorator adding ``.delay(*args, **kwargs)``, which defers the call.
+
+    As in EventMQ, with no ``broker_addr`` and no ``$EMQ_BROKER_ADDR`` (or
+    with ``async_=False``) ``.delay`` runs the function at once, in the
+    caller; ``options`` go to :meth:`Client.defer_job` (e.g. ``timeout``).
+    """
+
+    def decorate(f: F) -> F:
+        def delay(*args: Any, **kwargs: Any) -> Any:
+            addr = broker_addr or os.environ.get(ENV_BROKER_ADDR)
+            if async_ and addr:
+                return get_client(addr).defer_job(f, args, kwargs, queue=queue, **options)
+            if async_:
+                logger.warning("no EMQ_BROKER_ADDR: running %s synchronously", f.__name__)
+            return f(*args, **kwargs)
+
+        f.delay = delay  # type: ignore[attr-defined]
+        return f
+
+    return decorate(func) if func is not None else decorate
+
+
+__all__ = ["Client", "defer_job", "send_request", "job", "get_client", "callable_path",
+           "ENV_BROKER_ADDR", "DEFAULT_ADDR"]

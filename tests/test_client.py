@@ -1,0 +1,310 @@
+"""The client, and the router with real EventMQ 0.3.13 peers.
+
+* EventMQ's client -> ``emq-green-router`` -> EventMQ's ``emq-jobmanager``;
+* emq-green's client -> EventMQ's ``emq-router`` -> ``emq-green``;
+* emq-green's client from many greenlets at once, against the in-process router.
+
+Peers are real processes on free loopback ports, killed in teardown. Jobs
+(``examples.jobs.mark``) append a line to a file; a test waits for the lines,
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import zmq
+
+from emq_green.client import Client, callable_path, job
+from emq_green.protocol import Command, Message, RunRequest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)  # poll interval
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def admin_request(addr: str, command: Command, timeout: float = 2.0):
+    """One administrative request; the parsed JSON answer, or None."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())  # EventMQ wants UTF-8
+    sock.connect(addr)
+    try:
+        sock.send_multipart(Message.new(command).frames())
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return json.loads(Message.parse(sock.recv_multipart()).body[0])
+    finally:
+        sock.close()
+
+
+class Stack:
+    """Processes on three free ports; everything is killed in :meth:`close`."""
+
+    def __init__(self, tmp: Path) -> None:
+        front, back, admin = free_ports(3)
+        self.front = f"tcp://127.0.0.1:{front}"
+        self.back = f"tcp://127.0.0.1:{back}"
+        self.admin = f"tcp://127.0.0.1:{admin}"
+        self.tmp = tmp
+        (tmp / "empty.conf").write_text("")
+        self.env = dict(os.environ, PYTHONPATH=str(REPO),
+                        EVENTMQ_CONFIG_FILE=str(tmp / "empty.conf"))
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def spawn(self, name: str, command: list[str], **env: str) -> subprocess.Popen:
+        log = self.tmp / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(command, env=dict(self.env, **env), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _p, log in self.procs)
+
+    def wait_for_worker(self, timeout: float = 20.0, slots: int = 1) -> dict:
+        found: dict = {}
+
+        def ready() -> bool:
+            shown = admin_request(self.admin, Command.ROUTER_SHOW_WORKERS)
+            if shown:
+                found.update(shown)
+            return bool(shown) and any(
+                w["available_slots"] >= slots for w in shown["connected_workers"].values())
+
+        try:
+            wait_until(ready, timeout, f"a worker with {slots} free slot(s)")
+        except AssertionError:
+            raise AssertionError(self.logs()) from None
+        return found
+
+    def close(self) -> None:
+        for proc, _log in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(90)
+def test_eventmq_client_to_green_router_to_eventmq_jobmanager(stack: Stack, tmp_path: Path):
+    from eventmq.client.messages import defer_job
+    from eventmq.sender import Sender
+
+    router = stack.spawn("router", [str(BIN / "emq-green-router"),
+                                    "--frontend-addr", stack.front,
+                                    "--backend-addr", stack.back,
+                                    "--administrative-addr", stack.admin])
+    stack.spawn("emq-jobmanager", [str(BIN / "emq-jobmanager"), "-B", stack.back, "-J", "2"])
+    shown = stack.wait_for_worker()
+    assert shown["connected_queues"]["default"][0][0] == 10
+
+    marks = tmp_path / "marks"
+    sender = Sender()
+    sender.connect(stack.front)
+    for i in range(6):
+        queue = "nobody-serves-this" if i == 5 else "default"
+        assert defer_job(sender, "examples.jobs.mark", args=[str(marks), f"job{i}"],
+                         queue=queue)
+    wait_until(lambda: len(lines(marks)) == 6, 30, "six jobs run by emq-jobmanager")
+    assert {line.split()[0] for line in lines(marks)} == {f"job{i}" for i in range(6)}
+    sender.zsocket.close(linger=0)
+
+    status = admin_request(stack.admin, Command.STATUS)
+    assert sum(status["processed_messages_by_queue"].values()) == 6
+    router.send_signal(signal.SIGTERM)
+    assert router.wait(timeout=10) == 0
+
+
+@pytest.mark.timeout(90)
+def test_green_client_to_eventmq_router_to_green_worker(stack: Stack, tmp_path: Path):
+    stack.spawn("emq-router", [str(BIN / "emq-router")],
+                EVENTMQ_FRONTEND_ADDR=stack.front, EVENTMQ_BACKEND_ADDR=stack.back,
+                EVENTMQ_ADMINISTRATIVE_ADDR=stack.admin)
+    stack.spawn("emq-green", [str(BIN / "emq-green"), "-B", stack.back, "-J", "8",
+                              "-Q", "default", "mail:20"])
+    stack.wait_for_worker(slots=8)  # then every job is handed over at once, and acknowledged
+
+    marks = tmp_path / "marks"
+    with Client(stack.front, green=False) as client:
+        for i in range(4):
+            client.defer_job("examples.jobs.mark", [str(marks), f"plain{i}"])
+        client.defer_job("examples.jobs.mark", [str(marks), "mail"], queue="mail",
+                         reply_requested=True, timeout=30)
+        wait_until(lambda: len(lines(marks)) == 5, 30, "five jobs run by emq-green")
+        wait_until(lambda: client.poll_acks() == 5, 10, "five acknowledgements")
+    assert {line.split()[0] for line in lines(marks)} == {*(f"plain{i}" for i in range(4)),
+                                                         "mail"}
+
+
+def test_client_from_many_greenlets_shares_no_socket_and_opens_few():
+    import gevent
+
+    from emq_green.router import Router
+    from emq_green.settings import Settings
+
+    any_port = "tcp://127.0.0.1:*"
+    router = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
+                                      administrative_addr=any_port))
+    router.start()
+    client = Client(router.endpoints["frontend"], green=True, max_idle=4)
+    in_use: set[int] = set()
+    overlaps = []
+    taken = client._take
+
+    def take():  # watch the pool: a socket is never handed to two users at once
+        sock = taken()
+        overlaps.append(id(sock) in in_use)
+        in_use.add(id(sock))
+        return sock
+
+    given_back = client._give_back
+
+    def give_back(sock):
+        in_use.discard(id(sock))
+        gevent.sleep(0)  # invite another greenlet in while this one holds the pool
+        given_back(sock)
+
+    client._take, client._give_back = take, give_back
+    opened = []
+    real_socket = client._context.socket
+    client._context.socket = lambda kind: opened.append(kind) or real_socket(kind)
+    try:
+        def user(n: int) -> None:
+            for i in range(10):
+                client.defer_job("os.getpid", [], {"n": n, "i": i})
+
+        gevent.joinall([gevent.spawn(user, n) for n in range(30)], timeout=20,
+                       raise_error=True)
+        assert client.sent == 300
+        assert not any(overlaps)
+        assert len(opened) <= 30  # at most one per concurrent user, not one per call
+        deadline = time.monotonic() + 10
+        while len(router.waiting.get("default", ())) < 300 and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # poll interval
+        assert len(router.waiting["default"]) == 300
+    finally:
+        client.close()
+        router.stop()
+
+
+def test_defer_job_payload_matches_eventmq(monkeypatch):
+    import eventmq.client.messages as emq_messages
+
+    captured = {}
+
+    class FakeSocket:  # EventMQ's send_emqp_message calls socket.send_multipart(msg, version)
+        def send_multipart(self, frames, version):
+            captured["eventmq"] = list(frames)
+
+    emq_messages.defer_job(FakeSocket(), "examples.jobs.mark", args=[1, "a"],
+                           kwargs={"k": 2}, reply_requested=True, retry_count=2,
+                           timeout=30, queue="mail")
+    eventmq_frames = captured["eventmq"]
+
+    client = Client("tcp://127.0.0.1:1", green=False)
+    sent = []
+    client._take = lambda: type("S", (), {"send_multipart": lambda s, f: sent.append(f)})()
+    client._give_back = lambda sock: None
+    client.defer_job("examples.jobs.mark", [1, "a"], {"k": 2}, reply_requested=True,
+                     retry_count=2, timeout=30, queue="mail")
+    ours = Message.parse(sent[0])
+    # command, then queue / headers / payload; msgids differ by design
+    assert ours.command.value == eventmq_frames[0]
+    assert list(ours.body[:2]) == eventmq_frames[2:4]
+    assert RunRequest.parse(ours.body[2]) == RunRequest.parse(eventmq_frames[4])
+    client.close()
+
+
+def test_defer_job_subprocess_option_and_callable_paths():
+    assert callable_path("a.b.c") == ("a.b", "c")
+    assert callable_path(os.getpid) == ("posix", "getpid")
+    assert callable_path(Client("tcp://127.0.0.1:1", green=False).close) == (
+        "emq_green.client:Client", "close")
+    with pytest.raises(ValueError):
+        callable_path("nodots")
+    with pytest.raises(ValueError):
+        callable_path(lambda: None)
+    run = RunRequest(path="m", callable="f", subprocess=True)
+    assert json.loads(run.payload())[1]["subprocess"] is True
+
+
+def test_job_decorator_runs_synchronously_without_broker(monkeypatch):
+    monkeypatch.delenv("EMQ_BROKER_ADDR", raising=False)
+
+    @job(queue="mail")
+    def add(a, b):
+        return a + b
+
+    assert add(1, 2) == 3
+    assert add.delay(2, 3) == 5
+
+
+def module_level_job(path: str, tag: str) -> str:
+    return tag
+
+
+def test_job_decorator_defers_with_broker_addr(monkeypatch):
+    import gevent
+
+    from emq_green.router import Router
+    from emq_green.settings import Settings
+
+    any_port = "tcp://127.0.0.1:*"
+    router = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
+                                      administrative_addr=any_port))
+    router.start()
+    try:
+        monkeypatch.setenv("EMQ_BROKER_ADDR", router.endpoints["frontend"])
+        decorated = job(module_level_job, queue="files")
+        msgid = decorated.delay("/nonexistent", "tag")
+        assert isinstance(msgid, str)
+        deadline = time.monotonic() + 5
+        while not router.waiting and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # poll interval
+        (request,) = router.waiting["default"]  # no worker serves "files" -> default
+        assert request.msgid == msgid and request.queue == "files"
+        assert RunRequest.parse(request.body[2]).name == f"{__name__}.module_level_job"
+    finally:
+        router.stop()

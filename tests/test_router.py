@@ -1,0 +1,334 @@
+"""The router's behaviour on the wire, with real ZeroMQ sockets on loopback.
+
+The router runs in this process on gevent; the fake workers, clients and
+administrators are ``zmq.green`` DEALER sockets, so waiting on them lets the
+router's greenlets run. Every wait has a deadline; nothing sleeps to
+synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Callable, Iterator
+
+import gevent
+import pytest
+import zmq.green as zmq
+
+from emq_green.protocol import Command, Message, queues_json
+from emq_green.router import Router, RouterState
+from emq_green.settings import Settings
+
+ANY_PORT = "tcp://127.0.0.1:*"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        gevent.sleep(0.005)  # poll interval; lets the router's greenlets run
+
+
+class Peer:
+    """A DEALER socket speaking eMQP/1.0 to one of the router's sockets."""
+
+    def __init__(self, addr: str, name: str = "") -> None:
+        self.identity = (name or f"peer-{uuid.uuid4().hex[:8]}").encode()
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.identity)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+
+    def send(self, command: Command, *body: str) -> Message:
+        message = Message.new(command, *body)
+        self.sock.send_multipart(message.frames())
+        return message
+
+    def recv(self, timeout: float = 3.0, skip_heartbeats: bool = True) -> Message:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
+                raise AssertionError(f"{self.identity!r}: no message in {timeout} s")
+            message = Message.parse(self.sock.recv_multipart())
+            if not (skip_heartbeats and message.command is Command.HEARTBEAT):
+                return message
+
+    def pending(self) -> list[Message]:
+        """Messages already delivered, heartbeats left out."""
+        found = []
+        while self.sock.poll(0):
+            message = Message.parse(self.sock.recv_multipart())
+            if message.command is not Command.HEARTBEAT:
+                found.append(message)
+        return found
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class Harness:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.peers: list[Peer] = []
+
+    def peer(self, socket_name: str, name: str = "") -> Peer:
+        peer = Peer(self.router.endpoints[socket_name], name)
+        self.peers.append(peer)
+        return peer
+
+    def worker(self, queues=((10, "default"),), slots: int = 0, name: str = "") -> Peer:
+        peer = self.peer("backend", name)
+        inform = peer.send(Command.INFORM, queues_json(queues), "worker")
+        ack = peer.recv()
+        assert ack.command is Command.ACK and ack.body == (inform.msgid,)
+        for _ in range(slots):
+            peer.send(Command.READY)
+        wait_until(lambda: self.slots(peer) == slots, what=f"{slots} slots")
+        return peer
+
+    def slots(self, peer: Peer) -> int:
+        worker = self.router.workers.get(peer.identity)
+        return -1 if worker is None else worker.slots
+
+    def request(self, client: Peer, queue: str = "default", headers: str = "",
+                payload: str = '["run", {"path": "os", "callable": "getpid"}]') -> Message:
+        return client.send(Command.REQUEST, queue, headers, payload)
+
+    def admin(self, command: Command) -> dict:
+        peer = self.peer("administrative")
+        peer.send(command)
+        reply = peer.recv()
+        assert reply.command is Command.REPLY
+        return json.loads(reply.body[0])
+
+
+@pytest.fixture
+def make_router() -> Iterator[Callable[..., Harness]]:
+    harnesses: list[Harness] = []
+
+    def make(**overrides) -> Harness:
+        settings = Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
+                            administrative_addr=ANY_PORT, **overrides)
+        router = Router(settings=settings)
+        router.start()
+        harness = Harness(router)
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        for peer in harness.peers:
+            peer.close()
+        harness.router.stop(timeout=2)
+
+
+def test_inform_ack_ready_request_and_acknowledgement(make_router):
+    h = make_router()
+    worker = h.worker(slots=2)
+    client = h.peer("frontend")
+    sent = h.request(client, headers="reply-requested")
+
+    got = worker.recv()
+    assert got.command is Command.REQUEST
+    assert got.msgid == sent.msgid and got.body == sent.body
+    ack = client.recv()
+    assert ack.command is Command.REPLY and ack.body == (sent.msgid,)
+    assert h.slots(worker) == 1
+
+    # the worker's REPLY is [reply_json, orig_msgid]; the router is not a relay
+    worker.send(Command.REPLY, '{"value": 1}', sent.msgid)
+    wait_until(lambda: not h.router.workers[worker.identity].in_flight, what="in flight cleared")
+    assert client.pending() == []
+
+
+def test_heaviest_worker_first_then_least_recently_used(make_router):
+    h = make_router()
+    heavy = h.worker(queues=[(20, "q")], slots=1, name="heavy")
+    b = h.worker(queues=[(10, "q")], slots=2, name="b")
+    c = h.worker(queues=[(10, "q")], slots=2, name="c")
+    client = h.peer("frontend")
+
+    order = []
+    for _ in range(5):
+        sent = h.request(client, queue="q")
+        assert client.recv().body == (sent.msgid,)
+        for peer in (heavy, b, c):
+            if any(m.msgid == sent.msgid for m in peer.pending()):
+                order.append(peer.identity.decode())
+    assert order == ["heavy", "b", "c", "b", "c"]
+
+    # no slot left anywhere: the sixth waits in the router, unacknowledged
+    sixth = h.request(client, queue="q")
+    wait_until(lambda: len(h.router.waiting.get("q", ())) == 1, what="buffered")
+    assert client.pending() == []
+    c.send(Command.READY)
+    assert c.recv().msgid == sixth.msgid
+    assert client.pending() == []  # buffered requests get no acknowledgement
+
+
+def test_unknown_queue_goes_to_default(make_router):
+    h = make_router()
+    worker = h.worker(queues=[(10, "default")], slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, queue="no-such-queue")
+    got = worker.recv()
+    assert got.msgid == sent.msgid
+    assert got.body[0] == "no-such-queue"  # forwarded untouched
+    assert h.router.processed_by_queue["default"] == 1
+
+
+def test_buffer_bounded_by_hwm_with_clear_log(make_router, caplog):
+    h = make_router(hwm=3)
+    worker = h.worker(slots=0)
+    client = h.peer("frontend")
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    sent = [h.request(client) for _ in range(5)]
+    wait_until(lambda: h.router.dropped_by_queue["default"] == 2, what="two dropped")
+    assert [r.msgid for r in h.router.waiting["default"]] == [m.msgid for m in sent[:3]]
+    for dropped in sent[3:]:
+        assert any(dropped.msgid in r.getMessage() and "full (hwm 3" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.ERROR)
+
+    # READYs drain the buffer oldest first; the slot goes to the request, not the count
+    for expected in sent[:3]:
+        worker.send(Command.READY)
+        assert worker.recv().msgid == expected.msgid
+    assert h.slots(worker) == 0 and "default" not in h.router.waiting
+    status = h.admin(Command.STATUS)
+    assert status["dropped_messages_by_queue"] == {"default": 2}
+    assert status["waiting_messages_by_queue"] == {}
+
+
+def test_heavier_queue_of_a_worker_is_served_first_from_the_buffer(make_router):
+    h = make_router()
+    worker = h.worker(queues=[(10, "low"), (30, "high")], slots=0)
+    client = h.peer("frontend")
+    low = h.request(client, queue="low")
+    high = h.request(client, queue="high")
+    wait_until(lambda: "low" in h.router.waiting and "high" in h.router.waiting)
+    worker.send(Command.READY)
+    assert worker.recv().msgid == high.msgid
+    worker.send(Command.READY)
+    assert worker.recv().msgid == low.msgid
+
+
+def test_silent_worker_removed_and_its_requests_logged(make_router, caplog):
+    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=0.6)
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    worker = h.worker(slots=2)
+    client = h.peer("frontend")
+    plain = h.request(client, queue="default")
+    replied = h.request(client, queue="default", headers="reply-requested")
+    assert {worker.recv().msgid, worker.recv().msgid} == {plain.msgid, replied.msgid}
+
+    # the router heartbeats the worker while it is known
+    beat = worker.recv(skip_heartbeats=False)
+    assert beat.command is Command.HEARTBEAT and float(beat.body[0]) > 0
+
+    # then the worker goes silent and is removed
+    wait_until(lambda: not h.router.workers, timeout=5, what="silent worker removed")
+    lost = [r.getMessage() for r in caplog.records if "possibly lost REQUEST" in r.getMessage()]
+    assert any(plain.msgid in m and "queue default" in m for m in lost)
+    assert any(replied.msgid in m for m in lost)
+    assert h.admin(Command.ROUTER_SHOW_WORKERS) == {"connected_workers": {},
+                                                      "connected_queues": {}}
+
+    # late messages from the removed worker are dropped without harm
+    worker.send(Command.READY)
+    newcomer = h.worker(slots=1)
+    third = h.request(client)
+    assert newcomer.recv().msgid == third.msgid
+
+
+def test_heartbeats_keep_a_worker_alive(make_router):
+    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=0.5)
+    worker = h.worker(slots=1)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # three heartbeat timeouts, answering each beat
+        beat = worker.recv(skip_heartbeats=False)
+        assert beat.command is Command.HEARTBEAT
+        worker.send(Command.HEARTBEAT, str(time.time()))
+    assert worker.identity in h.router.workers
+
+
+def test_kbye_forgets_the_worker_at_once(make_router):
+    h = make_router()
+    worker = h.worker(queues=[(10, "default"), (5, "other")], slots=3)
+    worker.send(Command.KBYE)
+    wait_until(lambda: not h.router.workers, what="worker forgotten")
+    assert h.router.queues == {}
+    client = h.peer("frontend")
+    sent = h.request(client)
+    wait_until(lambda: "default" in h.router.waiting)
+    assert worker.pending() == [] and h.router.waiting["default"][0].msgid == sent.msgid
+
+
+def test_admin_replies_in_eventmq_shapes(make_router):
+    h = make_router()
+    worker = h.worker(queues=[(10, "default"), (20, "mail")], slots=2, name="w1")
+    client = h.peer("frontend")
+    h.request(client, queue="mail")
+    worker.recv()
+
+    shown = h.admin(Command.ROUTER_SHOW_WORKERS)
+    assert set(shown) == {"connected_workers", "connected_queues"}
+    w1 = shown["connected_workers"]["w1"]
+    assert w1["queues"] == [[10, "default"], [20, "mail"]]
+    assert w1["available_slots"] == 1 and isinstance(w1["hb"], float)
+    assert shown["connected_queues"] == {"default": [[10, "w1"]], "mail": [[20, "w1"]]}
+
+    status = h.admin(Command.STATUS)
+    for key in ("inflight_messages_by_queue", "latency_messages_by_queue",
+                "max_latency_messages_by_queue", "waiting_messages_by_queue",
+                "processed_messages_by_queue", "processed_messages_by_worker"):
+        assert isinstance(status[key], dict), key
+    assert status["inflight_messages_by_queue"] == {"mail": 1}
+    assert status["processed_messages_by_queue"] == {"mail": 1}
+    assert status["processed_messages_by_worker"] == {"w1": 1}
+    assert h.admin(Command.ROUTER_SHOW_SCHEDULERS) == {"connected_schedulers": {}}
+
+
+def test_schedule_without_scheduler_is_logged_not_fatal(make_router, caplog):
+    h = make_router()
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    client = h.peer("frontend")
+    sent = client.send(Command.SCHEDULE, "default", "", "60",
+                       '["run", {"path": "os", "callable": "getpid"}]', "")
+    client.send(Command.UNSCHEDULE, "default", "", "60", "[]", "")
+    wait_until(lambda: sum("no scheduler" in r.getMessage() for r in caplog.records) == 2)
+    assert any(sent.msgid in r.getMessage() for r in caplog.records)
+    assert h.router.state is RouterState.RUNNING
+    assert "processed_messages_by_queue" in h.admin(Command.STATUS)
+
+
+def test_admin_disconnect_says_kbye_and_stops(make_router, caplog):
+    h = make_router()
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    worker = h.worker(slots=0)
+    client = h.peer("frontend")
+    waiting = h.request(client)
+    wait_until(lambda: "default" in h.router.waiting)
+    admin = h.peer("administrative")
+    disconnect = admin.send(Command.DISCONNECT)
+    ack = admin.recv()
+    assert ack.command is Command.ACK and ack.body == (disconnect.msgid,)
+    assert worker.recv().command is Command.KBYE
+    assert h.router.wait_for_state(RouterState.STOPPED, timeout=5)
+    assert any(waiting.msgid in r.getMessage() and "dropped" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_malformed_messages_are_dropped(make_router):
+    h = make_router()
+    raw = h.peer("frontend")
+    raw.sock.send_multipart([b"", b"eMQP/9.9", b"REQUEST", b"x"])
+    raw.sock.send_multipart([b"garbage"])
+    worker = h.worker(slots=1)
+    sent = h.request(raw)
+    assert worker.recv().msgid == sent.msgid
+    assert h.router.counters["malformed_messages"] == 2
