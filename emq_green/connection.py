@@ -14,6 +14,15 @@ C backend directly and then runs the green socket's own state check once
 per message, which is what wakes a reader whose edge-triggered file
 descriptor notification was consumed by the operation. Anything that has to
 wait falls back to the ordinary green methods.
+
+One native thread may send too. While a job holds the event loop, the
+heartbeat thread of :mod:`emq_green.lifeline` sends HEARTBEAT itself with
+:meth:`Connection.send_from_thread`. ZeroMQ sockets are not thread-safe, so
+every libzmq call on this socket, from the loop or the thread, is made
+holding :attr:`Connection.guard` (a real lock, never held across a greenlet
+switch), whole messages at a time; and since the thread's send may consume
+the descriptor's edge notification, it asks the loop to re-check the
+socket state afterwards (docs/monitoring.md has the experiment).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import time
 
 import gevent
 import zmq.green as zmq
+from gevent import monkey
 from zmq.backend import Socket as _BackendSocket
 
 from .protocol import Command, Message
@@ -36,10 +46,20 @@ _RCVMORE = int(zmq.RCVMORE)
 _send_frame = _BackendSocket.send
 _recv_frame = _BackendSocket.recv
 _getsockopt = _BackendSocket.get
+#: the C lock, even in a monkeypatched process
+_RealRLock = monkey.get_original("_thread", "RLock")
 
 
 class _FastGreenSocket(zmq.Socket):
     """A green socket with non-waiting multipart send/recv in C calls."""
+
+    #: :attr:`Connection.guard`, also taken by zmq.green's own state check
+    #: (called from its file descriptor watcher)
+    guard: _RealRLock | None = None
+
+    def _Socket__state_changed(self, event: object = None, _evtype: object = None) -> None:
+        with self.guard or _RealRLock():
+            super()._Socket__state_changed(event, _evtype)
 
     def send_now(self, frames: list[bytes]) -> None:
         """Send a whole message or raise zmq.Again (nothing sent).
@@ -92,7 +112,11 @@ class Connection:
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(addr)
+        #: held for every libzmq call on the socket (see the module docstring)
+        self.guard = self.socket.guard = _RealRLock()
         self.last_sent = self.last_received = time.monotonic()
+        #: longest time between two messages sent (what the router sees)
+        self.longest_gap = 0.0
         self.sent_count = 0
         self.closed = False
         self._outbox: list[list[bytes]] = []
@@ -115,7 +139,9 @@ class Connection:
         ):
             logger.debug("-> %s %s %s", message.command.value, message.msgid, message.body)
         frames = message.frames()
-        self.last_sent = time.monotonic()
+        now = time.monotonic()
+        self.longest_gap = max(self.longest_gap, now - self.last_sent)
+        self.last_sent = now
         self.sent_count += 1
         if self._overflow:
             self._overflow.append(frames)
@@ -130,6 +156,10 @@ class Connection:
         outbox, self._outbox = self._outbox, []
         if self.closed:
             return
+        with self.guard:
+            self._send_batch(outbox)
+
+    def _send_batch(self, outbox: list[list[bytes]]) -> None:
         try:
             for i, frames in enumerate(outbox):
                 try:
@@ -149,8 +179,18 @@ class Connection:
     def _flush(self) -> None:
         try:
             while self._overflow and not self.closed:
-                self.socket.send_multipart(self._overflow[0])  # waits for room
-                self._overflow.popleft()
+                with self.guard:
+                    try:
+                        self.socket.send_now(self._overflow[0])
+                    except zmq.Again:
+                        sent = False
+                    else:
+                        sent = True
+                        self.socket.check_state()
+                if sent:
+                    self._overflow.popleft()
+                else:
+                    self.socket._wait_write()  # as zmq.green waits, outside the guard
         except zmq.ZMQError as exc:
             if not self.closed:
                 logger.error("sending to %s failed: %s", self.addr, exc)
@@ -159,11 +199,37 @@ class Connection:
 
     def recv(self) -> list[bytes]:
         """Wait for the next message; only the reader greenlet calls this."""
-        frames = self.socket.recv_now()
-        if frames is None:
-            frames = self.socket.recv_multipart()  # waits, the green way
+        while True:
+            with self.guard:
+                frames = self.socket.recv_now()
+            if frames is not None:
+                break
+            self.socket._wait_read()  # as zmq.green waits, outside the guard
         self.last_received = time.monotonic()
         return frames
+
+    def send_from_thread(self, frames: list[bytes], loop: object) -> bool:
+        """Send one message now from a native thread (not the hub's); False
+        when it cannot leave at once or the connection is closed. ``loop``
+        is the hub's loop, asked to re-check the socket state afterwards."""
+        with self.guard:
+            if self.closed:
+                return False
+            try:
+                self.socket.send_now(frames)
+            except zmq.ZMQError:
+                return False
+        now = time.monotonic()
+        self.longest_gap = max(self.longest_gap, now - self.last_sent)
+        self.last_sent = now
+        self.sent_count += 1
+        loop.run_callback_threadsafe(self._check_state)  # type: ignore[attr-defined]
+        return True
+
+    def _check_state(self) -> None:
+        with self.guard:
+            if not self.closed:
+                self.socket.check_state()
 
     @property
     def pending(self) -> int:
@@ -185,4 +251,5 @@ class Connection:
             self._flusher.kill(block=False)
         if self._overflow:
             logger.warning("%d message(s) to %s dropped at close", len(self._overflow), self.addr)
-        self.socket.close(linger=int(linger * 1000))
+        with self.guard:
+            self.socket.close(linger=int(linger * 1000))

@@ -44,6 +44,7 @@ from . import __version__
 from .connection import Connection
 from .extensions import Executor, Extension
 from .jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
+from .monitor import monitoring_extensions
 from .protocol import (
     Command,
     Headers,
@@ -118,12 +119,6 @@ def _normalise_queues(queues: QueuesArg, weight: int) -> Optional[tuple[tuple[in
     return tuple(result)
 
 
-def monkey_patched() -> bool:
-    from gevent import monkey
-
-    return all(monkey.is_module_patched(m) for m in ("socket", "time", "select"))
-
-
 class JobManager:
     """A drop-in for ``eventmq.jobmanager.JobManager`` that runs jobs in greenlets.
 
@@ -173,6 +168,9 @@ class JobManager:
             # CPU-bound jobs ("subprocess": true, subprocess_callables); its
             # pool starts on the first such job.
             self.extensions.append(SubprocessExtension())
+        # loop-block monitor, heartbeats while the loop is blocked, offload,
+        # metrics endpoint, process title (docs/monitoring.md)
+        self.extensions.extend(monitoring_extensions(self.extensions))
 
         #: Name of this instance, as used in logs and socket identities.
         self.name: str = ""
@@ -252,6 +250,7 @@ class JobManager:
     def _reload_settings(self) -> None:
         if self._settings_loader is None:
             logger.info("SIGHUP: no settings source to re-read; reconnecting only")
+            self._notify("reload")
             return
         try:
             new = self._settings_loader()
@@ -308,12 +307,6 @@ class JobManager:
         """Start serving in the background; returns at once."""
         if self._main is not None:
             raise RuntimeError("JobManager already started")
-        if not monkey_patched():
-            logger.warning(
-                "gevent has not monkeypatched this process: a job that uses blocking IO "
-                "(socket, ssl, time.sleep, threading) stalls every job and the heartbeats. "
-                "Call gevent.monkey.patch_all() before importing anything else, or run "
-                "the emq-green console script.")
         if not self.skip_signal:
             self._install_signals()
         self._set_state(State.CONNECTING)
@@ -329,6 +322,8 @@ class JobManager:
 
     def stop(self, timeout: Optional[float] = None, graceful: bool = True) -> bool:
         """Ask for a stop and wait up to ``timeout`` for it; True when stopped."""
+        if self._main is None:
+            return True
         self._request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
         return self._stopped.wait(timeout)
 

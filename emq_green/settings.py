@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import json
+import logging
 import os
 import uuid
 from collections import OrderedDict
@@ -71,6 +72,12 @@ class Settings:
     monkey_patch: bool = True
     subprocess_callables: tuple[str, ...] = ()
     subprocess_pool_size: int = 0
+    # loop-block monitor, heartbeats while blocked, offload, metrics (monitoring.md)
+    block_threshold: float = 1.0
+    thread_heartbeats: bool = True
+    offload_after_blocks: int = 0
+    offload_after_seconds: float = 0.0
+    metrics_addr: str = ""
     # the embedded router
     frontend_addr: str = "tcp://127.0.0.1:47291"
     backend_addr: str = DEFAULT_ADDR
@@ -145,6 +152,17 @@ def _to_addr(text: str) -> str:
     return text
 
 
+def _to_http_addr(text: str) -> str:
+    """``HOST:PORT`` or ``:PORT`` (all interfaces); empty turns it off."""
+    text = text.strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT like 127.0.0.1:9100 (or :9100)")
+    return text
+
+
 @dataclass(frozen=True)
 class _Spec:
     field: str
@@ -197,6 +215,18 @@ _SPECS: tuple[_Spec, ...] = (
           'callables or "module.*" prefixes always run in a subprocess (JSON list)'),
     _Spec("subprocess_pool_size", ("--subprocess-pool-size",), _to_int,
           "subprocess children for CPU-bound jobs (0: number of CPUs)"),
+    _Spec("block_threshold", ("--block-threshold",), _to_seconds,
+          "seconds the event loop may be blocked before the monitor reports it (0: off)"),
+    _Spec("thread_heartbeats", ("--thread-heartbeats",), _to_bool,
+          "send HEARTBEAT from a native thread while the event loop is blocked"),
+    _Spec("offload_after_blocks", ("--offload-after-blocks",), _to_int,
+          "send a callable to the subprocess pool after it blocked the loop this "
+          "many times (0: never)"),
+    _Spec("offload_after_seconds", ("--offload-after-seconds",), _to_seconds,
+          "send a callable to the subprocess pool after it blocked the loop this "
+          "long in total (0: never)"),
+    _Spec("metrics_addr", ("--metrics-addr",), _to_http_addr,
+          "HOST:PORT for the HTTP metrics and status endpoint (default: off)"),
     _Spec("frontend_addr", ("--frontend-addr",), _to_addr, "router: address for clients"),
     _Spec("backend_addr", ("--backend-addr",), _to_addr, "router: address for workers"),
     _Spec("administrative_addr", ("--administrative-addr",), _to_addr,
@@ -238,14 +268,22 @@ class _SectionsParser(configargparse.ConfigFileParser):
 
 
 def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, bool]:
-    """(path, explicit): -C wins over $EVENTMQ_CONFIG_FILE over the default."""
+    """(path, must exist): -C wins over $EVENTMQ_CONFIG_FILE over the default.
+
+    A missing file named by -C is an error. EventMQ ignores a missing file
+    named by the environment, so a drop-in does too, with a warning.
+    """
     pre = configargparse.ArgumentParser(add_help=False)
     pre.add_argument("-C", "--config")
     known, _ = pre.parse_known_args(list(argv))
     if known.config:
         return known.config, True
-    if environ.get(ENV_PREFIX + "CONFIG_FILE"):
-        return environ[ENV_PREFIX + "CONFIG_FILE"], True
+    path = environ.get(ENV_PREFIX + "CONFIG_FILE")
+    if path:
+        if not os.path.exists(path):
+            logging.getLogger(__name__).warning(
+                "EVENTMQ_CONFIG_FILE names %s, which does not exist; using defaults", path)
+        return path, False
     return DEFAULT_CONFIG_FILE, False
 
 

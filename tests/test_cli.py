@@ -113,7 +113,7 @@ def test_no_monkey_patch_opts_out(router, worker_factory):
     ident = router.wait_inform(timeout=20)
     msgid = router.request(ident, "clijobs", "patched", headers="reply-requested")
     assert router.wait_reply(msgid) == {"value": [False, False, False, False]}
-    assert "has not monkeypatched" in w.text()
+    assert "gevent has not patched" in w.text()
 
 
 def test_sigterm_drains_running_jobs_then_exits(router, worker_factory):

@@ -140,3 +140,9 @@ def test_sample_config_in_conf_is_valid():
     sample = pathlib.Path(__file__).parent.parent / "conf" / "eventmq.conf"
     s, _ = load_settings(["-C", str(sample)], {})
     assert s.concurrent_jobs >= 1
+
+
+def test_missing_config_file_from_env_is_ignored_like_eventmq(tmp_path, caplog):
+    s, _ = load_settings([], {"EVENTMQ_CONFIG_FILE": str(tmp_path / "gone.conf")})
+    assert s.concurrent_jobs == 4
+    assert "does not exist" in caplog.text

@@ -1,0 +1,168 @@
+"""The main of a subprocess child: run jobs sent by the worker, one at a time.
+
+A child is a fresh interpreter (``python -m emq_green.child``), never a fork
+of the worker: it holds no ZeroMQ socket and no gevent hub, and it does not
+monkeypatch. It talks to its pool over its stdin and stdout, one JSON object
+per line:
+
+    child  -> pool   {"ready": pid}                     once, after the setup function
+    pool   -> child  {"payload": run_payload_json, "retry_count": n}
+    child  -> pool   {"attempt": n}                     before each attempt
+    child  -> pool   {"status": ..., "value": ..., "error_type": ...,
+                      "error_message": ..., "attempts": n}
+
+The protocol uses private copies of file descriptors 0 and 1: a job that
+prints writes to stderr, a job that reads stdin reads ``/dev/null``. The
+child exits when its stdin closes (the worker asked it to, or died).
+Timeouts are the pool's business: it kills the child's process group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from typing import IO, Any, Callable, Optional
+
+from .jobs import JobOutcome, Status, import_dotted, resolve
+from .protocol import ProtocolError, RunRequest
+
+logger = logging.getLogger("emq_green.child")
+
+#: Environment variables the pool sets for its children.
+ENV_SETUP = "EMQ_GREEN_CHILD_SETUP_FUNC"
+ENV_ENTRY = "EMQ_GREEN_CHILD_ENTRY_FUNC"
+ENV_EXIT = "EMQ_GREEN_CHILD_EXIT_FUNC"
+ENV_PARENT = "EMQ_GREEN_CHILD_PARENT_PID"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: ask for SIGKILL when the worker dies, so no child outlives it
+    even while it computes (closing stdin only stops an idle child)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent_pid and os.getppid() != parent_pid:  # the worker died before prctl
+        os._exit(1)
+
+
+def _optional(env: str) -> Optional[Callable[[], Any]]:
+    path = os.environ.get(env, "")
+    return import_dotted(path) if path else None
+
+
+def _outcome_line(outcome: JobOutcome) -> str:
+    doc = {"status": outcome.status.value, "value": outcome.value,
+           "error_type": outcome.error_type, "error_message": outcome.error_message,
+           "attempts": outcome.attempts}
+    try:
+        return json.dumps(doc)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # as on the wire: an unencodable return value is an error reply
+        failure = JobOutcome.failure(exc, outcome.attempts)
+        return _outcome_line(failure)
+
+
+class Child:
+    """One job at a time, with the worker's entry and exit functions around it."""
+
+    def __init__(self, out: IO[str], *, entry_func: Optional[Callable[[], Any]] = None,
+                 exit_func: Optional[Callable[[], Any]] = None) -> None:
+        self.out = out
+        self.entry_func = entry_func
+        self.exit_func = exit_func
+
+    def send(self, doc: dict[str, Any]) -> None:
+        self.out.write(json.dumps(doc) + "\n")
+        self.out.flush()
+
+    def run(self, message: dict[str, Any]) -> JobOutcome:
+        try:
+            request = RunRequest.parse(message["payload"])
+        except (KeyError, TypeError, ProtocolError) as exc:
+            return JobOutcome.rejected("InvalidRequest", str(exc))
+        retry_count = int(message.get("retry_count") or 0)
+        if self.entry_func is not None:
+            try:
+                self.entry_func()
+            except Exception as exc:
+                logger.exception("job_entry_func failed; %s not run", request.name)
+                return JobOutcome.failure(exc, attempts=0)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                self.send({"attempt": attempt})
+                outcome = self._attempt(request, attempt)
+                if outcome.status is not Status.FAILED or attempt > retry_count:
+                    return outcome
+                logger.info("%s failed (attempt %d of %d), retrying: %s", request.name,
+                            attempt, retry_count + 1, outcome.error_message)
+        finally:
+            if self.exit_func is not None:
+                try:
+                    self.exit_func()
+                except Exception:
+                    logger.exception("job_exit_func failed after %s", request.name)
+
+    @staticmethod
+    def _attempt(request: RunRequest, attempt: int) -> JobOutcome:
+        try:
+            value = resolve(request)(*request.args, **request.kwargs)
+        except (Exception, SystemExit) as exc:
+            logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc)
+            return JobOutcome.failure(exc, attempt)
+        return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
+
+    def serve(self, lines: IO[str]) -> None:
+        for line in lines:
+            if not line.strip():
+                continue
+            outcome = self.run(json.loads(line))
+            self.out.write(_outcome_line(outcome) + "\n")
+            self.out.flush()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s - emq-green child {os.getpid()} "
+                               "%(levelname)s - %(message)s")
+    _die_with_parent(int(os.environ.get(ENV_PARENT, "0") or 0))
+    # Keep private copies of the pipes; fd 1 becomes stderr and fd 0 /dev/null.
+    proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # The worker's SIGINT (Ctrl-C in a terminal) is not ours: the worker
+    # decides when children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    entry, exit_ = _optional(ENV_ENTRY), _optional(ENV_EXIT)
+    setup = os.environ.get(ENV_SETUP, "")
+    if setup:
+        try:
+            import_dotted(setup)()
+        except Exception:
+            # as EventMQ: a failed setup is logged, the child still serves
+            logger.exception("subprocess_setup_func %s failed", setup)
+    child = Child(proto_out, entry_func=entry, exit_func=exit_)
+    child.send({"ready": os.getpid()})
+    try:
+        child.serve(proto_in)
+    except (BrokenPipeError, KeyboardInterrupt):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Heartbeats from a native thread while a job holds the event loop.
+
+EventMQ's router drops a worker it has not heard from for
+``heartbeat_timeout`` (5 s by default), and does not requeue its jobs. A job
+that holds the gevent loop for longer (a C driver, a CPU loop) would get the
+whole worker dropped. :class:`Lifeline` runs one native thread (the real
+``_thread``, not gevent's) that looks every quarter interval whether the
+loop's heartbeat greenlet is late; only then does it send a HEARTBEAT
+itself, on the worker's own DEALER socket, through
+:meth:`Connection.send_from_thread` (a second socket would have a second
+identity, which the router drops as an unknown worker).
+
+It covers blocks that release the GIL (sleeping or waiting C calls, most
+database drivers) and pure-Python CPU loops (the GIL is handed over every
+few milliseconds). A C call that holds the GIL stops this thread too.
+
+A loop held for longer than ``global_timeout`` is taken for hung: the thread
+stops covering it, so the router removes a worker that will never come
+back (0 means no job timeout, and no limit here either).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import gevent
+from gevent import monkey
+
+from .extensions import Extension
+from .protocol import Command, Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .jobmanager import JobManager
+
+logger = logging.getLogger(__name__)
+
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_sleep = monkey.get_original("time", "sleep")
+
+
+class Lifeline(Extension):
+    """The heartbeat thread; on when the ``thread_heartbeats`` setting is.
+
+    ``force_every`` (tests only) makes the thread send every that many
+    seconds whatever the loop does, to stress the socket sharing.
+    """
+
+    def __init__(self, *, enabled: Optional[bool] = None,
+                 force_every: Optional[float] = None) -> None:
+        self._enabled = enabled
+        self.force_every = force_every
+        #: HEARTBEATs the thread sent, and times it found the socket busy or full
+        self.sent = 0
+        self.failed = 0
+        #: times the thread stopped covering a loop held past global_timeout
+        self.gave_up = 0
+        self._manager: Optional[JobManager] = None
+        self._loop: Any = None
+        self._running = False
+        self._generation = 0
+
+    def manager_started(self, manager: JobManager) -> None:
+        enabled = manager.settings.thread_heartbeats if self._enabled is None else self._enabled
+        if not enabled or manager.settings.disable_heartbeats:
+            logger.info("heartbeats from a native thread are off: a job that holds the "
+                        "event loop past heartbeat_timeout gets this worker dropped")
+            return
+        self._manager = manager
+        self._loop = gevent.get_hub().loop
+        self._running = True
+        self._generation += 1
+        _start_thread(self._run, (self._generation,))
+
+    def manager_stopped(self, manager: JobManager) -> None:
+        self._running = False
+
+    def status(self, manager: JobManager) -> dict[str, Any]:
+        return {"thread_heartbeats": {"on": self._running, "sent": self.sent,
+                                      "failed": self.failed, "gave_up": self.gave_up}}
+
+    # -- the native thread: no logging, no gevent objects, only the connection --
+    def _run(self, generation: int) -> None:
+        from .jobmanager import State
+
+        manager = self._manager
+        assert manager is not None
+        covering_since: Optional[float] = None
+        last_own = 0.0
+        while self._running and generation == self._generation:
+            s = manager.settings
+            interval = s.heartbeat_interval
+            period = self.force_every or min(0.5, max(0.01, interval / 4))
+            _sleep(period)
+            conn = manager.outgoing
+            if conn is None or manager.state is not State.RUNNING or s.disable_heartbeats:
+                covering_since = None
+                continue
+            now = time.monotonic()
+            if conn.last_sent != last_own:
+                covering_since = None  # the loop sent something itself: not held
+            if not self.force_every and now - conn.last_sent < interval + period:
+                continue
+            if covering_since is None:
+                covering_since = now
+            elif s.global_timeout and now - covering_since > s.global_timeout:
+                if covering_since > 0:
+                    self.gave_up += 1
+                    covering_since = -1.0  # given up until the loop sends again
+                continue
+            if covering_since < 0:
+                continue
+            message = Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
+            if conn.send_from_thread(message.frames(), self._loop):
+                self.sent += 1
+                last_own = conn.last_sent
+            else:
+                self.failed += 1
+
+
+__all__ = ["Lifeline"]

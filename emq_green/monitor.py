@@ -1,0 +1,367 @@
+"""Who blocked the event loop: detection, attribution, patch-state warnings.
+
+Code that was never written for gevent (a C database driver, a CPU loop, a
+library imported before patching) holds the hub: every job and the
+heartbeats wait. :class:`BlockMonitor` makes each such incident visible:
+
+- gevent's own monitor thread (a native thread; its greenlet tracer is
+  C-accelerated and costs nothing measurable) notices that no greenlet
+  switch happened for half the threshold and emits
+  :class:`gevent.events.EventLoopBlocked` in *that thread*. There we only
+  collect: the blocked greenlet, the job it runs (its record, or the record
+  of the job that spawned it) and the blocking stack of the hub's thread.
+  Nothing is logged from the thread: after monkeypatching, the logging
+  locks are gevent locks.
+- The thread then watches the hub's thread every few milliseconds until
+  the blocked greenlet's frames leave it: that is the end of the incident.
+  Its start is the last run of a cheap loop timer (every threshold/10), or
+  the end of the incident just before. One report per incident; one
+  shorter than the threshold is dropped.
+- The loop, free again, logs the incident once (job, queue, msgid, time
+  in the job, block duration, stack) and counts it per callable; listeners
+  (the offload extension) hear of it.
+
+Limits: a block is reported when it ends, so one that never ends is never
+logged (the heartbeat thread of :mod:`emq_green.lifeline` is what the router
+sees meanwhile). The tracer sees greenlet switches only: a loop busy with
+many short greenlets is not "blocked".
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import gevent
+import gevent.events
+from gevent import monkey
+
+from .extensions import Extension
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .jobmanager import JobManager, JobRecord
+
+logger = logging.getLogger(__name__)
+
+#: Frames of the blocking stack kept (innermost).
+STACK_LIMIT = 25
+#: Incidents kept for the status.
+RECENT_INCIDENTS = 20
+#: How often the monitor thread looks whether a block it found has ended.
+END_POLL = 0.005
+
+_real_sleep = monkey.get_original("time", "sleep")
+
+
+def _has_frame(top: Any, frame: Any) -> bool:
+    while top is not None:
+        if top is frame:
+            return True
+        top = top.f_back
+    return False
+
+#: Modules a job worker needs patched, and what goes wrong when one is not.
+IO_MODULES = {
+    "socket": "network IO blocks every job",
+    "ssl": "TLS connections block every job",
+    "time": "time.sleep blocks every job",
+    "select": "select/poll block every job",
+    "threading": "locks and thread waits block every job",
+}
+
+PATCH_FIX = ("run jobs with the emq-green console script (it patches first), or call "
+             "gevent.monkey.patch_all() before importing anything else")
+
+
+def _psycopg2_green() -> bool:
+    extensions = sys.modules.get("psycopg2.extensions")
+    return extensions is not None and extensions.get_wait_callback() is not None
+
+
+#: module -> (is it made cooperative?, the fix). Drivers written in C do
+#: their IO below Python, where monkeypatching cannot reach.
+KNOWN_DRIVERS: dict[str, tuple[Callable[[], bool], str]] = {
+    "psycopg2": (_psycopg2_green,
+                 "pip install psycogreen and call psycogreen.gevent.patch_psycopg() at "
+                 "start, or use psycopg 3"),
+    "MySQLdb": (lambda: False,
+                "use PyMySQL (pure Python, patched with the socket module), or route "
+                "these jobs to the subprocess pool"),
+    "pylibmc": (lambda: False, "use pymemcache (pure Python)"),
+    "cx_Oracle": (lambda: False, "route these jobs to the subprocess pool"),
+    "pyodbc": (lambda: False, "route these jobs to the subprocess pool"),
+}
+
+
+def patch_problems(modules: Optional[dict[str, Any]] = None) -> list[str]:
+    """Warnings, each with its fix: IO modules gevent has not patched, and
+    known blocking drivers imported without their cooperative variant."""
+    modules = sys.modules if modules is None else modules
+    problems = []
+    unpatched = [m for m in IO_MODULES if not monkey.is_module_patched(m)]
+    if unpatched:
+        harm = "; ".join(f"{m}: {IO_MODULES[m]}" for m in unpatched)
+        problems.append(f"gevent has not patched {', '.join(unpatched)} ({harm}). "
+                        f"Fix: {PATCH_FIX}.")
+    for name, (is_green, fix) in KNOWN_DRIVERS.items():
+        if name in modules:
+            try:
+                green = is_green()
+            except Exception:  # a half-imported driver: say nothing wrong
+                green = True
+            if not green:
+                problems.append(f"{name} is imported and blocks the event loop on every "
+                                f"query (its IO is in C). Fix: {fix}.")
+    return problems
+
+
+@dataclass
+class Incident:
+    """One stretch of time the loop was held by one greenlet."""
+
+    callable: str
+    msgid: Optional[str]
+    queue: Optional[str]
+    greenlet: str
+    stack: list[str]
+    #: time.monotonic() values
+    started: float
+    detected: float
+    job_started: Optional[float] = None
+    ended: Optional[float] = None
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    def summary(self) -> dict[str, Any]:
+        return {"callable": self.callable, "msgid": self.msgid, "queue": self.queue,
+                "blocked_seconds": round(self.duration, 3),
+                "in_job_seconds": (round(self.started - self.job_started, 3)
+                                   if self.job_started is not None else None),
+                "stack_tail": self.stack[-1].strip() if self.stack else ""}
+
+
+@dataclass
+class CallableBlocks:
+    incidents: int = 0
+    blocked_seconds: float = 0.0
+    longest: float = 0.0
+
+
+class BlockMonitor(Extension):
+    """Reports each block of the event loop longer than ``threshold`` s.
+
+    ``threshold`` defaults to the ``block_threshold`` setting, read when the
+    manager starts and on SIGHUP; 0 turns detection off (the patch-state
+    warnings remain). ``listeners`` are called in the loop with each
+    finished :class:`Incident`.
+    """
+
+    def __init__(self, threshold: Optional[float] = None) -> None:
+        self._fixed_threshold = threshold
+        self.threshold = threshold or 0.0
+        self.by_callable: dict[str, CallableBlocks] = collections.defaultdict(CallableBlocks)
+        self.recent: collections.deque[Incident] = collections.deque(maxlen=RECENT_INCIDENTS)
+        self.incidents = 0
+        self.blocked_seconds = 0.0
+        self.longest = 0.0
+        self.listeners: list[Callable[[Incident], None]] = []
+        self._manager: Optional[JobManager] = None
+        self._hub: Any = None
+        self._last_tick = self._last_end = time.monotonic()
+        self._ticker: Any = None
+        self._subscribed = False
+
+    # -- lifecycle ------------------------------------------------------------
+    def manager_started(self, manager: JobManager) -> None:
+        self._manager = manager
+        for problem in patch_problems():
+            logger.warning("%s", problem)
+        if self._fixed_threshold is None:
+            self.threshold = manager.settings.block_threshold
+        self._start()
+
+    def manager_stopped(self, manager: JobManager) -> None:
+        self._stop()
+
+    def reload(self, manager: JobManager) -> None:
+        threshold = manager.settings.block_threshold
+        if self._fixed_threshold is None and threshold != self.threshold:
+            logger.info("block_threshold %g s -> %g s", self.threshold, threshold)
+            self._stop()
+            self.threshold = threshold
+            self._start()
+
+    def _start(self) -> None:
+        if self.threshold <= 0:
+            logger.info("loop-block monitor off (block_threshold 0)")
+            return
+        hub = gevent.get_hub()
+        # gevent's check sees "no switch for one whole period", so a period
+        # of half the threshold catches every block of at least the threshold.
+        gevent.config.max_blocking_time = self.threshold / 2
+        gevent.config.print_blocking_reports = False  # we log our own, once
+        gevent.config.monitor_thread = True
+        if hub.start_periodic_monitoring_thread() is None:
+            logger.warning("gevent's monitor thread did not start: loop blocks go unseen")
+            return
+        self._hub = hub
+        tick = min(0.25, max(0.01, self.threshold / 10))
+        self._last_tick = time.monotonic()
+        self._ticker = hub.loop.timer(tick, tick)
+        self._ticker.ref = False
+        self._ticker.start(self._tick)
+        if not self._subscribed:
+            gevent.events.subscribers.append(self._on_gevent_event)
+            self._subscribed = True
+
+    def _stop(self) -> None:
+        if self._subscribed:
+            gevent.events.subscribers.remove(self._on_gevent_event)
+            self._subscribed = False
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker.close()
+            self._ticker = None
+
+    def _tick(self) -> None:
+        self._last_tick = time.monotonic()
+
+    # -- in gevent's monitor thread: collect, never log -------------------------
+    def _on_gevent_event(self, event: Any) -> None:
+        if not isinstance(event, gevent.events.EventLoopBlocked) or event.hub is not self._hub:
+            return
+        try:
+            self._blocked(event.greenlet)
+        except Exception:  # a monitor thread must not die; report in the loop
+            exc_info = sys.exc_info()
+            self._hub.loop.run_callback_threadsafe(
+                lambda: logger.error("loop-block monitor failed", exc_info=exc_info))
+
+    def _blocked(self, greenlet: Any) -> None:
+        now = time.monotonic()
+        frame = sys._current_frames().get(self._hub.thread_ident)
+        if frame is None:
+            return
+        stack = traceback.format_stack(frame)[-STACK_LIMIT:]
+        base = frame
+        while base.f_back is not None:
+            base = base.f_back
+        record = self._record_for(greenlet)
+        incident = Incident(
+            callable=record.callable_name if record else "<not a job>",
+            msgid=record.msgid if record else None,
+            queue=record.queue if record else None,
+            greenlet=repr(greenlet),
+            stack=stack,
+            # the loop last ran its tick (every threshold/10) at _last_tick;
+            # a block that just ended may have handed over to this one
+            started=max(self._last_tick, self._last_end),
+            detected=now,
+            job_started=record.started if record else None,
+        )
+        del frame, greenlet, record
+        # This thread has nothing else to do while the loop is held: watch
+        # the hub's thread until the blocked greenlet's frames leave it.
+        while self._subscribed:
+            _real_sleep(END_POLL)
+            top = sys._current_frames().get(self._hub.thread_ident)
+            if top is None or not _has_frame(top, base):
+                break
+        del base, top
+        incident.ended = self._last_end = time.monotonic()
+        self._hub.loop.run_callback_threadsafe(self._loop_free, incident)
+
+    def _record_for(self, greenlet: Any) -> Optional[JobRecord]:
+        """The job running in ``greenlet``, or in the greenlet that spawned it."""
+        if self._manager is None:
+            return None
+        records = self._manager.jobs_in_flight.copy()  # atomic under the GIL
+        by_greenlet = {id(r.greenlet): r for r in records.values() if r.greenlet is not None}
+        seen = 0
+        while greenlet is not None and seen < 50:
+            record = by_greenlet.get(id(greenlet))
+            if record is not None and record.greenlet is greenlet:
+                return record
+            parent = getattr(greenlet, "spawning_greenlet", None)
+            greenlet = parent() if parent is not None else None
+            seen += 1
+        return None
+
+    # -- back in the loop ---------------------------------------------------------
+    def _loop_free(self, incident: Incident) -> None:
+        gevent.spawn(self._finish, incident)  # log outside the hub greenlet
+
+    def _finish(self, incident: Incident) -> None:
+        duration = incident.duration
+        if duration < self.threshold:
+            return
+        self.incidents += 1
+        self.blocked_seconds += duration
+        self.longest = max(self.longest, duration)
+        stats = self.by_callable[incident.callable]
+        stats.incidents += 1
+        stats.blocked_seconds += duration
+        stats.longest = max(stats.longest, duration)
+        self.recent.append(incident)
+        if incident.msgid is not None:
+            where = (f"by job {incident.callable} (queue {incident.queue}, msgid "
+                     f"{incident.msgid}, {incident.started - (incident.job_started or 0):.2f} s "
+                     f"into the job)")
+        else:
+            where = f"outside any job, by {incident.greenlet}"
+        logger.warning(
+            "event loop blocked for %.2f s %s; every job and the heartbeats waited "
+            "(incident %d of %s). Blocking stack, most recent call last:\n%s",
+            duration, where, stats.incidents, incident.callable,
+            "".join(incident.stack).rstrip())
+        for listener in list(self.listeners):
+            try:
+                listener(incident)
+            except Exception:
+                logger.exception("loop-block listener failed")
+
+    # -- status -----------------------------------------------------------------
+    def status(self, manager: JobManager) -> dict[str, Any]:
+        return {"loop_blocks": {
+            "threshold": self.threshold,
+            "incidents": self.incidents,
+            "blocked_seconds": round(self.blocked_seconds, 3),
+            "longest": round(self.longest, 3),
+            "by_callable": {name: {"incidents": s.incidents,
+                                   "blocked_seconds": round(s.blocked_seconds, 3),
+                                   "longest": round(s.longest, 3)}
+                            for name, s in self.by_callable.items()},
+            "recent": [i.summary() for i in self.recent],
+        }}
+
+
+def monitoring_extensions(present: list[Extension]) -> list[Extension]:
+    """The extensions a manager adds by default, minus those of a type in
+    ``present``: the block monitor, heartbeats from a native thread,
+    offload (idle unless ``offload_after_*`` is set), the metrics endpoint
+    (idle unless ``metrics_addr`` is set) and the process title. Each reads
+    its settings when the manager starts."""
+    from .lifeline import Lifeline
+    from .metrics import MetricsExtension, ProcessTitle
+    from .offload import Offload
+
+    monitor = next((e for e in present if isinstance(e, BlockMonitor)), None)
+    added: list[Extension] = []
+    if monitor is None:
+        monitor = BlockMonitor()
+        added.append(monitor)
+    for kind, make in ((Lifeline, Lifeline), (Offload, lambda: Offload(monitor)),
+                       (MetricsExtension, MetricsExtension), (ProcessTitle, ProcessTitle)):
+        if not any(isinstance(e, kind) for e in present):
+            added.append(make())
+    return added
+
+
+__all__ = ["BlockMonitor", "Incident", "monitoring_extensions", "patch_problems"]

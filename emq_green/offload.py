@@ -1,0 +1,110 @@
+"""Route callables that keep blocking the event loop to the subprocess pool.
+
+Opt-in: ``offload_after_blocks`` (incidents) and ``offload_after_seconds``
+(total time blocked), either or both; 0 means never. Once a callable
+crosses one, its next jobs are flagged ``subprocess`` as they start (the
+``job_started`` hook runs before any ``executor_for``), and the subprocess
+extension runs them in a child, where a blocking call holds only that
+child. Each decision is logged and shown in the status; SIGHUP forgets them
+and starts counting again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from .extensions import Extension
+from .monitor import BlockMonitor, Incident
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .jobmanager import JobManager, JobRecord
+
+logger = logging.getLogger(__name__)
+
+
+class Offload(Extension):
+    """Listens to ``monitor``'s incidents; flags offenders' jobs ``subprocess``.
+
+    ``after_blocks`` / ``after_seconds`` override the settings of the same
+    (``offload_after_*``) names.
+    """
+
+    def __init__(self, monitor: BlockMonitor, *, after_blocks: Optional[int] = None,
+                 after_seconds: Optional[float] = None) -> None:
+        self.monitor = monitor
+        self._fixed = (after_blocks, after_seconds)
+        self.after_blocks = after_blocks or 0
+        self.after_seconds = after_seconds or 0.0
+        #: callable -> [incidents, seconds blocked] since the last reset
+        self.counts: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+        #: offloaded callable -> {"since": wall time, "reason": str, "jobs": n}
+        self.callables: dict[str, dict[str, Any]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.after_blocks or self.after_seconds)
+
+    def _read_settings(self, manager: JobManager) -> None:
+        blocks, seconds = self._fixed
+        s = manager.settings
+        self.after_blocks = s.offload_after_blocks if blocks is None else blocks
+        self.after_seconds = s.offload_after_seconds if seconds is None else seconds
+
+    def manager_started(self, manager: JobManager) -> None:
+        self._read_settings(manager)
+        if self._on_incident not in self.monitor.listeners:
+            self.monitor.listeners.append(self._on_incident)
+
+    def manager_stopped(self, manager: JobManager) -> None:
+        if self._on_incident in self.monitor.listeners:
+            self.monitor.listeners.remove(self._on_incident)
+
+    def reload(self, manager: JobManager) -> None:
+        if self.callables:
+            logger.info("SIGHUP: %d offloaded callable(s) run in the event loop again: %s",
+                        len(self.callables), ", ".join(sorted(self.callables)))
+        self.callables.clear()
+        self.counts.clear()
+        self._read_settings(manager)
+
+    def _on_incident(self, incident: Incident) -> None:
+        if not self.enabled or incident.msgid is None or incident.callable in self.callables:
+            return
+        count = self.counts[incident.callable]
+        count[0] += 1
+        count[1] += incident.duration
+        reasons = []
+        if self.after_blocks and count[0] >= self.after_blocks:
+            reasons.append(f"{count[0]:.0f} blocks (offload_after_blocks {self.after_blocks})")
+        if self.after_seconds and count[1] >= self.after_seconds:
+            reasons.append(f"{count[1]:.1f} s blocked (offload_after_seconds "
+                           f"{self.after_seconds:g})")
+        if reasons:
+            reason = " and ".join(reasons)
+            self.callables[incident.callable] = {"since": time.time(), "reason": reason,
+                                                 "jobs": 0}
+            logger.warning("%s blocked the event loop: %s. Its jobs now run in the "
+                           "subprocess pool, until SIGHUP.", incident.callable, reason)
+
+    def job_started(self, manager: JobManager, record: JobRecord) -> None:
+        request = record.request
+        if request is None or request.subprocess or not self.callables:
+            return
+        entry = self.callables.get(request.name)
+        if entry is not None:
+            record.request = dataclasses.replace(request, subprocess=True)
+            entry["jobs"] += 1
+
+    def status(self, manager: JobManager) -> dict[str, Any]:
+        return {"offload": {
+            "after_blocks": self.after_blocks,
+            "after_seconds": self.after_seconds,
+            "callables": {name: dict(entry) for name, entry in self.callables.items()},
+        }}
+
+
+__all__ = ["Offload"]

@@ -1,0 +1,398 @@
+"""The subprocess pool: CPU-bound jobs run in child processes, off the hub.
+
+A greenlet that computes for seconds never yields, so heartbeats stop and
+every other job stalls. Jobs flagged ``"subprocess": true`` in their run
+options, or named by the ``subprocess_callables`` setting, run in a pool of
+children instead (see :mod:`emq_green.child`), while their job greenlet waits
+cooperatively. They stay ordinary jobs for the manager: each holds a job slot
+(``concurrent_jobs``) and a READY goes out when it finishes.
+
+- Children are fresh interpreters (not forks of the hub), started lazily on
+  the first subprocess job, ``subprocess_pool_size`` of them (0: the CPUs
+  this process may use), each leading its own process group.
+- A job waits for a free child inside its own greenlet; other jobs go on.
+- Timeout: ``timeout:N`` or ``global_timeout``, per attempt, counted from
+  when a child takes the job. Past it the child's whole process group is
+  killed, the reply says ``TimeoutError``, and a fresh child replaces it.
+- A child that dies mid-job fails that job only (``ChildProcessError``).
+- After ``max_job_count`` jobs a child is retired; its replacement starts
+  when it takes its last job, so queued jobs find a warm child.
+- ``job_exit_func`` does not run for a job whose child was killed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import gevent
+import gevent.lock
+import gevent.pool
+import gevent.queue
+from gevent import subprocess
+
+from . import child as child_main
+from .extensions import Extension
+from .jobs import TIMEOUT_VALUE, JobOutcome, Status
+from .protocol import Headers, RunRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .jobmanager import JobManager, JobRecord
+    from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: How long a child may take to start and run ``subprocess_setup_func``.
+STARTUP_TIMEOUT = 120.0
+#: How long closing the pool waits for idle children to exit by themselves.
+CLOSE_TIMEOUT = 2.0
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def runs_in_subprocess(request: RunRequest, patterns: Sequence[str]) -> bool:
+    """The request's own flag, or a ``subprocess_callables`` entry: a full
+    name (``reports.build``, ``app.jobs:Mailer.send``) or a module prefix
+    (``imaging.*`` matches ``imaging.resize`` and ``imaging.fx.blur``)."""
+    if request.subprocess:
+        return True
+    module = request.path.partition(":")[0]
+    for pattern in patterns:
+        if pattern.endswith(".*"):
+            prefix = pattern[:-2]
+            if module == prefix or module.startswith(prefix + "."):
+                return True
+        elif pattern == request.name:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """What the children are made of; a change (SIGHUP) means a new pool."""
+
+    size: int
+    max_job_count: int = 1024
+    setup_func: str = ""
+    entry_func: str = ""
+    exit_func: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolConfig:
+        return cls(size=settings.subprocess_pool_size or cpu_count(),
+                   max_job_count=settings.max_job_count,
+                   setup_func=settings.subprocess_setup_func,
+                   entry_func=settings.job_entry_func,
+                   exit_func=settings.job_exit_func)
+
+
+class ChildDied(Exception):
+    """The child's stdout closed (it exited or was killed), or it never
+    became ready; ``str()`` is the reason when known."""
+
+
+class _ChildTimedOut(BaseException):
+    """Raised by ``gevent.Timeout`` in the waiting greenlet; a BaseException
+    so that nothing between it and the pool swallows it."""
+
+
+class _Child:
+    """One child process and its two pipes. Only the greenlet that took it
+    from the pool reads or writes it."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        env = dict(os.environ)
+        # The worker's import path, so job modules import the same way.
+        path = [p or os.getcwd() for p in sys.path]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+        env[child_main.ENV_SETUP] = config.setup_func
+        env[child_main.ENV_ENTRY] = config.entry_func
+        env[child_main.ENV_EXIT] = config.exit_func
+        env[child_main.ENV_PARENT] = str(os.getpid())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "emq_green.child"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            close_fds=True, start_new_session=True,
+        )
+        self.pid: int = self.proc.pid
+        self.jobs = 0
+        self.ready = False
+
+    def send(self, doc: dict[str, Any]) -> None:
+        self.proc.stdin.write(json.dumps(doc).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def receive(self, timeout: Optional[float]) -> dict[str, Any]:
+        """The next message; raises ChildDied at EOF, _ChildTimedOut."""
+        with gevent.Timeout(timeout, _ChildTimedOut):
+            line = self.proc.stdout.readline()
+        if not line:
+            raise ChildDied()
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        if self.ready:
+            return
+        try:
+            msg = self.receive(STARTUP_TIMEOUT)
+        except _ChildTimedOut:
+            raise ChildDied(f"did not start within {STARTUP_TIMEOUT:g} s") from None
+        if "ready" not in msg:
+            raise ChildDied(f"sent {msg!r} instead of ready")
+        self.ready = True
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group (grandchildren too) and reap it."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self._close_pipes()
+
+    def retire(self, timeout: float) -> None:
+        """Close stdin (the child exits), wait a little, then kill."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def death_reason(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "closed its output"
+        if code is not None and code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+
+class SubprocessPool:
+    """``config.size`` children; :meth:`run` runs one job in one of them."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._slots = gevent.lock.Semaphore(config.size)
+        self._idle: gevent.queue.Queue[_Child] = gevent.queue.Queue()
+        self._children: dict[int, _Child] = {}
+        self._ending = gevent.pool.Group()  # greenlets ending children
+        self._users = 0  # jobs inside run(), waiting or running
+        self._busy = 0
+        self._started = False
+        self._draining = False
+        self._closed = False
+
+    # -- children ------------------------------------------------------------
+    def _start_child(self) -> None:
+        try:
+            child = _Child(self.config)
+        except OSError:
+            logger.exception("cannot start a subprocess child")
+            return
+        self._children[child.pid] = child
+        self.counters["children_started"] += 1
+        self._idle.put(child)
+
+    def _end(self, child: _Child, *, kill: bool) -> None:
+        """Forget a child and end it in the background: SIGKILL, or close
+        its stdin (a retired child)."""
+        self._children.pop(child.pid, None)
+        if kill:
+            self._ending.spawn(child.kill)
+        else:
+            self._ending.spawn(child.retire, CLOSE_TIMEOUT)
+
+    def _replace(self, child: _Child, *, kill: bool) -> None:
+        self._end(child, kill=kill)
+        if not (self._closed or self._draining) and len(self._children) < self.config.size:
+            self._start_child()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pids(self) -> list[int]:
+        return sorted(self._children)
+
+    # -- jobs ----------------------------------------------------------------
+    def run(self, request: RunRequest, headers: Headers,
+            timeout: Optional[float]) -> tuple[JobOutcome, int]:
+        """Run one job in a child, cooperatively; (outcome, child pid)."""
+        if self._closed:
+            raise RuntimeError("the subprocess pool is closed")
+        if not self._started:
+            self._started = True
+            for _ in range(self.config.size):
+                self._start_child()
+        self._users += 1
+        try:
+            with self._slots:
+                child = self._idle.get()
+                self._busy += 1
+                try:
+                    return self._run_in(child, request, headers, timeout)
+                finally:
+                    self._busy -= 1
+        finally:
+            self._users -= 1
+            if self._draining and not self._users:
+                gevent.spawn(self.close)
+
+    def _run_in(self, child: _Child, request: RunRequest, headers: Headers,
+                timeout: Optional[float]) -> tuple[JobOutcome, int]:
+        clean = False
+        attempt = 1
+        try:
+            child.wait_ready()
+            child.jobs += 1
+            last = child.jobs >= self.config.max_job_count
+            if last:
+                # its replacement warms up while it runs its last job
+                self.counters["children_recycled"] += 1
+                self._children.pop(child.pid, None)
+                if not self._draining:
+                    self._start_child()
+            child.send({"payload": request.payload(), "retry_count": headers.retry_count})
+            while True:
+                msg = child.receive(timeout)
+                if "attempt" not in msg:
+                    break
+                attempt = msg["attempt"]  # each attempt gets the whole timeout
+            outcome = JobOutcome(Status(msg["status"]), msg["value"], msg["error_type"],
+                                 msg["error_message"], msg["attempts"])
+            clean = True
+            if last or self._draining:
+                self._end(child, kill=False)
+            else:
+                self._idle.put(child)
+            return outcome, child.pid
+        except _ChildTimedOut:
+            clean = True
+            self.counters["timed_out"] += 1
+            logger.warning("%s timed out after %g s in child %d; killing its process group",
+                           request.name, timeout, child.pid)
+            self._replace(child, kill=True)
+            message = f"{request.name} exceeded its timeout of {timeout:g} s"
+            return (JobOutcome(Status.TIMED_OUT, TIMEOUT_VALUE, "TimeoutError", message,
+                               attempt), child.pid)
+        except (ChildDied, OSError, ValueError, KeyError) as exc:
+            clean = True
+            self.counters["children_died"] += 1
+            if isinstance(exc, ChildDied):
+                reason = str(exc) or child.death_reason()
+            else:
+                reason = f"failed: {exc!r}"
+            message = f"the subprocess child {child.pid} running {request.name} {reason}"
+            logger.error("%s; replacing it", message)
+            self._replace(child, kill=True)
+            return (JobOutcome(Status.FAILED, message, "ChildProcessError", message, attempt),
+                    child.pid)
+        finally:
+            if not clean:
+                # the job greenlet was killed (a hard stop) while the child worked
+                self._replace(child, kill=True)
+
+    # -- end -----------------------------------------------------------------
+    def drain(self) -> None:
+        """Take no more jobs from new callers (a new pool does): jobs already
+        here finish, then every child ends."""
+        self._draining = True
+        if not self._users:
+            gevent.spawn(self.close)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """End every child: idle ones exit when their stdin closes; what is
+        still alive after ``timeout`` is killed with its process group.
+        Returns once every child is reaped."""
+        self._closed = True
+        for child in list(self._children.values()):
+            self._end(child, kill=False)
+        self._ending.join(timeout + 10)
+
+    def status(self) -> dict[str, Any]:
+        return {"size": self.config.size, "started": self._started, "busy": self._busy,
+                "waiting": self._users - self._busy, "pids": self.pids(),
+                "counters": dict(self.counters)}
+
+
+@dataclass(frozen=True)
+class SubprocessExecutor:
+    """What :meth:`SubprocessExtension.executor_for` hands the manager."""
+
+    pool: SubprocessPool
+    timeout: Optional[float]
+
+    def run(self, request: RunRequest, headers: Headers) -> tuple[JobOutcome, int]:
+        return self.pool.run(request, headers, self.timeout)
+
+
+class SubprocessExtension(Extension):
+    """Routes flagged and listed callables to a :class:`SubprocessPool`.
+
+    The manager registers one by default; the pool and its children exist
+    only once a subprocess job arrives.
+    """
+
+    def __init__(self) -> None:
+        self.pool: Optional[SubprocessPool] = None
+        self._retired: list[SubprocessPool] = []
+
+    def executor_for(self, manager: JobManager,
+                     record: JobRecord) -> Optional[SubprocessExecutor]:
+        request = record.request
+        if request is None or not runs_in_subprocess(request,
+                                                     manager.settings.subprocess_callables):
+            return None
+        if self.pool is None:
+            self.pool = SubprocessPool(PoolConfig.from_settings(manager.settings))
+        return SubprocessExecutor(self.pool, manager.runner.timeout_for(record.headers))
+
+    def reload(self, manager: JobManager) -> None:
+        if self.pool is not None and \
+                self.pool.config != PoolConfig.from_settings(manager.settings):
+            # jobs already in the old pool finish there; new ones start a new pool
+            self._retired = [p for p in self._retired if not p.closed]
+            self._retired.append(self.pool)
+            self.pool.drain()
+            self.pool = None
+
+    def manager_stopped(self, manager: JobManager) -> None:
+        pools = [p for p in [self.pool, *self._retired] if p is not None]
+        self.pool = None
+        self._retired.clear()
+        for pool in pools:
+            pool.close()
+
+    def status(self, manager: JobManager) -> dict[str, Any]:
+        return {"subprocess_pool": self.pool.status() if self.pool is not None else None}
+
+
+__all__ = ["ChildDied", "PoolConfig", "SubprocessExtension", "SubprocessPool", "cpu_count",
+           "runs_in_subprocess"]

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Overhead of the loop-block monitor (and the heartbeat thread) on a worker.
+
+Runs scripts/bench_worker.py's workload (a stand-in pyzmq ROUTER in this
+process, the real emq-green console script in its own) with three worker
+configurations, interleaved in the same run so that machine drift hits them
+alike, and prints the medians and their ratio to "off":
+
+    off       --block-threshold 0 --thread-heartbeats false
+    monitor   --thread-heartbeats false        (gevent's monitor thread on)
+    defaults  (monitor and heartbeat thread on)
+
+    .venv/bin/python scripts/bench_monitor.py                   # sleep jobs
+    .venv/bin/python scripts/bench_monitor.py --workload noop --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_worker import JOB_MODULE, run_workload  # noqa: E402
+
+CONFIGS = {
+    "off": ["--block-threshold=0", "--thread-heartbeats=false"],
+    "monitor": ["--thread-heartbeats=false"],
+    "defaults": [],
+}
+WORKLOADS = {"sleep": ("sleep", [0.1], 1000), "noop": ("noop", [], 100)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="sleep")
+    ap.add_argument("--jobs", type=int, default=10000)
+    ap.add_argument("--repeat", type=int, default=3)
+    opts = ap.parse_args()
+    name, args, concurrency = WORKLOADS[opts.workload]
+    workdir = tempfile.mkdtemp(prefix="emq-bench-monitor-")
+    with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
+        f.write(JOB_MODULE)
+    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    try:
+        for i in range(opts.repeat):
+            for config, flags in CONFIGS.items():
+                row = run_workload(f"{opts.workload}-{config}-{i}", name, args, opts.jobs,
+                                   concurrency, flags, workdir)
+                results[config].append(row)
+                print(f"run {i + 1}/{opts.repeat} {config:8} {row['jobs_per_s']:7.0f} jobs/s "
+                      f"{row['worker_cpu_us_per_job']:6.0f} us/job worker CPU "
+                      f"p99 {row['p99_ms']:6.1f} ms", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n{opts.workload}: {opts.jobs} jobs, -J {concurrency}, median of {opts.repeat}, "
+          f"{os.cpu_count()} CPUs")
+    base = {k: statistics.median(r[k] for r in results["off"])
+            for k in ("jobs_per_s", "worker_cpu_us_per_job", "p99_ms")}
+    print(f"{'config':9} {'jobs/s':>8} {'ratio':>6} {'us/job':>7} {'ratio':>6} {'p99 ms':>7}")
+    for config, rows in results.items():
+        rate = statistics.median(r["jobs_per_s"] for r in rows)
+        cpu = statistics.median(r["worker_cpu_us_per_job"] for r in rows)
+        p99 = statistics.median(r["p99_ms"] for r in rows)
+        print(f"{config:9} {rate:8.0f} {rate / base['jobs_per_s']:6.3f} {cpu:7.0f} "
+              f"{cpu / base['worker_cpu_us_per_job']:6.3f} {p99:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Jobs that hold the event loop, the way legacy code does.
+
+``real_sleep`` is the unpatched ``time.sleep`` even in a monkeypatched
+process: it stands for a C driver waiting on its own socket.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import gevent
+from gevent import monkey
+
+real_sleep = monkey.get_original("time", "sleep")
+
+
+def block_unpatched(seconds):
+    """A blocking call gevent cannot see (like a C database driver)."""
+    real_sleep(seconds)
+    return seconds
+
+
+def cpu_loop(seconds):
+    """A forgotten CPU loop: never yields."""
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+    return n
+
+
+def block_in_child(seconds):
+    """Blocks in a greenlet the job spawned: still the job's fault."""
+    return gevent.spawn(block_unpatched, seconds).get()
+
+
+def nap(seconds):
+    gevent.sleep(seconds)
+    return seconds
+
+
+def block_and_pid(seconds):
+    """Blocks, then says which process ran it."""
+    real_sleep(seconds)
+    return os.getpid()

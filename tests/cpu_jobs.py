@@ -1,0 +1,95 @@
+"""CPU-bound, crashing and bookkeeping jobs for the subprocess pool tests
+(and scripts/bench_cpu.py). Nothing here yields to gevent."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+#: Set by :func:`setup` in a child; read back by :func:`setup_state`.
+_setup_pid = None
+
+#: File the bookkeeping functions append to (set by the tests).
+LOG_ENV = "EMQ_GREEN_TEST_CPU_LOG"
+
+
+def _log(event: str) -> None:
+    path = os.environ.get(LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{event} {os.getpid()}\n")
+
+
+def spin(seconds):
+    """Compute (never yield) for ``seconds`` of wall time; return the pid."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return {"pid": os.getpid(), "loops": n}
+
+
+def burn(n):
+    """A fixed amount of pure-Python work: the sum of i*i mod 7 below n."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def pid():
+    return os.getpid()
+
+
+def other_pid():
+    return os.getpid()
+
+
+def spawn_and_spin(pid_file, seconds):
+    """Start a grandchild (``sleep``), note its pid, then compute."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(pid_file, "w") as f:
+        f.write(str(proc.pid))
+    return spin(seconds)
+
+
+def exit_hard(code):
+    os._exit(code)
+
+
+def kill_self():
+    """As if the OS killed the child (OOM killer)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def noisy(text):
+    """A job that prints and reads stdin must not disturb the pool's pipes."""
+    print(text)
+    print("{not json}", flush=True)
+    return [text, sys.stdin.read()]
+
+
+def setup():
+    global _setup_pid
+    _setup_pid = os.getpid()
+    _log("setup")
+
+
+def setup_state():
+    return {"setup_pid": _setup_pid, "pid": os.getpid()}
+
+
+def entry():
+    _log("entry")
+
+
+def exit_():
+    _log("exit")

@@ -1,0 +1,305 @@
+"""The loop-block monitor: incidents found, attributed and counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+import types
+
+import pytest
+
+from emq_green.monitor import BlockMonitor, patch_problems
+from emq_green.protocol import Command
+
+JOBS = "blocking_jobs"
+
+
+def monitored(make_manager, threshold=0.3, **settings):
+    manager = make_manager(block_threshold=threshold, **settings)
+    [monitor] = [e for e in manager.extensions if isinstance(e, BlockMonitor)]
+    return manager, monitor
+
+
+def wait_incidents(router, monitor, n, timeout=10.0):
+    return router.wait_until(lambda: len(monitor.recent) >= n and list(monitor.recent),
+                             timeout)
+
+
+@pytest.mark.parametrize("job", ["block_unpatched", "cpu_loop"])
+def test_blocking_job_is_reported_with_its_callable_and_msgid(router, make_manager, caplog,
+                                                              job):
+    manager, monitor = monitored(make_manager)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    quiet = router.request(ident, JOBS, "nap", args=[0.01], headers="reply-requested")
+    assert router.wait_reply(quiet) == {"value": 0.01}
+    msgid = router.request(ident, JOBS, job, args=[1.0], headers="reply-requested")
+    router.wait_reply(msgid)
+    [incident] = wait_incidents(router, monitor, 1)
+    assert incident.callable == f"{JOBS}.{job}"
+    assert incident.msgid == msgid and incident.queue == "default"
+    assert 0.9 <= incident.duration <= 1.5
+    assert any(job in line for line in incident.stack)
+    stats = monitor.status(manager)["loop_blocks"]
+    assert stats["incidents"] == 1 and stats["by_callable"][f"{JOBS}.{job}"]["incidents"] == 1
+    assert manager.status()["loop_blocks"]["longest"] >= 0.9
+    [line] = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "event loop blocked" in r.getMessage()]
+    assert msgid in line and f"{JOBS}.{job}" in line and "queue default" in line
+    assert f"{job}(" in line or f"in {job}" in line  # the stack
+
+
+def test_block_in_a_greenlet_the_job_spawned_is_the_jobs(router, make_manager):
+    manager, monitor = monitored(make_manager)
+    ident = router.wait_inform()
+    msgid = router.request(ident, JOBS, "block_in_child", args=[0.8], headers="reply-requested")
+    router.wait_reply(msgid)
+    [incident] = wait_incidents(router, monitor, 1)
+    assert (incident.callable, incident.msgid) == (f"{JOBS}.block_in_child", msgid)
+
+
+def test_one_incident_per_block_and_short_blocks_are_ignored(router, make_manager):
+    manager, monitor = monitored(make_manager, threshold=0.4)
+    ident = router.wait_inform()
+    short = router.request(ident, JOBS, "block_unpatched", args=[0.1],
+                           headers="reply-requested")
+    router.wait_reply(short)
+    ids = [router.request(ident, JOBS, "block_unpatched", args=[1.5],
+                          headers="reply-requested") for _ in range(2)]
+    for msgid in ids:
+        router.wait_reply(msgid)
+    incidents = wait_incidents(router, monitor, 2)
+    assert [i.msgid for i in incidents] == ids  # one each, none for the short one
+    stats = monitor.by_callable[f"{JOBS}.block_unpatched"]
+    assert stats.incidents == 2 and 2.9 <= stats.blocked_seconds <= 3.6
+
+
+def test_threshold_zero_turns_detection_off(router, make_manager):
+    manager, monitor = monitored(make_manager, threshold=0)
+    ident = router.wait_inform()
+    msgid = router.request(ident, JOBS, "block_unpatched", args=[0.5],
+                           headers="reply-requested")
+    router.wait_reply(msgid)
+    follow = router.request(ident, JOBS, "nap", args=[0.3], headers="reply-requested")
+    router.wait_reply(follow)
+    assert monitor.incidents == 0
+
+
+def test_patch_problems_name_the_modules_and_the_fix(monkeypatch):
+    problems = patch_problems({})
+    assert len(problems) == 1  # the test process is not monkeypatched
+    for name in ("socket", "ssl", "time", "select", "threading", "patch_all"):
+        assert name in problems[0]
+    ext = types.ModuleType("psycopg2.extensions")
+    ext.get_wait_callback = lambda: None
+    monkeypatch.setitem(sys.modules, "psycopg2.extensions", ext)
+    [_, psycopg] = patch_problems({"psycopg2": object()})
+    assert "psycopg2" in psycopg and "psycogreen" in psycopg
+    ext.get_wait_callback = lambda: print  # psycogreen installed its callback
+    assert len(patch_problems({"psycopg2": object()})) == 1
+
+
+# ---------------------------------------------------------------------------
+# heartbeats from a native thread while the loop is held
+
+
+def lifeline_of(manager):
+    from emq_green.lifeline import Lifeline
+
+    [lifeline] = [e for e in manager.extensions if isinstance(e, Lifeline)]
+    return lifeline
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_heartbeats_keep_their_interval_while_a_job_blocks(router, make_manager, on):
+    manager = make_manager(thread_heartbeats=on)  # heartbeat_interval 0.2 s
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    msgid = router.request(ident, JOBS, "block_unpatched", args=[1.5],
+                           headers="reply-requested")
+    begin = time.time()
+    reply = router.wait_reply(msgid)
+    assert reply == {"value": 1.5}
+    # This router shares the worker's (blocked) loop, so it reads late; each
+    # HEARTBEAT carries the time it was sent.
+    sent = [begin] + [float(r.message.body[0]) for r in router.messages(Command.HEARTBEAT,
+                                                                         ident)
+                      if float(r.message.body[0]) > begin]
+    gap = max(b - a for a, b in zip(sent, sent[1:] + [time.time()]))
+    if on:
+        assert gap < 0.5, gap
+        assert lifeline_of(manager).sent >= 4
+    else:
+        assert gap >= 1.4, gap
+        assert lifeline_of(manager).sent == 0
+
+
+@pytest.mark.timeout(120)
+def test_thread_heartbeats_under_stress_lose_and_corrupt_nothing(router, make_manager):
+    """Thousands of jobs, the loop held again and again, and the thread
+    sending as fast as it can on the same socket throughout."""
+    manager = make_manager(concurrent_jobs=20, block_threshold=0.3)
+    lifeline = lifeline_of(manager)
+    lifeline.force_every = 0.0002
+    ident = router.wait_inform()
+    n = 3000
+    expected: dict[str, object] = {}
+    sent_at: dict[str, float] = {}
+    i = 0
+    while i < n:
+        router.wait_until(lambda i=i: router.count(Command.READY) > i, timeout=15)
+        ready = router.count(Command.READY)
+        while i < min(ready, n):
+            if i % 300 == 150:
+                msgid = router.request(ident, JOBS, "block_unpatched", args=[0.05],
+                                       headers="reply-requested")
+                expected[msgid] = 0.05
+            elif i % 300 == 0:
+                msgid = router.request(ident, JOBS, "cpu_loop", args=[0.03],
+                                       headers="reply-requested")
+                expected[msgid] = int
+            else:
+                msgid = router.request(ident, "jobs_for_tests", "add", args=[i, 1],
+                                       headers="reply-requested")
+                expected[msgid] = i + 1
+            sent_at[msgid] = time.monotonic()
+            i += 1
+    router.wait_until(lambda: router.count(Command.REPLY) >= n, timeout=60)
+    router.wait_count(Command.READY, n + 20)
+    lifeline.force_every = None
+    replies = router.messages(Command.REPLY)
+    assert len(replies) == n  # none lost, none twice
+    latencies = []
+    for r in replies:
+        value = json.loads(r.message.body[0])["value"]
+        want = expected[r.message.body[1]]
+        assert isinstance(value, int) if want is int else value == want
+        latencies.append(r.at - sent_at[r.message.body[1]])
+    # a reader left sleeping on pending messages would show as a reply held
+    # for zmq.green's 11.6 s fallback poll
+    assert max(latencies) < 2.0, max(latencies)
+    assert router.count(Command.READY) == n + 20
+    for frames in router.raw:  # every message whole: identity + 4 frames + body
+        assert frames[1:3] == [b"", b"eMQP/1.0"] and len(frames) >= 5
+    assert lifeline.sent > 1000, lifeline.sent
+    # every heartbeat the thread sent arrives (the loop's own come on top)
+    router.wait_until(lambda: router.count(Command.HEARTBEAT) >= lifeline.sent, timeout=5)
+    assert manager.counters["malformed_messages"] == 0
+    # and the socket still works both ways at once
+    last = router.request(ident, "jobs_for_tests", "add", args=[1, 1],
+                          headers="reply-requested")
+    assert router.wait_reply(last, timeout=2) == {"value": 2}
+
+
+# ---------------------------------------------------------------------------
+# with EventMQ's own router in front (a subprocess each, default heartbeats)
+
+ROUTER_REMOVED = r"No messages from worker .* Removing from the queue"
+
+
+@pytest.fixture
+def peers(tmp_path):
+    pytest.importorskip("eventmq")
+    from peers import Peers
+
+    p = Peers(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _blocked_worker(peers, name, *flags):
+    from peers import Client, green_argv
+
+    router = peers.router()
+    green = peers.green(green_argv(router.addrs, 10, name, *flags))
+    ident, _ = router.wait_for_worker(rf"^{name}:", 10)
+    client = Client(router.addrs.frontend)
+    return router, green, ident, client
+
+
+@pytest.mark.timeout(90)
+def test_real_router_keeps_a_worker_whose_loop_is_held_12s(peers):
+    """12 s > heartbeat_timeout (5 s), and the router looks every 10 s."""
+    import blocking_jobs
+
+    router, green, ident, client = _blocked_worker(peers, "held")
+    try:
+        mark = green.mark()
+        client.defer(blocking_jobs.block_unpatched, 12)
+        green.wait_for(r"event loop blocked for 1[23]\.\d+ s by job "
+                       r"blocking_jobs\.block_unpatched \(queue default, msgid [0-9a-f-]+",
+                       timeout=40, since=mark)
+        assert router.count(ROUTER_REMOVED) == 0, router.tail()
+        assert router.count(r"Unknown worker") == 0, router.tail()
+        # the same identity, all 10 slots free again, and it takes new work
+        again, _ = router.wait_for_worker(r"^held:", 10)
+        assert again == ident
+        client.defer(blocking_jobs.block_unpatched, 0.01)
+        green.signal(signal.SIGUSR1)
+        line = green.wait_for(r'"thread_heartbeats": \{[^}]*"sent": (\d+)', timeout=10,
+                              since=mark)
+        assert int(line) >= 3  # about one per 3 s while held
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(90)
+def test_real_router_drops_the_worker_without_thread_heartbeats(peers):
+    """The control: the same worker with the heartbeat thread off is
+    removed (16 s held: a router check falls when 5 s have passed)."""
+    import blocking_jobs
+
+    router, green, ident, client = _blocked_worker(peers, "dropped",
+                                                   "--thread-heartbeats", "false")
+    try:
+        client.defer(blocking_jobs.block_unpatched, 16)
+        router.wait_for(ROUTER_REMOVED, timeout=40)
+        assert ident in router.text()
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------
+# offload
+
+
+def test_offender_goes_to_the_subprocess_pool_after_n_blocks_until_sighup(
+        router, make_manager, caplog):
+    import os
+
+    from emq_green.offload import Offload
+
+    manager, monitor = monitored(make_manager, threshold=0.3, offload_after_blocks=2,
+                                 subprocess_pool_size=1)
+    [offload] = [e for e in manager.extensions if isinstance(e, Offload)]
+    ident = router.wait_inform()
+    name = f"{JOBS}.block_and_pid"
+
+    def run():
+        msgid = router.request(ident, JOBS, "block_and_pid", args=[0.6],
+                               headers="reply-requested")
+        return router.wait_reply(msgid, timeout=30)["value"]
+
+    assert run() == os.getpid()
+    wait_incidents(router, monitor, 1)
+    assert not offload.callables
+    assert run() == os.getpid()
+    router.wait_until(lambda: name in offload.callables)
+    assert any("now run in the subprocess pool" in r.getMessage() and name in r.getMessage()
+               for r in caplog.records)
+    # the third runs in a child: the loop is not held, no new incident
+    assert run() != os.getpid()
+    assert monitor.incidents == 2
+    status = manager.status()["offload"]
+    assert status["callables"][name]["jobs"] == 1
+    assert "2 blocks" in status["callables"][name]["reason"]
+    # SIGHUP (settings reloaded) forgets the decision
+    manager._settings_loader = lambda: manager.settings
+    manager._reload_settings()
+    assert not offload.callables and manager.status()["offload"]["callables"] == {}
+    assert run() == os.getpid()

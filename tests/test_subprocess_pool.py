@@ -1,0 +1,312 @@
+"""CPU-bound jobs in the subprocess pool: real children, a fake router, real sockets."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import cpu_jobs
+import gevent
+import psutil
+import pytest
+
+from emq_green.jobmanager import JobManager, State
+from emq_green.protocol import Command, RunRequest
+from emq_green.subprocess_pool import SubprocessExtension, runs_in_subprocess
+
+CPU = "cpu_jobs"
+JOBS = "jobs_for_tests"
+REPLY = "reply-requested"
+# Heartbeats must come from the event loop itself here: the native heartbeat
+# thread (emq_green.lifeline) would hide a loop that is blocked.
+LOOP_ONLY = dict(thread_heartbeats=False)
+
+
+def pool_of(manager: JobManager):
+    ext = next(e for e in manager.extensions if isinstance(e, SubprocessExtension))
+    return ext.pool
+
+
+def children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def stop_and_check(router, manager: JobManager, graceful: bool = True) -> None:
+    assert manager.stop(timeout=20, graceful=graceful)
+    assert manager.state is State.STOPPED
+    assert children() == []
+
+
+def gaps(router, ident, since, until):
+    """The three longest silences as (start offset, length), for messages."""
+    times = [since] + [r.at for r in router.received
+                       if r.identity == ident and since <= r.at <= until] + [until]
+    found = sorted(((b - a, a - since) for a, b in zip(times, times[1:])), reverse=True)
+    return [f"{length:.2f} s at +{at:.2f} s" for length, at in found[:3]]
+
+
+@pytest.fixture(autouse=True)
+def _no_children_left():
+    assert children() == []
+    yield
+    # a manager the test did not stop is stopped by make_manager's teardown,
+    # which runs after this; the tests stop theirs and check themselves.
+
+
+@pytest.fixture
+def cpu_log(tmp_path, monkeypatch):
+    path = tmp_path / "cpu.log"
+    monkeypatch.setenv(cpu_jobs.LOG_ENV, str(path))
+
+    def read() -> list[str]:
+        return path.read_text().splitlines() if path.exists() else []
+
+    return read
+
+
+def test_routing_by_flag_name_and_module_prefix():
+    def req(path, name, flag=False):
+        return RunRequest(path=path, callable=name, subprocess=flag)
+
+    patterns = ("reports.build", "imaging.*", "app.jobs:Mailer.send")
+    assert runs_in_subprocess(req("anything", "f", flag=True), ())
+    assert runs_in_subprocess(req("reports", "build"), patterns)
+    assert not runs_in_subprocess(req("reports", "build_all"), patterns)
+    assert not runs_in_subprocess(req("reports.build", "x"), patterns)
+    assert runs_in_subprocess(req("imaging", "resize"), patterns)
+    assert runs_in_subprocess(req("imaging.fx", "blur"), patterns)
+    assert runs_in_subprocess(req("imaging.fx:Filter", "apply"), patterns)
+    assert not runs_in_subprocess(req("imagingx", "resize"), patterns)
+    assert runs_in_subprocess(req("app.jobs:Mailer", "send"), patterns)
+    assert not runs_in_subprocess(req("app.jobs", "send"), patterns)
+
+
+@pytest.mark.timeout(60)
+def test_flagged_cpu_job_leaves_io_jobs_and_heartbeats_alone(router, make_manager):
+    manager = make_manager(concurrent_jobs=510, subprocess_pool_size=2, **LOOP_ONLY)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 510)
+    start = time.monotonic()
+    cpu = router.request(ident, CPU, "spin", args=[8], headers=REPLY, subprocess=True)
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
+    sent: dict[str, tuple[float, float]] = {}
+    for i in range(500):
+        if i and i % 50 == 0:
+            gevent.sleep(0.2)  # requests arrive in waves, not all in one loop turn
+        nap = 0.5 + (i % 10) * 0.5  # 0.5 .. 5 s: the IO jobs span the CPU job
+        msgid = router.request(ident, JOBS, "nap", args=[nap], headers=REPLY)
+        sent[msgid] = (time.monotonic(), nap)
+    router.wait_count(Command.REPLY, 500, timeout=20)
+    assert cpu not in router.replies()  # every IO job finished while it computed
+    reply = router.wait_reply(cpu, timeout=20)["value"]
+    end = time.monotonic()
+    assert end - start >= 8
+    assert reply["pid"] != os.getpid() and reply["pid"] in manager.pid_distribution
+    arrived = {r.message.body[1]: r.at for r in router.messages(Command.REPLY)}
+    lateness = max(arrived[m] - at - nap for m, (at, nap) in sent.items())
+    # in-process, the CPU job would make them up to 8 s late
+    assert lateness < 1.5, f"an IO job was {lateness:.2f} s late"
+    interval = manager.settings.heartbeat_interval
+    silence = router.longest_silence(ident, start, end)
+    assert silence < interval + 0.5, gaps(router, ident, start, end)
+    router.wait_count(Command.READY, 510 + 501)
+    assert manager.pid_distribution[os.getpid()] == 500
+    stop_and_check(router, manager)
+
+
+def test_the_same_job_unflagged_stalls_the_loop(router, make_manager):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2, **LOOP_ONLY)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    start = time.monotonic()
+    msgid = router.request(ident, CPU, "spin", args=[1.5], headers=REPLY)
+    reply = router.wait_reply(msgid, timeout=10)["value"]
+    end = time.monotonic()
+    assert reply["pid"] == os.getpid()
+    assert pool_of(manager) is None  # no pool was even started
+    assert router.longest_silence(ident, start, end) > 1.0
+    stop_and_check(router, manager)
+
+
+def test_subprocess_callables_setting_and_json_round_trip(router, make_manager):
+    manager = make_manager(concurrent_jobs=9, subprocess_pool_size=2,
+                           subprocess_callables=(f"{CPU}.pid", f"{JOBS}.*"))
+    ident = router.wait_inform()
+    listed = router.request(ident, CPU, "pid", headers=REPLY)
+    unlisted = router.request(ident, CPU, "other_pid", headers=REPLY)
+    echo = router.request(ident, JOBS, "echo", args=[1, "two", [3.5, None]],
+                          kwargs={"k": {"x": True}}, headers=REPLY)
+    greet = router.request(ident, f"{JOBS}:Greeter", "greet", args=["Ada"],
+                           class_args=["Hello"], headers=REPLY)
+    boom = router.request(ident, JOBS, "boom", args=["kaput"], headers=REPLY)
+    unserialisable = router.request(ident, JOBS, "unserialisable", headers=REPLY)
+    missing = router.request(ident, JOBS, "missing_function", headers=REPLY)
+    noisy = router.request(ident, CPU, "noisy", args=["hi"], headers=REPLY, subprocess=True)
+    flaky = router.request(ident, JOBS, "flaky", args=["k", 1], headers=f"{REPLY},retry-count:1")
+    child_pid = router.wait_reply(listed)["value"]
+    assert child_pid != os.getpid() and child_pid in pool_of(manager).pids()
+    assert router.wait_reply(unlisted)["value"] == os.getpid()
+    assert router.wait_reply(echo) == {
+        "value": {"args": [1, "two", [3.5, None]], "kwargs": {"k": {"x": True}}}}
+    assert router.wait_reply(greet) == {"value": "Hello, Ada!"}
+    reply = router.wait_reply(boom)
+    assert reply["value"] == "kaput" and reply["error"]["type"] == "ValueError"
+    reply = router.wait_reply(unserialisable)
+    assert "not JSON serializable" in reply["value"]
+    assert reply["error"]["type"] == "TypeError"
+    assert router.wait_reply(missing)["error"]["type"] == "AttributeError"
+    assert router.wait_reply(noisy) == {"value": ["hi", ""]}
+    assert router.wait_reply(flaky) == {"value": 2}  # retried in the same child
+    router.wait_count(Command.READY, 8 + 9)
+    assert sum(manager.pid_distribution.values()) == 9
+    assert set(manager.pid_distribution) - {os.getpid()} <= set(pool_of(manager).pids())
+    stop_and_check(router, manager)
+
+
+def test_busy_children_make_subprocess_jobs_wait_but_not_io_jobs(router, make_manager):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    started = time.monotonic()
+    first = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
+    second = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["waiting"] == 1)
+    io = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(io) == {"value": 3}
+    assert time.monotonic() - started < 0.9
+    assert first not in router.replies() and second not in router.replies()
+    a, b = router.wait_reply(first)["value"], router.wait_reply(second, timeout=10)["value"]
+    assert a["pid"] == b["pid"]  # one child, one job after the other
+    assert time.monotonic() - started >= 2
+    router.wait_count(Command.READY, 4 + 3)
+    stop_and_check(router, manager)
+
+
+def test_timeout_kills_the_process_group_and_a_fresh_child_follows(
+        router, make_manager, tmp_path):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1, global_timeout=60)
+    ident = router.wait_inform()
+    pid_file = tmp_path / "grandchild.pid"
+    started = time.monotonic()
+    msgid = router.request(ident, CPU, "spawn_and_spin", args=[str(pid_file), 30],
+                           headers=f"{REPLY},timeout:1", subprocess=True)
+    reply = router.wait_reply(msgid, timeout=10)
+    assert reply["value"] == "TimeoutError" and reply["error"]["type"] == "TimeoutError"
+    assert 0.9 <= time.monotonic() - started < 5
+    router.wait_until(lambda: gone(int(pid_file.read_text())), timeout=5)
+    pool = pool_of(manager)
+    assert pool.counters["timed_out"] == 1
+    after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    new_pid = router.wait_reply(after)["value"]
+    assert new_pid != os.getpid() and pool.pids() == [new_pid]
+    router.wait_count(Command.READY, 2 + 2)
+    assert manager.counters["timed_out"] == 1
+    stop_and_check(router, manager)
+
+
+@pytest.mark.parametrize("job, args, reason", [
+    ("exit_hard", [3], "exited with code 3"),
+    ("kill_self", [], "killed by SIGKILL"),
+    ("segfault", [], "killed by SIGSEGV"),
+])
+def test_a_crashing_child_fails_only_its_own_job(router, make_manager, job, args, reason):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
+    ident = router.wait_inform()
+    other = router.request(ident, CPU, "spin", args=[0.5], headers=REPLY, subprocess=True)
+    crash = router.request(ident, CPU, job, args=args, headers=REPLY, subprocess=True)
+    reply = router.wait_reply(crash)
+    assert reply["error"]["type"] == "ChildProcessError"
+    assert reason in reply["value"], reply
+    assert router.wait_reply(other)["value"]["pid"] != os.getpid()
+    after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    assert router.wait_reply(after)["value"] != os.getpid()
+    router.wait_until(lambda: len(pool_of(manager).pids()) == 2)
+    assert pool_of(manager).counters["children_died"] == 1
+    router.wait_count(Command.READY, 4 + 3)
+    stop_and_check(router, manager)
+
+
+def test_children_are_recycled_after_max_job_count(router, make_manager):
+    manager = make_manager(concurrent_jobs=8, subprocess_pool_size=1, max_job_count=3)
+    ident = router.wait_inform()
+    msgids = [router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+              for _ in range(7)]
+    pids = [router.wait_reply(m)["value"] for m in msgids]
+    assert sorted(pids.count(p) for p in set(pids)) == [1, 3, 3]
+    assert os.getpid() not in pids
+    assert sorted(manager.pid_distribution.values()) == [1, 3, 3]
+    router.wait_until(lambda: all(gone(p) for p in set(pids) - set(pool_of(manager).pids())))
+    assert len(pool_of(manager).pids()) == 1
+    assert pool_of(manager).counters["children_recycled"] == 2
+    stop_and_check(router, manager)
+
+
+def test_setup_runs_once_per_child_and_entry_exit_around_each_job(
+        router, make_manager, cpu_log):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2,
+                           subprocess_setup_func=f"{CPU}.setup",
+                           job_entry_func=f"{CPU}.entry", job_exit_func=f"{CPU}.exit_")
+    ident = router.wait_inform()
+    msgids = [router.request(ident, CPU, "setup_state", headers=REPLY, subprocess=True)
+              for _ in range(6)]
+    states = [router.wait_reply(m)["value"] for m in msgids]
+    assert all(s["setup_pid"] == s["pid"] for s in states)
+    child_pids = {s["pid"] for s in states}
+    stop_and_check(router, manager)
+    log = [line.split() for line in cpu_log()]
+    setups = [int(pid) for event, pid in log if event == "setup"]
+    assert sorted(setups) == sorted(set(setups)) and child_pids <= set(setups)
+    assert len(setups) == 2
+    assert sum(1 for event, _ in log if event == "entry") == 6
+    assert sum(1 for event, _ in log if event == "exit") == 6
+
+
+def test_graceful_stop_waits_for_subprocess_jobs_and_leaves_no_child(router, make_manager):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
+    assert len(children()) == 2
+    stop_and_check(router, manager)
+    assert router.wait_reply(msgid)["value"]["pid"] != os.getpid()
+
+
+def test_hard_stop_kills_the_children(router, make_manager):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2, kill_grace_period=0.5)
+    ident = router.wait_inform()
+    msgids = [router.request(ident, CPU, "spin", args=[60], headers=REPLY, subprocess=True)
+              for _ in range(3)]
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 2)
+    started = time.monotonic()
+    stop_and_check(router, manager, graceful=False)
+    assert time.monotonic() - started < 5
+    for msgid in msgids:
+        assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+
+
+def test_reload_with_a_new_pool_size_replaces_the_pool(router, make_manager):
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
+    ident = router.wait_inform()
+    first = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    router.wait_reply(first)
+    old_pids = pool_of(manager).pids()
+    assert len(old_pids) == 2
+    # what SIGHUP does (the fixture's manager has no signal handlers)
+    manager._settings_loader = lambda: manager.settings.replace(subprocess_pool_size=1)
+    manager._reload_requested = True
+    manager._wake.set()
+    router.wait_inform(index=1)
+    assert pool_of(manager) is None
+    router.wait_until(lambda: all(gone(p) for p in old_pids))
+    ident = router.identities[1]
+    after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    new_pid = router.wait_reply(after)["value"]
+    assert new_pid not in old_pids and pool_of(manager).pids() == [new_pid]
+    stop_and_check(router, manager)
