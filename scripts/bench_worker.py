@@ -99,6 +99,8 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     deadline = time.monotonic() + 600
+    cpu_at_start = 0.0
+    harness_cpu_start = time.process_time()
     try:
         while len(latencies) < jobs:
             if time.monotonic() > deadline:
@@ -125,6 +127,9 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                     identity = msg[0]
                     sock.send_multipart([identity, *frames("ACK", msg[4].decode())])
                     started = time.monotonic()
+                    t = psutil.Process(worker.pid).cpu_times()
+                    cpu_at_start = t.user + t.system
+                    harness_cpu_start = time.process_time()
                 elif command == b"HEARTBEAT":
                     sock.send_multipart([identity, *frames("HEARTBEAT", str(time.time()))])
             while credit and next_job < jobs:
@@ -134,6 +139,9 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                 credit -= 1
                 next_job += 1
         elapsed = time.monotonic() - started
+        cpu = psutil.Process(worker.pid).cpu_times()
+        worker_cpu = cpu.user + cpu.system - cpu_at_start
+        harness_cpu = time.process_time() - harness_cpu_start
     finally:
         sampler.stop.set()
         worker.terminate()
@@ -151,6 +159,8 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
         "mean_ms": statistics.fmean(latencies) * 1000,
         "peak_rss_mb": sampler.peak / 2**20,
         "longest_silence_s": longest_silence,
+        "worker_cpu_us_per_job": worker_cpu / jobs * 1e6,
+        "harness_cpu_us_per_job": harness_cpu / jobs * 1e6,
     }
 
 
@@ -180,12 +190,14 @@ def main() -> None:
         row["runs_jobs_per_s"] = [round(r["jobs_per_s"]) for r in runs]
         rows.append(row)
     header = f"{'workload':8} {'jobs':>6} {'-J':>5} {'jobs/s':>8} {'p50 ms':>8} " \
-             f"{'p99 ms':>8} {'peak MB':>8} {'silence s':>9}"
+             f"{'p99 ms':>8} {'peak MB':>8} {'silence s':>9} {'wkr us/job':>10} " \
+             f"{'rtr us/job':>10}"
     print(header)
     for r in rows:
         print(f"{r['workload']:8} {r['jobs']:>6} {r['J']:>5} {r['jobs_per_s']:>8.0f} "
               f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['peak_rss_mb']:>8.1f} "
-              f"{r['longest_silence_s']:>9.2f}")
+              f"{r['longest_silence_s']:>9.2f} {r['worker_cpu_us_per_job']:>10.0f} "
+              f"{r['harness_cpu_us_per_job']:>10.0f}")
     print(json.dumps(rows))
     shutil.rmtree(workdir, ignore_errors=True)
 
