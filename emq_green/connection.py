@@ -40,9 +40,14 @@ from .protocol import Command, Message
 
 logger = logging.getLogger(__name__)
 
+#: The longest a message waits in the worker for its loop turn to end, s.
+MAX_BATCH_DELAY = 0.05
+
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _send_frame = _BackendSocket.send
 _recv_frame = _BackendSocket.recv
 _getsockopt = _BackendSocket.get
@@ -120,6 +125,7 @@ class Connection:
         self.sent_count = 0
         self.closed = False
         self._outbox: list[list[bytes]] = []
+        self._outbox_since = 0.0
         self._overflow: collections.deque[list[bytes]] = collections.deque()
         self._flusher: gevent.Greenlet | None = None
         self._debug_log = debug_log
@@ -139,25 +145,33 @@ class Connection:
         ):
             logger.debug("-> %s %s %s", message.command.value, message.msgid, message.body)
         frames = message.frames()
-        now = time.monotonic()
-        self.longest_gap = max(self.longest_gap, now - self.last_sent)
-        self.last_sent = now
         self.sent_count += 1
         if self._overflow:
             self._overflow.append(frames)
             return
         # Messages sent in one turn of the event loop leave together at its
-        # end: one state check and fewer wake-ups of ZeroMQ's IO thread.
+        # end: one state check and fewer wake-ups of ZeroMQ's IO thread. A
+        # turn can be long (jobs that compute run back to back without
+        # yielding to the hub), so a batch older than MAX_BATCH_DELAY leaves
+        # at once.
         if not self._outbox:
+            self._outbox_since = time.monotonic()
             gevent.get_hub().loop.run_callback(self._send_outbox)
+            self._outbox.append(frames)
+            return
         self._outbox.append(frames)
+        if time.monotonic() - self._outbox_since > MAX_BATCH_DELAY:
+            self._send_outbox()
 
     def _send_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
-        if self.closed:
+        if self.closed or not outbox:
             return
         with self.guard:
             self._send_batch(outbox)
+        now = time.monotonic()
+        self.longest_gap = max(self.longest_gap, now - self.last_sent)
+        self.last_sent = now
 
     def _send_batch(self, outbox: list[list[bytes]]) -> None:
         try:
@@ -189,6 +203,7 @@ class Connection:
                         self.socket.check_state()
                 if sent:
                     self._overflow.popleft()
+                    self.last_sent = time.monotonic()
                 else:
                     self.socket._wait_write()  # as zmq.green waits, outside the guard
         except zmq.ZMQError as exc:
@@ -230,6 +245,14 @@ class Connection:
         with self.guard:
             if not self.closed:
                 self.socket.check_state()
+
+    def has_input(self) -> bool:
+        """Whether a message is waiting to be read (the reader may be behind
+        after the loop was held)."""
+        with self.guard:
+            if self.closed:
+                return False
+            return bool(_getsockopt(self.socket, _EVENTS) & _POLLIN)
 
     @property
     def pending(self) -> int:

@@ -571,7 +571,7 @@ class JobManager:
                     self.counters["heartbeats_sent"] += 1
                 silence = now - conn.last_received
                 dead_after = s.heartbeat_timeout * s.heartbeat_liveness
-                if silence >= dead_after and self._router_gone is None:
+                if silence >= dead_after and self._router_gone is None and not conn.has_input():
                     self._router_gone = f"nothing from the router for {silence:.1f} s"
                     self._wake.set()
                 wait = min(conn.last_sent + s.heartbeat_interval - time.monotonic(),

@@ -181,7 +181,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     speedup = sequential / result["cpu_done_s"] if result["cpu_done_s"] else 0.0
-    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+          f"load average {os.getloadavg()[0]:.2f} at the end (figures need a quiet machine)")
     print(f"workload: {opts.cpu_jobs} CPU jobs of burn({n}) "
           f"({'in-process' if opts.in_process else 'subprocess, pool ' + str(opts.pool_size)})"
           f" + {opts.io_jobs} x sleep({opts.io_seconds:g}) at -J {opts.J}, "
