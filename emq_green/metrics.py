@@ -30,6 +30,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
+import gevent
+
 from .extensions import Extension
 from .jobs import Status
 
@@ -254,11 +256,19 @@ class _Collector:
 
 
 class ProcessTitle(Extension):
-    """``emq-green: NAME busy/total STATE`` as the process title."""
+    """``emq-green: NAME busy/total STATE`` as the process title.
+
+    Refreshed by a greenlet every :attr:`PERIOD` seconds and on connection
+    changes, not per job: setting the title costs a system call, and the
+    busy count changes with every job.
+    """
+
+    PERIOD = 1.0
 
     def __init__(self) -> None:
         self._set: Optional[Callable[[str], None]] = None
         self._title = ""
+        self._ticker: Any = None
 
     def manager_started(self, manager: JobManager) -> None:
         try:
@@ -268,15 +278,18 @@ class ProcessTitle(Extension):
             return
         self._set = setproctitle
         self._update(manager)
+        self._ticker = gevent.spawn(self._tick, manager)
 
-    def _update(self, manager: JobManager, finishing: Optional[JobRecord] = None) -> None:
+    def _tick(self, manager: JobManager) -> None:
+        while True:
+            gevent.sleep(self.PERIOD)
+            self._update(manager)
+
+    def _update(self, manager: JobManager) -> None:
         if self._set is None:
             return
-        busy = len(manager.jobs_in_flight)
-        if finishing is not None and finishing.msgid in manager.jobs_in_flight:
-            busy -= 1
-        title = f"emq-green: {manager.name} {busy}/{manager.concurrent_jobs} " \
-                f"{manager.state.value}"
+        title = (f"emq-green: {manager.name} {len(manager.jobs_in_flight)}/"
+                 f"{manager.concurrent_jobs} {manager.state.value}")
         if title != self._title:
             self._title = title
             self._set(title)
@@ -287,14 +300,9 @@ class ProcessTitle(Extension):
     def disconnected(self, manager: JobManager, reason: str) -> None:
         self._update(manager)
 
-    def job_started(self, manager: JobManager, record: JobRecord) -> None:
-        self._update(manager)
-
-    def job_finished(self, manager: JobManager, record: JobRecord, outcome: JobOutcome,
-                     duration: float) -> None:
-        self._update(manager, finishing=record)
-
     def manager_stopped(self, manager: JobManager) -> None:
+        if self._ticker is not None:
+            self._ticker.kill(block=False)
         self._update(manager)
 
 
