@@ -618,16 +618,19 @@ class JobManager:
         self._ready_outstanding = max(0, self._ready_outstanding - 1)
         queue = msg[0] if msg else ""
         raw_headers = msg[1] if len(msg) > 1 else ""
+        header_error = None
         try:
             headers = Headers.parse(raw_headers)
-        except ProtocolError:
+        except ProtocolError as exc:
+            header_error = exc
             headers = Headers(reply_requested=reply_requested_in(raw_headers))
         record = JobRecord(msgid, queue, headers, None)
         self.jobs_in_flight[msgid] = record
         try:
             if len(msg) != 3:
                 raise ProtocolError(f"REQUEST needs 3 body frames, got {len(msg)}")
-            Headers.parse(raw_headers)
+            if header_error is not None:
+                raise header_error
             record.request = RunRequest.parse(msg[2])
         except ProtocolError as exc:
             self.counters["invalid_requests"] += 1

@@ -44,6 +44,7 @@ class Command(str, Enum):
 
 
 _COMMANDS = {c.value.encode(): c for c in Command}
+_COMMAND_FRAMES = {c: frame for frame, c in _COMMANDS.items()}
 
 
 def new_msgid() -> str:
@@ -100,13 +101,8 @@ class Message:
         return cls(command, msgid, body)
 
     def frames(self) -> list[bytes]:
-        return [
-            b"",
-            _VERSION_FRAME,
-            self.command.value.encode(),
-            self.msgid.encode(),
-            *(part.encode("utf-8") for part in self.body),
-        ]
+        return [b"", _VERSION_FRAME, _COMMAND_FRAMES[self.command], self.msgid.encode(),
+                *[part.encode() for part in self.body]]
 
 
 def split_identity(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
