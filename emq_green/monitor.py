@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+_HUB_RUN_CODE = gevent.hub.Hub.run.__code__
+
 #: Frames of the blocking stack kept (innermost).
 STACK_LIMIT = 25
 #: Incidents kept for the status.
@@ -177,6 +179,9 @@ class BlockMonitor(Extension):
         self._last_tick = self._last_end = time.monotonic()
         self._ticker: Any = None
         self._subscribed = False
+        #: job greenlet -> the last job it started (greenlets are reused)
+        # (by id: job greenlets are few and reused; the identity is checked)
+        self._last_job: dict[int, JobRecord] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def manager_started(self, manager: JobManager) -> None:
@@ -233,6 +238,10 @@ class BlockMonitor(Extension):
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
 
+    def job_started(self, manager: JobManager, record: JobRecord) -> None:
+        if record.greenlet is not None:
+            self._last_job[id(record.greenlet)] = record
+
     # -- in gevent's monitor thread: collect, never log -------------------------
     def _on_gevent_event(self, event: Any) -> None:
         if not isinstance(event, gevent.events.EventLoopBlocked) or event.hub is not self._hub:
@@ -248,6 +257,11 @@ class BlockMonitor(Extension):
         now = time.monotonic()
         frame = sys._current_frames().get(self._hub.thread_ident)
         if frame is None:
+            return
+        if frame.f_code is _HUB_RUN_CODE:
+            # The hub itself is running (waiting for IO or dispatching): the
+            # tracer's idea of the active greenlet is stale (it reads it from
+            # another thread without a lock). Not a block.
             return
         stack = traceback.format_stack(frame)[-STACK_LIMIT:]
         base = frame
@@ -291,6 +305,11 @@ class BlockMonitor(Extension):
                 return record
             parent = getattr(greenlet, "spawning_greenlet", None)
             greenlet = parent() if parent is not None else None
+            last = self._last_job.get(id(greenlet))
+            if last is not None and last.greenlet is greenlet:
+                # the job ended between the check and this lookup (the
+                # monitor thread waits for the GIL): still its block
+                return last
             seen += 1
         return None
 

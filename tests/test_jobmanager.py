@@ -348,3 +348,31 @@ def test_unpatched_embedding_warns(router, make_manager, caplog):
 def test_message_frames_round_trip():
     msg = Message.new(Command.REPLY, '{"value": 1}', "orig")
     assert Message.parse(msg.frames()) == msg
+
+
+@pytest.mark.timeout(90)
+def test_thousands_of_jobs_on_credit_all_complete_once(router, make_manager):
+    """Like a real router: one REQUEST per READY counted, 3,000 short jobs."""
+    manager = make_manager(concurrent_jobs=50)
+    ident = router.wait_inform()
+    total, sent = 3000, []
+    credit_used = 0
+    deadline = time.monotonic() + 60
+    while len(sent) < total:
+        assert time.monotonic() < deadline, f"stuck at {len(sent)} sent"
+        readies = router.count(Command.READY, ident)
+        while credit_used < readies and len(sent) < total:
+            sent.append(router.request(ident, JOBS, "nap", args=[0.001 * (len(sent) % 7)],
+                                       headers="reply-requested"))
+            credit_used += 1
+        used = credit_used
+        router.wait_until(lambda: router.count(Command.READY, ident) > used  # noqa: B023
+                          or len(sent) == total, timeout=10)
+    router.wait_until(lambda: len(router.replies()) == total, timeout=30)
+    replies = [r for r in router.messages(Command.REPLY)]
+    assert len(replies) == total  # none twice
+    assert set(router.replies()) == set(sent)
+    # every slot came back: 50 at start + one per job
+    router.wait_count(Command.READY, total + 50)
+    assert router.count(Command.READY) == total + 50
+    assert manager.free_slots == 50 and manager.counters["backlogged"] == 0
