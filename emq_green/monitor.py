@@ -258,10 +258,13 @@ class BlockMonitor(Extension):
         frame = sys._current_frames().get(self._hub.thread_ident)
         if frame is None:
             return
-        if frame.f_code is _HUB_RUN_CODE:
-            # The hub itself is running (waiting for IO or dispatching): the
-            # tracer's idea of the active greenlet is stale (it reads it from
-            # another thread without a lock). Not a block.
+        if frame.f_code is _HUB_RUN_CODE or getattr(greenlet, "gr_frame", None) is not None:
+            # The hub itself is running, or the greenlet gevent names is
+            # suspended (a running greenlet has no saved frame): the
+            # tracer's idea of the active greenlet is stale (it is read from
+            # another thread without a lock). Not a block; and waiting below
+            # for frames that never leave would keep this thread from seeing
+            # the next real one.
             return
         stack = traceback.format_stack(frame)[-STACK_LIMIT:]
         base = frame

@@ -17,4 +17,8 @@ if ! .venv/bin/python -c "import eventmq" 2>/dev/null; then
   .venv/bin/python -m pip install -q six future croniter psutil pyzmq
 fi
 .venv/bin/ruff check emq_green tests scripts examples
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+# gevent's monitor thread is one per process: the loop-block monitor tests
+# run in a process of their own (in a shared one, earlier tests' leftovers
+# made it miss blocks; see the note on issue 6).
+.venv/bin/python -m pytest -p no:cacheprovider --ignore=tests/test_monitor.py "$@"
+.venv/bin/python -m pytest -p no:cacheprovider "$@" tests/test_monitor.py
