@@ -297,7 +297,6 @@ def build_parser(
         config_file_parser_class=_SectionsParser(section),
         ignore_unknown_config_file_keys=True,
         add_env_var_help=False,
-        formatter_class=configargparse.ArgumentDefaultsRawHelpFormatter,
     )
     parser.add_argument("-C", "--config", help="INI file (env EVENTMQ_CONFIG_FILE)")
     parser.add_argument("-n", "--name", env_var=ENV_PREFIX + "NAME",
@@ -307,7 +306,10 @@ def build_parser(
     parser.add_argument(_QUEUES_JSON_FLAG, dest="queues_json", env_var=ENV_PREFIX + "QUEUES",
                         help='queues as JSON [[weight, name], ...] (file key "queues")')
     for spec in _SPECS:
-        kwargs: dict[str, Any] = {"dest": spec.field, "help": spec.help,
+        default = getattr(Settings, spec.field, None)
+        shown = json.dumps(list(default)) if isinstance(default, tuple) else default
+        help_text = spec.help if "default" in spec.help else f"{spec.help} (default: {shown})"
+        kwargs: dict[str, Any] = {"dest": spec.field, "help": help_text,
                                   "env_var": ENV_PREFIX + spec.field.upper()}
         if spec.convert is _to_bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
