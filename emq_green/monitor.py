@@ -5,9 +5,10 @@ library imported before patching) holds the hub: every job and the
 heartbeats wait. :class:`BlockMonitor` makes each such incident visible:
 
 - gevent's own monitor thread (a native thread; its greenlet tracer is
-  C-accelerated and costs nothing measurable) notices that no greenlet
-  switch happened for half the threshold and emits
-  :class:`gevent.events.EventLoopBlocked` in *that thread*. There we only
+  C-accelerated and costs nothing measurable) runs our check every half
+  threshold, which asks the tracer whether no greenlet switch happened
+  since the last check (gevent's own check, which first renders a costly
+  report of every greenlet, is pushed out of the way). There we only
   collect: the blocked greenlet, the job it runs (its record, or the record
   of the job that spawned it) and the blocking stack of the hub's thread.
   Nothing is logged from the thread: after monkeypatching, the logging
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import gevent
-import gevent.events
 from gevent import monkey
 
 from .extensions import Extension
@@ -49,6 +49,24 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 _HUB_RUN_CODE = gevent.hub.Hub.run.__code__
+#: gevent's own periodic blocking check, effectively never (see _start)
+_GEVENT_CHECK_OFF = 365 * 24 * 3600.0
+#: monitors started and not stopped, in start order
+_ACTIVE: list[BlockMonitor] = []
+
+
+def _check_all(hub: Any) -> None:
+    """Runs in gevent's monitor thread every half threshold. gevent's switch
+    tracer answers (True, greenlet) when no greenlet switch happened in the
+    hub's thread since the last call and a greenlet other than the hub ran;
+    asking resets it, so it is asked once here for every monitor."""
+    tracer = getattr(hub.periodic_monitoring_thread, "_greenlet_tracer", None)
+    if tracer is None:
+        return
+    found = tracer.did_block_hub(hub)
+    if found:
+        for monitor in list(_ACTIVE):
+            monitor._check(hub, found[1])
 
 #: Frames of the blocking stack kept (innermost).
 STACK_LIMIT = 25
@@ -178,6 +196,7 @@ class BlockMonitor(Extension):
         self._hub: Any = None
         self._last_tick = self._last_end = time.monotonic()
         self._ticker: Any = None
+        self._thread: Any = None
         self._subscribed = False
         #: job greenlet -> the last job it started (greenlets are reused)
         # (by id: job greenlets are few and reused; the identity is checked)
@@ -208,27 +227,39 @@ class BlockMonitor(Extension):
             logger.info("loop-block monitor off (block_threshold 0)")
             return
         hub = gevent.get_hub()
-        # gevent's check sees "no switch for one whole period", so a period
-        # of half the threshold catches every block of at least the threshold.
-        gevent.config.max_blocking_time = self.threshold / 2
         gevent.config.print_blocking_reports = False  # we log our own, once
         gevent.config.monitor_thread = True
-        if hub.start_periodic_monitoring_thread() is None:
+        thread = hub.start_periodic_monitoring_thread()
+        if thread is None:
             logger.warning("gevent's monitor thread did not start: loop blocks go unseen")
             return
+        # gevent's own blocking check renders a report of every greenlet
+        # (a walk of all objects and of every stack, with a stat() per line)
+        # before it tells anyone: in a process holding many objects that took
+        # seconds, so short blocks were over before they were seen. Its check
+        # is pushed out of the way and ours asks the same switch tracer
+        # directly. A period of half the threshold catches every block of at
+        # least the threshold ("no switch for one whole period").
+        gevent.config.max_blocking_time = _GEVENT_CHECK_OFF
+        self._thread = thread
         self._hub = hub
+        _ACTIVE.append(self)
+        # One check function per process, never removed: removing it would
+        # let the thread sleep the next longest period (5 s) and miss the
+        # first blocks of the next monitor. Its period is the smallest asked.
+        period = min(m.threshold for m in _ACTIVE) / 2
+        thread.add_monitoring_function(_check_all, period)
         tick = min(0.25, max(0.01, self.threshold / 10))
         self._last_tick = time.monotonic()
         self._ticker = hub.loop.timer(tick, tick)
         self._ticker.ref = False
         self._ticker.start(self._tick)
-        if not self._subscribed:
-            gevent.events.subscribers.append(self._on_gevent_event)
-            self._subscribed = True
+        self._subscribed = True
 
     def _stop(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         if self._subscribed:
-            gevent.events.subscribers.remove(self._on_gevent_event)
             self._subscribed = False
         if self._ticker is not None:
             self._ticker.stop()
@@ -243,11 +274,11 @@ class BlockMonitor(Extension):
             self._last_job[id(record.greenlet)] = record
 
     # -- in gevent's monitor thread: collect, never log -------------------------
-    def _on_gevent_event(self, event: Any) -> None:
-        if not isinstance(event, gevent.events.EventLoopBlocked) or event.hub is not self._hub:
+    def _check(self, hub: Any, greenlet: Any) -> None:
+        if hub is not self._hub or not self._subscribed:
             return
         try:
-            self._blocked(event.greenlet)
+            self._blocked(greenlet)
         except Exception:  # a monitor thread must not die; report in the loop
             exc_info = sys.exc_info()
             self._hub.loop.run_callback_threadsafe(
