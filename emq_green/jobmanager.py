@@ -45,6 +45,7 @@ from . import __version__
 from .connection import Connection
 from .extensions import Executor, Extension
 from .jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
+from .lifecycle import Lifecycle
 from .monitor import monitoring_extensions
 from .protocol import (
     Command,
@@ -198,8 +199,7 @@ class JobManager:
         #: Other counters, shown in the SIGUSR1 status dump.
         self.counters: collections.Counter[str] = collections.Counter()
 
-        self.state = State.STOPPED
-        self._state_changed = gevent.event.Event()
+        self._lifecycle: Lifecycle[State] = Lifecycle(State.STOPPED, self.name)
         self._wake = gevent.event.Event()
         self._stop_mode: Optional[StopMode] = None
         self._reload_requested = False
@@ -240,6 +240,8 @@ class JobManager:
         settings = settings.replace(**self._overrides)
         self.settings = settings
         self.name = settings.name
+        if hasattr(self, "_lifecycle"):
+            self._lifecycle.label = self.name
         self.queues = settings.queues
         self.concurrent_jobs = settings.concurrent_jobs
         try:
@@ -303,22 +305,17 @@ class JobManager:
     # ------------------------------------------------------------------
     # lifecycle
 
+    @property
+    def state(self) -> State:
+        """connecting, running, draining or stopped."""
+        return self._lifecycle.state
+
     def _set_state(self, state: State) -> None:
-        if state is not self.state:
-            logger.info("%s: %s -> %s", self.name, self.state.value, state.value)
-            self.state = state
-            self._state_changed.set()
-            self._state_changed.clear()
+        self._lifecycle.set(state)
 
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the manager is in ``state``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.state is not state:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            self._state_changed.wait(left)
-        return True
+        return self._lifecycle.wait_for(state, timeout)
 
     def start(self) -> None:
         """Start serving in the background; returns at once."""

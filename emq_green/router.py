@@ -49,6 +49,7 @@ import gevent.event
 import zmq
 import zmq.green
 
+from .lifecycle import Lifecycle
 from .protocol import Command, Message, ProtocolError, parse_queues, split_identity
 from .settings import Settings
 
@@ -177,7 +178,7 @@ class Router:
         self.settings = settings
         self._extra_backend_addrs = tuple(extra_backend_addrs)
         self._context = context or zmq.green.Context.instance()
-        self.state = RouterState.STOPPED
+        self._lifecycle: Lifecycle[RouterState] = Lifecycle(RouterState.STOPPED, "router")
         #: Connected workers by identity.
         self.workers: dict[bytes, Worker] = {}
         #: Queue name -> ``[(weight, identity), ...]``, heaviest first, least
@@ -195,7 +196,6 @@ class Router:
         self._sockets: dict[str, _Socket] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
-        self._state_changed = gevent.event.Event()
         self._last_heartbeat = 0.0
 
         self._frontend_table: dict[Command, Handler] = {
@@ -225,12 +225,12 @@ class Router:
     # ------------------------------------------------------------------
     # lifecycle
 
+    @property
+    def state(self) -> RouterState:
+        return self._lifecycle.state
+
     def _set_state(self, state: RouterState) -> None:
-        if state is not self.state:
-            logger.info("router: %s -> %s", self.state.value, state.value)
-            self.state = state
-            self._state_changed.set()
-            self._state_changed.clear()
+        self._lifecycle.set(state)
 
     def start(self) -> None:
         """Bind the three sockets and start serving in the background."""
@@ -301,13 +301,7 @@ class Router:
         return True
 
     def wait_for_state(self, state: RouterState, timeout: Optional[float] = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.state is not state:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            self._state_changed.wait(left)
-        return True
+        return self._lifecycle.wait_for(state, timeout)
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():

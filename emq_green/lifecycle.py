@@ -1,0 +1,44 @@
+"""An explicit lifecycle state with one place that changes it.
+
+The job manager and the router each keep their state in a
+:class:`Lifecycle`: ``set`` is the only way to change it (and logs the
+transition), ``wait_for`` blocks the calling greenlet until a state is
+reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from enum import Enum
+from typing import Generic, Optional, TypeVar
+
+import gevent.event
+
+S = TypeVar("S", bound=Enum)
+
+logger = logging.getLogger(__name__)
+
+
+class Lifecycle(Generic[S]):
+    def __init__(self, initial: S, label: str) -> None:
+        self.state = initial
+        self.label = label
+        self._changed = gevent.event.Event()
+
+    def set(self, state: S) -> None:
+        if state is not self.state:
+            logger.info("%s: %s -> %s", self.label, self.state.value, state.value)
+            self.state = state
+            self._changed.set()
+            self._changed.clear()
+
+    def wait_for(self, state: S, timeout: Optional[float] = None) -> bool:
+        """Wait (cooperatively) until ``state``; False when ``timeout`` passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state is not state:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._changed.wait(left)
+        return True
