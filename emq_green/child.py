@@ -26,7 +26,7 @@ import signal
 import sys
 from typing import IO, Any, Callable, Optional
 
-from .jobs import JobOutcome, Status, import_dotted, resolve
+from .jobs import JobOutcome, Status, import_dotted, resolve, run_attempts
 from .protocol import ProtocolError, RunRequest
 
 logger = logging.getLogger("emq_green.child")
@@ -90,28 +90,13 @@ class Child:
         except (KeyError, TypeError, ProtocolError) as exc:
             return JobOutcome.rejected("InvalidRequest", str(exc))
         retry_count = int(message.get("retry_count") or 0)
-        if self.entry_func is not None:
-            try:
-                self.entry_func()
-            except Exception as exc:
-                logger.exception("job_entry_func failed; %s not run", request.name)
-                return JobOutcome.failure(exc, attempts=0)
-        try:
-            attempt = 0
-            while True:
-                attempt += 1
-                self.send({"attempt": attempt})
-                outcome = self._attempt(request, attempt)
-                if outcome.status is not Status.FAILED or attempt > retry_count:
-                    return outcome
-                logger.info("%s failed (attempt %d of %d), retrying: %s", request.name,
-                            attempt, retry_count + 1, outcome.error_message)
-        finally:
-            if self.exit_func is not None:
-                try:
-                    self.exit_func()
-                except Exception:
-                    logger.exception("job_exit_func failed after %s", request.name)
+
+        def attempt(n: int) -> JobOutcome:
+            self.send({"attempt": n})  # the worker restarts the timeout per attempt
+            return self._attempt(request, n)
+
+        return run_attempts(request.name, attempt, retry_count, self.entry_func,
+                            self.exit_func)
 
     @staticmethod
     def _attempt(request: RunRequest, attempt: int) -> JobOutcome:

@@ -109,6 +109,39 @@ def resolve(request: RunRequest) -> Callable[..., Any]:
     return func
 
 
+def run_attempts(
+    name: str,
+    attempt: Callable[[int], JobOutcome],
+    retry_count: int,
+    entry_func: Optional[Callable[[], Any]] = None,
+    exit_func: Optional[Callable[[], Any]] = None,
+) -> JobOutcome:
+    """``job_entry_func``, then ``attempt(1)``, ``attempt(2)``... while an
+    attempt fails (raises) and retries are left, then ``job_exit_func``
+    whatever happened. Shared by the greenlet runner and subprocess children."""
+    if entry_func is not None:
+        try:
+            entry_func()
+        except Exception as exc:
+            logger.exception("job_entry_func failed; %s not run", name)
+            return JobOutcome.failure(exc, attempts=0)
+    try:
+        n = 0
+        while True:
+            n += 1
+            outcome = attempt(n)
+            if outcome.status is not Status.FAILED or n > retry_count:
+                return outcome
+            logger.info("%s failed (attempt %d of %d), retrying: %s", name, n,
+                        retry_count + 1, outcome.error_message)
+    finally:
+        if exit_func is not None:
+            try:
+                exit_func()
+            except Exception:
+                logger.exception("job_exit_func failed after %s", name)
+
+
 class JobRunner:
     """Runs requests in the calling greenlet, with timeout, retries and hooks."""
 
@@ -134,27 +167,8 @@ class JobRunner:
         it may have done part of its work, and would likely time out again.
         """
         timeout = self.timeout_for(headers)
-        if self.entry_func is not None:
-            try:
-                self.entry_func()
-            except Exception as exc:
-                logger.exception("job_entry_func failed; %s not run", request.name)
-                return JobOutcome.failure(exc, attempts=0)
-        try:
-            attempt = 0
-            while True:
-                attempt += 1
-                outcome = self._attempt(request, timeout, attempt)
-                if outcome.status is not Status.FAILED or attempt > headers.retry_count:
-                    return outcome
-                logger.info("%s failed (attempt %d of %d), retrying: %s", request.name,
-                            attempt, headers.retry_count + 1, outcome.error_message)
-        finally:
-            if self.exit_func is not None:
-                try:
-                    self.exit_func()
-                except Exception:
-                    logger.exception("job_exit_func failed after %s", request.name)
+        return run_attempts(request.name, lambda n: self._attempt(request, timeout, n),
+                            headers.retry_count, self.entry_func, self.exit_func)
 
     @staticmethod
     def _attempt(request: RunRequest, timeout: Optional[float], attempt: int) -> JobOutcome:
