@@ -129,6 +129,7 @@ class Connection:
         self._overflow: collections.deque[list[bytes]] = collections.deque()
         self._flusher: gevent.Greenlet | None = None
         self._debug_log = debug_log
+        self._loop = gevent.get_hub().loop
         self._hide_heartbeats = hide_heartbeats
 
     def __repr__(self) -> str:
@@ -136,15 +137,20 @@ class Connection:
 
     def send(self, message: Message) -> None:
         """Queue ``message`` for the router without waiting."""
-        if self.closed:
-            logger.warning("not sent, connection %s is closed: %s %s", self.identity,
-                           message.command.value, message.body[:1])
-            return
         if self._debug_log and not (
             self._hide_heartbeats and message.command is Command.HEARTBEAT
         ):
             logger.debug("-> %s %s %s", message.command.value, message.msgid, message.body)
-        frames = message.frames()
+        self.send_frames(message.frames(), log=False)
+
+    def send_frames(self, frames: list[bytes], log: bool = True) -> None:
+        """Queue a message given as frames (``['', version, COMMAND, MSGID,
+        *body]``) without waiting."""
+        if self.closed:
+            logger.warning("not sent, connection %s is closed: %s", self.identity, frames[2:5])
+            return
+        if log and self._debug_log:
+            logger.debug("-> %s", frames[2:])
         self.sent_count += 1
         if self._overflow:
             self._overflow.append(frames)
@@ -154,13 +160,12 @@ class Connection:
         # turn can be long (jobs that compute run back to back without
         # yielding to the hub), so a batch older than MAX_BATCH_DELAY leaves
         # at once.
-        if not self._outbox:
+        outbox = self._outbox
+        outbox.append(frames)
+        if len(outbox) == 1:
             self._outbox_since = time.monotonic()
-            gevent.get_hub().loop.run_callback(self._send_outbox)
-            self._outbox.append(frames)
-            return
-        self._outbox.append(frames)
-        if time.monotonic() - self._outbox_since > MAX_BATCH_DELAY:
+            self._loop.run_callback(self._send_outbox)
+        elif time.monotonic() - self._outbox_since > MAX_BATCH_DELAY:
             self._send_outbox()
 
     def _send_outbox(self) -> None:
@@ -214,14 +219,24 @@ class Connection:
 
     def recv(self) -> list[bytes]:
         """Wait for the next message; only the reader greenlet calls this."""
+        return self.recv_batch(1)[0]
+
+    def recv_batch(self, limit: int = 256) -> list[list[bytes]]:
+        """Wait for messages; return those waiting (at least one, at most
+        ``limit``). Only the reader greenlet calls this."""
+        socket = self.socket
         while True:
             with self.guard:
-                frames = self.socket.recv_now()
-            if frames is not None:
-                break
-            self.socket._wait_read()  # as zmq.green waits, outside the guard
-        self.last_received = time.monotonic()
-        return frames
+                batch = []
+                while len(batch) < limit:
+                    frames = socket.recv_now()
+                    if frames is None:
+                        break
+                    batch.append(frames)
+            if batch:
+                self.last_received = time.monotonic()
+                return batch
+            socket._wait_read()  # as zmq.green waits, outside the guard
 
     def send_from_thread(self, frames: list[bytes], loop: object) -> bool:
         """Send one message now from a native thread (not the hub's); False

@@ -31,7 +31,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -39,7 +38,6 @@ import gevent
 import gevent.event
 import gevent.pool
 import zmq.green as zmq
-from gevent.hub import Waiter
 
 from . import __version__
 from .connection import Connection
@@ -53,6 +51,7 @@ from .protocol import (
     Message,
     ProtocolError,
     RunRequest,
+    command_frames,
     queues_json,
     reply_requested_in,
 )
@@ -80,17 +79,26 @@ class StopMode(str, Enum):
     NOW = "now"
 
 
-@dataclass
 class JobRecord:
-    """One entry of :attr:`JobManager.jobs_in_flight`."""
+    """One entry of :attr:`JobManager.jobs_in_flight` (a slotted class:
+    one is built per job)."""
 
-    msgid: str
-    queue: str
-    headers: Headers
-    request: Optional[RunRequest]
-    started: float = field(default_factory=time.monotonic)
-    greenlet: Optional[gevent.Greenlet] = None
-    done: bool = False
+    __slots__ = ("msgid", "queue", "headers", "request", "started", "greenlet", "done")
+
+    def __init__(self, msgid: str, queue: str, headers: Headers,
+                 request: Optional[RunRequest] = None) -> None:
+        self.msgid = msgid
+        self.queue = queue
+        self.headers = headers
+        self.request = request
+        #: monotonic time the job started (or was received, until it starts)
+        self.started = time.monotonic()
+        #: the greenlet running it, once started
+        self.greenlet: Optional[gevent.Greenlet] = None
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<JobRecord {self.msgid} {self.callable_name} queue={self.queue}>"
 
     @property
     def callable_name(self) -> str:
@@ -214,7 +222,14 @@ class JobManager:
         # later, so a REQUEST arriving in between would make the reader wait
         # on the pool. The limit is kept exactly by ``_running`` instead.
         self._pool = gevent.pool.Group()
-        self._idle: list[tuple[gevent.Greenlet, Waiter]] = []
+        #: parked job greenlets, ready for the next job
+        self._idle: list[gevent.Greenlet] = []
+        #: job greenlet -> the job it runs or ran last (for the loop-block
+        #: monitor, which reads it from its own thread)
+        self.job_of_greenlet: dict[gevent.Greenlet, JobRecord] = {}
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
+        self._pid = os.getpid()
         self._connections_made = 0
         self._addr_index = 0
         self._main: Optional[gevent.Greenlet] = None
@@ -227,7 +242,7 @@ class JobManager:
         }
         self._dispatch: dict[Command, Callable[[Message], None]] = {
             Command.ACK: self._on_ack,
-            Command.REQUEST: lambda m: self.on_request(m.msgid, list(m.body)),
+            Command.REQUEST: lambda m: self.on_request(m.msgid, m.body),
             Command.HEARTBEAT: lambda m: self.on_heartbeat(m.msgid, list(m.body)),
             Command.DISCONNECT: self._on_disconnect,
             Command.KBYE: self._on_router_kbye,
@@ -239,6 +254,7 @@ class JobManager:
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
         self.settings = settings
+        self._debug_log = settings.super_debug
         self.name = settings.name
         if hasattr(self, "_lifecycle"):
             self._lifecycle.label = self.name
@@ -283,15 +299,20 @@ class JobManager:
         return found
 
     def _notify(self, hook: str, *args: Any) -> None:
-        for fn in self._hooks(hook):
+        self._call_hooks(self._hooks(hook), hook, args)
+
+    def _call_hooks(self, hooks: list[Callable[..., Any]], hook: str,
+                    args: tuple[Any, ...]) -> None:
+        for fn in hooks:
             try:
                 fn(self, *args)
             except Exception:
                 logger.exception("extension %s failed in %s",
                                  type(fn.__self__).__name__, hook)
 
-    def _executor_for(self, record: JobRecord) -> Optional[Executor]:
-        for fn in self._hooks("executor_for"):
+    def _executor_for(self, record: JobRecord,
+                      hooks: list[Callable[..., Any]]) -> Optional[Executor]:
+        for fn in hooks:
             try:
                 executor = fn(self, record)
             except Exception:
@@ -321,6 +342,7 @@ class JobManager:
         """Start serving in the background; returns at once."""
         if self._main is not None:
             raise RuntimeError("JobManager already started")
+        self._pid = os.getpid()
         if not self.skip_signal:
             self._install_signals()
         self._set_state(State.CONNECTING)
@@ -525,35 +547,41 @@ class JobManager:
     # reading the socket: exactly one greenlet per connection
 
     def _read_loop(self, conn: Connection) -> None:
+        handle = self._handle_frames
         while True:
             try:
-                frames = conn.recv()
+                batch = conn.recv_batch()
             except zmq.ZMQError as exc:
                 if not conn.closed:
                     logger.error("receiving from %s failed: %s", conn.addr, exc)
                     self._router_gone = f"socket error: {exc}"
                     self._wake.set()
                 return
-            try:
-                message = Message.parse(frames)
-            except ProtocolError as exc:
-                self.counters["malformed_messages"] += 1
-                logger.warning("dropped a malformed message from the router: %s", exc)
-                continue
-            if self.settings.super_debug and not (
-                self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
-            ):
-                logger.debug("<- %s %s %s", message.command.value, message.msgid, message.body)
-            handler = self._dispatch.get(message.command)
-            if handler is None:
-                self.counters["unexpected_messages"] += 1
-                logger.warning("ignored %s from the router: a worker does not handle it",
-                               message.command.value)
-                continue
-            try:
-                handler(message)
-            except Exception:
-                logger.exception("error handling %s %s", message.command.value, message.msgid)
+            for frames in batch:
+                handle(frames)
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        """One message from the router, as received."""
+        try:
+            message = Message.parse(frames)
+        except ProtocolError as exc:
+            self.counters["malformed_messages"] += 1
+            logger.warning("dropped a malformed message from the router: %s", exc)
+            return
+        if self._debug_log and not (
+            self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
+        ):
+            logger.debug("<- %s %s %s", message.command.value, message.msgid, message.body)
+        handler = self._dispatch.get(message.command)
+        if handler is None:
+            self.counters["unexpected_messages"] += 1
+            logger.warning("ignored %s from the router: a worker does not handle it",
+                           message.command.value)
+            return
+        try:
+            handler(message)
+        except Exception:
+            logger.exception("error handling %s %s", message.command.value, message.msgid)
 
     def _on_ack(self, message: Message) -> None:
         self._acked.set()
@@ -602,7 +630,7 @@ class JobManager:
     def free_slots(self) -> int:
         return self.concurrent_jobs - len(self.jobs_in_flight)
 
-    def on_request(self, msgid: str, msg: list[str]) -> None:
+    def on_request(self, msgid: str, msg: Sequence[str]) -> None:
         """Handle a REQUEST body ``[queue, headers_csv, payload_json]``.
 
         The payload is ``["run", {path, callable, args, kwargs, class_args,
@@ -612,29 +640,30 @@ class JobManager:
         at once (an error REPLY when one was requested) and its slot returned.
         """
         self.total_requests += 1
-        self._ready_outstanding = max(0, self._ready_outstanding - 1)
-        queue = msg[0] if msg else ""
-        raw_headers = msg[1] if len(msg) > 1 else ""
-        header_error = None
+        if self._ready_outstanding > 0:
+            self._ready_outstanding -= 1
         try:
+            queue, raw_headers, payload = msg
             headers = Headers.parse(raw_headers)
-        except ProtocolError as exc:
-            header_error = exc
-            headers = Headers(reply_requested=reply_requested_in(raw_headers))
-        record = JobRecord(msgid, queue, headers, None)
+            request: Optional[RunRequest] = RunRequest.parse(payload)
+            error = None
+        except (ProtocolError, ValueError) as exc:
+            error = exc if isinstance(exc, ProtocolError) else \
+                ProtocolError(f"REQUEST needs 3 body frames, got {len(msg)}")
+            queue = msg[0] if msg else ""
+            raw_headers = msg[1] if len(msg) > 1 else ""
+            try:
+                headers = Headers.parse(raw_headers)
+            except ProtocolError:
+                headers = Headers(reply_requested=reply_requested_in(raw_headers))
+            request = None
+        record = JobRecord(msgid, queue, headers, request)
         self.jobs_in_flight[msgid] = record
-        try:
-            if len(msg) != 3:
-                raise ProtocolError(f"REQUEST needs 3 body frames, got {len(msg)}")
-            if header_error is not None:
-                raise header_error
-            record.request = RunRequest.parse(msg[2])
-        except ProtocolError as exc:
+        if error is not None:
             self.counters["invalid_requests"] += 1
-            logger.warning("invalid REQUEST %s: %s", msgid, exc)
-            self._complete(record, JobOutcome.rejected("InvalidRequest", str(exc)))
-            return
-        if self._running >= self.concurrent_jobs:
+            logger.warning("invalid REQUEST %s: %s", msgid, error)
+            self._complete(record, JobOutcome.rejected("InvalidRequest", str(error)))
+        elif self._running >= self.concurrent_jobs:
             self.counters["backlogged"] += 1
             logger.warning("REQUEST %s beyond the %d slots offered; it waits in the worker",
                            msgid, self.concurrent_jobs)
@@ -654,42 +683,59 @@ class JobManager:
         self._running += 1
         record.started = time.monotonic()
         if self._idle:
-            greenlet, waiter = self._idle.pop()
-            record.greenlet = greenlet
-            gevent.get_hub().loop.run_callback(waiter.switch, record)
+            greenlet = record.greenlet = self._idle.pop()
+            self._loop.run_callback(greenlet.switch, record)
         else:
             record.greenlet = self._pool.spawn(self._job_greenlet, record)
 
-    def _job_greenlet(self, record: Optional[JobRecord]) -> None:
-        me = gevent.getcurrent()
-        while record is not None:
-            self._job(record)
-            waiter: Waiter = Waiter()
-            self._idle.append((me, waiter))
-            record = waiter.get()
+    def _job_greenlet(self, record: JobRecord) -> None:
+        """The body of a job greenlet: run jobs, parking in between.
 
-    def _job(self, record: Optional[JobRecord]) -> None:
-        # A finished job's greenlet takes the next backlogged request itself:
-        # spawning into the pool from here would wait on our own pool slot.
+        Parked, it waits in the hub like any waiting greenlet, and is resumed
+        only by :meth:`_start`'s callback, with the next record (or None to
+        end). A throw (a kill at shutdown) ends it.
+        """
+        me = gevent.getcurrent()
+        hub = self._hub
+        idle = self._idle
+        job_of = self.job_of_greenlet
         try:
             while record is not None:
+                self._running_jobs(record)
+                idle.append(me)
+                record = hub.switch()
+        finally:
+            job_of.pop(me, None)
+            if me in idle:
+                idle.remove(me)
+
+    def _running_jobs(self, record: Optional[JobRecord]) -> None:
+        # A finished job's greenlet takes the next backlogged request itself:
+        # spawning into the pool from here would wait on our own pool slot.
+        me = gevent.getcurrent()
+        try:
+            while record is not None:
+                self.job_of_greenlet[me] = record
                 self._run_record(record)
                 record = self._backlog.popleft() if self._backlog else None
                 if record is not None:
                     record.started = time.monotonic()
-                    record.greenlet = gevent.getcurrent()
+                    record.greenlet = me
         finally:
             self._running -= 1
 
     def _run_record(self, record: JobRecord) -> None:
         outcome: Optional[JobOutcome] = None
-        pid = os.getpid()
+        pid = self._pid
+        hooks = self._hooks
         try:
-            assert record.request is not None
-            self._notify("job_started", record)
-            executor = self._executor_for(record)
+            started = hooks("job_started")
+            if started:
+                self._call_hooks(started, "job_started", (record,))
+            executors = hooks("executor_for")
+            executor = self._executor_for(record, executors) if executors else None
             if executor is None:
-                outcome = self.runner.run(record.request, record.headers)
+                outcome = self.runner.run(record.request, record.headers)  # type: ignore[arg-type]
             else:
                 outcome, pid = executor.run(record.request, record.headers)
         except gevent.GreenletExit:
@@ -709,15 +755,19 @@ class JobManager:
         if record.done:
             return
         record.done = True
-        self.counters[outcome.status.value] += 1
-        self._notify("job_finished", record, outcome, time.monotonic() - record.started)
-        callback = "worker_done_with_reply" if record.headers.reply_requested else "worker_done"
+        status = outcome.status
+        self.counters[status.value] += 1
+        finished = self._hooks("job_finished")
+        if finished:
+            self._call_hooks(finished, "job_finished",
+                             (record, outcome, time.monotonic() - record.started))
         self.handle_response({
-            "callback": callback,
+            "callback": "worker_done_with_reply" if record.headers.reply_requested
+            else "worker_done",
             "msgid": record.msgid,
             "return": outcome.reply(),
-            "pid": pid or os.getpid(),
-            "death": outcome.status is Status.KILLED,
+            "pid": pid or self._pid,
+            "death": status is Status.KILLED,
         })
 
     def handle_response(self, resp: dict[str, Any]) -> None:
@@ -731,7 +781,7 @@ class JobManager:
         callback = self._callbacks.get(resp["callback"])
         if callback is None:
             raise ValueError(f"unknown callback {resp['callback']!r}")
-        msgid, pid, death = resp.get("msgid"), resp.get("pid", os.getpid()), resp.get("death")
+        msgid, pid, death = resp.get("msgid"), resp.get("pid") or self._pid, resp.get("death")
         if msgid is not None:
             self.jobs_in_flight.pop(msgid, None)
         if not death:
@@ -779,16 +829,16 @@ class JobManager:
         return repaired
 
     def _offer_slots(self) -> None:
-        if self.state is not State.RUNNING or self.outgoing is None:
+        if self.outgoing is None or self.state is not State.RUNNING:
             return
-        while self._ready_outstanding < self.free_slots:
+        while self._ready_outstanding < self.concurrent_jobs - len(self.jobs_in_flight):
             self.send_ready()
 
     def send_ready(self) -> None:
         """Send one READY: the router may send one more REQUEST."""
         if self.outgoing is None:
             raise RuntimeError("not connected")
-        self.outgoing.send(Message.new(Command.READY))
+        self.outgoing.send_frames(command_frames(Command.READY))
         self.total_ready_sent += 1
         self._ready_outstanding += 1
 
@@ -799,7 +849,7 @@ class JobManager:
         if self.outgoing is None or self.state is State.CONNECTING:
             self._pending_replies.append((text, msgid))
             return
-        self.outgoing.send(Message.new(Command.REPLY, text, msgid))
+        self.outgoing.send_frames(command_frames(Command.REPLY, text, msgid))
         self.counters["replies_sent"] += 1
 
     # ------------------------------------------------------------------

@@ -48,7 +48,11 @@ PREFIX = "emq_green"
 
 
 class JobStats:
-    """Counters and a duration histogram for one (callable, queue)."""
+    """Counters and a duration histogram for one (callable, queue).
+
+    Only finished jobs are counted as they end (one hook per job);
+    ``started`` is what :meth:`MetricsExtension.job_stats` adds up: jobs
+    that ran and finished, plus those running now."""
 
     __slots__ = ("started", "finished", "buckets", "duration_sum")
 
@@ -102,12 +106,28 @@ class MetricsExtension(Extension):
             self._server.stop(timeout=1)
             self._server = None
 
-    def job_started(self, manager: JobManager, record: JobRecord) -> None:
-        self.jobs[(record.callable_name, record.queue)].started += 1
-
     def job_finished(self, manager: JobManager, record: JobRecord, outcome: JobOutcome,
                      duration: float) -> None:
-        self.jobs[(record.callable_name, record.queue)].observe(outcome.status.value, duration)
+        stats = self.jobs[(record.callable_name, record.queue)]
+        stats.observe(outcome.status.value, duration)
+        if record.greenlet is not None:  # it ran (a rejected request never starts)
+            stats.started += 1
+
+    def job_stats(self) -> dict[tuple[str, str], JobStats]:
+        """Per (callable, queue): a copy of the counters, ``started``
+        including the jobs running now."""
+        result: dict[tuple[str, str], JobStats] = {}
+        for key, stats in self.jobs.items():
+            copy = result[key] = JobStats()
+            copy.started, copy.duration_sum = stats.started, stats.duration_sum
+            copy.finished.update(stats.finished)
+            copy.buckets[:] = stats.buckets
+        if self._manager is not None:
+            for record in list(self._manager.jobs_in_flight.values()):
+                if record.greenlet is not None and not record.done:
+                    key = (record.callable_name, record.queue)
+                    result.setdefault(key, JobStats()).started += 1
+        return result
 
     def disconnected(self, manager: JobManager, reason: str) -> None:
         self.heartbeat_gap(manager)  # keep the gap of the connection that ends
@@ -123,7 +143,7 @@ class MetricsExtension(Extension):
     def status(self, manager: JobManager) -> dict[str, Any]:
         return {
             "jobs": [{"callable": c, "queue": q, **s.summary()}
-                     for (c, q), s in sorted(self.jobs.items())],
+                     for (c, q), s in sorted(self.job_stats().items())],
             "longest_heartbeat_gap": round(self.heartbeat_gap(manager), 3),
             "metrics_addr": f"{self.address[0]}:{self.address[1]}" if self.address else None,
         }
@@ -206,7 +226,7 @@ class _Collector:
                                           "Job duration, from start to result.",
                                           labels=["callable", "queue"])
         bounds = [str(b) for b in DURATION_BUCKETS] + ["+Inf"]
-        for (name, queue), stats in sorted(ext.jobs.items()):
+        for (name, queue), stats in sorted(ext.job_stats().items()):
             started.add_metric([name, queue], stats.started)
             for s in Status:
                 finished.add_metric([name, queue, s.value], stats.finished[s.value])

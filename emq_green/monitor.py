@@ -198,9 +198,6 @@ class BlockMonitor(Extension):
         self._ticker: Any = None
         self._thread: Any = None
         self._subscribed = False
-        #: job greenlet -> the last job it started (greenlets are reused)
-        # (by id: job greenlets are few and reused; the identity is checked)
-        self._last_job: dict[int, JobRecord] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def manager_started(self, manager: JobManager) -> None:
@@ -269,10 +266,6 @@ class BlockMonitor(Extension):
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
 
-    def job_started(self, manager: JobManager, record: JobRecord) -> None:
-        if record.greenlet is not None:
-            self._last_job[id(record.greenlet)] = record
-
     # -- in gevent's monitor thread: collect, never log -------------------------
     def _check(self, hub: Any, greenlet: Any) -> None:
         if hub is not self._hub or not self._subscribed:
@@ -327,23 +320,20 @@ class BlockMonitor(Extension):
         self._hub.loop.run_callback_threadsafe(self._loop_free, incident)
 
     def _record_for(self, greenlet: Any) -> Optional[JobRecord]:
-        """The job running in ``greenlet``, or in the greenlet that spawned it."""
+        """The job running in ``greenlet``, or in the greenlet that spawned
+        it. The manager keeps each job greenlet's current (or last) job, so
+        a job that ended while this thread waited for the GIL is still
+        found; one dict lookup per greenlet, atomic under the GIL."""
         if self._manager is None:
             return None
-        records = self._manager.jobs_in_flight.copy()  # atomic under the GIL
-        by_greenlet = {id(r.greenlet): r for r in records.values() if r.greenlet is not None}
+        job_of = self._manager.job_of_greenlet
         seen = 0
         while greenlet is not None and seen < 50:
-            record = by_greenlet.get(id(greenlet))
-            if record is not None and record.greenlet is greenlet:
+            record = job_of.get(greenlet)
+            if record is not None:
                 return record
             parent = getattr(greenlet, "spawning_greenlet", None)
             greenlet = parent() if parent is not None else None
-            last = self._last_job.get(id(greenlet))
-            if last is not None and last.greenlet is greenlet:
-                # the job ended between the check and this lookup (the
-                # monitor thread waits for the GIL): still its block
-                return last
             seen += 1
         return None
 

@@ -12,7 +12,6 @@ and starts counting again.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -96,7 +95,7 @@ class Offload(Extension):
             return
         entry = self.callables.get(request.name)
         if entry is not None:
-            record.request = dataclasses.replace(request, subprocess=True)
+            record.request = request._replace(subprocess=True)
             entry["jobs"] += 1
 
     def status(self, manager: JobManager) -> dict[str, Any]:

@@ -11,11 +11,14 @@ Two quirks of the released code are kept on purpose: REPLY from a worker is
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 PROTOCOL_VERSION = "eMQP/1.0"
 _VERSION_FRAME = PROTOCOL_VERSION.encode()
@@ -50,16 +53,27 @@ _COMMAND_FRAMES = {c: frame for frame, c in _COMMANDS.items()}
 def new_msgid() -> str:
     """A fresh message id in uuid4 form, as EventMQ makes them.
 
-    Ids need to be unique, not secret, so they come from ``random`` (about
-    twice as fast as ``uuid.uuid4()``, which reads the OS's entropy source
-    for every id); ``random`` is re-seeded in a forked child.
+    Ids must be unique, not secret or unpredictable. Two are made per job,
+    so instead of ``uuid.uuid4()`` (about 3.7 us on the reference machine)
+    each process draws 74 random bits once and counts in the last 48 bits
+    (0.4 us). The prefix is drawn again in a forked child.
     """
-    h = f"{_bits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    return f"{_prefix}{next(_counter):012x}"
 
 
-_bits = random.getrandbits
+def _new_prefix() -> None:
+    global _prefix, _counter
+    h = f"{random.SystemRandom().getrandbits(80):020x}"
+    _prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-"
+    _counter = itertools.count(random.SystemRandom().getrandbits(40))
+
+
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+_prefix = ""
+_counter = itertools.count()
+_new_prefix()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_prefix)
 
 
 def _decode(frame: bytes, what: str) -> str:
@@ -69,9 +83,12 @@ def _decode(frame: bytes, what: str) -> str:
         raise ProtocolError(f"{what} is not UTF-8: {frame[:40]!r}") from exc
 
 
-@dataclass(frozen=True)
-class Message:
-    """One eMQP/1.0 message without the envelope (identity, '', version)."""
+class Message(NamedTuple):
+    """One eMQP/1.0 message without the envelope (identity, '', version).
+
+    A named tuple rather than a frozen dataclass: the worker builds three
+    per job, and a tuple is built in a third of the time.
+    """
 
     command: Command
     msgid: str
@@ -79,7 +96,7 @@ class Message:
 
     @classmethod
     def new(cls, command: Command, *body: str) -> Message:
-        return cls(command, new_msgid(), tuple(body))
+        return cls(command, new_msgid(), body)
 
     @classmethod
     def parse(cls, frames: Sequence[bytes]) -> Message:
@@ -93,16 +110,27 @@ class Message:
             raise ProtocolError(f"first frame must be empty, got {frames[0][:40]!r}")
         if frames[1] != _VERSION_FRAME:
             raise ProtocolError(f"unsupported protocol version {frames[1][:40]!r}")
-        command = _COMMANDS.get(frames[2].upper())
+        command = _COMMANDS.get(frames[2]) or _COMMANDS.get(frames[2].upper())
         if command is None:
             raise ProtocolError(f"unknown command {frames[2][:40]!r}")
-        msgid = _decode(frames[3], "message id")
-        body = tuple(_decode(f, "body frame") for f in frames[4:])
-        return cls(command, msgid, body)
+        try:
+            return cls(command, frames[3].decode(), tuple([f.decode() for f in frames[4:]]))
+        except UnicodeDecodeError:
+            _decode(frames[3], "message id")
+            for f in frames[4:]:
+                _decode(f, "body frame")
+            raise  # not reached: one of the frames above is not UTF-8
 
     def frames(self) -> list[bytes]:
         return [b"", _VERSION_FRAME, _COMMAND_FRAMES[self.command], self.msgid.encode(),
                 *[part.encode() for part in self.body]]
+
+
+def command_frames(command: Command, *body: str) -> list[bytes]:
+    """The frames of a new message, without building a :class:`Message`
+    (the worker's two sends per job)."""
+    return [b"", _VERSION_FRAME, _COMMAND_FRAMES[command], new_msgid().encode(),
+            *[part.encode() for part in body]]
 
 
 def split_identity(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
@@ -131,6 +159,20 @@ class Headers:
 
     @classmethod
     def parse(cls, text: str) -> Headers:
+        """Read a header text; raises :class:`ProtocolError` on a bad value.
+
+        Senders use a handful of distinct texts, so results are cached (the
+        objects are immutable)."""
+        headers = _HEADERS_SEEN.get(text)
+        if headers is None:
+            headers = cls._parse(text)
+            if len(_HEADERS_SEEN) >= _HEADERS_SEEN_MAX:
+                _HEADERS_SEEN.clear()
+            _HEADERS_SEEN[text] = headers
+        return headers
+
+    @classmethod
+    def _parse(cls, text: str) -> Headers:
         reply = guarantee = False
         retry = 0
         timeout: Optional[float] = None
@@ -170,21 +212,32 @@ class Headers:
         return ",".join(parts)
 
 
+_HEADERS_SEEN: dict[str, Headers] = {}
+_HEADERS_SEEN_MAX = 512
+
+
 def reply_requested_in(text: str) -> bool:
     """Whether a (possibly malformed) header text asks for a reply."""
     return any(h.strip() == "reply-requested" for h in text.split(","))
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    """The options of a ``["run", {...}]`` payload."""
+#: the default ``kwargs`` and ``class_kwargs``: empty and read-only
+NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
+
+
+_MAPPINGS = (dict, MappingProxyType)
+
+
+class RunRequest(NamedTuple):
+    """The options of a ``["run", {...}]`` payload (a named tuple: one is
+    built per job)."""
 
     path: str
     callable: str
     args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = NO_KWARGS
     class_args: tuple[Any, ...] = ()
-    class_kwargs: dict[str, Any] = field(default_factory=dict)
+    class_kwargs: Mapping[str, Any] = NO_KWARGS
     subprocess: bool = False
 
     @property
@@ -193,16 +246,12 @@ class RunRequest:
         return f"{self.path}.{self.callable}"
 
     @classmethod
-    def parse(cls, payload_json: str) -> RunRequest:
+    def parse(cls, payload_json: str | bytes) -> RunRequest:
         try:
             payload = json.loads(payload_json)
         except ValueError as exc:
             raise ProtocolError(f"payload is not JSON: {exc}") from exc
-        if (
-            not isinstance(payload, list)
-            or len(payload) != 2
-            or not isinstance(payload[1], dict)
-        ):
+        if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not dict:
             raise ProtocolError('payload must be ["run", {options}]')
         if payload[0] != "run":
             raise ProtocolError(f"unknown subcommand {payload[0]!r}")
@@ -210,30 +259,24 @@ class RunRequest:
         path, name = opts.get("path"), opts.get("callable")
         if not isinstance(path, str) or not path or not isinstance(name, str) or not name:
             raise ProtocolError("options need non-empty 'path' and 'callable' strings")
-        args, kwargs = opts.get("args") or (), opts.get("kwargs") or {}
-        class_args, class_kwargs = opts.get("class_args") or (), opts.get("class_kwargs") or {}
+        args, kwargs = opts.get("args") or (), opts.get("kwargs") or NO_KWARGS
+        class_args = opts.get("class_args") or ()
+        class_kwargs = opts.get("class_kwargs") or NO_KWARGS
         if not isinstance(args, (list, tuple)) or not isinstance(class_args, (list, tuple)):
             raise ProtocolError("'args' and 'class_args' must be lists")
-        if not isinstance(kwargs, dict) or not isinstance(class_kwargs, dict):
+        if not isinstance(kwargs, _MAPPINGS) or not isinstance(class_kwargs, _MAPPINGS):
             raise ProtocolError("'kwargs' and 'class_kwargs' must be objects")
-        return cls(
-            path=path,
-            callable=name,
-            args=tuple(args),
-            kwargs=kwargs,
-            class_args=tuple(class_args),
-            class_kwargs=class_kwargs,
-            subprocess=bool(opts.get("subprocess", False)),
-        )
+        return cls(path, name, tuple(args), kwargs, tuple(class_args), class_kwargs,
+                   bool(opts.get("subprocess", False)))
 
     def payload(self) -> str:
         opts: dict[str, Any] = {
             "callable": self.callable,
             "path": self.path,
             "args": list(self.args),
-            "kwargs": self.kwargs,
+            "kwargs": dict(self.kwargs),
             "class_args": list(self.class_args),
-            "class_kwargs": self.class_kwargs,
+            "class_kwargs": dict(self.class_kwargs),
         }
         if self.subprocess:
             opts["subprocess"] = True

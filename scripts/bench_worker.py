@@ -89,6 +89,12 @@ class PeakRss(threading.Thread):
             self.stop.wait(0.02)
 
 
+def main_thread_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of the worker's main thread (the event loop), without
+    libzmq's IO thread and the heartbeat thread."""
+    return sum(t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid)
+
+
 def frames(command: str, *body: str) -> list[bytes]:
     return [b"", b"eMQP/1.0", command.encode(), str(uuid.uuid4()).encode(),
             *(b.encode() for b in body)]
@@ -124,7 +130,7 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     deadline = time.monotonic() + 600
-    cpu_at_start = 0.0
+    cpu_at_start = main_at_start = 0.0
     harness_cpu_start = time.process_time()
     try:
         while len(latencies) < jobs:
@@ -153,6 +159,7 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                     started = time.monotonic()
                     t = psutil.Process(worker.pid).cpu_times()
                     cpu_at_start = t.user + t.system
+                    main_at_start = main_thread_cpu(psutil.Process(worker.pid))
                     harness_cpu_start = time.process_time()
                 elif command == b"HEARTBEAT":
                     sock.send_multipart([identity, *frames("HEARTBEAT", str(time.time()))])
@@ -166,8 +173,10 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                     credit -= 1
                     next_job += 1
         elapsed = time.monotonic() - started
-        cpu = psutil.Process(worker.pid).cpu_times()
+        proc = psutil.Process(worker.pid)
+        cpu = proc.cpu_times()
         worker_cpu = cpu.user + cpu.system - cpu_at_start
+        main_cpu = main_thread_cpu(proc) - main_at_start
         harness_cpu = time.process_time() - harness_cpu_start
     finally:
         sampler.stop.set()
@@ -188,6 +197,7 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
         "longest_silence_s": longest_silence,
         "worker_cpu_us_per_job": worker_cpu / jobs * 1e6,
         "harness_cpu_us_per_job": harness_cpu / jobs * 1e6,
+        "worker_main_thread_us_per_job": main_cpu / jobs * 1e6,
     }
 
 
