@@ -45,7 +45,6 @@ MAX_BATCH_DELAY = 0.05
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _send_frame = _BackendSocket.send
@@ -82,13 +81,19 @@ class _FastGreenSocket(zmq.Socket):
         self._Socket__state_changed()
 
     def recv_now(self) -> list[bytes] | None:
-        """The next whole message, or None when none is waiting."""
+        """The next whole message, or None when none is waiting.
+
+        Frames are received as :class:`zmq.Frame` for their ``more`` flag:
+        asking the socket for RCVMORE instead goes through pyzmq's option
+        enum, about 2.5 us per frame on the reference machine."""
         try:
-            frames = [_recv_frame(self, _NOBLOCK)]
+            frame = _recv_frame(self, _NOBLOCK, False)
         except zmq.Again:
             return None
-        while _getsockopt(self, _RCVMORE):
-            frames.append(_recv_frame(self, _NOBLOCK))
+        frames = [frame.bytes]
+        while frame.more:
+            frame = _recv_frame(self, _NOBLOCK, False)
+            frames.append(frame.bytes)
         return frames
 
 

@@ -51,9 +51,11 @@ from .protocol import (
     Message,
     ProtocolError,
     RunRequest,
-    command_frames,
     queues_json,
+    ready_frames,
+    reply_frames,
     reply_requested_in,
+    request_parts,
 )
 from .settings import Settings, SettingsError, load_settings
 from .subprocess_pool import SubprocessExtension
@@ -72,6 +74,9 @@ class State(str, Enum):
     RUNNING = "running"
     DRAINING = "draining"
     STOPPED = "stopped"
+
+
+_STATUS_KEYS = {status: status.value for status in Status}
 
 
 class StopMode(str, Enum):
@@ -174,7 +179,9 @@ class JobManager:
         self.skip_signal = skip_signal
         self._context = context or zmq.Context.instance()
         self.extensions: list[Extension] = list(extensions)
-        self._hook_cache: dict[tuple[str, int], list[Callable[..., Any]]] = {}
+        self._hook_cache: dict[str, list[Callable[..., Any]]] = {}
+        self._hooks_for = 0  # len(self.extensions) when the cache was filled
+        self._job_hooks: Optional[tuple[list[Callable[..., Any]], ...]] = None
         if not any(isinstance(e, SubprocessExtension) for e in self.extensions):
             # CPU-bound jobs ("subprocess": true, subprocess_callables); its
             # pool starts on the first such job.
@@ -265,8 +272,10 @@ class JobManager:
             exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
         except ImportError as exc:
             raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        previous = getattr(self, "runner", None)
         self.runner = JobRunner(global_timeout=settings.global_timeout,
-                                entry_func=entry, exit_func=exit_)
+                                entry_func=entry, exit_func=exit_,
+                                deadlines=previous.deadlines if previous else None)
 
     def _reload_settings(self) -> None:
         if self._settings_loader is None:
@@ -288,15 +297,26 @@ class JobManager:
 
     def _hooks(self, hook: str) -> list[Callable[..., Any]]:
         """The extensions' own implementations of ``hook`` (the base class's
-        no-ops are skipped: two hooks run per job, so this is a hot path)."""
-        key = (hook, len(self.extensions))
-        found = self._hook_cache.get(key)
+        no-ops are skipped: three hooks are looked at per job)."""
+        if len(self.extensions) != self._hooks_for:
+            self._hook_cache.clear()
+            self._job_hooks = None
+            self._hooks_for = len(self.extensions)
+        found = self._hook_cache.get(hook)
         if found is None:
             base = getattr(Extension, hook)
             found = [getattr(ext, hook) for ext in self.extensions
                      if getattr(type(ext), hook, base) is not base]
-            self._hook_cache[key] = found
+            self._hook_cache[hook] = found
         return found
+
+    @property
+    def _per_job_hooks(self) -> tuple[list[Callable[..., Any]], ...]:
+        """job_started, executor_for and job_finished, in one look-up."""
+        if len(self.extensions) != self._hooks_for or self._job_hooks is None:
+            self._job_hooks = (self._hooks("job_started"), self._hooks("executor_for"),
+                               self._hooks("job_finished"))
+        return self._job_hooks
 
     def _notify(self, hook: str, *args: Any) -> None:
         self._call_hooks(self._hooks(hook), hook, args)
@@ -562,6 +582,13 @@ class JobManager:
 
     def _handle_frames(self, frames: list[bytes]) -> None:
         """One message from the router, as received."""
+        request = None if self._debug_log else request_parts(frames)
+        if request is not None:  # the one message per job: the short way
+            try:
+                self.on_request(*request)
+            except Exception:
+                logger.exception("error handling REQUEST %s", request[0])
+            return
         try:
             message = Message.parse(frames)
         except ProtocolError as exc:
@@ -727,12 +754,10 @@ class JobManager:
     def _run_record(self, record: JobRecord) -> None:
         outcome: Optional[JobOutcome] = None
         pid = self._pid
-        hooks = self._hooks
+        started, executors, _ = self._per_job_hooks
         try:
-            started = hooks("job_started")
             if started:
                 self._call_hooks(started, "job_started", (record,))
-            executors = hooks("executor_for")
             executor = self._executor_for(record, executors) if executors else None
             if executor is None:
                 outcome = self.runner.run(record.request, record.headers)  # type: ignore[arg-type]
@@ -756,37 +781,39 @@ class JobManager:
             return
         record.done = True
         status = outcome.status
-        self.counters[status.value] += 1
-        finished = self._hooks("job_finished")
+        self.counters[_STATUS_KEYS[status]] += 1
+        finished = self._per_job_hooks[2]
         if finished:
             self._call_hooks(finished, "job_finished",
                              (record, outcome, time.monotonic() - record.started))
-        self.handle_response({
-            "callback": "worker_done_with_reply" if record.headers.reply_requested
-            else "worker_done",
-            "msgid": record.msgid,
-            "return": outcome.reply(),
-            "pid": pid or self._pid,
-            "death": status is Status.KILLED,
-        })
+        self._account(record.msgid, outcome.reply(), pid or self._pid,
+                      status is Status.KILLED,
+                      self.worker_done_with_reply if record.headers.reply_requested
+                      else self.worker_done)
 
     def handle_response(self, resp: dict[str, Any]) -> None:
-        """Account for a finished job and call its callback.
+        """Account for a finished job described as EventMQ's worker
+        processes report one, and call its callback.
 
         ``resp``: ``{"callback": "worker_done" | "worker_done_with_reply" |
         "worker_death", "msgid": str, "return": {"value": ...}, "pid": int,
         "death": bool}``. The job leaves :attr:`jobs_in_flight` before the
-        callback runs, so the callback sees its slot as free.
+        callback runs, so the callback sees its slot as free. (Greenlet and
+        subprocess jobs go through the same accounting without the dict.)
         """
         callback = self._callbacks.get(resp["callback"])
         if callback is None:
             raise ValueError(f"unknown callback {resp['callback']!r}")
-        msgid, pid, death = resp.get("msgid"), resp.get("pid") or self._pid, resp.get("death")
+        self._account(resp.get("msgid"), resp.get("return"), resp.get("pid") or self._pid,
+                      bool(resp.get("death")), callback)
+
+    def _account(self, msgid: Optional[str], reply: Any, pid: int, death: bool,
+                 callback: Callable[[Any, Optional[str], bool, int], None]) -> None:
         if msgid is not None:
             self.jobs_in_flight.pop(msgid, None)
         if not death:
             self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
-        callback(resp.get("return"), msgid, bool(death), pid)
+        callback(reply, msgid, death, pid)
 
     def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """A job finished without a reply requested: offer its slot."""
@@ -838,7 +865,7 @@ class JobManager:
         """Send one READY: the router may send one more REQUEST."""
         if self.outgoing is None:
             raise RuntimeError("not connected")
-        self.outgoing.send_frames(command_frames(Command.READY))
+        self.outgoing.send_frames(ready_frames())
         self.total_ready_sent += 1
         self._ready_outstanding += 1
 
@@ -849,7 +876,7 @@ class JobManager:
         if self.outgoing is None or self.state is State.CONNECTING:
             self._pending_replies.append((text, msgid))
             return
-        self.outgoing.send_frames(command_frames(Command.REPLY, text, msgid))
+        self.outgoing.send_frames(reply_frames(text, msgid))
         self.counters["replies_sent"] += 1
 
     # ------------------------------------------------------------------

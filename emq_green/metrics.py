@@ -87,6 +87,8 @@ class MetricsExtension(Extension):
     def __init__(self, addr: Optional[str] = None) -> None:
         self._addr = addr
         self.jobs: dict[tuple[str, str], JobStats] = collections.defaultdict(JobStats)
+        #: finished jobs not yet counted in :attr:`jobs` (see job_finished)
+        self._finished: list[tuple[str, str, Status, float, bool]] = []
         self.longest_heartbeat_gap = 0.0
         self.address: Optional[tuple[str, int]] = None
         self._server: Any = None
@@ -108,14 +110,24 @@ class MetricsExtension(Extension):
 
     def job_finished(self, manager: JobManager, record: JobRecord, outcome: JobOutcome,
                      duration: float) -> None:
-        stats = self.jobs[(record.callable_name, record.queue)]
-        stats.observe(outcome.status.value, duration)
-        if record.greenlet is not None:  # it ran (a rejected request never starts)
-            stats.started += 1
+        # One append per job; the counters are brought up to date in bulk.
+        self._finished.append((record.callable_name, record.queue, outcome.status,
+                               duration, record.greenlet is not None))
+        if len(self._finished) >= 2048:
+            self._count_finished()
+
+    def _count_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        for name, queue, status, duration, ran in finished:
+            stats = self.jobs[(name, queue)]
+            stats.observe(status.value, duration)
+            if ran:  # a rejected request never starts
+                stats.started += 1
 
     def job_stats(self) -> dict[tuple[str, str], JobStats]:
         """Per (callable, queue): a copy of the counters, ``started``
         including the jobs running now."""
+        self._count_finished()
         result: dict[tuple[str, str], JobStats] = {}
         for key, stats in self.jobs.items():
             copy = result[key] = JobStats()

@@ -2,11 +2,10 @@
 
 Opt-in: ``offload_after_blocks`` (incidents) and ``offload_after_seconds``
 (total time blocked), either or both; 0 means never. Once a callable
-crosses one, its next jobs are flagged ``subprocess`` as they start (the
-``job_started`` hook runs before any ``executor_for``), and the subprocess
-extension runs them in a child, where a blocking call holds only that
-child. Each decision is logged and shown in the status; SIGHUP forgets them
-and starts counting again.
+crosses one, its name is added to the subprocess extension's ``routed``
+callables, and that extension runs its next jobs in a child, where a
+blocking call holds only that child. Each decision is logged and shown
+in the status; SIGHUP forgets them and starts counting again.
 """
 
 from __future__ import annotations
@@ -18,15 +17,16 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .extensions import Extension
 from .monitor import BlockMonitor, Incident
+from .subprocess_pool import SubprocessExtension
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobmanager import JobManager, JobRecord
+    from .jobmanager import JobManager
 
 logger = logging.getLogger(__name__)
 
 
 class Offload(Extension):
-    """Listens to ``monitor``'s incidents; flags offenders' jobs ``subprocess``.
+    """Listens to ``monitor``'s incidents; routes offenders to the subprocess pool.
 
     ``after_blocks`` / ``after_seconds`` override the settings of the same
     (``offload_after_*``) names.
@@ -55,6 +55,13 @@ class Offload(Extension):
 
     def manager_started(self, manager: JobManager) -> None:
         self._read_settings(manager)
+        for ext in manager.extensions:
+            if isinstance(ext, SubprocessExtension):
+                # the pool's extension routes these names (and counts their jobs)
+                self.callables = ext.routed
+                break
+        else:
+            logger.warning("no subprocess extension: offload_after_* cannot take effect")
         if self._on_incident not in self.monitor.listeners:
             self.monitor.listeners.append(self._on_incident)
 
@@ -88,15 +95,6 @@ class Offload(Extension):
                                                  "jobs": 0}
             logger.warning("%s blocked the event loop: %s. Its jobs now run in the "
                            "subprocess pool, until SIGHUP.", incident.callable, reason)
-
-    def job_started(self, manager: JobManager, record: JobRecord) -> None:
-        request = record.request
-        if request is None or request.subprocess or not self.callables:
-            return
-        entry = self.callables.get(request.name)
-        if entry is not None:
-            record.request = request._replace(subprocess=True)
-            entry["jobs"] += 1
 
     def status(self, manager: JobManager) -> dict[str, Any]:
         return {"offload": {

@@ -126,6 +126,30 @@ class Message(NamedTuple):
                 *[part.encode() for part in self.body]]
 
 
+def request_parts(frames: Sequence[bytes]) -> Optional[tuple[str, tuple[str, str, str]]]:
+    """``(msgid, (queue, headers, payload))`` of a well-formed REQUEST, or
+    None for anything else (which :meth:`Message.parse` then reads, or
+    rejects with the reason). The worker's path for the one message it
+    gets per job, without building a :class:`Message`."""
+    if len(frames) != 7 or frames[2] != b"REQUEST" or frames[1] != _VERSION_FRAME or frames[0]:
+        return None
+    try:
+        return frames[3].decode(), (frames[4].decode(), frames[5].decode(), frames[6].decode())
+    except UnicodeDecodeError:
+        return None
+
+
+def ready_frames() -> list[bytes]:
+    """A new READY (sent once per job)."""
+    return [b"", _VERSION_FRAME, b"READY", new_msgid().encode()]
+
+
+def reply_frames(reply_json: str, orig_msgid: str) -> list[bytes]:
+    """A new REPLY from a worker: ``[reply_json, orig_msgid]``."""
+    return [b"", _VERSION_FRAME, b"REPLY", new_msgid().encode(), reply_json.encode(),
+            orig_msgid.encode()]
+
+
 def command_frames(command: Command, *body: str) -> list[bytes]:
     """The frames of a new message, without building a :class:`Message`
     (the worker's two sends per job)."""
@@ -226,6 +250,20 @@ NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 _MAPPINGS = (dict, MappingProxyType)
+_scan_once = json.JSONDecoder().scan_once
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` for a str, without its two whitespace regex matches
+    when the text is plain JSON (the C scanner reads one value from offset
+    0); anything else goes to json.loads, which also words the error."""
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return value
 
 
 class RunRequest(NamedTuple):
@@ -246,9 +284,9 @@ class RunRequest(NamedTuple):
         return f"{self.path}.{self.callable}"
 
     @classmethod
-    def parse(cls, payload_json: str | bytes) -> RunRequest:
+    def parse(cls, payload_json: str) -> RunRequest:
         try:
-            payload = json.loads(payload_json)
+            payload = _loads(payload_json)
         except ValueError as exc:
             raise ProtocolError(f"payload is not JSON: {exc}") from exc
         if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not dict:

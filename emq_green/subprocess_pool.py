@@ -363,13 +363,23 @@ class SubprocessExtension(Extension):
     def __init__(self) -> None:
         self.pool: Optional[SubprocessPool] = None
         self._retired: list[SubprocessPool] = []
+        #: callables sent to the pool at run time, name -> details with a
+        #: ``jobs`` count (filled by :class:`~emq_green.offload.Offload`)
+        self.routed: dict[str, dict[str, Any]] = {}
 
     def executor_for(self, manager: JobManager,
                      record: JobRecord) -> Optional[SubprocessExecutor]:
         request = record.request
-        if request is None or not runs_in_subprocess(request,
-                                                     manager.settings.subprocess_callables):
+        if request is None:
             return None
+        if not request.subprocess:  # checked in order of cost: this runs per job
+            routed = self.routed.get(request.name) if self.routed else None
+            if routed is not None:
+                routed["jobs"] += 1
+            else:
+                patterns = manager.settings.subprocess_callables
+                if not patterns or not runs_in_subprocess(request, patterns):
+                    return None
         if self.pool is None:
             self.pool = SubprocessPool(PoolConfig.from_settings(manager.settings))
         return SubprocessExecutor(self.pool, manager.runner.timeout_for(record.headers))
