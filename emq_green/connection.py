@@ -72,9 +72,10 @@ class _FastGreenSocket(zmq.Socket):
         message is never split by the high-water mark. The caller must call
         :meth:`check_state` after its last send.
         """
-        last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            _send_frame(self, frame, _MORE_NOBLOCK if i < last else _NOBLOCK)
+        *first, last = frames
+        for frame in first:
+            _send_frame(self, frame, _MORE_NOBLOCK)
+        _send_frame(self, last, _NOBLOCK)
 
     def check_state(self) -> None:
         """zmq.green's own state check: wakes a waiting reader if needed."""

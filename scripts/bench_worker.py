@@ -17,6 +17,7 @@ silence from the worker (no message of any kind).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -103,25 +104,125 @@ def frames(command: str, *body: str) -> list[bytes]:
             *(b.encode() for b in body)]
 
 
-def run_workload(label: str, callable_name: str, args: list, jobs: int, concurrency: int,
-                 extra_flags: list[str], workdir: str) -> dict:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    addr = f"tcp://127.0.0.1:{port}"
+class CpuMark:
+    """The worker's CPU seconds (whole process, and its main thread) at a moment."""
+
+    def __init__(self, pid: int) -> None:
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        self.total = t.user + t.system
+        self.main = main_thread_cpu(proc)
+
+
+def build_standin(workdir: str) -> str | None:
+    """Compile scripts/standin_router.c against the libzmq bundled with
+    pyzmq; None (with the reason printed) when that is not possible."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin_router.c")
+    libs = glob.glob(os.path.join(os.path.dirname(zmq.__file__), os.pardir, "pyzmq.libs",
+                                  "libzmq*.so*"))
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not libs or not compiler:
+        print("note: no C compiler or no bundled libzmq; using the Python stand-in router")
+        return None
+    exe = os.path.join(workdir, "standin_router")
+    lib = os.path.realpath(libs[0])
+    result = subprocess.run([compiler, "-O2", "-o", exe, source, lib,
+                             f"-Wl,-rpath,{os.path.dirname(lib)}"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"note: the C stand-in router did not build ({result.stderr.strip()[:300]}); "
+              "using the Python one")
+        return None
+    return exe
+
+
+def start_worker(label: str, addr: str, concurrency: int, extra_flags: list[str],
+                 workdir: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (workdir, os.environ.get("PYTHONPATH")) if p))
     cmd = [shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
                                                      "emq-green"),
            "-B", addr, "-J", str(concurrency), "-n", f"bench-{label}", *extra_flags]
     log = open(os.path.join(workdir, f"worker-{label}.log"), "w")
-    worker = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    sampler = PeakRss(worker.pid)
-    sampler.start()
+    try:
+        return subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def stop(worker: subprocess.Popen) -> None:
+    worker.terminate()
+    try:
+        worker.wait(15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+
+
+def run_workload(label: str, callable_name: str, args: list, jobs: int, concurrency: int,
+                 extra_flags: list[str], workdir: str, standin: str | None) -> dict:
     payload = json.dumps(["run", {"path": "benchjobs", "callable": callable_name,
                                   "args": args, "kwargs": {}}])
+    run = run_with_c_router if standin else run_with_python_router
+    result = run(label, payload, jobs, concurrency, extra_flags, workdir, standin)
+    return {"workload": label, "jobs": jobs, "J": concurrency,
+            "harness": "C" if standin else "Python", **result}
+
+
+def summary(jobs: int, elapsed: float, p50: float, p99: float, mean: float, silence: float,
+            peak: int, start: CpuMark, end: CpuMark, harness_cpu: float) -> dict:
+    return {
+        "jobs_per_s": jobs / elapsed,
+        "p50_ms": p50 * 1000,
+        "p99_ms": p99 * 1000,
+        "mean_ms": mean * 1000,
+        "peak_rss_mb": peak / 2**20,
+        "longest_silence_s": silence,
+        "worker_cpu_us_per_job": (end.total - start.total) / jobs * 1e6,
+        "worker_main_thread_us_per_job": (end.main - start.main) / jobs * 1e6,
+        "harness_cpu_us_per_job": harness_cpu / jobs * 1e6,
+    }
+
+
+def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
+                      extra_flags: list[str], workdir: str, standin: str | None) -> dict:
+    assert standin is not None
+    router = subprocess.Popen([standin, str(jobs), payload], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        first = router.stdout.readline().split()
+        if first[:1] != ["endpoint"]:
+            raise RuntimeError(f"stand-in router said {first!r}")
+        worker = start_worker(label, first[1], concurrency, extra_flags, workdir)
+        sampler = PeakRss(worker.pid)
+        sampler.start()
+        if router.stdout.readline().strip() != "acked":
+            raise RuntimeError(f"{label}: the worker never registered")
+        start = CpuMark(worker.pid)
+        line = router.stdout.readline()
+        end = CpuMark(worker.pid)
+        sampler.stop.set()
+        if not line:
+            raise RuntimeError(f"{label}: the stand-in router exited with {router.wait()}")
+        r = json.loads(line)
+        return summary(jobs, r["elapsed"], r["p50"], r["p99"], r["mean"], r["longest_silence"],
+                       sampler.peak, start, end, r["cpu"])
+    finally:
+        if worker is not None:
+            stop(worker)
+        router.kill()
+        router.wait()
+
+
+def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int,
+                           extra_flags: list[str], workdir: str, standin: str | None) -> dict:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    worker = start_worker(label, f"tcp://127.0.0.1:{port}", concurrency, extra_flags, workdir)
+    sampler = PeakRss(worker.pid)
+    sampler.start()
     requests = [frames("REQUEST", "default", "reply-requested", payload) for _ in range(jobs)]
     sent_at: dict[bytes, float] = {}
     latencies: list[float] = []
@@ -134,7 +235,7 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     deadline = time.monotonic() + 600
-    cpu_at_start = main_at_start = 0.0
+    start = None
     harness_cpu_start = time.process_time()
     try:
         while len(latencies) < jobs:
@@ -161,9 +262,7 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                     identity = msg[0]
                     sock.send_multipart([identity, *frames("ACK", msg[4].decode())])
                     started = time.monotonic()
-                    t = psutil.Process(worker.pid).cpu_times()
-                    cpu_at_start = t.user + t.system
-                    main_at_start = main_thread_cpu(psutil.Process(worker.pid))
+                    start = CpuMark(worker.pid)
                     harness_cpu_start = time.process_time()
                 elif command == b"HEARTBEAT":
                     sock.send_multipart([identity, *frames("HEARTBEAT", str(time.time()))])
@@ -177,32 +276,16 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                     credit -= 1
                     next_job += 1
         elapsed = time.monotonic() - started
-        proc = psutil.Process(worker.pid)
-        cpu = proc.cpu_times()
-        worker_cpu = cpu.user + cpu.system - cpu_at_start
-        main_cpu = main_thread_cpu(proc) - main_at_start
+        end = CpuMark(worker.pid)
         harness_cpu = time.process_time() - harness_cpu_start
     finally:
         sampler.stop.set()
-        worker.terminate()
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop(worker)
         sock.close(0)
-        log.close()
-    return {
-        "workload": label, "jobs": jobs, "J": concurrency,
-        "jobs_per_s": jobs / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "mean_ms": statistics.fmean(latencies) * 1000,
-        "peak_rss_mb": sampler.peak / 2**20,
-        "longest_silence_s": longest_silence,
-        "worker_cpu_us_per_job": worker_cpu / jobs * 1e6,
-        "harness_cpu_us_per_job": harness_cpu / jobs * 1e6,
-        "worker_main_thread_us_per_job": main_cpu / jobs * 1e6,
-    }
+    assert start is not None
+    return summary(jobs, elapsed, percentile(latencies, 0.50), percentile(latencies, 0.99),
+                   statistics.fmean(latencies), longest_silence, sampler.peak, start, end,
+                   harness_cpu)
 
 
 def main() -> None:
@@ -212,6 +295,8 @@ def main() -> None:
     ap.add_argument("--noop-j", type=int, default=100)
     ap.add_argument("--sleep-j", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=1, help="runs per workload (median shown)")
+    ap.add_argument("--python-router", action="store_true",
+                    help="use the stand-in router written in Python, not the C one")
     ap.add_argument("--worker-flag", action="append", default=[],
                     help="extra emq-green flag (repeatable), e.g. --worker-flag=--foo=1")
     opts = ap.parse_args()
@@ -219,12 +304,15 @@ def main() -> None:
     with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
         f.write(JOB_MODULE)
     plan = [("noop", "noop", [], opts.noop_j), ("sleep", "sleep", [0.1], opts.sleep_j)]
-    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    standin = None if opts.python_router else build_standin(workdir)
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; stand-in router "
+          f"in {'C' if standin else 'Python'}")
     rows = []
     for label, name, args, j in plan:
         if opts.only and opts.only != label:
             continue
-        runs = [run_workload(label, name, args, opts.jobs, j, opts.worker_flag, workdir)
+        runs = [run_workload(label, name, args, opts.jobs, j, opts.worker_flag, workdir,
+                             standin)
                 for _ in range(opts.repeat)]
         runs.sort(key=lambda r: r["jobs_per_s"])
         row = runs[len(runs) // 2]
@@ -232,12 +320,13 @@ def main() -> None:
         rows.append(row)
     header = f"{'workload':8} {'jobs':>6} {'-J':>5} {'jobs/s':>8} {'p50 ms':>8} " \
              f"{'p99 ms':>8} {'peak MB':>8} {'silence s':>9} {'wkr us/job':>10} " \
-             f"{'rtr us/job':>10}"
+             f"{'main us/job':>11} {'rtr us/job':>10}"
     print(header)
     for r in rows:
         print(f"{r['workload']:8} {r['jobs']:>6} {r['J']:>5} {r['jobs_per_s']:>8.0f} "
               f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['peak_rss_mb']:>8.1f} "
               f"{r['longest_silence_s']:>9.2f} {r['worker_cpu_us_per_job']:>10.0f} "
+              f"{r['worker_main_thread_us_per_job']:>11.0f} "
               f"{r['harness_cpu_us_per_job']:>10.0f}")
     print(json.dumps(rows))
     shutil.rmtree(workdir, ignore_errors=True)
