@@ -70,6 +70,48 @@ def sleep(seconds):
     return seconds
 '''
 
+# The baseline measured in the same run: the least a Python worker can do per
+# job on this machine. Plain pyzmq (no gevent), C-backend calls, no job
+# machinery: REPLY and READY for each REQUEST, straight away.
+BARE_WORKER = '''
+import sys, uuid, zmq
+from zmq.backend import Socket as B
+addr, slots = sys.argv[1], int(sys.argv[2])
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.connect(addr)
+V, MORE = b"eMQP/1.0", int(zmq.SNDMORE)
+def send(*parts):
+    for p in parts[:-1]:
+        B.send(s, p, MORE)
+    B.send(s, parts[-1], 0)
+def msgid():
+    return str(uuid.uuid4()).encode()
+send(b"", V, b"INFORM", msgid(), b\'[[10, "default"]]\', b"worker")
+while True:
+    f = s.recv(copy=False)
+    parts = [f.bytes]
+    while f.more:
+        f = s.recv(copy=False)
+        parts.append(f.bytes)
+    if parts[2] == b"ACK":
+        break
+for _ in range(slots):
+    send(b"", V, b"READY", msgid())
+reply = b\'{"value": null}\'
+while True:
+    f = s.recv(copy=False)
+    parts = [f.bytes]
+    while f.more:
+        f = s.recv(copy=False)
+        parts.append(f.bytes)
+    if parts[2] == b"REQUEST":
+        send(b"", V, b"REPLY", msgid(), reply, parts[3])
+        send(b"", V, b"READY", msgid())
+    elif parts[2] == b"HEARTBEAT":
+        send(b"", V, b"HEARTBEAT", msgid(), parts[4])
+'''
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -140,9 +182,12 @@ def start_worker(label: str, addr: str, concurrency: int, extra_flags: list[str]
                  workdir: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (workdir, os.environ.get("PYTHONPATH")) if p))
-    cmd = [shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
-                                                     "emq-green"),
-           "-B", addr, "-J", str(concurrency), "-n", f"bench-{label}", *extra_flags]
+    if label == "bare":
+        cmd = [sys.executable, "-c", BARE_WORKER, addr, str(concurrency)]
+    else:
+        cmd = [shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
+                                                         "emq-green"),
+               "-B", addr, "-J", str(concurrency), "-n", f"bench-{label}", *extra_flags]
     log = open(os.path.join(workdir, f"worker-{label}.log"), "w")
     try:
         return subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
@@ -290,7 +335,7 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["noop", "sleep"])
+    ap.add_argument("--only", choices=["bare", "noop", "sleep"])
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--noop-j", type=int, default=100)
     ap.add_argument("--sleep-j", type=int, default=1000)
@@ -303,7 +348,8 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="emq-bench-")
     with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
         f.write(JOB_MODULE)
-    plan = [("noop", "noop", [], opts.noop_j), ("sleep", "sleep", [0.1], opts.sleep_j)]
+    plan = [("bare", "noop", [], opts.noop_j), ("noop", "noop", [], opts.noop_j),
+            ("sleep", "sleep", [0.1], opts.sleep_j)]
     standin = None if opts.python_router else build_standin(workdir)
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; stand-in router "
           f"in {'C' if standin else 'Python'}")
@@ -328,6 +374,15 @@ def main() -> None:
               f"{r['longest_silence_s']:>9.2f} {r['worker_cpu_us_per_job']:>10.0f} "
               f"{r['worker_main_thread_us_per_job']:>11.0f} "
               f"{r['harness_cpu_us_per_job']:>10.0f}")
+    by_label = {r["workload"]: r for r in rows}
+    if "bare" in by_label and "noop" in by_label:
+        ratio = by_label["noop"]["jobs_per_s"] / by_label["bare"]["jobs_per_s"]
+        print(f"no-op jobs: emq-green reaches {ratio:.2f} of the bare pyzmq worker's rate, "
+              "measured in this run")
+    if "sleep" in by_label:
+        limit = by_label["sleep"]["J"] / 0.1
+        print(f"sleep jobs: {by_label['sleep']['jobs_per_s'] / limit:.2f} of the concurrency "
+              f"limit ({limit:.0f} jobs/s)")
     print(json.dumps(rows))
     shutil.rmtree(workdir, ignore_errors=True)
 
