@@ -243,7 +243,7 @@ class JobRunner:
         self.entry_func = entry_func
         self.exit_func = exit_func
         #: shared by the runners of one manager (a new runner on SIGHUP)
-        self.deadlines = deadlines or Deadlines()
+        self.deadlines = deadlines if deadlines is not None else Deadlines()
 
     def timeout_for(self, headers: Headers) -> Optional[float]:
         """``timeout:N`` header, else ``global_timeout``; 0 means none."""

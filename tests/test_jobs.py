@@ -1,0 +1,200 @@
+"""The job path's parts, in-process: deadlines, reply encoding, parsing, ids.
+
+These pieces were rewritten for speed (docs/benchmarks.md); each test pins
+the behaviour the slower, obvious version had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import gevent
+import pytest
+
+from emq_green.jobs import Deadlines, JobRunner, JobTimeout, Status, encode_reply
+from emq_green.protocol import (
+    Headers,
+    ProtocolError,
+    RunRequest,
+    _loads,
+    new_msgid,
+    ready_frames,
+    reply_frames,
+    request_parts,
+)
+
+JOBS = "jobs_for_tests"
+
+
+def run(runner: JobRunner, callable_name: str, *args, headers: str = ""):
+    request = RunRequest(JOBS, callable_name, args)
+    return gevent.spawn(runner.run, request, Headers.parse(headers)).get(timeout=30)
+
+
+# -- deadlines ------------------------------------------------------------------
+
+def test_a_job_stops_close_to_its_timeout():
+    runner = JobRunner(global_timeout=0)
+    started = time.monotonic()
+    outcome = run(runner, "nap", 30, headers="timeout:0.4")
+    took = time.monotonic() - started
+    assert outcome.status is Status.TIMED_OUT and outcome.value == "TimeoutError"
+    assert "0.4 s" in outcome.error_message
+    # the check runs every timeout/20: at most 5% late, plus scheduling
+    assert 0.4 <= took < 0.4 * 1.05 + 0.15, took
+    assert len(runner.deadlines) == 0
+
+
+def test_global_timeout_applies_and_a_header_overrides_it():
+    runner = JobRunner(global_timeout=0.3)
+    assert run(runner, "nap", 5).status is Status.TIMED_OUT
+    assert run(runner, "nap", 0.5, headers="timeout:2").status is Status.SUCCEEDED
+
+
+def test_a_shorter_timeout_arriving_later_makes_the_check_more_frequent():
+    deadlines = Deadlines()
+    runner = JobRunner(global_timeout=0, deadlines=deadlines)
+    assert run(runner, "nap", 0, headers="timeout:100").status is Status.SUCCEEDED
+    assert deadlines.period == Deadlines.MAX_PERIOD
+    started = time.monotonic()
+    assert run(runner, "nap", 30, headers="timeout:0.2").status is Status.TIMED_OUT
+    assert deadlines.period == pytest.approx(0.01)
+    assert time.monotonic() - started < 0.2 * 1.05 + 0.15
+
+
+def test_a_job_cannot_swallow_its_timeout_with_except_exception():
+    runner = JobRunner(global_timeout=0)
+    outcome = run(runner, "swallow_everything", 30, headers="timeout:0.3")
+    assert outcome.status is Status.TIMED_OUT
+
+
+def test_a_timeout_of_the_job_s_own_is_not_taken_for_the_job_s():
+    def own_timeout():
+        with gevent.Timeout(0.05, False):
+            gevent.sleep(1)
+        return "survived"
+
+    runner = JobRunner(global_timeout=5)
+    jobs_module = __import__(JOBS)
+    jobs_module.own_timeout = own_timeout
+    try:
+        outcome = run(runner, "own_timeout")
+    finally:
+        del jobs_module.own_timeout
+    assert outcome.status is Status.SUCCEEDED and outcome.value == "survived"
+
+
+def test_a_stray_job_timeout_is_not_reported_as_this_attempt_s():
+    def raises_foreign():
+        raise JobTimeout(object())
+
+    jobs_module = __import__(JOBS)
+    jobs_module.raises_foreign = raises_foreign
+    try:
+        with pytest.raises(JobTimeout):
+            run(JobRunner(global_timeout=5), "raises_foreign")
+    finally:
+        del jobs_module.raises_foreign
+
+
+def test_many_concurrent_deadlines_each_stop_their_own_job():
+    runner = JobRunner(global_timeout=0)
+    greenlets = [gevent.spawn(runner.run, RunRequest(JOBS, "nap", (0.05 if i % 2 else 30,)),
+                              Headers.parse("timeout:0.3")) for i in range(200)]
+    outcomes = [g.get(timeout=10) for g in greenlets]
+    assert [o.status for o in outcomes[1::2]] == [Status.SUCCEEDED] * 100
+    assert [o.status for o in outcomes[0::2]] == [Status.TIMED_OUT] * 100
+    assert len(runner.deadlines) == 0
+
+
+# -- reply encoding ---------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [None, True, 3, -2.5, "é", "a\"b\n", [1, {"k": [None]}],
+                                   {"nested": {"x": 1.0e300}}, float("nan"), 10**30])
+def test_replies_are_encoded_exactly_as_json_dumps_does(value):
+    reply = {"value": value}
+    assert encode_reply(reply) == json.dumps(reply)
+
+
+def test_unencodable_values_become_their_error_text():
+    reply = json.loads(encode_reply({"value": object()}))
+    assert reply["value"] == "Object of type object is not JSON serializable"
+    assert reply["error"]["type"] == "TypeError"
+    circular: list = []
+    circular.append(circular)
+    reply = json.loads(encode_reply({"value": circular}))
+    assert reply["value"] == "Circular reference detected"
+    assert reply["error"]["type"] == "ValueError"
+
+
+# -- parsing and ids -----------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ['["run", {}]', ' ["run", {}]', '["run", {}] ', '{"a": 1}',
+                                  '"x"', "1.5e3", "[1,]", "", "nul", '["run"] x', "[1, 2"])
+def test_payload_json_reads_as_json_loads_does(text):
+    try:
+        expected = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(type(exc)) as got:
+            _loads(text)
+        assert str(got.value) == str(exc)
+    else:
+        assert _loads(text) == expected
+
+
+def test_run_request_parse_checks_types():
+    req = RunRequest.parse('["run", {"path": "m", "callable": "f", "args": [1], '
+                           '"kwargs": {"a": 2}, "subprocess": true}]')
+    assert req == RunRequest("m", "f", (1,), {"a": 2}, (), {}, True)
+    assert req.name == "m.f"
+    for bad in ('["run", {"path": "m", "callable": "f", "kwargs": [1]}]',
+                '["run", {"path": "m", "callable": "f", "args": {"a": 1}}]',
+                '["run", {"path": "", "callable": "f"}]', '["walk", {}]', "[]"):
+        with pytest.raises(ProtocolError):
+            RunRequest.parse(bad)
+
+
+def test_request_parts_takes_only_well_formed_requests():
+    good = [b"", b"eMQP/1.0", b"REQUEST", b"id", b"default", b"reply-requested", b"[]"]
+    assert request_parts(good) == ("id", ("default", "reply-requested", "[]"))
+    assert request_parts(good[:-1]) is None
+    assert request_parts([b"x", *good[1:]]) is None
+    assert request_parts([b"", b"eMQP/2.0", *good[2:]]) is None
+    assert request_parts([*good[:2], b"HEARTBEAT", *good[3:]]) is None
+    assert request_parts([*good[:3], b"\xff", *good[4:]]) is None
+
+
+def test_headers_are_cached_and_bounded():
+    first = Headers.parse("reply-requested,timeout:3")
+    assert Headers.parse("reply-requested,timeout:3") is first
+    assert first.reply_requested and first.timeout == 3
+    for i in range(2000):
+        Headers.parse(f"retry-count:{i}")
+    from emq_green import protocol
+
+    assert len(protocol._HEADERS_SEEN) <= protocol._HEADERS_SEEN_MAX
+    with pytest.raises(ProtocolError):
+        Headers.parse("timeout:x")
+
+
+def test_message_ids_are_unique_uuid4_strings_and_differ_after_fork():
+    ids = [new_msgid() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids[:100])
+    frames = reply_frames('{"value": 1}', "orig")
+    assert frames[:3] == [b"", b"eMQP/1.0", b"REPLY"] and frames[4:] == [b'{"value": 1}',
+                                                                         b"orig"]
+    assert ready_frames()[:3] == [b"", b"eMQP/1.0", b"READY"]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one id and leave at once
+        os.write(write, new_msgid().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_id[:24] != new_msgid()[:24]
