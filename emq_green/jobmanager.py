@@ -62,6 +62,8 @@ from .subprocess_pool import SubprocessExtension
 
 logger = logging.getLogger(__name__)
 
+# Messages the reader takes from the socket before it lets other greenlets run.
+READ_CHUNK = 32
 # How long a draining manager keeps reading after its KBYE, for REQUESTs the
 # router sent before it saw the KBYE.
 DRAIN_LINGER = 0.5
@@ -570,7 +572,7 @@ class JobManager:
         handle = self._handle_frames
         while True:
             try:
-                batch = conn.recv_batch()
+                batch = conn.recv_batch(READ_CHUNK)
             except zmq.ZMQError as exc:
                 if not conn.closed:
                     logger.error("receiving from %s failed: %s", conn.addr, exc)
@@ -579,6 +581,13 @@ class JobManager:
                 return
             for frames in batch:
                 handle(frames)
+            if len(batch) == READ_CHUNK:
+                # More may be waiting: let the jobs just handed out start
+                # first. Reading everything at once started hundreds of jobs
+                # in one burst, which came back as one burst of READYs; the
+                # bursts kept the loop's turns long and cost the sleep
+                # benchmark ~10% of its rate (docs/benchmarks.md).
+                gevent.sleep(0)
 
     def _handle_frames(self, frames: list[bytes]) -> None:
         """One message from the router, as received."""
