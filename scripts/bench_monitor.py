@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Overhead of the loop-block monitor (and the heartbeat thread) on a worker.
 
-Runs scripts/bench_worker.py's workload (a stand-in pyzmq ROUTER in this
-process, the real emq-green console script in its own) with three worker
+Runs scripts/bench_worker.py's workload (its stand-in router, in C when it
+builds, and the real emq-green console script in its own process) with three worker
 configurations, interleaved in the same run so that machine drift hits them
 alike, and prints the medians and their ratio to "off":
 
@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import JOB_MODULE, run_workload  # noqa: E402
+from bench_worker import JOB_MODULE, build_standin, run_workload  # noqa: E402
 
 CONFIGS = {
     "off": ["--block-threshold=0", "--thread-heartbeats=false"],
@@ -44,12 +44,13 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="emq-bench-monitor-")
     with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
         f.write(JOB_MODULE)
+    standin = build_standin(workdir)
     results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     try:
         for i in range(opts.repeat):
             for config, flags in CONFIGS.items():
                 row = run_workload(f"{opts.workload}-{config}-{i}", name, args, opts.jobs,
-                                   concurrency, flags, workdir)
+                                   concurrency, flags, workdir, standin)
                 results[config].append(row)
                 print(f"run {i + 1}/{opts.repeat} {config:8} {row['jobs_per_s']:7.0f} jobs/s "
                       f"{row['worker_cpu_us_per_job']:6.0f} us/job worker CPU "
