@@ -737,7 +737,7 @@ class JobManager:
         job_of = self.job_of_greenlet
         try:
             while record is not None:
-                self._running_jobs(record)
+                self._run_with_backlog(record)
                 idle.append(me)
                 record = hub.switch()
         finally:
@@ -745,7 +745,7 @@ class JobManager:
             if me in idle:
                 idle.remove(me)
 
-    def _running_jobs(self, record: Optional[JobRecord]) -> None:
+    def _run_with_backlog(self, record: Optional[JobRecord]) -> None:
         # A finished job's greenlet takes the next backlogged request itself:
         # spawning into the pool from here would wait on our own pool slot.
         me = gevent.getcurrent()

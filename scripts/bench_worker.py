@@ -87,24 +87,21 @@ def send(*parts):
     B.send(s, parts[-1], 0)
 def msgid():
     return str(uuid.uuid4()).encode()
-send(b"", V, b"INFORM", msgid(), b\'[[10, "default"]]\', b"worker")
-while True:
+def recv():
     f = s.recv(copy=False)
     parts = [f.bytes]
     while f.more:
         f = s.recv(copy=False)
         parts.append(f.bytes)
-    if parts[2] == b"ACK":
-        break
+    return parts
+send(b"", V, b"INFORM", msgid(), b\'[[10, "default"]]\', b"worker")
+while recv()[2] != b"ACK":
+    pass
 for _ in range(slots):
     send(b"", V, b"READY", msgid())
 reply = b\'{"value": null}\'
 while True:
-    f = s.recv(copy=False)
-    parts = [f.bytes]
-    while f.more:
-        f = s.recv(copy=False)
-        parts.append(f.bytes)
+    parts = recv()
     if parts[2] == b"REQUEST":
         send(b"", V, b"REPLY", msgid(), reply, parts[3])
         send(b"", V, b"READY", msgid())
