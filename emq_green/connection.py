@@ -1,8 +1,10 @@
 """The link to one router: one ``zmq.green`` DEALER socket, one identity.
 
 pyzmq's green sockets allow one waiting greenlet per direction. The job
-manager keeps to that: exactly one greenlet calls :meth:`Connection.recv`,
-and every send goes through :meth:`Connection.send`, which never waits. When
+manager keeps to that: exactly one greenlet calls
+:meth:`Connection.recv_batch`, and every send goes through
+:meth:`Connection.send_frames` (or :meth:`Connection.send`), which never
+waits. When
 ZeroMQ's send queue is full (the high-water mark), messages go to a local
 overflow queue that one flusher greenlet drains in order.
 
@@ -222,10 +224,6 @@ class Connection:
                 logger.error("sending to %s failed: %s", self.addr, exc)
         finally:
             self._flusher = None
-
-    def recv(self) -> list[bytes]:
-        """Wait for the next message; only the reader greenlet calls this."""
-        return self.recv_batch(1)[0]
 
     def recv_batch(self, limit: int = 256) -> list[list[bytes]]:
         """Wait for messages; return those waiting (at least one, at most

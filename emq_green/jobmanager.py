@@ -634,7 +634,7 @@ class JobManager:
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
         """HEARTBEAT from the router. Liveness itself is counted for every
-        message in :meth:`Connection.recv`; here the pool gets a health check,
+        message in :meth:`Connection.recv_batch`; here the pool gets a health check,
         as EventMQ does on each heartbeat."""
         if self.state is State.RUNNING:
             self.check_worker_health()

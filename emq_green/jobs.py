@@ -255,7 +255,7 @@ class JobRunner:
         The timeout applies to each attempt. A timed-out job is not retried:
         it may have done part of its work, and would likely time out again.
         """
-        timeout = headers.timeout or self.global_timeout or None
+        timeout = self.timeout_for(headers)
         if headers.retry_count == 0 and self.entry_func is None and self.exit_func is None:
             return self._attempt(request, timeout, 1)  # the usual case, one call less
         return run_attempts(request.name, lambda n: self._attempt(request, timeout, n),

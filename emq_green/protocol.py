@@ -150,13 +150,6 @@ def reply_frames(reply_json: str, orig_msgid: str) -> list[bytes]:
             orig_msgid.encode()]
 
 
-def command_frames(command: Command, *body: str) -> list[bytes]:
-    """The frames of a new message, without building a :class:`Message`
-    (the worker's two sends per job)."""
-    return [b"", _VERSION_FRAME, _COMMAND_FRAMES[command], new_msgid().encode(),
-            *[part.encode() for part in body]]
-
-
 def split_identity(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
     """Split what a ROUTER socket received into (identity, message frames)."""
     if not frames:
