@@ -385,6 +385,13 @@ class JobManager:
         self._request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
         return self._stopped.wait(timeout)
 
+    def reload(self) -> None:
+        """What SIGHUP does: re-read the settings (when a settings source was
+        given), say KBYE and reconnect with a new identity. Returns at once;
+        the manager's own greenlet does the work."""
+        self._reload_requested = True
+        self._wake.set()
+
     def jobmanager_main(self, broker_addr: Optional[str] = None) -> None:
         """Read the settings (unless given), connect to ``broker_addr`` and serve."""
         if not self._settings_given:
@@ -415,15 +422,11 @@ class JobManager:
         def quit_now() -> None:
             self._request_stop(StopMode.GRACEFUL)
 
-        def reload() -> None:
-            self._reload_requested = True
-            self._wake.set()
-
         table = {
             signal.SIGTERM: stop,
             signal.SIGINT: stop,
             signal.SIGQUIT: quit_now,
-            signal.SIGHUP: reload,
+            signal.SIGHUP: self.reload,
             signal.SIGUSR1: self.log_status,
         }
         try:

@@ -72,6 +72,10 @@ class Settings:
     monkey_patch: bool = True
     subprocess_callables: tuple[str, ...] = ()
     subprocess_pool_size: int = 0
+    #: None (unset): every callable may run, as in EventMQ; else only these
+    allowed_callables: Optional[tuple[str, ...]] = None
+    #: bytes; -1 = unlimited (ZeroMQ MAXMSGSIZE, and the whole message)
+    max_message_size: int = 16 * 1024 * 1024
     # loop-block monitor, heartbeats while blocked, offload, metrics (monitoring.md)
     block_threshold: float = 1.0
     thread_heartbeats: bool = True
@@ -82,6 +86,8 @@ class Settings:
     frontend_addr: str = "tcp://127.0.0.1:47291"
     backend_addr: str = DEFAULT_ADDR
     administrative_addr: str = "tcp://127.0.0.1:47293"
+    #: router: bytes of requests it buffers in all, before it stops reading clients
+    max_buffer_bytes: int = 128 * 1024 * 1024
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -143,6 +149,24 @@ def _to_str_list(text: str) -> tuple[str, ...]:
     if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
         raise ValueError('must be a JSON list of strings like ["reports.build"]')
     return tuple(raw)
+
+
+def _to_callable_patterns(text: str) -> tuple[str, ...]:
+    from .callables import check_pattern
+
+    patterns = _to_str_list(text)
+    for pattern in patterns:
+        check_pattern(pattern)
+    return patterns
+
+
+def _to_size(text: str) -> int:
+    value = _to_int(text)
+    if value == -1:
+        return value
+    if value < 1:
+        raise ValueError("must be a number of bytes (at least 1), or -1 for unlimited")
+    return value
 
 
 def _to_addr(text: str) -> str:
@@ -211,8 +235,13 @@ _SPECS: tuple[_Spec, ...] = (
           "leave heartbeats out of debug logs"),
     _Spec("max_sockets", ("--max-sockets",), _to_positive_int, "ZeroMQ socket limit"),
     _Spec("hwm", ("--hwm",), _to_positive_int, "ZeroMQ high-water mark"),
-    _Spec("subprocess_callables", ("--subprocess-callables",), _to_str_list,
+    _Spec("subprocess_callables", ("--subprocess-callables",), _to_callable_patterns,
           'callables or "module.*" prefixes always run in a subprocess (JSON list)'),
+    _Spec("allowed_callables", ("--allowed-callables",), _to_callable_patterns,
+          'only these callables may run: JSON list of full names or "module.*" prefixes '
+          "(default: unset, every callable may run)"),
+    _Spec("max_message_size", ("--max-message-size",), _to_size,
+          "largest message accepted, in bytes (-1: unlimited)"),
     _Spec("subprocess_pool_size", ("--subprocess-pool-size",), _to_int,
           "subprocess children for CPU-bound jobs (0: number of CPUs)"),
     _Spec("block_threshold", ("--block-threshold",), _to_seconds,
@@ -231,6 +260,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("backend_addr", ("--backend-addr",), _to_addr, "router: address for workers"),
     _Spec("administrative_addr", ("--administrative-addr",), _to_addr,
           "router: administrative address"),
+    _Spec("max_buffer_bytes", ("--max-buffer-bytes",), _to_size,
+          "router: bytes of requests buffered in all before it stops reading clients"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

@@ -38,6 +38,7 @@ import gevent.queue
 from gevent import subprocess
 
 from . import child as child_main
+from .callables import matches
 from .extensions import Extension
 from .jobs import TIMEOUT_VALUE, JobOutcome, Status
 from .protocol import Headers, RunRequest
@@ -65,17 +66,7 @@ def runs_in_subprocess(request: RunRequest, patterns: Sequence[str]) -> bool:
     """The request's own flag, or a ``subprocess_callables`` entry: a full
     name (``reports.build``, ``app.jobs:Mailer.send``) or a module prefix
     (``imaging.*`` matches ``imaging.resize`` and ``imaging.fx.blur``)."""
-    if request.subprocess:
-        return True
-    module = request.path.partition(":")[0]
-    for pattern in patterns:
-        if pattern.endswith(".*"):
-            prefix = pattern[:-2]
-            if module == prefix or module.startswith(prefix + "."):
-                return True
-        elif pattern == request.name:
-            return True
-    return False
+    return request.subprocess or matches(request, patterns)
 
 
 @dataclass(frozen=True)
