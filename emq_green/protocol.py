@@ -76,6 +76,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_prefix)
 
 
+def printable(text: object, limit: int = 120) -> str:
+    """Peer-supplied text made safe for a log line: control and other
+    non-printable characters escaped (``\\n``, ``\\x1b``), bytes shown
+    escaped, at most ``limit`` characters kept."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text[: limit * 4]).decode("utf-8", "backslashreplace")
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _decode(frame: bytes, what: str) -> str:
     try:
         return frame.decode("utf-8")
