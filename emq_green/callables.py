@@ -72,4 +72,30 @@ def refusal(request: RunRequest, allowed: Optional[Sequence[str]]) -> Optional[s
     return None
 
 
-__all__ = ["check_pattern", "matches", "refusal"]
+class CallablePolicy:
+    """:func:`refusal` for one ``allowed_callables`` setting, remembered per
+    name: a worker sees a few names many times, and this runs per job."""
+
+    CACHE_MAX = 1024
+
+    def __init__(self, allowed: Optional[Sequence[str]]) -> None:
+        self.allowed = None if allowed is None else tuple(allowed)
+        self._seen: dict[tuple[str, str], Optional[str]] = {}
+
+    def refusal(self, request: RunRequest) -> Optional[str]:
+        key = (request.path, request.callable)
+        try:
+            return self._seen[key]
+        except KeyError:
+            pass
+        reason = refusal(request, self.allowed)
+        if len(self._seen) >= self.CACHE_MAX:
+            self._seen.clear()
+        self._seen[key] = reason
+        return reason
+
+
+#: ``error.type`` of the reply to a request whose callable may not run
+NOT_ALLOWED = "CallableNotAllowed"
+
+__all__ = ["NOT_ALLOWED", "CallablePolicy", "check_pattern", "matches", "refusal"]

@@ -26,7 +26,8 @@ import signal
 import sys
 from typing import IO, Any, Callable, Optional
 
-from .jobs import JobOutcome, Status, import_dotted, resolve, run_attempts
+from .callables import NOT_ALLOWED, CallablePolicy
+from .jobs import JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
 from .protocol import ProtocolError, RunRequest
 
 logger = logging.getLogger("emq_green.child")
@@ -36,6 +37,8 @@ ENV_SETUP = "EMQ_GREEN_CHILD_SETUP_FUNC"
 ENV_ENTRY = "EMQ_GREEN_CHILD_ENTRY_FUNC"
 ENV_EXIT = "EMQ_GREEN_CHILD_EXIT_FUNC"
 ENV_PARENT = "EMQ_GREEN_CHILD_PARENT_PID"
+#: ``allowed_callables`` as JSON, or empty when unset
+ENV_ALLOWED = "EMQ_GREEN_CHILD_ALLOWED_CALLABLES"
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -75,8 +78,10 @@ class Child:
     """One job at a time, with the worker's entry and exit functions around it."""
 
     def __init__(self, out: IO[str], *, entry_func: Optional[Callable[[], Any]] = None,
-                 exit_func: Optional[Callable[[], Any]] = None) -> None:
+                 exit_func: Optional[Callable[[], Any]] = None,
+                 policy: Optional[CallablePolicy] = None) -> None:
         self.out = out
+        self.policy = policy or CallablePolicy(None)
         self.entry_func = entry_func
         self.exit_func = exit_func
 
@@ -89,6 +94,10 @@ class Child:
             request = RunRequest.parse(message["payload"])
         except (KeyError, TypeError, ProtocolError) as exc:
             return JobOutcome.rejected("InvalidRequest", str(exc))
+        refused = self.policy.refusal(request)
+        if refused is not None:  # the worker checks first; this is the second lock
+            logger.warning("job refused: %s", refused)
+            return JobOutcome.rejected(NOT_ALLOWED, refused)
         retry_count = int(message.get("retry_count") or 0)
 
         def attempt(n: int) -> JobOutcome:
@@ -101,7 +110,11 @@ class Child:
     @staticmethod
     def _attempt(request: RunRequest, attempt: int) -> JobOutcome:
         try:
-            value = resolve(request)(*request.args, **request.kwargs)
+            func = resolve(request)
+        except Exception as exc:
+            return not_found(request, exc)
+        try:
+            value = func(*request.args, **request.kwargs)
         except (Exception, SystemExit) as exc:
             logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc)
             return JobOutcome.failure(exc, attempt)
@@ -140,7 +153,9 @@ def main() -> int:
         except Exception:
             # as EventMQ: a failed setup is logged, the child still serves
             logger.exception("subprocess_setup_func %s failed", setup)
-    child = Child(proto_out, entry_func=entry, exit_func=exit_)
+    allowed = os.environ.get(ENV_ALLOWED, "")
+    policy = CallablePolicy(json.loads(allowed) if allowed else None)
+    child = Child(proto_out, entry_func=entry, exit_func=exit_, policy=policy)
     child.send({"ready": os.getpid()})
     try:
         child.serve(proto_in)

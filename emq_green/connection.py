@@ -131,6 +131,12 @@ class Connection:
         #: longest time between two messages sent (what the router sees)
         self.longest_gap = 0.0
         self.sent_count = 0
+        #: READYs sent on this connection that no REQUEST has used yet
+        self.ready_outstanding = 0
+        #: monotonic time the last REQUEST arrived
+        self.last_request = 0.0
+        #: REPLYs dropped at close because the socket would not take them
+        self.dropped = 0
         self.closed = False
         self._outbox: list[list[bytes]] = []
         self._outbox_since = 0.0
@@ -142,6 +148,13 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.identity} -> {self.addr}>"
+
+    def set_max_message_size(self, size: int) -> None:
+        """ZeroMQ's MAXMSGSIZE (bytes, -1 unlimited): libzmq checks it for
+        each frame and drops the connection of a peer that sends more; the
+        manager checks whole messages itself."""
+        with self.guard:
+            self.socket.setsockopt(zmq.MAXMSGSIZE, size)
 
     def send(self, message: Message) -> None:
         """Queue ``message`` for the router without waiting."""
@@ -292,6 +305,11 @@ class Connection:
         if self._flusher is not None:
             self._flusher.kill(block=False)
         if self._overflow:
-            logger.warning("%d message(s) to %s dropped at close", len(self._overflow), self.addr)
+            replies = [f[5].decode("utf-8", "replace") for f in self._overflow
+                       if len(f) > 5 and f[2] == b"REPLY"]
+            logger.error("%d message(s) to %s dropped at close (the router was not taking "
+                         "them); REPLY to: %s", len(self._overflow), self.addr,
+                         ", ".join(replies) or "none")
+            self.dropped += len(replies)
         with self.guard:
             self.socket.close(linger=int(linger * 1000))

@@ -40,6 +40,7 @@ import gevent.pool
 import zmq.green as zmq
 
 from . import __version__
+from .callables import NOT_ALLOWED, CallablePolicy
 from .connection import Connection
 from .extensions import Executor, Extension
 from .jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
@@ -51,6 +52,7 @@ from .protocol import (
     Message,
     ProtocolError,
     RunRequest,
+    printable,
     queues_json,
     ready_frames,
     reply_frames,
@@ -64,9 +66,6 @@ logger = logging.getLogger(__name__)
 
 # Messages the reader takes from the socket before it lets other greenlets run.
 READ_CHUNK = 32
-# How long a draining manager keeps reading after its KBYE, for REQUESTs the
-# router sent before it saw the KBYE.
-DRAIN_LINGER = 0.5
 # How long the last replies may take to leave when the socket closes.
 CLOSE_LINGER = 2.0
 
@@ -222,7 +221,9 @@ class JobManager:
         self._reload_requested = False
         self._router_gone: Optional[str] = None
         self._acked = gevent.event.Event()
-        self._ready_outstanding = 0
+        #: connections left after a reload, still read until the router is quiet
+        self._retiring: list[Connection] = []
+        self._lingering = gevent.pool.Group()
         self._running = 0
         self._backlog: collections.deque[JobRecord] = collections.deque()
         self._pending_replies: list[tuple[str, str]] = []
@@ -269,6 +270,8 @@ class JobManager:
             self._lifecycle.label = self.name
         self.queues = settings.queues
         self.concurrent_jobs = settings.concurrent_jobs
+        self._policy = CallablePolicy(settings.allowed_callables)
+        self._max_size = settings.max_message_size
         try:
             entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
             exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
@@ -365,6 +368,12 @@ class JobManager:
         if self._main is not None:
             raise RuntimeError("JobManager already started")
         self._pid = os.getpid()
+        if self.settings.allowed_callables is None:
+            logger.warning(
+                "allowed_callables is not set: a REQUEST may run any callable this "
+                "process can import (os.system included). Set allowed_callables (INI "
+                "key, EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job "
+                "callables, e.g. [\"myapp.jobs.*\"]")
         if not self.skip_signal:
             self._install_signals()
         self._set_state(State.CONNECTING)
@@ -451,8 +460,15 @@ class JobManager:
             self._heart.kill(block=False)
             self._idle.clear()
             self._pool.kill(block=False)  # the parked job greenlets
-            if self.outgoing is not None:
-                self.outgoing.close(CLOSE_LINGER)
+            self._lingering.kill(block=False)
+            for conn in [*self._retiring, self.outgoing]:
+                if conn is not None:
+                    self._close(conn, CLOSE_LINGER)
+            for _reply, msgid in self._pending_replies:
+                self.counters["replies_dropped"] += 1
+                logger.error("REPLY to %s dropped: the worker stopped before a router "
+                             "took it", printable(msgid))
+            self._pending_replies.clear()
             self._set_state(State.STOPPED)
             self._notify("manager_stopped")
             self._stopped.set()
@@ -472,10 +488,10 @@ class JobManager:
         conn = Connection(self._context, addr, identity, hwm=self.settings.hwm,
                           debug_log=self.settings.super_debug,
                           hide_heartbeats=self.settings.hide_heartbeat_logs)
+        conn.set_max_message_size(self.settings.max_message_size)
         self.outgoing = conn
         self._acked.clear()
         self._router_gone = None
-        self._ready_outstanding = 0
         self._set_state(State.CONNECTING)
         reader = gevent.spawn(self._read_loop, conn)
         try:
@@ -504,6 +520,7 @@ class JobManager:
                     self.counters["reloads"] += 1
                     conn.send(Message.new(Command.KBYE))
                     self._notify("disconnected", "settings reloaded")
+                    self._retire(conn, reader)
                     return
                 if self._router_gone:
                     logger.error("%s; reconnecting", self._router_gone)
@@ -511,12 +528,54 @@ class JobManager:
                     self._notify("disconnected", self._router_gone)
                     return
         finally:
-            if self._stop_mode is None:
+            if conn in self._retiring:
+                self.outgoing = None
+            elif self._stop_mode is None:
                 reader.kill()
-                conn.close(0 if self._router_gone else CLOSE_LINGER)
+                self._close(conn, 0 if self._router_gone else CLOSE_LINGER)
                 self.outgoing = None
             else:
                 self._reader = reader
+
+    def _close(self, conn: Connection, linger: float) -> None:
+        conn.close(linger)
+        self.counters["replies_dropped"] += conn.dropped
+        conn.dropped = 0
+
+    def _retire(self, conn: Connection, reader: gevent.Greenlet) -> None:
+        """After a KBYE on reload: keep reading ``conn`` until the router has
+        been quiet for ``heartbeat_timeout`` (REQUESTs it sent before it saw
+        the KBYE still arrive, and run), then close it."""
+        self._retiring.append(conn)
+
+        since = time.monotonic()
+
+        def linger() -> None:
+            try:
+                while True:
+                    left = self._quiet(conn, self.settings.heartbeat_timeout, since)
+                    if left <= 0:
+                        break
+                    gevent.sleep(min(left, 0.25))
+            finally:
+                reader.kill()
+                if conn.ready_outstanding:
+                    logger.info("connection %s closed; %d READY(s) it had offered were "
+                                "not used", conn.identity, conn.ready_outstanding)
+                self._close(conn, CLOSE_LINGER)
+                self._retiring.remove(conn)
+                self._offer_slots()
+
+        self._lingering.spawn(linger)
+
+    @staticmethod
+    def _quiet(conn: Connection, quiet: float, since: float) -> float:
+        """Seconds until no more REQUESTs are expected on ``conn`` after a
+        KBYE sent at ``since`` (0: none): the router may send one per READY
+        it has not used, until it has been quiet for ``quiet`` seconds."""
+        if not conn.ready_outstanding:
+            return 0.0
+        return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
 
     def _wait_for_ack(self) -> bool:
         deadline = time.monotonic() + self.settings.reconnect_timeout
@@ -545,11 +604,16 @@ class JobManager:
         if self._stop_mode is StopMode.GRACEFUL:
             grace = self.settings.kill_grace_period
             deadline = time.monotonic() + grace
-            linger_until = time.monotonic() + (DRAIN_LINGER if was_running else 0)
+            # REQUESTs the router sent before it saw the KBYE still arrive:
+            # read until it has been quiet for heartbeat_timeout (not past the
+            # grace period), as after a reload.
+            quiet = min(self.settings.heartbeat_timeout, grace)
+            since = time.monotonic()
             logger.info("draining: %d job(s) running, waiting up to %g s",
                         len(self.jobs_in_flight), grace)
             while time.monotonic() < deadline and self._stop_mode is StopMode.GRACEFUL:
-                if not self.jobs_in_flight and time.monotonic() >= linger_until:
+                if not self.jobs_in_flight and not self._retiring and (
+                        conn is None or not was_running or self._quiet(conn, quiet, since) <= 0):
                     break
                 self._wake.clear()
                 self._wake.wait(0.05)
@@ -579,11 +643,12 @@ class JobManager:
             except zmq.ZMQError as exc:
                 if not conn.closed:
                     logger.error("receiving from %s failed: %s", conn.addr, exc)
-                    self._router_gone = f"socket error: {exc}"
-                    self._wake.set()
+                    if conn is self.outgoing:
+                        self._router_gone = f"socket error: {exc}"
+                        self._wake.set()
                 return
             for frames in batch:
-                handle(frames)
+                handle(frames, conn)
             if len(batch) == READ_CHUNK:
                 # More may be waiting: let the jobs just handed out start
                 # first. Reading everything at once started hundreds of jobs
@@ -592,14 +657,20 @@ class JobManager:
                 # benchmark ~10% of its rate (docs/benchmarks.md).
                 gevent.sleep(0)
 
-    def _handle_frames(self, frames: list[bytes]) -> None:
-        """One message from the router, as received."""
+    def _handle_frames(self, frames: list[bytes], conn: Optional[Connection] = None) -> None:
+        """One message from the router, as received on ``conn``."""
         request = None if self._debug_log else request_parts(frames)
-        if request is not None:  # the one message per job: the short way
+        if request is not None and (
+                self._max_size < 0 or sum(map(len, frames)) <= self._max_size):
             try:
-                self.on_request(*request)
+                self._on_request(conn, *request)
             except Exception:
-                logger.exception("error handling REQUEST %s", request[0])
+                logger.exception("error handling REQUEST %s", printable(request[0]))
+            return
+        if len(frames) > 2 and frames[2].upper() == b"REQUEST":
+            # The router took a slot for anything it sent as a REQUEST: whatever
+            # else is wrong with it, the slot comes back.
+            self._on_bad_request(frames, conn)
             return
         try:
             message = Message.parse(frames)
@@ -611,6 +682,8 @@ class JobManager:
             self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
         ):
             logger.debug("<- %s %s %s", message.command.value, message.msgid, message.body)
+        if conn is not None and conn is not self.outgoing:
+            return  # a connection left after a reload is read for its REQUESTs only
         handler = self._dispatch.get(message.command)
         if handler is None:
             self.counters["unexpected_messages"] += 1
@@ -621,6 +694,33 @@ class JobManager:
             handler(message)
         except Exception:
             logger.exception("error handling %s %s", message.command.value, message.msgid)
+
+    def _on_bad_request(self, frames: list[bytes], conn: Optional[Connection]) -> None:
+        """A REQUEST that is too large, not UTF-8, of the wrong shape or
+        logged in debug mode: parse it the slow way, or reject it."""
+        size = sum(map(len, frames))
+        if 0 <= self._max_size < size:
+            error: Optional[ProtocolError] = ProtocolError(
+                f"message of {size} bytes is larger than max_message_size "
+                f"({self._max_size} bytes)")
+        else:
+            try:
+                message = Message.parse(frames)
+            except ProtocolError as exc:
+                error = exc
+            else:
+                if self._debug_log:
+                    logger.debug("<- REQUEST %s %s", message.msgid, message.body)
+                self._on_request(conn, message.msgid, message.body)
+                return
+        msgid = frames[3].decode("utf-8", "backslashreplace") if len(frames) > 3 else ""
+        body = [f.decode("utf-8", "replace") for f in frames[4:7]]
+        self.total_requests += 1
+        if conn is not None:
+            conn.last_request = time.monotonic()
+            if conn.ready_outstanding > 0:
+                conn.ready_outstanding -= 1
+        self._reject_malformed(msgid, body, error)
 
     def _on_ack(self, message: Message) -> None:
         self._acked.set()
@@ -670,45 +770,71 @@ class JobManager:
         return self.concurrent_jobs - len(self.jobs_in_flight)
 
     def on_request(self, msgid: str, msg: Sequence[str]) -> None:
-        """Handle a REQUEST body ``[queue, headers_csv, payload_json]``.
+        """Handle a REQUEST body ``[queue, headers_csv, payload_json]`` that
+        came on the current connection.
 
         The payload is ``["run", {path, callable, args, kwargs, class_args,
         class_kwargs}]``; ``path`` may be ``module:Class``. Never blocks: the
         job starts in the pool, or waits in the backlog if the router sent
-        more than it was offered. A request that cannot be parsed is answered
-        at once (an error REPLY when one was requested) and its slot returned.
+        more than it was offered. A request that cannot be parsed, names a
+        callable that may not run, or reuses the msgid of a job in flight is
+        answered at once (an error REPLY when one was requested) and its
+        slot returned.
         """
+        self._on_request(self.outgoing, msgid, msg)
+
+    def _on_request(self, conn: Optional[Connection], msgid: str, msg: Sequence[str]) -> None:
         self.total_requests += 1
-        if self._ready_outstanding > 0:
-            self._ready_outstanding -= 1
+        if conn is not None:
+            conn.last_request = time.monotonic()
+            if conn.ready_outstanding > 0:
+                conn.ready_outstanding -= 1
         try:
             queue, raw_headers, payload = msg
             headers = Headers.parse(raw_headers)
-            request: Optional[RunRequest] = RunRequest.parse(payload)
-            error = None
-        except (ProtocolError, ValueError) as exc:
-            error = exc if isinstance(exc, ProtocolError) else \
-                ProtocolError(f"REQUEST needs 3 body frames, got {len(msg)}")
-            queue = msg[0] if msg else ""
-            raw_headers = msg[1] if len(msg) > 1 else ""
-            try:
-                headers = Headers.parse(raw_headers)
-            except ProtocolError:
-                headers = Headers(reply_requested=reply_requested_in(raw_headers))
-            request = None
+            request = RunRequest.parse(payload)
+        except Exception as exc:  # whatever the frames hold, the slot comes back
+            self._reject_malformed(msgid, msg, exc)
+            return
+        refused = self._policy.refusal(request)
+        if refused is not None:
+            self.counters["refused"] += 1
+            logger.warning("REQUEST %s refused: %s", printable(msgid), printable(refused, 300))
+            self._reject(msgid, headers, NOT_ALLOWED, refused)
+            return
+        if msgid in self.jobs_in_flight:
+            self._reject_malformed(msgid, msg, ProtocolError("its msgid is already in flight"))
+            return
         record = JobRecord(msgid, queue, headers, request)
         self.jobs_in_flight[msgid] = record
-        if error is not None:
-            self.counters["invalid_requests"] += 1
-            logger.warning("invalid REQUEST %s: %s", msgid, error)
-            self._complete(record, JobOutcome.rejected("InvalidRequest", str(error)))
-        elif self._running >= self.concurrent_jobs:
+        if self._running >= self.concurrent_jobs:
             self.counters["backlogged"] += 1
             logger.warning("REQUEST %s beyond the %d slots offered; it waits in the worker",
                            msgid, self.concurrent_jobs)
             self._backlog.append(record)
         else:
             self._start(record)
+
+    def _reject_malformed(self, msgid: str, body: Sequence[Any], error: BaseException) -> None:
+        """An invalid REQUEST: InvalidRequest when a reply was requested."""
+        if isinstance(error, ProtocolError):
+            text = str(error)
+        elif isinstance(error, ValueError) and len(body) != 3:
+            text = f"REQUEST needs 3 body frames, got {len(body)}"
+        else:
+            text = f"{type(error).__name__}: {error}"
+        raw_headers = body[1] if len(body) > 1 and isinstance(body[1], str) else ""
+        self.counters["invalid_requests"] += 1
+        logger.warning("invalid REQUEST %s: %s", printable(msgid), printable(text, 300))
+        self._reject(msgid, Headers(reply_requested=reply_requested_in(raw_headers)),
+                     "InvalidRequest", text)
+
+    def _reject(self, msgid: str, headers: Headers, error_type: str, message: str) -> None:
+        """Answer a request that will not run, and give its slot back. It
+        never enters :attr:`jobs_in_flight` (its msgid may be another job's)."""
+        outcome = JobOutcome.rejected(error_type, message)
+        callback = self.worker_done_with_reply if headers.reply_requested else self.worker_done
+        callback(outcome.reply(), msgid, False, self._pid)
 
     def _start(self, record: JobRecord) -> None:
         """Run ``record`` in a parked job greenlet, or a new one if none is idle.
@@ -868,18 +994,25 @@ class JobManager:
         return repaired
 
     def _offer_slots(self) -> None:
-        if self.outgoing is None or self.state is not State.RUNNING:
+        conn = self.outgoing
+        if conn is None or self.state is not State.RUNNING:
             return
-        while self._ready_outstanding < self.concurrent_jobs - len(self.jobs_in_flight):
+        free = self.concurrent_jobs - len(self.jobs_in_flight)
+        if self._retiring:
+            # REQUESTs may still come on a connection left after a reload,
+            # one per READY it was sent: those slots are not offered again.
+            free -= sum(old.ready_outstanding for old in self._retiring)
+        while conn.ready_outstanding < free:
             self.send_ready()
 
     def send_ready(self) -> None:
         """Send one READY: the router may send one more REQUEST."""
-        if self.outgoing is None:
+        conn = self.outgoing
+        if conn is None:
             raise RuntimeError("not connected")
-        self.outgoing.send_frames(ready_frames())
+        conn.send_frames(ready_frames())
         self.total_ready_sent += 1
-        self._ready_outstanding += 1
+        conn.ready_outstanding += 1
 
     def send_reply(self, reply: Any, msgid: str) -> None:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
@@ -911,7 +1044,8 @@ class JobManager:
             "identity": self.outgoing.identity if self.outgoing else None,
             "concurrent_jobs": self.concurrent_jobs,
             "free_slots": self.free_slots,
-            "ready_outstanding": self._ready_outstanding,
+            "ready_outstanding": self.outgoing.ready_outstanding if self.outgoing else 0,
+            "retiring_connections": len(self._retiring),
             "backlog": len(self._backlog),
             "greenlets": len(self._pool),
             "total_requests": self.total_requests,

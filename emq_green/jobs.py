@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import gevent
 
-from .protocol import Headers, RunRequest
+from .protocol import Headers, RunRequest, printable
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,8 @@ def run_attempts(
         while True:
             n += 1
             outcome = attempt(n)
-            if outcome.status is not Status.FAILED or n > retry_count:
-                return outcome
+            if outcome.status is not Status.FAILED or n > retry_count or not outcome.attempts:
+                return outcome  # (no attempts: the callable was not found)
             logger.info("%s failed (attempt %d of %d), retrying: %s", name, n,
                         retry_count + 1, outcome.error_message)
     finally:
@@ -169,6 +169,15 @@ def run_attempts(
                 exit_func()
             except Exception:
                 logger.exception("job_exit_func failed after %s", name)
+
+
+def not_found(request: RunRequest, exc: Exception) -> JobOutcome:
+    """The outcome of a request whose callable could not be imported or
+    found: a failure with no attempt made (not retried, and not counted
+    under the callable's own name in the metrics)."""
+    logger.warning("job %s: callable not found: %s: %s", printable(request.name),
+                   type(exc).__name__, printable(exc, 300))
+    return JobOutcome.failure(exc, attempts=0)
 
 
 class Deadlines:
@@ -268,7 +277,11 @@ class JobRunner:
         # attempt's token, so a nested one is told apart.
         token = self.deadlines.enter(timeout) if timeout else None
         try:
-            value = resolve(request)(*request.args, **request.kwargs)
+            try:
+                func = resolve(request)
+            except Exception as exc:
+                return not_found(request, exc)
+            value = func(*request.args, **request.kwargs)
         except JobTimeout as exc:
             if token is None or exc.args[0] is not token:
                 raise

@@ -45,6 +45,16 @@ logger = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0)
 PREFIX = "emq_green"
+#: (callable, queue) pairs with series of their own; later ones count under
+#: OTHER. With the duration histogram a pair is ~23 lines of /metrics, so
+#: this keeps the page under 256 KB whatever names clients send.
+MAX_SERIES = 64
+#: a callable name longer than this counts under OTHER
+MAX_NAME = 80
+#: the label of everything else: callables past MAX_SERIES, callables that
+#: could not be found (clients choose those names), queues the worker does
+#: not serve (the router forwards unknown queue names untouched)
+OTHER = "other"
 
 
 class JobStats:
@@ -94,11 +104,13 @@ class MetricsExtension(Extension):
         self._server: Any = None
         self._manager: Optional[JobManager] = None
         self._render: Optional[Callable[[], bytes]] = None
+        self._queues: set[str] = set()
         self._content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     # -- hooks ------------------------------------------------------------------
     def manager_started(self, manager: JobManager) -> None:
         self._manager = manager
+        self._queues = {name for _w, name in manager.queues}
         addr = self._addr if self._addr is not None else manager.settings.metrics_addr
         if addr:
             self._serve(addr)
@@ -112,17 +124,29 @@ class MetricsExtension(Extension):
                      duration: float) -> None:
         # One append per job; the counters are brought up to date in bulk.
         self._finished.append((record.callable_name, record.queue, outcome.status,
-                               duration, record.greenlet is not None))
+                               duration, outcome.attempts))
         if len(self._finished) >= 2048:
             self._count_finished()
 
     def _count_finished(self) -> None:
         finished, self._finished = self._finished, []
-        for name, queue, status, duration, ran in finished:
-            stats = self.jobs[(name, queue)]
+        for name, queue, status, duration, attempts in finished:
+            stats = self.jobs[self._key(self.jobs, name, queue, known=attempts > 0)]
             stats.observe(status.value, duration)
-            if ran:  # a rejected request never starts
-                stats.started += 1
+            stats.started += 1
+
+    def _key(self, table: dict[tuple[str, str], JobStats], name: str, queue: str,
+             known: bool) -> tuple[str, str]:
+        """The labels a job is counted under in ``table`` (see MAX_SERIES
+        and OTHER)."""
+        if queue not in self._queues:
+            queue = OTHER
+        key = (name, queue)
+        if key in table:
+            return key
+        if known and len(table) < MAX_SERIES and len(name) <= MAX_NAME:
+            return key
+        return (OTHER, queue)
 
     def job_stats(self) -> dict[tuple[str, str], JobStats]:
         """Per (callable, queue): a copy of the counters, ``started``
@@ -137,9 +161,14 @@ class MetricsExtension(Extension):
         if self._manager is not None:
             for record in list(self._manager.jobs_in_flight.values()):
                 if record.greenlet is not None and not record.done:
-                    key = (record.callable_name, record.queue)
+                    # a running job's callable may not exist (it fails soon)
+                    key = self._key(result, record.callable_name, record.queue, known=True)
                     result.setdefault(key, JobStats()).started += 1
         return result
+
+    def reload(self, manager: JobManager) -> None:
+        self._count_finished()  # under the queues they came for
+        self._queues |= {name for _w, name in manager.queues}
 
     def disconnected(self, manager: JobManager, reason: str) -> None:
         self.heartbeat_gap(manager)  # keep the gap of the connection that ends
@@ -255,6 +284,10 @@ class _Collector:
         counters = status.get("counters", {})
         connections = counters.get("connections", 0)
         yield counter("connections", "Connections the router ACKed.", connections)
+        yield counter("requests_refused", "REQUESTs naming a callable that may not run "
+                      "(allowed_callables, private names).", counters.get("refused", 0))
+        yield counter("requests_invalid", "REQUESTs that could not be read (frames, JSON, "
+                      "headers, size).", counters.get("invalid_requests", 0))
         yield counter("reconnects", "Connections after the first.", max(0, connections - 1))
 
         blocks = status.get("loop_blocks") or {}

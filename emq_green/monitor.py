@@ -70,6 +70,8 @@ def _check_all(hub: Any) -> None:
 
 #: Frames of the blocking stack kept (innermost).
 STACK_LIMIT = 25
+#: Callables counted by name; later ones are counted as "other".
+MAX_CALLABLES = 64
 #: Incidents kept for the status.
 RECENT_INCIDENTS = 20
 #: How often the monitor thread looks whether a block it found has ended.
@@ -348,7 +350,10 @@ class BlockMonitor(Extension):
         self.incidents += 1
         self.blocked_seconds += duration
         self.longest = max(self.longest, duration)
-        stats = self.by_callable[incident.callable]
+        name = incident.callable
+        if name not in self.by_callable and len(self.by_callable) >= MAX_CALLABLES:
+            name = "other"
+        stats = self.by_callable[name]
         stats.incidents += 1
         stats.blocked_seconds += duration
         stats.longest = max(stats.longest, duration)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -219,11 +220,14 @@ class Headers:
                 elif name == "guarantee":
                     guarantee = True
                 elif name == "retry-count":
-                    retry = max(0, int(value))
+                    retry = int(value)
+                    if not 0 <= retry <= MAX_RETRY_COUNT:
+                        raise ValueError(f"must be 0 to {MAX_RETRY_COUNT}")
                 elif name == "timeout":
-                    timeout = float(value) or None
-                    if timeout is not None and timeout < 0:
-                        raise ValueError("negative")
+                    timeout = float(value)
+                    if not 0 <= timeout < math.inf:  # NaN fails this too
+                        raise ValueError("must be a finite number of seconds, 0 or more")
+                    timeout = timeout or None
                 else:
                     extra.append(item)
             except ValueError as exc:
@@ -243,6 +247,9 @@ class Headers:
         parts.extend(self.extra)
         return ",".join(parts)
 
+
+#: the largest ``retry-count`` a REQUEST may ask for; more is an invalid request
+MAX_RETRY_COUNT = 100
 
 _HEADERS_SEEN: dict[str, Headers] = {}
 _HEADERS_SEEN_MAX = 512
@@ -297,6 +304,8 @@ class RunRequest(NamedTuple):
             payload = _loads(payload_json)
         except ValueError as exc:
             raise ProtocolError(f"payload is not JSON: {exc}") from exc
+        except RecursionError:
+            raise ProtocolError("payload is nested too deeply") from None
         if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not dict:
             raise ProtocolError('payload must be ["run", {options}]')
         if payload[0] != "run":

@@ -78,14 +78,19 @@ class PoolConfig:
     setup_func: str = ""
     entry_func: str = ""
     exit_func: str = ""
+    #: ``allowed_callables``: the children check it too
+    allowed: Optional[tuple[str, ...]] = None
+    #: the interpreter the children run
+    executable: str = sys.executable
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PoolConfig:
-        return cls(size=settings.subprocess_pool_size or cpu_count(),
-                   max_job_count=settings.max_job_count,
-                   setup_func=settings.subprocess_setup_func,
-                   entry_func=settings.job_entry_func,
-                   exit_func=settings.job_exit_func)
+    def from_settings(cls, settings: Settings, **changes: Any) -> PoolConfig:
+        return cls(**{"size": settings.subprocess_pool_size or cpu_count(),
+                      "max_job_count": settings.max_job_count,
+                      "setup_func": settings.subprocess_setup_func,
+                      "entry_func": settings.job_entry_func,
+                      "exit_func": settings.job_exit_func,
+                      "allowed": settings.allowed_callables, **changes})
 
 
 class ChildDied(Exception):
@@ -111,8 +116,10 @@ class _Child:
         env[child_main.ENV_ENTRY] = config.entry_func
         env[child_main.ENV_EXIT] = config.exit_func
         env[child_main.ENV_PARENT] = str(os.getpid())
+        env[child_main.ENV_ALLOWED] = "" if config.allowed is None else json.dumps(
+            list(config.allowed))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "emq_green.child"],
+            [config.executable, "-m", "emq_green.child"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             close_fds=True, start_new_session=True,
         )
@@ -132,13 +139,14 @@ class _Child:
             raise ChildDied()
         return json.loads(line)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
         if self.ready:
             return
+        limit = STARTUP_TIMEOUT if timeout is None else min(timeout, STARTUP_TIMEOUT)
         try:
-            msg = self.receive(STARTUP_TIMEOUT)
+            msg = self.receive(limit)
         except _ChildTimedOut:
-            raise ChildDied(f"did not start within {STARTUP_TIMEOUT:g} s") from None
+            raise ChildDied(f"did not start within {limit:g} s") from None
         if "ready" not in msg:
             raise ChildDied(f"sent {msg!r} instead of ready")
         self.ready = True
@@ -195,21 +203,29 @@ class SubprocessPool:
         self._children: dict[int, _Child] = {}
         self._ending = gevent.pool.Group()  # greenlets ending children
         self._users = 0  # jobs inside run(), waiting or running
+        self._starting = 0  # children being started
         self._busy = 0
         self._started = False
         self._draining = False
         self._closed = False
 
     # -- children ------------------------------------------------------------
-    def _start_child(self) -> None:
+    def _start_child(self) -> Optional[str]:
+        """Start one child; the reason when it cannot be started."""
+        self._starting += 1  # starting may let other greenlets run
         try:
             child = _Child(self.config)
-        except OSError:
-            logger.exception("cannot start a subprocess child")
-            return
+        except (OSError, ValueError) as exc:
+            self.counters["spawn_failures"] += 1
+            logger.error("cannot start a subprocess child (%s -m emq_green.child): %s",
+                         self.config.executable, exc)
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self._starting -= 1
         self._children[child.pid] = child
         self.counters["children_started"] += 1
         self._idle.put(child)
+        return None
 
     def _end(self, child: _Child, *, kill: bool) -> None:
         """Forget a child and end it in the background: SIGKILL, or close
@@ -240,12 +256,24 @@ class SubprocessPool:
             raise RuntimeError("the subprocess pool is closed")
         if not self._started:
             self._started = True
-            for _ in range(self.config.size):
-                self._start_child()
+            # (a count read each time: starting a child lets other jobs in)
+            while len(self._children) + self._starting < self.config.size:
+                if self._start_child() is not None:
+                    break
         self._users += 1
         try:
             with self._slots:
-                child = self._idle.get()
+                if self._idle.empty() and \
+                        len(self._children) + self._starting < self.config.size:
+                    # a child that could not be started or replaced earlier
+                    failed = self._start_child()
+                    if failed is not None:
+                        return self._cannot_start(request, failed)
+                try:
+                    child = self._idle.get(timeout=timeout)
+                except gevent.queue.Empty:
+                    return self._cannot_start(request, f"no child was free within the "
+                                                       f"job's timeout of {timeout:g} s")
                 self._busy += 1
                 try:
                     return self._run_in(child, request, headers, timeout)
@@ -256,12 +284,16 @@ class SubprocessPool:
             if self._draining and not self._users:
                 gevent.spawn(self.close)
 
+    def _cannot_start(self, request: RunRequest, reason: str) -> tuple[JobOutcome, int]:
+        message = f"{request.name} could not run in a subprocess child: {reason}"
+        return JobOutcome(Status.FAILED, message, "ChildProcessError", message, 0), os.getpid()
+
     def _run_in(self, child: _Child, request: RunRequest, headers: Headers,
                 timeout: Optional[float]) -> tuple[JobOutcome, int]:
         clean = False
         attempt = 1
         try:
-            child.wait_ready()
+            child.wait_ready(timeout)
             child.jobs += 1
             last = child.jobs >= self.config.max_job_count
             if last:
@@ -348,10 +380,12 @@ class SubprocessExtension(Extension):
     """Routes flagged and listed callables to a :class:`SubprocessPool`.
 
     The manager registers one by default; the pool and its children exist
-    only once a subprocess job arrives.
+    only once a subprocess job arrives. ``pool_options`` override fields of
+    the :class:`PoolConfig` read from the settings (e.g. ``executable``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **pool_options: Any) -> None:
+        self._pool_options = pool_options
         self.pool: Optional[SubprocessPool] = None
         self._retired: list[SubprocessPool] = []
         #: callables sent to the pool at run time, name -> details with a
@@ -372,12 +406,15 @@ class SubprocessExtension(Extension):
                 if not patterns or not runs_in_subprocess(request, patterns):
                     return None
         if self.pool is None:
-            self.pool = SubprocessPool(PoolConfig.from_settings(manager.settings))
+            self.pool = SubprocessPool(self._config(manager))
         return SubprocessExecutor(self.pool, manager.runner.timeout_for(record.headers))
+
+    def _config(self, manager: JobManager) -> PoolConfig:
+        return PoolConfig.from_settings(manager.settings, **self._pool_options)
 
     def reload(self, manager: JobManager) -> None:
         if self.pool is not None and \
-                self.pool.config != PoolConfig.from_settings(manager.settings):
+                self.pool.config != self._config(manager):
             # jobs already in the old pool finish there; new ones start a new pool
             self._retired = [p for p in self._retired if not p.closed]
             self._retired.append(self.pool)
