@@ -482,7 +482,15 @@ class JobManager:
         return addr
 
     def _session(self, addr: str) -> None:
-        """One connection: INFORM, wait for ACK, serve until it must end."""
+        """One connection: INFORM, wait for ACK, serve until it must end.
+
+        A reload asked for while the INFORM waits for its ACK is done once
+        the connection is up (or before the next one): closing a socket in
+        the middle of its handshake and opening the next at once left
+        libzmq connecting nowhere (the worker retried for ever)."""
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload_settings()
         self._connections_made += 1
         identity = f"{self.name}:{os.getpid()}:{self._connections_made}"
         conn = Connection(self._context, addr, identity, hwm=self.settings.hwm,
@@ -588,10 +596,6 @@ class JobManager:
                                    self.settings.reconnect_timeout)
                 return False
             self._wake.wait(min(left, 0.5))
-            if self._reload_requested:
-                self._reload_requested = False
-                self._reload_settings()
-                return False
         return True
 
     def _shutdown(self) -> None:

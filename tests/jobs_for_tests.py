@@ -12,12 +12,19 @@ import gevent.event
 gates: dict[str, gevent.event.Event] = collections.defaultdict(gevent.event.Event)
 calls: collections.Counter[str] = collections.Counter()
 events: list[str] = []
+#: tag -> times a ``tag`` job ran
+tags: collections.Counter[str] = collections.Counter()
 
 
 def reset() -> None:
     gates.clear()
     calls.clear()
     events.clear()
+    tags.clear()
+
+
+def tag(name):
+    tags[name] += 1
 
 
 def add(a, b):
@@ -87,3 +94,8 @@ class Greeter:
 
 
 not_callable = 42
+
+
+class _Hidden:
+    def run(self):
+        return "hidden"
