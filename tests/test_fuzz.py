@@ -1,0 +1,157 @@
+"""Property-based tests: random and mutated frames thrown at a real worker and
+a real router over loopback. Whatever arrives, the worker's READY count
+stays exact (one READY back per REQUEST it was sent) and a valid job still
+runs; the router keeps routing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_hardening import REPLY, Credit, settled
+from test_router import Harness, make_router  # noqa: F401 (fixture)
+
+from emq_green.jobmanager import State
+from emq_green.protocol import Command, RunRequest
+
+JOBS = "jobs_for_tests"
+VALID = [b"", b"eMQP/1.0", b"REQUEST", b"msgid", b"default", REPLY.encode(),
+         RunRequest(path=JOBS, callable="add", args=(1, 2)).payload().encode()]
+
+numbers = st.sampled_from(["nan", "inf", "-inf", "1e999", "-1", "0", "0.5", "1e-300", "x",
+                           "9" * 400, "", "1_000", " 3 ", "٣"])
+header_items = st.one_of(
+    st.sampled_from(["reply-requested", "guarantee", "", " ", ",", "timeout", "retry-count"]),
+    numbers.map(lambda n: f"timeout:{n}"),
+    st.one_of(numbers, st.integers(-5, 200).map(str)).map(lambda n: f"retry-count:{n}"),
+    st.text(max_size=12),
+)
+headers = st.lists(header_items, max_size=5).map(",".join)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+              st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=20)
+names = st.sampled_from([(JOBS, "add"), (JOBS, "echo"), (JOBS, "boom"), (JOBS, "nap"),
+                         (JOBS, "wait_gate"), ("os", "system"), ("os", "_exit"),
+                         (f"{JOBS}:Greeter", "greet"), ("no_such_module", "f"), ("", ""),
+                         ("builtins", "eval"), (JOBS, "__class__")])
+
+
+@st.composite
+def payloads(draw) -> bytes:
+    kind = draw(st.integers(0, 4))
+    if kind == 0:
+        return draw(st.binary(max_size=40))
+    if kind == 1:
+        return json.dumps(draw(json_values)).encode()
+    if kind == 2:
+        depth = draw(st.integers(900, 5000))
+        return ("[" * depth + "]" * depth).encode()
+    path, name = draw(names)
+    options = {"path": path, "callable": name, "args": draw(st.lists(json_values, max_size=3)),
+               "kwargs": draw(st.dictionaries(st.text(max_size=5), json_values, max_size=2))}
+    if draw(st.booleans()):
+        options[draw(st.sampled_from(["class_args", "class_kwargs", "subprocess", "x"]))] = \
+            draw(json_values)
+    return json.dumps([draw(st.sampled_from(["run", "RUN", "stop"])), options]).encode()
+
+
+@st.composite
+def mutated_requests(draw) -> list[bytes]:
+    frames = list(VALID)
+    frames[3] = draw(st.one_of(st.binary(min_size=1, max_size=16),
+                               st.text(min_size=1, max_size=16).map(str.encode)))
+    frames[5] = draw(headers).encode()
+    frames[6] = draw(payloads())
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["replace", "drop", "add", "utf8"]))
+        at = draw(st.integers(0, len(frames) - 1)) if frames else 0
+        if op == "replace" and frames:
+            frames[at] = draw(st.binary(max_size=24))
+        elif op == "drop" and frames:
+            del frames[at]
+        elif op == "add":
+            frames.insert(at, draw(st.binary(max_size=24)))
+        elif op == "utf8" and frames:
+            frames[at] = frames[at] + b"\xc3\x28"
+    return frames
+
+
+other_messages = st.lists(
+    st.one_of(st.binary(max_size=24),
+              st.sampled_from([b"", b"eMQP/1.0", b"HEARTBEAT", b"ACK", b"READY", b"REPLY",
+                               b"INFORM", b"STATUS", b"SCHEDULE"])),
+    max_size=8)
+
+
+def is_request(frames: list[bytes]) -> bool:
+    """What costs the router a slot: anything it sent as a REQUEST."""
+    return len(frames) > 2 and frames[2].upper() == b"REQUEST"
+
+
+@pytest.mark.timeout(300)
+def test_random_and_mutated_frames_never_cost_the_worker_a_slot(router, make_manager):
+    manager = make_manager(concurrent_jobs=3, global_timeout=5,
+                           allowed_callables=(f"{JOBS}.add", f"{JOBS}.echo", f"{JOBS}.boom",
+                                              f"{JOBS}:Greeter.greet"))
+    ident = router.wait_inform()
+    credit = Credit(router, ident)
+
+    @settings(max_examples=300, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.one_of(mutated_requests(), other_messages))
+    def throw(frames: list[bytes]) -> None:
+        if is_request(frames):
+            credit.wait()
+        router.send_raw(ident, frames)
+        assert manager.state is State.RUNNING
+
+    throw()
+    # three slots at start, one back per REQUEST; a last job proves none is owed
+    settled(router, manager, 3 + credit.sent)
+    assert manager.counters["connections"] == 1 and manager.state is State.RUNNING
+    assert manager.counters["invalid_requests"] + manager.counters["refused"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_random_frames_on_every_socket_leave_the_router_routing(make_router):  # noqa: F811
+    h: Harness = make_router(hwm=1000)
+    client = h.peer("frontend")
+    stranger = h.peer("backend")
+    worker = h.worker(slots=0)
+    admin = h.peer("administrative")
+    peers = {"frontend": client, "backend": stranger, "worker": worker, "admin": admin}
+
+    @settings(max_examples=300, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.sampled_from(sorted(peers)),
+           st.one_of(mutated_requests(), other_messages,
+                     st.sampled_from([VALID[:2] + [b"DISCONNECT", b"m"],
+                                      VALID[:2] + [b"KBYE", b"m"]])))
+    def throw(peer: str, frames: list[bytes]) -> None:
+        if peer == "admin" and len(frames) > 2 and frames[2].upper() == b"DISCONNECT":
+            return  # the one message that is meant to stop it
+        if not frames:
+            frames = [b""]
+        peers[peer].sock.send_multipart(frames)
+
+    throw()
+    # the router answers, and a worker that joins now gets a client's job
+    status = h.admin(Command.STATUS)
+    assert "waiting_messages_by_queue" in status
+    fresh = h.worker(slots=0)
+    sent = client.send(Command.REQUEST, "default", "", VALID[6].decode())
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "the client's job never reached a worker"
+        fresh.send(Command.READY)  # buffered requests from the storm go first
+        got = fresh.recv(timeout=5)
+        if got.command is Command.REQUEST and got.msgid == sent.msgid:
+            break
