@@ -1,12 +1,16 @@
 """The router (broker): EventMQ 0.3.13's router, rebuilt on gevent and ``zmq.green``.
 
-Three ROUTER sockets, each read by exactly one greenlet:
+Three ROUTER sockets, bound to loopback by default, each read by exactly one
+greenlet:
 
 * frontend (clients): REQUEST, plus SCHEDULE / UNSCHEDULE / scheduler INFORM,
-  which are logged and dropped because emq-green has no scheduler;
+  which are logged and dropped because emq-green has no scheduler, and
+  DISCONNECT, which is ignored with a warning (EventMQ stops on it; here any
+  client could then stop the service);
 * backend (workers): INFORM / ACK, READY, REPLY, HEARTBEAT, KBYE;
 * administrative: STATUS, ROUTER_SHOW_WORKERS, ROUTER_SHOW_SCHEDULERS,
-  DISCONNECT, answered with the JSON shapes EventMQ's ``emq-cli`` prints.
+  answered with the JSON shapes EventMQ's ``emq-cli`` prints, and DISCONNECT,
+  the only message that stops the router.
 
 A fourth greenlet sends heartbeats and removes silent workers. Every send to a
 socket goes through one method (:meth:`Router._send`), never waits, and
@@ -17,20 +21,34 @@ pairs; each READY is one free slot. A REQUEST goes to the worker with a free
 slot that has the highest weight for its queue, the least recently used among
 equal weights; the client gets ``REPLY [msgid]`` as an acknowledgement. A
 REQUEST for a queue no worker serves goes to the default queue. With no free
-slot it waits in a per-queue buffer of at most ``hwm`` requests (beyond that
-it is dropped, with an error naming it) and leaves on the next READY of a
-worker serving that queue, heaviest queue first, without acknowledgement.
+slot it waits in a per-queue buffer and leaves on the next READY of a worker
+serving that queue, heaviest queue first, without acknowledgement.
 
-Where emq-green differs: requests a worker had in flight when it is removed as
-dead are logged one by one (msgid, queue, age); they are not re-dispatched,
-because a job may have run already and eMQP has no way to tell. A READY does
-not say which job ended, so for requests sent without ``reply-requested`` the
-router retires the oldest one on each READY: that list is a best estimate,
-exact only for requests that asked for a reply.
+Limits, where emq-green differs from EventMQ:
+
+* Backpressure, never loss. When a queue's buffer holds ``hwm`` requests or
+  all buffers hold ``max_buffer_bytes``, the frontend reader stops reading;
+  ZeroMQ's high-water marks then block the senders. Reading resumes once
+  READYs have brought every bound down to three quarters. Workers, admin
+  and heartbeats are served meanwhile.
+* Size. ``max_message_size`` is ZeroMQ's MAXMSGSIZE on every socket (per
+  frame; libzmq disconnects the sender), and the whole message's size is
+  checked before any handler (many small frames; ``inproc://``, where
+  libzmq does not check). An oversized message is logged and counted.
+* Every request the router drops (malformed, oversized, buffered or unread
+  at stop) is logged with its msgid and counted by reason in STATUS. Text a
+  peer supplied (msgids, queue names, identities) goes through
+  :func:`~emq_green.protocol.printable` before it reaches a log.
+* Requests a worker had in flight when it is removed as dead are logged one
+  by one (msgid, queue, age); they are not re-dispatched, because a job may
+  have run already and eMQP has no way to tell. A READY does not say which
+  job ended, so for requests sent without ``reply-requested`` the router
+  retires the oldest one on each READY: that list is a best estimate, exact
+  only for requests that asked for a reply.
 
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
-every buffered request it drops, then closes the sockets.
+every buffered and unread request it drops, then closes the sockets.
 """
 
 from __future__ import annotations
