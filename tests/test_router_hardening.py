@@ -32,7 +32,8 @@ from test_router import Harness, make_router, wait_until
 
 from emq_green.client import Client, SendTimeoutError
 from emq_green.protocol import Command, Message
-from emq_green.router import RouterState
+from emq_green.router import Router, RouterState
+from emq_green.settings import Settings
 
 __all__ = ["make_router", "stack"]  # fixtures
 
@@ -67,6 +68,24 @@ def test_disconnect_on_client_socket_is_ignored_admin_disconnect_stops(make_rout
     admin.send(Command.DISCONNECT)
     assert admin.recv().command is Command.ACK
     assert h.router.wait_for_state(RouterState.STOPPED, timeout=5)
+
+
+def test_admin_socket_off_loopback_is_warned_about(caplog):
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    any_port = "tcp://127.0.0.1:*"
+    quiet = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
+                                     administrative_addr=any_port))
+    quiet.start()
+    quiet.stop(timeout=2)
+    assert "not on loopback" not in _log_text(caplog)
+    loud = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
+                                    administrative_addr="tcp://0.0.0.0:*"))
+    loud.start()
+    try:
+        assert any("administrative socket (tcp://0.0.0.0:*) is not on loopback"
+                   in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        loud.stop(timeout=2)
 
 
 # ----------------------------------------------------------------------
