@@ -227,9 +227,11 @@ class Router:
         self.processed_by_worker: collections.Counter[str] = collections.Counter()
         #: Requests dropped when the router stopped with them buffered, by queue.
         self.dropped_by_queue: collections.Counter[str] = collections.Counter()
-        #: Every request dropped, by reason: ``malformed`` (not 3 body frames),
-        #: ``oversized``, ``stopping`` (buffered at stop), ``unread`` (still in
-        #: the client socket's queue at stop).
+        #: Every request dropped, by reason: ``malformed`` (not eMQP/1.0, or
+        #: not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
+        #: ``unread`` (still in the client socket's queue at stop),
+        #: ``no_scheduler`` (SCHEDULE / UNSCHEDULE), ``error`` (a bug: the
+        #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
         #: Bytes of the requests in :attr:`waiting` (see :attr:`Request.size`).
@@ -452,6 +454,12 @@ class Router:
             message = Message.parse(rest)
         except ProtocolError as exc:
             self.counters["malformed_messages"] += 1
+            # [identity, '', version, COMMAND, MSGID, ...]
+            if socket_name == "frontend" and len(frames) > 4 and frames[3] == b"REQUEST":
+                self.dropped_by_reason["malformed"] += 1
+                logger.error("router: dropped a malformed REQUEST %s from %s: %s",
+                             printable(frames[4]), printable(frames[0]), printable(exc, 200))
+                return
             logger.warning("router: dropped a malformed message on the %s socket: %s",
                            socket_name, printable(exc, 200))
             return
@@ -471,6 +479,8 @@ class Router:
         try:
             handler(identity, message)
         except Exception:
+            if message.command is Command.REQUEST and socket_name == "frontend":
+                self.dropped_by_reason["error"] += 1
             logger.exception("router: error handling %s %s", message.command.value,
                              printable(message.msgid))
 
@@ -722,6 +732,7 @@ class Router:
                     sum(map(len, self.waiting.values())), self.buffered_bytes)
 
     def _on_schedule(self, client: bytes, message: Message) -> None:
+        self.dropped_by_reason["no_scheduler"] += 1
         logger.error("router: %s %s dropped: emq-green's router has no scheduler "
                      "(run EventMQ's emq-router and emq-scheduler for scheduled jobs)",
                      message.command.value, printable(message.msgid))

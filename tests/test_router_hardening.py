@@ -143,7 +143,17 @@ def test_malformed_request_and_control_characters_logged_escaped(make_router, ca
     text = _log_text(caplog)
     assert "evil\\n\\x1b[31mid" in text and "q\\x07ueue" in text
     assert "\x1b" not in text and "\x07" not in text and "evil\n" not in text
-    assert h.admin(Command.STATUS)["dropped_requests_by_reason"] == {"malformed": 1}
+    # a REQUEST whose msgid is not UTF-8 is malformed too, and logged escaped
+    client.sock.send_multipart([b"", b"eMQP/1.0", b"REQUEST", b"bad\xff\x1b", b"default",
+                                b"", PAYLOAD.encode()])
+    wait_until(lambda: h.router.dropped_by_reason["malformed"] == 2, what="second counted")
+    assert "bad\\xff\\x1b" in _log_text(caplog)
+    # SCHEDULE is dropped (no scheduler) and counted as well
+    client.send(Command.SCHEDULE, "default", "", "60", PAYLOAD, "")
+    wait_until(lambda: h.router.dropped_by_reason["no_scheduler"] == 1, what="SCHEDULE counted")
+    assert h.admin(Command.STATUS)["dropped_requests_by_reason"] == {"malformed": 2,
+                                                                     "no_scheduler": 1}
+    assert worker.pending() == []
 
 
 def test_requests_buffered_or_unread_at_stop_are_logged_and_counted(make_router, caplog):
