@@ -577,7 +577,7 @@ class Router:
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
         orig = message.body[1] if len(message.body) > 1 else ""
         sent = self.workers[identity].in_flight.pop(orig, None)
-        if sent is not None:
+        if sent is not None and logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
 
