@@ -13,6 +13,15 @@ queue makes the greenlet wait, not the whole process. Acknowledgements are
 read when a socket goes back to the pool and counted in
 :attr:`Client.acknowledged`.
 
+Backpressure. The client never drops a request. When the router stops
+reading (its buffer is full), ZeroMQ's queues fill up to the high-water
+marks and a send blocks (the greenlet, with ``zmq.green``; the thread,
+otherwise) until the router reads again. With ``send_timeout`` set, a send
+that cannot start within that many seconds raises :class:`SendTimeoutError`
+instead; the request was then not sent at all (ZeroMQ takes a message's
+frames all or none once the first is in, and a socket caught half way is
+closed, not reused).
+
 Differences from EventMQ's client, on purpose: functions raise ``ValueError``
 for a bad callable instead of logging and returning None; ``defer_job`` takes
 ``subprocess=True`` (emq-green runs that job in a child process).
@@ -25,6 +34,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
@@ -40,6 +50,20 @@ DEFAULT_QUEUE = "default"
 
 F = TypeVar("F", bound=Callable[..., Any])
 JobFunc = Union[str, Callable[..., Any]]
+
+
+class SendTimeoutError(TimeoutError):
+    """A REQUEST could not be handed to ZeroMQ within ``send_timeout``
+    seconds (the router is not reading: its buffer is full, or it is gone).
+    The request was not sent; sending it again is safe."""
+
+    def __init__(self, msgid: str, timeout: float, *, half_sent: bool = False) -> None:
+        super().__init__(f"REQUEST {msgid} not sent within {timeout:g} s: the router "
+                         "is not taking requests (backpressure, or no router)")
+        self.msgid = msgid
+        self.timeout = timeout
+        #: some frames were queued: the socket was closed (ZeroMQ drops the part)
+        self.half_sent = half_sent
 
 
 def _gevent_patched() -> bool:
@@ -84,6 +108,9 @@ class Client:
         max_idle: sockets kept in the pool between calls.
         hwm: ZeroMQ high-water mark of each socket.
         linger: seconds :meth:`close` waits for queued requests to leave.
+        send_timeout: seconds a send may wait while the router pushes back
+            before :class:`SendTimeoutError` is raised; None (default) waits
+            as long as it takes. Requests are never dropped either way.
     """
 
     def __init__(
@@ -94,7 +121,10 @@ class Client:
         max_idle: int = 8,
         hwm: int = 10000,
         linger: float = 5.0,
+        send_timeout: Optional[float] = None,
     ) -> None:
+        if send_timeout is not None and send_timeout < 0:
+            raise ValueError("send_timeout must be None or at least 0 seconds")
         self.addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
         self.green = _gevent_patched() if green is None else green
         if self.green:
@@ -106,6 +136,7 @@ class Client:
         self._max_idle = max_idle
         self._hwm = hwm
         self._linger = linger
+        self.send_timeout = send_timeout
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -198,11 +229,44 @@ class Client:
         request = Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
         sock = self._take()
         try:
-            sock.send_multipart(request.frames())
-        finally:
-            self._give_back(sock)
+            if self.send_timeout is None:
+                sock.send_multipart(request.frames())  # blocks at SNDHWM; never drops
+            else:
+                self._send_within(sock, request, self.send_timeout)
+        except SendTimeoutError as exc:
+            if exc.half_sent:
+                sock.close()  # mid-message: never reuse it
+            else:
+                self._give_back(sock)  # clean; what it queued before still goes out
+            raise
+        except BaseException:
+            # interrupted somewhere (gevent.Timeout, KeyboardInterrupt): the socket
+            # may be mid-message, so it is closed (complete messages still leave
+            # within ``linger``)
+            sock.close()
+            raise
+        self._give_back(sock)
         self.sent += 1
         return request.msgid
+
+    def _send_within(self, sock: Any, request: Message, timeout: float) -> None:
+        """Send without blocking, waiting for room for at most ``timeout`` s."""
+        zmq_module = self._zmq
+        frames = request.frames()
+        deadline = time.monotonic() + timeout
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            flags = zmq_module.NOBLOCK | (0 if i == last else zmq_module.SNDMORE)
+            while True:
+                try:
+                    sock.send(frame, flags)
+                    break
+                except zmq_module.Again:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise SendTimeoutError(request.msgid, timeout,
+                                               half_sent=i > 0) from None
+                    sock.poll(max(1, int(left * 1000)), zmq_module.POLLOUT)
 
     def defer_job(
         self,
@@ -293,5 +357,5 @@ def job(
     return decorate(func) if func is not None else decorate
 
 
-__all__ = ["Client", "defer_job", "send_request", "job", "get_client", "callable_path",
-           "ENV_BROKER_ADDR", "DEFAULT_ADDR"]
+__all__ = ["Client", "SendTimeoutError", "defer_job", "send_request", "job", "get_client",
+           "callable_path", "ENV_BROKER_ADDR", "DEFAULT_ADDR"]

@@ -182,26 +182,32 @@ def test_unknown_queue_goes_to_default(make_router):
     assert h.router.processed_by_queue["default"] == 1
 
 
-def test_buffer_bounded_by_hwm_with_clear_log(make_router, caplog):
+def test_full_buffer_pauses_reading_clients_instead_of_dropping(make_router, caplog):
     h = make_router(hwm=3)
     worker = h.worker(slots=0)
     client = h.peer("frontend")
     caplog.set_level(logging.INFO, logger="emq_green.router")
     sent = [h.request(client) for _ in range(5)]
-    wait_until(lambda: h.router.dropped_by_queue["default"] == 2, what="two dropped")
+    wait_until(lambda: h.router.frontend_paused, what="reading clients paused")
     assert [r.msgid for r in h.router.waiting["default"]] == [m.msgid for m in sent[:3]]
-    for dropped in sent[3:]:
-        assert any(dropped.msgid in r.getMessage() and "full (hwm 3" in r.getMessage()
-                   for r in caplog.records if r.levelno == logging.ERROR)
+    assert any("buffer full" in r.getMessage() and "hwm 3" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    status = h.admin(Command.STATUS)  # the admin socket answers while paused
+    assert status["frontend_paused"] is True and status["frontend_pauses"] == 1
+    assert status["waiting_messages_by_queue"] == {"default": 3}
+    assert status["buffered_bytes"] == sum(r.size for r in h.router.waiting["default"])
+    assert status["dropped_messages_by_queue"] == {}
 
-    # READYs drain the buffer oldest first; the slot goes to the request, not the count
-    for expected in sent[:3]:
+    # READYs drain the buffer oldest first, and the two unread requests follow
+    for expected in sent:
         worker.send(Command.READY)
         assert worker.recv().msgid == expected.msgid
     assert h.slots(worker) == 0 and "default" not in h.router.waiting
     status = h.admin(Command.STATUS)
-    assert status["dropped_messages_by_queue"] == {"default": 2}
+    assert status["dropped_messages_by_queue"] == {}
+    assert status["dropped_requests_by_reason"] == {}
     assert status["waiting_messages_by_queue"] == {}
+    assert status["frontend_paused"] is False and status["buffered_bytes"] == 0
 
 
 def test_heavier_queue_of_a_worker_is_served_first_from_the_buffer(make_router):
