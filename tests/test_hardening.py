@@ -411,8 +411,10 @@ def test_sighup_while_jobs_stream_in_loses_none(stack, tmp_path):
                 done = (tmp_path / "worker.log").read_text().count("SIGHUP: ")
                 worker.send_signal(signal.SIGHUP)
             elif i in (1500, 2500, 3500):  # streaming on meanwhile; one reload each
-                wait_until(lambda: (tmp_path / "worker.log").read_text().count(  # noqa: B023
-                    "SIGHUP: ") > done, 20, "the reload")
+                log = tmp_path / "worker.log"
+                before = done
+                wait_until(lambda: log.read_text().count("SIGHUP: ") > before,  # noqa: B023
+                           20, "the reload")
         wait_until(lambda: len(lines(marks)) >= total, 90, f"{total} jobs")
     tags = collections.Counter(line.split()[0] for line in lines(marks))
     assert len(tags) == total and set(tags.values()) == {1}
