@@ -234,7 +234,9 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("hide_heartbeat_logs", ("--hide-heartbeat-logs",), _to_bool,
           "leave heartbeats out of debug logs"),
     _Spec("max_sockets", ("--max-sockets",), _to_positive_int, "ZeroMQ socket limit"),
-    _Spec("hwm", ("--hwm",), _to_positive_int, "ZeroMQ high-water mark"),
+    _Spec("hwm", ("--hwm",), _to_positive_int,
+          "ZeroMQ high-water mark; router: also requests buffered per queue before it "
+          "stops reading clients"),
     _Spec("subprocess_callables", ("--subprocess-callables",), _to_callable_patterns,
           'callables or "module.*" prefixes always run in a subprocess (JSON list)'),
     _Spec("allowed_callables", ("--allowed-callables",), _to_callable_patterns,
