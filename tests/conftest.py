@@ -43,10 +43,23 @@ def make_manager(router) -> Callable[..., JobManager]:
         return manager
 
     yield make
-    for manager in made:
-        if manager.state is not State.STOPPED:
-            manager.stop(timeout=10, graceful=False)
+    # Runs when the test failed too: a manager left running would keep
+    # reconnecting into later tests. A stop that fails is an error here.
+    stuck = [m.name for m in made if not stop_for_good(m)]
     jobs_for_tests.reset()
+    if stuck:
+        pytest.fail(f"manager(s) {stuck} did not stop within their deadline")
+
+
+def stop_for_good(manager: JobManager, timeout: float = 15.0) -> bool:
+    """Stop ``manager`` at once; True when it stopped. One that does not is
+    killed (its main greenlet) so that it cannot outlive the test."""
+    if manager.stop(timeout=timeout, graceful=False):
+        return manager.state is State.STOPPED
+    main = getattr(manager, "_main", None)  # last resort, not an API
+    if main is not None:
+        main.kill(block=True, timeout=5)
+    return False
 
 
 @pytest.fixture(autouse=True)
