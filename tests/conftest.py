@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jobs_for_tests
 import pytest
@@ -24,18 +24,22 @@ def router():
 
 @pytest.fixture
 def make_manager(router) -> Callable[..., JobManager]:
-    """Start a JobManager connected to the fake router; stopped at teardown."""
+    """Start a JobManager connected to the fake router; stopped at teardown.
+    ``settings_loader`` is what :meth:`JobManager.reload` (SIGHUP) reads."""
     made: list[JobManager] = []
     jobs_for_tests.reset()
 
-    def make(wait_running: bool = True, **overrides: Any) -> JobManager:
+    def make(wait_running: bool = True,
+             settings_loader: Optional[Callable[[], Settings]] = None,
+             **overrides: Any) -> JobManager:
         values: dict[str, Any] = dict(name="test-worker", worker_addr=router.addr,
                                       worker_addr_default=router.addr,
                                       worker_addr_failover=router.addr,
                                       concurrent_jobs=4, reconnect_timeout=1.0,
                                       kill_grace_period=5.0, **FAST_HEARTBEATS)
         values.update(overrides)
-        manager = JobManager(settings=Settings(**values), skip_signal=True)
+        manager = JobManager(settings=Settings(**values), skip_signal=True,
+                             settings_loader=settings_loader)
         manager.start()
         made.append(manager)
         if wait_running:
@@ -65,3 +69,4 @@ def stop_for_good(manager: JobManager, timeout: float = 15.0) -> bool:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="emq_green")
+

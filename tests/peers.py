@@ -27,11 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+import pytest
 import zmq
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 RECORD_ENV = "EMQ_INTEROP_RECORD"
+
+
+def require_eventmq() -> None:
+    """The EventMQ 0.3.13 peer is part of the suite: missing, it is an error
+    (scripts/test.sh installs it), never a silent skip."""
+    try:
+        import eventmq  # noqa: F401
+    except ImportError as exc:
+        pytest.fail(f"EventMQ 0.3.13 (the interop test peer) is not installed: {exc}; "
+                    "run bash scripts/test.sh, which installs it", pytrace=False)
 
 
 def free_port() -> int:

@@ -20,10 +20,9 @@ from peers import (
     Peers,
     RouterAddrs,
     green_argv,
+    require_eventmq,
     wait_until,
 )
-
-pytest.importorskip("eventmq")
 
 ROUTER_REMOVED = r"No messages from worker .* Removing from the queue"
 UNKNOWN_WORKER = r"Unknown worker"
@@ -31,6 +30,7 @@ UNKNOWN_WORKER = r"Unknown worker"
 
 @pytest.fixture
 def peers(tmp_path):
+    require_eventmq()
     p = Peers(tmp_path)
     try:
         yield p
