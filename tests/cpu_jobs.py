@@ -33,6 +33,21 @@ def spin(seconds):
     return {"pid": os.getpid(), "loops": n}
 
 
+def spin_until(path, deadline=60.0):
+    """Compute (never yield) until the file ``path`` exists, or for
+    ``deadline`` seconds at most; the pid and when it started and ended
+    (``time.time()``), so tests gate a job on an event, not on its length."""
+    started = time.time()
+    end = time.monotonic() + deadline
+    n = 0
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear within {deadline} s")
+        for _ in range(10000):  # look at the file every few milliseconds
+            n += 1
+    return {"pid": os.getpid(), "loops": n, "started": started, "ended": time.time()}
+
+
 def burn(n):
     """A fixed amount of pure-Python work: the sum of i*i mod 7 below n."""
     total = 0

@@ -88,34 +88,38 @@ def test_routing_by_flag_name_and_module_prefix():
     assert not runs_in_subprocess(req("app.jobs", "send"), patterns)
 
 
-@pytest.mark.timeout(60)
-def test_flagged_cpu_job_leaves_io_jobs_and_heartbeats_alone(router, make_manager):
+@pytest.mark.timeout(90)
+def test_flagged_cpu_job_leaves_io_jobs_and_heartbeats_alone(router, make_manager, tmp_path):
     manager = make_manager(concurrent_jobs=510, subprocess_pool_size=2, **LOOP_ONLY)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 510)
-    start = time.monotonic()
-    cpu = router.request(ident, CPU, "spin", args=[8], headers=REPLY, subprocess=True)
+    release = tmp_path / "release"
+    # computes until the test releases it: it spans every IO job below
+    cpu = router.request(ident, CPU, "spin_until", args=[str(release), 80], headers=REPLY,
+                         subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
+    start = time.monotonic()
     sent: dict[str, tuple[float, float]] = {}
     for i in range(500):
         if i and i % 50 == 0:
             gevent.sleep(0.2)  # requests arrive in waves, not all in one loop turn
-        nap = 0.5 + (i % 10) * 0.5  # 0.5 .. 5 s: the IO jobs span the CPU job
+        nap = 0.5 + (i % 10) * 0.5  # 0.5 .. 5 s
         msgid = router.request(ident, JOBS, "nap", args=[nap], headers=REPLY)
         sent[msgid] = (time.monotonic(), nap)
-    router.wait_count(Command.REPLY, 500, timeout=20)
-    assert cpu not in router.replies()  # every IO job finished while it computed
-    reply = router.wait_reply(cpu, timeout=20)["value"]
+    router.wait_count(Command.REPLY, 500, timeout=40)
     end = time.monotonic()
-    assert end - start >= 8
+    assert cpu not in router.replies() and pool_of(manager).status()["busy"] == 1
+    release.touch()
+    reply = router.wait_reply(cpu, timeout=20)["value"]
     assert reply["pid"] != os.getpid() and reply["pid"] in manager.pid_distribution
     arrived = {r.message.body[1]: r.at for r in router.messages(Command.REPLY)}
     lateness = max(arrived[m] - at - nap for m, (at, nap) in sent.items())
-    # in-process, the CPU job would make them up to 8 s late
-    assert lateness < 1.5, f"an IO job was {lateness:.2f} s late"
+    # in-process, the CPU job would hold them until it is released: the
+    # bounds leave room for a busy machine, far below that
+    assert lateness < 2.5, f"an IO job was {lateness:.2f} s late"
     interval = manager.settings.heartbeat_interval
     silence = router.longest_silence(ident, start, end)
-    assert silence < interval + 0.5, gaps(router, ident, start, end)
+    assert silence < interval + 1.3, gaps(router, ident, start, end)
     router.wait_count(Command.READY, 510 + 501)
     assert manager.pid_distribution[os.getpid()] == 500
     stop_and_check(router, manager)
@@ -170,21 +174,27 @@ def test_subprocess_callables_setting_and_json_round_trip(router, make_manager):
     stop_and_check(router, manager)
 
 
-def test_busy_children_make_subprocess_jobs_wait_but_not_io_jobs(router, make_manager):
+def test_busy_children_make_subprocess_jobs_wait_but_not_io_jobs(router, make_manager,
+                                                                  tmp_path):
     manager = make_manager(concurrent_jobs=4, subprocess_pool_size=1)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 4)
-    started = time.monotonic()
-    first = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
-    second = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
+    release = tmp_path / "release"
+    first = router.request(ident, CPU, "spin_until", args=[str(release)], headers=REPLY,
+                           subprocess=True)
+    second = router.request(ident, CPU, "spin_until", args=[str(release)], headers=REPLY,
+                            subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["waiting"] == 1)
     io = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
     assert router.wait_reply(io) == {"value": 3}
-    assert time.monotonic() - started < 0.9
+    # the IO job did not wait for either: both are still held
     assert first not in router.replies() and second not in router.replies()
-    a, b = router.wait_reply(first)["value"], router.wait_reply(second, timeout=10)["value"]
+    assert pool_of(manager).status()["busy"] == 1
+    release.touch()
+    a, b = router.wait_reply(first)["value"], router.wait_reply(second, timeout=20)["value"]
     assert a["pid"] == b["pid"]  # one child, one job after the other
-    assert time.monotonic() - started >= 2
+    earlier, later = sorted((a, b), key=lambda r: r["started"])
+    assert later["started"] >= earlier["ended"]
     router.wait_count(Command.READY, 4 + 3)
     stop_and_check(router, manager)
 
@@ -199,8 +209,8 @@ def test_timeout_kills_the_process_group_and_a_fresh_child_follows(
                            headers=f"{REPLY},timeout:1", subprocess=True)
     reply = router.wait_reply(msgid, timeout=10)
     assert reply["value"] == "TimeoutError" and reply["error"]["type"] == "TimeoutError"
-    assert 0.9 <= time.monotonic() - started < 5
-    router.wait_until(lambda: gone(int(pid_file.read_text())), timeout=5)
+    assert 0.9 <= time.monotonic() - started < 10
+    router.wait_until(lambda: gone(int(pid_file.read_text())), timeout=10)
     pool = pool_of(manager)
     assert pool.counters["timed_out"] == 1
     after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
@@ -292,16 +302,17 @@ def test_hard_stop_kills_the_children(router, make_manager):
 
 
 def test_reload_with_a_new_pool_size_replaces_the_pool(router, make_manager):
-    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
+    made: list[JobManager] = []
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2,
+                           settings_loader=lambda: made[0].settings.replace(
+                               subprocess_pool_size=1))
+    made.append(manager)
     ident = router.wait_inform()
     first = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
     router.wait_reply(first)
     old_pids = pool_of(manager).pids()
     assert len(old_pids) == 2
-    # what SIGHUP does (the fixture's manager has no signal handlers)
-    manager._settings_loader = lambda: manager.settings.replace(subprocess_pool_size=1)
-    manager._reload_requested = True
-    manager._wake.set()
+    manager.reload()  # what SIGHUP does (the fixture's manager has no signal handlers)
     router.wait_inform(index=1)
     assert pool_of(manager) is None
     router.wait_until(lambda: all(gone(p) for p in old_pids))
