@@ -48,6 +48,24 @@ def spin_until(path, deadline=60.0):
     return {"pid": os.getpid(), "loops": n, "started": started, "ended": time.time()}
 
 
+def logged_spin_until(path, deadline=60.0):
+    """:func:`spin_until`, logging ``run PID`` first (attempts are counted)."""
+    _log("run")
+    return spin_until(path, deadline)
+
+
+def logged_flaky(marker, failures):
+    """Log ``run PID``; fail while fewer than ``failures`` runs are logged
+    for this child (the test's log file is the counter)."""
+    _log("run")
+    path = os.environ.get(LOG_ENV, "")
+    with open(path) as f:
+        runs = sum(1 for line in f if line.split()[0] == "run")
+    if runs <= failures:
+        raise RuntimeError(f"failure {runs}")
+    return runs
+
+
 def burn(n):
     """A fixed amount of pure-Python work: the sum of i*i mod 7 below n."""
     total = 0
@@ -108,3 +126,8 @@ def entry():
 
 def exit_():
     _log("exit")
+
+
+def entry_boom():
+    _log("entry")
+    raise RuntimeError("entry failed")
