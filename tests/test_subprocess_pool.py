@@ -321,3 +321,126 @@ def test_reload_with_a_new_pool_size_replaces_the_pool(router, make_manager):
     new_pid = router.wait_reply(after)["value"]
     assert new_pid not in old_pids and pool_of(manager).pids() == [new_pid]
     stop_and_check(router, manager)
+
+
+# ---------------------------------------------------------------------------
+# corners: timeouts and retries, entry/exit functions, recycling, grace period
+
+
+def log_counts(cpu_log) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in cpu_log():
+        event = line.split()[0]
+        counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
+def entry_exit_manager(make_manager, **settings):
+    return make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                        job_entry_func=f"{CPU}.entry", job_exit_func=f"{CPU}.exit_",
+                        **settings)
+
+
+def test_a_timed_out_subprocess_job_is_not_retried(router, make_manager, cpu_log, tmp_path):
+    """Also: job_exit_func does not run for a job whose child was killed (the
+    gap the pool's docstring names: the child dies with the job)."""
+    manager = entry_exit_manager(make_manager, global_timeout=60)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_spin_until", args=[str(tmp_path / "never")],
+                           headers=f"{REPLY},retry-count:2,timeout:1", subprocess=True)
+    assert router.wait_reply(msgid, timeout=20)["value"] == "TimeoutError"
+    # a job after it runs in the fresh child: anything the old one did is logged by then
+    after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    assert router.wait_reply(after, timeout=20)["value"] in pool_of(manager).pids()
+    counts = log_counts(cpu_log)
+    assert counts.get("run") == 1  # one attempt, no retry
+    assert counts.get("entry") == 2  # the timed-out job and the one after
+    assert counts.get("exit") == 1  # only the one after: the killed child ran none
+    stop_and_check(router, manager)
+
+
+def test_subprocess_entry_and_exit_run_once_per_job_across_retries(router, make_manager,
+                                                                   cpu_log):
+    manager = entry_exit_manager(make_manager)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_flaky", args=["x", 2],
+                           headers=f"{REPLY},retry-count:2", subprocess=True)
+    assert router.wait_reply(msgid, timeout=20) == {"value": 3}
+    assert log_counts(cpu_log) == {"entry": 1, "run": 3, "exit": 1}
+    stop_and_check(router, manager)
+
+
+def test_a_raising_entry_function_in_a_child_fails_the_job_unrun(router, make_manager,
+                                                                 cpu_log, tmp_path):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           job_entry_func=f"{CPU}.entry_boom", job_exit_func=f"{CPU}.exit_")
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_spin_until", args=[str(tmp_path / "x"), 1],
+                           headers=f"{REPLY},retry-count:2", subprocess=True)
+    reply = router.wait_reply(msgid, timeout=20)
+    assert reply["value"] == "entry failed" and reply["error"]["type"] == "RuntimeError"
+    assert log_counts(cpu_log) == {"entry": 1}  # not run, no exit
+    stop_and_check(router, manager)
+
+
+def test_a_killed_subprocess_job_gets_no_exit_function(router, make_manager, cpu_log,
+                                                       tmp_path):
+    """What is true today (docs: "job_exit_func does not run for a job whose
+    child was killed"): a hard stop kills the child mid-job, and the exit
+    function, which would run in that child, never does."""
+    manager = entry_exit_manager(make_manager)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_spin_until", args=[str(tmp_path / "never")],
+                           headers=REPLY, subprocess=True)
+    router.wait_until(lambda: log_counts(cpu_log).get("run") == 1, timeout=20)
+    stop_and_check(router, manager, graceful=False)
+    assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+    assert log_counts(cpu_log) == {"entry": 1, "run": 1}
+
+
+@pytest.mark.parametrize("last", ["timeout", "crash"])
+def test_recycling_after_max_job_count_when_the_last_job_fails(router, make_manager,
+                                                               tmp_path, last):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1, max_job_count=2,
+                           global_timeout=60)
+    ident = router.wait_inform()
+    first = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))["value"]
+    if last == "timeout":
+        msgid = router.request(ident, CPU, "spin_until", args=[str(tmp_path / "never")],
+                               headers=f"{REPLY},timeout:1", subprocess=True)
+        assert router.wait_reply(msgid, timeout=20)["value"] == "TimeoutError"
+    else:
+        msgid = router.request(ident, CPU, "exit_hard", args=[3], headers=REPLY,
+                               subprocess=True)
+        assert router.wait_reply(msgid, timeout=20)["error"]["type"] == "ChildProcessError"
+    router.wait_until(lambda: gone(first), timeout=10)
+    # exactly one child replaces it (recycling and the failure do not both
+    # start one), and it starts its own count of max_job_count jobs
+    pids = [router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True), timeout=20)["value"]
+            for _ in range(3)]
+    assert first not in pids
+    assert pids[0] == pids[1] != pids[2]
+    router.wait_until(lambda: gone(pids[0]), timeout=10)
+    assert pool_of(manager).pids() == [pids[2]]
+    assert len(children()) == 1
+    assert pool_of(manager).counters["children_recycled"] == 2
+    stop_and_check(router, manager)
+
+
+def test_grace_period_expiry_kills_a_subprocess_job(router, make_manager, tmp_path):
+    grace = 1.0
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1, kill_grace_period=grace)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "spin_until", args=[str(tmp_path / "never")],
+                           headers=REPLY, subprocess=True)
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1,
+                      timeout=20)
+    [pid] = pool_of(manager).pids()
+    started = time.monotonic()
+    stop_and_check(router, manager)  # graceful: the grace period, then the kill
+    took = time.monotonic() - started
+    assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+    assert grace <= took < grace + 10, took
+    assert gone(pid)
