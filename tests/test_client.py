@@ -330,4 +330,4 @@ def test_job_decorator_defers_with_broker_addr(monkeypatch):
         assert request.msgid == msgid and request.queue == "files"
         assert RunRequest.parse(request.body[2]).name == f"{__name__}.module_level_job"
     finally:
-        router.stop()
+        assert router.stop(timeout=5)
