@@ -79,6 +79,18 @@ def main() -> None:
         print(f"{config:9} {rate:9.0f} {rate / base['jobs_per_s']:6.3f} {cpu:7.1f} "
               f"{cpu / base['worker_cpu_us_per_job']:6.3f} "
               f"{min(cpus):6.1f}-{max(cpus):<6.1f} {p99:7.1f} {errors:6d}")
+    # Runs of one round ran back to back, so their ratio to "off" cancels the
+    # machine's drift between rounds; the median of those ratios, with range.
+    print("\npaired with 'off' in the same round (median, min-max):")
+    for config, rows in results.items():
+        if config == "off":
+            continue
+        rate = [r["jobs_per_s"] / o["jobs_per_s"] for r, o in zip(rows, results["off"])]
+        cpu = [r["worker_cpu_us_per_job"] / o["worker_cpu_us_per_job"]
+               for r, o in zip(rows, results["off"])]
+        print(f"{config:9} ok jobs/s {statistics.median(rate):.3f} "
+              f"({min(rate):.3f}-{max(rate):.3f})  worker CPU/job "
+              f"{statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f})")
 
 
 if __name__ == "__main__":
