@@ -6,9 +6,21 @@ worker's INFORM, sends a REQUEST for each READY it counts (never more) and
 waits for every job's REPLY, so completion is observed, not inferred. The
 worker is the real ``emq-green`` console script in its own process.
 
-Printed per workload: jobs/s, latency p50/p99 (REQUEST sent -> REPLY
-received), the worker's peak RSS (sampled every 20 ms) and the longest
-silence from the worker (no message of any kind).
+Only jobs that finished well count: jobs/s and the latencies are of
+successful REPLYs (no ``error`` key); error replies are counted and printed
+separately. Printed per workload: jobs/s, latency p50/p99 (REQUEST sent ->
+REPLY received), the worker's peak RSS (sampled every 20 ms), the longest
+silence from the worker (the longest gap between any two of its messages)
+and, separately, the longest gap between two of its HEARTBEATs. The worker
+sends HEARTBEAT only after heartbeat_interval without sending anything else,
+so while it is busy the heartbeat gap is long by design: the silence is what
+a router's liveness check sees.
+
+With the C stand-in router (the default) every REPLY ends a job on the
+router's side; the worker's own outcome counters, read from its SIGUSR1
+status dump after the run, say how many succeeded, and only those count.
+That router does not tell HEARTBEATs apart: the heartbeat gap needs
+``--python-router``.
 
     .venv/bin/python scripts/bench_worker.py                 # both workloads
     .venv/bin/python scripts/bench_worker.py --only sleep --jobs 5000
@@ -20,7 +32,9 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,6 +206,27 @@ def start_worker(label: str, addr: str, concurrency: int, extra_flags: list[str]
         log.close()
 
 
+def outcome_counts(worker: subprocess.Popen, log_path: str,
+                   timeout: float = 15.0) -> tuple[int, int]:
+    """(succeeded, other outcomes) from the worker's SIGUSR1 status dump."""
+    with open(log_path, "rb") as f:
+        mark = len(f.read())
+    worker.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log_path, "rb") as f:
+            text = f.read()[mark:].decode(errors="replace")
+        found = re.search(r"status: (\{.*\})\s*$", text, re.MULTILINE)
+        if found:
+            counters = json.loads(found.group(1))["counters"]
+            ok = counters.get("succeeded", 0)
+            errors = sum(counters.get(k, 0) for k in ("failed", "timed_out", "killed"))
+            return ok, errors
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError(f"no status dump from the worker in {log_path}")
+        time.sleep(0.05)  # polling a log file, with a deadline
+
+
 def stop(worker: subprocess.Popen) -> None:
     worker.terminate()
     try:
@@ -210,15 +245,23 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
             "harness": "C" if standin else "Python", **result}
 
 
-def summary(jobs: int, elapsed: float, p50: float, p99: float, mean: float, silence: float,
-            peak: int, start: CpuMark, end: CpuMark, harness_cpu: float) -> dict:
+def summary(ok: int, errors: int, elapsed: float, p50: float, p99: float, mean: float,
+            silence: float, peak: int, start: CpuMark, end: CpuMark, harness_cpu: float,
+            heartbeat_gap: float | None = None, heartbeats: int | None = None) -> dict:
+    """``ok``: jobs that succeeded, the only ones the rate counts; CPU per
+    job is over every job the worker ran."""
+    jobs = ok + errors
     return {
-        "jobs_per_s": jobs / elapsed,
+        "jobs_per_s": ok / elapsed,
+        "ok": ok,
+        "errors": errors,
         "p50_ms": p50 * 1000,
         "p99_ms": p99 * 1000,
         "mean_ms": mean * 1000,
         "peak_rss_mb": peak / 2**20,
         "longest_silence_s": silence,
+        "longest_heartbeat_gap_s": heartbeat_gap,
+        "heartbeats": heartbeats,
         "worker_cpu_us_per_job": (end.total - start.total) / jobs * 1e6,
         "worker_main_thread_us_per_job": (end.main - start.main) / jobs * 1e6,
         "harness_cpu_us_per_job": harness_cpu / jobs * 1e6,
@@ -246,8 +289,19 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
         if not line:
             raise RuntimeError(f"{label}: the stand-in router exited with {router.wait()}")
         r = json.loads(line)
-        return summary(jobs, r["elapsed"], r["p50"], r["p99"], r["mean"], r["longest_silence"],
-                       sampler.peak, start, end, r["cpu"])
+        if label == "bare":
+            ok, errors = jobs, 0  # answers every REQUEST with a null value
+        else:
+            ok, errors = outcome_counts(worker, os.path.join(workdir, f"worker-{label}.log"))
+        if ok + errors != jobs:
+            raise RuntimeError(f"{label}: the worker counted {ok} + {errors} jobs, the "
+                               f"router {jobs}")
+        if not ok:
+            raise RuntimeError(f"{label}: every one of {jobs} jobs failed")
+        # The C router's latencies cover every REPLY: error replies included
+        # (none in a run whose ``errors`` is 0).
+        return summary(ok, errors, r["elapsed"], r["p50"], r["p99"], r["mean"],
+                       r["longest_silence"], sampler.peak, start, end, r["cpu"])
     finally:
         if worker is not None:
             stop(worker)
@@ -267,12 +321,16 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
     sampler.start()
     requests = [frames("REQUEST", "default", "reply-requested", payload) for _ in range(jobs)]
     sent_at: dict[bytes, float] = {}
-    latencies: list[float] = []
+    latencies: list[float] = []  # successful replies only
+    errors = 0
     credit = 0
     next_job = 0
     identity = None
     last_from_worker = None
     longest_silence = 0.0
+    last_heartbeat = None
+    longest_heartbeat_gap = 0.0
+    heartbeats = 0
     started = None
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -280,9 +338,10 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
     start = None
     harness_cpu_start = time.process_time()
     try:
-        while len(latencies) < jobs:
+        while len(latencies) + errors < jobs:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{label}: only {len(latencies)} of {jobs} jobs done")
+                raise RuntimeError(f"{label}: only {len(latencies) + errors} of {jobs} jobs "
+                                   "done")
             if not poller.poll(1000):
                 if worker.poll() is not None:
                     raise RuntimeError(f"{label}: worker exited with {worker.returncode}")
@@ -299,7 +358,11 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
                 if command == b"READY":
                     credit += 1
                 elif command == b"REPLY":
-                    latencies.append(now - sent_at.pop(msg[6]))
+                    took = now - sent_at.pop(msg[6])
+                    if b'"error"' in msg[5] and "error" in json.loads(msg[5]):
+                        errors += 1
+                    else:
+                        latencies.append(took)
                 elif command == b"INFORM":
                     identity = msg[0]
                     sock.send_multipart([identity, *frames("ACK", msg[4].decode())])
@@ -308,6 +371,11 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
                     harness_cpu_start = time.process_time()
                 elif command == b"HEARTBEAT":
                     sock.send_multipart([identity, *frames("HEARTBEAT", str(time.time()))])
+                    if started is not None:
+                        heartbeats += 1
+                        since = last_heartbeat if last_heartbeat is not None else started
+                        longest_heartbeat_gap = max(longest_heartbeat_gap, now - since)
+                        last_heartbeat = now
             if credit and next_job < jobs:
                 now = time.monotonic()
                 while credit and next_job < jobs:
@@ -317,7 +385,11 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
                     send_all(sock, job)
                     credit -= 1
                     next_job += 1
-        elapsed = time.monotonic() - started
+        end_at = time.monotonic()
+        elapsed = end_at - started
+        # the gap still open at the end counts too
+        longest_heartbeat_gap = max(longest_heartbeat_gap, end_at - (
+            last_heartbeat if last_heartbeat is not None else started))
         end = CpuMark(worker.pid)
         harness_cpu = time.process_time() - harness_cpu_start
     finally:
@@ -325,9 +397,12 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
         stop(worker)
         sock.close(0)
     assert start is not None
-    return summary(jobs, elapsed, percentile(latencies, 0.50), percentile(latencies, 0.99),
-                   statistics.fmean(latencies), longest_silence, sampler.peak, start, end,
-                   harness_cpu)
+    if not latencies:
+        raise RuntimeError(f"{label}: every one of {jobs} jobs failed")
+    return summary(len(latencies), errors, elapsed, percentile(latencies, 0.50),
+                   percentile(latencies, 0.99), statistics.fmean(latencies), longest_silence,
+                   sampler.peak, start, end, harness_cpu,
+                   heartbeat_gap=longest_heartbeat_gap, heartbeats=heartbeats)
 
 
 def main() -> None:
@@ -361,16 +436,24 @@ def main() -> None:
         row = runs[len(runs) // 2]
         row["runs_jobs_per_s"] = [round(r["jobs_per_s"]) for r in runs]
         rows.append(row)
-    header = f"{'workload':8} {'jobs':>6} {'-J':>5} {'jobs/s':>8} {'p50 ms':>8} " \
-             f"{'p99 ms':>8} {'peak MB':>8} {'silence s':>9} {'wkr us/job':>10} " \
-             f"{'main us/job':>11} {'rtr us/job':>10}"
+    header = f"{'workload':8} {'jobs':>6} {'ok':>6} {'errors':>6} {'-J':>5} {'ok jobs/s':>9} " \
+             f"{'p50 ms':>8} {'p99 ms':>8} {'peak MB':>8} {'silence s':>9} {'hb gap s':>8} " \
+             f"{'wkr us/job':>10} {'main us/job':>11} {'rtr us/job':>10}"
     print(header)
     for r in rows:
-        print(f"{r['workload']:8} {r['jobs']:>6} {r['J']:>5} {r['jobs_per_s']:>8.0f} "
+        gap = r["longest_heartbeat_gap_s"]
+        print(f"{r['workload']:8} {r['jobs']:>6} {r['ok']:>6} {r['errors']:>6} {r['J']:>5} "
+              f"{r['jobs_per_s']:>9.0f} "
               f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['peak_rss_mb']:>8.1f} "
-              f"{r['longest_silence_s']:>9.2f} {r['worker_cpu_us_per_job']:>10.0f} "
+              f"{r['longest_silence_s']:>9.2f} "
+              f"{'n/a' if gap is None else f'{gap:.2f}':>8} "
+              f"{r['worker_cpu_us_per_job']:>10.0f} "
               f"{r['worker_main_thread_us_per_job']:>11.0f} "
               f"{r['harness_cpu_us_per_job']:>10.0f}")
+    print("ok jobs/s: successful replies only; errors: error replies (failed, timed out, "
+          "killed); silence: longest gap between any two messages from the worker; hb gap: "
+          "longest gap between its HEARTBEATs (sent only when it sent nothing else for "
+          "heartbeat_interval; n/a with the C stand-in router)")
     by_label = {r["workload"]: r for r in rows}
     if "bare" in by_label and "noop" in by_label:
         ratio = by_label["noop"]["jobs_per_s"] / by_label["bare"]["jobs_per_s"]

@@ -16,9 +16,16 @@ if ! .venv/bin/python -c "import eventmq" 2>/dev/null; then
   .venv/bin/python -m pip install -q --no-deps eventmq==0.3.13
   .venv/bin/python -m pip install -q six future croniter psutil pyzmq
 fi
+# The interop tests need that peer: without it the run fails here, it does
+# not quietly drop them.
+if ! .venv/bin/python -c "import eventmq"; then
+  echo "test.sh: EventMQ 0.3.13 (the interop test peer) is not importable; not running" >&2
+  exit 1
+fi
 .venv/bin/ruff check emq_green tests scripts examples
 # gevent's monitor thread is one per process: the loop-block monitor tests
 # run in a process of their own (in a shared one, earlier tests' leftovers
 # made it miss blocks; see the note on issue 6).
-.venv/bin/python -m pytest -p no:cacheprovider --ignore=tests/test_monitor.py "$@"
-.venv/bin/python -m pytest -p no:cacheprovider "$@" tests/test_monitor.py
+# -rs: every skipped test is listed with its reason.
+.venv/bin/python -m pytest -p no:cacheprovider -rs --ignore=tests/test_monitor.py "$@"
+.venv/bin/python -m pytest -p no:cacheprovider -rs "$@" tests/test_monitor.py

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jobs_for_tests
 import pytest
@@ -24,18 +24,22 @@ def router():
 
 @pytest.fixture
 def make_manager(router) -> Callable[..., JobManager]:
-    """Start a JobManager connected to the fake router; stopped at teardown."""
+    """Start a JobManager connected to the fake router; stopped at teardown.
+    ``settings_loader`` is what :meth:`JobManager.reload` (SIGHUP) reads."""
     made: list[JobManager] = []
     jobs_for_tests.reset()
 
-    def make(wait_running: bool = True, **overrides: Any) -> JobManager:
+    def make(wait_running: bool = True,
+             settings_loader: Optional[Callable[[], Settings]] = None,
+             **overrides: Any) -> JobManager:
         values: dict[str, Any] = dict(name="test-worker", worker_addr=router.addr,
                                       worker_addr_default=router.addr,
                                       worker_addr_failover=router.addr,
                                       concurrent_jobs=4, reconnect_timeout=1.0,
                                       kill_grace_period=5.0, **FAST_HEARTBEATS)
         values.update(overrides)
-        manager = JobManager(settings=Settings(**values), skip_signal=True)
+        manager = JobManager(settings=Settings(**values), skip_signal=True,
+                             settings_loader=settings_loader)
         manager.start()
         made.append(manager)
         if wait_running:
@@ -43,12 +47,26 @@ def make_manager(router) -> Callable[..., JobManager]:
         return manager
 
     yield make
-    for manager in made:
-        if manager.state is not State.STOPPED:
-            manager.stop(timeout=10, graceful=False)
+    # Runs when the test failed too: a manager left running would keep
+    # reconnecting into later tests. A stop that fails is an error here.
+    stuck = [m.name for m in made if not stop_for_good(m)]
     jobs_for_tests.reset()
+    if stuck:
+        pytest.fail(f"manager(s) {stuck} did not stop within their deadline")
+
+
+def stop_for_good(manager: JobManager, timeout: float = 15.0) -> bool:
+    """Stop ``manager`` at once; True when it stopped. One that does not is
+    killed (its main greenlet) so that it cannot outlive the test."""
+    if manager.stop(timeout=timeout, graceful=False):
+        return manager.state is State.STOPPED
+    main = getattr(manager, "_main", None)  # last resort, not an API
+    if main is not None:
+        main.kill(block=True, timeout=5)
+    return False
 
 
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="emq_green")
+

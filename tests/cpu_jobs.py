@@ -33,6 +33,39 @@ def spin(seconds):
     return {"pid": os.getpid(), "loops": n}
 
 
+def spin_until(path, deadline=60.0):
+    """Compute (never yield) until the file ``path`` exists, or for
+    ``deadline`` seconds at most; the pid and when it started and ended
+    (``time.time()``), so tests gate a job on an event, not on its length."""
+    started = time.time()
+    end = time.monotonic() + deadline
+    n = 0
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear within {deadline} s")
+        for _ in range(10000):  # look at the file every few milliseconds
+            n += 1
+    return {"pid": os.getpid(), "loops": n, "started": started, "ended": time.time()}
+
+
+def logged_spin_until(path, deadline=60.0):
+    """:func:`spin_until`, logging ``run PID`` first (attempts are counted)."""
+    _log("run")
+    return spin_until(path, deadline)
+
+
+def logged_flaky(marker, failures):
+    """Log ``run PID``; fail while fewer than ``failures`` runs are logged
+    for this child (the test's log file is the counter)."""
+    _log("run")
+    path = os.environ.get(LOG_ENV, "")
+    with open(path) as f:
+        runs = sum(1 for line in f if line.split()[0] == "run")
+    if runs <= failures:
+        raise RuntimeError(f"failure {runs}")
+    return runs
+
+
 def burn(n):
     """A fixed amount of pure-Python work: the sum of i*i mod 7 below n."""
     total = 0
@@ -93,3 +126,8 @@ def entry():
 
 def exit_():
     _log("exit")
+
+
+def entry_boom():
+    _log("entry")
+    raise RuntimeError("entry failed")

@@ -51,6 +51,7 @@ class FakeRouter:
         self.identities: list[bytes] = []  # in INFORM order
         self._changed = gevent.event.Event()
         self._reader = gevent.spawn(self._read)
+        self._interval = heartbeat_interval
         self._beater = (
             gevent.spawn(self._beat, heartbeat_interval) if heartbeat_interval else None
         )
@@ -152,6 +153,20 @@ class FakeRouter:
         times = [since] + [r.at for r in self.received
                            if r.identity == identity and since <= r.at <= until] + [until]
         return max(b - a for a, b in zip(times, times[1:]))
+
+    def fall_silent(self) -> None:
+        """Act dead while still listening: no more HEARTBEAT, no ACK. The
+        worker's messages are still recorded, so a test sees where it goes."""
+        self.auto_ack = False
+        if self._beater is not None:
+            self._beater.kill()
+            self._beater = None
+
+    def wake_up(self) -> None:
+        """Undo :meth:`fall_silent`."""
+        self.auto_ack = True
+        if self._beater is None and self._interval:
+            self._beater = gevent.spawn(self._beat, self._interval)
 
     def close(self) -> None:
         if self.closed:

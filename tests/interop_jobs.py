@@ -40,6 +40,23 @@ def sleep_record(tag: str, seconds: float) -> str:
     return tag
 
 
+def gated_record(tag: str, gate: str, deadline: float = 60.0) -> str:
+    """IO-bound and gated on an event, not on a duration: record ``start``,
+    wait (``time.sleep``, patched in emq-green) until the file ``gate``
+    exists, record ``done``. After ``deadline`` seconds it gives up and
+    records ``expired`` instead, so a test that never opens the gate fails
+    instead of hanging."""
+    _append("start", tag)
+    end = time.monotonic() + deadline
+    while not os.path.exists(gate):
+        if time.monotonic() > end:
+            _append("expired", tag)
+            raise TimeoutError(f"gate {gate} not opened within {deadline} s")
+        time.sleep(0.05)
+    _append("done", tag)
+    return tag
+
+
 def delayed_record(tag: str) -> str:
     """Sent with the ``@job`` decorator's ``.delay()`` by the tests."""
     _append("done", tag)

@@ -72,6 +72,25 @@ def swallow_everything(seconds):
     return "finished"
 
 
+def counted_nap(key, seconds):
+    """Count the call under ``key``, then sleep (cooperatively)."""
+    calls[key] += 1
+    gevent.sleep(seconds)
+    return calls[key]
+
+
+def counted_gate(key, gate):
+    """Count the call under ``key``, then wait for gate ``gate``."""
+    calls[key] += 1
+    gates[gate].wait()
+    return calls[key]
+
+
+def entry_boom():
+    events.append("entry")
+    raise RuntimeError("entry failed")
+
+
 def pid():
     return os.getpid()
 

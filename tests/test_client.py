@@ -178,83 +178,106 @@ def test_green_client_to_eventmq_router_to_green_worker(stack: Stack, tmp_path: 
                                                          "mail"}
 
 
+@pytest.mark.timeout(60)
 def test_client_from_many_greenlets_shares_no_socket_and_opens_few():
+    """50 greenlets share one client while the router is not there yet:
+    every socket's queue reaches its high-water mark and its sender waits.
+    When the router comes up, every request arrives whole and once, and the
+    client opened at most one socket per concurrent user."""
     import gevent
 
     from emq_green.router import Router
     from emq_green.settings import Settings
 
-    any_port = "tcp://127.0.0.1:*"
-    router = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
-                                      administrative_addr=any_port))
-    router.start()
-    client = Client(router.endpoints["frontend"], green=True, max_idle=4)
-    in_use: set[int] = set()
-    overlaps = []
-    taken = client._take
+    users, per_user, hwm = 50, 10, 2
+    total = users * per_user
+    [port] = free_ports(1)
+    frontend = f"tcp://127.0.0.1:{port}"
+    client = Client(frontend, green=True, max_idle=4, hwm=hwm)
+    sent: list[str] = []
 
-    def take():  # watch the pool: a socket is never handed to two users at once
-        sock = taken()
-        overlaps.append(id(sock) in in_use)
-        in_use.add(id(sock))
-        return sock
+    def user(n: int) -> None:
+        for i in range(per_user):
+            sent.append(client.defer_job("os.getpid", [], {"n": n, "i": i}))
 
-    given_back = client._give_back
-
-    def give_back(sock):
-        in_use.discard(id(sock))
-        gevent.sleep(0)  # invite another greenlet in while this one holds the pool
-        given_back(sock)
-
-    client._take, client._give_back = take, give_back
-    opened = []
-    real_socket = client._context.socket
-    client._context.socket = lambda kind: opened.append(kind) or real_socket(kind)
+    greenlets = [gevent.spawn(user, n) for n in range(users)]
+    router = None
     try:
-        def user(n: int) -> None:
-            for i in range(10):
-                client.defer_job("os.getpid", [], {"n": n, "i": i})
+        # nobody listens yet: each socket takes about hwm requests, then its
+        # sender waits (the count stops moving; deadline bounded)
+        last, stable_since = -1, time.monotonic()
+        deadline = time.monotonic() + 20
+        while time.monotonic() - stable_since < 0.5:
+            assert time.monotonic() < deadline, "the senders never came to rest"
+            if client.sent != last:
+                last, stable_since = client.sent, time.monotonic()
+            gevent.sleep(0.02)  # poll interval
+        assert 0 < client.sent < total, client.sent  # HWM reached: users are waiting
+        assert not any(g.dead for g in greenlets)
 
-        gevent.joinall([gevent.spawn(user, n) for n in range(30)], timeout=20,
-                       raise_error=True)
-        assert client.sent == 300
-        assert not any(overlaps)
-        assert len(opened) <= 30  # at most one per concurrent user, not one per call
-        deadline = time.monotonic() + 10
-        while len(router.waiting.get("default", ())) < 300 and time.monotonic() < deadline:
+        router = Router(settings=Settings(frontend_addr=frontend, backend_addr="tcp://127.0.0.1:*",
+                                          administrative_addr="tcp://127.0.0.1:*",
+                                          hwm=total * 2))
+        router.start()
+        gevent.joinall(greenlets, timeout=30, raise_error=True)
+        assert all(g.dead for g in greenlets) and client.sent == total
+        deadline = time.monotonic() + 20
+        while len(router.waiting.get("default", ())) < total:
+            assert time.monotonic() < deadline, len(router.waiting.get("default", ()))
             gevent.sleep(0.01)  # poll interval
-        assert len(router.waiting["default"]) == 300
+        waiting = list(router.waiting["default"])
+        assert router.counters["malformed_messages"] == 0  # no interleaved frames
+        assert sorted(r.msgid for r in waiting) == sorted(sent)  # each once
+        pairs = sorted((RunRequest.parse(r.body[2]).kwargs["n"],
+                        RunRequest.parse(r.body[2]).kwargs["i"]) for r in waiting)
+        assert pairs == [(n, i) for n in range(users) for i in range(per_user)]
+        sockets = {r.client for r in waiting}
+        assert len(sockets) <= users, len(sockets)  # one per concurrent user at most
     finally:
+        gevent.killall(greenlets, timeout=5)
         client.close()
-        router.stop()
+        if router is not None:
+            assert router.stop(timeout=5)
 
 
-def test_defer_job_payload_matches_eventmq(monkeypatch):
+def test_defer_job_payload_matches_eventmq():
+    """EventMQ's client and ours send to one bound ROUTER socket; the frames
+    it receives are compared."""
     import eventmq.client.messages as emq_messages
+    from eventmq.sender import Sender
 
-    captured = {}
+    context = zmq.Context.instance()
+    sink = context.socket(zmq.ROUTER)
+    sink.setsockopt(zmq.LINGER, 0)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    addr = f"tcp://127.0.0.1:{port}"
 
-    class FakeSocket:  # EventMQ's send_emqp_message calls socket.send_multipart(msg, version)
-        def send_multipart(self, frames, version):
-            captured["eventmq"] = list(frames)
+    def receive() -> list[bytes]:
+        assert sink.poll(10000), "nothing arrived within 10 s"
+        return sink.recv_multipart()[1:]  # without the sender's identity
 
-    emq_messages.defer_job(FakeSocket(), "examples.jobs.mark", args=[1, "a"],
-                           kwargs={"k": 2}, reply_requested=True, retry_count=2,
-                           timeout=30, queue="mail")
-    eventmq_frames = captured["eventmq"]
-
-    client = Client("tcp://127.0.0.1:1", green=False)
-    sent = []
-    client._take = lambda: type("S", (), {"send_multipart": lambda s, f: sent.append(f)})()
-    client._give_back = lambda sock: None
-    client.defer_job("examples.jobs.mark", [1, "a"], {"k": 2}, reply_requested=True,
-                     retry_count=2, timeout=30, queue="mail")
-    ours = Message.parse(sent[0])
-    # command, then queue / headers / payload; msgids differ by design
-    assert ours.command.value == eventmq_frames[0]
-    assert list(ours.body[:2]) == eventmq_frames[2:4]
-    assert RunRequest.parse(ours.body[2]) == RunRequest.parse(eventmq_frames[4])
-    client.close()
+    sender = Sender()
+    client = Client(addr, green=False)
+    try:
+        sender.connect(addr)
+        assert emq_messages.defer_job(sender, "examples.jobs.mark", args=[1, "a"],
+                                      kwargs={"k": 2}, reply_requested=True, retry_count=2,
+                                      timeout=30, queue="mail")
+        theirs = Message.parse(receive())
+        msgid = client.defer_job("examples.jobs.mark", [1, "a"], {"k": 2},
+                                 reply_requested=True, retry_count=2, timeout=30,
+                                 queue="mail")
+        ours = Message.parse(receive())
+    finally:
+        sender.zsocket.close(linger=0)
+        client.close()
+        sink.close()
+    assert ours.msgid == msgid and theirs.msgid != msgid  # msgids differ by design
+    assert ours.command is theirs.command is Command.REQUEST
+    # queue and headers as text, then the same run payload
+    assert ours.body[:2] == theirs.body[:2] == ("mail", theirs.body[1])
+    assert set(ours.body[1].split(",")) == {"reply-requested", "retry-count:2", "timeout:30"}
+    assert RunRequest.parse(ours.body[2]) == RunRequest.parse(theirs.body[2])
 
 
 def test_defer_job_subprocess_option_and_callable_paths():
@@ -307,4 +330,4 @@ def test_job_decorator_defers_with_broker_addr(monkeypatch):
         assert request.msgid == msgid and request.queue == "files"
         assert RunRequest.parse(request.body[2]).name == f"{__name__}.module_level_job"
     finally:
-        router.stop()
+        assert router.stop(timeout=5)

@@ -11,7 +11,7 @@ import pytest
 from fakerouter import FakeRouter
 
 from emq_green.jobmanager import State
-from emq_green.protocol import Command, Message
+from emq_green.protocol import Command, Message, RunRequest
 
 JOBS = "jobs_for_tests"
 
@@ -229,22 +229,18 @@ def test_router_death_reconnects_to_failover_and_keeps_running_jobs(make_manager
         failover.close()
 
 
-def test_no_ack_means_retry_with_a_fresh_identity():
+def test_no_ack_means_retry_with_a_fresh_identity(make_manager):
     silent = FakeRouter(auto_ack=False)
     try:
-        from emq_green.jobmanager import JobManager
-        from emq_green.settings import Settings
-        manager = JobManager(settings=Settings(name="w", worker_addr=silent.addr,
-                                               worker_addr_default=silent.addr,
-                                               worker_addr_failover=silent.addr,
-                                               reconnect_timeout=0.3), skip_signal=True)
-        manager.start()
-        silent.wait_until(lambda: len(silent.identities) >= 2, timeout=5)
+        manager = make_manager(wait_running=False, name="w", worker_addr=silent.addr,
+                               worker_addr_default=silent.addr,
+                               worker_addr_failover=silent.addr, reconnect_timeout=0.3)
+        silent.wait_until(lambda: len(silent.identities) >= 2, timeout=10)
         assert silent.identities[0] != silent.identities[1]
         assert manager.state is State.CONNECTING
         silent.send(silent.identities[-1], Command.ACK, "x")
-        assert manager.wait_for_state(State.RUNNING, timeout=5)
-        assert manager.stop(timeout=5, graceful=False)
+        assert manager.wait_for_state(State.RUNNING, timeout=10)
+        assert manager.stop(timeout=10, graceful=False)
     finally:
         silent.close()
 
@@ -272,15 +268,26 @@ def test_graceful_stop_finishes_running_jobs_and_runs_requests_on_the_wire(
 
 
 def test_grace_period_expiry_kills_jobs_and_says_so(router, make_manager):
-    manager = make_manager(concurrent_jobs=2, kill_grace_period=0.5)
+    grace = 2.0
+    manager = make_manager(concurrent_jobs=2, kill_grace_period=grace)
     ident = router.wait_inform()
     stuck = router.request(ident, JOBS, "nap", args=[60], headers="reply-requested")
-    router.wait_until(lambda: manager.jobs_in_flight)
+    short = router.request(ident, JOBS, "wait_gate", args=["short"],
+                           headers="reply-requested")
+    router.wait_until(lambda: len(manager.jobs_in_flight) == 2 and J.calls["wait_gate"])
     started = time.monotonic()
-    assert manager.stop(timeout=10)
-    assert time.monotonic() - started < 5
+    stopper = gevent.spawn(manager.stop, 30)
+    router.wait_count(Command.KBYE, 1)
+    # the short job ends inside the grace period: it is not killed
+    J.gates["short"].set()
+    assert router.wait_reply(short) == {"value": "short"}
+    assert stopper.get(timeout=30) is True
     reply = router.wait_reply(stuck)
-    assert reply["error"]["type"] == "Killed"
+    assert reply["value"] == "Killed" and reply["error"]["type"] == "Killed"
+    killed_at = next(r.at for r in router.messages(Command.REPLY)
+                     if r.message.body[1] == stuck)
+    # not before the grace period is over, and not long after it
+    assert grace <= killed_at - started < grace + 5, killed_at - started
 
 
 def test_second_stop_request_stops_at_once(router, make_manager):
@@ -306,18 +313,32 @@ def test_router_disconnect_means_graceful_stop(router, make_manager):
 
 
 def test_check_worker_health_repairs_a_lost_job(router, make_manager):
+    """A job whose greenlet died without reporting (here: killed before it
+    ever ran, so none of its own cleanup ran) is completed as Killed, its
+    reply sent and its slot offered again."""
     manager = make_manager(concurrent_jobs=1)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 1)
-    router.request(ident, JOBS, "wait_gate", args=["never"])
-    router.wait_until(lambda: manager.jobs_in_flight)
-    record = next(iter(manager.jobs_in_flight.values()))
-    # simulate a greenlet that vanished without reporting (e.g. killed by
-    # foreign code with a raw greenlet throw): mark it reported-nothing
-    record.greenlet.kill(block=True)
-    assert not manager.jobs_in_flight  # GreenletExit is reported as Killed
-    assert manager.check_worker_health() == 0
+    # on_request (seed API) from this greenlet: the job greenlet is spawned,
+    # and killed here before the hub ever runs it
+    payload = RunRequest(path=JOBS, callable="add", args=(1, 2)).payload()
+    manager.on_request("lost-1", ["default", "reply-requested", payload])
+    record = manager.jobs_in_flight["lost-1"]
+    assert record.greenlet is not None and not record.greenlet.dead
+    record.greenlet.kill(block=True, timeout=5)
+    assert record.greenlet.dead and not record.done
+    assert "lost-1" in manager.jobs_in_flight and manager.free_slots == 0
+    assert manager.check_worker_health() == 1
+    assert record.done and not manager.jobs_in_flight
+    reply = router.wait_reply("lost-1")
+    assert reply["value"] == "Killed" and reply["error"]["type"] == "Killed"
     router.wait_count(Command.READY, 2)
+    assert manager.check_worker_health() == 0  # repaired once, not twice
+    # the slot really came back: a job runs in it
+    ok = router.request(ident, JOBS, "add", args=[2, 2], headers="reply-requested")
+    assert router.wait_reply(ok) == {"value": 4}
+    router.wait_count(Command.READY, 3)
+    assert router.count(Command.READY) == 3 and manager.free_slots == 1
 
 
 def test_seed_api_members_exist(router, make_manager):

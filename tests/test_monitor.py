@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import time
 import types
 
 import pytest
+from peers import require_eventmq
 
+from emq_green.jobmanager import State
 from emq_green.monitor import BlockMonitor, patch_problems
 from emq_green.protocol import Command
+from emq_green.settings import Settings
 
 JOBS = "blocking_jobs"
 
@@ -79,15 +83,23 @@ def test_one_incident_per_block_and_short_blocks_are_ignored(router, make_manage
     assert stats.incidents == 2 and 2.9 <= stats.blocked_seconds <= 3.6
 
 
-def test_threshold_zero_turns_detection_off(router, make_manager):
-    manager, monitor = monitored(make_manager, threshold=0)
+@pytest.mark.parametrize("threshold, expected", [(0, 0), (1.0, 1)])
+def test_threshold_zero_turns_detection_off(router, make_manager, threshold, expected):
+    """A 2.5 s block: longer than the default threshold (1 s, the control
+    case), so "0 means the default" would report it."""
+    # the fake router shares the blocked loop: a dead-router limit (6 s)
+    # beyond the block keeps the worker on its first connection
+    manager, monitor = monitored(make_manager, threshold=threshold, heartbeat_timeout=2.0)
+    assert Settings().block_threshold == 1.0
     ident = router.wait_inform()
-    msgid = router.request(ident, JOBS, "block_unpatched", args=[0.5],
+    msgid = router.request(ident, JOBS, "block_unpatched", args=[2.5],
                            headers="reply-requested")
     router.wait_reply(msgid)
     follow = router.request(ident, JOBS, "nap", args=[0.3], headers="reply-requested")
     router.wait_reply(follow)
-    assert monitor.incidents == 0
+    if expected:
+        wait_incidents(router, monitor, expected)
+    assert monitor.incidents == expected
 
 
 def test_patch_problems_name_the_modules_and_the_fix(monkeypatch):
@@ -202,9 +214,14 @@ def test_thread_heartbeats_under_stress_lose_and_corrupt_nothing(router, make_ma
 ROUTER_REMOVED = r"No messages from worker .* Removing from the queue"
 
 
+def removed(ident: str) -> str:
+    """EventMQ's router log line for the removal of this very worker."""
+    return rf"No messages from worker {re.escape(ident)} in [0-9.]+\. Removing from the queue"
+
+
 @pytest.fixture
 def peers(tmp_path):
-    pytest.importorskip("eventmq")
+    require_eventmq()
     from peers import Peers
 
     p = Peers(tmp_path)
@@ -260,8 +277,7 @@ def test_real_router_drops_the_worker_without_thread_heartbeats(peers):
                                                    "--thread-heartbeats", "false")
     try:
         client.defer(blocking_jobs.block_unpatched, 16)
-        router.wait_for(ROUTER_REMOVED, timeout=40)
-        assert ident in router.text()
+        router.wait_for(removed(ident), timeout=40)
     finally:
         client.close()
 
@@ -276,14 +292,17 @@ def test_offender_goes_to_the_subprocess_pool_after_n_blocks_until_sighup(
 
     from emq_green.offload import Offload
 
+    made = []
     manager, monitor = monitored(make_manager, threshold=0.3, offload_after_blocks=2,
-                                 subprocess_pool_size=1)
+                                 subprocess_pool_size=1,
+                                 settings_loader=lambda: made[0].settings)
+    made.append(manager)
     [offload] = [e for e in manager.extensions if isinstance(e, Offload)]
-    ident = router.wait_inform()
+    router.wait_inform()
     name = f"{JOBS}.block_and_pid"
 
     def run():
-        msgid = router.request(ident, JOBS, "block_and_pid", args=[0.6],
+        msgid = router.request(router.identities[-1], JOBS, "block_and_pid", args=[0.6],
                                headers="reply-requested")
         return router.wait_reply(msgid, timeout=30)["value"]
 
@@ -301,7 +320,9 @@ def test_offender_goes_to_the_subprocess_pool_after_n_blocks_until_sighup(
     assert status["callables"][name]["jobs"] == 1
     assert "2 blocks" in status["callables"][name]["reason"]
     # SIGHUP (settings reloaded) forgets the decision
-    manager._settings_loader = lambda: manager.settings
-    manager._reload_settings()
+    manager.reload()
+    router.wait_inform(index=1)
+    assert manager.wait_for_state(State.RUNNING, timeout=10)
+    assert manager.counters["reloads"] == 1
     assert not offload.callables and manager.status()["offload"]["callables"] == {}
     assert run() == os.getpid()

@@ -112,8 +112,10 @@ def make_router() -> Iterator[Callable[..., Harness]]:
     harnesses: list[Harness] = []
 
     def make(**overrides) -> Harness:
-        settings = Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
-                            administrative_addr=ANY_PORT, **overrides)
+        values = dict(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
+                      administrative_addr=ANY_PORT)
+        values.update(overrides)
+        settings = Settings(**values)
         router = Router(settings=settings)
         router.start()
         harness = Harness(router)
@@ -121,10 +123,14 @@ def make_router() -> Iterator[Callable[..., Harness]]:
         return harness
 
     yield make
+    stuck = []
     for harness in harnesses:
         for peer in harness.peers:
             peer.close()
-        harness.router.stop(timeout=2)
+        if not harness.router.stop(timeout=5):
+            stuck.append(harness.router.endpoints)
+    if stuck:
+        pytest.fail(f"router(s) {stuck} did not stop")
 
 
 def test_inform_ack_ready_request_and_acknowledgement(make_router):
@@ -224,7 +230,8 @@ def test_heavier_queue_of_a_worker_is_served_first_from_the_buffer(make_router):
 
 
 def test_silent_worker_removed_and_its_requests_logged(make_router, caplog):
-    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=0.6)
+    # 2 s: a busy machine must not remove the worker before it took its jobs
+    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=2.0)
     caplog.set_level(logging.INFO, logger="emq_green.router")
     worker = h.worker(slots=2)
     client = h.peer("frontend")
@@ -237,7 +244,7 @@ def test_silent_worker_removed_and_its_requests_logged(make_router, caplog):
     assert beat.command is Command.HEARTBEAT and float(beat.body[0]) > 0
 
     # then the worker goes silent and is removed
-    wait_until(lambda: not h.router.workers, timeout=5, what="silent worker removed")
+    wait_until(lambda: not h.router.workers, timeout=10, what="silent worker removed")
     lost = [r.getMessage() for r in caplog.records if "possibly lost REQUEST" in r.getMessage()]
     assert any(plain.msgid in m and "queue default" in m for m in lost)
     assert any(replied.msgid in m for m in lost)
@@ -252,9 +259,10 @@ def test_silent_worker_removed_and_its_requests_logged(make_router, caplog):
 
 
 def test_heartbeats_keep_a_worker_alive(make_router):
-    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=0.5)
+    # a 1 s timeout (ten intervals) leaves room for a busy machine
+    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=1.0)
     worker = h.worker(slots=1)
-    deadline = time.monotonic() + 1.5
+    deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:  # three heartbeat timeouts, answering each beat
         beat = worker.recv(skip_heartbeats=False)
         assert beat.command is Command.HEARTBEAT
@@ -338,3 +346,105 @@ def test_malformed_messages_are_dropped(make_router):
     sent = h.request(raw)
     assert worker.recv().msgid == sent.msgid
     assert h.router.counters["malformed_messages"] == 2
+
+
+def test_weights_across_queues_pick_the_heaviest_worker_with_a_slot(make_router):
+    h = make_router()
+    w1 = h.worker(queues=[(30, "a"), (10, "b")], slots=2, name="w1")
+    w2 = h.worker(queues=[(10, "a"), (30, "b")], slots=2, name="w2")
+    client = h.peer("frontend")
+
+    def goes_to(queue: str) -> str:
+        sent = h.request(client, queue=queue)
+        assert client.recv().body == (sent.msgid,)  # handed over at once
+        got = [p.identity.decode() for p in (w1, w2)
+               for m in p.pending() if m.msgid == sent.msgid]
+        if not got:  # delivered, not read yet
+            wait_until(lambda: any(p.sock.poll(0) for p in (w1, w2)), what="delivery")
+            got = [p.identity.decode() for p in (w1, w2)
+                   for m in p.pending() if m.msgid == sent.msgid]
+        [name] = got
+        return name
+
+    # each queue goes to the worker that weighs it most, while it has slots;
+    # then to the lighter one
+    assert [goes_to(q) for q in ("a", "b", "a", "a")] == ["w1", "w2", "w1", "w2"]
+    assert h.slots(w1) == 0 and h.slots(w2) == 0
+    # no slot anywhere: queue b buffers, and the next READY of a worker
+    # serving b (w1, its lighter queue) takes it
+    buffered = h.request(client, queue="b")
+    wait_until(lambda: "b" in h.router.waiting, what="buffered")
+    w1.send(Command.READY)
+    assert w1.recv().msgid == buffered.msgid
+
+
+def test_request_to_an_unreachable_worker_is_dispatched_to_the_next(make_router, caplog):
+    h = make_router()
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    dead = h.worker(queues=[(30, "default")], slots=1, name="dead")
+    live = h.worker(queues=[(10, "default")], slots=1, name="live")
+    dead.close()  # gone without a KBYE: the router still counts its slot
+    # wait until ZeroMQ has dropped the connection: the router's one send
+    # path then reports the peer as unreachable (a heartbeat as the probe)
+    wait_until(lambda: not h.router._send("backend", dead.identity,
+                                          Message.new(Command.HEARTBEAT, "probe")),
+               timeout=10, what="the dead worker's connection dropped")
+    assert dead.identity in h.router.workers and h.slots(dead) == 1
+    client = h.peer("frontend")
+    sent = h.request(client)
+    assert live.recv().msgid == sent.msgid
+    assert client.recv().body == (sent.msgid,)  # acknowledged once
+    assert dead.identity not in h.router.workers
+    assert any("dead removed (it cannot be reached)" in r.getMessage()
+               for r in caplog.records)
+    assert h.router.processed_by_worker == {"live": 1}
+    assert client.pending() == []
+
+
+def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router):
+    """KBYE sent to a real JobManager: it leaves the stopped router and
+    INFORMs the next one on the same address with a new identity."""
+    from emq_green.jobmanager import JobManager, State
+
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in _free_ports(3))
+    addrs = dict(frontend_addr=front, backend_addr=back, administrative_addr=admin)
+    first = make_router(**addrs)
+    manager = JobManager(settings=Settings(
+        name="kbye", worker_addr=back, worker_addr_default=back, worker_addr_failover=back,
+        concurrent_jobs=2, reconnect_timeout=1.0, heartbeat_interval=0.2), skip_signal=True)
+    manager.start()
+    try:
+        wait_until(lambda: any(w.slots == 2 for w in first.router.workers.values()),
+                   timeout=10, what="the manager's READYs")
+        [old] = first.router.workers
+        assert first.router.stop(timeout=5)
+        wait_until(lambda: manager.counters["router_lost"] == 1, timeout=10,
+                   what="the manager to take the KBYE")
+        second = None
+        deadline = time.monotonic() + 10
+        while second is None:  # the port may take a moment to be free again
+            try:
+                second = make_router(**addrs)
+            except OSError:
+                assert time.monotonic() < deadline, "cannot bind the router again"
+                gevent.sleep(0.05)  # poll interval
+        wait_until(lambda: any(w.slots == 2 for w in second.router.workers.values()),
+                   timeout=15, what="the manager on the new router")
+        [new] = second.router.workers
+        assert new != old and new.startswith(b"kbye:")
+        assert manager.state is State.RUNNING
+    finally:
+        assert manager.stop(timeout=10, graceful=False)
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -88,34 +88,38 @@ def test_routing_by_flag_name_and_module_prefix():
     assert not runs_in_subprocess(req("app.jobs", "send"), patterns)
 
 
-@pytest.mark.timeout(60)
-def test_flagged_cpu_job_leaves_io_jobs_and_heartbeats_alone(router, make_manager):
+@pytest.mark.timeout(90)
+def test_flagged_cpu_job_leaves_io_jobs_and_heartbeats_alone(router, make_manager, tmp_path):
     manager = make_manager(concurrent_jobs=510, subprocess_pool_size=2, **LOOP_ONLY)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 510)
-    start = time.monotonic()
-    cpu = router.request(ident, CPU, "spin", args=[8], headers=REPLY, subprocess=True)
+    release = tmp_path / "release"
+    # computes until the test releases it: it spans every IO job below
+    cpu = router.request(ident, CPU, "spin_until", args=[str(release), 80], headers=REPLY,
+                         subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
+    start = time.monotonic()
     sent: dict[str, tuple[float, float]] = {}
     for i in range(500):
         if i and i % 50 == 0:
             gevent.sleep(0.2)  # requests arrive in waves, not all in one loop turn
-        nap = 0.5 + (i % 10) * 0.5  # 0.5 .. 5 s: the IO jobs span the CPU job
+        nap = 0.5 + (i % 10) * 0.5  # 0.5 .. 5 s
         msgid = router.request(ident, JOBS, "nap", args=[nap], headers=REPLY)
         sent[msgid] = (time.monotonic(), nap)
-    router.wait_count(Command.REPLY, 500, timeout=20)
-    assert cpu not in router.replies()  # every IO job finished while it computed
-    reply = router.wait_reply(cpu, timeout=20)["value"]
+    router.wait_count(Command.REPLY, 500, timeout=40)
     end = time.monotonic()
-    assert end - start >= 8
+    assert cpu not in router.replies() and pool_of(manager).status()["busy"] == 1
+    release.touch()
+    reply = router.wait_reply(cpu, timeout=20)["value"]
     assert reply["pid"] != os.getpid() and reply["pid"] in manager.pid_distribution
     arrived = {r.message.body[1]: r.at for r in router.messages(Command.REPLY)}
     lateness = max(arrived[m] - at - nap for m, (at, nap) in sent.items())
-    # in-process, the CPU job would make them up to 8 s late
-    assert lateness < 1.5, f"an IO job was {lateness:.2f} s late"
+    # in-process, the CPU job would hold them until it is released: the
+    # bounds leave room for a busy machine, far below that
+    assert lateness < 2.5, f"an IO job was {lateness:.2f} s late"
     interval = manager.settings.heartbeat_interval
     silence = router.longest_silence(ident, start, end)
-    assert silence < interval + 0.5, gaps(router, ident, start, end)
+    assert silence < interval + 1.3, gaps(router, ident, start, end)
     router.wait_count(Command.READY, 510 + 501)
     assert manager.pid_distribution[os.getpid()] == 500
     stop_and_check(router, manager)
@@ -170,21 +174,27 @@ def test_subprocess_callables_setting_and_json_round_trip(router, make_manager):
     stop_and_check(router, manager)
 
 
-def test_busy_children_make_subprocess_jobs_wait_but_not_io_jobs(router, make_manager):
+def test_busy_children_make_subprocess_jobs_wait_but_not_io_jobs(router, make_manager,
+                                                                  tmp_path):
     manager = make_manager(concurrent_jobs=4, subprocess_pool_size=1)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 4)
-    started = time.monotonic()
-    first = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
-    second = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
+    release = tmp_path / "release"
+    first = router.request(ident, CPU, "spin_until", args=[str(release)], headers=REPLY,
+                           subprocess=True)
+    second = router.request(ident, CPU, "spin_until", args=[str(release)], headers=REPLY,
+                            subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["waiting"] == 1)
     io = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
     assert router.wait_reply(io) == {"value": 3}
-    assert time.monotonic() - started < 0.9
+    # the IO job did not wait for either: both are still held
     assert first not in router.replies() and second not in router.replies()
-    a, b = router.wait_reply(first)["value"], router.wait_reply(second, timeout=10)["value"]
+    assert pool_of(manager).status()["busy"] == 1
+    release.touch()
+    a, b = router.wait_reply(first)["value"], router.wait_reply(second, timeout=20)["value"]
     assert a["pid"] == b["pid"]  # one child, one job after the other
-    assert time.monotonic() - started >= 2
+    earlier, later = sorted((a, b), key=lambda r: r["started"])
+    assert later["started"] >= earlier["ended"]
     router.wait_count(Command.READY, 4 + 3)
     stop_and_check(router, manager)
 
@@ -199,8 +209,8 @@ def test_timeout_kills_the_process_group_and_a_fresh_child_follows(
                            headers=f"{REPLY},timeout:1", subprocess=True)
     reply = router.wait_reply(msgid, timeout=10)
     assert reply["value"] == "TimeoutError" and reply["error"]["type"] == "TimeoutError"
-    assert 0.9 <= time.monotonic() - started < 5
-    router.wait_until(lambda: gone(int(pid_file.read_text())), timeout=5)
+    assert 0.9 <= time.monotonic() - started < 10
+    router.wait_until(lambda: gone(int(pid_file.read_text())), timeout=10)
     pool = pool_of(manager)
     assert pool.counters["timed_out"] == 1
     after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
@@ -292,16 +302,17 @@ def test_hard_stop_kills_the_children(router, make_manager):
 
 
 def test_reload_with_a_new_pool_size_replaces_the_pool(router, make_manager):
-    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
+    made: list[JobManager] = []
+    manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2,
+                           settings_loader=lambda: made[0].settings.replace(
+                               subprocess_pool_size=1))
+    made.append(manager)
     ident = router.wait_inform()
     first = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
     router.wait_reply(first)
     old_pids = pool_of(manager).pids()
     assert len(old_pids) == 2
-    # what SIGHUP does (the fixture's manager has no signal handlers)
-    manager._settings_loader = lambda: manager.settings.replace(subprocess_pool_size=1)
-    manager._reload_requested = True
-    manager._wake.set()
+    manager.reload()  # what SIGHUP does (the fixture's manager has no signal handlers)
     router.wait_inform(index=1)
     assert pool_of(manager) is None
     router.wait_until(lambda: all(gone(p) for p in old_pids))
@@ -310,3 +321,126 @@ def test_reload_with_a_new_pool_size_replaces_the_pool(router, make_manager):
     new_pid = router.wait_reply(after)["value"]
     assert new_pid not in old_pids and pool_of(manager).pids() == [new_pid]
     stop_and_check(router, manager)
+
+
+# ---------------------------------------------------------------------------
+# corners: timeouts and retries, entry/exit functions, recycling, grace period
+
+
+def log_counts(cpu_log) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in cpu_log():
+        event = line.split()[0]
+        counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
+def entry_exit_manager(make_manager, **settings):
+    return make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                        job_entry_func=f"{CPU}.entry", job_exit_func=f"{CPU}.exit_",
+                        **settings)
+
+
+def test_a_timed_out_subprocess_job_is_not_retried(router, make_manager, cpu_log, tmp_path):
+    """Also: job_exit_func does not run for a job whose child was killed (the
+    gap the pool's docstring names: the child dies with the job)."""
+    manager = entry_exit_manager(make_manager, global_timeout=60)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_spin_until", args=[str(tmp_path / "never")],
+                           headers=f"{REPLY},retry-count:2,timeout:1", subprocess=True)
+    assert router.wait_reply(msgid, timeout=20)["value"] == "TimeoutError"
+    # a job after it runs in the fresh child: anything the old one did is logged by then
+    after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    assert router.wait_reply(after, timeout=20)["value"] in pool_of(manager).pids()
+    counts = log_counts(cpu_log)
+    assert counts.get("run") == 1  # one attempt, no retry
+    assert counts.get("entry") == 2  # the timed-out job and the one after
+    assert counts.get("exit") == 1  # only the one after: the killed child ran none
+    stop_and_check(router, manager)
+
+
+def test_subprocess_entry_and_exit_run_once_per_job_across_retries(router, make_manager,
+                                                                   cpu_log):
+    manager = entry_exit_manager(make_manager)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_flaky", args=["x", 2],
+                           headers=f"{REPLY},retry-count:2", subprocess=True)
+    assert router.wait_reply(msgid, timeout=20) == {"value": 3}
+    assert log_counts(cpu_log) == {"entry": 1, "run": 3, "exit": 1}
+    stop_and_check(router, manager)
+
+
+def test_a_raising_entry_function_in_a_child_fails_the_job_unrun(router, make_manager,
+                                                                 cpu_log, tmp_path):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           job_entry_func=f"{CPU}.entry_boom", job_exit_func=f"{CPU}.exit_")
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_spin_until", args=[str(tmp_path / "x"), 1],
+                           headers=f"{REPLY},retry-count:2", subprocess=True)
+    reply = router.wait_reply(msgid, timeout=20)
+    assert reply["value"] == "entry failed" and reply["error"]["type"] == "RuntimeError"
+    assert log_counts(cpu_log) == {"entry": 1}  # not run, no exit
+    stop_and_check(router, manager)
+
+
+def test_a_killed_subprocess_job_gets_no_exit_function(router, make_manager, cpu_log,
+                                                       tmp_path):
+    """What is true today (docs: "job_exit_func does not run for a job whose
+    child was killed"): a hard stop kills the child mid-job, and the exit
+    function, which would run in that child, never does."""
+    manager = entry_exit_manager(make_manager)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "logged_spin_until", args=[str(tmp_path / "never")],
+                           headers=REPLY, subprocess=True)
+    router.wait_until(lambda: log_counts(cpu_log).get("run") == 1, timeout=20)
+    stop_and_check(router, manager, graceful=False)
+    assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+    assert log_counts(cpu_log) == {"entry": 1, "run": 1}
+
+
+@pytest.mark.parametrize("last", ["timeout", "crash"])
+def test_recycling_after_max_job_count_when_the_last_job_fails(router, make_manager,
+                                                               tmp_path, last):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1, max_job_count=2,
+                           global_timeout=60)
+    ident = router.wait_inform()
+    first = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))["value"]
+    if last == "timeout":
+        msgid = router.request(ident, CPU, "spin_until", args=[str(tmp_path / "never")],
+                               headers=f"{REPLY},timeout:1", subprocess=True)
+        assert router.wait_reply(msgid, timeout=20)["value"] == "TimeoutError"
+    else:
+        msgid = router.request(ident, CPU, "exit_hard", args=[3], headers=REPLY,
+                               subprocess=True)
+        assert router.wait_reply(msgid, timeout=20)["error"]["type"] == "ChildProcessError"
+    router.wait_until(lambda: gone(first), timeout=10)
+    # exactly one child replaces it (recycling and the failure do not both
+    # start one), and it starts its own count of max_job_count jobs
+    pids = [router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True), timeout=20)["value"]
+            for _ in range(3)]
+    assert first not in pids
+    assert pids[0] == pids[1] != pids[2]
+    router.wait_until(lambda: gone(pids[0]), timeout=10)
+    assert pool_of(manager).pids() == [pids[2]]
+    assert len(children()) == 1
+    assert pool_of(manager).counters["children_recycled"] == 2
+    stop_and_check(router, manager)
+
+
+def test_grace_period_expiry_kills_a_subprocess_job(router, make_manager, tmp_path):
+    grace = 1.0
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1, kill_grace_period=grace)
+    ident = router.wait_inform()
+    msgid = router.request(ident, CPU, "spin_until", args=[str(tmp_path / "never")],
+                           headers=REPLY, subprocess=True)
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1,
+                      timeout=20)
+    [pid] = pool_of(manager).pids()
+    started = time.monotonic()
+    stop_and_check(router, manager)  # graceful: the grace period, then the kill
+    took = time.monotonic() - started
+    assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+    assert grace <= took < grace + 10, took
+    assert gone(pid)

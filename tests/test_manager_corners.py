@@ -1,0 +1,262 @@
+"""The job manager's corners on real loopback sockets: reconnects, failover,
+retries against timeouts, entry/exit functions, grace periods, reloads."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jobs_for_tests as J
+import pytest
+from fakerouter import FakeRouter
+
+from emq_green.jobmanager import JobManager, State
+from emq_green.protocol import Command
+from emq_green.settings import load_settings
+
+JOBS = "jobs_for_tests"
+REPLY = "reply-requested"
+
+
+def inform_order(**routers: FakeRouter) -> list[str]:
+    """Which router each INFORM went to, in the order they arrived."""
+    found = [(r.at, name) for name, router in routers.items()
+             for r in router.messages(Command.INFORM)]
+    return [name for _, name in sorted(found)]
+
+
+# ---------------------------------------------------------------------------
+# reconnects
+
+
+def test_replies_of_jobs_finishing_while_reconnecting_go_out_on_the_new_connection(
+        make_manager):
+    primary = FakeRouter(heartbeat_interval=0.2)
+    standby = FakeRouter(heartbeat_interval=0.2, auto_ack=False)
+    try:
+        manager = make_manager(concurrent_jobs=3, worker_addr=primary.addr,
+                               worker_addr_default=standby.addr,
+                               worker_addr_failover=standby.addr, reconnect_timeout=30)
+        first = primary.wait_inform()
+        primary.wait_count(Command.READY, 3)
+        running = [primary.request(first, JOBS, "wait_gate", args=["late"], headers=REPLY)
+                   for _ in range(2)]
+        primary.wait_until(lambda: J.calls["wait_gate"] == 2)
+        primary.close()  # the router dies with two jobs running
+        second = standby.wait_inform(timeout=15)
+        assert manager.state is State.CONNECTING  # INFORMed, no ACK yet
+        J.gates["late"].set()  # the jobs finish while the worker reconnects
+        standby.wait_until(lambda: not manager.jobs_in_flight)
+        assert standby.count(Command.REPLY) == 0  # kept until the connection is up
+        acked_at = time.monotonic()
+        inform = standby.messages(Command.INFORM, second)[-1]
+        standby.send(second, Command.ACK, inform.message.msgid)
+        for msgid in running:
+            assert standby.wait_reply(msgid) == {"value": "late"}
+        replies = standby.messages(Command.REPLY)
+        assert len(replies) == 2
+        assert all(r.identity == second and r.at >= acked_at for r in replies)
+        # every slot is free again, and offered once
+        standby.wait_count(Command.READY, 3)
+        ok = standby.request(second, JOBS, "add", args=[1, 1], headers=REPLY)
+        assert standby.wait_reply(ok) == {"value": 2}
+        standby.wait_count(Command.READY, 4)
+        assert standby.count(Command.READY) == 4
+        assert primary.count(Command.REPLY) == 0
+    finally:
+        primary.close()
+        standby.close()
+
+
+@pytest.mark.timeout(90)
+def test_failover_order_and_return_to_the_default_address(make_manager):
+    a = FakeRouter(heartbeat_interval=0.2)
+    b = FakeRouter(heartbeat_interval=0.2)
+    try:
+        manager = make_manager(concurrent_jobs=2, worker_addr=a.addr,
+                               worker_addr_default=a.addr, worker_addr_failover=b.addr,
+                               reconnect_timeout=1.0)
+        a.wait_inform()
+        a.fall_silent()
+        # dead after 1.5 s of silence; then the default (still silent: no ACK
+        # within reconnect_timeout), then the failover
+        second = b.wait_inform(timeout=20)
+        b.wait_count(Command.READY, 2, identity=second)
+        assert inform_order(a=a, b=b) == ["a", "a", "b"]
+        assert manager.state is State.RUNNING and manager.outgoing.addr == b.addr
+        # the failover dies too: back to the default, which answers again
+        a.wake_up()
+        b.fall_silent()
+        a.wait_until(lambda: len(a.messages(Command.INFORM)) == 3, timeout=20)
+        back = a.messages(Command.INFORM)[-1].identity
+        a.wait_count(Command.READY, 2, identity=back)
+        assert inform_order(a=a, b=b) == ["a", "a", "b", "a"]
+        assert manager.outgoing.addr == a.addr and manager.state is State.RUNNING
+        assert manager.counters["router_lost"] == 2
+        ok = a.request(back, JOBS, "add", args=[2, 3], headers=REPLY)
+        assert a.wait_reply(ok) == {"value": 5}
+    finally:
+        a.close()
+        b.close()
+
+
+# ---------------------------------------------------------------------------
+# retries, timeouts, entry and exit functions (greenlet jobs)
+
+
+def test_a_timed_out_job_is_not_retried(router, make_manager):
+    make_manager(global_timeout=60)
+    ident = router.wait_inform()
+    timed_out = router.request(ident, JOBS, "counted_nap", args=["slow", 30],
+                               headers=f"{REPLY},retry-count:3,timeout:0.5")
+    failing = router.request(ident, JOBS, "flaky", args=["f", 1],
+                             headers=f"{REPLY},retry-count:3,timeout:5")
+    assert router.wait_reply(timed_out)["value"] == "TimeoutError"
+    assert J.calls["slow"] == 1
+    assert router.wait_reply(failing) == {"value": 2}  # a raising job is retried
+
+
+def entry_exit(make_manager, router, **settings):
+    manager = make_manager(concurrent_jobs=2, job_entry_func=f"{JOBS}.entry",
+                           job_exit_func=f"{JOBS}.exit_", **settings)
+    return manager, router.wait_inform()
+
+
+def test_entry_and_exit_run_once_per_job_across_retries(router, make_manager):
+    _, ident = entry_exit(make_manager, router)
+    msgid = router.request(ident, JOBS, "flaky", args=["k", 2],
+                           headers=f"{REPLY},retry-count:2")
+    assert router.wait_reply(msgid) == {"value": 3}
+    assert J.calls["k"] == 3 and J.events == ["entry", "exit"]
+
+
+def test_entry_and_exit_run_once_after_a_timeout(router, make_manager):
+    _, ident = entry_exit(make_manager, router)
+    msgid = router.request(ident, JOBS, "counted_nap", args=["t", 30],
+                           headers=f"{REPLY},retry-count:2,timeout:0.5")
+    assert router.wait_reply(msgid)["value"] == "TimeoutError"
+    assert J.calls["t"] == 1 and J.events == ["entry", "exit"]
+
+
+def test_entry_and_exit_run_once_when_the_job_is_killed(router, make_manager):
+    manager, ident = entry_exit(make_manager, router)
+    msgid = router.request(ident, JOBS, "counted_gate", args=["g", "never"], headers=REPLY)
+    router.wait_until(lambda: J.calls["g"] == 1)
+    assert manager.stop(timeout=10, graceful=False)
+    assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+    assert J.events == ["entry", "exit"]
+
+
+def test_a_raising_entry_function_fails_the_job_without_running_it(router, make_manager):
+    """The job is not run and its exit function not called (the entry did
+    not complete); the reply names the entry's error; the slot comes back."""
+    make_manager(concurrent_jobs=1, job_entry_func=f"{JOBS}.entry_boom",
+                 job_exit_func=f"{JOBS}.exit_")
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 1)
+    msgid = router.request(ident, JOBS, "counted_nap", args=["n", 0],
+                           headers=f"{REPLY},retry-count:2")
+    reply = router.wait_reply(msgid)
+    assert reply["value"] == "entry failed" and reply["error"]["type"] == "RuntimeError"
+    assert J.calls["n"] == 0 and J.events == ["entry"]
+    router.wait_count(Command.READY, 2)
+
+
+# ---------------------------------------------------------------------------
+# grace period
+
+
+def test_grace_period_expiry_kills_backlogged_jobs_unstarted(router, make_manager):
+    grace = 1.0
+    manager = make_manager(concurrent_jobs=1, kill_grace_period=grace)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 1)
+    running = router.request(ident, JOBS, "counted_gate", args=["run", "never"],
+                             headers=REPLY)
+    router.wait_until(lambda: J.calls["run"] == 1)
+    # beyond the slots offered: it waits in the worker
+    backlogged = router.request(ident, JOBS, "counted_nap", args=["later", 0],
+                                headers=REPLY)
+    router.wait_until(lambda: manager.counters["backlogged"] == 1)
+    started = time.monotonic()
+    assert manager.stop(timeout=30)
+    took = time.monotonic() - started
+    for msgid in (running, backlogged):
+        assert router.wait_reply(msgid)["error"]["type"] == "Killed"
+    assert "before the job started" in router.replies()[backlogged]["error"]["message"]
+    assert J.calls["later"] == 0  # never run
+    assert grace <= took < grace + 5, took
+    assert manager.state is State.STOPPED and not manager.jobs_in_flight
+
+
+# ---------------------------------------------------------------------------
+# SIGHUP: JobManager.reload()
+
+
+def test_reload_with_jobs_running_keeps_them_and_offers_only_free_slots(router, make_manager):
+    made: list[JobManager] = []
+    manager = make_manager(concurrent_jobs=4, settings_loader=lambda: made[0].settings.replace(
+        concurrent_jobs=6))
+    made.append(manager)
+    first = router.wait_inform()
+    router.wait_count(Command.READY, 4, identity=first)
+    running = [router.request(first, JOBS, "wait_gate", args=["r"], headers=REPLY)
+               for _ in range(2)]
+    router.wait_until(lambda: J.calls["wait_gate"] == 2)
+    manager.reload()
+    router.wait_count(Command.KBYE, 1, identity=first)
+    second = router.wait_inform(index=1)
+    assert second != first
+    assert manager.wait_for_state(State.RUNNING, timeout=10)
+    assert manager.concurrent_jobs == 6 and manager.counters["reloads"] == 1
+    # 6 slots, 2 still running: 4 offered on the new connection
+    router.wait_count(Command.READY, 4, identity=second)
+    probe = router.request(second, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(probe) == {"value": 3}
+    router.wait_count(Command.READY, 5, identity=second)
+    assert router.count(Command.READY, second) == 5
+    J.gates["r"].set()
+    for msgid in running:
+        assert router.wait_reply(msgid) == {"value": "r"}
+    assert {r.identity for r in router.messages(Command.REPLY)} == {second}
+    router.wait_count(Command.READY, 7, identity=second)
+    router.wait_until(lambda: not manager.jobs_in_flight)
+    assert router.count(Command.READY, second) == 7  # 6 - 2 + 1 + 2
+
+
+def test_reload_with_a_bad_config_file_keeps_the_settings_and_says_why(
+        router, make_manager, tmp_path, caplog):
+    conf = tmp_path / "eventmq.conf"
+
+    def write(concurrent_jobs: str) -> None:
+        conf.write_text("[jobmanager]\n"
+                        f"worker_addr = {router.addr}\n"
+                        f"worker_addr_default = {router.addr}\n"
+                        f"worker_addr_failover = {router.addr}\n"
+                        "heartbeat_interval = 0.2\nheartbeat_timeout = 0.5\n"
+                        f'queues = [[10, "default"], [5, "mail"]]\n'
+                        f"concurrent_jobs = {concurrent_jobs}\n")
+
+    write("3")
+    manager = make_manager(concurrent_jobs=2,
+                           settings_loader=lambda: load_settings(["-C", str(conf)], {})[0])
+    router.wait_inform()
+    # a good file first: its values are taken
+    manager.reload()
+    second = router.wait_inform(index=1)
+    router.wait_count(Command.READY, 3, identity=second)
+    assert manager.concurrent_jobs == 3 and manager.queues == ((10, "default"), (5, "mail"))
+    # then a bad one: nothing changes, and the log says which setting and why
+    write("lots")
+    caplog.set_level(logging.INFO, logger="emq_green")
+    manager.reload()
+    router.wait_until(lambda: "settings not reloaded" in caplog.text)
+    [line] = [r.getMessage() for r in caplog.records if "settings not reloaded" in r.getMessage()]
+    assert "concurrent_jobs" in line and "lots" in line and str(conf) in line, line
+    assert manager.concurrent_jobs == 3 and manager.queues == ((10, "default"), (5, "mail"))
+    assert manager.wait_for_state(State.RUNNING, timeout=10)
+    ident = router.identities[-1]
+    router.wait_count(Command.READY, 3, identity=ident)
+    ok = router.request(ident, JOBS, "add", args=[1, 1], headers=REPLY, queue="mail")
+    assert router.wait_reply(ok) == {"value": 2}
+    assert manager.counters["reloads"] == 2
