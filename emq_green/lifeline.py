@@ -29,10 +29,11 @@ import gevent
 from gevent import monkey
 
 from .extensions import Extension
-from .protocol import Command, Message
+from .protocol import heartbeat
+from .records import State
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobmanager import JobManager
+    from .extensions import WorkerView
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,12 @@ class Lifeline(Extension):
         self.failed = 0
         #: times the thread stopped covering a loop held past global_timeout
         self.gave_up = 0
-        self._manager: Optional[JobManager] = None
+        self._manager: Optional[WorkerView] = None
         self._loop: Any = None
         self._running = False
         self._generation = 0
 
-    def manager_started(self, manager: JobManager) -> None:
+    def manager_started(self, manager: WorkerView) -> None:
         enabled = manager.settings.thread_heartbeats if self._enabled is None else self._enabled
         if not enabled or manager.settings.disable_heartbeats:
             logger.info("heartbeats from a native thread are off: a job that holds the "
@@ -73,17 +74,15 @@ class Lifeline(Extension):
         self._generation += 1
         _start_thread(self._run, (self._generation,))
 
-    def manager_stopped(self, manager: JobManager) -> None:
+    def manager_stopped(self, manager: WorkerView) -> None:
         self._running = False
 
-    def status(self, manager: JobManager) -> dict[str, Any]:
+    def status(self, manager: WorkerView) -> dict[str, Any]:
         return {"thread_heartbeats": {"on": self._running, "sent": self.sent,
                                       "failed": self.failed, "gave_up": self.gave_up}}
 
     # -- the native thread: no logging, no gevent objects, only the connection --
     def _run(self, generation: int) -> None:
-        from .jobmanager import State
-
         manager = self._manager
         assert manager is not None
         covering_since: Optional[float] = None
@@ -111,7 +110,7 @@ class Lifeline(Extension):
                 continue
             if covering_since < 0:
                 continue
-            message = Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
+            message = heartbeat()
             if conn.send_from_thread(message.frames(), self._loop):
                 self.sent += 1
                 last_own = conn.last_sent

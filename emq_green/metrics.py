@@ -36,8 +36,9 @@ from .extensions import Extension
 from .jobs import Status
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobmanager import JobManager, JobRecord
+    from .extensions import WorkerView
     from .jobs import JobOutcome
+    from .records import JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -102,25 +103,25 @@ class MetricsExtension(Extension):
         self.longest_heartbeat_gap = 0.0
         self.address: Optional[tuple[str, int]] = None
         self._server: Any = None
-        self._manager: Optional[JobManager] = None
+        self._manager: Optional[WorkerView] = None
         self._render: Optional[Callable[[], bytes]] = None
         self._queues: set[str] = set()
         self._content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     # -- hooks ------------------------------------------------------------------
-    def manager_started(self, manager: JobManager) -> None:
+    def manager_started(self, manager: WorkerView) -> None:
         self._manager = manager
         self._queues = {name for _w, name in manager.queues}
         addr = self._addr if self._addr is not None else manager.settings.metrics_addr
         if addr:
             self._serve(addr)
 
-    def manager_stopped(self, manager: JobManager) -> None:
+    def manager_stopped(self, manager: WorkerView) -> None:
         if self._server is not None:
             self._server.stop(timeout=1)
             self._server = None
 
-    def job_finished(self, manager: JobManager, record: JobRecord, outcome: JobOutcome,
+    def job_finished(self, manager: WorkerView, record: JobRecord, outcome: JobOutcome,
                      duration: float) -> None:
         # One append per job; the counters are brought up to date in bulk.
         self._finished.append((record.callable_name, record.queue, outcome.status,
@@ -166,14 +167,14 @@ class MetricsExtension(Extension):
                     result.setdefault(key, JobStats()).started += 1
         return result
 
-    def reload(self, manager: JobManager) -> None:
+    def reload(self, manager: WorkerView) -> None:
         self._count_finished()  # under the queues they came for
         self._queues |= {name for _w, name in manager.queues}
 
-    def disconnected(self, manager: JobManager, reason: str) -> None:
+    def disconnected(self, manager: WorkerView, reason: str) -> None:
         self.heartbeat_gap(manager)  # keep the gap of the connection that ends
 
-    def heartbeat_gap(self, manager: JobManager) -> float:
+    def heartbeat_gap(self, manager: WorkerView) -> float:
         """Longest silence towards the router so far, over all connections."""
         conn = manager.outgoing
         if conn is not None:
@@ -181,7 +182,7 @@ class MetricsExtension(Extension):
                                              getattr(conn, "longest_gap", 0.0))
         return self.longest_heartbeat_gap
 
-    def status(self, manager: JobManager) -> dict[str, Any]:
+    def status(self, manager: WorkerView) -> dict[str, Any]:
         return {
             "jobs": [{"callable": c, "queue": q, **s.summary()}
                      for (c, q), s in sorted(self.job_stats().items())],
@@ -335,7 +336,7 @@ class ProcessTitle(Extension):
         self._title = ""
         self._ticker: Any = None
 
-    def manager_started(self, manager: JobManager) -> None:
+    def manager_started(self, manager: WorkerView) -> None:
         try:
             from setproctitle import setproctitle
         except ImportError:
@@ -345,12 +346,12 @@ class ProcessTitle(Extension):
         self._update(manager)
         self._ticker = gevent.spawn(self._tick, manager)
 
-    def _tick(self, manager: JobManager) -> None:
+    def _tick(self, manager: WorkerView) -> None:
         while True:
             gevent.sleep(self.PERIOD)
             self._update(manager)
 
-    def _update(self, manager: JobManager) -> None:
+    def _update(self, manager: WorkerView) -> None:
         if self._set is None:
             return
         title = (f"emq-green: {manager.name} {len(manager.jobs_in_flight)}/"
@@ -359,13 +360,13 @@ class ProcessTitle(Extension):
             self._title = title
             self._set(title)
 
-    def connected(self, manager: JobManager, addr: str, identity: str) -> None:
+    def connected(self, manager: WorkerView, addr: str, identity: str) -> None:
         self._update(manager)
 
-    def disconnected(self, manager: JobManager, reason: str) -> None:
+    def disconnected(self, manager: WorkerView, reason: str) -> None:
         self._update(manager)
 
-    def manager_stopped(self, manager: JobManager) -> None:
+    def manager_stopped(self, manager: WorkerView) -> None:
         if self._ticker is not None:
             self._ticker.kill(block=False)
         self._update(manager)

@@ -44,7 +44,8 @@ from gevent import monkey
 from .extensions import Extension
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobmanager import JobManager, JobRecord
+    from .extensions import WorkerView
+    from .records import JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class BlockMonitor(Extension):
         self.blocked_seconds = 0.0
         self.longest = 0.0
         self.listeners: list[Callable[[Incident], None]] = []
-        self._manager: Optional[JobManager] = None
+        self._manager: Optional[WorkerView] = None
         self._hub: Any = None
         self._last_tick = self._last_end = time.monotonic()
         self._ticker: Any = None
@@ -202,7 +203,7 @@ class BlockMonitor(Extension):
         self._subscribed = False
 
     # -- lifecycle ------------------------------------------------------------
-    def manager_started(self, manager: JobManager) -> None:
+    def manager_started(self, manager: WorkerView) -> None:
         self._manager = manager
         for problem in patch_problems():
             logger.warning("%s", problem)
@@ -210,10 +211,10 @@ class BlockMonitor(Extension):
             self.threshold = manager.settings.block_threshold
         self._start()
 
-    def manager_stopped(self, manager: JobManager) -> None:
+    def manager_stopped(self, manager: WorkerView) -> None:
         self._stop()
 
-    def reload(self, manager: JobManager) -> None:
+    def reload(self, manager: WorkerView) -> None:
         threshold = manager.settings.block_threshold
         if self._fixed_threshold is None and threshold != self.threshold:
             logger.info("block_threshold %g s -> %g s", self.threshold, threshold)
@@ -328,10 +329,10 @@ class BlockMonitor(Extension):
         found; one dict lookup per greenlet, atomic under the GIL."""
         if self._manager is None:
             return None
-        job_of = self._manager.job_of_greenlet
+        job_of = self._manager.job_of
         seen = 0
         while greenlet is not None and seen < 50:
-            record = job_of.get(greenlet)
+            record = job_of(greenlet)
             if record is not None:
                 return record
             parent = getattr(greenlet, "spawning_greenlet", None)
@@ -376,7 +377,7 @@ class BlockMonitor(Extension):
                 logger.exception("loop-block listener failed")
 
     # -- status -----------------------------------------------------------------
-    def status(self, manager: JobManager) -> dict[str, Any]:
+    def status(self, manager: WorkerView) -> dict[str, Any]:
         return {"loop_blocks": {
             "threshold": self.threshold,
             "incidents": self.incidents,
@@ -390,26 +391,4 @@ class BlockMonitor(Extension):
         }}
 
 
-def monitoring_extensions(present: list[Extension]) -> list[Extension]:
-    """The extensions a manager adds by default, minus those of a type in
-    ``present``: the block monitor, heartbeats from a native thread,
-    offload (idle unless ``offload_after_*`` is set), the metrics endpoint
-    (idle unless ``metrics_addr`` is set) and the process title. Each reads
-    its settings when the manager starts."""
-    from .lifeline import Lifeline
-    from .metrics import MetricsExtension, ProcessTitle
-    from .offload import Offload
-
-    monitor = next((e for e in present if isinstance(e, BlockMonitor)), None)
-    added: list[Extension] = []
-    if monitor is None:
-        monitor = BlockMonitor()
-        added.append(monitor)
-    for kind, make in ((Lifeline, Lifeline), (Offload, lambda: Offload(monitor)),
-                       (MetricsExtension, MetricsExtension), (ProcessTitle, ProcessTitle)):
-        if not any(isinstance(e, kind) for e in present):
-            added.append(make())
-    return added
-
-
-__all__ = ["BlockMonitor", "Incident", "monitoring_extensions", "patch_problems"]
+__all__ = ["BlockMonitor", "Incident", "patch_problems"]

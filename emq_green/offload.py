@@ -2,9 +2,9 @@
 
 Opt-in: ``offload_after_blocks`` (incidents) and ``offload_after_seconds``
 (total time blocked), either or both; 0 means never. Once a callable
-crosses one, its name is added to the subprocess extension's ``routed``
-callables, and that extension runs its next jobs in a child, where a
-blocking call holds only that child. Each decision is logged and shown
+crosses one, it asks the subprocess extension to route that name
+(:meth:`SubprocessExtension.offload`), which runs its next jobs in a
+child, where a blocking call holds only that child. Each decision is logged and shown
 in the status; SIGHUP forgets them and starts counting again.
 """
 
@@ -20,7 +20,7 @@ from .monitor import BlockMonitor, Incident
 from .subprocess_pool import SubprocessExtension
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobmanager import JobManager
+    from .extensions import WorkerView
 
 logger = logging.getLogger(__name__)
 
@@ -40,45 +40,48 @@ class Offload(Extension):
         self.after_seconds = after_seconds or 0.0
         #: callable -> [incidents, seconds blocked] since the last reset
         self.counts: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-        #: offloaded callable -> {"since": wall time, "reason": str, "jobs": n}
-        self.callables: dict[str, dict[str, Any]] = {}
+        #: callables offloaded since the last reset
+        self.decided: set[str] = set()
+        self._pool: Optional[SubprocessExtension] = None
+
+    @property
+    def callables(self) -> dict[str, dict[str, Any]]:
+        """Offloaded callable -> {"since": wall time, "reason": str, "jobs": n}."""
+        return self._pool.offloaded() if self._pool is not None else {}
 
     @property
     def enabled(self) -> bool:
         return bool(self.after_blocks or self.after_seconds)
 
-    def _read_settings(self, manager: JobManager) -> None:
+    def _read_settings(self, manager: WorkerView) -> None:
         blocks, seconds = self._fixed
         s = manager.settings
         self.after_blocks = s.offload_after_blocks if blocks is None else blocks
         self.after_seconds = s.offload_after_seconds if seconds is None else seconds
 
-    def manager_started(self, manager: JobManager) -> None:
+    def manager_started(self, manager: WorkerView) -> None:
         self._read_settings(manager)
-        for ext in manager.extensions:
-            if isinstance(ext, SubprocessExtension):
-                # the pool's extension routes these names (and counts their jobs)
-                self.callables = ext.routed
-                break
-        else:
+        self._pool = manager.extension(SubprocessExtension)
+        if self._pool is None:
             logger.warning("no subprocess extension: offload_after_* cannot take effect")
         if self._on_incident not in self.monitor.listeners:
             self.monitor.listeners.append(self._on_incident)
 
-    def manager_stopped(self, manager: JobManager) -> None:
+    def manager_stopped(self, manager: WorkerView) -> None:
         if self._on_incident in self.monitor.listeners:
             self.monitor.listeners.remove(self._on_incident)
 
-    def reload(self, manager: JobManager) -> None:
-        if self.callables:
+    def reload(self, manager: WorkerView) -> None:
+        names = self._pool.clear_offloaded() if self._pool is not None else []
+        if names:
             logger.info("SIGHUP: %d offloaded callable(s) run in the event loop again: %s",
-                        len(self.callables), ", ".join(sorted(self.callables)))
-        self.callables.clear()
+                        len(names), ", ".join(names))
+        self.decided.clear()
         self.counts.clear()
         self._read_settings(manager)
 
     def _on_incident(self, incident: Incident) -> None:
-        if not self.enabled or incident.msgid is None or incident.callable in self.callables:
+        if not self.enabled or incident.msgid is None or incident.callable in self.decided:
             return
         count = self.counts[incident.callable]
         count[0] += 1
@@ -91,16 +94,18 @@ class Offload(Extension):
                            f"{self.after_seconds:g})")
         if reasons:
             reason = " and ".join(reasons)
-            self.callables[incident.callable] = {"since": time.time(), "reason": reason,
-                                                 "jobs": 0}
+            self.decided.add(incident.callable)
+            if self._pool is not None:
+                # the pool's extension routes the name (and counts its jobs)
+                self._pool.offload(incident.callable, since=time.time(), reason=reason)
             logger.warning("%s blocked the event loop: %s. Its jobs now run in the "
                            "subprocess pool, until SIGHUP.", incident.callable, reason)
 
-    def status(self, manager: JobManager) -> dict[str, Any]:
+    def status(self, manager: WorkerView) -> dict[str, Any]:
         return {"offload": {
             "after_blocks": self.after_blocks,
             "after_seconds": self.after_seconds,
-            "callables": {name: dict(entry) for name, entry in self.callables.items()},
+            "callables": self.callables,
         }}
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -338,16 +339,59 @@ class RunRequest(NamedTuple):
         return json.dumps(["run", opts])
 
 
-def parse_queues(text: str) -> tuple[tuple[int, str], ...]:
-    """Read the ``queues_json`` of an INFORM: ``[[weight, name], ...]``."""
+def heartbeat() -> Message:
+    """A new HEARTBEAT carrying the sender's clock, as EventMQ sends it."""
+    return Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
+
+
+Queues = tuple[tuple[int, str], ...]
+
+
+def parse_queues(text: str) -> Queues:
+    """Read ``[[weight, name], ...]`` JSON (an INFORM's ``queues_json``, the
+    ``queues`` setting); ``[name, weight]`` pairs are accepted too, as
+    EventMQ's settings allow. Raises :class:`ProtocolError` naming the fault."""
     try:
         raw = json.loads(text)
     except ValueError as exc:
         raise ProtocolError(f"queues are not JSON: {exc}") from exc
-    try:
-        return tuple((int(w), str(n)) for w, n in raw)
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"queues must be [[weight, name], ...], got {text!r}") from exc
+    return queue_pairs(raw)
+
+
+def queue_pairs(raw: Any) -> Queues:
+    """``[[weight, name], ...]`` (lists or tuples) as a tuple of pairs."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ProtocolError('queues must be a non-empty list like [[10, "default"]]')
+    queues = []
+    for item in raw:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ProtocolError(f"queue entry {item!r} is not a [weight, name] pair")
+        weight, name = item
+        if isinstance(weight, str) and not isinstance(name, str):
+            weight, name = name, weight
+        try:
+            queues.append((int(weight), str(name)))
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"queue entry {item!r}: {exc}") from exc
+    return tuple(queues)
+
+
+def queue_names(items: Sequence[str], default_weight: int) -> Queues:
+    """Queue names as the command line gives them: ``name`` or
+    ``name:weight``, each item possibly comma-separated (``a,b:20``)."""
+    queues = []
+    for item in items:
+        for part in (p for p in item.split(",") if p):
+            name, sep, weight = part.partition(":")
+            if not name:
+                raise ProtocolError(f"empty queue name in {item!r}")
+            try:
+                queues.append((int(weight) if sep else default_weight, name))
+            except ValueError as exc:
+                raise ProtocolError(f"bad weight in {part!r}: {exc}") from exc
+    if not queues:
+        raise ProtocolError("no queue names given")
+    return tuple(queues)
 
 
 def queues_json(queues: Sequence[tuple[int, str]]) -> str:

@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import configargparse
 
+from .protocol import Queues, parse_queues, queue_names
+
 DEFAULT_CONFIG_FILE = "/etc/eventmq.conf"
 ENV_PREFIX = "EVENTMQ_"
 DEFAULT_ADDR = "tcp://127.0.0.1:47290"
@@ -35,9 +37,6 @@ DEFAULT_ADDR = "tcp://127.0.0.1:47290"
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names it."""
-
-
-Queues = tuple[tuple[int, str], ...]
 
 
 @dataclass(frozen=True)
@@ -127,21 +126,6 @@ def _to_positive_seconds(text: str) -> float:
     if value <= 0:
         raise ValueError("must be more than 0")
     return value
-
-
-def _to_queues_json(text: str) -> Queues:
-    raw = json.loads(text)
-    if not isinstance(raw, list) or not raw:
-        raise ValueError('must be a non-empty JSON list like [[10, "default"]]')
-    queues = []
-    for item in raw:
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ValueError(f"entry {item!r} is not a [weight, name] pair")
-        weight, name = item
-        if isinstance(weight, str) and not isinstance(name, str):
-            weight, name = name, weight
-        queues.append((int(weight), str(name)))
-    return tuple(queues)
 
 
 def _to_str_list(text: str) -> tuple[str, ...]:
@@ -367,19 +351,6 @@ def _sources(parser: configargparse.ArgumentParser) -> dict[str, str]:
     return found
 
 
-def _parse_cli_queues(names: Sequence[str], default_weight: int) -> Queues:
-    queues = []
-    for item in names:
-        for part in (p for p in item.split(",") if p):
-            name, sep, weight = part.partition(":")
-            if not name:
-                raise ValueError(f"empty queue name in {item!r}")
-            queues.append((int(weight) if sep else default_weight, name))
-    if not queues:
-        raise ValueError("no queue names given")
-    return tuple(queues)
-
-
 def default_name() -> str:
     return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -436,9 +407,9 @@ def load_settings(
     weight = values.get("default_queue_weight", Settings.default_queue_weight)
     if ns.queues:
         values["queues"] = convert("queues", ns.queues,
-                                   lambda names: _parse_cli_queues(names, weight))
+                                   lambda names: queue_names(names, weight))
     elif ns.queues_json:
-        values["queues"] = convert("queues", ns.queues_json, _to_queues_json, "queues_json")
+        values["queues"] = convert("queues", ns.queues_json, parse_queues, "queues_json")
     if ns.no_monkey_patch:
         values["monkey_patch"] = False
 

@@ -44,7 +44,8 @@ from .jobs import TIMEOUT_VALUE, JobOutcome, Status
 from .protocol import Headers, RunRequest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobmanager import JobManager, JobRecord
+    from .extensions import WorkerView
+    from .records import JobRecord
     from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -388,17 +389,32 @@ class SubprocessExtension(Extension):
         self._pool_options = pool_options
         self.pool: Optional[SubprocessPool] = None
         self._retired: list[SubprocessPool] = []
-        #: callables sent to the pool at run time, name -> details with a
-        #: ``jobs`` count (filled by :class:`~emq_green.offload.Offload`)
-        self.routed: dict[str, dict[str, Any]] = {}
+        # callables sent to the pool at run time (see offload()), name ->
+        # details with a ``jobs`` count
+        self._routed: dict[str, dict[str, Any]] = {}
 
-    def executor_for(self, manager: JobManager,
+    def offload(self, name: str, **details: Any) -> None:
+        """Run the jobs of callable ``name`` in the pool from now on (until
+        :meth:`clear_offloaded`); ``details`` are shown in the status."""
+        self._routed[name] = {**details, "jobs": 0}
+
+    def clear_offloaded(self) -> list[str]:
+        """Forget every :meth:`offload` decision; the names that were routed."""
+        names = sorted(self._routed)
+        self._routed.clear()
+        return names
+
+    def offloaded(self) -> dict[str, dict[str, Any]]:
+        """A copy of the callables routed by :meth:`offload`, with their details."""
+        return {name: dict(entry) for name, entry in self._routed.items()}
+
+    def executor_for(self, manager: WorkerView,
                      record: JobRecord) -> Optional[SubprocessExecutor]:
         request = record.request
         if request is None:
             return None
         if not request.subprocess:  # checked in order of cost: this runs per job
-            routed = self.routed.get(request.name) if self.routed else None
+            routed = self._routed.get(request.name) if self._routed else None
             if routed is not None:
                 routed["jobs"] += 1
             else:
@@ -407,12 +423,12 @@ class SubprocessExtension(Extension):
                     return None
         if self.pool is None:
             self.pool = SubprocessPool(self._config(manager))
-        return SubprocessExecutor(self.pool, manager.runner.timeout_for(record.headers))
+        return SubprocessExecutor(self.pool, manager.timeout_for(record.headers))
 
-    def _config(self, manager: JobManager) -> PoolConfig:
+    def _config(self, manager: WorkerView) -> PoolConfig:
         return PoolConfig.from_settings(manager.settings, **self._pool_options)
 
-    def reload(self, manager: JobManager) -> None:
+    def reload(self, manager: WorkerView) -> None:
         if self.pool is not None and \
                 self.pool.config != self._config(manager):
             # jobs already in the old pool finish there; new ones start a new pool
@@ -421,14 +437,14 @@ class SubprocessExtension(Extension):
             self.pool.drain()
             self.pool = None
 
-    def manager_stopped(self, manager: JobManager) -> None:
+    def manager_stopped(self, manager: WorkerView) -> None:
         pools = [p for p in [self.pool, *self._retired] if p is not None]
         self.pool = None
         self._retired.clear()
         for pool in pools:
             pool.close()
 
-    def status(self, manager: JobManager) -> dict[str, Any]:
+    def status(self, manager: WorkerView) -> dict[str, Any]:
         return {"subprocess_pool": self.pool.status() if self.pool is not None else None}
 
 

@@ -1,0 +1,420 @@
+"""The job manager's link to its router: one connection at a time.
+
+:class:`RouterLink` holds everything the worker says to and hears from the
+router: the connection and its identity (``name:pid:n``, fresh each time),
+INFORM and the wait for ACK, the one reader greenlet per connection and
+the dispatch of what it reads, heartbeats both ways and the router's
+liveness, READY credit, and REPLY sending. When to connect, reconnect or
+leave is the job manager's decision (its supervisor), not this module's.
+
+READY credit. The router trusts READY counts completely, so the link keeps
+one invariant: READYs outstanding on the current connection never exceed
+the free slots it is given (``concurrent_jobs`` minus the jobs in flight)
+minus the READYs still unused on connections left after a reload (the
+router may yet send a REQUEST for each).
+
+After a KBYE on reload (:meth:`retire`), the old connection is read until
+the router has been quiet for ``heartbeat_timeout`` while its READYs are
+unused; REQUESTs that arrive there run like any other.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gevent
+import gevent.event
+import gevent.pool
+import zmq.green as zmq
+
+from .connection import Connection
+from .jobs import encode_reply
+from .protocol import (
+    Command,
+    Message,
+    ProtocolError,
+    heartbeat,
+    printable,
+    queues_json,
+    ready_frames,
+    reply_frames,
+    request_parts,
+)
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Messages the reader takes from the socket before it lets other greenlets run.
+READ_CHUNK = 32
+# How long the last replies may take to leave when a socket closes.
+CLOSE_LINGER = 2.0
+
+
+class RouterLink:
+    """The connection to the router and what travels on it.
+
+    Keyword arguments:
+        settings: returns the current settings (they change on reload).
+        counters: the manager's counters (connections, replies, drops...).
+        wake: set when the manager's supervisor should look (ACK, router
+            gone).
+        admit: takes a REQUEST body ``(msgid, [queue, headers, payload])``
+            once its READY credit is accounted; ``reject`` one that could
+            not be read, with the reason.
+        on_heartbeat, on_disconnect: the router's HEARTBEAT and DISCONNECT.
+        running: whether the manager is in its running state (READYs and
+            heartbeats are sent only then).
+    """
+
+    def __init__(self, context: zmq.Context, *, settings: Callable[[], Settings],
+                 counters: collections.Counter[str], wake: gevent.event.Event,
+                 admit: Callable[[str, Sequence[str]], None],
+                 reject: Callable[[str, Sequence[str], BaseException], None],
+                 on_heartbeat: Callable[[str, list[str]], None],
+                 on_disconnect: Callable[[], None], running: Callable[[], bool]) -> None:
+        self._context = context
+        self._settings = settings
+        self.counters = counters
+        self._wake = wake
+        self._admit = admit
+        self._reject = reject
+        self._on_heartbeat = on_heartbeat
+        self._on_disconnect = on_disconnect
+        self._running = running
+        #: the current connection (None between connections); every send
+        #: goes through it
+        self.outgoing: Optional[Connection] = None
+        #: connections left after a reload, read until the router is quiet
+        self.retiring: list[Connection] = []
+        self._lingering = gevent.pool.Group()
+        self._reader: Optional[gevent.Greenlet] = None
+        self._heart: Optional[gevent.Greenlet] = None
+        #: why the router is taken for gone (None while it is not)
+        self.router_gone: Optional[str] = None
+        self.acked = gevent.event.Event()
+        self.pending_replies: list[tuple[str, str]] = []
+        self.total_requests = 0
+        self.total_ready_sent = 0
+        self.connections_made = 0
+        self._addr_index = 0
+        self._max_size = -1
+        self._debug_log = False
+        self._dispatch: dict[Command, Callable[[Message, Connection], None]] = {
+            Command.ACK: self._on_ack,
+            Command.REQUEST: lambda m, conn: self.request(conn, m.msgid, m.body),
+            Command.HEARTBEAT: lambda m, conn: self._on_heartbeat(m.msgid, list(m.body)),
+            Command.DISCONNECT: lambda m, conn: self._on_disconnect(),
+            Command.KBYE: self._on_router_kbye,
+        }
+
+    def configure(self, settings: Settings) -> None:
+        self._max_size = settings.max_message_size
+        self._debug_log = settings.super_debug
+
+    # ------------------------------------------------------------------
+    # connections
+
+    def next_addr(self) -> str:
+        """``worker_addr`` first, then ``worker_addr_default`` and
+        ``worker_addr_failover`` in turn."""
+        s = self._settings()
+        if self.connections_made == 0:
+            return s.worker_addr
+        addr = s.worker_addresses()[self._addr_index % 2]
+        self._addr_index += 1
+        return addr
+
+    def open(self, addr: str, name: str, queues: Sequence[tuple[int, str]],
+             pid: int) -> Connection:
+        """A new connection to ``addr`` with a fresh identity; INFORM sent,
+        reader started."""
+        s = self._settings()
+        self.connections_made += 1
+        identity = f"{name}:{pid}:{self.connections_made}"
+        conn = Connection(self._context, addr, identity, hwm=s.hwm, debug_log=s.super_debug,
+                          hide_heartbeats=s.hide_heartbeat_logs)
+        conn.set_max_message_size(s.max_message_size)
+        self.outgoing = conn
+        self.acked.clear()
+        self.router_gone = None
+        self._reader = gevent.spawn(self._read_loop, conn)
+        logger.info("connecting to %s as %s (queues %s)", addr, identity, queues_json(queues))
+        conn.send(Message.new(Command.INFORM, queues_json(queues), "worker"))
+        return conn
+
+    def wait_for_ack(self, give_up: Callable[[], bool]) -> bool:
+        """Wait up to ``reconnect_timeout`` for the ACK; False without one."""
+        timeout = self._settings().reconnect_timeout
+        deadline = time.monotonic() + timeout
+        while not self.acked.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or give_up():
+                if not give_up():
+                    logger.warning("no ACK from %s in %g s; trying again",
+                                   self.outgoing.addr if self.outgoing else "?", timeout)
+                return False
+            # (cleared: a set Event returns at once, and this loop would spin
+            # without ever letting the reader take the ACK)
+            self._wake.wait(min(left, 0.5))
+            self._wake.clear()
+        return True
+
+    def up(self) -> None:
+        """The router ACKed: replies kept while no connection was up leave."""
+        self.counters["connections"] += 1
+        pending, self.pending_replies = self.pending_replies, []
+        for reply, msgid in pending:
+            self.send_reply(reply, msgid)
+
+    def end(self, *, stopping: bool) -> None:
+        """The current connection ends (unless it was retired). When the
+        manager is stopping, it stays open for the drain."""
+        conn = self.outgoing
+        if conn is None or conn in self.retiring:
+            self.outgoing = None
+            return
+        if stopping:
+            return
+        if self._reader is not None:
+            self._reader.kill()
+        self._close(conn, 0 if self.router_gone else CLOSE_LINGER)
+        self.outgoing = None
+
+    def retire(self) -> None:
+        """KBYE on the current connection, which goes on being read until
+        the router has been quiet for ``heartbeat_timeout`` (REQUESTs it sent
+        before it saw the KBYE still arrive, and run), then closes."""
+        conn, reader = self.outgoing, self._reader
+        if conn is None or reader is None:
+            return
+        conn.send(Message.new(Command.KBYE))
+        self.retiring.append(conn)
+        since = time.monotonic()
+
+        def linger() -> None:
+            try:
+                while True:
+                    left = self.quiet(conn, self._settings().heartbeat_timeout, since)
+                    if left <= 0:
+                        break
+                    gevent.sleep(min(left, 0.25))
+            finally:
+                reader.kill()
+                if conn.ready_outstanding:
+                    logger.info("connection %s closed; %d READY(s) it had offered were "
+                                "not used", conn.identity, conn.ready_outstanding)
+                self._close(conn, CLOSE_LINGER)
+                self.retiring.remove(conn)
+                self._wake.set()  # its unused READYs may be offered again
+
+        self._lingering.spawn(linger)
+
+    @staticmethod
+    def quiet(conn: Connection, quiet: float, since: float) -> float:
+        """Seconds until no more REQUESTs are expected on ``conn`` after a
+        KBYE sent at ``since`` (0: none): the router may send one per READY
+        it has not used, until it has been quiet for ``quiet`` seconds."""
+        if not conn.ready_outstanding:
+            return 0.0
+        return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+
+    def say_kbye(self) -> None:
+        if self.outgoing is not None:
+            self.outgoing.send(Message.new(Command.KBYE))
+
+    def close(self) -> None:
+        """Close every connection; replies that never left are counted."""
+        if self._heart is not None:
+            self._heart.kill(block=False)
+        self._lingering.kill(block=False)
+        if self._reader is not None:
+            self._reader.kill(block=False)
+        for conn in [*self.retiring, self.outgoing]:
+            if conn is not None:
+                self._close(conn, CLOSE_LINGER)
+        for _reply, msgid in self.pending_replies:
+            self.counters["replies_dropped"] += 1
+            logger.error("REPLY to %s dropped: the worker stopped before a router took it",
+                         printable(msgid))
+        self.pending_replies.clear()
+
+    def stop_reading(self) -> None:
+        if self._reader is not None:
+            self._reader.kill()
+
+    def _close(self, conn: Connection, linger: float) -> None:
+        conn.close(linger)
+        self.counters["replies_dropped"] += conn.dropped
+        conn.dropped = 0
+
+    # ------------------------------------------------------------------
+    # reading: exactly one greenlet per connection
+
+    def _read_loop(self, conn: Connection) -> None:
+        handle = self.handle_frames
+        while True:
+            try:
+                batch = conn.recv_batch(READ_CHUNK)
+            except zmq.ZMQError as exc:
+                if not conn.closed:
+                    logger.error("receiving from %s failed: %s", conn.addr, exc)
+                    if conn is self.outgoing:
+                        self.router_gone = f"socket error: {exc}"
+                        self._wake.set()
+                return
+            for frames in batch:
+                handle(frames, conn)
+            if len(batch) == READ_CHUNK:
+                # More may be waiting: let the jobs just handed out start
+                # first. Reading everything at once started hundreds of jobs
+                # in one burst, which came back as one burst of READYs; the
+                # bursts kept the loop's turns long and cost the sleep
+                # benchmark ~10% of its rate (docs/benchmarks.md).
+                gevent.sleep(0)
+
+    def handle_frames(self, frames: list[bytes], conn: Connection) -> None:
+        """One message from the router, as received on ``conn``."""
+        request = None if self._debug_log else request_parts(frames)
+        if request is not None and (
+                self._max_size < 0 or sum(map(len, frames)) <= self._max_size):
+            try:
+                self.request(conn, *request)
+            except Exception:
+                logger.exception("error handling REQUEST %s", printable(request[0]))
+            return
+        if len(frames) > 2 and frames[2].upper() == b"REQUEST":
+            # The router took a slot for anything it sent as a REQUEST: whatever
+            # else is wrong with it, the slot comes back.
+            self._on_bad_request(frames, conn)
+            return
+        try:
+            message = Message.parse(frames)
+        except ProtocolError as exc:
+            self.counters["malformed_messages"] += 1
+            logger.warning("dropped a malformed message from the router: %s", exc)
+            return
+        if self._debug_log and not (
+            self._settings().hide_heartbeat_logs and message.command is Command.HEARTBEAT
+        ):
+            logger.debug("<- %s %s %s", message.command.value, message.msgid, message.body)
+        if conn is not self.outgoing:
+            return  # a connection left after a reload is read for its REQUESTs only
+        handler = self._dispatch.get(message.command)
+        if handler is None:
+            self.counters["unexpected_messages"] += 1
+            logger.warning("ignored %s from the router: a worker does not handle it",
+                           message.command.value)
+            return
+        try:
+            handler(message, conn)
+        except Exception:
+            logger.exception("error handling %s %s", message.command.value, message.msgid)
+
+    def request(self, conn: Optional[Connection], msgid: str, body: Sequence[str]) -> None:
+        """A REQUEST that came on ``conn``: its READY is used, the body goes
+        to admission."""
+        self.total_requests += 1
+        if conn is not None:
+            conn.last_request = time.monotonic()
+            if conn.ready_outstanding > 0:
+                conn.ready_outstanding -= 1
+        self._admit(msgid, body)
+
+    def _on_bad_request(self, frames: list[bytes], conn: Connection) -> None:
+        """A REQUEST that is too large, not UTF-8, of the wrong shape or
+        logged in debug mode: parse it the slow way, or answer it invalid."""
+        size = sum(map(len, frames))
+        error: ProtocolError
+        if 0 <= self._max_size < size:
+            error = ProtocolError(f"message of {size} bytes is larger than max_message_size "
+                                  f"({self._max_size} bytes)")
+        else:
+            try:
+                message = Message.parse(frames)
+            except ProtocolError as exc:
+                error = exc
+            else:
+                if self._debug_log:
+                    logger.debug("<- REQUEST %s %s", message.msgid, message.body)
+                self.request(conn, message.msgid, message.body)
+                return
+        msgid = frames[3].decode("utf-8", "backslashreplace") if len(frames) > 3 else ""
+        body = [f.decode("utf-8", "replace") for f in frames[4:7]]
+        self.total_requests += 1
+        conn.last_request = time.monotonic()
+        if conn.ready_outstanding > 0:
+            conn.ready_outstanding -= 1
+        self._reject(msgid, body, error)
+
+    def _on_ack(self, message: Message, conn: Connection) -> None:
+        self.acked.set()
+        self._wake.set()
+
+    def _on_router_kbye(self, message: Message, conn: Connection) -> None:
+        if self._running():
+            self.router_gone = "the router said KBYE (it is shutting down)"
+            self._wake.set()
+
+    # ------------------------------------------------------------------
+    # heartbeats and liveness
+
+    def start_heartbeats(self) -> None:
+        self._heart = gevent.spawn(self._heartbeat_loop)
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            s = self._settings()
+            conn = self.outgoing
+            wait = s.heartbeat_interval
+            if conn is not None and self._running() and not s.disable_heartbeats:
+                now = time.monotonic()
+                if now - conn.last_sent >= s.heartbeat_interval:
+                    conn.send(heartbeat())
+                    self.counters["heartbeats_sent"] += 1
+                silence = now - conn.last_received
+                dead_after = s.heartbeat_timeout * s.heartbeat_liveness
+                if silence >= dead_after and self.router_gone is None and not conn.has_input():
+                    self.router_gone = f"nothing from the router for {silence:.1f} s"
+                    self._wake.set()
+                wait = min(conn.last_sent + s.heartbeat_interval - time.monotonic(),
+                           conn.last_received + dead_after - time.monotonic())
+            gevent.sleep(max(0.05, min(wait, s.heartbeat_interval)))
+
+    # ------------------------------------------------------------------
+    # READY credit and replies
+
+    def offer_slots(self, free: int) -> None:
+        """READYs until the router's credit is ``free`` slots (minus what
+        retiring connections may still use)."""
+        conn = self.outgoing
+        if conn is None or not self._running():
+            return
+        if self.retiring:
+            free -= sum(old.ready_outstanding for old in self.retiring)
+        while conn.ready_outstanding < free:
+            self.send_ready()
+
+    def send_ready(self) -> None:
+        """Send one READY: the router may send one more REQUEST."""
+        conn = self.outgoing
+        if conn is None:
+            raise RuntimeError("not connected")
+        conn.send_frames(ready_frames())
+        self.total_ready_sent += 1
+        conn.ready_outstanding += 1
+
+    def send_reply(self, reply: Any, msgid: str) -> None:
+        """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
+        until the next ACK when no connection is up."""
+        text = reply if isinstance(reply, str) else encode_reply(reply)
+        if self.outgoing is None or not self.acked.is_set():
+            self.pending_replies.append((text, msgid))
+            return
+        self.outgoing.send_frames(reply_frames(text, msgid))
+        self.counters["replies_sent"] += 1
+
+
+__all__ = ["CLOSE_LINGER", "READ_CHUNK", "RouterLink"]

@@ -1,0 +1,251 @@
+"""The job slots: admission, backlog, parked greenlets, run, complete, repair.
+
+:class:`JobSlots` owns ``jobs_in_flight``: a REQUEST's body is checked
+here (parsed, its callable allowed, its msgid not already in flight), and
+the job starts in a parked greenlet, or waits in the backlog when the
+router sent more than the slots it was offered. Every request ends in
+exactly one of the two callbacks the manager gives: ``finished`` (the job
+ran, or was killed) or ``rejected`` (it never ran). The manager turns
+those into REPLY and READY.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gevent
+import gevent.pool
+
+from .callables import NOT_ALLOWED, CallablePolicy
+from .extensions import HookRegistry
+from .jobs import JobOutcome, JobRunner, Status
+from .protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
+from .records import STATUS_KEYS, JobRecord
+
+logger = logging.getLogger(__name__)
+
+Finished = Callable[[JobRecord, JobOutcome, int], None]
+Rejected = Callable[[str, Headers, JobOutcome], None]
+
+
+def killed(detail: str, attempts: int = 1) -> JobOutcome:
+    return JobOutcome(Status.KILLED, "Killed", "Killed", detail, attempts)
+
+
+class JobSlots:
+    """``concurrent_jobs`` slots, each run by a reusable job greenlet."""
+
+    def __init__(self, *, hooks: HookRegistry, finished: Finished, rejected: Rejected,
+                 counters: collections.Counter[str]) -> None:
+        self._hooks = hooks
+        self._finished = finished
+        self._rejected = rejected
+        self.counters = counters
+        self.concurrent_jobs = 0
+        self.runner = JobRunner()
+        self.policy = CallablePolicy(None)
+        #: Jobs accepted and not yet finished: msgid -> record.
+        self.jobs_in_flight: dict[str, JobRecord] = {}
+        #: job greenlet -> the job it runs or ran last (read by the loop-block
+        #: monitor from its own thread: one dict lookup, atomic under the GIL)
+        self.job_of_greenlet: dict[gevent.Greenlet, JobRecord] = {}
+        self.backlog: collections.deque[JobRecord] = collections.deque()
+        #: jobs running (greenlets busy), the backlog not counted
+        self.running = 0
+        # A Group, not Pool(concurrent_jobs): a Pool frees its slot only when
+        # the finished greenlet's link callback runs, one hub iteration
+        # later, so a REQUEST arriving in between would make the reader wait
+        # on the pool. The limit is kept exactly by ``running`` instead.
+        self.pool = gevent.pool.Group()
+        self._idle: list[gevent.Greenlet] = []
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
+        self.pid = os.getpid()
+
+    def configure(self, *, concurrent_jobs: int, runner: JobRunner,
+                  policy: CallablePolicy) -> None:
+        self.concurrent_jobs = concurrent_jobs
+        self.runner = runner
+        self.policy = policy
+
+    def free(self) -> int:
+        """Slots not taken by a job in flight."""
+        return self.concurrent_jobs - len(self.jobs_in_flight)
+
+    # ------------------------------------------------------------------
+    # admission
+
+    def admit(self, msgid: str, body: Sequence[str]) -> None:
+        """A REQUEST body ``[queue, headers_csv, payload_json]``: start it,
+        backlog it, or reject it (never raises, never blocks)."""
+        try:
+            queue, raw_headers, payload = body
+            headers = Headers.parse(raw_headers)
+            request = RunRequest.parse(payload)
+        except Exception as exc:  # whatever the frames hold, the slot comes back
+            self.reject_malformed(msgid, body, exc)
+            return
+        refused = self.policy.refusal(request)
+        if refused is not None:
+            self.counters["refused"] += 1
+            logger.warning("REQUEST %s refused: %s", printable(msgid), printable(refused, 300))
+            self._rejected(msgid, headers, JobOutcome.rejected(NOT_ALLOWED, refused))
+            return
+        if msgid in self.jobs_in_flight:
+            self.reject_malformed(msgid, body, ProtocolError("its msgid is already in flight"))
+            return
+        record = JobRecord(msgid, queue, headers, request)
+        self.jobs_in_flight[msgid] = record
+        if self.running >= self.concurrent_jobs:
+            self.counters["backlogged"] += 1
+            logger.warning("REQUEST %s beyond the %d slots offered; it waits in the worker",
+                           msgid, self.concurrent_jobs)
+            self.backlog.append(record)
+        else:
+            self.start(record)
+
+    def reject_malformed(self, msgid: str, body: Sequence[Any], error: BaseException) -> None:
+        """An invalid REQUEST: InvalidRequest when a reply was requested."""
+        if isinstance(error, ProtocolError):
+            text = str(error)
+        elif isinstance(error, ValueError) and len(body) != 3:
+            text = f"REQUEST needs 3 body frames, got {len(body)}"
+        else:
+            text = f"{type(error).__name__}: {error}"
+        raw_headers = body[1] if len(body) > 1 and isinstance(body[1], str) else ""
+        self.counters["invalid_requests"] += 1
+        logger.warning("invalid REQUEST %s: %s", printable(msgid), printable(text, 300))
+        self._rejected(msgid, Headers(reply_requested=reply_requested_in(raw_headers)),
+                       JobOutcome.rejected("InvalidRequest", text))
+
+    # ------------------------------------------------------------------
+    # running
+
+    def start(self, record: JobRecord) -> None:
+        """Run ``record`` in a parked job greenlet, or a new one if none is idle.
+
+        Job greenlets are kept and reused (at most ``concurrent_jobs`` of
+        them): handing a job to a parked greenlet costs a few microseconds,
+        creating one costs ten times that, which was the largest single cost
+        of a short job. Like threads in a thread pool, a reused greenlet keeps
+        its greenlet-local (patched ``threading.local``) state between jobs.
+        """
+        self.running += 1
+        record.started = time.monotonic()
+        if self._idle:
+            greenlet = record.greenlet = self._idle.pop()
+            self._loop.run_callback(greenlet.switch, record)
+        else:
+            record.greenlet = self.pool.spawn(self._job_greenlet, record)
+
+    def _job_greenlet(self, record: Optional[JobRecord]) -> None:
+        """The body of a job greenlet: run jobs, parking in between.
+
+        Parked, it waits in the hub like any waiting greenlet, and is resumed
+        only by :meth:`start`'s callback, with the next record. A throw (a
+        kill at shutdown) ends it.
+        """
+        me = gevent.getcurrent()
+        hub = self._hub
+        idle = self._idle
+        try:
+            while record is not None:
+                self._run_with_backlog(record)
+                idle.append(me)
+                record = hub.switch()
+        finally:
+            self.job_of_greenlet.pop(me, None)
+            if me in idle:
+                idle.remove(me)
+
+    def _run_with_backlog(self, record: Optional[JobRecord]) -> None:
+        # A finished job's greenlet takes the next backlogged request itself:
+        # spawning into the pool from here would wait on our own pool slot.
+        me = gevent.getcurrent()
+        try:
+            while record is not None:
+                self.job_of_greenlet[me] = record
+                self._run_record(record)
+                record = self.backlog.popleft() if self.backlog else None
+                if record is not None:
+                    record.started = time.monotonic()
+                    record.greenlet = me
+        finally:
+            self.running -= 1
+
+    def _run_record(self, record: JobRecord) -> None:
+        outcome: Optional[JobOutcome] = None
+        pid = self.pid
+        hooks = self._hooks
+        started, executors, _ = hooks.per_job
+        try:
+            if started:
+                hooks.call(started, "job_started", (record,))
+            executor = hooks.executor_for(executors, record) if executors else None
+            if executor is None:
+                outcome = self.runner.run(record.request, record.headers)  # type: ignore[arg-type]
+            else:
+                outcome, pid = executor.run(record.request, record.headers)  # type: ignore[arg-type]
+        except gevent.GreenletExit:
+            outcome = killed("the job was killed when the worker stopped")
+            raise
+        except BaseException as exc:  # a job must never take the worker down
+            logger.exception("job %s crashed the runner", record.msgid)
+            outcome = JobOutcome.failure(exc)
+        finally:
+            if outcome is None:
+                outcome = killed("the job greenlet died")
+            self.complete(record, outcome, pid)
+
+    def complete(self, record: JobRecord, outcome: JobOutcome,
+                 pid: Optional[int] = None) -> None:
+        """Count the job, tell the extensions, hand it to ``finished`` (once)."""
+        if record.done:
+            return
+        record.done = True
+        self.counters[STATUS_KEYS[outcome.status]] += 1
+        finished = self._hooks.per_job[2]
+        if finished:
+            self._hooks.call(finished, "job_finished",
+                             (record, outcome, time.monotonic() - record.started))
+        self._finished(record, outcome, pid or self.pid)
+
+    # ------------------------------------------------------------------
+    # repair and end
+
+    def repair(self) -> int:
+        """Jobs whose greenlet is gone without reporting are completed as
+        killed; backlogged jobs start where slots allow. Returns the number
+        repaired."""
+        repaired = 0
+        for record in list(self.jobs_in_flight.values()):
+            if record.greenlet is not None and record.greenlet.dead and not record.done:
+                repaired += 1
+                self.running -= 1
+                self.complete(record, killed("the job greenlet died without a result"))
+        while self.backlog and self.running < self.concurrent_jobs:
+            self.start(self.backlog.popleft())
+        if repaired:
+            logger.error("check_worker_health repaired %d job(s)", repaired)
+        return repaired
+
+    def kill_all(self) -> None:
+        """Backlogged jobs end unstarted; running ones are killed (their
+        greenlets report Killed)."""
+        for record in list(self.backlog):
+            self.complete(record, killed("the worker stopped before the job started", 0))
+        self.backlog.clear()
+        greenlets = [r.greenlet for r in self.jobs_in_flight.values() if r.greenlet]
+        gevent.killall(greenlets, timeout=5)
+
+    def close(self) -> None:
+        """End the parked job greenlets."""
+        self._idle.clear()
+        self.pool.kill(block=False)
+
+
+__all__ = ["JobSlots"]
