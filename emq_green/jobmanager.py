@@ -45,7 +45,7 @@ from .connection import Connection
 from .defaults import default_extensions
 from .extensions import Extension, HookRegistry
 from .jobs import JobOutcome, JobRunner, Status, import_dotted
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, install_signal_handlers
 from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
 from .session import RouterLink
@@ -59,15 +59,31 @@ QueuesArg = Union[None, str, Sequence[Union[str, Sequence[Any]]]]
 Callback = Callable[[Any, Optional[str], bool, int], None]
 
 
-def _normalise_queues(queues: QueuesArg, weight: int) -> Optional[tuple[tuple[int, str], ...]]:
-    """Accept EventMQ's forms: "a,b", ["a", "b:20"], [[10, "a"], ...]."""
-    if not queues:
-        return None
-    if isinstance(queues, str):
-        queues = [queues]
-    if all(isinstance(q, str) for q in queues):
-        return queue_names(queues, weight)  # type: ignore[arg-type]
-    return queue_pairs(queues)
+def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional[int],
+               weight: int) -> dict[str, Any]:
+    """The constructor's keywords as settings that win over every source.
+    Queues come in EventMQ's forms: "a,b", ["a", "b:20"], [[10, "a"], ...]."""
+    overrides: dict[str, Any] = {}
+    if name:
+        overrides["name"] = name
+    if concurrent_jobs is not None:
+        overrides["concurrent_jobs"] = int(concurrent_jobs)
+    if queues:
+        items = [queues] if isinstance(queues, str) else list(queues)
+        try:
+            overrides["queues"] = (queue_names(items, weight)  # type: ignore[arg-type]
+                                   if all(isinstance(q, str) for q in items)
+                                   else queue_pairs(items))
+        except ProtocolError as exc:
+            raise ValueError(f"queues: {exc}") from None
+    return overrides
+
+
+#: logged at start when allowed_callables is unset
+_OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable this process "
+                 "can import (os.system included). Set allowed_callables (INI key, "
+                 "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
+                 'e.g. ["myapp.jobs.*"]')
 
 
 class JobManager:
@@ -104,18 +120,8 @@ class JobManager:
     ) -> None:
         if args or kwargs:
             logger.debug("ignoring JobManager arguments %r %r", args, kwargs)
-        self._overrides: dict[str, Any] = {}
-        if name:
-            self._overrides["name"] = name
-        if concurrent_jobs is not None:
-            self._overrides["concurrent_jobs"] = int(concurrent_jobs)
-        weight = (settings or Settings()).default_queue_weight
-        try:
-            normalised = _normalise_queues(queues, weight)
-        except ProtocolError as exc:
-            raise ValueError(f"queues: {exc}") from None
-        if normalised:
-            self._overrides["queues"] = normalised
+        self._overrides = _overrides(name, queues, concurrent_jobs,
+                                     (settings or Settings()).default_queue_weight)
         self._settings_given = settings is not None
         self._settings_loader = settings_loader
         self.skip_signal = skip_signal
@@ -177,11 +183,6 @@ class JobManager:
         return self._slots.jobs_in_flight
 
     @property
-    def job_of_greenlet(self) -> dict[gevent.Greenlet, JobRecord]:
-        """Job greenlet -> the job it runs or ran last."""
-        return self._slots.job_of_greenlet
-
-    @property
     def total_requests(self) -> int:
         """REQUEST messages received."""
         return self._link.total_requests
@@ -190,10 +191,6 @@ class JobManager:
     def total_ready_sent(self) -> int:
         """READY messages sent."""
         return self._link.total_ready_sent
-
-    @property
-    def runner(self) -> JobRunner:
-        return self._slots.runner
 
     @property
     def free_slots(self) -> int:
@@ -266,11 +263,7 @@ class JobManager:
             raise RuntimeError("JobManager already started")
         self._slots.pid = os.getpid()
         if self.settings.allowed_callables is None:
-            logger.warning(
-                "allowed_callables is not set: a REQUEST may run any callable this "
-                "process can import (os.system included). Set allowed_callables (INI "
-                "key, EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job "
-                "callables, e.g. [\"myapp.jobs.*\"]")
+            logger.warning(_OPEN_WARNING)
         if not self.skip_signal:
             self._install_signals()
         self._set_state(State.CONNECTING)
@@ -329,18 +322,13 @@ class JobManager:
                         " at once" if self._stop_mode else " gracefully")
             self._request_stop(StopMode.GRACEFUL)
 
-        table = {
+        self._signal_handlers = install_signal_handlers({
             signal.SIGTERM: stop,
             signal.SIGINT: stop,
             signal.SIGQUIT: lambda: self._request_stop(StopMode.GRACEFUL),
             signal.SIGHUP: self.reload,
             signal.SIGUSR1: self.log_status,
-        }
-        try:
-            for signum, handler in table.items():
-                self._signal_handlers.append(gevent.signal_handler(signum, handler))
-        except ValueError:  # not the main thread
-            logger.warning("signal handlers not installed (not in the main thread)")
+        })
 
     # ------------------------------------------------------------------
     # the supervisor: connect, serve, reconnect, leave
@@ -438,17 +426,9 @@ class JobManager:
     # requests and their ends
 
     def on_request(self, msgid: str, msg: Sequence[str]) -> None:
-        """Handle a REQUEST body ``[queue, headers_csv, payload_json]`` that
-        came on the current connection.
-
-        The payload is ``["run", {path, callable, args, kwargs, class_args,
-        class_kwargs}]``; ``path`` may be ``module:Class``. Never blocks: the
-        job starts in the pool, or waits in the backlog if the router sent
-        more than it was offered. A request that cannot be parsed, names a
-        callable that may not run, or reuses the msgid of a job in flight is
-        answered at once (an error REPLY when one was requested) and its
-        slot returned.
-        """
+        """A REQUEST body ``[queue, headers_csv, payload_json]`` on the current
+        connection: it runs, waits in the backlog, or is answered at once
+        (:meth:`JobSlots.admit <emq_green.slots.JobSlots.admit>`); never blocks."""
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
@@ -470,15 +450,11 @@ class JobManager:
         callback(outcome.reply(), msgid, False, self._slots.pid)
 
     def handle_response(self, resp: dict[str, Any]) -> None:
-        """Account for a finished job described as EventMQ's worker
-        processes report one, and call its callback.
-
-        ``resp``: ``{"callback": "worker_done" | "worker_done_with_reply" |
-        "worker_death", "msgid": str, "return": {"value": ...}, "pid": int,
-        "death": bool}``. The job leaves :attr:`jobs_in_flight` before the
-        callback runs, so the callback sees its slot as free. (Greenlet and
-        subprocess jobs go through the same accounting without the dict.)
-        """
+        """Account for a finished job as EventMQ's worker processes report
+        one (``{"callback": "worker_done" | "worker_done_with_reply" |
+        "worker_death", "msgid", "return", "pid", "death"}``) and call its
+        callback, after the job left :attr:`jobs_in_flight`. Greenlet and
+        subprocess jobs go through the same accounting."""
         callback = self._callbacks.get(resp["callback"])
         if callback is None:
             raise ValueError(f"unknown callback {resp['callback']!r}")

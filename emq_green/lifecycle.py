@@ -11,11 +11,25 @@ from __future__ import annotations
 import logging
 import time
 from enum import Enum
-from typing import Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Mapping, Optional, TypeVar
 
+import gevent
 import gevent.event
 
 S = TypeVar("S", bound=Enum)
+
+
+def install_signal_handlers(table: Mapping[int, Callable[[], Any]]) -> list[Any]:
+    """gevent signal handlers for ``table`` (signal number -> callable run
+    in the loop); none outside the main thread, with a warning. Returns the
+    handlers, to ``cancel()`` at the end."""
+    handlers: list[Any] = []
+    try:
+        for signum, handler in table.items():
+            handlers.append(gevent.signal_handler(signum, handler))
+    except ValueError:  # not the main thread
+        logger.warning("signal handlers not installed (not in the main thread)")
+    return handlers
 
 logger = logging.getLogger(__name__)
 
