@@ -69,7 +69,15 @@ import zmq
 import zmq.green
 
 from .lifecycle import Lifecycle
-from .protocol import Command, Message, ProtocolError, parse_queues, printable, split_identity
+from .protocol import (
+    Command,
+    Message,
+    ProtocolError,
+    heartbeat,
+    parse_queues,
+    printable,
+    split_identity,
+)
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -621,7 +629,7 @@ class Router:
             now = time.monotonic()
             if now - self._last_heartbeat >= s.heartbeat_interval:
                 self._last_heartbeat = now
-                beat = Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
+                beat = heartbeat()
                 for identity in list(self.workers):
                     self._send("backend", identity, beat)
             backend = self._sockets.get("backend")
