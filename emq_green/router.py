@@ -57,9 +57,7 @@ import collections
 import errno
 import json
 import logging
-import sys
 import time
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -78,19 +76,14 @@ from .protocol import (
     printable,
     split_identity,
 )
+from .routing import UNLIMITED, Request, Routing, Worker
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Queues = tuple[tuple[int, str], ...]
-# Identities of workers that left or were removed, remembered so that their
-# late messages are logged quietly instead of as "unknown worker".
-_DEPARTED_MEMORY = 1000
 # Messages a reader handles in a row before it lets other greenlets run.
 _READ_BATCH = 256
 _NOBLOCK = int(zmq.NOBLOCK)
-#: a size limit of -1 (unlimited), as a number every size is below
-_UNLIMITED = sys.maxsize
 # Unread requests logged one by one when the router stops; beyond, only counted.
 _UNREAD_LOG_LIMIT = 10_000
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -136,65 +129,6 @@ class RouterState(str, Enum):
     STOPPING = "stopping"
 
 
-@dataclass(frozen=True)
-class Request:
-    """A client's REQUEST as the router holds it."""
-
-    msgid: str
-    client: bytes
-    queue: str
-    body: tuple[str, ...]
-    received: float
-
-    @property
-    def reply_requested(self) -> bool:
-        headers = self.body[1] if len(self.body) > 1 else ""
-        return any(h.strip() == "reply-requested" for h in headers.split(","))
-
-    @property
-    def size(self) -> int:
-        """What the request counts against ``max_buffer_bytes``: the length of
-        its msgid and body (characters; bytes for ASCII, as JSON mostly is)."""
-        return len(self.msgid) + sum(map(len, self.body))
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A REQUEST handed to a worker and not known to be finished."""
-
-    msgid: str
-    queue: str
-    sent: float
-    reply_requested: bool
-
-
-@dataclass
-class Worker:
-    """What the router knows of one connected worker."""
-
-    identity: bytes
-    queues: Queues
-    last_seen: float
-    slots: int = 0
-    in_flight: collections.OrderedDict[str, Sent] = field(
-        default_factory=collections.OrderedDict)
-
-    @property
-    def name(self) -> str:
-        return self.identity.decode("utf-8", "replace")
-
-    @property
-    def log_name(self) -> str:
-        """The identity, escaped for a log line."""
-        return printable(self.identity)
-
-    def retire_oldest_unreplied(self) -> None:
-        for msgid, sent in self.in_flight.items():
-            if not sent.reply_requested:
-                del self.in_flight[msgid]
-                return
-
-
 Handler = Callable[[bytes, Message], None]
 
 
@@ -222,17 +156,11 @@ class Router:
         self._extra_backend_addrs = tuple(extra_backend_addrs)
         self._context = context or zmq.green.Context.instance()
         self._lifecycle: Lifecycle[RouterState] = Lifecycle(RouterState.STOPPED, "router")
-        #: Connected workers by identity.
-        self.workers: dict[bytes, Worker] = {}
-        #: Queue name -> ``[(weight, identity), ...]``, heaviest first, least
-        #: recently used first among equal weights.
-        self.queues: dict[str, list[tuple[int, bytes]]] = {}
-        #: Queue name -> requests waiting for a free slot, oldest first.
-        self.waiting: dict[str, collections.deque[Request]] = {}
+        #: Workers, queues, slots and the buffer (the routing policy).
+        self.routing = Routing(default_queue=settings.default_queue_name, hwm=settings.hwm,
+                               max_buffer_bytes=settings.max_buffer_bytes)
         #: Bound addresses after :meth:`start`: frontend, backend, administrative.
         self.endpoints: dict[str, str] = {}
-        self.processed_by_queue: collections.Counter[str] = collections.Counter()
-        self.processed_by_worker: collections.Counter[str] = collections.Counter()
         #: Requests dropped when the router stopped with them buffered, by queue.
         self.dropped_by_queue: collections.Counter[str] = collections.Counter()
         #: Every request dropped, by reason: ``malformed`` (not eMQP/1.0, or
@@ -242,21 +170,12 @@ class Router:
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
-        #: Bytes of the requests in :attr:`waiting` (see :attr:`Request.size`).
-        self.buffered_bytes = 0
         #: True while the buffer is at a bound and the client socket is not read.
         self.frontend_paused = False
         self._frontend_open = gevent.event.Event()
         self._frontend_open.set()
-        self._full_queues: set[str] = set()
-        s = settings
-        self._max_size = s.max_message_size if s.max_message_size >= 0 else _UNLIMITED
-        self._max_bytes = s.max_buffer_bytes if s.max_buffer_bytes >= 0 else _UNLIMITED
-        # Low-water marks: once paused, reading resumes below these, so that a
-        # burst does not pause and resume the client socket on every READY.
-        self._resume_length = s.hwm - max(1, s.hwm // 4)
-        self._resume_bytes = self._max_bytes - self._max_bytes // 4
-        self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        size = settings.max_message_size
+        self._max_size = size if size >= 0 else UNLIMITED
         self._sockets: dict[str, _Socket] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
@@ -292,6 +211,34 @@ class Router:
     @property
     def state(self) -> RouterState:
         return self._lifecycle.state
+
+    # the books, as the router's own members (they live in :attr:`routing`)
+    @property
+    def workers(self) -> dict[bytes, Worker]:
+        """Connected workers by identity."""
+        return self.routing.workers
+
+    @property
+    def queues(self) -> dict[str, list[tuple[int, bytes]]]:
+        """Queue name -> ``[(weight, identity), ...]``, in routing order."""
+        return self.routing.queues
+
+    @property
+    def waiting(self) -> dict[str, collections.deque[Request]]:
+        """Queue name -> requests waiting for a free slot, oldest first."""
+        return self.routing.waiting
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self.routing.buffered_bytes
+
+    @property
+    def processed_by_queue(self) -> collections.Counter[str]:
+        return self.routing.processed_by_queue
+
+    @property
+    def processed_by_worker(self) -> collections.Counter[str]:
+        return self.routing.processed_by_worker
 
     def _set_state(self, state: RouterState) -> None:
         self._lifecycle.set(state)
@@ -361,15 +308,11 @@ class Router:
         for worker in list(self.workers.values()):
             self._send("backend", worker.identity, Message.new(Command.KBYE))
             self._forget_worker(worker, "the router is stopping", dead=False)
-        for queue, requests in self.waiting.items():
-            for request in requests:
-                logger.error("router stopping: buffered REQUEST %s (queue %s) dropped",
-                             printable(request.msgid), printable(queue))
-                self.dropped_by_queue[queue] += 1
-                self.dropped_by_reason["stopping"] += 1
-        self.waiting.clear()
-        self.buffered_bytes = 0
-        self._full_queues.clear()
+        for queue, request in self.routing.clear_buffer():
+            logger.error("router stopping: buffered REQUEST %s (queue %s) dropped",
+                         printable(request.msgid), printable(queue))
+            self.dropped_by_queue[queue] += 1
+            self.dropped_by_reason["stopping"] += 1
         self._drop_unread_requests()
         self._close_sockets()
         self._set_state(RouterState.STOPPED)
@@ -515,7 +458,7 @@ class Router:
             return True
         if message.command is Command.INFORM:
             return True
-        if identity in self._departed:
+        if self.routing.departed(identity):
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
@@ -548,15 +491,7 @@ class Router:
             logger.warning("router: worker %s informed again; its old record is replaced",
                            old.log_name)
             self._forget_worker(old, "it informed again", dead=True)
-        worker = Worker(identity, tuple(queues), time.monotonic())
-        self.workers[identity] = worker
-        self._departed.pop(identity, None)
-        for weight, name in worker.queues:
-            entries = self.queues.setdefault(name, [])
-            at = len(entries)
-            while at > 0 and entries[at - 1][0] < weight:
-                at -= 1
-            entries.insert(at, (weight, identity))
+        worker = self.routing.add(identity, queues, time.monotonic())
         logger.info("router: worker %s joined (queues %s)", worker.log_name,
                     printable(json.dumps([list(q) for q in worker.queues]), 400))
         self._send("backend", identity, Message.new(Command.ACK, message.msgid))
@@ -564,22 +499,17 @@ class Router:
     def _on_ready(self, identity: bytes, message: Message) -> None:
         worker = self.workers[identity]
         worker.retire_oldest_unreplied()
-        for _weight, name in sorted(worker.queues, key=lambda q: -q[0]):
-            waiting = self.waiting.get(name)
-            if not waiting:
-                continue
-            request = waiting[0]
-            if not self._hand_over(worker, request, name):
-                return
-            waiting.popleft()
-            self.buffered_bytes -= request.size
-            if not waiting:
-                del self.waiting[name]
-                logger.info("router: the buffer of queue %s is empty again", printable(name))
-            if self.frontend_paused:
-                self._maybe_resume(name, len(waiting))
+        found = self.routing.next_for(worker)
+        if found is None:
+            worker.slots += 1
             return
-        worker.slots += 1
+        name, request = found
+        if not self._hand_over(worker, request, name):
+            return
+        if self.routing.taken(name):
+            logger.info("router: the buffer of queue %s is empty again", printable(name))
+        if self.frontend_paused and self.routing.may_resume():
+            self._resume_frontend()
 
     def _on_reply(self, identity: bytes, message: Message) -> None:
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
@@ -595,17 +525,7 @@ class Router:
     def _forget_worker(self, worker: Worker, reason: str, *, dead: bool) -> None:
         """Remove a worker from every queue. Requests it had in flight are
         logged, as lost when it died, as still running there when it left."""
-        if self.workers.get(worker.identity) is worker:
-            del self.workers[worker.identity]
-        for _weight, name in worker.queues:
-            entries = [e for e in self.queues.get(name, ()) if e[1] != worker.identity]
-            if entries:
-                self.queues[name] = entries
-            else:
-                self.queues.pop(name, None)
-        self._departed[worker.identity] = None
-        while len(self._departed) > _DEPARTED_MEMORY:
-            self._departed.popitem(last=False)
+        self.routing.remove(worker)
         log = logger.error if dead and worker.in_flight else logger.info
         log("router: worker %s removed (%s); %d request(s) in flight there%s", worker.log_name,
             reason, len(worker.in_flight),
@@ -652,15 +572,12 @@ class Router:
             return
         request = Request(message.msgid, client, message.body[0], message.body,
                           time.monotonic())
-        queue = request.queue
-        if queue not in self.queues:
-            if queue != self.settings.default_queue_name:
-                logger.warning("router: no worker serves queue %s; REQUEST %s goes to %s",
-                               printable(queue), printable(request.msgid),
-                               self.settings.default_queue_name)
-            queue = self.settings.default_queue_name
+        queue = self.routing.queue_for(request.queue)
+        if queue != request.queue:
+            logger.warning("router: no worker serves queue %s; REQUEST %s goes to %s",
+                           printable(request.queue), printable(request.msgid), queue)
         while True:
-            worker = self._pick_worker(queue)
+            worker = self.routing.pick(queue)
             if worker is None:
                 self._buffer(queue, request)
                 return
@@ -669,23 +586,6 @@ class Router:
                 self._send("frontend", client, Message.new(Command.REPLY, request.msgid))
                 return
 
-    def _pick_worker(self, queue: str) -> Optional[Worker]:
-        """The heaviest worker with a free slot, least recently used among
-        equals; it moves behind the others of its weight."""
-        entries = self.queues.get(queue)
-        if not entries:
-            return None
-        for i, (weight, identity) in enumerate(entries):
-            worker = self.workers.get(identity)
-            if worker is not None and worker.slots > 0:
-                del entries[i]
-                at = i
-                while at < len(entries) and entries[at][0] == weight:
-                    at += 1
-                entries.insert(at, (weight, identity))
-                return worker
-        return None
-
     def _hand_over(self, worker: Worker, request: Request, queue: str) -> bool:
         """Send ``request`` to ``worker``; a worker that cannot be reached is
         removed and False returned."""
@@ -693,26 +593,17 @@ class Router:
         if not self._send("backend", worker.identity, message):
             self._forget_worker(worker, "it cannot be reached", dead=True)
             return False
-        worker.in_flight[request.msgid] = Sent(request.msgid, queue, time.monotonic(),
-                                               request.reply_requested)
-        self.processed_by_queue[queue] += 1
-        self.processed_by_worker[worker.name] += 1
+        self.routing.sent(worker, request, queue, time.monotonic())
         return True
 
     def _buffer(self, queue: str, request: Request) -> None:
         """Keep ``request`` until a worker has a slot; at a bound (``hwm``
         requests in this queue, ``max_buffer_bytes`` in all), stop reading
         the client socket. Nothing accepted is ever dropped here."""
-        waiting = self.waiting.get(queue)
-        if waiting is None:
-            waiting = self.waiting[queue] = collections.deque()
+        if queue not in self.routing.waiting:
             logger.info("router: no free slot for queue %s; buffering requests",
                         printable(queue))
-        waiting.append(request)
-        self.buffered_bytes += request.size
-        if len(waiting) >= self.settings.hwm:
-            self._full_queues.add(queue)
-        if self._full_queues or self.buffered_bytes >= self._max_bytes:
+        if self.routing.buffer(queue, request):
             self._pause_frontend(queue)
 
     def _pause_frontend(self, queue: str) -> None:
@@ -727,13 +618,8 @@ class Router:
                        self.buffered_bytes, self.settings.max_buffer_bytes,
                        self.counters["frontend_pauses"])
 
-    def _maybe_resume(self, queue: str, left: int) -> None:
-        """Read clients again once every queue and the bytes are below the
-        low-water marks (three quarters of each bound)."""
-        if left <= self._resume_length:
-            self._full_queues.discard(queue)
-        if self._full_queues or self.buffered_bytes > self._resume_bytes:
-            return
+    def _resume_frontend(self) -> None:
+        """Read clients again (every bound is below its low-water mark)."""
         self.frontend_paused = False
         self._frontend_open.set()
         logger.info("router: reading clients again (%d requests, %d bytes buffered)",
@@ -774,19 +660,8 @@ class Router:
         in flight), plus emq-green's own keys: drops (by queue, by reason),
         the buffer's bytes and whether reading clients is paused, and counts
         of oversized and malformed messages and ignored client DISCONNECTs."""
-        now = time.monotonic()
-        ages: dict[str, list[float]] = collections.defaultdict(list)
-        for worker in self.workers.values():
-            for sent in worker.in_flight.values():
-                ages[sent.queue].append(now - sent.sent)
         return {
-            "inflight_messages_by_queue": {q: len(a) for q, a in ages.items()},
-            "latency_messages_by_queue": {q: int(sum(a) / len(a) * 1000)
-                                          for q, a in ages.items()},
-            "max_latency_messages_by_queue": {q: int(max(a) * 1000) for q, a in ages.items()},
-            "waiting_messages_by_queue": {q: len(w) for q, w in self.waiting.items()},
-            "processed_messages_by_queue": dict(self.processed_by_queue),
-            "processed_messages_by_worker": dict(self.processed_by_worker),
+            **self.routing.status(time.monotonic()),
             "dropped_messages_by_queue": dict(self.dropped_by_queue),
             "dropped_requests_by_reason": dict(self.dropped_by_reason),
             "buffered_bytes": self.buffered_bytes,
@@ -801,18 +676,7 @@ class Router:
 
     def show_workers(self) -> dict[str, Any]:
         """ROUTER_SHOW_WORKERS, in EventMQ's shape."""
-        return {
-            "connected_workers": {
-                w.name: {"queues": [list(q) for q in w.queues], "hb": w.last_seen,
-                         "available_slots": w.slots}
-                for w in self.workers.values()
-            },
-            "connected_queues": {
-                name: [[weight, identity.decode("utf-8", "replace")]
-                       for weight, identity in entries]
-                for name, entries in self.queues.items()
-            },
-        }
+        return self.routing.show_workers()
 
 
 __all__ = ["Router", "RouterState", "Worker", "Request"]

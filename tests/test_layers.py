@@ -18,6 +18,7 @@ LAYERS: list[set[str]] = [
     {"subprocess_pool", "monitor", "lifeline", "offload", "metrics"},  # the extensions
     {"defaults"},                                               # the default extension list
     {"slots", "session"},                                       # the manager's parts
+    {"routing"},                                                # the router's books and policy
     {"jobmanager", "router"},                                   # the job manager, the router
     {"client", "submit"},                                       # sending jobs
     {"cli", "demo"},                                            # command lines

@@ -1,0 +1,257 @@
+"""The router's books and its routing policy, apart from its sockets.
+
+:class:`Routing` knows the connected workers, which queues each serves at
+which weight, their free slots, the requests each has in flight, and the
+requests waiting for a slot. It decides, as EventMQ 0.3.13 does, who gets a
+request: the worker with a free slot that has the highest weight for the
+queue, the least recently used among equal weights; a queue no worker
+serves goes to the default queue. It also keeps the buffer's bounds (``hwm``
+requests per queue, ``max_buffer_bytes`` in all) and says when the router
+must stop reading clients and when it may read again. It sends nothing and
+logs nothing: :class:`~emq_green.router.Router` does.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .protocol import Queues, printable
+
+# Identities of workers that left or were removed, remembered so that their
+# late messages are logged quietly instead of as "unknown worker".
+DEPARTED_MEMORY = 1000
+#: a size limit of -1 (unlimited), as a number every size is below
+UNLIMITED = sys.maxsize
+
+
+@dataclass(frozen=True)
+class Request:
+    """A client's REQUEST as the router holds it."""
+
+    msgid: str
+    client: bytes
+    queue: str
+    body: tuple[str, ...]
+    received: float
+
+    @property
+    def reply_requested(self) -> bool:
+        headers = self.body[1] if len(self.body) > 1 else ""
+        return any(h.strip() == "reply-requested" for h in headers.split(","))
+
+    @property
+    def size(self) -> int:
+        """What the request counts against ``max_buffer_bytes``: the length of
+        its msgid and body (characters; bytes for ASCII, as JSON mostly is)."""
+        return len(self.msgid) + sum(map(len, self.body))
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A REQUEST handed to a worker and not known to be finished."""
+
+    msgid: str
+    queue: str
+    sent: float
+    reply_requested: bool
+
+
+@dataclass
+class Worker:
+    """What the router knows of one connected worker."""
+
+    identity: bytes
+    queues: Queues
+    last_seen: float
+    slots: int = 0
+    in_flight: collections.OrderedDict[str, Sent] = field(
+        default_factory=collections.OrderedDict)
+
+    @property
+    def name(self) -> str:
+        return self.identity.decode("utf-8", "replace")
+
+    @property
+    def log_name(self) -> str:
+        """The identity, escaped for a log line."""
+        return printable(self.identity)
+
+    def retire_oldest_unreplied(self) -> None:
+        """A READY does not say which job ended: for requests sent without
+        ``reply-requested`` the oldest is taken as done (a best estimate)."""
+        for msgid, sent in self.in_flight.items():
+            if not sent.reply_requested:
+                del self.in_flight[msgid]
+                return
+
+
+class Routing:
+    """Workers, queues, slots and the buffer of one router."""
+
+    def __init__(self, *, default_queue: str, hwm: int, max_buffer_bytes: int) -> None:
+        self.default_queue = default_queue
+        self.hwm = hwm
+        self.max_bytes = max_buffer_bytes if max_buffer_bytes >= 0 else UNLIMITED
+        # Low-water marks: once paused, reading resumes below these, so that a
+        # burst does not pause and resume the client socket on every READY.
+        self._resume_length = hwm - max(1, hwm // 4)
+        self._resume_bytes = self.max_bytes - self.max_bytes // 4
+        #: Connected workers by identity.
+        self.workers: dict[bytes, Worker] = {}
+        #: Queue name -> ``[(weight, identity), ...]``, heaviest first, least
+        #: recently used first among equal weights.
+        self.queues: dict[str, list[tuple[int, bytes]]] = {}
+        #: Queue name -> requests waiting for a free slot, oldest first.
+        self.waiting: dict[str, collections.deque[Request]] = {}
+        #: Bytes of the requests in :attr:`waiting` (see :attr:`Request.size`).
+        self.buffered_bytes = 0
+        self.processed_by_queue: collections.Counter[str] = collections.Counter()
+        self.processed_by_worker: collections.Counter[str] = collections.Counter()
+        self._full_queues: set[str] = set()
+        self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    # -- workers ----------------------------------------------------------------
+    def add(self, identity: bytes, queues: Queues, now: float) -> Worker:
+        """A worker that INFORMed (with no slot until its first READY)."""
+        worker = Worker(identity, tuple(queues), now)
+        self.workers[identity] = worker
+        self._departed.pop(identity, None)
+        for weight, name in worker.queues:
+            entries = self.queues.setdefault(name, [])
+            at = len(entries)
+            while at > 0 and entries[at - 1][0] < weight:
+                at -= 1
+            entries.insert(at, (weight, identity))
+        return worker
+
+    def remove(self, worker: Worker) -> None:
+        """Take a worker out of every queue; its identity is remembered."""
+        if self.workers.get(worker.identity) is worker:
+            del self.workers[worker.identity]
+        for _weight, name in worker.queues:
+            entries = [e for e in self.queues.get(name, ()) if e[1] != worker.identity]
+            if entries:
+                self.queues[name] = entries
+            else:
+                self.queues.pop(name, None)
+        self._departed[worker.identity] = None
+        while len(self._departed) > DEPARTED_MEMORY:
+            self._departed.popitem(last=False)
+
+    def departed(self, identity: bytes) -> bool:
+        return identity in self._departed
+
+    # -- routing ------------------------------------------------------------------
+    def queue_for(self, queue: str) -> str:
+        """``queue`` if a worker serves it, else the default queue."""
+        return queue if queue in self.queues else self.default_queue
+
+    def pick(self, queue: str) -> Optional[Worker]:
+        """The heaviest worker with a free slot, least recently used among
+        equals; it moves behind the others of its weight."""
+        entries = self.queues.get(queue)
+        if not entries:
+            return None
+        for i, (weight, identity) in enumerate(entries):
+            worker = self.workers.get(identity)
+            if worker is not None and worker.slots > 0:
+                del entries[i]
+                at = i
+                while at < len(entries) and entries[at][0] == weight:
+                    at += 1
+                entries.insert(at, (weight, identity))
+                return worker
+        return None
+
+    def sent(self, worker: Worker, request: Request, queue: str, now: float) -> None:
+        """``request`` left for ``worker``."""
+        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now,
+                                               request.reply_requested)
+        self.processed_by_queue[queue] += 1
+        self.processed_by_worker[worker.name] += 1
+
+    def next_for(self, worker: Worker) -> Optional[tuple[str, Request]]:
+        """The request a READY of ``worker`` takes: the oldest of its heaviest
+        queue that has one waiting (left in the buffer until :meth:`taken`)."""
+        for _weight, name in sorted(worker.queues, key=lambda q: -q[0]):
+            waiting = self.waiting.get(name)
+            if waiting:
+                return name, waiting[0]
+        return None
+
+    # -- the buffer ---------------------------------------------------------------
+    def buffer(self, queue: str, request: Request) -> bool:
+        """Keep ``request`` until a worker has a slot; True when the buffer is
+        at a bound (the router must stop reading clients)."""
+        waiting = self.waiting.get(queue)
+        if waiting is None:
+            waiting = self.waiting[queue] = collections.deque()
+        waiting.append(request)
+        self.buffered_bytes += request.size
+        if len(waiting) >= self.hwm:
+            self._full_queues.add(queue)
+        return bool(self._full_queues) or self.buffered_bytes >= self.max_bytes
+
+    def taken(self, queue: str) -> bool:
+        """The oldest request of ``queue`` left the buffer; True when the
+        queue's buffer is empty now."""
+        waiting = self.waiting[queue]
+        request = waiting.popleft()
+        self.buffered_bytes -= request.size
+        if len(waiting) <= self._resume_length:
+            self._full_queues.discard(queue)
+        if not waiting:
+            del self.waiting[queue]
+            return True
+        return False
+
+    def may_resume(self) -> bool:
+        """Whether every queue and the bytes are below the low-water marks
+        (three quarters of each bound)."""
+        return not self._full_queues and self.buffered_bytes <= self._resume_bytes
+
+    def clear_buffer(self) -> list[tuple[str, Request]]:
+        """Empty the buffer; what it held, by queue."""
+        held = [(queue, r) for queue, requests in self.waiting.items() for r in requests]
+        self.waiting.clear()
+        self.buffered_bytes = 0
+        self._full_queues.clear()
+        return held
+
+    # -- what the admin socket shows ---------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        """STATUS's EventMQ keys (latencies: ages in ms of requests in flight)."""
+        ages: dict[str, list[float]] = collections.defaultdict(list)
+        for worker in self.workers.values():
+            for sent in worker.in_flight.values():
+                ages[sent.queue].append(now - sent.sent)
+        return {
+            "inflight_messages_by_queue": {q: len(a) for q, a in ages.items()},
+            "latency_messages_by_queue": {q: int(sum(a) / len(a) * 1000)
+                                          for q, a in ages.items()},
+            "max_latency_messages_by_queue": {q: int(max(a) * 1000) for q, a in ages.items()},
+            "waiting_messages_by_queue": {q: len(w) for q, w in self.waiting.items()},
+            "processed_messages_by_queue": dict(self.processed_by_queue),
+            "processed_messages_by_worker": dict(self.processed_by_worker),
+        }
+
+    def show_workers(self) -> dict[str, Any]:
+        """ROUTER_SHOW_WORKERS, in EventMQ's shape."""
+        return {
+            "connected_workers": {
+                w.name: {"queues": [list(q) for q in w.queues], "hb": w.last_seen,
+                         "available_slots": w.slots}
+                for w in self.workers.values()
+            },
+            "connected_queues": {
+                name: [[weight, identity.decode("utf-8", "replace")]
+                       for weight, identity in entries]
+                for name, entries in self.queues.items()
+            },
+        }
+
+
+__all__ = ["Request", "Routing", "Sent", "Worker"]
