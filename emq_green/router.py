@@ -70,6 +70,16 @@ import zmq.green
 
 from .lifecycle import Lifecycle
 from .protocol import Command, Message, ProtocolError, parse_queues, printable, split_identity
+from .results import (
+    CLIENT_GONE,
+    EVICTED,
+    EXPIRED,
+    STOPPING,
+    WORKER_LOST,
+    PendingResults,
+    lost_body,
+    result_requested_in,
+)
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -238,6 +248,8 @@ class Router:
         self.buffered_bytes = 0
         #: True while the buffer is at a bound and the client socket is not read.
         self.frontend_paused = False
+        #: Clients waiting for a job's result (the result-requested header).
+        self.results = PendingResults(settings.max_pending_results, settings.result_ttl)
         self._frontend_open = gevent.event.Event()
         self._frontend_open.set()
         self._full_queues: set[str] = set()
@@ -362,6 +374,8 @@ class Router:
         self.waiting.clear()
         self.buffered_bytes = 0
         self._full_queues.clear()
+        for msgid, client in self.results.clear(STOPPING):
+            self._tell_result_lost(msgid, client, STOPPING)
         self._drop_unread_requests()
         self._close_sockets()
         self._set_state(RouterState.STOPPED)
@@ -508,6 +522,8 @@ class Router:
         if message.command is Command.INFORM:
             return True
         if identity in self._departed:
+            if message.command is Command.REPLY:
+                self._forward_result(message)  # a job that ran on after KBYE
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
@@ -580,6 +596,28 @@ class Router:
         if sent is not None and logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
+        if self.results:
+            self._forward_result(message)
+
+    def _forward_result(self, message: Message) -> None:
+        """The worker's REPLY body, unchanged, to the client that asked for it."""
+        if len(message.body) != 2:
+            return
+        client = self.results.pop(message.body[1])
+        if client is None:
+            return
+        if self._send("frontend", client, Message.new(Command.REPLY, *message.body)):
+            self.results.forwarded += 1
+        else:
+            self.results.dropped[CLIENT_GONE] += 1
+            logger.warning("router: the result of %s was dropped: client %s is gone or "
+                           "not reading", printable(message.body[1]), printable(client))
+
+    def _tell_result_lost(self, msgid: str, client: bytes, reason: str) -> None:
+        """Best effort: tell a client that its result will not come."""
+        logger.warning("router: the result of %s for client %s was dropped (%s)",
+                       printable(msgid), printable(client), reason)
+        self._send("frontend", client, Message.new(Command.REPLY, lost_body(reason), msgid))
 
     def _on_kbye(self, identity: bytes, message: Message) -> None:
         self._forget_worker(self.workers[identity], "it said KBYE", dead=False)
@@ -609,6 +647,9 @@ class Router:
                              printable(sent.msgid), printable(sent.queue), now - sent.sent,
                              "" if sent.reply_requested else ", no reply requested")
                 self.counters["possibly_lost"] += 1
+                client = self.results.drop(sent.msgid, WORKER_LOST)
+                if client is not None:
+                    self._tell_result_lost(sent.msgid, client, WORKER_LOST)
 
     def _housekeeping(self) -> None:
         """Heartbeats to workers; removal of workers silent for heartbeat_timeout."""
@@ -616,9 +657,12 @@ class Router:
         tick = max(0.05, min(1.0, s.heartbeat_interval / 2, s.heartbeat_timeout / 4))
         while True:
             gevent.sleep(tick)
+            now = time.monotonic()
+            if self.results:
+                for msgid, client in self.results.expire(now):
+                    self._tell_result_lost(msgid, client, EXPIRED)
             if s.disable_heartbeats:
                 continue
-            now = time.monotonic()
             if now - self._last_heartbeat >= s.heartbeat_interval:
                 self._last_heartbeat = now
                 beat = Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
@@ -644,6 +688,10 @@ class Router:
             return
         request = Request(message.msgid, client, message.body[0], message.body,
                           time.monotonic())
+        if result_requested_in(message.body[1]):
+            evicted = self.results.add(request.msgid, client, request.received)
+            if evicted is not None:
+                self._tell_result_lost(*evicted, EVICTED)
         queue = request.queue
         if queue not in self.queues:
             if queue != self.settings.default_queue_name:
@@ -789,6 +837,7 @@ class Router:
             "oversized_messages": self.counters["oversized_messages"],
             "malformed_messages": self.counters["malformed_messages"],
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
+            **self.results.status(),
         }
 
     def show_workers(self) -> dict[str, Any]:
