@@ -293,3 +293,26 @@ def test_client_handle_raises_result_lost():
             assert not second.ready()
     finally:
         assert router.stop(timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_submit_wait_prints_one_json_line_per_job(standalone: Stack):
+    import subprocess
+
+    ok = subprocess.run(
+        [str(BIN / "emq-green-submit"), "jobs_for_tests.echo", "--args", '["x"]', "--tag-arg",
+         "--count", "3", "--addr", standalone.front, "--wait", "--wait-timeout", "20"],
+        capture_output=True, text=True, timeout=40)
+    assert ok.returncode == 0, ok.stderr
+    lines = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert [(line["job"], line["value"]) for line in lines] == [
+        (i, {"args": ["x", str(i)], "kwargs": {}}) for i in range(3)]
+    assert "3/3 jobs succeeded" in ok.stderr
+
+    bad = subprocess.run(
+        [str(BIN / "emq-green-submit"), "jobs_for_tests.boom", "--args", '["bad"]',
+         "--addr", standalone.front, "--wait", "--wait-timeout", "20"],
+        capture_output=True, text=True, timeout=40)
+    assert bad.returncode == 1, bad.stderr
+    [line] = [json.loads(text) for text in bad.stdout.splitlines()]
+    assert line["error"] == {"type": "ValueError", "message": "bad"}
