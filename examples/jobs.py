@@ -71,6 +71,10 @@ def fetch_page(base_url: str, page: int, timeout: float = 10.0) -> dict:
     return summary
 
 
+def noop(*args: object) -> None:
+    """Does nothing: for measuring the cost of a job's round trip."""
+
+
 def mark(path: str, tag: str) -> str:
     """Append ``TAG PID UNIX_TIME`` to ``path``; returns the tag."""
     line = f"{tag} {os.getpid()} {time.time():.6f}\n".encode()
