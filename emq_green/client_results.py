@@ -176,6 +176,14 @@ class _Channel:
             return sum(1 for h in self._handles.values() if not h.ready())
 
     def _dispatch(self, frames: list[bytes]) -> None:
+        # the common case without building a Message: a result,
+        # ['', 'eMQP/1.0', 'REPLY', msgid, reply_json, orig_msgid]
+        if len(frames) == 6 and frames[2] == b"REPLY" and frames[1] == b"eMQP/1.0":
+            with self._handles_lock:
+                handle = self._handles.pop(frames[5].decode("utf-8", "replace"), None)
+            if handle is not None:
+                handle._resolve(frames[4].decode("utf-8", "replace"))
+            return
         try:
             message = Message.parse(frames)
         except ProtocolError as exc:

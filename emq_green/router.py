@@ -180,6 +180,8 @@ class Worker:
     slots: int = 0
     in_flight: collections.OrderedDict[str, Sent] = field(
         default_factory=collections.OrderedDict)
+    #: requests in :attr:`in_flight` sent without ``reply-requested``
+    unreplied: int = 0
 
     @property
     def name(self) -> str:
@@ -191,9 +193,12 @@ class Worker:
         return printable(self.identity)
 
     def retire_oldest_unreplied(self) -> None:
+        if not self.unreplied:
+            return  # without this, every READY would walk the whole list
         for msgid, sent in self.in_flight.items():
             if not sent.reply_requested:
                 del self.in_flight[msgid]
+                self.unreplied -= 1
                 return
 
 
@@ -706,7 +711,8 @@ class Router:
                 return
             if self._hand_over(worker, request, queue):
                 worker.slots -= 1
-                self._send("frontend", client, Message.new(Command.REPLY, request.msgid))
+                if request.msgid not in self.results:  # the result is its answer
+                    self._send("frontend", client, Message.new(Command.REPLY, request.msgid))
                 return
 
     def _pick_worker(self, queue: str) -> Optional[Worker]:
@@ -733,8 +739,11 @@ class Router:
         if not self._send("backend", worker.identity, message):
             self._forget_worker(worker, "it cannot be reached", dead=True)
             return False
+        reply_requested = request.reply_requested
         worker.in_flight[request.msgid] = Sent(request.msgid, queue, time.monotonic(),
-                                               request.reply_requested)
+                                               reply_requested)
+        if not reply_requested:
+            worker.unreplied += 1
         self.processed_by_queue[queue] += 1
         self.processed_by_worker[worker.name] += 1
         return True
