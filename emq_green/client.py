@@ -231,10 +231,14 @@ class Client:
             if self._closed:
                 raise RuntimeError("client is closed")
             if self._results is None:
-                channel = GreenResultChannel if self.green else ThreadResultChannel
-                self._results = channel(self._context, self.addr, hwm=self._hwm,
-                                        linger=self._linger, send=self._send_message,
-                                        on_ack=self._count_ack)
+                if self.green:
+                    self._results = GreenResultChannel(
+                        self._context, self.addr, hwm=self._hwm, linger=self._linger,
+                        send=self._send_message, on_ack=self._count_ack)
+                else:
+                    self._results = ThreadResultChannel(
+                        self._context, self.addr, hwm=self._hwm, linger=self._linger,
+                        send_timeout=self.send_timeout, on_ack=self._count_ack)
             return self._results
 
     def _count_ack(self) -> None:
@@ -245,7 +249,6 @@ class Client:
             sock.send_multipart(request.frames())  # blocks at SNDHWM; never drops
         else:
             self._send_within(sock, request, self.send_timeout)
-        self.sent += 1
 
     # ------------------------------------------------------------------
     # sending
@@ -283,7 +286,9 @@ class Client:
                           extra=(RESULT_HEADER,) if result else ())
         request = Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
         if result:
-            return self._result_channel().submit(request)
+            handle = self._result_channel().submit(request)
+            self.sent += 1
+            return handle
         sock = self._take()
         try:
             if self.send_timeout is None:

@@ -13,9 +13,9 @@ Two channels, because a ZeroMQ socket belongs to one thread at a time:
 * :class:`GreenResultChannel` (``zmq.green``, under gevent): senders take a
   lock around the send; one reader greenlet reads. Waiting on a handle
   blocks only the greenlet.
-* :class:`ThreadResultChannel` (plain ``zmq``, threads): one reader thread
-  owns the DEALER socket; a sending thread passes its request to that
-  thread through a PUSH socket of its own over ``inproc://``.
+* :class:`ThreadResultChannel` (plain ``zmq``, threads): the DEALER socket
+  sits behind a lock; a sender sends and reads what has arrived, a reader
+  thread reads when the socket signals (see the class).
 
 A handle whose caller dropped it is forgotten (weak references), so results
 nobody waits for do not pile up in the client.
@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import threading
+import time
 import uuid
 import weakref
 from typing import Any, Callable, Optional
@@ -36,8 +38,10 @@ from .protocol import Command, Message, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-#: seconds the reader thread waits in one poll before it checks for close
-_POLL_MS = 100
+#: ms the reader thread waits for a signal before it reads anyway (edge-triggered FD)
+_POLL_MS = 20
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
 _READ_BATCH = 256
 
 
@@ -262,28 +266,29 @@ class GreenResultChannel(_Channel):
 
 
 class ThreadResultChannel(_Channel):
-    """Without gevent: a reader thread owns the DEALER socket; senders reach
-    it through per-thread PUSH sockets over ``inproc://``."""
+    """Without gevent: one plain DEALER socket behind a lock.
+
+    Whoever holds the lock may use the socket: a sender sends, then reads
+    what has arrived; a reader thread waits on the socket's file descriptor
+    (``ZMQ_FD``, which needs no lock to wait on) and reads when it is
+    signalled, or every ``_POLL_MS`` at the latest. That descriptor is
+    edge-triggered and any call on the socket may consume the signal, which
+    is why a sender reads what arrived after its own send.
+
+    A send never blocks while holding the lock: when the queue is full
+    (the router pushes back) the sender lets go, waits a millisecond and
+    tries again, so results keep being read meanwhile.
+    """
 
     def __init__(self, context: zmq.Context, addr: str, *, hwm: int, linger: float,
-                 send: Callable[[Any, Message], None],
-                 on_ack: Callable[[], None]) -> None:
+                 send_timeout: Optional[float], on_ack: Callable[[], None]) -> None:
         super().__init__(on_ack)
-        self._context = context
-        self._hwm = hwm
-        self._linger = linger
-        self._send_message = send
-        self._inbox_addr = f"inproc://emq-green-results-{uuid.uuid4()}"
-        self._dealer = context.socket(zmq.DEALER)
-        _configure(self._dealer, zmq, hwm, linger)
-        self._dealer.connect(addr)
-        self._inbox = context.socket(zmq.PULL)
-        self._inbox.setsockopt(zmq.RCVHWM, hwm)
-        self._inbox.setsockopt(zmq.LINGER, 0)
-        self._inbox.bind(self._inbox_addr)
-        self._local = threading.local()
-        self._pushers: list[Any] = []
-        self._pushers_lock = threading.Lock()
+        self._send_timeout = send_timeout
+        self._sock = context.socket(zmq.DEALER)
+        _configure(self._sock, zmq, hwm, linger)
+        self._sock.connect(addr)
+        self._fd = self._sock.getsockopt(zmq.FD)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="emq-green-results",
                                         daemon=True)
         self._thread.start()
@@ -292,59 +297,57 @@ class ThreadResultChannel(_Channel):
         return threading.Event()
 
     def _send(self, request: Message) -> None:
-        pusher = getattr(self._local, "pusher", None)
-        if pusher is None:
-            pusher = self._context.socket(zmq.PUSH)
-            pusher.setsockopt(zmq.SNDHWM, self._hwm)
-            pusher.setsockopt(zmq.LINGER, int(self._linger * 1000))
-            pusher.connect(self._inbox_addr)
-            self._local.pusher = pusher
-            with self._pushers_lock:
-                self._pushers.append(pusher)
-        self._send_message(pusher, request)
-
-    def _run(self) -> None:
-        dealer, inbox = self._dealer, self._inbox
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(inbox, zmq.POLLIN)
-        try:
-            while not self.closed:
-                events = dict(poller.poll(_POLL_MS))
-                if inbox in events:
-                    for _ in range(_READ_BATCH):
-                        try:
-                            frames = inbox.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        dealer.send_multipart(frames)  # blocks at SNDHWM: backpressure
-                if dealer in events:
-                    for _ in range(_READ_BATCH):
-                        try:
-                            frames = dealer.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._dispatch(frames)
-            # closing: requests still in the inbox go out (within linger)
-            while True:
+        frames = request.frames()
+        deadline = None if self._send_timeout is None else (
+            time.monotonic() + self._send_timeout)
+        while True:
+            with self._lock:
+                if self.closed:
+                    raise RuntimeError("client is closed")
                 try:
-                    dealer.send_multipart(inbox.recv_multipart(zmq.NOBLOCK), zmq.NOBLOCK)
+                    # a multipart message is queued whole or not at all
+                    self._sock.send_multipart(frames, _NOBLOCK)
+                    sent = True
+                except zmq.Again:
+                    sent = False
+                self._read_available()
+            if sent:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                from .client import SendTimeoutError
+
+                raise SendTimeoutError(request.msgid, self._send_timeout or 0.0)
+            time.sleep(0.001)  # backpressure: the router is not reading
+
+    def _read_available(self) -> None:
+        """Read and dispatch what has arrived (the lock is held)."""
+        sock = self._sock
+        while sock.getsockopt(zmq.EVENTS) & _POLLIN:
+            for _ in range(_READ_BATCH):
+                try:
+                    frames = sock.recv_multipart(_NOBLOCK)
                 except zmq.Again:
                     break
-        except zmq.ZMQError:
-            if not self.closed:
-                logger.exception("client: the result socket failed")
-        finally:
-            inbox.close()
-            dealer.close()
+                self._dispatch(frames)
+
+    def _run(self) -> None:
+        timeout = _POLL_MS / 1000
+        while True:
+            with self._lock:
+                if self.closed:
+                    return
+                try:
+                    self._read_available()
+                except zmq.ZMQError:
+                    logger.exception("client: the result socket failed")
+                    return
+            select.select([self._fd], [], [], timeout)
 
     def close(self) -> None:
-        with self._pushers_lock:
-            pushers, self._pushers = self._pushers, []
-        for pusher in pushers:
-            pusher.close()  # their requests reach the inbox first (inproc, linger)
-        self.closed = True
+        with self._lock:
+            self.closed = True
         self._thread.join()
+        self._sock.close()
 
 
 __all__ = ["ResultHandle", "JobError", "ResultTimeout", "ResultLostError",
