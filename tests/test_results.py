@@ -316,3 +316,43 @@ def test_submit_wait_prints_one_json_line_per_job(standalone: Stack):
     assert bad.returncode == 1, bad.stderr
     [line] = [json.loads(text) for text in bad.stdout.splitlines()]
     assert line["error"] == {"type": "ValueError", "message": "bad"}
+
+
+@pytest.mark.timeout(30)
+def test_result_settings_from_file_environment_and_command_line(tmp_path: Path):
+    from emq_green.settings import SettingsError, load_settings
+
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text("[global]\nmax_pending_results = 7\nresult_ttl = 9\n")
+    s, _ = load_settings(["-C", str(conf)], {"EVENTMQ_RESULT_TTL": "5"})
+    assert (s.max_pending_results, s.result_ttl) == (7, 5.0)
+    s, _ = load_settings(["-C", str(conf), "--max-pending-results", "3"], {})
+    assert (s.max_pending_results, s.result_ttl) == (3, 9.0)
+    for flag, name in (("--max-pending-results", "max_pending_results"),
+                       ("--result-ttl", "result_ttl")):
+        with pytest.raises(SettingsError, match=f"{name}: bad value '0' from the command"):
+            load_settings(["-C", str(conf), flag, "0"], {})
+
+
+@pytest.mark.timeout(90)
+def test_eventmq_jobmanager_results_come_back_through_green_router(tmp_path: Path):
+    """EventMQ's own worker behind emq-green's router: its REPLY (``{"value":
+    v}``) reaches emq-green's client too."""
+    require_eventmq()
+    stack = Stack(tmp_path)
+    try:
+        stack.spawn("router", [str(BIN / "emq-green-router"), "--frontend-addr", stack.front,
+                               "--backend-addr", stack.back,
+                               "--administrative-addr", stack.admin])
+        stack.spawn("emq-jobmanager", [str(BIN / "emq-jobmanager"), "-B", stack.back,
+                                       "-J", "2"], PYTHONPATH=f"{REPO}:{TESTS}")
+        stack.wait_for_worker()
+        with Client(stack.front, green=False) as client:
+            handles = [client.defer_job("jobs_for_tests.add", [n, 1], result=True)
+                       for n in range(4)]
+            try:
+                assert [h.get(timeout=30) for h in handles] == [1, 2, 3, 4]
+            except ResultTimeout:
+                raise AssertionError(stack.logs()) from None
+    finally:
+        stack.close()
