@@ -46,6 +46,11 @@ Limits, where emq-green differs from EventMQ:
   retires the oldest one on each READY: that list is a best estimate, exact
   only for requests that asked for a reply.
 
+Results, an extension EventMQ lacks: for a REQUEST with the
+``result-requested`` header the router remembers the client and sends it the
+worker's REPLY body (no acknowledgement then); the map is bounded in size
+and age. See :mod:`emq_green.results` and docs/router.md.
+
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
 every buffered and unread request it drops, then closes the sockets.

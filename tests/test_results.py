@@ -356,3 +356,17 @@ def test_eventmq_jobmanager_results_come_back_through_green_router(tmp_path: Pat
                 raise AssertionError(stack.logs()) from None
     finally:
         stack.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_result_sent_after_kbye_still_reaches_its_client(make_router):
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    request = worker.recv()
+    worker.send(Command.KBYE)  # leaving, but finishing what it runs
+    wait_until(lambda: worker.identity not in h.router.workers, what="the KBYE read")
+    worker.send(Command.REPLY, json.dumps({"value": "late"}), request.msgid)
+    assert _results_of(client, 1) == [(sent.msgid, {"value": "late"})]
+    assert h.router.results.forwarded == 1
