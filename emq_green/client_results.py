@@ -246,6 +246,8 @@ class GreenResultChannel(_Channel):
             self._send_message(self._sock, request)
 
     def _read(self) -> None:
+        import gevent
+
         sock = self._sock
         while True:
             try:
@@ -258,6 +260,7 @@ class GreenResultChannel(_Channel):
                 if not self.closed:
                     logger.exception("client: the result socket failed")
                 return
+            gevent.sleep(0)  # a full batch: let the waiters run
 
     def close(self) -> None:
         self.closed = True
