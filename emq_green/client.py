@@ -22,6 +22,13 @@ instead; the request was then not sent at all (ZeroMQ takes a message's
 frames all or none once the first is in, and a socket caught half way is
 closed, not reused).
 
+Results. ``defer_job(..., result=True)`` returns a
+:class:`~emq_green.client_results.ResultHandle` (``.msgid``, ``.ready()``,
+``.get(timeout)``) instead of the msgid; such jobs go out on the client's
+result channel, which emq-green's router answers with the job's result (see
+:mod:`emq_green.client_results`). EventMQ's router never does: ``get``
+then ends in :class:`~emq_green.client_results.ResultTimeout`.
+
 Differences from EventMQ's client, on purpose: functions raise ``ValueError``
 for a bad callable instead of logging and returning None; ``defer_job`` takes
 ``subprocess=True`` (emq-green runs that job in a child process).
@@ -36,11 +43,21 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union, overload
 
 import zmq
 
+from .client_results import (
+    GreenResultChannel,
+    JobError,
+    ResultHandle,
+    ResultLostError,
+    ResultTimeout,
+    SendTimeoutError,
+    ThreadResultChannel,
+)
 from .protocol import Command, Headers, Message, ProtocolError, RunRequest
+from .results import RESULT_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +67,6 @@ DEFAULT_QUEUE = "default"
 
 F = TypeVar("F", bound=Callable[..., Any])
 JobFunc = Union[str, Callable[..., Any]]
-
-
-class SendTimeoutError(TimeoutError):
-    """A REQUEST could not be handed to ZeroMQ within ``send_timeout``
-    seconds (the router is not reading: its buffer is full, or it is gone).
-    The request was not sent; sending it again is safe."""
-
-    def __init__(self, msgid: str, timeout: float, *, half_sent: bool = False) -> None:
-        super().__init__(f"REQUEST {msgid} not sent within {timeout:g} s: the router "
-                         "is not taking requests (backpressure, or no router)")
-        self.msgid = msgid
-        self.timeout = timeout
-        #: some frames were queued: the socket was closed (ZeroMQ drops the part)
-        self.half_sent = half_sent
 
 
 def _gevent_patched() -> bool:
@@ -140,6 +143,7 @@ class Client:
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._results: Optional[Union[GreenResultChannel, ThreadResultChannel]] = None
         #: REQUESTs sent.
         self.sent = 0
         #: ``REPLY [msgid]`` acknowledgements read so far.
@@ -202,12 +206,49 @@ class Client:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            results, self._results = self._results, None
         for sock in idle:
             sock.close()
+        if results is not None:
+            results.close()
         self._context.term()
+
+    def _result_channel(self) -> Union[GreenResultChannel, ThreadResultChannel]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("client is closed")
+            if self._results is None:
+                if self.green:
+                    self._results = GreenResultChannel(
+                        self._context, self.addr, hwm=self._hwm, linger=self._linger,
+                        send=self._send_message, on_ack=self._count_ack)
+                else:
+                    self._results = ThreadResultChannel(
+                        self._context, self.addr, hwm=self._hwm, linger=self._linger,
+                        send_timeout=self.send_timeout, on_ack=self._count_ack)
+            return self._results
+
+    def _count_ack(self) -> None:
+        self.acknowledged += 1
+
+    def _send_message(self, sock: Any, request: Message) -> None:
+        if self.send_timeout is None:
+            sock.send_multipart(request.frames())  # blocks at SNDHWM; never drops
+        else:
+            self._send_within(sock, request, self.send_timeout)
 
     # ------------------------------------------------------------------
     # sending
+
+    @overload
+    def send_request(self, message: Union[str, Sequence[Any]], *, queue: Optional[str] = ...,
+                     reply_requested: bool = ..., guarantee: bool = ..., retry_count: int = ...,
+                     timeout: float = ..., result: Literal[False] = ...) -> str: ...
+
+    @overload
+    def send_request(self, message: Union[str, Sequence[Any]], *, queue: Optional[str] = ...,
+                     reply_requested: bool = ..., guarantee: bool = ..., retry_count: int = ...,
+                     timeout: float = ..., result: Literal[True]) -> ResultHandle: ...
 
     def send_request(
         self,
@@ -218,15 +259,23 @@ class Client:
         guarantee: bool = False,
         retry_count: int = 0,
         timeout: float = 0,
-    ) -> str:
+        result: bool = False,
+    ) -> Union[str, ResultHandle]:
         """Send a REQUEST whose payload is ``message`` (``["run", {...}]`` or
-        its JSON text); returns the message id."""
+        its JSON text); returns the message id, or with ``result=True`` a
+        :class:`ResultHandle` (the request then asks for a reply and for
+        the result to come back, and goes out on the result channel)."""
         import json
 
         payload = message if isinstance(message, str) else json.dumps(list(message))
-        headers = Headers(reply_requested=reply_requested, guarantee=guarantee,
-                          retry_count=retry_count, timeout=timeout or None)
+        headers = Headers(reply_requested=reply_requested or result, guarantee=guarantee,
+                          retry_count=retry_count, timeout=timeout or None,
+                          extra=(RESULT_HEADER,) if result else ())
         request = Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
+        if result:
+            handle = self._result_channel().submit(request)
+            self.sent += 1
+            return handle
         sock = self._take()
         try:
             if self.send_timeout is None:
@@ -268,6 +317,22 @@ class Client:
                                                half_sent=i > 0) from None
                     sock.poll(max(1, int(left * 1000)), zmq_module.POLLOUT)
 
+    @overload
+    def defer_job(self, func: JobFunc, args: Sequence[Any] = ...,
+                  kwargs: Optional[dict[str, Any]] = ..., class_args: Sequence[Any] = ...,
+                  class_kwargs: Optional[dict[str, Any]] = ..., *, reply_requested: bool = ...,
+                  guarantee: bool = ..., retry_count: int = ..., timeout: float = ...,
+                  queue: Optional[str] = ..., subprocess: bool = ...,
+                  result: Literal[False] = ...) -> str: ...
+
+    @overload
+    def defer_job(self, func: JobFunc, args: Sequence[Any] = ...,
+                  kwargs: Optional[dict[str, Any]] = ..., class_args: Sequence[Any] = ...,
+                  class_kwargs: Optional[dict[str, Any]] = ..., *, reply_requested: bool = ...,
+                  guarantee: bool = ..., retry_count: int = ..., timeout: float = ...,
+                  queue: Optional[str] = ..., subprocess: bool = ...,
+                  result: Literal[True]) -> ResultHandle: ...
+
     def defer_job(
         self,
         func: JobFunc,
@@ -282,8 +347,11 @@ class Client:
         timeout: float = 0,
         queue: Optional[str] = None,
         subprocess: bool = False,
-    ) -> str:
-        """Run ``func(*args, **kwargs)`` on a worker; returns the message id.
+        result: bool = False,
+    ) -> Union[str, ResultHandle]:
+        """Run ``func(*args, **kwargs)`` on a worker; returns the message id,
+        or with ``result=True`` a :class:`ResultHandle` whose ``get(timeout)``
+        returns the job's value (through emq-green's router).
 
         ``func`` is a module-level function, a bound method (its class is
         built with ``class_args``/``class_kwargs`` on the worker) or a dotted
@@ -293,8 +361,9 @@ class Client:
         run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
                          class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
                          subprocess=subprocess)
-        return self.send_request(run.payload(), queue=queue, reply_requested=reply_requested,
-                                 guarantee=guarantee, retry_count=retry_count, timeout=timeout)
+        return self.send_request(run.payload(), queue=queue,  # type: ignore[call-overload]
+                                 reply_requested=reply_requested, guarantee=guarantee,
+                                 retry_count=retry_count, timeout=timeout, result=result)
 
 
 # ----------------------------------------------------------------------
@@ -315,15 +384,16 @@ def get_client(addr: Optional[str] = None) -> Client:
 
 
 def send_request(message: Union[str, Sequence[Any]], *, addr: Optional[str] = None,
-                 **options: Any) -> str:
+                 **options: Any) -> Union[str, ResultHandle]:
     """:meth:`Client.send_request` on the shared client for ``addr``."""
     return get_client(addr).send_request(message, **options)
 
 
 def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
               class_args: Sequence[Any] = (), class_kwargs: Optional[dict[str, Any]] = None,
-              *, addr: Optional[str] = None, **options: Any) -> str:
-    """:meth:`Client.defer_job` on the shared client for ``addr``."""
+              *, addr: Optional[str] = None, **options: Any) -> Union[str, ResultHandle]:
+    """:meth:`Client.defer_job` on the shared client for ``addr``; with
+    ``result=True`` a :class:`ResultHandle`."""
     return get_client(addr).defer_job(func, args, kwargs, class_args, class_kwargs, **options)
 
 
@@ -340,16 +410,23 @@ def job(
     As in EventMQ, with no ``broker_addr`` and no ``$EMQ_BROKER_ADDR`` (or
     with ``async_=False``) ``.delay`` runs the function at once, in the
     caller; ``options`` go to :meth:`Client.defer_job` (e.g. ``timeout``).
+    With ``result=True`` (here, or ``.delay(..., _result=True)`` per call)
+    ``.delay`` returns a :class:`ResultHandle`; run in the caller, one that
+    already holds the value.
     """
 
     def decorate(f: F) -> F:
-        def delay(*args: Any, **kwargs: Any) -> Any:
+        def delay(*args: Any, _result: Optional[bool] = None, **kwargs: Any) -> Any:
             addr = broker_addr or os.environ.get(ENV_BROKER_ADDR)
+            call_options = options if _result is None else {**options, "result": _result}
             if async_ and addr:
-                return get_client(addr).defer_job(f, args, kwargs, queue=queue, **options)
+                return get_client(addr).defer_job(f, args, kwargs, queue=queue, **call_options)
             if async_:
                 logger.warning("no EMQ_BROKER_ADDR: running %s synchronously", f.__name__)
-            return f(*args, **kwargs)
+            value = f(*args, **kwargs)
+            if call_options.get("result"):
+                return ResultHandle.completed("", value)
+            return value
 
         f.delay = delay  # type: ignore[attr-defined]
         return f
@@ -357,5 +434,6 @@ def job(
     return decorate(func) if func is not None else decorate
 
 
-__all__ = ["Client", "SendTimeoutError", "defer_job", "send_request", "job", "get_client",
+__all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
+           "ResultLostError", "defer_job", "send_request", "job", "get_client",
            "callable_path", "ENV_BROKER_ADDR", "DEFAULT_ADDR"]

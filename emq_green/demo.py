@@ -10,7 +10,9 @@ What it does, all on 127.0.0.1 and without network access:
    page with urllib, parses it, and posts a summary back to the server;
 4. shows progress from those summaries, then prints jobs/s and the p50/p99
    latency (from submission to the summary, queueing included);
-5. stops emq-green with SIGTERM and checks that it exits cleanly.
+5. collects each job's result through the router (``result=True``: the
+   summary the job returned) and prints the sizes of the fetched pages;
+6. stops emq-green with SIGTERM and checks that it exits cleanly.
 
 Like the ``emq-green`` script, it monkeypatches before importing anything else.
 """
@@ -137,6 +139,21 @@ def wait_for_worker(admin_addr: str, deadline: float) -> bool:
         sock.close()
 
 
+def collect_results(handles: list, limit: float) -> list:
+    """Each job's returned value (None for a job that failed or whose
+    result did not come within ``limit`` seconds for all)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    values = []
+    for handle in handles:
+        try:
+            values.append(handle.get(timeout=max(0.0, deadline - time.monotonic())))
+        except Exception:  # failed jobs are counted from the summaries
+            values.append(None)
+    return values
+
+
 def percentile(values: "list[float]", q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -186,11 +203,13 @@ def _run(argv: "list[str]") -> int:
             return 1
         client = Client(front, green=True)
         submitted: dict[int, float] = {}
+        handles: list = []
 
         def submit() -> None:
             for n in range(ns.jobs):
                 submitted[n] = time.monotonic()
-                client.defer_job("examples.jobs.fetch_page", [base_url, n])
+                handles.append(client.defer_job("examples.jobs.fetch_page", [base_url, n],
+                                                result=True))
                 if n % 100 == 99:
                     gevent.sleep(0)  # let the progress line and the server run
 
@@ -214,6 +233,7 @@ def _run(argv: "list[str]") -> int:
         if tty:
             out.write("\n")
         sender.join(timeout=1)
+        results = collect_results(handles, max(1.0, deadline - time.monotonic()))
         client.close()
 
         done = server.done
@@ -228,7 +248,15 @@ def _run(argv: "list[str]") -> int:
                   f"{elapsed:.2f} s: {len(done) / elapsed:.0f} jobs/s; latency from submission "
                   f"p50 {percentile(latencies, 50) * 1000:.0f} ms, "
                   f"p99 {percentile(latencies, 99) * 1000:.0f} ms\n")
-        status = 0 if len(done) == ns.jobs and not failed else 1
+        sizes = [r["bytes"] for r in results if isinstance(r, dict) and "bytes" in r]
+        line = f"results back to the client: {len(sizes)}/{ns.jobs}"
+        if sizes:
+            first = results[0] if isinstance(results[0], dict) else {}
+            line += (f", {sum(sizes) / 1024:.0f} KiB of pages in all, {min(sizes)}-"
+                     f"{max(sizes)} bytes each (page 0: {first.get('title')!r}, "
+                     f"{first.get('bytes')} bytes, {first.get('words')} words)")
+        out.write(line + "\n")
+        status = 0 if len(done) == ns.jobs and not failed and len(sizes) == ns.jobs else 1
         if len(done) < ns.jobs:
             out.write(f"emq-green-demo: {ns.jobs - len(done)} job(s) not done after "
                       f"{ns.timeout:g} s\n")

@@ -46,6 +46,11 @@ Limits, where emq-green differs from EventMQ:
   retires the oldest one on each READY: that list is a best estimate, exact
   only for requests that asked for a reply.
 
+Results, an extension EventMQ lacks: for a REQUEST with the
+``result-requested`` header the router remembers the client and sends it the
+worker's REPLY body (no acknowledgement then); the map is bounded in size
+and age. See :mod:`emq_green.results` and docs/router.md.
+
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
 every buffered and unread request it drops, then closes the sockets.
@@ -75,6 +80,16 @@ from .protocol import (
     parse_queues,
     printable,
     split_identity,
+)
+from .results import (
+    CLIENT_GONE,
+    EVICTED,
+    EXPIRED,
+    STOPPING,
+    WORKER_LOST,
+    PendingResults,
+    lost_body,
+    result_requested_in,
 )
 from .routing import UNLIMITED, Request, Routing, Worker
 from .settings import Settings
@@ -172,6 +187,8 @@ class Router:
         self.counters: collections.Counter[str] = collections.Counter()
         #: True while the buffer is at a bound and the client socket is not read.
         self.frontend_paused = False
+        #: Clients waiting for a job's result (the result-requested header).
+        self.results = PendingResults(settings.max_pending_results, settings.result_ttl)
         self._frontend_open = gevent.event.Event()
         self._frontend_open.set()
         size = settings.max_message_size
@@ -313,6 +330,8 @@ class Router:
                          printable(request.msgid), printable(queue))
             self.dropped_by_queue[queue] += 1
             self.dropped_by_reason["stopping"] += 1
+        for msgid, client in self.results.clear(STOPPING):
+            self._tell_result_lost(msgid, client, STOPPING)
         self._drop_unread_requests()
         self._close_sockets()
         self._set_state(RouterState.STOPPED)
@@ -459,6 +478,8 @@ class Router:
         if message.command is Command.INFORM:
             return True
         if self.routing.departed(identity):
+            if message.command is Command.REPLY:
+                self._forward_result(message)  # a job that ran on after KBYE
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
@@ -518,6 +539,28 @@ class Router:
         if sent is not None and logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
+        if self.results:
+            self._forward_result(message)
+
+    def _forward_result(self, message: Message) -> None:
+        """The worker's REPLY body, unchanged, to the client that asked for it."""
+        if len(message.body) != 2:
+            return
+        client = self.results.pop(message.body[1])
+        if client is None:
+            return
+        if self._send("frontend", client, Message.new(Command.REPLY, *message.body)):
+            self.results.forwarded += 1
+        else:
+            self.results.dropped[CLIENT_GONE] += 1
+            logger.warning("router: the result of %s was dropped: client %s is gone or "
+                           "not reading", printable(message.body[1]), printable(client))
+
+    def _tell_result_lost(self, msgid: str, client: bytes, reason: str) -> None:
+        """Best effort: tell a client that its result will not come."""
+        logger.warning("router: the result of %s for client %s was dropped (%s)",
+                       printable(msgid), printable(client), reason)
+        self._send("frontend", client, Message.new(Command.REPLY, lost_body(reason), msgid))
 
     def _on_kbye(self, identity: bytes, message: Message) -> None:
         self._forget_worker(self.workers[identity], "it said KBYE", dead=False)
@@ -537,6 +580,9 @@ class Router:
                              printable(sent.msgid), printable(sent.queue), now - sent.sent,
                              "" if sent.reply_requested else ", no reply requested")
                 self.counters["possibly_lost"] += 1
+                client = self.results.drop(sent.msgid, WORKER_LOST)
+                if client is not None:
+                    self._tell_result_lost(sent.msgid, client, WORKER_LOST)
 
     def _housekeeping(self) -> None:
         """Heartbeats to workers; removal of workers silent for heartbeat_timeout."""
@@ -544,9 +590,12 @@ class Router:
         tick = max(0.05, min(1.0, s.heartbeat_interval / 2, s.heartbeat_timeout / 4))
         while True:
             gevent.sleep(tick)
+            now = time.monotonic()
+            if self.results:
+                for msgid, client in self.results.expire(now):
+                    self._tell_result_lost(msgid, client, EXPIRED)
             if s.disable_heartbeats:
                 continue
-            now = time.monotonic()
             if now - self._last_heartbeat >= s.heartbeat_interval:
                 self._last_heartbeat = now
                 beat = heartbeat()
@@ -572,6 +621,10 @@ class Router:
             return
         request = Request(message.msgid, client, message.body[0], message.body,
                           time.monotonic())
+        if result_requested_in(message.body[1]):
+            evicted = self.results.add(request.msgid, client, request.received)
+            if evicted is not None:
+                self._tell_result_lost(*evicted, EVICTED)
         queue = self.routing.queue_for(request.queue)
         if queue != request.queue:
             logger.warning("router: no worker serves queue %s; REQUEST %s goes to %s",
@@ -583,7 +636,8 @@ class Router:
                 return
             if self._hand_over(worker, request, queue):
                 worker.slots -= 1
-                self._send("frontend", client, Message.new(Command.REPLY, request.msgid))
+                if request.msgid not in self.results:  # the result is its answer
+                    self._send("frontend", client, Message.new(Command.REPLY, request.msgid))
                 return
 
     def _hand_over(self, worker: Worker, request: Request, queue: str) -> bool:
@@ -672,6 +726,7 @@ class Router:
             "oversized_messages": self.counters["oversized_messages"],
             "malformed_messages": self.counters["malformed_messages"],
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
+            **self.results.status(),
         }
 
     def show_workers(self) -> dict[str, Any]:

@@ -69,6 +69,8 @@ class Worker:
     slots: int = 0
     in_flight: collections.OrderedDict[str, Sent] = field(
         default_factory=collections.OrderedDict)
+    #: requests in :attr:`in_flight` sent without ``reply-requested``
+    unreplied: int = 0
 
     @property
     def name(self) -> str:
@@ -82,9 +84,12 @@ class Worker:
     def retire_oldest_unreplied(self) -> None:
         """A READY does not say which job ended: for requests sent without
         ``reply-requested`` the oldest is taken as done (a best estimate)."""
+        if not self.unreplied:
+            return  # without this, every READY would walk the whole list
         for msgid, sent in self.in_flight.items():
             if not sent.reply_requested:
                 del self.in_flight[msgid]
+                self.unreplied -= 1
                 return
 
 
@@ -168,8 +173,10 @@ class Routing:
 
     def sent(self, worker: Worker, request: Request, queue: str, now: float) -> None:
         """``request`` left for ``worker``."""
-        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now,
-                                               request.reply_requested)
+        reply_requested = request.reply_requested
+        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested)
+        if not reply_requested:
+            worker.unreplied += 1
         self.processed_by_queue[queue] += 1
         self.processed_by_worker[worker.name] += 1
 

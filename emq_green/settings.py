@@ -87,6 +87,10 @@ class Settings:
     administrative_addr: str = "tcp://127.0.0.1:47293"
     #: router: bytes of requests it buffers in all, before it stops reading clients
     max_buffer_bytes: int = 128 * 1024 * 1024
+    #: router: results it holds a client's address for at most (docs/router.md)
+    max_pending_results: int = 100_000
+    #: router: seconds a pending result is kept before it is dropped as expired
+    result_ttl: float = 3600.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -248,6 +252,11 @@ _SPECS: tuple[_Spec, ...] = (
           "router: administrative address"),
     _Spec("max_buffer_bytes", ("--max-buffer-bytes",), _to_size,
           "router: bytes of requests buffered in all before it stops reading clients"),
+    _Spec("max_pending_results", ("--max-pending-results",), _to_positive_int,
+          "router: results waiting to go back to their clients, at most; the oldest "
+          "is dropped beyond"),
+    _Spec("result_ttl", ("--result-ttl",), _to_positive_seconds,
+          "router: seconds a result request waits for its result before it is dropped"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

@@ -8,6 +8,13 @@ acknowledged (handed to a worker at once). With ``--admin-addr`` it then
 follows the router's STATUS until no request waits in its buffer: every job
 has reached a worker. (EventMQ's router answers STATUS too, but its in-flight
 figures only fall for jobs sent with ``--reply-requested``.)
+
+With ``--wait`` each job asks for its result (emq-green's router only), and
+each result is printed on stdout as one JSON line, in the order the jobs
+were sent: ``{"job": N, "msgid": ..., "value": ...}``, or ``"error": {"type",
+"message"}`` instead of ``"value"`` when the job failed, its result was lost,
+or none came within ``--wait-timeout``. The exit status is then 1 if any
+job failed.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from typing import Any, Optional, TextIO
 
 import zmq
 
-from .client import DEFAULT_ADDR, ENV_BROKER_ADDR, Client
+from .client import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
+from .client_results import JobError, ResultLostError, ResultTimeout
 from .protocol import Command, Message, ProtocolError
 
 
@@ -54,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"router frontend (default ${ENV_BROKER_ADDR}, else {DEFAULT_ADDR})")
     parser.add_argument("--admin-addr", default=None,
                         help="router administrative address: follow STATUS after sending")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for each job's result and print it as a JSON line on "
+                             "stdout (emq-green's router); exit 1 if any job failed")
     parser.add_argument("--wait-timeout", type=float, default=60.0,
-                        help="seconds to follow STATUS at most")
+                        help="seconds to follow STATUS, or to wait for all results, at most")
     parser.add_argument("--reply-requested", action="store_true",
                         help="ask the worker to send the result back to the router")
     parser.add_argument("--timeout", type=float, default=0, help="job timeout in seconds")
@@ -108,7 +119,8 @@ def router_status(admin_addr: str, timeout: float = 2.0) -> Optional[dict[str, A
         sock.close()
 
 
-def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr) -> int:
+def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
+         results_out: Optional[TextIO] = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.count < 1:
         out.write("emq-green-submit: --count must be at least 1\n")
@@ -117,17 +129,21 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr) -> int:
     progress = _Progress(out)
     client = Client(addr, green=False)
     started = time.monotonic()
+    handles: list[ResultHandle] = []
     try:
         for i in range(ns.count):
             args = [*ns.args, str(i)] if ns.tag_arg else ns.args
-            client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
-                             reply_requested=ns.reply_requested, timeout=ns.timeout,
-                             subprocess=ns.subprocess)
+            sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
+                                    reply_requested=ns.reply_requested, timeout=ns.timeout,
+                                    subprocess=ns.subprocess, result=ns.wait)
+            if isinstance(sent, ResultHandle):
+                handles.append(sent)
             rate = (i + 1) / max(time.monotonic() - started, 1e-6)
             progress.show(f"sent {i + 1}/{ns.count} ({rate:.0f}/s), "
                           f"acknowledged {client.acknowledged}")
     except ValueError as exc:
         out.write(f"emq-green-submit: {exc}\n")
+        handles.clear()  # the client is closed below
         return 2
     finally:
         client.poll_acks()
@@ -135,10 +151,41 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr) -> int:
         progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
                       f"({client.sent / max(elapsed, 1e-6):.0f}/s), "
                       f"acknowledged {client.acknowledged} so far")
-        client.close()
+        if not handles:
+            client.close()
+    if handles:
+        try:
+            failed = print_results(handles, ns.wait_timeout,
+                                   sys.stdout if results_out is None else results_out)
+        finally:
+            client.close()
+        progress.done(f"{len(handles) - failed}/{len(handles)} jobs succeeded")
+        if failed:
+            return 1
     if ns.admin_addr:
         return _follow(ns.admin_addr, ns.wait_timeout, progress, out)
     return 0
+
+
+def print_results(handles: list[ResultHandle], limit: float, out: TextIO) -> int:
+    """Wait for each result (``limit`` seconds for all), print one JSON line
+    per job; returns how many failed."""
+    deadline = time.monotonic() + limit
+    failed = 0
+    for n, handle in enumerate(handles):
+        line: dict[str, Any] = {"job": n, "msgid": handle.msgid}
+        try:
+            line["value"] = handle.get(timeout=max(0.0, deadline - time.monotonic()))
+        except JobError as exc:
+            line["error"] = {"type": exc.type, "message": exc.message}
+        except ResultLostError as exc:
+            line["error"] = {"type": "ResultLost", "message": str(exc)}
+        except ResultTimeout as exc:
+            line["error"] = {"type": "ResultTimeout", "message": str(exc)}
+        failed += "error" in line
+        out.write(json.dumps(line) + "\n")
+    out.flush()
+    return failed
 
 
 def _follow(admin_addr: str, limit: float, progress: _Progress, out: TextIO) -> int:

@@ -54,10 +54,11 @@ def fetch_page(base_url: str, page: int, timeout: float = 10.0) -> dict:
     summary: dict = {"page": page}
     try:
         with urllib.request.urlopen(f"{base_url}/page/{page}", timeout=timeout) as resp:
+            page_bytes = resp.read()
             parser = _PageSummary()
-            parser.feed(resp.read().decode("utf-8", "replace"))
+            parser.feed(page_bytes.decode("utf-8", "replace"))
         summary.update(title=parser.title.strip(), words=parser.words,
-                       links=len(parser.links))
+                       links=len(parser.links), bytes=len(page_bytes))
     except Exception as exc:  # reported, then raised for the worker's log
         summary["error"] = f"{type(exc).__name__}: {exc}"
     body = json.dumps(summary).encode()
@@ -68,6 +69,10 @@ def fetch_page(base_url: str, page: int, timeout: float = 10.0) -> dict:
     if "error" in summary:
         raise RuntimeError(summary["error"])
     return summary
+
+
+def noop(*args: object) -> None:
+    """Does nothing: for measuring the cost of a job's round trip."""
 
 
 def mark(path: str, tag: str) -> str:

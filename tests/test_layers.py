@@ -18,9 +18,9 @@ LAYERS: list[set[str]] = [
     {"subprocess_pool", "monitor", "lifeline", "offload", "metrics"},  # the extensions
     {"defaults"},                                               # the default extension list
     {"slots", "session"},                                       # the manager's parts
-    {"routing"},                                                # the router's books and policy
+    {"routing", "results"},                                     # the router's books
     {"jobmanager", "router"},                                   # the job manager, the router
-    {"client", "submit"},                                       # sending jobs
+    {"client", "submit", "client_results"},                     # sending jobs
     {"cli", "demo"},                                            # command lines
 ]
 

@@ -1,0 +1,369 @@
+"""Results on the client side: the handle a caller waits on, and the socket
+that brings results back.
+
+A job sent with ``result=True`` carries the headers ``reply-requested`` and
+``result-requested`` (see :mod:`emq_green.results`); emq-green's router sends
+its result back to the socket that sent it. So each :class:`~emq_green.client.Client`
+sends such jobs on one DEALER socket of their own (a result channel), read by
+one reader, which hands each result to the :class:`ResultHandle` waiting for
+it. Many greenlets or threads may wait at once, each on its own handle.
+
+Two channels, because a ZeroMQ socket belongs to one thread at a time:
+
+* :class:`GreenResultChannel` (``zmq.green``, under gevent): senders take a
+  lock around the send; one reader greenlet reads. Waiting on a handle
+  blocks only the greenlet.
+* :class:`ThreadResultChannel` (plain ``zmq``, threads): the DEALER socket
+  sits behind a lock; a sender sends and reads what has arrived, a reader
+  thread reads when the socket signals (see the class).
+
+A handle whose caller dropped it is forgotten (weak references), so results
+nobody waits for do not pile up in the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Optional
+
+import zmq
+
+from .protocol import Command, Message, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+#: ms the reader thread waits for a signal before it reads anyway (edge-triggered FD)
+_POLL_MS = 20
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_READ_BATCH = 256
+
+
+class SendTimeoutError(TimeoutError):
+    """A REQUEST could not be handed to ZeroMQ within ``send_timeout``
+    seconds (the router is not reading: its buffer is full, or it is gone).
+    The request was not sent; sending it again is safe."""
+
+    def __init__(self, msgid: str, timeout: float, *, half_sent: bool = False) -> None:
+        super().__init__(f"REQUEST {msgid} not sent within {timeout:g} s: the router "
+                         "is not taking requests (backpressure, or no router)")
+        self.msgid = msgid
+        self.timeout = timeout
+        #: some frames were queued: the socket was closed (ZeroMQ drops the part)
+        self.half_sent = half_sent
+
+
+class JobError(Exception):
+    """The job failed on the worker: ``type`` is its error type (an exception
+    class name, ``TimeoutError`` for a job timeout, ``CallableNotAllowed``
+    for a callable the worker refuses, ``InvalidRequest``...), ``message``
+    the worker's text."""
+
+    def __init__(self, msgid: str, type: str, message: str, value: Any = None) -> None:
+        super().__init__(f"job {msgid} failed: {type}: {message}")
+        self.msgid = msgid
+        self.type = type
+        self.message = message
+        #: the reply's ``value`` (EventMQ's: the error text)
+        self.value = value
+
+
+class ResultTimeout(TimeoutError):
+    """No result arrived within the time :meth:`ResultHandle.get` was given.
+    The job may still be running (or be waiting for a worker), or the router
+    does not forward results: EventMQ's router never does, emq-green's does."""
+
+    def __init__(self, msgid: str, timeout: float) -> None:
+        super().__init__(
+            f"no result for job {msgid} within {timeout:g} s (the job may still be "
+            "queued or running; EventMQ's router never forwards results, only "
+            "emq-green's router does)")
+        self.msgid = msgid
+        self.timeout = timeout
+
+
+class ResultLostError(Exception):
+    """The router dropped the result (``reason``: ``evicted``, ``expired``,
+    ``worker_lost``, ``stopping``); the job may or may not have run."""
+
+    def __init__(self, msgid: str, reason: str, text: str) -> None:
+        super().__init__(f"result of job {msgid} lost: {text}")
+        self.msgid = msgid
+        self.reason = reason
+
+
+class ResultHandle:
+    """The future result of one job: :meth:`ready`, :meth:`get`."""
+
+    __slots__ = ("msgid", "_event", "_value", "_error", "__weakref__")
+
+    def __init__(self, msgid: str, event: Any) -> None:
+        #: the REQUEST's message id
+        self.msgid = msgid
+        self._event = event
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    @classmethod
+    def completed(cls, msgid: str, value: Any) -> ResultHandle:
+        """A handle that already holds ``value`` (a job run in the caller)."""
+        handle = cls(msgid, threading.Event())
+        handle._value = value
+        handle._event.set()
+        return handle
+
+    def ready(self) -> bool:
+        """Whether the result (or the job's error) has arrived."""
+        return self._event.is_set()
+
+    def get(self, timeout: Optional[float] = None) -> Any:
+        """The job's return value; waits at most ``timeout`` seconds (None:
+        for ever). Raises :class:`JobError` when the job failed,
+        :class:`ResultLostError` when the router dropped the result and
+        :class:`ResultTimeout` when nothing arrived in time."""
+        if not self._event.wait(timeout):
+            raise ResultTimeout(self.msgid, 0.0 if timeout is None else timeout)
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _resolve(self, reply_json: str) -> None:
+        """Called by the channel's reader with the worker's ``reply_json``."""
+        try:
+            reply = json.loads(reply_json)
+        except ValueError as exc:
+            self._error = JobError(self.msgid, "InvalidReply",
+                                   f"the reply is not JSON: {exc}")
+        else:
+            if not isinstance(reply, dict):
+                self._value = reply
+            elif "lost" in reply:
+                self._error = ResultLostError(self.msgid, str(reply.get("reason", "")),
+                                              str(reply["lost"]))
+            elif isinstance(reply.get("error"), dict):
+                error = reply["error"]
+                self._error = JobError(self.msgid, str(error.get("type", "")),
+                                       str(error.get("message", "")), reply.get("value"))
+            else:
+                self._value = reply.get("value")
+        self._event.set()
+
+    def __repr__(self) -> str:
+        return f"<ResultHandle {self.msgid} {'ready' if self.ready() else 'pending'}>"
+
+
+class _Channel:
+    """What both channels share: the handles by msgid, and dispatch."""
+
+    def __init__(self, on_ack: Callable[[], None]) -> None:
+        self._handles: weakref.WeakValueDictionary[str, ResultHandle] = (
+            weakref.WeakValueDictionary())
+        self._handles_lock = threading.Lock()
+        self._on_ack = on_ack
+        self.closed = False
+
+    def _new_event(self) -> Any:
+        raise NotImplementedError
+
+    def _send(self, request: Message) -> None:
+        raise NotImplementedError
+
+    def submit(self, request: Message) -> ResultHandle:
+        """Send ``request`` (which asks for its result); the handle is
+        registered first, so even an instant result finds it."""
+        handle = ResultHandle(request.msgid, self._new_event())
+        with self._handles_lock:
+            self._handles[request.msgid] = handle
+        try:
+            self._send(request)
+        except BaseException:
+            with self._handles_lock:
+                self._handles.pop(request.msgid, None)
+            raise
+        return handle
+
+    def pending(self) -> int:
+        """Handles still referenced and waiting."""
+        with self._handles_lock:
+            return sum(1 for h in self._handles.values() if not h.ready())
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        # the common case without building a Message: a result,
+        # ['', 'eMQP/1.0', 'REPLY', msgid, reply_json, orig_msgid]
+        if len(frames) == 6 and frames[2] == b"REPLY" and frames[1] == b"eMQP/1.0":
+            with self._handles_lock:
+                handle = self._handles.pop(frames[5].decode("utf-8", "replace"), None)
+            if handle is not None:
+                handle._resolve(frames[4].decode("utf-8", "replace"))
+            return
+        try:
+            message = Message.parse(frames)
+        except ProtocolError as exc:
+            logger.debug("client: ignored a malformed message from the router: %s", exc)
+            return
+        if message.command is not Command.REPLY:
+            return
+        if len(message.body) == 1:
+            self._on_ack()
+            return
+        if len(message.body) != 2:
+            return
+        with self._handles_lock:
+            handle = self._handles.pop(message.body[1], None)
+        if handle is not None:
+            handle._resolve(message.body[0])
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _configure(sock: Any, zmq_module: Any, hwm: int, linger: float) -> None:
+    sock.setsockopt(zmq_module.IDENTITY, f"results:{uuid.uuid4()}".encode())
+    sock.setsockopt(zmq_module.SNDHWM, hwm)
+    sock.setsockopt(zmq_module.RCVHWM, hwm)
+    sock.setsockopt(zmq_module.LINGER, int(linger * 1000))
+
+
+class GreenResultChannel(_Channel):
+    """Under gevent: one ``zmq.green`` DEALER, sends under a lock, one reader greenlet."""
+
+    def __init__(self, context: Any, addr: str, *, hwm: int, linger: float,
+                 send: Callable[[Any, Message], None],
+                 on_ack: Callable[[], None]) -> None:
+        import gevent
+        import gevent.event
+        import gevent.lock
+        import zmq.green as zmq_green
+
+        super().__init__(on_ack)
+        self._event_class = gevent.event.Event
+        self._sock = context.socket(zmq_green.DEALER)
+        _configure(self._sock, zmq_green, hwm, linger)
+        self._sock.connect(addr)
+        self._send_lock = gevent.lock.Semaphore()
+        self._send_message = send
+        self._reader = gevent.spawn(self._read)
+
+    def _new_event(self) -> Any:
+        return self._event_class()
+
+    def _send(self, request: Message) -> None:
+        # zmq.green sends frame by frame and may wait between frames: one
+        # sender at a time, or two messages' frames could interleave
+        with self._send_lock:
+            self._send_message(self._sock, request)
+
+    def _read(self) -> None:
+        import gevent
+
+        sock = self._sock
+        while True:
+            try:
+                self._dispatch(sock.recv_multipart())
+                for _ in range(_READ_BATCH):
+                    self._dispatch(sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                if not self.closed:
+                    logger.exception("client: the result socket failed")
+                return
+            gevent.sleep(0)  # a full batch: let the waiters run
+
+    def close(self) -> None:
+        self.closed = True
+        self._reader.kill()
+        self._sock.close()
+
+
+class ThreadResultChannel(_Channel):
+    """Without gevent: one plain DEALER socket behind a lock.
+
+    Whoever holds the lock may use the socket: a sender sends, then reads
+    what has arrived; a reader thread waits on the socket's file descriptor
+    (``ZMQ_FD``, which needs no lock to wait on) and reads when it is
+    signalled, or every ``_POLL_MS`` at the latest. That descriptor is
+    edge-triggered and any call on the socket may consume the signal, which
+    is why a sender reads what arrived after its own send.
+
+    A send never blocks while holding the lock: when the queue is full
+    (the router pushes back) the sender lets go, waits a millisecond and
+    tries again, so results keep being read meanwhile.
+    """
+
+    def __init__(self, context: zmq.Context, addr: str, *, hwm: int, linger: float,
+                 send_timeout: Optional[float], on_ack: Callable[[], None]) -> None:
+        super().__init__(on_ack)
+        self._send_timeout = send_timeout
+        self._sock = context.socket(zmq.DEALER)
+        _configure(self._sock, zmq, hwm, linger)
+        self._sock.connect(addr)
+        self._fd = self._sock.getsockopt(zmq.FD)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="emq-green-results",
+                                        daemon=True)
+        self._thread.start()
+
+    def _new_event(self) -> Any:
+        return threading.Event()
+
+    def _send(self, request: Message) -> None:
+        frames = request.frames()
+        deadline = None if self._send_timeout is None else (
+            time.monotonic() + self._send_timeout)
+        while True:
+            with self._lock:
+                if self.closed:
+                    raise RuntimeError("client is closed")
+                try:
+                    # a multipart message is queued whole or not at all
+                    self._sock.send_multipart(frames, _NOBLOCK)
+                    sent = True
+                except zmq.Again:
+                    sent = False
+                self._read_available()
+            if sent:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise SendTimeoutError(request.msgid, self._send_timeout or 0.0)
+            time.sleep(0.001)  # backpressure: the router is not reading
+
+    def _read_available(self) -> None:
+        """Read and dispatch what has arrived (the lock is held)."""
+        sock = self._sock
+        while sock.getsockopt(zmq.EVENTS) & _POLLIN:
+            for _ in range(_READ_BATCH):
+                try:
+                    frames = sock.recv_multipart(_NOBLOCK)
+                except zmq.Again:
+                    break
+                self._dispatch(frames)
+
+    def _run(self) -> None:
+        timeout = _POLL_MS / 1000
+        while True:
+            with self._lock:
+                if self.closed:
+                    return
+                try:
+                    self._read_available()
+                except zmq.ZMQError:
+                    logger.exception("client: the result socket failed")
+                    return
+            select.select([self._fd], [], [], timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+        self._thread.join()
+        self._sock.close()
+
+
+__all__ = ["ResultHandle", "JobError", "ResultTimeout", "ResultLostError",
+           "GreenResultChannel", "ThreadResultChannel"]

@@ -1,0 +1,133 @@
+"""Results back to the caller: the router's side of the ``result-requested`` extension.
+
+A client that wants a job's result sends its REQUEST with the headers
+``reply-requested`` (so the worker sends REPLY) and ``result-requested``
+(so emq-green's router remembers the client). When the worker's
+``REPLY [reply_json, orig_msgid]`` arrives, the router sends the client
+``REPLY [reply_json, orig_msgid]`` on the client socket: the worker's two
+body frames, unchanged. The router's acknowledgement of a REQUEST is
+``REPLY [msgid]`` (one body frame), so the two are told apart by their
+length; EventMQ's client never reads its socket, and a client that does not
+ask never gets one.
+
+When a result cannot be delivered the client is told, best effort, with
+``REPLY [{"lost": reason}, orig_msgid]``: the job may have run, its result
+is gone. :class:`PendingResults` is the bounded map behind this; it knows no
+sockets (the router sends).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: the REQUEST header asking emq-green's router to forward the result
+RESULT_HEADER = "result-requested"
+
+#: why a pending result was dropped (STATUS ``results_dropped_by_reason``)
+EVICTED = "evicted"          # more than max_pending_results were pending
+EXPIRED = "expired"          # no REPLY within result_ttl
+CLIENT_GONE = "client_gone"  # the send to the client failed (gone, or not reading)
+WORKER_LOST = "worker_lost"  # the worker running the job was removed as dead
+STOPPING = "stopping"        # the router stopped
+
+_REASON_TEXT = {
+    EVICTED: "the router held max_pending_results results; the oldest was dropped",
+    EXPIRED: "no result within the router's result_ttl",
+    WORKER_LOST: "the worker running the job was removed as dead",
+    STOPPING: "the router stopped before the result arrived",
+}
+
+
+def result_requested_in(headers_csv: str) -> bool:
+    """Whether a REQUEST's header text asks for the result."""
+    return RESULT_HEADER in headers_csv and any(
+        h.strip() == RESULT_HEADER for h in headers_csv.split(","))
+
+
+def lost_body(reason: str) -> str:
+    """The ``reply_json`` frame telling a client its result will not come."""
+    return json.dumps({"lost": _REASON_TEXT.get(reason, reason), "reason": reason})
+
+
+@dataclass
+class PendingResults:
+    """msgid -> (client identity, deadline), oldest first, bounded in size and age.
+
+    ``max_pending`` entries at most: adding one more evicts the oldest.
+    Entries older than ``ttl`` seconds leave on :meth:`expire`. Every entry
+    that leaves without its result is counted in :attr:`dropped` by reason.
+    """
+
+    max_pending: int
+    ttl: float
+    _pending: collections.OrderedDict[str, tuple[bytes, float]] = field(
+        default_factory=collections.OrderedDict)
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    forwarded: int = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, msgid: str) -> bool:
+        return msgid in self._pending
+
+    def add(self, msgid: str, client: bytes, now: float) -> Optional[tuple[str, bytes]]:
+        """Remember ``client`` for ``msgid``; returns the evicted ``(msgid,
+        client)`` when the map was full (already counted), else None."""
+        evicted = None
+        if msgid not in self._pending and len(self._pending) >= self.max_pending:
+            old, (old_client, _deadline) = self._pending.popitem(last=False)
+            self.dropped[EVICTED] += 1
+            evicted = (old, old_client)
+        self._pending[msgid] = (client, now + self.ttl)
+        return evicted
+
+    def pop(self, msgid: str) -> Optional[bytes]:
+        """The client waiting for ``msgid``'s result, forgotten; None if none is."""
+        entry = self._pending.pop(msgid, None)
+        return entry[0] if entry is not None else None
+
+    def drop(self, msgid: str, reason: str) -> Optional[bytes]:
+        """Forget ``msgid`` without a result, counted under ``reason``."""
+        client = self.pop(msgid)
+        if client is not None:
+            self.dropped[reason] += 1
+        return client
+
+    def expire(self, now: float) -> list[tuple[str, bytes]]:
+        """Forget the entries past their deadline (counted); returns them."""
+        gone: list[tuple[str, bytes]] = []
+        pending = self._pending
+        while pending:
+            msgid, (client, deadline) = next(iter(pending.items()))
+            if deadline > now:
+                break  # oldest first, and every entry has the same ttl
+            del pending[msgid]
+            gone.append((msgid, client))
+        if gone:
+            self.dropped[EXPIRED] += len(gone)
+        return gone
+
+    def clear(self, reason: str) -> list[tuple[str, bytes]]:
+        """Forget every entry (counted under ``reason``); returns them."""
+        gone = [(msgid, client) for msgid, (client, _d) in self._pending.items()]
+        self._pending.clear()
+        if gone:
+            self.dropped[reason] += len(gone)
+        return gone
+
+    def status(self) -> dict[str, object]:
+        """emq-green's STATUS keys for results."""
+        return {
+            "pending_results": len(self._pending),
+            "max_pending_results": self.max_pending,
+            "result_ttl": self.ttl,
+            "results_forwarded": self.forwarded,
+            "results_dropped_by_reason": dict(self.dropped),
+        }
+
+
+__all__ = ["RESULT_HEADER", "PendingResults", "result_requested_in", "lost_body"]

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Results back to the caller against fire-and-forget, for the same no-op jobs.
+
+    .venv/bin/python scripts/bench_results.py [--jobs 5000] [--concurrency 200]
+        [--repeat 3] [--split] [--client threads|green]
+
+One router and one worker as real processes: ``emq-green --standalone -J N``
+(default), or with ``--split`` ``emq-green-router`` plus ``emq-green -J N``.
+Each round sends the same ``--jobs`` jobs of ``examples.jobs.noop`` twice,
+from one emq-green client, as fast as it can:
+
+* ``fire_and_forget``: ``defer_job(...)``; the jobs are done when the
+  router's STATUS says every request was handed to the worker and none is in
+  flight (each READY retires one; the worker's first READYs came before any
+  request, so the count is exact here), polled every 5 ms;
+* ``results``: ``defer_job(..., result=True)``, then ``get()`` on every
+  handle; done when the last result is in.
+
+Reported per mode: jobs/s from the first send to done; and the ratio
+results / fire-and-forget of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import zmq  # noqa: E402
+
+from emq_green.client import Client  # noqa: E402
+from emq_green.protocol import Command, Message  # noqa: E402
+
+JOB = "examples.jobs.noop"
+
+
+def free_ports(count: int) -> list[int]:
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Admin:
+    """One DEALER on the router's administrative socket."""
+
+    def __init__(self, addr: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
+        self.sock.connect(addr)
+
+    def ask(self, command: Command, timeout: float = 2.0) -> Optional[dict[str, Any]]:
+        self.sock.send_multipart(Message.new(command).frames())
+        if not self.sock.poll(int(timeout * 1000)):
+            raise SystemExit(f"no answer to {command.value} in {timeout} s")
+        return json.loads(Message.parse(self.sock.recv_multipart()).body[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for_slots(admin: Admin, slots: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        workers = admin.ask(Command.ROUTER_SHOW_WORKERS)["connected_workers"]
+        if sum(w["available_slots"] for w in workers.values()) >= slots:
+            return
+        time.sleep(0.05)  # polling interval while the worker connects
+    raise SystemExit(f"no worker with {slots} free slots in 30 s")
+
+
+def fire_and_forget(client: Client, admin: Admin, jobs: int, before: int) -> float:
+    started = time.perf_counter()
+    for n in range(jobs):
+        client.defer_job(JOB, [n])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = admin.ask(Command.STATUS)
+        processed = sum(status["processed_messages_by_queue"].values()) - before
+        if (processed >= jobs and not any(status["inflight_messages_by_queue"].values())
+                and not any(status["waiting_messages_by_queue"].values())):
+            return time.perf_counter() - started
+        time.sleep(0.005)  # polling interval for STATUS
+    raise SystemExit("fire-and-forget: the jobs did not finish in 120 s")
+
+
+def with_results(client: Client, jobs: int) -> float:
+    started = time.perf_counter()
+    handles = [client.defer_job(JOB, [n], result=True) for n in range(jobs)]
+    for handle in handles:
+        handle.get(timeout=120)  # None, or JobError / ResultTimeout: the bench fails
+    return time.perf_counter() - started
+
+
+def start(split: bool, concurrency: int, tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+    (tmp / "empty.conf").write_text("")
+    env = dict(os.environ, PYTHONPATH=str(REPO), EVENTMQ_CONFIG_FILE=str(tmp / "empty.conf"))
+    log = open(tmp / "emq-green.log", "wb")
+    addrs = ["--frontend-addr", front, "--backend-addr", back, "--administrative-addr", admin]
+    worker = [sys.executable, "-m", "emq_green.cli", "-J", str(concurrency),
+              "--kill-grace-period", "5"]
+    if split:
+        router = Path(sys.executable).parent / "emq-green-router"
+        procs = [subprocess.Popen([str(router), *addrs], env=env, stdout=log, stderr=log),
+                 subprocess.Popen([*worker, "-B", back], env=env, stdout=log, stderr=log)]
+    else:
+        procs = [subprocess.Popen([*worker, "--standalone", *addrs], env=env, stdout=log,
+                                  stderr=log)]
+    log.close()
+    return procs, front, admin
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--concurrency", "-J", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, modes alternating")
+    parser.add_argument("--split", action="store_true",
+                        help="emq-green-router and emq-green as two processes")
+    parser.add_argument("--client", choices=("threads", "green"), default="threads",
+                        help="emq-green client with plain zmq (a reader thread) or zmq.green")
+    ns = parser.parse_args()
+    if ns.client == "green":
+        from gevent import monkey
+
+        monkey.patch_all()
+    rates: dict[str, list[float]] = {"fire_and_forget": [], "results": []}
+    with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
+        procs, front, admin_addr = start(ns.split, ns.concurrency, Path(tmp))
+        admin = Admin(admin_addr)
+        try:
+            wait_for_slots(admin, ns.concurrency, time.monotonic() + 30)
+            client = Client(front, green=ns.client == "green")
+            # warm-up: sockets connected, modules imported on the worker
+            with_results(client, 200)
+            before = sum(admin.ask(Command.STATUS)["processed_messages_by_queue"].values())
+            for round_ in range(ns.repeat):
+                elapsed = fire_and_forget(client, admin, ns.jobs, before)
+                before += ns.jobs
+                rates["fire_and_forget"].append(ns.jobs / elapsed)
+                print(json.dumps({"round": round_, "mode": "fire_and_forget",
+                                  "jobs": ns.jobs, "seconds": round(elapsed, 3),
+                                  "jobs_per_s": round(ns.jobs / elapsed)}), flush=True)
+                elapsed = with_results(client, ns.jobs)
+                before += ns.jobs
+                rates["results"].append(ns.jobs / elapsed)
+                print(json.dumps({"round": round_, "mode": "results", "jobs": ns.jobs,
+                                  "seconds": round(elapsed, 3),
+                                  "jobs_per_s": round(ns.jobs / elapsed)}), flush=True)
+            client.close()
+        finally:
+            admin.close()
+            stop(procs)
+    ff = statistics.median(rates["fire_and_forget"])
+    res = statistics.median(rates["results"])
+    print(json.dumps({"median_of": ns.repeat, "router": "split" if ns.split else "standalone",
+                      "client": ns.client, "concurrency": ns.concurrency,
+                      "fire_and_forget_per_s": round(ff), "results_per_s": round(res),
+                      "ratio": round(res / ff, 2)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Results back to the caller (``defer_job(..., result=True).get()``), on real sockets.
+
+* End to end: emq-green's client -> ``emq-green --standalone`` (a real
+  process) -> the job's value, its error, its timeout, a refused callable;
+  many threads and many greenlets on one client, each getting its own values.
+* Through EventMQ's own ``emq-router``, which never forwards results: ``get``
+  gives up on time and the job still runs once.
+* The router's pending-result map, in this process against raw DEALER peers
+  (``test_router``'s harness): the bound, the time-to-live, a client that is
+  gone, and a client that did not ask.
+
+Every wait has a deadline; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import gevent
+import pytest
+from peers import Peers, RouterAddrs, green_argv, require_eventmq
+from test_client import BIN, REPO, Stack
+from test_router import Harness, make_router, wait_until
+
+from emq_green.client import Client, JobError, ResultLostError, ResultTimeout, job
+from emq_green.protocol import Command
+
+__all__ = ["make_router"]  # the fixture, shared with test_router
+
+TESTS = Path(__file__).resolve().parent
+RESULT_HEADERS = "reply-requested,result-requested"
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """``emq-green --standalone -J 50`` that runs only the test jobs."""
+    stack = Stack(tmp_path_factory.mktemp("results"))
+    stack.spawn("standalone", [
+        str(BIN / "emq-green"), "--standalone", "-J", "50", "-n", "results",
+        "--frontend-addr", stack.front, "--backend-addr", stack.back,
+        "--administrative-addr", stack.admin,
+        "--allowed-callables", json.dumps(["jobs_for_tests.*", "interop_jobs.*"])],
+        PYTHONPATH=f"{REPO}:{TESTS}")
+    try:
+        stack.wait_for_worker(slots=50)
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.mark.timeout(60)
+def test_value_error_timeout_and_refused_callable(standalone: Stack):
+    with Client(standalone.front, green=False) as client:
+        value = client.defer_job("jobs_for_tests.add", [2, 3], result=True)
+        failing = client.defer_job("jobs_for_tests.boom", ["kaput"], result=True)
+        slow = client.defer_job("jobs_for_tests.nap", [30], timeout=0.5, result=True)
+        refused = client.defer_job("examples.jobs.mark", ["/nonexistent", "x"], result=True)
+        plain = client.defer_job("jobs_for_tests.add", [1, 1])
+
+        assert isinstance(plain, str)
+        assert value.get(timeout=10) == 5
+        assert value.ready() and value.msgid
+        with pytest.raises(JobError) as raised:
+            failing.get(timeout=10)
+        assert raised.value.type == "ValueError" and "kaput" in raised.value.message
+        assert raised.value.msgid == failing.msgid
+        with pytest.raises(JobError) as timed_out:
+            slow.get(timeout=10)
+        assert timed_out.value.type == "TimeoutError"
+        with pytest.raises(JobError) as refusal:
+            refused.get(timeout=10)
+        assert refusal.value.type == "CallableNotAllowed"
+        assert "examples.jobs" in str(refusal.value)
+        # a handle gives its outcome again
+        assert value.get(timeout=0) == 5
+
+
+@pytest.mark.timeout(90)
+def test_eight_threads_each_get_their_own_values(standalone: Stack):
+    threads, per_thread = 8, 100
+    got: dict[int, list[object]] = {}
+    errors: list[BaseException] = []
+    with Client(standalone.front, green=False) as client:
+        def user(n: int) -> None:
+            try:
+                handles = [client.defer_job("jobs_for_tests.echo", [n, i], result=True)
+                           for i in range(per_thread)]
+                got[n] = [h.get(timeout=30)["args"] for h in handles]
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        workers = [threading.Thread(target=user, args=(n,)) for n in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert not any(t.is_alive() for t in workers)
+        for n in range(threads):
+            assert got[n] == [[n, i] for i in range(per_thread)]
+
+
+@pytest.mark.timeout(90)
+def test_fifty_greenlets_each_get_their_own_values(standalone: Stack):
+    users, per_user = 50, 20
+    with Client(standalone.front, green=True) as client:
+        def user(n: int) -> list[object]:
+            values = []
+            for i in range(per_user):  # one at a time: 50 waiters at once
+                handle = client.defer_job("jobs_for_tests.add", [n * 1000, i], result=True)
+                values.append(handle.get(timeout=30))
+            return values
+
+        greenlets = [gevent.spawn(user, n) for n in range(users)]
+        gevent.joinall(greenlets, timeout=60, raise_error=True)
+        for n, g in enumerate(greenlets):
+            assert g.value == [n * 1000 + i for i in range(per_user)]
+
+
+@pytest.mark.timeout(60)
+def test_job_decorator_and_many_waiters_on_one_result(standalone: Stack, monkeypatch):
+    monkeypatch.setenv("EMQ_BROKER_ADDR", standalone.front)
+
+    @job(result=True)
+    def add(a: int, b: int) -> int:  # run by the worker as jobs_for_tests.add
+        return a + b
+
+    add.__module__, add.__qualname__ = "jobs_for_tests", "add"
+    handle = add.delay(20, 22)
+    assert [handle.get(timeout=10) for _ in range(3)] == [42, 42, 42]
+    assert isinstance(job(add).delay(1, 2, _result=False), str)
+
+    @job(broker_addr="", result=True)
+    def inline(x: int) -> int:
+        return x * 2
+
+    monkeypatch.delenv("EMQ_BROKER_ADDR")
+    assert inline.delay(21).get(timeout=0) == 42
+
+
+@pytest.mark.timeout(60)
+def test_through_eventmq_router_get_gives_up_and_the_job_runs_once(tmp_path: Path):
+    require_eventmq()
+    peers = Peers(tmp_path)
+    try:
+        addrs = RouterAddrs.fresh()
+        peers.router(addrs)
+        peers.green(green_argv(addrs, 4, "under-eventmq"))
+        with Client(addrs.frontend, green=False) as client:
+            handle = client.defer_job("interop_jobs.record", ["once"], result=True)
+            started = time.monotonic()
+            with pytest.raises(ResultTimeout, match="EventMQ's router never forwards"):
+                handle.get(timeout=2)
+            waited = time.monotonic() - started
+            assert 1.9 <= waited < 3.0
+            assert not handle.ready()
+            assert peers.record.wait_for_tags(["once"], 15)["once"] == 1
+    finally:
+        peers.close()
+
+
+# ----------------------------------------------------------------------
+# the router's map of pending results, against raw peers in this process
+
+def _results_of(client, count: int) -> list[tuple[str, dict]]:
+    """``count`` results (REPLYs with two body frames), acknowledgements skipped."""
+    found = []
+    deadline = time.monotonic() + 5
+    while len(found) < count:
+        message = client.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if message.command is Command.REPLY and len(message.body) == 2:
+            found.append((message.body[1], json.loads(message.body[0])))
+    return found
+
+
+@pytest.mark.timeout(30)
+def test_pending_results_are_bounded_the_oldest_dropped_and_told(make_router):
+    h: Harness = make_router(max_pending_results=3)
+    worker = h.worker(slots=5)
+    client = h.peer("frontend")
+    sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(5)]
+    requests = [worker.recv() for _ in range(5)]
+    assert [r.msgid for r in requests] == [s.msgid for s in sent]
+
+    lost = _results_of(client, 2)
+    assert [msgid for msgid, _reply in lost] == [sent[0].msgid, sent[1].msgid]
+    assert all(reply["reason"] == "evicted" for _m, reply in lost)
+    status = h.admin(Command.STATUS)
+    assert status["pending_results"] == 3 and status["max_pending_results"] == 3
+    assert status["results_dropped_by_reason"] == {"evicted": 2}
+    assert len(h.router.results) == 3
+
+    for request in requests:
+        worker.send(Command.REPLY, json.dumps({"value": request.msgid}), request.msgid)
+    results = _results_of(client, 3)
+    assert results == [(s.msgid, {"value": s.msgid}) for s in sent[2:]]
+    assert client.pending() == []  # nothing for the two evicted ones
+    wait_until(lambda: h.router.results.forwarded == 3, what="3 forwarded")
+    assert len(h.router.results) == 0
+
+
+@pytest.mark.timeout(30)
+def test_pending_results_expire_after_their_ttl(make_router):
+    h: Harness = make_router(result_ttl=0.3, heartbeat_interval=0.2)
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    request = worker.recv()
+    [(msgid, reply)] = _results_of(client, 1)
+    assert msgid == sent.msgid and reply["reason"] == "expired"
+    assert len(h.router.results) == 0
+    assert h.admin(Command.STATUS)["results_dropped_by_reason"] == {"expired": 1}
+    worker.send(Command.REPLY, json.dumps({"value": 1}), request.msgid)  # too late
+    wait_until(lambda: not h.router.workers[worker.identity].in_flight, what="REPLY read")
+    assert client.pending() == []
+    assert h.router.results.forwarded == 0
+
+
+@pytest.mark.timeout(30)
+def test_result_for_a_client_that_is_gone_is_dropped_and_counted(make_router):
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    h.request(client, headers=RESULT_HEADERS)
+    request = worker.recv()
+    client.close()
+    h.peers.remove(client)
+    results = h.router.results
+    deadline = time.monotonic() + 10
+    while True:
+        worker.send(Command.REPLY, json.dumps({"value": 1}), request.msgid)
+        wait_until(lambda: request.msgid not in results, what="the REPLY read")
+        if results.dropped["client_gone"]:
+            break
+        # ROUTER_MANDATORY fails the send only once ZeroMQ has seen the peer
+        # go; until then the result went to a closed pipe: ask again
+        assert time.monotonic() < deadline, "the result was never dropped"
+        results.add(request.msgid, client.identity, time.monotonic())
+        gevent.sleep(0.02)  # poll interval: ZeroMQ notices the peer left
+    assert results.dropped["client_gone"] == 1
+    assert h.admin(Command.STATUS)["results_dropped_by_reason"] == {"client_gone": 1}
+
+
+@pytest.mark.timeout(30)
+def test_a_client_that_does_not_ask_sees_no_change(make_router):
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers="reply-requested")
+    request = worker.recv()
+    ack = client.recv()
+    assert ack.command is Command.REPLY and ack.body == (sent.msgid,)
+    worker.send(Command.REPLY, json.dumps({"value": 7}), request.msgid)
+    wait_until(lambda: not h.router.workers[worker.identity].in_flight, what="REPLY read")
+    assert client.pending() == []
+    assert len(h.router.results) == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_worker_loses_the_result_and_the_client_is_told(make_router):
+    h: Harness = make_router(heartbeat_interval=0.1, heartbeat_timeout=0.4)
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    worker.recv()
+    worker.close()  # silent from now on
+    [(msgid, reply)] = _results_of(client, 1)
+    assert msgid == sent.msgid and reply["reason"] == "worker_lost"
+
+
+@pytest.mark.timeout(30)
+def test_client_handle_raises_result_lost():
+    """The router's notice reaches emq-green's client as ResultLostError."""
+    from emq_green.router import Router
+    from emq_green.settings import Settings
+
+    router = Router(settings=Settings(frontend_addr="tcp://127.0.0.1:*",
+                                      backend_addr="tcp://127.0.0.1:*",
+                                      administrative_addr="tcp://127.0.0.1:*",
+                                      max_pending_results=1))
+    router.start()
+    try:
+        with Client(router.endpoints["frontend"], green=True) as client:
+            first = client.defer_job("jobs_for_tests.add", [1, 2], result=True)
+            second = client.defer_job("jobs_for_tests.add", [3, 4], result=True)
+            with pytest.raises(ResultLostError) as lost:
+                first.get(timeout=5)
+            assert lost.value.reason == "evicted"
+            assert not second.ready()
+    finally:
+        assert router.stop(timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_submit_wait_prints_one_json_line_per_job(standalone: Stack):
+    import subprocess
+
+    ok = subprocess.run(
+        [str(BIN / "emq-green-submit"), "jobs_for_tests.echo", "--args", '["x"]', "--tag-arg",
+         "--count", "3", "--addr", standalone.front, "--wait", "--wait-timeout", "20"],
+        capture_output=True, text=True, timeout=40)
+    assert ok.returncode == 0, ok.stderr
+    lines = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert [(line["job"], line["value"]) for line in lines] == [
+        (i, {"args": ["x", str(i)], "kwargs": {}}) for i in range(3)]
+    assert "3/3 jobs succeeded" in ok.stderr
+
+    bad = subprocess.run(
+        [str(BIN / "emq-green-submit"), "jobs_for_tests.boom", "--args", '["bad"]',
+         "--addr", standalone.front, "--wait", "--wait-timeout", "20"],
+        capture_output=True, text=True, timeout=40)
+    assert bad.returncode == 1, bad.stderr
+    [line] = [json.loads(text) for text in bad.stdout.splitlines()]
+    assert line["error"] == {"type": "ValueError", "message": "bad"}
+
+
+@pytest.mark.timeout(30)
+def test_result_settings_from_file_environment_and_command_line(tmp_path: Path):
+    from emq_green.settings import SettingsError, load_settings
+
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text("[global]\nmax_pending_results = 7\nresult_ttl = 9\n")
+    s, _ = load_settings(["-C", str(conf)], {"EVENTMQ_RESULT_TTL": "5"})
+    assert (s.max_pending_results, s.result_ttl) == (7, 5.0)
+    s, _ = load_settings(["-C", str(conf), "--max-pending-results", "3"], {})
+    assert (s.max_pending_results, s.result_ttl) == (3, 9.0)
+    for flag, name in (("--max-pending-results", "max_pending_results"),
+                       ("--result-ttl", "result_ttl")):
+        with pytest.raises(SettingsError, match=f"{name}: bad value '0' from the command"):
+            load_settings(["-C", str(conf), flag, "0"], {})
+
+
+@pytest.mark.timeout(90)
+def test_eventmq_jobmanager_results_come_back_through_green_router(tmp_path: Path):
+    """EventMQ's own worker behind emq-green's router: its REPLY (``{"value":
+    v}``) reaches emq-green's client too."""
+    require_eventmq()
+    stack = Stack(tmp_path)
+    try:
+        stack.spawn("router", [str(BIN / "emq-green-router"), "--frontend-addr", stack.front,
+                               "--backend-addr", stack.back,
+                               "--administrative-addr", stack.admin])
+        stack.spawn("emq-jobmanager", [str(BIN / "emq-jobmanager"), "-B", stack.back,
+                                       "-J", "2"], PYTHONPATH=f"{REPO}:{TESTS}")
+        stack.wait_for_worker()
+        with Client(stack.front, green=False) as client:
+            handles = [client.defer_job("jobs_for_tests.add", [n, 1], result=True)
+                       for n in range(4)]
+            try:
+                assert [h.get(timeout=30) for h in handles] == [1, 2, 3, 4]
+            except ResultTimeout:
+                raise AssertionError(stack.logs()) from None
+    finally:
+        stack.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_result_sent_after_kbye_still_reaches_its_client(make_router):
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    request = worker.recv()
+    worker.send(Command.KBYE)  # leaving, but finishing what it runs
+    wait_until(lambda: worker.identity not in h.router.workers, what="the KBYE read")
+    worker.send(Command.REPLY, json.dumps({"value": "late"}), request.msgid)
+    assert _results_of(client, 1) == [(sent.msgid, {"value": "late"})]
+    assert h.router.results.forwarded == 1
