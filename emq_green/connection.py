@@ -38,6 +38,7 @@ import zmq.green as zmq
 from gevent import monkey
 from zmq.backend import Socket as _BackendSocket
 
+from .curve import ClientCurve
 from .protocol import Command, Message
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class Connection:
     """A DEALER socket connected to ``addr`` with ``identity``.
 
     ``last_sent`` and ``last_received`` are monotonic times used for
-    heartbeats: any message counts, in both directions.
+    heartbeats: any message counts, in both directions. With ``curve`` the
+    link is CURVE-authenticated and encrypted (:mod:`emq_green.curve`).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class Connection:
         hwm: int = 10000,
         debug_log: bool = False,
         hide_heartbeats: bool = True,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.addr = addr
         self.identity = identity
@@ -124,6 +127,8 @@ class Connection:
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(addr)
         #: held for every libzmq call on the socket (see the module docstring)
         self.guard = self.socket.guard = _RealRLock()

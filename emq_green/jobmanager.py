@@ -42,6 +42,7 @@ import zmq.green as zmq
 from . import __version__
 from .callables import NOT_ALLOWED, CallablePolicy
 from .connection import Connection
+from .curve import client_curve_from_settings
 from .extensions import Executor, Extension
 from .jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
 from .lifecycle import Lifecycle
@@ -495,7 +496,8 @@ class JobManager:
         identity = f"{self.name}:{os.getpid()}:{self._connections_made}"
         conn = Connection(self._context, addr, identity, hwm=self.settings.hwm,
                           debug_log=self.settings.super_debug,
-                          hide_heartbeats=self.settings.hide_heartbeat_logs)
+                          hide_heartbeats=self.settings.hide_heartbeat_logs,
+                          curve=client_curve_from_settings(self.settings, addr))
         conn.set_max_message_size(self.settings.max_message_size)
         self.outgoing = conn
         self._acked.clear()

@@ -88,6 +88,10 @@ class Settings:
     administrative_addr: str = "tcp://127.0.0.1:47293"
     #: router: bytes of requests it buffers in all, before it stops reading clients
     max_buffer_bytes: int = 128 * 1024 * 1024
+    # CURVE (emq_green/curve.py); all empty: plain links, as EventMQ
+    curve_secret_key_file: str = ""
+    curve_server_key_file: str = ""
+    curve_authorized_keys: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -187,6 +191,23 @@ def _to_http_addr(text: str) -> str:
     return text
 
 
+def _to_file(text: str) -> str:
+    """A path to a readable file; empty turns the setting off."""
+    text = text.strip()
+    if text and not os.path.isfile(text):
+        raise ValueError("no such file")
+    if text and not os.access(text, os.R_OK):
+        raise ValueError("file not readable")
+    return text
+
+
+def _to_directory(text: str) -> str:
+    text = text.strip()
+    if text and not os.path.isdir(text):
+        raise ValueError("no such directory")
+    return text
+
+
 @dataclass(frozen=True)
 class _Spec:
     field: str
@@ -264,6 +285,14 @@ _SPECS: tuple[_Spec, ...] = (
           "router: administrative address"),
     _Spec("max_buffer_bytes", ("--max-buffer-bytes",), _to_size,
           "router: bytes of requests buffered in all before it stops reading clients"),
+    _Spec("curve_secret_key_file", ("--curve-secret-key-file",), _to_file,
+          "CURVE: this process's secret certificate (NAME.key_secret); router: turns "
+          "CURVE on for all its sockets (default: none, plain)"),
+    _Spec("curve_server_key_file", ("--curve-server-key-file",), _to_file,
+          "CURVE: the router's public certificate (worker, client) (default: none)"),
+    _Spec("curve_authorized_keys", ("--curve-authorized-keys",), _to_directory,
+          "CURVE: directory of public certificates allowed in (router; re-read on "
+          "SIGHUP) (default: none)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the
