@@ -315,8 +315,9 @@ class Router:
             for name, addrs in binds.items():
                 sock = self._context.socket(zmq.ROUTER)
                 self._sockets[name] = _Socket(sock)
-                if curve is not None:
+                if curve is not None and self.zap is not None:
                     curve.apply(sock)  # inproc:// peers are not asked (libzmq)
+                    self.zap.watch(name, sock)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 sock.setsockopt(zmq.SNDHWM, s.hwm)
                 sock.setsockopt(zmq.RCVHWM, s.hwm)

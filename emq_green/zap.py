@@ -17,7 +17,9 @@ of its own (or the only one in its process).
 Refusals are logged with the key (:func:`~emq_green.curve.fingerprint`) and
 the peer's address, which the ZAP request carries, and counted. Peers that
 do not speak CURVE at all never reach ZAP: libzmq ends their handshake on a
-mechanism mismatch (they get nothing, and the router does not see them).
+mechanism mismatch. :meth:`ZapHandler.watch` puts a ZeroMQ socket monitor on
+each router socket to log and count those too; libzmq's monitor events name
+the router's own endpoint, not the peer's address.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class ZapHandler:
         self.counters: collections.Counter[str] = collections.Counter()
         self._socket: Optional[zmq.green.Socket] = None
         self._greenlet: Optional[gevent.Greenlet] = None
+        self._monitors: list[tuple[gevent.Greenlet, zmq.green.Socket]] = []
 
     def start(self) -> None:
         """Bind the ZAP endpoint and start answering."""
@@ -123,7 +126,38 @@ class ZapHandler:
                     "".join(f"; removed {fingerprint(k)}" for k in sorted(removed)))
         return len(keys)
 
+    def watch(self, name: str, socket: zmq.green.Socket) -> None:
+        """Log and count the handshakes on ``socket`` (the router's ``name``
+        socket) that fail before ZAP is asked: a peer without CURVE, or one
+        with the wrong server key. Call before ``bind``."""
+        events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        monitor = socket.get_monitor_socket(events)
+        self._monitors.append((gevent.spawn(self._watch, name, monitor), monitor))
+
+    def _watch(self, name: str, monitor: zmq.green.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(monitor)
+            except zmq.ZMQError:
+                return
+            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                return
+            self.counters["failed"] += 1
+            try:
+                reason = zmq.Event(event["value"]).name
+            except ValueError:
+                reason = str(event["value"])
+            logger.warning("zap: a handshake on the %s socket (%s) failed before the key "
+                           "check: %s (a peer without CURVE, or with the wrong server key)",
+                           name, printable(event["endpoint"]), reason)
+
     def stop(self) -> None:
+        for greenlet, monitor in self._monitors:
+            greenlet.kill()
+            monitor.close(linger=0)
+        self._monitors.clear()
         if self._greenlet is not None:
             self._greenlet.kill()
             self._greenlet = None
@@ -135,6 +169,7 @@ class ZapHandler:
         """The router's STATUS keys of this handler."""
         return {"curve_handshakes_allowed": self.counters["allowed"],
                 "curve_handshakes_refused": self.counters["refused"],
+                "curve_handshakes_failed": self.counters["failed"],
                 "curve_authorized_keys": len(self.keys)}
 
     def _serve(self) -> None:
