@@ -336,7 +336,22 @@ def test_standalone_with_curve_runs_jobs_of_authorized_clients(stack: CurveStack
             client.defer_job(MARK, [str(stack.marks), f"job-{i}"])
         wait_until(lambda: len(lines(stack.marks)) == 3, 30, "three jobs",
                    details=stack.logs)
+    # emq-green-submit, keys from the environment, follows STATUS over CURVE
+    out = subprocess.run(
+        [str(BIN / "emq-green-submit"), MARK, "--args", json.dumps([str(stack.marks)]),
+         "--tag-arg", "--count", "5", "--addr", stack.front, "--admin-addr",
+         stack.admin_addr], capture_output=True, text=True, timeout=60,
+        env=dict(stack.env, EVENTMQ_CURVE_SECRET_KEY_FILE=stack.keys.secret("client"),
+                 EVENTMQ_CURVE_SERVER_KEY_FILE=stack.keys.public("router")))
+    assert out.returncode == 0 and "every job has reached a worker" in out.stderr, out.stderr
+    wait_until(lambda: len(lines(stack.marks)) == 8, 30, "the submitted jobs",
+               details=stack.logs)
     assert {pid for _tag, pid, _t in lines(stack.marks)} == {str(proc.pid)}
+    plain = subprocess.run(
+        [str(BIN / "emq-green-submit"), MARK, "--args", json.dumps([str(stack.marks), "x"]),
+         "--addr", stack.front, "--admin-addr", stack.admin_addr, "--wait-timeout", "1"],
+        capture_output=True, text=True, timeout=60, env=stack.env)
+    assert plain.returncode == 1 and "no STATUS" in plain.stderr, plain.stderr
     proc.signal(signal.SIGTERM)
     assert proc.wait_exit(30) == 0
 
