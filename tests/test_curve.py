@@ -237,7 +237,8 @@ def test_authorized_peers_get_jobs_through_and_strangers_get_nothing(stack: Curv
     wait_until(lambda: not stack.workers(), 20, "the good worker to leave")
     before = stack.status()
     stack.worker("plain-worker", None).wait_for("connecting to ")
-    stack.worker("stranger-worker", "stranger").wait_for("connecting to ")
+    stranger_worker = stack.worker("stranger-worker", "stranger")
+    stranger_worker.wait_for("CURVE handshake with .* failed .*this key is not authorized")
     stack.wait_status(
         "the plain and the unlisted worker refused at the handshake",
         lambda s: s["curve_handshakes_failed"] > before["curve_handshakes_failed"]
