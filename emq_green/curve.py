@@ -25,11 +25,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import zmq
 import zmq.auth
 import zmq.utils.z85
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 #: the ZAP domain the router's sockets ask about (logged; all are checked alike)
 ZAP_DOMAIN = "emq-green"
@@ -130,7 +133,7 @@ def client_curve(secret_key_file: str, server_key_file: str, addr: str = "",
     return ClientCurve.from_files(secret_key_file, server_key_file)
 
 
-def client_curve_from_settings(settings: Any, addr: str) -> Optional[ClientCurve]:
+def client_curve_from_settings(settings: Settings, addr: str) -> Optional[ClientCurve]:
     """:func:`client_curve` from a :class:`~emq_green.settings.Settings`."""
     return client_curve(settings.curve_secret_key_file, settings.curve_server_key_file, addr,
                         who=settings.name)
@@ -159,7 +162,7 @@ class ServerCurve:
         socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
 
 
-def server_curve_from_settings(settings: Any) -> Optional[ServerCurve]:
+def server_curve_from_settings(settings: Settings) -> Optional[ServerCurve]:
     """The router's CURVE setup, or None when it has no secret key (plain).
 
     A secret key without an authorized-keys directory is refused: CURVE with

@@ -125,7 +125,7 @@ def wait_for_worker(admin_addr: str, deadline: float, curve: object = None) -> b
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
-    if curve is not None:
+    if curve is not None:  # an emq_green.curve.ClientCurve
         curve.apply(sock)  # type: ignore[attr-defined]
     sock.connect(admin_addr)
     try:
