@@ -106,7 +106,10 @@ class Connection:
 
     ``last_sent`` and ``last_received`` are monotonic times used for
     heartbeats: any message counts, in both directions. With ``curve`` the
-    link is CURVE-authenticated and encrypted (:mod:`emq_green.curve`).
+    link is CURVE-authenticated and encrypted (:mod:`emq_green.curve`);
+    handshakes the router refuses are logged and counted in
+    :attr:`handshake_failures` and in ``counters["curve_handshakes_failed"]``
+    (the manager's, which outlive a connection).
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class Connection:
         debug_log: bool = False,
         hide_heartbeats: bool = True,
         curve: ClientCurve | None = None,
+        counters: collections.Counter[str] | None = None,
     ) -> None:
         self.addr = addr
         self.identity = identity
@@ -129,6 +133,7 @@ class Connection:
         self.socket.setsockopt(zmq.LINGER, 0)
         #: CURVE handshakes the router refused (unlisted key, wrong server key)
         self.handshake_failures = 0
+        self._counters = counters
         self._monitor: gevent.Greenlet | None = None
         if curve is not None:
             curve.apply(self.socket)
@@ -174,6 +179,8 @@ class Connection:
                 if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                     return
                 self.handshake_failures += 1
+                if self._counters is not None:
+                    self._counters["curve_handshakes_failed"] += 1
                 now = time.monotonic()
                 if logged and now - logged < 30:
                     continue

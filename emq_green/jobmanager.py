@@ -497,7 +497,8 @@ class JobManager:
         conn = Connection(self._context, addr, identity, hwm=self.settings.hwm,
                           debug_log=self.settings.super_debug,
                           hide_heartbeats=self.settings.hide_heartbeat_logs,
-                          curve=client_curve_from_settings(self.settings, addr))
+                          curve=client_curve_from_settings(self.settings, addr),
+                          counters=self.counters)
         conn.set_max_message_size(self.settings.max_message_size)
         self.outgoing = conn
         self._acked.clear()

@@ -237,8 +237,11 @@ def test_authorized_peers_get_jobs_through_and_strangers_get_nothing(stack: Curv
     wait_until(lambda: not stack.workers(), 20, "the good worker to leave")
     before = stack.status()
     stack.worker("plain-worker", None).wait_for("connecting to ")
-    stranger_worker = stack.worker("stranger-worker", "stranger")
+    metrics = f"127.0.0.1:{free_port()}"
+    stranger_worker = stack.worker("stranger-worker", "stranger", "--metrics-addr", metrics)
     stranger_worker.wait_for("CURVE handshake with .* failed .*this key is not authorized")
+    wait_until(lambda: _metric(metrics, "emq_green_curve_handshakes_failed_total") >= 1, 20,
+               "the refusal in the worker's /metrics", details=stack.logs)
     stack.wait_status(
         "the plain and the unlisted worker refused at the handshake",
         lambda s: s["curve_handshakes_failed"] > before["curve_handshakes_failed"]
@@ -462,3 +465,18 @@ def _re(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def _metric(addr: str, name: str) -> float:
+    """One sample of the worker's /metrics; -1 when it cannot be read yet."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return -1
