@@ -91,10 +91,26 @@ def main(argv: "list[str] | None" = None) -> int:
         sys.path.insert(0, os.getcwd())
     if router_settings is not None:
         return _standalone(settings, router_settings, lambda: load()[0])
+    if not _curve_ok(settings):
+        return 2
     manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
     tune_gc()
     manager.serve_forever()
     return 0
+
+
+def _curve_ok(settings) -> bool:
+    """Load the worker's CURVE keys once at start, so that a bad key file
+    stops it with a message instead of failing at each connection."""
+    from .curve import CurveError, client_curve_from_settings
+
+    try:
+        for addr in settings.worker_addresses():
+            client_curve_from_settings(settings, addr)
+    except CurveError as exc:
+        sys.stderr.write(f"emq-green: {exc}\n")
+        return False
+    return True
 
 
 def _standalone(settings, router_settings, load) -> int:
@@ -157,6 +173,7 @@ def router_main(argv: "list[str] | None" = None) -> int:
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         gevent.signal_handler(signum, lambda: gevent.spawn(router.stop))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
     router.serve_forever()
     return 0
 

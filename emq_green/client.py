@@ -56,6 +56,7 @@ from .client_results import (
     SendTimeoutError,
     ThreadResultChannel,
 )
+from .curve import ClientCurve, client_curve, client_curve_from_env
 from .protocol import Command, Headers, Message, ProtocolError, RunRequest
 from .results import RESULT_HEADER
 
@@ -114,6 +115,13 @@ class Client:
         send_timeout: seconds a send may wait while the router pushes back
             before :class:`SendTimeoutError` is raised; None (default) waits
             as long as it takes. Requests are never dropped either way.
+        curve_secret_key_file: this client's secret certificate
+            (``NAME.key_secret``); with ``curve_server_key_file``, the
+            router's public certificate, the link is CURVE-authenticated
+            and encrypted. Default: ``$EVENTMQ_CURVE_SECRET_KEY_FILE`` and
+            ``$EVENTMQ_CURVE_SERVER_KEY_FILE``; none: plain.
+        curve: the keys themselves (a :class:`~emq_green.curve.ClientCurve`),
+            instead of the two files.
     """
 
     def __init__(
@@ -125,9 +133,19 @@ class Client:
         hwm: int = 10000,
         linger: float = 5.0,
         send_timeout: Optional[float] = None,
+        curve_secret_key_file: Optional[str] = None,
+        curve_server_key_file: Optional[str] = None,
+        curve: Optional[ClientCurve] = None,
     ) -> None:
         if send_timeout is not None and send_timeout < 0:
             raise ValueError("send_timeout must be None or at least 0 seconds")
+        if curve is None and (curve_secret_key_file or curve_server_key_file):
+            curve = client_curve(curve_secret_key_file or "", curve_server_key_file or "",
+                                 who="client")
+        elif curve is None:
+            curve = client_curve_from_env()
+        #: the CURVE keys of every socket, or None for plain sockets
+        self.curve = curve
         self.addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
         self.green = _gevent_patched() if green is None else green
         if self.green:
@@ -169,6 +187,8 @@ class Client:
         sock.setsockopt(self._zmq.SNDHWM, self._hwm)
         sock.setsockopt(self._zmq.RCVHWM, self._hwm)
         sock.setsockopt(self._zmq.LINGER, int(self._linger * 1000))
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.addr)
         return sock
 
@@ -221,11 +241,13 @@ class Client:
                 if self.green:
                     self._results = GreenResultChannel(
                         self._context, self.addr, hwm=self._hwm, linger=self._linger,
-                        send=self._send_message, on_ack=self._count_ack)
+                        send=self._send_message, on_ack=self._count_ack,
+                        prepare=self.curve.apply if self.curve is not None else None)
                 else:
                     self._results = ThreadResultChannel(
                         self._context, self.addr, hwm=self._hwm, linger=self._linger,
-                        send_timeout=self.send_timeout, on_ack=self._count_ack)
+                        send_timeout=self.send_timeout, on_ack=self._count_ack,
+                        prepare=self.curve.apply if self.curve is not None else None)
             return self._results
 
     def _count_ack(self) -> None:

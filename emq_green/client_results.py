@@ -235,7 +235,8 @@ class GreenResultChannel(_Channel):
 
     def __init__(self, context: Any, addr: str, *, hwm: int, linger: float,
                  send: Callable[[Any, Message], None],
-                 on_ack: Callable[[], None]) -> None:
+                 on_ack: Callable[[], None],
+                 prepare: Optional[Callable[[Any], None]] = None) -> None:
         import gevent
         import gevent.event
         import gevent.lock
@@ -245,6 +246,8 @@ class GreenResultChannel(_Channel):
         self._event_class = gevent.event.Event
         self._sock = context.socket(zmq_green.DEALER)
         _configure(self._sock, zmq_green, hwm, linger)
+        if prepare is not None:
+            prepare(self._sock)  # e.g. CURVE keys, before connecting
         self._sock.connect(addr)
         self._send_lock = gevent.lock.Semaphore()
         self._send_message = send
@@ -298,11 +301,14 @@ class ThreadResultChannel(_Channel):
     """
 
     def __init__(self, context: zmq.Context, addr: str, *, hwm: int, linger: float,
-                 send_timeout: Optional[float], on_ack: Callable[[], None]) -> None:
+                 send_timeout: Optional[float], on_ack: Callable[[], None],
+                 prepare: Optional[Callable[[Any], None]] = None) -> None:
         super().__init__(on_ack)
         self._send_timeout = send_timeout
         self._sock = context.socket(zmq.DEALER)
         _configure(self._sock, zmq, hwm, linger)
+        if prepare is not None:
+            prepare(self._sock)  # e.g. CURVE keys, before connecting
         self._sock.connect(addr)
         self._fd = self._sock.getsockopt(zmq.FD)
         self._lock = threading.Lock()

@@ -38,6 +38,7 @@ import zmq.green as zmq
 from gevent import monkey
 from zmq.backend import Socket as _BackendSocket
 
+from .curve import ClientCurve
 from .protocol import Command, Message
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,11 @@ class Connection:
     """A DEALER socket connected to ``addr`` with ``identity``.
 
     ``last_sent`` and ``last_received`` are monotonic times used for
-    heartbeats: any message counts, in both directions.
+    heartbeats: any message counts, in both directions. With ``curve`` the
+    link is CURVE-authenticated and encrypted (:mod:`emq_green.curve`);
+    handshakes the router refuses are logged and counted in
+    :attr:`handshake_failures` and in ``counters["curve_handshakes_failed"]``
+    (the manager's, which outlive a connection).
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class Connection:
         hwm: int = 10000,
         debug_log: bool = False,
         hide_heartbeats: bool = True,
+        curve: ClientCurve | None = None,
+        counters: collections.Counter[str] | None = None,
     ) -> None:
         self.addr = addr
         self.identity = identity
@@ -124,6 +131,15 @@ class Connection:
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        #: CURVE handshakes the router refused (unlisted key, wrong server key)
+        self.handshake_failures = 0
+        self._counters = counters
+        self._monitor: gevent.Greenlet | None = None
+        if curve is not None:
+            curve.apply(self.socket)
+            self._monitor = gevent.spawn(self._watch_handshakes, self.socket.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL))
         self.socket.connect(addr)
         #: held for every libzmq call on the socket (see the module docstring)
         self.guard = self.socket.guard = _RealRLock()
@@ -148,6 +164,37 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.identity} -> {self.addr}>"
+
+    def _watch_handshakes(self, monitor: zmq.Socket) -> None:
+        """Log a refused CURVE handshake: without this, a worker whose key
+        the router does not know would only say "connecting" for ever
+        (libzmq retries by itself). The first failure and then at most one
+        line every 30 s."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        logged = 0.0
+        try:
+            while True:
+                event = recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                self.handshake_failures += 1
+                if self._counters is not None:
+                    self._counters["curve_handshakes_failed"] += 1
+                now = time.monotonic()
+                if logged and now - logged < 30:
+                    continue
+                logged = now
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    why = f"this key is not authorized there (ZAP status {event['value']})"
+                else:
+                    why = "wrong curve_server_key_file, or the router does not speak CURVE"
+                logger.error("CURVE handshake with %s failed (%d so far): %s; libzmq keeps "
+                             "retrying", self.addr, self.handshake_failures, why)
+        except zmq.ZMQError:
+            return
+        finally:
+            monitor.close(linger=0)
 
     def set_max_message_size(self, size: int) -> None:
         """ZeroMQ's MAXMSGSIZE (bytes, -1 unlimited): libzmq checks it for
@@ -304,6 +351,8 @@ class Connection:
         self.closed = True
         if self._flusher is not None:
             self._flusher.kill(block=False)
+        if self._monitor is not None:
+            self._monitor.kill(block=False)
         if self._overflow:
             replies = [f[5].decode("utf-8", "replace") for f in self._overflow
                        if len(f) > 5 and f[2] == b"REPLY"]

@@ -41,6 +41,9 @@ def _parse(argv: "list[str]"):
                         help="give up when the jobs take longer than this, seconds")
     parser.add_argument("--keep-log", action="store_true",
                         help="keep emq-green's log file and print its path")
+    parser.add_argument("--curve-keys", metavar="DIR", default=None,
+                        help="run over CURVE with the certificates in DIR (made by "
+                             "emq-green-keys --dir DIR router client)")
     ns = parser.parse_args(argv)
     if ns.jobs < 1 or ns.concurrency < 1:
         parser.error("--jobs and --concurrency must be at least 1")
@@ -110,7 +113,7 @@ def free_ports(count: int) -> "list[int]":
             s.close()
 
 
-def wait_for_worker(admin_addr: str, deadline: float) -> bool:
+def wait_for_worker(admin_addr: str, deadline: float, curve: object = None) -> bool:
     """True once the router reports a connected worker with free slots."""
     import json
     import time
@@ -124,6 +127,8 @@ def wait_for_worker(admin_addr: str, deadline: float) -> bool:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
+    if curve is not None:  # an emq_green.curve.ClientCurve
+        curve.apply(sock)  # type: ignore[attr-defined]
     sock.connect(admin_addr)
     try:
         while time.monotonic() < deadline:
@@ -160,6 +165,7 @@ def percentile(values: "list[float]", q: float) -> float:
 
 
 def _run(argv: "list[str]") -> int:
+    import shutil
     import signal
     import subprocess
     import tempfile
@@ -191,17 +197,34 @@ def _run(argv: "list[str]") -> int:
                "-J", str(ns.concurrency), "--name", "emq-green-demo",
                "--frontend-addr", front, "--backend-addr", back,
                "--administrative-addr", admin, "--kill-grace-period", "10"]
+    curve = authorized = None
+    if ns.curve_keys:
+        from .curve import ClientCurve, CurveError
+
+        keys = Path(ns.curve_keys)
+        authorized = Path(tempfile.mkdtemp(prefix="emq-green-demo-keys-"))
+        try:
+            curve = ClientCurve.from_files(str(keys / "client.key_secret"),
+                                           str(keys / "router.key"))
+            shutil.copy(keys / "client.key", authorized)
+        except (CurveError, OSError) as exc:
+            out.write(f"emq-green-demo: {exc} (make the keys with emq-green-keys --dir "
+                      f"{keys} router client)\n")
+            return 2
+        command += ["--curve-secret-key-file", str(keys / "router.key_secret"),
+                    "--curve-authorized-keys", str(authorized)]
     out.write(f"emq-green demo: {ns.jobs} jobs of examples.jobs.fetch_page "
               f"(HTTP server {base_url}, ~{ns.page_delay * 1000:.0f} ms per page)\n"
-              f"starting: emq-green --standalone -J {ns.concurrency}\n")
+              f"starting: emq-green --standalone -J {ns.concurrency}"
+              f"{' over CURVE' if curve else ''}\n")
     out.flush()
     proc = subprocess.Popen(command, cwd=str(repo), env=env, stdout=log, stderr=log)
     status = 1
     try:
-        if not wait_for_worker(admin, time.monotonic() + 30):
+        if not wait_for_worker(admin, time.monotonic() + 30, curve):
             out.write("emq-green-demo: the job manager did not connect in 30 s\n")
             return 1
-        client = Client(front, green=True)
+        client = Client(front, green=True, curve=curve)
         submitted: dict[int, float] = {}
         handles: list = []
 
@@ -277,6 +300,8 @@ def _run(argv: "list[str]") -> int:
             out.write(f"emq-green-demo: emq-green exited early (status {proc.returncode})\n")
             status = 1
         http.stop(timeout=1)
+        if authorized is not None:
+            shutil.rmtree(authorized, ignore_errors=True)
         log.close()
         if status != 0 or ns.keep_log:
             out.write(f"emq-green's log: {log.name}\n")

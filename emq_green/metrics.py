@@ -290,6 +290,9 @@ class _Collector:
         yield counter("requests_invalid", "REQUESTs that could not be read (frames, JSON, "
                       "headers, size).", counters.get("invalid_requests", 0))
         yield counter("reconnects", "Connections after the first.", max(0, connections - 1))
+        yield counter("curve_handshakes_failed", "CURVE handshakes the router refused (key "
+                      "not authorized, wrong server key).",
+                      counters.get("curve_handshakes_failed", 0))
 
         blocks = status.get("loop_blocks") or {}
         by_callable = blocks.get("by_callable", {})

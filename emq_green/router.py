@@ -71,6 +71,7 @@ import gevent.event
 import zmq
 import zmq.green
 
+from .curve import server_curve_from_settings
 from .lifecycle import Lifecycle
 from .protocol import (
     Command,
@@ -93,6 +94,7 @@ from .results import (
 )
 from .routing import UNLIMITED, Request, Routing, Worker
 from .settings import Settings
+from .zap import ZapHandler
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,9 @@ class Router:
             queue and the queues of a worker whose INFORM names none.
         extra_backend_addrs: more addresses for the backend socket, e.g. an
             ``inproc://`` one for a job manager in the same process.
-        context: the ``zmq.green`` context to use.
+        context: the ``zmq.green`` context to use; a router with CURVE
+            (``curve_secret_key_file``) makes one of its own when none is
+            given, as its ZAP handler needs the context to itself.
     """
 
     def __init__(
@@ -169,7 +173,10 @@ class Router:
     ) -> None:
         self.settings = settings
         self._extra_backend_addrs = tuple(extra_backend_addrs)
-        self._context = context or zmq.green.Context.instance()
+        self._context = context or (zmq.green.Context() if settings.curve_secret_key_file
+                                    else zmq.green.Context.instance())
+        #: the CURVE key check (see :mod:`emq_green.zap`); None on plain sockets
+        self.zap: Optional[ZapHandler] = None
         self._lifecycle: Lifecycle[RouterState] = Lifecycle(RouterState.STOPPED, "router")
         #: Workers, queues, slots and the buffer (the routing policy).
         self.routing = Routing(default_queue=settings.default_queue_name, hwm=settings.hwm,
@@ -270,11 +277,19 @@ class Router:
             "backend": (s.backend_addr, *self._extra_backend_addrs),
             "administrative": (s.administrative_addr,),
         }
+        curve = server_curve_from_settings(s)  # CurveError (an OSError) when misconfigured
+        if curve is not None:
+            # bound before any CURVE socket: with no handler libzmq lets every key in
+            self.zap = ZapHandler(context=self._context, authorized_keys=curve.authorized_keys)
+            self.zap.start()
         name, addr = "", ""
         try:
             for name, addrs in binds.items():
                 sock = self._context.socket(zmq.ROUTER)
                 self._sockets[name] = _Socket(sock)
+                if curve is not None and self.zap is not None:
+                    curve.apply(sock)  # inproc:// peers are not asked (libzmq)
+                    self.zap.watch(name, sock)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 sock.setsockopt(zmq.SNDHWM, s.hwm)
                 sock.setsockopt(zmq.RCVHWM, s.hwm)
@@ -294,9 +309,10 @@ class Router:
             self._greenlets.append(gevent.spawn(self._read_loop, name, table))
         self._greenlets.append(gevent.spawn(self._housekeeping))
         self._set_state(RouterState.RUNNING)
-        logger.info("router listening: clients on %s, workers on %s, admin on %s",
+        logger.info("router listening: clients on %s, workers on %s, admin on %s%s",
                     self.endpoints["frontend"], self.endpoints["backend"],
-                    self.endpoints["administrative"])
+                    self.endpoints["administrative"],
+                    "; CURVE required on all three" if curve is not None else "")
         admin_host = s.administrative_addr.partition("://")[2].rpartition(":")[0]
         if s.administrative_addr.startswith("tcp://") and admin_host not in _LOOPBACK_HOSTS:
             logger.warning("router: the administrative socket (%s) is not on loopback: "
@@ -368,6 +384,14 @@ class Router:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+        if self.zap is not None:
+            self.zap.stop()
+
+    def reload_authorized_keys(self) -> int:
+        """Re-read ``curve_authorized_keys`` (SIGHUP on ``emq-green-router``):
+        a removed key cannot connect any more. Returns the number of keys;
+        0 on a router without CURVE."""
+        return self.zap.reload() if self.zap is not None else 0
 
     # ------------------------------------------------------------------
     # sockets: one reader greenlet each, one place that sends
@@ -721,6 +745,7 @@ class Router:
             "buffered_bytes": self.buffered_bytes,
             "max_buffer_bytes": self.settings.max_buffer_bytes,
             "hwm": self.settings.hwm,
+            **(self.zap.status() if self.zap is not None else {}),
             "frontend_paused": self.frontend_paused,
             "frontend_pauses": self.counters["frontend_pauses"],
             "oversized_messages": self.counters["oversized_messages"],

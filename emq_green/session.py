@@ -31,6 +31,7 @@ import gevent.pool
 import zmq.green as zmq
 
 from .connection import Connection
+from .curve import client_curve_from_settings
 from .jobs import encode_reply
 from .protocol import (
     Command,
@@ -135,7 +136,8 @@ class RouterLink:
         self.connections_made += 1
         identity = f"{name}:{pid}:{self.connections_made}"
         conn = Connection(self._context, addr, identity, hwm=s.hwm, debug_log=s.super_debug,
-                          hide_heartbeats=s.hide_heartbeat_logs)
+                          hide_heartbeats=s.hide_heartbeat_logs,
+                          curve=client_curve_from_settings(s, addr), counters=self.counters)
         conn.set_max_message_size(s.max_message_size)
         self.outgoing = conn
         self.acked.clear()

@@ -91,6 +91,10 @@ class Settings:
     max_pending_results: int = 100_000
     #: router: seconds a pending result is kept before it is dropped as expired
     result_ttl: float = 3600.0
+    # CURVE (emq_green/curve.py); all empty: plain links, as EventMQ
+    curve_secret_key_file: str = ""
+    curve_server_key_file: str = ""
+    curve_authorized_keys: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -172,6 +176,23 @@ def _to_http_addr(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError("must be HOST:PORT like 127.0.0.1:9100 (or :9100)")
+    return text
+
+
+def _to_file(text: str) -> str:
+    """A path to a readable file; empty turns the setting off."""
+    text = text.strip()
+    if text and not os.path.isfile(text):
+        raise ValueError("no such file")
+    if text and not os.access(text, os.R_OK):
+        raise ValueError("file not readable")
+    return text
+
+
+def _to_directory(text: str) -> str:
+    text = text.strip()
+    if text and not os.path.isdir(text):
+        raise ValueError("no such directory")
     return text
 
 
@@ -257,6 +278,14 @@ _SPECS: tuple[_Spec, ...] = (
           "is dropped beyond"),
     _Spec("result_ttl", ("--result-ttl",), _to_positive_seconds,
           "router: seconds a result request waits for its result before it is dropped"),
+    _Spec("curve_secret_key_file", ("--curve-secret-key-file",), _to_file,
+          "CURVE: this process's secret certificate (NAME.key_secret); router: turns "
+          "CURVE on for all its sockets (default: none, plain)"),
+    _Spec("curve_server_key_file", ("--curve-server-key-file",), _to_file,
+          "CURVE: the router's public certificate (worker, client) (default: none)"),
+    _Spec("curve_authorized_keys", ("--curve-authorized-keys",), _to_directory,
+          "CURVE: directory of public certificates allowed in (router; re-read on "
+          "SIGHUP) (default: none)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

@@ -31,6 +31,7 @@ import zmq
 
 from .client import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
 from .client_results import JobError, ResultLostError, ResultTimeout
+from .curve import ClientCurve, CurveError
 from .protocol import Command, Message, ProtocolError
 
 
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ask emq-green to run the job in a child process")
     parser.add_argument("--tag-arg", action="store_true",
                         help="append the job's number (0..count-1, as text) to --args")
+    parser.add_argument("--curve-secret-key-file", default=None,
+                        help="CURVE: this client's secret certificate "
+                             "(default $EVENTMQ_CURVE_SECRET_KEY_FILE; none: plain)")
+    parser.add_argument("--curve-server-key-file", default=None,
+                        help="CURVE: the router's public certificate "
+                             "(default $EVENTMQ_CURVE_SERVER_KEY_FILE)")
     return parser
 
 
@@ -99,11 +106,14 @@ class _Progress:
             self.out.write("\n")
 
 
-def router_status(admin_addr: str, timeout: float = 2.0) -> Optional[dict[str, Any]]:
+def router_status(admin_addr: str, timeout: float = 2.0,
+                  curve: Optional[ClientCurve] = None) -> Optional[dict[str, Any]]:
     """Ask a router's administrative socket for STATUS; None without an answer."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     # EventMQ's router decodes identities as UTF-8: never leave ZeroMQ's binary one
     sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
     try:
@@ -127,7 +137,12 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         return 2
     addr = ns.addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     progress = _Progress(out)
-    client = Client(addr, green=False)
+    try:
+        client = Client(addr, green=False, curve_secret_key_file=ns.curve_secret_key_file,
+                        curve_server_key_file=ns.curve_server_key_file)
+    except CurveError as exc:
+        out.write(f"emq-green-submit: {exc}\n")
+        return 2
     started = time.monotonic()
     handles: list[ResultHandle] = []
     try:
@@ -163,7 +178,7 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         if failed:
             return 1
     if ns.admin_addr:
-        return _follow(ns.admin_addr, ns.wait_timeout, progress, out)
+        return _follow(ns.admin_addr, ns.wait_timeout, progress, out, client.curve)
     return 0
 
 
@@ -188,10 +203,11 @@ def print_results(handles: list[ResultHandle], limit: float, out: TextIO) -> int
     return failed
 
 
-def _follow(admin_addr: str, limit: float, progress: _Progress, out: TextIO) -> int:
+def _follow(admin_addr: str, limit: float, progress: _Progress, out: TextIO,
+            curve: Optional[ClientCurve] = None) -> int:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        status = router_status(admin_addr)
+        status = router_status(admin_addr, curve=curve)
         if status is None:
             out.write(f"emq-green-submit: no STATUS from {admin_addr}\n")
             return 1

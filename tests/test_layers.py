@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emq_green"
 #: lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
     {"__init__", "protocol", "lifecycle"},                      # wire values, state
-    {"callables", "settings", "jobs"},                          # policy, settings, running a job
-    {"records", "connection", "child"},                         # shared types, one socket
+    {"callables", "settings", "jobs", "curve"},                 # policy, settings, a job, keys
+    {"records", "connection", "child", "zap"},                  # shared types, one socket
     {"extensions"},                                             # the contract for extensions
     {"subprocess_pool", "monitor", "lifeline", "offload", "metrics"},  # the extensions
     {"defaults"},                                               # the default extension list
