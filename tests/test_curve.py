@@ -480,3 +480,27 @@ def _metric(addr: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return -1
+
+
+@pytest.mark.timeout(90)
+def test_results_come_back_over_curve(stack: CurveStack):
+    """The result channel (a socket of its own) speaks CURVE with the
+    client's keys: results come back; a plain client's never do."""
+    proc = stack.spawn("standalone", [
+        str(BIN / "emq-green"), "--standalone", "-J", "4", "-n", "alone",
+        "--frontend-addr", stack.front, "--backend-addr", stack.back,
+        "--administrative-addr", stack.admin_addr,
+        "--curve-secret-key-file", stack.keys.secret("router"),
+        "--curve-authorized-keys", str(stack.keys.authorized)])
+    proc.wait_for("ACK from inproc://", timeout=20)
+    for green in (False, True):
+        with Client(stack.front, green=green, curve=stack.keys.curve("client")) as client:
+            handles = [client.defer_job("jobs_for_tests.add", [i, 1], result=True)
+                       for i in range(5)]
+            assert [h.get(timeout=20) for h in handles] == [1, 2, 3, 4, 5]
+    with Client(stack.front, green=False) as plain:
+        handle = plain.defer_job("jobs_for_tests.add", [1, 1], result=True)
+        with pytest.raises(TimeoutError):
+            handle.get(timeout=2)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait_exit(30) == 0
