@@ -61,7 +61,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import gevent
 import gevent.event
@@ -190,6 +190,20 @@ class Worker:
 Handler = Callable[[bytes, Message], None]
 
 
+class RouterObserver(Protocol):
+    """What :attr:`Router.observer` is told; each call is on the hot path and
+    must be O(1) (the dashboard appends to bounded deques)."""
+
+    def handed_over(self, queue: str, waited: float) -> None:
+        """A REQUEST went to a worker after ``waited`` s in the router."""
+
+    def replied(self, queue: str, latency: float) -> None:
+        """A REPLY came back ``latency`` s after its REQUEST was handed out."""
+
+    def worker_left(self, worker: Worker, dead: bool) -> None:
+        """A worker was removed: it said KBYE (draining) or went silent (dead)."""
+
+
 class Router:
     """An eMQP/1.0 router for emq-green, EventMQ's job managers and clients.
 
@@ -234,6 +248,8 @@ class Router:
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
+        self.observer: Optional[RouterObserver] = None
         #: Bytes of the requests in :attr:`waiting` (see :attr:`Request.size`).
         self.buffered_bytes = 0
         #: True while the buffer is at a bound and the client socket is not read.
@@ -577,6 +593,8 @@ class Router:
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
         orig = message.body[1] if len(message.body) > 1 else ""
         sent = self.workers[identity].in_flight.pop(orig, None)
+        if sent is not None and self.observer is not None:
+            self.observer.replied(sent.queue, time.monotonic() - sent.sent)
         if sent is not None and logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
@@ -596,6 +614,8 @@ class Router:
             else:
                 self.queues.pop(name, None)
         self._departed[worker.identity] = None
+        if self.observer is not None:
+            self.observer.worker_left(worker, dead)
         while len(self._departed) > _DEPARTED_MEMORY:
             self._departed.popitem(last=False)
         log = logger.error if dead and worker.in_flight else logger.info
@@ -685,8 +705,11 @@ class Router:
         if not self._send("backend", worker.identity, message):
             self._forget_worker(worker, "it cannot be reached", dead=True)
             return False
-        worker.in_flight[request.msgid] = Sent(request.msgid, queue, time.monotonic(),
+        now = time.monotonic()
+        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now,
                                                request.reply_requested)
+        if self.observer is not None:
+            self.observer.handed_over(queue, now - request.received)
         self.processed_by_queue[queue] += 1
         self.processed_by_worker[worker.name] += 1
         return True
@@ -807,4 +830,4 @@ class Router:
         }
 
 
-__all__ = ["Router", "RouterState", "Worker", "Request"]
+__all__ = ["Router", "RouterObserver", "RouterState", "Worker", "Request"]

@@ -88,6 +88,8 @@ class Settings:
     administrative_addr: str = "tcp://127.0.0.1:47293"
     #: router: bytes of requests it buffers in all, before it stops reading clients
     max_buffer_bytes: int = 128 * 1024 * 1024
+    #: router: HOST:PORT of the dashboard page (empty: off; see dashboard.py)
+    dashboard_addr: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -187,6 +189,14 @@ def _to_http_addr(text: str) -> str:
     return text
 
 
+def _to_dashboard_addr(text: str) -> str:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (both loopback); empty turns it off."""
+    text = text.strip()
+    if text.isdigit():
+        text = ":" + text
+    return _to_http_addr(text)
+
+
 @dataclass(frozen=True)
 class _Spec:
     field: str
@@ -264,6 +274,8 @@ _SPECS: tuple[_Spec, ...] = (
           "router: administrative address"),
     _Spec("max_buffer_bytes", ("--max-buffer-bytes",), _to_size,
           "router: bytes of requests buffered in all before it stops reading clients"),
+    _Spec("dashboard_addr", ("--dashboard-addr",), _to_dashboard_addr,
+          "router: HOST:PORT (or PORT, on loopback) for the dashboard page (default: off)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the
