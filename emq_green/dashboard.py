@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import time
 from importlib import resources
 from typing import Any, Iterable, Optional
@@ -59,7 +60,7 @@ def percentile(values: list[float], fraction: float) -> Optional[float]:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(fraction * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(fraction * len(ordered) - 1e-9) - 1))
     return ordered[rank]
 
 
