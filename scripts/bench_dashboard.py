@@ -16,8 +16,9 @@ Modes, interleaved in each round (same jobs, same machine, same run):
 
 Jobs are ``examples.jobs.sleep_and_mark`` sent by emq-green's client as fast
 as it can; jobs/s is from the first submission to the last line in the file
-(as ``scripts/bench_router.py``). Medians over the rounds are printed last,
-with each mode's difference from ``off``.
+(as ``scripts/bench_router.py``), and the CPU time the emq-green process
+used meanwhile, per job (the steadier figure on a shared machine). Medians
+over the rounds are printed last, with each mode's difference from ``off``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def open_pages(viewer: str, pages: list[str], tmp: Path) -> tuple[list, HttpView
     return browsers, None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def page_up(url: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         try:
@@ -116,12 +123,14 @@ def run(mode: str, ns: argparse.Namespace, tmp: Path) -> dict:
             browsers, poller = open_pages(ns.viewer, pages, tmp)
             time.sleep(3)  # let the browsers load the pages before the clock starts
         client = Client(front, green=False)
+        cpu_before = cpu_seconds(procs[0].pid)
         started = time.time()
         for n in range(ns.jobs):
             client.defer_job("examples.jobs.sleep_and_mark", [ns.sleep, str(marks), str(n)])
         deadline = time.monotonic() + 300
         while count_lines(marks) < ns.jobs and time.monotonic() < deadline:
             time.sleep(0.05)  # polling interval for the file
+        cpu = cpu_seconds(procs[0].pid) - cpu_before
         client.close()
         stamps = [float(line.split()[2]) for line in marks.read_text().splitlines()]
         if len(stamps) < ns.jobs:
@@ -129,6 +138,7 @@ def run(mode: str, ns: argparse.Namespace, tmp: Path) -> dict:
         elapsed = max(stamps) - started
         return {"mode": mode, "jobs": ns.jobs, "elapsed_s": round(elapsed, 3),
                 "jobs_per_s": round(ns.jobs / elapsed, 1),
+                "cpu_us_per_job": round(cpu / ns.jobs * 1e6, 2),
                 "viewer": ns.viewer if mode == "open" else None,
                 "http_polls": poller.polls if poller else None}
     finally:
@@ -148,6 +158,7 @@ def main() -> int:
                         default="chromium" if shutil.which("chromium") else "http")
     ns = parser.parse_args()
     results: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
         for round_ in range(ns.repeat):
             order = MODES if round_ % 2 == 0 else MODES[::-1]
@@ -156,12 +167,18 @@ def main() -> int:
                 where.mkdir()
                 result = run(mode, ns, where)
                 results[mode].append(result["jobs_per_s"])
+                cpu[mode].append(result["cpu_us_per_job"])
                 print(json.dumps({"round": round_, **result}), flush=True)
     base = statistics.median(results["off"])
+    base_cpu = statistics.median(cpu["off"])
     for mode in MODES:
         median = statistics.median(results[mode])
+        median_cpu = statistics.median(cpu[mode])
         print(json.dumps({"mode": mode, "median_jobs_per_s": median, "runs": results[mode],
-                          "vs_off_percent": round((median - base) / base * 100, 2)}),
+                          "vs_off_percent": round((median - base) / base * 100, 2),
+                          "median_cpu_us_per_job": median_cpu, "cpu_runs": cpu[mode],
+                          "cpu_vs_off_percent": round((median_cpu - base_cpu) / base_cpu * 100,
+                                                      2)}),
               flush=True)
     return 0
 
