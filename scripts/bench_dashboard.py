@@ -5,7 +5,7 @@ them, with them on and nobody looking, and with both pages open.
     .venv/bin/python scripts/bench_dashboard.py [--jobs 20000] [-J 200]
         [--sleep 0.01] [--repeat 5] [--viewer chromium|http]
 
-Modes, interleaved in each round (same jobs, same machine, same run):
+Modes, interleaved in each round, their order rotated (same jobs, same machine, same run):
 
 * ``off``: no ``--dashboard-addr``, no ``--metrics-addr``;
 * ``idle``: ``--dashboard-addr`` and ``--metrics-addr`` set, nobody looks;
@@ -161,7 +161,8 @@ def main() -> int:
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
         for round_ in range(ns.repeat):
-            order = MODES if round_ % 2 == 0 else MODES[::-1]
+            # rotated, so that each mode runs first, second and third equally
+            order = MODES[round_ % 3:] + MODES[:round_ % 3]
             for mode in order:
                 where = Path(tmp) / f"{round_}-{mode}"
                 where.mkdir()
