@@ -132,6 +132,12 @@ def test_http_page_json_and_methods(dashboard_for):
 
 
 def test_dashboard_addr_setting(tmp_path: Path):
+    # load_settings swaps os.environ's contents, which moves the C environment;
+    # setproctitle, when first used after that, finds no room for a title
+    # (test_metrics' process-title test would then fail). Let it set up first.
+    setproctitle = pytest.importorskip("setproctitle")
+    setproctitle.getproctitle()
+
     def loaded(argv, env=None):
         return load_settings(argv, env or {"EVENTMQ_CONFIG_FILE": str(tmp_path / "none")},
                              section="router")[0].dashboard_addr

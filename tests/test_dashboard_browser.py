@@ -145,3 +145,50 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
         if submit.poll() is None:
             submit.kill()
             submit.wait(timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_worker_page_shows_loop_blocks_and_subprocess_children(stack: Stack, tmp_path: Path):
+    metrics_port, = free_ports(1)
+    worker_url = f"http://127.0.0.1:{metrics_port}/"
+    stack.spawn("router", [str(BIN / "emq-green-router"), "--frontend-addr", stack.front,
+                           "--backend-addr", stack.back, "--administrative-addr", stack.admin])
+    stack.spawn("worker", [str(BIN / "emq-green"), "-B", stack.back, "-J", "4",
+                           "-n", "blocky-box", "--block-threshold", "0.2",
+                           "--subprocess-pool-size", "1",
+                           "--metrics-addr", f"127.0.0.1:{metrics_port}"],
+                PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    stack.wait_for_worker(slots=4)
+    marks = tmp_path / "marks"
+    for args in (["blocking_jobs.cpu_loop", "--args", "[0.5]"],
+                 ["examples.jobs.mark", "--args", json.dumps([str(marks)]), "--tag-arg",
+                  "--count", "3", "--subprocess"]):
+        sent = subprocess.run([str(BIN / "emq-green-submit"), *args, "--addr", stack.front],
+                              env=stack.env, capture_output=True, text=True, timeout=30)
+        assert sent.returncode == 0, sent.stderr
+
+    def settled() -> dict | None:
+        data = requests.get(worker_url + "dashboard.json", timeout=5).json()
+        blocks = data["loop_blocks"]["by_callable"].get("blocking_jobs.cpu_loop")
+        children = set(data["pid_distribution"]) - {str(data["pid"])}
+        if blocks and children and sum(data["pid_distribution"][c] for c in children) == 3 \
+                and not data["jobs_in_flight"]:
+            return data
+        return None
+
+    try:
+        wait_until(settled, 60, "a loop block and 3 subprocess jobs on /dashboard.json")
+        data = settled()
+        assert data is not None
+        dom = look(worker_url)
+        assert text_of(dom, "name") == "blocky-box"
+        culprit = row_cells(dom, "culprit", "blocking_jobs.cpu_loop")
+        assert int(culprit[1]) == data["loop_blocks"]["by_callable"][
+            "blocking_jobs.cpu_loop"]["incidents"] >= 1
+        assert number(dom, "blocks") == data["loop_blocks"]["incidents"]
+        [child] = set(data["pid_distribution"]) - {str(data["pid"])}
+        cells = row_cells(dom, "pid", child)
+        assert cells[1] == "subprocess child" and cells[2] == "3"
+        chromium.screenshot(worker_url, SHOTS / "worker-blocks.png", size="1000,800")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs()}") from None
