@@ -204,3 +204,36 @@ def test_grafana_panels_name_only_metrics_a_live_worker_exports(router, endpoint
     assert used - exported == set(), f"panels name metrics that do not exist: {used - exported}"
     assert {"emq_green_jobs_finished_total", "emq_green_job_duration_seconds_bucket",
             "emq_green_free_slots", "emq_green_loop_blocks_total"} <= used
+
+
+@pytest.mark.timeout(60)
+def test_standalone_serves_the_dashboard_from_the_environment(tmp_path: Path):
+    import requests
+    from test_client import BIN, Stack, free_ports
+    from test_client import wait_until as wait_real
+
+    stack = Stack(tmp_path)
+    port, = free_ports(1)
+    try:
+        stack.spawn("standalone", [str(BIN / "emq-green"), "--standalone", "-J", "3",
+                                   "-n", "solo", "--frontend-addr", stack.front,
+                                   "--backend-addr", stack.back,
+                                   "--administrative-addr", stack.admin],
+                    EVENTMQ_DASHBOARD_ADDR=str(port))
+        stack.wait_for_worker(slots=3)
+        url = f"http://127.0.0.1:{port}/dashboard.json"
+        found: dict = {}
+
+        def shown() -> bool:
+            found.update(requests.get(url, timeout=5).json())
+            return any(w["free"] == 3 for w in found["workers"])
+
+        wait_real(shown, 20, "the worker on the standalone dashboard")
+        [worker] = found["workers"]
+        assert worker["identity"].startswith("solo:") and worker["state"] == "connected"
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith(
+            "<!doctype html>")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs()}") from None
+    finally:
+        stack.close()
