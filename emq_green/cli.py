@@ -134,6 +134,9 @@ def _standalone(settings, router_settings, load) -> int:
     except OSError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 1
+    from .dashboard import start_dashboard
+
+    start_dashboard(router, router_settings.dashboard_addr)
     manager = JobManager(settings=settings.replace(**to_router),
                          settings_loader=lambda: load().replace(**to_router), context=context)
 
@@ -171,6 +174,9 @@ def router_main(argv: "list[str] | None" = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 1
+    from .dashboard import start_dashboard
+
+    start_dashboard(router, settings.dashboard_addr)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         gevent.signal_handler(signum, lambda: gevent.spawn(router.stop))
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))

@@ -532,6 +532,7 @@ class JobManager:
             "greenlets": len(slots.pool),
             "total_requests": self.total_requests,
             "total_ready_sent": self.total_ready_sent,
+            "pid_distribution": dict(self.pid_distribution),
             "counters": dict(self.counters),
             "jobs_in_flight": [
                 {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,

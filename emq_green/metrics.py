@@ -9,7 +9,8 @@ worker's own gevent loop (:mod:`gevent.pywsgi`):
   ``prometheus_client`` from those counters and from
   :meth:`JobManager.status` (slots, jobs in flight, loop blocks, heartbeat
   gaps, subprocess pool, reconnects);
-- ``GET /status``: the same status as JSON.
+- ``GET /status``: the same status as JSON;
+- ``GET /``: a page for people (:mod:`emq_green.worker_page`).
 
 While the loop is blocked the endpoint cannot answer either: what it shows
 afterwards (``loop_blocks``, ``longest_heartbeat_gap``) is how you find out.
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import gevent
 
+from . import worker_page
 from .extensions import Extension
 from .jobs import Status
 
@@ -218,11 +220,13 @@ class MetricsExtension(Extension):
                 return _answer(start_response, "501 Not Implemented",
                                b"prometheus_client is not installed\n")
             return _answer(start_response, "200 OK", self._render(), self._content_type)
-        if path in ("/status", "/"):
+        if path in worker_page.PATHS:
+            return worker_page.serve(path, self._manager, start_response)
+        if path == "/status":
             assert self._manager is not None
             body = json.dumps(self._manager.status(), indent=1, sort_keys=True).encode()
             return _answer(start_response, "200 OK", body + b"\n", "application/json")
-        return _answer(start_response, "404 Not Found", b"try /metrics or /status\n")
+        return _answer(start_response, "404 Not Found", b"try /, /metrics or /status\n")
 
 
 def _answer(start_response: Any, status: str, body: bytes,

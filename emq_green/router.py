@@ -64,7 +64,7 @@ import json
 import logging
 import time
 from enum import Enum
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import gevent
 import gevent.event
@@ -149,6 +149,20 @@ class RouterState(str, Enum):
 Handler = Callable[[bytes, Message], None]
 
 
+class RouterObserver(Protocol):
+    """What :attr:`Router.observer` is told; each call is on the hot path and
+    must be O(1) (the dashboard appends to bounded deques)."""
+
+    def handed_over(self, queue: str, waited: float) -> None:
+        """A REQUEST went to a worker after ``waited`` s in the router."""
+
+    def replied(self, queue: str, latency: float) -> None:
+        """A REPLY came back ``latency`` s after its REQUEST was handed out."""
+
+    def worker_left(self, worker: Worker, dead: bool) -> None:
+        """A worker was removed: it said KBYE (draining) or went silent (dead)."""
+
+
 class Router:
     """An eMQP/1.0 router for emq-green, EventMQ's job managers and clients.
 
@@ -192,6 +206,8 @@ class Router:
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
+        self.observer: Optional[RouterObserver] = None
         #: True while the buffer is at a bound and the client socket is not read.
         self.frontend_paused = False
         #: Clients waiting for a job's result (the result-requested header).
@@ -560,6 +576,8 @@ class Router:
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
         orig = message.body[1] if len(message.body) > 1 else ""
         sent = self.workers[identity].in_flight.pop(orig, None)
+        if sent is not None and self.observer is not None:
+            self.observer.replied(sent.queue, time.monotonic() - sent.sent)
         if sent is not None and logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
@@ -593,6 +611,8 @@ class Router:
         """Remove a worker from every queue. Requests it had in flight are
         logged, as lost when it died, as still running there when it left."""
         self.routing.remove(worker)
+        if self.observer is not None:
+            self.observer.worker_left(worker, dead)
         log = logger.error if dead and worker.in_flight else logger.info
         log("router: worker %s removed (%s); %d request(s) in flight there%s", worker.log_name,
             reason, len(worker.in_flight),
@@ -671,7 +691,10 @@ class Router:
         if not self._send("backend", worker.identity, message):
             self._forget_worker(worker, "it cannot be reached", dead=True)
             return False
-        self.routing.sent(worker, request, queue, time.monotonic())
+        now = time.monotonic()
+        self.routing.sent(worker, request, queue, now)
+        if self.observer is not None:
+            self.observer.handed_over(queue, now - request.received)
         return True
 
     def _buffer(self, queue: str, request: Request) -> None:
@@ -759,4 +782,4 @@ class Router:
         return self.routing.show_workers()
 
 
-__all__ = ["Router", "RouterState", "Worker", "Request"]
+__all__ = ["Router", "RouterObserver", "RouterState", "Worker", "Request"]

@@ -95,6 +95,8 @@ class Settings:
     curve_secret_key_file: str = ""
     curve_server_key_file: str = ""
     curve_authorized_keys: str = ""
+    #: router: HOST:PORT of the dashboard page (empty: off; see dashboard.py)
+    dashboard_addr: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -196,6 +198,14 @@ def _to_directory(text: str) -> str:
     return text
 
 
+def _to_dashboard_addr(text: str) -> str:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (both loopback); empty turns it off."""
+    text = text.strip()
+    if text.isdigit():
+        text = ":" + text
+    return _to_http_addr(text)
+
+
 @dataclass(frozen=True)
 class _Spec:
     field: str
@@ -286,6 +296,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("curve_authorized_keys", ("--curve-authorized-keys",), _to_directory,
           "CURVE: directory of public certificates allowed in (router; re-read on "
           "SIGHUP) (default: none)"),
+    _Spec("dashboard_addr", ("--dashboard-addr",), _to_dashboard_addr,
+          "router: HOST:PORT (or PORT, on loopback) for the dashboard page (default: off)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

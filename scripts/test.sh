@@ -22,6 +22,16 @@ if ! .venv/bin/python -c "import eventmq"; then
   echo "test.sh: EventMQ 0.3.13 (the interop test peer) is not importable; not running" >&2
   exit 1
 fi
+# The dashboard's browser tests drive Debian's headless Chromium (no browser
+# download). Installed here when missing and apt is there; otherwise those
+# tests are skipped, with the reason listed by -rs.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  { $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
+      --no-install-recommends chromium; } >/dev/null 2>&1 \
+    || echo "test.sh: could not install chromium with apt-get; the browser tests will skip" >&2
+fi
 .venv/bin/ruff check emq_green tests scripts examples
 # gevent's monitor thread is one per process: the loop-block monitor tests
 # run in a process of their own (in a shared one, earlier tests' leftovers

@@ -11,16 +11,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emq_green"
 
 #: lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
-    {"__init__", "protocol", "lifecycle"},                      # wire values, state
+    {"__init__", "protocol", "lifecycle", "pages"},             # wire values, state, pages
     {"callables", "settings", "jobs", "curve"},                 # policy, settings, a job, keys
     {"records", "connection", "child", "zap"},                  # shared types, one socket
     {"extensions"},                                             # the contract for extensions
-    {"subprocess_pool", "monitor", "lifeline", "offload", "metrics"},  # the extensions
+    {"subprocess_pool", "monitor", "lifeline", "offload", "metrics",  # the extensions
+     "worker_page"},
     {"defaults"},                                               # the default extension list
     {"slots", "session"},                                       # the manager's parts
     {"routing", "results"},                                     # the router's books
     {"jobmanager", "router"},                                   # the job manager, the router
-    {"client", "submit", "client_results"},                     # sending jobs
+    {"client", "submit", "client_results", "dashboard"},        # clients, the dashboard
     {"cli", "demo"},                                            # command lines
 ]
 

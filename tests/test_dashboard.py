@@ -1,0 +1,239 @@
+"""The router's dashboard and the worker's page, over real sockets and HTTP
+(the browser tests are in test_dashboard_browser.py), the dashboard
+settings, and the Grafana dashboard's metric names against a live worker."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gevent
+import pytest
+from test_metrics import endpoint_manager, http_get
+from test_router import make_router, wait_until
+
+from emq_green.dashboard import RouterDashboard, parse_dashboard_addr, percentile
+from emq_green.protocol import Command
+from emq_green.settings import SettingsError, load_settings
+
+__all__ = ["endpoint_manager", "make_router"]
+
+GRAFANA = Path(__file__).resolve().parent.parent / "conf" / "grafana" / "emq-green.json"
+
+
+@pytest.fixture
+def dashboard_for(make_router):
+    made: list[RouterDashboard] = []
+
+    def make(**settings):
+        harness = make_router(**settings)
+        dashboard = RouterDashboard(harness.router, "127.0.0.1:0")
+        dashboard.start()
+        made.append(dashboard)
+        return harness, dashboard
+
+    yield make
+    for dashboard in made:
+        dashboard.stop()
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 0.5) is None
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([7.0], 0.99) == 7.0
+
+
+@pytest.mark.timeout(30)
+def test_snapshot_follows_workers_queues_latency_and_draining(dashboard_for):
+    harness, dashboard = dashboard_for()
+    worker = harness.worker(slots=2, name="dash-worker")
+    client = harness.peer("frontend", "dash-client")
+    sent = [harness.request(client, headers="reply-requested") for _ in range(3)]
+    wait_until(lambda: harness.router.waiting.get("default"), what="the third request waits")
+    got = [worker.recv(), worker.recv()]
+    assert {m.msgid for m in got} == {m.msgid for m in sent[:2]}
+
+    snap = dashboard.snapshot()
+    [row] = snap["workers"]
+    assert (row["identity"], row["state"], row["busy"], row["free"], row["handed_out"]) == (
+        "dash-worker", "connected", 2, 0, 2)
+    assert row["queues"] == [[10, "default"]]
+    [queue] = snap["queues"]
+    assert (queue["name"], queue["waiting"], queue["in_flight"], queue["handed_out"]) == (
+        "default", 1, 2, 2)
+    assert queue["latency_p50"] is None  # no reply yet
+    assert snap["handed_out"] == 2 and snap["waiting"] == 1
+    assert snap["status"]["waiting_messages_by_queue"] == {"default": 1}
+
+    gevent.sleep(0.05)  # so that the third request has waited measurably
+    worker.send(Command.REPLY, json.dumps({"value": 1}), got[0].msgid)
+    worker.send(Command.READY)
+    third = worker.recv()
+    assert third.msgid == sent[2].msgid
+    wait_until(lambda: dashboard.snapshot()["queues"][0]["latency_p50"] is not None,
+               what="a latency")
+    snap = dashboard.snapshot()
+    [queue] = snap["queues"]
+    assert queue["handed_out"] == 3 and queue["waiting"] == 0 and queue["replies"] == 1
+    assert queue["latency_p50"] >= 50.0  # the reply came after the 0.05 s sleep
+    assert queue["wait_p99"] >= 50.0  # the third request waited as long in the buffer
+    assert queue["wait_p50"] < queue["wait_p99"]
+
+    worker.send(Command.KBYE)
+    wait_until(lambda: not harness.router.workers, what="the worker to leave")
+    [row] = dashboard.snapshot()["workers"]
+    assert row["state"] == "draining" and row["identity"] == "dash-worker"
+    assert row["handed_out"] == 3
+
+
+@pytest.mark.timeout(30)
+def test_history_gives_the_rate_of_handed_out_jobs(dashboard_for):
+    harness, dashboard = dashboard_for()
+    worker = harness.worker(slots=50)
+    client = harness.peer("frontend")
+    dashboard._sample()
+    for _ in range(10):
+        harness.request(client)
+    wait_until(lambda: sum(harness.router.processed_by_queue.values()) == 10, what="10 sent")
+    gevent.sleep(0.01)
+    dashboard._sample()
+    snap = dashboard.snapshot()
+    assert snap["history"][-1][1] > 10  # 10 jobs in well under a second
+    assert snap["queues"][0]["rate"] == snap["history"][-1][1]
+    assert len(worker.pending()) == 10
+
+
+@pytest.mark.timeout(30)
+def test_http_page_json_and_methods(dashboard_for):
+    harness, dashboard = dashboard_for()
+    harness.worker(slots=1, name="http-worker")
+    host, port = dashboard.address
+    assert host == "127.0.0.1"
+    base = f"http://{host}:{port}"
+    page = http_get(base + "/")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    # self-contained: nothing fetched from elsewhere
+    assert not re.search(r"(src|href)=\"?(https?:)?//", page.text)
+    assert "<svg" in page.text and "dashboard.json" in page.text
+    data = http_get(base + "/dashboard.json").json()
+    status = harness.admin(Command.STATUS)
+    assert data["status"] == status
+    assert [w["identity"] for w in data["workers"]] == ["http-worker"]
+    post = gevent.get_hub().threadpool.apply(
+        __import__("requests").post, (base + "/dashboard.json",), {"timeout": 5})
+    assert post.status_code == 405
+    assert http_get(base + "/nope").status_code == 404
+    dashboard.stop()
+    assert harness.router.observer is None
+
+
+def test_dashboard_addr_setting(tmp_path: Path):
+    # load_settings swaps os.environ's contents, which moves the C environment;
+    # setproctitle, when first used after that, finds no room for a title
+    # (test_metrics' process-title test would then fail). Let it set up first.
+    setproctitle = pytest.importorskip("setproctitle")
+    setproctitle.getproctitle()
+
+    def loaded(argv, env=None):
+        return load_settings(argv, env or {"EVENTMQ_CONFIG_FILE": str(tmp_path / "none")},
+                             section="router")[0].dashboard_addr
+
+    assert loaded([]) == ""
+    assert loaded(["--dashboard-addr", "9400"]) == ":9400"
+    assert loaded(["--dashboard-addr", "0.0.0.0:9400"]) == "0.0.0.0:9400"
+    assert loaded([], {"EVENTMQ_DASHBOARD_ADDR": ":9401",
+                       "EVENTMQ_CONFIG_FILE": str(tmp_path / "none")}) == ":9401"
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text("[router]\ndashboard_addr = 127.0.0.1:9402\n")
+    assert loaded(["-C", str(conf)]) == "127.0.0.1:9402"
+    with pytest.raises(SettingsError, match="dashboard_addr"):
+        loaded(["--dashboard-addr", "here"])
+    assert parse_dashboard_addr(":9400") == ("127.0.0.1", 9400)
+    assert parse_dashboard_addr("0.0.0.0:9400") == ("0.0.0.0", 9400)
+
+
+@pytest.mark.timeout(30)
+def test_worker_page_at_root_status_stays_json(router, endpoint_manager):
+    manager, endpoint = endpoint_manager(concurrent_jobs=2, name="page-worker")
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    msgid = router.request(ident, "jobs_for_tests", "add", args=[1, 2],
+                           headers="reply-requested")
+    router.wait_reply(msgid)
+    page = http_get(endpoint.base + "/")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert not re.search(r"(src|href)=\"?(https?:)?//", page.text)
+    assert endpoint.status()["name"] == "page-worker"
+    data = http_get(endpoint.base + "/dashboard.json").json()
+    assert data["name"] == "page-worker"
+    assert data["pid_distribution"] == {str(data["pid"]): 1}
+    assert [(j["callable"], j["succeeded"]) for j in data["jobs"]] == [
+        ("jobs_for_tests.add", 1)]
+
+
+def grafana_expressions() -> list[str]:
+    dashboard = json.loads(GRAFANA.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"]]
+    return exprs
+
+
+@pytest.mark.timeout(30)
+def test_grafana_panels_name_only_metrics_a_live_worker_exports(router, endpoint_manager):
+    manager, endpoint = endpoint_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    router.wait_reply(router.request(ident, "jobs_for_tests", "add", args=[1, 2],
+                                     headers="reply-requested"))
+    text = http_get(endpoint.base + "/metrics").text
+    exported = set(re.findall(r"^(emq_green_\w+)", text, re.M))
+    for name, kind in re.findall(r"^# TYPE (emq_green_\w+) (\w+)", text, re.M):
+        exported.add(name)  # families that have no sample yet (no loop block so far)
+        if kind == "counter":
+            exported.add(name if name.endswith("_total") else name + "_total")
+        if kind == "histogram":
+            exported.update(name + s for s in ("_bucket", "_sum", "_count"))
+    assert "emq_green_job_duration_seconds_bucket" in exported  # the scrape is real
+    exprs = grafana_expressions()
+    assert len(exprs) >= 10
+    used = {name for e in exprs for name in re.findall(r"\b(emq_green_\w+)", e)}
+    assert used - exported == set(), f"panels name metrics that do not exist: {used - exported}"
+    assert {"emq_green_jobs_finished_total", "emq_green_job_duration_seconds_bucket",
+            "emq_green_free_slots", "emq_green_loop_blocks_total"} <= used
+
+
+@pytest.mark.timeout(60)
+def test_standalone_serves_the_dashboard_from_the_environment(tmp_path: Path):
+    import requests
+    from test_client import BIN, Stack, free_ports
+    from test_client import wait_until as wait_real
+
+    stack = Stack(tmp_path)
+    port, = free_ports(1)
+    try:
+        stack.spawn("standalone", [str(BIN / "emq-green"), "--standalone", "-J", "3",
+                                   "-n", "solo", "--frontend-addr", stack.front,
+                                   "--backend-addr", stack.back,
+                                   "--administrative-addr", stack.admin],
+                    EVENTMQ_DASHBOARD_ADDR=str(port))
+        stack.wait_for_worker(slots=3)
+        url = f"http://127.0.0.1:{port}/dashboard.json"
+        found: dict = {}
+
+        def shown() -> bool:
+            found.update(requests.get(url, timeout=5).json())
+            return any(w["free"] == 3 for w in found["workers"])
+
+        wait_real(shown, 20, "the worker on the standalone dashboard")
+        [worker] = found["workers"]
+        assert worker["identity"].startswith("solo:") and worker["state"] == "connected"
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith(
+            "<!doctype html>")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs()}") from None
+    finally:
+        stack.close()
