@@ -96,7 +96,7 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
         assert number(second, "handed-out") > handed_first
         worker_second = look(worker_url)
         assert number(worker_second, "done") > done_first
-        assert chart_points(second) >= 3, "the router's chart has no line"
+        assert chart_points(second) >= 2, "the router's chart has no line"
         assert chart_points(worker_second) >= 2, "the worker's chart has no line"
         identity = next(w for w in admin_request(stack.admin, Command.ROUTER_SHOW_WORKERS)
                         ["connected_workers"])
@@ -117,6 +117,7 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
 
         wait_until(worker_done, 20, "the worker's books to settle")
         final = look(router_url)
+        assert chart_points(final) > chart_points(second), "the router's chart did not grow"
         status = admin_request(stack.admin, Command.STATUS)
         assert number(final, "handed-out") == sum(status["processed_messages_by_queue"].values())
         assert number(final, "handed-out") == JOBS
