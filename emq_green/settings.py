@@ -425,19 +425,13 @@ def load_settings(
     parser = build_parser(section, config_file, prog)
     if extra_arguments:
         extra_arguments(parser)
-    # configargparse reads os.environ itself; hand it the mapping we were given
-    saved = os.environ.copy()
+    # the mapping we were given, not os.environ (which is never changed: a
+    # swap would be seen by other threads, and by setproctitle)
     try:
-        os.environ.clear()
-        os.environ.update(environ)
-        try:
-            ns = parser.parse_args(argv)
-        except configargparse.ConfigFileParserException as exc:
-            raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
-        sources = _sources(parser)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        ns = parser.parse_args(argv, env_vars=environ)
+    except configargparse.ConfigFileParserException as exc:
+        raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
+    sources = _sources(parser)
 
     values: dict[str, Any] = {"config_file": config_file}
 
