@@ -30,7 +30,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,21 +45,12 @@ import zmq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import free_ports  # noqa: E402
+
 from emq_green.client import Client  # noqa: E402
 from emq_green.protocol import Command, Message  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def admin(addr: str, command: Command, timeout: float = 2.0) -> Optional[dict[str, Any]]:

@@ -23,7 +23,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,22 +34,13 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import free_ports  # noqa: E402
+
 from emq_green.client import Client  # noqa: E402
 from emq_green.curve import ClientCurve, create_key_pair  # noqa: E402
 from emq_green.protocol import Command, Message  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def count_lines(path: Path) -> int:
