@@ -12,16 +12,22 @@ ask never gets one.
 
 When a result cannot be delivered the client is told, best effort, with
 ``REPLY [{"lost": reason}, orig_msgid]``: the job may have run, its result
-is gone. :class:`PendingResults` is the bounded map behind this; it knows no
-sockets (the router sends).
+is gone. :class:`PendingResults` is the bounded map behind this;
+:class:`ResultRelay` forwards and reports through a send function the router
+gives it (the client socket's), so neither knows a socket.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
+
+from .protocol import Command, Message, printable
+
+logger = logging.getLogger(__name__)
 
 #: the REQUEST header asking emq-green's router to forward the result
 RESULT_HEADER = "result-requested"
@@ -130,4 +136,62 @@ class PendingResults:
         }
 
 
-__all__ = ["RESULT_HEADER", "PendingResults", "result_requested_in", "lost_body"]
+class ResultRelay:
+    """Results to the clients that asked for them, through ``send`` (the
+    router's send on the client socket: ``(identity, message) -> delivered``).
+
+    :attr:`pending` is the bounded map; every result that cannot come is
+    reported to its client, best effort, and logged with its msgid.
+    """
+
+    def __init__(self, pending: PendingResults,
+                 send: Callable[[bytes, Message], bool]) -> None:
+        self.pending = pending
+        self._send = send
+
+    def remember(self, msgid: str, client: bytes, now: float) -> None:
+        """``client`` waits for ``msgid``'s result; a full map evicts the oldest."""
+        evicted = self.pending.add(msgid, client, now)
+        if evicted is not None:
+            self.lost(*evicted, EVICTED)
+
+    def forward(self, message: Message) -> None:
+        """The worker's REPLY body, unchanged, to the client that asked for it."""
+        if len(message.body) != 2:
+            return
+        client = self.pending.pop(message.body[1])
+        if client is None:
+            return
+        if self._send(client, Message.new(Command.REPLY, *message.body)):
+            self.pending.forwarded += 1
+        else:
+            self.pending.dropped[CLIENT_GONE] += 1
+            logger.warning("router: the result of %s was dropped: client %s is gone or "
+                           "not reading", printable(message.body[1]), printable(client))
+
+    def lost(self, msgid: str, client: bytes, reason: str) -> None:
+        """Tell ``client`` that the result of ``msgid`` will not come."""
+        logger.warning("router: the result of %s for client %s was dropped (%s)",
+                       printable(msgid), printable(client), reason)
+        self._send(client, Message.new(Command.REPLY, lost_body(reason), msgid))
+
+    def worker_lost(self, msgid: str) -> None:
+        """The worker running ``msgid`` was removed as dead."""
+        client = self.pending.drop(msgid, WORKER_LOST)
+        if client is not None:
+            self.lost(msgid, client, WORKER_LOST)
+
+    def expire(self, now: float) -> None:
+        """Report the results past ``result_ttl``."""
+        if self.pending:
+            for msgid, client in self.pending.expire(now):
+                self.lost(msgid, client, EXPIRED)
+
+    def stop(self) -> None:
+        """The router stops: every pending result is reported lost."""
+        for msgid, client in self.pending.clear(STOPPING):
+            self.lost(msgid, client, STOPPING)
+
+
+__all__ = ["RESULT_HEADER", "PendingResults", "ResultRelay", "result_requested_in",
+           "lost_body"]

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
      "worker_page"},
     {"defaults"},                                               # the default extension list
     {"slots", "session"},                                       # the manager's parts
-    {"routing", "results"},                                     # the router's books
+    {"routing", "results", "router_sockets", "router_workers"},  # the router's parts
     {"jobmanager", "router"},                                   # the job manager, the router
     {"client", "submit", "client_results", "dashboard"},        # clients, the dashboard
     {"cli", "demo"},                                            # command lines

@@ -386,8 +386,8 @@ def test_request_to_an_unreachable_worker_is_dispatched_to_the_next(make_router,
     dead.close()  # gone without a KBYE: the router still counts its slot
     # wait until ZeroMQ has dropped the connection: the router's one send
     # path then reports the peer as unreachable (a heartbeat as the probe)
-    wait_until(lambda: not h.router._send("backend", dead.identity,
-                                          Message.new(Command.HEARTBEAT, "probe")),
+    wait_until(lambda: not h.router.sockets.send("backend", dead.identity,
+                                                 Message.new(Command.HEARTBEAT, "probe")),
                timeout=10, what="the dead worker's connection dropped")
     assert dead.identity in h.router.workers and h.slots(dead) == 1
     client = h.peer("frontend")

@@ -164,7 +164,7 @@ def test_requests_buffered_or_unread_at_stop_are_logged_and_counted(make_router,
     sent = [h.request(client) for _ in range(4)]
     wait_until(lambda: h.router.frontend_paused, what="paused")
     # wait until the two unread ones are queued in the router's socket
-    wait_until(lambda: h.router._sockets["frontend"].green.get(zmq.EVENTS) & zmq.POLLIN,
+    wait_until(lambda: h.router.sockets.has_unread("frontend"),
                what="unread requests queued")
     assert h.router.stop(timeout=5)
     assert h.router.dropped_by_reason == {"stopping": 2, "unread": 2}

@@ -1,0 +1,309 @@
+"""The router's three ROUTER sockets: binding, reading, decoding, sending.
+
+:class:`RouterSockets` owns the frontend (clients), backend (workers) and
+administrative sockets. Each is read by exactly one greenlet, which decodes
+every message once and passes it to the handler its command has in that
+socket's table; nothing here knows what a command means. Every send goes
+through :meth:`RouterSockets.send`, which never waits and reports a
+vanished peer (ROUTER_MANDATORY's EHOSTUNREACH) or a full pipe as False.
+
+What is refused before any handler sees it, logged and counted:
+
+* a message over ``max_message_size`` in all (ZeroMQ's MAXMSGSIZE checks
+  single frames, and not at all over ``inproc://``);
+* a message that is not eMQP/1.0 (:class:`~emq_green.protocol.ProtocolError`);
+* a command the socket's table does not list.
+
+Backpressure is decided by the router; here it is carried out: while
+:attr:`RouterSockets.frontend_paused` the client socket is not read, so what
+clients send waits in ZeroMQ's queues and their sends block at the
+high-water marks.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import gevent
+import gevent.event
+import zmq
+import zmq.green
+
+from .curve import ServerCurve
+from .protocol import Command, Message, ProtocolError, printable, split_identity
+from .routing import UNLIMITED
+from .settings import Settings
+from .zap import ZapHandler
+
+logger = logging.getLogger(__name__)
+
+# Messages a reader handles in a row before it lets other greenlets run.
+_READ_BATCH = 256
+_NOBLOCK = int(zmq.NOBLOCK)
+# Unread requests logged one by one when the router stops; beyond, only counted.
+_UNREAD_LOG_LIMIT = 10_000
+
+#: a handler: (sender identity, message)
+Handler = Callable[[bytes, Message], None]
+#: on the backend, called before the handler; False drops the message
+Gate = Callable[[bytes, Message], bool]
+
+
+class RouterSocket:
+    """One ROUTER socket: a ``zmq.green`` socket to wait on, and a plain shadow
+    of the same socket for the non-blocking calls.
+
+    zmq.green's per-frame wrappers cost more than the routing itself, so
+    sends and the draining of already-queued messages use the plain shadow.
+    ZeroMQ's wake-up signal is edge-triggered: after each plain send the green
+    socket re-reads its state (``get(EVENTS)``), as zmq.green does after its
+    own sends, so the one greenlet waiting to read never misses a message.
+    """
+
+    def __init__(self, green: Any) -> None:
+        self.green = green
+        self.plain = zmq.Socket.shadow(green.underlying)
+
+    def send(self, frames: list[bytes]) -> None:
+        try:
+            self.plain.send_multipart(frames, _NOBLOCK)
+        finally:
+            self.green.get(zmq.EVENTS)
+
+    def receive(self) -> Iterator[list[bytes]]:
+        """Wait for one message, then yield what is already queued (a batch)."""
+        yield self.green.recv_multipart()
+        for _ in range(_READ_BATCH):
+            try:
+                yield self.plain.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return
+
+    def has_unread(self) -> bool:
+        """Whether a message waits in ZeroMQ's queue, not read yet."""
+        return bool(self.green.get(zmq.EVENTS) & zmq.POLLIN)
+
+    def close(self) -> None:
+        self.green.close(linger=0)
+
+
+class RouterSockets:
+    """The router's sockets and the greenlets that read them.
+
+    ``counters`` and ``dropped_by_reason`` are the router's (STATUS shows
+    them): ``malformed_messages``, ``oversized_messages``,
+    ``unexpected_messages`` and ``frontend_pauses`` are counted in the first;
+    REQUESTs dropped here (``malformed``, ``oversized``, ``error``,
+    ``unread``) in the second.
+    """
+
+    def __init__(self, *, context: Any, settings: Settings,
+                 counters: collections.Counter[str],
+                 dropped_by_reason: collections.Counter[str]) -> None:
+        self.settings = settings
+        self._context = context
+        self._counters = counters
+        self._dropped = dropped_by_reason
+        size = settings.max_message_size
+        self._max_size = size if size >= 0 else UNLIMITED
+        self._debug = settings.super_debug
+        self._sockets: dict[str, RouterSocket] = {}
+        #: Bound addresses: frontend, backend, administrative.
+        self.endpoints: dict[str, str] = {}
+        #: True while the client socket is not read (backpressure).
+        self.frontend_paused = False
+        self._frontend_open = gevent.event.Event()
+        self._frontend_open.set()
+        #: False once :meth:`close` ran: a read error then is the close, not a fault.
+        self.open = False
+
+    def bind(self, binds: Mapping[str, tuple[str, ...]], curve: Optional[ServerCurve],
+             zap: Optional[ZapHandler]) -> None:
+        """Make and bind one socket per name; OSError naming the address that
+        could not be bound (every socket made so far is closed again)."""
+        s = self.settings
+        name, addr = "", ""
+        try:
+            for name, addrs in binds.items():
+                sock = self._context.socket(zmq.ROUTER)
+                self._sockets[name] = RouterSocket(sock)
+                if curve is not None and zap is not None:
+                    curve.apply(sock)  # inproc:// peers are not asked (libzmq)
+                    zap.watch(name, sock)
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                sock.setsockopt(zmq.SNDHWM, s.hwm)
+                sock.setsockopt(zmq.RCVHWM, s.hwm)
+                sock.setsockopt(zmq.LINGER, 0)
+                # per frame; libzmq disconnects a peer that sends a bigger one
+                sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_size)
+                for addr in addrs:
+                    sock.bind(addr)
+                    self.endpoints.setdefault(
+                        name, sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"router: cannot bind {name} address {addr}: {exc}") from exc
+        self.open = True
+
+    def readers(self, tables: Mapping[str, Mapping[Command, Handler]],
+                gate: Gate) -> list[gevent.Greenlet]:
+        """One reader greenlet per socket; ``gate`` sees every backend message first."""
+        return [gevent.spawn(self._read_loop, name, table, gate if name == "backend" else None)
+                for name, table in tables.items()]
+
+    def has_unread(self, name: str) -> bool:
+        sock = self._sockets.get(name)
+        return sock is not None and sock.has_unread()
+
+    # ------------------------------------------------------------------
+    # backpressure
+
+    def pause_clients(self, why: str) -> None:
+        """Stop reading the client socket (once; the next call is a no-op)."""
+        if self.frontend_paused:
+            return
+        self.frontend_paused = True
+        self._frontend_open.clear()
+        self._counters["frontend_pauses"] += 1
+        logger.warning("router: %s: not reading clients until workers take jobs (pause %d)",
+                       why, self._counters["frontend_pauses"])
+
+    def resume_clients(self, why: str) -> None:
+        """Read the client socket again."""
+        self.frontend_paused = False
+        self._frontend_open.set()
+        logger.info("router: reading clients again (%s)", why)
+
+    # ------------------------------------------------------------------
+    # sending
+
+    def send(self, name: str, identity: bytes, message: Message) -> bool:
+        """Send without waiting; False when the peer is gone or its pipe is full."""
+        sock = self._sockets.get(name)
+        if sock is None:
+            return False
+        if self._debug and not (
+            self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
+        ):
+            logger.debug("%s -> %r: %s %s %s", name, identity, message.command.value,
+                         printable(message.msgid), message.body)
+        try:
+            sock.send([identity, *message.frames()])
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                return False
+            raise
+
+    # ------------------------------------------------------------------
+    # reading
+
+    def _read_loop(self, name: str, table: Mapping[Command, Handler],
+                   gate: Optional[Gate]) -> None:
+        sock = self._sockets[name]
+        frontend = name == "frontend"
+        while True:
+            if frontend and self.frontend_paused:
+                self._frontend_open.wait()
+                continue
+            try:
+                for frames in sock.receive():
+                    self._handle(name, table, gate, frames)
+                    if frontend and self.frontend_paused:
+                        break
+            except zmq.ZMQError as exc:
+                if self.open:
+                    logger.error("router: reading the %s socket failed: %s", name, exc)
+                return
+            gevent.sleep(0)  # a full batch: let the other greenlets run
+
+    def _handle(self, name: str, table: Mapping[Command, Handler], gate: Optional[Gate],
+                frames: list[bytes]) -> None:
+        if sum(map(len, frames)) > self._max_size:
+            self._drop_oversized(name, frames)
+            return
+        try:
+            identity, rest = split_identity(frames)
+            message = Message.parse(rest)
+        except ProtocolError as exc:
+            self._drop_malformed(name, frames, exc)
+            return
+        if self._debug and not (
+            self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
+        ):
+            logger.debug("%s <- %r: %s %s %s", name, identity,
+                         message.command.value, printable(message.msgid), message.body)
+        if gate is not None and not gate(identity, message):
+            return
+        handler = table.get(message.command)
+        if handler is None:
+            self._counters["unexpected_messages"] += 1
+            logger.warning("router: ignored %s on the %s socket", message.command.value, name)
+            return
+        try:
+            handler(identity, message)
+        except Exception:
+            if message.command is Command.REQUEST and name == "frontend":
+                self._dropped["error"] += 1
+            logger.exception("router: error handling %s %s", message.command.value,
+                             printable(message.msgid))
+
+    def _drop_malformed(self, name: str, frames: list[bytes], exc: ProtocolError) -> None:
+        self._counters["malformed_messages"] += 1
+        # [identity, '', version, COMMAND, MSGID, ...]
+        if name == "frontend" and len(frames) > 4 and frames[3] == b"REQUEST":
+            self._dropped["malformed"] += 1
+            logger.error("router: dropped a malformed REQUEST %s from %s: %s",
+                         printable(frames[4]), printable(frames[0]), printable(exc, 200))
+            return
+        logger.warning("router: dropped a malformed message on the %s socket: %s",
+                       name, printable(exc, 200))
+
+    def _drop_oversized(self, name: str, frames: list[bytes]) -> None:
+        self._counters["oversized_messages"] += 1
+        command = frames[3] if len(frames) > 3 else b"?"
+        if command == b"REQUEST" and name == "frontend":
+            self._dropped["oversized"] += 1
+        logger.error("router: dropped an oversized message on the %s socket from %s: "
+                     "%s %s, %d bytes (max_message_size %d)", name,
+                     printable(frames[0]), printable(command, 40),
+                     printable(frames[4]) if len(frames) > 4 else "(no msgid)",
+                     sum(map(len, frames)), self.settings.max_message_size)
+
+    # ------------------------------------------------------------------
+    # the end
+
+    def drop_unread_requests(self) -> None:
+        """Log the REQUESTs still queued in the client socket (not read yet,
+        e.g. while reading was paused): closing the socket drops them."""
+        sock = self._sockets.get("frontend")
+        if sock is None:
+            return
+        unread = 0
+        while True:
+            try:
+                frames = sock.plain.recv_multipart(_NOBLOCK)
+            except zmq.ZMQError:
+                break
+            if len(frames) < 5 or frames[3] != b"REQUEST":
+                continue
+            unread += 1
+            self._dropped["unread"] += 1
+            if unread <= _UNREAD_LOG_LIMIT:
+                logger.error("router stopping: unread REQUEST %s dropped", printable(frames[4]))
+        if unread:
+            logger.error("router stopping: %d unread REQUEST(s) dropped in all%s", unread,
+                         f" ({unread - _UNREAD_LOG_LIMIT} not logged one by one)"
+                         if unread > _UNREAD_LOG_LIMIT else "")
+
+    def close(self) -> None:
+        self.open = False
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+
+__all__ = ["Gate", "Handler", "RouterSocket", "RouterSockets"]
