@@ -93,6 +93,13 @@ def main(argv: "list[str] | None" = None) -> int:
         return _standalone(settings, router_settings, lambda: load()[0])
     if not _curve_ok(settings):
         return 2
+    if settings.dashboard_addr:
+        import logging
+
+        logging.getLogger("emq_green.cli").warning(
+            "dashboard_addr (%s) is ignored: the dashboard is the router's (emq-green-router "
+            "or emq-green --standalone); a worker's page is served at --metrics-addr",
+            settings.dashboard_addr)
     manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
     tune_gc()
     manager.serve_forever()

@@ -162,6 +162,13 @@ def test_sigusr1_logs_a_status_dump(router, worker_factory, tmp_path):
     assert "clijobs.marked_nap" in text
 
 
+def test_dashboard_addr_on_a_plain_worker_is_named_as_ignored(router, worker_factory):
+    w = worker_factory(*fast(router), "--dashboard-addr", "127.0.0.1:1")
+    router.wait_inform(timeout=20)
+    [line] = [x for x in w.wait_log("dashboard_addr").splitlines() if "dashboard_addr" in x]
+    assert "WARNING" in line and "is ignored" in line and "--metrics-addr" in line
+
+
 def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path):
     conf = tmp_path / "eventmq.conf"
     conf.write_text('[jobmanager]\nqueues = [[10, "default"]]\n')
