@@ -394,33 +394,22 @@ class JobManager:
             link.end(stopping=self._stop_mode is not None)
 
     def _shutdown(self) -> None:
-        """Drain (graceful) or kill (now), then leave."""
-        link = self._link
-        conn = link.outgoing
+        """KBYE; drain (graceful) or not (now); kill what is left; leave."""
         was_running = self.state is State.RUNNING
         self._set_state(State.DRAINING)
         if was_running:
-            link.say_kbye()
+            self._link.say_kbye()
         if self._stop_mode is StopMode.GRACEFUL:
             grace = self.settings.kill_grace_period
-            deadline = time.monotonic() + grace
-            # REQUESTs the router sent before it saw the KBYE still arrive:
-            # read until it has been quiet for heartbeat_timeout (not past the
-            # grace period), as after a reload.
-            quiet = min(self.settings.heartbeat_timeout, grace)
-            since = time.monotonic()
             logger.info("draining: %d job(s) running, waiting up to %g s",
                         len(self.jobs_in_flight), grace)
-            while time.monotonic() < deadline and self._stop_mode is StopMode.GRACEFUL:
-                if not self.jobs_in_flight and not link.retiring and (
-                        conn is None or not was_running or link.quiet(conn, quiet, since) <= 0):
-                    break
-                self._wake.clear()
-                self._wake.wait(0.05)
+            self._link.drain(grace, requests_may_come=was_running,
+                             busy=lambda: bool(self.jobs_in_flight),
+                             keep_waiting=lambda: self._stop_mode is StopMode.GRACEFUL)
         if self.jobs_in_flight:
             logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
             self._slots.kill_all()
-        link.stop_reading()
+        self._link.stop_reading()
 
     # ------------------------------------------------------------------
     # requests and their ends

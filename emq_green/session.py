@@ -223,6 +223,25 @@ class RouterLink:
             return 0.0
         return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
 
+    def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], bool],
+              keep_waiting: Callable[[], bool]) -> None:
+        """Wait, after a stop's KBYE, until nothing is ``busy()``, no retired
+        connection is still read and (when ``requests_may_come``: the KBYE
+        left a connection the router used) the router has been quiet on the
+        current connection for ``heartbeat_timeout``: REQUESTs it sent before
+        it saw the KBYE still arrive, and run. At most ``grace`` seconds, and
+        only while ``keep_waiting()``."""
+        conn = self.outgoing if requests_may_come else None
+        deadline = time.monotonic() + grace
+        quiet = min(self._settings().heartbeat_timeout, grace)
+        since = time.monotonic()
+        while time.monotonic() < deadline and keep_waiting():
+            if not busy() and not self.retiring and (
+                    conn is None or self.quiet(conn, quiet, since) <= 0):
+                return
+            self._wake.clear()
+            self._wake.wait(0.05)
+
     def say_kbye(self) -> None:
         if self.outgoing is not None:
             self.outgoing.send(Message.new(Command.KBYE))
