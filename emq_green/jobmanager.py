@@ -503,31 +503,18 @@ class JobManager:
     # status
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        conn = self.outgoing
-        slots = self._slots
+        """What the SIGUSR1 dump, the metrics and the worker page show: the
+        extensions' keys, then the manager's, the link's and the slots'."""
         return {
             **self._hooks.status(),
             "name": self.name,
             "version": __version__,
             "state": self.state.value,
-            "router": conn.addr if conn else None,
-            "identity": conn.identity if conn else None,
             "concurrent_jobs": self.concurrent_jobs,
-            "free_slots": self.free_slots,
-            "ready_outstanding": conn.ready_outstanding if conn else 0,
-            "retiring_connections": len(self._link.retiring),
-            "backlog": len(slots.backlog),
-            "greenlets": len(slots.pool),
-            "total_requests": self.total_requests,
-            "total_ready_sent": self.total_ready_sent,
+            **self._link.status(),
             "pid_distribution": dict(self.pid_distribution),
             "counters": dict(self.counters),
-            "jobs_in_flight": [
-                {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,
-                 "age": round(now - r.started, 3)}
-                for r in sorted(slots.jobs_in_flight.values(), key=lambda r: r.started)
-            ],
+            **self._slots.status(time.monotonic()),
         }
 
     def log_status(self) -> None:

@@ -115,6 +115,19 @@ class RouterLink:
         self._max_size = settings.max_message_size
         self._debug_log = settings.super_debug
 
+    def status(self) -> dict[str, Any]:
+        """The current connection (router address, identity, READYs
+        outstanding), retired connections still read, and the totals."""
+        conn = self.outgoing
+        return {
+            "router": conn.addr if conn else None,
+            "identity": conn.identity if conn else None,
+            "ready_outstanding": conn.ready_outstanding if conn else 0,
+            "retiring_connections": len(self.retiring),
+            "total_requests": self.total_requests,
+            "total_ready_sent": self.total_ready_sent,
+        }
+
     # ------------------------------------------------------------------
     # connections
 

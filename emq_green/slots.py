@@ -76,6 +76,20 @@ class JobSlots:
         """Slots not taken by a job in flight."""
         return self.concurrent_jobs - len(self.jobs_in_flight)
 
+    def status(self, now: float) -> dict[str, Any]:
+        """Free slots, backlog, job greenlets, and the jobs in flight oldest
+        first (their ages at ``now``, a ``time.monotonic()`` value)."""
+        return {
+            "free_slots": self.free(),
+            "backlog": len(self.backlog),
+            "greenlets": len(self.pool),
+            "jobs_in_flight": [
+                {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,
+                 "age": round(now - r.started, 3)}
+                for r in sorted(self.jobs_in_flight.values(), key=lambda r: r.started)
+            ],
+        }
+
     # ------------------------------------------------------------------
     # admission
 
