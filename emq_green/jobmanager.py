@@ -40,11 +40,10 @@ import gevent.event
 import zmq.green as zmq
 
 from . import __version__
-from .callables import CallablePolicy
 from .connection import Connection
 from .defaults import default_extensions
 from .extensions import Extension, HookRegistry
-from .jobs import JobOutcome, JobRunner, Status, import_dotted
+from .jobs import JobOutcome, Status
 from .lifecycle import Lifecycle, install_signal_handlers
 from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
@@ -210,21 +209,11 @@ class JobManager:
 
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
-        try:
-            entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
-            exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
-        except ImportError as exc:
-            raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        self._slots.configure_from(settings)  # first: it may raise SettingsError
         self.settings = settings
-        self.name = settings.name
-        self._lifecycle.label = self.name
+        self.name = self._lifecycle.label = settings.name
         self.queues = settings.queues
         self.concurrent_jobs = settings.concurrent_jobs
-        self._slots.configure(
-            concurrent_jobs=settings.concurrent_jobs,
-            runner=JobRunner(global_timeout=settings.global_timeout, entry_func=entry,
-                             exit_func=exit_, deadlines=self._slots.runner.deadlines),
-            policy=CallablePolicy(settings.allowed_callables))
         self._link.configure(settings)
 
     def _reload_settings(self) -> None:

@@ -22,9 +22,10 @@ import gevent.pool
 
 from .callables import NOT_ALLOWED, CallablePolicy
 from .extensions import HookRegistry
-from .jobs import JobOutcome, JobRunner, Status
+from .jobs import JobOutcome, JobRunner, Status, import_dotted
 from .protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
 from .records import STATUS_KEYS, JobRecord
+from .settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,21 @@ class JobSlots:
         self.concurrent_jobs = concurrent_jobs
         self.runner = runner
         self.policy = policy
+
+    def configure_from(self, settings: Settings) -> None:
+        """Slots, runner (timeouts, ``job_entry_func``/``job_exit_func``) and
+        allowed callables from ``settings``; unchanged when a function cannot
+        be imported (:class:`SettingsError`)."""
+        try:
+            entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
+            exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
+        except ImportError as exc:
+            raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        self.configure(
+            concurrent_jobs=settings.concurrent_jobs,
+            runner=JobRunner(global_timeout=settings.global_timeout, entry_func=entry,
+                             exit_func=exit_, deadlines=self.runner.deadlines),
+            policy=CallablePolicy(settings.allowed_callables))
 
     def free(self) -> int:
         """Slots not taken by a job in flight."""
