@@ -28,9 +28,11 @@ jobs get ``kill_grace_period``; what is left is killed (their replies say
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
@@ -304,20 +306,15 @@ class JobManager:
         self._request_stop(StopMode.GRACEFUL)
 
     def _install_signals(self) -> None:
-        import signal
-
-        def stop(_signum: int = 0) -> None:
+        def stop() -> None:
             logger.info("signal received: stopping%s",
                         " at once" if self._stop_mode else " gracefully")
             self._request_stop(StopMode.GRACEFUL)
 
         self._signal_handlers = install_signal_handlers({
-            signal.SIGTERM: stop,
-            signal.SIGINT: stop,
-            signal.SIGQUIT: lambda: self._request_stop(StopMode.GRACEFUL),
-            signal.SIGHUP: self.reload,
-            signal.SIGUSR1: self.log_status,
-        })
+            signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.reload,
+            signal.SIGQUIT: functools.partial(self._request_stop, StopMode.GRACEFUL),
+            signal.SIGUSR1: self.log_status})
 
     # ------------------------------------------------------------------
     # the supervisor: connect, serve, reconnect, leave
@@ -508,14 +505,18 @@ class JobManager:
 
     def log_status(self) -> None:
         """The SIGUSR1 dump: counters, then jobs in flight oldest first."""
-        status = self.status()
-        jobs = status.pop("jobs_in_flight")
-        logger.info("status: %s", json.dumps(status, sort_keys=True))
-        for job in jobs[:200]:
-            logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
-                        job["msgid"], job["queue"])
-        if len(jobs) > 200:
-            logger.info("  ... and %d more", len(jobs) - 200)
+        _log_status(self.status())
+
+
+def _log_status(status: dict[str, Any], most: int = 200) -> None:
+    """Log ``status`` as one JSON line, then up to ``most`` of its jobs in flight."""
+    jobs = status.pop("jobs_in_flight")
+    logger.info("status: %s", json.dumps(status, sort_keys=True))
+    for job in jobs[:most]:
+        logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
+                    job["msgid"], job["queue"])
+    if len(jobs) > most:
+        logger.info("  ... and %d more", len(jobs) - most)
 
 
 def jobmanager_main(broker_addr: Optional[str] = None) -> None:
