@@ -80,6 +80,10 @@ def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional
     return overrides
 
 
+#: the callbacks :meth:`JobManager.handle_response` may name (called through
+#: the manager, so a subclass's overrides run)
+_CALLBACKS = frozenset({"worker_done", "worker_done_with_reply", "worker_death"})
+
 #: logged at start when allowed_callables is unset
 _OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable this process "
                  "can import (os.system included). Set allowed_callables (INI key, "
@@ -158,11 +162,6 @@ class JobManager:
         self._main: Optional[gevent.Greenlet] = None
         self._stopped = gevent.event.Event()
         self._signal_handlers: list[Any] = []
-        self._callbacks: dict[str, Callback] = {
-            "worker_done": self.worker_done,
-            "worker_done_with_reply": self.worker_done_with_reply,
-            "worker_death": self.worker_death,
-        }
 
     # ------------------------------------------------------------------
     # the members EventMQ documents, and the view extensions get
@@ -218,20 +217,24 @@ class JobManager:
         self.concurrent_jobs = settings.concurrent_jobs
         self._link.configure(settings)
 
-    def _reload_settings(self) -> None:
+    def _reload_if_asked(self) -> bool:
+        """When a reload was asked for: re-read the settings, if there is a
+        source (a bad one keeps the current settings), and return True."""
+        if not self._reload_requested:
+            return False
+        self._reload_requested = False
         if self._settings_loader is None:
             logger.info("SIGHUP: no settings source to re-read; reconnecting only")
-            self._hooks.notify("reload")
-            return
-        try:
-            new = self._settings_loader()
-            self._apply_settings(new.replace(name=self.name))
-        except SettingsError as exc:
-            logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-            return
+        else:
+            try:
+                self._apply_settings(self._settings_loader().replace(name=self.name))
+            except SettingsError as exc:
+                logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
+                return True
+            logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
+                        queues_json(self.queues), self.concurrent_jobs)
         self._hooks.notify("reload")
-        logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
-                    queues_json(self.queues), self.concurrent_jobs)
+        return True
 
     # ------------------------------------------------------------------
     # lifecycle
@@ -342,9 +345,7 @@ class JobManager:
 
         A reload asked for while the INFORM waits for its ACK is done once
         the connection is up (or before the next one)."""
-        if self._reload_requested:
-            self._reload_requested = False
-            self._reload_settings()
+        self._reload_if_asked()
         link = self._link
         self._set_state(State.CONNECTING)
         link.open(addr, self.name, self.queues, self._slots.pid)
@@ -361,9 +362,7 @@ class JobManager:
                 # ACK must not hide a reload asked for meanwhile
                 if self._stop_mode is not None:
                     return
-                if self._reload_requested:
-                    self._reload_requested = False
-                    self._reload_settings()
+                if self._reload_if_asked():
                     self.counters["reloads"] += 1
                     self._hooks.notify("disconnected", "settings reloaded")
                     link.retire()
@@ -430,11 +429,11 @@ class JobManager:
         "worker_death", "msgid", "return", "pid", "death"}``) and call its
         callback, after the job left :attr:`jobs_in_flight`. Greenlet and
         subprocess jobs go through the same accounting."""
-        callback = self._callbacks.get(resp["callback"])
-        if callback is None:
-            raise ValueError(f"unknown callback {resp['callback']!r}")
-        self._account(resp.get("msgid"), resp.get("return"),
-                      resp.get("pid") or self._slots.pid, bool(resp.get("death")), callback)
+        name = resp["callback"]
+        if name not in _CALLBACKS:
+            raise ValueError(f"unknown callback {name!r}")
+        self._account(resp.get("msgid"), resp.get("return"), resp.get("pid") or self._slots.pid,
+                      bool(resp.get("death")), getattr(self, name))
 
     def _account(self, msgid: Optional[str], reply: Any, pid: int, death: bool,
                  callback: Callback) -> None:
