@@ -110,19 +110,12 @@ class JobManager:
             added for the kinds not given.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        settings: Optional[Settings] = None,
-        name: Optional[str] = None,
-        queues: QueuesArg = None,
-        concurrent_jobs: Optional[int] = None,
-        skip_signal: bool = False,
-        settings_loader: Optional[Callable[[], Settings]] = None,
-        context: Optional[zmq.Context] = None,
-        extensions: Sequence[Extension] = (),
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, settings: Optional[Settings] = None,
+                 name: Optional[str] = None, queues: QueuesArg = None,
+                 concurrent_jobs: Optional[int] = None, skip_signal: bool = False,
+                 settings_loader: Optional[Callable[[], Settings]] = None,
+                 context: Optional[zmq.Context] = None,
+                 extensions: Sequence[Extension] = (), **kwargs: Any) -> None:
         if args or kwargs:
             logger.debug("ignoring JobManager arguments %r %r", args, kwargs)
         self._overrides = _overrides(name, queues, concurrent_jobs,
@@ -144,7 +137,8 @@ class JobManager:
             context or zmq.Context.instance(), settings=lambda: self.settings,
             counters=self.counters, wake=self._wake, admit=self._slots.admit,
             reject=self._slots.reject_malformed, on_heartbeat=self.on_heartbeat,
-            on_disconnect=self._on_disconnect,
+            on_disconnect=functools.partial(self._request_stop, StopMode.GRACEFUL,
+                                            "DISCONNECT from the router"),
             running=lambda: self._lifecycle.state is State.RUNNING)
 
         #: Name of this instance, as used in logs and socket identities.
@@ -297,23 +291,17 @@ class JobManager:
             self._apply_settings(self.settings)
         self.serve_forever()
 
-    def _request_stop(self, mode: StopMode) -> None:
+    def _request_stop(self, mode: StopMode, why: str = "") -> None:
+        if why:
+            logger.info("%s: stopping%s", why, " at once" if self._stop_mode else " gracefully")
         if self._stop_mode is StopMode.GRACEFUL and mode is StopMode.GRACEFUL:
             mode = StopMode.NOW  # asked twice: stop at once
         if self._stop_mode is not StopMode.NOW:
             self._stop_mode = mode
         self._wake.set()
 
-    def _on_disconnect(self) -> None:
-        logger.info("DISCONNECT from the router: stopping gracefully")
-        self._request_stop(StopMode.GRACEFUL)
-
     def _install_signals(self) -> None:
-        def stop() -> None:
-            logger.info("signal received: stopping%s",
-                        " at once" if self._stop_mode else " gracefully")
-            self._request_stop(StopMode.GRACEFUL)
-
+        stop = functools.partial(self._request_stop, StopMode.GRACEFUL, "signal received")
         self._signal_handlers = install_signal_handlers({
             signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.reload,
             signal.SIGQUIT: functools.partial(self._request_stop, StopMode.GRACEFUL),
@@ -385,15 +373,10 @@ class JobManager:
         if was_running:
             self._link.say_kbye()
         if self._stop_mode is StopMode.GRACEFUL:
-            grace = self.settings.kill_grace_period
-            logger.info("draining: %d job(s) running, waiting up to %g s",
-                        len(self.jobs_in_flight), grace)
-            self._link.drain(grace, requests_may_come=was_running,
-                             busy=lambda: bool(self.jobs_in_flight),
+            self._link.drain(self.settings.kill_grace_period, requests_may_come=was_running,
+                             busy=lambda: len(self.jobs_in_flight),
                              keep_waiting=lambda: self._stop_mode is StopMode.GRACEFUL)
-        if self.jobs_in_flight:
-            logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
-            self._slots.kill_all()
+        self._slots.kill_all()
         self._link.stop_reading()
 
     # ------------------------------------------------------------------
@@ -492,9 +475,7 @@ class JobManager:
         extensions' keys, then the manager's, the link's and the slots'."""
         return {
             **self._hooks.status(),
-            "name": self.name,
-            "version": __version__,
-            "state": self.state.value,
+            "name": self.name, "version": __version__, "state": self.state.value,
             "concurrent_jobs": self.concurrent_jobs,
             **self._link.status(),
             "pid_distribution": dict(self.pid_distribution),

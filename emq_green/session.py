@@ -236,14 +236,15 @@ class RouterLink:
             return 0.0
         return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
 
-    def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], bool],
+    def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], int],
               keep_waiting: Callable[[], bool]) -> None:
-        """Wait, after a stop's KBYE, until nothing is ``busy()``, no retired
-        connection is still read and (when ``requests_may_come``: the KBYE
-        left a connection the router used) the router has been quiet on the
-        current connection for ``heartbeat_timeout``: REQUESTs it sent before
-        it saw the KBYE still arrive, and run. At most ``grace`` seconds, and
-        only while ``keep_waiting()``."""
+        """Wait, after a stop's KBYE, until no job is ``busy()`` (a count),
+        no retired connection is still read and (when ``requests_may_come``:
+        the KBYE left a connection the router used) the router has been quiet
+        on the current connection for ``heartbeat_timeout``: REQUESTs it sent
+        before it saw the KBYE still arrive, and run. At most ``grace``
+        seconds, and only while ``keep_waiting()``."""
+        logger.info("draining: %d job(s) running, waiting up to %g s", busy(), grace)
         conn = self.outgoing if requests_may_come else None
         deadline = time.monotonic() + grace
         quiet = min(self._settings().heartbeat_timeout, grace)

@@ -266,6 +266,8 @@ class JobSlots:
     def kill_all(self) -> None:
         """Backlogged jobs end unstarted; running ones are killed (their
         greenlets report Killed)."""
+        if self.jobs_in_flight:
+            logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
         for record in list(self.backlog):
             self.complete(record, killed("the worker stopped before the job started", 0))
         self.backlog.clear()
