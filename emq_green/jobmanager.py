@@ -4,16 +4,19 @@ Greenlets stand in for EventMQ's worker processes. The work is split along
 the manager's loops:
 
 - :class:`~emq_green.slots.JobSlots` (``slots.py``): admission, backlog,
-  parked job greenlets, run, complete, repair; it owns ``jobs_in_flight``;
+  parked job greenlets, run, complete, repair, kill; the job runner and
+  callable policy built from the settings; it owns ``jobs_in_flight``;
 - :class:`~emq_green.session.RouterLink` (``session.py``): the connection,
   INFORM/ACK, the reader and dispatch, heartbeats and liveness, READY
-  credit, REPLY sending;
+  credit, REPLY sending, and the wait of a graceful stop's drain;
 - :class:`JobManager` (here): the EventMQ face: the constructor and its
   settings, reload, start/stop and signals, the supervisor that decides
-  when to connect, reconnect and leave, the status, and the members the
-  EventMQ documentation lists (as properties or thin delegates).
+  when to connect, reconnect and leave (and the order of a stop), the
+  status (the parts give theirs), and the members the EventMQ
+  documentation lists (as properties or thin delegates).
 
-Lifecycle (changed only by :meth:`JobManager._set_state`)::
+Lifecycle (a :class:`~emq_green.lifecycle.Lifecycle`; only :meth:`JobManager.start`
+and the supervisor change it)::
 
     connecting -> running -> (router dead / SIGHUP) -> connecting -> ...
     running|connecting -> draining -> stopped
@@ -238,9 +241,6 @@ class JobManager:
         """connecting, running, draining or stopped."""
         return self._lifecycle.state
 
-    def _set_state(self, state: State) -> None:
-        self._lifecycle.set(state)
-
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the manager is in ``state``."""
         return self._lifecycle.wait_for(state, timeout)
@@ -254,7 +254,7 @@ class JobManager:
             logger.warning(_OPEN_WARNING)
         if not self.skip_signal:
             self._install_signals()
-        self._set_state(State.CONNECTING)
+        self._lifecycle.set(State.CONNECTING)
         self._hooks.notify("manager_started")
         self._main = gevent.spawn(self._run)
         self._link.start_heartbeats()
@@ -324,7 +324,7 @@ class JobManager:
                 handler.cancel()
             self._slots.close()
             self._link.close()
-            self._set_state(State.STOPPED)
+            self._lifecycle.set(State.STOPPED)
             self._hooks.notify("manager_stopped")
             self._stopped.set()
 
@@ -335,14 +335,14 @@ class JobManager:
         the connection is up (or before the next one)."""
         self._reload_if_asked()
         link = self._link
-        self._set_state(State.CONNECTING)
+        self._lifecycle.set(State.CONNECTING)
         link.open(addr, self.name, self.queues, self._slots.pid)
         try:
             if not link.wait_for_ack(lambda: self._stop_mode is not None):
                 return
             logger.info("ACK from %s; %d job(s) still running, %d slot(s) free", addr,
                         len(self.jobs_in_flight), self.free_slots)
-            self._set_state(State.RUNNING)
+            self._lifecycle.set(State.RUNNING)
             self._hooks.notify("connected", addr, link.outgoing.identity)  # type: ignore[union-attr]
             link.up()
             while True:
@@ -369,7 +369,7 @@ class JobManager:
     def _shutdown(self) -> None:
         """KBYE; drain (graceful) or not (now); kill what is left; leave."""
         was_running = self.state is State.RUNNING
-        self._set_state(State.DRAINING)
+        self._lifecycle.set(State.DRAINING)
         if was_running:
             self._link.say_kbye()
         if self._stop_mode is StopMode.GRACEFUL:
@@ -430,9 +430,8 @@ class JobManager:
         """A job finished without a reply requested: offer its slot."""
         self._offer_slots()
 
-    def worker_done_with_reply(
-        self, reply: Any, msgid: Optional[str], death: bool, pid: int
-    ) -> None:
+    def worker_done_with_reply(self, reply: Any, msgid: Optional[str], death: bool,
+                               pid: int) -> None:
         """A job finished and its caller asked for the result: REPLY, then READY."""
         if msgid is not None:
             self.send_reply(reply, msgid)
