@@ -87,13 +87,6 @@ def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional
 #: the manager, so a subclass's overrides run)
 _CALLBACKS = frozenset({"worker_done", "worker_done_with_reply", "worker_death"})
 
-#: logged at start when allowed_callables is unset
-_OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable this process "
-                 "can import (os.system included). Set allowed_callables (INI key, "
-                 "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
-                 'e.g. ["myapp.jobs.*"]')
-
-
 class JobManager:
     """A drop-in for ``eventmq.jobmanager.JobManager`` that runs jobs in greenlets.
 
@@ -143,14 +136,6 @@ class JobManager:
             on_disconnect=functools.partial(self._request_stop, StopMode.GRACEFUL,
                                             "DISCONNECT from the router"),
             running=lambda: self._lifecycle.state is State.RUNNING)
-
-        #: Name of this instance, as used in logs and socket identities.
-        self.name: str = ""
-        #: ``(weight, name)`` pairs this manager listens on.
-        self.queues: tuple[tuple[int, str], ...] = ()
-        #: Jobs run at once: the pool size.
-        self.concurrent_jobs: int = 0
-        self.settings: Settings = Settings()
         self._lifecycle: Lifecycle[State] = Lifecycle(State.STOPPED, "")
         self._apply_settings(settings or Settings())
 
@@ -208,10 +193,14 @@ class JobManager:
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
         self._slots.configure_from(settings)  # first: it may raise SettingsError
-        self.settings = settings
-        self.name = self._lifecycle.label = settings.name
-        self.queues = settings.queues
-        self.concurrent_jobs = settings.concurrent_jobs
+        self.settings: Settings = settings
+        #: Name of this instance, as used in logs and socket identities.
+        self.name: str = settings.name
+        #: ``(weight, name)`` pairs this manager listens on.
+        self.queues: tuple[tuple[int, str], ...] = settings.queues
+        #: Jobs run at once: the pool size.
+        self.concurrent_jobs: int = settings.concurrent_jobs
+        self._lifecycle.label = self.name
         self._link.configure(settings)
 
     def _reload_if_asked(self) -> bool:
@@ -249,9 +238,7 @@ class JobManager:
         """Start serving in the background; returns at once."""
         if self._main is not None:
             raise RuntimeError("JobManager already started")
-        self._slots.pid = os.getpid()
-        if self.settings.allowed_callables is None:
-            logger.warning(_OPEN_WARNING)
+        self._slots.begin()
         if not self.skip_signal:
             self._install_signals()
         self._lifecycle.set(State.CONNECTING)
@@ -345,11 +332,9 @@ class JobManager:
             self._lifecycle.set(State.RUNNING)
             self._hooks.notify("connected", addr, link.outgoing.identity)  # type: ignore[union-attr]
             link.up()
-            while True:
-                # flags first, then wait: a wake-up taken by the wait for the
-                # ACK must not hide a reload asked for meanwhile
-                if self._stop_mode is not None:
-                    return
+            # flags first, then wait: a wake-up taken by the wait for the ACK
+            # must not hide a reload asked for meanwhile
+            while self._stop_mode is None:
                 if self._reload_if_asked():
                     self.counters["reloads"] += 1
                     self._hooks.notify("disconnected", "settings reloaded")
@@ -389,9 +374,8 @@ class JobManager:
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
-        """HEARTBEAT from the router. Liveness itself is counted for every
-        message in :meth:`Connection.recv_batch`; here the pool gets a health
-        check, as EventMQ does on each heartbeat."""
+        """HEARTBEAT from the router: a health check of the pool, as in EventMQ
+        (liveness is counted for every message, in ``Connection.recv_batch``)."""
         if self.state is State.RUNNING:
             self.check_worker_health()
 
@@ -449,9 +433,8 @@ class JobManager:
         API compatibility (subprocess children are restarted by their pool)."""
 
     def check_worker_health(self) -> int:
-        """Repair the books: jobs whose greenlet is gone without reporting are
-        completed as failed, and backlogged jobs are started if slots allow.
-        Returns the number of jobs repaired (0 when healthy)."""
+        """Repair the books (:meth:`JobSlots.repair <emq_green.slots.JobSlots.repair>`);
+        returns the number of jobs repaired (0 when healthy)."""
         return self._slots.repair()
 
     def _offer_slots(self) -> None:

@@ -29,6 +29,12 @@ from .settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
+#: logged when serving starts with allowed_callables unset
+OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable this process "
+                "can import (os.system included). Set allowed_callables (INI key, "
+                "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
+                'e.g. ["myapp.jobs.*"]')
+
 Finished = Callable[[JobRecord, JobOutcome, int], None]
 Rejected = Callable[[str, Headers, JobOutcome], None]
 
@@ -72,6 +78,13 @@ class JobSlots:
         self.concurrent_jobs = concurrent_jobs
         self.runner = runner
         self.policy = policy
+
+    def begin(self) -> None:
+        """Serving starts: jobs run in this process (its pid is taken now), and
+        a warning is logged when any callable may run."""
+        self.pid = os.getpid()
+        if self.policy.allowed is None:
+            logger.warning(OPEN_WARNING)
 
     def configure_from(self, settings: Settings) -> None:
         """Slots, runner (timeouts, ``job_entry_func``/``job_exit_func``) and
