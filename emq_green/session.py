@@ -15,7 +15,12 @@ router may yet send a REQUEST for each).
 
 After a KBYE on reload (:meth:`retire`), the old connection is read until
 the router has been quiet for ``heartbeat_timeout`` while its READYs are
-unused; REQUESTs that arrive there run like any other.
+unused; REQUESTs that arrive there run like any other. A graceful stop's
+KBYE is followed the same way (:meth:`drain`, which also waits for the
+jobs, bounded by ``kill_grace_period``); the manager decides the order.
+
+:meth:`RouterLink.status` gives the connection's part of the manager's
+status.
 """
 
 from __future__ import annotations
@@ -238,12 +243,10 @@ class RouterLink:
 
     def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], int],
               keep_waiting: Callable[[], bool]) -> None:
-        """Wait, after a stop's KBYE, until no job is ``busy()`` (a count),
-        no retired connection is still read and (when ``requests_may_come``:
-        the KBYE left a connection the router used) the router has been quiet
-        on the current connection for ``heartbeat_timeout``: REQUESTs it sent
-        before it saw the KBYE still arrive, and run. At most ``grace``
-        seconds, and only while ``keep_waiting()``."""
+        """After a stop's KBYE: wait until no job is ``busy()`` (a count), no
+        retired connection is read and, if ``requests_may_come``, the router has
+        been quiet here for ``heartbeat_timeout`` (REQUESTs sent before it saw
+        the KBYE still come, and run); at most ``grace`` s, while ``keep_waiting()``."""
         logger.info("draining: %d job(s) running, waiting up to %g s", busy(), grace)
         conn = self.outgoing if requests_may_come else None
         deadline = time.monotonic() + grace

@@ -1,4 +1,4 @@
-"""The job slots: admission, backlog, parked greenlets, run, complete, repair.
+"""The job slots: admission, backlog, parked greenlets, run, complete, repair, kill.
 
 :class:`JobSlots` owns ``jobs_in_flight``: a REQUEST's body is checked
 here (parsed, its callable allowed, its msgid not already in flight), and
@@ -7,6 +7,10 @@ router sent more than the slots it was offered. Every request ends in
 exactly one of the two callbacks the manager gives: ``finished`` (the job
 ran, or was killed) or ``rejected`` (it never ran). The manager turns
 those into REPLY and READY.
+
+The slots are configured from the settings (:meth:`JobSlots.configure_from`:
+the job runner with its entry/exit functions, the callable policy), and
+:meth:`JobSlots.status` gives their part of the manager's status.
 """
 
 from __future__ import annotations
