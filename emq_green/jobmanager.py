@@ -4,16 +4,19 @@ Greenlets stand in for EventMQ's worker processes. The work is split along
 the manager's loops:
 
 - :class:`~emq_green.slots.JobSlots` (``slots.py``): admission, backlog,
-  parked job greenlets, run, complete, repair; it owns ``jobs_in_flight``;
+  parked job greenlets, run, complete, repair, kill; the job runner and
+  callable policy built from the settings; it owns ``jobs_in_flight``;
 - :class:`~emq_green.session.RouterLink` (``session.py``): the connection,
   INFORM/ACK, the reader and dispatch, heartbeats and liveness, READY
-  credit, REPLY sending;
+  credit, REPLY sending, and the wait of a graceful stop's drain;
 - :class:`JobManager` (here): the EventMQ face: the constructor and its
   settings, reload, start/stop and signals, the supervisor that decides
-  when to connect, reconnect and leave, the status, and the members the
-  EventMQ documentation lists (as properties or thin delegates).
+  when to connect, reconnect and leave (and the order of a stop), the
+  status (the parts give theirs), and the members the EventMQ
+  documentation lists (as properties or thin delegates).
 
-Lifecycle (changed only by :meth:`JobManager._set_state`)::
+Lifecycle (a :class:`~emq_green.lifecycle.Lifecycle`; only :meth:`JobManager.start`
+and the supervisor change it)::
 
     connecting -> running -> (router dead / SIGHUP) -> connecting -> ...
     running|connecting -> draining -> stopped
@@ -28,9 +31,11 @@ jobs get ``kill_grace_period``; what is left is killed (their replies say
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
@@ -40,11 +45,10 @@ import gevent.event
 import zmq.green as zmq
 
 from . import __version__
-from .callables import CallablePolicy
 from .connection import Connection
 from .defaults import default_extensions
 from .extensions import Extension, HookRegistry
-from .jobs import JobOutcome, JobRunner, Status, import_dotted
+from .jobs import JobOutcome, Status
 from .lifecycle import Lifecycle, install_signal_handlers
 from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
@@ -79,12 +83,9 @@ def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional
     return overrides
 
 
-#: logged at start when allowed_callables is unset
-_OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable this process "
-                 "can import (os.system included). Set allowed_callables (INI key, "
-                 "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
-                 'e.g. ["myapp.jobs.*"]')
-
+#: the callbacks :meth:`JobManager.handle_response` may name (called through
+#: the manager, so a subclass's overrides run)
+_CALLBACKS = frozenset({"worker_done", "worker_done_with_reply", "worker_death"})
 
 class JobManager:
     """A drop-in for ``eventmq.jobmanager.JobManager`` that runs jobs in greenlets.
@@ -105,19 +106,12 @@ class JobManager:
             added for the kinds not given.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        settings: Optional[Settings] = None,
-        name: Optional[str] = None,
-        queues: QueuesArg = None,
-        concurrent_jobs: Optional[int] = None,
-        skip_signal: bool = False,
-        settings_loader: Optional[Callable[[], Settings]] = None,
-        context: Optional[zmq.Context] = None,
-        extensions: Sequence[Extension] = (),
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, settings: Optional[Settings] = None,
+                 name: Optional[str] = None, queues: QueuesArg = None,
+                 concurrent_jobs: Optional[int] = None, skip_signal: bool = False,
+                 settings_loader: Optional[Callable[[], Settings]] = None,
+                 context: Optional[zmq.Context] = None,
+                 extensions: Sequence[Extension] = (), **kwargs: Any) -> None:
         if args or kwargs:
             logger.debug("ignoring JobManager arguments %r %r", args, kwargs)
         self._overrides = _overrides(name, queues, concurrent_jobs,
@@ -139,16 +133,9 @@ class JobManager:
             context or zmq.Context.instance(), settings=lambda: self.settings,
             counters=self.counters, wake=self._wake, admit=self._slots.admit,
             reject=self._slots.reject_malformed, on_heartbeat=self.on_heartbeat,
-            on_disconnect=self._on_disconnect,
+            on_disconnect=functools.partial(self._request_stop, StopMode.GRACEFUL,
+                                            "DISCONNECT from the router"),
             running=lambda: self._lifecycle.state is State.RUNNING)
-
-        #: Name of this instance, as used in logs and socket identities.
-        self.name: str = ""
-        #: ``(weight, name)`` pairs this manager listens on.
-        self.queues: tuple[tuple[int, str], ...] = ()
-        #: Jobs run at once: the pool size.
-        self.concurrent_jobs: int = 0
-        self.settings: Settings = Settings()
         self._lifecycle: Lifecycle[State] = Lifecycle(State.STOPPED, "")
         self._apply_settings(settings or Settings())
 
@@ -157,11 +144,6 @@ class JobManager:
         self._main: Optional[gevent.Greenlet] = None
         self._stopped = gevent.event.Event()
         self._signal_handlers: list[Any] = []
-        self._callbacks: dict[str, Callback] = {
-            "worker_done": self.worker_done,
-            "worker_done_with_reply": self.worker_done_with_reply,
-            "worker_death": self.worker_death,
-        }
 
     # ------------------------------------------------------------------
     # the members EventMQ documents, and the view extensions get
@@ -210,37 +192,35 @@ class JobManager:
 
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
-        try:
-            entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
-            exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
-        except ImportError as exc:
-            raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
-        self.settings = settings
-        self.name = settings.name
+        self._slots.configure_from(settings)  # first: it may raise SettingsError
+        self.settings: Settings = settings
+        #: Name of this instance, as used in logs and socket identities.
+        self.name: str = settings.name
+        #: ``(weight, name)`` pairs this manager listens on.
+        self.queues: tuple[tuple[int, str], ...] = settings.queues
+        #: Jobs run at once: the pool size.
+        self.concurrent_jobs: int = settings.concurrent_jobs
         self._lifecycle.label = self.name
-        self.queues = settings.queues
-        self.concurrent_jobs = settings.concurrent_jobs
-        self._slots.configure(
-            concurrent_jobs=settings.concurrent_jobs,
-            runner=JobRunner(global_timeout=settings.global_timeout, entry_func=entry,
-                             exit_func=exit_, deadlines=self._slots.runner.deadlines),
-            policy=CallablePolicy(settings.allowed_callables))
         self._link.configure(settings)
 
-    def _reload_settings(self) -> None:
+    def _reload_if_asked(self) -> bool:
+        """When a reload was asked for: re-read the settings, if there is a
+        source (a bad one keeps the current settings), and return True."""
+        if not self._reload_requested:
+            return False
+        self._reload_requested = False
         if self._settings_loader is None:
             logger.info("SIGHUP: no settings source to re-read; reconnecting only")
-            self._hooks.notify("reload")
-            return
-        try:
-            new = self._settings_loader()
-            self._apply_settings(new.replace(name=self.name))
-        except SettingsError as exc:
-            logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-            return
+        else:
+            try:
+                self._apply_settings(self._settings_loader().replace(name=self.name))
+            except SettingsError as exc:
+                logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
+                return True
+            logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
+                        queues_json(self.queues), self.concurrent_jobs)
         self._hooks.notify("reload")
-        logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
-                    queues_json(self.queues), self.concurrent_jobs)
+        return True
 
     # ------------------------------------------------------------------
     # lifecycle
@@ -250,9 +230,6 @@ class JobManager:
         """connecting, running, draining or stopped."""
         return self._lifecycle.state
 
-    def _set_state(self, state: State) -> None:
-        self._lifecycle.set(state)
-
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the manager is in ``state``."""
         return self._lifecycle.wait_for(state, timeout)
@@ -261,12 +238,10 @@ class JobManager:
         """Start serving in the background; returns at once."""
         if self._main is not None:
             raise RuntimeError("JobManager already started")
-        self._slots.pid = os.getpid()
-        if self.settings.allowed_callables is None:
-            logger.warning(_OPEN_WARNING)
+        self._slots.begin()
         if not self.skip_signal:
             self._install_signals()
-        self._set_state(State.CONNECTING)
+        self._lifecycle.set(State.CONNECTING)
         self._hooks.notify("manager_started")
         self._main = gevent.spawn(self._run)
         self._link.start_heartbeats()
@@ -303,32 +278,21 @@ class JobManager:
             self._apply_settings(self.settings)
         self.serve_forever()
 
-    def _request_stop(self, mode: StopMode) -> None:
+    def _request_stop(self, mode: StopMode, why: str = "") -> None:
+        if why:
+            logger.info("%s: stopping%s", why, " at once" if self._stop_mode else " gracefully")
         if self._stop_mode is StopMode.GRACEFUL and mode is StopMode.GRACEFUL:
             mode = StopMode.NOW  # asked twice: stop at once
         if self._stop_mode is not StopMode.NOW:
             self._stop_mode = mode
         self._wake.set()
 
-    def _on_disconnect(self) -> None:
-        logger.info("DISCONNECT from the router: stopping gracefully")
-        self._request_stop(StopMode.GRACEFUL)
-
     def _install_signals(self) -> None:
-        import signal
-
-        def stop(_signum: int = 0) -> None:
-            logger.info("signal received: stopping%s",
-                        " at once" if self._stop_mode else " gracefully")
-            self._request_stop(StopMode.GRACEFUL)
-
+        stop = functools.partial(self._request_stop, StopMode.GRACEFUL, "signal received")
         self._signal_handlers = install_signal_handlers({
-            signal.SIGTERM: stop,
-            signal.SIGINT: stop,
-            signal.SIGQUIT: lambda: self._request_stop(StopMode.GRACEFUL),
-            signal.SIGHUP: self.reload,
-            signal.SIGUSR1: self.log_status,
-        })
+            signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.reload,
+            signal.SIGQUIT: functools.partial(self._request_stop, StopMode.GRACEFUL),
+            signal.SIGUSR1: self.log_status})
 
     # ------------------------------------------------------------------
     # the supervisor: connect, serve, reconnect, leave
@@ -347,7 +311,7 @@ class JobManager:
                 handler.cancel()
             self._slots.close()
             self._link.close()
-            self._set_state(State.STOPPED)
+            self._lifecycle.set(State.STOPPED)
             self._hooks.notify("manager_stopped")
             self._stopped.set()
 
@@ -356,28 +320,22 @@ class JobManager:
 
         A reload asked for while the INFORM waits for its ACK is done once
         the connection is up (or before the next one)."""
-        if self._reload_requested:
-            self._reload_requested = False
-            self._reload_settings()
+        self._reload_if_asked()
         link = self._link
-        self._set_state(State.CONNECTING)
+        self._lifecycle.set(State.CONNECTING)
         link.open(addr, self.name, self.queues, self._slots.pid)
         try:
             if not link.wait_for_ack(lambda: self._stop_mode is not None):
                 return
             logger.info("ACK from %s; %d job(s) still running, %d slot(s) free", addr,
                         len(self.jobs_in_flight), self.free_slots)
-            self._set_state(State.RUNNING)
+            self._lifecycle.set(State.RUNNING)
             self._hooks.notify("connected", addr, link.outgoing.identity)  # type: ignore[union-attr]
             link.up()
-            while True:
-                # flags first, then wait: a wake-up taken by the wait for the
-                # ACK must not hide a reload asked for meanwhile
-                if self._stop_mode is not None:
-                    return
-                if self._reload_requested:
-                    self._reload_requested = False
-                    self._reload_settings()
+            # flags first, then wait: a wake-up taken by the wait for the ACK
+            # must not hide a reload asked for meanwhile
+            while self._stop_mode is None:
+                if self._reload_if_asked():
                     self.counters["reloads"] += 1
                     self._hooks.notify("disconnected", "settings reloaded")
                     link.retire()
@@ -394,33 +352,17 @@ class JobManager:
             link.end(stopping=self._stop_mode is not None)
 
     def _shutdown(self) -> None:
-        """Drain (graceful) or kill (now), then leave."""
-        link = self._link
-        conn = link.outgoing
+        """KBYE; drain (graceful) or not (now); kill what is left; leave."""
         was_running = self.state is State.RUNNING
-        self._set_state(State.DRAINING)
+        self._lifecycle.set(State.DRAINING)
         if was_running:
-            link.say_kbye()
+            self._link.say_kbye()
         if self._stop_mode is StopMode.GRACEFUL:
-            grace = self.settings.kill_grace_period
-            deadline = time.monotonic() + grace
-            # REQUESTs the router sent before it saw the KBYE still arrive:
-            # read until it has been quiet for heartbeat_timeout (not past the
-            # grace period), as after a reload.
-            quiet = min(self.settings.heartbeat_timeout, grace)
-            since = time.monotonic()
-            logger.info("draining: %d job(s) running, waiting up to %g s",
-                        len(self.jobs_in_flight), grace)
-            while time.monotonic() < deadline and self._stop_mode is StopMode.GRACEFUL:
-                if not self.jobs_in_flight and not link.retiring and (
-                        conn is None or not was_running or link.quiet(conn, quiet, since) <= 0):
-                    break
-                self._wake.clear()
-                self._wake.wait(0.05)
-        if self.jobs_in_flight:
-            logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
-            self._slots.kill_all()
-        link.stop_reading()
+            self._link.drain(self.settings.kill_grace_period, requests_may_come=was_running,
+                             busy=lambda: len(self.jobs_in_flight),
+                             keep_waiting=lambda: self._stop_mode is StopMode.GRACEFUL)
+        self._slots.kill_all()
+        self._link.stop_reading()
 
     # ------------------------------------------------------------------
     # requests and their ends
@@ -432,9 +374,8 @@ class JobManager:
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
-        """HEARTBEAT from the router. Liveness itself is counted for every
-        message in :meth:`Connection.recv_batch`; here the pool gets a health
-        check, as EventMQ does on each heartbeat."""
+        """HEARTBEAT from the router: a health check of the pool, as in EventMQ
+        (liveness is counted for every message, in ``Connection.recv_batch``)."""
         if self.state is State.RUNNING:
             self.check_worker_health()
 
@@ -455,11 +396,11 @@ class JobManager:
         "worker_death", "msgid", "return", "pid", "death"}``) and call its
         callback, after the job left :attr:`jobs_in_flight`. Greenlet and
         subprocess jobs go through the same accounting."""
-        callback = self._callbacks.get(resp["callback"])
-        if callback is None:
-            raise ValueError(f"unknown callback {resp['callback']!r}")
-        self._account(resp.get("msgid"), resp.get("return"),
-                      resp.get("pid") or self._slots.pid, bool(resp.get("death")), callback)
+        name = resp["callback"]
+        if name not in _CALLBACKS:
+            raise ValueError(f"unknown callback {name!r}")
+        self._account(resp.get("msgid"), resp.get("return"), resp.get("pid") or self._slots.pid,
+                      bool(resp.get("death")), getattr(self, name))
 
     def _account(self, msgid: Optional[str], reply: Any, pid: int, death: bool,
                  callback: Callback) -> None:
@@ -473,9 +414,8 @@ class JobManager:
         """A job finished without a reply requested: offer its slot."""
         self._offer_slots()
 
-    def worker_done_with_reply(
-        self, reply: Any, msgid: Optional[str], death: bool, pid: int
-    ) -> None:
+    def worker_done_with_reply(self, reply: Any, msgid: Optional[str], death: bool,
+                               pid: int) -> None:
         """A job finished and its caller asked for the result: REPLY, then READY."""
         if msgid is not None:
             self.send_reply(reply, msgid)
@@ -493,9 +433,8 @@ class JobManager:
         API compatibility (subprocess children are restarted by their pool)."""
 
     def check_worker_health(self) -> int:
-        """Repair the books: jobs whose greenlet is gone without reporting are
-        completed as failed, and backlogged jobs are started if slots allow.
-        Returns the number of jobs repaired (0 when healthy)."""
+        """Repair the books (:meth:`JobSlots.repair <emq_green.slots.JobSlots.repair>`);
+        returns the number of jobs repaired (0 when healthy)."""
         return self._slots.repair()
 
     def _offer_slots(self) -> None:
@@ -514,43 +453,32 @@ class JobManager:
     # status
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        conn = self.outgoing
-        slots = self._slots
+        """What the SIGUSR1 dump, the metrics and the worker page show: the
+        extensions' keys, then the manager's, the link's and the slots'."""
         return {
             **self._hooks.status(),
-            "name": self.name,
-            "version": __version__,
-            "state": self.state.value,
-            "router": conn.addr if conn else None,
-            "identity": conn.identity if conn else None,
+            "name": self.name, "version": __version__, "state": self.state.value,
             "concurrent_jobs": self.concurrent_jobs,
-            "free_slots": self.free_slots,
-            "ready_outstanding": conn.ready_outstanding if conn else 0,
-            "retiring_connections": len(self._link.retiring),
-            "backlog": len(slots.backlog),
-            "greenlets": len(slots.pool),
-            "total_requests": self.total_requests,
-            "total_ready_sent": self.total_ready_sent,
+            **self._link.status(),
             "pid_distribution": dict(self.pid_distribution),
             "counters": dict(self.counters),
-            "jobs_in_flight": [
-                {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,
-                 "age": round(now - r.started, 3)}
-                for r in sorted(slots.jobs_in_flight.values(), key=lambda r: r.started)
-            ],
+            **self._slots.status(time.monotonic()),
         }
 
     def log_status(self) -> None:
         """The SIGUSR1 dump: counters, then jobs in flight oldest first."""
-        status = self.status()
-        jobs = status.pop("jobs_in_flight")
-        logger.info("status: %s", json.dumps(status, sort_keys=True))
-        for job in jobs[:200]:
-            logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
-                        job["msgid"], job["queue"])
-        if len(jobs) > 200:
-            logger.info("  ... and %d more", len(jobs) - 200)
+        _log_status(self.status())
+
+
+def _log_status(status: dict[str, Any], most: int = 200) -> None:
+    """Log ``status`` as one JSON line, then up to ``most`` of its jobs in flight."""
+    jobs = status.pop("jobs_in_flight")
+    logger.info("status: %s", json.dumps(status, sort_keys=True))
+    for job in jobs[:most]:
+        logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
+                    job["msgid"], job["queue"])
+    if len(jobs) > most:
+        logger.info("  ... and %d more", len(jobs) - most)
 
 
 def jobmanager_main(broker_addr: Optional[str] = None) -> None:

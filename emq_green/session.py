@@ -15,7 +15,12 @@ router may yet send a REQUEST for each).
 
 After a KBYE on reload (:meth:`retire`), the old connection is read until
 the router has been quiet for ``heartbeat_timeout`` while its READYs are
-unused; REQUESTs that arrive there run like any other.
+unused; REQUESTs that arrive there run like any other. A graceful stop's
+KBYE is followed the same way (:meth:`drain`, which also waits for the
+jobs, bounded by ``kill_grace_period``); the manager decides the order.
+
+:meth:`RouterLink.status` gives the connection's part of the manager's
+status.
 """
 
 from __future__ import annotations
@@ -114,6 +119,19 @@ class RouterLink:
     def configure(self, settings: Settings) -> None:
         self._max_size = settings.max_message_size
         self._debug_log = settings.super_debug
+
+    def status(self) -> dict[str, Any]:
+        """The current connection (router address, identity, READYs
+        outstanding), retired connections still read, and the totals."""
+        conn = self.outgoing
+        return {
+            "router": conn.addr if conn else None,
+            "identity": conn.identity if conn else None,
+            "ready_outstanding": conn.ready_outstanding if conn else 0,
+            "retiring_connections": len(self.retiring),
+            "total_requests": self.total_requests,
+            "total_ready_sent": self.total_ready_sent,
+        }
 
     # ------------------------------------------------------------------
     # connections
@@ -222,6 +240,24 @@ class RouterLink:
         if not conn.ready_outstanding:
             return 0.0
         return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+
+    def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], int],
+              keep_waiting: Callable[[], bool]) -> None:
+        """After a stop's KBYE: wait until no job is ``busy()`` (a count), no
+        retired connection is read and, if ``requests_may_come``, the router has
+        been quiet here for ``heartbeat_timeout`` (REQUESTs sent before it saw
+        the KBYE still come, and run); at most ``grace`` s, while ``keep_waiting()``."""
+        logger.info("draining: %d job(s) running, waiting up to %g s", busy(), grace)
+        conn = self.outgoing if requests_may_come else None
+        deadline = time.monotonic() + grace
+        quiet = min(self._settings().heartbeat_timeout, grace)
+        since = time.monotonic()
+        while time.monotonic() < deadline and keep_waiting():
+            if not busy() and not self.retiring and (
+                    conn is None or self.quiet(conn, quiet, since) <= 0):
+                return
+            self._wake.clear()
+            self._wake.wait(0.05)
 
     def say_kbye(self) -> None:
         if self.outgoing is not None:

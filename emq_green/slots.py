@@ -1,4 +1,4 @@
-"""The job slots: admission, backlog, parked greenlets, run, complete, repair.
+"""The job slots: admission, backlog, parked greenlets, run, complete, repair, kill.
 
 :class:`JobSlots` owns ``jobs_in_flight``: a REQUEST's body is checked
 here (parsed, its callable allowed, its msgid not already in flight), and
@@ -7,6 +7,10 @@ router sent more than the slots it was offered. Every request ends in
 exactly one of the two callbacks the manager gives: ``finished`` (the job
 ran, or was killed) or ``rejected`` (it never ran). The manager turns
 those into REPLY and READY.
+
+The slots are configured from the settings (:meth:`JobSlots.configure_from`:
+the job runner with its entry/exit functions, the callable policy), and
+:meth:`JobSlots.status` gives their part of the manager's status.
 """
 
 from __future__ import annotations
@@ -22,11 +26,18 @@ import gevent.pool
 
 from .callables import NOT_ALLOWED, CallablePolicy
 from .extensions import HookRegistry
-from .jobs import JobOutcome, JobRunner, Status
+from .jobs import JobOutcome, JobRunner, Status, import_dotted
 from .protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
 from .records import STATUS_KEYS, JobRecord
+from .settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
+
+#: logged when serving starts with allowed_callables unset
+OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable this process "
+                "can import (os.system included). Set allowed_callables (INI key, "
+                "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
+                'e.g. ["myapp.jobs.*"]')
 
 Finished = Callable[[JobRecord, JobOutcome, int], None]
 Rejected = Callable[[str, Headers, JobOutcome], None]
@@ -72,9 +83,45 @@ class JobSlots:
         self.runner = runner
         self.policy = policy
 
+    def begin(self) -> None:
+        """Serving starts: jobs run in this process (its pid is taken now), and
+        a warning is logged when any callable may run."""
+        self.pid = os.getpid()
+        if self.policy.allowed is None:
+            logger.warning(OPEN_WARNING)
+
+    def configure_from(self, settings: Settings) -> None:
+        """Slots, runner (timeouts, ``job_entry_func``/``job_exit_func``) and
+        allowed callables from ``settings``; unchanged when a function cannot
+        be imported (:class:`SettingsError`)."""
+        try:
+            entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
+            exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
+        except ImportError as exc:
+            raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        self.configure(
+            concurrent_jobs=settings.concurrent_jobs,
+            runner=JobRunner(global_timeout=settings.global_timeout, entry_func=entry,
+                             exit_func=exit_, deadlines=self.runner.deadlines),
+            policy=CallablePolicy(settings.allowed_callables))
+
     def free(self) -> int:
         """Slots not taken by a job in flight."""
         return self.concurrent_jobs - len(self.jobs_in_flight)
+
+    def status(self, now: float) -> dict[str, Any]:
+        """Free slots, backlog, job greenlets, and the jobs in flight oldest
+        first (their ages at ``now``, a ``time.monotonic()`` value)."""
+        return {
+            "free_slots": self.free(),
+            "backlog": len(self.backlog),
+            "greenlets": len(self.pool),
+            "jobs_in_flight": [
+                {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,
+                 "age": round(now - r.started, 3)}
+                for r in sorted(self.jobs_in_flight.values(), key=lambda r: r.started)
+            ],
+        }
 
     # ------------------------------------------------------------------
     # admission
@@ -236,6 +283,8 @@ class JobSlots:
     def kill_all(self) -> None:
         """Backlogged jobs end unstarted; running ones are killed (their
         greenlets report Killed)."""
+        if self.jobs_in_flight:
+            logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
         for record in list(self.backlog):
             self.complete(record, killed("the worker stopped before the job started", 0))
         self.backlog.clear()
