@@ -105,3 +105,18 @@ def test_the_check_sees_function_level_and_type_checking_imports(tmp_path):
                       "if TYPE_CHECKING:\n    from .jobmanager import JobManager\n"
                       "def f():\n    from . import router\n    import emq_green.client\n")
     assert internal_imports(source) == {"jobmanager", "router", "client"}
+
+
+#: the largest a class may grow before it is split (issue 12)
+MAX_CLASS_LINES = 400
+
+
+def test_no_class_is_over_the_limit():
+    too_big = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    too_big.append(f"{path.stem}.{node.name}: {lines} lines")
+    assert not too_big, "\n".join(too_big)
