@@ -125,7 +125,8 @@ class WorkerSide:
     def on_ready(self, identity: bytes, message: Message) -> None:
         routing = self.routing
         worker = routing.workers[identity]
-        worker.retire_oldest_unreplied()
+        if worker.unreplied:
+            worker.retire_oldest_unreplied()
         found = routing.next_for(worker)
         if found is None:
             worker.slots += 1

@@ -40,7 +40,8 @@ class Request:
     @property
     def reply_requested(self) -> bool:
         headers = self.body[1] if len(self.body) > 1 else ""
-        return any(h.strip() == "reply-requested" for h in headers.split(","))
+        return "reply-requested" in headers and any(
+            h.strip() == "reply-requested" for h in headers.split(","))
 
     @property
     def size(self) -> int:
@@ -71,10 +72,11 @@ class Worker:
         default_factory=collections.OrderedDict)
     #: requests in :attr:`in_flight` sent without ``reply-requested``
     unreplied: int = 0
+    #: the identity as text (STATUS, the dashboard), decoded once
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.identity.decode("utf-8", "replace")
+    def __post_init__(self) -> None:
+        self.name = self.identity.decode("utf-8", "replace")
 
     @property
     def log_name(self) -> str:
@@ -83,9 +85,9 @@ class Worker:
 
     def retire_oldest_unreplied(self) -> None:
         """A READY does not say which job ended: for requests sent without
-        ``reply-requested`` the oldest is taken as done (a best estimate)."""
-        if not self.unreplied:
-            return  # without this, every READY would walk the whole list
+        ``reply-requested`` the oldest is taken as done (a best estimate).
+        Call it only when :attr:`unreplied` is not 0 (else every READY would
+        walk the whole list)."""
         for msgid, sent in self.in_flight.items():
             if not sent.reply_requested:
                 del self.in_flight[msgid]
