@@ -29,62 +29,25 @@ import argparse
 import collections
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psutil
-import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchlib import free_ports  # noqa: E402
+from benchlib import admin_request, count_lines, free_ports, stop, wait_for_slots  # noqa: E402
 
 from emq_green.client import Client  # noqa: E402
-from emq_green.protocol import Command, Message  # noqa: E402
+from emq_green.protocol import Command  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def admin(addr: str, command: Command, timeout: float = 2.0) -> Optional[dict[str, Any]]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    # EventMQ's router decodes identities as UTF-8: never leave ZeroMQ's binary one
-    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
-    sock.connect(addr)
-    try:
-        sock.send_multipart(Message.new(command).frames())
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        return json.loads(Message.parse(sock.recv_multipart()).body[0])
-    finally:
-        sock.close()
-
-
-def wait_for_slots(addr: str, slots: int, limit: float) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        shown = admin(addr, Command.ROUTER_SHOW_WORKERS) or {}
-        workers = shown.get("connected_workers", {}).values()
-        if sum(w["available_slots"] for w in workers) >= slots:
-            return True
-        time.sleep(0.05)  # polling interval
-    return False
-
-
-def count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 class PeakRss:
@@ -114,18 +77,6 @@ class PeakRss:
         self._thread.join()
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def run(mode: str, jobs: int, concurrency: int, hwm: int, tmp: Path) -> dict[str, Any]:
     front, back, admin_addr = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
     marks = tmp / f"{mode}.marks"
@@ -148,7 +99,7 @@ def run(mode: str, jobs: int, concurrency: int, hwm: int, tmp: Path) -> dict[str
         [str(BIN / "emq-green"), "-B", back, "-J", str(concurrency), "--kill-grace-period", "5"],
         env=env, stdout=log, stderr=log))
     try:
-        if not wait_for_slots(admin_addr, concurrency, 30):
+        if not wait_for_slots(admin_addr, concurrency, time.monotonic() + 30):
             raise SystemExit(f"{mode}: no worker with {concurrency} slots in 30 s "
                              f"(see {log.name})")
         with PeakRss(router.pid) as rss:
@@ -165,7 +116,7 @@ def run(mode: str, jobs: int, concurrency: int, hwm: int, tmp: Path) -> dict[str
             elapsed = time.monotonic() - started
             router_cpu = sum(rss.process.cpu_times()[:2]) - cpu_before
             client.close()
-        status = admin(admin_addr, Command.STATUS) or {}
+        status = admin_request(admin_addr, Command.STATUS) or {}
         tags = collections.Counter(line.split()[0] for line in marks.read_text().splitlines())
         missing = jobs - sum(1 for n in range(jobs) if str(n) in tags)
         twice = sum(1 for c in tags.values() if c > 1)

@@ -30,9 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 import zmq
+from benchlib import frames, poll_worker, standin_router_socket, stop
 
 JOB_MODULE = '''
 import time
@@ -47,11 +47,6 @@ def sleep(seconds):
     time.sleep(seconds)
     return seconds
 '''
-
-
-def frames(command: str, *body: str) -> list[bytes]:
-    return [b"", b"eMQP/1.0", command.encode(), str(uuid.uuid4()).encode(),
-            *(b.encode() for b in body)]
 
 
 def payload(name: str, args: list, flagged: bool) -> str:
@@ -73,12 +68,7 @@ def calibrate(burn, seconds: float) -> int:
 
 
 def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    addr = f"tcp://127.0.0.1:{port}"
+    sock, addr = standin_router_socket()
     env = dict(os.environ, PYTHONPATH=workdir, EVENTMQ_CONFIG_FILE="")
     exe = shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
                                                     "emq-green")
@@ -98,14 +88,13 @@ def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     deadline = time.monotonic() + 600
+
+    def overdue() -> str:
+        return f"only {len(done['cpu'])} CPU and {len(done['io'])} IO jobs done"
+
     try:
         while len(done["cpu"]) + len(done["io"]) < len(jobs):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(done['cpu'])} CPU and {len(done['io'])} "
-                                   "IO jobs done")
-            if not poller.poll(1000):
-                if worker.poll() is not None:
-                    raise RuntimeError(f"worker exited with {worker.returncode}")
+            if not poll_worker(poller, worker, deadline, overdue):
                 continue
             while True:
                 try:
@@ -140,11 +129,7 @@ def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
                 next_job += 1
         end = time.monotonic()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop([worker])
         sock.close(0)
         log.close()
     return {"total_s": end - started, "longest_silence_s": longest_silence,

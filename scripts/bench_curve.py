@@ -29,59 +29,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchlib import free_ports  # noqa: E402
+from benchlib import count_lines, cpu_seconds, free_ports, wait_for_slots  # noqa: E402
 
 from emq_green.client import Client  # noqa: E402
 from emq_green.curve import ClientCurve, create_key_pair  # noqa: E402
-from emq_green.protocol import Command, Message  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def worker_ready(admin: str, curve: Optional[ClientCurve], slots: int,
-                 deadline: float) -> bool:
-    import json
-    import uuid
-
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
-    if curve is not None:
-        curve.apply(sock)
-    sock.connect(admin)
-    try:
-        while time.monotonic() < deadline:
-            sock.send_multipart(Message.new(Command.ROUTER_SHOW_WORKERS).frames())
-            if sock.poll(500):
-                body = Message.parse(sock.recv_multipart()).body[0]
-                workers = json.loads(body)["connected_workers"]
-                if sum(w["available_slots"] for w in workers.values()) >= slots:
-                    return True
-                time.sleep(0.05)  # polling interval
-        return False
-    finally:
-        sock.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_round(mode: str, ns: argparse.Namespace, keys: Path,
@@ -110,7 +67,8 @@ def one_round(mode: str, ns: argparse.Namespace, keys: Path,
             log = open(work / f"{mode}-{name}.log", "ab")
             procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log,
                                           start_new_session=True))
-        if not worker_ready(admin, curve, ns.concurrency, time.monotonic() + 30):
+        if not wait_for_slots(admin, ns.concurrency, time.monotonic() + 30,
+                              curve.apply if curve is not None else None):
             raise SystemExit(f"bench_curve: the {mode} worker did not connect; see {work}")
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         client = Client(front, green=False, curve=curve)

@@ -36,9 +36,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-from bench_router import REPO, count_lines, free_ports, stop, workers_ready  # noqa: E402
+from benchlib import count_lines, cpu_seconds, free_ports, stop, wait_for_slots  # noqa: E402
 
 from emq_green.client import Client  # noqa: E402
 
@@ -79,12 +80,6 @@ def open_pages(viewer: str, pages: list[str], tmp: Path) -> tuple[list, HttpView
     return browsers, None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def page_up(url: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         try:
@@ -115,7 +110,7 @@ def run(mode: str, ns: argparse.Namespace, tmp: Path) -> dict:
     browsers: list[subprocess.Popen] = []
     poller = None
     try:
-        if not workers_ready(admin, time.monotonic() + 30):
+        if not wait_for_slots(admin, 1, time.monotonic() + 30):
             raise SystemExit(f"{mode}: no worker in 30 s (see {log.name})")
         for url in pages:
             page_up(url, time.monotonic() + 10)

@@ -22,66 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-
-import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchlib import free_ports  # noqa: E402
+from benchlib import count_lines, free_ports, stop, wait_for_slots  # noqa: E402
 
 from emq_green.client import Client  # noqa: E402
-from emq_green.protocol import Command, Message  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def workers_ready(admin: str, deadline: float) -> bool:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    # EventMQ's router decodes identities as UTF-8: never leave ZeroMQ's binary one
-    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
-    sock.connect(admin)
-    try:
-        while time.monotonic() < deadline:
-            sock.send_multipart(Message.new(Command.ROUTER_SHOW_WORKERS).frames())
-            if sock.poll(500):
-                body = Message.parse(sock.recv_multipart()).body[0]
-                workers = json.loads(body)["connected_workers"]
-                if any(w["available_slots"] > 0 for w in workers.values()):
-                    return True
-                time.sleep(0.05)  # polling interval
-        return False
-    finally:
-        sock.close()
-
-
-def count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def run(mode: str, jobs: int, concurrency: int, sleep: float, tmp: Path) -> dict:
@@ -104,7 +59,7 @@ def run(mode: str, jobs: int, concurrency: int, sleep: float, tmp: Path) -> dict
                                       stdout=log, stderr=log))
         procs.append(subprocess.Popen([*green, "-B", back], env=env, stdout=log, stderr=log))
     try:
-        if not workers_ready(admin, time.monotonic() + 30):
+        if not wait_for_slots(admin, 1, time.monotonic() + 30):
             raise SystemExit(f"{mode}: no worker connected in 30 s (see {log.name})")
         client = Client(front, green=False)
         submitted: dict[str, float] = {}

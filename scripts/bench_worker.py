@@ -41,10 +41,10 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 
 import psutil
 import zmq
+from benchlib import frames, poll_worker, standin_router_socket, stop
 from zmq.backend import Socket as _Backend
 
 # The stand-in router calls libzmq through pyzmq's C backend with plain int
@@ -152,11 +152,6 @@ def main_thread_cpu(proc: psutil.Process) -> float:
     return sum(t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid)
 
 
-def frames(command: str, *body: str) -> list[bytes]:
-    return [b"", b"eMQP/1.0", command.encode(), str(uuid.uuid4()).encode(),
-            *(b.encode() for b in body)]
-
-
 class CpuMark:
     """The worker's CPU seconds (whole process, and its main thread) at a moment."""
 
@@ -225,14 +220,6 @@ def outcome_counts(worker: subprocess.Popen, log_path: str,
         if time.monotonic() > deadline or worker.poll() is not None:
             raise RuntimeError(f"no status dump from the worker in {log_path}")
         time.sleep(0.05)  # polling a log file, with a deadline
-
-
-def stop(worker: subprocess.Popen) -> None:
-    worker.terminate()
-    try:
-        worker.wait(15)
-    except subprocess.TimeoutExpired:
-        worker.kill()
 
 
 def run_workload(label: str, callable_name: str, args: list, jobs: int, concurrency: int,
@@ -304,19 +291,15 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
                        r["longest_silence"], sampler.peak, start, end, r["cpu"])
     finally:
         if worker is not None:
-            stop(worker)
+            stop([worker])
         router.kill()
         router.wait()
 
 
 def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int,
                            extra_flags: list[str], workdir: str, standin: str | None) -> dict:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    worker = start_worker(label, f"tcp://127.0.0.1:{port}", concurrency, extra_flags, workdir)
+    sock, addr = standin_router_socket()
+    worker = start_worker(label, addr, concurrency, extra_flags, workdir)
     sampler = PeakRss(worker.pid)
     sampler.start()
     requests = [frames("REQUEST", "default", "reply-requested", payload) for _ in range(jobs)]
@@ -337,14 +320,13 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
     deadline = time.monotonic() + 600
     start = None
     harness_cpu_start = time.process_time()
+
+    def overdue() -> str:
+        return f"{label}: only {len(latencies) + errors} of {jobs} jobs done"
+
     try:
         while len(latencies) + errors < jobs:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{label}: only {len(latencies) + errors} of {jobs} jobs "
-                                   "done")
-            if not poller.poll(1000):
-                if worker.poll() is not None:
-                    raise RuntimeError(f"{label}: worker exited with {worker.returncode}")
+            if not poll_worker(poller, worker, deadline, overdue, f"{label}: "):
                 continue
             while True:
                 msg = recv_now(sock)
@@ -394,7 +376,7 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
         harness_cpu = time.process_time() - harness_cpu_start
     finally:
         sampler.stop.set()
-        stop(worker)
+        stop([worker])
         sock.close(0)
     assert start is not None
     if not latencies:
