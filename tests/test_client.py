@@ -14,33 +14,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 import zmq
+from peers import admin_request, free_ports  # noqa: F401 (used by other test files too)
 
 from emq_green.client import Client, callable_path, job
 from emq_green.protocol import Command, Message, RunRequest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -53,21 +41,6 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-def admin_request(addr: str, command: Command, timeout: float = 2.0):
-    """One administrative request; the parsed JSON answer, or None."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())  # EventMQ wants UTF-8
-    sock.connect(addr)
-    try:
-        sock.send_multipart(Message.new(command).frames())
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        return json.loads(Message.parse(sock.recv_multipart()).body[0])
-    finally:
-        sock.close()
 
 
 class Stack:

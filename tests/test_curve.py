@@ -18,7 +18,6 @@ import signal
 import stat
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,7 +25,7 @@ from typing import Iterator, Optional
 import pytest
 import zmq
 import zmq.auth
-from peers import Proc, clean_env, free_port, wait_until
+from peers import Proc, admin_request, clean_env, free_port, wait_until
 
 from emq_green.client import Client
 from emq_green.client_results import SendTimeoutError
@@ -74,19 +73,7 @@ def lines(path: Path) -> list[list[str]]:
 def admin(addr: str, command: Command, curve: Optional[ClientCurve],
           timeout: float = 3.0) -> Optional[dict]:
     """One administrative request over CURVE; the JSON answer, or None."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
-    if curve is not None:
-        curve.apply(sock)
-    sock.connect(addr)
-    try:
-        sock.send_multipart(Message.new(command).frames())
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        return json.loads(Message.parse(sock.recv_multipart()).body[0])
-    finally:
-        sock.close()
+    return admin_request(addr, command, timeout, curve.apply if curve is not None else None)
 
 
 class CurveStack:

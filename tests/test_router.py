@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import gevent
 import pytest
 import zmq.green as zmq
+from peers import free_ports
 
 from emq_green.protocol import Command, Message, queues_json
 from emq_green.router import Router, RouterState
@@ -406,7 +407,7 @@ def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router)
     INFORMs the next one on the same address with a new identity."""
     from emq_green.jobmanager import JobManager, State
 
-    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in _free_ports(3))
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
     addrs = dict(frontend_addr=front, backend_addr=back, administrative_addr=admin)
     first = make_router(**addrs)
     manager = JobManager(settings=Settings(
@@ -437,14 +438,3 @@ def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router)
         assert manager.stop(timeout=10, graceful=False)
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
