@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 import zmq
 
@@ -106,19 +106,23 @@ class _Progress:
             self.out.write("\n")
 
 
-def router_status(admin_addr: str, timeout: float = 2.0,
-                  curve: Optional[ClientCurve] = None) -> Optional[dict[str, Any]]:
-    """Ask a router's administrative socket for STATUS; None without an answer."""
+def admin_request(admin_addr: str, command: Command = Command.STATUS, timeout: float = 2.0,
+                  prepare: Optional[Callable[[Any], None]] = None,
+                  ) -> Optional[dict[str, Any]]:
+    """One request to a router's administrative socket (STATUS,
+    ROUTER_SHOW_WORKERS, ...): its JSON answer, or None without one within
+    ``timeout`` s. ``prepare`` is called on the socket before it connects
+    (e.g. :meth:`ClientCurve.apply <emq_green.curve.ClientCurve.apply>`)."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    if curve is not None:
-        curve.apply(sock)
+    if prepare is not None:
+        prepare(sock)
     # EventMQ's router decodes identities as UTF-8: never leave ZeroMQ's binary one
     sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
     try:
         sock.connect(admin_addr)
-        sock.send_multipart(Message.new(Command.STATUS).frames())
+        sock.send_multipart(Message.new(command).frames())
         if not sock.poll(int(timeout * 1000)):
             return None
         reply = Message.parse(sock.recv_multipart())
@@ -127,6 +131,13 @@ def router_status(admin_addr: str, timeout: float = 2.0,
         return None
     finally:
         sock.close()
+
+
+def router_status(admin_addr: str, timeout: float = 2.0,
+                  curve: Optional[ClientCurve] = None) -> Optional[dict[str, Any]]:
+    """Ask a router's administrative socket for STATUS; None without an answer."""
+    return admin_request(admin_addr, Command.STATUS, timeout,
+                         curve.apply if curve is not None else None)
 
 
 def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,

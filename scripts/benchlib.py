@@ -14,11 +14,12 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import zmq
 
 from emq_green.protocol import Command, Message
+from emq_green.submit import admin_request  # noqa: F401 (the scripts use it from here)
 
 
 def free_ports(count: int) -> list[int]:
@@ -77,22 +78,6 @@ def admin_socket(addr: str,
         prepare(sock)
     sock.connect(addr)
     return sock
-
-
-def admin_request(addr: str, command: Command, timeout: float = 2.0,
-                  prepare: Optional[Callable[[zmq.Socket], None]] = None,
-                  ) -> Optional[dict[str, Any]]:
-    """Send ``command`` (``ROUTER_SHOW_WORKERS``, ``STATUS``, ...) on a fresh
-    administrative socket (see :func:`admin_socket`) and return the router's
-    JSON answer, or None when none came in ``timeout`` seconds."""
-    sock = admin_socket(addr, prepare)
-    try:
-        sock.send_multipart(Message.new(command).frames())
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        return json.loads(Message.parse(sock.recv_multipart()).body[0])
-    finally:
-        sock.close()
 
 
 def wait_for_slots(addr: str, slots: int, deadline: float,

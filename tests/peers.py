@@ -58,28 +58,6 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def admin_request(addr: str, command, timeout: float = 2.0,
-                  prepare: Optional[Callable[[zmq.Socket], None]] = None) -> Optional[dict]:
-    """One administrative request (``command``, an emq_green ``Command``) to
-    a router; the parsed JSON answer, or None after ``timeout`` s.
-    ``prepare`` is applied to the socket first (e.g. CURVE keys)."""
-    from emq_green.protocol import Message
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())  # EventMQ wants UTF-8
-    if prepare is not None:
-        prepare(sock)
-    sock.connect(addr)
-    try:
-        sock.send_multipart(Message.new(command).frames())
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        return json.loads(Message.parse(sock.recv_multipart()).body[0])
-    finally:
-        sock.close()
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -22,10 +22,11 @@ from typing import Callable, Iterator
 
 import pytest
 import zmq
-from peers import admin_request, free_ports  # noqa: F401 (used by other test files too)
+from peers import free_ports  # noqa: F401 (used by other test files too)
 
 from emq_green.client import Client, callable_path, job
 from emq_green.protocol import Command, Message, RunRequest
+from emq_green.submit import admin_request
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
