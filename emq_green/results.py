@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -136,18 +137,51 @@ class PendingResults:
         }
 
 
+#: results dropped that are logged one by one in each window; the rest of
+#: the window's are counted and summed up in one line when it ends
+LOST_LOG_BURST = 100
+LOST_LOG_WINDOW = 10.0
+
+
 class ResultRelay:
     """Results to the clients that asked for them, through ``send`` (the
     router's send on the client socket: ``(identity, message) -> delivered``).
 
     :attr:`pending` is the bounded map; every result that cannot come is
-    reported to its client, best effort, and logged with its msgid.
+    reported to its client, best effort, and logged with its msgid: one by
+    one up to :data:`LOST_LOG_BURST` every :attr:`log_window` seconds, then
+    counted, and the count logged when the window ends (a mass eviction
+    does not flood the log; STATUS counts every one).
     """
 
     def __init__(self, pending: PendingResults,
                  send: Callable[[bytes, Message], bool]) -> None:
         self.pending = pending
         self._send = send
+        self.log_window = LOST_LOG_WINDOW
+        self._window_start = 0.0
+        self._logged = 0
+        self._unlogged: collections.Counter[str] = collections.Counter()
+
+    def _log_dropped(self, msgid: str, client: bytes, reason: str) -> None:
+        self._end_log_window(time.monotonic())
+        if self._logged < LOST_LOG_BURST:
+            self._logged += 1
+            logger.warning("router: the result of %s for client %s was dropped (%s)",
+                           printable(msgid), printable(client), reason)
+        else:
+            self._unlogged[reason] += 1
+
+    def _end_log_window(self, now: float) -> None:
+        """Past the window: log what was not logged one by one, start anew."""
+        if now - self._window_start < self.log_window:
+            return
+        if self._unlogged:
+            logger.warning("router: %d more result(s) dropped, not logged one by one: %s",
+                           sum(self._unlogged.values()), dict(self._unlogged))
+            self._unlogged.clear()
+        self._window_start = now
+        self._logged = 0
 
     def remember(self, msgid: str, client: bytes, now: float) -> None:
         """``client`` waits for ``msgid``'s result; a full map evicts the oldest."""
@@ -166,13 +200,11 @@ class ResultRelay:
             self.pending.forwarded += 1
         else:
             self.pending.dropped[CLIENT_GONE] += 1
-            logger.warning("router: the result of %s was dropped: client %s is gone or "
-                           "not reading", printable(message.body[1]), printable(client))
+            self._log_dropped(message.body[1], client, CLIENT_GONE)
 
     def lost(self, msgid: str, client: bytes, reason: str) -> None:
         """Tell ``client`` that the result of ``msgid`` will not come."""
-        logger.warning("router: the result of %s for client %s was dropped (%s)",
-                       printable(msgid), printable(client), reason)
+        self._log_dropped(msgid, client, reason)
         self._send(client, Message.new(Command.REPLY, lost_body(reason), msgid))
 
     def worker_lost(self, msgid: str) -> None:
@@ -182,7 +214,10 @@ class ResultRelay:
             self.lost(msgid, client, WORKER_LOST)
 
     def expire(self, now: float) -> None:
-        """Report the results past ``result_ttl``."""
+        """Report the results past ``result_ttl`` (and the count of drops
+        not logged one by one, once their window has ended)."""
+        if self._unlogged:
+            self._end_log_window(now)
         if self.pending:
             for msgid, client in self.pending.expire(now):
                 self.lost(msgid, client, EXPIRED)

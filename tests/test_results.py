@@ -15,6 +15,7 @@ Every wait has a deadline; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -201,6 +202,33 @@ def test_pending_results_are_bounded_the_oldest_dropped_and_told(make_router):
     assert client.pending() == []  # nothing for the two evicted ones
     wait_until(lambda: h.router.results.forwarded == 3, what="3 forwarded")
     assert len(h.router.results) == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_mass_eviction_logs_a_bounded_number_of_lines(make_router, caplog):
+    from emq_green.results import LOST_LOG_BURST
+
+    caplog.set_level(logging.WARNING, logger="emq_green.results")
+    h: Harness = make_router(max_pending_results=1, heartbeat_interval=0.2)
+    h.router.relay.log_window = 1.0
+    client = h.peer("frontend")  # no worker: every request waits, every add evicts
+    evictions = 3 * LOST_LOG_BURST
+    for _ in range(evictions + 1):
+        h.request(client, headers=RESULT_HEADERS)
+    assert len(_results_of(client, evictions)) == evictions  # each client is told
+    assert h.admin(Command.STATUS)["results_dropped_by_reason"] == {"evicted": evictions}
+
+    def texts():
+        return [r.getMessage() for r in caplog.records if r.name == "emq_green.results"]
+
+    # after the window, the housekeeping tick logs the rest as one line
+    wait_until(lambda: any("not logged one by one" in t for t in texts()), timeout=10,
+               what="the summary line")
+    one_by_one = [t for t in texts() if "was dropped (evicted)" in t]
+    [summary] = [t for t in texts() if "not logged one by one" in t]
+    assert len(one_by_one) == LOST_LOG_BURST
+    assert summary.startswith(f"router: {evictions - LOST_LOG_BURST} more result(s)")
+    assert "'evicted'" in summary
 
 
 @pytest.mark.timeout(30)
