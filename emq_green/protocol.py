@@ -258,7 +258,8 @@ _HEADERS_SEEN_MAX = 512
 
 def reply_requested_in(text: str) -> bool:
     """Whether a (possibly malformed) header text asks for a reply."""
-    return any(h.strip() == "reply-requested" for h in text.split(","))
+    return "reply-requested" in text and any(
+        h.strip() == "reply-requested" for h in text.split(","))
 
 
 #: the default ``kwargs`` and ``class_kwargs``: empty and read-only

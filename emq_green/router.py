@@ -75,7 +75,7 @@ import zmq.green
 from .curve import server_curve_from_settings
 from .lifecycle import Lifecycle
 from .protocol import Command, Message, printable
-from .results import RESULT_HEADER, PendingResults, ResultRelay, result_requested_in
+from .results import PendingResults, ResultRelay, result_requested_in
 from .router_sockets import Handler, RouterSockets
 from .router_workers import RouterObserver, WorkerSide
 from .routing import Request, Routing, Worker
@@ -334,8 +334,7 @@ class Router:
             return
         request = Request(message.msgid, client, message.body[0], message.body,
                           time.monotonic())
-        headers = message.body[1]
-        wants_result = RESULT_HEADER in headers and result_requested_in(headers)
+        wants_result = result_requested_in(message.body[1])
         if wants_result:
             self.relay.remember(request.msgid, client, request.received)
         routing = self.routing

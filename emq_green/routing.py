@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .protocol import Queues, printable
+from .protocol import Queues, printable, reply_requested_in
 
 # Identities of workers that left or were removed, remembered so that their
 # late messages are logged quietly instead of as "unknown worker".
@@ -39,9 +39,7 @@ class Request:
 
     @property
     def reply_requested(self) -> bool:
-        headers = self.body[1] if len(self.body) > 1 else ""
-        return "reply-requested" in headers and any(
-            h.strip() == "reply-requested" for h in headers.split(","))
+        return len(self.body) > 1 and reply_requested_in(self.body[1])
 
     @property
     def size(self) -> int:

@@ -106,6 +106,18 @@ class CurveStack:
         proc.wait_for("router listening: .*CURVE required", timeout=20)
         return proc
 
+    def standalone(self) -> Proc:
+        """``emq-green --standalone -J 4`` with the router's keys, once its
+        job manager is up (the in-process link needs no CURVE)."""
+        proc = self.spawn("standalone", [
+            str(BIN / "emq-green"), "--standalone", "-J", "4", "-n", "alone",
+            "--frontend-addr", self.front, "--backend-addr", self.back,
+            "--administrative-addr", self.admin_addr,
+            "--curve-secret-key-file", self.keys.secret("router"),
+            "--curve-authorized-keys", str(self.keys.authorized)])
+        proc.wait_for("ACK from inproc://", timeout=20)
+        return proc
+
     def worker(self, name: str, key: Optional[str], *extra: str) -> Proc:
         argv = [str(BIN / "emq-green"), "-B", self.back, "-J", "4", "-n", name,
                 "--reconnect-timeout", "1", *extra]
@@ -329,13 +341,7 @@ def test_router_with_secret_key_and_no_authorized_dir_refuses_to_start(stack: Cu
 
 @pytest.mark.timeout(90)
 def test_standalone_with_curve_runs_jobs_of_authorized_clients(stack: CurveStack):
-    proc = stack.spawn("standalone", [
-        str(BIN / "emq-green"), "--standalone", "-J", "4", "-n", "alone",
-        "--frontend-addr", stack.front, "--backend-addr", stack.back,
-        "--administrative-addr", stack.admin_addr,
-        "--curve-secret-key-file", stack.keys.secret("router"),
-        "--curve-authorized-keys", str(stack.keys.authorized)])
-    proc.wait_for("ACK from inproc://", timeout=20)  # the in-process link needs no CURVE
+    proc = stack.standalone()
     with Client(stack.front, green=False, curve=stack.keys.curve("client")) as client:
         for i in range(3):
             client.defer_job(MARK, [str(stack.marks), f"job-{i}"])
@@ -481,13 +487,7 @@ def _metric(addr: str, name: str) -> float:
 def test_results_come_back_over_curve(stack: CurveStack):
     """The result channel (a socket of its own) speaks CURVE with the
     client's keys: results come back; a plain client's never do."""
-    proc = stack.spawn("standalone", [
-        str(BIN / "emq-green"), "--standalone", "-J", "4", "-n", "alone",
-        "--frontend-addr", stack.front, "--backend-addr", stack.back,
-        "--administrative-addr", stack.admin_addr,
-        "--curve-secret-key-file", stack.keys.secret("router"),
-        "--curve-authorized-keys", str(stack.keys.authorized)])
-    proc.wait_for("ACK from inproc://", timeout=20)
+    proc = stack.standalone()
     for green in (False, True):
         with Client(stack.front, green=green, curve=stack.keys.curve("client")) as client:
             handles = [client.defer_job("jobs_for_tests.add", [i, 1], result=True)
