@@ -24,7 +24,8 @@ VALID = [b"", b"eMQP/1.0", b"REQUEST", b"msgid", b"default", REPLY.encode(),
 numbers = st.sampled_from(["nan", "inf", "-inf", "1e999", "-1", "0", "0.5", "1e-300", "x",
                            "9" * 400, "", "1_000", " 3 ", "٣"])
 header_items = st.one_of(
-    st.sampled_from(["reply-requested", "guarantee", "", " ", ",", "timeout", "retry-count"]),
+    st.sampled_from(["reply-requested", "guarantee", "", " ", ",", "timeout", "retry-count",
+                     "result-requested", " result-requested "]),
     numbers.map(lambda n: f"timeout:{n}"),
     st.one_of(numbers, st.integers(-5, 200).map(str)).map(lambda n: f"retry-count:{n}"),
     st.text(max_size=12),
@@ -89,6 +90,15 @@ other_messages = st.lists(
     max_size=8)
 
 
+@st.composite
+def worker_replies(draw) -> list[bytes]:
+    """REPLYs a worker could send: any msgid, any number of body frames,
+    some naming a msgid the storm used (so the result relay has to act)."""
+    frame = st.one_of(st.binary(max_size=24),
+                      st.sampled_from([b"msgid", b"null", b'{"value": 1}', b"\xc3\x28"]))
+    return [b"", b"eMQP/1.0", b"REPLY", draw(frame), *draw(st.lists(frame, max_size=4))]
+
+
 def is_request(frames: list[bytes]) -> bool:
     """What costs the router a slot: anything it sent as a REQUEST."""
     return len(frames) > 2 and frames[2].upper() == b"REQUEST"
@@ -132,7 +142,7 @@ def test_random_frames_on_every_socket_leave_the_router_routing(make_router):  #
               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                      HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.sampled_from(sorted(peers)),
-           st.one_of(mutated_requests(), other_messages,
+           st.one_of(mutated_requests(), other_messages, worker_replies(),
                      st.sampled_from([VALID[:2] + [b"DISCONNECT", b"m"],
                                       VALID[:2] + [b"KBYE", b"m"]])))
     def throw(peer: str, frames: list[bytes]) -> None:
@@ -154,4 +164,19 @@ def test_random_frames_on_every_socket_leave_the_router_routing(make_router):  #
         fresh.send(Command.READY)  # buffered requests from the storm go first
         got = fresh.recv(timeout=5)
         if got.command is Command.REQUEST and got.msgid == sent.msgid:
+            break
+    # and results still come back to a client that asks for one
+    asked = client.send(Command.REQUEST, "default", "reply-requested,result-requested",
+                        VALID[6].decode())
+    while True:
+        assert time.monotonic() < deadline, "the result-requested job never reached a worker"
+        fresh.send(Command.READY)
+        got = fresh.recv(timeout=5)
+        if got.command is Command.REQUEST and got.msgid == asked.msgid:
+            break
+    fresh.send(Command.REPLY, '{"value": 3}', asked.msgid)
+    while True:
+        assert time.monotonic() < deadline, "the result never came back"
+        answer = client.recv(timeout=5)
+        if answer.command is Command.REPLY and answer.body == ('{"value": 3}', asked.msgid):
             break
