@@ -35,7 +35,7 @@ fi
 .venv/bin/ruff check emq_green tests scripts examples
 # gevent's monitor thread is one per process: the loop-block monitor tests
 # run in a process of their own. The whole suite also passes in one process
-# (`python -m pytest tests`), but in 1 of 7 such runs a monitor test missed
+# (`python -m pytest tests`), but in 1 of 8 such runs a monitor test missed
 # a block (README, "Testing"); CI does not take that chance.
 # -rs: every skipped test is listed with its reason.
 .venv/bin/python -m pytest -p no:cacheprovider -rs --ignore=tests/test_monitor.py "$@"
