@@ -109,11 +109,12 @@ def main(argv: "list[str] | None" = None) -> int:
 def _curve_ok(settings) -> bool:
     """Load the worker's CURVE keys once at start, so that a bad key file
     stops it with a message instead of failing at each connection."""
-    from .curve import CurveError, client_curve_from_settings
+    from .curve import CurveError, client_curve
 
     try:
         for addr in settings.worker_addresses():
-            client_curve_from_settings(settings, addr)
+            client_curve(settings.curve_secret_key_file, settings.curve_server_key_file,
+                         addr, who=settings.name)
     except CurveError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return False
@@ -129,7 +130,7 @@ def _standalone(settings, router_settings, load) -> int:
     import zmq.green as zmq
 
     from .jobmanager import JobManager
-    from .router import Router
+    from .router.broker import Router
 
     inproc = f"inproc://emq-green-{uuid.uuid4().hex}"
     to_router = {"worker_addr": inproc, "worker_addr_default": inproc,
@@ -141,7 +142,7 @@ def _standalone(settings, router_settings, load) -> int:
     except OSError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 1
-    from .dashboard import start_dashboard
+    from .router.dashboard import start_dashboard
 
     start_dashboard(router, router_settings.dashboard_addr)
     manager = JobManager(settings=settings.replace(**to_router),
@@ -165,7 +166,7 @@ def router_main(argv: "list[str] | None" = None) -> int:
 
     import gevent
 
-    from .router import Router
+    from .router.broker import Router
     from .settings import SettingsError, load_settings
 
     try:
@@ -181,7 +182,7 @@ def router_main(argv: "list[str] | None" = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 1
-    from .dashboard import start_dashboard
+    from .router.dashboard import start_dashboard
 
     start_dashboard(router, settings.dashboard_addr)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):

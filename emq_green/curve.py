@@ -4,7 +4,7 @@ CurveZMQ authenticates both ends of a link and encrypts it. The router is
 the CURVE *server* on all three of its sockets; workers and clients are
 CURVE *clients*: they hold a key pair of their own and the router's public
 key. Which client keys get in is decided by the ZAP handler
-(:mod:`emq_green.zap`) against a directory of public certificates.
+(:mod:`emq_green.router.zap`) against a directory of public certificates.
 
 Keys live in ``zmq.auth`` certificate files, so certificates made by pyzmq's
 own tools work too: ``NAME.key`` holds the public key, ``NAME.key_secret``
@@ -25,14 +25,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import zmq
 import zmq.auth
 import zmq.utils.z85
-
-if TYPE_CHECKING:
-    from .settings import Settings
 
 #: the ZAP domain the router's sockets ask about (logged; all are checked alike)
 ZAP_DOMAIN = "emq-green"
@@ -133,12 +130,6 @@ def client_curve(secret_key_file: str, server_key_file: str, addr: str = "",
     return ClientCurve.from_files(secret_key_file, server_key_file)
 
 
-def client_curve_from_settings(settings: Settings, addr: str) -> Optional[ClientCurve]:
-    """:func:`client_curve` from a :class:`~emq_green.settings.Settings`."""
-    return client_curve(settings.curve_secret_key_file, settings.curve_server_key_file, addr,
-                        who=settings.name)
-
-
 def client_curve_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[ClientCurve]:
     """:func:`client_curve` from ``EVENTMQ_CURVE_SECRET_KEY_FILE`` and
     ``EVENTMQ_CURVE_SERVER_KEY_FILE`` (the client's defaults)."""
@@ -162,26 +153,25 @@ class ServerCurve:
         socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
 
 
-def server_curve_from_settings(settings: Settings) -> Optional[ServerCurve]:
-    """The router's CURVE setup, or None when it has no secret key (plain).
+def server_curve(secret_key_file: str, authorized_keys: str) -> Optional[ServerCurve]:
+    """The router's CURVE setup from its ``curve_secret_key_file`` and
+    ``curve_authorized_keys`` settings, or None when it has no secret key (plain).
 
     A secret key without an authorized-keys directory is refused: CURVE with
     no ZAP check lets any key pair in, which only looks secure."""
-    if not settings.curve_secret_key_file:
-        if settings.curve_authorized_keys:
+    if not secret_key_file:
+        if authorized_keys:
             raise CurveError("router: curve_authorized_keys is set but curve_secret_key_file "
                              "is not: the router would run without CURVE")
         return None
     require_curve()
-    if not settings.curve_authorized_keys:
+    if not authorized_keys:
         raise CurveError("router: curve_secret_key_file is set but curve_authorized_keys is "
                          "not: refusing to start, since CURVE without a directory of "
                          "authorized public keys would let any key in")
-    if not os.path.isdir(settings.curve_authorized_keys):
-        raise CurveError(f"router: curve_authorized_keys {settings.curve_authorized_keys} "
-                         "is not a directory")
-    return ServerCurve(load_key_pair(settings.curve_secret_key_file),
-                       settings.curve_authorized_keys)
+    if not os.path.isdir(authorized_keys):
+        raise CurveError(f"router: curve_authorized_keys {authorized_keys} is not a directory")
+    return ServerCurve(load_key_pair(secret_key_file), authorized_keys)
 
 
 # ----------------------------------------------------------------------
@@ -239,6 +229,6 @@ def keys_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 __all__ = ["ClientCurve", "CurveError", "KeyPair", "ServerCurve", "ZAP_DOMAIN",
-           "client_curve", "client_curve_from_env", "client_curve_from_settings",
+           "client_curve", "client_curve_from_env",
            "create_key_pair", "fingerprint", "keys_main", "load_key_pair", "load_public_key",
-           "require_curve", "server_curve_from_settings"]
+           "require_curve", "server_curve"]

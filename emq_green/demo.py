@@ -175,7 +175,7 @@ def _run(argv: "list[str]") -> int:
     import gevent
     from gevent.pywsgi import WSGIServer
 
-    from .client import Client
+    from .client.api import Client
 
     ns = _parse(argv)
     out = sys.stdout

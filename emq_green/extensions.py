@@ -4,7 +4,7 @@ An extension subclasses :class:`Extension` and overrides the hooks it
 needs; every hook is declared here once, as a documented no-op. What an
 extension may read and call on the worker is :class:`WorkerView`, a typed
 view: extensions import this module and the lower layers (protocol, jobs,
-records, settings, connection), never the job manager. Extensions talk to
+records, settings), never the job manager or its parts. Extensions talk to
 each other through :meth:`WorkerView.extension` and their own public
 methods, not by sharing data structures.
 
@@ -33,7 +33,6 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connection import Connection
     from .jobs import JobOutcome
     from .protocol import Headers, Queues, RunRequest
     from .records import JobRecord, State
@@ -47,6 +46,23 @@ E = TypeVar("E", bound="Extension")
 class Executor(Protocol):
     def run(self, request: RunRequest, headers: Headers) -> tuple[JobOutcome, int]:
         """Run the job, cooperatively; return (outcome, pid that ran it)."""
+        ...
+
+
+class RouterConnection(Protocol):
+    """What an extension may use of the worker's current connection to the
+    router (:class:`emq_green.worker.connection.Connection`)."""
+
+    addr: str
+    identity: str
+    #: monotonic time of the last send towards the router
+    last_sent: float
+    #: the longest silence towards the router so far on this connection (s)
+    longest_gap: float
+
+    def send_from_thread(self, frames: list[bytes], loop: object) -> bool:
+        """Send one message now from a native thread (the heartbeat thread,
+        while the loop is held); False when it cannot leave at once."""
         ...
 
 
@@ -76,7 +92,7 @@ class WorkerView(Protocol):
     def jobs_in_flight(self) -> Mapping[str, JobRecord]: ...
 
     @property
-    def outgoing(self) -> Optional[Connection]:
+    def outgoing(self) -> Optional[RouterConnection]:
         """The current connection to the router (None between connections)."""
         ...
 
@@ -196,4 +212,4 @@ class HookRegistry:
         return next((e for e in self.extensions if isinstance(e, kind)), None)
 
 
-__all__ = ["Executor", "Extension", "HookRegistry", "WorkerView"]
+__all__ = ["Executor", "Extension", "HookRegistry", "RouterConnection", "WorkerView"]

@@ -3,10 +3,10 @@
 Greenlets stand in for EventMQ's worker processes. The work is split along
 the manager's loops:
 
-- :class:`~emq_green.slots.JobSlots` (``slots.py``): admission, backlog,
+- :class:`~emq_green.worker.slots.JobSlots` (``slots.py``): admission, backlog,
   parked job greenlets, run, complete, repair, kill; the job runner and
   callable policy built from the settings; it owns ``jobs_in_flight``;
-- :class:`~emq_green.session.RouterLink` (``session.py``): the connection,
+- :class:`~emq_green.worker.session.RouterLink` (``session.py``): the connection,
   INFORM/ACK, the reader and dispatch, heartbeats and liveness, READY
   credit, REPLY sending, and the wait of a graceful stop's drain;
 - :class:`JobManager` (here): the EventMQ face: the constructor and its
@@ -45,16 +45,16 @@ import gevent.event
 import zmq.green as zmq
 
 from . import __version__
-from .connection import Connection
-from .defaults import default_extensions
 from .extensions import Extension, HookRegistry
 from .jobs import JobOutcome, Status
 from .lifecycle import Lifecycle, install_signal_handlers
 from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
-from .session import RouterLink
 from .settings import Settings, SettingsError, load_settings
-from .slots import JobSlots
+from .worker.connection import Connection
+from .worker.defaults import default_extensions
+from .worker.session import RouterLink
+from .worker.slots import JobSlots
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class JobManager:
             settings again.
         extensions: :class:`~emq_green.extensions.Extension` objects whose
             hooks run at each step of a job's and a connection's life; the
-            defaults of :func:`~emq_green.defaults.default_extensions` are
+            defaults of :func:`~emq_green.worker.defaults.default_extensions` are
             added for the kinds not given.
     """
 
@@ -155,7 +155,7 @@ class JobManager:
 
     @property
     def outgoing(self) -> Optional[Connection]:
-        """The current :class:`~emq_green.connection.Connection` to the
+        """The current :class:`~emq_green.worker.connection.Connection` to the
         router (None between connections). Every send goes through it."""
         return self._link.outgoing
 
@@ -370,7 +370,7 @@ class JobManager:
     def on_request(self, msgid: str, msg: Sequence[str]) -> None:
         """A REQUEST body ``[queue, headers_csv, payload_json]`` on the current
         connection: it runs, waits in the backlog, or is answered at once
-        (:meth:`JobSlots.admit <emq_green.slots.JobSlots.admit>`); never blocks."""
+        (:meth:`JobSlots.admit <emq_green.worker.slots.JobSlots.admit>`); never blocks."""
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
@@ -433,7 +433,7 @@ class JobManager:
         API compatibility (subprocess children are restarted by their pool)."""
 
     def check_worker_health(self) -> int:
-        """Repair the books (:meth:`JobSlots.repair <emq_green.slots.JobSlots.repair>`);
+        """Repair the books (:meth:`JobSlots.repair <emq_green.worker.slots.JobSlots.repair>`);
         returns the number of jobs repaired (0 when healthy)."""
         return self._slots.repair()
 

@@ -256,6 +256,17 @@ _HEADERS_SEEN: dict[str, Headers] = {}
 _HEADERS_SEEN_MAX = 512
 
 
+#: the REQUEST header asking emq-green's router to send the job's result back
+#: to the client (an emq-green extension; EventMQ's router ignores it)
+RESULT_HEADER = "result-requested"
+
+
+def result_requested_in(headers_csv: str) -> bool:
+    """Whether a REQUEST's header text asks for the result."""
+    return RESULT_HEADER in headers_csv and any(
+        h.strip() == RESULT_HEADER for h in headers_csv.split(","))
+
+
 def reply_requested_in(text: str) -> bool:
     """Whether a (possibly malformed) header text asks for a reply."""
     return "reply-requested" in text and any(

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import zmq
 
+from emq_green.client.submit import admin_request  # noqa: F401 (the scripts use it from here)
 from emq_green.protocol import Command, Message
-from emq_green.submit import admin_request  # noqa: F401 (the scripts use it from here)
 
 
 def free_ports(count: int) -> list[int]:

@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from fakerouter import FakeRouter  # noqa: E402
 
-import emq_green.connection as C  # noqa: E402
+import emq_green.worker.connection as C  # noqa: E402
 from emq_green.jobmanager import JobManager  # noqa: E402
-from emq_green.lifeline import Lifeline  # noqa: E402
 from emq_green.protocol import Command  # noqa: E402
 from emq_green.settings import Settings  # noqa: E402
+from emq_green.worker.lifeline import Lifeline  # noqa: E402
 
 
 class NoLock:

@@ -25,8 +25,8 @@ import zmq
 from peers import free_ports  # noqa: F401 (used by other test files too)
 
 from emq_green.client import Client, callable_path, job
+from emq_green.client.submit import admin_request
 from emq_green.protocol import Command, Message, RunRequest
-from emq_green.submit import admin_request
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -258,7 +258,7 @@ def test_defer_job_subprocess_option_and_callable_paths():
     assert callable_path("a.b.c") == ("a.b", "c")
     assert callable_path(os.getpid) == ("posix", "getpid")
     assert callable_path(Client("tcp://127.0.0.1:1", green=False).close) == (
-        "emq_green.client:Client", "close")
+        "emq_green.client.api:Client", "close")
     with pytest.raises(ValueError):
         callable_path("nodots")
     with pytest.raises(ValueError):

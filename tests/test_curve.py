@@ -28,10 +28,10 @@ import zmq.auth
 from peers import Proc, clean_env, free_port, wait_until
 
 from emq_green.client import Client
-from emq_green.client_results import SendTimeoutError
+from emq_green.client.results import SendTimeoutError
+from emq_green.client.submit import admin_request
 from emq_green.curve import ClientCurve, CurveError, create_key_pair, fingerprint
 from emq_green.protocol import Command, Message
-from emq_green.submit import admin_request
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,8 +13,8 @@ import pytest
 from test_metrics import endpoint_manager, http_get
 from test_router import make_router, wait_until
 
-from emq_green.dashboard import RouterDashboard, parse_dashboard_addr, percentile
 from emq_green.protocol import Command
+from emq_green.router.dashboard import RouterDashboard, parse_dashboard_addr, percentile
 from emq_green.settings import SettingsError, load_settings
 
 __all__ = ["endpoint_manager", "make_router"]

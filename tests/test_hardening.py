@@ -18,14 +18,14 @@ import pytest
 from test_client import BIN, lines, stack, wait_until
 from test_metrics import Endpoint, http_get, sample
 
-from emq_green import child as child_main
 from emq_green.client import Client
 from emq_green.jobmanager import JobManager, State
-from emq_green.metrics import MAX_SERIES
 from emq_green.protocol import Command, RunRequest
 from emq_green.router import Router
 from emq_green.settings import Settings
-from emq_green.subprocess_pool import SubprocessExtension
+from emq_green.worker import child as child_main
+from emq_green.worker.metrics import MAX_SERIES
+from emq_green.worker.subprocess_pool import SubprocessExtension
 
 JOBS = "jobs_for_tests"
 REPLY = "reply-requested"
@@ -134,7 +134,7 @@ def test_a_child_refuses_on_its_own(tmp_path):
                               "PYTHONPATH": os.pathsep.join(sys.path)})
     jobs = [payload("side_effect_jobs", "run"), payload(JOBS, "add", 2, 3)]
     lines = "".join(json.dumps({"payload": p, "retry_count": 0}) + "\n" for p in jobs)
-    done = subprocess.run([sys.executable, "-m", "emq_green.child"], input=lines,
+    done = subprocess.run([sys.executable, "-m", "emq_green.worker.child"], input=lines,
                           capture_output=True, text=True, timeout=30, env=env)
     out = [json.loads(line) for line in done.stdout.splitlines()]
     results = [m for m in out if "status" in m]

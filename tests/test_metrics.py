@@ -8,8 +8,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from emq_green.metrics import MetricsExtension
 from emq_green.protocol import Command
+from emq_green.worker.metrics import MetricsExtension
 
 JOBS = "jobs_for_tests"
 

@@ -14,9 +14,9 @@ import pytest
 from peers import require_eventmq
 
 from emq_green.jobmanager import State
-from emq_green.monitor import BlockMonitor, patch_problems
 from emq_green.protocol import Command
 from emq_green.settings import Settings
+from emq_green.worker.monitor import BlockMonitor, patch_problems
 
 JOBS = "blocking_jobs"
 
@@ -121,7 +121,7 @@ def test_patch_problems_name_the_modules_and_the_fix(monkeypatch):
 
 
 def lifeline_of(manager):
-    from emq_green.lifeline import Lifeline
+    from emq_green.worker.lifeline import Lifeline
 
     [lifeline] = [e for e in manager.extensions if isinstance(e, Lifeline)]
     return lifeline
@@ -290,7 +290,7 @@ def test_offender_goes_to_the_subprocess_pool_after_n_blocks_until_sighup(
         router, make_manager, caplog):
     import os
 
-    from emq_green.offload import Offload
+    from emq_green.worker.offload import Offload
 
     made = []
     manager, monitor = monitored(make_manager, threshold=0.3, offload_after_blocks=2,

@@ -206,9 +206,9 @@ def test_pending_results_are_bounded_the_oldest_dropped_and_told(make_router):
 
 @pytest.mark.timeout(30)
 def test_a_mass_eviction_logs_a_bounded_number_of_lines(make_router, caplog):
-    from emq_green.results import LOST_LOG_BURST
+    from emq_green.router.results import LOST_LOG_BURST
 
-    caplog.set_level(logging.WARNING, logger="emq_green.results")
+    caplog.set_level(logging.WARNING, logger="emq_green.router.results")
     h: Harness = make_router(max_pending_results=1, heartbeat_interval=0.2)
     h.router.relay.log_window = 1.0
     client = h.peer("frontend")  # no worker: every request waits, every add evicts
@@ -219,7 +219,7 @@ def test_a_mass_eviction_logs_a_bounded_number_of_lines(make_router, caplog):
     assert h.admin(Command.STATUS)["results_dropped_by_reason"] == {"evicted": evictions}
 
     def texts():
-        return [r.getMessage() for r in caplog.records if r.name == "emq_green.results"]
+        return [r.getMessage() for r in caplog.records if r.name == "emq_green.router.results"]
 
     # after the window, the housekeeping tick logs the rest as one line
     wait_until(lambda: any("not logged one by one" in t for t in texts()), timeout=10,

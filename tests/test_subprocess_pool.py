@@ -12,13 +12,13 @@ import pytest
 
 from emq_green.jobmanager import JobManager, State
 from emq_green.protocol import Command, RunRequest
-from emq_green.subprocess_pool import SubprocessExtension, runs_in_subprocess
+from emq_green.worker.subprocess_pool import SubprocessExtension, runs_in_subprocess
 
 CPU = "cpu_jobs"
 JOBS = "jobs_for_tests"
 REPLY = "reply-requested"
 # Heartbeats must come from the event loop itself here: the native heartbeat
-# thread (emq_green.lifeline) would hide a loop that is blocked.
+# thread (emq_green.worker.lifeline) would hide a loop that is blocked.
 LOOP_ONLY = dict(thread_heartbeats=False)
 
 

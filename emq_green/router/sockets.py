@@ -32,10 +32,10 @@ import gevent.event
 import zmq
 import zmq.green
 
-from .curve import ServerCurve
-from .protocol import Command, Message, ProtocolError, printable, split_identity
+from ..curve import ServerCurve
+from ..protocol import Command, Message, ProtocolError, printable, split_identity
+from ..settings import Settings
 from .routing import UNLIMITED
-from .settings import Settings
 from .zap import ZapHandler
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ import json
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
-from .pages import answer, page
+from ..web.pages import answer, page
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extensions import WorkerView
+    from ..extensions import WorkerView
 
 PATHS = ("/", "/dashboard.json")
 

@@ -10,7 +10,7 @@ worker's own gevent loop (:mod:`gevent.pywsgi`):
   :meth:`JobManager.status` (slots, jobs in flight, loop blocks, heartbeat
   gaps, subprocess pool, reconnects);
 - ``GET /status``: the same status as JSON;
-- ``GET /``: a page for people (:mod:`emq_green.worker_page`).
+- ``GET /``: a page for people (:mod:`emq_green.worker.page`).
 
 While the loop is blocked the endpoint cannot answer either: what it shows
 afterwards (``loop_blocks``, ``longest_heartbeat_gap``) is how you find out.
@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import gevent
 
-from . import worker_page
-from .extensions import Extension
-from .jobs import Status
+from ..extensions import Extension
+from ..jobs import Status
+from . import page as worker_page
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extensions import WorkerView
-    from .jobs import JobOutcome
-    from .records import JobRecord
+    from ..extensions import WorkerView
+    from ..jobs import JobOutcome
+    from ..records import JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class MetricsExtension(Extension):
         conn = manager.outgoing
         if conn is not None:
             self.longest_heartbeat_gap = max(self.longest_heartbeat_gap,
-                                             getattr(conn, "longest_gap", 0.0))
+                                             conn.longest_gap)
         return self.longest_heartbeat_gap
 
     def status(self, manager: WorkerView) -> dict[str, Any]:

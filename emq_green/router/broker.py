@@ -1,14 +1,14 @@
 """The router (broker): EventMQ 0.3.13's router, rebuilt on gevent and ``zmq.green``.
 
 Three ROUTER sockets, bound to loopback by default, each read by exactly one
-greenlet (:mod:`emq_green.router_sockets`):
+greenlet (:mod:`emq_green.router.sockets`):
 
 * frontend (clients): REQUEST, plus SCHEDULE / UNSCHEDULE / scheduler INFORM,
   which are logged and dropped because emq-green has no scheduler, and
   DISCONNECT, which is ignored with a warning (EventMQ stops on it; here any
   client could then stop the service);
 * backend (workers): INFORM / ACK, READY, REPLY, HEARTBEAT, KBYE, handled by
-  :class:`~emq_green.router_workers.WorkerSide`;
+  :class:`~emq_green.router.workers.WorkerSide`;
 * administrative: STATUS, ROUTER_SHOW_WORKERS, ROUTER_SHOW_SCHEDULERS,
   answered with the JSON shapes EventMQ's ``emq-cli`` prints, and DISCONNECT,
   the only message that stops the router.
@@ -18,10 +18,10 @@ results nobody collected.
 
 Where things are: :class:`Router` (here) starts and stops, handles the
 client and admin commands, decides backpressure and answers STATUS;
-:class:`~emq_green.routing.Routing` keeps the books and the routing policy;
-:class:`~emq_green.router_workers.WorkerSide` the worker side;
-:class:`~emq_green.router_sockets.RouterSockets` the sockets;
-:class:`~emq_green.results.ResultRelay` results back to the caller.
+:class:`~emq_green.router.routing.Routing` keeps the books and the routing policy;
+:class:`~emq_green.router.workers.WorkerSide` the worker side;
+:class:`~emq_green.router.sockets.RouterSockets` the sockets;
+:class:`~emq_green.router.results.ResultRelay` results back to the caller.
 
 Routing, as EventMQ does it. A worker's INFORM lists ``[weight, queue]``
 pairs; each READY is one free slot. A REQUEST goes to the worker with a free
@@ -46,12 +46,12 @@ Limits, where emq-green differs from EventMQ:
   peer supplied (msgids, queue names, identities) goes through
   :func:`~emq_green.protocol.printable` before it reaches a log.
 * Requests a worker had in flight when it is removed as dead are logged and
-  not re-dispatched (see :mod:`emq_green.router_workers`).
+  not re-dispatched (see :mod:`emq_green.router.workers`).
 
 Results, an extension EventMQ lacks: for a REQUEST with the
 ``result-requested`` header the router remembers the client and sends it the
 worker's REPLY body (no acknowledgement then); the map is bounded in size
-and age. See :mod:`emq_green.results` and docs/router.md.
+and age. See :mod:`emq_green.router.results` and docs/router.md.
 
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
@@ -72,14 +72,14 @@ import gevent.event
 import zmq
 import zmq.green
 
-from .curve import server_curve_from_settings
-from .lifecycle import Lifecycle
-from .protocol import Command, Message, printable
-from .results import PendingResults, ResultRelay, result_requested_in
-from .router_sockets import Handler, RouterSockets
-from .router_workers import RouterObserver, WorkerSide
+from ..curve import server_curve
+from ..lifecycle import Lifecycle
+from ..protocol import Command, Message, printable, result_requested_in
+from ..settings import Settings
+from .results import PendingResults, ResultRelay
 from .routing import Request, Routing, Worker
-from .settings import Settings
+from .sockets import Handler, RouterSockets
+from .workers import RouterObserver, WorkerSide
 from .zap import ZapHandler
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class Router:
         self._extra_backend_addrs = tuple(extra_backend_addrs)
         self._context = context or (zmq.green.Context() if settings.curve_secret_key_file
                                     else zmq.green.Context.instance())
-        #: the CURVE key check (see :mod:`emq_green.zap`); None on plain sockets
+        #: the CURVE key check (see :mod:`emq_green.router.zap`); None on plain sockets
         self.zap: Optional[ZapHandler] = None
         self._lifecycle: Lifecycle[RouterState] = Lifecycle(RouterState.STOPPED, "router")
         #: Workers, queues, slots and the buffer (the routing policy).
@@ -241,7 +241,8 @@ class Router:
         if self.state is not RouterState.STOPPED or self._stopped.is_set():
             raise RuntimeError("a Router starts once")
         s = self.settings
-        curve = server_curve_from_settings(s)  # CurveError (an OSError) when misconfigured
+        # CurveError (an OSError) when misconfigured
+        curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
         if curve is not None:
             # bound before any CURVE socket: with no handler libzmq lets every key in
             self.zap = ZapHandler(context=self._context, authorized_keys=curve.authorized_keys)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .protocol import Queues, printable, reply_requested_in
+from ..protocol import Queues, printable, reply_requested_in
 
 # Identities of workers that left or were removed, remembered so that their
 # late messages are logged quietly instead of as "unknown worker".

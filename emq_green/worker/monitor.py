@@ -23,7 +23,7 @@ heartbeats wait. :class:`BlockMonitor` makes each such incident visible:
   (the offload extension) hear of it.
 
 Limits: a block is reported when it ends, so one that never ends is never
-logged (the heartbeat thread of :mod:`emq_green.lifeline` is what the router
+logged (the heartbeat thread of :mod:`emq_green.worker.lifeline` is what the router
 sees meanwhile). The tracer sees greenlet switches only: a loop busy with
 many short greenlets is not "blocked".
 """
@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import gevent
 from gevent import monkey
 
-from .extensions import Extension
+from ..extensions import Extension
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extensions import WorkerView
-    from .records import JobRecord
+    from ..extensions import WorkerView
+    from ..records import JobRecord
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 
 def page(name: str) -> bytes:
-    """A page shipped in the package (``web/NAME``)."""
-    return resources.files(__package__).joinpath("web", name).read_bytes()
+    """A page shipped in this package (``emq_green/web/NAME``)."""
+    return resources.files(__package__).joinpath(name).read_bytes()
 
 
 def answer(start_response: Any, status: str, body: bytes,

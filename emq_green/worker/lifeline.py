@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import gevent
 from gevent import monkey
 
-from .extensions import Extension
-from .protocol import heartbeat
-from .records import State
+from ..extensions import Extension
+from ..protocol import heartbeat
+from ..records import State
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extensions import WorkerView
+    from ..extensions import WorkerView
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ serves, from the router's own gevent loop (:mod:`gevent.pywsgi`):
   router's STATUS taken at the same moment.
 
 Cost to the router: per job, one deque append in :meth:`handed_over` and
-:meth:`replied` (the :class:`~emq_green.router_workers.RouterObserver` hooks), and
+:meth:`replied` (the :class:`~emq_green.router.workers.RouterObserver` hooks), and
 once a second a copy of the per-queue counters into a ring of
 :data:`HISTORY` samples. Everything else is done when a page asks.
 Read-only: GET and HEAD only.
@@ -27,8 +27,8 @@ from typing import Any, Iterable, Optional
 
 import gevent
 
-from .pages import answer, page
-from .router import Router, Worker
+from ..web.pages import answer, page
+from .broker import Router, Worker
 
 logger = logging.getLogger(__name__)
 

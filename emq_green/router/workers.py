@@ -8,7 +8,7 @@
 * READY is one free slot: the oldest request buffered for the worker's
   queues goes to it at once (heaviest queue first), else the slot is kept;
 * REPLY ``[reply_json, orig_msgid]`` ends a job; its result goes on to the
-  client that asked (:class:`~emq_green.results.ResultRelay`);
+  client that asked (:class:`~emq_green.router.results.ResultRelay`);
 * KBYE removes the worker as leaving (its running jobs still finish there);
 * HEARTBEAT, like every message of a known worker, proves it alive.
 
@@ -30,11 +30,11 @@ import logging
 import time
 from typing import Optional, Protocol
 
-from .protocol import Command, Message, ProtocolError, heartbeat, parse_queues, printable
+from ..protocol import Command, Message, ProtocolError, heartbeat, parse_queues, printable
+from ..settings import Settings
 from .results import ResultRelay
-from .router_sockets import RouterSockets
 from .routing import Request, Routing, Worker
-from .settings import Settings
+from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RouterObserver(Protocol):
 
 
 class WorkerSide:
-    """The backend's handlers over :class:`~emq_green.routing.Routing`."""
+    """The backend's handlers over :class:`~emq_green.router.routing.Routing`."""
 
     def __init__(self, *, settings: Settings, routing: Routing, sockets: RouterSockets,
                  relay: ResultRelay, counters: collections.Counter[str]) -> None:

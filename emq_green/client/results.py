@@ -2,7 +2,7 @@
 that brings results back.
 
 A job sent with ``result=True`` carries the headers ``reply-requested`` and
-``result-requested`` (see :mod:`emq_green.results`); emq-green's router sends
+``result-requested`` (see :mod:`emq_green.router.results`); emq-green's router sends
 its result back to the socket that sent it. So each :class:`~emq_green.client.Client`
 sends such jobs on one DEALER socket of their own (a result channel), read by
 one reader, which hands each result to the :class:`ResultHandle` waiting for
@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
-from .protocol import Command, Message, ProtocolError
+from ..protocol import Command, Message, ProtocolError
 
 logger = logging.getLogger(__name__)
 

@@ -26,12 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .protocol import Command, Message, printable
+from ..protocol import Command, Message, printable
 
 logger = logging.getLogger(__name__)
-
-#: the REQUEST header asking emq-green's router to forward the result
-RESULT_HEADER = "result-requested"
 
 #: why a pending result was dropped (STATUS ``results_dropped_by_reason``)
 EVICTED = "evicted"          # more than max_pending_results were pending
@@ -46,12 +43,6 @@ _REASON_TEXT = {
     WORKER_LOST: "the worker running the job was removed as dead",
     STOPPING: "the router stopped before the result arrived",
 }
-
-
-def result_requested_in(headers_csv: str) -> bool:
-    """Whether a REQUEST's header text asks for the result."""
-    return RESULT_HEADER in headers_csv and any(
-        h.strip() == RESULT_HEADER for h in headers_csv.split(","))
 
 
 def lost_body(reason: str) -> str:
@@ -228,5 +219,4 @@ class ResultRelay:
             self.lost(msgid, client, STOPPING)
 
 
-__all__ = ["RESULT_HEADER", "PendingResults", "ResultRelay", "result_requested_in",
-           "lost_body"]
+__all__ = ["PendingResults", "ResultRelay", "lost_body"]

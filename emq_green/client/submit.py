@@ -29,10 +29,10 @@ from typing import Any, Callable, Optional, TextIO
 
 import zmq
 
-from .client import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
-from .client_results import JobError, ResultLostError, ResultTimeout
-from .curve import ClientCurve, CurveError
-from .protocol import Command, Message, ProtocolError
+from ..curve import ClientCurve, CurveError
+from ..protocol import Command, Message, ProtocolError
+from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
+from .results import JobError, ResultLostError, ResultTimeout
 
 
 def _json_arg(kind: type, what: str):

@@ -15,12 +15,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from .extensions import Extension
+from ..extensions import Extension
 from .monitor import BlockMonitor, Incident
 from .subprocess_pool import SubprocessExtension
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extensions import WorkerView
+    from ..extensions import WorkerView
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The main of a subprocess child: run jobs sent by the worker, one at a time.
 
-A child is a fresh interpreter (``python -m emq_green.child``), never a fork
+A child is a fresh interpreter (``python -m emq_green.worker.child``), never a fork
 of the worker: it holds no ZeroMQ socket and no gevent hub, and it does not
 monkeypatch. It talks to its pool over its stdin and stdout, one JSON object
 per line:
@@ -26,11 +26,11 @@ import signal
 import sys
 from typing import IO, Any, Callable, Optional
 
-from .callables import NOT_ALLOWED, CallablePolicy
-from .jobs import JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
-from .protocol import ProtocolError, RunRequest
+from ..callables import NOT_ALLOWED, CallablePolicy
+from ..jobs import JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
+from ..protocol import ProtocolError, RunRequest
 
-logger = logging.getLogger("emq_green.child")
+logger = logging.getLogger("emq_green.worker.child")
 
 #: Environment variables the pool sets for its children.
 ENV_SETUP = "EMQ_GREEN_CHILD_SETUP_FUNC"

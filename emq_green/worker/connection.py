@@ -18,7 +18,7 @@ descriptor notification was consumed by the operation. Anything that has to
 wait falls back to the ordinary green methods.
 
 One native thread may send too. While a job holds the event loop, the
-heartbeat thread of :mod:`emq_green.lifeline` sends HEARTBEAT itself with
+heartbeat thread of :mod:`emq_green.worker.lifeline` sends HEARTBEAT itself with
 :meth:`Connection.send_from_thread`. ZeroMQ sockets are not thread-safe, so
 every libzmq call on this socket, from the loop or the thread, is made
 holding :attr:`Connection.guard` (a real lock, never held across a greenlet
@@ -38,8 +38,8 @@ import zmq.green as zmq
 from gevent import monkey
 from zmq.backend import Socket as _BackendSocket
 
-from .curve import ClientCurve
-from .protocol import Command, Message
+from ..curve import ClientCurve
+from ..protocol import Command, Message
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import zmq
 import zmq.green
 import zmq.utils.z85
 
-from .curve import CurveError, fingerprint
-from .protocol import printable
+from ..curve import CurveError, fingerprint
+from ..protocol import printable
 
 logger = logging.getLogger(__name__)
 

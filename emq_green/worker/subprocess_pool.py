@@ -3,7 +3,7 @@
 A greenlet that computes for seconds never yields, so heartbeats stop and
 every other job stalls. Jobs flagged ``"subprocess": true`` in their run
 options, or named by the ``subprocess_callables`` setting, run in a pool of
-children instead (see :mod:`emq_green.child`), while their job greenlet waits
+children instead (see :mod:`emq_green.worker.child`), while their job greenlet waits
 cooperatively. They stay ordinary jobs for the manager: each holds a job slot
 (``concurrent_jobs``) and a READY goes out when it finishes.
 
@@ -37,16 +37,16 @@ import gevent.pool
 import gevent.queue
 from gevent import subprocess
 
+from ..callables import matches
+from ..extensions import Extension
+from ..jobs import TIMEOUT_VALUE, JobOutcome, Status
+from ..protocol import Headers, RunRequest
 from . import child as child_main
-from .callables import matches
-from .extensions import Extension
-from .jobs import TIMEOUT_VALUE, JobOutcome, Status
-from .protocol import Headers, RunRequest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extensions import WorkerView
-    from .records import JobRecord
-    from .settings import Settings
+    from ..extensions import WorkerView
+    from ..records import JobRecord
+    from ..settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _Child:
         env[child_main.ENV_ALLOWED] = "" if config.allowed is None else json.dumps(
             list(config.allowed))
         self.proc = subprocess.Popen(
-            [config.executable, "-m", "emq_green.child"],
+            [config.executable, "-m", "emq_green.worker.child"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             close_fds=True, start_new_session=True,
         )
@@ -218,7 +218,7 @@ class SubprocessPool:
             child = _Child(self.config)
         except (OSError, ValueError) as exc:
             self.counters["spawn_failures"] += 1
-            logger.error("cannot start a subprocess child (%s -m emq_green.child): %s",
+            logger.error("cannot start a subprocess child (%s -m emq_green.worker.child): %s",
                          self.config.executable, exc)
             return f"{type(exc).__name__}: {exc}"
         finally:

@@ -35,10 +35,9 @@ import gevent.event
 import gevent.pool
 import zmq.green as zmq
 
-from .connection import Connection
-from .curve import client_curve_from_settings
-from .jobs import encode_reply
-from .protocol import (
+from ..curve import client_curve
+from ..jobs import encode_reply
+from ..protocol import (
     Command,
     Message,
     ProtocolError,
@@ -49,7 +48,8 @@ from .protocol import (
     reply_frames,
     request_parts,
 )
-from .settings import Settings
+from ..settings import Settings
+from .connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,9 @@ class RouterLink:
         identity = f"{name}:{pid}:{self.connections_made}"
         conn = Connection(self._context, addr, identity, hwm=s.hwm, debug_log=s.super_debug,
                           hide_heartbeats=s.hide_heartbeat_logs,
-                          curve=client_curve_from_settings(s, addr), counters=self.counters)
+                          curve=client_curve(s.curve_secret_key_file,
+                                                         s.curve_server_key_file, addr,
+                                                         who=s.name), counters=self.counters)
         conn.set_max_message_size(s.max_message_size)
         self.outgoing = conn
         self.acked.clear()

@@ -23,11 +23,11 @@ frames all or none once the first is in, and a socket caught half way is
 closed, not reused).
 
 Results. ``defer_job(..., result=True)`` returns a
-:class:`~emq_green.client_results.ResultHandle` (``.msgid``, ``.ready()``,
+:class:`~emq_green.client.results.ResultHandle` (``.msgid``, ``.ready()``,
 ``.get(timeout)``) instead of the msgid; such jobs go out on the client's
 result channel, which emq-green's router answers with the job's result (see
-:mod:`emq_green.client_results`). EventMQ's router never does: ``get``
-then ends in :class:`~emq_green.client_results.ResultTimeout`.
+:mod:`emq_green.client.results`). EventMQ's router never does: ``get``
+then ends in :class:`~emq_green.client.results.ResultTimeout`.
 
 Differences from EventMQ's client, on purpose: functions raise ``ValueError``
 for a bad callable instead of logging and returning None; ``defer_job`` takes
@@ -47,7 +47,9 @@ from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union, o
 
 import zmq
 
-from .client_results import (
+from ..curve import ClientCurve, client_curve, client_curve_from_env
+from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
+from .results import (
     GreenResultChannel,
     JobError,
     ResultHandle,
@@ -56,9 +58,6 @@ from .client_results import (
     SendTimeoutError,
     ThreadResultChannel,
 )
-from .curve import ClientCurve, client_curve, client_curve_from_env
-from .protocol import Command, Headers, Message, ProtocolError, RunRequest
-from .results import RESULT_HEADER
 
 logger = logging.getLogger(__name__)
 

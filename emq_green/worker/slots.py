@@ -24,12 +24,12 @@ from typing import Any, Callable, Optional, Sequence
 import gevent
 import gevent.pool
 
-from .callables import NOT_ALLOWED, CallablePolicy
-from .extensions import HookRegistry
-from .jobs import JobOutcome, JobRunner, Status, import_dotted
-from .protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
-from .records import STATUS_KEYS, JobRecord
-from .settings import Settings, SettingsError
+from ..callables import NOT_ALLOWED, CallablePolicy
+from ..extensions import HookRegistry
+from ..jobs import JobOutcome, JobRunner, Status, import_dotted
+from ..protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
+from ..records import STATUS_KEYS, JobRecord
+from ..settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .extensions import Extension
+from ..extensions import Extension
 from .lifeline import Lifeline
 from .metrics import MetricsExtension, ProcessTitle
 from .monitor import BlockMonitor
