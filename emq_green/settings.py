@@ -89,6 +89,10 @@ class Settings:
     max_buffer_bytes: int = 128 * 1024 * 1024
     #: router: results it holds a client's address for at most (docs/router.md)
     max_pending_results: int = 100_000
+    #: router: bytes those pending results may take in all (msgids, identities)
+    max_pending_result_bytes: int = 32 * 1024 * 1024
+    #: router: pending results one client identity may hold at most
+    max_pending_results_per_client: int = 25_000
     #: router: seconds a pending result is kept before it is dropped as expired
     result_ttl: float = 3600.0
     # CURVE (emq_green/curve.py); all empty: plain links, as EventMQ
@@ -284,8 +288,15 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("max_buffer_bytes", ("--max-buffer-bytes",), _to_size,
           "router: bytes of requests buffered in all before it stops reading clients"),
     _Spec("max_pending_results", ("--max-pending-results",), _to_positive_int,
-          "router: results waiting to go back to their clients, at most; the oldest "
-          "is dropped beyond"),
+          "router: results waiting to go back to their clients, at most; a result "
+          "request beyond is refused"),
+    _Spec("max_pending_result_bytes", ("--max-pending-result-bytes",), _to_positive_int,
+          "router: bytes the pending results may take in all; a result request beyond "
+          "is refused"),
+    _Spec("max_pending_results_per_client", ("--max-pending-results-per-client",),
+          _to_positive_int,
+          "router: pending results one client may hold; its result requests beyond are "
+          "refused (others are not affected)"),
     _Spec("result_ttl", ("--result-ttl",), _to_positive_seconds,
           "router: seconds a result request waits for its result before it is dropped"),
     _Spec("curve_secret_key_file", ("--curve-secret-key-file",), _to_file,

@@ -50,8 +50,18 @@ Limits, where emq-green differs from EventMQ:
 
 Results, an extension EventMQ lacks: for a REQUEST with the
 ``result-requested`` header the router remembers the client and sends it the
-worker's REPLY body (no acknowledgement then); the map is bounded in size
-and age. See :mod:`emq_green.router.results` and docs/router.md.
+worker's REPLY body (no acknowledgement then); the map is bounded in count,
+bytes, per client and age. See :mod:`emq_green.router.results` and
+docs/router.md.
+
+Refused REQUESTs (docs/security.md): one whose msgid is over
+:data:`~emq_green.limits.MAX_MSGID_BYTES`, or already buffered, in flight or
+waiting for its result (it never takes the other's place), or asking for a
+result the map has no room for. Each is answered ``REPLY [refusal_json,
+msgid]`` (:func:`~emq_green.router.results.refusal_body`), counted in STATUS
+``requests_refused_by_reason`` and logged through the router's one
+:class:`~emq_green.limits.LogLimiter`, shared with the sockets and the
+worker side: every line a peer's message causes goes through it.
 
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
@@ -74,9 +84,10 @@ import zmq.green
 
 from ..curve import server_curve
 from ..lifecycle import Lifecycle
+from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
 from ..protocol import Command, Message, printable, result_requested_in
 from ..settings import Settings
-from .results import PendingResults, ResultRelay
+from .results import BYTES, CLIENT_SHARE, FULL, PendingResults, ResultRelay, refusal_body
 from .routing import Request, Routing, Worker
 from .sockets import Handler, RouterSockets
 from .workers import RouterObserver, WorkerSide
@@ -85,6 +96,15 @@ from .zap import ZapHandler
 logger = logging.getLogger(__name__)
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+#: a result request refused by the pending map: (STATUS reason, text)
+_RESULTS_REFUSED = {
+    FULL: ("results_full", "the router holds max_pending_results results already"),
+    BYTES: ("results_bytes", "the router holds max_pending_result_bytes of results already"),
+    CLIENT_SHARE: ("results_client_share",
+                   "this client holds max_pending_results_per_client results already"),
+}
 
 
 class RouterState(str, Enum):
@@ -133,19 +153,31 @@ class Router:
         #: ``no_scheduler`` (SCHEDULE / UNSCHEDULE), ``error`` (a bug: the
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
+        #: REQUESTs refused (answered with an error, never run), by reason:
+        #: ``msgid_too_long``, ``msgid_taken``, ``results_full``,
+        #: ``results_bytes``, ``results_client_share``.
+        self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Every line a peer's message causes: at most a burst per window,
+        #: then one summary line (docs/security.md).
+        self.log_limiter = LogLimiter(
+            logger, summary="router: %d more warning(s) caused by peers' messages, not "
+                            "logged one by one: %s")
         #: The three sockets, their readers and the one send path.
         self.sockets = RouterSockets(context=self._context, settings=settings,
                                      counters=self.counters,
-                                     dropped_by_reason=self.dropped_by_reason)
+                                     dropped_by_reason=self.dropped_by_reason,
+                                     limiter=self.log_limiter)
         #: Clients waiting for a job's result (the result-requested header).
         self.relay = ResultRelay(
-            PendingResults(settings.max_pending_results, settings.result_ttl),
+            PendingResults(settings.max_pending_results, settings.result_ttl,
+                           max_bytes=settings.max_pending_result_bytes,
+                           per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message))
         #: The worker side: INFORM, READY, REPLY, KBYE, heartbeats, hand-over.
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
-                                      counters=self.counters)
+                                      counters=self.counters, limiter=self.log_limiter)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
         self._tables: dict[str, dict[Command, Handler]] = {
@@ -330,19 +362,36 @@ class Router:
     def _on_request(self, client: bytes, message: Message) -> None:
         if len(message.body) != 3:
             self.dropped_by_reason["malformed"] += 1
-            logger.error("router: REQUEST %s from %s has %d body frames, expected 3; dropped",
-                         printable(message.msgid), printable(client), len(message.body))
+            self.log_limiter.error(
+                "malformed", "router: REQUEST %s from %s has %d body frames, expected 3; "
+                "dropped", printable(message.msgid), printable(client), len(message.body))
             return
-        request = Request(message.msgid, client, message.body[0], message.body,
-                          time.monotonic())
+        msgid = message.msgid
+        # O(1) checks, before anything is held: the id's length, whether it is
+        # taken (buffered, in flight, or waiting for its result)
+        if msgid_too_long(msgid):
+            self._refuse(client, message, "msgid_too_long", "InvalidRequest",
+                         f"the msgid is longer than {MAX_MSGID_BYTES} bytes")
+            return
+        if self.routing.taken_msgid(msgid) or msgid in self.relay.pending:
+            self._refuse(client, message, "msgid_taken", "DuplicateMsgid",
+                         "a request with this msgid is already buffered, running or "
+                         "waiting for its result; send it with a new msgid")
+            return
+        request = Request(msgid, client, message.body[0], message.body, time.monotonic())
         wants_result = result_requested_in(message.body[1])
         if wants_result:
-            self.relay.remember(request.msgid, client, request.received)
+            full = self.relay.remember(msgid, client, request.received)
+            if full is not None:
+                self._refuse(client, message, _RESULTS_REFUSED[full][0],
+                             "TooManyPendingResults", _RESULTS_REFUSED[full][1])
+                return
         routing = self.routing
         queue = routing.queue_for(request.queue)
         if queue != request.queue:
-            logger.warning("router: no worker serves queue %s; REQUEST %s goes to %s",
-                           printable(request.queue), printable(request.msgid), queue)
+            self.log_limiter.warning(
+                "unserved_queue", "router: no worker serves queue %s; REQUEST %s goes to %s",
+                printable(request.queue), printable(request.msgid), queue)
         while True:
             worker = routing.pick(queue)
             if worker is None:
@@ -354,6 +403,17 @@ class Router:
                     self.sockets.send("frontend", client,
                                       Message.new(Command.REPLY, request.msgid))
                 return
+
+    def _refuse(self, client: bytes, message: Message, reason: str, error_type: str,
+                text: str) -> None:
+        """Answer a REQUEST that will not run: ``REPLY [refusal_json, msgid]``
+        (a result handle raises it as ``JobError(error_type)``), counted and
+        logged (rate-limited)."""
+        self.refused_by_reason[reason] += 1
+        self.log_limiter.warning(reason, "router: REQUEST %s from %s refused: %s",
+                                 printable(message.msgid, 60), printable(client), text)
+        self.sockets.send("frontend", client, Message.new(
+            Command.REPLY, refusal_body(error_type, text, reason), message.msgid))
 
     def _buffer(self, queue: str, request: Request) -> None:
         """Keep ``request`` until a worker has a slot; at a bound (``hwm``
@@ -370,21 +430,24 @@ class Router:
 
     def _on_schedule(self, client: bytes, message: Message) -> None:
         self.dropped_by_reason["no_scheduler"] += 1
-        logger.error("router: %s %s dropped: emq-green's router has no scheduler "
-                     "(run EventMQ's emq-router and emq-scheduler for scheduled jobs)",
-                     message.command.value, printable(message.msgid))
+        self.log_limiter.error(
+            "no_scheduler", "router: %s %s dropped: emq-green's router has no scheduler "
+            "(run EventMQ's emq-router and emq-scheduler for scheduled jobs)",
+            message.command.value, printable(message.msgid))
 
     def _on_scheduler_inform(self, client: bytes, message: Message) -> None:
-        logger.error("router: INFORM %s from %s on the client socket ignored: emq-green's "
-                     "router does not take schedulers", printable(message.msgid),
-                     printable(client))
+        self.log_limiter.error(
+            "no_scheduler", "router: INFORM %s from %s on the client socket ignored: "
+            "emq-green's router does not take schedulers", printable(message.msgid),
+            printable(client))
 
     def _on_client_disconnect(self, client: bytes, message: Message) -> None:
         # EventMQ's router stops here; any client could then stop the service
         self.counters["client_disconnects_ignored"] += 1
-        logger.warning("router: DISCONNECT %s from client %s ignored: only the "
-                       "administrative socket stops the router", printable(message.msgid),
-                       printable(client))
+        self.log_limiter.warning(
+            "client_disconnect", "router: DISCONNECT %s from client %s ignored: only the "
+            "administrative socket stops the router", printable(message.msgid),
+            printable(client))
 
     # ------------------------------------------------------------------
     # administration
@@ -416,6 +479,10 @@ class Router:
             "oversized_messages": self.counters["oversized_messages"],
             "malformed_messages": self.counters["malformed_messages"],
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
+            "requests_refused_by_reason": dict(self.refused_by_reason),
+            "replies_refused": self.counters["replies_refused"],
+            "informs_refused": self.counters["informs_refused"],
+            "unknown_worker_messages": self.counters["unknown_worker_messages"],
             **self.results.status(),
         }
 

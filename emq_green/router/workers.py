@@ -8,8 +8,13 @@
 * READY is one free slot: the oldest request buffered for the worker's
   queues goes to it at once (heaviest queue first), else the slot is kept;
 * REPLY ``[reply_json, orig_msgid]`` ends a job; its result goes on to the
-  client that asked (:class:`~emq_green.router.results.ResultRelay`);
-* KBYE removes the worker as leaving (its running jobs still finish there);
+  client that asked (:class:`~emq_green.router.results.ResultRelay`). Only
+  the worker that holds ``orig_msgid`` in flight may end it
+  (:meth:`WorkerSide._settle`): any other REPLY is refused, counted
+  (``replies_refused``) and logged through the shared rate limiter, so no
+  worker can forge or steal another job's result;
+* KBYE removes the worker as leaving: its running jobs still finish there,
+  and their REPLYs are settled against its record, kept for that;
 * HEARTBEAT, like every message of a known worker, proves it alive.
 
 It also hands requests over (:meth:`WorkerSide.hand_over`, used by the
@@ -30,10 +35,11 @@ import logging
 import time
 from typing import Optional, Protocol
 
+from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, heartbeat, parse_queues, printable
 from ..settings import Settings
 from .results import ResultRelay
-from .routing import Request, Routing, Worker
+from .routing import Request, Routing, Sent, Worker
 from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
@@ -57,13 +63,17 @@ class WorkerSide:
     """The backend's handlers over :class:`~emq_green.router.routing.Routing`."""
 
     def __init__(self, *, settings: Settings, routing: Routing, sockets: RouterSockets,
-                 relay: ResultRelay, counters: collections.Counter[str]) -> None:
+                 relay: ResultRelay, counters: collections.Counter[str],
+                 limiter: Optional[LogLimiter] = None) -> None:
         self.settings = settings
         self.routing = routing
         self._sockets = sockets
         self._relay = relay
         self._pending = relay.pending
         self._counters = counters
+        #: every line a worker's message causes goes through it (shared with
+        #: the rest of the router)
+        self._log = limiter or LogLimiter(logger)
         self._last_heartbeat = 0.0
         #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
         self.observer: Optional[RouterObserver] = None
@@ -78,7 +88,8 @@ class WorkerSide:
 
     def known(self, identity: bytes, message: Message) -> bool:
         """The gate before every handler: any message from a known worker
-        counts as a heartbeat; others are dropped unless they are an INFORM."""
+        counts as a heartbeat; others are dropped unless they are an INFORM,
+        or a REPLY of a worker that left with KBYE for a job it still held."""
         worker = self.routing.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
@@ -87,12 +98,19 @@ class WorkerSide:
             return True
         if self.routing.departed(identity):
             if message.command is Command.REPLY:
-                self._relay.forward(message)  # a job that ran on after KBYE
+                departed = self.routing.departed_worker(identity)
+                if departed is not None:  # a job that ran on after KBYE
+                    self._reply(departed, message)
+                else:  # removed as dead (its jobs were reported lost), or nothing held
+                    self._refuse_reply(identity, message, "it was removed")
+                return False
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
-            logger.warning("router: unknown worker %s sent %s; dropped (it must INFORM first)",
-                           printable(identity), message.command.value)
+            self._counters["unknown_worker_messages"] += 1
+            self._log.warning("unknown_worker",
+                              "router: unknown worker %s sent %s; dropped (it must INFORM "
+                              "first)", printable(identity), message.command.value)
         return False
 
     @staticmethod
@@ -103,30 +121,34 @@ class WorkerSide:
         queues_text = message.body[0] if message.body else ""
         kind = message.body[1] if len(message.body) > 1 else "worker"
         if kind != "worker":
-            logger.warning("router: INFORM of type %s on the worker socket ignored",
-                           printable(kind))
+            self._counters["informs_refused"] += 1
+            self._log.warning("inform", "router: INFORM of type %s on the worker socket ignored",
+                              printable(kind, 40))
             return
         try:
             queues = parse_queues(queues_text) if queues_text else self.settings.queues
         except ProtocolError as exc:
-            logger.error("router: INFORM from %s has bad queues, not accepted: %s",
-                         printable(identity), printable(exc, 200))
+            # no ACK: the worker is not registered (EventMQ's and emq-green's
+            # workers retry the INFORM after reconnect_timeout, and say so)
+            self._counters["informs_refused"] += 1
+            self._log.error("inform", "router: INFORM from %s refused, not ACKed: %s",
+                            printable(identity), printable(exc, 200))
             return
         old = self.routing.workers.get(identity)
         if old is not None:
-            logger.warning("router: worker %s informed again; its old record is replaced",
-                           old.log_name)
+            self._log.warning("inform", "router: worker %s informed again; its old record "
+                              "is replaced", old.log_name)
             self.forget(old, "it informed again", dead=True)
         worker = self.routing.add(identity, queues, time.monotonic())
-        logger.info("router: worker %s joined (queues %s)", worker.log_name,
-                    printable(json.dumps([list(q) for q in worker.queues]), 400))
+        self._log.info("inform", "router: worker %s joined (queues %s)", worker.log_name,
+                       printable(json.dumps([list(q) for q in worker.queues]), 400))
         self._sockets.send("backend", identity, Message.new(Command.ACK, message.msgid))
 
     def on_ready(self, identity: bytes, message: Message) -> None:
         routing = self.routing
         worker = routing.workers[identity]
         if worker.unreplied:
-            worker.retire_oldest_unreplied()
+            routing.retire_oldest_unreplied(worker)
         found = routing.next_for(worker)
         if found is None:
             worker.slots += 1
@@ -142,16 +164,36 @@ class WorkerSide:
                 f"{routing.buffered_bytes} bytes buffered")
 
     def on_reply(self, identity: bytes, message: Message) -> None:
+        self._reply(self.routing.workers[identity], message)
+
+    def _reply(self, worker: Worker, message: Message) -> None:
+        """A REPLY of ``worker``: its result goes on only when ``worker``
+        holds the request."""
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
         orig = message.body[1] if len(message.body) > 1 else ""
-        sent = self.routing.workers[identity].in_flight.pop(orig, None)
-        if sent is not None and self.observer is not None:
+        sent = self._settle(worker, orig)
+        if sent is None:
+            self._refuse_reply(worker.identity, message, "it does not hold that request")
+            return
+        if self.observer is not None:
             self.observer.replied(sent.queue, time.monotonic() - sent.sent)
-        if sent is not None and logger.isEnabledFor(logging.DEBUG):
+        if logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
         if self._pending:
             self._relay.forward(message)
+
+    def _settle(self, worker: Worker, msgid: str) -> Optional[Sent]:
+        """The one rule for REPLYs: one counts only when ``worker`` holds
+        ``msgid`` in flight (a connected worker, or the record of one that
+        left with KBYE). Returns the request it ends; None: refuse it."""
+        return self.routing.settle(worker, msgid)
+
+    def _refuse_reply(self, identity: bytes, message: Message, why: str) -> None:
+        self._counters["replies_refused"] += 1
+        orig = message.body[1] if len(message.body) > 1 else ""
+        self._log.warning("reply_refused", "router: REPLY for %s from worker %s refused (%s)",
+                          printable(orig, 60), printable(identity), why)
 
     def on_kbye(self, identity: bytes, message: Message) -> None:
         self.forget(self.routing.workers[identity], "it said KBYE", dead=False)
@@ -171,8 +213,9 @@ class WorkerSide:
 
     def forget(self, worker: Worker, reason: str, *, dead: bool) -> None:
         """Remove a worker from every queue. Requests it had in flight are
-        logged, as lost when it died, as still running there when it left."""
-        self.routing.remove(worker)
+        logged, as lost when it died, as still running there when it left
+        (its record is then kept, so that their REPLYs are still settled)."""
+        self.routing.remove(worker, time.monotonic(), keep=not dead)
         if self.observer is not None:
             self.observer.worker_left(worker, dead)
         log = logger.error if dead and worker.in_flight else logger.info
@@ -198,6 +241,8 @@ class WorkerSide:
         """Heartbeats to every worker each ``heartbeat_interval``; removal of
         workers silent for ``heartbeat_timeout``."""
         s = self.settings
+        self._log.flush(now)
+        self.routing.prune_departed(now, s.result_ttl)
         if s.disable_heartbeats:
             return
         workers = self.routing.workers
