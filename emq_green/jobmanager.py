@@ -338,7 +338,7 @@ class JobManager:
                 if self._reload_if_asked():
                     self.counters["reloads"] += 1
                     self._hooks.notify("disconnected", "settings reloaded")
-                    link.retire()
+                    link.retire(running=list(self.jobs_in_flight))
                     return
                 if link.router_gone:
                     logger.error("%s; reconnecting", link.router_gone)
@@ -389,6 +389,7 @@ class JobManager:
         never entered :attr:`jobs_in_flight` (its msgid may be another job's)."""
         callback = self.worker_done_with_reply if headers.reply_requested else self.worker_done
         callback(outcome.reply(), msgid, False, self._slots.pid)
+        self._link.job_ended(msgid)
 
     def handle_response(self, resp: dict[str, Any]) -> None:
         """Account for a finished job as EventMQ's worker processes report
@@ -409,6 +410,7 @@ class JobManager:
         if not death:
             self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
         callback(reply, msgid, death, pid)
+        self._link.job_ended(msgid)
 
     def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """A job finished without a reply requested: offer its slot."""
@@ -466,19 +468,22 @@ class JobManager:
         }
 
     def log_status(self) -> None:
-        """The SIGUSR1 dump: counters, then jobs in flight oldest first."""
-        _log_status(self.status())
+        """The SIGUSR1 dump: counters, then jobs in flight oldest first (with
+        their msgids, which the HTTP status leaves out)."""
+        _log_status(self.status(), list(self.jobs_in_flight.values()))
 
 
-def _log_status(status: dict[str, Any], most: int = 200) -> None:
-    """Log ``status`` as one JSON line, then up to ``most`` of its jobs in flight."""
-    jobs = status.pop("jobs_in_flight")
+def _log_status(status: dict[str, Any], records: list[JobRecord], most: int = 200) -> None:
+    """Log ``status`` as one JSON line, then up to ``most`` of the jobs in flight."""
+    status.pop("jobs_in_flight", None)
     logger.info("status: %s", json.dumps(status, sort_keys=True))
-    for job in jobs[:most]:
-        logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
-                    job["msgid"], job["queue"])
-    if len(jobs) > most:
-        logger.info("  ... and %d more", len(jobs) - most)
+    now = time.monotonic()
+    records.sort(key=lambda r: r.started)
+    for record in records[:most]:
+        logger.info("  in flight %.3fs %s %s (queue %s)", now - record.started,
+                    record.callable_name, record.msgid, record.queue)
+    if len(records) > most:
+        logger.info("  ... and %d more", len(records) - most)
 
 
 def jobmanager_main(broker_addr: Optional[str] = None) -> None:

@@ -79,28 +79,32 @@ class LogLimiter:
         self._unlogged: collections.Counter[str] = collections.Counter()
 
     def log(self, level: int, kind: str, msg: str, *args: object,
-            stacklevel: int = 2) -> bool:
-        """Log ``msg % args`` if the window has room, else count it under
-        ``kind``; True when it was logged. The arguments are formatted only
-        when the line is logged; the record names the caller's line."""
+            via: Optional[logging.Logger] = None, stacklevel: int = 2) -> bool:
+        """Log ``msg % args`` (through ``via``, else the limiter's logger) if
+        the window has room, else count it under ``kind``; True when it was
+        logged. The arguments are formatted only when the line is logged;
+        the record names the caller's line."""
         now = time.monotonic()
         if now - self._window_start >= self.window:
             self.flush(now)
         if self._logged < self.burst:
             self._logged += 1
-            self.logger.log(level, msg, *args, stacklevel=stacklevel)
+            (via or self.logger).log(level, msg, *args, stacklevel=stacklevel)
             return True
         self._unlogged[kind] += 1
         return False
 
-    def warning(self, kind: str, msg: str, *args: object) -> bool:
-        return self.log(logging.WARNING, kind, msg, *args, stacklevel=3)
+    def warning(self, kind: str, msg: str, *args: object,
+                via: Optional[logging.Logger] = None) -> bool:
+        return self.log(logging.WARNING, kind, msg, *args, via=via, stacklevel=3)
 
-    def error(self, kind: str, msg: str, *args: object) -> bool:
-        return self.log(logging.ERROR, kind, msg, *args, stacklevel=3)
+    def error(self, kind: str, msg: str, *args: object,
+              via: Optional[logging.Logger] = None) -> bool:
+        return self.log(logging.ERROR, kind, msg, *args, via=via, stacklevel=3)
 
-    def info(self, kind: str, msg: str, *args: object) -> bool:
-        return self.log(logging.INFO, kind, msg, *args, stacklevel=3)
+    def info(self, kind: str, msg: str, *args: object,
+             via: Optional[logging.Logger] = None) -> bool:
+        return self.log(logging.INFO, kind, msg, *args, via=via, stacklevel=3)
 
     def flush(self, now: Optional[float] = None) -> None:
         """Past the window: log the summary of what was not logged, start a
@@ -115,12 +119,26 @@ class LogLimiter:
         self._window_start = now
         self._logged = 0
 
+    def reset(self) -> None:
+        """A new window, nothing counted (tests: each starts with a full burst)."""
+        self._window_start = 0.0
+        self._logged = 0
+        self._unlogged.clear()
+
     @property
     def pending(self) -> int:
         """Lines counted and not summed up yet."""
         return sum(self._unlogged.values())
 
 
+#: the worker process's limiter, for every line a REQUEST from the router can
+#: cause (malformed, invalid, refused, not found); flushed by the worker's
+#: heartbeat loop. Subprocess children have their own (one per process).
+worker_log = LogLimiter(logging.getLogger("emq_green.worker"),
+                        summary="%d more warning(s) caused by REQUESTs, not logged one by "
+                                "one: %s")
+
+
 __all__ = ["LOG_BURST", "LOG_WINDOW", "MAX_INFORM_QUEUES", "MAX_INFORM_TEXT",
            "MAX_MSGID_BYTES", "MAX_QUEUE_NAME_BYTES", "PREVIEW", "LogLimiter",
-           "frames_preview", "msgid_too_long"]
+           "frames_preview", "msgid_too_long", "worker_log"]

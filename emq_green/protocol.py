@@ -259,7 +259,7 @@ class Headers:
                 else:
                     extra.append(item)
             except ValueError as exc:
-                raise ProtocolError(f"bad header {item!r}: {exc}") from exc
+                raise ProtocolError(f"bad header {_short(item)}: {exc}") from exc
         return cls(reply, guarantee, retry, timeout, tuple(extra))
 
     def text(self) -> str:
@@ -349,7 +349,7 @@ class RunRequest(NamedTuple):
         if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not dict:
             raise ProtocolError('payload must be ["run", {options}]')
         if payload[0] != "run":
-            raise ProtocolError(f"unknown subcommand {payload[0]!r}")
+            raise ProtocolError(f"unknown subcommand {_short(payload[0])}")
         opts = payload[1]
         path, name = opts.get("path"), opts.get("callable")
         if not isinstance(path, str) or not path or not isinstance(name, str) or not name:

@@ -15,7 +15,10 @@ router may yet send a REQUEST for each).
 
 After a KBYE on reload (:meth:`retire`), the old connection is read until
 the router has been quiet for ``heartbeat_timeout`` while its READYs are
-unused; REQUESTs that arrive there run like any other. A graceful stop's
+unused; REQUESTs that arrive there run like any other. The REPLY of a job
+goes out on the connection the router handed it to (the router takes a
+REPLY only from the worker identity that holds the request): a retired
+connection stays open until the jobs it brought have ended. A graceful stop's
 KBYE is followed the same way (:meth:`drain`, which also waits for the
 jobs, bounded by ``kill_grace_period``); the manager decides the order.
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import gevent
 import gevent.event
@@ -37,6 +40,7 @@ import zmq.green as zmq
 
 from ..curve import client_curve
 from ..jobs import encode_reply
+from ..limits import worker_log
 from ..protocol import (
     Command,
     Message,
@@ -95,6 +99,9 @@ class RouterLink:
         self.outgoing: Optional[Connection] = None
         #: connections left after a reload, read until the router is quiet
         self.retiring: list[Connection] = []
+        #: msgid -> the retired connection its REQUEST came on (its REPLY
+        #: leaves there); empty unless a reload happened with jobs running
+        self._origin: dict[str, Connection] = {}
         self._lingering = gevent.pool.Group()
         self._reader: Optional[gevent.Greenlet] = None
         self._heart: Optional[gevent.Greenlet] = None
@@ -205,16 +212,24 @@ class RouterLink:
         self._close(conn, 0 if self.router_gone else CLOSE_LINGER)
         self.outgoing = None
 
-    def retire(self) -> None:
+    def retire(self, running: Iterable[str] = ()) -> None:
         """KBYE on the current connection, which goes on being read until
         the router has been quiet for ``heartbeat_timeout`` (REQUESTs it sent
-        before it saw the KBYE still arrive, and run), then closes."""
+        before it saw the KBYE still arrive, and run), and stays open until
+        the jobs it brought (``running``: their msgids, and the REQUESTs that
+        still arrive) have ended, for their REPLYs; then closes."""
         conn, reader = self.outgoing, self._reader
         if conn is None or reader is None:
             return
         conn.send(Message.new(Command.KBYE))
         self.retiring.append(conn)
+        origin = self._origin
+        for msgid in running:
+            origin.setdefault(msgid, conn)  # (a job of an older connection keeps it)
         since = time.monotonic()
+
+        def holds_jobs() -> bool:
+            return any(c is conn for c in origin.values())
 
         def linger() -> None:
             try:
@@ -223,16 +238,28 @@ class RouterLink:
                     if left <= 0:
                         break
                     gevent.sleep(min(left, 0.25))
+                if conn.ready_outstanding:
+                    logger.info("connection %s: %d READY(s) it had offered were not used",
+                                conn.identity, conn.ready_outstanding)
+                    conn.ready_outstanding = 0
+                    self._wake.set()  # they may be offered again
+                while holds_jobs():
+                    gevent.sleep(0.25)  # poll: jobs end at their own pace
             finally:
                 reader.kill()
-                if conn.ready_outstanding:
-                    logger.info("connection %s closed; %d READY(s) it had offered were "
-                                "not used", conn.identity, conn.ready_outstanding)
                 self._close(conn, CLOSE_LINGER)
                 self.retiring.remove(conn)
+                for msgid in [m for m, c in origin.items() if c is conn]:
+                    del origin[msgid]
                 self._wake.set()  # its unused READYs may be offered again
 
         self._lingering.spawn(linger)
+
+    def job_ended(self, msgid: Optional[str]) -> None:
+        """A job ended (its REPLY, if any, has been sent): a retired
+        connection no longer waits for it."""
+        if self._origin and msgid is not None:
+            self._origin.pop(msgid, None)
 
     @staticmethod
     def quiet(conn: Connection, quiet: float, since: float) -> float:
@@ -334,7 +361,8 @@ class RouterLink:
             message = Message.parse(frames)
         except ProtocolError as exc:
             self.counters["malformed_messages"] += 1
-            logger.warning("dropped a malformed message from the router: %s", exc)
+            worker_log.warning("malformed", "dropped a malformed message from the router: %s",
+                               printable(exc, 200), via=logger)
             return
         if self._debug_log and not (
             self._settings().hide_heartbeat_logs and message.command is Command.HEARTBEAT
@@ -345,8 +373,8 @@ class RouterLink:
         handler = self._dispatch.get(message.command)
         if handler is None:
             self.counters["unexpected_messages"] += 1
-            logger.warning("ignored %s from the router: a worker does not handle it",
-                           message.command.value)
+            worker_log.warning("unexpected", "ignored %s from the router: a worker does not "
+                               "handle it", message.command.value, via=logger)
             return
         try:
             handler(message, conn)
@@ -361,6 +389,8 @@ class RouterLink:
             conn.last_request = time.monotonic()
             if conn.ready_outstanding > 0:
                 conn.ready_outstanding -= 1
+            if conn is not self.outgoing and conn in self.retiring:
+                self._origin[msgid] = conn  # its REPLY leaves where it came
         self._admit(msgid, body)
 
     def _on_bad_request(self, frames: list[bytes], conn: Connection) -> None:
@@ -409,6 +439,7 @@ class RouterLink:
             s = self._settings()
             conn = self.outgoing
             wait = s.heartbeat_interval
+            worker_log.flush()  # the summary of lines a flood of REQUESTs caused
             if conn is not None and self._running() and not s.disable_heartbeats:
                 now = time.monotonic()
                 if now - conn.last_sent >= s.heartbeat_interval:
@@ -450,6 +481,13 @@ class RouterLink:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
+        if self._origin:
+            origin = self._origin.pop(msgid, None)
+            if origin is not None and not origin.closed:
+                # the router takes it only from the identity it handed the job to
+                origin.send_frames(reply_frames(text, msgid))
+                self.counters["replies_sent"] += 1
+                return
         if self.outgoing is None or not self.acked.is_set():
             self.pending_replies.append((text, msgid))
             return
