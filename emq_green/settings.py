@@ -101,6 +101,9 @@ class Settings:
     curve_authorized_keys: str = ""
     #: router: HOST:PORT of the dashboard page (empty: off; see dashboard.py)
     dashboard_addr: str = ""
+    #: host names the HTTP pages (metrics, dashboard) answer to, besides their
+    #: bound address and localhost (emq_green/web/serve.py)
+    http_allowed_hosts: tuple[str, ...] = ()
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -175,13 +178,15 @@ def _to_addr(text: str) -> str:
 
 
 def _to_http_addr(text: str) -> str:
-    """``HOST:PORT`` or ``:PORT`` (all interfaces); empty turns it off."""
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (both loopback: see
+    :func:`emq_green.web.serve.parse_http_addr`); empty turns it off."""
+    from .web.serve import parse_http_addr
+
     text = text.strip()
-    if not text:
-        return ""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError("must be HOST:PORT like 127.0.0.1:9100 (or :9100)")
+    if text.isdigit():
+        text = ":" + text
+    if text:
+        parse_http_addr(text)
     return text
 
 
@@ -200,14 +205,6 @@ def _to_directory(text: str) -> str:
     if text and not os.path.isdir(text):
         raise ValueError("no such directory")
     return text
-
-
-def _to_dashboard_addr(text: str) -> str:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` (both loopback); empty turns it off."""
-    text = text.strip()
-    if text.isdigit():
-        text = ":" + text
-    return _to_http_addr(text)
 
 
 @dataclass(frozen=True)
@@ -280,7 +277,11 @@ _SPECS: tuple[_Spec, ...] = (
           "send a callable to the subprocess pool after it blocked the loop this "
           "long in total (0: never)"),
     _Spec("metrics_addr", ("--metrics-addr",), _to_http_addr,
-          "HOST:PORT for the HTTP metrics and status endpoint (default: off)"),
+          "HOST:PORT (or PORT, on loopback) for the HTTP metrics and status endpoint "
+          "(default: off)"),
+    _Spec("http_allowed_hosts", ("--http-allowed-hosts",), _to_str_list,
+          "host names the HTTP pages answer to besides their address and localhost "
+          "(JSON list; others get 421)"),
     _Spec("frontend_addr", ("--frontend-addr",), _to_addr, "router: address for clients"),
     _Spec("backend_addr", ("--backend-addr",), _to_addr, "router: address for workers"),
     _Spec("administrative_addr", ("--administrative-addr",), _to_addr,
@@ -307,7 +308,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("curve_authorized_keys", ("--curve-authorized-keys",), _to_directory,
           "CURVE: directory of public certificates allowed in (router; re-read on "
           "SIGHUP) (default: none)"),
-    _Spec("dashboard_addr", ("--dashboard-addr",), _to_dashboard_addr,
+    _Spec("dashboard_addr", ("--dashboard-addr",), _to_http_addr,
           "router: HOST:PORT (or PORT, on loopback) for the dashboard page (default: off)"),
 )
 

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional
 import gevent
 
 from ..web.pages import answer, page
+from ..web.serve import HostCheck, exposure_warning, parse_http_addr
 from .broker import Router, Worker
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ PERIOD = 1.0
 
 def parse_dashboard_addr(addr: str) -> tuple[str, int]:
     """``HOST:PORT``; no host (``:PORT``, ``PORT``) is loopback, not all interfaces."""
-    host, _, port = addr.strip().rpartition(":")
-    return host or "127.0.0.1", int(port)
+    return parse_http_addr(addr)
 
 
 def percentile(values: list[float], fraction: float) -> Optional[float]:
@@ -109,11 +109,16 @@ class RouterDashboard:
         self.router.observer = self
         self._sample()
         self._sampler = gevent.spawn(self._sample_forever)
-        self._server = WSGIServer(parse_dashboard_addr(self._addr), self._app, log=None,
-                                  error_log=logger)
+        host, port = parse_dashboard_addr(self._addr)
+        #: the Host header check in front of the page (its ``refused`` count)
+        self.host_check = HostCheck(self._app, host, self.router.settings.http_allowed_hosts)
+        self._server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
         self._server.start()
         self.address = (self._server.server_host, self._server.server_port)
         logger.info("router dashboard on http://%s:%d/", *self.address)
+        warning = exposure_warning(host, "the router dashboard")
+        if warning:
+            logger.warning("%s", warning)
 
     def stop(self, timeout: float = 1.0) -> None:
         if self._server is not None:

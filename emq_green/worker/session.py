@@ -63,6 +63,83 @@ READ_CHUNK = 32
 CLOSE_LINGER = 2.0
 
 
+def quiet_left(conn: Connection, quiet: float, since: float) -> float:
+    """Seconds until no more REQUESTs are expected on ``conn`` after a KBYE
+    sent at ``since`` (0: none): the router may send one per READY it has
+    not used, until it has been quiet for ``quiet`` seconds."""
+    if not conn.ready_outstanding:
+        return 0.0
+    return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+
+
+def _linger(link: RouterLink, conn: Connection, reader: gevent.Greenlet,
+            since: float) -> None:
+    """A retired connection (KBYE sent at ``since``): read until the router
+    has been quiet, then kept open until the jobs it brought have ended."""
+    try:
+        while True:
+            left = quiet_left(conn, link._settings().heartbeat_timeout, since)
+            if left <= 0:
+                break
+            gevent.sleep(min(left, 0.25))
+        if conn.ready_outstanding:
+            logger.info("connection %s: %d READY(s) it had offered were not used",
+                        conn.identity, conn.ready_outstanding)
+            conn.ready_outstanding = 0
+            link._wake.set()  # they may be offered again
+        while link.origins.holds(conn):
+            gevent.sleep(0.25)  # poll: jobs end at their own pace
+    finally:
+        reader.kill()
+        link._close(conn, CLOSE_LINGER)
+        link.retiring.remove(conn)
+        link.origins.drop(conn)
+        link._wake.set()
+
+
+class ReplyOrigins:
+    """msgid -> the retired connection a running job came on: its REPLY
+    leaves there, since a router takes a REPLY only from the identity it
+    handed the job to. Empty unless a reload happened with jobs running."""
+
+    def __init__(self) -> None:
+        self._conn_of: dict[str, Connection] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._conn_of)
+
+    def keep(self, msgids: Iterable[str], conn: Connection) -> None:
+        """``conn`` retires with these jobs running (a job that came on an
+        older connection keeps that one)."""
+        for msgid in msgids:
+            self._conn_of.setdefault(msgid, conn)
+
+    def came_on(self, msgid: str, conn: Connection) -> None:
+        self._conn_of[msgid] = conn
+
+    def ended(self, msgid: Optional[str]) -> None:
+        """A job ended (its REPLY, if any, sent): its connection need not wait."""
+        if self._conn_of and msgid is not None:
+            self._conn_of.pop(msgid, None)
+
+    def send(self, msgid: str, reply_json: str) -> bool:
+        """Send ``msgid``'s REPLY on the connection its job came on; False
+        when that is the current connection (or it is closed)."""
+        conn = self._conn_of.pop(msgid, None)
+        if conn is None or conn.closed:
+            return False
+        conn.send_frames(reply_frames(reply_json, msgid))
+        return True
+
+    def holds(self, conn: Connection) -> bool:
+        """Whether a job that came on ``conn`` is still running."""
+        return any(c is conn for c in self._conn_of.values())
+
+    def drop(self, conn: Connection) -> None:
+        for msgid in [m for m, c in self._conn_of.items() if c is conn]:
+            del self._conn_of[msgid]
+
+
 class RouterLink:
     """The connection to the router and what travels on it.
 
@@ -99,9 +176,9 @@ class RouterLink:
         self.outgoing: Optional[Connection] = None
         #: connections left after a reload, read until the router is quiet
         self.retiring: list[Connection] = []
-        #: msgid -> the retired connection its REQUEST came on (its REPLY
-        #: leaves there); empty unless a reload happened with jobs running
-        self._origin: dict[str, Connection] = {}
+        #: where the REPLYs of jobs brought by retired connections leave (the
+        #: manager tells it when a job ends: ``origins.ended(msgid)``)
+        self.origins = ReplyOrigins()
         self._lingering = gevent.pool.Group()
         self._reader: Optional[gevent.Greenlet] = None
         self._heart: Optional[gevent.Greenlet] = None
@@ -223,52 +300,10 @@ class RouterLink:
             return
         conn.send(Message.new(Command.KBYE))
         self.retiring.append(conn)
-        origin = self._origin
-        for msgid in running:
-            origin.setdefault(msgid, conn)  # (a job of an older connection keeps it)
-        since = time.monotonic()
+        self.origins.keep(running, conn)
+        self._lingering.spawn(_linger, self, conn, reader, time.monotonic())
 
-        def holds_jobs() -> bool:
-            return any(c is conn for c in origin.values())
-
-        def linger() -> None:
-            try:
-                while True:
-                    left = self.quiet(conn, self._settings().heartbeat_timeout, since)
-                    if left <= 0:
-                        break
-                    gevent.sleep(min(left, 0.25))
-                if conn.ready_outstanding:
-                    logger.info("connection %s: %d READY(s) it had offered were not used",
-                                conn.identity, conn.ready_outstanding)
-                    conn.ready_outstanding = 0
-                    self._wake.set()  # they may be offered again
-                while holds_jobs():
-                    gevent.sleep(0.25)  # poll: jobs end at their own pace
-            finally:
-                reader.kill()
-                self._close(conn, CLOSE_LINGER)
-                self.retiring.remove(conn)
-                for msgid in [m for m, c in origin.items() if c is conn]:
-                    del origin[msgid]
-                self._wake.set()  # its unused READYs may be offered again
-
-        self._lingering.spawn(linger)
-
-    def job_ended(self, msgid: Optional[str]) -> None:
-        """A job ended (its REPLY, if any, has been sent): a retired
-        connection no longer waits for it."""
-        if self._origin and msgid is not None:
-            self._origin.pop(msgid, None)
-
-    @staticmethod
-    def quiet(conn: Connection, quiet: float, since: float) -> float:
-        """Seconds until no more REQUESTs are expected on ``conn`` after a
-        KBYE sent at ``since`` (0: none): the router may send one per READY
-        it has not used, until it has been quiet for ``quiet`` seconds."""
-        if not conn.ready_outstanding:
-            return 0.0
-        return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+    quiet = staticmethod(quiet_left)
 
     def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], int],
               keep_waiting: Callable[[], bool]) -> None:
@@ -390,7 +425,7 @@ class RouterLink:
             if conn.ready_outstanding > 0:
                 conn.ready_outstanding -= 1
             if conn is not self.outgoing and conn in self.retiring:
-                self._origin[msgid] = conn  # its REPLY leaves where it came
+                self.origins.came_on(msgid, conn)
         self._admit(msgid, body)
 
     def _on_bad_request(self, frames: list[bytes], conn: Connection) -> None:
@@ -481,13 +516,9 @@ class RouterLink:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
-        if self._origin:
-            origin = self._origin.pop(msgid, None)
-            if origin is not None and not origin.closed:
-                # the router takes it only from the identity it handed the job to
-                origin.send_frames(reply_frames(text, msgid))
-                self.counters["replies_sent"] += 1
-                return
+        if self.origins and self.origins.send(msgid, text):
+            self.counters["replies_sent"] += 1
+            return
         if self.outgoing is None or not self.acked.is_set():
             self.pending_replies.append((text, msgid))
             return
@@ -495,4 +526,4 @@ class RouterLink:
         self.counters["replies_sent"] += 1
 
 
-__all__ = ["CLOSE_LINGER", "READ_CHUNK", "RouterLink"]
+__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink"]
