@@ -98,6 +98,10 @@ logger = logging.getLogger(__name__)
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
+#: msgids of at most this many characters are never over MAX_MSGID_BYTES
+#: (4 bytes per character at most in UTF-8)
+_ASCII_SAFE = MAX_MSGID_BYTES // 4
+
 #: a result request refused by the pending map: (STATUS reason, text)
 _RESULTS_REFUSED = {
     FULL: ("results_full", "the router holds max_pending_results results already"),
@@ -174,6 +178,8 @@ class Router:
                            max_bytes=settings.max_pending_result_bytes,
                            per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message))
+        self._holders = self.routing.holders
+        self._pending_ids = self.relay.pending.ids
         #: The worker side: INFORM, READY, REPLY, KBYE, heartbeats, hand-over.
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
@@ -368,12 +374,15 @@ class Router:
             return
         msgid = message.msgid
         # O(1) checks, before anything is held: the id's length, whether it is
-        # taken (buffered, in flight, or waiting for its result)
-        if msgid_too_long(msgid):
+        # taken (buffered, in flight, or waiting for its result); written out,
+        # no calls: this runs per job
+        size = len(msgid)
+        if size > _ASCII_SAFE and (size > MAX_MSGID_BYTES or not msgid.isascii()) \
+                and msgid_too_long(msgid):
             self._refuse(client, message, "msgid_too_long", "InvalidRequest",
                          f"the msgid is longer than {MAX_MSGID_BYTES} bytes")
             return
-        if self.routing.taken_msgid(msgid) or msgid in self.relay.pending:
+        if msgid in self._holders or msgid in self._pending_ids:
             self._refuse(client, message, "msgid_taken", "DuplicateMsgid",
                          "a request with this msgid is already buffered, running or "
                          "waiting for its result; send it with a new msgid")

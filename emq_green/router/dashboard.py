@@ -43,6 +43,10 @@ LATENCY_WINDOW = 60.0
 DEPARTED_SHOWN = 60.0
 #: the sampler's period (s)
 PERIOD = 1.0
+#: queues with latency series of their own at most (queue names come from
+#: workers' INFORMs); a series whose queue is gone leaves once its samples
+#: are older than LATENCY_WINDOW
+MAX_QUEUE_SERIES = 256
 
 
 def parse_dashboard_addr(addr: str) -> tuple[str, int]:
@@ -87,14 +91,28 @@ class RouterDashboard:
     def handed_over(self, queue: str, waited: float) -> None:
         samples = self._waited.get(queue)
         if samples is None:
+            if len(self._waited) >= MAX_QUEUE_SERIES:
+                return  # capped: this queue has no latency figures
             samples = self._waited[queue] = collections.deque(maxlen=LATENCY_SAMPLES)
         samples.append((time.monotonic(), waited))
 
     def replied(self, queue: str, latency: float) -> None:
         samples = self._latency.get(queue)
         if samples is None:
+            if len(self._latency) >= MAX_QUEUE_SERIES:
+                return
             samples = self._latency[queue] = collections.deque(maxlen=LATENCY_SAMPLES)
         samples.append((time.monotonic(), latency))
+
+    def _prune(self, now: float) -> None:
+        """Series of queues that are gone, with no sample in the window, leave."""
+        router = self.router
+        for series in (self._latency, self._waited):
+            stale = [q for q, samples in series.items()
+                     if q not in router.queues and q not in router.waiting
+                     and (not samples or now - samples[-1][0] > LATENCY_WINDOW)]
+            for queue in stale:
+                del series[queue]
 
     def worker_left(self, worker: Worker, dead: bool) -> None:
         self._departed[worker.identity] = (time.monotonic(), dead,
@@ -136,7 +154,9 @@ class RouterDashboard:
             self._sample()
 
     def _sample(self) -> None:
-        self.history.append((time.monotonic(), dict(self.router.processed_by_queue)))
+        now = time.monotonic()
+        self.history.append((now, dict(self.router.processed_by_queue)))
+        self._prune(now)
 
     # -- the JSON ------------------------------------------------------------------
     @staticmethod
@@ -217,7 +237,9 @@ class RouterDashboard:
         samples = list(self.history)
         for (t0, before), (t1, after) in zip(samples, samples[1:]):
             span = max(t1 - t0, 1e-6)
-            by_queue = {q: round((n - before.get(q, 0)) / span, 2) for q, n in after.items()}
+            # (a count starts again at 0 when a gone queue's name was pruned)
+            by_queue = {q: round(max(0, n - before.get(q, 0)) / span, 2)
+                        for q, n in after.items()}
             rates.append((t1, round(sum(by_queue.values()), 2), by_queue))
         return rates
 

@@ -26,7 +26,7 @@ import collections
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from ..limits import LogLimiter
 from ..protocol import Command, Message, printable
@@ -103,6 +103,11 @@ class PendingResults:
 
     def __contains__(self, msgid: str) -> bool:
         return msgid in self._pending
+
+    @property
+    def ids(self) -> Mapping[str, object]:
+        """The msgids waiting (read-only use: ``msgid in ids`` without a call)."""
+        return self._pending
 
     def add(self, msgid: str, client: bytes, now: float) -> Optional[str]:
         """Remember ``client`` for ``msgid``; None when done, else the reason

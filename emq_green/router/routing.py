@@ -79,6 +79,8 @@ class Worker:
         default_factory=collections.OrderedDict)
     #: requests in :attr:`in_flight` sent without ``reply-requested``
     unreplied: int = 0
+    #: such requests ended by a REPLY anyway: their READYs retire nothing
+    replied_unasked: int = 0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
     #: the queue names, heaviest first (sorted once, at INFORM: a READY
@@ -107,14 +109,6 @@ class Worker:
                 return msgid
         return None
 
-    def settle(self, msgid: str) -> Optional[Sent]:
-        """The request ``msgid`` ended here (its REPLY came): forgotten and
-        returned; None when this worker does not hold it."""
-        sent = self.in_flight.pop(msgid, None)
-        if sent is not None and not sent.reply_requested:
-            self.unreplied -= 1
-        return sent
-
 
 class Routing:
     """Workers, queues, slots and the buffer of one router."""
@@ -141,7 +135,9 @@ class Routing:
         #: msgid -> who holds that request: the worker it was handed to (also
         #: a worker that left with KBYE and still runs it), or None while it
         #: waits in the buffer. A msgid found here is taken: a second REQUEST
-        #: with it is refused (one dict lookup per REQUEST).
+        #: with it is refused (one dict lookup per REQUEST). Kept here, and by
+        #: :meth:`~emq_green.router.workers.WorkerSide._settle` when a REPLY
+        #: ends a request (inlined there: it runs once per job).
         self.holders: dict[str, Optional[Worker]] = {}
         self._full_queues: set[str] = set()
         # id(counter) -> new names still counted under OTHER before the next prune
@@ -229,17 +225,13 @@ class Routing:
             if holders.get(msgid) is worker:
                 del holders[msgid]
 
-    def settle(self, worker: Worker, msgid: str) -> Optional[Sent]:
-        """A REPLY from ``worker`` for ``msgid``: the request it ended, or None
-        when ``worker`` does not hold it (the REPLY must then be refused)."""
-        sent = worker.settle(msgid)
-        if sent is not None and self.holders.get(msgid) is worker:
-            del self.holders[msgid]
-        return sent
-
     def retire_oldest_unreplied(self, worker: Worker) -> None:
         """A READY of ``worker``: its oldest request sent without
-        ``reply-requested`` is taken as done (see :meth:`Worker.retire_oldest_unreplied`)."""
+        ``reply-requested`` is taken as done (see :meth:`Worker.retire_oldest_unreplied`),
+        unless the READY is that of one a REPLY ended already."""
+        if worker.replied_unasked:
+            worker.replied_unasked -= 1
+            return
         msgid = worker.retire_oldest_unreplied()
         if msgid is not None and self.holders.get(msgid) is worker:
             del self.holders[msgid]

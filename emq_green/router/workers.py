@@ -147,7 +147,7 @@ class WorkerSide:
     def on_ready(self, identity: bytes, message: Message) -> None:
         routing = self.routing
         worker = routing.workers[identity]
-        if worker.unreplied:
+        if worker.unreplied or worker.replied_unasked:
             routing.retire_oldest_unreplied(worker)
         found = routing.next_for(worker)
         if found is None:
@@ -186,8 +186,18 @@ class WorkerSide:
     def _settle(self, worker: Worker, msgid: str) -> Optional[Sent]:
         """The one rule for REPLYs: one counts only when ``worker`` holds
         ``msgid`` in flight (a connected worker, or the record of one that
-        left with KBYE). Returns the request it ends; None: refuse it."""
-        return self.routing.settle(worker, msgid)
+        left with KBYE). Returns the request it ends, forgotten in the books
+        (``in_flight``, :attr:`Routing.holders`); None: refuse the REPLY."""
+        sent = worker.in_flight.pop(msgid, None)
+        if sent is None:
+            return None
+        holders = self.routing.holders
+        if holders.get(msgid) is worker:
+            del holders[msgid]
+        if not sent.reply_requested:  # replied anyway: its READY retires nothing
+            worker.unreplied -= 1
+            worker.replied_unasked += 1
+        return sent
 
     def _refuse_reply(self, identity: bytes, message: Message, why: str) -> None:
         self._counters["replies_refused"] += 1
