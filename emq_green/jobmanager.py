@@ -389,7 +389,8 @@ class JobManager:
         never entered :attr:`jobs_in_flight` (its msgid may be another job's)."""
         callback = self.worker_done_with_reply if headers.reply_requested else self.worker_done
         callback(outcome.reply(), msgid, False, self._slots.pid)
-        self._link.origins.ended(msgid)
+        if self._link.origins.conn_of:
+            self._link.origins.ended(msgid)
 
     def handle_response(self, resp: dict[str, Any]) -> None:
         """Account for a finished job as EventMQ's worker processes report
@@ -410,7 +411,8 @@ class JobManager:
         if not death:
             self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
         callback(reply, msgid, death, pid)
-        self._link.origins.ended(msgid)
+        if self._link.origins.conn_of:  # a reload happened with jobs running
+            self._link.origins.ended(msgid)
 
     def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """A job finished without a reply requested: offer its slot."""

@@ -103,29 +103,27 @@ class ReplyOrigins:
     handed the job to. Empty unless a reload happened with jobs running."""
 
     def __init__(self) -> None:
-        self._conn_of: dict[str, Connection] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._conn_of)
+        #: msgid -> connection (test it for emptiness before any call: per job)
+        self.conn_of: dict[str, Connection] = {}
 
     def keep(self, msgids: Iterable[str], conn: Connection) -> None:
         """``conn`` retires with these jobs running (a job that came on an
         older connection keeps that one)."""
         for msgid in msgids:
-            self._conn_of.setdefault(msgid, conn)
+            self.conn_of.setdefault(msgid, conn)
 
     def came_on(self, msgid: str, conn: Connection) -> None:
-        self._conn_of[msgid] = conn
+        self.conn_of[msgid] = conn
 
     def ended(self, msgid: Optional[str]) -> None:
         """A job ended (its REPLY, if any, sent): its connection need not wait."""
-        if self._conn_of and msgid is not None:
-            self._conn_of.pop(msgid, None)
+        if self.conn_of and msgid is not None:
+            self.conn_of.pop(msgid, None)
 
     def send(self, msgid: str, reply_json: str) -> bool:
         """Send ``msgid``'s REPLY on the connection its job came on; False
         when that is the current connection (or it is closed)."""
-        conn = self._conn_of.pop(msgid, None)
+        conn = self.conn_of.pop(msgid, None)
         if conn is None or conn.closed:
             return False
         conn.send_frames(reply_frames(reply_json, msgid))
@@ -133,11 +131,11 @@ class ReplyOrigins:
 
     def holds(self, conn: Connection) -> bool:
         """Whether a job that came on ``conn`` is still running."""
-        return any(c is conn for c in self._conn_of.values())
+        return any(c is conn for c in self.conn_of.values())
 
     def drop(self, conn: Connection) -> None:
-        for msgid in [m for m, c in self._conn_of.items() if c is conn]:
-            del self._conn_of[msgid]
+        for msgid in [m for m, c in self.conn_of.items() if c is conn]:
+            del self.conn_of[msgid]
 
 
 class RouterLink:
@@ -516,7 +514,7 @@ class RouterLink:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
-        if self.origins and self.origins.send(msgid, text):
+        if self.origins.conn_of and self.origins.send(msgid, text):
             self.counters["replies_sent"] += 1
             return
         if self.outgoing is None or not self.acked.is_set():

@@ -134,7 +134,9 @@ class JobSlots:
         """A REQUEST body ``[queue, headers_csv, payload_json]``: start it,
         backlog it, or reject it (never raises, never blocks). A msgid over
         :data:`~emq_green.limits.MAX_MSGID_BYTES` is rejected and never held."""
-        if msgid_too_long(msgid):
+        size = len(msgid)  # (no call for a uuid: this runs per job)
+        if size > MAX_MSGID_BYTES // 4 and (size > MAX_MSGID_BYTES or not msgid.isascii()) \
+                and msgid_too_long(msgid):
             self.reject_malformed(msgid, body, ProtocolError(
                 f"its msgid is longer than {MAX_MSGID_BYTES} bytes"))
             return
