@@ -171,8 +171,7 @@ class Routing:
         requests it had in flight leave :attr:`holders`."""
         if self.workers.get(worker.identity) is worker:
             del self.workers[worker.identity]
-        for entry in set(worker.queues):
-            weight, name = entry
+        for weight, name in worker.queues:  # (a pair listed twice was added twice)
             entries = self.queues.get(name)
             if not entries:
                 continue
