@@ -125,7 +125,7 @@ def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes
     done: list = []
     kept = add(journal, "kept", done)
     assert journal.flush(5)
-    real_execute_many_calls: list[str] = []
+    refused_statements: list[str] = []
 
     class FullDisk:
         """sqlite3's connection, except that writing fails as on a full disk."""
@@ -134,11 +134,10 @@ def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes
             self.db = db
 
         def execute(self, sql: str, *args):
+            if sql.startswith(("INSERT", "DELETE")):
+                refused_statements.append(sql.split()[0])
+                raise sqlite3.OperationalError("database or disk is full")
             return self.db.execute(sql, *args)
-
-        def executemany(self, sql: str, seq):
-            real_execute_many_calls.append(sql.split()[0])
-            raise sqlite3.OperationalError("database or disk is full")
 
     real = journal._db
     journal._db = FullDisk(real)  # type: ignore[assignment]
@@ -150,7 +149,7 @@ def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes
             wait_for(lambda: lost, 5)
             assert lost[0][0] == "lost" and "disk is full" in lost[0][1]
             assert not journal.accepting() and "disk is full" in journal.failure
-            assert journal.commit_failures == 1 and real_execute_many_calls == ["INSERT"]
+            assert journal.commit_failures == 1 and refused_statements == ["INSERT"]
             journal._db = real  # the disk has room again
             wait_for(lambda: journal.accepting(), 5)
             wait_for(lambda: journal.commits >= 2, 5)  # the delete, tried again

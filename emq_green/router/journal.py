@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
+import json
 import logging
 import os
 import sqlite3
@@ -44,6 +46,8 @@ import gevent
 import gevent.event
 import gevent.threadpool
 
+from .sockets import YIELD
+
 logger = logging.getLogger(__name__)
 
 #: ``PRAGMA application_id`` of an emq-green journal ("EMQG")
@@ -52,19 +56,26 @@ APPLICATION_ID = 0x454D5147
 SCHEMA_VERSION = 1
 #: seconds after a failed commit during which guaranteed requests are refused
 RETRY_AFTER = 2.0
+#: callbacks of one commit run in a row before other greenlets get a turn
+CALLBACK_BATCH = 64
+#: inserts in one transaction, at most
+COMMIT_BATCH = 512
 SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 _SCHEMA = """
 CREATE TABLE requests (
     seq INTEGER PRIMARY KEY,   -- acceptance order
     msgid TEXT NOT NULL,
-    client BLOB NOT NULL,      -- the sender's identity (its results go there)
+    client TEXT NOT NULL,      -- the sender's identity, hex (its results go there)
     queue TEXT NOT NULL,
     headers TEXT NOT NULL,     -- as forwarded (reply-requested added)
     payload TEXT NOT NULL,
     accepted REAL NOT NULL     -- wall-clock time of acceptance
 )
 """
+_INSERT = ("INSERT INTO requests SELECT value->>0, value->>1, value->>2, value->>3, "
+           "value->>4, value->>5, value->>6 FROM json_each(?)")
+_DELETE = "DELETE FROM requests WHERE seq IN (SELECT value FROM json_each(?))"
 
 
 class JournalError(OSError):
@@ -101,8 +112,8 @@ class Journal:
         self._db: Optional[sqlite3.Connection] = None
         self._lock_fd: Optional[int] = None
         self._next_seq = 1
-        self._adds: list[tuple[Entry, Then]] = []
-        self._add_seqs: set[int] = set()
+        #: seq -> (row, then), in seq order: inserts waiting for a commit
+        self._adds: dict[int, tuple[list[Any], Then]] = {}
         self._deletes: list[int] = []
         self._work = gevent.event.Event()
         self._idle = gevent.event.Event()
@@ -211,7 +222,7 @@ class Journal:
                                     "accepted FROM requests ORDER BY seq").fetchall()
         except sqlite3.Error as exc:
             raise self._fail("cannot read it", exc) from exc
-        return [Entry(seq, msgid, bytes(client), queue, headers, payload, accepted)
+        return [Entry(seq, msgid, bytes.fromhex(client), queue, headers, payload, accepted)
                 for seq, msgid, client, queue, headers, payload, accepted in rows]
 
     # ------------------------------------------------------------------
@@ -233,9 +244,8 @@ class Journal:
         is on disk, ``then(reason)`` if that commit failed. Returns its seq."""
         seq = self._next_seq
         self._next_seq += 1
-        self._adds.append((Entry(seq, msgid, client, queue, headers, payload, time.time()),
-                           then))
-        self._add_seqs.add(seq)
+        self._adds[seq] = ([seq, msgid, client.hex(), queue, headers, payload, time.time()],
+                           then)
         self.rows += 1
         self._wake()
         return seq
@@ -244,13 +254,10 @@ class Journal:
         """The request ``seq`` finished: forget it (in the next commit, or at
         once when its insert has not been committed yet)."""
         self.rows -= 1
-        if seq in self._add_seqs:
-            self._add_seqs.discard(seq)
-            for i, (entry, then) in enumerate(self._adds):
-                if entry.seq == seq:  # finished before it reached the disk
-                    del self._adds[i]
-                    then(None)
-                    return
+        waiting = self._adds.pop(seq, None)
+        if waiting is not None:  # finished before it reached the disk
+            waiting[1](None)
+            return
         self._deletes.append(seq)
         self._wake()
 
@@ -270,32 +277,36 @@ class Journal:
                 self._work.wait()
                 self._work.clear()
                 continue
-            adds, self._adds = self._adds, []
+            # at most COMMIT_BATCH inserts a transaction: short commits keep
+            # requests flowing to the workers while the next one is written
+            adds = [self._adds.pop(seq) for seq in list(itertools.islice(self._adds,
+                                                                          COMMIT_BATCH))]
             deletes, self._deletes = self._deletes, []
-            self._add_seqs.clear()
+            # the rows as one JSON text each way: the thread makes 4 SQLite
+            # calls a commit, not one per row (each call lets go of the GIL,
+            # and getting it back from a busy loop takes up to 5 ms)
+            rows = json.dumps([row for row, _then in adds]) if adds else ""
+            gone = json.dumps(deletes) if deletes else ""
             started = time.monotonic()
             assert self._thread is not None
-            error = self._thread.apply(self._commit, (adds, deletes))
+            error = self._thread.apply(self._commit, (rows, gone))
             self._committed(adds, deletes, error, time.monotonic() - started)
             if error is not None:
                 gevent.sleep(RETRY_AFTER)  # the failed deletes wait for the retry
 
-    def _commit(self, adds: list[tuple[Entry, Then]], deletes: list[int]) -> Optional[str]:
-        """One transaction (in a native thread); the error text, or None."""
+    def _commit(self, rows: str, deletes: str) -> Optional[str]:
+        """One transaction (in the journal's thread): ``rows`` and
+        ``deletes`` as JSON arrays (empty: none); the error text, or None."""
         db = self._db
         if db is None:
             return "the journal is closed"
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                if adds:
-                    db.executemany(
-                        "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [(e.seq, e.msgid, e.client, e.queue, e.headers, e.payload, e.accepted)
-                         for e, _then in adds])
+                if rows:
+                    db.execute(_INSERT, (rows,))
                 if deletes:
-                    db.executemany("DELETE FROM requests WHERE seq = ?",
-                                   [(seq,) for seq in deletes])
+                    db.execute(_DELETE, (deletes,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -304,7 +315,7 @@ class Journal:
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    def _committed(self, adds: list[tuple[Entry, Then]], deletes: list[int],
+    def _committed(self, adds: list[tuple[list[Any], Then]], deletes: list[int],
                    error: Optional[str], took: float) -> None:
         self.longest_commit = max(self.longest_commit, took)
         if error is None:
@@ -321,11 +332,13 @@ class Journal:
             logger.error("router: journal %s: a commit of %d request(s) failed: %s; "
                          "guaranteed requests are refused for %g s", self.path, len(adds),
                          error, RETRY_AFTER)
-        for _entry, then in adds:
+        for i, (_row, then) in enumerate(adds, 1):
             try:
                 then(error)
             except Exception:
                 logger.exception("router: error after a journal commit")
+            if i % CALLBACK_BATCH == 0:
+                gevent.sleep(YIELD)  # a big batch's callbacks must not hold the loop
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
