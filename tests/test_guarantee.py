@@ -18,6 +18,7 @@ import sqlite3
 
 import gevent
 import pytest
+from test_metrics import http_get
 from test_router import (
     ANY_PORT,
     Harness,
@@ -283,3 +284,35 @@ def test_a_late_reply_for_a_finished_job_is_not_forwarded_again(make_router):
     wait_until(lambda: h.router.status()["late_replies"] == 1, what="second reply counted")
     assert client.pending() == []
     assert isinstance(Message.new(Command.REPLY), Message)
+
+
+def test_redeliveries_and_late_replies_on_the_dashboard_and_metrics(make_router):
+    from emq_green.router.dashboard import RouterDashboard
+
+    h = make_router(**FAST)
+    dashboard = RouterDashboard(h.router, "127.0.0.1:0")
+    dashboard.start()
+    try:
+        client = h.peer("frontend")
+        dying = h.worker(slots=2, name="dying")
+        sent = [guaranteed(h, client) for _ in range(2)]
+        assert {dying.recv().msgid for _ in range(2)} == {m.msgid for m in sent}
+        wait_until(lambda: b"dying" not in h.router.workers, timeout=5, what="removed")
+        dying.send(Command.REPLY, '{"value": 0}', sent[0].msgid)  # late
+        wait_until(lambda: h.router.status()["late_replies"] == 1, what="late reply")
+
+        host, port = dashboard.address
+        base = f"http://{host}:{port}"
+        data = http_get(base + "/dashboard.json").json()
+        assert data["guaranteed"]["redelivered"] == 2
+        assert data["guaranteed"]["late_replies"] == 1
+        assert data["guaranteed"]["guaranteed_held"] == 2
+        metrics = http_get(base + "/metrics")
+        assert metrics.status_code == 200
+        lines = set(metrics.text.splitlines())
+        assert "emq_green_router_redelivered_total 2.0" in lines
+        assert "emq_green_router_late_replies_total 1.0" in lines
+        assert "emq_green_router_guaranteed_held 2.0" in lines
+        assert 'emq_green_router_handed_out_total{queue="default"} 2.0' in lines
+    finally:
+        dashboard.stop()
