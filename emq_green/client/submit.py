@@ -192,7 +192,8 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         elapsed = time.monotonic() - started
         progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
                       f"({client.sent / max(elapsed, 1e-6):.0f}/s), "
-                      f"acknowledged {client.acknowledged} so far")
+                      + (f"confirmed {client.acknowledged}" if ns.guarantee
+                         else f"acknowledged {client.acknowledged} so far"))
         if not handles:
             client.close()
     if handles:
