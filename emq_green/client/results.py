@@ -55,7 +55,8 @@ class SendTimeoutError(TimeoutError):
                          "is not taking requests (backpressure, or no router)")
         self.msgid = msgid
         self.timeout = timeout
-        #: some frames were queued: the socket was closed (ZeroMQ drops the part)
+        #: True when some frames were queued; the socket was then closed (ZeroMQ
+        #: drops the part)
         self.half_sent = half_sent
 
 

@@ -127,8 +127,8 @@ class Router:
                                max_buffer_bytes=settings.max_buffer_bytes)
         #: Requests dropped when the router stopped with them buffered, by queue.
         self.dropped_by_queue: collections.Counter[str] = collections.Counter()
-        #: Every request dropped, by reason: ``malformed`` (not eMQP/1.0, or
-        #: not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
+        #: Every request dropped, counted by reason; the reasons are ``malformed``
+        #: (not eMQP/1.0, or not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
         #: ``unread`` (still in the client socket's queue at stop),
         #: ``no_scheduler`` (SCHEDULE / UNSCHEDULE), ``error`` (a bug: the
         #: handler raised; logged with a traceback).
@@ -142,7 +142,7 @@ class Router:
         self.relay = ResultRelay(
             PendingResults(settings.max_pending_results, settings.result_ttl),
             lambda client, message: self.sockets.send("frontend", client, message))
-        #: The worker side: INFORM, READY, REPLY, KBYE, heartbeats, hand-over.
+        #: The worker side (INFORM, READY, REPLY, KBYE, heartbeats, hand-over).
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
                                       counters=self.counters)
