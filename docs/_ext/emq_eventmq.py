@@ -1,10 +1,11 @@
-"""Shows the "EventMQ:" paragraph of a docstring as a box of its own.
+"""Sets the "EventMQ:" paragraph of a docstring apart.
 
 emq-green keeps EventMQ's API, so the docstring of a member EventMQ also
 has ends with a paragraph that starts ``EventMQ:`` and says how the member
 differs there (or that it does not). In the source that stays plain text,
-readable in ``help()``; on the built pages it becomes an admonition titled
-"Compared with EventMQ", the same for methods, properties and attributes.
+readable in ``help()``; on the built pages it is set apart (a container of
+class ``emq-eventmq``, labelled "EventMQ"), the same for methods,
+properties and attributes.
 
 The paragraph runs to the end of the docstring, or to the next field
 (``:param ...:``) or directive line. Runs after napoleon, on its output.
@@ -17,7 +18,6 @@ from typing import Any
 from sphinx.application import Sphinx
 
 PREFIX = "EventMQ:"
-TITLE = "Compared with EventMQ"
 
 
 def _boxed(lines: list[str]) -> list[str]:
@@ -29,10 +29,11 @@ def _boxed(lines: list[str]) -> list[str]:
     end = start + 1
     while end < len(lines) and not lines[end].startswith((":", ".. ")):
         end += 1
-    body = [lines[start][len(PREFIX):].strip(), *lines[start + 1:end]]
+    first = lines[start][len(PREFIX):].strip()
+    body = [f"**EventMQ:** {first[:1].upper()}{first[1:]}", *lines[start + 1:end]]
     while body and not body[-1].strip():
         body.pop()
-    box = [f".. admonition:: {TITLE}", "   :class: emq-eventmq", ""]
+    box = [".. container:: emq-eventmq", ""]
     box += [f"   {text}" if text.strip() else "" for text in body]
     return [*lines[:start], *box, "", *_boxed(lines[end:])]
 
