@@ -21,10 +21,8 @@ PREFIX = "EventMQ:"
 
 
 def _boxed(lines: list[str]) -> list[str]:
-    for start, line in enumerate(lines):
-        if line.startswith(PREFIX):
-            break
-    else:
+    start = next((i for i, line in enumerate(lines) if line.startswith(PREFIX)), None)
+    if start is None:
         return lines
     end = start + 1
     while end < len(lines) and not lines[end].startswith((":", ".. ")):

@@ -18,7 +18,9 @@ in, then the name as given):
 
 from __future__ import annotations
 
+import ast
 import builtins
+import functools
 import importlib
 import inspect
 import re
@@ -90,6 +92,30 @@ def _members_named(module: str, attr: str) -> list[str]:
     return found
 
 
+@functools.cache
+def _imported_names(module: str) -> dict[str, str]:
+    """name -> ``module.name`` for every ``from X import name`` in ``module``'s
+    source, those under ``if TYPE_CHECKING:`` included (string annotations
+    name them, and they are not attributes of the module at run time)."""
+    mod = _import(module)
+    try:
+        tree = ast.parse(inspect.getsource(mod))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    package = module if hasattr(mod, "__path__") else module.rpartition(".")[0]
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")
+                parent = parent[:len(parent) - (node.level - 1)]
+                base = ".".join([*parent, base] if base else parent)
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{base}.{alias.name}"
+    return names
+
+
 def _canonical(name: str, obj: Any) -> str:
     """Where ``obj`` is defined: ``module.qualname`` (classes, functions)."""
     module = getattr(obj, "__module__", None)
@@ -111,6 +137,11 @@ def missing_reference(app: Sphinx, env: BuildEnvironment, node: nodes.Element,
     names = _candidates(target, module, klass)
     if module and "." not in target:
         names += _members_named(module, target)
+    if module:
+        head, _, rest = target.partition(".")
+        imported = _imported_names(module).get(head)
+        if imported:
+            names.append(f"{imported}.{rest}" if rest else imported)
     domain = env.get_domain("py")
     for name in names:
         obj = _import(name)

@@ -82,8 +82,8 @@ def callable_path(func: JobFunc) -> tuple[str, str]:
     or a ``"dotted.path.name"`` string: the names a worker imports.
 
     Raises:
-        ValueError: ``func`` cannot be imported by a worker (a lambda, a
-            nested function, a string without a dot).
+        ValueError: ``func`` cannot be imported by a worker (a nested
+            function, a string without a dot).
     """
     if isinstance(func, str):
         path, _, name = func.rpartition(".")
