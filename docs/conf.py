@@ -33,6 +33,7 @@ extensions = [
     "emq_refs",
 ]
 
+smartquotes_action = "qe"  # no dashes: "--flag" stays two hyphens
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "examples", "requirements.txt"]
@@ -73,6 +74,7 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = True
 napoleon_use_ivar = False
 napoleon_attr_annotations = True
+strip_signature_backslash = True  # napoleon: "async_" stays "async_" (matches its type hint)
 # Attribute and property docstrings: napoleon reads "text: more" on their
 # first line as "type: description", so such a first line has no colon.
 # A last paragraph "EventMQ: ..." becomes a box (docs/_ext/emq_eventmq.py).

@@ -49,11 +49,11 @@ EXTRAS: dict[str, dict[str, str]] = {
                           "by the environment may be missing, with a warning)"},
     "name": {"setting": "name", "ini": "name"},
     "queues": {"setting": "queues", "ini": "",
-               "meaning": "queues to listen on, as names with an optional weight "
-                          "(default weight: default_queue_weight)"},
-    "queues_json": {"setting": "queues", "ini": "queues",
-                    "meaning": "queues to listen on, as EventMQ's JSON "
-                               "[[weight, name], ...]; the INI key is queues"},
+               "meaning": "queues to listen on: -Q takes names with an optional weight "
+                          "(NAME:WEIGHT; default weight: default_queue_weight); the INI "
+                          "key, the variable and --queues-json take EventMQ's JSON "
+                          "[[weight, name], ...]"},
+    "queues_json": {"setting": "queues", "ini": "queues", "meaning": ""},
     "no_monkey_patch": {"setting": "monkey_patch", "ini": "",
                         "default": "false (the console script patches)"},
     "standalone": {"setting": "", "ini": "", "default": "false"},
@@ -141,10 +141,18 @@ def _rows(parser: Any) -> list[dict[str, Any]]:
             default = extra["default"]
         elif default is None and setting in fields:
             default = _default_text(fields[setting].default)
-        rows.append({"name": setting, "ini": extra.get("ini", ""),
-                     "env": extra.get("env", getattr(action, "env_var", None) or ""),
-                     "flags": list(action.option_strings), "default": default or "",
-                     "meaning": extra.get("meaning", meaning)})
+        row = {"name": setting, "ini": extra.get("ini", ""),
+               "env": extra.get("env", getattr(action, "env_var", None) or ""),
+               "flags": list(action.option_strings), "default": default or "",
+               "meaning": extra.get("meaning", meaning)}
+        same = next((r for r in rows if setting and r["name"] == setting), None)
+        if same is None:
+            rows.append(row)
+            continue
+        # two options of one setting (-Q and --queues-json): one row
+        same["flags"] += row["flags"]
+        for key in ("ini", "env", "default", "meaning"):
+            same[key] = same[key] or row[key]
     return rows
 
 
@@ -163,12 +171,26 @@ def _cell(*content: nodes.Node) -> nodes.entry:
     return entry
 
 
-COLUMNS = ("setting", "INI key", "environment", "flags", "default", "meaning")
-WIDTHS = (14, 12, 18, 16, 12, 28)
+COLUMNS = ("setting", "default", "meaning")
+WIDTHS = (40, 16, 44)
+
+
+def _labelled(label: str, value: str) -> nodes.paragraph:
+    para = nodes.paragraph()
+    para += nodes.Text(f"{label} ")
+    if value:
+        para += nodes.literal(value, value)
+    else:
+        para += nodes.Text("\N{EM DASH}")
+    return para
 
 
 class SettingsTable(Directive):
-    """``.. emq-settings:: PROGRAM``: one row per option of ``PROGRAM --help``."""
+    """``.. emq-settings:: PROGRAM``: one row per setting of ``PROGRAM --help``.
+
+    The first cell holds the setting's name, INI key, ``EVENTMQ_*`` variable
+    and flags; then its default and its meaning.
+    """
 
     required_arguments = 1
 
@@ -190,13 +212,21 @@ class SettingsTable(Directive):
         group += head
         body = nodes.tbody()
         for item in _rows(parser):
-            row = nodes.row(ids=[f"setting-{program}-{item['name'] or item['flags'][-1]}"])
-            dash = nodes.Text("\N{EM DASH}")
-            row += _cell(nodes.strong(item["name"], item["name"]) if item["name"] else dash)
-            row += _cell(nodes.literal(item["ini"], item["ini"]) if item["ini"] else dash)
-            row += _cell(nodes.literal(item["env"], item["env"]) if item["env"] else dash)
-            row += _cell(*_literal_list(item["flags"]))
-            row += _cell(nodes.Text(item["default"]) if item["default"] else dash)
+            key = item["name"] or item["flags"][-1].lstrip("-")
+            row = nodes.row(ids=[f"setting-{program}-{key}".replace("_", "-")])
+            first = nodes.entry()
+            title = nodes.paragraph()
+            title += nodes.strong(key, key)
+            first += title
+            first += _labelled("INI", item["ini"])
+            first += _labelled("env", item["env"])
+            flags = nodes.paragraph()
+            flags += nodes.Text("flags ")
+            flags.extend(_literal_list(item["flags"]))
+            first += flags
+            row += first
+            row += _cell(nodes.Text(item["default"]) if item["default"]
+                         else nodes.Text("\N{EM DASH}"))
             row += _cell(nodes.Text(item["meaning"]))
             body += row
         group += body

@@ -462,7 +462,17 @@ def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str
               class_args: Sequence[Any] = (), class_kwargs: Optional[dict[str, Any]] = None,
               *, addr: Optional[str] = None, **options: Any) -> Union[str, ResultHandle]:
     """:meth:`Client.defer_job` on the shared client for ``addr``
-    (:func:`get_client`); ``options`` are that method's keywords.
+    (:func:`get_client`).
+
+    Args:
+        func: the job (see :meth:`Client.defer_job`).
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+        class_args: positional arguments of a method's class.
+        class_kwargs: keyword arguments of a method's class.
+        addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        options: the other keywords of :meth:`Client.defer_job`
+            (``queue``, ``timeout``, ``result``...).
 
     Returns:
         The message id, or with ``result=True`` a :class:`ResultHandle`.
