@@ -79,7 +79,12 @@ def _gevent_patched() -> bool:
 
 def callable_path(func: JobFunc) -> tuple[str, str]:
     """``(path, callable)`` for a function, a bound method (``module:Class``)
-    or a ``"dotted.path.name"`` string."""
+    or a ``"dotted.path.name"`` string: the names a worker imports.
+
+    Raises:
+        ValueError: ``func`` cannot be imported by a worker (a nested
+            function, a string without a dot).
+    """
     if isinstance(func, str):
         path, _, name = func.rpartition(".")
         if not path or not name:
@@ -282,10 +287,29 @@ class Client:
         timeout: float = 0,
         result: bool = False,
     ) -> Union[str, ResultHandle]:
-        """Send a REQUEST whose payload is ``message`` (``["run", {...}]`` or
-        its JSON text); returns the message id, or with ``result=True`` a
-        :class:`ResultHandle` (the request then asks for a reply and for
-        the result to come back, and goes out on the result channel)."""
+        """Send a REQUEST whose payload is ``message`` as it is.
+
+        Args:
+            message: ``["run", {...}]``, or its JSON text.
+            queue: the queue; default ``default``.
+            reply_requested: ask the worker for a REPLY (header
+                ``reply-requested``).
+            guarantee: the ``guarantee`` header.
+            retry_count: re-run the job up to this many times if it raises
+                (header ``retry-count:N``).
+            timeout: seconds the job may run (header ``timeout:N``); 0 for
+                the worker's ``global_timeout``.
+            result: ask for the result to come back (through emq-green's
+                router): implies ``reply_requested``, and the request goes out
+                on the client's result channel.
+
+        Returns:
+            The message id, or with ``result=True`` a :class:`ResultHandle`.
+
+        Raises:
+            SendTimeoutError: ``send_timeout`` passed before the router took
+                the request (it was not sent).
+        """
         import json
 
         payload = message if isinstance(message, str) else json.dumps(list(message))
@@ -370,13 +394,35 @@ class Client:
         subprocess: bool = False,
         result: bool = False,
     ) -> Union[str, ResultHandle]:
-        """Run ``func(*args, **kwargs)`` on a worker; returns the message id,
-        or with ``result=True`` a :class:`ResultHandle` whose ``get(timeout)``
-        returns the job's value (through emq-green's router).
+        """Run ``func(*args, **kwargs)`` on a worker.
 
-        ``func`` is a module-level function, a bound method (its class is
-        built with ``class_args``/``class_kwargs`` on the worker) or a dotted
-        path. Arguments must be JSON-serialisable (``TypeError`` otherwise).
+        Args:
+            func: a module-level function, a bound method (its class is built
+                with ``class_args`` and ``class_kwargs`` on the worker) or a
+                dotted path (``"myapp.jobs.send_mail"``).
+            args: positional arguments, JSON-serialisable.
+            kwargs: keyword arguments, JSON-serialisable.
+            class_args: positional arguments of the method's class.
+            class_kwargs: keyword arguments of the method's class.
+            reply_requested: ask the worker for a REPLY.
+            guarantee: the ``guarantee`` header.
+            retry_count: re-run the job up to this many times if it raises.
+            timeout: seconds the job may run; 0 for the worker's
+                ``global_timeout``.
+            queue: the queue; default ``default``.
+            subprocess: run it in one of emq-green's subprocess children (for
+                CPU-bound work); other workers ignore it.
+            result: get the job's value back: returns a :class:`ResultHandle`
+                (through emq-green's router).
+
+        Returns:
+            The message id, or with ``result=True`` a :class:`ResultHandle`.
+
+        Raises:
+            ValueError: ``func`` is not importable by a worker.
+            TypeError: an argument is not JSON-serialisable.
+            SendTimeoutError: ``send_timeout`` passed before the router took
+                the request (it was not sent).
         """
         path, name = callable_path(func)
         run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
@@ -395,7 +441,8 @@ _clients_lock = threading.Lock()
 
 
 def get_client(addr: Optional[str] = None) -> Client:
-    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``)."""
+    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``,
+    else ``tcp://127.0.0.1:47291``), made on first use."""
     addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     with _clients_lock:
         client = _clients.get(addr)
@@ -406,15 +453,30 @@ def get_client(addr: Optional[str] = None) -> Client:
 
 def send_request(message: Union[str, Sequence[Any]], *, addr: Optional[str] = None,
                  **options: Any) -> Union[str, ResultHandle]:
-    """:meth:`Client.send_request` on the shared client for ``addr``."""
+    """:meth:`Client.send_request` on the shared client for ``addr``
+    (:func:`get_client`); ``options`` are that method's."""
     return get_client(addr).send_request(message, **options)
 
 
 def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
               class_args: Sequence[Any] = (), class_kwargs: Optional[dict[str, Any]] = None,
               *, addr: Optional[str] = None, **options: Any) -> Union[str, ResultHandle]:
-    """:meth:`Client.defer_job` on the shared client for ``addr``; with
-    ``result=True`` a :class:`ResultHandle`."""
+    """:meth:`Client.defer_job` on the shared client for ``addr``
+    (:func:`get_client`).
+
+    Args:
+        func: the job (see :meth:`Client.defer_job`).
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+        class_args: positional arguments of a method's class.
+        class_kwargs: keyword arguments of a method's class.
+        addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        options: the other keywords of :meth:`Client.defer_job`
+            (``queue``, ``timeout``, ``result``...).
+
+    Returns:
+        The message id, or with ``result=True`` a :class:`ResultHandle`.
+    """
     return get_client(addr).defer_job(func, args, kwargs, class_args, class_kwargs, **options)
 
 
@@ -428,12 +490,24 @@ def job(
 ) -> Any:
     """Decorator adding ``.delay(*args, **kwargs)``, which defers the call.
 
-    As in EventMQ, with no ``broker_addr`` and no ``$EMQ_BROKER_ADDR`` (or
-    with ``async_=False``) ``.delay`` runs the function at once, in the
-    caller; ``options`` go to :meth:`Client.defer_job` (e.g. ``timeout``).
-    With ``result=True`` (here, or ``.delay(..., _result=True)`` per call)
-    ``.delay`` returns a :class:`ResultHandle`; run in the caller, one that
-    already holds the value.
+    Used bare (``@job``) or with options (``@job(queue="email")``).
+
+    Args:
+        func: the function (when used bare).
+        queue: the queue of its jobs.
+        broker_addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        async_: False runs ``.delay`` in the caller, always.
+        options: keywords of :meth:`Client.defer_job` (``timeout``,
+            ``retry_count``, ``result``...). With ``result=True`` (here, or
+            ``.delay(..., _result=True)`` per call) ``.delay`` returns a
+            :class:`ResultHandle`.
+
+    Returns:
+        The function itself, with ``.delay``.
+
+    As in EventMQ, with no broker address (or with ``async_=False``)
+    ``.delay`` runs the function at once, in the caller, and returns its
+    value (with ``result``, a handle that already holds it).
     """
 
     def decorate(f: F) -> F:
