@@ -41,7 +41,9 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting emq-green reads. Build it with :func:`load_settings`."""
+    """Every setting emq-green reads, one attribute each (the table of the
+    settings page lists them); immutable. Build it with :func:`load_settings`;
+    ``Settings()`` holds the defaults."""
 
     name: str = ""
     config_file: str = DEFAULT_CONFIG_FILE
@@ -103,6 +105,7 @@ class Settings:
     journal_sync: str = "normal"
 
     def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (setting name = value) applied, unchecked."""
         return dataclasses.replace(self, **changes)
 
     def worker_addresses(self) -> tuple[str, str]:
@@ -440,10 +443,27 @@ def load_settings(
     prog: Optional[str] = None,
     extra_arguments: Optional[Callable[[configargparse.ArgumentParser], None]] = None,
 ) -> tuple[Settings, Any]:
-    """Read every source once and return (settings, parsed namespace).
+    """Read every source once and return the settings.
 
-    ``extra_arguments`` lets a console script add its own flags; their values
-    are in the returned namespace.
+    Sources, highest first: ``argv``, ``EVENTMQ_<NAME>`` variables of
+    ``environ``, the INI file (``[global]``, then ``[section]``), defaults.
+
+    Args:
+        argv: command-line arguments (default none: not ``sys.argv``).
+        environ: the environment (default ``os.environ``, only read).
+        section: the INI section read after ``[global]``: ``jobmanager``
+            or ``router``.
+        prog: the program name shown by ``--help`` and in errors.
+        extra_arguments: called with the parser, so that a console script
+            can add flags of its own; their values are in the namespace.
+
+    Returns:
+        ``(settings, namespace)``: the :class:`Settings`, and the parsed
+        command line.
+
+    Raises:
+        SettingsError: a value cannot be used; the message names the
+            setting and where the value came from.
     """
     argv = list(argv if argv is not None else [])
     environ = dict(os.environ if environ is None else environ)

@@ -85,7 +85,12 @@ def _gevent_patched() -> bool:
 
 def callable_path(func: JobFunc) -> tuple[str, str]:
     """``(path, callable)`` for a function, a bound method (``module:Class``)
-    or a ``"dotted.path.name"`` string."""
+    or a ``"dotted.path.name"`` string: the names a worker imports.
+
+    Raises:
+        ValueError: ``func`` cannot be imported by a worker (a nested
+            function, a string without a dot).
+    """
     if isinstance(func, str):
         path, _, name = func.rpartition(".")
         if not path or not name:
@@ -299,17 +304,35 @@ class Client:
         result: bool = False,
         confirm: Optional[bool] = None,
     ) -> Union[str, ResultHandle]:
-        """Send a REQUEST whose payload is ``message`` (``["run", {...}]`` or
-        its JSON text); returns the message id, or with ``result=True`` a
-        :class:`ResultHandle` (the request then asks for a reply and for
-        the result to come back, and goes out on the result channel).
+        """Send a REQUEST whose payload is ``message`` as it is.
 
-        ``guarantee=True``: emq-green's router runs the job at least once,
-        even if its worker or the router dies. With ``confirm`` (the default
-        for guaranteed requests) this returns only once the router has
-        confirmed that it holds the request (journaled, if it has a
-        journal), within :attr:`confirm_timeout` seconds; else
-        :class:`ConfirmTimeout`, or :class:`GuaranteeRefused` when it said no.
+        Args:
+            message: ``["run", {...}]``, or its JSON text.
+            queue: the queue; default ``default``.
+            reply_requested: ask the worker for a REPLY (header
+                ``reply-requested``).
+            guarantee: run the job at least once, even if its worker or the
+                router dies (emq-green's router; header ``guarantee``).
+            retry_count: re-run the job up to this many times if it raises
+                (header ``retry-count:N``).
+            timeout: seconds the job may run (header ``timeout:N``); 0 for
+                the worker's ``global_timeout``.
+            result: ask for the result to come back (through emq-green's
+                router): implies ``reply_requested``, and the request goes out
+                on the client's result channel.
+            confirm: return only once the router confirms that it holds the
+                request (journaled, if it has a journal), within
+                :attr:`confirm_timeout` seconds; default: ``guarantee``.
+
+        Returns:
+            The message id, or with ``result=True`` a :class:`ResultHandle`.
+
+        Raises:
+            SendTimeoutError: ``send_timeout`` passed before the router took
+                the request (it was not sent).
+            ConfirmTimeout: no confirmation came in time (the router may or
+                may not hold the request).
+            GuaranteeRefused: the router refused the guaranteed request.
         """
         import json
 
@@ -428,14 +451,40 @@ class Client:
         result: bool = False,
         confirm: Optional[bool] = None,
     ) -> Union[str, ResultHandle]:
-        """Run ``func(*args, **kwargs)`` on a worker; returns the message id,
-        or with ``result=True`` a :class:`ResultHandle` whose ``get(timeout)``
-        returns the job's value (through emq-green's router). ``guarantee``
-        and ``confirm``: see :meth:`send_request`.
+        """Run ``func(*args, **kwargs)`` on a worker.
 
-        ``func`` is a module-level function, a bound method (its class is
-        built with ``class_args``/``class_kwargs`` on the worker) or a dotted
-        path. Arguments must be JSON-serialisable (``TypeError`` otherwise).
+        Args:
+            func: a module-level function, a bound method (its class is built
+                with ``class_args`` and ``class_kwargs`` on the worker) or a
+                dotted path (``"myapp.jobs.send_mail"``).
+            args: positional arguments, JSON-serialisable.
+            kwargs: keyword arguments, JSON-serialisable.
+            class_args: positional arguments of the method's class.
+            class_kwargs: keyword arguments of the method's class.
+            reply_requested: ask the worker for a REPLY.
+            guarantee: run the job at least once, even if its worker or the
+                router dies (emq-green's router).
+            retry_count: re-run the job up to this many times if it raises.
+            timeout: seconds the job may run; 0 for the worker's
+                ``global_timeout``.
+            queue: the queue; default ``default``.
+            subprocess: run it in one of emq-green's subprocess children (for
+                CPU-bound work); other workers ignore it.
+            result: get the job's value back: returns a :class:`ResultHandle`
+                (through emq-green's router).
+            confirm: wait for the router's confirmation; default
+                ``guarantee`` (see :meth:`send_request`).
+
+        Returns:
+            The message id, or with ``result=True`` a :class:`ResultHandle`.
+
+        Raises:
+            ValueError: ``func`` is not importable by a worker.
+            TypeError: an argument is not JSON-serialisable.
+            SendTimeoutError: ``send_timeout`` passed before the router took
+                the request (it was not sent).
+            ConfirmTimeout: a guaranteed request was not confirmed in time.
+            GuaranteeRefused: the router refused the guaranteed request.
         """
         path, name = callable_path(func)
         run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
@@ -455,7 +504,8 @@ _clients_lock = threading.Lock()
 
 
 def get_client(addr: Optional[str] = None) -> Client:
-    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``)."""
+    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``,
+    else ``tcp://127.0.0.1:47291``), made on first use."""
     addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     with _clients_lock:
         client = _clients.get(addr)
@@ -466,15 +516,30 @@ def get_client(addr: Optional[str] = None) -> Client:
 
 def send_request(message: Union[str, Sequence[Any]], *, addr: Optional[str] = None,
                  **options: Any) -> Union[str, ResultHandle]:
-    """:meth:`Client.send_request` on the shared client for ``addr``."""
+    """:meth:`Client.send_request` on the shared client for ``addr``
+    (:func:`get_client`); ``options`` are that method's."""
     return get_client(addr).send_request(message, **options)
 
 
 def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
               class_args: Sequence[Any] = (), class_kwargs: Optional[dict[str, Any]] = None,
               *, addr: Optional[str] = None, **options: Any) -> Union[str, ResultHandle]:
-    """:meth:`Client.defer_job` on the shared client for ``addr``; with
-    ``result=True`` a :class:`ResultHandle`."""
+    """:meth:`Client.defer_job` on the shared client for ``addr``
+    (:func:`get_client`).
+
+    Args:
+        func: the job (see :meth:`Client.defer_job`).
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+        class_args: positional arguments of a method's class.
+        class_kwargs: keyword arguments of a method's class.
+        addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        options: the other keywords of :meth:`Client.defer_job`
+            (``queue``, ``timeout``, ``result``...).
+
+    Returns:
+        The message id, or with ``result=True`` a :class:`ResultHandle`.
+    """
     return get_client(addr).defer_job(func, args, kwargs, class_args, class_kwargs, **options)
 
 
@@ -488,12 +553,24 @@ def job(
 ) -> Any:
     """Decorator adding ``.delay(*args, **kwargs)``, which defers the call.
 
-    As in EventMQ, with no ``broker_addr`` and no ``$EMQ_BROKER_ADDR`` (or
-    with ``async_=False``) ``.delay`` runs the function at once, in the
-    caller; ``options`` go to :meth:`Client.defer_job` (e.g. ``timeout``).
-    With ``result=True`` (here, or ``.delay(..., _result=True)`` per call)
-    ``.delay`` returns a :class:`ResultHandle`; run in the caller, one that
-    already holds the value.
+    Used bare (``@job``) or with options (``@job(queue="email")``).
+
+    Args:
+        func: the function (when used bare).
+        queue: the queue of its jobs.
+        broker_addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        async_: False runs ``.delay`` in the caller, always.
+        options: keywords of :meth:`Client.defer_job` (``timeout``,
+            ``retry_count``, ``result``...). With ``result=True`` (here, or
+            ``.delay(..., _result=True)`` per call) ``.delay`` returns a
+            :class:`ResultHandle`.
+
+    Returns:
+        The function itself, with ``.delay``.
+
+    As in EventMQ, with no broker address (or with ``async_=False``)
+    ``.delay`` runs the function at once, in the caller, and returns its
+    value (with ``result``, a handle that already holds it).
     """
 
     def decorate(f: F) -> F:

@@ -55,7 +55,8 @@ class SendTimeoutError(TimeoutError):
                          "is not taking requests (backpressure, or no router)")
         self.msgid = msgid
         self.timeout = timeout
-        #: some frames were queued: the socket was closed (ZeroMQ drops the part)
+        #: True when some frames were queued; the socket was then closed (ZeroMQ
+        #: drops the part)
         self.half_sent = half_sent
 
 
@@ -165,10 +166,16 @@ class ResultHandle:
         return self._event.is_set()
 
     def get(self, timeout: Optional[float] = None) -> Any:
-        """The job's return value; waits at most ``timeout`` seconds (None:
-        for ever). Raises :class:`JobError` when the job failed,
-        :class:`ResultLostError` when the router dropped the result and
-        :class:`ResultTimeout` when nothing arrived in time."""
+        """The job's return value, once it has come back. May be called again.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Raises:
+            JobError: the job failed on the worker.
+            ResultLostError: the router dropped the result.
+            ResultTimeout: nothing arrived within ``timeout``.
+        """
         if not self._event.wait(timeout):
             raise ResultTimeout(self.msgid, 0.0 if timeout is None else timeout)
         if self._error is not None:

@@ -97,6 +97,8 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
 class RouterState(str, Enum):
+    """The router's lifecycle: stopped -> running -> stopping -> stopped."""
+
     STOPPED = "stopped"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -105,7 +107,11 @@ class RouterState(str, Enum):
 class Router:
     """An eMQP/1.0 router for emq-green, EventMQ's job managers and clients.
 
-    Keyword arguments:
+    Wire-compatible with EventMQ 0.3.13's ``emq-router``; where it behaves
+    differently (backpressure instead of loss, results back to the caller,
+    CURVE, a client's DISCONNECT ignored) is in the module's text above.
+
+    Args:
         settings: the addresses (``frontend_addr``, ``backend_addr``,
             ``administrative_addr``; ``tcp://host:*`` picks a free port, see
             :attr:`endpoints`), ``hwm``, heartbeat settings, the default
@@ -136,8 +142,8 @@ class Router:
                                max_buffer_bytes=settings.max_buffer_bytes)
         #: Requests dropped when the router stopped with them buffered, by queue.
         self.dropped_by_queue: collections.Counter[str] = collections.Counter()
-        #: Every request dropped, by reason: ``malformed`` (not eMQP/1.0, or
-        #: not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
+        #: Every request dropped, counted by reason; the reasons are ``malformed``
+        #: (not eMQP/1.0, or not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
         #: ``unread`` (still in the client socket's queue at stop),
         #: ``no_scheduler`` (SCHEDULE / UNSCHEDULE), ``error`` (a bug: the
         #: handler raised; logged with a traceback).
@@ -151,11 +157,11 @@ class Router:
         self.relay = ResultRelay(
             PendingResults(settings.max_pending_results, settings.result_ttl),
             lambda client, message: self.sockets.send("frontend", client, message))
-        #: Guaranteed requests: held until they finish, journaled if configured.
+        #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
             Journal(settings.journal_file, sync=settings.journal_sync)
             if settings.journal_file else None)
-        #: The worker side: INFORM, READY, REPLY, KBYE, heartbeats, hand-over.
+        #: The worker side (INFORM, READY, REPLY, KBYE, heartbeats, hand-over).
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
                                       counters=self.counters, guarantees=self.guarantees)
@@ -187,6 +193,7 @@ class Router:
 
     @property
     def state(self) -> RouterState:
+        """Stopped, running or stopping."""
         return self._lifecycle.state
 
     @property
@@ -230,14 +237,17 @@ class Router:
 
     @property
     def buffered_bytes(self) -> int:
+        """Bytes of the requests waiting in the buffer (bounded by ``max_buffer_bytes``)."""
         return self.routing.buffered_bytes
 
     @property
     def processed_by_queue(self) -> collections.Counter[str]:
+        """Requests handed to a worker, by queue (STATUS ``processed_messages_by_queue``)."""
         return self.routing.processed_by_queue
 
     @property
     def processed_by_worker(self) -> collections.Counter[str]:
+        """Requests handed to a worker, by worker (STATUS ``processed_messages_by_worker``)."""
         return self.routing.processed_by_worker
 
     # ------------------------------------------------------------------
@@ -247,10 +257,18 @@ class Router:
         self._lifecycle.set(state)
 
     def wait_for_state(self, state: RouterState, timeout: Optional[float] = None) -> bool:
+        """Block (cooperatively) until the router is in ``state``; False when
+        ``timeout`` seconds passed first."""
         return self._lifecycle.wait_for(state, timeout)
 
     def start(self) -> None:
-        """Bind the three sockets and start serving in the background."""
+        """Bind the three sockets and start serving in the background.
+
+        Raises:
+            RuntimeError: when started before (a router starts once).
+            OSError: an address cannot be bound, or CURVE is misconfigured
+                (:class:`~emq_green.curve.CurveError`).
+        """
         if self.state is not RouterState.STOPPED or self._stopped.is_set():
             raise RuntimeError("a Router starts once")
         s = self.settings
@@ -308,7 +326,13 @@ class Router:
         """KBYE to every worker, drop (and log) buffered requests, close.
 
         Must not be called from one of the router's own reader greenlets
-        (spawn it instead). Returns True once stopped.
+        (spawn it instead).
+
+        Args:
+            timeout: seconds to wait for the readers to end.
+
+        Returns:
+            True once stopped.
         """
         if self.state is not RouterState.RUNNING:
             return self._stopped.wait(timeout)
