@@ -127,7 +127,7 @@ class Client:
             as long as it takes. Requests are never dropped either way.
         confirm_timeout: seconds a guaranteed request waits for the router's
             confirmation before :class:`ConfirmTimeout` is raised; default
-            ``send_timeout``, else :data:`DEFAULT_CONFIRM_TIMEOUT`.
+            ``send_timeout``, else 30 s (``DEFAULT_CONFIRM_TIMEOUT``).
         curve_secret_key_file: this client's secret certificate
             (``NAME.key_secret``); with ``curve_server_key_file``, the
             router's public certificate, the link is CURVE-authenticated

@@ -77,8 +77,8 @@ class Worker:
         default_factory=collections.OrderedDict)
     #: requests in :attr:`in_flight` sent without ``reply-requested``
     unreplied: int = 0
-    #: after its KBYE: the monotonic time its unfinished guaranteed jobs go
-    #: elsewhere (its jobs may still end, with a REPLY, until then)
+    #: The monotonic time, set at its KBYE, when its unfinished guaranteed
+    #: jobs go elsewhere (until then they may still end there, with a REPLY).
     leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
