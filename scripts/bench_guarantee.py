@@ -101,11 +101,11 @@ class StallProbe:
 
 
 def run(mode: str, jobs: int, concurrency: int, tmp: Path,
-        profile: Path | None = None) -> dict:
+        profile: Path | None = None, tree: Path = REPO) -> dict:
     front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
     marks = tmp / f"{mode}.marks"
     (tmp / "empty.conf").write_text("")
-    env = dict(os.environ, PYTHONPATH=str(REPO), EVENTMQ_CONFIG_FILE=str(tmp / "empty.conf"))
+    env = dict(os.environ, PYTHONPATH=str(tree), EVENTMQ_CONFIG_FILE=str(tmp / "empty.conf"))
     log = open(tmp / f"{mode}.log", "wb")
     router_argv = [sys.executable, "-c", "import sys; from emq_green.cli import router_main; "
                    "sys.exit(router_main())", "--frontend-addr", front, "--backend-addr",
@@ -210,6 +210,9 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=None,
                         help="directory for the runs' logs and files, kept afterwards "
                              "(default: a temporary one, removed)")
+    parser.add_argument("--tree", type=Path, default=REPO,
+                        help="run the router and the worker of this source tree (e.g. a "
+                             "worktree of an older commit, for plain before/after)")
     parser.add_argument("--only", default=",".join(MODES),
                         help="comma-separated modes, in the order each round runs them")
     ns = parser.parse_args()
@@ -226,7 +229,7 @@ def main() -> int:
             for mode in modes:
                 where = Path(tmp) / f"{round_}"
                 where.mkdir(exist_ok=True)
-                result = run(mode, ns.jobs, ns.concurrency, where, ns.profile)
+                result = run(mode, ns.jobs, ns.concurrency, where, ns.profile, ns.tree)
                 results[mode].append(result)
                 print(json.dumps(result), flush=True)
     keys = ("jobs_per_s", "router_cpu_us_per_job", "stall_p99_ms", "stall_max_ms")

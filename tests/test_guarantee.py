@@ -112,9 +112,15 @@ def test_dead_worker_jobs_run_elsewhere_and_its_late_reply_is_dropped(make_route
     again = [other.recv() for _ in range(3)]
     assert [m.msgid for m in again] == [m.msgid for m in sent]  # in their old order
 
-    # the first worker comes back and answers: too late, dropped and counted
+    # the first worker comes back and answers: too late, dropped and counted;
+    # and it is told to connect anew (KBYE), once
     dying.send(Command.REPLY, '{"value": "stale"}', sent[0].msgid)
     wait_until(lambda: h.router.status()["late_replies"] == 1, what="late reply counted")
+    assert dying.recv().command is Command.KBYE
+    dying.send(Command.HEARTBEAT, "0")
+    dying.send(Command.REPLY, '{"value": "stale"}', sent[1].msgid)
+    wait_until(lambda: h.router.status()["late_replies"] == 2, what="second late reply")
+    assert dying.pending() == []  # told once
     for m in again:
         other.send(Command.REPLY, json.dumps({"value": m.msgid}), m.msgid)
     results = [client.recv() for _ in range(3)]

@@ -39,7 +39,7 @@ from ..protocol import Command, Message, ProtocolError, heartbeat, parse_queues,
 from ..settings import Settings
 from .guarantee import Guarantees, was_killed
 from .results import ResultRelay
-from .routing import Request, Routing, Sent, Worker
+from .routing import DEPARTED_MEMORY, Request, Routing, Sent, Worker
 from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class WorkerSide:
         self._pending = relay.pending
         self._counters = counters
         self._last_heartbeat = 0.0
+        #: identities removed as dead, told to reconnect if they speak again
+        self._taken_for_dead: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
         #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
         self.observer: Optional[RouterObserver] = None
         #: command -> handler, for the backend socket's reader
@@ -101,6 +103,13 @@ class WorkerSide:
         if self.routing.departed(identity):
             if message.command is Command.REPLY:
                 self._late(message, identity)
+            if self._taken_for_dead.pop(identity, False):
+                # it was taken for dead and is back (a SIGSTOP, a slow host):
+                # KBYE makes an emq-green worker connect again at once, with a
+                # new identity (EventMQ's job manager ignores it)
+                logger.warning("router: worker %s, removed as dead, is talking again; told "
+                               "to connect anew (KBYE)", printable(identity))
+                self._sockets.send("backend", identity, Message.new(Command.KBYE))
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
@@ -131,6 +140,7 @@ class WorkerSide:
                            old.log_name)
             self.forget(old, "it informed again", dead=True)
         worker = self.routing.add(identity, queues, time.monotonic())
+        self._taken_for_dead.pop(identity, None)
         logger.info("router: worker %s joined (queues %s)", worker.log_name,
                     printable(json.dumps([list(q) for q in worker.queues]), 400))
         self._sockets.send("backend", identity, Message.new(Command.ACK, message.msgid))
@@ -217,6 +227,9 @@ class WorkerSide:
         guaranteed ones of a dead worker are sent again (:meth:`redeliver`)."""
         if dead:
             self.routing.remove(worker)
+            self._taken_for_dead[worker.identity] = True
+            while len(self._taken_for_dead) > DEPARTED_MEMORY:
+                self._taken_for_dead.popitem(last=False)
         else:
             self.routing.leave(worker, time.monotonic() + self.settings.kill_grace_period
                                + self.settings.heartbeat_timeout)
