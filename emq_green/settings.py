@@ -99,6 +99,10 @@ class Settings:
     curve_authorized_keys: str = ""
     #: router: HOST:PORT of the dashboard page (empty: off; see dashboard.py)
     dashboard_addr: str = ""
+    #: router: SQLite file of accepted guaranteed requests (empty: memory only)
+    journal_file: str = ""
+    #: router: "normal" (survives kill -9 of the router) or "full" (power loss)
+    journal_sync: str = "normal"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (setting name = value) applied, unchecked."""
@@ -198,6 +202,24 @@ def _to_directory(text: str) -> str:
     text = text.strip()
     if text and not os.path.isdir(text):
         raise ValueError("no such directory")
+    return text
+
+
+def _to_journal_file(text: str) -> str:
+    """A file path whose directory exists; empty turns the journal off."""
+    text = text.strip()
+    if text and not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+        raise ValueError("its directory does not exist")
+    if text and os.path.isdir(text):
+        raise ValueError("is a directory, not a file")
+    return text
+
+
+def _to_journal_sync(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("normal", "full"):
+        raise ValueError('must be "normal" (survives kill -9) or "full" (an fsync per '
+                         "commit: survives power loss)")
     return text
 
 
@@ -301,6 +323,12 @@ _SPECS: tuple[_Spec, ...] = (
           "SIGHUP) (default: none)"),
     _Spec("dashboard_addr", ("--dashboard-addr",), _to_dashboard_addr,
           "router: HOST:PORT (or PORT, on loopback) for the dashboard page (default: off)"),
+    _Spec("journal_file", ("--journal-file",), _to_journal_file,
+          "router: SQLite file where guaranteed requests are kept until they finish, "
+          "so that they survive a router restart (default: none, kept in memory only)"),
+    _Spec("journal_sync", ("--journal-sync",), _to_journal_sync,
+          'router: "normal" (a commit survives kill -9 of the router) or "full" (an '
+          "fsync per commit: survives power loss)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

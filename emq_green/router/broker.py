@@ -74,8 +74,17 @@ import zmq.green
 
 from ..curve import server_curve
 from ..lifecycle import Lifecycle
-from ..protocol import Command, Message, printable, result_requested_in
+from ..protocol import (
+    Command,
+    Message,
+    guarantee_in,
+    printable,
+    result_requested_in,
+    with_reply_requested,
+)
 from ..settings import Settings
+from .guarantee import Guarantees, refusal_body
+from .journal import Journal
 from .results import PendingResults, ResultRelay
 from .routing import Request, Routing, Worker
 from .sockets import Handler, RouterSockets
@@ -148,10 +157,14 @@ class Router:
         self.relay = ResultRelay(
             PendingResults(settings.max_pending_results, settings.result_ttl),
             lambda client, message: self.sockets.send("frontend", client, message))
+        #: Guaranteed requests (held until they finish, journaled if configured).
+        self.guarantees = Guarantees(
+            Journal(settings.journal_file, sync=settings.journal_sync)
+            if settings.journal_file else None)
         #: The worker side (INFORM, READY, REPLY, KBYE, heartbeats, hand-over).
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
-                                      counters=self.counters)
+                                      counters=self.counters, guarantees=self.guarantees)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
         self._tables: dict[str, dict[Command, Handler]] = {
@@ -261,11 +274,14 @@ class Router:
         s = self.settings
         # CurveError (an OSError) when misconfigured
         curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
+        self._restore()  # JournalError (an OSError): the journal cannot be used
         if curve is not None:
             # bound before any CURVE socket: with no handler libzmq lets every key in
             self.zap = ZapHandler(context=self._context, authorized_keys=curve.authorized_keys)
             self.zap.start()
         try:
+            if self.guarantees.journal is not None:
+                self.guarantees.journal.start()
             self.sockets.bind({"frontend": (s.frontend_addr,),
                                "backend": (s.backend_addr, *self._extra_backend_addrs),
                                "administrative": (s.administrative_addr,)}, curve, self.zap)
@@ -284,6 +300,21 @@ class Router:
             logger.warning("router: the administrative socket (%s) is not on loopback: "
                            "whoever can connect to it can stop the router",
                            s.administrative_addr)
+
+    def _restore(self) -> None:
+        """Queue again what the journal holds (accepted by an earlier router,
+        not seen to finish), before any socket is read."""
+        for request in self.guarantees.restore():
+            if result_requested_in(request.body[1]):
+                # its client may still be there (same identity): it gets the result
+                self.relay.remember(request.msgid, request.client, request.received)
+            if self.routing.buffer(self.routing.queue_for(request.queue), request):
+                self.sockets.pause_clients("guaranteed requests from the journal fill "
+                                           "the buffer")
+        if self.guarantees.restored:
+            logger.warning("router: %d guaranteed request(s) from the journal %s queued "
+                           "again (at least once: some may have run already)",
+                           self.guarantees.restored, self.settings.journal_file)
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until stopped."""
@@ -312,18 +343,23 @@ class Router:
         gevent.killall(readers, timeout=timeout)
         self.worker_side.say_goodbye()
         for queue, request in self.routing.clear_buffer():
+            if request.guaranteed and self.guarantees.journal is not None:
+                continue  # it stays in the journal
             logger.error("router stopping: buffered REQUEST %s (queue %s) dropped",
                          printable(request.msgid), printable(queue))
             self.dropped_by_queue[queue] += 1
             self.dropped_by_reason["stopping"] += 1
         self.relay.stop()
         self.sockets.drop_unread_requests()
+        self.guarantees.close()  # commits what is queued
         self._close()
         self._set_state(RouterState.STOPPED)
         self._stopped.set()
         return True
 
     def _close(self) -> None:
+        if self.state is RouterState.STOPPED and self.guarantees.journal is not None:
+            self.guarantees.journal.close()  # a start that failed
         self.sockets.close()
         if self.zap is not None:
             self.zap.stop()
@@ -357,11 +393,55 @@ class Router:
             logger.error("router: REQUEST %s from %s has %d body frames, expected 3; dropped",
                          printable(message.msgid), printable(client), len(message.body))
             return
+        headers = message.body[1]
+        wants_result = result_requested_in(headers)
+        if "guarantee" in headers and guarantee_in(headers):
+            self._on_guaranteed(client, message, wants_result)
+            return
         request = Request(message.msgid, client, message.body[0], message.body,
                           time.monotonic())
-        wants_result = result_requested_in(message.body[1])
         if wants_result:
             self.relay.remember(request.msgid, client, request.received)
+        # EventMQ acknowledges a request when it hands it out (not when it
+        # buffers it); a request that asked for its result gets the result
+        if self._route(request) and not wants_result:
+            self.sockets.send("frontend", client, Message.new(Command.REPLY, request.msgid))
+
+    def _on_guaranteed(self, client: bytes, message: Message, wants_result: bool) -> None:
+        """A guaranteed request: accepted once safe (journal or memory), then
+        acknowledged, whether it leaves at once or waits; refused with an
+        error reply when it cannot be kept."""
+        msgid = message.msgid
+        why = self.guarantees.refusal()
+        if why is not None:
+            self._refuse(client, msgid, why)
+            return
+        queue, headers, payload = message.body
+
+        def accepted(request: Optional[Request], why: Optional[str]) -> None:
+            if request is None:
+                self._refuse(client, msgid, why or "not accepted")
+                return
+            if wants_result:
+                self.relay.remember(msgid, client, request.received)
+            self.sockets.send("frontend", client, Message.new(Command.REPLY, msgid))
+            self._route(request)
+            self.worker_side.resume_clients()
+
+        self.guarantees.accept(msgid, client, (queue, with_reply_requested(headers), payload),
+                               accepted)
+        if self.guarantees.backlogged(self.settings.hwm):
+            self.sockets.pause_clients(f"{self.guarantees.journal.backlog} guaranteed "
+                                       "requests wait for the journal")
+
+    def _refuse(self, client: bytes, msgid: str, why: str) -> None:
+        logger.error("router: guaranteed REQUEST %s from %s refused: %s", printable(msgid),
+                     printable(client), why)
+        self.sockets.send("frontend", client,
+                          Message.new(Command.REPLY, refusal_body(why), msgid))
+
+    def _route(self, request: Request) -> bool:
+        """Hand ``request`` to a worker, else buffer it; True when it left."""
         routing = self.routing
         queue = routing.queue_for(request.queue)
         if queue != request.queue:
@@ -371,13 +451,10 @@ class Router:
             worker = routing.pick(queue)
             if worker is None:
                 self._buffer(queue, request)
-                return
+                return False
             if self.worker_side.hand_over(worker, request, queue):
                 worker.slots -= 1
-                if not wants_result:  # else the result is its answer
-                    self.sockets.send("frontend", client,
-                                      Message.new(Command.REPLY, request.msgid))
-                return
+                return True
 
     def _buffer(self, queue: str, request: Request) -> None:
         """Keep ``request`` until a worker has a slot; at a bound (``hwm``
@@ -441,6 +518,7 @@ class Router:
             "malformed_messages": self.counters["malformed_messages"],
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
             **self.results.status(),
+            **self.guarantees.status(),
         }
 
     def show_workers(self) -> dict[str, Any]:

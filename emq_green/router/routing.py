@@ -29,13 +29,18 @@ UNLIMITED = sys.maxsize
 
 @dataclass(frozen=True)
 class Request:
-    """A client's REQUEST as the router holds it."""
+    """A client's REQUEST as the router holds it. A guaranteed one (the
+    ``guarantee`` header) carries ``reply-requested`` in its body (the
+    router learns of its end from the REPLY) and its journal row (``seq``,
+    0 without a journal)."""
 
     msgid: str
     client: bytes
     queue: str
     body: tuple[str, ...]
     received: float
+    guaranteed: bool = False
+    seq: int = 0
 
     @property
     def reply_requested(self) -> bool:
@@ -50,12 +55,14 @@ class Request:
 
 @dataclass(frozen=True)
 class Sent:
-    """A REQUEST handed to a worker and not known to be finished."""
+    """A REQUEST handed to a worker and not known to be finished; for a
+    guaranteed one, the request itself, to send again if the worker dies."""
 
     msgid: str
     queue: str
     sent: float
     reply_requested: bool
+    request: Optional[Request] = None
 
 
 @dataclass
@@ -70,6 +77,9 @@ class Worker:
         default_factory=collections.OrderedDict)
     #: requests in :attr:`in_flight` sent without ``reply-requested``
     unreplied: int = 0
+    #: The monotonic time, set at its KBYE, when its unfinished guaranteed
+    #: jobs go elsewhere (until then they may still end there, with a REPLY).
+    leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
 
@@ -102,7 +112,8 @@ class Routing:
         self.max_bytes = max_buffer_bytes if max_buffer_bytes >= 0 else UNLIMITED
         # Low-water marks: once paused, reading resumes below these, so that a
         # burst does not pause and resume the client socket on every READY.
-        self._resume_length = hwm - max(1, hwm // 4)
+        #: requests per queue (and in the journal's backlog) to resume below
+        self.resume_length = hwm - max(1, hwm // 4)
         self._resume_bytes = self.max_bytes - self.max_bytes // 4
         #: Connected workers by identity.
         self.workers: dict[bytes, Worker] = {}
@@ -117,6 +128,9 @@ class Routing:
         self.processed_by_worker: collections.Counter[str] = collections.Counter()
         self._full_queues: set[str] = set()
         self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: Workers that said KBYE with jobs still in flight there, by identity:
+        #: their REPLYs still count until :attr:`Worker.leaving_until`.
+        self.leaving: dict[bytes, Worker] = {}
 
     # -- workers ----------------------------------------------------------------
     def add(self, identity: bytes, queues: Queues, now: float) -> Worker:
@@ -149,6 +163,13 @@ class Routing:
     def departed(self, identity: bytes) -> bool:
         return identity in self._departed
 
+    def leave(self, worker: Worker, until: float) -> None:
+        """``worker`` said KBYE: removed, but kept while jobs are in flight there."""
+        self.remove(worker)
+        if worker.in_flight:
+            worker.leaving_until = until
+            self.leaving[worker.identity] = worker
+
     # -- routing ------------------------------------------------------------------
     def queue_for(self, queue: str) -> str:
         """``queue`` if a worker serves it, else the default queue."""
@@ -174,7 +195,8 @@ class Routing:
     def sent(self, worker: Worker, request: Request, queue: str, now: float) -> None:
         """``request`` left for ``worker``."""
         reply_requested = request.reply_requested
-        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested)
+        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested,
+                                               request if request.guaranteed else None)
         if not reply_requested:
             worker.unreplied += 1
         self.processed_by_queue[queue] += 1
@@ -190,13 +212,17 @@ class Routing:
         return None
 
     # -- the buffer ---------------------------------------------------------------
-    def buffer(self, queue: str, request: Request) -> bool:
-        """Keep ``request`` until a worker has a slot; True when the buffer is
-        at a bound (the router must stop reading clients)."""
+    def buffer(self, queue: str, request: Request, *, head: bool = False) -> bool:
+        """Keep ``request`` until a worker has a slot (at the ``head`` of its
+        queue: a request whose worker died); True when the buffer is at a
+        bound (the router must stop reading clients)."""
         waiting = self.waiting.get(queue)
         if waiting is None:
             waiting = self.waiting[queue] = collections.deque()
-        waiting.append(request)
+        if head:
+            waiting.appendleft(request)
+        else:
+            waiting.append(request)
         self.buffered_bytes += request.size
         if len(waiting) >= self.hwm:
             self._full_queues.add(queue)
@@ -208,7 +234,7 @@ class Routing:
         waiting = self.waiting[queue]
         request = waiting.popleft()
         self.buffered_bytes -= request.size
-        if len(waiting) <= self._resume_length:
+        if len(waiting) <= self.resume_length:
             self._full_queues.discard(queue)
         if not waiting:
             del self.waiting[queue]

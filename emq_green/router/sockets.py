@@ -42,6 +42,12 @@ logger = logging.getLogger(__name__)
 
 # Messages a reader handles in a row before it lets other greenlets run.
 _READ_BATCH = 256
+#: How a busy greenlet of the router lets the others run: a timer, not
+#: ``sleep(0)``. gevent runs ``sleep(0)`` wake-ups as loop callbacks and looks
+#: at the clock only every 50 callbacks, so greenlets that each yield after
+#: a batch of work keep I/O and timers (heartbeats, the admin socket) waiting
+#: for 50 batches (0.5 s measured); a timer lets the loop poll first.
+YIELD = 1e-6
 _NOBLOCK = int(zmq.NOBLOCK)
 # Unread requests logged one by one when the router stops; beyond, only counted.
 _UNREAD_LOG_LIMIT = 10_000
@@ -218,7 +224,7 @@ class RouterSockets:
                 if self.open:
                     logger.error("router: reading the %s socket failed: %s", name, exc)
                 return
-            gevent.sleep(0)  # a full batch: let the other greenlets run
+            gevent.sleep(YIELD)  # a full batch: let the other greenlets run
 
     def _handle(self, name: str, table: Mapping[Command, Handler], gate: Optional[Gate],
                 frames: list[bytes]) -> None:
