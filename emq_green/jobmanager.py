@@ -139,7 +139,7 @@ class JobManager:
         self._settings_loader = settings_loader
         #: When true, :meth:`start` installs no signal handlers.
         self.skip_signal = skip_signal
-        #: Other counters (reloads, invalid and refused requests, ...).
+        #: Other counters (reloads, invalid and refused requests, jobs backlogged, ...).
         self.counters: collections.Counter[str] = collections.Counter()
         #: The number of jobs finished by each process id (killed jobs not counted).
         self.pid_distribution: dict[int, int] = {}
