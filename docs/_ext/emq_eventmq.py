@@ -23,6 +23,10 @@ which Sphinx appends to the docstring::
           The same message, put on the worker processes' queue...
 
 The directive makes the box a docstring's paragraph makes.
+
+Either way, a member's field lists (parameters, return type, raises) are
+moved to just before its box, so the box ends the entry, and the page's
+text follows the docstring's summary as the docstring's own would.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from docutils import nodes
+from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
@@ -73,8 +78,23 @@ class EventMQDirective(SphinxDirective):
         return [box]
 
 
+def fields_before_box(app: Sphinx, domain: str, objtype: str,
+                      contentnode: addnodes.desc_content) -> None:
+    """Runs after autodoc has added the type hints to the field lists."""
+    box = next((n for n in contentnode.children if isinstance(n, nodes.container)
+                and "emq-eventmq" in n["classes"]), None)
+    if box is None:
+        return
+    fields = [n for n in contentnode.children if isinstance(n, nodes.field_list)]
+    for field in fields:
+        contentnode.remove(field)
+    at = contentnode.index(box)
+    contentnode[at:at] = fields
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.setup_extension("sphinx.ext.napoleon")
     app.add_directive("eventmq", EventMQDirective)
     app.connect("autodoc-process-docstring", process, priority=600)
+    app.connect("object-description-transform", fields_before_box, priority=600)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
