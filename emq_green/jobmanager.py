@@ -9,14 +9,17 @@ the manager's loops:
 - :class:`~emq_green.worker.session.RouterLink` (``session.py``): the connection,
   INFORM/ACK, the reader and dispatch, heartbeats and liveness, READY
   credit, REPLY sending, and the wait of a graceful stop's drain;
+- :class:`~emq_green.worker.supervisor.Supervisor` (``supervisor.py``): the
+  lifecycle, stop and reload requests, signal handlers, and the greenlet
+  that decides when to connect, reconnect and leave (and the order of a
+  stop);
 - :class:`JobManager` (here): the EventMQ face: the constructor and its
-  settings, reload, start/stop and signals, the supervisor that decides
-  when to connect, reconnect and leave (and the order of a stop), the
-  status (the parts give theirs), and the members the EventMQ
-  documentation lists (as properties or thin delegates).
+  settings, what a reload re-reads, start/stop, the status (the parts give
+  theirs), and the members the EventMQ documentation lists (as properties
+  or thin delegates).
 
-Lifecycle (a :class:`~emq_green.lifecycle.Lifecycle`; only :meth:`JobManager.start`
-and the supervisor change it)::
+Lifecycle (a :class:`~emq_green.lifecycle.Lifecycle`; only the supervisor
+changes it)::
 
     connecting -> running -> (router dead / SIGHUP) -> connecting -> ...
     running|connecting -> draining -> stopped
@@ -31,7 +34,6 @@ jobs get ``kill_grace_period``; what is left is killed (their replies say
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import os
@@ -40,14 +42,12 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
-import gevent
 import gevent.event
 import zmq.green as zmq
 
 from . import __version__
 from .extensions import Extension, HookRegistry
 from .jobs import JobOutcome, Status
-from .lifecycle import Lifecycle, install_signal_handlers
 from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
 from .settings import Settings, SettingsError, load_settings
@@ -55,6 +55,7 @@ from .worker.connection import Connection
 from .worker.defaults import default_extensions
 from .worker.session import RouterLink
 from .worker.slots import JobSlots
+from .worker.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,13 @@ _CALLBACKS = frozenset({"worker_done", "worker_done_with_reply", "worker_death"}
 class JobManager:
     """A drop-in for ``eventmq.jobmanager.JobManager`` that runs jobs in greenlets.
 
-    All arguments are optional and keyword-only; the keywords EventMQ's
-    constructor takes (``name``, ``queues``, ``concurrent_jobs``,
-    ``skip_signal``) win over the settings. The constructor starts nothing:
-    :meth:`start` (in the background) or :meth:`jobmanager_main` and
-    :meth:`serve_forever` (blocking) do.
+    All arguments are optional and keyword-only; EventMQ's keywords
+    (``name``, ``queues``, ``concurrent_jobs``, ``skip_signal``) win over the
+    settings. Nothing runs before :meth:`start` (in the background) or
+    :meth:`jobmanager_main` and :meth:`serve_forever` (blocking).
 
     Args:
-        name: unique name of this instance; default host-pid-random. Socket
-            identities are derived from it, one fresh identity per connection.
+        name: unique name of this instance; default host-pid-random.
         queues: queues to listen on: names (``"email"``, ``"email:20"``) or
             ``[weight, name]`` pairs.
         concurrent_jobs: jobs run at once (greenlets in the pool).
@@ -115,41 +114,15 @@ class JobManager:
             added for the kinds not given.
 
     Other arguments are accepted and ignored (logged at debug level).
-
-    EventMQ: the same keywords. There, ``concurrent_jobs`` overwrote the
-    process-wide setting and the constructor started a multiprocessing
-    manager and installed the signal handlers at once; here settings are
-    this object's own and nothing runs before :meth:`start`.
     """
 
-    #: The name of this instance, as used in logs, the process title and
-    #: socket identities (``name:pid:n``, a fresh one per connection). From
-    #: the ``name`` keyword, else the ``name`` setting, else host-pid-random.
-    #:
-    #: EventMQ: the same attribute; its default is a generated device name,
-    #: and its socket identity is the name itself, reused on reconnect.
+    #: The name of this instance, in logs, the process title and socket identities.
     name: str
-    #: The ``(weight, name)`` pairs this manager listens on, as its INFORM
-    #: sends them. From the ``queues`` keyword, else the ``queues`` setting
-    #: (default ``((10, "default"),)``); a reload may change them.
-    #:
-    #: EventMQ: the same attribute, holding what the constructor was given
-    #: (None when nothing was, the settings' queues being used then); here
-    #: always the parsed pairs.
+    #: The ``(weight, name)`` pairs this manager listens on, as INFORM sends them.
     queues: tuple[tuple[int, str], ...]
-    #: The number of jobs run at once (job greenlets; subprocess jobs count
-    #: too). From the ``concurrent_jobs`` keyword, else the setting (default
-    #: 4). The router is never offered more READY credit than this minus the
-    #: jobs in flight.
-    #:
-    #: EventMQ: the number of worker processes, and the keyword changed the
-    #: setting for the whole process; here it is this manager's own, often
-    #: hundreds, and a reload may change it.
+    #: The number of jobs run at once (greenlet and subprocess jobs alike).
     concurrent_jobs: int
-    #: The settings in force (a reload replaces them), with the
-    #: constructor's keywords applied.
-    #:
-    #: EventMQ: not there; its settings are one module of globals.
+    #: The settings in force, with the constructor's keywords applied.
     settings: Settings
 
     def __init__(self, *args: Any, settings: Optional[Settings] = None,
@@ -164,128 +137,72 @@ class JobManager:
                                      (settings or Settings()).default_queue_weight)
         self._settings_given = settings is not None
         self._settings_loader = settings_loader
-        #: When true, :meth:`start` installs no signal handlers (for tests, and
-        #: for an application that owns its signals). Otherwise SIGTERM, SIGINT
-        #: and SIGQUIT stop gracefully (a second SIGTERM or SIGINT at once),
-        #: SIGHUP calls :meth:`reload` and SIGUSR1 :meth:`log_status`; the
-        #: handlers run in the event loop (gevent's signal handling).
-        #:
-        #: EventMQ: a constructor keyword only, not kept; the handlers were
-        #: installed by the constructor, and SIGUSR1 opened a debugger.
+        #: When true, :meth:`start` installs no signal handlers.
         self.skip_signal = skip_signal
-
-        #: Other counters (reloads, invalid and refused requests, jobs
-        #: backlogged, ...), shown in the SIGUSR1 status dump.
-        #:
-        #: EventMQ: not there; emq-green's own.
+        #: Other counters (reloads, invalid and refused requests, jobs backlogged, ...).
         self.counters: collections.Counter[str] = collections.Counter()
-        #: The number of jobs finished by each process id, this process's for
-        #: greenlet jobs and the child's for subprocess jobs; a killed job
-        #: is not counted.
-        #:
-        #: EventMQ: the same mapping, over its worker processes.
+        #: The number of jobs finished by each process id (killed jobs not counted).
         self.pid_distribution: dict[int, int] = {}
         self._hooks = HookRegistry(self, default_extensions(extensions))
-        self._wake = gevent.event.Event()
+        wake = gevent.event.Event()
         self._slots = JobSlots(hooks=self._hooks, finished=self._finished,
                                rejected=self._rejected, counters=self.counters)
         self._link = RouterLink(
             context or zmq.Context.instance(), settings=lambda: self.settings,
-            counters=self.counters, wake=self._wake, admit=self._slots.admit,
+            counters=self.counters, wake=wake, admit=self._slots.admit,
             reject=self._slots.reject_malformed, on_heartbeat=self.on_heartbeat,
-            on_disconnect=functools.partial(self._request_stop, StopMode.GRACEFUL,
-                                            "DISCONNECT from the router"),
-            running=lambda: self._lifecycle.state is State.RUNNING)
-        self._lifecycle: Lifecycle[State] = Lifecycle(State.STOPPED, "")
+            on_disconnect=lambda: self._supervisor.request_stop(
+                StopMode.GRACEFUL, "DISCONNECT from the router"),
+            running=lambda: self.state is State.RUNNING)
+        self._supervisor = Supervisor(worker=self, link=self._link, slots=self._slots,
+                                      hooks=self._hooks, wake=wake, counters=self.counters,
+                                      reload_settings=self._reload_settings)
         self._apply_settings(settings or Settings())
-
-        self._stop_mode: Optional[StopMode] = None
-        self._reload_requested = False
-        self._main: Optional[gevent.Greenlet] = None
-        self._stopped = gevent.event.Event()
-        self._signal_handlers: list[Any] = []
 
     # ------------------------------------------------------------------
     # the members EventMQ documents, and the view extensions get
 
     @property
     def extensions(self) -> list[Extension]:
-        """The extensions, in the order their hooks run.
-
-        EventMQ: not there; emq-green's own.
-        """
+        """The extensions, in the order their hooks run."""
         return self._hooks.extensions
 
     @property
     def outgoing(self) -> Optional[Connection]:
-        """The current :class:`~emq_green.worker.connection.Connection` to the
-        router, or None between connections. Every message to the router
-        goes through it: one socket, one reader, one send path. Each
-        reconnect and each reload makes a new one, with a new identity.
-
-        EventMQ: the DEALER socket (a ``Sender``) made by the constructor and
-        rebuilt on reconnect, under the same identity.
-        """
+        """The current connection to the router, or None between connections."""
         return self._link.outgoing
 
     @property
     def jobs_in_flight(self) -> dict[str, JobRecord]:
-        """The jobs accepted and not yet finished, by msgid, each a
-        :class:`~emq_green.records.JobRecord` (queue, headers, request, start
-        time, greenlet); jobs waiting in the worker's backlog included.
-        Read it, do not change it.
-
-        EventMQ: the same mapping, to ``(start time, the payload sent to a
-        worker process)``.
-        """
+        """The jobs accepted and not yet finished, by msgid (read only)."""
         return self._slots.jobs_in_flight
 
     @property
     def total_requests(self) -> int:
-        """The number of REQUEST messages received, over all connections
-        (those read while draining after KBYE included).
-
-        EventMQ: the same count.
-        """
+        """The number of REQUEST messages received, over all connections."""
         return self._link.total_requests
 
     @property
     def total_ready_sent(self) -> int:
-        """The number of READY messages sent, over all connections.
-
-        EventMQ: the same count.
-        """
+        """The number of READY messages sent, over all connections."""
         return self._link.total_ready_sent
 
     @property
     def free_slots(self) -> int:
-        """The number of slots not taken by a job (``concurrent_jobs`` minus the
-        jobs running).
-
-        EventMQ: not there; emq-green's own.
-        """
+        """The number of slots not taken by a job."""
         return self._slots.free()
 
     def timeout_for(self, headers: Headers) -> Optional[float]:
         """A job's timeout in seconds: its ``timeout:N`` header, else
-        ``global_timeout``; None for no timeout.
-
-        EventMQ: not there; emq-green's own.
-        """
+        ``global_timeout``; None for no timeout."""
         return self._slots.runner.timeout_for(headers)
 
     def job_of(self, greenlet: Any) -> Optional[JobRecord]:
-        """The job ``greenlet`` runs, or ran last; safe from any thread.
-
-        EventMQ: not there; emq-green's own.
-        """
+        """The job ``greenlet`` runs, or ran last; safe from any thread."""
         return self._slots.job_of_greenlet.get(greenlet)
 
     def extension(self, kind: type[E]) -> Optional[E]:
-        """The first extension of type ``kind``, or None.
-
-        EventMQ: not there; emq-green's own.
-        """
+        """The first extension of type ``kind``, or None."""
         return self._hooks.find(kind)
 
     # ------------------------------------------------------------------
@@ -298,15 +215,12 @@ class JobManager:
         self.name = settings.name
         self.queues = settings.queues
         self.concurrent_jobs = settings.concurrent_jobs
-        self._lifecycle.label = self.name
+        self._supervisor.lifecycle.label = self.name
         self._link.configure(settings)
 
-    def _reload_if_asked(self) -> bool:
-        """When a reload was asked for: re-read the settings, if there is a
-        source (a bad one keeps the current settings), and return True."""
-        if not self._reload_requested:
-            return False
-        self._reload_requested = False
+    def _reload_settings(self) -> None:
+        """A reload is due: re-read the settings, if there is a source (a bad
+        one keeps the current settings)."""
         if self._settings_loader is None:
             logger.info("SIGHUP: no settings source to re-read; reconnecting only")
         else:
@@ -314,30 +228,23 @@ class JobManager:
                 self._apply_settings(self._settings_loader().replace(name=self.name))
             except SettingsError as exc:
                 logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-                return True
+                return
             logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
                         queues_json(self.queues), self.concurrent_jobs)
         self._hooks.notify("reload")
-        return True
 
     # ------------------------------------------------------------------
-    # lifecycle
+    # lifecycle (the supervisor, emq_green.worker.supervisor, runs it)
 
     @property
     def state(self) -> State:
-        """The lifecycle state (connecting, running, draining or stopped).
-
-        EventMQ: not there; it keeps a status and three flags.
-        """
-        return self._lifecycle.state
+        """The lifecycle state (connecting, running, draining or stopped)."""
+        return self._supervisor.state
 
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the manager is in ``state``; False
-        when ``timeout`` seconds passed first.
-
-        EventMQ: not there; emq-green's own.
-        """
-        return self._lifecycle.wait_for(state, timeout)
+        when ``timeout`` seconds passed first."""
+        return self._supervisor.lifecycle.wait_for(state, timeout)
 
     def start(self) -> None:
         """Start serving in the background and return at once: install the
@@ -345,55 +252,34 @@ class JobManager:
 
         Raises:
             RuntimeError: when started before.
-
-        EventMQ: ``start(addr, queues)`` blocks in the event loop; here
-        :meth:`serve_forever` blocks.
         """
-        if self._main is not None:
-            raise RuntimeError("JobManager already started")
-        self._slots.begin()
-        if not self.skip_signal:
-            self._install_signals()
-        self._lifecycle.set(State.CONNECTING)
-        self._hooks.notify("manager_started")
-        self._main = gevent.spawn(self._run)
-        self._link.start_heartbeats()
+        self._supervisor.start(None if self.skip_signal else {
+            signal.SIGHUP: self.reload, signal.SIGUSR1: self.log_status})
 
     def serve_forever(self) -> None:
-        """Start (if needed) and block until stopped.
-
-        EventMQ: not there; emq-green's own.
-        """
-        if self._main is None:
+        """Start (if needed) and block until stopped."""
+        if not self._supervisor.started:
             self.start()
-        self._stopped.wait()
+        self._supervisor.stopped.wait()
 
     def stop(self, timeout: Optional[float] = None, graceful: bool = True) -> bool:
-        """Ask for a stop and wait up to ``timeout`` seconds for it.
+        """Ask for a stop and wait up to ``timeout`` seconds for it; True once
+        stopped.
 
         A graceful stop says KBYE, runs what the router had already sent,
         gives running jobs ``kill_grace_period`` and kills the rest; asked
-        twice, or with ``graceful=False``, it kills at once. Returns True
-        once stopped.
-
-        EventMQ: not there; a stop is a signal (SIGTERM) or DISCONNECT.
+        twice, or with ``graceful=False``, it kills at once.
         """
-        if self._main is None:
+        if not self._supervisor.started:
             return True
-        self._request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
-        return self._stopped.wait(timeout)
+        self._supervisor.request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
+        return self._supervisor.stopped.wait(timeout)
 
     def reload(self) -> None:
         """What SIGHUP does: re-read the settings (when a settings source was
         given), say KBYE and reconnect with a new identity. Returns at once;
-        the manager's own greenlet does the work.
-
-        EventMQ: its SIGHUP handler re-reads the settings and resets the
-        connection; here jobs keep running through it and a bad settings
-        file keeps the old settings.
-        """
-        self._reload_requested = True
-        self._wake.set()
+        the manager's own greenlet does the work."""
+        self._supervisor.request_reload()
 
     def jobmanager_main(self, broker_addr: Optional[str] = None) -> None:
         """Read the settings (unless given), connect to ``broker_addr`` and
@@ -405,10 +291,6 @@ class JobManager:
         Args:
             broker_addr: the router's backend address; it replaces
                 ``worker_addr`` and both failover addresses.
-
-        EventMQ: the same call; it also imports the settings into its global
-        module and sets up logging. Here logging is the application's (the
-        ``emq-green`` console script sets it up).
         """
         if not self._settings_given:
             if self._settings_loader is None:
@@ -420,130 +302,25 @@ class JobManager:
             self._apply_settings(self.settings)
         self.serve_forever()
 
-    def _request_stop(self, mode: StopMode, why: str = "") -> None:
-        if why:
-            logger.info("%s: stopping%s", why, " at once" if self._stop_mode else " gracefully")
-        if self._stop_mode is StopMode.GRACEFUL and mode is StopMode.GRACEFUL:
-            mode = StopMode.NOW  # asked twice: stop at once
-        if self._stop_mode is not StopMode.NOW:
-            self._stop_mode = mode
-        self._wake.set()
-
-    def _install_signals(self) -> None:
-        stop = functools.partial(self._request_stop, StopMode.GRACEFUL, "signal received")
-        self._signal_handlers = install_signal_handlers({
-            signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.reload,
-            signal.SIGQUIT: functools.partial(self._request_stop, StopMode.GRACEFUL),
-            signal.SIGUSR1: self.log_status})
-
-    # ------------------------------------------------------------------
-    # the supervisor: connect, serve, reconnect, leave
-
-    def _run(self) -> None:
-        try:
-            while self._stop_mode is None:
-                self._session(self._link.next_addr())
-            self._shutdown()
-        except BaseException:
-            logger.exception("job manager loop crashed; stopping")
-            self._slots.kill_all()
-            raise
-        finally:
-            for handler in self._signal_handlers:
-                handler.cancel()
-            self._slots.close()
-            self._link.close()
-            self._lifecycle.set(State.STOPPED)
-            self._hooks.notify("manager_stopped")
-            self._stopped.set()
-
-    def _session(self, addr: str) -> None:
-        """One connection: INFORM, wait for ACK, serve until it must end.
-
-        A reload asked for while the INFORM waits for its ACK is done once
-        the connection is up (or before the next one)."""
-        self._reload_if_asked()
-        link = self._link
-        self._lifecycle.set(State.CONNECTING)
-        link.open(addr, self.name, self.queues, self._slots.pid)
-        try:
-            if not link.wait_for_ack(lambda: self._stop_mode is not None):
-                return
-            logger.info("ACK from %s; %d job(s) still running, %d slot(s) free", addr,
-                        len(self.jobs_in_flight), self.free_slots)
-            self._lifecycle.set(State.RUNNING)
-            self._hooks.notify("connected", addr, link.outgoing.identity)  # type: ignore[union-attr]
-            link.up()
-            # flags first, then wait: a wake-up taken by the wait for the ACK
-            # must not hide a reload asked for meanwhile
-            while self._stop_mode is None:
-                if self._reload_if_asked():
-                    self.counters["reloads"] += 1
-                    self._hooks.notify("disconnected", "settings reloaded")
-                    link.retire()
-                    return
-                if link.router_gone:
-                    logger.error("%s; reconnecting", link.router_gone)
-                    self.counters["router_lost"] += 1
-                    self._hooks.notify("disconnected", link.router_gone)
-                    return
-                self._offer_slots()  # (after a retired connection closed: its READYs)
-                self._wake.wait()
-                self._wake.clear()
-        finally:
-            link.end(stopping=self._stop_mode is not None)
-
-    def _shutdown(self) -> None:
-        """KBYE; drain (graceful) or not (now); kill what is left; leave."""
-        was_running = self.state is State.RUNNING
-        self._lifecycle.set(State.DRAINING)
-        if was_running:
-            self._link.say_kbye()
-        if self._stop_mode is StopMode.GRACEFUL:
-            self._link.drain(self.settings.kill_grace_period, requests_may_come=was_running,
-                             busy=lambda: len(self.jobs_in_flight),
-                             keep_waiting=lambda: self._stop_mode is StopMode.GRACEFUL)
-        self._slots.kill_all()
-        self._link.stop_reading()
-
     # ------------------------------------------------------------------
     # requests and their ends
 
     def on_request(self, msgid: str, msg: Sequence[str]) -> None:
         """Admit a REQUEST body ``[queue, headers_csv, payload_json]`` as if it
-        came from the router on the current connection.
-
-        It starts, waits in the worker's backlog when every slot is busy, or
-        is answered at once (invalid, refused by ``allowed_callables``, a
-        msgid already in flight) with an error reply when one was requested
-        (:meth:`JobSlots.admit <emq_green.worker.slots.JobSlots.admit>`). It
-        never raises and never blocks; it counts in :attr:`total_requests`.
-        The manager's reader admits requests from the wire directly, without
-        calling this method: to act on each job, write an
-        :class:`~emq_green.extensions.Extension`.
+        came from the router on the current connection; never raises, never
+        blocks.
 
         Args:
             msgid: the REQUEST's message id.
             msg: its body; the payload is ``["run", {"path", "callable",
                 "args", "kwargs", "class_args", "class_kwargs"}]``, with
                 ``"path": "module:Class"`` for a method.
-
-        EventMQ: the same message, put on the worker processes' queue, and
-        called for every REQUEST; a malformed payload raised there. Here the
-        run options may also say ``"subprocess": true``, and the headers
-        ``retry-count:N`` and ``timeout:N`` are honoured.
         """
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
         """Called for each HEARTBEAT from the router: while running, a health
-        check (:meth:`check_worker_health`). The router's liveness is counted
-        for every message it sends, not here; the manager's own heartbeats
-        leave from a greenlet of their own (and from a native thread while
-        the event loop is blocked).
-
-        EventMQ: the same; its heartbeats are sent from its main loop.
-        """
+        check (:meth:`check_worker_health`)."""
         if self.state is State.RUNNING:
             self.check_worker_health()
 
@@ -562,25 +339,13 @@ class JobManager:
         """Account for a finished job reported as EventMQ's worker processes
         report one, and call the callback it names.
 
-        The job leaves :attr:`jobs_in_flight` and, unless it died, counts in
-        :attr:`pid_distribution`; then the callback runs, looked up on this
-        object (a subclass's override runs). The manager's own greenlet and
-        subprocess jobs go through the same accounting.
-
         Args:
             resp: ``{"callback": name, "msgid": ..., "return": reply,
                 "pid": ..., "death": ...}``; ``name`` is ``worker_done``,
-                ``worker_done_with_reply`` or ``worker_death``; ``return`` is
-                the reply (``{"value": ...}``); ``pid`` defaults to this
-                process; ``death`` (default false) means the unit that ran
-                the job died.
+                ``worker_done_with_reply`` or ``worker_death``.
 
         Raises:
             ValueError: for any other callback name.
-
-        EventMQ: the same dictionaries, read from the worker processes'
-        result queue; it called whatever method ``callback`` named, and
-        forgot the job only after the callback.
         """
         name = resp["callback"]
         if name not in _CALLBACKS:
@@ -605,18 +370,13 @@ class JobManager:
             msgid: the REQUEST's message id.
             death: the job was killed (a stop, a repair).
             pid: the process that ran it.
-
-        EventMQ: the same callback; it sent no READY after a death. Here the
-        slot is offered after a killed job too: its greenlet is free again.
         """
         self._offer_slots()
 
     def worker_done_with_reply(self, reply: Any, msgid: Optional[str], death: bool,
                                pid: int) -> None:
         """Called when a job ends whose request had ``reply-requested``:
-        :meth:`send_reply`, then offer the freed slot. Requests answered
-        without running (invalid, refused) come here too, their reply
-        carrying the error.
+        :meth:`send_reply`, then offer the freed slot.
 
         Args:
             reply: ``{"value": ...}``, plus ``"error": {"type", "message"}``
@@ -624,10 +384,6 @@ class JobManager:
             msgid: the REQUEST's message id.
             death: the job was killed (its reply says ``Killed``).
             pid: the process that ran it.
-
-        EventMQ: the same callback; the reply is EventMQ's ``{"value": ...}``
-        with emq-green's ``"error"`` beside it, which EventMQ consumers
-        ignore.
         """
         if msgid is not None:
             self.send_reply(reply, msgid)
@@ -636,41 +392,17 @@ class JobManager:
     def worker_death(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """Called for a response that names it (:meth:`handle_response`): log
         a warning, check the pool (:meth:`check_worker_health`) and offer the
-        free slots.
-
-        The manager's own jobs never end here: a killed job ends through
-        :meth:`worker_done` or :meth:`worker_done_with_reply` with ``death``
-        true, and a crashed subprocess child fails only its own job (error
-        type ``ChildProcessError``) and is replaced by its pool.
-
-        EventMQ: the same callback, for a worker process that died; it
-        removed the process from the pool, to be replaced later.
-        """
+        free slots."""
         logger.warning("worker %s died (job %s)", pid, msgid)
         self.check_worker_health()
         self._offer_slots()
 
     def premature_death(self, reply: Any, msgid: Optional[str]) -> None:
-        """Does nothing; kept so that code that calls or overrides it works.
-
-        EventMQ: meant for a worker process that died before running any
-        job, and a no-op there too. A greenlet cannot die that way; a
-        subprocess child that does is replaced by its pool.
-        """
+        """Does nothing; kept so that code that calls or overrides it works."""
 
     def check_worker_health(self) -> int:
         """Repair the books and return the number of jobs repaired (0 when
-        healthy).
-
-        A job whose greenlet ended without reporting (it should not happen)
-        is completed as killed, answered and its slot offered again; jobs
-        waiting in the worker's backlog start where slots allow
-        (:meth:`JobSlots.repair <emq_green.worker.slots.JobSlots.repair>`).
-        Called on each HEARTBEAT from the router.
-
-        EventMQ: the same call; it killed and recreated dead worker
-        processes and returned nothing.
-        """
+        healthy); called on each HEARTBEAT from the router."""
         return self._slots.repair()
 
     def _offer_slots(self) -> None:
@@ -679,31 +411,19 @@ class JobManager:
     def send_ready(self) -> None:
         """Send one READY: the router may send one more REQUEST.
 
-        The manager sends READYs itself, exactly its free slots after each
-        ACK and one after each job; a READY sent here is credit beyond that,
-        and a REQUEST that uses it waits in the worker's backlog.
-
         Raises:
             RuntimeError: when not connected.
-
-        EventMQ: the same message; after a reconnect it sent one per worker
-        process, busy or not.
         """
         self._link.send_ready()
 
     def send_reply(self, reply: Any, msgid: str) -> None:
-        """Send ``REPLY [reply_json, msgid]`` to the router.
-
-        Between connections (after a reconnect, before its ACK) the reply is
-        kept and sent after the next ACK.
+        """Send ``REPLY [reply_json, msgid]`` to the router, or after the next
+        ACK when no connection is up.
 
         Args:
             reply: JSON text, or a value to encode (one that JSON cannot
                 encode becomes the encoder's error text).
             msgid: the REQUEST's message id.
-
-        EventMQ: the same message, sent at once; its callers encoded the
-        reply first.
         """
         self._link.send_reply(reply, msgid)
 
@@ -712,10 +432,7 @@ class JobManager:
 
     def status(self) -> dict[str, Any]:
         """What the SIGUSR1 dump, the metrics and the worker page show: the
-        extensions' keys, then the manager's, the link's and the slots'.
-
-        EventMQ: not there; emq-green's own.
-        """
+        extensions' keys, then the manager's, the link's and the slots'."""
         return {
             **self._hooks.status(),
             "name": self.name, "version": __version__, "state": self.state.value,
@@ -728,10 +445,7 @@ class JobManager:
 
     def log_status(self) -> None:
         """Log what SIGUSR1 logs: :meth:`status` as one JSON line, then the
-        jobs in flight, oldest first.
-
-        EventMQ: not there; its SIGUSR1 opened a debugger.
-        """
+        jobs in flight, oldest first."""
         _log_status(self.status())
 
 
