@@ -115,7 +115,8 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
     if mode in ("normal", "full"):
         router_argv += ["--journal-file", str(tmp / f"{mode}-journal.db"),
                         "--journal-sync", mode]
-    router = subprocess.Popen(router_argv, env=env, stdout=log, stderr=log)
+    # cwd: ``-c`` and ``-m`` put the current directory first on sys.path
+    router = subprocess.Popen(router_argv, env=env, stdout=log, stderr=log, cwd=str(tree))
     spy = None
     if profile is not None:  # py-spy's collapsed stacks of the router, for flame graphs
         profile.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
                                stderr=log)
     worker = subprocess.Popen([sys.executable, "-m", "emq_green.cli", "-B", back, "-J",
                                str(concurrency), "--kill-grace-period", "5"], env=env,
-                              stdout=log, stderr=log)
+                              stdout=log, stderr=log, cwd=str(tree))
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"bench-{uuid.uuid4()}".encode())
     sock.setsockopt(zmq.SNDHWM, 0)
