@@ -3,10 +3,10 @@
 Three ROUTER sockets, bound to loopback by default, each read by exactly one
 greenlet (:mod:`emq_green.router.sockets`):
 
-* frontend (clients): REQUEST, plus SCHEDULE / UNSCHEDULE / scheduler INFORM,
-  which are logged and dropped because emq-green has no scheduler, and
-  DISCONNECT, which is ignored with a warning (EventMQ stops on it; here any
-  client could then stop the service);
+* frontend (clients): REQUEST and DISCONNECT, handled by
+  :class:`~emq_green.router.clients.ClientSide`, plus SCHEDULE / UNSCHEDULE /
+  scheduler INFORM, which are logged and dropped because emq-green has no
+  scheduler;
 * backend (workers): INFORM / ACK, READY, REPLY, HEARTBEAT, KBYE, handled by
   :class:`~emq_green.router.workers.WorkerSide`;
 * administrative: STATUS, ROUTER_SHOW_WORKERS, ROUTER_SHOW_SCHEDULERS,
@@ -17,9 +17,10 @@ A fourth greenlet sends heartbeats, removes silent workers and expires
 results nobody collected.
 
 Where things are: :class:`Router` (here) starts and stops, handles the
-client and admin commands, decides backpressure and answers STATUS;
+admin commands and answers STATUS;
 :class:`~emq_green.router.routing.Routing` keeps the books and the routing policy;
 :class:`~emq_green.router.workers.WorkerSide` the worker side;
+:class:`~emq_green.router.clients.ClientSide` the client side;
 :class:`~emq_green.router.sockets.RouterSockets` the sockets;
 :class:`~emq_green.router.results.ResultRelay` results back to the caller.
 
@@ -74,16 +75,10 @@ import zmq.green
 
 from ..curve import server_curve
 from ..lifecycle import Lifecycle
-from ..protocol import (
-    Command,
-    Message,
-    guarantee_in,
-    printable,
-    result_requested_in,
-    with_reply_requested,
-)
+from ..protocol import Command, Message, printable
 from ..settings import Settings
-from .guarantee import Guarantees, refusal_body
+from .clients import ClientSide
+from .guarantee import Guarantees
 from .journal import Journal
 from .results import PendingResults, ResultRelay
 from .routing import Request, Routing, Worker
@@ -165,17 +160,23 @@ class Router:
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
                                       counters=self.counters, guarantees=self.guarantees)
+        #: The client side: REQUEST (plain or guaranteed), the buffer, DISCONNECT.
+        self.client_side = ClientSide(settings=settings, routing=self.routing,
+                                      sockets=self.sockets, relay=self.relay,
+                                      guarantees=self.guarantees, worker_side=self.worker_side,
+                                      counters=self.counters,
+                                      dropped_by_reason=self.dropped_by_reason)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
         self._tables: dict[str, dict[Command, Handler]] = {
             "frontend": {
-                Command.REQUEST: self._on_request,
+                Command.REQUEST: self.client_side.on_request,
                 Command.SCHEDULE: self._on_schedule,
                 Command.UNSCHEDULE: self._on_schedule,
                 Command.INFORM: self._on_scheduler_inform,
                 Command.HEARTBEAT: self._ignore,
                 Command.KBYE: self._ignore,
-                Command.DISCONNECT: self._on_client_disconnect,
+                Command.DISCONNECT: self.client_side.on_disconnect,
             },
             "backend": self.worker_side.table,
             "administrative": {
@@ -274,7 +275,7 @@ class Router:
         s = self.settings
         # CurveError (an OSError) when misconfigured
         curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
-        self._restore()  # JournalError (an OSError): the journal cannot be used
+        self.client_side.restore()  # JournalError (an OSError): the journal cannot be used
         if curve is not None:
             # bound before any CURVE socket: with no handler libzmq lets every key in
             self.zap = ZapHandler(context=self._context, authorized_keys=curve.authorized_keys)
@@ -300,21 +301,6 @@ class Router:
             logger.warning("router: the administrative socket (%s) is not on loopback: "
                            "whoever can connect to it can stop the router",
                            s.administrative_addr)
-
-    def _restore(self) -> None:
-        """Queue again what the journal holds (accepted by an earlier router,
-        not seen to finish), before any socket is read."""
-        for request in self.guarantees.restore():
-            if result_requested_in(request.body[1]):
-                # its client may still be there (same identity): it gets the result
-                self.relay.remember(request.msgid, request.client, request.received)
-            if self.routing.buffer(self.routing.queue_for(request.queue), request):
-                self.sockets.pause_clients("guaranteed requests from the journal fill "
-                                           "the buffer")
-        if self.guarantees.restored:
-            logger.warning("router: %d guaranteed request(s) from the journal %s queued "
-                           "again (at least once: some may have run already)",
-                           self.guarantees.restored, self.settings.journal_file)
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until stopped."""
@@ -387,88 +373,6 @@ class Router:
     def _ignore(identity: bytes, message: Message) -> None:
         """HEARTBEAT / KBYE from a client: nothing to do."""
 
-    def _on_request(self, client: bytes, message: Message) -> None:
-        if len(message.body) != 3:
-            self.dropped_by_reason["malformed"] += 1
-            logger.error("router: REQUEST %s from %s has %d body frames, expected 3; dropped",
-                         printable(message.msgid), printable(client), len(message.body))
-            return
-        headers = message.body[1]
-        wants_result = result_requested_in(headers)
-        if "guarantee" in headers and guarantee_in(headers):
-            self._on_guaranteed(client, message, wants_result)
-            return
-        request = Request(message.msgid, client, message.body[0], message.body,
-                          time.monotonic())
-        if wants_result:
-            self.relay.remember(request.msgid, client, request.received)
-        # EventMQ acknowledges a request when it hands it out (not when it
-        # buffers it); a request that asked for its result gets the result
-        if self._route(request) and not wants_result:
-            self.sockets.send("frontend", client, Message.new(Command.REPLY, request.msgid))
-
-    def _on_guaranteed(self, client: bytes, message: Message, wants_result: bool) -> None:
-        """A guaranteed request: accepted once safe (journal or memory), then
-        acknowledged, whether it leaves at once or waits; refused with an
-        error reply when it cannot be kept."""
-        msgid = message.msgid
-        why = self.guarantees.refusal()
-        if why is not None:
-            self._refuse(client, msgid, why)
-            return
-        queue, headers, payload = message.body
-
-        def accepted(request: Optional[Request], why: Optional[str]) -> None:
-            if request is None:
-                self._refuse(client, msgid, why or "not accepted")
-                return
-            if wants_result:
-                self.relay.remember(msgid, client, request.received)
-            self.sockets.send("frontend", client, Message.new(Command.REPLY, msgid))
-            self._route(request)
-            self.worker_side.resume_clients()
-
-        self.guarantees.accept(msgid, client, (queue, with_reply_requested(headers), payload),
-                               accepted)
-        if self.guarantees.backlogged(self.settings.hwm):
-            self.sockets.pause_clients(f"{self.guarantees.journal.backlog} guaranteed "
-                                       "requests wait for the journal")
-
-    def _refuse(self, client: bytes, msgid: str, why: str) -> None:
-        logger.error("router: guaranteed REQUEST %s from %s refused: %s", printable(msgid),
-                     printable(client), why)
-        self.sockets.send("frontend", client,
-                          Message.new(Command.REPLY, refusal_body(why), msgid))
-
-    def _route(self, request: Request) -> bool:
-        """Hand ``request`` to a worker, else buffer it; True when it left."""
-        routing = self.routing
-        queue = routing.queue_for(request.queue)
-        if queue != request.queue:
-            logger.warning("router: no worker serves queue %s; REQUEST %s goes to %s",
-                           printable(request.queue), printable(request.msgid), queue)
-        while True:
-            worker = routing.pick(queue)
-            if worker is None:
-                self._buffer(queue, request)
-                return False
-            if self.worker_side.hand_over(worker, request, queue):
-                worker.slots -= 1
-                return True
-
-    def _buffer(self, queue: str, request: Request) -> None:
-        """Keep ``request`` until a worker has a slot; at a bound (``hwm``
-        requests in this queue, ``max_buffer_bytes`` in all), stop reading
-        the client socket. Nothing accepted is ever dropped here."""
-        if queue not in self.routing.waiting:
-            logger.info("router: no free slot for queue %s; buffering requests",
-                        printable(queue))
-        if self.routing.buffer(queue, request):
-            self.sockets.pause_clients(
-                f"buffer full (queue {printable(queue)}: {len(self.waiting.get(queue, ()))} "
-                f"of hwm {self.settings.hwm} requests; {self.buffered_bytes} of "
-                f"{self.settings.max_buffer_bytes} bytes in all)")
-
     def _on_schedule(self, client: bytes, message: Message) -> None:
         self.dropped_by_reason["no_scheduler"] += 1
         logger.error("router: %s %s dropped: emq-green's router has no scheduler "
@@ -479,13 +383,6 @@ class Router:
         logger.error("router: INFORM %s from %s on the client socket ignored: emq-green's "
                      "router does not take schedulers", printable(message.msgid),
                      printable(client))
-
-    def _on_client_disconnect(self, client: bytes, message: Message) -> None:
-        # EventMQ's router stops here; any client could then stop the service
-        self.counters["client_disconnects_ignored"] += 1
-        logger.warning("router: DISCONNECT %s from client %s ignored: only the "
-                       "administrative socket stops the router", printable(message.msgid),
-                       printable(client))
 
     # ------------------------------------------------------------------
     # administration
