@@ -160,7 +160,7 @@ class Router:
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
                                       counters=self.counters, guarantees=self.guarantees)
-        #: The client side: REQUEST (plain or guaranteed), the buffer, DISCONNECT.
+        #: The client side (REQUEST plain or guaranteed, the buffer, DISCONNECT).
         self.client_side = ClientSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
                                       guarantees=self.guarantees, worker_side=self.worker_side,
