@@ -44,6 +44,9 @@ E = TypeVar("E", bound="Extension")
 
 
 class Executor(Protocol):
+    """Runs a job somewhere other than the worker's own greenlet (what
+    :meth:`Extension.executor_for` returns)."""
+
     def run(self, request: RunRequest, headers: Headers) -> tuple[JobOutcome, int]:
         """Run the job, cooperatively; return (outcome, pid that ran it)."""
         ...
@@ -74,22 +77,34 @@ class WorkerView(Protocol):
     """
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The worker's name."""
+        ...
 
     @property
-    def settings(self) -> Settings: ...
+    def settings(self) -> Settings:
+        """The settings in force (a new object after each reload)."""
+        ...
 
     @property
-    def queues(self) -> Queues: ...
+    def queues(self) -> Queues:
+        """The ``(weight, name)`` pairs the worker listens on."""
+        ...
 
     @property
-    def concurrent_jobs(self) -> int: ...
+    def concurrent_jobs(self) -> int:
+        """The number of jobs run at once."""
+        ...
 
     @property
-    def state(self) -> State: ...
+    def state(self) -> State:
+        """The worker's lifecycle state."""
+        ...
 
     @property
-    def jobs_in_flight(self) -> Mapping[str, JobRecord]: ...
+    def jobs_in_flight(self) -> Mapping[str, JobRecord]:
+        """The jobs accepted and not yet finished, by msgid."""
+        ...
 
     @property
     def outgoing(self) -> Optional[RouterConnection]:
@@ -167,6 +182,7 @@ class HookRegistry:
             self.hooks("job_started"), self.hooks("executor_for"), self.hooks("job_finished"))
 
     def hooks(self, hook: str) -> list[Hook]:
+        """The extensions' own implementations of ``hook``, in order."""
         found = self._cache.get(hook)
         if found is None:
             base = getattr(Extension, hook)
@@ -180,6 +196,8 @@ class HookRegistry:
         self.call(self.hooks(hook), hook, args)
 
     def call(self, hooks: list[Hook], hook: str, args: tuple[Any, ...]) -> None:
+        """Call each of ``hooks`` with the worker and ``args``; an exception
+        is logged and goes no further."""
         worker = self.worker
         for fn in hooks:
             try:
@@ -188,6 +206,7 @@ class HookRegistry:
                 logger.exception("extension %s failed in %s", type(fn.__self__).__name__, hook)
 
     def executor_for(self, hooks: list[Hook], record: JobRecord) -> Optional[Executor]:
+        """The first executor one of ``hooks`` returns for ``record``, or None."""
         for fn in hooks:
             try:
                 executor = fn(self.worker, record)
@@ -200,6 +219,7 @@ class HookRegistry:
         return None
 
     def status(self) -> dict[str, Any]:
+        """Every extension's status keys, merged in order."""
         extra: dict[str, Any] = {}
         for ext in self.extensions:
             try:
@@ -209,6 +229,7 @@ class HookRegistry:
         return extra
 
     def find(self, kind: type[E]) -> Optional[E]:
+        """The first extension of type ``kind``, or None."""
         return next((e for e in self.extensions if isinstance(e, kind)), None)
 
 

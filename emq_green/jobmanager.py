@@ -9,14 +9,17 @@ the manager's loops:
 - :class:`~emq_green.worker.session.RouterLink` (``session.py``): the connection,
   INFORM/ACK, the reader and dispatch, heartbeats and liveness, READY
   credit, REPLY sending, and the wait of a graceful stop's drain;
+- :class:`~emq_green.worker.supervisor.Supervisor` (``supervisor.py``): the
+  lifecycle, stop and reload requests, signal handlers, and the greenlet
+  that decides when to connect, reconnect and leave (and the order of a
+  stop);
 - :class:`JobManager` (here): the EventMQ face: the constructor and its
-  settings, reload, start/stop and signals, the supervisor that decides
-  when to connect, reconnect and leave (and the order of a stop), the
-  status (the parts give theirs), and the members the EventMQ
-  documentation lists (as properties or thin delegates).
+  settings, what a reload re-reads, start/stop, the status (the parts give
+  theirs), and the members the EventMQ documentation lists (as properties
+  or thin delegates).
 
-Lifecycle (a :class:`~emq_green.lifecycle.Lifecycle`; only :meth:`JobManager.start`
-and the supervisor change it)::
+Lifecycle (a :class:`~emq_green.lifecycle.Lifecycle`; only the supervisor
+changes it)::
 
     connecting -> running -> (router dead / SIGHUP) -> connecting -> ...
     running|connecting -> draining -> stopped
@@ -31,7 +34,6 @@ jobs get ``kill_grace_period``; what is left is killed (their replies say
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import os
@@ -40,14 +42,12 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
-import gevent
 import gevent.event
 import zmq.green as zmq
 
 from . import __version__
 from .extensions import Extension, HookRegistry
 from .jobs import JobOutcome, Status
-from .lifecycle import Lifecycle, install_signal_handlers
 from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
 from .settings import Settings, SettingsError, load_settings
@@ -55,6 +55,7 @@ from .worker.connection import Connection
 from .worker.defaults import default_extensions
 from .worker.session import RouterLink
 from .worker.slots import JobSlots
+from .worker.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +91,39 @@ _CALLBACKS = frozenset({"worker_done", "worker_done_with_reply", "worker_death"}
 class JobManager:
     """A drop-in for ``eventmq.jobmanager.JobManager`` that runs jobs in greenlets.
 
-    Keyword arguments (all optional):
-        name: unique name of this instance; default host-pid-random. Socket
-            identities are derived from it, one fresh identity per connection.
-        queues: queue names (or ``[weight, name]`` pairs) to listen on.
+    All arguments are optional and keyword-only; EventMQ's keywords
+    (``name``, ``queues``, ``concurrent_jobs``, ``skip_signal``) win over the
+    settings. Nothing runs before :meth:`start` (in the background) or
+    :meth:`jobmanager_main` and :meth:`serve_forever` (blocking).
+
+    Args:
+        name: unique name of this instance; default host-pid-random.
+        queues: queues to listen on: names (``"email"``, ``"email:20"``) or
+            ``[weight, name]`` pairs.
         concurrent_jobs: jobs run at once (greenlets in the pool).
         skip_signal: do not install signal handlers (for tests and embedding).
         settings: a :class:`~emq_green.settings.Settings`; read from the
             usual sources by :meth:`jobmanager_main` when not given.
         settings_loader: called on SIGHUP (:meth:`reload`) to read the
             settings again.
+        context: the ``zmq.green`` context of the sockets; default the
+            process's shared one.
         extensions: :class:`~emq_green.extensions.Extension` objects whose
             hooks run at each step of a job's and a connection's life; the
             defaults of :func:`~emq_green.worker.defaults.default_extensions` are
             added for the kinds not given.
+
+    Other arguments are accepted and ignored (logged at debug level).
     """
+
+    #: The name of this instance, in logs, the process title and socket identities.
+    name: str
+    #: The ``(weight, name)`` pairs this manager listens on, as INFORM sends them.
+    queues: tuple[tuple[int, str], ...]
+    #: The number of jobs run at once (greenlet and subprocess jobs alike).
+    concurrent_jobs: int
+    #: The settings in force, with the constructor's keywords applied.
+    settings: Settings
 
     def __init__(self, *args: Any, settings: Optional[Settings] = None,
                  name: Optional[str] = None, queues: QueuesArg = None,
@@ -118,32 +137,27 @@ class JobManager:
                                      (settings or Settings()).default_queue_weight)
         self._settings_given = settings is not None
         self._settings_loader = settings_loader
+        #: When true, :meth:`start` installs no signal handlers.
         self.skip_signal = skip_signal
-
-        #: Other counters, shown in the SIGUSR1 status dump.
+        #: Other counters (reloads, invalid and refused requests, jobs backlogged, ...).
         self.counters: collections.Counter[str] = collections.Counter()
-        #: Jobs finished per process id: this process for greenlet jobs,
-        #: the child's pid for subprocess jobs.
+        #: The number of jobs finished by each process id (killed jobs not counted).
         self.pid_distribution: dict[int, int] = {}
         self._hooks = HookRegistry(self, default_extensions(extensions))
-        self._wake = gevent.event.Event()
+        wake = gevent.event.Event()
         self._slots = JobSlots(hooks=self._hooks, finished=self._finished,
                                rejected=self._rejected, counters=self.counters)
         self._link = RouterLink(
             context or zmq.Context.instance(), settings=lambda: self.settings,
-            counters=self.counters, wake=self._wake, admit=self._slots.admit,
+            counters=self.counters, wake=wake, admit=self._slots.admit,
             reject=self._slots.reject_malformed, on_heartbeat=self.on_heartbeat,
-            on_disconnect=functools.partial(self._request_stop, StopMode.GRACEFUL,
-                                            "DISCONNECT from the router"),
-            running=lambda: self._lifecycle.state is State.RUNNING)
-        self._lifecycle: Lifecycle[State] = Lifecycle(State.STOPPED, "")
+            on_disconnect=lambda: self._supervisor.request_stop(
+                StopMode.GRACEFUL, "DISCONNECT from the router"),
+            running=lambda: self.state is State.RUNNING)
+        self._supervisor = Supervisor(worker=self, link=self._link, slots=self._slots,
+                                      hooks=self._hooks, wake=wake, counters=self.counters,
+                                      reload_settings=self._reload_settings)
         self._apply_settings(settings or Settings())
-
-        self._stop_mode: Optional[StopMode] = None
-        self._reload_requested = False
-        self._main: Optional[gevent.Greenlet] = None
-        self._stopped = gevent.event.Event()
-        self._signal_handlers: list[Any] = []
 
     # ------------------------------------------------------------------
     # the members EventMQ documents, and the view extensions get
@@ -155,36 +169,40 @@ class JobManager:
 
     @property
     def outgoing(self) -> Optional[Connection]:
-        """The current :class:`~emq_green.worker.connection.Connection` to the
-        router (None between connections). Every send goes through it."""
+        """The current connection to the router, or None between connections."""
         return self._link.outgoing
 
     @property
     def jobs_in_flight(self) -> dict[str, JobRecord]:
-        """Jobs accepted and not yet finished: msgid -> :class:`JobRecord`."""
+        """The jobs accepted and not yet finished, by msgid (read only)."""
         return self._slots.jobs_in_flight
 
     @property
     def total_requests(self) -> int:
-        """REQUEST messages received."""
+        """The number of REQUEST messages received, over all connections."""
         return self._link.total_requests
 
     @property
     def total_ready_sent(self) -> int:
-        """READY messages sent."""
+        """The number of READY messages sent, over all connections."""
         return self._link.total_ready_sent
 
     @property
     def free_slots(self) -> int:
+        """The number of slots not taken by a job."""
         return self._slots.free()
 
     def timeout_for(self, headers: Headers) -> Optional[float]:
+        """A job's timeout in seconds: its ``timeout:N`` header, else
+        ``global_timeout``; None for no timeout."""
         return self._slots.runner.timeout_for(headers)
 
     def job_of(self, greenlet: Any) -> Optional[JobRecord]:
+        """The job ``greenlet`` runs, or ran last; safe from any thread."""
         return self._slots.job_of_greenlet.get(greenlet)
 
     def extension(self, kind: type[E]) -> Optional[E]:
+        """The first extension of type ``kind``, or None."""
         return self._hooks.find(kind)
 
     # ------------------------------------------------------------------
@@ -193,22 +211,16 @@ class JobManager:
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
         self._slots.configure_from(settings)  # first: it may raise SettingsError
-        self.settings: Settings = settings
-        #: Name of this instance, as used in logs and socket identities.
-        self.name: str = settings.name
-        #: ``(weight, name)`` pairs this manager listens on.
-        self.queues: tuple[tuple[int, str], ...] = settings.queues
-        #: Jobs run at once: the pool size.
-        self.concurrent_jobs: int = settings.concurrent_jobs
-        self._lifecycle.label = self.name
+        self.settings = settings
+        self.name = settings.name
+        self.queues = settings.queues
+        self.concurrent_jobs = settings.concurrent_jobs
+        self._supervisor.lifecycle.label = self.name
         self._link.configure(settings)
 
-    def _reload_if_asked(self) -> bool:
-        """When a reload was asked for: re-read the settings, if there is a
-        source (a bad one keeps the current settings), and return True."""
-        if not self._reload_requested:
-            return False
-        self._reload_requested = False
+    def _reload_settings(self) -> None:
+        """A reload is due: re-read the settings, if there is a source (a bad
+        one keeps the current settings)."""
         if self._settings_loader is None:
             logger.info("SIGHUP: no settings source to re-read; reconnecting only")
         else:
@@ -216,58 +228,70 @@ class JobManager:
                 self._apply_settings(self._settings_loader().replace(name=self.name))
             except SettingsError as exc:
                 logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-                return True
+                return
             logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
                         queues_json(self.queues), self.concurrent_jobs)
         self._hooks.notify("reload")
-        return True
 
     # ------------------------------------------------------------------
-    # lifecycle
+    # lifecycle (the supervisor, emq_green.worker.supervisor, runs it)
 
     @property
     def state(self) -> State:
-        """connecting, running, draining or stopped."""
-        return self._lifecycle.state
+        """The lifecycle state (connecting, running, draining or stopped)."""
+        return self._supervisor.state
 
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
-        """Block (cooperatively) until the manager is in ``state``."""
-        return self._lifecycle.wait_for(state, timeout)
+        """Block (cooperatively) until the manager is in ``state``; False
+        when ``timeout`` seconds passed first."""
+        return self._supervisor.lifecycle.wait_for(state, timeout)
 
     def start(self) -> None:
-        """Start serving in the background; returns at once."""
-        if self._main is not None:
-            raise RuntimeError("JobManager already started")
-        self._slots.begin()
-        if not self.skip_signal:
-            self._install_signals()
-        self._lifecycle.set(State.CONNECTING)
-        self._hooks.notify("manager_started")
-        self._main = gevent.spawn(self._run)
-        self._link.start_heartbeats()
+        """Start serving in the background and return at once: install the
+        signal handlers (unless :attr:`skip_signal`), then connect.
+
+        Raises:
+            RuntimeError: when started before.
+        """
+        self._supervisor.start(None if self.skip_signal else {
+            signal.SIGHUP: self.reload, signal.SIGUSR1: self.log_status})
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until stopped."""
-        if self._main is None:
+        if not self._supervisor.started:
             self.start()
-        self._stopped.wait()
+        self._supervisor.stopped.wait()
 
     def stop(self, timeout: Optional[float] = None, graceful: bool = True) -> bool:
-        """Ask for a stop and wait up to ``timeout`` for it; True when stopped."""
-        if self._main is None:
+        """Ask for a stop and wait up to ``timeout`` seconds for it; True once
+        stopped.
+
+        A graceful stop says KBYE, runs what the router had already sent,
+        gives running jobs ``kill_grace_period`` and kills the rest; asked
+        twice, or with ``graceful=False``, it kills at once.
+        """
+        if not self._supervisor.started:
             return True
-        self._request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
-        return self._stopped.wait(timeout)
+        self._supervisor.request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
+        return self._supervisor.stopped.wait(timeout)
 
     def reload(self) -> None:
         """What SIGHUP does: re-read the settings (when a settings source was
         given), say KBYE and reconnect with a new identity. Returns at once;
         the manager's own greenlet does the work."""
-        self._reload_requested = True
-        self._wake.set()
+        self._supervisor.request_reload()
 
     def jobmanager_main(self, broker_addr: Optional[str] = None) -> None:
-        """Read the settings (unless given), connect to ``broker_addr`` and serve."""
+        """Read the settings (unless given), connect to ``broker_addr`` and
+        serve until stopped (blocks).
+
+        The settings come from ``EVENTMQ_*`` variables and the INI file (no
+        command line) unless the constructor was given ``settings``.
+
+        Args:
+            broker_addr: the router's backend address; it replaces
+                ``worker_addr`` and both failover addresses.
+        """
         if not self._settings_given:
             if self._settings_loader is None:
                 self._settings_loader = lambda: load_settings([], os.environ)[0]
@@ -278,104 +302,25 @@ class JobManager:
             self._apply_settings(self.settings)
         self.serve_forever()
 
-    def _request_stop(self, mode: StopMode, why: str = "") -> None:
-        if why:
-            logger.info("%s: stopping%s", why, " at once" if self._stop_mode else " gracefully")
-        if self._stop_mode is StopMode.GRACEFUL and mode is StopMode.GRACEFUL:
-            mode = StopMode.NOW  # asked twice: stop at once
-        if self._stop_mode is not StopMode.NOW:
-            self._stop_mode = mode
-        self._wake.set()
-
-    def _install_signals(self) -> None:
-        stop = functools.partial(self._request_stop, StopMode.GRACEFUL, "signal received")
-        self._signal_handlers = install_signal_handlers({
-            signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: self.reload,
-            signal.SIGQUIT: functools.partial(self._request_stop, StopMode.GRACEFUL),
-            signal.SIGUSR1: self.log_status})
-
-    # ------------------------------------------------------------------
-    # the supervisor: connect, serve, reconnect, leave
-
-    def _run(self) -> None:
-        try:
-            while self._stop_mode is None:
-                self._session(self._link.next_addr())
-            self._shutdown()
-        except BaseException:
-            logger.exception("job manager loop crashed; stopping")
-            self._slots.kill_all()
-            raise
-        finally:
-            for handler in self._signal_handlers:
-                handler.cancel()
-            self._slots.close()
-            self._link.close()
-            self._lifecycle.set(State.STOPPED)
-            self._hooks.notify("manager_stopped")
-            self._stopped.set()
-
-    def _session(self, addr: str) -> None:
-        """One connection: INFORM, wait for ACK, serve until it must end.
-
-        A reload asked for while the INFORM waits for its ACK is done once
-        the connection is up (or before the next one)."""
-        self._reload_if_asked()
-        link = self._link
-        self._lifecycle.set(State.CONNECTING)
-        link.open(addr, self.name, self.queues, self._slots.pid)
-        try:
-            if not link.wait_for_ack(lambda: self._stop_mode is not None):
-                return
-            logger.info("ACK from %s; %d job(s) still running, %d slot(s) free", addr,
-                        len(self.jobs_in_flight), self.free_slots)
-            self._lifecycle.set(State.RUNNING)
-            self._hooks.notify("connected", addr, link.outgoing.identity)  # type: ignore[union-attr]
-            link.up()
-            # flags first, then wait: a wake-up taken by the wait for the ACK
-            # must not hide a reload asked for meanwhile
-            while self._stop_mode is None:
-                if self._reload_if_asked():
-                    self.counters["reloads"] += 1
-                    self._hooks.notify("disconnected", "settings reloaded")
-                    link.retire(running=list(self.jobs_in_flight))
-                    return
-                if link.router_gone:
-                    logger.error("%s; reconnecting", link.router_gone)
-                    self.counters["router_lost"] += 1
-                    self._hooks.notify("disconnected", link.router_gone)
-                    return
-                self._offer_slots()  # (after a retired connection closed: its READYs)
-                self._wake.wait()
-                self._wake.clear()
-        finally:
-            link.end(stopping=self._stop_mode is not None)
-
-    def _shutdown(self) -> None:
-        """KBYE; drain (graceful) or not (now); kill what is left; leave."""
-        was_running = self.state is State.RUNNING
-        self._lifecycle.set(State.DRAINING)
-        if was_running:
-            self._link.say_kbye()
-        if self._stop_mode is StopMode.GRACEFUL:
-            self._link.drain(self.settings.kill_grace_period, requests_may_come=was_running,
-                             busy=lambda: len(self.jobs_in_flight),
-                             keep_waiting=lambda: self._stop_mode is StopMode.GRACEFUL)
-        self._slots.kill_all()
-        self._link.stop_reading()
-
     # ------------------------------------------------------------------
     # requests and their ends
 
     def on_request(self, msgid: str, msg: Sequence[str]) -> None:
-        """A REQUEST body ``[queue, headers_csv, payload_json]`` on the current
-        connection: it runs, waits in the backlog, or is answered at once
-        (:meth:`JobSlots.admit <emq_green.worker.slots.JobSlots.admit>`); never blocks."""
+        """Admit a REQUEST body ``[queue, headers_csv, payload_json]`` as if it
+        came from the router on the current connection; never raises, never
+        blocks.
+
+        Args:
+            msgid: the REQUEST's message id.
+            msg: its body; the payload is ``["run", {"path", "callable",
+                "args", "kwargs", "class_args", "class_kwargs"}]``, with
+                ``"path": "module:Class"`` for a method.
+        """
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
-        """HEARTBEAT from the router: a health check of the pool, as in EventMQ
-        (liveness is counted for every message, in ``Connection.recv_batch``)."""
+        """Called for each HEARTBEAT from the router: while running, a health
+        check (:meth:`check_worker_health`)."""
         if self.state is State.RUNNING:
             self.check_worker_health()
 
@@ -393,11 +338,17 @@ class JobManager:
             self._link.origins.ended(msgid)
 
     def handle_response(self, resp: dict[str, Any]) -> None:
-        """Account for a finished job as EventMQ's worker processes report
-        one (``{"callback": "worker_done" | "worker_done_with_reply" |
-        "worker_death", "msgid", "return", "pid", "death"}``) and call its
-        callback, after the job left :attr:`jobs_in_flight`. Greenlet and
-        subprocess jobs go through the same accounting."""
+        """Account for a finished job reported as EventMQ's worker processes
+        report one, and call the callback it names.
+
+        Args:
+            resp: ``{"callback": name, "msgid": ..., "return": reply,
+                "pid": ..., "death": ...}``; ``name`` is ``worker_done``,
+                ``worker_done_with_reply`` or ``worker_death``.
+
+        Raises:
+            ValueError: for any other callback name.
+        """
         name = resp["callback"]
         if name not in _CALLBACKS:
             raise ValueError(f"unknown callback {name!r}")
@@ -415,42 +366,69 @@ class JobManager:
             self._link.origins.ended(msgid)
 
     def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
-        """A job finished without a reply requested: offer its slot."""
+        """Called when a job ends that asked for no reply: offer the freed
+        slot to the router (READY), unless the manager is not running.
+
+        Args:
+            reply: the job's reply (not sent).
+            msgid: the REQUEST's message id.
+            death: the job was killed (a stop, a repair).
+            pid: the process that ran it.
+        """
         self._offer_slots()
 
     def worker_done_with_reply(self, reply: Any, msgid: Optional[str], death: bool,
                                pid: int) -> None:
-        """A job finished and its caller asked for the result: REPLY, then READY."""
+        """Called when a job ends whose request had ``reply-requested``:
+        :meth:`send_reply`, then offer the freed slot.
+
+        Args:
+            reply: ``{"value": ...}``, plus ``"error": {"type", "message"}``
+                when the job did not succeed.
+            msgid: the REQUEST's message id.
+            death: the job was killed (its reply says ``Killed``).
+            pid: the process that ran it.
+        """
         if msgid is not None:
             self.send_reply(reply, msgid)
         self._offer_slots()
 
     def worker_death(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
-        """The unit that ran a job died (a killed greenlet, a crashed child).
-        Its slot is already free; this logs it and checks the pool."""
+        """Called for a response that names it (:meth:`handle_response`): log
+        a warning, check the pool (:meth:`check_worker_health`) and offer the
+        free slots."""
         logger.warning("worker %s died (job %s)", pid, msgid)
         self.check_worker_health()
         self._offer_slots()
 
     def premature_death(self, reply: Any, msgid: Optional[str]) -> None:
-        """A worker died before running any job. Greenlets cannot; kept for
-        API compatibility (subprocess children are restarted by their pool)."""
+        """Does nothing; kept so that code that calls or overrides it works."""
 
     def check_worker_health(self) -> int:
-        """Repair the books (:meth:`JobSlots.repair <emq_green.worker.slots.JobSlots.repair>`);
-        returns the number of jobs repaired (0 when healthy)."""
+        """Repair the books and return the number of jobs repaired (0 when
+        healthy); called on each HEARTBEAT from the router."""
         return self._slots.repair()
 
     def _offer_slots(self) -> None:
         self._link.offer_slots(self._slots.free())
 
     def send_ready(self) -> None:
-        """Send one READY: the router may send one more REQUEST."""
+        """Send one READY: the router may send one more REQUEST.
+
+        Raises:
+            RuntimeError: when not connected.
+        """
         self._link.send_ready()
 
     def send_reply(self, reply: Any, msgid: str) -> None:
-        """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
-        until the next ACK when no connection is up."""
+        """Send ``REPLY [reply_json, msgid]`` to the router, or after the next
+        ACK when no connection is up.
+
+        Args:
+            reply: JSON text, or a value to encode (one that JSON cannot
+                encode becomes the encoder's error text).
+            msgid: the REQUEST's message id.
+        """
         self._link.send_reply(reply, msgid)
 
     # ------------------------------------------------------------------
@@ -470,8 +448,9 @@ class JobManager:
         }
 
     def log_status(self) -> None:
-        """The SIGUSR1 dump: counters, then jobs in flight oldest first (with
-        their msgids, which the HTTP status leaves out)."""
+        """Log what SIGUSR1 logs: :meth:`status` as one JSON line, then the
+        jobs in flight, oldest first (with their msgids, which the HTTP status
+        leaves out)."""
         _log_status(self.status(), list(self.jobs_in_flight.values()))
 
 
@@ -489,7 +468,8 @@ def _log_status(status: dict[str, Any], records: list[JobRecord], most: int = 20
 
 
 def jobmanager_main(broker_addr: Optional[str] = None) -> None:
-    """Module-level entry, as in EventMQ: build a manager from the settings."""
+    """Build a manager from the settings and serve (blocks): the module-level
+    entry, as in EventMQ (whose function takes no ``broker_addr``)."""
     JobManager().jobmanager_main(broker_addr=broker_addr)
 
 

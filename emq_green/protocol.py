@@ -294,6 +294,19 @@ def result_requested_in(headers_csv: str) -> bool:
         h.strip() == RESULT_HEADER for h in headers_csv.split(","))
 
 
+def guarantee_in(headers_csv: str) -> bool:
+    """Whether a REQUEST's header text carries ``guarantee`` (run at least once)."""
+    return "guarantee" in headers_csv and any(
+        h.strip() == "guarantee" for h in headers_csv.split(","))
+
+
+def with_reply_requested(headers_csv: str) -> str:
+    """The header text with ``reply-requested`` added (unchanged if present)."""
+    if reply_requested_in(headers_csv):
+        return headers_csv
+    return f"{headers_csv},reply-requested" if headers_csv.strip() else "reply-requested"
+
+
 def reply_requested_in(text: str) -> bool:
     """Whether a (possibly malformed) header text asks for a reply."""
     return "reply-requested" in text and any(

@@ -21,6 +21,8 @@ class State(str, Enum):
 
 
 class StopMode(str, Enum):
+    """How the manager stops: draining first (graceful), or at once."""
+
     GRACEFUL = "graceful"
     NOW = "now"
 
@@ -30,7 +32,15 @@ STATUS_KEYS = {status: status.value for status in Status}
 
 
 class JobRecord:
-    """One entry of ``jobs_in_flight`` (a slotted class: one is built per job)."""
+    """One entry of ``jobs_in_flight`` (a slotted class: one is built per job).
+
+    Attributes:
+        msgid: the REQUEST's message id.
+        queue: the queue it came on.
+        headers: its parsed headers.
+        request: what to run; None for a request that could not be read.
+        done: set once the job has finished.
+    """
 
     __slots__ = ("msgid", "queue", "headers", "request", "started", "greenlet", "done")
 
@@ -51,10 +61,12 @@ class JobRecord:
 
     @property
     def callable_name(self) -> str:
+        """The callable's full name (``module.function``, ``module:Class.method``)."""
         return self.request.name if self.request else "<invalid request>"
 
     @property
     def age(self) -> float:
+        """Seconds since the job started (or was received)."""
         return time.monotonic() - self.started
 
 

@@ -41,7 +41,9 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting emq-green reads. Build it with :func:`load_settings`."""
+    """Every setting emq-green reads, one attribute each (the table of the
+    settings page lists them); immutable. Build it with :func:`load_settings`;
+    ``Settings()`` holds the defaults."""
 
     name: str = ""
     config_file: str = DEFAULT_CONFIG_FILE
@@ -104,8 +106,13 @@ class Settings:
     #: host names the HTTP pages (metrics, dashboard) answer to, besides their
     #: bound address and localhost (emq_green/web/serve.py)
     http_allowed_hosts: tuple[str, ...] = ()
+    #: router: SQLite file of accepted guaranteed requests (empty: memory only)
+    journal_file: str = ""
+    #: router: "normal" (survives kill -9 of the router) or "full" (power loss)
+    journal_sync: str = "normal"
 
     def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (setting name = value) applied, unchecked."""
         return dataclasses.replace(self, **changes)
 
     def worker_addresses(self) -> tuple[str, str]:
@@ -204,6 +211,24 @@ def _to_directory(text: str) -> str:
     text = text.strip()
     if text and not os.path.isdir(text):
         raise ValueError("no such directory")
+    return text
+
+
+def _to_journal_file(text: str) -> str:
+    """A file path whose directory exists; empty turns the journal off."""
+    text = text.strip()
+    if text and not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+        raise ValueError("its directory does not exist")
+    if text and os.path.isdir(text):
+        raise ValueError("is a directory, not a file")
+    return text
+
+
+def _to_journal_sync(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("normal", "full"):
+        raise ValueError('must be "normal" (survives kill -9) or "full" (an fsync per '
+                         "commit: survives power loss)")
     return text
 
 
@@ -310,6 +335,12 @@ _SPECS: tuple[_Spec, ...] = (
           "SIGHUP) (default: none)"),
     _Spec("dashboard_addr", ("--dashboard-addr",), _to_http_addr,
           "router: HOST:PORT (or PORT, on loopback) for the dashboard page (default: off)"),
+    _Spec("journal_file", ("--journal-file",), _to_journal_file,
+          "router: SQLite file where guaranteed requests are kept until they finish, "
+          "so that they survive a router restart (default: none, kept in memory only)"),
+    _Spec("journal_sync", ("--journal-sync",), _to_journal_sync,
+          'router: "normal" (a commit survives kill -9 of the router) or "full" (an '
+          "fsync per commit: survives power loss)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the
@@ -424,10 +455,27 @@ def load_settings(
     prog: Optional[str] = None,
     extra_arguments: Optional[Callable[[configargparse.ArgumentParser], None]] = None,
 ) -> tuple[Settings, Any]:
-    """Read every source once and return (settings, parsed namespace).
+    """Read every source once and return the settings.
 
-    ``extra_arguments`` lets a console script add its own flags; their values
-    are in the returned namespace.
+    Sources, highest first: ``argv``, ``EVENTMQ_<NAME>`` variables of
+    ``environ``, the INI file (``[global]``, then ``[section]``), defaults.
+
+    Args:
+        argv: command-line arguments (default none: not ``sys.argv``).
+        environ: the environment (default ``os.environ``, only read).
+        section: the INI section read after ``[global]``: ``jobmanager``
+            or ``router``.
+        prog: the program name shown by ``--help`` and in errors.
+        extra_arguments: called with the parser, so that a console script
+            can add flags of its own; their values are in the namespace.
+
+    Returns:
+        ``(settings, namespace)``: the :class:`Settings`, and the parsed
+        command line.
+
+    Raises:
+        SettingsError: a value cannot be used; the message names the
+            setting and where the value came from.
     """
     argv = list(argv if argv is not None else [])
     environ = dict(os.environ if environ is None else environ)

@@ -264,8 +264,8 @@ def attacks(n: Callable[[int], int]) -> list[Attack]:
 
     found.append(Attack("forged", [
         Phase(f"{forged:,} forged REPLYs (after an INFORM)", forged + 1,
-              lambda r: r.counters["replies_refused"] >= marks["forged"] + forged)],
-        forged_send, lambda r: marks.update(forged=r.counters["replies_refused"])))
+              lambda r: r.counters["late_replies"] >= marks["forged"] + forged)],
+        forged_send, lambda r: marks.update(forged=r.counters["late_replies"])))
 
     # -- result requests past the per-client share -------------------------------
     results = n(40_000)

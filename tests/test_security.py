@@ -76,14 +76,14 @@ def test_a_forged_reply_from_a_second_worker_is_refused_the_real_one_delivered(m
     send_request(client, buffered)
     wait_until(lambda: h.router.waiting.get("default"), what="the request is buffered")
     forger.send(Command.REPLY, json.dumps({"value": "forged"}), buffered)
-    wait_until(lambda: h.router.counters["replies_refused"] == 1, what="the forgery refused")
+    wait_until(lambda: h.router.counters["late_replies"] == 1, what="the forgery refused")
     assert no_result(client)
 
     # 2. while it runs on the honest worker
     honest.send(Command.READY)
     assert honest.recv().msgid == buffered
     forger.send(Command.REPLY, json.dumps({"value": "forged again"}), buffered)
-    wait_until(lambda: h.router.counters["replies_refused"] == 2, what="second forgery refused")
+    wait_until(lambda: h.router.counters["late_replies"] == 2, what="second forgery refused")
     assert no_result(client)
     assert buffered in h.router.results  # the victim still waits for its result
 
@@ -91,10 +91,10 @@ def test_a_forged_reply_from_a_second_worker_is_refused_the_real_one_delivered(m
     honest.send(Command.REPLY, json.dumps({"value": 3}), buffered)
     assert results_of(client, 1) == [(buffered, {"value": 3})]
     honest.send(Command.REPLY, json.dumps({"value": "again"}), buffered)  # not twice
-    wait_until(lambda: h.router.counters["replies_refused"] == 3, what="replay refused")
+    wait_until(lambda: h.router.counters["late_replies"] == 3, what="replay refused")
     assert no_result(client)
     status = h.admin(Command.STATUS)
-    assert status["replies_refused"] == 3 and status["results_forwarded"] == 1
+    assert status["late_replies"] == 3 and status["results_forwarded"] == 1
     # the forger is still a worker in good standing for its own queue
     assert forger.identity in h.router.workers
 
@@ -113,7 +113,7 @@ def test_replies_after_kbye_still_count_a_dead_workers_do_not(make_router):
     wait_until(lambda: leaving.identity not in h.router.workers, what="it left")
     # a job that ran on after KBYE: its holder's REPLY still reaches the client
     forger.send(Command.REPLY, json.dumps({"value": "forged"}), first)
-    wait_until(lambda: h.router.counters["replies_refused"] == 1, what="forgery refused")
+    wait_until(lambda: h.router.counters["late_replies"] == 1, what="forgery refused")
     leaving.send(Command.REPLY, json.dumps({"value": "real"}), first)
     assert results_of(client, 1) == [(first, {"value": "real"})]
 
@@ -126,9 +126,9 @@ def test_replies_after_kbye_still_count_a_dead_workers_do_not(make_router):
                what="the silent worker removed")  # (the harness peer sends no heartbeats)
     [(msgid, lost)] = results_of(client, 1)
     assert msgid == third and lost["reason"] == "worker_lost"
-    refused = h.router.counters["replies_refused"]
+    refused = h.router.counters["late_replies"]
     dying.send(Command.REPLY, json.dumps({"value": "late"}), third)
-    wait_until(lambda: h.router.counters["replies_refused"] == refused + 1, what="late refused")
+    wait_until(lambda: h.router.counters["late_replies"] == refused + 1, what="late refused")
     assert no_result(client)
     leaving.send(Command.REPLY, json.dumps({"value": "real 2"}), second)
     assert results_of(client, 1) == [(second, {"value": "real 2"})]
@@ -333,7 +333,7 @@ def test_a_result_survives_a_reload_of_the_worker(make_router):
                        what="the new connection")
             J.gates["g"].set()
             assert handle.get(timeout=10) == "g"
-            assert h.router.counters["replies_refused"] == 0
+            assert h.router.counters["late_replies"] == 0
             after = client.defer_job("jobs_for_tests.add", [1, 1], result=True)
             assert after.get(timeout=10) == 2
     finally:

@@ -15,8 +15,17 @@ from .api import (
     job,
     send_request,
 )
-from .results import JobError, ResultHandle, ResultLostError, ResultTimeout, SendTimeoutError
+from .results import (
+    ConfirmTimeout,
+    GuaranteeRefused,
+    JobError,
+    ResultHandle,
+    ResultLostError,
+    ResultTimeout,
+    SendTimeoutError,
+)
 
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
-           "ResultLostError", "defer_job", "send_request", "job", "get_client",
-           "callable_path", "ENV_BROKER_ADDR", "DEFAULT_ADDR"]
+           "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
+           "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
+           "DEFAULT_ADDR"]

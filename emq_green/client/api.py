@@ -50,13 +50,16 @@ import zmq
 from ..curve import ClientCurve, client_curve, client_curve_from_env
 from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
 from .results import (
+    ConfirmTimeout,
     GreenResultChannel,
+    GuaranteeRefused,
     JobError,
     ResultHandle,
     ResultLostError,
     ResultTimeout,
     SendTimeoutError,
     ThreadResultChannel,
+    confirmation,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ logger = logging.getLogger(__name__)
 ENV_BROKER_ADDR = "EMQ_BROKER_ADDR"
 DEFAULT_ADDR = "tcp://127.0.0.1:47291"
 DEFAULT_QUEUE = "default"
+#: seconds a guaranteed request waits for the router's confirmation when
+#: neither ``confirm_timeout`` nor ``send_timeout`` is given
+DEFAULT_CONFIRM_TIMEOUT = 30.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 JobFunc = Union[str, Callable[..., Any]]
@@ -79,7 +85,12 @@ def _gevent_patched() -> bool:
 
 def callable_path(func: JobFunc) -> tuple[str, str]:
     """``(path, callable)`` for a function, a bound method (``module:Class``)
-    or a ``"dotted.path.name"`` string."""
+    or a ``"dotted.path.name"`` string: the names a worker imports.
+
+    Raises:
+        ValueError: ``func`` cannot be imported by a worker (a nested
+            function, a string without a dot).
+    """
     if isinstance(func, str):
         path, _, name = func.rpartition(".")
         if not path or not name:
@@ -114,6 +125,9 @@ class Client:
         send_timeout: seconds a send may wait while the router pushes back
             before :class:`SendTimeoutError` is raised; None (default) waits
             as long as it takes. Requests are never dropped either way.
+        confirm_timeout: seconds a guaranteed request waits for the router's
+            confirmation before :class:`ConfirmTimeout` is raised; default
+            ``send_timeout``, else 30 s (``DEFAULT_CONFIRM_TIMEOUT``).
         curve_secret_key_file: this client's secret certificate
             (``NAME.key_secret``); with ``curve_server_key_file``, the
             router's public certificate, the link is CURVE-authenticated
@@ -132,12 +146,15 @@ class Client:
         hwm: int = 10000,
         linger: float = 5.0,
         send_timeout: Optional[float] = None,
+        confirm_timeout: Optional[float] = None,
         curve_secret_key_file: Optional[str] = None,
         curve_server_key_file: Optional[str] = None,
         curve: Optional[ClientCurve] = None,
     ) -> None:
         if send_timeout is not None and send_timeout < 0:
             raise ValueError("send_timeout must be None or at least 0 seconds")
+        if confirm_timeout is not None and confirm_timeout <= 0:
+            raise ValueError("confirm_timeout must be None or more than 0 seconds")
         if curve is None and (curve_secret_key_file or curve_server_key_file):
             curve = client_curve(curve_secret_key_file or "", curve_server_key_file or "",
                                  who="client")
@@ -157,6 +174,8 @@ class Client:
         self._hwm = hwm
         self._linger = linger
         self.send_timeout = send_timeout
+        #: seconds a guaranteed request waits for the router's confirmation
+        self.confirm_timeout = (confirm_timeout or send_timeout or DEFAULT_CONFIRM_TIMEOUT)
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -264,12 +283,14 @@ class Client:
     @overload
     def send_request(self, message: Union[str, Sequence[Any]], *, queue: Optional[str] = ...,
                      reply_requested: bool = ..., guarantee: bool = ..., retry_count: int = ...,
-                     timeout: float = ..., result: Literal[False] = ...) -> str: ...
+                     timeout: float = ..., result: Literal[False] = ...,
+                     confirm: Optional[bool] = ...) -> str: ...
 
     @overload
     def send_request(self, message: Union[str, Sequence[Any]], *, queue: Optional[str] = ...,
                      reply_requested: bool = ..., guarantee: bool = ..., retry_count: int = ...,
-                     timeout: float = ..., result: Literal[True]) -> ResultHandle: ...
+                     timeout: float = ..., result: Literal[True],
+                     confirm: Optional[bool] = ...) -> ResultHandle: ...
 
     def send_request(
         self,
@@ -281,20 +302,53 @@ class Client:
         retry_count: int = 0,
         timeout: float = 0,
         result: bool = False,
+        confirm: Optional[bool] = None,
     ) -> Union[str, ResultHandle]:
-        """Send a REQUEST whose payload is ``message`` (``["run", {...}]`` or
-        its JSON text); returns the message id, or with ``result=True`` a
-        :class:`ResultHandle` (the request then asks for a reply and for
-        the result to come back, and goes out on the result channel)."""
+        """Send a REQUEST whose payload is ``message`` as it is.
+
+        Args:
+            message: ``["run", {...}]``, or its JSON text.
+            queue: the queue; default ``default``.
+            reply_requested: ask the worker for a REPLY (header
+                ``reply-requested``).
+            guarantee: run the job at least once, even if its worker or the
+                router dies (emq-green's router; header ``guarantee``).
+            retry_count: re-run the job up to this many times if it raises
+                (header ``retry-count:N``).
+            timeout: seconds the job may run (header ``timeout:N``); 0 for
+                the worker's ``global_timeout``.
+            result: ask for the result to come back (through emq-green's
+                router): implies ``reply_requested``, and the request goes out
+                on the client's result channel.
+            confirm: return only once the router confirms that it holds the
+                request (journaled, if it has a journal), within
+                :attr:`confirm_timeout` seconds; default: ``guarantee``.
+
+        Returns:
+            The message id, or with ``result=True`` a :class:`ResultHandle`.
+
+        Raises:
+            SendTimeoutError: ``send_timeout`` passed before the router took
+                the request (it was not sent).
+            ConfirmTimeout: no confirmation came in time (the router may or
+                may not hold the request).
+            GuaranteeRefused: the router refused the guaranteed request.
+        """
         import json
 
+        if confirm is None:
+            confirm = guarantee
+        elif confirm and not guarantee:
+            raise ValueError("confirm=True needs guarantee=True (routers confirm only "
+                             "guaranteed requests)")
         payload = message if isinstance(message, str) else json.dumps(list(message))
         headers = Headers(reply_requested=reply_requested or result, guarantee=guarantee,
                           retry_count=retry_count, timeout=timeout or None,
                           extra=(RESULT_HEADER,) if result else ())
         request = Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
         if result:
-            handle = self._result_channel().submit(request)
+            handle = self._result_channel().submit(
+                request, confirm=self.confirm_timeout if confirm else None)
             self.sent += 1
             return handle
         sock = self._take()
@@ -315,9 +369,35 @@ class Client:
             # within ``linger``)
             sock.close()
             raise
-        self._give_back(sock)
         self.sent += 1
+        if confirm:
+            try:
+                self._await_confirm(sock, request.msgid)
+            except BaseException:
+                sock.close()  # its late answer must not be read as another's
+                raise
+        self._give_back(sock)
         return request.msgid
+
+    def _await_confirm(self, sock: Any, msgid: str) -> None:
+        """Read ``sock`` until the router confirms (or refuses) ``msgid``;
+        other acknowledgements on the way are counted."""
+        timeout = self.confirm_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000)), self._zmq.POLLIN):
+                raise ConfirmTimeout(msgid, timeout)
+            frames = sock.recv_multipart()
+            answer = confirmation(frames, msgid)
+            if answer is None:
+                if len(frames) > 2 and frames[2] == b"REPLY":
+                    self.acknowledged += 1
+                continue
+            self.acknowledged += 1
+            if answer:
+                raise GuaranteeRefused(msgid, answer)
+            return
 
     def _send_within(self, sock: Any, request: Message, timeout: float) -> None:
         """Send without blocking, waiting for room for at most ``timeout`` s."""
@@ -344,7 +424,7 @@ class Client:
                   class_kwargs: Optional[dict[str, Any]] = ..., *, reply_requested: bool = ...,
                   guarantee: bool = ..., retry_count: int = ..., timeout: float = ...,
                   queue: Optional[str] = ..., subprocess: bool = ...,
-                  result: Literal[False] = ...) -> str: ...
+                  result: Literal[False] = ..., confirm: Optional[bool] = ...) -> str: ...
 
     @overload
     def defer_job(self, func: JobFunc, args: Sequence[Any] = ...,
@@ -352,7 +432,7 @@ class Client:
                   class_kwargs: Optional[dict[str, Any]] = ..., *, reply_requested: bool = ...,
                   guarantee: bool = ..., retry_count: int = ..., timeout: float = ...,
                   queue: Optional[str] = ..., subprocess: bool = ...,
-                  result: Literal[True]) -> ResultHandle: ...
+                  result: Literal[True], confirm: Optional[bool] = ...) -> ResultHandle: ...
 
     def defer_job(
         self,
@@ -369,14 +449,42 @@ class Client:
         queue: Optional[str] = None,
         subprocess: bool = False,
         result: bool = False,
+        confirm: Optional[bool] = None,
     ) -> Union[str, ResultHandle]:
-        """Run ``func(*args, **kwargs)`` on a worker; returns the message id,
-        or with ``result=True`` a :class:`ResultHandle` whose ``get(timeout)``
-        returns the job's value (through emq-green's router).
+        """Run ``func(*args, **kwargs)`` on a worker.
 
-        ``func`` is a module-level function, a bound method (its class is
-        built with ``class_args``/``class_kwargs`` on the worker) or a dotted
-        path. Arguments must be JSON-serialisable (``TypeError`` otherwise).
+        Args:
+            func: a module-level function, a bound method (its class is built
+                with ``class_args`` and ``class_kwargs`` on the worker) or a
+                dotted path (``"myapp.jobs.send_mail"``).
+            args: positional arguments, JSON-serialisable.
+            kwargs: keyword arguments, JSON-serialisable.
+            class_args: positional arguments of the method's class.
+            class_kwargs: keyword arguments of the method's class.
+            reply_requested: ask the worker for a REPLY.
+            guarantee: run the job at least once, even if its worker or the
+                router dies (emq-green's router).
+            retry_count: re-run the job up to this many times if it raises.
+            timeout: seconds the job may run; 0 for the worker's
+                ``global_timeout``.
+            queue: the queue; default ``default``.
+            subprocess: run it in one of emq-green's subprocess children (for
+                CPU-bound work); other workers ignore it.
+            result: get the job's value back: returns a :class:`ResultHandle`
+                (through emq-green's router).
+            confirm: wait for the router's confirmation; default
+                ``guarantee`` (see :meth:`send_request`).
+
+        Returns:
+            The message id, or with ``result=True`` a :class:`ResultHandle`.
+
+        Raises:
+            ValueError: ``func`` is not importable by a worker.
+            TypeError: an argument is not JSON-serialisable.
+            SendTimeoutError: ``send_timeout`` passed before the router took
+                the request (it was not sent).
+            ConfirmTimeout: a guaranteed request was not confirmed in time.
+            GuaranteeRefused: the router refused the guaranteed request.
         """
         path, name = callable_path(func)
         run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
@@ -384,7 +492,8 @@ class Client:
                          subprocess=subprocess)
         return self.send_request(run.payload(), queue=queue,  # type: ignore[call-overload]
                                  reply_requested=reply_requested, guarantee=guarantee,
-                                 retry_count=retry_count, timeout=timeout, result=result)
+                                 retry_count=retry_count, timeout=timeout, result=result,
+                                 confirm=confirm)
 
 
 # ----------------------------------------------------------------------
@@ -395,7 +504,8 @@ _clients_lock = threading.Lock()
 
 
 def get_client(addr: Optional[str] = None) -> Client:
-    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``)."""
+    """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``,
+    else ``tcp://127.0.0.1:47291``), made on first use."""
     addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     with _clients_lock:
         client = _clients.get(addr)
@@ -406,15 +516,30 @@ def get_client(addr: Optional[str] = None) -> Client:
 
 def send_request(message: Union[str, Sequence[Any]], *, addr: Optional[str] = None,
                  **options: Any) -> Union[str, ResultHandle]:
-    """:meth:`Client.send_request` on the shared client for ``addr``."""
+    """:meth:`Client.send_request` on the shared client for ``addr``
+    (:func:`get_client`); ``options`` are that method's."""
     return get_client(addr).send_request(message, **options)
 
 
 def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
               class_args: Sequence[Any] = (), class_kwargs: Optional[dict[str, Any]] = None,
               *, addr: Optional[str] = None, **options: Any) -> Union[str, ResultHandle]:
-    """:meth:`Client.defer_job` on the shared client for ``addr``; with
-    ``result=True`` a :class:`ResultHandle`."""
+    """:meth:`Client.defer_job` on the shared client for ``addr``
+    (:func:`get_client`).
+
+    Args:
+        func: the job (see :meth:`Client.defer_job`).
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+        class_args: positional arguments of a method's class.
+        class_kwargs: keyword arguments of a method's class.
+        addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        options: the other keywords of :meth:`Client.defer_job`
+            (``queue``, ``timeout``, ``result``...).
+
+    Returns:
+        The message id, or with ``result=True`` a :class:`ResultHandle`.
+    """
     return get_client(addr).defer_job(func, args, kwargs, class_args, class_kwargs, **options)
 
 
@@ -428,12 +553,24 @@ def job(
 ) -> Any:
     """Decorator adding ``.delay(*args, **kwargs)``, which defers the call.
 
-    As in EventMQ, with no ``broker_addr`` and no ``$EMQ_BROKER_ADDR`` (or
-    with ``async_=False``) ``.delay`` runs the function at once, in the
-    caller; ``options`` go to :meth:`Client.defer_job` (e.g. ``timeout``).
-    With ``result=True`` (here, or ``.delay(..., _result=True)`` per call)
-    ``.delay`` returns a :class:`ResultHandle`; run in the caller, one that
-    already holds the value.
+    Used bare (``@job``) or with options (``@job(queue="email")``).
+
+    Args:
+        func: the function (when used bare).
+        queue: the queue of its jobs.
+        broker_addr: the router's frontend; default ``$EMQ_BROKER_ADDR``.
+        async_: False runs ``.delay`` in the caller, always.
+        options: keywords of :meth:`Client.defer_job` (``timeout``,
+            ``retry_count``, ``result``...). With ``result=True`` (here, or
+            ``.delay(..., _result=True)`` per call) ``.delay`` returns a
+            :class:`ResultHandle`.
+
+    Returns:
+        The function itself, with ``.delay``.
+
+    As in EventMQ, with no broker address (or with ``async_=False``)
+    ``.delay`` runs the function at once, in the caller, and returns its
+    value (with ``result``, a handle that already holds it).
     """
 
     def decorate(f: F) -> F:
@@ -456,5 +593,6 @@ def job(
 
 
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
-           "ResultLostError", "defer_job", "send_request", "job", "get_client",
-           "callable_path", "ENV_BROKER_ADDR", "DEFAULT_ADDR"]
+           "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
+           "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
+           "DEFAULT_ADDR"]

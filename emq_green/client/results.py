@@ -55,8 +55,51 @@ class SendTimeoutError(TimeoutError):
                          "is not taking requests (backpressure, or no router)")
         self.msgid = msgid
         self.timeout = timeout
-        #: some frames were queued: the socket was closed (ZeroMQ drops the part)
+        #: True when some frames were queued; the socket was then closed (ZeroMQ
+        #: drops the part)
         self.half_sent = half_sent
+
+
+class ConfirmTimeout(TimeoutError):
+    """A guaranteed REQUEST was sent but the router did not confirm it within
+    the time allowed: it may or may not hold it. emq-green's router confirms
+    once the request is safe (journaled, or in its memory); EventMQ's router
+    only acknowledges a request it hands out at once. Sending it again may
+    run the job twice."""
+
+    def __init__(self, msgid: str, timeout: float) -> None:
+        super().__init__(f"guaranteed REQUEST {msgid} not confirmed by the router within "
+                         f"{timeout:g} s: it may or may not hold it (sending it again may "
+                         "run the job twice)")
+        self.msgid = msgid
+        self.timeout = timeout
+
+
+class GuaranteeRefused(Exception):
+    """The router refused a guaranteed REQUEST (``reason``: e.g. its journal
+    cannot be written); the job will not run. Sending it again later is safe."""
+
+    def __init__(self, msgid: str, reason: str) -> None:
+        super().__init__(f"guaranteed REQUEST {msgid} refused by the router: {reason}")
+        self.msgid = msgid
+        self.reason = reason
+
+
+def confirmation(frames: list[bytes], msgid: str) -> Optional[str]:
+    """What a message from the router says of the guaranteed REQUEST
+    ``msgid``: ``""`` confirmed (``REPLY [msgid]``), the reason it was refused
+    (``REPLY [error_json, msgid]``), or None (about something else)."""
+    if len(frames) < 5 or frames[2] != b"REPLY":
+        return None
+    if len(frames) == 5 and frames[4] == msgid.encode():
+        return ""
+    if len(frames) == 6 and frames[5] == msgid.encode():
+        try:
+            reply = json.loads(frames[4])
+            return str(reply["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return frames[4].decode("utf-8", "replace")[:200]
+    return None
 
 
 class JobError(Exception):
@@ -123,10 +166,16 @@ class ResultHandle:
         return self._event.is_set()
 
     def get(self, timeout: Optional[float] = None) -> Any:
-        """The job's return value; waits at most ``timeout`` seconds (None:
-        for ever). Raises :class:`JobError` when the job failed,
-        :class:`ResultLostError` when the router dropped the result and
-        :class:`ResultTimeout` when nothing arrived in time."""
+        """The job's return value, once it has come back. May be called again.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Raises:
+            JobError: the job failed on the worker.
+            ResultLostError: the router dropped the result.
+            ResultTimeout: nothing arrived within ``timeout``.
+        """
         if not self._event.wait(timeout):
             raise ResultTimeout(self.msgid, 0.0 if timeout is None else timeout)
         if self._error is not None:
@@ -166,6 +215,8 @@ class _Channel:
             weakref.WeakValueDictionary())
         self._handles_lock = threading.Lock()
         self._on_ack = on_ack
+        #: msgid -> event set when the router confirms (or answers) it
+        self._confirms: dict[str, Any] = {}
         self.closed = False
 
     def _new_event(self) -> Any:
@@ -174,19 +225,39 @@ class _Channel:
     def _send(self, request: Message) -> None:
         raise NotImplementedError
 
-    def submit(self, request: Message) -> ResultHandle:
+    def submit(self, request: Message, *, confirm: Optional[float] = None) -> ResultHandle:
         """Send ``request`` (which asks for its result); the handle is
-        registered first, so even an instant result finds it."""
+        registered first, so even an instant result finds it. With
+        ``confirm`` (seconds; a guaranteed request), wait that long for the
+        router's confirmation: :class:`ConfirmTimeout` or
+        :class:`GuaranteeRefused` when it does not come."""
         handle = ResultHandle(request.msgid, self._new_event())
+        confirmed = self._new_event() if confirm is not None else None
         with self._handles_lock:
             self._handles[request.msgid] = handle
+            if confirmed is not None:
+                self._confirms[request.msgid] = confirmed
         try:
             self._send(request)
+            if confirmed is not None:
+                self._wait_confirmed(handle, confirmed, confirm or 0.0)
         except BaseException:
             with self._handles_lock:
                 self._handles.pop(request.msgid, None)
             raise
+        finally:
+            if confirmed is not None:
+                with self._handles_lock:
+                    self._confirms.pop(request.msgid, None)
         return handle
+
+    @staticmethod
+    def _wait_confirmed(handle: ResultHandle, confirmed: Any, timeout: float) -> None:
+        if not confirmed.wait(timeout) and not handle.ready():
+            raise ConfirmTimeout(handle.msgid, timeout)
+        error = handle._error
+        if isinstance(error, JobError) and error.type == "GuaranteeRefused":
+            raise GuaranteeRefused(handle.msgid, error.message)
 
     def pending(self) -> int:
         """Handles still referenced and waiting."""
@@ -197,10 +268,14 @@ class _Channel:
         # the common case without building a Message: a result,
         # ['', 'eMQP/1.0', 'REPLY', msgid, reply_json, orig_msgid]
         if len(frames) == 6 and frames[2] == b"REPLY" and frames[1] == b"eMQP/1.0":
+            msgid = frames[5].decode("utf-8", "replace")
             with self._handles_lock:
-                handle = self._handles.pop(frames[5].decode("utf-8", "replace"), None)
+                handle = self._handles.pop(msgid, None)
+                confirmed = self._confirms.get(msgid) if self._confirms else None
             if handle is not None:
                 handle._resolve(frames[4].decode("utf-8", "replace"))
+            if confirmed is not None:
+                confirmed.set()  # answered (a refusal, or already the result)
             return
         try:
             message = Message.parse(frames)
@@ -211,6 +286,11 @@ class _Channel:
             return
         if len(message.body) == 1:
             self._on_ack()
+            if self._confirms:
+                with self._handles_lock:
+                    confirmed = self._confirms.get(message.body[0])
+                if confirmed is not None:
+                    confirmed.set()
             return
         if len(message.body) != 2:
             return
@@ -371,5 +451,5 @@ class ThreadResultChannel(_Channel):
         self._sock.close()
 
 
-__all__ = ["ResultHandle", "JobError", "ResultTimeout", "ResultLostError",
-           "GreenResultChannel", "ThreadResultChannel"]
+__all__ = ["ResultHandle", "JobError", "ResultTimeout", "ResultLostError", "ConfirmTimeout",
+           "GuaranteeRefused", "GreenResultChannel", "ThreadResultChannel", "confirmation"]

@@ -32,7 +32,13 @@ import zmq
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
 from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
-from .results import JobError, ResultLostError, ResultTimeout
+from .results import (
+    ConfirmTimeout,
+    GuaranteeRefused,
+    JobError,
+    ResultLostError,
+    ResultTimeout,
+)
 
 
 def _json_arg(kind: type, what: str):
@@ -71,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reply-requested", action="store_true",
                         help="ask the worker to send the result back to the router")
     parser.add_argument("--timeout", type=float, default=0, help="job timeout in seconds")
+    parser.add_argument("--guarantee", action="store_true",
+                        help="run the job at least once even if its worker or the router "
+                             "dies (emq-green's router); each send waits for the router's "
+                             "confirmation")
+    parser.add_argument("--confirm-timeout", type=float, default=None,
+                        help="seconds to wait for each confirmation of --guarantee "
+                             "(default 30)")
     parser.add_argument("--subprocess", action="store_true",
                         help="ask emq-green to run the job in a child process")
     parser.add_argument("--tag-arg", action="store_true",
@@ -150,7 +163,8 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     progress = _Progress(out)
     try:
         client = Client(addr, green=False, curve_secret_key_file=ns.curve_secret_key_file,
-                        curve_server_key_file=ns.curve_server_key_file)
+                        curve_server_key_file=ns.curve_server_key_file,
+                        confirm_timeout=ns.confirm_timeout)
     except CurveError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         return 2
@@ -161,13 +175,15 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
             args = [*ns.args, str(i)] if ns.tag_arg else ns.args
             sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
                                     reply_requested=ns.reply_requested, timeout=ns.timeout,
-                                    subprocess=ns.subprocess, result=ns.wait)
+                                    subprocess=ns.subprocess, result=ns.wait,
+                                    guarantee=ns.guarantee)
             if isinstance(sent, ResultHandle):
                 handles.append(sent)
             rate = (i + 1) / max(time.monotonic() - started, 1e-6)
             progress.show(f"sent {i + 1}/{ns.count} ({rate:.0f}/s), "
-                          f"acknowledged {client.acknowledged}")
-    except ValueError as exc:
+                          f"{'confirmed' if ns.guarantee else 'acknowledged'} "
+                          f"{client.acknowledged}")
+    except (ValueError, ConfirmTimeout, GuaranteeRefused) as exc:
         out.write(f"emq-green-submit: {exc}\n")
         handles.clear()  # the client is closed below
         return 2
@@ -176,7 +192,8 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         elapsed = time.monotonic() - started
         progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
                       f"({client.sent / max(elapsed, 1e-6):.0f}/s), "
-                      f"acknowledged {client.acknowledged} so far")
+                      + (f"confirmed {client.acknowledged}" if ns.guarantee
+                         else f"acknowledged {client.acknowledged} so far"))
         if not handles:
             client.close()
     if handles:

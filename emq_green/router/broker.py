@@ -3,10 +3,10 @@
 Three ROUTER sockets, bound to loopback by default, each read by exactly one
 greenlet (:mod:`emq_green.router.sockets`):
 
-* frontend (clients): REQUEST, plus SCHEDULE / UNSCHEDULE / scheduler INFORM,
-  which are logged and dropped because emq-green has no scheduler, and
-  DISCONNECT, which is ignored with a warning (EventMQ stops on it; here any
-  client could then stop the service);
+* frontend (clients): REQUEST and DISCONNECT, handled by
+  :class:`~emq_green.router.clients.ClientSide`, plus SCHEDULE / UNSCHEDULE /
+  scheduler INFORM, which are logged and dropped because emq-green has no
+  scheduler;
 * backend (workers): INFORM / ACK, READY, REPLY, HEARTBEAT, KBYE, handled by
   :class:`~emq_green.router.workers.WorkerSide`;
 * administrative: STATUS, ROUTER_SHOW_WORKERS, ROUTER_SHOW_SCHEDULERS,
@@ -17,9 +17,10 @@ A fourth greenlet sends heartbeats, removes silent workers and expires
 results nobody collected.
 
 Where things are: :class:`Router` (here) starts and stops, handles the
-client and admin commands, decides backpressure and answers STATUS;
+admin commands and answers STATUS;
 :class:`~emq_green.router.routing.Routing` keeps the books and the routing policy;
 :class:`~emq_green.router.workers.WorkerSide` the worker side;
+:class:`~emq_green.router.clients.ClientSide` the client side;
 :class:`~emq_green.router.sockets.RouterSockets` the sockets;
 :class:`~emq_green.router.results.ResultRelay` results back to the caller.
 
@@ -50,18 +51,15 @@ Limits, where emq-green differs from EventMQ:
 
 Results, an extension EventMQ lacks: for a REQUEST with the
 ``result-requested`` header the router remembers the client and sends it the
-worker's REPLY body (no acknowledgement then); the map is bounded in count,
-bytes, per client and age. See :mod:`emq_green.router.results` and
+worker's REPLY body (no acknowledgement then); the map is bounded in
+count, bytes, per client and age. See :mod:`emq_green.router.results` and
 docs/router.md.
 
-Refused REQUESTs (docs/security.md): one whose msgid is over
-:data:`~emq_green.limits.MAX_MSGID_BYTES`, or already buffered, in flight or
-waiting for its result (it never takes the other's place), or asking for a
-result the map has no room for. Each is answered ``REPLY [refusal_json,
-msgid]`` (:func:`~emq_green.router.results.refusal_body`), counted in STATUS
-``requests_refused_by_reason`` and logged through the router's one
-:class:`~emq_green.limits.LogLimiter`, shared with the sockets and the
-worker side: every line a peer's message causes goes through it.
+Refused requests (:class:`~emq_green.router.clients.ClientSide`,
+docs/security.md): a msgid over 128 bytes, a msgid already buffered, in
+flight or waiting for its result, a result request the map has no room
+for. Every line a peer's message causes goes through one
+:class:`~emq_green.limits.LogLimiter` (:attr:`Router.log_limiter`).
 
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
@@ -84,10 +82,13 @@ import zmq.green
 
 from ..curve import server_curve
 from ..lifecycle import Lifecycle
-from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
-from ..protocol import Command, Message, printable, result_requested_in
+from ..limits import LogLimiter
+from ..protocol import Command, Message, printable
 from ..settings import Settings
-from .results import BYTES, CLIENT_SHARE, FULL, PendingResults, ResultRelay, refusal_body
+from .clients import ClientSide
+from .guarantee import Guarantees
+from .journal import Journal
+from .results import PendingResults, ResultRelay
 from .routing import Request, Routing, Worker
 from .sockets import Handler, RouterSockets
 from .workers import RouterObserver, WorkerSide
@@ -98,20 +99,9 @@ logger = logging.getLogger(__name__)
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
-#: msgids of at most this many characters are never over MAX_MSGID_BYTES
-#: (4 bytes per character at most in UTF-8)
-_ASCII_SAFE = MAX_MSGID_BYTES // 4
-
-#: a result request refused by the pending map: (STATUS reason, text)
-_RESULTS_REFUSED = {
-    FULL: ("results_full", "the router holds max_pending_results results already"),
-    BYTES: ("results_bytes", "the router holds max_pending_result_bytes of results already"),
-    CLIENT_SHARE: ("results_client_share",
-                   "this client holds max_pending_results_per_client results already"),
-}
-
-
 class RouterState(str, Enum):
+    """The router's lifecycle: stopped -> running -> stopping -> stopped."""
+
     STOPPED = "stopped"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -120,7 +110,11 @@ class RouterState(str, Enum):
 class Router:
     """An eMQP/1.0 router for emq-green, EventMQ's job managers and clients.
 
-    Keyword arguments:
+    Wire-compatible with EventMQ 0.3.13's ``emq-router``; where it behaves
+    differently (backpressure instead of loss, results back to the caller,
+    CURVE, a client's DISCONNECT ignored) is in the module's text above.
+
+    Args:
         settings: the addresses (``frontend_addr``, ``backend_addr``,
             ``administrative_addr``; ``tcp://host:*`` picks a free port, see
             :attr:`endpoints`), ``hwm``, heartbeat settings, the default
@@ -151,50 +145,52 @@ class Router:
                                max_buffer_bytes=settings.max_buffer_bytes)
         #: Requests dropped when the router stopped with them buffered, by queue.
         self.dropped_by_queue: collections.Counter[str] = collections.Counter()
-        #: Every request dropped, by reason: ``malformed`` (not eMQP/1.0, or
-        #: not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
+        #: Every request dropped, counted by reason; the reasons are ``malformed``
+        #: (not eMQP/1.0, or not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
         #: ``unread`` (still in the client socket's queue at stop),
         #: ``no_scheduler`` (SCHEDULE / UNSCHEDULE), ``error`` (a bug: the
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
-        #: REQUESTs refused (answered with an error, never run), by reason:
-        #: ``msgid_too_long``, ``msgid_taken``, ``results_full``,
-        #: ``results_bytes``, ``results_client_share``.
-        self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
-        #: Every line a peer's message causes: at most a burst per window,
-        #: then one summary line (docs/security.md).
-        self.log_limiter = LogLimiter(
-            logger, summary="router: %d more warning(s) caused by peers' messages, not "
-                            "logged one by one: %s")
+        #: Every line a peer's message causes: a burst per window, then a summary.
+        self.log_limiter = LogLimiter(logger, summary="router: %d more warning(s) caused by "
+                                      "peers' messages, not logged one by one: %s")
         #: The three sockets, their readers and the one send path.
         self.sockets = RouterSockets(context=self._context, settings=settings,
-                                     counters=self.counters,
-                                     dropped_by_reason=self.dropped_by_reason,
-                                     limiter=self.log_limiter)
+                                     counters=self.counters, limiter=self.log_limiter,
+                                     dropped_by_reason=self.dropped_by_reason)
         #: Clients waiting for a job's result (the result-requested header).
         self.relay = ResultRelay(
             PendingResults(settings.max_pending_results, settings.result_ttl,
                            max_bytes=settings.max_pending_result_bytes,
                            per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message))
-        self._holders = self.routing.holders
-        self._pending_ids = self.relay.pending.ids
-        #: The worker side: INFORM, READY, REPLY, KBYE, heartbeats, hand-over.
+        #: Guaranteed requests (held until they finish, journaled if configured).
+        self.guarantees = Guarantees(
+            Journal(settings.journal_file, sync=settings.journal_sync)
+            if settings.journal_file else None)
+        #: The worker side (INFORM, READY, REPLY, KBYE, heartbeats, hand-over).
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
-                                      counters=self.counters, limiter=self.log_limiter)
+                                      counters=self.counters, guarantees=self.guarantees,
+                                      limiter=self.log_limiter)
+        #: The client side (REQUEST plain or guaranteed, the buffer, DISCONNECT).
+        self.client_side = ClientSide(settings=settings, routing=self.routing,
+                                      sockets=self.sockets, relay=self.relay,
+                                      guarantees=self.guarantees, worker_side=self.worker_side,
+                                      counters=self.counters, limiter=self.log_limiter,
+                                      dropped_by_reason=self.dropped_by_reason)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
         self._tables: dict[str, dict[Command, Handler]] = {
             "frontend": {
-                Command.REQUEST: self._on_request,
+                Command.REQUEST: self.client_side.on_request,
                 Command.SCHEDULE: self._on_schedule,
                 Command.UNSCHEDULE: self._on_schedule,
                 Command.INFORM: self._on_scheduler_inform,
                 Command.HEARTBEAT: self._ignore,
                 Command.KBYE: self._ignore,
-                Command.DISCONNECT: self._on_client_disconnect,
+                Command.DISCONNECT: self.client_side.on_disconnect,
             },
             "backend": self.worker_side.table,
             "administrative": {
@@ -212,6 +208,7 @@ class Router:
 
     @property
     def state(self) -> RouterState:
+        """Stopped, running or stopping."""
         return self._lifecycle.state
 
     @property
@@ -255,14 +252,17 @@ class Router:
 
     @property
     def buffered_bytes(self) -> int:
+        """Bytes of the requests waiting in the buffer (bounded by ``max_buffer_bytes``)."""
         return self.routing.buffered_bytes
 
     @property
     def processed_by_queue(self) -> collections.Counter[str]:
+        """Requests handed to a worker, by queue (STATUS ``processed_messages_by_queue``)."""
         return self.routing.processed_by_queue
 
     @property
     def processed_by_worker(self) -> collections.Counter[str]:
+        """Requests handed to a worker, by worker (STATUS ``processed_messages_by_worker``)."""
         return self.routing.processed_by_worker
 
     # ------------------------------------------------------------------
@@ -272,20 +272,31 @@ class Router:
         self._lifecycle.set(state)
 
     def wait_for_state(self, state: RouterState, timeout: Optional[float] = None) -> bool:
+        """Block (cooperatively) until the router is in ``state``; False when
+        ``timeout`` seconds passed first."""
         return self._lifecycle.wait_for(state, timeout)
 
     def start(self) -> None:
-        """Bind the three sockets and start serving in the background."""
+        """Bind the three sockets and start serving in the background.
+
+        Raises:
+            RuntimeError: when started before (a router starts once).
+            OSError: an address cannot be bound, or CURVE is misconfigured
+                (:class:`~emq_green.curve.CurveError`).
+        """
         if self.state is not RouterState.STOPPED or self._stopped.is_set():
             raise RuntimeError("a Router starts once")
         s = self.settings
         # CurveError (an OSError) when misconfigured
         curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
+        self.client_side.restore()  # JournalError (an OSError): the journal cannot be used
         if curve is not None:
             # bound before any CURVE socket: with no handler libzmq lets every key in
             self.zap = ZapHandler(context=self._context, authorized_keys=curve.authorized_keys)
             self.zap.start()
         try:
+            if self.guarantees.journal is not None:
+                self.guarantees.journal.start()
             self.sockets.bind({"frontend": (s.frontend_addr,),
                                "backend": (s.backend_addr, *self._extra_backend_addrs),
                                "administrative": (s.administrative_addr,)}, curve, self.zap)
@@ -315,7 +326,13 @@ class Router:
         """KBYE to every worker, drop (and log) buffered requests, close.
 
         Must not be called from one of the router's own reader greenlets
-        (spawn it instead). Returns True once stopped.
+        (spawn it instead).
+
+        Args:
+            timeout: seconds to wait for the readers to end.
+
+        Returns:
+            True once stopped.
         """
         if self.state is not RouterState.RUNNING:
             return self._stopped.wait(timeout)
@@ -326,18 +343,23 @@ class Router:
         gevent.killall(readers, timeout=timeout)
         self.worker_side.say_goodbye()
         for queue, request in self.routing.clear_buffer():
+            if request.guaranteed and self.guarantees.journal is not None:
+                continue  # it stays in the journal
             logger.error("router stopping: buffered REQUEST %s (queue %s) dropped",
                          printable(request.msgid), printable(queue))
             self.dropped_by_queue[queue] += 1
             self.dropped_by_reason["stopping"] += 1
         self.relay.stop()
         self.sockets.drop_unread_requests()
+        self.guarantees.close()  # commits what is queued
         self._close()
         self._set_state(RouterState.STOPPED)
         self._stopped.set()
         return True
 
     def _close(self) -> None:
+        if self.state is RouterState.STOPPED and self.guarantees.journal is not None:
+            self.guarantees.journal.close()  # a start that failed
         self.sockets.close()
         if self.zap is not None:
             self.zap.stop()
@@ -365,98 +387,16 @@ class Router:
     def _ignore(identity: bytes, message: Message) -> None:
         """HEARTBEAT / KBYE from a client: nothing to do."""
 
-    def _on_request(self, client: bytes, message: Message) -> None:
-        if len(message.body) != 3:
-            self.dropped_by_reason["malformed"] += 1
-            self.log_limiter.error(
-                "malformed", "router: REQUEST %s from %s has %d body frames, expected 3; "
-                "dropped", printable(message.msgid), printable(client), len(message.body))
-            return
-        msgid = message.msgid
-        # O(1) checks, before anything is held: the id's length, whether it is
-        # taken (buffered, in flight, or waiting for its result); written out,
-        # no calls: this runs per job
-        size = len(msgid)
-        if size > _ASCII_SAFE and (size > MAX_MSGID_BYTES or not msgid.isascii()) \
-                and msgid_too_long(msgid):
-            self._refuse(client, message, "msgid_too_long", "InvalidRequest",
-                         f"the msgid is longer than {MAX_MSGID_BYTES} bytes")
-            return
-        if msgid in self._holders or msgid in self._pending_ids:
-            self._refuse(client, message, "msgid_taken", "DuplicateMsgid",
-                         "a request with this msgid is already buffered, running or "
-                         "waiting for its result; send it with a new msgid")
-            return
-        request = Request(msgid, client, message.body[0], message.body, time.monotonic())
-        wants_result = result_requested_in(message.body[1])
-        if wants_result:
-            full = self.relay.remember(msgid, client, request.received)
-            if full is not None:
-                self._refuse(client, message, _RESULTS_REFUSED[full][0],
-                             "TooManyPendingResults", _RESULTS_REFUSED[full][1])
-                return
-        routing = self.routing
-        queue = routing.queue_for(request.queue)
-        if queue != request.queue:
-            self.log_limiter.warning(
-                "unserved_queue", "router: no worker serves queue %s; REQUEST %s goes to %s",
-                printable(request.queue), printable(request.msgid), queue)
-        while True:
-            worker = routing.pick(queue)
-            if worker is None:
-                self._buffer(queue, request)
-                return
-            if self.worker_side.hand_over(worker, request, queue):
-                worker.slots -= 1
-                if not wants_result:  # else the result is its answer
-                    self.sockets.send("frontend", client,
-                                      Message.new(Command.REPLY, request.msgid))
-                return
-
-    def _refuse(self, client: bytes, message: Message, reason: str, error_type: str,
-                text: str) -> None:
-        """Answer a REQUEST that will not run: ``REPLY [refusal_json, msgid]``
-        (a result handle raises it as ``JobError(error_type)``), counted and
-        logged (rate-limited)."""
-        self.refused_by_reason[reason] += 1
-        self.log_limiter.warning(reason, "router: REQUEST %s from %s refused: %s",
-                                 printable(message.msgid, 60), printable(client), text)
-        self.sockets.send("frontend", client, Message.new(
-            Command.REPLY, refusal_body(error_type, text, reason), message.msgid))
-
-    def _buffer(self, queue: str, request: Request) -> None:
-        """Keep ``request`` until a worker has a slot; at a bound (``hwm``
-        requests in this queue, ``max_buffer_bytes`` in all), stop reading
-        the client socket. Nothing accepted is ever dropped here."""
-        if queue not in self.routing.waiting:
-            logger.info("router: no free slot for queue %s; buffering requests",
-                        printable(queue))
-        if self.routing.buffer(queue, request):
-            self.sockets.pause_clients(
-                f"buffer full (queue {printable(queue)}: {len(self.waiting.get(queue, ()))} "
-                f"of hwm {self.settings.hwm} requests; {self.buffered_bytes} of "
-                f"{self.settings.max_buffer_bytes} bytes in all)")
-
     def _on_schedule(self, client: bytes, message: Message) -> None:
         self.dropped_by_reason["no_scheduler"] += 1
-        self.log_limiter.error(
-            "no_scheduler", "router: %s %s dropped: emq-green's router has no scheduler "
-            "(run EventMQ's emq-router and emq-scheduler for scheduled jobs)",
-            message.command.value, printable(message.msgid))
+        self.log_limiter.error("no_scheduler", "router: %s %s dropped: emq-green's router has "
+                               "no scheduler (run EventMQ's emq-router and emq-scheduler for "
+                               "scheduled jobs)", message.command.value, printable(message.msgid))
 
     def _on_scheduler_inform(self, client: bytes, message: Message) -> None:
-        self.log_limiter.error(
-            "no_scheduler", "router: INFORM %s from %s on the client socket ignored: "
-            "emq-green's router does not take schedulers", printable(message.msgid),
-            printable(client))
-
-    def _on_client_disconnect(self, client: bytes, message: Message) -> None:
-        # EventMQ's router stops here; any client could then stop the service
-        self.counters["client_disconnects_ignored"] += 1
-        self.log_limiter.warning(
-            "client_disconnect", "router: DISCONNECT %s from client %s ignored: only the "
-            "administrative socket stops the router", printable(message.msgid),
-            printable(client))
+        self.log_limiter.error("no_scheduler", "router: INFORM %s from %s on the client socket "
+                               "ignored: emq-green's router does not take schedulers",
+                               printable(message.msgid), printable(client))
 
     # ------------------------------------------------------------------
     # administration
@@ -488,11 +428,11 @@ class Router:
             "oversized_messages": self.counters["oversized_messages"],
             "malformed_messages": self.counters["malformed_messages"],
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
-            "requests_refused_by_reason": dict(self.refused_by_reason),
-            "replies_refused": self.counters["replies_refused"],
+            "requests_refused_by_reason": dict(self.client_side.refused_by_reason),
             "informs_refused": self.counters["informs_refused"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             **self.results.status(),
+            **self.guarantees.status(),
         }
 
     def show_workers(self) -> dict[str, Any]:

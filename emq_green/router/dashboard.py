@@ -7,7 +7,9 @@ serves, from the router's own gevent loop (:mod:`gevent.pywsgi`):
 - ``GET /``: ``web/router.html``, self-contained (no CDN, no framework);
   it fetches ``/dashboard.json`` every second and draws the chart in SVG;
 - ``GET /dashboard.json``: workers, queues, the jobs/s history, and the
-  router's STATUS taken at the same moment.
+  router's STATUS taken at the same moment;
+- ``GET /metrics``: the router's figures for Prometheus
+  (:mod:`emq_green.router.metrics`).
 
 Cost to the router: per job, one deque append in :meth:`handed_over` and
 :meth:`replied` (the :class:`~emq_green.router.workers.RouterObserver` hooks), and
@@ -29,6 +31,7 @@ import gevent
 
 from ..web.pages import answer, page
 from ..web.serve import HostCheck, exposure_warning, parse_http_addr
+from . import metrics
 from .broker import Router, Worker
 
 logger = logging.getLogger(__name__)
@@ -219,6 +222,8 @@ class RouterDashboard:
             "frontend_paused": router.frontend_paused,
             "frontend_pauses": router.counters["frontend_pauses"],
             "possibly_lost": router.counters["possibly_lost"],
+            "guaranteed": {k: status[k] for k in ("guaranteed_held", "redelivered",
+                                                  "late_replies", "journal_file")},
             "workers": workers,
             "queues": queues,
             "history": [[round(t - now, 1), total] for t, total, _ in history],
@@ -253,7 +258,10 @@ class RouterDashboard:
         if path == "/dashboard.json":
             body = json.dumps(self.snapshot(), sort_keys=True).encode()
             return answer(start_response, "200 OK", body, "application/json")
-        return answer(start_response, "404 Not Found", b"try / or /dashboard.json\n")
+        if path == "/metrics":
+            body, content_type = metrics.render(self.router)
+            return answer(start_response, "200 OK", body, content_type)
+        return answer(start_response, "404 Not Found", b"try /, /dashboard.json or /metrics\n")
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:

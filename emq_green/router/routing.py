@@ -22,9 +22,7 @@ from typing import Any, Callable, Optional
 from ..protocol import Queues, printable, reply_requested_in
 
 # Identities of workers that left or were removed, remembered so that their
-# late messages are logged quietly instead of as "unknown worker"; a worker
-# that left with KBYE keeps its record here, so that the REPLYs of the jobs
-# it still runs are settled against it.
+# late messages are logged quietly instead of as "unknown worker".
 DEPARTED_MEMORY = 1000
 #: names a per-name counter (``processed_by_queue``, ``processed_by_worker``)
 #: keeps; past it, names of queues and workers that are gone are dropped
@@ -38,13 +36,18 @@ UNLIMITED = sys.maxsize
 
 @dataclass(frozen=True)
 class Request:
-    """A client's REQUEST as the router holds it."""
+    """A client's REQUEST as the router holds it. A guaranteed one (the
+    ``guarantee`` header) carries ``reply-requested`` in its body (the
+    router learns of its end from the REPLY) and its journal row (``seq``,
+    0 without a journal)."""
 
     msgid: str
     client: bytes
     queue: str
     body: tuple[str, ...]
     received: float
+    guaranteed: bool = False
+    seq: int = 0
 
     @property
     def reply_requested(self) -> bool:
@@ -59,12 +62,14 @@ class Request:
 
 @dataclass(frozen=True)
 class Sent:
-    """A REQUEST handed to a worker and not known to be finished."""
+    """A REQUEST handed to a worker and not known to be finished; for a
+    guaranteed one, the request itself, to send again if the worker dies."""
 
     msgid: str
     queue: str
     sent: float
     reply_requested: bool
+    request: Optional[Request] = None
 
 
 @dataclass
@@ -81,6 +86,9 @@ class Worker:
     unreplied: int = 0
     #: such requests ended by a REPLY anyway: their READYs retire nothing
     replied_unasked: int = 0
+    #: The monotonic time, set at its KBYE, when its unfinished guaranteed
+    #: jobs go elsewhere (until then they may still end there, with a REPLY).
+    leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
     #: the queue names, heaviest first (sorted once, at INFORM: a READY
@@ -119,7 +127,8 @@ class Routing:
         self.max_bytes = max_buffer_bytes if max_buffer_bytes >= 0 else UNLIMITED
         # Low-water marks: once paused, reading resumes below these, so that a
         # burst does not pause and resume the client socket on every READY.
-        self._resume_length = hwm - max(1, hwm // 4)
+        #: requests per queue (and in the journal's backlog) to resume below
+        self.resume_length = hwm - max(1, hwm // 4)
         self._resume_bytes = self.max_bytes - self.max_bytes // 4
         #: Connected workers by identity.
         self.workers: dict[bytes, Worker] = {}
@@ -133,28 +142,26 @@ class Routing:
         self.processed_by_queue: collections.Counter[str] = collections.Counter()
         self.processed_by_worker: collections.Counter[str] = collections.Counter()
         #: msgid -> who holds that request: the worker it was handed to (also
-        #: a worker that left with KBYE and still runs it), or None while it
-        #: waits in the buffer. A msgid found here is taken: a second REQUEST
-        #: with it is refused (one dict lookup per REQUEST). Kept here, and by
-        #: :meth:`~emq_green.router.workers.WorkerSide._settle` when a REPLY
-        #: ends a request (inlined there: it runs once per job).
+        #: one that said KBYE and still runs it, in :attr:`leaving`), or None
+        #: while it waits in the buffer. A msgid found here is taken: a second
+        #: REQUEST with it is refused (one dict lookup per REQUEST). Kept
+        #: here, and by :meth:`~emq_green.router.workers.WorkerSide._settle`
+        #: when a REPLY ends a request (inlined there: it runs once per job).
         self.holders: dict[str, Optional[Worker]] = {}
         self._full_queues: set[str] = set()
         # id(counter) -> new names still counted under OTHER before the next prune
         self._prune_skip: dict[int, int] = {}
-        #: identity -> (the record of a worker that left with requests in
-        #: flight, else None; monotonic time it left), oldest first
-        self._departed: collections.OrderedDict[bytes, tuple[Optional[Worker], float]] = (
-            collections.OrderedDict())
+        self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: Workers that said KBYE with jobs still in flight there, by identity:
+        #: their REPLYs still count until :attr:`Worker.leaving_until`.
+        self.leaving: dict[bytes, Worker] = {}
 
     # -- workers ----------------------------------------------------------------
     def add(self, identity: bytes, queues: Queues, now: float) -> Worker:
         """A worker that INFORMed (with no slot until its first READY)."""
         worker = Worker(identity, tuple(queues), now)
         self.workers[identity] = worker
-        gone = self._departed.pop(identity, None)
-        if gone is not None and gone[0] is not None:
-            self._unhold(gone[0])
+        self._departed.pop(identity, None)
         for weight, name in worker.queues:
             entries = self.queues.setdefault(name, [])
             # behind every entry at least as heavy (heaviest first): a binary
@@ -163,12 +170,8 @@ class Routing:
                            (weight, identity))
         return worker
 
-    def remove(self, worker: Worker, now: float = 0.0, *, keep: bool = False) -> None:
-        """Take a worker out of every queue; its identity is remembered.
-
-        ``keep``: it left with KBYE and runs on; its record (with what it has
-        in flight) is kept for its REPLYs (:meth:`departed_worker`). Else the
-        requests it had in flight leave :attr:`holders`."""
+    def remove(self, worker: Worker) -> None:
+        """Take a worker out of every queue; its identity is remembered."""
         if self.workers.get(worker.identity) is worker:
             del self.workers[worker.identity]
         for weight, name in worker.queues:  # (a pair listed twice was added twice)
@@ -176,49 +179,21 @@ class Routing:
             if not entries:
                 continue
             try:
-                entries.remove((weight, worker.identity))
+                entries.remove((weight, worker.identity))  # in C, not a new list
             except ValueError:
                 pass
             if not entries:
                 del self.queues[name]
-        kept = worker if keep and worker.in_flight else None
-        if kept is None:
-            self._unhold(worker)
-        old = self._departed.pop(worker.identity, None)
-        if old is not None and old[0] is not None and old[0] is not worker:
-            self._unhold(old[0])
-        self._departed[worker.identity] = (kept, now)
+        self._departed[worker.identity] = None
         while len(self._departed) > DEPARTED_MEMORY:
-            _identity, (record, _left) = self._departed.popitem(last=False)
-            if record is not None:
-                self._unhold(record)
+            self._departed.popitem(last=False)
 
     def departed(self, identity: bytes) -> bool:
         return identity in self._departed
 
-    def departed_worker(self, identity: bytes) -> Optional[Worker]:
-        """The record of a worker that left with KBYE and still has requests
-        in flight (their REPLYs are settled against it); None for others."""
-        entry = self._departed.get(identity)
-        return entry[0] if entry is not None else None
-
-    def prune_departed(self, now: float, ttl: float) -> int:
-        """Forget the records of workers that left more than ``ttl`` s ago
-        (their results have expired by then); returns how many."""
-        pruned = 0
-        departed = self._departed
-        while departed:
-            identity, (record, left) = next(iter(departed.items()))
-            if now - left < ttl:
-                break
-            del departed[identity]
-            if record is not None:
-                self._unhold(record)
-            pruned += 1
-        return pruned
-
-    def _unhold(self, worker: Worker) -> None:
-        """``worker``'s requests in flight leave the index (it is gone)."""
+    def unhold(self, worker: Worker) -> None:
+        """``worker`` is gone with requests in flight: they leave the index
+        (call it before its ``in_flight`` is cleared)."""
         holders = self.holders
         for msgid in worker.in_flight:
             if holders.get(msgid) is worker:
@@ -237,8 +212,15 @@ class Routing:
 
     def taken_msgid(self, msgid: str) -> bool:
         """Whether a request with ``msgid`` is buffered or in flight (also on
-        a worker that left with KBYE)."""
+        a worker that said KBYE and may still run it)."""
         return msgid in self.holders
+
+    def leave(self, worker: Worker, until: float) -> None:
+        """``worker`` said KBYE: removed, but kept while jobs are in flight there."""
+        self.remove(worker)
+        if worker.in_flight:
+            worker.leaving_until = until
+            self.leaving[worker.identity] = worker
 
     # -- routing ------------------------------------------------------------------
     def queue_for(self, queue: str) -> str:
@@ -265,7 +247,8 @@ class Routing:
     def sent(self, worker: Worker, request: Request, queue: str, now: float) -> None:
         """``request`` left for ``worker``."""
         reply_requested = request.reply_requested
-        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested)
+        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested,
+                                               request if request.guaranteed else None)
         self.holders[request.msgid] = worker
         if not reply_requested:
             worker.unreplied += 1
@@ -319,13 +302,17 @@ class Routing:
         return None
 
     # -- the buffer ---------------------------------------------------------------
-    def buffer(self, queue: str, request: Request) -> bool:
-        """Keep ``request`` until a worker has a slot; True when the buffer is
-        at a bound (the router must stop reading clients)."""
+    def buffer(self, queue: str, request: Request, *, head: bool = False) -> bool:
+        """Keep ``request`` until a worker has a slot (at the ``head`` of its
+        queue: a request whose worker died); True when the buffer is at a
+        bound (the router must stop reading clients)."""
         waiting = self.waiting.get(queue)
         if waiting is None:
             waiting = self.waiting[queue] = collections.deque()
-        waiting.append(request)
+        if head:
+            waiting.appendleft(request)
+        else:
+            waiting.append(request)
         self.holders[request.msgid] = None
         self.buffered_bytes += request.size
         if len(waiting) >= self.hwm:
@@ -338,7 +325,7 @@ class Routing:
         waiting = self.waiting[queue]
         request = waiting.popleft()
         self.buffered_bytes -= request.size
-        if len(waiting) <= self._resume_length:
+        if len(waiting) <= self.resume_length:
             self._full_queues.discard(queue)
         if not waiting:
             del self.waiting[queue]

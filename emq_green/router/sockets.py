@@ -42,18 +42,24 @@ from .zap import ZapHandler
 
 logger = logging.getLogger(__name__)
 
-# Messages a reader handles in a row before it lets the loop turn, and the
-# longest it goes on (s): a batch of costly messages (INFORMs with many
-# queues, each ~1 ms) must not hold the timers and the other sockets.
+# Messages a reader handles in a row before it lets other greenlets run, and
+# the longest it goes on (s): a run of costly messages (INFORMs of 256
+# queues, ~1 ms each) must not hold the timers and the other sockets.
 _READ_BATCH = 256
 _BATCH_SECONDS = 0.002
-#: a sleep that is a timer, not a callback: ``gevent.sleep(0)`` re-queues
-#: the reader as a callback, and gevent runs 50 callbacks in a row before it
-#: looks at the clock, so 50 batches of 256 messages (100+ ms) could pass
-#: before any timer or other socket was served (scripts/bench_security.py)
-_TURN = 1e-6
-_NOBLOCK = int(zmq.NOBLOCK)
 _clock = time.perf_counter
+#: How a busy greenlet of the router lets the others run: a timer, not
+#: ``sleep(0)``. gevent runs ``sleep(0)`` wake-ups as loop callbacks and looks
+#: at the clock only every 50 callbacks, so greenlets that each yield after
+#: a batch of work keep I/O and timers (heartbeats, the admin socket) waiting
+#: for 50 batches (0.5 s measured); a timer lets the loop poll first.
+YIELD = 1e-6
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+# pyzmq's backend (Cython) socket methods, below its Python layer (see RouterSocket)
+_BACKEND = next(c for c in zmq.Socket.__mro__ if c.__module__.startswith("zmq.backend"))
+_send, _recv, _get = _BACKEND.send, _BACKEND.recv, _BACKEND.get
 # Unread requests logged one by one when the router stops; beyond, only counted.
 _UNREAD_LOG_LIMIT = 10_000
 
@@ -67,40 +73,59 @@ class RouterSocket:
     """One ROUTER socket: a ``zmq.green`` socket to wait on, and a plain shadow
     of the same socket for the non-blocking calls.
 
-    zmq.green's per-frame wrappers cost more than the routing itself, so
-    sends and the draining of already-queued messages use the plain shadow.
-    ZeroMQ's wake-up signal is edge-triggered: after each plain send the green
-    socket re-reads its state (``get(EVENTS)``), as zmq.green does after its
-    own sends, so the one greenlet waiting to read never misses a message.
+    zmq.green's per-frame wrappers, and pyzmq's own ``send_multipart`` (which
+    builds an enum flag per frame), cost more than the routing itself: sends
+    and the draining of already-queued messages call pyzmq's Cython socket
+    methods directly, with integer flags. ZeroMQ's wake-up signal is
+    edge-triggered and any call on the socket may consume it, so after plain
+    sends the green socket must re-read its state (``get(EVENTS)``), as
+    zmq.green does after its own sends, or the one greenlet waiting to read
+    could miss a message: that is done once per turn of the loop (a callback
+    scheduled by the first send), not after every send.
     """
 
     def __init__(self, green: Any) -> None:
         self.green = green
         self.plain = zmq.Socket.shadow(green.underlying)
-        #: the last batch ended at its bound (messages may be waiting)
-        self.cut = False
+        self._refresh_due = False
+        self._loop = gevent.get_hub().loop
 
     def send(self, frames: list[bytes]) -> None:
+        """Send one message now (EAGAIN / EHOSTUNREACH raise ZMQError).
+        ZeroMQ takes a multipart message whole or not at all: once the first
+        frame is in, the others are."""
+        sock = self.plain
+        last = len(frames) - 1
         try:
-            self.plain.send_multipart(frames, _NOBLOCK)
+            for i in range(last):
+                _send(sock, frames[i], _NOBLOCK_MORE)
+            _send(sock, frames[last], _NOBLOCK)
         finally:
-            self.green.get(zmq.EVENTS)
+            if not self._refresh_due:
+                self._refresh_due = True
+                self._loop.run_callback(self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_due = False
+        if not self.green.closed:
+            self.green.get(zmq.EVENTS)  # wakes the reader if a message waits
 
     def receive(self) -> Iterator[list[bytes]]:
-        """Wait for one message, then yield what is already queued (a batch of
-        at most ``_READ_BATCH`` messages or ``_BATCH_SECONDS``; :attr:`cut`
-        says whether it ended there)."""
-        self.cut = False
+        """Wait for one message, then yield what is already queued (a batch:
+        at most ``_READ_BATCH`` messages, or ``_BATCH_SECONDS`` of them)."""
         yield self.green.recv_multipart()
+        sock = self.plain
         deadline = _clock() + _BATCH_SECONDS
         for i in range(_READ_BATCH):
             if not i & 3 and _clock() > deadline:
-                break
+                return
             try:
-                yield self.plain.recv_multipart(_NOBLOCK)
+                frames = [_recv(sock, _NOBLOCK)]
             except zmq.Again:
                 return
-        self.cut = True
+            while _get(sock, _RCVMORE):
+                frames.append(_recv(sock, _NOBLOCK))
+            yield frames
 
     def has_unread(self) -> bool:
         """Whether a message waits in ZeroMQ's queue, not read yet."""
@@ -241,8 +266,7 @@ class RouterSockets:
                 if self.open:
                     logger.error("router: reading the %s socket failed: %s", name, exc)
                 return
-            if sock.cut:
-                gevent.sleep(_TURN)  # a full batch: one turn of the loop for the rest
+            gevent.sleep(YIELD)  # a full batch: let the other greenlets run
 
     def _handle(self, name: str, table: Mapping[Command, Handler], gate: Optional[Gate],
                 frames: list[bytes]) -> None:

@@ -9,22 +9,24 @@
   queues goes to it at once (heaviest queue first), else the slot is kept;
 * REPLY ``[reply_json, orig_msgid]`` ends a job; its result goes on to the
   client that asked (:class:`~emq_green.router.results.ResultRelay`). Only
-  the worker that holds ``orig_msgid`` in flight may end it
-  (:meth:`WorkerSide._settle`): any other REPLY is refused, counted
-  (``replies_refused``) and logged through the shared rate limiter, so no
-  worker can forge or steal another job's result;
+  the worker that holds ``orig_msgid`` in flight can end it
+  (:meth:`WorkerSide._settle`): any other REPLY (a forgery, a job still
+  buffered or running elsewhere, a job that ended) is late: dropped,
+  counted (``late_replies``) and logged through the router's rate limiter;
 * KBYE removes the worker as leaving: its running jobs still finish there,
-  and their REPLYs are settled against its record, kept for that;
+  and their REPLYs count, until ``kill_grace_period`` has passed;
 * HEARTBEAT, like every message of a known worker, proves it alive.
 
 It also hands requests over (:meth:`WorkerSide.hand_over`, used by the
 client side too), sends the heartbeats and removes workers silent for
 ``heartbeat_timeout`` (:meth:`WorkerSide.check`). Requests a worker had in
-flight when it is removed as dead are logged one by one (msgid, queue, age);
-they are not re-dispatched, because a job may have run already and eMQP has
-no way to tell. A READY does not say which job ended, so for requests sent
-without ``reply-requested`` the oldest one is retired on each READY: that
-list is a best estimate, exact only for requests that asked for a reply.
+flight when it is removed as dead are logged one by one (msgid, queue, age)
+and not re-dispatched, because a job may have run already and eMQP has no
+way to tell, except guaranteed ones (:mod:`emq_green.router.guarantee`),
+which go back to the head of their queue. A READY does not say which job
+ended, so for requests sent without ``reply-requested`` the oldest one is
+retired on each READY: that list is a best estimate, exact only for
+requests that asked for a reply (guaranteed ones always do).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from typing import Optional, Protocol
 from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, heartbeat, parse_queues, printable
 from ..settings import Settings
+from .guarantee import Guarantees, was_killed
 from .results import ResultRelay
-from .routing import Request, Routing, Sent, Worker
+from .routing import DEPARTED_MEMORY, Request, Routing, Sent, Worker
 from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
@@ -64,17 +67,20 @@ class WorkerSide:
 
     def __init__(self, *, settings: Settings, routing: Routing, sockets: RouterSockets,
                  relay: ResultRelay, counters: collections.Counter[str],
-                 limiter: Optional[LogLimiter] = None) -> None:
+                 guarantees: Guarantees, limiter: Optional[LogLimiter] = None) -> None:
         self.settings = settings
         self.routing = routing
+        self.guarantees = guarantees
+        #: every line a worker's message causes goes through it (shared with
+        #: the rest of the router)
+        self._log = limiter or LogLimiter(logger)
         self._sockets = sockets
         self._relay = relay
         self._pending = relay.pending
         self._counters = counters
-        #: every line a worker's message causes goes through it (shared with
-        #: the rest of the router)
-        self._log = limiter or LogLimiter(logger)
         self._last_heartbeat = 0.0
+        #: identities removed as dead, told to reconnect if they speak again
+        self._taken_for_dead: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
         #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
         self.observer: Optional[RouterObserver] = None
         #: command -> handler, for the backend socket's reader
@@ -88,22 +94,28 @@ class WorkerSide:
 
     def known(self, identity: bytes, message: Message) -> bool:
         """The gate before every handler: any message from a known worker
-        counts as a heartbeat; others are dropped unless they are an INFORM,
-        or a REPLY of a worker that left with KBYE for a job it still held."""
+        counts as a heartbeat; others are dropped unless they are an INFORM."""
         worker = self.routing.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
             return True
         if message.command is Command.INFORM:
             return True
+        leaving = self.routing.leaving.get(identity)
+        if leaving is not None:
+            if message.command is Command.REPLY:
+                self._reply(leaving, message)  # a job that ran on after KBYE
+            return False
         if self.routing.departed(identity):
             if message.command is Command.REPLY:
-                departed = self.routing.departed_worker(identity)
-                if departed is not None:  # a job that ran on after KBYE
-                    self._reply(departed, message)
-                else:  # removed as dead (its jobs were reported lost), or nothing held
-                    self._refuse_reply(identity, message, "it was removed")
-                return False
+                self._late(message, identity)
+            if self._taken_for_dead.pop(identity, False):
+                # it was taken for dead and is back (a SIGSTOP, a slow host):
+                # KBYE makes an emq-green worker connect again at once, with a
+                # new identity (EventMQ's job manager ignores it)
+                logger.warning("router: worker %s, removed as dead, is talking again; told "
+                               "to connect anew (KBYE)", printable(identity))
+                self._sockets.send("backend", identity, Message.new(Command.KBYE))
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
@@ -126,6 +138,7 @@ class WorkerSide:
                               printable(kind, 40))
             return
         try:
+            # at most 256 queues of at most 256 bytes; a longer text is not parsed
             queues = parse_queues(queues_text) if queues_text else self.settings.queues
         except ProtocolError as exc:
             # no ACK: the worker is not registered (EventMQ's and emq-green's
@@ -140,6 +153,7 @@ class WorkerSide:
                               "is replaced", old.log_name)
             self.forget(old, "it informed again", dead=True)
         worker = self.routing.add(identity, queues, time.monotonic())
+        self._taken_for_dead.pop(identity, None)
         self._log.info("inform", "router: worker %s joined (queues %s)", worker.log_name,
                        printable(json.dumps([list(q) for q in worker.queues]), 400))
         self._sockets.send("backend", identity, Message.new(Command.ACK, message.msgid))
@@ -158,7 +172,14 @@ class WorkerSide:
             return
         if routing.taken(name):
             logger.info("router: the buffer of queue %s is empty again", printable(name))
-        if self._sockets.frontend_paused and routing.may_resume():
+        self.resume_clients()
+
+    def resume_clients(self) -> None:
+        """Read clients again if reading was paused and every bound (the
+        buffer's, the journal's backlog) is back under its low-water mark."""
+        routing = self.routing
+        if (self._sockets.frontend_paused and routing.may_resume()
+                and not self.guarantees.backlogged(routing.resume_length)):
             self._sockets.resume_clients(
                 f"{sum(map(len, routing.waiting.values()))} requests, "
                 f"{routing.buffered_bytes} bytes buffered")
@@ -167,27 +188,34 @@ class WorkerSide:
         self._reply(self.routing.workers[identity], message)
 
     def _reply(self, worker: Worker, message: Message) -> None:
-        """A REPLY of ``worker``: its result goes on only when ``worker``
-        holds the request."""
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
         orig = message.body[1] if len(message.body) > 1 else ""
         sent = self._settle(worker, orig)
         if sent is None:
-            self._refuse_reply(worker.identity, message, "it does not hold that request")
+            self._late(message, worker.identity)
             return
         if self.observer is not None:
             self.observer.replied(sent.queue, time.monotonic() - sent.sent)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("router: %s job %s done in %.1f ms", printable(sent.queue),
                          printable(orig), (time.monotonic() - sent.sent) * 1000)
+        if worker.leaving_until and not worker.in_flight:
+            self.routing.leaving.pop(worker.identity, None)
+        if sent.request is not None:
+            if was_killed(message.body[0]):
+                # the worker stopped before the job ended: it runs elsewhere
+                self.redeliver([sent], f"worker {worker.log_name} killed it while stopping")
+                return
+            self.guarantees.finished(sent.request)
         if self._pending:
             self._relay.forward(message)
 
     def _settle(self, worker: Worker, msgid: str) -> Optional[Sent]:
         """The one rule for REPLYs: one counts only when ``worker`` holds
-        ``msgid`` in flight (a connected worker, or the record of one that
-        left with KBYE). Returns the request it ends, forgotten in the books
-        (``in_flight``, :attr:`Routing.holders`); None: refuse the REPLY."""
+        ``msgid`` in flight (a connected worker, or one that said KBYE and
+        is in :attr:`Routing.leaving`). Returns the request it ends, gone
+        from the books (``in_flight``, :attr:`Routing.holders`); None: the
+        REPLY is late or forged, and is dropped."""
         sent = worker.in_flight.pop(msgid, None)
         if sent is None:
             return None
@@ -199,11 +227,15 @@ class WorkerSide:
             worker.replied_unasked += 1
         return sent
 
-    def _refuse_reply(self, identity: bytes, message: Message, why: str) -> None:
-        self._counters["replies_refused"] += 1
+    def _late(self, message: Message, identity: bytes) -> None:
+        """A REPLY from a worker that does not hold the job (any more: it went
+        elsewhere or ended; or never: a forgery). Dropped, never forwarded."""
         orig = message.body[1] if len(message.body) > 1 else ""
-        self._log.warning("reply_refused", "router: REPLY for %s from worker %s refused (%s)",
-                          printable(orig, 60), printable(identity), why)
+        self._counters["late_replies"] += 1
+        self.guarantees.late_reply(orig, printable(identity))
+        self._log.warning("late_reply", "router: REPLY for %s from worker %s dropped: it "
+                          "does not hold that request", printable(orig, 60),
+                          printable(identity))
 
     def on_kbye(self, identity: bytes, message: Message) -> None:
         self.forget(self.routing.workers[identity], "it said KBYE", dead=False)
@@ -223,23 +255,86 @@ class WorkerSide:
 
     def forget(self, worker: Worker, reason: str, *, dead: bool) -> None:
         """Remove a worker from every queue. Requests it had in flight are
-        logged, as lost when it died, as still running there when it left
-        (its record is then kept, so that their REPLYs are still settled)."""
-        self.routing.remove(worker, time.monotonic(), keep=not dead)
+        logged, as lost when it died, as still running there when it left;
+        guaranteed ones of a dead worker are sent again (:meth:`redeliver`)."""
+        if dead:
+            self.routing.remove(worker)
+            self._taken_for_dead[worker.identity] = True
+            while len(self._taken_for_dead) > DEPARTED_MEMORY:
+                self._taken_for_dead.popitem(last=False)
+        else:
+            self.routing.leave(worker, time.monotonic() + self.settings.kill_grace_period
+                               + self.settings.heartbeat_timeout)
         if self.observer is not None:
             self.observer.worker_left(worker, dead)
-        log = logger.error if dead and worker.in_flight else logger.info
+        lost = [s for s in worker.in_flight.values() if s.request is None] if dead else []
+        log = logger.error if lost else logger.info
         log("router: worker %s removed (%s); %d request(s) in flight there%s", worker.log_name,
-            reason, len(worker.in_flight),
-            ", not re-dispatched:" if dead and worker.in_flight else "")
+            reason, len(worker.in_flight), ", not re-dispatched:" if lost else "")
         if dead:
-            now = time.monotonic()
-            for sent in worker.in_flight.values():
-                logger.error("router: possibly lost REQUEST %s (queue %s, sent %.1f s ago%s)",
-                             printable(sent.msgid), printable(sent.queue), now - sent.sent,
-                             "" if sent.reply_requested else ", no reply requested")
-                self._counters["possibly_lost"] += 1
-                self._relay.worker_lost(sent.msgid)
+            self._lost(worker, lost)
+
+    def _lost(self, worker: Worker, lost: list[Sent]) -> None:
+        """``worker`` is gone with jobs unanswered: guaranteed ones go again,
+        the others are logged as possibly lost."""
+        now = time.monotonic()
+        for sent in lost:
+            logger.error("router: possibly lost REQUEST %s (queue %s, sent %.1f s ago%s)",
+                         printable(sent.msgid), printable(sent.queue), now - sent.sent,
+                         "" if sent.reply_requested else ", no reply requested")
+            self._counters["possibly_lost"] += 1
+            self._relay.worker_lost(sent.msgid)
+        again = [s for s in worker.in_flight.values() if s.request is not None]
+        self.routing.unhold(worker)
+        worker.in_flight.clear()
+        worker.unreplied = worker.replied_unasked = 0
+        if again:
+            self.redeliver(again, f"worker {worker.log_name} is gone")
+
+    def redeliver(self, sent: list[Sent], why: str) -> None:
+        """Guaranteed requests whose worker did not finish them: back to the
+        head of their queues (oldest first), then out to free workers."""
+        routing = self.routing
+        queues: list[str] = []
+        full = False
+        for item in reversed(sent):
+            request = item.request
+            assert request is not None
+            queue = routing.queue_for(request.queue)
+            full = routing.buffer(queue, request, head=True) or full
+            if queue not in queues:
+                queues.append(queue)
+        self.guarantees.redelivered += len(sent)
+        logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
+                       len(sent), ", ".join(printable(s.msgid) for s in sent[:5])
+                       + (", ..." if len(sent) > 5 else ""))
+        for queue in queues:
+            self.dispatch(queue)
+        if full and routing.waiting and not routing.may_resume():
+            self._sockets.pause_clients("guaranteed requests queued again fill the buffer")
+
+    def dispatch(self, queue: str) -> None:
+        """Send the requests buffered for ``queue`` to workers with free slots."""
+        routing = self.routing
+        while routing.waiting.get(queue):
+            worker = routing.pick(queue)
+            if worker is None:
+                return
+            if self.hand_over(worker, routing.waiting[queue][0], queue):
+                worker.slots -= 1
+                routing.taken(queue)
+
+    def _give_up_on_leavers(self, now: float) -> None:
+        """Workers that said KBYE and are past ``kill_grace_period`` with jobs
+        unanswered: those jobs are taken as lost (guaranteed ones go again)."""
+        for worker in list(self.routing.leaving.values()):
+            if now >= worker.leaving_until:
+                del self.routing.leaving[worker.identity]
+                logger.warning("router: worker %s said KBYE %.0f s ago and %d job(s) there "
+                               "are still unanswered", worker.log_name,
+                               self.settings.kill_grace_period + self.settings.heartbeat_timeout,
+                               len(worker.in_flight))
+                self._lost(worker, [s for s in worker.in_flight.values() if s.request is None])
 
     def say_goodbye(self) -> None:
         """The router stops: KBYE to every worker, each removed as leaving."""
@@ -249,10 +344,12 @@ class WorkerSide:
 
     def check(self, now: float) -> None:
         """Heartbeats to every worker each ``heartbeat_interval``; removal of
-        workers silent for ``heartbeat_timeout``."""
-        s = self.settings
+        workers silent for ``heartbeat_timeout``; leaving workers past their
+        grace period; the summary of log lines not logged one by one."""
         self._log.flush(now)
-        self.routing.prune_departed(now, s.result_ttl)
+        if self.routing.leaving:
+            self._give_up_on_leavers(now)
+        s = self.settings
         if s.disable_heartbeats:
             return
         workers = self.routing.workers

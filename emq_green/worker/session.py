@@ -141,7 +141,8 @@ class ReplyOrigins:
 class RouterLink:
     """The connection to the router and what travels on it.
 
-    Keyword arguments:
+    Args:
+        context: the ZeroMQ context of the sockets.
         settings: returns the current settings (they change on reload).
         counters: the manager's counters (connections, replies, drops...).
         wake: set when the manager's supervisor should look (ACK, router
@@ -149,7 +150,8 @@ class RouterLink:
         admit: takes a REQUEST body ``(msgid, [queue, headers, payload])``
             once its READY credit is accounted; ``reject`` one that could
             not be read, with the reason.
-        on_heartbeat, on_disconnect: the router's HEARTBEAT and DISCONNECT.
+        on_heartbeat: called with the router's HEARTBEAT.
+        on_disconnect: called on the router's DISCONNECT.
         running: whether the manager is in its running state (READYs and
             heartbeats are sent only then).
     """

@@ -60,7 +60,7 @@ class JobSlots:
         self.concurrent_jobs = 0
         self.runner = JobRunner()
         self.policy = CallablePolicy(None)
-        #: Jobs accepted and not yet finished: msgid -> record.
+        #: Jobs accepted and not yet finished, by msgid.
         self.jobs_in_flight: dict[str, JobRecord] = {}
         #: job greenlet -> the job it runs or ran last (read by the loop-block
         #: monitor from its own thread: one dict lookup, atomic under the GIL)

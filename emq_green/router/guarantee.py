@@ -1,0 +1,170 @@
+"""Guaranteed requests: the router's side of the ``guarantee`` header.
+
+EventMQ's client sends ``guarantee`` ("give your best effort to guarantee
+that func is run") and nothing in EventMQ 0.3.13 reads it. emq-green's
+router runs such a request **at least once**:
+
+* it is accepted (and only then acknowledged to its client with
+  ``REPLY [msgid]``) once it is safe: written to the journal when the
+  router has one (:mod:`emq_green.router.journal`), in the router's memory
+  otherwise;
+* it goes to a worker with ``reply-requested`` added, so the worker's REPLY
+  says when it finished (that REPLY reaches the client only if the client
+  asked for its result); until then the router keeps it;
+* when that worker is taken for dead (heartbeats lost, unreachable, or a
+  KBYE after which it neither finished the job within ``kill_grace_period``
+  nor said it was killed), the request goes back to the head of its queue
+  and runs elsewhere;
+* a router that starts on a journal queues again everything the journal
+  holds, including requests that were out at workers when it died.
+
+A job may therefore run twice (its worker died after running it, before
+its REPLY arrived): jobs that must run should be idempotent. A REPLY for a
+job already sent elsewhere, or already finished, is dropped and counted
+(``late_replies``); it is never forwarded twice.
+
+:class:`Guarantees` is the bookkeeping the router's parts share: what is
+held, the journal's writes, the counters STATUS shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from ..protocol import printable
+from .journal import Journal
+from .routing import Request
+
+logger = logging.getLogger(__name__)
+
+#: what a client is told when its guaranteed request is not taken
+REFUSED_TYPE = "GuaranteeRefused"
+
+
+def refusal_body(why: str) -> str:
+    """The ``reply_json`` frame refusing a guaranteed request (EventMQ's
+    ``value`` and emq-green's ``error``, as a job's error reply)."""
+    return json.dumps({"value": why, "error": {"type": REFUSED_TYPE, "message": why}})
+
+
+def was_killed(reply_json: str) -> bool:
+    """Whether a worker's REPLY says the job was killed because the worker
+    stopped (emq-green's ``Killed``): the job did not finish."""
+    if "Killed" not in reply_json:
+        return False
+    try:
+        reply = json.loads(reply_json)
+    except ValueError:
+        return False
+    error = reply.get("error") if isinstance(reply, dict) else None
+    return isinstance(error, dict) and error.get("type") == "Killed"
+
+
+#: (the request once accepted, or None; why it was refused, or None)
+Accepted = Callable[[Optional[Request], Optional[str]], None]
+
+
+class Guarantees:
+    """Guaranteed requests held by one router, with or without a journal."""
+
+    def __init__(self, journal: Optional[Journal] = None) -> None:
+        self.journal = journal
+        #: accepted and not seen to finish (buffered, or out at a worker)
+        self.held = 0
+        self.accepted = 0
+        self.refused = 0
+        self.redelivered = 0
+        self.late_replies = 0
+        self.restored = 0
+
+    def restore(self) -> list[Request]:
+        """What the journal held at start, as requests, oldest first."""
+        if self.journal is None:
+            return []
+        now = time.monotonic()
+        requests = [Request(e.msgid, e.client, e.queue, (e.queue, e.headers, e.payload), now,
+                            guaranteed=True, seq=e.seq) for e in self.journal.open()]
+        self.held = self.restored = len(requests)
+        return requests
+
+    def refusal(self) -> Optional[str]:
+        """Why a guaranteed request cannot be accepted now (counted as
+        refused), or None."""
+        journal = self.journal
+        if journal is not None and not journal.accepting():
+            self.refused += 1
+            return f"the router's journal cannot be written ({journal.failure})"
+        return None
+
+    def backlogged(self, limit: int) -> bool:
+        """Whether ``limit`` or more requests wait for a journal commit."""
+        return self.journal is not None and self.journal.backlog >= limit
+
+    def accept(self, msgid: str, client: bytes, body: tuple[str, str, str],
+               then: Accepted) -> None:
+        """Take a guaranteed request (``body`` already asks for a reply);
+        ``then(request, None)`` once it is safe, ``then(None, why)`` if not."""
+        queue, headers, payload = body
+        journal = self.journal
+        if journal is None:
+            self._accepted(Request(msgid, client, queue, body, time.monotonic(),
+                                   guaranteed=True), then)
+            return
+        cell: list[int] = []
+
+        def committed(error: Optional[str]) -> None:
+            if error is not None:
+                self.refused += 1
+                then(None, f"the router's journal cannot be written ({error})")
+                return
+            self._accepted(Request(msgid, client, queue, body, time.monotonic(),
+                                   guaranteed=True, seq=cell[0]), then)
+
+        cell.append(journal.add(msgid, client, queue, headers, payload, committed))
+
+    def _accepted(self, request: Request, then: Accepted) -> None:
+        self.held += 1
+        self.accepted += 1
+        then(request, None)
+
+    def finished(self, request: Request) -> None:
+        """The job of ``request`` ended (its REPLY came): forget it."""
+        self.held -= 1
+        if self.journal is not None and request.seq:
+            self.journal.delete(request.seq)
+
+    def late_reply(self, msgid: str, worker: str) -> None:
+        """A REPLY for a job already sent elsewhere or finished: dropped."""
+        self.late_replies += 1
+        logger.debug("router: late REPLY for %s from %s dropped (the job was sent again, "
+                     "or had ended)", printable(msgid), printable(worker))
+
+    def close(self) -> None:
+        """The router stops: what is held stays in the journal for the next one."""
+        if self.journal is not None:
+            if self.held:
+                logger.warning("router stopping: %d guaranteed request(s) stay in the journal "
+                               "%s and run when a router starts on it", self.held,
+                               self.journal.path)
+            self.journal.close()
+        elif self.held:
+            logger.error("router stopping: %d guaranteed request(s) held in memory are lost "
+                         "(no journal_file)", self.held)
+
+    def status(self) -> dict[str, Any]:
+        """STATUS keys of guaranteed requests (and of the journal, if any)."""
+        return {
+            "guaranteed_held": self.held,
+            "guaranteed_accepted": self.accepted,
+            "guaranteed_refused": self.refused,
+            "guaranteed_restored": self.restored,
+            "redelivered": self.redelivered,
+            "late_replies": self.late_replies,
+            **(self.journal.status() if self.journal is not None else {"journal_file": None}),
+        }
+
+
+__all__ = ["Guarantees", "REFUSED_TYPE", "refusal_body", "was_killed"]

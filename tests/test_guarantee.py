@@ -1,0 +1,324 @@
+# ruff: noqa: F811  (make_router: the fixture of test_router.py, as a parameter)
+"""Guaranteed requests in emq-green's router, in this process, with real
+sockets on loopback: fake workers and clients are ``zmq.green`` DEALERs
+(see ``test_router.py``), so every step is observed on the wire.
+
+What is checked: a guaranteed request is confirmed when it is safe
+(buffered or not), goes out with ``reply-requested``, comes back to the head
+of its queue when its worker dies, silently or by a ``Killed`` reply, and
+runs elsewhere; a late REPLY is dropped and counted, never forwarded twice;
+with a journal it survives the router; a plain request keeps EventMQ's
+behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import gevent
+import pytest
+from test_metrics import http_get
+from test_router import (
+    ANY_PORT,
+    Harness,
+    make_router,  # noqa: F401 (the fixture)
+    wait_until,
+)
+
+from emq_green.protocol import Command, Message
+from emq_green.router import Router
+from emq_green.router.journal import Journal
+from emq_green.settings import Settings
+
+FAST = dict(heartbeat_interval=0.1, heartbeat_timeout=0.5)
+PAYLOAD = '["run", {"path": "os", "callable": "getpid"}]'
+KILLED = json.dumps({"value": "Killed", "error": {"type": "Killed", "message": "stopping"}})
+
+
+def guaranteed(h: Harness, client, headers: str = "guarantee", queue: str = "default"):
+    return h.request(client, queue=queue, headers=headers, payload=PAYLOAD)
+
+
+def join(h: Harness, ready: int, name: str = "", beat: bool = False):
+    """A worker that INFORMs, then sends ``ready`` READYs (which buffered
+    requests may use at once); with ``beat``, it sends HEARTBEATs too (a
+    fake worker is otherwise silent, and taken for dead)."""
+    worker = h.worker(slots=0, name=name)
+    for _ in range(ready):
+        worker.send(Command.READY)
+    if beat:
+        def heartbeats() -> None:
+            while not worker.sock.closed:
+                worker.send(Command.HEARTBEAT, "0")
+                gevent.sleep(FAST["heartbeat_interval"])
+
+        gevent.spawn(heartbeats)
+    return worker
+
+
+def test_guaranteed_request_is_confirmed_when_buffered_and_sent_with_reply_requested(
+        make_router):
+    h = make_router()
+    client = h.peer("frontend")
+    sent = guaranteed(h, client)
+    # no worker: still confirmed, because the router holds it now
+    ack = client.recv()
+    assert ack.command is Command.REPLY and ack.body == (sent.msgid,)
+    assert h.router.status()["guaranteed_held"] == 1
+
+    worker = join(h, 1)
+    got = worker.recv()
+    assert got.msgid == sent.msgid
+    assert set(got.body[1].split(",")) == {"guarantee", "reply-requested"}
+    assert got.body[0] == "default" and got.body[2] == PAYLOAD
+
+    worker.send(Command.REPLY, '{"value": 7}', sent.msgid)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, what="job finished")
+    assert client.pending() == []  # the client did not ask for the result
+
+
+def test_plain_request_keeps_eventmq_behaviour(make_router):
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    sent = h.request(client)  # buffered: EventMQ sends no acknowledgement
+    worker = join(h, 1)
+    got = worker.recv()
+    assert got.body[1] == ""  # forwarded untouched
+    assert client.pending() == []
+    worker.close()  # dies without a reply: the job is not sent again
+    wait_until(lambda: worker.identity not in h.router.workers, timeout=5,
+               what="dead worker removed")
+    other = h.worker(slots=1)
+    assert other.pending() == [] and h.router.status()["redelivered"] == 0
+    assert h.router.counters["possibly_lost"] == 1
+    assert sent.msgid not in {m.msgid for m in other.pending()}
+
+
+def test_dead_worker_jobs_run_elsewhere_and_its_late_reply_is_dropped(make_router):
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    dying = h.worker(slots=3, name="dying")
+    sent = [guaranteed(h, client, headers="guarantee,reply-requested,result-requested")
+            for _ in range(3)]
+    assert [dying.recv().msgid for _ in range(3)] == [m.msgid for m in sent]
+    acks = [client.recv() for _ in range(3)]
+    assert {a.body for a in acks} == {(m.msgid,) for m in sent}  # confirmed, one frame
+
+    # it falls silent (a SIGSTOP, a dead host): removed, its jobs go again
+    wait_until(lambda: b"dying" not in h.router.workers, timeout=5, what="worker removed")
+    assert h.router.status()["redelivered"] == 3
+    other = join(h, 3, name="other")
+    again = [other.recv() for _ in range(3)]
+    assert [m.msgid for m in again] == [m.msgid for m in sent]  # in their old order
+
+    # the first worker comes back and answers: too late, dropped and counted;
+    # and it is told to connect anew (KBYE), once
+    dying.send(Command.REPLY, '{"value": "stale"}', sent[0].msgid)
+    wait_until(lambda: h.router.status()["late_replies"] == 1, what="late reply counted")
+    assert dying.recv().command is Command.KBYE
+    dying.send(Command.HEARTBEAT, "0")
+    dying.send(Command.REPLY, '{"value": "stale"}', sent[1].msgid)
+    wait_until(lambda: h.router.status()["late_replies"] == 2, what="second late reply")
+    assert dying.pending() == []  # told once
+    for m in again:
+        other.send(Command.REPLY, json.dumps({"value": m.msgid}), m.msgid)
+    results = [client.recv() for _ in range(3)]
+    assert sorted(json.loads(r.body[0])["value"] for r in results) == sorted(
+        m.msgid for m in sent)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, what="all finished")
+    assert client.pending() == []  # never a second result
+
+
+def test_a_killed_reply_after_kbye_sends_the_job_again(make_router):
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    leaving = h.worker(slots=2, name="leaving")
+    done, killed = guaranteed(h, client), guaranteed(h, client)
+    assert {leaving.recv().msgid for _ in range(2)} == {done.msgid, killed.msgid}
+    leaving.send(Command.KBYE)
+    wait_until(lambda: b"leaving" not in h.router.workers, what="worker left")
+    # its jobs still end there: one finishes, one is killed as the worker stops
+    leaving.send(Command.REPLY, '{"value": 1}', done.msgid)
+    leaving.send(Command.REPLY, KILLED, killed.msgid)
+    wait_until(lambda: h.router.status()["redelivered"] == 1, what="killed job queued again")
+    other = join(h, 2, name="other")
+    again = other.recv()
+    assert again.msgid == killed.msgid
+    assert other.pending() == []
+    assert h.router.status()["late_replies"] == 0
+
+
+def test_a_leaving_worker_that_never_answers_loses_its_jobs_after_the_grace(make_router):
+    h = make_router(kill_grace_period=0.5, **FAST)
+    client = h.peer("frontend")
+    leaving = h.worker(slots=1, name="leaving")
+    sent = guaranteed(h, client)
+    assert leaving.recv().msgid == sent.msgid
+    other = join(h, 1, name="other", beat=True)
+    leaving.send(Command.KBYE)
+    # kill_grace_period + heartbeat_timeout later, it goes to the other worker
+    assert other.recv(timeout=5).msgid == sent.msgid
+    assert not h.router.routing.leaving
+
+
+def test_journal_holds_what_was_confirmed_until_it_finishes(make_router, tmp_path):
+    path = tmp_path / "journal.db"
+    h = make_router(journal_file=str(path))
+    client = h.peer("frontend")
+    sent = [guaranteed(h, client) for _ in range(5)]
+    assert [client.recv().body for _ in range(5)] == [(m.msgid,) for m in sent]
+    # confirmed means on disk: another connection reads the rows
+    rows = sqlite3.connect(path).execute("SELECT msgid, headers FROM requests ORDER BY seq")
+    assert [r[0] for r in rows] == [m.msgid for m in sent]
+    worker = join(h, 5)
+    for _ in range(5):
+        m = worker.recv()
+        worker.send(Command.REPLY, '{"value": 0}', m.msgid)
+    wait_until(lambda: h.router.status()["journal_rows"] == 0, what="rows deleted")
+    assert h.router.guarantees.journal.flush(5)
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 0
+
+
+def test_a_new_router_on_the_journal_runs_what_the_old_one_held(tmp_path):
+    path = str(tmp_path / "journal.db")
+    settings = Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
+                        administrative_addr=ANY_PORT, journal_file=path)
+    first = Harness(Router(settings=settings))
+    first.router.start()
+    try:
+        client = first.peer("frontend")
+        worker = first.worker(slots=1)
+        out = guaranteed(first, client, headers="guarantee,result-requested")
+        assert worker.recv().msgid == out.msgid  # at a worker when the router stops
+        queued = [guaranteed(first, client) for _ in range(3)]
+        plain = first.request(client)
+        assert {client.recv().body for _ in range(4)} == {(m.msgid,) for m in [out, *queued]}
+    finally:
+        for peer in first.peers:
+            peer.close()
+        assert first.router.stop(timeout=5)
+    assert first.router.dropped_by_reason["stopping"] == 1  # only the plain one
+
+    second = Harness(Router(settings=settings))
+    second.router.start()
+    try:
+        status = second.router.status()
+        assert status["guaranteed_restored"] == 4 and status["guaranteed_held"] == 4
+        worker = join(second, 4)
+        got = [worker.recv() for _ in range(4)]
+        assert [m.msgid for m in got] == [out.msgid, *(m.msgid for m in queued)]
+        assert plain.msgid not in {m.msgid for m in got}
+        assert all("reply-requested" in m.body[1] for m in got)
+    finally:
+        for peer in second.peers:
+            peer.close()
+        assert second.router.stop(timeout=5)
+
+
+def test_a_journal_that_cannot_be_written_refuses_guaranteed_requests(make_router, tmp_path,
+                                                                      monkeypatch):
+    h = make_router(journal_file=str(tmp_path / "journal.db"))
+    journal = h.router.guarantees.journal
+
+    def full_disk(adds, deletes):
+        return "OperationalError: database or disk is full"
+
+    monkeypatch.setattr(journal, "_commit", full_disk)
+    client = h.peer("frontend")
+    first = guaranteed(h, client)
+    refused = client.recv()
+    assert refused.body[1] == first.msgid
+    error = json.loads(refused.body[0])["error"]
+    assert error["type"] == "GuaranteeRefused" and "disk is full" in error["message"]
+    second = guaranteed(h, client)  # refused at once while the failure stands
+    assert client.recv().body[1] == second.msgid
+    plain = h.request(client)  # plain requests are not affected
+    worker = join(h, 1)
+    assert worker.recv().msgid == plain.msgid
+    assert h.router.status()["guaranteed_refused"] == 2
+    assert worker.pending() == []
+
+
+@pytest.mark.parametrize("content, cause", [
+    (b"this is not a database" * 100, "not a readable SQLite database"),
+    (None, "schema version 99"),
+    ("other-app", "not an emq-green journal"),
+])
+def test_a_bad_journal_stops_the_router_at_start(tmp_path, content, cause):
+    path = tmp_path / "journal.db"
+    if content is None:
+        made = Journal(str(path))
+        made.open()
+        made.close()
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA user_version = 99")
+        db.close()
+    elif content == "other-app":
+        sqlite3.connect(path).execute("CREATE TABLE mine (x)").connection.close()
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    router = Router(settings=Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
+                                      administrative_addr=ANY_PORT, journal_file=str(path)))
+    with pytest.raises(OSError) as raised:
+        router.start()
+    assert str(path) in str(raised.value) and cause in str(raised.value)
+    assert path.read_bytes() == before  # never touched, never emptied
+
+
+def test_a_journal_another_router_holds_is_refused(make_router, tmp_path):
+    path = str(tmp_path / "journal.db")
+    make_router(journal_file=path)
+    second = Router(settings=Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
+                                      administrative_addr=ANY_PORT, journal_file=path))
+    with pytest.raises(OSError, match="in use by another router"):
+        second.start()
+
+
+def test_a_late_reply_for_a_finished_job_is_not_forwarded_again(make_router):
+    h = make_router()
+    client = h.peer("frontend")
+    worker = h.worker(slots=1)
+    sent = guaranteed(h, client, headers="guarantee,result-requested")
+    assert worker.recv().msgid == sent.msgid
+    assert client.recv().body == (sent.msgid,)
+    worker.send(Command.REPLY, '{"value": 1}', sent.msgid)
+    worker.send(Command.REPLY, '{"value": 2}', sent.msgid)  # twice: a confused worker
+    result = client.recv()
+    assert json.loads(result.body[0]) == {"value": 1}
+    wait_until(lambda: h.router.status()["late_replies"] == 1, what="second reply counted")
+    assert client.pending() == []
+    assert isinstance(Message.new(Command.REPLY), Message)
+
+
+def test_redeliveries_and_late_replies_on_the_dashboard_and_metrics(make_router):
+    from emq_green.router.dashboard import RouterDashboard
+
+    h = make_router(**FAST)
+    dashboard = RouterDashboard(h.router, "127.0.0.1:0")
+    dashboard.start()
+    try:
+        client = h.peer("frontend")
+        dying = h.worker(slots=2, name="dying")
+        sent = [guaranteed(h, client) for _ in range(2)]
+        assert {dying.recv().msgid for _ in range(2)} == {m.msgid for m in sent}
+        wait_until(lambda: b"dying" not in h.router.workers, timeout=5, what="removed")
+        dying.send(Command.REPLY, '{"value": 0}', sent[0].msgid)  # late
+        wait_until(lambda: h.router.status()["late_replies"] == 1, what="late reply")
+
+        host, port = dashboard.address
+        base = f"http://{host}:{port}"
+        data = http_get(base + "/dashboard.json").json()
+        assert data["guaranteed"]["redelivered"] == 2
+        assert data["guaranteed"]["late_replies"] == 1
+        assert data["guaranteed"]["guaranteed_held"] == 2
+        metrics = http_get(base + "/metrics")
+        assert metrics.status_code == 200
+        lines = set(metrics.text.splitlines())
+        assert "emq_green_router_redelivered_total 2.0" in lines
+        assert "emq_green_router_late_replies_total 1.0" in lines
+        assert "emq_green_router_guaranteed_held 2.0" in lines
+        assert 'emq_green_router_handed_out_total{queue="default"} 2.0' in lines
+    finally:
+        dashboard.stop()

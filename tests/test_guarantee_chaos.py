@@ -1,0 +1,230 @@
+"""Guaranteed jobs against real faults, with real processes: ``emq-green-router``
+with a journal, emq-green workers and EventMQ's own ``emq-jobmanager``,
+killed with ``kill -9``, stopped with SIGSTOP, restarted. Jobs record
+``start`` and ``done`` lines in a file (``interop_jobs``); every assertion
+is about jobs that really ran. Jobs wait on a gate file where a test must
+know they are running when it strikes, never on a duration.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from peers import BIN, Peers, Proc, RouterAddrs, require_eventmq, wait_until
+
+from emq_green.client import Client
+from emq_green.client.submit import admin_request
+from emq_green.protocol import Command
+
+#: the router takes a worker for dead after 2 s of silence (the workers beat every 0.3 s)
+ROUTER_BEATS = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"]
+WORKER_BEATS = ["--heartbeat-interval", "0.3", "--heartbeat-timeout", "1",
+                "--heartbeat-liveness", "3"]
+
+
+@pytest.fixture
+def peers(tmp_path):
+    require_eventmq()
+    p = Peers(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+class GreenRouter(Proc):
+    """``emq-green-router`` on ``addrs``, waited for until it listens."""
+
+    def __init__(self, peers: Peers, addrs: RouterAddrs, *extra: str) -> None:
+        self.addrs = addrs
+        peers._n += 1
+        super().__init__("emq-green-router", [
+            str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
+            "--backend-addr", addrs.backend, "--administrative-addr", addrs.admin,
+            *ROUTER_BEATS, *extra], peers.tmp / f"{peers._n:02d}-router.log", peers.env(),
+            peers.tmp)
+        peers.procs.append(self)
+        self.wait_for(r"router listening", timeout=20)
+
+    def status(self) -> dict:
+        status = admin_request(self.addrs.admin, Command.STATUS, timeout=5)
+        assert status is not None, f"no STATUS from the router\n{self.tail()}"
+        return status
+
+    def workers(self) -> dict:
+        shown = admin_request(self.addrs.admin, Command.ROUTER_SHOW_WORKERS, timeout=5)
+        return (shown or {}).get("connected_workers", {})
+
+
+def green_worker(peers: Peers, addrs: RouterAddrs, name: str, jobs: int,
+                 *extra: str) -> Proc:
+    return peers.green(["-B", addrs.backend, "-J", str(jobs), "-n", name, *WORKER_BEATS,
+                        *extra])
+
+
+def send_guaranteed(addrs: RouterAddrs, tags: list[str], gate: Optional[Path],
+                    sleep: Optional[float] = None) -> list[str]:
+    """Send one guaranteed job per tag with emq-green's client, each confirmed
+    by the router before the next is sent; returns the msgids."""
+    sent = []
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        for tag in tags:
+            if gate is not None:
+                sent.append(client.defer_job("interop_jobs.gated_record",
+                                             [tag, str(gate), 120.0], guarantee=True))
+            else:
+                sent.append(client.defer_job("interop_jobs.sleep_record",
+                                             [tag, sleep or 0.0], guarantee=True))
+        assert client.acknowledged == len(tags)  # every one confirmed
+    return sent
+
+
+def wait_started_on(peers: Peers, tags: list[str], pid: int, timeout: float = 30) -> None:
+    def started() -> bool:
+        pids = peers.record.pids("start")
+        return all(pids.get(tag) == pid for tag in tags)
+
+    wait_until(started, timeout, f"{len(tags)} jobs started in pid {pid}",
+               details=peers.logs)
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_of_a_green_worker_with_guaranteed_jobs_running(peers, tmp_path):
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--journal-file", str(tmp_path / "journal.db"))
+    victim = green_worker(peers, addrs, "victim", 200)
+    gate = tmp_path / "gate"
+    tags = [f"job{i}" for i in range(150)]
+    send_guaranteed(addrs, tags, gate)
+    wait_started_on(peers, tags, victim.pid)
+
+    survivor = green_worker(peers, addrs, "survivor", 200)
+    victim.kill()  # kill -9 of its process group, 150 jobs running
+    wait_until(lambda: router.status()["redelivered"] >= 150, 20,
+               "the 150 jobs queued again", details=peers.logs)
+    gate.touch()
+    done = peers.record.wait_for_tags(tags, 60, details=peers.logs)
+    assert set(done) == set(tags)
+    assert set(peers.record.pids("done").values()) == {survivor.pid}
+    status = router.status()
+    assert status["guaranteed_held"] == 0 and status["journal_rows"] == 0
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_of_eventmq_jobmanager_with_guaranteed_jobs_running(peers, tmp_path):
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)  # redelivery needs no journal
+    config = peers.write_config("jobmanager.conf", {"jobmanager": {
+        "worker_addr": addrs.backend, "concurrent_jobs": 4}})
+    victim = peers.jobmanager(["-C", str(config)])
+    wait_until(lambda: any(w["available_slots"] >= 4 for w in router.workers().values()), 30,
+               "emq-jobmanager with 4 free slots", details=peers.logs)
+    gate = tmp_path / "gate"
+    tags = [f"job{i}" for i in range(4)]
+    send_guaranteed(addrs, tags, gate)
+    wait_until(lambda: set(peers.record.tags("start")) == set(tags), 30,
+               "4 jobs started in emq-jobmanager", details=peers.logs)
+    started_in = set(peers.record.pids("start").values())
+    assert victim.pid not in started_in  # its worker processes ran them
+
+    survivor = green_worker(peers, addrs, "survivor", 10)
+    victim.kill()  # the whole process group: the job manager and its workers
+    gate.touch()
+    done = peers.record.wait_for_tags(tags, 60, details=peers.logs)
+    assert set(done) == set(tags)
+    assert set(peers.record.pids("done").values()) == {survivor.pid}
+    assert router.status()["redelivered"] == 4
+
+
+@pytest.mark.timeout(150)
+def test_sigstop_past_the_timeout_then_sigcont(peers, tmp_path):
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--journal-file", str(tmp_path / "journal.db"))
+    stopped = green_worker(peers, addrs, "stopped", 100)
+    gate = tmp_path / "gate"
+    first = [f"first{i}" for i in range(40)]
+    send_guaranteed(addrs, first, gate)
+    wait_started_on(peers, first, stopped.pid)
+    other = green_worker(peers, addrs, "other", 100)
+
+    stopped.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: router.status()["redelivered"] >= 40, 20,
+                   "its jobs queued again", details=peers.logs)
+        gate.touch()
+        peers.record.wait_for_tags(first, 60, details=peers.logs)
+    finally:
+        stopped.signal(signal.SIGCONT)
+    # resumed: its own runs end, and their REPLYs are late, dropped and counted
+    wait_until(lambda: router.status()["late_replies"] >= 40, 30,
+               "the resumed worker's late replies", details=peers.logs)
+    stopped.wait_for(r"ACK from ", count=2, timeout=30)  # it connected again
+
+    then = [f"then{i}" for i in range(200)]
+    send_guaranteed(addrs, then, None, sleep=0.2)
+    done = peers.record.wait_for_tags(then, 60, details=peers.logs)
+    assert set(done) >= set(then)
+    pids = peers.record.pids("done")
+    assert {pids[t] for t in then} == {stopped.pid, other.pid}  # both take jobs again
+    status = router.status()
+    assert status["guaranteed_held"] == 0
+    assert sum(done[t] for t in first) >= 40  # each at least once (some twice)
+
+
+def _journal_rows(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["kill-9", "sigterm"])
+def test_router_death_with_1000_confirmed_requests_then_restart(peers, tmp_path, how):
+    addrs = RouterAddrs.fresh()
+    journal = tmp_path / "journal.db"
+    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    worker = green_worker(peers, addrs, "worker", 20)
+    gate = tmp_path / "gate"
+    tags = [f"job{i}" for i in range(1000)]
+    send_guaranteed(addrs, tags, gate)  # 20 out at the worker, 980 buffered
+    wait_started_on(peers, tags[:20], worker.pid)
+    assert router.status()["guaranteed_held"] == 1000
+
+    if how == "kill-9":
+        router.kill()
+    else:
+        router.signal(signal.SIGTERM)
+        assert router.wait_exit(20) == 0
+    assert _journal_rows(journal) == 1000  # every confirmed request is on disk
+
+    again = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    assert again.status()["guaranteed_restored"] == 1000
+    gate.touch()
+    done = peers.record.wait_for_tags(tags, 90, details=peers.logs)
+    assert set(done) == set(tags)
+    wait_until(lambda: again.status()["guaranteed_held"] == 0, 30, "nothing held",
+               details=peers.logs)
+    again.signal(signal.SIGTERM)
+    assert again.wait_exit(20) == 0
+    assert _journal_rows(journal) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_corrupt_journal_stops_emq_green_router_with_the_file_named(tmp_path):
+    journal = tmp_path / "journal.db"
+    journal.write_bytes(b"\x00garbage" * 512)
+    addrs = RouterAddrs.fresh()
+    out = subprocess.run([str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
+                          "--backend-addr", addrs.backend, "--administrative-addr",
+                          addrs.admin, "--journal-file", str(journal)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert str(journal) in out.stderr and "not a readable SQLite database" in out.stderr
+    assert journal.read_bytes() == b"\x00garbage" * 512

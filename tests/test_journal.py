@@ -1,0 +1,219 @@
+"""The router's journal alone (``emq_green/router/journal.py``): a real SQLite
+file in a temporary directory, its writer greenlet and thread. Disk faults
+that cannot be produced as root in a test (a full or read-only disk) are
+injected into SQLite with ``mock``."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+from unittest.mock import patch
+
+import gevent
+import pytest
+
+from emq_green.router import journal as journal_module
+from emq_green.router.journal import APPLICATION_ID, SCHEMA_VERSION, Journal, JournalError
+
+
+def rows(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT msgid FROM requests ORDER BY seq")]
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(str(tmp_path / "journal.db"))
+    assert j.open() == []
+    j.start()
+    yield j
+    j.close()
+
+
+def add(journal: Journal, msgid: str, results: list) -> int:
+    return journal.add(msgid, b"client", "default", "guarantee,reply-requested",
+                       '["run", {}]', lambda error: results.append((msgid, error)))
+
+
+def test_a_new_file_is_an_emq_green_journal_in_wal_mode(journal, tmp_path):
+    db = sqlite3.connect(tmp_path / "journal.db")
+    assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_callbacks_run_once_the_batch_is_on_disk_one_commit_for_a_burst(journal, tmp_path):
+    done: list = []
+    for i in range(50):
+        add(journal, f"m{i}", done)
+    assert done == []  # nothing is on disk before the writer's turn
+    assert journal.flush(5)
+    assert done == [(f"m{i}", None) for i in range(50)]
+    assert rows(tmp_path / "journal.db") == [f"m{i}" for i in range(50)]
+    assert journal.commits == 1  # group commit: the burst in one transaction
+
+
+def test_a_request_that_ends_before_its_commit_never_reaches_the_disk(journal, tmp_path):
+    done: list = []
+    seq = add(journal, "quick", done)
+    add(journal, "slow", done)
+    journal.delete(seq)
+    assert done == [("quick", None)]  # its confirmation is not held back
+    assert journal.flush(5)
+    assert rows(tmp_path / "journal.db") == ["slow"]
+    assert journal.rows == 1
+
+
+def test_what_is_left_comes_back_in_order_and_seqs_go_on(tmp_path):
+    path = str(tmp_path / "journal.db")
+    first = Journal(path)
+    first.open()
+    first.start()
+    done: list = []
+    seqs = [add(first, f"m{i}", done) for i in range(5)]
+    assert first.flush(5)
+    first.delete(seqs[1])
+    first.close()  # commits the delete
+
+    second = Journal(path)
+    entries = second.open()
+    try:
+        assert [e.msgid for e in entries] == ["m0", "m2", "m3", "m4"]
+        assert [e.seq for e in entries] == [seqs[0], *seqs[2:]]
+        assert entries[0].client == b"client" and entries[0].headers.endswith("reply-requested")
+        second.start()
+        assert add(second, "next", done) == seqs[-1] + 1
+    finally:
+        second.close()
+
+
+def test_the_loop_runs_while_a_slow_commit_is_on_disk(journal):
+    commit = journal._commit
+    in_commit = threading.Event()
+
+    def slow_commit(adds, deletes):  # runs in the journal's native thread
+        in_commit.set()
+        time.sleep(0.5)  # an fsync on a slow disk
+        return commit(adds, deletes)
+
+    ticks = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.01)
+
+    with patch.object(journal, "_commit", slow_commit):
+        done: list = []
+        add(journal, "m", done)
+        tick = gevent.spawn(ticker)
+        assert journal.flush(5)
+        tick.kill()
+    assert in_commit.is_set() and done == [("m", None)]
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert len(ticks) > 20 and max(gaps) < 0.25  # the loop was never held for the commit
+
+
+def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes(journal,
+                                                                                  tmp_path):
+    done: list = []
+    kept = add(journal, "kept", done)
+    assert journal.flush(5)
+    refused_statements: list[str] = []
+
+    class FullDisk:
+        """sqlite3's connection, except that writing fails as on a full disk."""
+
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *args):
+            if sql.startswith(("INSERT", "DELETE")):
+                refused_statements.append(sql.split()[0])
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    real = journal._db
+    journal._db = FullDisk(real)  # type: ignore[assignment]
+    try:
+        with patch.object(journal_module, "RETRY_AFTER", 0.2):
+            lost: list = []
+            add(journal, "lost", lost)
+            journal.delete(kept)
+            wait_for(lambda: lost, 5)
+            assert lost[0][0] == "lost" and "disk is full" in lost[0][1]
+            assert not journal.accepting() and "disk is full" in journal.failure
+            assert journal.commit_failures == 1 and refused_statements == ["INSERT"]
+            journal._db = real  # the disk has room again
+            wait_for(lambda: journal.accepting(), 5)
+            wait_for(lambda: journal.commits >= 2, 5)  # the delete, tried again
+    finally:
+        journal._db = real
+    assert rows(tmp_path / "journal.db") == []
+    assert journal.failure is None
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        gevent.sleep(0.01)
+
+
+def test_a_second_journal_on_the_same_file_is_refused_while_the_first_holds_it(journal,
+                                                                                 tmp_path):
+    with pytest.raises(JournalError, match="in use by another router"):
+        Journal(str(tmp_path / "journal.db")).open()
+    journal.close()
+    again = Journal(str(tmp_path / "journal.db"))
+    again.open()  # free once the first let go
+    again.close()
+
+
+def test_a_damaged_page_fails_the_integrity_check(tmp_path):
+    path = tmp_path / "journal.db"
+    j = Journal(str(path))
+    j.open()
+    j.start()
+    for i in range(300):
+        add(j, f"m{i}" + "x" * 200, [])
+    j.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[2 * page + 100: 2 * page + 400] = b"\xff" * 300  # scribble over a table page
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError) as raised:
+        Journal(str(path)).open()
+    assert str(path) in str(raised.value)
+
+
+def test_a_read_only_place_is_named_at_start(tmp_path):
+    target = tmp_path / "journal.db"
+    error: Optional[BaseException] = None
+    with patch.object(journal_module.os, "open",
+                      side_effect=OSError(30, "Read-only file system")):
+        try:
+            Journal(str(target)).open()
+        except JournalError as exc:
+            error = exc
+    assert error is not None and str(target) in str(error) and "Read-only" in str(error)
+
+
+def test_journal_sync_full_is_applied(tmp_path):
+    j = Journal(str(tmp_path / "journal.db"), sync="full")
+    j.open()
+    try:
+        assert j._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        j.close()
+    with pytest.raises(ValueError):
+        Journal(str(tmp_path / "other.db"), sync="sometimes")
