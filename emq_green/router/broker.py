@@ -152,7 +152,8 @@ class Router:
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
-        #: Every line a peer's message causes: a burst per window, then a summary.
+        #: Every line a peer's message causes goes through it (a burst per
+        #: window, then a summary line).
         self.log_limiter = LogLimiter(logger, summary="router: %d more warning(s) caused by "
                                       "peers' messages, not logged one by one: %s")
         #: The three sockets, their readers and the one send path.

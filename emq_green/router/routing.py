@@ -84,15 +84,15 @@ class Worker:
         default_factory=collections.OrderedDict)
     #: requests in :attr:`in_flight` sent without ``reply-requested``
     unreplied: int = 0
-    #: such requests ended by a REPLY anyway: their READYs retire nothing
+    #: Such requests ended by a REPLY anyway (their READYs retire nothing).
     replied_unasked: int = 0
     #: The monotonic time, set at its KBYE, when its unfinished guaranteed
     #: jobs go elsewhere (until then they may still end there, with a REPLY).
     leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
-    #: the queue names, heaviest first (sorted once, at INFORM: a READY
-    #: walks them in this order)
+    #: The queue names, heaviest first, sorted once at INFORM (a READY walks
+    #: them in this order).
     by_weight: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +109,7 @@ class Worker:
         ``reply-requested`` the oldest is taken as done (a best estimate).
         Call it only when :attr:`unreplied` is not 0 (else every READY would
         walk the whole list). Returns the msgid retired (see
-        :meth:`Routing.retire_oldest_unreplied`, which keeps the index)."""
+        ``Routing.retire_oldest_unreplied``, which keeps the index)."""
         for msgid, sent in self.in_flight.items():
             if not sent.reply_requested:
                 del self.in_flight[msgid]
