@@ -334,6 +334,8 @@ class JobManager:
         never entered :attr:`jobs_in_flight` (its msgid may be another job's)."""
         callback = self.worker_done_with_reply if headers.reply_requested else self.worker_done
         callback(outcome.reply(), msgid, False, self._slots.pid)
+        if self._link.origins.conn_of:
+            self._link.origins.ended(msgid)
 
     def handle_response(self, resp: dict[str, Any]) -> None:
         """Account for a finished job reported as EventMQ's worker processes
@@ -360,6 +362,8 @@ class JobManager:
         if not death:
             self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
         callback(reply, msgid, death, pid)
+        if self._link.origins.conn_of:  # a reload happened with jobs running
+            self._link.origins.ended(msgid)
 
     def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """Called when a job ends that asked for no reply: offer the freed
@@ -445,19 +449,22 @@ class JobManager:
 
     def log_status(self) -> None:
         """Log what SIGUSR1 logs: :meth:`status` as one JSON line, then the
-        jobs in flight, oldest first."""
-        _log_status(self.status())
+        jobs in flight, oldest first (with their msgids, which the HTTP status
+        leaves out)."""
+        _log_status(self.status(), list(self.jobs_in_flight.values()))
 
 
-def _log_status(status: dict[str, Any], most: int = 200) -> None:
-    """Log ``status`` as one JSON line, then up to ``most`` of its jobs in flight."""
-    jobs = status.pop("jobs_in_flight")
+def _log_status(status: dict[str, Any], records: list[JobRecord], most: int = 200) -> None:
+    """Log ``status`` as one JSON line, then up to ``most`` of the jobs in flight."""
+    status.pop("jobs_in_flight", None)
     logger.info("status: %s", json.dumps(status, sort_keys=True))
-    for job in jobs[:most]:
-        logger.info("  in flight %.3fs %s %s (queue %s)", job["age"], job["callable"],
-                    job["msgid"], job["queue"])
-    if len(jobs) > most:
-        logger.info("  ... and %d more", len(jobs) - most)
+    now = time.monotonic()
+    records.sort(key=lambda r: r.started)
+    for record in records[:most]:
+        logger.info("  in flight %.3fs %s %s (queue %s)", now - record.started,
+                    record.callable_name, record.msgid, record.queue)
+    if len(records) > most:
+        logger.info("  ... and %d more", len(records) - most)
 
 
 def jobmanager_main(broker_addr: Optional[str] = None) -> None:

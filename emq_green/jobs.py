@@ -26,6 +26,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import gevent
 
+from .callables import NOT_ALLOWED, CallableNotAllowed, CallablePolicy
+from .limits import worker_log
 from .protocol import Headers, RunRequest, printable
 
 logger = logging.getLogger(__name__)
@@ -124,17 +126,26 @@ def import_dotted(path: str) -> Callable[..., Any]:
     return func
 
 
-def resolve(request: RunRequest) -> Callable[..., Any]:
-    """The callable a request names; ``module:Class`` is instantiated first."""
+def resolve(request: RunRequest, policy: Optional[CallablePolicy] = None) -> Callable[..., Any]:
+    """The callable a request names; ``module:Class`` is instantiated first.
+
+    With ``policy``, what the name resolved to must be defined in a module
+    the allowed list covers (:meth:`CallablePolicy.check_resolved`): the
+    class before it is instantiated, a function before it is returned.
+    Raises :class:`~emq_green.callables.CallableNotAllowed` otherwise."""
     module_name, _, class_name = request.path.partition(":")
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     target: Any = module
     if class_name:
         cls = getattr(module, class_name)
+        if policy is not None:
+            policy.check_resolved(request, cls)
         target = cls(*request.class_args, **request.class_kwargs)
     func = getattr(target, request.callable)
     if not callable(func):
         raise TypeError(f"{request.name} is not callable")
+    if policy is not None and not class_name:
+        policy.check_resolved(request, func)
     return func
 
 
@@ -172,11 +183,18 @@ def run_attempts(
 
 
 def not_found(request: RunRequest, exc: Exception) -> JobOutcome:
-    """The outcome of a request whose callable could not be imported or
-    found: a failure with no attempt made (not retried, and not counted
-    under the callable's own name in the metrics)."""
-    logger.warning("job %s: callable not found: %s: %s", printable(request.name),
-                   type(exc).__name__, printable(exc, 300))
+    """The outcome of a request whose callable could not be imported, found
+    or allowed: a failure with no attempt made (not retried, and not counted
+    under the callable's own name in the metrics). A name the allowed list
+    refuses once resolved is ``CallableNotAllowed``, as one refused by its
+    text. Logged through the process's limiter (clients choose the names)."""
+    if isinstance(exc, CallableNotAllowed):
+        worker_log.warning("refused", "job %s refused: %s", printable(request.name),
+                           printable(exc, 300), via=logger)
+        return JobOutcome.rejected(NOT_ALLOWED, str(exc))
+    worker_log.warning("not_found", "job %s: callable not found: %s: %s",
+                       printable(request.name), type(exc).__name__, printable(exc, 300),
+                       via=logger)
     return JobOutcome.failure(exc, attempts=0)
 
 
@@ -247,10 +265,13 @@ class JobRunner:
         entry_func: Optional[Callable[[], Any]] = None,
         exit_func: Optional[Callable[[], Any]] = None,
         deadlines: Optional[Deadlines] = None,
+        policy: Optional[CallablePolicy] = None,
     ) -> None:
         self.global_timeout = global_timeout
         self.entry_func = entry_func
         self.exit_func = exit_func
+        #: ``allowed_callables``, applied again to what a name resolves to
+        self.policy = policy
         #: shared by the runners of one manager (a new runner on SIGHUP)
         self.deadlines = deadlines if deadlines is not None else Deadlines()
 
@@ -278,7 +299,7 @@ class JobRunner:
         token = self.deadlines.enter(timeout) if timeout else None
         try:
             try:
-                func = resolve(request)
+                func = resolve(request, self.policy)
             except Exception as exc:
                 return not_found(request, exc)
             value = func(*request.args, **request.kwargs)

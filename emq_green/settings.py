@@ -91,6 +91,10 @@ class Settings:
     max_buffer_bytes: int = 128 * 1024 * 1024
     #: router: results it holds a client's address for at most (docs/router.md)
     max_pending_results: int = 100_000
+    #: router: bytes those pending results may take in all (msgids, identities)
+    max_pending_result_bytes: int = 32 * 1024 * 1024
+    #: router: pending results one client identity may hold at most
+    max_pending_results_per_client: int = 25_000
     #: router: seconds a pending result is kept before it is dropped as expired
     result_ttl: float = 3600.0
     # CURVE (emq_green/curve.py); all empty: plain links, as EventMQ
@@ -99,6 +103,9 @@ class Settings:
     curve_authorized_keys: str = ""
     #: router: HOST:PORT of the dashboard page (empty: off; see dashboard.py)
     dashboard_addr: str = ""
+    #: host names the HTTP pages (metrics, dashboard) answer to, besides their
+    #: bound address and localhost (emq_green/web/serve.py)
+    http_allowed_hosts: tuple[str, ...] = ()
     #: router: SQLite file of accepted guaranteed requests (empty: memory only)
     journal_file: str = ""
     #: router: "normal" (survives kill -9 of the router) or "full" (power loss)
@@ -178,13 +185,15 @@ def _to_addr(text: str) -> str:
 
 
 def _to_http_addr(text: str) -> str:
-    """``HOST:PORT`` or ``:PORT`` (all interfaces); empty turns it off."""
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (both loopback: see
+    :func:`emq_green.web.serve.parse_http_addr`); empty turns it off."""
+    from .web.serve import parse_http_addr
+
     text = text.strip()
-    if not text:
-        return ""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError("must be HOST:PORT like 127.0.0.1:9100 (or :9100)")
+    if text.isdigit():
+        text = ":" + text
+    if text:
+        parse_http_addr(text)
     return text
 
 
@@ -221,14 +230,6 @@ def _to_journal_sync(text: str) -> str:
         raise ValueError('must be "normal" (survives kill -9) or "full" (an fsync per '
                          "commit: survives power loss)")
     return text
-
-
-def _to_dashboard_addr(text: str) -> str:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` (both loopback); empty turns it off."""
-    text = text.strip()
-    if text.isdigit():
-        text = ":" + text
-    return _to_http_addr(text)
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,11 @@ _SPECS: tuple[_Spec, ...] = (
           "send a callable to the subprocess pool after it blocked the loop this "
           "long in total (0: never)"),
     _Spec("metrics_addr", ("--metrics-addr",), _to_http_addr,
-          "HOST:PORT for the HTTP metrics and status endpoint (default: off)"),
+          "HOST:PORT (or PORT, on loopback) for the HTTP metrics and status endpoint "
+          "(default: off)"),
+    _Spec("http_allowed_hosts", ("--http-allowed-hosts",), _to_str_list,
+          "host names the HTTP pages answer to besides their address and localhost "
+          "(JSON list; others get 421)"),
     _Spec("frontend_addr", ("--frontend-addr",), _to_addr, "router: address for clients"),
     _Spec("backend_addr", ("--backend-addr",), _to_addr, "router: address for workers"),
     _Spec("administrative_addr", ("--administrative-addr",), _to_addr,
@@ -309,8 +314,15 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("max_buffer_bytes", ("--max-buffer-bytes",), _to_size,
           "router: bytes of requests buffered in all before it stops reading clients"),
     _Spec("max_pending_results", ("--max-pending-results",), _to_positive_int,
-          "router: results waiting to go back to their clients, at most; the oldest "
-          "is dropped beyond"),
+          "router: results waiting to go back to their clients, at most; a result "
+          "request beyond is refused"),
+    _Spec("max_pending_result_bytes", ("--max-pending-result-bytes",), _to_positive_int,
+          "router: bytes the pending results may take in all; a result request beyond "
+          "is refused"),
+    _Spec("max_pending_results_per_client", ("--max-pending-results-per-client",),
+          _to_positive_int,
+          "router: pending results one client may hold; its result requests beyond are "
+          "refused (others are not affected)"),
     _Spec("result_ttl", ("--result-ttl",), _to_positive_seconds,
           "router: seconds a result request waits for its result before it is dropped"),
     _Spec("curve_secret_key_file", ("--curve-secret-key-file",), _to_file,
@@ -321,7 +333,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("curve_authorized_keys", ("--curve-authorized-keys",), _to_directory,
           "CURVE: directory of public certificates allowed in (router; re-read on "
           "SIGHUP) (default: none)"),
-    _Spec("dashboard_addr", ("--dashboard-addr",), _to_dashboard_addr,
+    _Spec("dashboard_addr", ("--dashboard-addr",), _to_http_addr,
           "router: HOST:PORT (or PORT, on loopback) for the dashboard page (default: off)"),
     _Spec("journal_file", ("--journal-file",), _to_journal_file,
           "router: SQLite file where guaranteed requests are kept until they finish, "

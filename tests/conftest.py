@@ -10,6 +10,7 @@ import pytest
 from fakerouter import FakeRouter
 
 from emq_green.jobmanager import JobManager, State
+from emq_green.limits import worker_log
 from emq_green.settings import Settings
 
 FAST_HEARTBEATS = dict(heartbeat_interval=0.2, heartbeat_timeout=0.5, heartbeat_liveness=3)
@@ -69,4 +70,5 @@ def stop_for_good(manager: JobManager, timeout: float = 15.0) -> bool:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="emq_green")
+    worker_log.reset()  # the process's rate limiter: each test starts with a full burst
 

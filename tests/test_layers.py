@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emq_green"
 #: subpackage. A module may import modules of its own unit or of a lower
 #: layer; units that share a layer (the three programs) never import each other.
 LAYERS: list[set[str]] = [
-    {"__init__", "protocol", "lifecycle", "web"},   # wire values, state, the HTML pages
+    {"__init__", "limits", "protocol", "lifecycle", "web"},  # limits, wire values, state, pages
     {"callables", "settings", "curve"},             # policy, settings, keys: shared by all
     {"jobs", "records"},                            # one job and its record
     {"extensions"},                                 # the contract for the worker's extensions

@@ -218,7 +218,10 @@ def test_reload_with_jobs_running_keeps_them_and_offers_only_free_slots(router, 
     J.gates["r"].set()
     for msgid in running:
         assert router.wait_reply(msgid) == {"value": "r"}
-    assert {r.identity for r in router.messages(Command.REPLY)} == {second}
+    # each REPLY leaves on the connection its REQUEST came on: a router takes
+    # a REPLY only from the identity it handed the job to (issue 20)
+    replied_on = {r.message.body[1]: r.identity for r in router.messages(Command.REPLY)}
+    assert replied_on == {**{m: first for m in running}, probe: second}
     router.wait_count(Command.READY, 7, identity=second)
     router.wait_until(lambda: not manager.jobs_in_flight)
     assert router.count(Command.READY, second) == 7  # 6 - 2 + 1 + 2

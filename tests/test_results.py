@@ -29,6 +29,7 @@ from test_router import Harness, make_router, wait_until
 
 from emq_green.client import Client, JobError, ResultLostError, ResultTimeout, job
 from emq_green.protocol import Command
+from emq_green.router import Request
 
 __all__ = ["make_router"]  # the fixture, shared with test_router
 
@@ -179,56 +180,60 @@ def _results_of(client, count: int) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.timeout(30)
-def test_pending_results_are_bounded_the_oldest_dropped_and_told(make_router):
+def test_pending_results_are_bounded_the_newcomer_refused_and_told(make_router):
+    """At the bound the newcomer is refused (it does not run) and nobody
+    waiting is pushed out (issue 20: no client can evict another's results)."""
     h: Harness = make_router(max_pending_results=3)
     worker = h.worker(slots=5)
     client = h.peer("frontend")
     sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(5)]
-    requests = [worker.recv() for _ in range(5)]
-    assert [r.msgid for r in requests] == [s.msgid for s in sent]
+    requests = [worker.recv() for _ in range(3)]
+    assert [r.msgid for r in requests] == [s.msgid for s in sent[:3]]
 
-    lost = _results_of(client, 2)
-    assert [msgid for msgid, _reply in lost] == [sent[0].msgid, sent[1].msgid]
-    assert all(reply["reason"] == "evicted" for _m, reply in lost)
+    refused = _results_of(client, 2)
+    assert [msgid for msgid, _reply in refused] == [sent[3].msgid, sent[4].msgid]
+    assert all(reply["error"]["type"] == "TooManyPendingResults"
+               and reply["refused"] == "results_full" for _m, reply in refused)
     status = h.admin(Command.STATUS)
     assert status["pending_results"] == 3 and status["max_pending_results"] == 3
-    assert status["results_dropped_by_reason"] == {"evicted": 2}
-    assert len(h.router.results) == 3
+    assert status["results_dropped_by_reason"] == {}
+    assert status["results_refused_by_reason"] == {"full": 2}
+    assert status["requests_refused_by_reason"] == {"results_full": 2}
+    assert worker.pending() == []  # the refused ones never reached a worker
 
     for request in requests:
         worker.send(Command.REPLY, json.dumps({"value": request.msgid}), request.msgid)
     results = _results_of(client, 3)
-    assert results == [(s.msgid, {"value": s.msgid}) for s in sent[2:]]
-    assert client.pending() == []  # nothing for the two evicted ones
+    assert results == [(s.msgid, {"value": s.msgid}) for s in sent[:3]]
     wait_until(lambda: h.router.results.forwarded == 3, what="3 forwarded")
     assert len(h.router.results) == 0
 
 
 @pytest.mark.timeout(30)
-def test_a_mass_eviction_logs_a_bounded_number_of_lines(make_router, caplog):
-    from emq_green.router.results import LOST_LOG_BURST
+def test_a_mass_refusal_logs_a_bounded_number_of_lines(make_router, caplog):
+    from emq_green.limits import LOG_BURST
 
-    caplog.set_level(logging.WARNING, logger="emq_green.router.results")
+    caplog.set_level(logging.WARNING, logger="emq_green.router")
     h: Harness = make_router(max_pending_results=1, heartbeat_interval=0.2)
-    h.router.relay.log_window = 1.0
-    client = h.peer("frontend")  # no worker: every request waits, every add evicts
-    evictions = 3 * LOST_LOG_BURST
-    for _ in range(evictions + 1):
+    h.router.log_limiter.window = 1.0
+    client = h.peer("frontend")  # no worker: the first waits, every later one is refused
+    refusals = 3 * LOG_BURST
+    for _ in range(refusals + 1):
         h.request(client, headers=RESULT_HEADERS)
-    assert len(_results_of(client, evictions)) == evictions  # each client is told
-    assert h.admin(Command.STATUS)["results_dropped_by_reason"] == {"evicted": evictions}
+    assert len(_results_of(client, refusals)) == refusals  # each client is told
+    assert h.admin(Command.STATUS)["results_refused_by_reason"] == {"full": refusals}
 
     def texts():
-        return [r.getMessage() for r in caplog.records if r.name == "emq_green.router.results"]
+        return [r.getMessage() for r in caplog.records if r.name == "emq_green.router.broker"]
 
     # after the window, the housekeeping tick logs the rest as one line
     wait_until(lambda: any("not logged one by one" in t for t in texts()), timeout=10,
                what="the summary line")
-    one_by_one = [t for t in texts() if "was dropped (evicted)" in t]
+    one_by_one = [t for t in texts() if "refused: the router holds" in t]
     [summary] = [t for t in texts() if "not logged one by one" in t]
-    assert len(one_by_one) == LOST_LOG_BURST
-    assert summary.startswith(f"router: {evictions - LOST_LOG_BURST} more result(s)")
-    assert "'evicted'" in summary
+    assert len(one_by_one) == LOG_BURST
+    assert summary.startswith(f"router: {refusals - LOG_BURST} more warning(s)")
+    assert "'results_full'" in summary
 
 
 @pytest.mark.timeout(30)
@@ -267,7 +272,12 @@ def test_result_for_a_client_that_is_gone_is_dropped_and_counted(make_router):
         # ROUTER_MANDATORY fails the send only once ZeroMQ has seen the peer
         # go; until then the result went to a closed pipe: ask again
         assert time.monotonic() < deadline, "the result was never dropped"
-        results.add(request.msgid, client.identity, time.monotonic())
+        # the worker holds the request again, and the client waits again
+        now = time.monotonic()
+        h.router.routing.sent(h.router.workers[worker.identity],
+                              Request(request.msgid, client.identity, "default", request.body,
+                                      now), "default", now)
+        results.add(request.msgid, client.identity, now)
         gevent.sleep(0.02)  # poll interval: ZeroMQ notices the peer left
     assert results.dropped["client_gone"] == 1
     assert h.admin(Command.STATUS)["results_dropped_by_reason"] == {"client_gone": 1}
@@ -302,23 +312,27 @@ def test_a_dead_worker_loses_the_result_and_the_client_is_told(make_router):
 
 @pytest.mark.timeout(30)
 def test_client_handle_raises_result_lost():
-    """The router's notice reaches emq-green's client as ResultLostError."""
+    """The router's notices reach emq-green's client: a refused request as
+    JobError, a result that expired as ResultLostError."""
     from emq_green.router import Router
     from emq_green.settings import Settings
 
     router = Router(settings=Settings(frontend_addr="tcp://127.0.0.1:*",
                                       backend_addr="tcp://127.0.0.1:*",
                                       administrative_addr="tcp://127.0.0.1:*",
-                                      max_pending_results=1))
+                                      max_pending_results=1, result_ttl=0.5,
+                                      heartbeat_interval=0.2))
     router.start()
     try:
         with Client(router.endpoints["frontend"], green=True) as client:
             first = client.defer_job("jobs_for_tests.add", [1, 2], result=True)
             second = client.defer_job("jobs_for_tests.add", [3, 4], result=True)
+            with pytest.raises(JobError) as refused:
+                second.get(timeout=5)
+            assert refused.value.type == "TooManyPendingResults"
             with pytest.raises(ResultLostError) as lost:
                 first.get(timeout=5)
-            assert lost.value.reason == "evicted"
-            assert not second.ready()
+            assert lost.value.reason == "expired"
     finally:
         assert router.stop(timeout=5)
 

@@ -132,7 +132,7 @@ class ResultTimeout(TimeoutError):
 
 
 class ResultLostError(Exception):
-    """The router dropped the result (``reason``: ``evicted``, ``expired``,
+    """The router dropped the result (``reason``: ``expired``,
     ``worker_lost``, ``stopping``); the job may or may not have run."""
 
     def __init__(self, msgid: str, reason: str, text: str) -> None:

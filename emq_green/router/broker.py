@@ -51,8 +51,15 @@ Limits, where emq-green differs from EventMQ:
 
 Results, an extension EventMQ lacks: for a REQUEST with the
 ``result-requested`` header the router remembers the client and sends it the
-worker's REPLY body (no acknowledgement then); the map is bounded in size
-and age. See :mod:`emq_green.router.results` and docs/router.md.
+worker's REPLY body (no acknowledgement then); the map is bounded in
+count, bytes, per client and age. See :mod:`emq_green.router.results` and
+docs/router.md.
+
+Refused requests (:class:`~emq_green.router.clients.ClientSide`,
+docs/security.md): a msgid over 128 bytes, a msgid already buffered, in
+flight or waiting for its result, a result request the map has no room
+for. Every line a peer's message causes goes through one
+:class:`~emq_green.limits.LogLimiter` (:attr:`Router.log_limiter`).
 
 Lifecycle: ``stopped -> running -> stopping -> stopped``, changed only by
 :meth:`Router._set_state`. :meth:`stop` says KBYE to every worker, logs
@@ -75,6 +82,7 @@ import zmq.green
 
 from ..curve import server_curve
 from ..lifecycle import Lifecycle
+from ..limits import LogLimiter
 from ..protocol import Command, Message, printable
 from ..settings import Settings
 from .clients import ClientSide
@@ -144,13 +152,19 @@ class Router:
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Every line a peer's message causes goes through it (a burst per
+        #: window, then a summary line).
+        self.log_limiter = LogLimiter(logger, summary="router: %d more warning(s) caused by "
+                                      "peers' messages, not logged one by one: %s")
         #: The three sockets, their readers and the one send path.
         self.sockets = RouterSockets(context=self._context, settings=settings,
-                                     counters=self.counters,
+                                     counters=self.counters, limiter=self.log_limiter,
                                      dropped_by_reason=self.dropped_by_reason)
         #: Clients waiting for a job's result (the result-requested header).
         self.relay = ResultRelay(
-            PendingResults(settings.max_pending_results, settings.result_ttl),
+            PendingResults(settings.max_pending_results, settings.result_ttl,
+                           max_bytes=settings.max_pending_result_bytes,
+                           per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message))
         #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
@@ -159,12 +173,13 @@ class Router:
         #: The worker side (INFORM, READY, REPLY, KBYE, heartbeats, hand-over).
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
-                                      counters=self.counters, guarantees=self.guarantees)
+                                      counters=self.counters, guarantees=self.guarantees,
+                                      limiter=self.log_limiter)
         #: The client side (REQUEST plain or guaranteed, the buffer, DISCONNECT).
         self.client_side = ClientSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
                                       guarantees=self.guarantees, worker_side=self.worker_side,
-                                      counters=self.counters,
+                                      counters=self.counters, limiter=self.log_limiter,
                                       dropped_by_reason=self.dropped_by_reason)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
@@ -375,14 +390,14 @@ class Router:
 
     def _on_schedule(self, client: bytes, message: Message) -> None:
         self.dropped_by_reason["no_scheduler"] += 1
-        logger.error("router: %s %s dropped: emq-green's router has no scheduler "
-                     "(run EventMQ's emq-router and emq-scheduler for scheduled jobs)",
-                     message.command.value, printable(message.msgid))
+        self.log_limiter.error("no_scheduler", "router: %s %s dropped: emq-green's router has "
+                               "no scheduler (run EventMQ's emq-router and emq-scheduler for "
+                               "scheduled jobs)", message.command.value, printable(message.msgid))
 
     def _on_scheduler_inform(self, client: bytes, message: Message) -> None:
-        logger.error("router: INFORM %s from %s on the client socket ignored: emq-green's "
-                     "router does not take schedulers", printable(message.msgid),
-                     printable(client))
+        self.log_limiter.error("no_scheduler", "router: INFORM %s from %s on the client socket "
+                               "ignored: emq-green's router does not take schedulers",
+                               printable(message.msgid), printable(client))
 
     # ------------------------------------------------------------------
     # administration
@@ -414,6 +429,9 @@ class Router:
             "oversized_messages": self.counters["oversized_messages"],
             "malformed_messages": self.counters["malformed_messages"],
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
+            "requests_refused_by_reason": dict(self.client_side.refused_by_reason),
+            "informs_refused": self.counters["informs_refused"],
+            "unknown_worker_messages": self.counters["unknown_worker_messages"],
             **self.results.status(),
             **self.guarantees.status(),
         }

@@ -14,6 +14,14 @@ guaranteed request is accepted once it is safe, journaled when there is a
 journal, and confirmed then, buffered or not (:mod:`emq_green.router.guarantee`);
 and a DISCONNECT from a client is ignored (EventMQ stops on it: any client
 could then stop the service).
+
+Refused before anything is held (O(1) checks, docs/security.md): a msgid
+over :data:`~emq_green.limits.MAX_MSGID_BYTES`; a msgid already buffered, in
+flight or waiting for its result (it never takes the other's place); a
+result request the pending map has no room for. Each gets ``REPLY
+[refusal_json, msgid]`` (:func:`~emq_green.router.results.refusal_body`),
+counted in :attr:`ClientSide.refused_by_reason` and logged through the
+router's rate limiter.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import logging
 import time
 from typing import Optional
 
+from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
 from ..protocol import (
     Command,
     Message,
@@ -33,12 +42,24 @@ from ..protocol import (
 )
 from ..settings import Settings
 from .guarantee import Guarantees, refusal_body
-from .results import ResultRelay
+from .results import BYTES, CLIENT_SHARE, FULL, ResultRelay
+from .results import refusal_body as request_refusal
 from .routing import Request, Routing
 from .sockets import RouterSockets
 from .workers import WorkerSide
 
 logger = logging.getLogger(__name__)
+
+#: msgids of at most this many characters are never over MAX_MSGID_BYTES
+#: (4 bytes per character at most in UTF-8)
+_ASCII_SAFE = MAX_MSGID_BYTES // 4
+#: a result request refused by the pending map: (reason, text)
+_RESULTS_REFUSED = {
+    FULL: ("results_full", "the router holds max_pending_results results already"),
+    BYTES: ("results_bytes", "the router holds max_pending_result_bytes of results already"),
+    CLIENT_SHARE: ("results_client_share",
+                   "this client holds max_pending_results_per_client results already"),
+}
 
 
 class ClientSide:
@@ -47,7 +68,8 @@ class ClientSide:
     def __init__(self, *, settings: Settings, routing: Routing, sockets: RouterSockets,
                  relay: ResultRelay, guarantees: Guarantees, worker_side: WorkerSide,
                  counters: collections.Counter[str],
-                 dropped_by_reason: collections.Counter[str]) -> None:
+                 dropped_by_reason: collections.Counter[str],
+                 limiter: Optional[LogLimiter] = None) -> None:
         self.settings = settings
         self.routing = routing
         self.sockets = sockets
@@ -56,6 +78,14 @@ class ClientSide:
         self.worker_side = worker_side
         self.counters = counters
         self.dropped_by_reason = dropped_by_reason
+        #: REQUESTs refused (answered with an error, never run), by reason:
+        #: ``msgid_too_long``, ``msgid_taken``, ``results_full``,
+        #: ``results_bytes``, ``results_client_share`` (STATUS
+        #: ``requests_refused_by_reason``)
+        self.refused_by_reason: collections.Counter[str] = collections.Counter()
+        self._log = limiter or LogLimiter(logger)
+        self._holders = routing.holders
+        self._pending_ids = relay.pending.ids
 
     def restore(self) -> None:
         """Queue again what the journal holds (accepted by an earlier router,
@@ -75,18 +105,38 @@ class ClientSide:
     def on_request(self, client: bytes, message: Message) -> None:
         if len(message.body) != 3:
             self.dropped_by_reason["malformed"] += 1
-            logger.error("router: REQUEST %s from %s has %d body frames, expected 3; dropped",
-                         printable(message.msgid), printable(client), len(message.body))
+            self._log.error("malformed", "router: REQUEST %s from %s has %d body frames, "
+                            "expected 3; dropped", printable(message.msgid), printable(client),
+                            len(message.body))
+            return
+        msgid = message.msgid
+        # O(1) checks, before anything is held: the id's length, whether it is
+        # taken (buffered, in flight, or waiting for its result); written out,
+        # no calls: this runs per job
+        size = len(msgid)
+        if size > _ASCII_SAFE and (size > MAX_MSGID_BYTES or not msgid.isascii()) \
+                and msgid_too_long(msgid):
+            self._refuse_request(client, message, "msgid_too_long", "InvalidRequest",
+                                 f"the msgid is longer than {MAX_MSGID_BYTES} bytes")
+            return
+        if msgid in self._holders or msgid in self._pending_ids:
+            self._refuse_request(client, message, "msgid_taken", "DuplicateMsgid",
+                                 "a request with this msgid is already buffered, running or "
+                                 "waiting for its result; send it with a new msgid")
             return
         headers = message.body[1]
         wants_result = result_requested_in(headers)
+        now = time.monotonic()
+        if wants_result:
+            full = self.relay.remember(msgid, client, now)
+            if full is not None:
+                reason, text = _RESULTS_REFUSED[full]
+                self._refuse_request(client, message, reason, "TooManyPendingResults", text)
+                return
         if "guarantee" in headers and guarantee_in(headers):
             self._on_guaranteed(client, message, wants_result)
             return
-        request = Request(message.msgid, client, message.body[0], message.body,
-                          time.monotonic())
-        if wants_result:
-            self.relay.remember(request.msgid, client, request.received)
+        request = Request(msgid, client, message.body[0], message.body, now)
         # EventMQ acknowledges a request when it hands it out (not when it
         # buffers it); a request that asked for its result gets the result
         if self._route(request) and not wants_result:
@@ -99,16 +149,18 @@ class ClientSide:
         msgid = message.msgid
         why = self.guarantees.refusal()
         if why is not None:
-            self._refuse(client, msgid, why)
+            self._refuse(client, msgid, why, wants_result)
             return
         queue, headers, payload = message.body
+        holders = self._holders
+        holders[msgid] = None  # taken while the journal writes it
 
         def accepted(request: Optional[Request], why: Optional[str]) -> None:
             if request is None:
-                self._refuse(client, msgid, why or "not accepted")
+                if msgid in holders and holders[msgid] is None:
+                    del holders[msgid]
+                self._refuse(client, msgid, why or "not accepted", wants_result)
                 return
-            if wants_result:
-                self.relay.remember(msgid, client, request.received)
             self.sockets.send("frontend", client, Message.new(Command.REPLY, msgid))
             self._route(request)
             self.worker_side.resume_clients()
@@ -119,19 +171,33 @@ class ClientSide:
             self.sockets.pause_clients(f"{self.guarantees.journal.backlog} guaranteed "
                                        "requests wait for the journal")
 
-    def _refuse(self, client: bytes, msgid: str, why: str) -> None:
-        logger.error("router: guaranteed REQUEST %s from %s refused: %s", printable(msgid),
-                     printable(client), why)
+    def _refuse(self, client: bytes, msgid: str, why: str, wants_result: bool) -> None:
+        if wants_result:
+            self.relay.pending.pop(msgid)  # remembered before: it will not run
+        self._log.error("guarantee_refused", "router: guaranteed REQUEST %s from %s refused: "
+                        "%s", printable(msgid), printable(client), why)
         self.sockets.send("frontend", client,
                           Message.new(Command.REPLY, refusal_body(why), msgid))
+
+    def _refuse_request(self, client: bytes, message: Message, reason: str,
+                        error_type: str, text: str) -> None:
+        """Answer a REQUEST that will not run: ``REPLY [refusal_json, msgid]``
+        (a result handle raises it as ``JobError(error_type)``), counted and
+        logged (rate-limited)."""
+        self.refused_by_reason[reason] += 1
+        self._log.warning(reason, "router: REQUEST %s from %s refused: %s",
+                          printable(message.msgid, 60), printable(client), text)
+        self.sockets.send("frontend", client, Message.new(
+            Command.REPLY, request_refusal(error_type, text, reason), message.msgid))
 
     def _route(self, request: Request) -> bool:
         """Hand ``request`` to a worker, else buffer it; True when it left."""
         routing = self.routing
         queue = routing.queue_for(request.queue)
         if queue != request.queue:
-            logger.warning("router: no worker serves queue %s; REQUEST %s goes to %s",
-                           printable(request.queue), printable(request.msgid), queue)
+            self._log.warning("unserved_queue", "router: no worker serves queue %s; REQUEST %s "
+                              "goes to %s", printable(request.queue), printable(request.msgid),
+                              queue)
         while True:
             worker = routing.pick(queue)
             if worker is None:
@@ -158,9 +224,9 @@ class ClientSide:
     def on_disconnect(self, client: bytes, message: Message) -> None:
         # EventMQ's router stops here; any client could then stop the service
         self.counters["client_disconnects_ignored"] += 1
-        logger.warning("router: DISCONNECT %s from client %s ignored: only the "
-                       "administrative socket stops the router", printable(message.msgid),
-                       printable(client))
+        self._log.warning("client_disconnect", "router: DISCONNECT %s from client %s ignored: "
+                          "only the administrative socket stops the router",
+                          printable(message.msgid), printable(client))
 
 
 __all__ = ["ClientSide"]

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional
 import gevent
 
 from ..web.pages import answer, page
+from ..web.serve import HostCheck, exposure_warning, parse_http_addr
 from . import metrics
 from .broker import Router, Worker
 
@@ -45,12 +46,15 @@ LATENCY_WINDOW = 60.0
 DEPARTED_SHOWN = 60.0
 #: the sampler's period (s)
 PERIOD = 1.0
+#: queues with latency series of their own at most (queue names come from
+#: workers' INFORMs); a series whose queue is gone leaves once its samples
+#: are older than LATENCY_WINDOW
+MAX_QUEUE_SERIES = 256
 
 
 def parse_dashboard_addr(addr: str) -> tuple[str, int]:
     """``HOST:PORT``; no host (``:PORT``, ``PORT``) is loopback, not all interfaces."""
-    host, _, port = addr.strip().rpartition(":")
-    return host or "127.0.0.1", int(port)
+    return parse_http_addr(addr)
 
 
 def percentile(values: list[float], fraction: float) -> Optional[float]:
@@ -90,14 +94,28 @@ class RouterDashboard:
     def handed_over(self, queue: str, waited: float) -> None:
         samples = self._waited.get(queue)
         if samples is None:
+            if len(self._waited) >= MAX_QUEUE_SERIES:
+                return  # capped: this queue has no latency figures
             samples = self._waited[queue] = collections.deque(maxlen=LATENCY_SAMPLES)
         samples.append((time.monotonic(), waited))
 
     def replied(self, queue: str, latency: float) -> None:
         samples = self._latency.get(queue)
         if samples is None:
+            if len(self._latency) >= MAX_QUEUE_SERIES:
+                return
             samples = self._latency[queue] = collections.deque(maxlen=LATENCY_SAMPLES)
         samples.append((time.monotonic(), latency))
+
+    def _prune(self, now: float) -> None:
+        """Series of queues that are gone, with no sample in the window, leave."""
+        router = self.router
+        for series in (self._latency, self._waited):
+            stale = [q for q, samples in series.items()
+                     if q not in router.queues and q not in router.waiting
+                     and (not samples or now - samples[-1][0] > LATENCY_WINDOW)]
+            for queue in stale:
+                del series[queue]
 
     def worker_left(self, worker: Worker, dead: bool) -> None:
         self._departed[worker.identity] = (time.monotonic(), dead,
@@ -112,11 +130,16 @@ class RouterDashboard:
         self.router.observer = self
         self._sample()
         self._sampler = gevent.spawn(self._sample_forever)
-        self._server = WSGIServer(parse_dashboard_addr(self._addr), self._app, log=None,
-                                  error_log=logger)
+        host, port = parse_dashboard_addr(self._addr)
+        #: the Host header check in front of the page (its ``refused`` count)
+        self.host_check = HostCheck(self._app, host, self.router.settings.http_allowed_hosts)
+        self._server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
         self._server.start()
         self.address = (self._server.server_host, self._server.server_port)
         logger.info("router dashboard on http://%s:%d/", *self.address)
+        warning = exposure_warning(host, "the router dashboard")
+        if warning:
+            logger.warning("%s", warning)
 
     def stop(self, timeout: float = 1.0) -> None:
         if self._server is not None:
@@ -134,7 +157,9 @@ class RouterDashboard:
             self._sample()
 
     def _sample(self) -> None:
-        self.history.append((time.monotonic(), dict(self.router.processed_by_queue)))
+        now = time.monotonic()
+        self.history.append((now, dict(self.router.processed_by_queue)))
+        self._prune(now)
 
     # -- the JSON ------------------------------------------------------------------
     @staticmethod
@@ -217,7 +242,9 @@ class RouterDashboard:
         samples = list(self.history)
         for (t0, before), (t1, after) in zip(samples, samples[1:]):
             span = max(t1 - t0, 1e-6)
-            by_queue = {q: round((n - before.get(q, 0)) / span, 2) for q, n in after.items()}
+            # (a count starts again at 0 when a gone queue's name was pruned)
+            by_queue = {q: round(max(0, n - before.get(q, 0)) / span, 2)
+                        for q, n in after.items()}
             rates.append((t1, round(sum(by_queue.values()), 2), by_queue))
         return rates
 

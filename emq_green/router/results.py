@@ -12,7 +12,10 @@ ask never gets one.
 
 When a result cannot be delivered the client is told, best effort, with
 ``REPLY [{"lost": reason}, orig_msgid]``: the job may have run, its result
-is gone. :class:`PendingResults` is the bounded map behind this;
+is gone. A REQUEST the router refuses (its msgid taken, too long, or no room
+for its result) is answered ``REPLY [refusal_json, msgid]`` with an
+``error`` the client's result handle raises as a ``JobError``
+(:func:`refusal_body`). :class:`PendingResults` is the bounded map behind this;
 :class:`ResultRelay` forwards and reports through a send function the router
 gives it (the client socket's), so neither knows a socket.
 """
@@ -22,23 +25,21 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
+from ..limits import LogLimiter
 from ..protocol import Command, Message, printable
 
 logger = logging.getLogger(__name__)
 
 #: why a pending result was dropped (STATUS ``results_dropped_by_reason``)
-EVICTED = "evicted"          # more than max_pending_results were pending
 EXPIRED = "expired"          # no REPLY within result_ttl
 CLIENT_GONE = "client_gone"  # the send to the client failed (gone, or not reading)
 WORKER_LOST = "worker_lost"  # the worker running the job was removed as dead
 STOPPING = "stopping"        # the router stopped
 
 _REASON_TEXT = {
-    EVICTED: "the router held max_pending_results results; the oldest was dropped",
     EXPIRED: "no result within the router's result_ttl",
     WORKER_LOST: "the worker running the job was removed as dead",
     STOPPING: "the router stopped before the result arrived",
@@ -50,21 +51,52 @@ def lost_body(reason: str) -> str:
     return json.dumps({"lost": _REASON_TEXT.get(reason, reason), "reason": reason})
 
 
+#: why a REQUEST asking for its result was refused (STATUS
+#: ``results_refused_by_reason``); the request does not run
+FULL = "full"                  # max_pending_results held already
+BYTES = "bytes"                # max_pending_result_bytes held already
+CLIENT_SHARE = "client_share"  # this client holds max_pending_results_per_client
+
+#: what one pending entry costs besides its msgid and client identity, in
+#: bytes (the map's slot, the tuple, the deadline; measured with tracemalloc)
+ENTRY_OVERHEAD = 200
+
+
+def refusal_body(error_type: str, message: str, reason: str) -> str:
+    """The ``reply_json`` of ``REPLY [reply_json, msgid]`` refusing a REQUEST:
+    the worker's error shape (a result handle raises ``JobError(error_type)``),
+    plus ``refused``: the reason's short name."""
+    return json.dumps({"value": message, "error": {"type": error_type, "message": message},
+                       "refused": reason})
+
+
 @dataclass
 class PendingResults:
-    """msgid -> (client identity, deadline), oldest first, bounded in size and age.
+    """msgid -> (client identity, deadline), oldest first, bounded in count,
+    bytes and per client, and in age.
 
-    ``max_pending`` entries at most: adding one more evicts the oldest.
-    Entries older than ``ttl`` seconds leave on :meth:`expire`. Every entry
-    that leaves without its result is counted in :attr:`dropped` by reason.
+    At a bound the newcomer is refused (:meth:`add` says why, counted in
+    :attr:`refused`); nobody already waiting is pushed out, so no client can
+    evict another's results. Entries older than ``ttl`` seconds leave on
+    :meth:`expire`. Every entry that leaves without its result is counted in
+    :attr:`dropped` by reason. An entry costs its msgid, its client identity
+    and :data:`ENTRY_OVERHEAD` bytes.
     """
 
     max_pending: int
     ttl: float
+    #: bytes of all entries at most (see the class text)
+    max_bytes: int = 32 * 1024 * 1024
+    #: entries one client identity may hold at most
+    per_client: int = 25_000
     _pending: collections.OrderedDict[str, tuple[bytes, float]] = field(
         default_factory=collections.OrderedDict)
+    _by_client: dict[bytes, int] = field(default_factory=dict)
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
     forwarded: int = 0
+    #: bytes held now (see the class text)
+    bytes: int = 0
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -72,21 +104,50 @@ class PendingResults:
     def __contains__(self, msgid: str) -> bool:
         return msgid in self._pending
 
-    def add(self, msgid: str, client: bytes, now: float) -> Optional[tuple[str, bytes]]:
-        """Remember ``client`` for ``msgid``; returns the evicted ``(msgid,
-        client)`` when the map was full (already counted), else None."""
-        evicted = None
-        if msgid not in self._pending and len(self._pending) >= self.max_pending:
-            old, (old_client, _deadline) = self._pending.popitem(last=False)
-            self.dropped[EVICTED] += 1
-            evicted = (old, old_client)
-        self._pending[msgid] = (client, now + self.ttl)
-        return evicted
+    @property
+    def ids(self) -> Mapping[str, object]:
+        """The msgids waiting (read-only use: ``msgid in ids`` without a call)."""
+        return self._pending
+
+    def add(self, msgid: str, client: bytes, now: float) -> Optional[str]:
+        """Remember ``client`` for ``msgid``; None when done, else the reason
+        it was refused (:data:`FULL`, :data:`BYTES`, :data:`CLIENT_SHARE`;
+        counted). A msgid already waiting is kept as it is (the router
+        refuses such a REQUEST before it gets here)."""
+        if msgid in self._pending:
+            return None
+        size = len(msgid) + len(client) + ENTRY_OVERHEAD
+        held = self._by_client.get(client, 0)
+        if len(self._pending) >= self.max_pending:
+            reason = FULL
+        elif self.bytes + size > self.max_bytes:
+            reason = BYTES
+        elif held >= self.per_client:
+            reason = CLIENT_SHARE
+        else:
+            self._pending[msgid] = (client, now + self.ttl)
+            self._by_client[client] = held + 1
+            self.bytes += size
+            return None
+        self.refused[reason] += 1
+        return reason
+
+    def _forget(self, msgid: str, client: bytes) -> None:
+        """Book-keeping of an entry that left the map."""
+        self.bytes -= len(msgid) + len(client) + ENTRY_OVERHEAD
+        left = self._by_client[client] - 1
+        if left:
+            self._by_client[client] = left
+        else:
+            del self._by_client[client]
 
     def pop(self, msgid: str) -> Optional[bytes]:
         """The client waiting for ``msgid``'s result, forgotten; None if none is."""
         entry = self._pending.pop(msgid, None)
-        return entry[0] if entry is not None else None
+        if entry is None:
+            return None
+        self._forget(msgid, entry[0])
+        return entry[0]
 
     def drop(self, msgid: str, reason: str) -> Optional[bytes]:
         """Forget ``msgid`` without a result, counted under ``reason``."""
@@ -104,6 +165,7 @@ class PendingResults:
             if deadline > now:
                 break  # oldest first, and every entry has the same ttl
             del pending[msgid]
+            self._forget(msgid, client)
             gone.append((msgid, client))
         if gone:
             self.dropped[EXPIRED] += len(gone)
@@ -113,6 +175,8 @@ class PendingResults:
         """Forget every entry (counted under ``reason``); returns them."""
         gone = [(msgid, client) for msgid, (client, _d) in self._pending.items()]
         self._pending.clear()
+        self._by_client.clear()
+        self.bytes = 0
         if gone:
             self.dropped[reason] += len(gone)
         return gone
@@ -122,9 +186,13 @@ class PendingResults:
         return {
             "pending_results": len(self._pending),
             "max_pending_results": self.max_pending,
+            "pending_result_bytes": self.bytes,
+            "max_pending_result_bytes": self.max_bytes,
+            "max_pending_results_per_client": self.per_client,
             "result_ttl": self.ttl,
             "results_forwarded": self.forwarded,
             "results_dropped_by_reason": dict(self.dropped),
+            "results_refused_by_reason": dict(self.refused),
         }
 
 
@@ -139,46 +207,38 @@ class ResultRelay:
     router's send on the client socket: ``(identity, message) -> delivered``).
 
     :attr:`pending` is the bounded map; every result that cannot come is
-    reported to its client, best effort, and logged with its msgid: one by
-    one up to :data:`LOST_LOG_BURST` every :attr:`log_window` seconds, then
-    counted, and the count logged when the window ends (a mass eviction
-    does not flood the log; STATUS counts every one).
+    reported to its client, best effort, and logged with its msgid through a
+    :class:`~emq_green.limits.LogLimiter` of its own (one by one up to
+    :data:`LOST_LOG_BURST` every :attr:`log_window` seconds, then counted and
+    summed up when the window ends): a flood of other warnings cannot hide
+    lost results, and lost results do not flood the log. STATUS counts
+    every one.
     """
 
     def __init__(self, pending: PendingResults,
                  send: Callable[[bytes, Message], bool]) -> None:
         self.pending = pending
         self._send = send
-        self.log_window = LOST_LOG_WINDOW
-        self._window_start = 0.0
-        self._logged = 0
-        self._unlogged: collections.Counter[str] = collections.Counter()
+        self._log = LogLimiter(
+            logger, burst=LOST_LOG_BURST, window=LOST_LOG_WINDOW,
+            summary="router: %d more result(s) dropped, not logged one by one: %s")
+
+    @property
+    def log_window(self) -> float:
+        return self._log.window
+
+    @log_window.setter
+    def log_window(self, seconds: float) -> None:
+        self._log.window = seconds
 
     def _log_dropped(self, msgid: str, client: bytes, reason: str) -> None:
-        self._end_log_window(time.monotonic())
-        if self._logged < LOST_LOG_BURST:
-            self._logged += 1
-            logger.warning("router: the result of %s for client %s was dropped (%s)",
-                           printable(msgid), printable(client), reason)
-        else:
-            self._unlogged[reason] += 1
+        self._log.warning(reason, "router: the result of %s for client %s was dropped (%s)",
+                          printable(msgid), printable(client), reason)
 
-    def _end_log_window(self, now: float) -> None:
-        """Past the window: log what was not logged one by one, start anew."""
-        if now - self._window_start < self.log_window:
-            return
-        if self._unlogged:
-            logger.warning("router: %d more result(s) dropped, not logged one by one: %s",
-                           sum(self._unlogged.values()), dict(self._unlogged))
-            self._unlogged.clear()
-        self._window_start = now
-        self._logged = 0
-
-    def remember(self, msgid: str, client: bytes, now: float) -> None:
-        """``client`` waits for ``msgid``'s result; a full map evicts the oldest."""
-        evicted = self.pending.add(msgid, client, now)
-        if evicted is not None:
-            self.lost(*evicted, EVICTED)
+    def remember(self, msgid: str, client: bytes, now: float) -> Optional[str]:
+        """``client`` waits for ``msgid``'s result; None when remembered, else
+        why not (the map is at a bound: the caller refuses the request)."""
+        return self.pending.add(msgid, client, now)
 
     def forward(self, message: Message) -> None:
         """The worker's REPLY body, unchanged, to the client that asked for it."""
@@ -207,8 +267,7 @@ class ResultRelay:
     def expire(self, now: float) -> None:
         """Report the results past ``result_ttl`` (and the count of drops
         not logged one by one, once their window has ended)."""
-        if self._unlogged:
-            self._end_log_window(now)
+        self._log.flush(now)
         if self.pending:
             for msgid, client in self.pending.expire(now):
                 self.lost(msgid, client, EXPIRED)
@@ -219,4 +278,4 @@ class ResultRelay:
             self.lost(msgid, client, STOPPING)
 
 
-__all__ = ["PendingResults", "ResultRelay", "lost_body"]
+__all__ = ["PendingResults", "ResultRelay", "lost_body", "refusal_body"]

@@ -13,16 +13,23 @@ logs nothing: :class:`~emq_green.router.Router` does.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..protocol import Queues, printable, reply_requested_in
 
 # Identities of workers that left or were removed, remembered so that their
 # late messages are logged quietly instead of as "unknown worker".
 DEPARTED_MEMORY = 1000
+#: names a per-name counter (``processed_by_queue``, ``processed_by_worker``)
+#: keeps; past it, names of queues and workers that are gone are dropped
+#: first, then new names are counted under OTHER
+MAX_NAMES = 1024
+#: the name everything past :data:`MAX_NAMES` is counted under
+OTHER = "(other)"
 #: a size limit of -1 (unlimited), as a number every size is below
 UNLIMITED = sys.maxsize
 
@@ -77,30 +84,38 @@ class Worker:
         default_factory=collections.OrderedDict)
     #: requests in :attr:`in_flight` sent without ``reply-requested``
     unreplied: int = 0
+    #: Such requests ended by a REPLY anyway (their READYs retire nothing).
+    replied_unasked: int = 0
     #: The monotonic time, set at its KBYE, when its unfinished guaranteed
     #: jobs go elsewhere (until then they may still end there, with a REPLY).
     leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
+    #: The queue names, heaviest first, sorted once at INFORM (a READY walks
+    #: them in this order).
+    by_weight: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.identity.decode("utf-8", "replace")
+        self.by_weight = tuple(name for _w, name in sorted(self.queues, key=lambda q: -q[0]))
 
     @property
     def log_name(self) -> str:
         """The identity, escaped for a log line."""
         return printable(self.identity)
 
-    def retire_oldest_unreplied(self) -> None:
+    def retire_oldest_unreplied(self) -> Optional[str]:
         """A READY does not say which job ended: for requests sent without
         ``reply-requested`` the oldest is taken as done (a best estimate).
         Call it only when :attr:`unreplied` is not 0 (else every READY would
-        walk the whole list)."""
+        walk the whole list). Returns the msgid retired (see
+        ``Routing.retire_oldest_unreplied``, which keeps the index)."""
         for msgid, sent in self.in_flight.items():
             if not sent.reply_requested:
                 del self.in_flight[msgid]
                 self.unreplied -= 1
-                return
+                return msgid
+        return None
 
 
 class Routing:
@@ -126,7 +141,16 @@ class Routing:
         self.buffered_bytes = 0
         self.processed_by_queue: collections.Counter[str] = collections.Counter()
         self.processed_by_worker: collections.Counter[str] = collections.Counter()
+        #: msgid -> who holds that request: the worker it was handed to (also
+        #: one that said KBYE and still runs it, in :attr:`leaving`), or None
+        #: while it waits in the buffer. A msgid found here is taken: a second
+        #: REQUEST with it is refused (one dict lookup per REQUEST). Kept
+        #: here, and by :meth:`~emq_green.router.workers.WorkerSide._settle`
+        #: when a REPLY ends a request (inlined there: it runs once per job).
+        self.holders: dict[str, Optional[Worker]] = {}
         self._full_queues: set[str] = set()
+        # id(counter) -> new names still counted under OTHER before the next prune
+        self._prune_skip: dict[int, int] = {}
         self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         #: Workers that said KBYE with jobs still in flight there, by identity:
         #: their REPLYs still count until :attr:`Worker.leaving_until`.
@@ -140,28 +164,56 @@ class Routing:
         self._departed.pop(identity, None)
         for weight, name in worker.queues:
             entries = self.queues.setdefault(name, [])
-            at = len(entries)
-            while at > 0 and entries[at - 1][0] < weight:
-                at -= 1
-            entries.insert(at, (weight, identity))
+            # behind every entry at least as heavy (heaviest first): a binary
+            # search, not a walk, with many workers on one queue
+            entries.insert(bisect.bisect_right(entries, -weight, key=_neg_weight),
+                           (weight, identity))
         return worker
 
     def remove(self, worker: Worker) -> None:
         """Take a worker out of every queue; its identity is remembered."""
         if self.workers.get(worker.identity) is worker:
             del self.workers[worker.identity]
-        for _weight, name in worker.queues:
-            entries = [e for e in self.queues.get(name, ()) if e[1] != worker.identity]
-            if entries:
-                self.queues[name] = entries
-            else:
-                self.queues.pop(name, None)
+        for weight, name in worker.queues:  # (a pair listed twice was added twice)
+            entries = self.queues.get(name)
+            if not entries:
+                continue
+            try:
+                entries.remove((weight, worker.identity))  # in C, not a new list
+            except ValueError:
+                pass
+            if not entries:
+                del self.queues[name]
         self._departed[worker.identity] = None
         while len(self._departed) > DEPARTED_MEMORY:
             self._departed.popitem(last=False)
 
     def departed(self, identity: bytes) -> bool:
         return identity in self._departed
+
+    def unhold(self, worker: Worker) -> None:
+        """``worker`` is gone with requests in flight: they leave the index
+        (call it before its ``in_flight`` is cleared)."""
+        holders = self.holders
+        for msgid in worker.in_flight:
+            if holders.get(msgid) is worker:
+                del holders[msgid]
+
+    def retire_oldest_unreplied(self, worker: Worker) -> None:
+        """A READY of ``worker``: its oldest request sent without
+        ``reply-requested`` is taken as done (see :meth:`Worker.retire_oldest_unreplied`),
+        unless the READY is that of one a REPLY ended already."""
+        if worker.replied_unasked:
+            worker.replied_unasked -= 1
+            return
+        msgid = worker.retire_oldest_unreplied()
+        if msgid is not None and self.holders.get(msgid) is worker:
+            del self.holders[msgid]
+
+    def taken_msgid(self, msgid: str) -> bool:
+        """Whether a request with ``msgid`` is buffered or in flight (also on
+        a worker that said KBYE and may still run it)."""
+        return msgid in self.holders
 
     def leave(self, worker: Worker, until: float) -> None:
         """``worker`` said KBYE: removed, but kept while jobs are in flight there."""
@@ -197,18 +249,56 @@ class Routing:
         reply_requested = request.reply_requested
         worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested,
                                                request if request.guaranteed else None)
+        self.holders[request.msgid] = worker
         if not reply_requested:
             worker.unreplied += 1
-        self.processed_by_queue[queue] += 1
-        self.processed_by_worker[worker.name] += 1
+        by_queue, by_worker = self.processed_by_queue, self.processed_by_worker
+        if queue in by_queue:
+            by_queue[queue] += 1
+        else:
+            self._count_new(by_queue, queue, self._live_queues)
+        if worker.name in by_worker:
+            by_worker[worker.name] += 1
+        else:
+            self._count_new(by_worker, worker.name, self._live_workers)
+
+    def _live_queues(self) -> set[str]:
+        return set(self.queues) | set(self.waiting)
+
+    def _live_workers(self) -> set[str]:
+        return {w.name for w in self.workers.values()}
+
+    def _count_new(self, counter: collections.Counter[str], name: str,
+                   live: Callable[[], set[str]]) -> None:
+        """The first count of ``name``. At :data:`MAX_NAMES` names, those of
+        queues or workers that are gone are dropped; when that frees less
+        than a quarter, the next ``MAX_NAMES // 4`` new names are counted
+        under :data:`OTHER` without looking again (O(1) per job, amortised)."""
+        if len(counter) >= MAX_NAMES:
+            skip = self._prune_skip.get(id(counter), 0)
+            if skip:
+                self._prune_skip[id(counter)] = skip - 1
+                name = OTHER
+            else:
+                alive = live()
+                for stale in [n for n in counter if n not in alive and n != OTHER]:
+                    del counter[stale]
+                if len(counter) >= MAX_NAMES * 3 // 4:
+                    self._prune_skip[id(counter)] = MAX_NAMES // 4
+                if len(counter) >= MAX_NAMES:
+                    name = OTHER
+        counter[name] += 1
 
     def next_for(self, worker: Worker) -> Optional[tuple[str, Request]]:
         """The request a READY of ``worker`` takes: the oldest of its heaviest
         queue that has one waiting (left in the buffer until :meth:`taken`)."""
-        for _weight, name in sorted(worker.queues, key=lambda q: -q[0]):
-            waiting = self.waiting.get(name)
-            if waiting:
-                return name, waiting[0]
+        waiting = self.waiting
+        if not waiting:
+            return None
+        for name in worker.by_weight:
+            requests = waiting.get(name)
+            if requests:
+                return name, requests[0]
         return None
 
     # -- the buffer ---------------------------------------------------------------
@@ -223,6 +313,7 @@ class Routing:
             waiting.appendleft(request)
         else:
             waiting.append(request)
+        self.holders[request.msgid] = None
         self.buffered_bytes += request.size
         if len(waiting) >= self.hwm:
             self._full_queues.add(queue)
@@ -249,6 +340,9 @@ class Routing:
     def clear_buffer(self) -> list[tuple[str, Request]]:
         """Empty the buffer; what it held, by queue."""
         held = [(queue, r) for queue, requests in self.waiting.items() for r in requests]
+        for _queue, request in held:
+            if self.holders.get(request.msgid, False) is None:
+                del self.holders[request.msgid]
         self.waiting.clear()
         self.buffered_bytes = 0
         self._full_queues.clear()
@@ -287,4 +381,8 @@ class Routing:
         }
 
 
-__all__ = ["Request", "Routing", "Sent", "Worker"]
+def _neg_weight(entry: tuple[int, bytes]) -> int:
+    return -entry[0]
+
+
+__all__ = ["MAX_NAMES", "OTHER", "Request", "Routing", "Sent", "Worker"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import gevent
@@ -33,6 +34,7 @@ import zmq
 import zmq.green
 
 from ..curve import ServerCurve
+from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, printable, split_identity
 from ..settings import Settings
 from .routing import UNLIMITED
@@ -40,8 +42,12 @@ from .zap import ZapHandler
 
 logger = logging.getLogger(__name__)
 
-# Messages a reader handles in a row before it lets other greenlets run.
+# Messages a reader handles in a row before it lets other greenlets run, and
+# the longest it goes on (s): a run of costly messages (INFORMs of 256
+# queues, ~1 ms each) must not hold the timers and the other sockets.
 _READ_BATCH = 256
+_BATCH_SECONDS = 0.002
+_clock = time.perf_counter
 #: How a busy greenlet of the router lets the others run: a timer, not
 #: ``sleep(0)``. gevent runs ``sleep(0)`` wake-ups as loop callbacks and looks
 #: at the clock only every 50 callbacks, so greenlets that each yield after
@@ -105,10 +111,14 @@ class RouterSocket:
             self.green.get(zmq.EVENTS)  # wakes the reader if a message waits
 
     def receive(self) -> Iterator[list[bytes]]:
-        """Wait for one message, then yield what is already queued (a batch)."""
+        """Wait for one message, then yield what is already queued (a batch:
+        at most ``_READ_BATCH`` messages, or ``_BATCH_SECONDS`` of them)."""
         yield self.green.recv_multipart()
         sock = self.plain
-        for _ in range(_READ_BATCH):
+        deadline = _clock() + _BATCH_SECONDS
+        for i in range(_READ_BATCH):
+            if not i & 3 and _clock() > deadline:
+                return
             try:
                 frames = [_recv(sock, _NOBLOCK)]
             except zmq.Again:
@@ -137,11 +147,14 @@ class RouterSockets:
 
     def __init__(self, *, context: Any, settings: Settings,
                  counters: collections.Counter[str],
-                 dropped_by_reason: collections.Counter[str]) -> None:
+                 dropped_by_reason: collections.Counter[str],
+                 limiter: Optional[LogLimiter] = None) -> None:
         self.settings = settings
         self._context = context
         self._counters = counters
         self._dropped = dropped_by_reason
+        #: the router's one limiter for lines caused by peers' messages
+        self._log = limiter or LogLimiter(logger)
         size = settings.max_message_size
         self._max_size = size if size >= 0 else UNLIMITED
         self._debug = settings.super_debug
@@ -276,7 +289,8 @@ class RouterSockets:
         handler = table.get(message.command)
         if handler is None:
             self._counters["unexpected_messages"] += 1
-            logger.warning("router: ignored %s on the %s socket", message.command.value, name)
+            self._log.warning("unexpected", "router: ignored %s on the %s socket",
+                              message.command.value, name)
             return
         try:
             handler(identity, message)
@@ -291,22 +305,23 @@ class RouterSockets:
         # [identity, '', version, COMMAND, MSGID, ...]
         if name == "frontend" and len(frames) > 4 and frames[3] == b"REQUEST":
             self._dropped["malformed"] += 1
-            logger.error("router: dropped a malformed REQUEST %s from %s: %s",
-                         printable(frames[4]), printable(frames[0]), printable(exc, 200))
+            self._log.error("malformed", "router: dropped a malformed REQUEST %s from %s: %s",
+                            printable(frames[4], 60), printable(frames[0]), printable(exc, 200))
             return
-        logger.warning("router: dropped a malformed message on the %s socket: %s",
-                       name, printable(exc, 200))
+        self._log.warning("malformed", "router: dropped a malformed message on the %s socket "
+                          "from %s: %s", name, printable(frames[0]) if frames else "?",
+                          printable(exc, 200))
 
     def _drop_oversized(self, name: str, frames: list[bytes]) -> None:
         self._counters["oversized_messages"] += 1
         command = frames[3] if len(frames) > 3 else b"?"
         if command == b"REQUEST" and name == "frontend":
             self._dropped["oversized"] += 1
-        logger.error("router: dropped an oversized message on the %s socket from %s: "
-                     "%s %s, %d bytes (max_message_size %d)", name,
-                     printable(frames[0]), printable(command, 40),
-                     printable(frames[4]) if len(frames) > 4 else "(no msgid)",
-                     sum(map(len, frames)), self.settings.max_message_size)
+        self._log.error("oversized", "router: dropped an oversized message on the %s socket "
+                        "from %s: %s %s, %d frames, %d bytes (max_message_size %d)", name,
+                        printable(frames[0]), printable(command, 40),
+                        printable(frames[4], 60) if len(frames) > 4 else "(no msgid)",
+                        len(frames), sum(map(len, frames)), self.settings.max_message_size)
 
     # ------------------------------------------------------------------
     # the end

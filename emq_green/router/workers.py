@@ -9,8 +9,10 @@
   queues goes to it at once (heaviest queue first), else the slot is kept;
 * REPLY ``[reply_json, orig_msgid]`` ends a job; its result goes on to the
   client that asked (:class:`~emq_green.router.results.ResultRelay`). Only
-  the worker the job was sent to can end it: any other REPLY is late
-  (the job went elsewhere, or ended already), dropped and counted;
+  the worker that holds ``orig_msgid`` in flight can end it
+  (:meth:`WorkerSide._settle`): any other REPLY (a forgery, a job still
+  buffered or running elsewhere, a job that ended) is late: dropped,
+  counted (``late_replies``) and logged through the router's rate limiter;
 * KBYE removes the worker as leaving: its running jobs still finish there,
   and their REPLYs count, until ``kill_grace_period`` has passed;
 * HEARTBEAT, like every message of a known worker, proves it alive.
@@ -35,6 +37,7 @@ import logging
 import time
 from typing import Optional, Protocol
 
+from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, heartbeat, parse_queues, printable
 from ..settings import Settings
 from .guarantee import Guarantees, was_killed
@@ -64,10 +67,13 @@ class WorkerSide:
 
     def __init__(self, *, settings: Settings, routing: Routing, sockets: RouterSockets,
                  relay: ResultRelay, counters: collections.Counter[str],
-                 guarantees: Guarantees) -> None:
+                 guarantees: Guarantees, limiter: Optional[LogLimiter] = None) -> None:
         self.settings = settings
         self.routing = routing
         self.guarantees = guarantees
+        #: every line a worker's message causes goes through it (shared with
+        #: the rest of the router)
+        self._log = limiter or LogLimiter(logger)
         self._sockets = sockets
         self._relay = relay
         self._pending = relay.pending
@@ -113,8 +119,10 @@ class WorkerSide:
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
         else:
-            logger.warning("router: unknown worker %s sent %s; dropped (it must INFORM first)",
-                           printable(identity), message.command.value)
+            self._counters["unknown_worker_messages"] += 1
+            self._log.warning("unknown_worker",
+                              "router: unknown worker %s sent %s; dropped (it must INFORM "
+                              "first)", printable(identity), message.command.value)
         return False
 
     @staticmethod
@@ -125,31 +133,36 @@ class WorkerSide:
         queues_text = message.body[0] if message.body else ""
         kind = message.body[1] if len(message.body) > 1 else "worker"
         if kind != "worker":
-            logger.warning("router: INFORM of type %s on the worker socket ignored",
-                           printable(kind))
+            self._counters["informs_refused"] += 1
+            self._log.warning("inform", "router: INFORM of type %s on the worker socket ignored",
+                              printable(kind, 40))
             return
         try:
+            # at most 256 queues of at most 256 bytes; a longer text is not parsed
             queues = parse_queues(queues_text) if queues_text else self.settings.queues
         except ProtocolError as exc:
-            logger.error("router: INFORM from %s has bad queues, not accepted: %s",
-                         printable(identity), printable(exc, 200))
+            # no ACK: the worker is not registered (EventMQ's and emq-green's
+            # workers retry the INFORM after reconnect_timeout, and say so)
+            self._counters["informs_refused"] += 1
+            self._log.error("inform", "router: INFORM from %s refused, not ACKed: %s",
+                            printable(identity), printable(exc, 200))
             return
         old = self.routing.workers.get(identity)
         if old is not None:
-            logger.warning("router: worker %s informed again; its old record is replaced",
-                           old.log_name)
+            self._log.warning("inform", "router: worker %s informed again; its old record "
+                              "is replaced", old.log_name)
             self.forget(old, "it informed again", dead=True)
         worker = self.routing.add(identity, queues, time.monotonic())
         self._taken_for_dead.pop(identity, None)
-        logger.info("router: worker %s joined (queues %s)", worker.log_name,
-                    printable(json.dumps([list(q) for q in worker.queues]), 400))
+        self._log.info("inform", "router: worker %s joined (queues %s)", worker.log_name,
+                       printable(json.dumps([list(q) for q in worker.queues]), 400))
         self._sockets.send("backend", identity, Message.new(Command.ACK, message.msgid))
 
     def on_ready(self, identity: bytes, message: Message) -> None:
         routing = self.routing
         worker = routing.workers[identity]
-        if worker.unreplied:
-            worker.retire_oldest_unreplied()
+        if worker.unreplied or worker.replied_unasked:
+            routing.retire_oldest_unreplied(worker)
         found = routing.next_for(worker)
         if found is None:
             worker.slots += 1
@@ -177,12 +190,10 @@ class WorkerSide:
     def _reply(self, worker: Worker, message: Message) -> None:
         # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
         orig = message.body[1] if len(message.body) > 1 else ""
-        sent = worker.in_flight.pop(orig, None)
+        sent = self._settle(worker, orig)
         if sent is None:
             self._late(message, worker.identity)
             return
-        if not sent.reply_requested:
-            worker.unreplied -= 1
         if self.observer is not None:
             self.observer.replied(sent.queue, time.monotonic() - sent.sent)
         if logger.isEnabledFor(logging.DEBUG):
@@ -199,11 +210,32 @@ class WorkerSide:
         if self._pending:
             self._relay.forward(message)
 
+    def _settle(self, worker: Worker, msgid: str) -> Optional[Sent]:
+        """The one rule for REPLYs: one counts only when ``worker`` holds
+        ``msgid`` in flight (a connected worker, or one that said KBYE and
+        is in :attr:`Routing.leaving`). Returns the request it ends, gone
+        from the books (``in_flight``, :attr:`Routing.holders`); None: the
+        REPLY is late or forged, and is dropped."""
+        sent = worker.in_flight.pop(msgid, None)
+        if sent is None:
+            return None
+        holders = self.routing.holders
+        if holders.get(msgid) is worker:
+            del holders[msgid]
+        if not sent.reply_requested:  # replied anyway: its READY retires nothing
+            worker.unreplied -= 1
+            worker.replied_unasked += 1
+        return sent
+
     def _late(self, message: Message, identity: bytes) -> None:
-        """A REPLY from a worker that does not hold the job (any more)."""
+        """A REPLY from a worker that does not hold the job (any more: it went
+        elsewhere or ended; or never: a forgery). Dropped, never forwarded."""
         orig = message.body[1] if len(message.body) > 1 else ""
         self._counters["late_replies"] += 1
         self.guarantees.late_reply(orig, printable(identity))
+        self._log.warning("late_reply", "router: REPLY for %s from worker %s dropped: it "
+                          "does not hold that request", printable(orig, 60),
+                          printable(identity))
 
     def on_kbye(self, identity: bytes, message: Message) -> None:
         self.forget(self.routing.workers[identity], "it said KBYE", dead=False)
@@ -253,8 +285,9 @@ class WorkerSide:
             self._counters["possibly_lost"] += 1
             self._relay.worker_lost(sent.msgid)
         again = [s for s in worker.in_flight.values() if s.request is not None]
+        self.routing.unhold(worker)
         worker.in_flight.clear()
-        worker.unreplied = 0
+        worker.unreplied = worker.replied_unasked = 0
         if again:
             self.redeliver(again, f"worker {worker.log_name} is gone")
 
@@ -312,7 +345,8 @@ class WorkerSide:
     def check(self, now: float) -> None:
         """Heartbeats to every worker each ``heartbeat_interval``; removal of
         workers silent for ``heartbeat_timeout``; leaving workers past their
-        grace period."""
+        grace period; the summary of log lines not logged one by one."""
+        self._log.flush(now)
         if self.routing.leaving:
             self._give_up_on_leavers(now)
         s = self.settings

@@ -107,10 +107,11 @@ class Child:
         return run_attempts(request.name, attempt, retry_count, self.entry_func,
                             self.exit_func)
 
-    @staticmethod
-    def _attempt(request: RunRequest, attempt: int) -> JobOutcome:
+    def _attempt(self, request: RunRequest, attempt: int) -> JobOutcome:
         try:
-            func = resolve(request)
+            # the allowed list again, on what the name resolved to (a module.*
+            # entry allows what a module defines, not what it imported)
+            func = resolve(request, self.policy)
         except Exception as exc:
             return not_found(request, exc)
         try:

@@ -35,6 +35,7 @@ import gevent
 
 from ..extensions import Extension
 from ..jobs import Status
+from ..web.serve import HostCheck, exposure_warning, parse_http_addr
 from . import page as worker_page
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,8 +87,8 @@ class JobStats:
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host or "0.0.0.0", int(port)
+    """``HOST:PORT``; ``PORT`` or ``:PORT`` alone is loopback (as the dashboard's)."""
+    return parse_http_addr(addr)
 
 
 class MetricsExtension(Extension):
@@ -206,10 +207,17 @@ class MetricsExtension(Extension):
             registry.register(_Collector(self))
             self._render = lambda: generate_latest(registry)
             self._content_type = CONTENT_TYPE_LATEST
-        self._server = WSGIServer(parse_addr(addr), self._app, log=None, error_log=logger)
+        host, port = parse_addr(addr)
+        names = self._manager.settings.http_allowed_hosts if self._manager else ()
+        #: the Host header check in front of the pages (its ``refused`` count)
+        self.host_check = HostCheck(self._app, host, names)
+        self._server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
         self._server.start()
         self.address = (self._server.server_host, self._server.server_port)
         logger.info("metrics on http://%s:%d/metrics, status on /status", *self.address)
+        warning = exposure_warning(host, "the metrics endpoint")
+        if warning:
+            logger.warning("%s", warning)
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -163,7 +163,9 @@ class Incident:
         return (self.ended or time.monotonic()) - self.started
 
     def summary(self) -> dict[str, Any]:
-        return {"callable": self.callable, "msgid": self.msgid, "queue": self.queue,
+        """For the status (served over HTTP): no msgid, which names a result
+        (the WARNING line logged for the incident has it)."""
+        return {"callable": self.callable, "queue": self.queue,
                 "blocked_seconds": round(self.duration, 3),
                 "in_job_seconds": (round(self.started - self.job_started, 3)
                                    if self.job_started is not None else None),

@@ -15,7 +15,10 @@ router may yet send a REQUEST for each).
 
 After a KBYE on reload (:meth:`retire`), the old connection is read until
 the router has been quiet for ``heartbeat_timeout`` while its READYs are
-unused; REQUESTs that arrive there run like any other. A graceful stop's
+unused; REQUESTs that arrive there run like any other. The REPLY of a job
+goes out on the connection the router handed it to (the router takes a
+REPLY only from the worker identity that holds the request): a retired
+connection stays open until the jobs it brought have ended. A graceful stop's
 KBYE is followed the same way (:meth:`drain`, which also waits for the
 jobs, bounded by ``kill_grace_period``); the manager decides the order.
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import gevent
 import gevent.event
@@ -37,6 +40,7 @@ import zmq.green as zmq
 
 from ..curve import client_curve
 from ..jobs import encode_reply
+from ..limits import worker_log
 from ..protocol import (
     Command,
     Message,
@@ -57,6 +61,81 @@ logger = logging.getLogger(__name__)
 READ_CHUNK = 32
 # How long the last replies may take to leave when a socket closes.
 CLOSE_LINGER = 2.0
+
+
+def quiet_left(conn: Connection, quiet: float, since: float) -> float:
+    """Seconds until no more REQUESTs are expected on ``conn`` after a KBYE
+    sent at ``since`` (0: none): the router may send one per READY it has
+    not used, until it has been quiet for ``quiet`` seconds."""
+    if not conn.ready_outstanding:
+        return 0.0
+    return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+
+
+def _linger(link: RouterLink, conn: Connection, reader: gevent.Greenlet,
+            since: float) -> None:
+    """A retired connection (KBYE sent at ``since``): read until the router
+    has been quiet, then kept open until the jobs it brought have ended."""
+    try:
+        while True:
+            left = quiet_left(conn, link._settings().heartbeat_timeout, since)
+            if left <= 0:
+                break
+            gevent.sleep(min(left, 0.25))
+        if conn.ready_outstanding:
+            logger.info("connection %s: %d READY(s) it had offered were not used",
+                        conn.identity, conn.ready_outstanding)
+            conn.ready_outstanding = 0
+            link._wake.set()  # they may be offered again
+        while link.origins.holds(conn):
+            gevent.sleep(0.25)  # poll: jobs end at their own pace
+    finally:
+        reader.kill()
+        link._close(conn, CLOSE_LINGER)
+        link.retiring.remove(conn)
+        link.origins.drop(conn)
+        link._wake.set()
+
+
+class ReplyOrigins:
+    """msgid -> the retired connection a running job came on: its REPLY
+    leaves there, since a router takes a REPLY only from the identity it
+    handed the job to. Empty unless a reload happened with jobs running."""
+
+    def __init__(self) -> None:
+        #: msgid -> connection (test it for emptiness before any call: per job)
+        self.conn_of: dict[str, Connection] = {}
+
+    def keep(self, msgids: Iterable[str], conn: Connection) -> None:
+        """``conn`` retires with these jobs running (a job that came on an
+        older connection keeps that one)."""
+        for msgid in msgids:
+            self.conn_of.setdefault(msgid, conn)
+
+    def came_on(self, msgid: str, conn: Connection) -> None:
+        self.conn_of[msgid] = conn
+
+    def ended(self, msgid: Optional[str]) -> None:
+        """A job ended (its REPLY, if any, sent): its connection need not wait."""
+        if self.conn_of and msgid is not None:
+            self.conn_of.pop(msgid, None)
+
+    def send(self, msgid: str, reply_json: str) -> bool:
+        """Send ``msgid``'s REPLY on the connection its job came on; False
+        when that is the current connection (or it is closed)."""
+        conn = self.conn_of.pop(msgid, None)
+        if conn is None or conn.closed:
+            return False
+        conn.send_frames(reply_frames(reply_json, msgid))
+        return True
+
+    def holds(self, conn: Connection) -> bool:
+        """Whether a job that came on ``conn`` is still running."""
+        return any(c is conn for c in self.conn_of.values())
+
+    def drop(self, conn: Connection) -> None:
+        for msgid in [m for m, c in self.conn_of.items() if c is conn]:
+            del self.conn_of[msgid]
 
 
 class RouterLink:
@@ -97,6 +176,9 @@ class RouterLink:
         self.outgoing: Optional[Connection] = None
         #: connections left after a reload, read until the router is quiet
         self.retiring: list[Connection] = []
+        #: where the REPLYs of jobs brought by retired connections leave (the
+        #: manager tells it when a job ends: ``origins.ended(msgid)``)
+        self.origins = ReplyOrigins()
         self._lingering = gevent.pool.Group()
         self._reader: Optional[gevent.Greenlet] = None
         self._heart: Optional[gevent.Greenlet] = None
@@ -207,43 +289,21 @@ class RouterLink:
         self._close(conn, 0 if self.router_gone else CLOSE_LINGER)
         self.outgoing = None
 
-    def retire(self) -> None:
+    def retire(self, running: Iterable[str] = ()) -> None:
         """KBYE on the current connection, which goes on being read until
         the router has been quiet for ``heartbeat_timeout`` (REQUESTs it sent
-        before it saw the KBYE still arrive, and run), then closes."""
+        before it saw the KBYE still arrive, and run), and stays open until
+        the jobs it brought (``running``: their msgids, and the REQUESTs that
+        still arrive) have ended, for their REPLYs; then closes."""
         conn, reader = self.outgoing, self._reader
         if conn is None or reader is None:
             return
         conn.send(Message.new(Command.KBYE))
         self.retiring.append(conn)
-        since = time.monotonic()
+        self.origins.keep(running, conn)
+        self._lingering.spawn(_linger, self, conn, reader, time.monotonic())
 
-        def linger() -> None:
-            try:
-                while True:
-                    left = self.quiet(conn, self._settings().heartbeat_timeout, since)
-                    if left <= 0:
-                        break
-                    gevent.sleep(min(left, 0.25))
-            finally:
-                reader.kill()
-                if conn.ready_outstanding:
-                    logger.info("connection %s closed; %d READY(s) it had offered were "
-                                "not used", conn.identity, conn.ready_outstanding)
-                self._close(conn, CLOSE_LINGER)
-                self.retiring.remove(conn)
-                self._wake.set()  # its unused READYs may be offered again
-
-        self._lingering.spawn(linger)
-
-    @staticmethod
-    def quiet(conn: Connection, quiet: float, since: float) -> float:
-        """Seconds until no more REQUESTs are expected on ``conn`` after a
-        KBYE sent at ``since`` (0: none): the router may send one per READY
-        it has not used, until it has been quiet for ``quiet`` seconds."""
-        if not conn.ready_outstanding:
-            return 0.0
-        return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+    quiet = staticmethod(quiet_left)
 
     def drain(self, grace: float, *, requests_may_come: bool, busy: Callable[[], int],
               keep_waiting: Callable[[], bool]) -> None:
@@ -336,7 +396,8 @@ class RouterLink:
             message = Message.parse(frames)
         except ProtocolError as exc:
             self.counters["malformed_messages"] += 1
-            logger.warning("dropped a malformed message from the router: %s", exc)
+            worker_log.warning("malformed", "dropped a malformed message from the router: %s",
+                               printable(exc, 200), via=logger)
             return
         if self._debug_log and not (
             self._settings().hide_heartbeat_logs and message.command is Command.HEARTBEAT
@@ -347,8 +408,8 @@ class RouterLink:
         handler = self._dispatch.get(message.command)
         if handler is None:
             self.counters["unexpected_messages"] += 1
-            logger.warning("ignored %s from the router: a worker does not handle it",
-                           message.command.value)
+            worker_log.warning("unexpected", "ignored %s from the router: a worker does not "
+                               "handle it", message.command.value, via=logger)
             return
         try:
             handler(message, conn)
@@ -363,6 +424,8 @@ class RouterLink:
             conn.last_request = time.monotonic()
             if conn.ready_outstanding > 0:
                 conn.ready_outstanding -= 1
+            if conn is not self.outgoing and conn in self.retiring:
+                self.origins.came_on(msgid, conn)
         self._admit(msgid, body)
 
     def _on_bad_request(self, frames: list[bytes], conn: Connection) -> None:
@@ -411,6 +474,7 @@ class RouterLink:
             s = self._settings()
             conn = self.outgoing
             wait = s.heartbeat_interval
+            worker_log.flush()  # the summary of lines a flood of REQUESTs caused
             if conn is not None and self._running() and not s.disable_heartbeats:
                 now = time.monotonic()
                 if now - conn.last_sent >= s.heartbeat_interval:
@@ -452,6 +516,9 @@ class RouterLink:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
+        if self.origins.conn_of and self.origins.send(msgid, text):
+            self.counters["replies_sent"] += 1
+            return
         if self.outgoing is None or not self.acked.is_set():
             self.pending_replies.append((text, msgid))
             return
@@ -459,4 +526,4 @@ class RouterLink:
         self.counters["replies_sent"] += 1
 
 
-__all__ = ["CLOSE_LINGER", "READ_CHUNK", "RouterLink"]
+__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink"]

@@ -27,6 +27,7 @@ import gevent.pool
 from ..callables import NOT_ALLOWED, CallablePolicy
 from ..extensions import HookRegistry
 from ..jobs import JobOutcome, JobRunner, Status, import_dotted
+from ..limits import MAX_MSGID_BYTES, msgid_too_long, worker_log
 from ..protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
 from ..records import STATUS_KEYS, JobRecord
 from ..settings import Settings, SettingsError
@@ -99,11 +100,12 @@ class JobSlots:
             exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
         except ImportError as exc:
             raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        policy = CallablePolicy(settings.allowed_callables)
         self.configure(
             concurrent_jobs=settings.concurrent_jobs,
             runner=JobRunner(global_timeout=settings.global_timeout, entry_func=entry,
-                             exit_func=exit_, deadlines=self.runner.deadlines),
-            policy=CallablePolicy(settings.allowed_callables))
+                             exit_func=exit_, deadlines=self.runner.deadlines, policy=policy),
+            policy=policy)
 
     def free(self) -> int:
         """Slots not taken by a job in flight."""
@@ -116,8 +118,10 @@ class JobSlots:
             "free_slots": self.free(),
             "backlog": len(self.backlog),
             "greenlets": len(self.pool),
+            # no msgids: they name results, and these figures are served over
+            # HTTP (/status, /dashboard.json); the SIGUSR1 log dump has them
             "jobs_in_flight": [
-                {"msgid": r.msgid, "queue": r.queue, "callable": r.callable_name,
+                {"queue": r.queue, "callable": r.callable_name,
                  "age": round(now - r.started, 3)}
                 for r in sorted(self.jobs_in_flight.values(), key=lambda r: r.started)
             ],
@@ -128,7 +132,14 @@ class JobSlots:
 
     def admit(self, msgid: str, body: Sequence[str]) -> None:
         """A REQUEST body ``[queue, headers_csv, payload_json]``: start it,
-        backlog it, or reject it (never raises, never blocks)."""
+        backlog it, or reject it (never raises, never blocks). A msgid over
+        :data:`~emq_green.limits.MAX_MSGID_BYTES` is rejected and never held."""
+        size = len(msgid)  # (no call for a uuid: this runs per job)
+        if size > MAX_MSGID_BYTES // 4 and (size > MAX_MSGID_BYTES or not msgid.isascii()) \
+                and msgid_too_long(msgid):
+            self.reject_malformed(msgid, body, ProtocolError(
+                f"its msgid is longer than {MAX_MSGID_BYTES} bytes"))
+            return
         try:
             queue, raw_headers, payload = body
             headers = Headers.parse(raw_headers)
@@ -139,7 +150,8 @@ class JobSlots:
         refused = self.policy.refusal(request)
         if refused is not None:
             self.counters["refused"] += 1
-            logger.warning("REQUEST %s refused: %s", printable(msgid), printable(refused, 300))
+            worker_log.warning("refused", "REQUEST %s refused: %s", printable(msgid),
+                               printable(refused, 300), via=logger)
             self._rejected(msgid, headers, JobOutcome.rejected(NOT_ALLOWED, refused))
             return
         if msgid in self.jobs_in_flight:
@@ -149,8 +161,9 @@ class JobSlots:
         self.jobs_in_flight[msgid] = record
         if self.running >= self.concurrent_jobs:
             self.counters["backlogged"] += 1
-            logger.warning("REQUEST %s beyond the %d slots offered; it waits in the worker",
-                           msgid, self.concurrent_jobs)
+            worker_log.warning("backlogged", "REQUEST %s beyond the %d slots offered; it "
+                               "waits in the worker", printable(msgid),
+                               self.concurrent_jobs, via=logger)
             self.backlog.append(record)
         else:
             self.start(record)
@@ -165,7 +178,8 @@ class JobSlots:
             text = f"{type(error).__name__}: {error}"
         raw_headers = body[1] if len(body) > 1 and isinstance(body[1], str) else ""
         self.counters["invalid_requests"] += 1
-        logger.warning("invalid REQUEST %s: %s", printable(msgid), printable(text, 300))
+        worker_log.warning("invalid", "invalid REQUEST %s: %s", printable(msgid),
+                           printable(text, 300), via=logger)
         self._rejected(msgid, Headers(reply_requested=reply_requested_in(raw_headers)),
                        JobOutcome.rejected("InvalidRequest", text))
 
@@ -255,6 +269,8 @@ class JobSlots:
             return
         record.done = True
         self.counters[STATUS_KEYS[outcome.status]] += 1
+        if not outcome.attempts and outcome.error_type == NOT_ALLOWED:
+            self.counters["refused"] += 1  # refused once resolved (callables.py)
         finished = self._hooks.per_job[2]
         if finished:
             self._hooks.call(finished, "job_finished",

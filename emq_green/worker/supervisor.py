@@ -11,7 +11,8 @@ Each connection (:meth:`Supervisor._session`): INFORM to the next address
 (``worker_addr``, then the two failover addresses in turn), wait for the
 ACK, offer the free slots, and serve until the router is lost (reconnect),
 a reload is asked for (KBYE on this connection, a new one with a new
-identity) or a stop.
+identity; the old one stays open for the REPLYs of the jobs it brought)
+or a stop.
 
 Graceful stop order (:meth:`Supervisor._shutdown`): KBYE to the router; no
 more READY or HEARTBEAT; the socket is still read while the router may send
@@ -180,7 +181,8 @@ class Supervisor:
                 if self._reload_if_asked():
                     self._counters["reloads"] += 1
                     self._hooks.notify("disconnected", "settings reloaded")
-                    link.retire()
+                    # the REPLYs of the jobs running now leave on this connection
+                    link.retire(running=list(self._slots.jobs_in_flight))
                     return
                 if link.router_gone:
                     logger.error("%s; reconnecting", link.router_gone)

@@ -1,0 +1,1 @@
+"""An application package for the allowlist tests of issue 20."""
