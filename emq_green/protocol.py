@@ -165,6 +165,24 @@ class Message(NamedTuple):
                 _decode(f, "body frame")
             raise  # not reached: one of the frames above is not UTF-8
 
+    @classmethod
+    def parse_routed(cls, frames: Sequence[bytes]) -> tuple[bytes, Message]:
+        """``(identity, message)`` of what a ROUTER socket received:
+        ``[identity, '', version, COMMAND, MSGID, *body]``. The router's path
+        for every message (one call, no copy of the frames); anything not
+        well-formed goes through :func:`split_identity` and :meth:`parse`,
+        which raise :class:`ProtocolError` naming the fault."""
+        if len(frames) > 4 and not frames[1] and frames[2] == _VERSION_FRAME:
+            command = _COMMANDS.get(frames[3])
+            if command is not None:
+                try:
+                    return frames[0], cls(command, frames[4].decode(),
+                                          tuple([f.decode() for f in frames[5:]]))
+                except UnicodeDecodeError:
+                    pass
+        identity, rest = split_identity(frames)
+        return identity, cls.parse(rest)
+
     def frames(self) -> list[bytes]:
         return [b"", _VERSION_FRAME, _COMMAND_FRAMES[self.command], self.msgid.encode(),
                 *[part.encode() for part in self.body]]
@@ -186,6 +204,18 @@ def request_parts(frames: Sequence[bytes]) -> Optional[tuple[str, tuple[str, str
 def ready_frames() -> list[bytes]:
     """A new READY (sent once per job)."""
     return [b"", _VERSION_FRAME, b"READY", new_msgid().encode()]
+
+
+def ack_frames(identity: bytes, msgid: str) -> list[bytes]:
+    """A router's acknowledgement ``REPLY [msgid]`` to ``identity`` (a ROUTER
+    socket's frames, the identity first)."""
+    return [identity, b"", _VERSION_FRAME, b"REPLY", new_msgid().encode(), msgid.encode()]
+
+
+def request_frames(identity: bytes, msgid: str, body: Sequence[str]) -> list[bytes]:
+    """A REQUEST to ``identity`` (a ROUTER socket's frames, the identity first)."""
+    return [identity, b"", _VERSION_FRAME, b"REQUEST", msgid.encode(),
+            *[part.encode() for part in body]]
 
 
 def reply_frames(reply_json: str, orig_msgid: str) -> list[bytes]:

@@ -11,9 +11,10 @@ and the routers alternate within each round:
   its hardening on (sizes, allowlist at the worker, results, backpressure);
 * ``eventmq``: EventMQ 0.3.13's ``emq-router``;
 * ``forwarder``: the physical ceiling, a bare pyzmq loop (ROUTER in, ROUTER
-  out) that reads only the command frame: it ACKs the worker's INFORM and
-  forwards every REQUEST to it as it comes, with no READY accounting and no
-  buffer (the worker keeps what it cannot start yet in its own backlog).
+  out) that reads only the command frame: it ACKs the worker's INFORM,
+  counts READYs, and forwards each REQUEST as it comes while the worker has
+  credit, else keeps it in a deque for the next READY. No JSON, no headers,
+  no checks, no heartbeats: what moving the frames costs.
 
 Client: one raw DEALER that sends ``--jobs`` REQUESTs as fast as ZeroMQ
 takes them and reads acknowledgements as they come. Worker: one
@@ -51,10 +52,10 @@ WORKLOADS = {"noop": ("mark", []), "sleep": ("sleep_and_mark", [0.1])}
 
 #: the bare forwarder: ROUTER in (clients), ROUTER out (the worker); argv:
 #: frontend backend admin. It answers the admin socket's ROUTER_SHOW_WORKERS
-#: with one worker and as many free slots as READYs it saw (for the harness's
+#: with one worker and its unused credit as free slots (for the harness's
 #: wait), and nothing else.
 FORWARDER = r"""
-import json, sys, zmq
+import collections, json, sys, zmq
 ctx = zmq.Context()
 front, back, admin = (ctx.socket(zmq.ROUTER) for _ in range(3))
 for s, addr in zip((front, back, admin), sys.argv[1:4]):
@@ -62,7 +63,7 @@ for s, addr in zip((front, back, admin), sys.argv[1:4]):
 poller = zmq.Poller()
 for s in (front, back, admin):
     poller.register(s, zmq.POLLIN)
-worker, ready = None, 0
+worker, credit, queued = None, 0, collections.deque()
 while True:
     for sock, _ in poller.poll():
         while True:
@@ -71,16 +72,23 @@ while True:
             except zmq.Again:
                 break
             if sock is front:
-                if frames[3] == b"REQUEST" and worker is not None:
-                    back.send_multipart([worker, *frames[1:]])
+                if frames[3] == b"REQUEST":
+                    if credit and worker is not None:
+                        credit -= 1
+                        back.send_multipart([worker, *frames[1:]])
+                    else:
+                        queued.append(frames[1:])
             elif sock is back:
                 if frames[3] == b"INFORM":
                     worker = frames[0]
                     back.send_multipart([worker, b"", b"eMQP/1.0", b"ACK", b"ack", frames[4]])
                 elif frames[3] == b"READY":
-                    ready += 1
+                    if queued:
+                        back.send_multipart([worker, *queued.popleft()])
+                    else:
+                        credit += 1
             else:
-                body = json.dumps({"connected_workers": {"w": {"available_slots": ready}}})
+                body = json.dumps({"connected_workers": {"w": {"available_slots": credit}}})
                 admin.send_multipart([frames[0], b"", b"eMQP/1.0", b"REPLY", b"x",
                                       body.encode()])
 """

@@ -35,6 +35,7 @@ from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
 from ..protocol import (
     Command,
     Message,
+    ack_frames,
     guarantee_in,
     printable,
     result_requested_in,
@@ -140,7 +141,7 @@ class ClientSide:
         # EventMQ acknowledges a request when it hands it out (not when it
         # buffers it); a request that asked for its result gets the result
         if self._route(request) and not wants_result:
-            self.sockets.send("frontend", client, Message.new(Command.REPLY, request.msgid))
+            self.sockets.send_frames("frontend", ack_frames(client, msgid))
 
     def _on_guaranteed(self, client: bytes, message: Message, wants_result: bool) -> None:
         """A guaranteed request: accepted once safe (journal or memory), then
@@ -161,7 +162,7 @@ class ClientSide:
                     del holders[msgid]
                 self._refuse(client, msgid, why or "not accepted", wants_result)
                 return
-            self.sockets.send("frontend", client, Message.new(Command.REPLY, msgid))
+            self.sockets.send_frames("frontend", ack_frames(client, msgid))
             self._route(request)
             self.worker_side.resume_clients()
 

@@ -13,11 +13,10 @@ logs nothing: :class:`~emq_green.router.Router` does.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ..protocol import Queues, printable, reply_requested_in
 
@@ -34,36 +33,39 @@ OTHER = "(other)"
 UNLIMITED = sys.maxsize
 
 
-@dataclass(frozen=True)
 class Request:
-    """A client's REQUEST as the router holds it. A guaranteed one (the
+    """A client's REQUEST as the router holds it (read-only by convention: a
+    slotted class, as one is built per job). A guaranteed one (the
     ``guarantee`` header) carries ``reply-requested`` in its body (the
     router learns of its end from the REPLY) and its journal row (``seq``,
     0 without a journal)."""
 
-    msgid: str
-    client: bytes
-    queue: str
-    body: tuple[str, ...]
-    received: float
-    guaranteed: bool = False
-    seq: int = 0
+    __slots__ = ("msgid", "client", "queue", "body", "received", "guaranteed", "seq",
+                 "reply_requested", "size")
 
-    @property
-    def reply_requested(self) -> bool:
-        return len(self.body) > 1 and reply_requested_in(self.body[1])
+    def __init__(self, msgid: str, client: bytes, queue: str, body: tuple[str, ...],
+                 received: float, guaranteed: bool = False, seq: int = 0) -> None:
+        self.msgid = msgid
+        self.client = client
+        self.queue = queue
+        self.body = body
+        self.received = received
+        self.guaranteed = guaranteed
+        self.seq = seq
+        #: whether its headers ask the worker for a REPLY
+        self.reply_requested = len(body) > 1 and reply_requested_in(body[1])
+        #: What it counts against ``max_buffer_bytes``: the length of its
+        #: msgid and body (characters; bytes for ASCII, as JSON mostly is).
+        self.size = len(msgid) + sum(map(len, body))
 
-    @property
-    def size(self) -> int:
-        """What the request counts against ``max_buffer_bytes``: the length of
-        its msgid and body (characters; bytes for ASCII, as JSON mostly is)."""
-        return len(self.msgid) + sum(map(len, self.body))
+    def __repr__(self) -> str:
+        return f"<Request {self.msgid} queue={self.queue!r} guaranteed={self.guaranteed}>"
 
 
-@dataclass(frozen=True)
-class Sent:
+class Sent(NamedTuple):
     """A REQUEST handed to a worker and not known to be finished; for a
-    guaranteed one, the request itself, to send again if the worker dies."""
+    guaranteed one, the request itself, to send again if the worker dies.
+    (A named tuple: one is built per job.)"""
 
     msgid: str
     queue: str
@@ -103,19 +105,6 @@ class Worker:
     def log_name(self) -> str:
         """The identity, escaped for a log line."""
         return printable(self.identity)
-
-    def retire_oldest_unreplied(self) -> Optional[str]:
-        """A READY does not say which job ended: for requests sent without
-        ``reply-requested`` the oldest is taken as done (a best estimate).
-        Call it only when :attr:`unreplied` is not 0 (else every READY would
-        walk the whole list). Returns the msgid retired (see
-        ``Routing.retire_oldest_unreplied``, which keeps the index)."""
-        for msgid, sent in self.in_flight.items():
-            if not sent.reply_requested:
-                del self.in_flight[msgid]
-                self.unreplied -= 1
-                return msgid
-        return None
 
 
 class Routing:
@@ -166,8 +155,7 @@ class Routing:
             entries = self.queues.setdefault(name, [])
             # behind every entry at least as heavy (heaviest first): a binary
             # search, not a walk, with many workers on one queue
-            entries.insert(bisect.bisect_right(entries, -weight, key=_neg_weight),
-                           (weight, identity))
+            entries.insert(_after_heavier(entries, weight), (weight, identity))
         return worker
 
     def remove(self, worker: Worker) -> None:
@@ -200,15 +188,21 @@ class Routing:
                 del holders[msgid]
 
     def retire_oldest_unreplied(self, worker: Worker) -> None:
-        """A READY of ``worker``: its oldest request sent without
-        ``reply-requested`` is taken as done (see :meth:`Worker.retire_oldest_unreplied`),
-        unless the READY is that of one a REPLY ended already."""
+        """A READY of ``worker`` (call it when ``worker.unreplied`` is not 0):
+        its oldest request sent without ``reply-requested`` is taken as done
+        (a READY does not say which job ended: a best estimate), unless the
+        READY is that of one a REPLY ended already."""
         if worker.replied_unasked:
             worker.replied_unasked -= 1
             return
-        msgid = worker.retire_oldest_unreplied()
-        if msgid is not None and self.holders.get(msgid) is worker:
-            del self.holders[msgid]
+        in_flight = worker.in_flight
+        for msgid, sent in in_flight.items():
+            if not sent.reply_requested:
+                del in_flight[msgid]
+                worker.unreplied -= 1
+                if self.holders.get(msgid) is worker:
+                    del self.holders[msgid]
+                return
 
     def taken_msgid(self, msgid: str) -> bool:
         """Whether a request with ``msgid`` is buffered or in flight (also on
@@ -381,8 +375,17 @@ class Routing:
         }
 
 
-def _neg_weight(entry: tuple[int, bytes]) -> int:
-    return -entry[0]
+def _after_heavier(entries: list[tuple[int, bytes]], weight: int) -> int:
+    """Where ``weight`` goes in ``entries`` (heaviest first): behind every
+    entry at least as heavy. (``bisect``'s ``key`` needs Python 3.10.)"""
+    lo, hi = 0, len(entries)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if entries[mid][0] >= weight:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 __all__ = ["MAX_NAMES", "OTHER", "Request", "Routing", "Sent", "Worker"]

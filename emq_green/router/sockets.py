@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import gevent
 import gevent.event
 import zmq
-import zmq.green
+from gevent.hub import Waiter
 
 from ..curve import ServerCurve
 from ..limits import LogLimiter
-from ..protocol import Command, Message, ProtocolError, printable, split_identity
+from ..protocol import Command, Message, ProtocolError, printable
 from ..settings import Settings
 from .routing import UNLIMITED
 from .zap import ZapHandler
@@ -56,7 +56,10 @@ _clock = time.perf_counter
 YIELD = 1e-6
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# a reader waits at most this long (s) before it looks at its socket again
+_WAIT_AT_MOST = 1.0
 # pyzmq's backend (Cython) socket methods, below its Python layer (see RouterSocket)
 _BACKEND = next(c for c in zmq.Socket.__mro__ if c.__module__.startswith("zmq.backend"))
 _send, _recv, _get = _BACKEND.send, _BACKEND.recv, _BACKEND.get
@@ -70,31 +73,41 @@ Gate = Callable[[bytes, Message], bool]
 
 
 class RouterSocket:
-    """One ROUTER socket: a ``zmq.green`` socket to wait on, and a plain shadow
-    of the same socket for the non-blocking calls.
+    """One ROUTER socket, read by one greenlet, written by any.
 
-    zmq.green's per-frame wrappers, and pyzmq's own ``send_multipart`` (which
-    builds an enum flag per frame), cost more than the routing itself: sends
-    and the draining of already-queued messages call pyzmq's Cython socket
-    methods directly, with integer flags. ZeroMQ's wake-up signal is
-    edge-triggered and any call on the socket may consume it, so after plain
-    sends the green socket must re-read its state (``get(EVENTS)``), as
-    zmq.green does after its own sends, or the one greenlet waiting to read
-    could miss a message: that is done once per turn of the loop (a callback
-    scheduled by the first send), not after every send.
+    A plain pyzmq socket with gevent waiting done here, not a ``zmq.green``
+    one: zmq.green's per-call machinery (a state check and an enum per call,
+    an event set per wake-up), and pyzmq's own ``send_multipart`` (an enum
+    flag per frame), cost more than the routing itself. Sends and receives
+    call pyzmq's Cython socket methods directly, with integer flags.
+
+    Waiting: ZeroMQ signals its ``FD`` when the socket's state may have
+    changed, edge-triggered, and any call on the socket may consume that
+    signal. So the reader checks ``EVENTS`` before it waits on the FD (with
+    a gevent io watcher); and since a send from another greenlet may eat the
+    signal of a message that arrived meanwhile, the first send of a loop
+    turn schedules one callback that checks ``EVENTS`` and wakes the reader
+    (once a turn, not after every send). A wait also ends after a second,
+    as zmq.green's does, in case libzmq's signal was lost anyway.
     """
 
-    def __init__(self, green: Any) -> None:
-        self.green = green
-        self.plain = zmq.Socket.shadow(green.underlying)
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        hub = gevent.get_hub()
+        self._loop = hub.loop
+        self._waiter: Optional[Waiter] = None
         self._refresh_due = False
-        self._loop = gevent.get_hub().loop
+        # started once and kept: starting and stopping an io watcher around
+        # each wait made libev report the FD again and again (measured: a
+        # hundred wake-ups per message)
+        self._watcher = hub.loop.io(sock.getsockopt(zmq.FD), 1)  # 1: readable
+        self._watcher.start(self._wake_if_readable)
 
     def send(self, frames: list[bytes]) -> None:
         """Send one message now (EAGAIN / EHOSTUNREACH raise ZMQError).
         ZeroMQ takes a multipart message whole or not at all: once the first
         frame is in, the others are."""
-        sock = self.plain
+        sock = self.sock
         last = len(frames) - 1
         try:
             for i in range(last):
@@ -106,33 +119,61 @@ class RouterSocket:
                 self._loop.run_callback(self._refresh)
 
     def _refresh(self) -> None:
+        """After this turn's sends: wake the reader if a message waits."""
         self._refresh_due = False
-        if not self.green.closed:
-            self.green.get(zmq.EVENTS)  # wakes the reader if a message waits
+        self._wake_if_readable()
+
+    def _wake_if_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not self.sock.closed and _get(self.sock, _EVENTS) & _POLLIN:
+            self._waiter = None
+            waiter.switch(None)
+
+    def _wait(self) -> None:
+        """Block the reading greenlet until a message waits in ZeroMQ's queue."""
+        sock = self.sock
+        while not _get(sock, _EVENTS) & _POLLIN:
+            waiter = self._waiter = Waiter()
+            # a new timer each time: a restarted one fired at once, over and over
+            timer = self._loop.timer(_WAIT_AT_MOST)
+            timer.start(waiter.switch, None)
+            try:
+                waiter.get()
+            finally:
+                timer.close()
+                self._waiter = None
 
     def receive(self) -> Iterator[list[bytes]]:
         """Wait for one message, then yield what is already queued (a batch:
         at most ``_READ_BATCH`` messages, or ``_BATCH_SECONDS`` of them)."""
-        yield self.green.recv_multipart()
-        sock = self.plain
+        self._wait()
+        sock = self.sock
         deadline = _clock() + _BATCH_SECONDS
-        for i in range(_READ_BATCH):
-            if not i & 3 and _clock() > deadline:
+        for i in range(_READ_BATCH + 1):
+            if i and not i & 3 and _clock() > deadline:
                 return
             try:
+                # a ROUTER socket puts the sender's identity first, and some
+                # frame always follows it; after that, Frame objects carry
+                # RCVMORE (pyzmq's get(RCVMORE) would build an enum per frame)
                 frames = [_recv(sock, _NOBLOCK)]
             except zmq.Again:
                 return
-            while _get(sock, _RCVMORE):
-                frames.append(_recv(sock, _NOBLOCK))
+            frame = _recv(sock, _NOBLOCK, False)
+            frames.append(frame.bytes)
+            while frame.more:
+                frame = _recv(sock, _NOBLOCK, False)
+                frames.append(frame.bytes)
             yield frames
 
     def has_unread(self) -> bool:
         """Whether a message waits in ZeroMQ's queue, not read yet."""
-        return bool(self.green.get(zmq.EVENTS) & zmq.POLLIN)
+        return bool(_get(self.sock, _EVENTS) & _POLLIN)
 
     def close(self) -> None:
-        self.green.close(linger=0)
+        self._watcher.stop()
+        self._watcher.close()
+        self.sock.close(linger=0)
 
 
 class RouterSockets:
@@ -176,7 +217,8 @@ class RouterSockets:
         name, addr = "", ""
         try:
             for name, addrs in binds.items():
-                sock = self._context.socket(zmq.ROUTER)
+                # a plain socket, even from a zmq.green context (see RouterSocket)
+                sock = zmq.Socket(self._context, zmq.ROUTER)
                 self._sockets[name] = RouterSocket(sock)
                 if curve is not None and zap is not None:
                     curve.apply(sock)  # inproc:// peers are not asked (libzmq)
@@ -238,8 +280,18 @@ class RouterSockets:
         ):
             logger.debug("%s -> %r: %s %s %s", name, identity, message.command.value,
                          printable(message.msgid), message.body)
+        return self.send_frames(name, [identity, *message.frames()])
+
+    def send_frames(self, name: str, frames: list[bytes]) -> bool:
+        """:meth:`send` of a message already in frames, the peer's identity
+        first (the hot paths: REQUESTs to workers, acknowledgements)."""
+        sock = self._sockets.get(name)
+        if sock is None:
+            return False
+        if self._debug:
+            logger.debug("%s -> %r: %s", name, frames[0], frames[3:])
         try:
-            sock.send([identity, *message.frames()])
+            sock.send(frames)
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
@@ -274,8 +326,7 @@ class RouterSockets:
             self._drop_oversized(name, frames)
             return
         try:
-            identity, rest = split_identity(frames)
-            message = Message.parse(rest)
+            identity, message = Message.parse_routed(frames)
         except ProtocolError as exc:
             self._drop_malformed(name, frames, exc)
             return
@@ -335,7 +386,7 @@ class RouterSockets:
         unread = 0
         while True:
             try:
-                frames = sock.plain.recv_multipart(_NOBLOCK)
+                frames = sock.sock.recv_multipart(_NOBLOCK)
             except zmq.ZMQError:
                 break
             if len(frames) < 5 or frames[3] != b"REQUEST":

@@ -38,7 +38,15 @@ import time
 from typing import Optional, Protocol
 
 from ..limits import LogLimiter
-from ..protocol import Command, Message, ProtocolError, heartbeat, parse_queues, printable
+from ..protocol import (
+    Command,
+    Message,
+    ProtocolError,
+    heartbeat,
+    parse_queues,
+    printable,
+    request_frames,
+)
 from ..settings import Settings
 from .guarantee import Guarantees, was_killed
 from .results import ResultRelay
@@ -243,8 +251,8 @@ class WorkerSide:
     def hand_over(self, worker: Worker, request: Request, queue: str) -> bool:
         """Send ``request`` to ``worker``; a worker that cannot be reached is
         removed and False returned."""
-        message = Message(Command.REQUEST, request.msgid, request.body)
-        if not self._sockets.send("backend", worker.identity, message):
+        if not self._sockets.send_frames(
+                "backend", request_frames(worker.identity, request.msgid, request.body)):
             self.forget(worker, "it cannot be reached", dead=True)
             return False
         now = time.monotonic()

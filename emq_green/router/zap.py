@@ -91,6 +91,7 @@ class ZapHandler:
         self._socket: Optional[zmq.green.Socket] = None
         self._greenlet: Optional[gevent.Greenlet] = None
         self._monitors: list[tuple[gevent.Greenlet, zmq.green.Socket]] = []
+        self._keep: list[zmq.Socket] = []
 
     def start(self) -> None:
         """Bind the ZAP endpoint and start answering."""
@@ -126,12 +127,15 @@ class ZapHandler:
                     "".join(f"; removed {fingerprint(k)}" for k in sorted(removed)))
         return len(keys)
 
-    def watch(self, name: str, socket: zmq.green.Socket) -> None:
+    def watch(self, name: str, socket: zmq.Socket) -> None:
         """Log and count the handshakes on ``socket`` (the router's ``name``
         socket) that fail before ZAP is asked: a peer without CURVE, or one
         with the wrong server key. Call before ``bind``."""
         events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        monitor = socket.get_monitor_socket(events)
+        plain = socket.get_monitor_socket(events)
+        # read by a greenlet: a zmq.green view of it (the router's sockets are plain)
+        monitor = zmq.green.Socket.shadow(plain.underlying)
+        self._keep.append(plain)  # it owns the ZeroMQ socket: closed with the router's
         self._monitors.append((gevent.spawn(self._watch, name, monitor), monitor))
 
     def _watch(self, name: str, monitor: zmq.green.Socket) -> None:
@@ -158,6 +162,9 @@ class ZapHandler:
             greenlet.kill()
             monitor.close(linger=0)
         self._monitors.clear()
+        for plain in self._keep:
+            plain.close(linger=0)  # already closed through its shadow: a no-op
+        self._keep.clear()
         if self._greenlet is not None:
             self._greenlet.kill()
             self._greenlet = None
