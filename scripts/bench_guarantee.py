@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))
 
 import zmq  # noqa: E402
 from benchlib import (  # noqa: E402
+    LineCounter,
     admin_request,
-    count_lines,
     cpu_seconds,
     free_ports,
     stop,
@@ -159,12 +159,13 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
             if n % 256 == 0:
                 acks += read_acks()
         deadline = time.monotonic() + 180
-        while count_lines(marks) < jobs and time.monotonic() < deadline:
+        counter = LineCounter(marks)
+        while counter.count() < jobs and time.monotonic() < deadline:
             acks += read_acks()
             time.sleep(0.01)  # polling interval for the file
         elapsed = time.time() - started
         cpu = cpu_seconds(router.pid) - cpu_before
-        done = count_lines(marks)
+        done = counter.count()
         if done < jobs:
             raise SystemExit(f"{mode}: only {done}/{jobs} jobs done (see {log.name})")
         settle = time.monotonic() + 5

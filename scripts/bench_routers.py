@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import zmq  # noqa: E402
-from benchlib import count_lines, cpu_seconds, free_ports, stop, wait_for_slots  # noqa: E402
+from benchlib import LineCounter, cpu_seconds, free_ports, stop, wait_for_slots  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ROUTERS = ("green", "eventmq", "forwarder")
@@ -150,12 +150,13 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
                 while sock.poll(0):
                     sock.recv_multipart()
         deadline = time.monotonic() + 300
-        while count_lines(marks) < jobs and time.monotonic() < deadline:
+        counter = LineCounter(marks)
+        while counter.count() < jobs and time.monotonic() < deadline:
             while sock.poll(0):
                 sock.recv_multipart()
             time.sleep(0.01)  # polling interval for the file
         cpu = cpu_seconds(router.pid) - cpu_before
-        done = count_lines(marks)
+        done = counter.count()
         if done < jobs:
             raise SystemExit(f"{kind} {workload}: only {done}/{jobs} jobs done ({log.name})")
         last = max(float(line.split()[-1]) for line in marks.read_text().splitlines())
