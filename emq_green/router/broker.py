@@ -165,7 +165,8 @@ class Router:
             PendingResults(settings.max_pending_results, settings.result_ttl,
                            max_bytes=settings.max_pending_result_bytes,
                            per_client=settings.max_pending_results_per_client),
-            lambda client, message: self.sockets.send("frontend", client, message))
+            lambda client, message: self.sockets.send("frontend", client, message),
+            lambda frames: self.sockets.send_frames("frontend", frames))
         #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
             Journal(settings.journal_file, sync=settings.journal_sync)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 from ..limits import LogLimiter
-from ..protocol import Command, Message, printable
+from ..protocol import Command, Message, printable, relayed_reply_frames
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +216,14 @@ class ResultRelay:
     """
 
     def __init__(self, pending: PendingResults,
-                 send: Callable[[bytes, Message], bool]) -> None:
+                 send: Callable[[bytes, Message], bool],
+                 send_frames: Optional[Callable[[list[bytes]], bool]] = None) -> None:
         self.pending = pending
         self._send = send
+        #: the same send for a message already in frames, identity first
+        #: (one result per job goes this way); default: through ``send``
+        self._send_frames = send_frames or (
+            lambda frames: send(frames[0], Message.parse(frames[1:])))
         self._log = LogLimiter(
             logger, burst=LOST_LOG_BURST, window=LOST_LOG_WINDOW,
             summary="router: %d more result(s) dropped, not logged one by one: %s")
@@ -247,7 +252,8 @@ class ResultRelay:
         client = self.pending.pop(message.body[1])
         if client is None:
             return
-        if self._send(client, Message.new(Command.REPLY, *message.body)):
+        reply_json, orig = message.body
+        if self._send_frames(relayed_reply_frames(client, reply_json, orig)):
             self.pending.forwarded += 1
         else:
             self.pending.dropped[CLIENT_GONE] += 1
