@@ -180,3 +180,17 @@ def test_random_frames_on_every_socket_leave_the_router_routing(make_router):  #
         answer = client.recv(timeout=5)
         if answer.command is Command.REPLY and answer.body == ('{"value": 3}', asked.msgid):
             break
+
+
+@pytest.mark.timeout(60)
+@given(headers)
+@settings(max_examples=400, deadline=None)
+def test_header_flags_read_each_name_exactly(text):
+    """The router's header checks (iterated in C for speed) say what a plain
+    reading of the comma-separated names says, for whatever header text."""
+    from emq_green.protocol import guarantee_in, reply_requested_in, result_requested_in
+
+    names = [h.strip() for h in text.split(",")]
+    assert guarantee_in(text) == ("guarantee" in names)
+    assert reply_requested_in(text) == ("reply-requested" in names)
+    assert result_requested_in(text) == ("result-requested" in names)
