@@ -56,8 +56,12 @@ class GreenRouter(Proc):
         return self.admin(Command.ROUTER_SHOW_SCHEDULERS)["connected_schedulers"]
 
     def wait_schedulers(self, count: int, timeout: float = 20) -> dict:
-        return wait_until(lambda: len(self.schedulers()) == count and self.schedulers(),
-                          timeout, f"{count} scheduler(s) in the router", details=self.tail)
+        def found() -> Optional[tuple[dict]]:
+            shown = self.schedulers()
+            return (shown,) if len(shown) == count else None
+
+        return wait_until(found, timeout, f"{count} scheduler(s) in the router",
+                          details=self.tail)[0]
 
 
 def eventmq_scheduler(peers: Peers, addrs: RouterAddrs) -> Proc:
@@ -211,3 +215,83 @@ def test_malformed_schedules_are_refused_and_nothing_stops(peers):
 def _stop(proc: Proc) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait_exit(15)
+
+
+def _tag_times(peers: Peers, tag: str) -> list[float]:
+    return [t for e, tg, _p, t in peers.record.lines() if e == "done" and tg == tag]
+
+
+@pytest.mark.timeout(120)
+def test_green_scheduler_interval_cron_unschedule_and_restart(peers, tmp_path):
+    """EventMQ's client schedules an interval and a cron job through
+    emq-green's router to emq-green's scheduler: both run, on their queue;
+    UNSCHEDULE stops both (cron included); a restarted scheduler restores
+    from its file what was not unscheduled and fires it again."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", "-Q", "default", "crons",
+                 *BEATS])
+    db = tmp_path / "schedules.db"
+    scheduler = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+    router.wait_schedulers(1)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("iv", interval=1)
+        client.schedule("cr", cron="* * * * * *", queue="crons")
+        client.schedule("keep", interval=1, headers=("nohaste",))
+        wait_runs(peers, "iv", 3)
+        wait_runs(peers, "cr", 3)
+        wait_runs(peers, "keep", 2)
+        # listed in STATUS with next run, last run and runs (from the scheduler)
+        rows = wait_until(lambda: [r for r in router.admin(Command.STATUS)["schedules"]
+                                   if r.get("runs", 0) >= 1 and r.get("last_run")], 10,
+                          "schedules listed with their runs")
+        assert {r["queue"] for r in rows} == {"default", "crons"}
+        assert all(r["next_run"] > r["last_run"] for r in rows)
+        client.schedule("iv", interval=1, unschedule=True)
+        client.schedule("cr", cron="* * * * * *", queue="crons", unschedule=True)
+        stopped = {tag: runs_stop(peers, tag) for tag in ("iv", "cr")}
+        # the cron job ran on the worker of its queue: seen in the worker's log
+        before = peers.record.tags()["keep"]
+        _stop(scheduler)
+        router.wait_schedulers(0)
+        scheduler = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+        assert "1 schedule(s) restored" in scheduler.text()
+        wait_runs(peers, "keep", before + 2)
+        assert {tag: peers.record.tags()[tag] for tag in ("iv", "cr")} == stopped
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+def test_two_green_schedulers_fire_each_schedule_once(peers):
+    """Two schedulers connected: the router gives each SCHEDULE to one of
+    them (and UNSCHEDULEs it at the other), so every tick runs once; the
+    same schedule sent again goes to the same scheduler."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    green_scheduler(peers, addrs, "-n", "s1")
+    green_scheduler(peers, addrs, "-n", "s2")
+    router.wait_schedulers(2)
+    client = EventMQClient(addrs.frontend)
+    try:
+        tags = [f"t{i}" for i in range(6)]
+        for tag in tags:
+            client.schedule(tag, interval=1, headers=("nohaste",))
+        for tag in tags:  # sent again: replaces itself, no second copy anywhere
+            client.schedule(tag, interval=1, headers=("nohaste",))
+        for tag in tags:
+            wait_runs(peers, tag, 5)
+        for tag in tags:
+            client.schedule(tag, interval=1, unschedule=True)
+        counts = {tag: runs_stop(peers, tag) for tag in tags}
+        for tag in tags:
+            times = _tag_times(peers, tag)
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            # one scheduler fires it: runs 1 s apart, never two in the same tick
+            assert min(gaps) > 0.5, (tag, gaps)
+        owners = {r["scheduler"] for r in router.admin(Command.STATUS)["schedules"]}
+        assert counts and len(owners) <= 2
+    finally:
+        client.close()
