@@ -223,6 +223,11 @@ def router_main(argv: "list[str] | None" = None) -> int:
     return 0
 
 
+#: emq-green-scheduler's file when scheduler_file is not set at all (in the
+#: working directory)
+DEFAULT_SCHEDULER_FILE = "emq-green-schedules.db"
+
+
 def scheduler_main(argv: "list[str] | None" = None) -> int:
     """``emq-green-scheduler``: settings from [global] and [scheduler]."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -234,12 +239,16 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
     from .settings import SettingsError, load_settings
 
     try:
-        settings = load_settings(argv, os.environ, section="scheduler",
-                                 prog="emq-green-scheduler")[0]
+        settings, ns = load_settings(argv, os.environ, section="scheduler",
+                                     prog="emq-green-scheduler")
     except SettingsError as exc:
         sys.stderr.write(f"emq-green-scheduler: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
+    if ns.scheduler_file is None:
+        # not set anywhere: schedules are kept, as EventMQ's scheduler keeps
+        # them in Redis by default; an empty value keeps them in memory only
+        settings = settings.replace(scheduler_file=os.path.abspath(DEFAULT_SCHEDULER_FILE))
     scheduler = Scheduler(settings=settings)
     try:
         scheduler.start()

@@ -348,8 +348,10 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("scheduler_addr", ("--scheduler-addr",), _to_addr,
           "scheduler: the router's client address it connects to (EventMQ's SCHEDULER_ADDR)"),
     _Spec("scheduler_file", ("--scheduler-file",), _to_journal_file,
-          "scheduler: SQLite file where schedules are kept, so that they survive a restart "
-          "(default: none, kept in memory only; may be the router's journal_file)"),
+          "scheduler: SQLite file where schedules are kept, so that they survive a restart; "
+          "empty: memory only (default: emq-green-schedules.db in the working directory for "
+          "emq-green-scheduler, memory only for the scheduler inside emq-green --standalone "
+          "or emq-green-router --scheduler)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

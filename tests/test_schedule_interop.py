@@ -271,8 +271,8 @@ def test_two_green_schedulers_fire_each_schedule_once(peers):
     addrs = RouterAddrs.fresh()
     router = GreenRouter(peers, addrs)
     peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
-    green_scheduler(peers, addrs, "-n", "s1")
-    green_scheduler(peers, addrs, "-n", "s2")
+    green_scheduler(peers, addrs, "-n", "s1", "--scheduler-file", str(peers.tmp / "s1.db"))
+    green_scheduler(peers, addrs, "-n", "s2", "--scheduler-file", str(peers.tmp / "s2.db"))
     router.wait_schedulers(2)
     client = EventMQClient(addrs.frontend)
     try:
@@ -293,5 +293,34 @@ def test_two_green_schedulers_fire_each_schedule_once(peers):
             assert min(gaps) > 0.5, (tag, gaps)
         owners = {r["scheduler"] for r in router.admin(Command.STATUS)["schedules"]}
         assert counts and len(owners) <= 2
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_scheduler_killed_9_loses_nothing_sent_after(peers, tmp_path):
+    """kill -9 of the scheduler: a SCHEDULE sent before the router noticed is
+    not sent into the void (the send fails, the scheduler is taken for
+    gone, the SCHEDULE is held); the next scheduler gets it, and restores
+    the rest from the default file in its working directory."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--heartbeat-timeout", "60",
+                         "--heartbeat-interval", "1")
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    first = green_scheduler(peers, addrs)
+    assert "schedules kept in " + str(tmp_path / "emq-green-schedules.db") in first.text()
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("before", interval=1)
+        wait_runs(peers, "before", 2)
+        first.kill()
+        client.schedule("after", interval=1)
+        wait_until(lambda: router.admin(Command.STATUS)["schedule_messages_held"] == 1, 10,
+                   "the SCHEDULE held", details=router.tail)
+        second = green_scheduler(peers, addrs)
+        assert "1 schedule(s) restored" in second.text()
+        wait_runs(peers, "after", 2)
+        base = peers.record.tags()["before"]
+        wait_runs(peers, "before", base + 2)
     finally:
         client.close()

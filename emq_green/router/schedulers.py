@@ -163,7 +163,11 @@ class SchedulerSide:
         # by the call's key without a delayed job's own id: every delayed run
         # of one call lives on one scheduler
         owner = self._owner(schedule.key.partition(":")[0])
-        self._forward(owner, message)
+        if not self._forward(owner, message):
+            # gone without a KBYE (kill -9): take the next one, or hold it
+            self.schedulers.pop(owner, None)
+            self.on_schedule(client, message)
+            return
         self._book(schedule.key, schedule.name, schedule.queue, schedule.what(), owner)
         if len(self.schedulers) > 1:
             # so that no other scheduler keeps (and fires) an older copy
@@ -182,7 +186,8 @@ class SchedulerSide:
             self._hold(client, message)
             return
         for identity in list(self.schedulers):
-            self._forward(identity, message)
+            if not self._forward(identity, message):
+                self.schedulers.pop(identity, None)
         self.counts["unscheduled"] += 1
         self.book.pop(key, None)
 
@@ -192,18 +197,19 @@ class SchedulerSide:
         return max(self.schedulers,
                    key=lambda ident: hashlib.sha1(ident + key.encode()).digest())
 
-    def _forward(self, identity: bytes, message: Message) -> None:
+    def _forward(self, identity: bytes, message: Message) -> bool:
         if self._sockets.send("frontend", identity, message):
             peer = self.schedulers.get(identity)
             if peer is not None:
                 peer.forwarded += 1
             if message.command is Command.SCHEDULE:
                 self.counts["forwarded"] += 1
-        else:
-            self._log.error("schedule_lost", "router: %s %s could not be sent to scheduler %s "
-                            "(gone or its pipe full)", message.command.value,
-                            printable(message.msgid), printable(identity))
-            self.counts["send_failed"] += 1
+            return True
+        self._log.error("schedule_lost", "router: %s %s could not be sent to scheduler %s "
+                        "(gone or its pipe full); it is taken for gone",
+                        message.command.value, printable(message.msgid), printable(identity))
+        self.counts["send_failed"] += 1
+        return False
 
     def _hold(self, client: bytes, message: Message) -> None:
         if len(self.held) >= self.max_held:

@@ -111,6 +111,8 @@ class Scheduler:
         if self._lifecycle.state is not SchedulerState.STOPPED or self._stopped.is_set():
             raise RuntimeError("a Scheduler starts once")
         self.store = ScheduleStore(self.settings.scheduler_file)
+        logger.info("scheduler: schedules kept in %s", self.settings.scheduler_file
+                    or "memory only (no scheduler_file)")
         for entry in self.store.load():
             self.table.put(entry)
             self.counts["restored"] += 1
