@@ -193,21 +193,16 @@ def router_main(argv: "list[str] | None" = None) -> int:
 
     from .settings import SettingsError, load_settings
 
-    def add_scheduler(parser) -> None:
-        parser.add_argument("--scheduler", action="store_true",
-                            help="run a scheduler in this process too (scheduler_file from "
-                                 "[router]), connected to this router in-process")
-
     try:
-        settings, ns = load_settings(argv, os.environ, section="router",
-                                     prog="emq-green-router", extra_arguments=add_scheduler)
+        settings = load_settings(argv, os.environ, section="router",
+                                 prog="emq-green-router")[0]
     except SettingsError as exc:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
     context = zmq.Context() if settings.curve_secret_key_file else zmq.Context.instance()
     router, scheduler = _start_router(settings, context, "emq-green-router",
-                                      with_scheduler=ns.scheduler)
+                                      with_scheduler=settings.run_scheduler)
     if router is None:
         return 1
 

@@ -114,6 +114,8 @@ class Settings:
     scheduler_addr: str = "tcp://127.0.0.1:47291"
     #: scheduler: SQLite file of its schedules (empty: memory only)
     scheduler_file: str = ""
+    #: router: run a scheduler in the router's process (emq-green-router --scheduler)
+    run_scheduler: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (setting name = value) applied, unchecked."""
@@ -352,6 +354,9 @@ _SPECS: tuple[_Spec, ...] = (
           "empty: memory only (default: emq-green-schedules.db in the working directory for "
           "emq-green-scheduler, memory only for the scheduler inside emq-green --standalone "
           "or emq-green-router --scheduler)"),
+    _Spec("run_scheduler", ("--scheduler", "--run-scheduler"), _to_bool,
+          "emq-green-router: run a scheduler in the router's process too, connected to it "
+          "in-process (emq-green --standalone always runs one)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the

@@ -140,3 +140,24 @@ def test_unschedule_needs_the_same_call(peers):
         "path": "m", "callable": "f", "args": [2], "kwargs": {}, "class_args": [],
         "class_kwargs": {}}))
     assert a != b and callable(unschedule)
+
+
+@pytest.mark.timeout(60)
+def test_router_with_its_own_scheduler(peers):
+    """``emq-green-router --scheduler``: EventMQ's client schedules, the
+    in-process scheduler fires, ROUTER_SHOW_SCHEDULERS lists it."""
+    from test_schedule_interop import EventMQClient
+
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--scheduler")
+    router.wait_for(r"scheduler: connected")
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    assert len(router.schedulers()) == 1
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("own", interval=1)
+        wait_runs(peers, "own", 3)
+        client.schedule("own", interval=1, unschedule=True)
+        runs_stop(peers, "own")
+    finally:
+        client.close()
