@@ -130,21 +130,15 @@ def _standalone(settings, router_settings, load) -> int:
     import zmq.green as zmq
 
     from .jobmanager import JobManager
-    from .router.broker import Router
 
     inproc = f"inproc://emq-green-{uuid.uuid4().hex}"
     to_router = {"worker_addr": inproc, "worker_addr_default": inproc,
                  "worker_addr_failover": inproc}
     context = zmq.Context.instance()
-    router = Router(settings=router_settings, extra_backend_addrs=(inproc,), context=context)
-    try:
-        router.start()
-    except OSError as exc:
-        sys.stderr.write(f"emq-green: {exc}\n")
+    router, scheduler = _start_router(router_settings, context, "emq-green",
+                                      extra_backend_addrs=(inproc,), with_scheduler=True)
+    if router is None:
         return 1
-    from .router.dashboard import start_dashboard
-
-    start_dashboard(router, router_settings.dashboard_addr)
     manager = JobManager(settings=settings.replace(**to_router),
                          settings_loader=lambda: load().replace(**to_router), context=context)
 
@@ -155,8 +149,38 @@ def _standalone(settings, router_settings, load) -> int:
     watcher = gevent.spawn(stop_manager_with_router)
     manager.serve_forever()
     watcher.kill()
+    if scheduler is not None:
+        scheduler.stop()
     router.stop()
     return 0
+
+
+def _start_router(settings, context, prog: str, extra_backend_addrs=(),
+                  with_scheduler: bool = False):
+    """Start a router, its dashboard and (``with_scheduler``) a scheduler
+    in this process, connected to it over ``inproc://``; ``(None, None)``
+    when the router cannot start (the reason written to stderr)."""
+    import uuid
+
+    from .router.broker import Router
+    from .router.dashboard import start_dashboard
+
+    front = f"inproc://emq-green-front-{uuid.uuid4().hex}"
+    router = Router(settings=settings, extra_backend_addrs=extra_backend_addrs,
+                    extra_frontend_addrs=(front,) if with_scheduler else (), context=context)
+    try:
+        router.start()
+    except OSError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return None, None
+    start_dashboard(router, settings.dashboard_addr)
+    scheduler = None
+    if with_scheduler:
+        from .scheduler import Scheduler
+
+        scheduler = Scheduler(settings=settings, context=context, addr=front)
+        scheduler.start()
+    return router, scheduler
 
 
 def router_main(argv: "list[str] | None" = None) -> int:
@@ -165,8 +189,8 @@ def router_main(argv: "list[str] | None" = None) -> int:
     import signal
 
     import gevent
+    import zmq.green as zmq
 
-    from .router.broker import Router
     from .settings import SettingsError, load_settings
 
     try:
@@ -176,19 +200,59 @@ def router_main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
-    router = Router(settings=settings)
-    try:
-        router.start()
-    except OSError as exc:
-        sys.stderr.write(f"emq-green-router: {exc}\n")
+    context = zmq.Context() if settings.curve_secret_key_file else zmq.Context.instance()
+    router, scheduler = _start_router(settings, context, "emq-green-router",
+                                      with_scheduler=settings.run_scheduler)
+    if router is None:
         return 1
-    from .router.dashboard import start_dashboard
 
-    start_dashboard(router, settings.dashboard_addr)
+    def stop() -> None:
+        if scheduler is not None:
+            scheduler.stop()
+        router.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        gevent.signal_handler(signum, lambda: gevent.spawn(router.stop))
+        gevent.signal_handler(signum, lambda: gevent.spawn(stop))
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
     router.serve_forever()
+    return 0
+
+
+#: emq-green-scheduler's file when scheduler_file is not set at all (in the
+#: working directory)
+DEFAULT_SCHEDULER_FILE = "emq-green-schedules.db"
+
+
+def scheduler_main(argv: "list[str] | None" = None) -> int:
+    """``emq-green-scheduler``: settings from [global] and [scheduler]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+
+    import gevent
+
+    from .scheduler import Scheduler
+    from .settings import SettingsError, load_settings
+
+    try:
+        settings, ns = load_settings(argv, os.environ, section="scheduler",
+                                     prog="emq-green-scheduler")
+    except SettingsError as exc:
+        sys.stderr.write(f"emq-green-scheduler: {exc}\n")
+        return 2
+    setup_logging(settings.super_debug)
+    if ns.scheduler_file is None:
+        # not set anywhere: schedules are kept, as EventMQ's scheduler keeps
+        # them in Redis by default; an empty value keeps them in memory only
+        settings = settings.replace(scheduler_file=os.path.abspath(DEFAULT_SCHEDULER_FILE))
+    scheduler = Scheduler(settings=settings)
+    try:
+        scheduler.start()
+    except Exception as exc:  # the file cannot be opened or read
+        sys.stderr.write(f"emq-green-scheduler: {settings.scheduler_file}: {exc}\n")
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        gevent.signal_handler(signum, lambda: gevent.spawn(scheduler.stop))
+    scheduler.serve_forever()
     return 0
 
 

@@ -110,6 +110,12 @@ class Settings:
     journal_file: str = ""
     #: router: "normal" (survives kill -9 of the router) or "full" (power loss)
     journal_sync: str = "normal"
+    #: scheduler: the router's client socket it connects to (EventMQ's SCHEDULER_ADDR)
+    scheduler_addr: str = "tcp://127.0.0.1:47291"
+    #: scheduler: SQLite file of its schedules (empty: memory only)
+    scheduler_file: str = ""
+    #: router: run a scheduler in the router's process (emq-green-router --scheduler)
+    run_scheduler: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (setting name = value) applied, unchecked."""
@@ -341,6 +347,16 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("journal_sync", ("--journal-sync",), _to_journal_sync,
           'router: "normal" (a commit survives kill -9 of the router) or "full" (an '
           "fsync per commit: survives power loss)"),
+    _Spec("scheduler_addr", ("--scheduler-addr",), _to_addr,
+          "scheduler: the router's client address it connects to (EventMQ's SCHEDULER_ADDR)"),
+    _Spec("scheduler_file", ("--scheduler-file",), _to_journal_file,
+          "scheduler: SQLite file where schedules are kept, so that they survive a restart; "
+          "empty: memory only (default: emq-green-schedules.db in the working directory for "
+          "emq-green-scheduler, memory only for the scheduler inside emq-green --standalone "
+          "or emq-green-router --scheduler)"),
+    _Spec("run_scheduler", ("--scheduler", "--run-scheduler"), _to_bool,
+          "emq-green-router: run a scheduler in the router's process too, connected to it "
+          "in-process (emq-green --standalone always runs one)"),
 )
 
 # Keys whose meaning in the file differs from the command-line flag of the
@@ -463,8 +479,8 @@ def load_settings(
     Args:
         argv: command-line arguments (default none: not ``sys.argv``).
         environ: the environment (default ``os.environ``, only read).
-        section: the INI section read after ``[global]``: ``jobmanager``
-            or ``router``.
+        section: the INI section read after ``[global]``: ``jobmanager``,
+            ``router`` or ``scheduler``.
         prog: the program name shown by ``--help`` and in errors.
         extra_arguments: called with the parser, so that a console script
             can add flags of its own; their values are in the namespace.

@@ -16,6 +16,11 @@ if ! .venv/bin/python -c "import eventmq" 2>/dev/null; then
   .venv/bin/python -m pip install -q --no-deps eventmq==0.3.13
   .venv/bin/python -m pip install -q six future croniter psutil pyzmq
 fi
+# EventMQ's emq-scheduler imports the redis client at start (and exits
+# without it); no Redis server is needed: it logs that it cannot persist.
+if ! .venv/bin/python -c "import redis" 2>/dev/null; then
+  .venv/bin/python -m pip install -q redis
+fi
 # The interop tests need that peer: without it the run fails here, it does
 # not quietly drop them.
 if ! .venv/bin/python -c "import eventmq"; then

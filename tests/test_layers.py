@@ -15,15 +15,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emq_green"
 #: layer; units that share a layer (the three programs) never import each other.
 LAYERS: list[set[str]] = [
     {"__init__", "limits", "protocol", "lifecycle", "web"},  # limits, wire values, state, pages
-    {"callables", "settings", "curve"},             # policy, settings, keys: shared by all
+    {"callables", "settings", "curve", "schedules"},  # policy, settings, keys, schedule
+                                                    # bodies: shared by all
     {"jobs", "records"},                            # one job and its record
     {"extensions"},                                 # the contract for the worker's extensions
-    {"worker"}, {"router"}, {"client"},             # the three programs' parts (siblings)
+    {"worker"}, {"router"}, {"client"}, {"scheduler"},  # the programs' parts (siblings)
     {"jobmanager"},                                 # the job manager (EventMQ's API)
     {"cli", "demo"},                                # command lines
 ]
 #: units of one program that must not import one another (same rank in the README)
-SIBLINGS = {"worker", "router", "client"}
+SIBLINGS = {"worker", "router", "client", "scheduler"}
 
 #: at most this many modules directly in emq_green/ (issue 19)
 MAX_TOP_LEVEL_MODULES = 15

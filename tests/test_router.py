@@ -308,17 +308,23 @@ def test_admin_replies_in_eventmq_shapes(make_router):
     assert h.admin(Command.ROUTER_SHOW_SCHEDULERS) == {"connected_schedulers": {}}
 
 
-def test_schedule_without_scheduler_is_logged_not_fatal(make_router, caplog):
+def test_schedule_without_scheduler_is_held_and_a_bad_one_refused(make_router, caplog):
     h = make_router()
     caplog.set_level(logging.INFO, logger="emq_green.router")
     client = h.peer("frontend")
     sent = client.send(Command.SCHEDULE, "default", "", "60",
-                       '["run", {"path": "os", "callable": "getpid"}]', "")
-    client.send(Command.UNSCHEDULE, "default", "", "60", "[]", "")
-    wait_until(lambda: sum("no scheduler" in r.getMessage() for r in caplog.records) == 2)
-    assert any(sent.msgid in r.getMessage() for r in caplog.records)
+                       '["run", {"path": "os", "callable": "getpid", "args": [], "kwargs": {}, '
+                       '"class_args": [], "class_kwargs": {}}]', "")
+    wait_until(lambda: len(h.router.scheduler_side.held) == 1)
+    assert any("no scheduler" in r.getMessage() and sent.msgid in r.getMessage()
+               for r in caplog.records)
+    client.send(Command.UNSCHEDULE, "default", "", "60", "[]", "")  # no call: refused
+    refusal = client.recv()
+    assert '"refused": "refused_malformed"' in refusal.body[0]
     assert h.router.state is RouterState.RUNNING
-    assert "processed_messages_by_queue" in h.admin(Command.STATUS)
+    status = h.admin(Command.STATUS)
+    assert status["schedule_messages_held"] == 1
+    assert status["schedule_messages"] == {"held": 1, "refused_malformed": 1}
 
 
 def test_admin_disconnect_says_kbye_and_stops(make_router, caplog):

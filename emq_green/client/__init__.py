@@ -1,8 +1,10 @@
 """emq-green's client: send jobs to an eMQP/1.0 router and, from emq-green's
 router, get their results back; ``emq-green-submit`` is its command line.
 
-Exposes :class:`Client`, :func:`defer_job`, :func:`job` and the result
-handle and errors; wire-compatible with EventMQ 0.3.13's client.
+Exposes :class:`Client`, :func:`defer_job` (``delay=``/``eta=`` for a
+delayed job), :func:`job`, :func:`schedule` and :func:`unschedule` (periodic
+jobs), and the result handle and errors; wire-compatible with EventMQ
+0.3.13's client.
 """
 
 from .api import (
@@ -13,7 +15,9 @@ from .api import (
     defer_job,
     get_client,
     job,
+    schedule,
     send_request,
+    unschedule,
 )
 from .results import (
     ConfirmTimeout,
@@ -28,4 +32,4 @@ from .results import (
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
            "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
            "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
-           "DEFAULT_ADDR"]
+           "DEFAULT_ADDR", "schedule", "unschedule"]

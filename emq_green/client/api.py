@@ -61,6 +61,7 @@ from .results import (
     ThreadResultChannel,
     confirmation,
 )
+from .schedule import defer_later, periodic_body, send_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +451,8 @@ class Client:
         subprocess: bool = False,
         result: bool = False,
         confirm: Optional[bool] = None,
+        delay: Optional[float] = None,
+        eta: Any = None,
     ) -> Union[str, ResultHandle]:
         """Run ``func(*args, **kwargs)`` on a worker.
 
@@ -474,9 +477,14 @@ class Client:
                 (through emq-green's router).
             confirm: wait for the router's confirmation; default
                 ``guarantee`` (see :meth:`send_request`).
+            delay: run it once, this many seconds from now, or ``eta``: at
+                that time (a datetime, or epoch seconds); through a scheduler
+                (:func:`~emq_green.client.schedule.defer_later`).
+            eta: see ``delay``.
 
         Returns:
-            The message id, or with ``result=True`` a :class:`ResultHandle`.
+            The message id (with ``delay``/``eta``, the SCHEDULE's), or with
+            ``result=True`` a :class:`ResultHandle`.
 
         Raises:
             ValueError: ``func`` is not importable by a worker.
@@ -490,6 +498,9 @@ class Client:
         run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
                          class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
                          subprocess=subprocess)
+        if delay is not None or eta is not None:
+            return defer_later(self, run, delay=delay, eta=eta, queue=queue,
+                               guarantee=guarantee, retry_count=retry_count, timeout=timeout)
         return self.send_request(run.payload(), queue=queue,  # type: ignore[call-overload]
                                  reply_requested=reply_requested, guarantee=guarantee,
                                  retry_count=retry_count, timeout=timeout, result=result,
@@ -543,6 +554,54 @@ def defer_job(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str
     return get_client(addr).defer_job(func, args, kwargs, class_args, class_kwargs, **options)
 
 
+def schedule(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
+             *, every: Optional[float] = None, cron: Optional[str] = None,
+             queue: Optional[str] = None, run_count: Optional[int] = None,
+             nohaste: bool = False, guarantee: bool = True, retry_count: int = 0,
+             timeout: float = 0, class_args: Sequence[Any] = (),
+             class_kwargs: Optional[dict[str, Any]] = None, client: Optional[Client] = None,
+             addr: Optional[str] = None) -> str:
+    """Run ``func(*args, **kwargs)`` every ``every`` seconds (whole seconds,
+    as EventMQ's scheduler reads them) or at the times of the ``cron`` text,
+    through a scheduler (EventMQ's ``schedule(..., interval_secs=, cron=)``).
+
+    A schedule is keyed by the call (path, callable, arguments), not the
+    queue: scheduling the same call again replaces it. Without ``nohaste``
+    it also runs at once; ``run_count`` ends it after that many runs;
+    ``guarantee`` (EventMQ's client's default) makes each run a guaranteed
+    job with emq-green's scheduler. Sent on ``client``, else on the shared
+    client of ``addr`` (:func:`get_client`). Returns the SCHEDULE's msgid.
+
+    Raises:
+        ValueError: neither or both of ``every`` and ``cron``, a bad callable,
+            or a schedule a scheduler would refuse (a bad cron text...).
+    """
+    run = _run(func, args, kwargs, class_args, class_kwargs)
+    body = periodic_body(run, every=every, cron=cron, queue=queue, run_count=run_count,
+                         nohaste=nohaste, guarantee=guarantee, retry_count=retry_count,
+                         timeout=timeout)
+    return send_schedule(client or get_client(addr), Command.SCHEDULE, body)
+
+
+def unschedule(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str, Any]] = None,
+               *, queue: Optional[str] = None, class_args: Sequence[Any] = (),
+               class_kwargs: Optional[dict[str, Any]] = None, client: Optional[Client] = None,
+               addr: Optional[str] = None) -> str:
+    """Remove the schedule of this call (same function and arguments) from
+    every scheduler; returns the UNSCHEDULE's msgid."""
+    run = _run(func, args, kwargs, class_args, class_kwargs)
+    body = periodic_body(run, every=1, cron=None, queue=queue, run_count=None, nohaste=False,
+                         guarantee=False, retry_count=0, timeout=0)
+    return send_schedule(client or get_client(addr), Command.UNSCHEDULE, body)
+
+
+def _run(func: JobFunc, args: Sequence[Any], kwargs: Optional[dict[str, Any]],
+         class_args: Sequence[Any], class_kwargs: Optional[dict[str, Any]]) -> RunRequest:
+    path, name = callable_path(func)
+    return RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
+                      class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}))
+
+
 def job(
     func: Optional[F] = None,
     *,
@@ -551,7 +610,8 @@ def job(
     async_: bool = True,
     **options: Any,
 ) -> Any:
-    """Decorator adding ``.delay(*args, **kwargs)``, which defers the call.
+    """Decorator adding ``.delay(*args, **kwargs)``, which defers the call,
+    and ``.delay_for(seconds, *args, **kwargs)``, which runs it once later.
 
     Used bare (``@job``) or with options (``@job(queue="email")``).
 
@@ -586,7 +646,13 @@ def job(
                 return ResultHandle.completed("", value)
             return value
 
+        def delay_for(seconds: float, *args: Any, **kwargs: Any) -> str:
+            """Run it once, ``seconds`` from now (a one-shot schedule)."""
+            return get_client(broker_addr).defer_job(f, args, kwargs, queue=queue,
+                                                     delay=seconds, **options)
+
         f.delay = delay  # type: ignore[attr-defined]
+        f.delay_for = delay_for  # type: ignore[attr-defined]
         return f
 
     return decorate(func) if func is not None else decorate
@@ -595,4 +661,4 @@ def job(
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
            "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
            "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
-           "DEFAULT_ADDR"]
+           "DEFAULT_ADDR", "schedule", "unschedule"]

@@ -9,6 +9,10 @@ follows the router's STATUS until no request waits in its buffer: every job
 has reached a worker. (EventMQ's router answers STATUS too, but its in-flight
 figures only fall for jobs sent with ``--reply-requested``.)
 
+``--every SECONDS`` / ``--cron TEXT`` schedule the job instead of sending
+it, ``--unschedule`` removes that schedule, ``--delay SECONDS`` sends it to
+run once later (all through a scheduler connected to the router).
+
 With ``--wait`` each job asks for its result (emq-green's router only), and
 each result is printed on stdout as one JSON line, in the order the jobs
 were sent: ``{"job": N, "msgid": ..., "value": ...}``, or ``"error": {"type",
@@ -88,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ask emq-green to run the job in a child process")
     parser.add_argument("--tag-arg", action="store_true",
                         help="append the job's number (0..count-1, as text) to --args")
+    when = parser.add_argument_group(
+        "schedules (through a scheduler: emq-green-scheduler or EventMQ's emq-scheduler)")
+    kind = when.add_mutually_exclusive_group()
+    kind.add_argument("--every", type=float, metavar="SECONDS",
+                      help="schedule the job every SECONDS (whole seconds) instead of "
+                           "sending it")
+    kind.add_argument("--cron", metavar="TEXT",
+                      help='schedule the job at the times of a cron text, e.g. "*/5 * * * *"')
+    kind.add_argument("--unschedule", action="store_true",
+                      help="remove the schedule of this callable with these arguments")
+    kind.add_argument("--delay", type=float, metavar="SECONDS",
+                      help="run the job once, SECONDS from now")
+    when.add_argument("--run-count", type=int, default=None,
+                      help="with --every/--cron: stop after this many runs")
+    when.add_argument("--nohaste", action="store_true",
+                      help="with --every/--cron: do not also run it at once")
     parser.add_argument("--curve-secret-key-file", default=None,
                         help="CURVE: this client's secret certificate "
                              "(default $EVENTMQ_CURVE_SECRET_KEY_FILE; none: plain)")
@@ -168,15 +188,22 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     except CurveError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         return 2
+    if ns.every is not None or ns.cron or ns.unschedule:
+        return _schedule(client, ns, out)
     started = time.monotonic()
     handles: list[ResultHandle] = []
     try:
         for i in range(ns.count):
             args = [*ns.args, str(i)] if ns.tag_arg else ns.args
-            sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
-                                    reply_requested=ns.reply_requested, timeout=ns.timeout,
-                                    subprocess=ns.subprocess, result=ns.wait,
-                                    guarantee=ns.guarantee)
+            if ns.delay is not None:
+                sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
+                                        timeout=ns.timeout, guarantee=ns.guarantee,
+                                        delay=ns.delay)
+            else:
+                sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
+                                        reply_requested=ns.reply_requested,
+                                        timeout=ns.timeout, subprocess=ns.subprocess,
+                                        result=ns.wait, guarantee=ns.guarantee)
             if isinstance(sent, ResultHandle):
                 handles.append(sent)
             rate = (i + 1) / max(time.monotonic() - started, 1e-6)
@@ -207,6 +234,30 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
             return 1
     if ns.admin_addr:
         return _follow(ns.admin_addr, ns.wait_timeout, progress, out, client.curve)
+    return 0
+
+
+def _schedule(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    """--every / --cron / --unschedule: one SCHEDULE or UNSCHEDULE."""
+    from .api import schedule, unschedule
+
+    try:
+        if ns.unschedule:
+            msgid = unschedule(ns.callable, ns.args, ns.kwargs, queue=ns.queue, client=client)
+            out.write(f"unscheduled {ns.callable} (UNSCHEDULE {msgid})\n")
+        else:
+            msgid = schedule(ns.callable, ns.args, ns.kwargs, every=ns.every,
+                             cron=ns.cron, queue=ns.queue, run_count=ns.run_count,
+                             nohaste=ns.nohaste, guarantee=ns.guarantee, timeout=ns.timeout,
+                             client=client)
+            what = f"every {ns.every:g} s" if ns.every is not None else f"cron {ns.cron}"
+            out.write(f"scheduled {ns.callable} {what} on queue {ns.queue} "
+                      f"(SCHEDULE {msgid})\n")
+    except ValueError as exc:
+        out.write(f"emq-green-submit: {exc}\n")
+        return 2
+    finally:
+        client.close()
     return 0
 
 

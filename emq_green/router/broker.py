@@ -4,9 +4,9 @@ Three ROUTER sockets, bound to loopback by default, each read by exactly one
 greenlet (:mod:`emq_green.router.sockets`):
 
 * frontend (clients): REQUEST and DISCONNECT, handled by
-  :class:`~emq_green.router.clients.ClientSide`, plus SCHEDULE / UNSCHEDULE /
-  scheduler INFORM, which are logged and dropped because emq-green has no
-  scheduler;
+  :class:`~emq_green.router.clients.ClientSide`; schedulers' INFORM,
+  HEARTBEAT and KBYE, and SCHEDULE / UNSCHEDULE, handled by
+  :class:`~emq_green.router.schedulers.SchedulerSide`;
 * backend (workers): INFORM / ACK, READY, REPLY, HEARTBEAT, KBYE, handled by
   :class:`~emq_green.router.workers.WorkerSide`;
 * administrative: STATUS, ROUTER_SHOW_WORKERS, ROUTER_SHOW_SCHEDULERS,
@@ -90,6 +90,7 @@ from .guarantee import Guarantees
 from .journal import Journal
 from .results import PendingResults, ResultRelay
 from .routing import Request, Routing, Worker
+from .schedulers import SchedulerSide
 from .sockets import Handler, RouterSockets
 from .workers import RouterObserver, WorkerSide
 from .zap import ZapHandler
@@ -121,6 +122,8 @@ class Router:
             queue and the queues of a worker whose INFORM names none.
         extra_backend_addrs: more addresses for the backend socket, e.g. an
             ``inproc://`` one for a job manager in the same process.
+        extra_frontend_addrs: more addresses for the client socket, e.g. an
+            ``inproc://`` one for a scheduler in the same process.
         context: the ``zmq.green`` context to use; a router with CURVE
             (``curve_secret_key_file``) makes one of its own when none is
             given, as its ZAP handler needs the context to itself.
@@ -131,10 +134,12 @@ class Router:
         *,
         settings: Settings,
         extra_backend_addrs: Sequence[str] = (),
+        extra_frontend_addrs: Sequence[str] = (),
         context: Optional[zmq.green.Context] = None,
     ) -> None:
         self.settings = settings
         self._extra_backend_addrs = tuple(extra_backend_addrs)
+        self._extra_frontend_addrs = tuple(extra_frontend_addrs)
         self._context = context or (zmq.green.Context() if settings.curve_secret_key_file
                                     else zmq.green.Context.instance())
         #: the CURVE key check (see :mod:`emq_green.router.zap`); None on plain sockets
@@ -148,7 +153,7 @@ class Router:
         #: Every request dropped, counted by reason; the reasons are ``malformed``
         #: (not eMQP/1.0, or not 3 body frames), ``oversized``, ``stopping`` (buffered at stop),
         #: ``unread`` (still in the client socket's queue at stop),
-        #: ``no_scheduler`` (SCHEDULE / UNSCHEDULE), ``error`` (a bug: the
+        #: ``error`` (a bug: the
         #: handler raised; logged with a traceback).
         self.dropped_by_reason: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -182,16 +187,19 @@ class Router:
                                       guarantees=self.guarantees, worker_side=self.worker_side,
                                       counters=self.counters, limiter=self.log_limiter,
                                       dropped_by_reason=self.dropped_by_reason)
+        #: Schedulers and the SCHEDULE / UNSCHEDULE they are sent.
+        self.scheduler_side = SchedulerSide(settings=settings, sockets=self.sockets,
+                                            counters=self.counters, limiter=self.log_limiter)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
         self._tables: dict[str, dict[Command, Handler]] = {
             "frontend": {
                 Command.REQUEST: self.client_side.on_request,
-                Command.SCHEDULE: self._on_schedule,
-                Command.UNSCHEDULE: self._on_schedule,
-                Command.INFORM: self._on_scheduler_inform,
-                Command.HEARTBEAT: self._ignore,
-                Command.KBYE: self._ignore,
+                Command.SCHEDULE: self.scheduler_side.on_schedule,
+                Command.UNSCHEDULE: self.scheduler_side.on_unschedule,
+                Command.INFORM: self.scheduler_side.on_inform,
+                Command.HEARTBEAT: self.scheduler_side.on_heartbeat,
+                Command.KBYE: self.scheduler_side.on_kbye,
                 Command.DISCONNECT: self.client_side.on_disconnect,
             },
             "backend": self.worker_side.table,
@@ -200,7 +208,7 @@ class Router:
                 Command.ROUTER_SHOW_WORKERS: lambda who, m: self._answer(
                     who, self.show_workers()),
                 Command.ROUTER_SHOW_SCHEDULERS: lambda who, m: self._answer(
-                    who, {"connected_schedulers": {}}),
+                    who, self.scheduler_side.show()),
                 Command.DISCONNECT: self._on_admin_disconnect,
             },
         }
@@ -299,7 +307,7 @@ class Router:
         try:
             if self.guarantees.journal is not None:
                 self.guarantees.journal.start()
-            self.sockets.bind({"frontend": (s.frontend_addr,),
+            self.sockets.bind({"frontend": (s.frontend_addr, *self._extra_frontend_addrs),
                                "backend": (s.backend_addr, *self._extra_backend_addrs),
                                "administrative": (s.administrative_addr,)}, curve, self.zap)
         except OSError:
@@ -344,6 +352,7 @@ class Router:
         # Stop reading first: no new work arrives while the books are closed.
         gevent.killall(readers, timeout=timeout)
         self.worker_side.say_goodbye()
+        self.scheduler_side.say_goodbye()
         for queue, request in self.routing.clear_buffer():
             if request.guaranteed and self.guarantees.journal is not None:
                 continue  # it stays in the journal
@@ -381,24 +390,7 @@ class Router:
             now = time.monotonic()
             self.relay.expire(now)
             self.worker_side.check(now)
-
-    # ------------------------------------------------------------------
-    # clients
-
-    @staticmethod
-    def _ignore(identity: bytes, message: Message) -> None:
-        """HEARTBEAT / KBYE from a client: nothing to do."""
-
-    def _on_schedule(self, client: bytes, message: Message) -> None:
-        self.dropped_by_reason["no_scheduler"] += 1
-        self.log_limiter.error("no_scheduler", "router: %s %s dropped: emq-green's router has "
-                               "no scheduler (run EventMQ's emq-router and emq-scheduler for "
-                               "scheduled jobs)", message.command.value, printable(message.msgid))
-
-    def _on_scheduler_inform(self, client: bytes, message: Message) -> None:
-        self.log_limiter.error("no_scheduler", "router: INFORM %s from %s on the client socket "
-                               "ignored: emq-green's router does not take schedulers",
-                               printable(message.msgid), printable(client))
+            self.scheduler_side.check(now)
 
     # ------------------------------------------------------------------
     # administration
@@ -435,6 +427,7 @@ class Router:
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             **self.results.status(),
             **self.guarantees.status(),
+            **self.scheduler_side.status(),
         }
 
     def show_workers(self) -> dict[str, Any]:

@@ -226,6 +226,8 @@ class RouterDashboard:
                                                   "late_replies", "journal_file")},
             "workers": workers,
             "queues": queues,
+            "schedulers": status["schedulers"],
+            "schedules": status["schedules"],
             "history": [[round(t - now, 1), total] for t, total, _ in history],
             "status": status,
         }

@@ -1,0 +1,295 @@
+"""The router's schedulers: who fires periodic and delayed jobs.
+
+A scheduler (EventMQ's ``emq-scheduler`` or ``emq-green-scheduler``) is a
+client that says ``INFORM ['', 'scheduler']`` on the client socket, as with
+EventMQ's router: it gets an ACK, HEARTBEATs every ``heartbeat_interval``,
+and is removed when silent for ``heartbeat_timeout`` or when it says KBYE.
+Its jobs come back to the router as ordinary REQUESTs.
+
+What the router does with schedules, as EventMQ's does, and where it
+differs:
+
+* ``SCHEDULE`` goes to one scheduler. Which one is chosen by rendezvous
+  hashing of the schedule's key over the schedulers connected, so the same
+  schedule sent again goes to the same scheduler and replaces itself there;
+  the other schedulers get an ``UNSCHEDULE`` of that key at the same time.
+  A schedule is therefore held, and fired, by exactly one scheduler even
+  when two or more are connected (EventMQ sends every SCHEDULE to the last
+  scheduler that registered and nothing to the others).
+* ``UNSCHEDULE`` goes to every scheduler.
+* With no scheduler connected, SCHEDULE and UNSCHEDULE are kept, in order,
+  up to :data:`MAX_HELD` (then refused and counted), and forwarded when a
+  scheduler arrives (EventMQ discards the SCHEDULE).
+* A SCHEDULE is checked first (:func:`~emq_green.schedules.parse_schedule`:
+  shape, size, interval, cron text, payload): a bad one is refused with
+  ``REPLY [refusal_json, msgid]``, logged and counted, and never reaches a
+  scheduler (a bad cron text stops EventMQ's scheduler).
+* The router keeps a book of the schedules it forwarded (queue, interval
+  or cron, scheduler); emq-green's scheduler adds next run, last run and
+  runs to it in the second frame of its HEARTBEATs. STATUS (``schedules``)
+  and the dashboard show that book.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..limits import LogLimiter
+from ..protocol import Command, Message, ProtocolError, printable
+from ..schedules import parse_schedule, unschedule_key
+from ..settings import Settings
+from .results import refusal_body
+from .sockets import RouterSockets
+
+logger = logging.getLogger(__name__)
+
+#: SCHEDULE / UNSCHEDULE messages kept while no scheduler is connected
+MAX_HELD = 10_000
+#: schedules the router's book keeps (the oldest go first beyond)
+MAX_BOOK = 100_000
+#: bytes of a scheduler's listing (HEARTBEAT's second frame) read at most
+MAX_LISTING_BYTES = 1024 * 1024
+
+
+@dataclass
+class SchedulerPeer:
+    """A connected scheduler."""
+
+    identity: bytes
+    hb: float
+    since: float = field(default_factory=time.time)
+    forwarded: int = 0
+
+
+class SchedulerSide:
+    """Scheduler INFORM, HEARTBEAT, KBYE, and SCHEDULE / UNSCHEDULE on the
+    client socket (handlers for the router's frontend table)."""
+
+    def __init__(self, *, settings: Settings, sockets: RouterSockets,
+                 counters: collections.Counter[str], limiter: Optional[LogLimiter] = None,
+                 max_held: int = MAX_HELD) -> None:
+        self.settings = settings
+        self._sockets = sockets
+        self._counters = counters
+        self._log = limiter or LogLimiter(logger)
+        self.max_held = max_held
+        #: connected schedulers by identity, in the order they registered
+        self.schedulers: dict[bytes, SchedulerPeer] = {}
+        #: (client identity, message) kept while no scheduler is connected
+        self.held: collections.deque[tuple[bytes, Message]] = collections.deque()
+        #: key -> what is known of that schedule (see :meth:`listing`)
+        self.book: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        #: schedules handled, by outcome: ``forwarded``, ``unscheduled``,
+        #: ``held``, ``refused_malformed``, ``refused_full`` (STATUS
+        #: ``schedule_messages``)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._last_heartbeat = 0.0
+
+    # ------------------------------------------------------------------
+    # schedulers coming and going
+
+    def on_inform(self, client: bytes, message: Message) -> None:
+        kind = message.body[1] if len(message.body) > 1 else ""
+        if kind != "scheduler":
+            self._log.warning("client_inform", "router: INFORM %s of type %s from %s on the "
+                              "client socket ignored (workers connect to the worker socket)",
+                              printable(message.msgid), printable(kind, 40), printable(client))
+            return
+        self.schedulers.pop(client, None)
+        self.schedulers[client] = SchedulerPeer(client, time.monotonic())
+        self._sockets.send("frontend", client, Message.new(Command.ACK, message.msgid))
+        logger.info("router: scheduler %s connected (%d in all)", printable(client),
+                    len(self.schedulers))
+        self._release_held()
+
+    def on_heartbeat(self, client: bytes, message: Message) -> None:
+        peer = self.schedulers.get(client)
+        if peer is None:
+            return  # a client's or a removed scheduler's: it reconnects by itself
+        peer.hb = time.monotonic()
+        if len(message.body) > 1 and len(message.body[1]) <= MAX_LISTING_BYTES:
+            self._merge_listing(client, message.body[1])
+
+    def on_kbye(self, client: bytes, message: Message) -> None:
+        if self.schedulers.pop(client, None) is not None:
+            logger.info("router: scheduler %s said KBYE", printable(client))
+
+    def check(self, now: float) -> None:
+        """HEARTBEATs to schedulers; removal of silent ones."""
+        s = self.settings
+        if s.disable_heartbeats or not self.schedulers:
+            return
+        if now - self._last_heartbeat >= s.heartbeat_interval:
+            self._last_heartbeat = now
+            beat = Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
+            for identity in list(self.schedulers):
+                self._sockets.send("frontend", identity, beat)
+        if self._sockets.frontend_paused or self._sockets.has_unread("frontend"):
+            return  # its heartbeats may be waiting there
+        for peer in list(self.schedulers.values()):
+            silence = now - peer.hb
+            if silence >= s.heartbeat_timeout:
+                del self.schedulers[peer.identity]
+                logger.error("router: scheduler %s removed: nothing received for %.1f s",
+                             printable(peer.identity), silence)
+
+    def say_goodbye(self) -> None:
+        """The router stops: KBYE to every scheduler; held messages are lost."""
+        if self.held:
+            logger.error("router stopping: %d schedule message(s) held for a scheduler "
+                         "dropped", len(self.held))
+        for identity in list(self.schedulers):
+            self._sockets.send("frontend", identity, Message.new(Command.KBYE))
+        self.schedulers.clear()
+
+    # ------------------------------------------------------------------
+    # schedules
+
+    def on_schedule(self, client: bytes, message: Message) -> None:
+        try:
+            schedule = parse_schedule(message.body)
+        except ProtocolError as exc:
+            self._refuse(client, message, "refused_malformed", str(exc))
+            return
+        if not self.schedulers:
+            self._hold(client, message)
+            return
+        # by the call's key without a delayed job's own id: every delayed run
+        # of one call lives on one scheduler
+        owner = self._owner(schedule.key.partition(":")[0])
+        if not self._forward(owner, message):
+            # gone without a KBYE (kill -9): take the next one, or hold it
+            self.schedulers.pop(owner, None)
+            self.on_schedule(client, message)
+            return
+        self._book(schedule.key, schedule.name, schedule.queue, schedule.what(), owner)
+        if len(self.schedulers) > 1:
+            # so that no other scheduler keeps (and fires) an older copy
+            drop = Message.new(Command.UNSCHEDULE, *message.body)
+            for identity in self.schedulers:
+                if identity != owner:
+                    self._sockets.send("frontend", identity, drop)
+
+    def on_unschedule(self, client: bytes, message: Message) -> None:
+        try:
+            key = unschedule_key(message.body)
+        except ProtocolError as exc:
+            self._refuse(client, message, "refused_malformed", str(exc))
+            return
+        if not self.schedulers:
+            self._hold(client, message)
+            return
+        for identity in list(self.schedulers):
+            if not self._forward(identity, message):
+                self.schedulers.pop(identity, None)
+        self.counts["unscheduled"] += 1
+        self.book.pop(key, None)
+
+    def _owner(self, key: str) -> bytes:
+        """Rendezvous hashing: the scheduler with the highest hash of
+        (identity, key); the same while the same schedulers are connected."""
+        return max(self.schedulers,
+                   key=lambda ident: hashlib.sha1(ident + key.encode()).digest())
+
+    def _forward(self, identity: bytes, message: Message) -> bool:
+        if self._sockets.send("frontend", identity, message):
+            peer = self.schedulers.get(identity)
+            if peer is not None:
+                peer.forwarded += 1
+            if message.command is Command.SCHEDULE:
+                self.counts["forwarded"] += 1
+            return True
+        self._log.error("schedule_lost", "router: %s %s could not be sent to scheduler %s "
+                        "(gone or its pipe full); it is taken for gone",
+                        message.command.value, printable(message.msgid), printable(identity))
+        self.counts["send_failed"] += 1
+        return False
+
+    def _hold(self, client: bytes, message: Message) -> None:
+        if len(self.held) >= self.max_held:
+            self._refuse(client, message, "refused_full",
+                         f"no scheduler connected and {self.max_held} schedule messages "
+                         "held already")
+            return
+        if not self.held:
+            logger.warning("router: no scheduler connected; holding %s %s until one comes",
+                           message.command.value, printable(message.msgid))
+        self.held.append((client, message))
+        self.counts["held"] += 1
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, collections.deque()
+        if held:
+            logger.info("router: forwarding %d held schedule message(s)", len(held))
+        for client, message in held:
+            if message.command is Command.SCHEDULE:
+                self.on_schedule(client, message)
+            else:
+                self.on_unschedule(client, message)
+
+    def _refuse(self, client: bytes, message: Message, reason: str, text: str) -> None:
+        self.counts[reason] += 1
+        self._log.error("schedule_refused", "router: %s %s from %s refused: %s",
+                        message.command.value, printable(message.msgid), printable(client),
+                        printable(text, 200))
+        self._sockets.send("frontend", client, Message.new(
+            Command.REPLY, refusal_body("InvalidSchedule", text, reason), message.msgid))
+
+    # ------------------------------------------------------------------
+    # the book
+
+    def _book(self, key: str, name: str, queue: str, what: str, owner: bytes) -> None:
+        entry = self.book.pop(key, None) or {}
+        entry.update(key=key, callable=name, queue=queue, schedule=what,
+                     scheduler=printable(owner, 60), scheduled_at=time.time())
+        self.book[key] = entry
+        while len(self.book) > MAX_BOOK:
+            self.book.popitem(last=False)
+
+    def _merge_listing(self, client: bytes, text: str) -> None:
+        """emq-green's scheduler lists its schedules in its HEARTBEATs:
+        ``{"schedules": [{key, callable, queue, schedule, next_run,
+        last_run, runs, runs_left}, ...]}``."""
+        try:
+            rows = json.loads(text).get("schedules", [])
+            for row in rows[:MAX_BOOK]:
+                key = str(row["key"])
+                entry = self.book.get(key)
+                if entry is None:
+                    entry = self.book[key] = {"key": key}
+                for name in ("callable", "queue", "schedule", "next_run", "last_run",
+                             "runs", "runs_left"):
+                    if name in row:
+                        entry[name] = row[name]
+                entry["scheduler"] = printable(client, 60)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._log.warning("listing", "router: scheduler %s sent a listing that cannot "
+                              "be read: %s", printable(client), printable(exc, 80))
+
+    def listing(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The schedules known, soonest next run first (at most ``limit``)."""
+        rows = list(self.book.values())
+        rows.sort(key=lambda r: (r.get("next_run") is None, r.get("next_run") or 0))
+        return [dict(r) for r in rows[:limit]]
+
+    def show(self) -> dict[str, Any]:
+        """ROUTER_SHOW_SCHEDULERS, in EventMQ's shape."""
+        return {"connected_schedulers": {
+            printable(ident): {"hb": peer.hb} for ident, peer in self.schedulers.items()}}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "schedulers": len(self.schedulers),
+            "schedule_messages": dict(self.counts),
+            "schedule_messages_held": len(self.held),
+            "schedules": self.listing(200),
+        }
+
+
+__all__ = ["MAX_HELD", "SchedulerPeer", "SchedulerSide"]

@@ -1,0 +1,366 @@
+"""``emq-green-scheduler``: EventMQ's scheduler on gevent, with its state in SQLite.
+
+It speaks to a router as EventMQ 0.3.13's ``emq-scheduler`` does: one
+DEALER socket to the router's client socket (``scheduler_addr``, EventMQ's
+``SCHEDULER_ADDR``), ``INFORM ['', 'scheduler']``, HEARTBEATs both ways,
+SCHEDULE and UNSCHEDULE in, a REQUEST (with ``reply-requested``) out for
+each firing. When firings happen is :mod:`emq_green.scheduler.table`'s
+business; what is kept on disk, :mod:`emq_green.scheduler.store`'s.
+
+Where it differs from EventMQ's (each of these is a defect there):
+
+* schedules are restored from ``scheduler_file`` at start (EventMQ's never
+  reads Redis back: its ``redis_server`` is None on the first call);
+* UNSCHEDULE removes cron schedules too, from memory and disk;
+* a cron schedule keeps its queue;
+* interval schedules fire on a fixed grid (no drift), a restart fires a
+  missed schedule once, and ``run_count`` is kept on disk for cron and
+  interval alike;
+* a bad SCHEDULE (bad cron text, bad interval, a callable outside
+  ``allowed_callables``, oversized) is logged and counted, never fatal.
+
+A schedule with the ``guarantee`` header (EventMQ's client's default) fires
+a guaranteed REQUEST. A one-shot guaranteed schedule (a delayed job) stays
+on disk until the router has acknowledged its REQUEST, so it survives a
+scheduler restart (at least once).
+
+Greenlets: the link (connect, INFORM, read every message, heartbeats, the
+router's liveness; the only one that reads the socket) and the ticker (fires
+what is due; wakes at the soonest time or when the table changes). Sends
+come from both, each one whole message with NOBLOCK.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import gevent
+import gevent.event
+import zmq.green as zmq
+
+from ..callables import refusal
+from ..lifecycle import Lifecycle
+from ..protocol import Command, Message, ProtocolError, RunRequest, printable
+from ..schedules import parse_schedule, unschedule_key
+from ..settings import Settings
+from .store import ScheduleStore
+from .table import Entry, ScheduleTable
+
+logger = logging.getLogger(__name__)
+
+#: schedules one scheduler holds at most; a SCHEDULE beyond is refused
+MAX_SCHEDULES = 100_000
+#: rows listed in each HEARTBEAT for the router's STATUS and dashboard
+LISTING_ROWS = 200
+#: firings sent and not yet acknowledged that are remembered (guaranteed one-shots)
+MAX_UNACKED = 100_000
+
+
+class SchedulerState(str, Enum):
+    """stopped -> running -> stopping -> stopped."""
+
+    STOPPED = "stopped"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+class Scheduler:
+    """A scheduler for one router.
+
+    Args:
+        settings: ``scheduler_addr`` (the router's client socket),
+            ``scheduler_file`` (SQLite; empty: memory only), heartbeat
+            settings, ``reconnect_timeout``, ``allowed_callables``, ``name``.
+        context: the ``zmq.green`` context (an ``inproc://`` router needs its own).
+        addr: overrides ``scheduler_addr`` (an embedded router's inproc address).
+        clock: epoch seconds; tests may give another.
+    """
+
+    def __init__(self, *, settings: Settings, context: Optional[zmq.Context] = None,
+                 addr: Optional[str] = None, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.addr = addr or settings.scheduler_addr
+        self._context = context or zmq.Context.instance()
+        self._clock = clock
+        self.table = ScheduleTable()
+        self.store: Optional[ScheduleStore] = None
+        #: counted events: ``fired``, ``fire_failed``, ``scheduled``, ``unscheduled``,
+        #: ``refused`` (bad SCHEDULEs), ``restored``, ``reconnects``
+        self.counts: collections.Counter[str] = collections.Counter()
+        #: lateness (s) of each firing sent, the last 100,000
+        self.lateness: collections.deque[float] = collections.deque(maxlen=100_000)
+        #: REQUEST msgid -> key of a guaranteed last run waiting for the router's ACK
+        self._unacked: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lifecycle = Lifecycle(SchedulerState.STOPPED, f"scheduler {settings.name}")
+        self._sock: Optional[zmq.Socket] = None
+        self.connected = gevent.event.Event()
+        self._wake = gevent.event.Event()
+        self._greenlets: list[gevent.Greenlet] = []
+        self._stopped = gevent.event.Event()
+
+    # ------------------------------------------------------------------
+    # start and stop
+
+    def start(self) -> None:
+        """Open the store, restore its schedules, start connecting."""
+        if self._lifecycle.state is not SchedulerState.STOPPED or self._stopped.is_set():
+            raise RuntimeError("a Scheduler starts once")
+        self.store = ScheduleStore(self.settings.scheduler_file)
+        logger.info("scheduler: schedules kept in %s", self.settings.scheduler_file
+                    or "memory only (no scheduler_file)")
+        for entry in self.store.load():
+            self.table.put(entry)
+            self.counts["restored"] += 1
+        if self.counts["restored"]:
+            logger.info("scheduler: %d schedule(s) restored from %s", self.counts["restored"],
+                        self.settings.scheduler_file)
+        self._lifecycle.set(SchedulerState.RUNNING)
+        self._greenlets = [gevent.spawn(self._link), gevent.spawn(self._tick)]
+
+    def serve_forever(self) -> None:
+        if self._lifecycle.state is SchedulerState.STOPPED and not self._stopped.is_set():
+            self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout: Optional[float] = 5.0) -> bool:
+        """KBYE to the router, stop both greenlets, close the socket and the file."""
+        if self._lifecycle.state is not SchedulerState.RUNNING:
+            return self._stopped.wait(timeout)
+        self._lifecycle.set(SchedulerState.STOPPING)
+        self._send(Message.new(Command.KBYE))
+        current = gevent.getcurrent()
+        gevent.killall([g for g in self._greenlets if g is not current], timeout=timeout)
+        self._close_socket()
+        if self.store is not None:
+            self.store.close()
+        self._lifecycle.set(SchedulerState.STOPPED)
+        self._stopped.set()
+        return True
+
+    @property
+    def state(self) -> SchedulerState:
+        return self._lifecycle.state
+
+    # ------------------------------------------------------------------
+    # the link to the router
+
+    def _link(self) -> None:
+        s = self.settings
+        while True:
+            self._open_socket()
+            inform = Message.new(Command.INFORM, "", "scheduler")
+            self._send(inform)
+            started = heard = time.monotonic()
+            beat_at = 0.0
+            silence_limit = s.heartbeat_timeout * s.heartbeat_liveness
+            while True:
+                sock = self._sock
+                assert sock is not None
+                if sock.poll(100):
+                    heard = time.monotonic()
+                    self._on_message(sock.recv_multipart(), inform.msgid)
+                now = time.monotonic()
+                if not self.connected.is_set():
+                    if now - started >= s.reconnect_timeout:
+                        logger.warning("scheduler: no ACK from %s in %g s; trying again",
+                                       self.addr, s.reconnect_timeout)
+                        break
+                    continue
+                if s.disable_heartbeats:
+                    continue
+                if now - beat_at >= s.heartbeat_interval:
+                    beat_at = now
+                    self._send(Message.new(Command.HEARTBEAT, f"{time.time():.6f}",
+                                           self._listing()))
+                if now - heard >= silence_limit:
+                    logger.error("scheduler: nothing from the router for %.1f s; "
+                                 "connecting again", now - heard)
+                    break
+            self.connected.clear()
+            self.counts["reconnects"] += 1
+            self._close_socket()
+
+    def _open_socket(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"{self.settings.name}:scheduler".encode())
+        sock.connect(self.addr)
+        self._sock = sock
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close(linger=0)
+
+    def _send(self, message: Message) -> bool:
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.send_multipart(message.frames(), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            logger.error("scheduler: could not send %s to the router: %s",
+                         message.command.value, exc)
+            return False
+
+    def _on_message(self, frames: list[bytes], inform_msgid: str) -> None:
+        try:
+            message = Message.parse(frames)
+        except ProtocolError as exc:
+            logger.warning("scheduler: malformed message from the router: %s",
+                           printable(exc, 200))
+            return
+        command = message.command
+        if command is Command.ACK:
+            if message.body and message.body[0] == inform_msgid:
+                logger.info("scheduler: connected to %s (%d schedule(s))", self.addr,
+                            len(self.table))
+                self.connected.set()
+                self._wake.set()
+        elif command is Command.SCHEDULE:
+            self.on_schedule(message)
+        elif command is Command.UNSCHEDULE:
+            self.on_unschedule(message)
+        elif command is Command.REPLY:
+            self._on_reply(message)
+        elif command is Command.KBYE:
+            logger.info("scheduler: the router said KBYE; connecting again")
+            self.connected.clear()
+            gevent.spawn(self._relink)
+        elif command is Command.DISCONNECT:
+            gevent.spawn(self.stop)
+
+    def _relink(self) -> None:
+        """After a KBYE: drop the link; :meth:`_link` starts a new one."""
+        for g in self._greenlets[:1]:
+            g.kill()
+        self._close_socket()
+        if self._lifecycle.state is SchedulerState.RUNNING:
+            self._greenlets[0] = gevent.spawn(self._link)
+
+    # ------------------------------------------------------------------
+    # schedules in
+
+    def on_schedule(self, message: Message) -> None:
+        """Take a SCHEDULE (a new one replaces one of the same key)."""
+        try:
+            schedule = parse_schedule(message.body)
+            why = refusal(RunRequest.parse(schedule.payload), self.settings.allowed_callables)
+            if why is not None:
+                raise ProtocolError(why)
+            if schedule.key not in self.table.entries and len(self.table) >= MAX_SCHEDULES:
+                raise ProtocolError(f"{MAX_SCHEDULES} schedules held already")
+        except ProtocolError as exc:
+            self.counts["refused"] += 1
+            logger.error("scheduler: SCHEDULE %s refused: %s", printable(message.msgid),
+                         printable(exc, 200))
+            return
+        now = self._clock()
+        replaced = schedule.key in self.table.entries
+        entry, haste = self.table.add(schedule, now)
+        self.counts["scheduled"] += 1
+        logger.info("scheduler: %s %s: %s %s on queue %s%s", "replaced" if replaced else "new",
+                    schedule.key[:12], schedule.name, schedule.what(),
+                    printable(schedule.queue), "" if schedule.run_count < 0
+                    else f", {schedule.run_count} run(s)")
+        if haste and self.connected.is_set():
+            self._fire(entry, now, due=None)
+        self._save(entry)
+        self._wake.set()
+
+    def on_unschedule(self, message: Message) -> None:
+        try:
+            key = unschedule_key(message.body)
+        except ProtocolError as exc:
+            self.counts["refused"] += 1
+            logger.error("scheduler: UNSCHEDULE %s refused: %s", printable(message.msgid),
+                         printable(exc, 200))
+            return
+        entry = self.table.remove(key)
+        if self.store is not None:
+            self.store.delete(key)
+        if entry is not None:
+            self.counts["unscheduled"] += 1
+            logger.info("scheduler: unscheduled %s (%s, %d run(s))", key[:12],
+                        entry.schedule.name, entry.runs)
+
+    def _on_reply(self, message: Message) -> None:
+        """The router's acknowledgement of a firing (``REPLY [msgid]``), or
+        its refusal (``REPLY [refusal_json, msgid]``)."""
+        if not message.body:
+            return
+        msgid = message.body[-1]
+        key = self._unacked.pop(msgid, None)
+        if len(message.body) > 1:
+            logger.error("scheduler: the router refused REQUEST %s: %s", printable(msgid),
+                         printable(message.body[0], 200))
+            return
+        if key is not None and key not in self.table.entries and self.store is not None:
+            self.store.delete(key)  # a guaranteed last run, now held by the router
+
+    # ------------------------------------------------------------------
+    # firing
+
+    def _tick(self) -> None:
+        while True:
+            if self.connected.is_set():
+                now = self._clock()
+                for entry in self.table.due(now):
+                    due = entry.next_at
+                    self._fire(entry, now, due)
+                    self._save(entry)
+            at = self.table.next_due()
+            wait = 1.0 if at is None or not self.connected.is_set() else \
+                min(1.0, max(0.0, at - self._clock()))
+            self._wake.clear()
+            self._wake.wait(wait)
+
+    def _fire(self, entry: Entry, now: float, due: Optional[float]) -> None:
+        s = entry.schedule
+        request = Message.new(Command.REQUEST, s.queue, s.request_headers(), s.payload)
+        if not self._send(request):
+            self.counts["fire_failed"] += 1
+            if due is not None:
+                self.table.put(entry)  # due again: tried at the next turn
+            return
+        self.counts["fired"] += 1
+        if due is not None:
+            self.lateness.append(now - due)
+        more = self.table.fired(entry, now, due)
+        if not more and s.guaranteed:
+            self._unacked[request.msgid] = entry.key  # deleted on disk once acknowledged
+            while len(self._unacked) > MAX_UNACKED:
+                self._unacked.popitem(last=False)
+
+    def _save(self, entry: Entry) -> None:
+        store = self.store
+        if store is None:
+            return
+        if entry.key in self.table.entries:
+            store.save(entry)
+        elif entry.key not in self._unacked.values() or not entry.schedule.guaranteed:
+            store.delete(entry.key)
+        else:
+            # a guaranteed last run, sent: on disk until the router acknowledges
+            # it; if the scheduler stops first, it fires once more at start
+            store.save(entry)
+
+    # ------------------------------------------------------------------
+    # what it reports
+
+    def _listing(self) -> str:
+        rows = [e.row() for e in self.table.soonest(LISTING_ROWS)]
+        return json.dumps({"schedules": rows, "count": len(self.table)})
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state.value, "connected": self.connected.is_set(),
+                "schedules": len(self.table), **dict(self.counts)}
+
+
+__all__ = ["MAX_SCHEDULES", "Scheduler", "SchedulerState"]

@@ -1,0 +1,153 @@
+"""The scheduler's table and store, and the SCHEDULE checks, with a clock
+the test chooses (no waiting): the grid does not drift, a missed tick fires
+once, run_count, cron, eta, restore from the file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emq_green.protocol import ProtocolError
+from emq_green.scheduler import ScheduleStore, ScheduleTable
+from emq_green.schedules import (
+    FOREVER,
+    parse_schedule,
+    schedule_body,
+    schedule_key,
+    unschedule_key,
+)
+
+CALL = {"path": "interop_jobs", "callable": "record", "args": ["x"], "kwargs": {},
+        "class_args": [], "class_kwargs": {}}
+T0 = 1_800_000_000.0  # a whole minute (UTC)
+
+
+def body(interval="60", headers="", cron="", call=CALL, queue="default"):
+    return (queue, headers, interval, json.dumps(["run", call]), cron)
+
+
+def run_until(table: ScheduleTable, start: float, end: float, step: float = 0.25,
+              late: float = 0.0) -> list[float]:
+    """Drive the table from ``start`` to ``end``; the due times fired."""
+    fired = []
+    for i in range(int(round((end - start) / step)) + 2):
+        now = start + i * step
+        for entry in table.due(now):
+            fired.append(entry.next_at)
+            table.fired(entry, now + late, entry.next_at)
+    return fired
+
+
+def test_key_is_eventmqs_sha1_of_the_sorted_call():
+    import hashlib
+
+    expected = hashlib.sha1(json.dumps(
+        {"args": ["x"], "kwargs": {}, "class_args": [], "class_kwargs": {},
+         "path": "interop_jobs", "callable": "record"}, sort_keys=True).encode()).hexdigest()
+    assert schedule_key(json.dumps(["run", CALL])) == expected
+    assert parse_schedule(body()).key == expected
+    assert parse_schedule(body(queue="other")).key == expected  # not the queue
+    assert unschedule_key(body(interval="-1")) == expected
+
+
+def test_interval_fires_on_its_grid_without_drift():
+    table = ScheduleTable()
+    table.add(parse_schedule(body("1", "nohaste")), T0)
+    # every firing is 30 ms late: the next one is still due on the grid
+    fired = run_until(table, T0, T0 + 3600.005, step=0.01, late=0.03)
+    assert len(fired) == 3600
+    assert fired[-1] == pytest.approx(T0 + 3600)
+    assert all(t == pytest.approx(T0 + i + 1) for i, t in enumerate(fired))
+
+
+def test_missed_ticks_fire_once_then_the_grid_goes_on():
+    table = ScheduleTable()
+    entry, haste = table.add(parse_schedule(body("10", "nohaste")), T0)
+    assert not haste and entry.next_at == T0 + 10
+    # the scheduler was stopped for 95 s: one firing, then the next grid tick
+    assert [e.key for e in table.due(T0 + 105)] == [entry.key]
+    table.fired(entry, T0 + 105, entry.next_at)
+    assert entry.next_at == T0 + 110
+    assert table.due(T0 + 109.9) == []
+
+
+def test_run_count_haste_and_the_end():
+    table = ScheduleTable()
+    entry, haste = table.add(parse_schedule(body("5", "run_count:3")), T0)
+    assert haste  # no nohaste: fires at once, and that counts
+    assert table.fired(entry, T0, None)
+    fired = run_until(table, T0, T0 + 60)
+    assert fired == [T0 + 5, T0 + 10]
+    assert entry.key not in table.entries and table.next_due() is None
+
+
+def test_cron_keeps_its_queue_and_fires_once_after_a_gap():
+    table = ScheduleTable()
+    entry, _ = table.add(parse_schedule(body("-1", "nohaste", "*/5 * * * *", queue="q")), T0)
+    assert entry.schedule.queue == "q" and entry.next_at == T0 + 300
+    assert len(table.due(T0 + 3600)) == 1  # an hour missed: once
+    table.fired(entry, T0 + 3600, entry.next_at)
+    assert entry.next_at == T0 + 3900
+    assert table.remove(entry.key) is entry and table.next_due() is None
+
+
+def test_eta_one_shot():
+    table = ScheduleTable()
+    entry, haste = table.add(parse_schedule(body("3", f"run_count:1,nohaste,eta:{T0 + 2.5}")),
+                             T0)
+    assert not haste and entry.next_at == T0 + 2.5
+    assert run_until(table, T0, T0 + 10, step=0.1) == [T0 + 2.5]
+    assert len(table) == 0
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (body("-1", cron="61 * * * *"), "cron text"),
+    (body("-1"), "needs a cron"),
+    (body("-3"), "must be"),
+    (body("nan"), "must be"),
+    (body("abc"), "not a number"),
+    (body("5", cron="* * * * *"), "both"),
+    (body("5", "run_count:0"), "run_count"),
+    (body("5", "run_count:x"), "run_count"),
+    (body("5", "eta:soon"), "eta"),
+    (body("5", call={"path": "m"}), "path"),
+    (body("5", call={"path": "m", "callable": "f"}), "kwargs"),
+    (body("5", call={**CALL, "args": ["x" * 70_000]}), "bytes"),
+    (body("5")[:4], "body frames"),
+])
+def test_malformed_schedules_name_the_fault(bad, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        parse_schedule(bad)
+
+
+def test_request_headers_keep_the_jobs_and_drop_the_schedulers():
+    s = parse_schedule(body("5", "guarantee,run_count:2,nohaste,timeout:30,result-requested"))
+    assert s.request_headers() == "guarantee,timeout:30,reply-requested"
+    assert s.guaranteed and s.run_count == 2 and s.nohaste
+    assert parse_schedule(body("5")).run_count == FOREVER
+
+
+def test_client_body_is_whole_seconds_as_eventmq_reads_them():
+    sent = schedule_body(queue="q", headers=["nohaste"], payload=CALL, interval=2.2)
+    assert sent[2] == "3" and sent[4] == ""
+    assert parse_schedule(sent).interval == 3
+
+
+def test_store_keeps_state_across_a_restart(tmp_path):
+    path = str(tmp_path / "s.db")
+    table = ScheduleTable()
+    store = ScheduleStore(path)
+    entry, _ = table.add(parse_schedule(body("10", "nohaste,run_count:5", queue="q")), T0)
+    table.fired(entry, T0 + 10.01, entry.next_at)
+    store.save(entry)
+    gone, _ = table.add(parse_schedule(body("10", call={**CALL, "args": ["y"]})), T0)
+    store.save(gone)
+    store.delete(gone.key)
+    store.close()
+    restored = list(ScheduleStore(path).load())
+    assert len(restored) == 1
+    (back,) = restored
+    assert (back.key, back.anchor, back.next_at, back.runs_left, back.runs, back.last_at) == \
+        (entry.key, T0, T0 + 20, 4, 1, T0 + 10.01)
+    assert back.schedule.queue == "q"
