@@ -112,11 +112,17 @@ def test_loop_blocks_and_heartbeat_gap_in_metrics(router, endpoint_manager):
         lambda: (m := endpoint.metrics()).get(("emq_green_loop_blocks_total",
                                                (("callable", name),))) and m)
     assert sample(metrics, "emq_green_loop_blocks_total", callable=name) == 1
-    assert 1.1 <= sample(metrics, "emq_green_loop_blocked_seconds_total", callable=name) < 1.6
-    assert 1.1 <= sample(metrics, "emq_green_loop_longest_block_seconds") < 1.6
-    # the heartbeat thread spoke while the loop was held (interval 0.2 s)
+    [incident] = manager.status()["loop_blocks"]["recent"]
+    blocked = sample(metrics, "emq_green_loop_blocked_seconds_total", callable=name)
+    # the whole block, and the very figure the monitor measured (how closely
+    # it measures is test_monitor's)
+    assert blocked >= 1.1
+    assert blocked == pytest.approx(incident["blocked_seconds"], abs=2e-3)
+    assert sample(metrics, "emq_green_loop_longest_block_seconds") == pytest.approx(blocked)
+    # the heartbeat thread spoke while the loop was held (interval 0.2 s): no
+    # gap as long as the block, which the loop's own heartbeats would show
     assert sample(metrics, "emq_green_thread_heartbeats_total") >= 3
-    assert sample(metrics, "emq_green_longest_heartbeat_gap_seconds") < 0.6
+    assert sample(metrics, "emq_green_longest_heartbeat_gap_seconds") < 1.1
     status = endpoint.status()
     recent = status["loop_blocks"]["recent"][0]
     assert recent["callable"] == name and "msgid" not in recent  # issue 20: no msgids over HTTP
