@@ -6,6 +6,7 @@ import gevent
 import jobs_for_tests as J
 import pytest
 import requests
+import setproctitle
 from prometheus_client.parser import text_string_to_metric_families
 
 from emq_green.protocol import Command
@@ -129,7 +130,6 @@ def test_loop_blocks_and_heartbeat_gap_in_metrics(router, endpoint_manager):
 
 
 def test_process_title_shows_name_and_busy_slots(router, make_manager):
-    setproctitle = pytest.importorskip("setproctitle")
     make_manager(concurrent_jobs=3)
     ident = router.wait_inform()
     router.wait_until(lambda: setproctitle.getproctitle() == "emq-green: test-worker 0/3 running")
