@@ -80,7 +80,9 @@ def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
     jobs = [("cpu", payload("burn", [n], not opts.in_process))] * opts.cpu_jobs
     jobs += [("io", payload("sleep", [opts.io_seconds], False))] * opts.io_jobs
     kind_of: dict[bytes, str] = {}
-    done = {"cpu": [], "io": []}
+    # good replies only; a REPLY with an error is counted apart, never as work
+    done: dict[str, list[float]] = {"cpu": [], "io": []}
+    errors: dict[str, list[bytes]] = {"cpu": [], "io": []}
     credit = next_job = 0
     identity = None
     started = last_from_worker = None
@@ -90,10 +92,14 @@ def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
     deadline = time.monotonic() + 600
 
     def overdue() -> str:
-        return f"only {len(done['cpu'])} CPU and {len(done['io'])} IO jobs done"
+        return (f"only {len(done['cpu'])} CPU and {len(done['io'])} IO jobs done "
+                f"({len(errors['cpu']) + len(errors['io'])} errors)")
+
+    def answered() -> int:
+        return sum(len(v) for v in done.values()) + sum(len(v) for v in errors.values())
 
     try:
-        while len(done["cpu"]) + len(done["io"]) < len(jobs):
+        while answered() < len(jobs):
             if not poll_worker(poller, worker, deadline, overdue):
                 continue
             while True:
@@ -110,9 +116,10 @@ def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
                     credit += 1
                 elif command == b"REPLY":
                     kind = kind_of.pop(msg[6])
-                    if kind == "cpu" and "error" in json.loads(msg[5]):
-                        raise RuntimeError(f"a CPU job failed: {msg[5]!r}")
-                    done[kind].append(now)
+                    if "error" in json.loads(msg[5]):
+                        errors[kind].append(msg[5])
+                    else:
+                        done[kind].append(now)
                 elif command == b"INFORM":
                     identity = msg[0]
                     sock.send_multipart([identity, *frames("ACK", msg[4].decode())])
@@ -134,7 +141,10 @@ def run(opts: argparse.Namespace, workdir: str, n: int) -> dict:
         log.close()
     return {"total_s": end - started, "longest_silence_s": longest_silence,
             "cpu_done_s": max(done["cpu"]) - started if done["cpu"] else 0.0,
-            "io_done_s": max(done["io"]) - started if done["io"] else 0.0}
+            "io_done_s": max(done["io"]) - started if done["io"] else 0.0,
+            "cpu_ok": len(done["cpu"]), "io_ok": len(done["io"]),
+            "cpu_errors": len(errors["cpu"]), "io_errors": len(errors["io"]),
+            "first_error": (errors["cpu"] + errors["io"] or [b""])[0].decode()[:300]}
 
 
 def main() -> None:
@@ -165,7 +175,9 @@ def main() -> None:
         result = run(opts, workdir, n)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    speedup = sequential / result["cpu_done_s"] if result["cpu_done_s"] else 0.0
+    # a rate over the good replies only (an error is no work done)
+    speedup = (sequential * result["cpu_ok"] / opts.cpu_jobs / result["cpu_done_s"]
+               if result["cpu_done_s"] else 0.0)
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load average {os.getloadavg()[0]:.2f} at the end (figures need a quiet machine)")
     print(f"workload: {opts.cpu_jobs} CPU jobs of burn({n}) "
@@ -176,11 +188,18 @@ def main() -> None:
           f"({opts.cpu_jobs / sequential:.2f} jobs/s)")
     print(f"total {result['total_s']:.2f} s; IO jobs done at {result['io_done_s']:.2f} s; "
           f"CPU jobs done at {result['cpu_done_s']:.2f} s "
-          f"({opts.cpu_jobs / max(result['cpu_done_s'], 1e-9):.2f} jobs/s, "
+          f"({result['cpu_ok'] / max(result['cpu_done_s'], 1e-9):.2f} jobs/s, "
           f"{speedup:.2f}x sequential)")
+    print(f"good replies: {result['cpu_ok']} of {opts.cpu_jobs} CPU, {result['io_ok']} of "
+          f"{opts.io_jobs} IO; errors (not counted above): {result['cpu_errors']} CPU, "
+          f"{result['io_errors']} IO")
+    if result["first_error"]:
+        print(f"first error: {result['first_error']}")
     print(f"longest silence from the worker: {result['longest_silence_s']:.2f} s")
     print(json.dumps({**result, "sequential_s": sequential, "speedup": speedup,
                       "burn_n": n}))
+    if result["cpu_errors"] or result["io_errors"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ from one emq-green client, as fast as it can:
 * ``fire_and_forget``: ``defer_job(...)``; the jobs are done when the
   router's STATUS says every request was handed to the worker and none is in
   flight (each READY retires one; the worker's first READYs came before any
-  request, so the count is exact here), polled every 5 ms;
+  request, so the count is exact here), polled every 5 ms. What counts is
+  the worker's own books (its ``/status``, ``--metrics-addr``): jobs that
+  succeeded; the router's processed figure includes failures;
 * ``results``: ``defer_job(..., result=True)``, then ``get()`` on every
-  handle; done when the last result is in.
+  handle; done when the last result is in. A handle that raises (JobError,
+  ResultTimeout, ...) is an error.
 
-Reported per mode: jobs/s from the first send to done; and the ratio
-results / fire-and-forget of the medians.
+Reported per mode: good jobs/s from the first send to done, errors apart
+(any error makes the run exit 1); and the ratio results / fire-and-forget of
+the medians.
 """
 
 from __future__ import annotations
@@ -75,7 +79,21 @@ def wait_for_slots(admin: Admin, slots: int, deadline: float) -> None:
     raise SystemExit(f"no worker with {slots} free slots in 30 s")
 
 
-def fire_and_forget(client: Client, admin: Admin, jobs: int, before: int) -> float:
+def worker_books(status_url: str) -> tuple[int, int]:
+    """(succeeded, any other end) of :data:`JOB` in the worker's /status."""
+    import requests
+
+    rows = [j for j in requests.get(status_url, timeout=5).json()["jobs"]
+            if j["callable"] == JOB]
+    good = sum(j["succeeded"] for j in rows)
+    bad = sum(j["failed"] + j["timed_out"] + j["killed"] for j in rows)
+    return good, bad
+
+
+def fire_and_forget(client: Client, admin: Admin, jobs: int, before: int,
+                    status_url: str) -> tuple[float, int, int]:
+    """Seconds to done, good jobs, errors."""
+    good0, bad0 = worker_books(status_url)
     started = time.perf_counter()
     for n in range(jobs):
         client.defer_job(JOB, [n])
@@ -85,27 +103,44 @@ def fire_and_forget(client: Client, admin: Admin, jobs: int, before: int) -> flo
         processed = sum(status["processed_messages_by_queue"].values()) - before
         if (processed >= jobs and not any(status["inflight_messages_by_queue"].values())
                 and not any(status["waiting_messages_by_queue"].values())):
-            return time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            while time.monotonic() < deadline:  # the worker's books, once all ended
+                good, bad = worker_books(status_url)
+                if good - good0 + bad - bad0 >= jobs:
+                    return elapsed, good - good0, bad - bad0
+                time.sleep(0.05)  # polling interval for /status
+            break
         time.sleep(0.005)  # polling interval for STATUS
     raise SystemExit("fire-and-forget: the jobs did not finish in 120 s")
 
 
-def with_results(client: Client, jobs: int) -> float:
+def with_results(client: Client, jobs: int) -> tuple[float, int, int]:
+    """Seconds to done, good results, errors (raised by get())."""
     started = time.perf_counter()
     handles = [client.defer_job(JOB, [n], result=True) for n in range(jobs)]
+    good = bad = 0
     for handle in handles:
-        handle.get(timeout=120)  # None, or JobError / ResultTimeout: the bench fails
-    return time.perf_counter() - started
+        try:
+            handle.get(timeout=120)
+            good += 1
+        except Exception as exc:  # JobError, ResultTimeout, ...: counted apart
+            bad += 1
+            if bad == 1:
+                print(f"first error: {exc!r}", file=sys.stderr, flush=True)
+    return time.perf_counter() - started, good, bad
 
 
-def start(split: bool, concurrency: int, tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
-    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+def start(split: bool, concurrency: int,
+          tmp: Path) -> tuple[list[subprocess.Popen], str, str, str]:
+    ports = free_ports(4)
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in ports[:3])
+    status_url = f"http://127.0.0.1:{ports[3]}/status"
     (tmp / "empty.conf").write_text("")
     env = dict(os.environ, PYTHONPATH=str(REPO), EVENTMQ_CONFIG_FILE=str(tmp / "empty.conf"))
     log = open(tmp / "emq-green.log", "wb")
     addrs = ["--frontend-addr", front, "--backend-addr", back, "--administrative-addr", admin]
     worker = [sys.executable, "-m", "emq_green.cli", "-J", str(concurrency),
-              "--kill-grace-period", "5"]
+              "--kill-grace-period", "5", "--metrics-addr", f"127.0.0.1:{ports[3]}"]
     if split:
         router = Path(sys.executable).parent / "emq-green-router"
         procs = [subprocess.Popen([str(router), *addrs], env=env, stdout=log, stderr=log),
@@ -114,7 +149,7 @@ def start(split: bool, concurrency: int, tmp: Path) -> tuple[list[subprocess.Pop
         procs = [subprocess.Popen([*worker, "--standalone", *addrs], env=env, stdout=log,
                                   stderr=log)]
     log.close()
-    return procs, front, admin
+    return procs, front, admin, status_url
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -143,8 +178,9 @@ def main() -> int:
 
         monkey.patch_all()
     rates: dict[str, list[float]] = {"fire_and_forget": [], "results": []}
+    errors = 0
     with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
-        procs, front, admin_addr = start(ns.split, ns.concurrency, Path(tmp))
+        procs, front, admin_addr, status_url = start(ns.split, ns.concurrency, Path(tmp))
         admin = Admin(admin_addr)
         try:
             wait_for_slots(admin, ns.concurrency, time.monotonic() + 30)
@@ -153,18 +189,19 @@ def main() -> int:
             with_results(client, 200)
             before = sum(admin.ask(Command.STATUS)["processed_messages_by_queue"].values())
             for round_ in range(ns.repeat):
-                elapsed = fire_and_forget(client, admin, ns.jobs, before)
-                before += ns.jobs
-                rates["fire_and_forget"].append(ns.jobs / elapsed)
-                print(json.dumps({"round": round_, "mode": "fire_and_forget",
-                                  "jobs": ns.jobs, "seconds": round(elapsed, 3),
-                                  "jobs_per_s": round(ns.jobs / elapsed)}), flush=True)
-                elapsed = with_results(client, ns.jobs)
-                before += ns.jobs
-                rates["results"].append(ns.jobs / elapsed)
-                print(json.dumps({"round": round_, "mode": "results", "jobs": ns.jobs,
-                                  "seconds": round(elapsed, 3),
-                                  "jobs_per_s": round(ns.jobs / elapsed)}), flush=True)
+                for mode in ("fire_and_forget", "results"):
+                    if mode == "fire_and_forget":
+                        elapsed, good, bad = fire_and_forget(client, admin, ns.jobs, before,
+                                                             status_url)
+                    else:
+                        elapsed, good, bad = with_results(client, ns.jobs)
+                    before += ns.jobs
+                    errors += bad
+                    rates[mode].append(good / elapsed)  # good replies only
+                    print(json.dumps({"round": round_, "mode": mode, "jobs": ns.jobs,
+                                      "good": good, "errors": bad,
+                                      "seconds": round(elapsed, 3),
+                                      "jobs_per_s": round(good / elapsed)}), flush=True)
             client.close()
         finally:
             admin.close()
@@ -174,8 +211,8 @@ def main() -> int:
     print(json.dumps({"median_of": ns.repeat, "router": "split" if ns.split else "standalone",
                       "client": ns.client, "concurrency": ns.concurrency,
                       "fire_and_forget_per_s": round(ff), "results_per_s": round(res),
-                      "ratio": round(res / ff, 2)}), flush=True)
-    return 0
+                      "ratio": round(res / ff, 2), "errors": errors}), flush=True)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

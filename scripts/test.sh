@@ -45,3 +45,9 @@ fi
 # -rs: every skipped test is listed with its reason.
 .venv/bin/python -m pytest -p no:cacheprovider -rs --ignore=tests/test_monitor.py "$@"
 .venv/bin/python -m pytest -p no:cacheprovider -rs "$@" tests/test_monitor.py
+# A run without chromium passes with the browser tests skipped: the last line
+# says so, where nobody can miss it.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  echo "test.sh: passed, but WITHOUT the browser tests (chromium is not installed:" \
+       "tests/test_dashboard_browser.py was skipped)"
+fi

@@ -44,3 +44,11 @@ def block_and_pid(seconds):
     """Blocks, then says which process ran it."""
     real_sleep(seconds)
     return os.getpid()
+
+
+def block_timed(seconds):
+    """Blocks like :func:`block_unpatched`; returns when the block began and
+    ended (``time.time()``, the clock heartbeats carry)."""
+    started = time.time()
+    real_sleep(seconds)
+    return [started, time.time()]

@@ -19,6 +19,7 @@ from emq_green.protocol import Command
 EMQ_GREEN = str(Path(sys.executable).with_name("emq-green"))
 
 JOBS = '''
+import os
 import time
 
 import gevent.monkey
@@ -38,6 +39,19 @@ def marked_nap(seconds):
         f.write("x")
     time.sleep(seconds)
     return seconds
+
+
+def gated(name, deadline=30):
+    """Mark the start, then wait (patched time.sleep) until the file
+    "release" exists: the test decides when it ends."""
+    with open("started", "a") as f:
+        f.write("x")
+    end = time.monotonic() + deadline
+    while not os.path.exists("release"):
+        if time.monotonic() > end:
+            raise TimeoutError("never released")
+        time.sleep(0.01)
+    return name
 '''
 
 
@@ -45,6 +59,7 @@ class Worker:
     """emq-green in a subprocess, its log in a file the test can wait on."""
 
     def __init__(self, tmp_path: Path, *args: str, env: dict | None = None) -> None:
+        self.cwd = tmp_path
         (tmp_path / "clijobs.py").write_text(JOBS)
         self.log_path = tmp_path / "worker.log"
         self.log = open(self.log_path, "w")
@@ -55,6 +70,17 @@ class Worker:
 
     def text(self) -> str:
         return self.log_path.read_text()
+
+    def wait_file(self, name: str, content: str, timeout: float = 10.0) -> None:
+        """Wait until the file ``name`` in the worker's directory holds
+        ``content`` (jobs mark their start there)."""
+        path = self.cwd / name
+        deadline = time.monotonic() + timeout
+        while not (path.exists() and path.read_text() == content):
+            if time.monotonic() > deadline:
+                got = path.read_text() if path.exists() else None
+                raise AssertionError(f"{name}: {got!r}, not {content!r}; log:\n{self.text()}")
+            gevent.sleep(0.02)  # polling a file with a deadline
 
     def wait_log(self, needle: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
@@ -93,19 +119,20 @@ def fast(router) -> list[str]:
 
 
 def test_script_is_patched_and_runs_jobs_from_the_current_directory(router, worker_factory):
-    worker_factory(*fast(router), "-J", "3", "-n", "cli")
+    w = worker_factory(*fast(router), "-J", "3", "-n", "cli")
     ident = router.wait_inform(timeout=20)
     assert ident.startswith(b"cli:")
     router.wait_count(Command.READY, 3)
     msgid = router.request(ident, "clijobs", "patched", headers="reply-requested")
     assert router.wait_reply(msgid) == {"value": [True, True, True, True]}
-    # patched time.sleep is cooperative: 3 naps of 1 s overlap
-    started = time.monotonic()
-    naps = [router.request(ident, "clijobs", "nap", args=[1], headers="reply-requested")
-            for _ in range(3)]
-    for m in naps:
-        router.wait_reply(m)
-    assert time.monotonic() - started < 2.5
+    # patched time.sleep is cooperative: three jobs that sleep until released
+    # all start (unpatched, the first would hold the loop until its deadline)
+    gated = [router.request(ident, "clijobs", "gated", args=[f"g{i}"],
+                            headers="reply-requested") for i in range(3)]
+    w.wait_file("started", "xxx")
+    assert not set(gated) & set(router.replies())
+    (w.cwd / "release").touch()
+    assert [router.wait_reply(m) for m in gated] == [{"value": f"g{i}"} for i in range(3)]
 
 
 def test_no_monkey_patch_opts_out(router, worker_factory):
@@ -120,15 +147,17 @@ def test_sigterm_drains_running_jobs_then_exits(router, worker_factory):
     w = worker_factory(*fast(router), "-J", "5")
     ident = router.wait_inform(timeout=20)
     router.wait_count(Command.READY, 5)
-    naps = [router.request(ident, "clijobs", "nap", args=[1], headers="reply-requested")
-            for _ in range(5)]
-    w.wait_log("connecting -> running")
-    # REQUESTs still on the wire when the KBYE leaves are run all the same
+    jobs = [router.request(ident, "clijobs", "gated", args=[f"g{i}"],
+                           headers="reply-requested") for i in range(5)]
+    w.wait_file("started", "x" * 5)  # all five running, none can end yet
     w.proc.send_signal(signal.SIGTERM)
-    assert w.proc.wait(15) == 0
+    w.wait_log("running -> draining")
     router.wait_count(Command.KBYE, 1)
+    assert w.proc.poll() is None and not set(jobs) & set(router.replies())
+    (w.cwd / "release").touch()  # the drain waits for them
+    assert w.proc.wait(15) == 0
     replies = router.replies()
-    assert all(replies.get(m) == {"value": 1} for m in naps), replies
+    assert all(replies.get(m) == {"value": f"g{i}"} for i, m in enumerate(jobs)), replies
     assert "running -> draining" in w.text() and "draining -> stopped" in w.text()
 
 

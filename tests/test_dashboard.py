@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gevent
 import pytest
+import setproctitle
 from test_metrics import endpoint_manager, http_get
 from test_router import make_router, wait_until
 
@@ -96,13 +97,20 @@ def test_history_gives_the_rate_of_handed_out_jobs(dashboard_for):
     worker = harness.worker(slots=50)
     client = harness.peer("frontend")
     dashboard._sample()
+    first = len(dashboard.history) - 1
     for _ in range(10):
         harness.request(client)
     wait_until(lambda: sum(harness.router.processed_by_queue.values()) == 10, what="10 sent")
-    gevent.sleep(0.01)
     dashboard._sample()
     snap = dashboard.snapshot()
-    assert snap["history"][-1][1] > 10  # 10 jobs in well under a second
+    # the rates since the first sample (the sampler may have added one in
+    # between), times their spans, give back the 10 jobs, however long it took
+    times = [t for t, _counts in list(dashboard.history)[first:]]
+    rates = dashboard._rates()[-(len(times) - 1):]  # what the snapshot shows
+    assert [t for t, _rate, _by_queue in rates] == times[1:]
+    handed = sum(rate * (t1 - t0) for (_t, rate, _q), t0, t1 in zip(rates, times, times[1:]))
+    assert handed == pytest.approx(10, abs=0.05)
+    assert snap["history"][-1][1] == rates[-1][1] > 0
     assert snap["queues"][0]["rate"] == snap["history"][-1][1]
     assert len(worker.pending()) == 10
 
@@ -135,7 +143,6 @@ def test_dashboard_addr_setting(tmp_path: Path):
     # load_settings swaps os.environ's contents, which moves the C environment;
     # setproctitle, when first used after that, finds no room for a title
     # (test_metrics' process-title test would then fail). Let it set up first.
-    setproctitle = pytest.importorskip("setproctitle")
     setproctitle.getproctitle()
 
     def loaded(argv, env=None):

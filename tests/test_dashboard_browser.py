@@ -24,6 +24,8 @@ __all__ = ["stack"]
 
 SHOTS = REPO / "artifacts" / "screenshots"
 JOBS = 1500
+STAGE = 500  # jobs per stage (see staged_jobs)
+CALLABLE = "staged_jobs.staged_mark"
 pytestmark = pytest.mark.skipif(
     chromium.executable() is None,
     reason="chromium is not installed and could not be (scripts/test.sh installs Debian's "
@@ -70,18 +72,24 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
                            "--backend-addr", stack.back, "--administrative-addr", stack.admin,
                            "--dashboard-addr", str(dash_port)])
     stack.spawn("worker", [str(BIN / "emq-green"), "-B", stack.back, "-J", "20",
-                           "-n", "browser-box", "--metrics-addr", f"127.0.0.1:{metrics_port}"])
+                           "-n", "browser-box", "--metrics-addr", f"127.0.0.1:{metrics_port}"],
+                PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     stack.wait_for_worker(slots=20)
     marks = tmp_path / "marks"
+    # three stages of 500 jobs, each held until the test opens its gate: the
+    # looks below land while jobs run, however slow the box
+    gates = tmp_path / "stage"
+    Path(f"{gates}-0").touch()
     submit = subprocess.Popen(
-        [str(BIN / "emq-green-submit"), "examples.jobs.sleep_and_mark", "--args",
-         json.dumps([0.05, str(marks)]), "--tag-arg", "--count", str(JOBS),
+        [str(BIN / "emq-green-submit"), CALLABLE, "--args",
+         json.dumps([0.05, str(gates), STAGE, str(marks)]), "--tag-arg", "--count", str(JOBS),
          "--reply-requested", "--addr", stack.front],
         env=stack.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: len(lines(marks)) >= 20, 30, "the first jobs done")
+        wait_until(lambda: len(lines(marks)) >= STAGE, 60, "the first stage done")
 
-        # -- two looks at each page while the jobs run
+        # -- two looks at each page while the jobs run: after the first stage,
+        # and after the second
         first = look(router_url)
         handed_first = number(first, "handed-out")
         assert 0 < handed_first < JOBS, "the first look came after the jobs were done"
@@ -92,6 +100,8 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
         (SHOTS / "router-running.png").unlink(missing_ok=True)
         chromium.screenshot(router_url, SHOTS / "router-running.png", size="1000,720")
 
+        Path(f"{gates}-1").touch()
+        wait_until(lambda: len(lines(marks)) >= 2 * STAGE, 60, "the second stage done")
         second = look(router_url)
         assert number(second, "handed-out") > handed_first
         worker_second = look(worker_url)
@@ -106,7 +116,10 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
         assert re.fullmatch(r"\d+(\.\d+)?", queue[6]), f"no latency p50 shown: {queue}"
         chromium.screenshot(worker_url, SHOTS / "worker-running.png", size="1000,720")
 
+        assert number(second, "handed-out") < JOBS and number(worker_second, "done") < JOBS
+
         # -- once all jobs are done: the pages and STATUS / /status agree
+        Path(f"{gates}-2").touch()
         wait_until(lambda: len(lines(marks)) >= JOBS, 60, f"{JOBS} jobs done")
         assert submit.wait(timeout=30) == 0, submit.stderr.read()
 
@@ -129,8 +142,8 @@ def test_both_pages_in_chromium_while_jobs_run(stack: Stack, tmp_path: Path):
         worker_final = look(worker_url)
         worker_status = requests.get(worker_url + "status", timeout=5).json()
         [row] = [j for j in worker_status["jobs"]
-                 if j["callable"] == "examples.jobs.sleep_and_mark"]
-        cells = row_cells(worker_final, "callable", "examples.jobs.sleep_and_mark")
+                 if j["callable"] == CALLABLE]
+        cells = row_cells(worker_final, "callable", CALLABLE)
         assert int(cells[2]) == row["started"] == JOBS
         assert int(cells[3]) == row["succeeded"] == JOBS
         assert number(worker_final, "done") == JOBS

@@ -146,7 +146,8 @@ def test_timeout_header_stops_the_job_and_returns_the_slot(router, make_manager)
     reply = router.wait_reply(msgid, timeout=10)
     assert reply["value"] == "TimeoutError"
     assert reply["error"]["type"] == "TimeoutError"
-    assert 0.9 <= time.monotonic() - started < 5
+    # never early; cut short (the job would take 30 s: the wait above is 10)
+    assert time.monotonic() - started >= 0.9
     router.wait_count(Command.READY, 2)
     assert manager.counters["timed_out"] == 1 and not manager.jobs_in_flight
 
@@ -184,19 +185,21 @@ def test_entry_and_exit_functions_wrap_every_job(router, make_manager):
 
 @pytest.mark.timeout(60)
 def test_heartbeats_keep_flowing_while_500_jobs_wait_on_io(router, make_manager):
+    """500 jobs hold every slot, waiting on IO until the test lets them go;
+    meanwhile the worker's heartbeats keep coming (events, not a clock: the
+    jobs end when the heartbeats have been seen, however slow the box)."""
     manager = make_manager(concurrent_jobs=500)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 500)
-    start = time.monotonic()
     for _ in range(500):
-        router.request(ident, JOBS, "nap", args=[3])
+        router.request(ident, JOBS, "wait_gate", args=["hold"])
     router.wait_until(lambda: len(manager.jobs_in_flight) == 500, timeout=10)
+    beats = router.count(Command.HEARTBEAT, ident)
+    router.wait_until(lambda: router.count(Command.HEARTBEAT, ident) >= beats + 10, timeout=20)
+    assert len(manager.jobs_in_flight) == 500 and J.calls["wait_gate"] == 500
+    J.gates["hold"].set()
     router.wait_count(Command.READY, 1000, timeout=20)
-    end = time.monotonic()
-    assert end - start >= 3
-    interval = manager.settings.heartbeat_interval
-    assert router.longest_silence(ident, start, end) < interval + 0.5
-    assert router.count(Command.HEARTBEAT, ident) >= int((end - start) / interval) - 2
+    assert manager.counters["succeeded"] == 500
 
 
 def test_router_death_reconnects_to_failover_and_keeps_running_jobs(make_manager):
@@ -350,16 +353,37 @@ def test_seed_api_members_exist(router, make_manager):
     router.wait_count(Command.READY, 3)
     manager.send_reply({"value": "hand-made"}, "abc")
     assert router.wait_reply("abc") == {"value": "hand-made"}
+    # on_heartbeat (seed API) runs the health check: a job whose greenlet
+    # died unreported is repaired, its reply sent, its slot offered again
+    payload = RunRequest(path=JOBS, callable="add", args=(1, 2)).payload()
+    manager.on_request("lost-hb", ["default", "reply-requested", payload])
+    manager.jobs_in_flight["lost-hb"].greenlet.kill(block=True, timeout=5)
     manager.on_heartbeat("m", ["1"])
-    assert manager.total_requests == 0 and manager.pid_distribution == {}
-    router.request(ident, JOBS, "add", args=[1, 2])
+    assert "lost-hb" not in manager.jobs_in_flight
+    assert router.wait_reply("lost-hb")["error"]["type"] == "Killed"
     router.wait_count(Command.READY, 4)
+    assert manager.total_requests == 1 and manager.pid_distribution == {}
+    router.request(ident, JOBS, "add", args=[1, 2])
+    router.wait_count(Command.READY, 5)
     import os
     assert manager.pid_distribution == {os.getpid(): 1}
-    assert manager.total_requests == 1
+    assert manager.total_requests == 2
     with pytest.raises(ValueError):
         manager.handle_response({"callback": "no_such_callback", "msgid": None})
-    manager.premature_death(None, None)
+    # premature_death is kept as a no-op: it returns nothing and changes
+    # nothing (no slot, no counter, nothing sent)
+    def sent() -> list[Command]:
+        return [r.command for r in router.messages() if r.command is not Command.HEARTBEAT]
+
+    before = (dict(manager.counters), manager.free_slots, dict(manager.jobs_in_flight),
+              len(sent()))
+    assert manager.premature_death(None, None) is None
+    assert manager.premature_death({"value": 1}, "abc") is None
+    ping = router.request(ident, JOBS, "add", args=[0, 0], headers="reply-requested")
+    assert router.wait_reply(ping) == {"value": 0}  # all it sent came before this
+    assert sent()[before[3]:] == [Command.REPLY, Command.READY]  # that job's, nothing else
+    assert (manager.free_slots, manager.jobs_in_flight) == (before[1], before[2])
+    assert manager.counters["succeeded"] == before[0]["succeeded"] + 1
 
 
 def test_unpatched_embedding_warns(router, make_manager, caplog):

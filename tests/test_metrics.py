@@ -6,6 +6,7 @@ import gevent
 import jobs_for_tests as J
 import pytest
 import requests
+import setproctitle
 from prometheus_client.parser import text_string_to_metric_families
 
 from emq_green.protocol import Command
@@ -112,18 +113,23 @@ def test_loop_blocks_and_heartbeat_gap_in_metrics(router, endpoint_manager):
         lambda: (m := endpoint.metrics()).get(("emq_green_loop_blocks_total",
                                                (("callable", name),))) and m)
     assert sample(metrics, "emq_green_loop_blocks_total", callable=name) == 1
-    assert 1.1 <= sample(metrics, "emq_green_loop_blocked_seconds_total", callable=name) < 1.6
-    assert 1.1 <= sample(metrics, "emq_green_loop_longest_block_seconds") < 1.6
-    # the heartbeat thread spoke while the loop was held (interval 0.2 s)
+    [incident] = manager.status()["loop_blocks"]["recent"]
+    blocked = sample(metrics, "emq_green_loop_blocked_seconds_total", callable=name)
+    # the whole block, and the very figure the monitor measured (how closely
+    # it measures is test_monitor's)
+    assert blocked >= 1.1
+    assert blocked == pytest.approx(incident["blocked_seconds"], abs=2e-3)
+    assert sample(metrics, "emq_green_loop_longest_block_seconds") == pytest.approx(blocked)
+    # the heartbeat thread spoke while the loop was held (interval 0.2 s): no
+    # gap as long as the block, which the loop's own heartbeats would show
     assert sample(metrics, "emq_green_thread_heartbeats_total") >= 3
-    assert sample(metrics, "emq_green_longest_heartbeat_gap_seconds") < 0.6
+    assert sample(metrics, "emq_green_longest_heartbeat_gap_seconds") < 1.1
     status = endpoint.status()
     recent = status["loop_blocks"]["recent"][0]
     assert recent["callable"] == name and "msgid" not in recent  # issue 20: no msgids over HTTP
 
 
 def test_process_title_shows_name_and_busy_slots(router, make_manager):
-    setproctitle = pytest.importorskip("setproctitle")
     make_manager(concurrent_jobs=3)
     ident = router.wait_inform()
     router.wait_until(lambda: setproctitle.getproctitle() == "emq-green: test-worker 0/3 running")

@@ -42,12 +42,17 @@ def test_blocking_job_is_reported_with_its_callable_and_msgid(router, make_manag
     assert router.wait_reply(quiet) == {"value": 0.01}
     # 2 s, well past the threshold: gevent's monitor thread is per process, and
     # may still be sleeping out the period an earlier test's manager set
+    sent = time.monotonic()
     msgid = router.request(ident, JOBS, job, args=[2.0], headers="reply-requested")
     router.wait_reply(msgid)
     [incident] = wait_incidents(router, monitor, 1)
+    seen = time.monotonic()
     assert incident.callable == f"{JOBS}.{job}", incident
     assert incident.msgid == msgid and incident.queue == "default"
-    assert 1.9 <= incident.duration <= 2.6
+    # the whole 2 s block: from before the job began to after it ended
+    assert incident.duration >= 1.9 and incident.started <= incident.job_started
+    assert sent <= incident.job_started and incident.ended - incident.job_started >= 1.9
+    assert incident.ended <= seen
     assert any(job in line for line in incident.stack)
     stats = monitor.status(manager)["loop_blocks"]
     assert stats["incidents"] == 1 and stats["by_callable"][f"{JOBS}.{job}"]["incidents"] == 1
@@ -73,14 +78,21 @@ def test_one_incident_per_block_and_short_blocks_are_ignored(router, make_manage
     short = router.request(ident, JOBS, "block_unpatched", args=[0.1],
                            headers="reply-requested")
     router.wait_reply(short)
+    sent = time.monotonic()
     ids = [router.request(ident, JOBS, "block_unpatched", args=[1.5],
                           headers="reply-requested") for _ in range(2)]
     for msgid in ids:
         router.wait_reply(msgid)
     incidents = wait_incidents(router, monitor, 2)
+    seen = time.monotonic()
     assert [i.msgid for i in incidents] == ids  # one each, none for the short one
+    first, second = incidents
+    # each its own whole block, one after the other, inside the test's window
+    assert first.duration >= 1.4 and second.duration >= 1.4
+    assert sent <= first.job_started and first.ended <= second.started < second.ended <= seen
     stats = monitor.by_callable[f"{JOBS}.block_unpatched"]
-    assert stats.incidents == 2 and 2.9 <= stats.blocked_seconds <= 3.6
+    assert stats.incidents == 2
+    assert stats.blocked_seconds == pytest.approx(first.duration + second.duration)
 
 
 @pytest.mark.parametrize("threshold, expected", [(0, 0), (1.0, 1)])
@@ -132,22 +144,22 @@ def test_heartbeats_keep_their_interval_while_a_job_blocks(router, make_manager,
     manager = make_manager(thread_heartbeats=on)  # heartbeat_interval 0.2 s
     ident = router.wait_inform()
     router.wait_count(Command.READY, 4)
-    msgid = router.request(ident, JOBS, "block_unpatched", args=[1.5],
-                           headers="reply-requested")
-    begin = time.time()
-    reply = router.wait_reply(msgid)
-    assert reply == {"value": 1.5}
+    msgid = router.request(ident, JOBS, "block_timed", args=[1.5], headers="reply-requested")
+    began, ended = router.wait_reply(msgid)["value"]
     # This router shares the worker's (blocked) loop, so it reads late; each
-    # HEARTBEAT carries the time it was sent.
-    sent = [begin] + [float(r.message.body[0]) for r in router.messages(Command.HEARTBEAT,
-                                                                         ident)
-                      if float(r.message.body[0]) > begin]
-    gap = max(b - a for a, b in zip(sent, sent[1:] + [time.time()]))
+    # HEARTBEAT carries the time it was sent. The loop cannot send while it
+    # is held: any heartbeat sent inside the block came from the thread.
+    # (the worker may reconnect after the block, as a new identity: the
+    # fake router's heartbeats were held too) one heartbeat sent after it
+    router.wait_until(lambda: any(float(r.message.body[0]) > ended
+                                  for r in router.messages(Command.HEARTBEAT)))
+    during = [r for r in router.messages(Command.HEARTBEAT, ident)
+              if began < float(r.message.body[0]) < ended]
     if on:
-        assert gap < 0.5, gap
-        assert lifeline_of(manager).sent >= 4
+        assert len(during) >= 3, during  # interval 0.2 s, block 1.5 s
+        assert lifeline_of(manager).sent >= len(during)
     else:
-        assert gap >= 1.4, gap
+        assert during == []
         assert lifeline_of(manager).sent == 0
 
 
@@ -193,8 +205,8 @@ def test_thread_heartbeats_under_stress_lose_and_corrupt_nothing(router, make_ma
         assert isinstance(value, int) if want is int else value == want
         latencies.append(r.at - sent_at[r.message.body[1]])
     # a reader left sleeping on pending messages would show as a reply held
-    # for zmq.green's 11.6 s fallback poll
-    assert max(latencies) < 2.0, max(latencies)
+    # for zmq.green's 11.6 s fallback poll (the bound is that, not a speed)
+    assert max(latencies) < 8.0, max(latencies)
     assert router.count(Command.READY) == n + 20
     for frames in router.raw:  # every message whole: identity + 4 frames + body
         assert frames[1:3] == [b"", b"eMQP/1.0"] and len(frames) >= 5

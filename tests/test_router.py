@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import gevent
 import pytest
 import zmq.green as zmq
+from conftest import stop_for_good
 from peers import free_ports
 
 from emq_green.protocol import Command, Message, queues_json
@@ -441,6 +442,6 @@ def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router)
         assert new != old and new.startswith(b"kbye:")
         assert manager.state is State.RUNNING
     finally:
-        assert manager.stop(timeout=10, graceful=False)
+        assert stop_for_good(manager, timeout=10)
 
 

@@ -99,27 +99,27 @@ def test_flagged_cpu_job_leaves_io_jobs_and_heartbeats_alone(router, make_manage
                          subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
     start = time.monotonic()
-    sent: dict[str, tuple[float, float]] = {}
+    sent: dict[str, float] = {}
     for i in range(500):
         if i and i % 50 == 0:
             gevent.sleep(0.2)  # requests arrive in waves, not all in one loop turn
         nap = 0.5 + (i % 10) * 0.5  # 0.5 .. 5 s
         msgid = router.request(ident, JOBS, "nap", args=[nap], headers=REPLY)
-        sent[msgid] = (time.monotonic(), nap)
+        sent[msgid] = nap
     router.wait_count(Command.REPLY, 500, timeout=40)
-    end = time.monotonic()
+    # every IO job answered while the CPU job still computes: in-process, it
+    # would hold them all until the test releases it
     assert cpu not in router.replies() and pool_of(manager).status()["busy"] == 1
     release.touch()
     reply = router.wait_reply(cpu, timeout=20)["value"]
     assert reply["pid"] != os.getpid() and reply["pid"] in manager.pid_distribution
-    arrived = {r.message.body[1]: r.at for r in router.messages(Command.REPLY)}
-    lateness = max(arrived[m] - at - nap for m, (at, nap) in sent.items())
-    # in-process, the CPU job would hold them until it is released: the
-    # bounds leave room for a busy machine, far below that
-    assert lateness < 2.5, f"an IO job was {lateness:.2f} s late"
-    interval = manager.settings.heartbeat_interval
-    silence = router.longest_silence(ident, start, end)
-    assert silence < interval + 1.3, gaps(router, ident, start, end)
+    replies = router.replies()
+    assert all(replies[m] == {"value": nap} for m, nap in sent.items())
+    # and the loop's own heartbeats (no heartbeat thread here) kept being
+    # sent while it computed: the 500 jobs alone took 5 s (interval 0.2 s)
+    during = [r for r in router.messages(Command.HEARTBEAT, ident)
+              if reply["started"] < float(r.message.body[0]) < reply["ended"]]
+    assert len(during) >= 5, gaps(router, ident, start, time.monotonic())
     router.wait_count(Command.READY, 510 + 501)
     assert manager.pid_distribution[os.getpid()] == 500
     stop_and_check(router, manager)
@@ -226,15 +226,23 @@ def test_timeout_kills_the_process_group_and_a_fresh_child_follows(
     ("kill_self", [], "killed by SIGKILL"),
     ("segfault", [], "killed by SIGSEGV"),
 ])
-def test_a_crashing_child_fails_only_its_own_job(router, make_manager, job, args, reason):
+def test_a_crashing_child_fails_only_its_own_job(router, make_manager, job, args, reason,
+                                                 tmp_path):
     manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
     ident = router.wait_inform()
-    other = router.request(ident, CPU, "spin", args=[0.5], headers=REPLY, subprocess=True)
+    release = tmp_path / "release"
+    # the other job computes in one child until the crash is over
+    other = router.request(ident, CPU, "spin_until", args=[str(release), 60], headers=REPLY,
+                           subprocess=True)
+    router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
     crash = router.request(ident, CPU, job, args=args, headers=REPLY, subprocess=True)
     reply = router.wait_reply(crash)
     assert reply["error"]["type"] == "ChildProcessError"
     assert reason in reply["value"], reply
-    assert router.wait_reply(other)["value"]["pid"] != os.getpid()
+    assert other not in router.replies() and pool_of(manager).status()["busy"] == 1
+    release.touch()
+    survived = router.wait_reply(other)["value"]
+    assert survived["pid"] != os.getpid() and survived["ended"] > survived["started"]
     after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
     assert router.wait_reply(after)["value"] != os.getpid()
     router.wait_until(lambda: len(pool_of(manager).pids()) == 2)
@@ -278,13 +286,23 @@ def test_setup_runs_once_per_child_and_entry_exit_around_each_job(
     assert sum(1 for event, _ in log if event == "exit") == 6
 
 
-def test_graceful_stop_waits_for_subprocess_jobs_and_leaves_no_child(router, make_manager):
+def test_graceful_stop_waits_for_subprocess_jobs_and_leaves_no_child(router, make_manager,
+                                                                     tmp_path):
     manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2)
     ident = router.wait_inform()
-    msgid = router.request(ident, CPU, "spin", args=[1], headers=REPLY, subprocess=True)
+    release = tmp_path / "release"
+    msgid = router.request(ident, CPU, "spin_until", args=[str(release), 60], headers=REPLY,
+                           subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
     assert len(children()) == 2
-    stop_and_check(router, manager)
+    stopping = gevent.spawn(stop_and_check, router, manager)
+    assert manager.wait_for_state(State.DRAINING, timeout=10)
+    router.wait_count(Command.KBYE, 1)
+    # draining, and still waiting for the job: released only now
+    assert msgid not in router.replies() and not stopping.ready()
+    assert len(children()) == 2
+    release.touch()
+    stopping.get(timeout=30)
     assert router.wait_reply(msgid)["value"]["pid"] != os.getpid()
 
 
@@ -296,7 +314,7 @@ def test_hard_stop_kills_the_children(router, make_manager):
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 2)
     started = time.monotonic()
     stop_and_check(router, manager, graceful=False)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # killed, not waited for (the jobs spin 60 s)
     for msgid in msgids:
         assert router.wait_reply(msgid)["error"]["type"] == "Killed"
 
