@@ -158,12 +158,55 @@ def test_eventmq_scheduler_through_our_router(peers):
             if kind == "interval":
                 client.schedule(tag, interval=1, unschedule=True)
         done = {tag: runs_stop(peers, tag) for tag in ("early", "every")}
-        # EventMQ's scheduler keeps firing an unscheduled cron job (its defect):
-        # it still runs after UNSCHEDULE; counted, not asserted away
+        # EventMQ's scheduler keeps firing an unscheduled cron job (its
+        # defect): the router drops those firings, so the job stops too
         client.schedule("cron", cron="* * * * * *", unschedule=True)
+        done["cron"] = runs_stop(peers, "cron")
         assert all(n >= 3 for n in done.values()), done
+        wait_until(lambda: router.admin(Command.STATUS)["schedule_messages"].get(
+            "firing_dropped", 0) >= 1, 10, "a firing of the unscheduled cron job dropped")
         # the scheduler stays registered: the router's heartbeats reach it
         assert len(router.schedulers()) == 1
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+def test_eventmq_scheduler_killed_and_restarted_gets_its_schedules_back(peers):
+    """EventMQ's scheduler keeps its schedules in memory only (without
+    Redis, and it never reads them back even with it). Through emq-green's
+    router a restarted one gets them again: after ``kill -9`` and a new
+    ``emq-scheduler``, the interval and cron jobs run on, on their queue
+    (EventMQ's scheduler fires cron jobs on the default queue: the router
+    puts them back on theirs, where the only worker listens)."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", "--queues-json",
+                 '[[10, "other"]]', *BEATS])
+    first = eventmq_scheduler(peers, addrs)
+    router.wait_schedulers(1)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("every", interval=1, queue="other")
+        client.schedule("cron", cron="* * * * * *", queue="other")
+        wait_runs(peers, "every", 3)
+        wait_runs(peers, "cron", 3)  # on "other": only after the router's correction
+        # the first (haste) run goes out on its queue; the later ones are mended
+        assert router.admin(Command.STATUS)["schedule_messages"]["firing_requeued"] >= 2
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait_exit(10)
+        before = peers.record.tags()
+        eventmq_scheduler(peers, addrs)
+        wait_until(lambda: router.admin(Command.STATUS)["schedule_messages"].get(
+            "handed_over", 0) >= 2, 30, "the two schedules handed to the new scheduler",
+            details=router.tail)
+        wait_runs(peers, "every", before["every"] + 3)
+        wait_runs(peers, "cron", before["cron"] + 3)
+        assert len(router.wait_schedulers(1)) == 1
+        client.schedule("every", interval=1, unschedule=True, queue="other")
+        client.schedule("cron", cron="* * * * * *", unschedule=True, queue="other")
+        assert runs_stop(peers, "every") >= before["every"] + 3
+        assert runs_stop(peers, "cron") >= before["cron"] + 3
     finally:
         client.close()
 

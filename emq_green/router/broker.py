@@ -190,6 +190,8 @@ class Router:
         #: Schedulers and the SCHEDULE / UNSCHEDULE they are sent.
         self.scheduler_side = SchedulerSide(settings=settings, sockets=self.sockets,
                                             counters=self.counters, limiter=self.log_limiter)
+        self.client_side.schedulers = self.scheduler_side.schedulers
+        self.client_side.vet_firing = self.scheduler_side.vet_firing
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
         self._tables: dict[str, dict[Command, Handler]] = {

@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
 from ..protocol import (
@@ -86,6 +86,11 @@ class ClientSide:
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self._log = limiter or LogLimiter(logger)
         self._holders = routing.holders
+        #: connected schedulers, and the check of what they fire
+        #: (:meth:`SchedulerSide.vet_firing`), set by the broker
+        self.schedulers: dict[bytes, object] = {}
+        self.vet_firing: Callable[[bytes, Message], Optional[Message]] = \
+            lambda client, message: message
         self._pending_ids = relay.pending.ids
 
     def restore(self) -> None:
@@ -110,6 +115,10 @@ class ClientSide:
                             "expected 3; dropped", printable(message.msgid), printable(client),
                             len(message.body))
             return
+        if client in self.schedulers:
+            message = self.vet_firing(client, message)
+            if message is None:
+                return
         msgid = message.msgid
         # O(1) checks, before anything is held: the id's length, whether it is
         # taken (buffered, in flight, or waiting for its result); written out,

@@ -28,6 +28,17 @@ differs:
   or cron, scheduler); emq-green's scheduler adds next run, last run and
   runs to it in the second frame of its HEARTBEATs. STATUS (``schedules``)
   and the dashboard show that book.
+* Hand-over: the router remembers each live schedule's SCHEDULE and which
+  scheduler holds it. When that scheduler goes (KBYE, silence, a send that
+  fails) its schedules are sent to another one, or kept for the next to
+  connect; a scheduler that (re)connects gets its own again. So schedules
+  survive a restart of EventMQ's scheduler, which does not restore its own
+  (emq-green's takes a SCHEDULE identical to one it restored as a no-op).
+  A schedule whose runs are over (``run_count``) is not handed over.
+* Two defects of EventMQ's scheduler are mended on the way: a cron
+  schedule it was told to UNSCHEDULE keeps firing there (its REQUESTs are
+  dropped here and counted), and it fires cron schedules on the default
+  queue (their REQUESTs are put back on the schedule's queue).
 """
 
 from __future__ import annotations
@@ -42,7 +53,14 @@ from typing import Any, Optional
 
 from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, printable
-from ..schedules import parse_schedule, unschedule_key
+from ..schedules import (
+    FOREVER,
+    Schedule,
+    next_cron,
+    parse_schedule,
+    schedule_key,
+    unschedule_key,
+)
 from ..settings import Settings
 from .results import refusal_body
 from .sockets import RouterSockets
@@ -55,6 +73,42 @@ MAX_HELD = 10_000
 MAX_BOOK = 100_000
 #: bytes of a scheduler's listing (HEARTBEAT's second frame) read at most
 MAX_LISTING_BYTES = 1024 * 1024
+#: unscheduled cron keys remembered, to drop what EventMQ's scheduler still fires
+MAX_CANCELLED = 10_000
+#: a finite schedule is handed over until this long after its last run was
+#: due, unless its runs are seen before (a safety net: firings are counted)
+_ENDS_MARGIN = 3600.0
+
+
+@dataclass
+class LiveSchedule:
+    """What the router needs to hand a schedule to another scheduler."""
+
+    body: tuple[str, ...]
+    owner: Optional[bytes]
+    cron: bool
+    queue: str
+    #: when its last run is due (monotonic clock), None for ever
+    ends: Optional[float]
+    #: runs not yet seen (REQUESTs from a scheduler), FOREVER for ever
+    runs_left: int = FOREVER
+
+
+def _ends(schedule: Schedule, now: float, wall: float) -> Optional[float]:
+    """When a finite schedule's last run is due (monotonic), or None."""
+    count = schedule.run_count
+    if count == FOREVER or count > 1000:
+        return None
+    if schedule.eta is not None:
+        last = max(0.0, schedule.eta - wall) + (count - 1) * (schedule.interval or 0.0)
+    elif schedule.interval is not None:
+        last = count * schedule.interval
+    else:
+        at = wall
+        for _ in range(count):
+            at = next_cron(schedule.cron, at)
+        last = at - wall
+    return now + last + _ENDS_MARGIN
 
 
 @dataclass
@@ -89,6 +143,12 @@ class SchedulerSide:
         #: ``held``, ``refused_malformed``, ``refused_full`` (STATUS
         #: ``schedule_messages``)
         self.counts: collections.Counter[str] = collections.Counter()
+        #: key -> the live schedule and its holder (for hand-over)
+        self.live: dict[str, LiveSchedule] = {}
+        #: cron keys unscheduled (their firings from a scheduler are dropped)
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: call key -> keys of its delayed jobs (``key:delay-id``), soonest first
+        self._delayed: dict[str, list[str]] = {}
         self._last_heartbeat = 0.0
 
     # ------------------------------------------------------------------
@@ -107,6 +167,7 @@ class SchedulerSide:
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
         self._release_held()
+        self._hand_over(client)
 
     def on_heartbeat(self, client: bytes, message: Message) -> None:
         peer = self.schedulers.get(client)
@@ -119,6 +180,7 @@ class SchedulerSide:
     def on_kbye(self, client: bytes, message: Message) -> None:
         if self.schedulers.pop(client, None) is not None:
             logger.info("router: scheduler %s said KBYE", printable(client))
+            self._hand_over(None)
 
     def check(self, now: float) -> None:
         """HEARTBEATs to schedulers; removal of silent ones."""
@@ -138,6 +200,7 @@ class SchedulerSide:
                 del self.schedulers[peer.identity]
                 logger.error("router: scheduler %s removed: nothing received for %.1f s",
                              printable(peer.identity), silence)
+                self._hand_over(None)
 
     def say_goodbye(self) -> None:
         """The router stops: KBYE to every scheduler; held messages are lost."""
@@ -160,14 +223,27 @@ class SchedulerSide:
         if not self.schedulers:
             self._hold(client, message)
             return
-        # by the call's key without a delayed job's own id: every delayed run
-        # of one call lives on one scheduler
-        owner = self._owner(schedule.key.partition(":")[0])
+        now = time.monotonic()
+        live = self.live.get(schedule.key)
+        if live is not None and live.owner in self.schedulers:
+            owner = live.owner  # where it is already (maybe handed over)
+        else:
+            # by the call's key without a delayed job's own id: every delayed
+            # run of one call lives on one scheduler
+            owner = self._owner(schedule.key.partition(":")[0])
         if not self._forward(owner, message):
             # gone without a KBYE (kill -9): take the next one, or hold it
             self.schedulers.pop(owner, None)
             self.on_schedule(client, message)
+            self._hand_over(None)
             return
+        base, _, delay_id = schedule.key.partition(":")
+        self._cancelled.pop(base, None)
+        if delay_id and schedule.key not in self.live:
+            self._delayed.setdefault(base, []).append(schedule.key)
+        self.live[schedule.key] = LiveSchedule(
+            tuple(message.body), owner, schedule.interval is None and schedule.eta is None,
+            schedule.queue, _ends(schedule, now, time.time()), schedule.run_count)
         self._book(schedule.key, schedule.name, schedule.queue, schedule.what(), owner)
         if len(self.schedulers) > 1:
             # so that no other scheduler keeps (and fires) an older copy
@@ -185,11 +261,95 @@ class SchedulerSide:
         if not self.schedulers:
             self._hold(client, message)
             return
+        lost = False
         for identity in list(self.schedulers):
             if not self._forward(identity, message):
                 self.schedulers.pop(identity, None)
+                lost = True
         self.counts["unscheduled"] += 1
         self.book.pop(key, None)
+        live = self._forget(key)
+        if live is not None and live.cron:
+            self._cancelled[key] = None
+            while len(self._cancelled) > MAX_CANCELLED:
+                self._cancelled.popitem(last=False)
+        if lost:
+            self._hand_over(None)
+
+    # ------------------------------------------------------------------
+    # hand-over, and what EventMQ's scheduler fires
+
+    def _hand_over(self, arrived: Optional[bytes]) -> None:
+        """Send the schedules held by no connected scheduler to one that is;
+        ``arrived`` (a scheduler that just said INFORM) also gets its own
+        again: it may have restarted with nothing."""
+        if not self.live:
+            return
+        now = time.monotonic()
+        moved = 0
+        for key, live in list(self.live.items()):
+            if live.ends is not None and now > live.ends:
+                self._forget(key)  # its runs are over
+                continue
+            if live.owner in self.schedulers and live.owner != arrived:
+                continue
+            if not self.schedulers:
+                live.owner = None
+                continue
+            owner = live.owner if live.owner == arrived else \
+                self._owner(key.partition(":")[0])
+            message = Message.new(Command.SCHEDULE, *live.body)
+            if self._sockets.send("frontend", owner, message):
+                live.owner = owner
+                moved += 1
+                entry = self.book.get(key)
+                if entry is not None:
+                    entry["scheduler"] = printable(owner, 60)
+            else:
+                live.owner = None
+        if moved:
+            self.counts["handed_over"] += moved
+            logger.warning("router: %d schedule(s) sent (again) to a connected scheduler",
+                           moved)
+
+    def vet_firing(self, client: bytes, message: Message) -> Optional[Message]:
+        """A REQUEST from a scheduler: None to drop it (a cron schedule that
+        was unscheduled), else the message, on its schedule's queue."""
+        try:
+            key = schedule_key(message.body[2])
+        except ProtocolError:
+            return message
+        if key in self._cancelled:
+            self.counts["firing_dropped"] += 1
+            self._log.warning("firing_dropped", "router: scheduler %s fired %s, unscheduled "
+                              "(EventMQ's scheduler keeps cron schedules); dropped",
+                              printable(client), key[:12])
+            return None
+        live = self.live.get(key)
+        if live is None:
+            delayed = self._delayed.get(key)
+            if delayed:
+                self._forget(delayed[0])  # a delayed job fired: nothing to hand over
+            return message
+        if live.runs_left > 0:
+            live.runs_left -= 1
+            if live.runs_left == 0:
+                self._forget(key)
+        if live.cron and message.body[0] != live.queue:
+            self.counts["firing_requeued"] += 1
+            return message._replace(body=(live.queue, *message.body[1:]))
+        return message
+
+    def _forget(self, key: str) -> Optional[LiveSchedule]:
+        live = self.live.pop(key, None)
+        base, _, delay_id = key.partition(":")
+        if delay_id:
+            delayed = self._delayed.get(base)
+            if delayed is not None and key in delayed:
+                delayed.remove(key)
+                if not delayed:
+                    del self._delayed[base]
+        return live
 
     def _owner(self, key: str) -> bytes:
         """Rendezvous hashing: the scheduler with the highest hash of
@@ -268,6 +428,8 @@ class SchedulerSide:
                     if name in row:
                         entry[name] = row[name]
                 entry["scheduler"] = printable(client, 60)
+                if row.get("runs_left") == 0:
+                    self._forget(key)  # over: nothing to hand over
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self._log.warning("listing", "router: scheduler %s sent a listing that cannot "
                               "be read: %s", printable(client), printable(exc, 80))
@@ -292,4 +454,4 @@ class SchedulerSide:
         }
 
 
-__all__ = ["MAX_HELD", "SchedulerPeer", "SchedulerSide"]
+__all__ = ["MAX_HELD", "LiveSchedule", "SchedulerPeer", "SchedulerSide"]

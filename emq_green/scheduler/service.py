@@ -261,8 +261,15 @@ class Scheduler:
             logger.error("scheduler: SCHEDULE %s refused: %s", printable(message.msgid),
                          printable(exc, 200))
             return
+        held = self.table.entries.get(schedule.key)
+        if held is not None and held.schedule.body() == schedule.body():
+            # the same again (a router handing over what it sent before, a
+            # client repeating itself): the schedule keeps its grid and runs
+            self.counts["unchanged"] += 1
+            logger.debug("scheduler: %s unchanged", schedule.key[:12])
+            return
         now = self._clock()
-        replaced = schedule.key in self.table.entries
+        replaced = held is not None
         entry, haste = self.table.add(schedule, now)
         self.counts["scheduled"] += 1
         logger.info("scheduler: %s %s: %s %s on queue %s%s", "replaced" if replaced else "new",

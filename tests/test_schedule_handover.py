@@ -1,0 +1,171 @@
+"""The router's hand-over of schedules between schedulers, and its
+mending of what EventMQ's scheduler fires, driven message by message
+(the sockets are a recorder: what is checked is what the router sends)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from emq_green.protocol import Command, Message
+from emq_green.router.schedulers import SchedulerSide
+from emq_green.scheduler.service import Scheduler
+from emq_green.schedules import schedule_key
+from emq_green.settings import Settings
+
+CALL = {"path": "interop_jobs", "callable": "record", "args": ["x"], "kwargs": {},
+        "class_args": [], "class_kwargs": {}}
+PAYLOAD = json.dumps(["run", CALL])
+KEY = schedule_key(PAYLOAD)
+
+
+class Recorder:
+    """Stands in for RouterSockets: keeps what is sent, to whom."""
+
+    frontend_paused = False
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Message]] = []
+        self.gone: set[bytes] = set()
+
+    def send(self, name: str, identity: bytes, message: Message) -> bool:
+        if identity in self.gone:
+            return False
+        self.sent.append((identity, message))
+        return True
+
+    def has_unread(self, name: str) -> bool:
+        return False
+
+    def to(self, identity: bytes, command: Command) -> list[Message]:
+        return [m for who, m in self.sent if who == identity and m.command is command]
+
+
+@pytest.fixture
+def side():
+    sockets = Recorder()
+    return SchedulerSide(settings=Settings(), sockets=sockets,
+                         counters=collections.Counter()), sockets
+
+
+def inform(side: SchedulerSide, identity: bytes) -> None:
+    side.on_inform(identity, Message.new(Command.INFORM, "", "scheduler"))
+
+
+def schedule(side: SchedulerSide, interval: str = "1", cron: str = "", headers: str = "",
+             queue: str = "other") -> None:
+    side.on_schedule(b"client", Message.new(Command.SCHEDULE, queue, headers, interval,
+                                            PAYLOAD, cron))
+
+
+def firing(queue: str = "default") -> Message:
+    return Message.new(Command.REQUEST, queue, "reply-requested", PAYLOAD)
+
+
+@pytest.mark.timeout(10)
+def test_a_scheduler_that_says_kbye_hands_its_schedules_to_the_next(side):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side)
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 1
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    assert side.live[KEY].owner is None  # nobody to hold it: kept for the next
+    inform(side, b"s2")
+    (handed,) = sockets.to(b"s2", Command.SCHEDULE)
+    assert handed.body == ("other", "", "1", PAYLOAD, "")
+    assert side.live[KEY].owner == b"s2" and side.counts["handed_over"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_scheduler_that_connects_again_gets_its_own_back(side):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side)
+    inform(side, b"s1")  # restarted with the same identity (emq-green's)
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 2
+
+
+@pytest.mark.timeout(10)
+def test_with_two_schedulers_the_survivor_takes_over_and_no_one_else(side):
+    side, sockets = side
+    inform(side, b"s1")
+    inform(side, b"s2")
+    schedule(side)
+    owner = side.live[KEY].owner
+    other = b"s2" if owner == b"s1" else b"s1"
+    assert len(sockets.to(other, Command.UNSCHEDULE)) == 1  # no second copy
+    sockets.gone.add(owner)
+    side.on_kbye(owner, Message.new(Command.KBYE))
+    assert len(sockets.to(other, Command.SCHEDULE)) == 1
+    assert side.live[KEY].owner == other
+
+
+@pytest.mark.timeout(10)
+def test_finished_schedules_are_not_handed_over(side):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, headers="run_count:2")
+    for _ in range(2):
+        assert side.vet_firing(b"s1", firing("other")) is not None
+    assert KEY not in side.live  # both runs seen
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s2")
+    assert sockets.to(b"s2", Command.SCHEDULE) == []
+
+
+@pytest.mark.timeout(10)
+def test_a_delayed_job_that_fired_is_not_handed_over(side):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, interval="5", headers="run_count:1,nohaste,delay-id:abc")
+    assert f"{KEY}:abc" in side.live
+    side.vet_firing(b"s1", firing("other"))
+    assert f"{KEY}:abc" not in side.live
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s2")
+    assert sockets.to(b"s2", Command.SCHEDULE) == []
+
+
+@pytest.mark.timeout(10)
+def test_cron_firings_go_to_their_queue_and_stop_once_unscheduled(side):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, interval="-1", cron="*/5 * * * *")
+    mended = side.vet_firing(b"s1", firing("default"))
+    assert mended is not None and mended.body[0] == "other"
+    assert mended.body[1:] == firing().body[1:]
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "-1",
+                                              PAYLOAD, "*/5 * * * *"))
+    assert side.vet_firing(b"s1", firing("default")) is None
+    assert side.counts["firing_dropped"] == 1
+    # scheduled again: its firings pass again
+    schedule(side, interval="-1", cron="*/5 * * * *")
+    assert side.vet_firing(b"s1", firing("default")) is not None
+
+
+@pytest.mark.timeout(10)
+def test_interval_firings_pass_unchanged(side):
+    side, _ = side
+    inform(side, b"s1")
+    schedule(side)
+    message = firing("other")
+    assert side.vet_firing(b"s1", message) is message
+    other_call = Message.new(Command.REQUEST, "q", "", '["run", {"path": "m"}]')
+    assert side.vet_firing(b"s1", other_call) is other_call
+
+
+@pytest.mark.timeout(10)
+def test_emq_green_scheduler_takes_the_same_schedule_again_as_a_no_op():
+    now = [1_800_000_000.0]
+    scheduler = Scheduler(settings=Settings(), clock=lambda: now[0])
+    message = Message.new(Command.SCHEDULE, "q", "", "60", PAYLOAD, "")
+    scheduler.on_schedule(message)
+    first = scheduler.table.entries[KEY].next_at
+    now[0] += 30
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, *message.body))
+    assert scheduler.table.entries[KEY].next_at == first  # its grid kept
+    assert scheduler.counts["unchanged"] == 1
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, "q", "", "120", PAYLOAD, ""))
+    assert scheduler.table.entries[KEY].next_at == now[0] + 120  # a change replaces it
