@@ -103,6 +103,27 @@ def test_with_two_schedulers_the_survivor_takes_over_and_no_one_else(side):
 
 
 @pytest.mark.timeout(10)
+def test_a_scheduler_taken_for_gone_and_back_loses_its_stale_copy(side):
+    """s1 stops answering (SIGSTOP), is removed, its schedule goes to s2;
+    back, s1 is told to drop its copy, and what it fires meanwhile is
+    dropped: the schedule runs from s2 only."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side)
+    inform(side, b"s2")
+    assert side.live[KEY].owner == b"s1"  # stays where it is
+    side.on_kbye(b"s1", Message.new(Command.KBYE))  # as when silence removes it
+    assert side.live[KEY].owner == b"s2"
+    assert side.vet_firing(b"s1", firing("other")) is None
+    assert side.counts["firing_dropped_not_holder"] == 1
+    assert side.vet_firing(b"s2", firing("other")) is not None
+    inform(side, b"s1")
+    (drop,) = sockets.to(b"s1", Command.UNSCHEDULE)
+    assert drop.body == ("other", "", "1", PAYLOAD, "")
+    assert side.live[KEY].owner == b"s2"
+
+
+@pytest.mark.timeout(10)
 def test_finished_schedules_are_not_handed_over(side):
     side, sockets = side
     inform(side, b"s1")

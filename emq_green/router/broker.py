@@ -190,7 +190,7 @@ class Router:
         #: Schedulers and the SCHEDULE / UNSCHEDULE they are sent.
         self.scheduler_side = SchedulerSide(settings=settings, sockets=self.sockets,
                                             counters=self.counters, limiter=self.log_limiter)
-        self.client_side.schedulers = self.scheduler_side.schedulers
+        self.client_side.schedulers = self.scheduler_side.firers
         self.client_side.vet_firing = self.scheduler_side.vet_firing
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
 from ..protocol import (
@@ -86,9 +86,9 @@ class ClientSide:
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self._log = limiter or LogLimiter(logger)
         self._holders = routing.holders
-        #: connected schedulers, and the check of what they fire
-        #: (:meth:`SchedulerSide.vet_firing`), set by the broker
-        self.schedulers: dict[bytes, object] = {}
+        #: identities of schedulers (connected or gone), and the check of
+        #: what they fire (:meth:`SchedulerSide.vet_firing`), set by the broker
+        self.schedulers: Mapping[bytes, object] = {}
         self.vet_firing: Callable[[bytes, Message], Optional[Message]] = \
             lambda client, message: message
         self._pending_ids = relay.pending.ids

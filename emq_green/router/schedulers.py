@@ -75,6 +75,8 @@ MAX_BOOK = 100_000
 MAX_LISTING_BYTES = 1024 * 1024
 #: unscheduled cron keys remembered, to drop what EventMQ's scheduler still fires
 MAX_CANCELLED = 10_000
+#: identities of schedulers (connected or gone) whose REQUESTs are checked
+MAX_FIRERS = 1_000
 #: a finite schedule is handed over until this long after its last run was
 #: due, unless its runs are seen before (a safety net: firings are counted)
 _ENDS_MARGIN = 3600.0
@@ -135,6 +137,9 @@ class SchedulerSide:
         self.max_held = max_held
         #: connected schedulers by identity, in the order they registered
         self.schedulers: dict[bytes, SchedulerPeer] = {}
+        #: every scheduler seen, connected or gone (the last MAX_FIRERS): the
+        #: REQUESTs they send are checked (:meth:`vet_firing`)
+        self.firers: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         #: (client identity, message) kept while no scheduler is connected
         self.held: collections.deque[tuple[bytes, Message]] = collections.deque()
         #: key -> what is known of that schedule (see :meth:`listing`)
@@ -163,6 +168,10 @@ class SchedulerSide:
             return
         self.schedulers.pop(client, None)
         self.schedulers[client] = SchedulerPeer(client, time.monotonic())
+        self.firers.pop(client, None)
+        self.firers[client] = None
+        while len(self.firers) > MAX_FIRERS:
+            self.firers.popitem(last=False)
         self._sockets.send("frontend", client, Message.new(Command.ACK, message.msgid))
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
@@ -292,6 +301,11 @@ class SchedulerSide:
                 self._forget(key)  # its runs are over
                 continue
             if live.owner in self.schedulers and live.owner != arrived:
+                if arrived is not None:
+                    # held by another: a copy the newcomer kept (it was
+                    # stopped, taken for gone, and handed over) must go
+                    self._sockets.send("frontend", arrived,
+                                       Message.new(Command.UNSCHEDULE, *live.body))
                 continue
             if not self.schedulers:
                 live.owner = None
@@ -331,6 +345,14 @@ class SchedulerSide:
             if delayed:
                 self._forget(delayed[0])  # a delayed job fired: nothing to hand over
             return message
+        if live.owner != client and live.owner in self.schedulers:
+            # a stale copy (its scheduler was taken for gone, the schedule
+            # handed over): the holder fires it, not this one
+            self.counts["firing_dropped_not_holder"] += 1
+            self._log.warning("firing_not_holder", "router: scheduler %s fired %s, which "
+                              "%s holds; dropped", printable(client), key[:12],
+                              printable(live.owner))
+            return None
         if live.runs_left > 0:
             live.runs_left -= 1
             if live.runs_left == 0:
