@@ -61,6 +61,10 @@ LISTING_ROWS = 200
 MAX_UNACKED = 100_000
 
 
+#: a firing later than this (s) after its time is logged
+LATE_WARNING = 0.05
+
+
 class SchedulerState(str, Enum):
     """stopped -> running -> stopping -> stopped."""
 
@@ -338,7 +342,11 @@ class Scheduler:
             return
         self.counts["fired"] += 1
         if due is not None:
-            self.lateness.append(now - due)
+            late = now - due
+            self.lateness.append(late)
+            if late > LATE_WARNING:
+                self.counts["fired_late"] += 1
+                logger.warning("scheduler: %s fired %.0f ms late", s.name, late * 1000)
         more = self.table.fired(entry, now, due)
         if not more and s.guaranteed:
             self._unacked[request.msgid] = entry.key  # deleted on disk once acknowledged
