@@ -367,3 +367,47 @@ def test_a_scheduler_killed_9_loses_nothing_sent_after(peers, tmp_path):
         wait_runs(peers, "before", base + 2)
     finally:
         client.close()
+
+
+@pytest.mark.timeout(150)
+def test_a_scheduler_stopped_and_resumed_does_not_fire_twice(peers):
+    """SIGSTOP of the scheduler holding a schedule, past the router's
+    heartbeat_timeout: the router hands the schedule to the other one, so
+    it runs on; after SIGCONT the stopped one fires its stale copy at first
+    (the router drops those firings) and, once it has connected again, is
+    told to drop it: from then on every tick runs once."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    first = green_scheduler(peers, addrs, "-n", "s1", "--scheduler-file",
+                            str(peers.tmp / "s1.db"))
+    router.wait_schedulers(1)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("held", interval=1, headers=("nohaste",))
+        wait_runs(peers, "held", 2)
+        second = green_scheduler(peers, addrs, "-n", "s2", "--scheduler-file",
+                                 str(peers.tmp / "s2.db"))
+        router.wait_schedulers(2)
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: router.admin(Command.STATUS)["schedule_messages"].get(
+                "handed_over", 0) >= 1, 30, "the schedule handed to s2", details=router.tail)
+            handed = peers.record.tags()["held"]
+            wait_runs(peers, "held", handed + 2)  # s2 fires it
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        # s1 comes back: it connects again (it heard nothing while stopped)
+        wait_until(lambda: first.text().count("scheduler: connected") >= 2, 40,
+                   "s1 connected again", details=first.tail)
+        router.wait_schedulers(2)
+        wait_until(lambda: "unscheduled" in first.text(), 10, "s1 dropping its copy",
+                   details=first.tail)
+        since = len(_tag_times(peers, "held"))
+        wait_runs(peers, "held", since + 4)
+        times = _tag_times(peers, "held")[since:]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert min(gaps) > 0.5, gaps  # one holder, one grid: never two runs in a tick
+        assert second.alive
+    finally:
+        client.close()
