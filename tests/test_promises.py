@@ -193,4 +193,5 @@ def test_guarantee_header_is_accepted_and_the_job_runs_once(router, make_manager
     # a later job runs after it, and the guaranteed one has not run again
     after = router.request(ident, JOBS, "add", args=[1, 1], headers=REPLY)
     assert router.wait_reply(after) == {"value": 2}
+    router.wait_count(Command.READY, 4)  # the READY follows the REPLY
     assert J.tags["guaranteed"] == 1 and router.count(Command.READY) == 4
