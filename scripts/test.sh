@@ -38,13 +38,9 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     || echo "test.sh: could not install chromium with apt-get; the browser tests will skip" >&2
 fi
 .venv/bin/ruff check emq_green tests scripts examples
-# gevent's monitor thread is one per process: the loop-block monitor tests
-# run in a process of their own. The whole suite also passes in one process
-# (`python -m pytest tests`), but in 1 of 8 such runs a monitor test missed
-# a block (README, "Testing"); CI does not take that chance.
+# The whole suite in one pytest process, as users run it (testpaths = tests).
 # -rs: every skipped test is listed with its reason.
-.venv/bin/python -m pytest -p no:cacheprovider -rs --ignore=tests/test_monitor.py "$@"
-.venv/bin/python -m pytest -p no:cacheprovider -rs "$@" tests/test_monitor.py
+.venv/bin/python -m pytest -p no:cacheprovider -rs "$@"
 # A run without chromium passes with the browser tests skipped: the last line
 # says so, where nobody can miss it.
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

@@ -106,7 +106,11 @@ def is_request(frames: list[bytes]) -> bool:
 
 @pytest.mark.timeout(300)
 def test_random_and_mutated_frames_never_cost_the_worker_a_slot(router, make_manager):
-    manager = make_manager(concurrent_jobs=3, global_timeout=5,
+    # Hypothesis draws its examples in this greenlet, holding the loop the
+    # fake router shares with the worker: on a busy machine for longer than
+    # the fast heartbeats' dead-router limit (1.5 s), and the worker then
+    # reconnected. This test is about frames: the limit is 15 s here.
+    manager = make_manager(concurrent_jobs=3, global_timeout=5, heartbeat_timeout=5.0,
                            allowed_callables=(f"{JOBS}.add", f"{JOBS}.echo", f"{JOBS}.boom",
                                               f"{JOBS}:Greeter.greet"))
     ident = router.wait_inform()

@@ -381,6 +381,8 @@ def test_seed_api_members_exist(router, make_manager):
     assert manager.premature_death({"value": 1}, "abc") is None
     ping = router.request(ident, JOBS, "add", args=[0, 0], headers="reply-requested")
     assert router.wait_reply(ping) == {"value": 0}  # all it sent came before this
+    # the READY follows the REPLY: wait for it, then nothing else may be there
+    router.wait_until(lambda: len(sent()) >= before[3] + 2)
     assert sent()[before[3]:] == [Command.REPLY, Command.READY]  # that job's, nothing else
     assert (manager.free_slots, manager.jobs_in_flight) == (before[1], before[2])
     assert manager.counters["succeeded"] == before[0]["succeeded"] + 1

@@ -10,6 +10,7 @@ import sys
 import time
 import types
 
+import gevent
 import pytest
 from peers import require_eventmq
 
@@ -93,6 +94,49 @@ def test_one_incident_per_block_and_short_blocks_are_ignored(router, make_manage
     stats = monitor.by_callable[f"{JOBS}.block_unpatched"]
     assert stats.incidents == 2
     assert stats.blocked_seconds == pytest.approx(first.duration + second.duration)
+
+
+def test_two_blocks_in_a_row_in_one_reused_job_greenlet_are_two_incidents(router,
+                                                                          make_manager):
+    """The second REQUEST arrives only once the first block is over, so its
+    job runs in the same (parked, reused) job greenlet a few microseconds
+    after the first ended: the same frames, two blocks. (Seen as one 3 s
+    incident when the end of a block was the greenlet's frames leaving.)"""
+    manager, monitor = monitored(make_manager, threshold=0.4)
+    ident = router.wait_inform()
+    warm = router.request(ident, JOBS, "nap", args=[0.01], headers="reply-requested")
+    router.wait_reply(warm)  # one job greenlet, parked
+    first = router.request(ident, JOBS, "block_unpatched", args=[1.0],
+                           headers="reply-requested")
+    later: list[str] = []
+    # runs when the loop is free again: after the first block
+    gevent.spawn_later(0.01, lambda: later.append(router.request(
+        ident, JOBS, "block_unpatched", args=[1.0], headers="reply-requested")))
+    router.wait_reply(first)
+    router.wait_until(lambda: later)
+    router.wait_reply(later[0])
+    a, b = wait_incidents(router, monitor, 2)
+    assert a.greenlet == b.greenlet  # the case: one greenlet ran both
+    assert (a.msgid, b.msgid) == (first, later[0])
+    assert a.duration >= 0.9 and b.duration >= 0.9
+    assert a.ended <= b.started < b.ended
+
+
+def test_every_manager_of_the_process_sees_a_block(router, make_manager):
+    """gevent's monitor thread is one per hub: one block, watched once, is
+    an incident for each manager; the one whose job blocked names it."""
+    manager, monitor = monitored(make_manager)
+    other, other_monitor = monitored(make_manager, name="other-worker")
+    ident = router.wait_inform()
+    router.wait_inform(index=1)
+    msgid = router.request(ident, JOBS, "block_unpatched", args=[1.0],
+                           headers="reply-requested")
+    router.wait_reply(msgid)
+    [mine] = wait_incidents(router, monitor, 1)
+    [theirs] = wait_incidents(router, other_monitor, 1)
+    assert mine.msgid == msgid and theirs.msgid is None
+    assert theirs.callable == "<not a job>"
+    assert mine.ended == theirs.ended  # one block, watched once
 
 
 @pytest.mark.parametrize("threshold, expected", [(0, 0), (1.0, 1)])

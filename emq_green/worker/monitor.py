@@ -14,10 +14,12 @@ heartbeats wait. :class:`BlockMonitor` makes each such incident visible:
   Nothing is logged from the thread: after monkeypatching, the logging
   locks are gevent locks.
 - The thread then watches the hub's thread every few milliseconds until
-  the blocked greenlet's frames leave it: that is the end of the incident.
+  the next greenlet switch there (the tracer counts them) or until the
+  blocked greenlet's frames leave it: that is the end of the incident.
   Its start is the last run of a cheap loop timer (every threshold/10), or
   the end of the incident just before. One report per incident; one
-  shorter than the threshold is dropped.
+  shorter than the threshold is dropped. One block is watched once for
+  every manager of the process (gevent's monitor thread is one per hub).
 - The loop, free again, logs the incident once (job, queue, msgid, time
   in the job, block duration, stack) and counts it per callable; listeners
   (the offload extension) hear of it.
@@ -60,14 +62,65 @@ def _check_all(hub: Any) -> None:
     """Runs in gevent's monitor thread every half threshold. gevent's switch
     tracer answers (True, greenlet) when no greenlet switch happened in the
     hub's thread since the last call and a greenlet other than the hub ran;
-    asking resets it, so it is asked once here for every monitor."""
+    asking resets it, so it is asked once here, and one block is watched
+    once, for every monitor of this hub."""
     tracer = getattr(hub.periodic_monitoring_thread, "_greenlet_tracer", None)
     if tracer is None:
         return
     found = tracer.did_block_hub(hub)
-    if found:
-        for monitor in list(_ACTIVE):
-            monitor._check(hub, found[1])
+    if not found:
+        return
+    monitors = [m for m in list(_ACTIVE) if m._hub is hub and m._subscribed]
+    if monitors:
+        try:
+            _watch_block(hub, tracer, found[1], monitors)
+        except Exception:  # a monitor thread must not die; report in the loop
+            exc_info = sys.exc_info()
+            hub.loop.run_callback_threadsafe(
+                lambda: logger.error("loop-block monitor failed", exc_info=exc_info))
+
+
+def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonitor]) -> None:
+    """A block found: take its stack, open an incident in every monitor,
+    wait for the end once and close them all. Collect only, never log."""
+    now = time.monotonic()
+    frame = sys._current_frames().get(hub.thread_ident)
+    if frame is None:
+        return
+    if frame.f_code is _HUB_RUN_CODE or getattr(greenlet, "gr_frame", None) is not None:
+        # The hub itself is running, or the greenlet gevent names is
+        # suspended (a running greenlet has no saved frame): the
+        # tracer's idea of the active greenlet is stale (it is read from
+        # another thread without a lock). Not a block; and waiting below
+        # for frames that never leave would keep this thread from seeing
+        # the next real one.
+        return
+    stack = traceback.format_stack(frame)[-STACK_LIMIT:]
+    base = frame
+    while base.f_back is not None:
+        base = base.f_back
+    del frame
+    opened = [(m, m._open(greenlet, stack, now)) for m in monitors]
+    del greenlet
+    # This thread has nothing else to do while the loop is held: watch the
+    # hub's thread until the block ends. Its end is the first greenlet
+    # switch there (the tracer counts them; the call that found the block
+    # set the count to 0). The blocked greenlet's frames leaving the thread
+    # are not enough: a job greenlet is reused for the next job, so the
+    # same frames hold two blocks in a row with a gap of a few microseconds
+    # between them, shorter than this thread's poll.
+    while any(m._subscribed for m in monitors):
+        _real_sleep(END_POLL)
+        if tracer.greenlet_switch_counter:
+            break
+        top = sys._current_frames().get(hub.thread_ident)
+        if top is None or not _has_frame(top, base):
+            break
+        del top
+    ended = time.monotonic()
+    for monitor, incident in opened:
+        monitor._close(incident, ended)
+
 
 #: Frames of the blocking stack kept (innermost).
 STACK_LIMIT = 25
@@ -272,35 +325,10 @@ class BlockMonitor(Extension):
         self._last_tick = time.monotonic()
 
     # -- in gevent's monitor thread: collect, never log -------------------------
-    def _check(self, hub: Any, greenlet: Any) -> None:
-        if hub is not self._hub or not self._subscribed:
-            return
-        try:
-            self._blocked(greenlet)
-        except Exception:  # a monitor thread must not die; report in the loop
-            exc_info = sys.exc_info()
-            self._hub.loop.run_callback_threadsafe(
-                lambda: logger.error("loop-block monitor failed", exc_info=exc_info))
-
-    def _blocked(self, greenlet: Any) -> None:
-        now = time.monotonic()
-        frame = sys._current_frames().get(self._hub.thread_ident)
-        if frame is None:
-            return
-        if frame.f_code is _HUB_RUN_CODE or getattr(greenlet, "gr_frame", None) is not None:
-            # The hub itself is running, or the greenlet gevent names is
-            # suspended (a running greenlet has no saved frame): the
-            # tracer's idea of the active greenlet is stale (it is read from
-            # another thread without a lock). Not a block; and waiting below
-            # for frames that never leave would keep this thread from seeing
-            # the next real one.
-            return
-        stack = traceback.format_stack(frame)[-STACK_LIMIT:]
-        base = frame
-        while base.f_back is not None:
-            base = base.f_back
+    def _open(self, greenlet: Any, stack: list[str], detected: float) -> Incident:
+        """The incident of a block found in ``greenlet``, not ended yet."""
         record = self._record_for(greenlet)
-        incident = Incident(
+        return Incident(
             callable=record.callable_name if record else "<not a job>",
             msgid=record.msgid if record else None,
             queue=record.queue if record else None,
@@ -309,20 +337,14 @@ class BlockMonitor(Extension):
             # the loop last ran its tick (every threshold/10) at _last_tick;
             # a block that just ended may have handed over to this one
             started=max(self._last_tick, self._last_end),
-            detected=now,
+            detected=detected,
             job_started=record.started if record else None,
         )
-        del frame, greenlet, record
-        # This thread has nothing else to do while the loop is held: watch
-        # the hub's thread until the blocked greenlet's frames leave it.
-        while self._subscribed:
-            _real_sleep(END_POLL)
-            top = sys._current_frames().get(self._hub.thread_ident)
-            if top is None or not _has_frame(top, base):
-                break
-        del base, top
-        incident.ended = self._last_end = time.monotonic()
-        self._hub.loop.run_callback_threadsafe(self._loop_free, incident)
+
+    def _close(self, incident: Incident, ended: float) -> None:
+        incident.ended = self._last_end = ended
+        if self._subscribed:
+            self._hub.loop.run_callback_threadsafe(self._loop_free, incident)
 
     def _record_for(self, greenlet: Any) -> Optional[JobRecord]:
         """The job running in ``greenlet``, or in the greenlet that spawned
