@@ -200,7 +200,8 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
             "idle_pct": round(100 * idle / (time.time() - started), 1),
             "stall_p99_ms": round(rtts[int(len(rtts) * 0.99) - 1] * 1000, 2),
             "stall_max_ms": round(rtts[-1] * 1000, 2), "probes": len(rtts),
-            **{k: status.get(k) for k in ("journal_commits", "journal_longest_commit_ms",
+            **{k: status.get(k) for k in ("journal_commits", "journal_written", "journal_skipped",
+                                          "journal_longest_commit_ms",
                                           "redelivered", "late_replies") if k in status},
         }
     finally:
