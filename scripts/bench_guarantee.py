@@ -85,6 +85,13 @@ print(json.dumps(rtts))
 """
 
 
+def idle_seconds() -> float:
+    """Seconds all CPUs were idle since boot (Linux ``/proc/stat``): with
+    the run's wall time, how much of the machine the run left unused."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
 class StallProbe:
     """Times the router's answers on its admin socket from another process."""
 
@@ -150,6 +157,8 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
 
         probe = StallProbe(admin)
         cpu_before = cpu_seconds(router.pid)
+        worker_before = cpu_seconds(worker.pid)
+        idle_before = idle_seconds()
         started = time.time()
         for n in range(jobs):
             payload = json.dumps(["run", {"path": "examples.jobs", "callable": "mark",
@@ -165,6 +174,8 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
             time.sleep(0.01)  # polling interval for the file
         elapsed = time.time() - started
         cpu = cpu_seconds(router.pid) - cpu_before
+        worker_cpu = cpu_seconds(worker.pid) - worker_before
+        idle = (idle_seconds() - idle_before) / (os.cpu_count() or 1)
         done = counter.count()
         if done < jobs:
             raise SystemExit(f"{mode}: only {done}/{jobs} jobs done (see {log.name})")
@@ -185,9 +196,12 @@ def run(mode: str, jobs: int, concurrency: int, tmp: Path,
             "mode": mode, "jobs": jobs, "concurrency": concurrency,
             "jobs_per_s": round(jobs / elapsed), "acknowledged": acks,
             "router_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
+            "worker_cpu_us_per_job": round(worker_cpu / jobs * 1e6, 1),
+            "idle_pct": round(100 * idle / (time.time() - started), 1),
             "stall_p99_ms": round(rtts[int(len(rtts) * 0.99) - 1] * 1000, 2),
             "stall_max_ms": round(rtts[-1] * 1000, 2), "probes": len(rtts),
-            **{k: status.get(k) for k in ("journal_commits", "journal_longest_commit_ms",
+            **{k: status.get(k) for k in ("journal_commits", "journal_written", "journal_skipped",
+                                          "journal_longest_commit_ms",
                                           "redelivered", "late_replies") if k in status},
         }
     finally:
@@ -234,16 +248,18 @@ def main() -> int:
                 result = run(mode, ns.jobs, ns.concurrency, where, ns.profile, ns.tree)
                 results[mode].append(result)
                 print(json.dumps(result), flush=True)
-    keys = ("jobs_per_s", "router_cpu_us_per_job", "stall_p99_ms", "stall_max_ms")
+    keys = ("jobs_per_s", "router_cpu_us_per_job", "worker_cpu_us_per_job", "idle_pct",
+            "stall_p99_ms", "stall_max_ms")
     medians = {m: {k: statistics.median(r[k] for r in runs) for k in keys}
                for m, runs in results.items()}
-    print(f"\n{'mode':8} {'jobs/s':>8} {'x plain':>8} {'rtr us/job':>11} "
-          f"{'stall p99 ms':>13} {'stall max ms':>13}   (medians of {ns.repeat})")
+    print(f"\n{'mode':8} {'jobs/s':>8} {'x plain':>8} {'rtr us/job':>11} {'wkr us/job':>11} "
+          f"{'idle %':>7} {'stall p99 ms':>13} {'stall max ms':>13}   (medians of {ns.repeat})")
     for mode, med in medians.items():
         ratio = (med["jobs_per_s"] / medians["plain"]["jobs_per_s"]
                  if "plain" in medians else float("nan"))
         print(f"{mode:8} {med['jobs_per_s']:8.0f} {ratio:8.2f} "
-              f"{med['router_cpu_us_per_job']:11.1f} {med['stall_p99_ms']:13.2f} "
+              f"{med['router_cpu_us_per_job']:11.1f} {med['worker_cpu_us_per_job']:11.1f} "
+              f"{med['idle_pct']:7.1f} {med['stall_p99_ms']:13.2f} "
               f"{med['stall_max_ms']:13.2f}")
     return 0
 

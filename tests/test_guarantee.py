@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+from typing import Optional
 
 import gevent
 import pytest
@@ -28,6 +30,7 @@ from test_router import (
 
 from emq_green.protocol import Command, Message
 from emq_green.router import Router
+from emq_green.router import journal as journal_module
 from emq_green.router.journal import Journal
 from emq_green.settings import Settings
 
@@ -238,6 +241,102 @@ def test_a_journal_that_cannot_be_written_refuses_guaranteed_requests(make_route
     assert worker.recv().msgid == plain.msgid
     assert h.router.status()["guaranteed_refused"] == 2
     assert worker.pending() == []
+
+
+def held_commits(journal, monkeypatch, failing: Optional[list[str]] = None
+                 ) -> threading.Event:
+    """Journal commits wait (in the journal's thread) until the returned
+    event is set; then they are written, or fail while ``failing`` holds a
+    reason."""
+    commit = journal._commit
+    release = threading.Event()
+
+    def waiting(rows, deletes):
+        release.wait(10)
+        return failing[0] if failing else commit(rows, deletes)
+
+    monkeypatch.setattr(journal, "_commit", waiting)
+    return release
+
+
+def journal_msgids(path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT msgid FROM requests ORDER BY seq")]
+    finally:
+        db.close()
+
+
+def test_a_guaranteed_request_leaves_at_once_and_is_confirmed_after_its_commit(
+        make_router, tmp_path, monkeypatch):
+    path = tmp_path / "journal.db"
+    h = make_router(journal_file=str(path))
+    journal = h.router.guarantees.journal
+    release = held_commits(journal, monkeypatch)
+    client = h.peer("frontend")
+    worker = h.worker(slots=1)
+    sent = guaranteed(h, client)
+    assert worker.recv().msgid == sent.msgid  # routed while the journal writes it
+    assert client.pending() == []  # not confirmed before its commit
+    release.set()
+    assert client.recv().body == (sent.msgid,)
+    assert journal_msgids(path) == [sent.msgid]  # confirmed means on disk
+    worker.send(Command.REPLY, '{"value": 0}', sent.msgid)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, what="finished")
+    assert journal.flush(5) and journal_msgids(path) == []
+
+
+def test_a_job_that_ends_before_its_commit_is_confirmed_and_never_written(
+        make_router, tmp_path, monkeypatch):
+    path = tmp_path / "journal.db"
+    h = make_router(journal_file=str(path))
+    journal = h.router.guarantees.journal
+    release = held_commits(journal, monkeypatch)
+    client = h.peer("frontend")
+    worker = h.worker(slots=2)
+    first = guaranteed(h, client)  # its commit starts, and waits
+    assert worker.recv().msgid == first.msgid
+    quick = guaranteed(h, client, headers="guarantee,result-requested")  # the next batch
+    assert worker.recv().msgid == quick.msgid
+    worker.send(Command.REPLY, '{"value": 5}', quick.msgid)
+    ack, result = client.recv(), client.recv()  # confirmed first, then its result
+    assert ack.body == (quick.msgid,) and json.loads(result.body[0])["value"] == 5
+    release.set()
+    assert client.recv().body == (first.msgid,)
+    status = h.router.status()
+    assert status["journal_skipped"] == 1 and status["journal_written"] == 1
+    assert status["guaranteed_accepted"] == 2 and status["guaranteed_held"] == 1
+    assert journal.flush(5) and journal_msgids(path) == [first.msgid]
+
+
+def test_a_failed_commit_refuses_what_is_buffered_and_writes_again_what_is_out(
+        make_router, tmp_path, monkeypatch):
+    path = tmp_path / "journal.db"
+    h = make_router(journal_file=str(path))
+    journal = h.router.guarantees.journal
+    monkeypatch.setattr(journal_module, "RETRY_AFTER", 0.2)
+    failing = ["OperationalError: disk I/O error"]
+    release = held_commits(journal, monkeypatch, failing)
+    client = h.peer("frontend")
+    worker = h.worker(slots=1)
+    out = guaranteed(h, client)
+    buffered = guaranteed(h, client, headers="guarantee,result-requested")
+    assert worker.recv().msgid == out.msgid
+    wait_until(lambda: h.router.waiting.get("default"), what="second one buffered")
+    release.set()  # commits fail: whatever their batches, the buffered one is refused
+    refused = client.recv()
+    assert refused.body[1] == buffered.msgid
+    assert json.loads(refused.body[0])["error"]["type"] == "GuaranteeRefused"
+    assert not h.router.waiting and buffered.msgid not in h.router.relay.pending.ids
+    assert client.pending() == []
+    failing.clear()  # the disk is back
+    # the one out at a worker was not refused: written again, then confirmed
+    assert client.recv(timeout=5).body == (out.msgid,)
+    assert journal_msgids(path) == [out.msgid]
+    status = h.router.status()
+    assert status["guaranteed_refused"] == 1 and status["guaranteed_held"] == 1
+    worker.send(Command.READY)
+    assert worker.pending() == []  # the refused one never runs
 
 
 @pytest.mark.parametrize("content, cause", [

@@ -10,8 +10,9 @@ READY will find it. A queue no worker serves goes to the default queue.
 Where emq-green differs: a full buffer stops the reading of clients
 (backpressure, never loss); a request with ``result-requested`` gets its
 result instead of an acknowledgement (:mod:`emq_green.router.results`); a
-guaranteed request is accepted once it is safe, journaled when there is a
-journal, and confirmed then, buffered or not (:mod:`emq_green.router.guarantee`);
+guaranteed request is routed at once and confirmed once it is safe (its
+journal commit done when there is a journal), buffered or not
+(:mod:`emq_green.router.guarantee`);
 and a DISCONNECT from a client is ignored (EventMQ stops on it: any client
 could then stop the service).
 
@@ -92,6 +93,7 @@ class ClientSide:
         self.vet_firing: Callable[[bytes, Message], Optional[Message]] = \
             lambda client, message: message
         self._pending_ids = relay.pending.ids
+        guarantees.listen(self._journaled)
 
     def restore(self) -> None:
         """Queue again what the journal holds (accepted by an earlier router,
@@ -153,33 +155,50 @@ class ClientSide:
             self.sockets.send_frames("frontend", ack_frames(client, msgid))
 
     def _on_guaranteed(self, client: bytes, message: Message, wants_result: bool) -> None:
-        """A guaranteed request: accepted once safe (journal or memory), then
-        acknowledged, whether it leaves at once or waits; refused with an
-        error reply when it cannot be kept."""
+        """A guaranteed request: routed at once, acknowledged once safe
+        (held in memory, or its journal commit done: :meth:`_journaled`,
+        or its job ended first); refused with an error reply when it cannot
+        be kept."""
         msgid = message.msgid
         why = self.guarantees.refusal()
         if why is not None:
             self._refuse(client, msgid, why, wants_result)
             return
         queue, headers, payload = message.body
-        holders = self._holders
-        holders[msgid] = None  # taken while the journal writes it
-
-        def accepted(request: Optional[Request], why: Optional[str]) -> None:
-            if request is None:
-                if msgid in holders and holders[msgid] is None:
-                    del holders[msgid]
-                self._refuse(client, msgid, why or "not accepted", wants_result)
-                return
+        request = Request(msgid, client, queue, (queue, with_reply_requested(headers), payload),
+                          time.monotonic(), guaranteed=True)
+        if self.guarantees.hold(request):
             self.sockets.send_frames("frontend", ack_frames(client, msgid))
-            self._route(request)
-            self.worker_side.resume_clients()
-
-        self.guarantees.accept(msgid, client, (queue, with_reply_requested(headers), payload),
-                               accepted)
+        self._route(request)
         if self.guarantees.backlogged(self.settings.hwm):
             self.sockets.pause_clients(f"{self.guarantees.journal.backlog} guaranteed "
                                        "requests wait for the journal")
+
+    def _journaled(self, requests: list[Request], why: Optional[str]) -> None:
+        """The journal wrote ``requests`` (``why`` None: acknowledged) or
+        failed to: one still buffered is taken back and refused (it never
+        runs); one out at a worker is written again (its client waits)."""
+        send_frames = self.sockets.send_frames
+        if why is None:
+            for request in requests:
+                send_frames("frontend", ack_frames(request.client, request.msgid))
+        else:
+            for request in requests:
+                self._not_journaled(request, why)
+        self.worker_side.resume_clients()
+
+    def _not_journaled(self, request: Request, why: str) -> None:
+        msgid = request.msgid
+        holder = self._holders.get(msgid, False)
+        if holder is None and self.routing.withdraw(request):
+            self.guarantees.drop(request)
+            self._refuse(request.client, msgid, f"the router's journal cannot be written "
+                         f"({why})", msgid in self._pending_ids)
+        elif holder and (sent := holder.in_flight.get(msgid)) is not None \
+                and sent.request is request:
+            self.guarantees.write_again(request)
+        else:  # it ended during the commit: nothing to keep, and it ran
+            self.sockets.send_frames("frontend", ack_frames(request.client, msgid))
 
     def _refuse(self, client: bytes, msgid: str, why: str, wants_result: bool) -> None:
         if wants_result:

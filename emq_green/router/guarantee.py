@@ -4,10 +4,15 @@ EventMQ's client sends ``guarantee`` ("give your best effort to guarantee
 that func is run") and nothing in EventMQ 0.3.13 reads it. emq-green's
 router runs such a request **at least once**:
 
-* it is accepted (and only then acknowledged to its client with
-  ``REPLY [msgid]``) once it is safe: written to the journal when the
-  router has one (:mod:`emq_green.router.journal`), in the router's memory
-  otherwise;
+* it is acknowledged to its client (``REPLY [msgid]``) only once it is
+  safe: written to the journal when the router has one
+  (:mod:`emq_green.router.journal`; the group commit that holds it has
+  completed, or the job ended before that commit and nothing needed
+  writing), held in the router's memory otherwise;
+* it is routed at once, as a plain request is, while the journal writes
+  it; when that write fails, a request still buffered is taken back and
+  refused (it never runs), one already out at a worker is written again
+  (its client waits for the confirmation);
 * it goes to a worker with ``reply-requested`` added, so the worker's REPLY
   says when it finished (that REPLY reaches the client only if the client
   asked for its result); until then the router keeps it;
@@ -63,12 +68,18 @@ def was_killed(reply_json: str) -> bool:
     return isinstance(error, dict) and error.get("type") == "Killed"
 
 
-#: (the request once accepted, or None; why it was refused, or None)
-Accepted = Callable[[Optional[Request], Optional[str]], None]
+#: told of guaranteed requests whose journal write completed (``None``) or
+#: failed (the reason)
+Journaled = Callable[[list[Request], Optional[str]], None]
+
+
+def _unheard(requests: list[Request], error: Optional[str]) -> None:
+    """The default listener: nobody routes requests."""
 
 
 class Guarantees:
-    """Guaranteed requests held by one router, with or without a journal."""
+    """Guaranteed requests held by one router, with or without a journal.
+    The client side listens (:meth:`listen`) for journal writes that ended."""
 
     def __init__(self, journal: Optional[Journal] = None) -> None:
         self.journal = journal
@@ -79,6 +90,14 @@ class Guarantees:
         self.redelivered = 0
         self.late_replies = 0
         self.restored = 0
+        self._journaled: Journaled = _unheard
+        if journal is not None:
+            journal.committed = self._committed
+
+    def listen(self, journaled: Journaled) -> None:
+        """``journaled(requests, None)`` once their journal commit completed;
+        ``journaled(requests, why)`` when it failed (see :meth:`write_again`)."""
+        self._journaled = journaled
 
     def restore(self) -> list[Request]:
         """What the journal held at start, as requests, oldest first."""
@@ -103,38 +122,47 @@ class Guarantees:
         """Whether ``limit`` or more requests wait for a journal commit."""
         return self.journal is not None and self.journal.backlog >= limit
 
-    def accept(self, msgid: str, client: bytes, body: tuple[str, str, str],
-               then: Accepted) -> None:
-        """Take a guaranteed request (``body`` already asks for a reply);
-        ``then(request, None)`` once it is safe, ``then(None, why)`` if not."""
-        queue, headers, payload = body
+    def hold(self, request: Request) -> bool:
+        """Take a guaranteed request (its body already asks for a reply):
+        True when it is safe at once (no journal: held in memory), False
+        when the journal writes it (the listener hears when it is done)."""
+        self.held += 1
         journal = self.journal
         if journal is None:
-            self._accepted(Request(msgid, client, queue, body, time.monotonic(),
-                                   guaranteed=True), then)
-            return
-        cell: list[int] = []
+            self.accepted += 1
+            return True
+        queue, headers, payload = request.body
+        request.seq = journal.add(request.msgid, request.client, queue, headers, payload,
+                                  request)
+        return False
 
-        def committed(error: Optional[str]) -> None:
-            if error is not None:
-                self.refused += 1
-                then(None, f"the router's journal cannot be written ({error})")
-                return
-            self._accepted(Request(msgid, client, queue, body, time.monotonic(),
-                                   guaranteed=True, seq=cell[0]), then)
+    def write_again(self, request: Request) -> None:
+        """Its journal write failed while it was out at a worker: written
+        with the next commit (or never, if it ends first)."""
+        assert self.journal is not None
+        queue, headers, payload = request.body
+        request.seq = self.journal.add(request.msgid, request.client, queue, headers,
+                                       payload, request)
 
-        cell.append(journal.add(msgid, client, queue, headers, payload, committed))
-
-    def _accepted(self, request: Request, then: Accepted) -> None:
-        self.held += 1
-        self.accepted += 1
-        then(request, None)
-
-    def finished(self, request: Request) -> None:
-        """The job of ``request`` ended (its REPLY came): forget it."""
+    def drop(self, request: Request) -> None:
+        """Its journal write failed and it was taken back: refused."""
         self.held -= 1
-        if self.journal is not None and request.seq:
-            self.journal.delete(request.seq)
+        self.refused += 1
+
+    def _committed(self, requests: list[Request], error: Optional[str]) -> None:
+        if error is None:
+            self.accepted += len(requests)
+        self._journaled(requests, error)
+
+    def finished(self, request: Request) -> bool:
+        """The job of ``request`` ended (its REPLY came): forget it. True when
+        its journal write was still waiting (nothing was written): the
+        request is accepted now (its client may be told)."""
+        self.held -= 1
+        if request.seq and self.journal is not None and self.journal.delete(request.seq):
+            self.accepted += 1
+            return True
+        return False
 
     def late_reply(self, msgid: str, worker: str) -> None:
         """A REPLY for a job already sent elsewhere or finished: dropped."""

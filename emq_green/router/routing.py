@@ -326,6 +326,23 @@ class Routing:
             return True
         return False
 
+    def withdraw(self, request: Request) -> bool:
+        """Take ``request`` out of the buffer (a guaranteed one whose journal
+        write failed); False when it is not there. O(buffer): rare."""
+        for queue, waiting in self.waiting.items():
+            for i, buffered in enumerate(waiting):
+                if buffered is request:
+                    del waiting[i]
+                    self.buffered_bytes -= request.size
+                    if self.holders.get(request.msgid, False) is None:
+                        del self.holders[request.msgid]
+                    if len(waiting) <= self.resume_length:
+                        self._full_queues.discard(queue)
+                    if not waiting:
+                        del self.waiting[queue]
+                    return True
+        return False
+
     def may_resume(self) -> bool:
         """Whether every queue and the bytes are below the low-water marks
         (three quarters of each bound)."""

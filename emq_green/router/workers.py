@@ -42,6 +42,7 @@ from ..protocol import (
     Command,
     Message,
     ProtocolError,
+    ack_frames,
     heartbeat,
     parse_queues,
     printable,
@@ -214,7 +215,10 @@ class WorkerSide:
                 # the worker stopped before the job ended: it runs elsewhere
                 self.redeliver([sent], f"worker {worker.log_name} killed it while stopping")
                 return
-            self.guarantees.finished(sent.request)
+            if self.guarantees.finished(sent.request):
+                # it ended before its journal commit: safe, never written
+                request = sent.request
+                self._sockets.send_frames("frontend", ack_frames(request.client, request.msgid))
         if self._pending:
             self._relay.forward(message)
 
