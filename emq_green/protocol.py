@@ -212,11 +212,14 @@ def ack_frames(identity: bytes, msgid: str) -> list[bytes]:
     return [identity, b"", _VERSION_FRAME, b"REPLY", new_msgid().encode(), msgid.encode()]
 
 
-def relayed_reply_frames(identity: bytes, reply_json: str, orig_msgid: str) -> list[bytes]:
+def relayed_reply_frames(identity: bytes, reply_json: str, orig_msgid: str,
+                         msgid: Optional[str] = None) -> list[bytes]:
     """A worker's REPLY relayed to the client ``identity`` that asked for the
-    result: ``REPLY [reply_json, orig_msgid]`` (a ROUTER socket's frames)."""
-    return [identity, b"", _VERSION_FRAME, b"REPLY", new_msgid().encode(), reply_json.encode(),
-            orig_msgid.encode()]
+    result: ``REPLY [reply_json, orig_msgid]`` (a ROUTER socket's frames).
+    ``msgid``: the REPLY's own id (the worker's, relayed as it is); default
+    a new one."""
+    return [identity, b"", _VERSION_FRAME, b"REPLY", (msgid or new_msgid()).encode(),
+            reply_json.encode(), orig_msgid.encode()]
 
 
 def request_frames(identity: bytes, msgid: str, body: Sequence[str]) -> list[bytes]:
