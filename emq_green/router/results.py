@@ -225,12 +225,17 @@ class ResultRelay:
     def __init__(self, pending: PendingResults,
                  send: Callable[[bytes, Message], bool],
                  send_frames: Optional[Callable[[list[bytes]], bool]] = None,
-                 defer: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
+                 defer: Optional[Callable[[Callable[[], None]], None]] = None,
+                 send_many: Optional[Callable[[list[list[bytes]]], list[list[bytes]]]] = None,
+                 ) -> None:
         self.pending = pending
         self._send = send
         #: runs a function once the current turn's work is done (the router's
         #: event loop); None: results are sent at once
         self._defer = defer
+        #: sends a batch of messages in frames, returns those not delivered
+        self._send_many = send_many or (
+            lambda batch: [frames for frames in batch if not self._send_frames(frames)])
         self._batch: list[list[bytes]] = []
         #: the same send for a message already in frames, identity first
         #: (one result per job goes this way); default: through ``send``
@@ -268,7 +273,7 @@ class ResultRelay:
         frames = relayed_reply_frames(client, message.body[0], message.body[1],
                                       message.msgid)
         if self._defer is None:
-            self._deliver(frames)
+            self._delivered([frames], [] if self._send_frames(frames) else [frames])
             return
         batch = self._batch
         batch.append(frames)
@@ -278,13 +283,13 @@ class ResultRelay:
     def flush(self) -> None:
         """Send the results batched so far."""
         batch, self._batch = self._batch, []
-        for frames in batch:
-            self._deliver(frames)
+        if batch:
+            self._delivered(batch, self._send_many(batch))
 
-    def _deliver(self, frames: list[bytes]) -> None:
-        if self._send_frames(frames):
-            self.pending.forwarded += 1
-        else:
+    def _delivered(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
+        """Count ``sent`` results as forwarded, but for those that ``failed``."""
+        self.pending.forwarded += len(sent) - len(failed)
+        for frames in failed:
             self.pending.dropped[CLIENT_GONE] += 1
             self._log_dropped(frames[-1].decode("utf-8", "replace"), frames[0], CLIENT_GONE)
 
