@@ -329,9 +329,20 @@ RESULT_HEADER = "result-requested"
 
 
 def _has_header(headers_csv: str, name: str) -> bool:
-    # equal to any(h.strip() == name for h in ...split(",")), iterated in C
-    # (no generator frame per header: these run for every request)
-    return headers_csv == name or name in map(str.strip, headers_csv.split(","))
+    # senders use a handful of distinct header texts: the answers are kept
+    # (bounded like Headers.parse's), as splitting costs a microsecond
+    key = (headers_csv, name)
+    found = _HAS_SEEN.get(key)
+    if found is None:
+        # any(h.strip() == name for h in ...split(",")), iterated in C
+        found = headers_csv == name or name in map(str.strip, headers_csv.split(","))
+        if len(_HAS_SEEN) >= _HEADERS_SEEN_MAX:
+            _HAS_SEEN.clear()
+        _HAS_SEEN[key] = found
+    return found
+
+
+_HAS_SEEN: dict[tuple[str, str], bool] = {}
 
 
 def result_requested_in(headers_csv: str) -> bool:
