@@ -283,8 +283,14 @@ class ResultRelay:
     def flush(self) -> None:
         """Send the results batched so far."""
         batch, self._batch = self._batch, []
-        if batch:
-            self._delivered(batch, self._send_many(batch))
+        if not batch:
+            return
+        try:
+            failed = self._send_many(batch)
+        except Exception:  # run from the event loop: nobody above to log it
+            logger.exception("router: sending %d result(s) failed", len(batch))
+            failed = batch
+        self._delivered(batch, failed)
 
     def _delivered(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
         """Count ``sent`` results as forwarded, but for those that ``failed``."""
