@@ -212,11 +212,14 @@ def ack_frames(identity: bytes, msgid: str) -> list[bytes]:
     return [identity, b"", _VERSION_FRAME, b"REPLY", new_msgid().encode(), msgid.encode()]
 
 
-def relayed_reply_frames(identity: bytes, reply_json: str, orig_msgid: str) -> list[bytes]:
+def relayed_reply_frames(identity: bytes, reply_json: str, orig_msgid: str,
+                         msgid: Optional[str] = None) -> list[bytes]:
     """A worker's REPLY relayed to the client ``identity`` that asked for the
-    result: ``REPLY [reply_json, orig_msgid]`` (a ROUTER socket's frames)."""
-    return [identity, b"", _VERSION_FRAME, b"REPLY", new_msgid().encode(), reply_json.encode(),
-            orig_msgid.encode()]
+    result: ``REPLY [reply_json, orig_msgid]`` (a ROUTER socket's frames).
+    ``msgid``: the REPLY's own id (the worker's, relayed as it is); default
+    a new one."""
+    return [identity, b"", _VERSION_FRAME, b"REPLY", (msgid or new_msgid()).encode(),
+            reply_json.encode(), orig_msgid.encode()]
 
 
 def request_frames(identity: bytes, msgid: str, body: Sequence[str]) -> list[bytes]:
@@ -326,9 +329,20 @@ RESULT_HEADER = "result-requested"
 
 
 def _has_header(headers_csv: str, name: str) -> bool:
-    # equal to any(h.strip() == name for h in ...split(",")), iterated in C
-    # (no generator frame per header: these run for every request)
-    return headers_csv == name or name in map(str.strip, headers_csv.split(","))
+    # senders use a handful of distinct header texts: the answers are kept
+    # (bounded like Headers.parse's), as splitting costs a microsecond
+    key = (headers_csv, name)
+    found = _HAS_SEEN.get(key)
+    if found is None:
+        # any(h.strip() == name for h in ...split(",")), iterated in C
+        found = headers_csv == name or name in map(str.strip, headers_csv.split(","))
+        if len(_HAS_SEEN) >= _HEADERS_SEEN_MAX:
+            _HAS_SEEN.clear()
+        _HAS_SEEN[key] = found
+    return found
+
+
+_HAS_SEEN: dict[tuple[str, str], bool] = {}
 
 
 def result_requested_in(headers_csv: str) -> bool:

@@ -21,7 +21,10 @@ from one emq-green client, as fast as it can:
 
 Reported per mode: good jobs/s from the first send to done, errors apart
 (any error makes the run exit 1); and the ratio results / fire-and-forget of
-the medians.
+the medians. Each round line also gives the CPU time (user + system) per
+job of the client (this process, all its threads) and of each server
+process (``cpu_us_per_job``): on a machine shared with other work, CPU per
+job is the steadier figure (median per mode in the summary).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import psutil  # noqa: E402
 import zmq  # noqa: E402
 from benchlib import free_ports  # noqa: E402
 
@@ -178,6 +182,7 @@ def main() -> int:
 
         monkey.patch_all()
     rates: dict[str, list[float]] = {"fire_and_forget": [], "results": []}
+    cpu: dict[str, list[dict[str, float]]] = {"fire_and_forget": [], "results": []}
     errors = 0
     with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
         procs, front, admin_addr, status_url = start(ns.split, ns.concurrency, Path(tmp))
@@ -188,20 +193,28 @@ def main() -> int:
             # warm-up: sockets connected, modules imported on the worker
             with_results(client, 200)
             before = sum(admin.ask(Command.STATUS)["processed_messages_by_queue"].values())
+            watched = {"client": psutil.Process()}
+            for p, name in zip(procs, ("router", "worker") if ns.split else ("server",)):
+                watched[name] = psutil.Process(p.pid)
             for round_ in range(ns.repeat):
                 for mode in ("fire_and_forget", "results"):
+                    cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in watched.items()}
                     if mode == "fire_and_forget":
                         elapsed, good, bad = fire_and_forget(client, admin, ns.jobs, before,
                                                              status_url)
                     else:
                         elapsed, good, bad = with_results(client, ns.jobs)
+                    cpu_us = {k: round((sum(p.cpu_times()[:2]) - cpu0[k]) / ns.jobs * 1e6, 1)
+                              for k, p in watched.items()}
+                    cpu[mode].append(cpu_us)
                     before += ns.jobs
                     errors += bad
                     rates[mode].append(good / elapsed)  # good replies only
                     print(json.dumps({"round": round_, "mode": mode, "jobs": ns.jobs,
                                       "good": good, "errors": bad,
                                       "seconds": round(elapsed, 3),
-                                      "jobs_per_s": round(good / elapsed)}), flush=True)
+                                      "jobs_per_s": round(good / elapsed),
+                                      "cpu_us_per_job": cpu_us}), flush=True)
             client.close()
         finally:
             admin.close()
@@ -211,7 +224,11 @@ def main() -> int:
     print(json.dumps({"median_of": ns.repeat, "router": "split" if ns.split else "standalone",
                       "client": ns.client, "concurrency": ns.concurrency,
                       "fire_and_forget_per_s": round(ff), "results_per_s": round(res),
-                      "ratio": round(res / ff, 2), "errors": errors}), flush=True)
+                      "ratio": round(res / ff, 2),
+                      "cpu_us_per_job": {
+                          mode: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                          for mode, rows in cpu.items()},
+                      "errors": errors}), flush=True)
     return 1 if errors else 0
 
 

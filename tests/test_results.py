@@ -412,3 +412,32 @@ def test_a_result_sent_after_kbye_still_reaches_its_client(make_router):
     worker.send(Command.REPLY, json.dumps({"value": "late"}), request.msgid)
     assert _results_of(client, 1) == [(sent.msgid, {"value": "late"})]
     assert h.router.results.forwarded == 1
+
+
+def test_results_relayed_in_a_batch_at_the_end_of_the_turn():
+    """Results wait for the end of the router's turn and leave in one batch,
+    each REPLY with the worker's msgid; one that cannot be delivered is
+    counted as client_gone, the others as forwarded."""
+    from emq_green.protocol import Message
+    from emq_green.router.results import PendingResults, ResultRelay
+
+    deferred: list = []
+    batches: list = []
+
+    def send_many(batch):
+        batches.append(batch)
+        return [frames for frames in batch if frames[0] == b"gone"]
+
+    relay = ResultRelay(PendingResults(100, 60.0), lambda client, message: True,
+                        defer=deferred.append, send_many=send_many)
+    for n, client in enumerate((b"c1", b"gone", b"c1")):
+        relay.remember(f"job-{n}", client, 0.0)
+        relay.forward(Message(Command.REPLY, f"reply-{n}", ('{"value": 1}', f"job-{n}")))
+    assert batches == [] and deferred == [relay.flush]  # one flush for the turn
+    deferred.pop()()
+    assert [[f[0], f[4], f[6]] for f in batches[0]] == [
+        [b"c1", b"reply-0", b"job-0"], [b"gone", b"reply-1", b"job-1"],
+        [b"c1", b"reply-2", b"job-2"]]
+    assert relay.pending.forwarded == 2
+    assert relay.pending.dropped["client_gone"] == 1
+    assert len(relay.pending) == 0

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
-from ..protocol import Command, Message, ProtocolError
+from ..protocol import Command, Message, ProtocolError, _loads
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,37 @@ _POLL_MS = 20
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _READ_BATCH = 256
+_NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+# pyzmq's backend (Cython) socket methods, below its Python layer, which
+# builds an enum for every flag of every frame (about a third of a send)
+_BACKEND = next(c for c in zmq.Socket.__mro__ if c.__module__.startswith("zmq.backend"))
+_send, _recv, _get = _BACKEND.send, _BACKEND.recv, _BACKEND.get
+
+
+def _send_now(sock: Any, frames: list[bytes]) -> bool:
+    """Queue a message on a plain socket without waiting; False when there
+    is no room (nothing was queued). ZeroMQ takes a multipart message whole
+    or not at all: once the first frame is in, the others are."""
+    try:
+        _send(sock, frames[0], _NOBLOCK_MORE)
+    except zmq.Again:
+        return False
+    last = len(frames) - 1
+    for i in range(1, last):
+        _send(sock, frames[i], _NOBLOCK_MORE)
+    _send(sock, frames[last], _NOBLOCK)
+    return True
+
+
+def _recv_now(sock: Any) -> list[bytes]:
+    """One whole message from a plain socket that has one waiting."""
+    frame = _recv(sock, _NOBLOCK, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        frames.append(frame.bytes)
+    return frames
 
 
 class SendTimeoutError(TimeoutError):
@@ -142,28 +173,38 @@ class ResultLostError(Exception):
 
 
 class ResultHandle:
-    """The future result of one job: :meth:`ready`, :meth:`get`."""
+    """The future result of one job: :meth:`ready`, :meth:`get`.
 
-    __slots__ = ("msgid", "_event", "_value", "_error", "__weakref__")
+    No event is made per handle unless a caller waits before the result is
+    in (most results are in by the time :meth:`get` is called, and an
+    event costs more than the rest of the handle): ``lock`` guards the
+    moment the result lands against a waiter making its event.
+    """
 
-    def __init__(self, msgid: str, event: Any) -> None:
+    __slots__ = ("msgid", "_done", "_event", "_new_event", "_lock", "_value", "_error",
+                 "__weakref__")
+
+    def __init__(self, msgid: str, new_event: Callable[[], Any], lock: Any) -> None:
         #: the REQUEST's message id
         self.msgid = msgid
-        self._event = event
+        self._done = False
+        self._event: Any = None
+        self._new_event = new_event
+        self._lock = lock
         self._value: Any = None
         self._error: Optional[BaseException] = None
 
     @classmethod
     def completed(cls, msgid: str, value: Any) -> ResultHandle:
         """A handle that already holds ``value`` (a job run in the caller)."""
-        handle = cls(msgid, threading.Event())
+        handle = cls(msgid, threading.Event, threading.Lock())
         handle._value = value
-        handle._event.set()
+        handle._done = True
         return handle
 
     def ready(self) -> bool:
         """Whether the result (or the job's error) has arrived."""
-        return self._event.is_set()
+        return self._done
 
     def get(self, timeout: Optional[float] = None) -> Any:
         """The job's return value, once it has come back. May be called again.
@@ -176,8 +217,13 @@ class ResultHandle:
             ResultLostError: the router dropped the result.
             ResultTimeout: nothing arrived within ``timeout``.
         """
-        if not self._event.wait(timeout):
-            raise ResultTimeout(self.msgid, 0.0 if timeout is None else timeout)
+        if not self._done:
+            with self._lock:
+                event = self._event
+                if event is None and not self._done:
+                    event = self._event = self._new_event()
+            if event is not None and not event.wait(timeout):
+                raise ResultTimeout(self.msgid, 0.0 if timeout is None else timeout)
         if self._error is not None:
             raise self._error
         return self._value
@@ -185,23 +231,27 @@ class ResultHandle:
     def _resolve(self, reply_json: str) -> None:
         """Called by the channel's reader with the worker's ``reply_json``."""
         try:
-            reply = json.loads(reply_json)
+            reply = _loads(reply_json)
         except ValueError as exc:
             self._error = JobError(self.msgid, "InvalidReply",
                                    f"the reply is not JSON: {exc}")
         else:
-            if not isinstance(reply, dict):
+            if type(reply) is not dict:
                 self._value = reply
             elif "lost" in reply:
                 self._error = ResultLostError(self.msgid, str(reply.get("reason", "")),
                                               str(reply["lost"]))
-            elif isinstance(reply.get("error"), dict):
+            elif "error" in reply and isinstance(reply["error"], dict):
                 error = reply["error"]
                 self._error = JobError(self.msgid, str(error.get("type", "")),
                                        str(error.get("message", "")), reply.get("value"))
             else:
                 self._value = reply.get("value")
-        self._event.set()
+        with self._lock:
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def __repr__(self) -> str:
         return f"<ResultHandle {self.msgid} {'ready' if self.ready() else 'pending'}>"
@@ -231,7 +281,7 @@ class _Channel:
         ``confirm`` (seconds; a guaranteed request), wait that long for the
         router's confirmation: :class:`ConfirmTimeout` or
         :class:`GuaranteeRefused` when it does not come."""
-        handle = ResultHandle(request.msgid, self._new_event())
+        handle = ResultHandle(request.msgid, self._new_event, self._handles_lock)
         confirmed = self._new_event() if confirm is not None else None
         with self._handles_lock:
             self._handles[request.msgid] = handle
@@ -407,12 +457,7 @@ class ThreadResultChannel(_Channel):
             with self._lock:
                 if self.closed:
                     raise RuntimeError("client is closed")
-                try:
-                    # a multipart message is queued whole or not at all
-                    self._sock.send_multipart(frames, _NOBLOCK)
-                    sent = True
-                except zmq.Again:
-                    sent = False
+                sent = _send_now(self._sock, frames)
                 self._read_available()
             if sent:
                 return
@@ -422,14 +467,9 @@ class ThreadResultChannel(_Channel):
 
     def _read_available(self) -> None:
         """Read and dispatch what has arrived (the lock is held)."""
-        sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & _POLLIN:
-            for _ in range(_READ_BATCH):
-                try:
-                    frames = sock.recv_multipart(_NOBLOCK)
-                except zmq.Again:
-                    break
-                self._dispatch(frames)
+        sock, dispatch = self._sock, self._dispatch
+        while _get(sock, _EVENTS) & _POLLIN:
+            dispatch(_recv_now(sock))
 
     def _run(self) -> None:
         timeout = _POLL_MS / 1000

@@ -171,7 +171,9 @@ class Router:
                            max_bytes=settings.max_pending_result_bytes,
                            per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message),
-            lambda frames: self.sockets.send_frames("frontend", frames))
+            lambda frames: self.sockets.send_frames("frontend", frames),
+            defer=lambda flush: gevent.get_hub().loop.run_callback(flush),
+            send_many=lambda batch: self.sockets.send_many("frontend", batch))
         #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
             Journal(settings.journal_file, sync=settings.journal_sync)

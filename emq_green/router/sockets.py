@@ -298,6 +298,24 @@ class RouterSockets:
                 return False
             raise
 
+    def send_many(self, name: str, messages: list[list[bytes]]) -> list[list[bytes]]:
+        """:meth:`send_frames` of each message in turn (results relayed in a
+        batch); returns those that could not be delivered."""
+        sock = self._sockets.get(name)
+        if sock is None:
+            return list(messages)
+        failed: list[list[bytes]] = []
+        for frames in messages:
+            if self._debug:
+                logger.debug("%s -> %r: %s", name, frames[0], frames[3:])
+            try:
+                sock.send(frames)
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    raise
+                failed.append(frames)
+        return failed
+
     # ------------------------------------------------------------------
     # reading
 
