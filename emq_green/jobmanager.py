@@ -153,7 +153,8 @@ class JobManager:
             reject=self._slots.reject_malformed, on_heartbeat=self.on_heartbeat,
             on_disconnect=lambda: self._supervisor.request_stop(
                 StopMode.GRACEFUL, "DISCONNECT from the router"),
-            running=lambda: self.state is State.RUNNING)
+            # (the lifecycle read directly: this is asked once per job)
+            running=lambda: self._supervisor.lifecycle.state is State.RUNNING)
         self._supervisor = Supervisor(worker=self, link=self._link, slots=self._slots,
                                       hooks=self._hooks, wake=wake, counters=self.counters,
                                       reload_settings=self._reload_settings)

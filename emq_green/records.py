@@ -27,6 +27,9 @@ class StopMode(str, Enum):
     NOW = "now"
 
 
+#: the callable name of a request that could not be read
+INVALID_REQUEST = "<invalid request>"
+
 #: a job's outcome -> its counter name
 STATUS_KEYS = {status: status.value for status in Status}
 
@@ -62,7 +65,7 @@ class JobRecord:
     @property
     def callable_name(self) -> str:
         """The callable's full name (``module.function``, ``module:Class.method``)."""
-        return self.request.name if self.request else "<invalid request>"
+        return self.request.name if self.request else INVALID_REQUEST
 
     @property
     def age(self) -> float:
@@ -70,4 +73,4 @@ class JobRecord:
         return time.monotonic() - self.started
 
 
-__all__ = ["STATUS_KEYS", "JobRecord", "State", "StopMode"]
+__all__ = ["INVALID_REQUEST", "STATUS_KEYS", "JobRecord", "State", "StopMode"]

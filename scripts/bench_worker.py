@@ -32,6 +32,7 @@ import argparse
 import glob
 import json
 import os
+import pstats
 import re
 import shutil
 import signal
@@ -185,7 +186,7 @@ def build_standin(workdir: str) -> str | None:
 
 
 def start_worker(label: str, addr: str, concurrency: int, extra_flags: list[str],
-                 workdir: str) -> subprocess.Popen:
+                 workdir: str, profile: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (workdir, os.environ.get("PYTHONPATH")) if p))
     if label == "bare":
@@ -194,6 +195,8 @@ def start_worker(label: str, addr: str, concurrency: int, extra_flags: list[str]
         cmd = [shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
                                                          "emq-green"),
                "-B", addr, "-J", str(concurrency), "-n", f"bench-{label}", *extra_flags]
+        if profile:
+            cmd = [sys.executable, "-m", "cProfile", "-o", profile, *cmd]
     log = open(os.path.join(workdir, f"worker-{label}.log"), "w")
     try:
         return subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
@@ -223,11 +226,13 @@ def outcome_counts(worker: subprocess.Popen, log_path: str,
 
 
 def run_workload(label: str, callable_name: str, args: list, jobs: int, concurrency: int,
-                 extra_flags: list[str], workdir: str, standin: str | None) -> dict:
+                 extra_flags: list[str], workdir: str, standin: str | None,
+                 profile: str | None = None) -> dict:
     payload = json.dumps(["run", {"path": "benchjobs", "callable": callable_name,
                                   "args": args, "kwargs": {}}])
     run = run_with_c_router if standin else run_with_python_router
-    result = run(label, payload, jobs, concurrency, extra_flags, workdir, standin)
+    result = run(label, payload, jobs, concurrency, extra_flags, workdir, standin,
+                 profile if label != "bare" else None)
     return {"workload": label, "jobs": jobs, "J": concurrency,
             "harness": "C" if standin else "Python", **result}
 
@@ -256,7 +261,8 @@ def summary(ok: int, errors: int, elapsed: float, p50: float, p99: float, mean: 
 
 
 def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
-                      extra_flags: list[str], workdir: str, standin: str | None) -> dict:
+                      extra_flags: list[str], workdir: str, standin: str | None,
+                      profile: str | None = None) -> dict:
     assert standin is not None
     router = subprocess.Popen([standin, str(jobs), payload], stdout=subprocess.PIPE, text=True)
     worker = None
@@ -264,7 +270,7 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
         first = router.stdout.readline().split()
         if first[:1] != ["endpoint"]:
             raise RuntimeError(f"stand-in router said {first!r}")
-        worker = start_worker(label, first[1], concurrency, extra_flags, workdir)
+        worker = start_worker(label, first[1], concurrency, extra_flags, workdir, profile)
         sampler = PeakRss(worker.pid)
         sampler.start()
         if router.stdout.readline().strip() != "acked":
@@ -297,9 +303,10 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
 
 
 def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int,
-                           extra_flags: list[str], workdir: str, standin: str | None) -> dict:
+                           extra_flags: list[str], workdir: str, standin: str | None,
+                           profile: str | None = None) -> dict:
     sock, addr = standin_router_socket()
-    worker = start_worker(label, addr, concurrency, extra_flags, workdir)
+    worker = start_worker(label, addr, concurrency, extra_flags, workdir, profile)
     sampler = PeakRss(worker.pid)
     sampler.start()
     requests = [frames("REQUEST", "default", "reply-requested", payload) for _ in range(jobs)]
@@ -396,6 +403,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per workload (median shown)")
     ap.add_argument("--python-router", action="store_true",
                     help="use the stand-in router written in Python, not the C one")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="run the worker under cProfile, its stats written to FILE (the last "
+                         "run's); total calls per job printed, start-up and shutdown included "
+                         "(subtract a short run's to get the per-job figure)")
     ap.add_argument("--worker-flag", action="append", default=[],
                     help="extra emq-green flag (repeatable), e.g. --worker-flag=--foo=1")
     opts = ap.parse_args()
@@ -412,8 +423,12 @@ def main() -> None:
         if opts.only and opts.only != label:
             continue
         runs = [run_workload(label, name, args, opts.jobs, j, opts.worker_flag, workdir,
-                             standin)
+                             standin, opts.profile)
                 for _ in range(opts.repeat)]
+        if opts.profile and label != "bare":
+            calls = pstats.Stats(opts.profile).total_calls  # type: ignore[attr-defined]
+            print(f"{label}: {calls} Python calls in the worker, {calls / opts.jobs:.1f} per job "
+                  f"(profile in {opts.profile})")
         runs.sort(key=lambda r: r["jobs_per_s"])
         row = runs[len(runs) // 2]
         row["runs_jobs_per_s"] = [round(r["jobs_per_s"]) for r in runs]

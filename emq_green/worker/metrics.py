@@ -35,12 +35,14 @@ import gevent
 
 from ..extensions import Extension
 from ..jobs import Status
+from ..records import INVALID_REQUEST, STATUS_KEYS
 from ..web.serve import HostCheck, exposure_warning, parse_http_addr
 from . import page as worker_page
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..extensions import WorkerView
     from ..jobs import JobOutcome
+    from ..protocol import RunRequest
     from ..records import JobRecord
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class MetricsExtension(Extension):
         self._addr = addr
         self.jobs: dict[tuple[str, str], JobStats] = collections.defaultdict(JobStats)
         #: finished jobs not yet counted in :attr:`jobs` (see job_finished)
-        self._finished: list[tuple[str, str, Status, float, bool]] = []
+        self._finished: list[tuple[Optional[RunRequest], str, Status, float, int]] = []
         self.longest_heartbeat_gap = 0.0
         self.address: Optional[tuple[str, int]] = None
         self._server: Any = None
@@ -127,16 +129,18 @@ class MetricsExtension(Extension):
     def job_finished(self, manager: WorkerView, record: JobRecord, outcome: JobOutcome,
                      duration: float) -> None:
         # One append per job; the counters are brought up to date in bulk.
-        self._finished.append((record.callable_name, record.queue, outcome.status,
+        # (the request, not its name: the name is built in bulk)
+        self._finished.append((record.request, record.queue, outcome.status,
                                duration, outcome.attempts))
         if len(self._finished) >= 2048:
             self._count_finished()
 
     def _count_finished(self) -> None:
         finished, self._finished = self._finished, []
-        for name, queue, status, duration, attempts in finished:
+        for request, queue, status, duration, attempts in finished:
+            name = request.name if request is not None else INVALID_REQUEST
             stats = self.jobs[self._key(self.jobs, name, queue, known=attempts > 0)]
-            stats.observe(status.value, duration)
+            stats.observe(STATUS_KEYS[status], duration)
             stats.started += 1
 
     def _key(self, table: dict[tuple[str, str], JobStats], name: str, queue: str,
