@@ -22,6 +22,14 @@ status dump after the run, say how many succeeded, and only those count.
 That router does not tell HEARTBEATs apart: the heartbeat gap needs
 ``--python-router``.
 
+STEADY: a run starts with every slot offered at once (the worker takes its
+-J REQUESTs in one burst, so the first ones wait for the last to start) and
+ends with slots left idle while the last jobs finish. Both are printed apart
+as the steady state: the rate between the -J-th and the (jobs - J)-th REPLY,
+and the latencies of every job but the first and the last -J sent. The
+whole-run figures stay the headline columns; with the default 20,000 jobs
+at -J 1000 the two edges are a tenth of the run.
+
     .venv/bin/python scripts/bench_worker.py                 # both workloads
     .venv/bin/python scripts/bench_worker.py --only sleep --jobs 5000
 """
@@ -237,14 +245,23 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
             "harness": "C" if standin else "Python", **result}
 
 
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def summary(ok: int, errors: int, elapsed: float, p50: float, p99: float, mean: float,
             silence: float, peak: int, start: CpuMark, end: CpuMark, harness_cpu: float,
-            heartbeat_gap: float | None = None, heartbeats: int | None = None) -> dict:
+            heartbeat_gap: float | None = None, heartbeats: int | None = None,
+            steady: tuple[int, float, float, float] | None = None) -> dict:
     """``ok``: jobs that succeeded, the only ones the rate counts; CPU per
-    job is over every job the worker ran."""
+    job is over every job the worker ran. ``steady``: (jobs, seconds, p50,
+    p99) of the run without its first and last -J jobs (see STEADY)."""
     jobs = ok + errors
     return {
         "jobs_per_s": ok / elapsed,
+        "steady_jobs_per_s": steady[0] / steady[1] if steady else None,
+        "steady_p50_ms": steady[2] * 1000 if steady else None,
+        "steady_p99_ms": steady[3] * 1000 if steady else None,
         "ok": ok,
         "errors": errors,
         "p50_ms": p50 * 1000,
@@ -264,7 +281,8 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
                       extra_flags: list[str], workdir: str, standin: str | None,
                       profile: str | None = None) -> dict:
     assert standin is not None
-    router = subprocess.Popen([standin, str(jobs), payload], stdout=subprocess.PIPE, text=True)
+    router = subprocess.Popen([standin, str(jobs), payload, str(concurrency)],
+                              stdout=subprocess.PIPE, text=True)
     worker = None
     try:
         first = router.stdout.readline().split()
@@ -293,8 +311,12 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
             raise RuntimeError(f"{label}: every one of {jobs} jobs failed")
         # The C router's latencies cover every REPLY: error replies included
         # (none in a run whose ``errors`` is 0).
+        steady = None
+        if "steady_jobs" in r and not errors:
+            steady = (r["steady_jobs"], r["steady_elapsed"], r["steady_p50"], r["steady_p99"])
         return summary(ok, errors, r["elapsed"], r["p50"], r["p99"], r["mean"],
-                       r["longest_silence"], sampler.peak, start, end, r["cpu"])
+                       r["longest_silence"], sampler.peak, start, end, r["cpu"],
+                       steady=steady)
     finally:
         if worker is not None:
             stop([worker])
@@ -312,6 +334,8 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
     requests = [frames("REQUEST", "default", "reply-requested", payload) for _ in range(jobs)]
     sent_at: dict[bytes, float] = {}
     latencies: list[float] = []  # successful replies only
+    by_job: dict[bytes, float] = {}  # msgid -> latency, for the steady state
+    done_at: list[float] = []  # time of each REPLY
     errors = 0
     credit = 0
     next_job = 0
@@ -348,6 +372,8 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
                     credit += 1
                 elif command == b"REPLY":
                     took = now - sent_at.pop(msg[6])
+                    by_job[msg[6]] = took
+                    done_at.append(now)
                     if b'"error"' in msg[5] and "error" in json.loads(msg[5]):
                         errors += 1
                     else:
@@ -388,10 +414,16 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
     assert start is not None
     if not latencies:
         raise RuntimeError(f"{label}: every one of {jobs} jobs failed")
+    steady = None
+    edge = concurrency
+    if not errors and 4 * edge <= jobs:
+        middle = [by_job[job[3]] for job in requests[edge:jobs - edge]]
+        steady = (len(middle), done_at[jobs - edge - 1] - done_at[edge - 1],
+                  percentile(middle, 0.50), percentile(middle, 0.99))
     return summary(len(latencies), errors, elapsed, percentile(latencies, 0.50),
                    percentile(latencies, 0.99), statistics.fmean(latencies), longest_silence,
                    sampler.peak, start, end, harness_cpu,
-                   heartbeat_gap=longest_heartbeat_gap, heartbeats=heartbeats)
+                   heartbeat_gap=longest_heartbeat_gap, heartbeats=heartbeats, steady=steady)
 
 
 def main() -> None:
@@ -434,14 +466,17 @@ def main() -> None:
         row["runs_jobs_per_s"] = [round(r["jobs_per_s"]) for r in runs]
         rows.append(row)
     header = f"{'workload':8} {'jobs':>6} {'ok':>6} {'errors':>6} {'-J':>5} {'ok jobs/s':>9} " \
-             f"{'p50 ms':>8} {'p99 ms':>8} {'peak MB':>8} {'silence s':>9} {'hb gap s':>8} " \
+             f"{'p50 ms':>8} {'p99 ms':>8} {'steady/s':>8} {'st p99':>7} {'peak MB':>8} " \
+             f"{'silence s':>9} {'hb gap s':>8} " \
              f"{'wkr us/job':>10} {'main us/job':>11} {'rtr us/job':>10}"
     print(header)
     for r in rows:
         gap = r["longest_heartbeat_gap_s"]
         print(f"{r['workload']:8} {r['jobs']:>6} {r['ok']:>6} {r['errors']:>6} {r['J']:>5} "
               f"{r['jobs_per_s']:>9.0f} "
-              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['peak_rss_mb']:>8.1f} "
+              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{fmt(r['steady_jobs_per_s'], '.0f'):>8} {fmt(r['steady_p99_ms'], '.1f'):>7} "
+              f"{r['peak_rss_mb']:>8.1f} "
               f"{r['longest_silence_s']:>9.2f} "
               f"{'n/a' if gap is None else f'{gap:.2f}':>8} "
               f"{r['worker_cpu_us_per_job']:>10.0f} "
@@ -450,16 +485,21 @@ def main() -> None:
     print("ok jobs/s: successful replies only; errors: error replies (failed, timed out, "
           "killed); silence: longest gap between any two messages from the worker; hb gap: "
           "longest gap between its HEARTBEATs (sent only when it sent nothing else for "
-          "heartbeat_interval; n/a with the C stand-in router)")
+          "heartbeat_interval; n/a with the C stand-in router); steady/s and st p99: the "
+          "rate and p99 latency without the first and last -J jobs (STEADY above)")
     by_label = {r["workload"]: r for r in rows}
     if "bare" in by_label and "noop" in by_label:
         ratio = by_label["noop"]["jobs_per_s"] / by_label["bare"]["jobs_per_s"]
         print(f"no-op jobs: emq-green reaches {ratio:.2f} of the bare pyzmq worker's rate, "
               "measured in this run")
     if "sleep" in by_label:
-        limit = by_label["sleep"]["J"] / 0.1
-        print(f"sleep jobs: {by_label['sleep']['jobs_per_s'] / limit:.2f} of the concurrency "
-              f"limit ({limit:.0f} jobs/s)")
+        sleep = by_label["sleep"]
+        limit = sleep["J"] / 0.1
+        steady = sleep["steady_jobs_per_s"]
+        print(f"sleep jobs: {sleep['jobs_per_s'] / limit:.3f} of the concurrency limit "
+              f"({limit:.0f} jobs/s) over the whole run"
+              + (f", {steady / limit:.3f} in the steady state (p99 "
+                 f"{sleep['steady_p99_ms']:.1f} ms)" if steady else ""))
     print(json.dumps(rows))
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -11,10 +11,15 @@
  * libzmq is the one bundled with pyzmq; its few declarations are below, so
  * no header is needed. Built and run by bench_worker.py:
  *
- *   standin_router JOBS PAYLOAD_JSON
+ *   standin_router JOBS PAYLOAD_JSON [EDGE]
  *
  * stdout: "endpoint tcp://127.0.0.1:PORT", then "acked" when the worker's
- * INFORM is answered, then one line of JSON with the results.
+ * INFORM is answered, then one line of JSON with the results. With EDGE
+ * (the worker's -J), the steady state is reported as well: the rate between
+ * the EDGE-th and the (JOBS - EDGE)-th REPLY, and the latencies of the jobs
+ * sent after the first EDGE and before the last EDGE, so the start-up burst
+ * (every slot offered at once) and the final drain (slots left idle) are
+ * apart from the figures of a worker that is kept busy.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -115,15 +120,19 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: standin_router JOBS PAYLOAD_JSON\n");
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: standin_router JOBS PAYLOAD_JSON [EDGE]\n");
         return 2;
     }
     long jobs = atol(argv[1]);
     const char *payload = argv[2];
+    long edge = argc == 4 ? atol(argv[3]) : 0;
+    if (edge < 0 || 4 * edge > jobs) edge = 0;  /* too few jobs for a steady state */
     double *sent_at = calloc(jobs, sizeof(double));
     double *latency = calloc(jobs, sizeof(double));
-    if (!sent_at || !latency) return 2;
+    double *by_job = calloc(jobs, sizeof(double));  /* latency by the job's send order */
+    double *done_at = calloc(jobs, sizeof(double));  /* time of the k-th REPLY */
+    if (!sent_at || !latency || !by_job || !done_at) return 2;
 
     void *ctx = zmq_ctx_new();
     void *sock = zmq_socket(ctx, ZMQ_ROUTER);
@@ -164,7 +173,9 @@ int main(int argc, char **argv) {
             } else if (strcmp(command, "REPLY") == 0 && m.n >= 7) {
                 long i = strtol(m.data[6] + 24, NULL, 10);
                 if (i >= 0 && i < jobs && sent_at[i] > 0) {
-                    latency[done++] = t - sent_at[i];
+                    by_job[i] = t - sent_at[i];
+                    done_at[done] = t;
+                    latency[done++] = by_job[i];
                     sent_at[i] = 0;
                 }
             } else if (strcmp(command, "INFORM") == 0) {
@@ -209,8 +220,19 @@ int main(int argc, char **argv) {
     long p99 = (long)(0.99 * jobs);
     if (p99 >= jobs) p99 = jobs - 1;
     printf("{\"elapsed\": %.6f, \"p50\": %.6f, \"p99\": %.6f, \"mean\": %.6f, "
-           "\"longest_silence\": %.6f, \"cpu\": %.6f}\n",
+           "\"longest_silence\": %.6f, \"cpu\": %.6f",
            elapsed, latency[jobs / 2], latency[p99], sum / jobs, longest_silence, cpu);
+    if (edge > 0) {
+        long n = jobs - 2 * edge;
+        double *steady = by_job + edge;  /* jobs edge .. jobs - edge - 1, in send order */
+        qsort(steady, n, sizeof(double), cmp_double);
+        long q = (long)(0.99 * n);
+        if (q >= n) q = n - 1;
+        printf(", \"steady_jobs\": %ld, \"steady_elapsed\": %.6f, \"steady_p50\": %.6f, "
+               "\"steady_p99\": %.6f", n, done_at[jobs - edge - 1] - done_at[edge - 1],
+               steady[n / 2], steady[q]);
+    }
+    printf("}\n");
     fflush(stdout);
     return 0;
 }
