@@ -250,7 +250,10 @@ def test_no_ack_means_retry_with_a_fresh_identity(make_manager):
 
 def test_graceful_stop_finishes_running_jobs_and_runs_requests_on_the_wire(
         router, make_manager):
-    manager = make_manager(concurrent_jobs=4)
+    # The drain reads until the router has been quiet for heartbeat_timeout:
+    # 3 s, so that a busy machine's pause between the KBYE and the late
+    # REQUEST below cannot end it first (the conftest's 0.5 s could).
+    manager = make_manager(concurrent_jobs=4, heartbeat_timeout=3.0)
     ident = router.wait_inform()
     router.wait_count(Command.READY, 4)
     running = [router.request(ident, JOBS, "nap", args=[0.5], headers="reply-requested")
@@ -400,8 +403,11 @@ def test_message_frames_round_trip():
 
 @pytest.mark.timeout(90)
 def test_thousands_of_jobs_on_credit_all_complete_once(router, make_manager):
-    """Like a real router: one REQUEST per READY counted, 3,000 short jobs."""
-    manager = make_manager(concurrent_jobs=50)
+    """Like a real router: one REQUEST per READY counted, 3,000 short jobs.
+    The fake router shares this loop with the worker and the test's sender:
+    a busy machine's pause must not make the worker take it for dead (the
+    conftest's heartbeats give it 1.5 s), as router loss is not tested here."""
+    manager = make_manager(concurrent_jobs=50, heartbeat_timeout=5.0)
     ident = router.wait_inform()
     total, sent = 3000, []
     credit_used = 0
