@@ -259,6 +259,18 @@ def held_commits(journal, monkeypatch, failing: Optional[list[str]] = None
     return release
 
 
+def held_journal(make_router, tmp_path, monkeypatch, slots: int,
+                 failing: Optional[list[str]] = None):
+    """A router with a journal whose commits are held (:func:`held_commits`),
+    a client and a worker with ``slots``: (harness, journal path, the
+    journal, the release event, client, worker)."""
+    path = tmp_path / "journal.db"
+    h = make_router(journal_file=str(path))
+    journal = h.router.guarantees.journal
+    release = held_commits(journal, monkeypatch, failing)
+    return h, path, journal, release, h.peer("frontend"), h.worker(slots=slots)
+
+
 def journal_msgids(path) -> list[str]:
     db = sqlite3.connect(path)
     try:
@@ -269,12 +281,8 @@ def journal_msgids(path) -> list[str]:
 
 def test_a_guaranteed_request_leaves_at_once_and_is_confirmed_after_its_commit(
         make_router, tmp_path, monkeypatch):
-    path = tmp_path / "journal.db"
-    h = make_router(journal_file=str(path))
-    journal = h.router.guarantees.journal
-    release = held_commits(journal, monkeypatch)
-    client = h.peer("frontend")
-    worker = h.worker(slots=1)
+    h, path, journal, release, client, worker = held_journal(
+        make_router, tmp_path, monkeypatch, slots=1)
     sent = guaranteed(h, client)
     assert worker.recv().msgid == sent.msgid  # routed while the journal writes it
     assert client.pending() == []  # not confirmed before its commit
@@ -288,12 +296,8 @@ def test_a_guaranteed_request_leaves_at_once_and_is_confirmed_after_its_commit(
 
 def test_a_job_that_ends_before_its_commit_is_confirmed_and_never_written(
         make_router, tmp_path, monkeypatch):
-    path = tmp_path / "journal.db"
-    h = make_router(journal_file=str(path))
-    journal = h.router.guarantees.journal
-    release = held_commits(journal, monkeypatch)
-    client = h.peer("frontend")
-    worker = h.worker(slots=2)
+    h, path, journal, release, client, worker = held_journal(
+        make_router, tmp_path, monkeypatch, slots=2)
     first = guaranteed(h, client)  # its commit starts, and waits
     assert worker.recv().msgid == first.msgid
     quick = guaranteed(h, client, headers="guarantee,result-requested")  # the next batch
@@ -311,14 +315,10 @@ def test_a_job_that_ends_before_its_commit_is_confirmed_and_never_written(
 
 def test_a_failed_commit_refuses_what_is_buffered_and_writes_again_what_is_out(
         make_router, tmp_path, monkeypatch):
-    path = tmp_path / "journal.db"
-    h = make_router(journal_file=str(path))
-    journal = h.router.guarantees.journal
     monkeypatch.setattr(journal_module, "RETRY_AFTER", 0.2)
     failing = ["OperationalError: disk I/O error"]
-    release = held_commits(journal, monkeypatch, failing)
-    client = h.peer("frontend")
-    worker = h.worker(slots=1)
+    h, path, journal, release, client, worker = held_journal(
+        make_router, tmp_path, monkeypatch, slots=1, failing=failing)
     out = guaranteed(h, client)
     buffered = guaranteed(h, client, headers="guarantee,result-requested")
     assert worker.recv().msgid == out.msgid

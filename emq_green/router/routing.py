@@ -317,7 +317,12 @@ class Routing:
         """The oldest request of ``queue`` left the buffer; True when the
         queue's buffer is empty now."""
         waiting = self.waiting[queue]
-        request = waiting.popleft()
+        return self._left(queue, waiting, waiting.popleft())
+
+    def _left(self, queue: str, waiting: collections.deque[Request], request: Request) -> bool:
+        """``request`` is out of ``queue``'s buffer ``waiting``: the bytes and
+        the bound brought up to date; True when the buffer is empty now (and
+        gone from :attr:`waiting`)."""
         self.buffered_bytes -= request.size
         if len(waiting) <= self.resume_length:
             self._full_queues.discard(queue)
@@ -333,13 +338,9 @@ class Routing:
             for i, buffered in enumerate(waiting):
                 if buffered is request:
                     del waiting[i]
-                    self.buffered_bytes -= request.size
                     if self.holders.get(request.msgid, False) is None:
                         del self.holders[request.msgid]
-                    if len(waiting) <= self.resume_length:
-                        self._full_queues.discard(queue)
-                    if not waiting:
-                        del self.waiting[queue]
+                    self._left(queue, waiting, request)
                     return True
         return False
 
