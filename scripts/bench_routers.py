@@ -142,6 +142,7 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
         msgids = [str(uuid.uuid4()).encode() for _ in range(jobs)]
         time.sleep(0.5)  # the worker's READYs are in (EventMQ's router logs each)
         cpu_before = cpu_seconds(router.pid)
+        worker_before, client_before = cpu_seconds(worker.pid), time.process_time()
         started = time.time()
         for n in range(jobs):
             sock.send_multipart([b"", b"eMQP/1.0", b"REQUEST", msgids[n], b"default", b"",
@@ -156,13 +157,17 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
                 sock.recv_multipart()
             time.sleep(0.01)  # polling interval for the file
         cpu = cpu_seconds(router.pid) - cpu_before
+        worker_cpu = cpu_seconds(worker.pid) - worker_before
+        client_cpu = time.process_time() - client_before
         done = counter.count()
         if done < jobs:
             raise SystemExit(f"{kind} {workload}: only {done}/{jobs} jobs done ({log.name})")
         last = max(float(line.split()[-1]) for line in marks.read_text().splitlines())
         return {"router": kind, "workload": workload, "jobs": jobs,
                 "jobs_per_s": round(jobs / (last - started)),
-                "router_cpu_us_per_job": round(cpu / jobs * 1e6, 1)}
+                "router_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
+                "worker_cpu_us_per_job": round(worker_cpu / jobs * 1e6, 1),
+                "client_cpu_us_per_job": round(client_cpu / jobs * 1e6, 1)}
     finally:
         sock.close()
         if spy is not None:

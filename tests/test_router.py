@@ -406,7 +406,65 @@ def test_request_to_an_unreachable_worker_is_dispatched_to_the_next(make_router,
     assert any("dead removed (it cannot be reached)" in r.getMessage()
                for r in caplog.records)
     assert h.router.processed_by_worker == {"live": 1}
+    assert h.router.status()["requests_rerouted"] == 1
     assert client.pending() == []
+
+
+def connected_client(h: Harness) -> Peer:
+    """A client the router has heard from (a ROUTER socket can only answer
+    a peer whose connection it has seen): it sends an ignored DISCONNECT."""
+    client = h.peer("frontend")
+    before = h.router.counters["client_disconnects_ignored"]
+    client.send(Command.DISCONNECT)
+    wait_until(lambda: h.router.counters["client_disconnects_ignored"] > before,
+               what="the client's DISCONNECT read")
+    return client
+
+
+def test_requests_handed_out_in_one_turn_leave_in_one_batch_acknowledged_after(make_router):
+    """REQUESTs handed out while the router handles a batch wait for the
+    end of its turn and leave together, before their acknowledgements."""
+    h = make_router()
+    worker = h.worker(slots=3)
+    client = connected_client(h)
+    batches: list[tuple[str, list[bytes]]] = []
+    send_many = h.router.sockets.send_many
+
+    def recording(name, messages):
+        batches.append((name, [frames[3] for frames in messages]))
+        return send_many(name, messages)
+
+    h.router.sockets.send_many = recording
+    sent = [Message.new(Command.REQUEST, "default", "", '["run", {}]') for _ in range(3)]
+    for message in sent:  # one turn: nothing here lets the loop run
+        h.router.client_side.on_request(client.identity, message)
+    assert batches == [] and h.slots(worker) == 0
+    got = [worker.recv().msgid for _ in sent]
+    assert got == [m.msgid for m in sent]
+    assert batches == [("backend", [b"REQUEST"] * 3), ("frontend", [b"REPLY"] * 3)]
+    assert [client.recv().body for _ in sent] == [(m.msgid,) for m in sent]
+
+
+@pytest.mark.parametrize("dead", [True, False], ids=["removed-as-dead", "said-kbye"])
+def test_a_worker_removed_in_the_turn_of_its_requests_loses_none(make_router, caplog, dead):
+    """A worker removed (dead, or leaving) after a request was handed to it
+    but before the end of the turn never gets it: it goes to the next."""
+    h = make_router()
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    first = h.worker(queues=[(20, "default")], slots=1, name="first")
+    second = h.worker(queues=[(10, "default")], slots=1, name="second")
+    client = connected_client(h)
+    request = Message.new(Command.REQUEST, "default", "", '["run", {}]')
+    side = h.router.worker_side
+    h.router.client_side.on_request(client.identity, request)
+    assert request.msgid in h.router.workers[first.identity].in_flight
+    side.forget(h.router.workers[first.identity], "a test removes it", dead=dead)
+    assert second.recv().msgid == request.msgid
+    assert not first.sock.poll(300), "the removed worker got the request"
+    assert h.router.processed_by_worker == {"second": 1}
+    assert h.router.status()["requests_rerouted"] == 1
+    assert not any("possibly lost" in r.getMessage() for r in caplog.records)
+    assert client.recv().body == (request.msgid,)
 
 
 def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router):

@@ -172,8 +172,8 @@ class Router:
                            per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message),
             lambda frames: self.sockets.send_frames("frontend", frames),
-            defer=lambda flush: gevent.get_hub().loop.run_callback(flush),
-            send_many=lambda batch: self.sockets.send_many("frontend", batch))
+            send_later=lambda frames: self.sockets.send_later("frontend", frames))
+        self.sockets.flushed["frontend"] = self.relay.flushed
         #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
             Journal(settings.journal_file, sync=settings.journal_sync)
@@ -429,6 +429,7 @@ class Router:
             "requests_refused_by_reason": dict(self.client_side.refused_by_reason),
             "informs_refused": self.counters["informs_refused"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
+            "requests_rerouted": self.counters["requests_rerouted"],
             **self.results.status(),
             **self.guarantees.status(),
             **self.scheduler_side.status(),

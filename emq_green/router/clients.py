@@ -152,7 +152,7 @@ class ClientSide:
         # EventMQ acknowledges a request when it hands it out (not when it
         # buffers it); a request that asked for its result gets the result
         if self._route(request) and not wants_result:
-            self.sockets.send_frames("frontend", ack_frames(client, msgid))
+            self.sockets.send_later("frontend", ack_frames(client, msgid))
 
     def _on_guaranteed(self, client: bytes, message: Message, wants_result: bool) -> None:
         """A guaranteed request: routed at once, acknowledged once safe
@@ -168,7 +168,7 @@ class ClientSide:
         request = Request(msgid, client, queue, (queue, with_reply_requested(headers), payload),
                           time.monotonic(), guaranteed=True)
         if self.guarantees.hold(request):
-            self.sockets.send_frames("frontend", ack_frames(client, msgid))
+            self.sockets.send_later("frontend", ack_frames(client, msgid))
         self._route(request)
         if self.guarantees.backlogged(self.settings.hwm):
             self.sockets.pause_clients(f"{self.guarantees.journal.backlog} guaranteed "
@@ -178,10 +178,10 @@ class ClientSide:
         """The journal wrote ``requests`` (``why`` None: acknowledged) or
         failed to: one still buffered is taken back and refused (it never
         runs); one out at a worker is written again (its client waits)."""
-        send_frames = self.sockets.send_frames
+        send_later = self.sockets.send_later
         if why is None:
             for request in requests:
-                send_frames("frontend", ack_frames(request.client, request.msgid))
+                send_later("frontend", ack_frames(request.client, request.msgid))
         else:
             for request in requests:
                 self._not_journaled(request, why)
@@ -198,7 +198,7 @@ class ClientSide:
                 and sent.request is request:
             self.guarantees.write_again(request)
         else:  # it ended during the commit: nothing to keep, and it ran
-            self.sockets.send_frames("frontend", ack_frames(request.client, msgid))
+            self.sockets.send_later("frontend", ack_frames(request.client, msgid))
 
     def _refuse(self, client: bytes, msgid: str, why: str, wants_result: bool) -> None:
         if wants_result:
@@ -227,14 +227,13 @@ class ClientSide:
             self._log.warning("unserved_queue", "router: no worker serves queue %s; REQUEST %s "
                               "goes to %s", printable(request.queue), printable(request.msgid),
                               queue)
-        while True:
-            worker = routing.pick(queue)
-            if worker is None:
-                self._buffer(queue, request)
-                return False
-            if self.worker_side.hand_over(worker, request, queue):
-                worker.slots -= 1
-                return True
+        worker = routing.pick(queue)
+        if worker is None:
+            self._buffer(queue, request)
+            return False
+        self.worker_side.hand_over(worker, request, queue)
+        worker.slots -= 1
+        return True
 
     def _buffer(self, queue: str, request: Request) -> None:
         """Keep ``request`` until a worker has a slot; at a bound (``hwm``

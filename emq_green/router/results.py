@@ -214,28 +214,26 @@ class ResultRelay:
     lost results, and lost results do not flood the log. STATUS counts
     every one.
 
-    With ``defer``, results are sent in a batch once the router's current
-    turn (a batch of worker messages) is done, not one by one as they come:
-    ZeroMQ's I/O threads (the router's and the client's) then wake once per
-    batch and move it in one system call, instead of once per result
-    (measured: about 20 us of CPU per result less, client and router
-    together).
+    With ``send_later`` (the router's
+    :meth:`~emq_green.router.sockets.RouterSockets.send_later`), results
+    leave in a batch once the router's current turn (a batch of worker
+    messages) is done, not one by one as they come: ZeroMQ's I/O threads
+    (the router's and the client's) then wake once per batch and move it in
+    one system call, instead of once per result (measured: about 20 us of
+    CPU per result less, client and router together). The router then calls
+    :meth:`flushed` with what was sent and what failed.
     """
 
     def __init__(self, pending: PendingResults,
                  send: Callable[[bytes, Message], bool],
                  send_frames: Optional[Callable[[list[bytes]], bool]] = None,
-                 defer: Optional[Callable[[Callable[[], None]], None]] = None,
-                 send_many: Optional[Callable[[list[list[bytes]]], list[list[bytes]]]] = None,
+                 send_later: Optional[Callable[[list[bytes]], None]] = None,
                  ) -> None:
         self.pending = pending
         self._send = send
-        #: runs a function once the current turn's work is done (the router's
-        #: event loop); None: results are sent at once
-        self._defer = defer
-        #: sends a batch of messages in frames, returns those not delivered
-        self._send_many = send_many or (
-            lambda batch: [frames for frames in batch if not self._send_frames(frames)])
+        #: queues a message for the end of the turn; None: results are sent at once
+        self._send_later = send_later
+        #: the results queued by ``send_later`` and not reported in :meth:`flushed` yet
         self._batch: list[list[bytes]] = []
         #: the same send for a message already in frames, identity first
         #: (one result per job goes this way); default: through ``send``
@@ -272,25 +270,21 @@ class ResultRelay:
         # the worker's REPLY keeps its own msgid: a fresh random one already
         frames = relayed_reply_frames(client, message.body[0], message.body[1],
                                       message.msgid)
-        if self._defer is None:
+        if self._send_later is None:
             self._delivered([frames], [] if self._send_frames(frames) else [frames])
             return
-        batch = self._batch
-        batch.append(frames)
-        if len(batch) == 1:
-            self._defer(self.flush)
+        self._batch.append(frames)
+        self._send_later(frames)
 
-    def flush(self) -> None:
-        """Send the results batched so far."""
+    def flushed(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
+        """The client socket's batch left: ``sent`` (results and other
+        messages), of which ``failed`` could not be delivered."""
         batch, self._batch = self._batch, []
-        if not batch:
-            return
-        try:
-            failed = self._send_many(batch)
-        except Exception:  # run from the event loop: nobody above to log it
-            logger.exception("router: sending %d result(s) failed", len(batch))
-            failed = batch
-        self._delivered(batch, failed)
+        if batch:
+            if failed:
+                gone = {id(frames) for frames in failed}
+                failed = [frames for frames in batch if id(frames) in gone]
+            self._delivered(batch, failed)
 
     def _delivered(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
         """Count ``sent`` results as forwarded, but for those that ``failed``."""
@@ -319,9 +313,7 @@ class ResultRelay:
                 self.lost(msgid, client, EXPIRED)
 
     def stop(self) -> None:
-        """The router stops: the results batched are sent, every pending
-        result is reported lost."""
-        self.flush()
+        """The router stops: every pending result is reported lost."""
         for msgid, client in self.pending.clear(STOPPING):
             self.lost(msgid, client, STOPPING)
 

@@ -256,6 +256,24 @@ class Routing:
         else:
             self._count_new(by_worker, worker.name, self._live_workers)
 
+    def unsent(self, worker: Worker, request: Request) -> None:
+        """``request``, given to ``worker`` by :meth:`sent`, never left: off
+        the worker's books and its counts (it is routed again)."""
+        msgid = request.msgid
+        sent = worker.in_flight.pop(msgid, None)
+        if sent is not None:
+            if not sent.reply_requested:
+                worker.unreplied -= 1
+            for counter, name in ((self.processed_by_queue, sent.queue),
+                                  (self.processed_by_worker, worker.name)):
+                count = counter.get(name, 0)
+                if count > 1:
+                    counter[name] = count - 1
+                elif count:
+                    del counter[name]
+        if self.holders.get(msgid) is worker:
+            del self.holders[msgid]
+
     def _live_queues(self) -> set[str]:
         return set(self.queues) | set(self.waiting)
 

@@ -5,7 +5,13 @@ administrative sockets. Each is read by exactly one greenlet, which decodes
 every message once and passes it to the handler its command has in that
 socket's table; nothing here knows what a command means. Every send goes
 through :meth:`RouterSockets.send`, which never waits and reports a
-vanished peer (ROUTER_MANDATORY's EHOSTUNREACH) or a full pipe as False.
+vanished peer (ROUTER_MANDATORY's EHOSTUNREACH) or a full pipe as False,
+or :meth:`RouterSockets.send_later`: the messages of the hot path (REQUESTs
+to workers, acknowledgements and results to clients) wait for the end of
+the router's turn and leave in one batch per socket, the workers' first,
+so that ZeroMQ's I/O thread wakes once per batch instead of once per
+message; whoever queued them learns which did not leave
+(:attr:`RouterSockets.flushed`).
 
 What is refused before any handler sees it, logged and counted:
 
@@ -70,6 +76,12 @@ _UNREAD_LOG_LIMIT = 10_000
 Handler = Callable[[bytes, Message], None]
 #: on the backend, called before the handler; False drops the message
 Gate = Callable[[bytes, Message], bool]
+#: told after each batch of :meth:`RouterSockets.send_later`: (the messages
+#: sent, those of them that could not be delivered)
+Flushed = Callable[[list[list[bytes]], list[list[bytes]]], None]
+#: the order in which the batches of a turn leave: requests to workers
+#: first, then what tells clients they left
+_FLUSH_ORDER = ("backend", "frontend", "administrative")
 
 
 class RouterSocket:
@@ -208,6 +220,11 @@ class RouterSockets:
         self._frontend_open.set()
         #: False once :meth:`close` ran: a read error then is the close, not a fault.
         self.open = False
+        #: messages queued by :meth:`send_later` this turn, by socket name
+        self._outboxes: dict[str, list[list[bytes]]] = {}
+        self._flush_due = False
+        #: socket name -> told after each batch sent (see :data:`Flushed`)
+        self.flushed: dict[str, Flushed] = {}
 
     def bind(self, binds: Mapping[str, tuple[str, ...]], curve: Optional[ServerCurve],
              zap: Optional[ZapHandler]) -> None:
@@ -297,6 +314,53 @@ class RouterSockets:
             if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
                 return False
             raise
+
+    def send_later(self, name: str, frames: list[bytes]) -> None:
+        """Queue a message (frames, the peer's identity first) to leave at the
+        end of this turn of the event loop, with the others queued in it
+        (:meth:`flush`)."""
+        outbox = self._outboxes.get(name)
+        if outbox is None:
+            outbox = self._outboxes[name] = []
+        outbox.append(frames)
+        if not self._flush_due:
+            self._flush_due = True
+            gevent.get_hub().loop.run_callback(self.flush)
+
+    def unqueue(self, name: str, messages: list[list[bytes]]) -> None:
+        """Take messages queued by :meth:`send_later` back (the very lists)."""
+        outbox = self._outboxes.get(name)
+        if outbox:
+            gone = {id(frames) for frames in messages}
+            outbox[:] = [frames for frames in outbox if id(frames) not in gone]
+
+    def flush(self) -> None:
+        """Send what :meth:`send_later` queued, a socket at a time (the
+        workers' first); each socket's :attr:`flushed` handler learns what
+        did not leave. Run by the event loop once a turn, and before the
+        router stops."""
+        self._flush_due = False
+        outboxes = self._outboxes
+        if not self.open:
+            outboxes.clear()
+            return
+        for name in _FLUSH_ORDER:
+            batch = outboxes.get(name)
+            if not batch:
+                continue
+            outboxes[name] = []
+            try:
+                failed = self.send_many(name, batch)
+            except Exception:  # run from the event loop: nobody above to log it
+                logger.exception("router: sending %d message(s) on the %s socket failed",
+                                 len(batch), name)
+                failed = batch
+            handler = self.flushed.get(name)
+            if handler is not None:
+                try:
+                    handler(batch, failed)
+                except Exception:
+                    logger.exception("router: after sending on the %s socket", name)
 
     def send_many(self, name: str, messages: list[list[bytes]]) -> list[list[bytes]]:
         """:meth:`send_frames` of each message in turn (results relayed in a
@@ -419,10 +483,13 @@ class RouterSockets:
                          if unread > _UNREAD_LOG_LIMIT else "")
 
     def close(self) -> None:
+        """Send what is queued for this turn, then close every socket."""
+        if self.open:
+            self.flush()
         self.open = False
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
 
 
-__all__ = ["Gate", "Handler", "RouterSocket", "RouterSockets"]
+__all__ = ["Flushed", "Gate", "Handler", "RouterSocket", "RouterSockets"]

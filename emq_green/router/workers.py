@@ -18,7 +18,14 @@
 * HEARTBEAT, like every message of a known worker, proves it alive.
 
 It also hands requests over (:meth:`WorkerSide.hand_over`, used by the
-client side too), sends the heartbeats and removes workers silent for
+client side too): a request goes on the worker's books at once and on the
+wire at the end of the router's turn, with every other request handed out
+in it (:meth:`~emq_green.router.sockets.RouterSockets.send_later`), so
+that ZeroMQ's I/O thread wakes once per batch instead of once per request. One that cannot be
+delivered then (the worker vanished, or its pipe is full) is taken off the
+worker's books and routed again, at the head of its queue, and the worker
+is removed; one whose worker is removed before the end of the turn never
+leaves for it and is routed again too. It sends the heartbeats and removes workers silent for
 ``heartbeat_timeout`` (:meth:`WorkerSide.check`). Requests a worker had in
 flight when it is removed as dead are logged one by one (msgid, queue, age)
 and not re-dispatched, because a job may have run already and eMQP has no
@@ -92,6 +99,10 @@ class WorkerSide:
         self._taken_for_dead: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
         #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
         self.observer: Optional[RouterObserver] = None
+        #: Requests handed out in this turn and not sent yet: (worker,
+        #: request, frames), in the order they were handed out.
+        self._unsent: list[tuple[Worker, Request, list[bytes]]] = []
+        sockets.flushed["backend"] = self._flushed
         #: command -> handler, for the backend socket's reader
         self.table = {
             Command.INFORM: self.on_inform,
@@ -177,8 +188,7 @@ class WorkerSide:
             worker.slots += 1
             return
         name, request = found
-        if not self.hand_over(worker, request, name):
-            return
+        self.hand_over(worker, request, name)
         if routing.taken(name):
             logger.info("router: the buffer of queue %s is empty again", printable(name))
         self.resume_clients()
@@ -218,7 +228,7 @@ class WorkerSide:
             if self.guarantees.finished(sent.request):
                 # it ended before its journal commit: safe, never written
                 request = sent.request
-                self._sockets.send_frames("frontend", ack_frames(request.client, request.msgid))
+                self._sockets.send_later("frontend", ack_frames(request.client, request.msgid))
         if self._pending:
             self._relay.forward(message)
 
@@ -252,23 +262,69 @@ class WorkerSide:
     def on_kbye(self, identity: bytes, message: Message) -> None:
         self.forget(self.routing.workers[identity], "it said KBYE", dead=False)
 
-    def hand_over(self, worker: Worker, request: Request, queue: str) -> bool:
-        """Send ``request`` to ``worker``; a worker that cannot be reached is
-        removed and False returned."""
-        if not self._sockets.send_frames(
-                "backend", request_frames(worker.identity, request.msgid, request.body)):
-            self.forget(worker, "it cannot be reached", dead=True)
-            return False
+    def hand_over(self, worker: Worker, request: Request, queue: str) -> None:
+        """Give ``request`` to ``worker``: on its books now, on the wire at
+        the end of this turn
+        (:meth:`~emq_green.router.sockets.RouterSockets.send_later`)."""
+        frames = request_frames(worker.identity, request.msgid, request.body)
+        self._unsent.append((worker, request, frames))
+        self._sockets.send_later("backend", frames)
         now = time.monotonic()
         self.routing.sent(worker, request, queue, now)
         if self.observer is not None:
             self.observer.handed_over(queue, now - request.received)
-        return True
+
+    def _flushed(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
+        """This turn's REQUESTs left
+        (:attr:`~emq_green.router.sockets.RouterSockets.flushed`); those
+        that ``failed`` go back to their queues, their workers are removed."""
+        unsent, self._unsent = self._unsent, []
+        if failed:
+            self._undelivered(unsent, failed)
+
+    def _undelivered(self, unsent: list[tuple[Worker, Request, list[bytes]]],
+                     failed: list[list[bytes]]) -> None:
+        """Requests of ``unsent`` whose ``failed`` frames did not leave: off
+        their workers' books, their workers removed, routed again."""
+        lost = {id(frames) for frames in failed}
+        routing = self.routing
+        again: list[Request] = []
+        workers: dict[bytes, Worker] = {}
+        for worker, request, frames in unsent:
+            if id(frames) in lost:
+                routing.unsent(worker, request)
+                again.append(request)
+                workers[worker.identity] = worker
+        for worker in workers.values():
+            if routing.workers.get(worker.identity) is worker:
+                self.forget(worker, "it cannot be reached", dead=True)
+            elif worker.leaving_until and not worker.in_flight:
+                routing.leaving.pop(worker.identity, None)
+        self._counters["requests_rerouted"] += len(again)
+        logger.warning("router: %d request(s) could not be sent to worker(s) %s; routed "
+                       "again", len(again), ", ".join(w.log_name for w in workers.values()))
+        self._route_again(again)
+
+    def _take_back(self, worker: Worker) -> list[Request]:
+        """The requests handed to ``worker`` in this turn and not sent yet:
+        kept from it, and off its books."""
+        if not self._unsent:
+            return []
+        mine = [entry for entry in self._unsent if entry[0] is worker]
+        if not mine:
+            return []
+        self._unsent = [entry for entry in self._unsent if entry[0] is not worker]
+        self._sockets.unqueue("backend", [frames for _w, _r, frames in mine])
+        for _w, request, _f in mine:
+            self.routing.unsent(worker, request)
+        return [request for _w, request, _f in mine]
 
     def forget(self, worker: Worker, reason: str, *, dead: bool) -> None:
         """Remove a worker from every queue. Requests it had in flight are
         logged, as lost when it died, as still running there when it left;
-        guaranteed ones of a dead worker are sent again (:meth:`redeliver`)."""
+        guaranteed ones of a dead worker are sent again (:meth:`redeliver`).
+        Requests handed to it in this turn and not sent yet go elsewhere."""
+        unsent = self._take_back(worker)
         if dead:
             self.routing.remove(worker)
             self._taken_for_dead[worker.identity] = True
@@ -285,6 +341,9 @@ class WorkerSide:
             reason, len(worker.in_flight), ", not re-dispatched:" if lost else "")
         if dead:
             self._lost(worker, lost)
+        if unsent:
+            self._counters["requests_rerouted"] += len(unsent)
+            self._route_again(unsent)
 
     def _lost(self, worker: Worker, lost: list[Sent]) -> None:
         """``worker`` is gone with jobs unanswered: guaranteed ones go again,
@@ -306,24 +365,29 @@ class WorkerSide:
     def redeliver(self, sent: list[Sent], why: str) -> None:
         """Guaranteed requests whose worker did not finish them: back to the
         head of their queues (oldest first), then out to free workers."""
+        requests = [item.request for item in sent if item.request is not None]
+        self.guarantees.redelivered += len(requests)
+        logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
+                       len(requests), ", ".join(printable(r.msgid) for r in requests[:5])
+                       + (", ..." if len(requests) > 5 else ""))
+        self._route_again(requests)
+
+    def _route_again(self, requests: list[Request]) -> None:
+        """``requests`` (oldest first) back at the head of their queues,
+        then out to free workers; reading clients pauses if that fills the
+        buffer."""
         routing = self.routing
         queues: list[str] = []
         full = False
-        for item in reversed(sent):
-            request = item.request
-            assert request is not None
+        for request in reversed(requests):
             queue = routing.queue_for(request.queue)
             full = routing.buffer(queue, request, head=True) or full
             if queue not in queues:
                 queues.append(queue)
-        self.guarantees.redelivered += len(sent)
-        logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
-                       len(sent), ", ".join(printable(s.msgid) for s in sent[:5])
-                       + (", ..." if len(sent) > 5 else ""))
         for queue in queues:
             self.dispatch(queue)
         if full and routing.waiting and not routing.may_resume():
-            self._sockets.pause_clients("guaranteed requests queued again fill the buffer")
+            self._sockets.pause_clients("requests queued again fill the buffer")
 
     def dispatch(self, queue: str) -> None:
         """Send the requests buffered for ``queue`` to workers with free slots."""
@@ -332,9 +396,9 @@ class WorkerSide:
             worker = routing.pick(queue)
             if worker is None:
                 return
-            if self.hand_over(worker, routing.waiting[queue][0], queue):
-                worker.slots -= 1
-                routing.taken(queue)
+            self.hand_over(worker, routing.waiting[queue][0], queue)
+            worker.slots -= 1
+            routing.taken(queue)
 
     def _give_up_on_leavers(self, now: float) -> None:
         """Workers that said KBYE and are past ``kill_grace_period`` with jobs
@@ -349,7 +413,9 @@ class WorkerSide:
                 self._lost(worker, [s for s in worker.in_flight.values() if s.request is None])
 
     def say_goodbye(self) -> None:
-        """The router stops: KBYE to every worker, each removed as leaving."""
+        """The router stops: the requests handed out are sent, then KBYE to
+        every worker, each removed as leaving."""
+        self._sockets.flush()
         for worker in list(self.routing.workers.values()):
             self._sockets.send("backend", worker.identity, Message.new(Command.KBYE))
             self.forget(worker, "the router is stopping", dead=False)
