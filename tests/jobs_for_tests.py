@@ -51,6 +51,11 @@ def boom(message="boom"):
     raise ValueError(message)
 
 
+def exit_greenlet():
+    """A job that raises GreenletExit itself (the worker is not stopping)."""
+    raise gevent.GreenletExit("the job's own")
+
+
 def unserialisable():
     return {1, 2, 3}
 

@@ -296,6 +296,22 @@ def test_grace_period_expiry_kills_jobs_and_says_so(router, make_manager):
     assert grace <= killed_at - started < grace + 5, killed_at - started
 
 
+def test_a_job_raising_greenlet_exit_fails_and_is_not_killed(router, make_manager):
+    """GreenletExit raised by a job while the worker runs is the job's error,
+    not a stop: answered as a failure of that type (a ``Killed`` answer
+    makes the router send a guaranteed job again, for ever), and the slot
+    and its greenlet go on serving."""
+    manager = make_manager(concurrent_jobs=1)
+    ident = router.wait_inform()
+    msgid = router.request(ident, JOBS, "exit_greenlet", headers="reply-requested")
+    reply = router.wait_reply(msgid)
+    assert reply["error"]["type"] == "GreenletExit", reply
+    assert manager.state is State.RUNNING
+    assert manager.counters["failed"] == 1 and not manager.counters["killed"]
+    ok = router.request(ident, JOBS, "add", args=[2, 3], headers="reply-requested")
+    assert router.wait_reply(ok) == {"value": 5}
+
+
 def test_second_stop_request_stops_at_once(router, make_manager):
     manager = make_manager(concurrent_jobs=2, kill_grace_period=60)
     ident = router.wait_inform()

@@ -68,6 +68,9 @@ class JobSlots:
         self.backlog: collections.deque[JobRecord] = collections.deque()
         #: jobs running (greenlets busy), the backlog not counted
         self.running = 0
+        #: set once the worker kills its jobs (kill_all, close): only then is
+        #: a GreenletExit in a job the worker's, answered ``Killed``
+        self.stopping = False
         # A Group, not Pool(concurrent_jobs): a Pool frees its slot only when
         # the finished greenlet's link callback runs, one hub iteration
         # later, so a REQUEST arriving in between would make the reader wait
@@ -251,9 +254,16 @@ class JobSlots:
                 outcome = self.runner.run(record.request, record.headers)  # type: ignore[arg-type]
             else:
                 outcome, pid = executor.run(record.request, record.headers)  # type: ignore[arg-type]
-        except gevent.GreenletExit:
-            outcome = killed("the job was killed when the worker stopped")
-            raise
+        except gevent.GreenletExit as exc:
+            if self.stopping:
+                outcome = killed("the job was killed when the worker stopped")
+                raise
+            # The job raised it itself (or some code of its own killed its
+            # greenlet): an error like any other. Answered as Killed, a
+            # guaranteed job would be sent again and again.
+            logger.warning("job %s raised GreenletExit while the worker was not stopping",
+                           printable(record.callable_name))
+            outcome = JobOutcome.failure(exc)
         except BaseException as exc:  # a job must never take the worker down
             logger.exception("job %s crashed the runner", record.msgid)
             outcome = JobOutcome.failure(exc)
@@ -299,6 +309,7 @@ class JobSlots:
     def kill_all(self) -> None:
         """Backlogged jobs end unstarted; running ones are killed (their
         greenlets report Killed)."""
+        self.stopping = True
         if self.jobs_in_flight:
             logger.warning("killing %d job(s) still running", len(self.jobs_in_flight))
         for record in list(self.backlog):
@@ -309,6 +320,7 @@ class JobSlots:
 
     def close(self) -> None:
         """End the parked job greenlets."""
+        self.stopping = True
         self._idle.clear()
         self.pool.kill(block=False)
 
