@@ -125,6 +125,9 @@ def test_submit_every_cron_unschedule_on_a_standalone_box(peers):
     counts = {tag: runs_stop(peers, tag) for tag in ("ev", "cr", "bad")}
     assert counts["bad"] == 2 and counts["ev"] >= 3
     assert runs_stop(peers, "dl", quiet=0.5) == 1
+    # unscheduled, run out (--run-count) or fired (--delay): none is listed
+    wait_until(lambda: not admin_request(addrs.admin, Command.STATUS, timeout=5)["schedules"],
+               10, "ended schedules gone from STATUS")
     box.signal(signal.SIGTERM)
     box.wait_exit(30)
 

@@ -363,7 +363,10 @@ class SchedulerSide:
         return message
 
     def _forget(self, key: str) -> Optional[LiveSchedule]:
+        """A schedule that is over (unscheduled, its runs done, a delayed job
+        fired): nothing to hand over, and gone from the book."""
         live = self.live.pop(key, None)
+        self.book.pop(key, None)
         base, _, delay_id = key.partition(":")
         if delay_id:
             delayed = self._delayed.get(base)
@@ -438,10 +441,13 @@ class SchedulerSide:
         """emq-green's scheduler lists its schedules in its HEARTBEATs:
         ``{"schedules": [{key, callable, queue, schedule, next_run,
         last_run, runs, runs_left}, ...]}``."""
+        scheduler = printable(client, 60)
         try:
             rows = json.loads(text).get("schedules", [])
+            listed = set()
             for row in rows[:MAX_BOOK]:
                 key = str(row["key"])
+                listed.add(key)
                 entry = self.book.get(key)
                 if entry is None:
                     entry = self.book[key] = {"key": key}
@@ -449,9 +455,15 @@ class SchedulerSide:
                              "runs", "runs_left"):
                     if name in row:
                         entry[name] = row[name]
-                entry["scheduler"] = printable(client, 60)
+                entry["scheduler"] = scheduler
                 if row.get("runs_left") == 0:
                     self._forget(key)  # over: nothing to hand over
+            if len(rows) <= MAX_BOOK:
+                # what this scheduler no longer lists has ended there (a
+                # listing written before a SCHEDULE arrived misses a live one)
+                for key in [k for k, e in self.book.items() if e.get("scheduler") == scheduler
+                            and k not in listed and k not in self.live]:
+                    del self.book[key]
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self._log.warning("listing", "router: scheduler %s sent a listing that cannot "
                               "be read: %s", printable(client), printable(exc, 80))
