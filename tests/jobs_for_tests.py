@@ -35,6 +35,10 @@ def echo(*args, **kwargs):
     return {"args": list(args), "kwargs": kwargs}
 
 
+def repeat(text, times):
+    return text * times
+
+
 def nap(seconds):
     gevent.sleep(seconds)
     return seconds

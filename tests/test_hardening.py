@@ -252,6 +252,22 @@ def test_messages_over_max_message_size_are_invalid_requests(router, make_manage
     settled(router, manager, 2)
 
 
+def test_a_reply_over_max_message_size_becomes_an_error_reply(router, make_manager, caplog):
+    # The router's MAXMSGSIZE would drop the connection for it: the reply and
+    # the slot were lost, with no log line.
+    manager = make_manager(concurrent_jobs=1, max_message_size=1000)
+    ident = router.wait_inform()
+    big = router.request(ident, JOBS, "repeat", args=["x", 2000], headers=REPLY)
+    reply = router.wait_reply(big)
+    assert reply["error"]["type"] == "ReplyTooLarge"
+    assert "larger than max_message_size (1000 bytes)" in reply["value"]
+    assert manager.counters["replies_too_large"] == 1
+    assert "sent an error reply instead" in caplog.text
+    fits = router.request(ident, JOBS, "repeat", args=["x", 500], headers=REPLY)
+    assert router.wait_reply(fits) == {"value": "x" * 500}
+    settled(router, manager, 3)
+
+
 # ---------------------------------------------------------------------------
 # bounded metrics
 

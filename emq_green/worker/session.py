@@ -29,6 +29,7 @@ status.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -516,6 +517,8 @@ class RouterLink:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
+        if 0 <= self._max_size < 4 * (len(text) + len(msgid)) + 64:
+            text = self._fit(text, msgid)
         if self.origins.conn_of and self.origins.send(msgid, text):
             self.counters["replies_sent"] += 1
             return
@@ -524,6 +527,21 @@ class RouterLink:
             return
         self.outgoing.send_frames(reply_frames(text, msgid))
         self.counters["replies_sent"] += 1
+
+    def _fit(self, text: str, msgid: str) -> str:
+        """``text`` if its REPLY fits the router's max_message_size, else an
+        error reply: the router would drop the whole connection for it (libzmq
+        MAXMSGSIZE), losing the reply and the worker's slot."""
+        size = sum(map(len, reply_frames(text, msgid)))
+        if size <= self._max_size:
+            return text
+        self.counters["replies_too_large"] += 1
+        message = (f"the reply is {size} bytes, larger than max_message_size "
+                   f"({self._max_size} bytes)")
+        worker_log.warning("reply-too-large", "job %s: %s; sent an error reply instead",
+                           printable(msgid), message, via=logger)
+        return json.dumps({"value": message,
+                           "error": {"type": "ReplyTooLarge", "message": message}})
 
 
 __all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink"]
