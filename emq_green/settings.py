@@ -382,6 +382,8 @@ class _SectionsParser(configargparse.ConfigFileParser):
         ini = configparser.ConfigParser(interpolation=None)
         try:
             ini.read_string(stream.read(), source=getattr(stream, "name", "<config>"))
+        except UnicodeDecodeError as exc:
+            raise configargparse.ConfigFileParserException(f"not UTF-8 text ({exc})") from exc
         except configparser.Error as exc:
             raise configargparse.ConfigFileParserException(str(exc)) from exc
         items: OrderedDict = OrderedDict()
@@ -464,6 +466,22 @@ def default_name() -> str:
     return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _check_readable(path: str) -> None:
+    """A config file configargparse could not read (a directory, no
+    permission, not UTF-8, not INI) as one SettingsError, not a traceback
+    or a usage screen."""
+    try:
+        with open(path, "rb") as stream:
+            text = stream.read().decode("utf-8")
+        configparser.ConfigParser(interpolation=None).read_string(text, source=path)
+    except OSError as exc:
+        raise SettingsError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"config: cannot read {path}: not UTF-8 text ({exc})") from None
+    except configparser.Error as exc:
+        raise SettingsError(f"config: cannot read {path}: {exc}") from None
+
+
 def load_settings(
     argv: Optional[Sequence[str]] = None,
     environ: Optional[Mapping[str, str]] = None,
@@ -498,6 +516,8 @@ def load_settings(
     config_file, explicit = _config_path(argv, environ)
     if explicit and not os.path.exists(config_file):
         raise SettingsError(f"config: file {config_file} does not exist")
+    if os.path.exists(config_file):
+        _check_readable(config_file)
     parser = build_parser(section, config_file, prog)
     if extra_arguments:
         extra_arguments(parser)
@@ -507,6 +527,7 @@ def load_settings(
         ns = parser.parse_args(argv, env_vars=environ)
     except configargparse.ConfigFileParserException as exc:
         raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
+
     sources = _sources(parser)
 
     values: dict[str, Any] = {"config_file": config_file}

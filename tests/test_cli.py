@@ -231,6 +231,20 @@ def test_help_lists_eventmq_flags(tmp_path):
         assert flag in out.stdout
 
 
+def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path):
+    conf = tmp_path / "eventmq.conf"
+    conf.write_bytes(b"[global]\nname=\xff\n")
+    for script, argv, env in (("emq-green", ["-C", str(conf)], {}),
+                              ("emq-green-router", [], {"EVENTMQ_CONFIG_FILE": str(tmp_path)})):
+        out = subprocess.run([str(Path(EMQ_GREEN).with_name(script)), *argv],
+                             capture_output=True, text=True, timeout=20,
+                             env={**os.environ, **env})
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and "usage:" not in out.stderr
+        assert out.stderr.startswith(f"{script}: config: cannot read ")
+        assert out.stderr.count("\n") == 1
+
+
 def test_config_file_from_env_configures_the_script(router, worker_factory, tmp_path):
     conf = tmp_path / "env.conf"
     conf.write_text(textwrap.dedent(f"""

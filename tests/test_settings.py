@@ -127,6 +127,19 @@ def test_missing_explicit_config_file_is_an_error(tmp_path):
         load_settings(["-C", str(tmp_path / "nope.conf")], {})
 
 
+@pytest.mark.parametrize("kind", ["directory", "not utf-8", "not ini"])
+def test_an_unreadable_config_file_is_one_settings_error(tmp_path, kind):
+    conf = tmp_path / "eventmq.conf"
+    if kind == "directory":
+        conf.mkdir()
+    else:
+        conf.write_bytes(b"[global]\nname=\xff\xfe\n" if kind == "not utf-8"
+                         else b"[global\nname=x\n")
+    for argv, env in ((["-C", str(conf)], {}), ([], {"EVENTMQ_CONFIG_FILE": str(conf)})):
+        with pytest.raises(SettingsError, match=f"config: cannot read {conf}: "):
+            load_settings(argv, env, section="router")
+
+
 def test_settings_are_immutable():
     s = Settings()
     with pytest.raises(AttributeError):
