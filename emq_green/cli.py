@@ -129,7 +129,7 @@ def _standalone(settings, router_settings, load) -> int:
     import gevent
     import zmq.green as zmq
 
-    from .jobmanager import JobManager
+    from .jobmanager import JobManager, State
 
     inproc = f"inproc://emq-green-{uuid.uuid4().hex}"
     to_router = {"worker_addr": inproc, "worker_addr_default": inproc,
@@ -146,9 +146,17 @@ def _standalone(settings, router_settings, load) -> int:
         router.serve_forever()
         manager.stop(timeout=None)
 
-    watcher = gevent.spawn(stop_manager_with_router)
+    def stop_scheduler_with_manager() -> None:
+        # jobs the scheduler fires while the manager drains would be dropped
+        # with the router, and counted as run in the scheduler's file
+        manager.wait_for_state(State.DRAINING)
+        scheduler.stop()
+
+    watchers = [gevent.spawn(stop_manager_with_router)]
+    if scheduler is not None:
+        watchers.append(gevent.spawn(stop_scheduler_with_manager))
     manager.serve_forever()
-    watcher.kill()
+    gevent.killall(watchers)
     if scheduler is not None:
         scheduler.stop()
     router.stop()

@@ -5,6 +5,7 @@ jobs that ran (``interop_jobs.record``)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,33 @@ def test_submit_every_cron_unschedule_on_a_standalone_box(peers):
                10, "ended schedules gone from STATUS")
     box.signal(signal.SIGTERM)
     box.wait_exit(30)
+
+
+@pytest.mark.timeout(90)
+def test_a_standalone_box_stops_its_scheduler_before_draining(peers):
+    """What the scheduler fired while the manager drained was dropped with
+    the router, and counted as run in the scheduler's file."""
+    addrs = RouterAddrs.fresh()
+    box = peers.green(["--standalone", "--frontend-addr", addrs.frontend, "--backend-addr",
+                       addrs.backend, "--administrative-addr", addrs.admin, "-J", "4",
+                       "--kill-grace-period", "30", *BEATS], wait_ack=False)
+    box.wait_for(r"scheduler: connected", timeout=20)
+    for argv in (["interop_jobs.sleep_record", "--args", '["long", 3]'],
+                 ["interop_jobs.record", "--args", '["ev"]', "--every", "1"]):
+        out = subprocess.run([str(BIN / "emq-green-submit"), *argv, "-a", addrs.frontend],
+                             capture_output=True, text=True, env=peers.env(), timeout=30)
+        assert out.returncode == 0, out.stderr
+    wait_runs(peers, "ev", 2)
+    wait_until(lambda: any(e == "start" and tag == "long"
+                           for e, tag, _p, _t in peers.record.lines()), 10, "the long job")
+    box.signal(signal.SIGTERM)
+    box.wait_exit(30)
+    log = box.text()
+    scheduler_stops = re.search(r"scheduler \S+: running -> stopping", log).start()
+    manager_drains = log.index("running -> draining")
+    manager_stops = log.index("draining -> stopped")
+    assert manager_drains < scheduler_stops < manager_stops, log[manager_drains - 200:]
+    assert _done_times(peers, "long")  # the drain let the running job finish
 
 
 def test_unschedule_needs_the_same_call(peers):
