@@ -11,6 +11,7 @@ with a deadline.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -288,6 +289,24 @@ def test_defer_job_subprocess_option_and_callable_paths():
         callable_path(lambda: None)
     run = RunRequest(path="m", callable="f", subprocess=True)
     assert json.loads(run.payload())[1]["subprocess"] is True
+
+
+@pytest.mark.parametrize("every", [0.5, 1.5, 0, -3, float("nan")])
+def test_a_fractional_or_short_interval_is_refused_not_rounded(every):
+    from emq_green.client import schedule
+    from emq_green.client.submit import main as submit_main
+
+    client = Client("tcp://127.0.0.1:1", green=False)
+    try:
+        with pytest.raises(ValueError, match="whole number of seconds"):
+            schedule("os.getpid", every=every, client=client)
+    finally:
+        client.close()
+    assert client.sent == 0
+    with pytest.raises(SystemExit) as exited:
+        submit_main(["os.getpid", "--every", str(every), "-a", "tcp://127.0.0.1:1"],
+                    out=io.StringIO())
+    assert exited.value.code == 2
 
 
 def test_job_decorator_runs_synchronously_without_broker(monkeypatch):

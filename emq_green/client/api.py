@@ -573,8 +573,9 @@ def schedule(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str,
     client of ``addr`` (:func:`get_client`). Returns the SCHEDULE's msgid.
 
     Raises:
-        ValueError: neither or both of ``every`` and ``cron``, a bad callable,
-            or a schedule a scheduler would refuse (a bad cron text...).
+        ValueError: neither or both of ``every`` and ``cron``, ``every`` not
+            a whole number of seconds (at least 1), a bad callable, or a
+            schedule a scheduler would refuse (a bad cron text...).
     """
     run = _run(func, args, kwargs, class_args, class_kwargs)
     body = periodic_body(run, every=every, cron=cron, queue=queue, run_count=run_count,

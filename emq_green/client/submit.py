@@ -58,6 +58,19 @@ def _json_arg(kind: type, what: str):
     return convert
 
 
+def _whole_seconds(text: str) -> int:
+    """--every: EventMQ's scheduler reads the interval with int(), so a
+    fraction would be rounded behind the user's back."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 1 and value.is_integer()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a whole number of seconds, at least 1 (schedulers read it as an int)")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emq-green-submit",
@@ -95,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     when = parser.add_argument_group(
         "schedules (through a scheduler: emq-green-scheduler or EventMQ's emq-scheduler)")
     kind = when.add_mutually_exclusive_group()
-    kind.add_argument("--every", type=float, metavar="SECONDS",
+    kind.add_argument("--every", type=_whole_seconds, metavar="SECONDS",
                       help="schedule the job every SECONDS (whole seconds) instead of "
                            "sending it")
     kind.add_argument("--cron", metavar="TEXT",
