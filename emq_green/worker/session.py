@@ -518,7 +518,7 @@ class RouterLink:
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
         if 0 <= self._max_size < 4 * (len(text) + len(msgid)) + 64:
-            text = self._fit(text, msgid)
+            text = fit_reply(text, msgid, self._max_size, self.counters)
         if self.origins.conn_of and self.origins.send(msgid, text):
             self.counters["replies_sent"] += 1
             return
@@ -528,20 +528,19 @@ class RouterLink:
         self.outgoing.send_frames(reply_frames(text, msgid))
         self.counters["replies_sent"] += 1
 
-    def _fit(self, text: str, msgid: str) -> str:
-        """``text`` if its REPLY fits the router's max_message_size, else an
-        error reply: the router would drop the whole connection for it (libzmq
-        MAXMSGSIZE), losing the reply and the worker's slot."""
-        size = sum(map(len, reply_frames(text, msgid)))
-        if size <= self._max_size:
-            return text
-        self.counters["replies_too_large"] += 1
-        message = (f"the reply is {size} bytes, larger than max_message_size "
-                   f"({self._max_size} bytes)")
-        worker_log.warning("reply-too-large", "job %s: %s; sent an error reply instead",
-                           printable(msgid), message, via=logger)
-        return json.dumps({"value": message,
-                           "error": {"type": "ReplyTooLarge", "message": message}})
+
+def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counter[str]) -> str:
+    """``text`` if its REPLY fits the router's max_message_size, else an
+    error reply: the router would drop the whole connection for it (libzmq
+    MAXMSGSIZE), losing the reply and the worker's slot."""
+    size = sum(map(len, reply_frames(text, msgid)))
+    if size <= max_size:
+        return text
+    counters["replies_too_large"] += 1
+    message = f"the reply is {size} bytes, larger than max_message_size ({max_size} bytes)"
+    worker_log.warning("reply-too-large", "job %s: %s; sent an error reply instead",
+                       printable(msgid), message, via=logger)
+    return json.dumps({"value": message, "error": {"type": "ReplyTooLarge", "message": message}})
 
 
 __all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink"]
