@@ -238,6 +238,7 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
 
     import gevent
 
+    from .curve import CurveError
     from .scheduler import Scheduler
     from .settings import SettingsError, load_settings
 
@@ -252,7 +253,11 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
         # not set anywhere: schedules are kept, as EventMQ's scheduler keeps
         # them in Redis by default; an empty value keeps them in memory only
         settings = settings.replace(scheduler_file=os.path.abspath(DEFAULT_SCHEDULER_FILE))
-    scheduler = Scheduler(settings=settings)
+    try:
+        scheduler = Scheduler(settings=settings)
+    except CurveError as exc:
+        sys.stderr.write(f"emq-green-scheduler: {exc}\n")
+        return 2
     try:
         scheduler.start()
     except Exception as exc:  # the file cannot be opened or read

@@ -27,7 +27,7 @@ import zmq
 import zmq.auth
 from peers import Proc, clean_env, free_port, wait_until
 
-from emq_green.client import Client
+from emq_green.client import Client, schedule
 from emq_green.client.results import SendTimeoutError
 from emq_green.client.submit import admin_request
 from emq_green.curve import ClientCurve, CurveError, create_key_pair, fingerprint
@@ -502,3 +502,28 @@ def test_results_come_back_over_curve(stack: CurveStack):
             plain.defer_job("jobs_for_tests.add", [1, 1], result=True).get(timeout=2)
     proc.signal(signal.SIGTERM)
     assert proc.wait_exit(30) == 0
+
+
+def test_emq_green_scheduler_connects_over_curve(stack: CurveStack):
+    """emq-green-scheduler takes the client's CURVE settings: a CURVE
+    router's periodic jobs need it (it connected in plain text before)."""
+    stack.router()
+    stack.worker("w", "worker").wait_for("ACK from ", timeout=20)
+    keyed = ["--curve-secret-key-file", stack.keys.secret("client"),
+             "--curve-server-key-file", stack.keys.public("router")]
+    scheduler = stack.spawn("scheduler", [
+        str(BIN / "emq-green-scheduler"), "--scheduler-addr", stack.front,
+        "--scheduler-file", "", *keyed])
+    scheduler.wait_for("scheduler: connected", timeout=20)
+    with Client(stack.front, green=False, curve=stack.keys.curve("client")) as client:
+        schedule(MARK, [str(stack.marks), "tick"], every=1, client=client)
+        wait_until(lambda: len(lines(stack.marks)) >= 2, 30, "two scheduled runs",
+                   details=stack.logs)
+    assert {tag for tag, *_ in lines(stack.marks)} == {"tick"}
+    scheduler.signal(signal.SIGTERM)
+    assert scheduler.wait_exit(20) == 0
+    # half a configuration is refused at start, not tried in plain text
+    half = subprocess.run([str(BIN / "emq-green-scheduler"), "--scheduler-addr", stack.front,
+                           "--scheduler-file", "", *keyed[:2]],
+                          capture_output=True, text=True, timeout=20, env=stack.env)
+    assert half.returncode == 2 and "curve_server_key_file" in half.stderr, half.stderr

@@ -44,6 +44,7 @@ import gevent.event
 import zmq.green as zmq
 
 from ..callables import refusal
+from ..curve import client_curve
 from ..lifecycle import Lifecycle
 from ..protocol import Command, Message, ProtocolError, RunRequest, printable
 from ..schedules import parse_schedule, unschedule_key
@@ -89,6 +90,10 @@ class Scheduler:
                  addr: Optional[str] = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.addr = addr or settings.scheduler_addr
+        #: CURVE to the router's client address, as any client (None: plain,
+        #: or in-process); raises CurveError for half a configuration
+        self._curve = client_curve(settings.curve_secret_key_file,
+                                   settings.curve_server_key_file, self.addr, who="scheduler")
         self._context = context or zmq.Context.instance()
         self._clock = clock
         self.table = ScheduleTable()
@@ -193,6 +198,8 @@ class Scheduler:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{self.settings.name}:scheduler".encode())
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.connect(self.addr)
         self._sock = sock
 
