@@ -16,6 +16,7 @@ A bad value raises :class:`SettingsError` naming the setting and its source.
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import dataclasses
 import json
@@ -359,6 +360,32 @@ _SPECS: tuple[_Spec, ...] = (
           "in-process (emq-green --standalone always runs one)"),
 )
 
+# What --help lists for the router's and the scheduler's programs (every
+# flag is still accepted by each, so one INI file or set of EVENTMQ_*
+# variables can serve all three); the job manager's lists everything, as
+# emq-green --standalone runs a router and a scheduler too.
+_HELP_FIELDS: dict[str, frozenset[str]] = {
+    "router": frozenset({
+        "heartbeat_interval", "heartbeat_timeout", "disable_heartbeats", "kill_grace_period",
+        "super_debug", "hide_heartbeat_logs", "hwm", "max_message_size", "http_allowed_hosts",
+        "frontend_addr", "backend_addr", "administrative_addr", "default_queue_name",
+        "max_buffer_bytes", "max_pending_results", "max_pending_result_bytes",
+        "max_pending_results_per_client", "result_ttl", "curve_secret_key_file",
+        "curve_authorized_keys", "dashboard_addr", "journal_file", "journal_sync",
+        "run_scheduler", "scheduler_file", "allowed_callables"}),
+    "scheduler": frozenset({
+        "heartbeat_interval", "heartbeat_timeout", "heartbeat_liveness", "disable_heartbeats",
+        "reconnect_timeout", "super_debug", "allowed_callables", "scheduler_addr",
+        "scheduler_file", "curve_secret_key_file", "curve_server_key_file"}),
+}
+_DESCRIPTIONS = {
+    "jobmanager": "emq-green: a cooperative (gevent) job manager for EventMQ",
+    "router": "emq-green-router: an EventMQ (eMQP/1.0) router: clients' jobs to workers "
+              "by named, weighted queues",
+    "scheduler": "emq-green-scheduler: periodic and delayed jobs for an EventMQ router "
+                 "(EventMQ's emq-scheduler)",
+}
+
 # Keys whose meaning in the file differs from the command-line flag of the
 # same name: the file's ``queues`` is JSON, ``-Q`` takes names.
 _FILE_KEY_ALIASES = {"queues": "queues-json"}
@@ -420,7 +447,7 @@ def build_parser(
 ) -> configargparse.ArgumentParser:
     parser = configargparse.ArgumentParser(
         prog=prog,
-        description="emq-green: a cooperative (gevent) job manager for EventMQ",
+        description=_DESCRIPTIONS.get(section, _DESCRIPTIONS["jobmanager"]),
         default_config_files=[config_file],
         config_file_parser_class=_SectionsParser(section),
         ignore_unknown_config_file_keys=True,
@@ -429,14 +456,19 @@ def build_parser(
     parser.add_argument("-C", "--config", help="INI file (env EVENTMQ_CONFIG_FILE)")
     parser.add_argument("-n", "--name", env_var=ENV_PREFIX + "NAME",
                         help="name of this instance (default: host-pid-random)")
+    listed = _HELP_FIELDS.get(section)
+    worker = listed is None
     parser.add_argument("-Q", "--queues", nargs="+", metavar="NAME[:WEIGHT]",
-                        help="queues to listen on")
+                        help="queues to listen on" if worker else argparse.SUPPRESS)
     parser.add_argument(_QUEUES_JSON_FLAG, dest="queues_json", env_var=ENV_PREFIX + "QUEUES",
-                        help='queues as JSON [[weight, name], ...] (file key "queues")')
+                        help='queues as JSON [[weight, name], ...] (file key "queues")'
+                        if worker else argparse.SUPPRESS)
     for spec in _SPECS:
         default = getattr(Settings, spec.field, None)
         shown = json.dumps(list(default)) if isinstance(default, tuple) else default
         help_text = spec.help if "default" in spec.help else f"{spec.help} (default: {shown})"
+        if listed is not None and spec.field not in listed:
+            help_text = argparse.SUPPRESS
         kwargs: dict[str, Any] = {"dest": spec.field, "help": help_text,
                                   "env_var": ENV_PREFIX + spec.field.upper()}
         if spec.convert is _to_bool:
@@ -444,7 +476,8 @@ def build_parser(
         parser.add_argument(*spec.flags, **kwargs)
     parser.add_argument("--no-monkey-patch", dest="no_monkey_patch", action="store_true",
                         env_var=ENV_PREFIX + "NO_MONKEY_PATCH",
-                        help="do not gevent-monkeypatch the process (console script only)")
+                        help="do not gevent-monkeypatch the process (console script only)"
+                        if worker else argparse.SUPPRESS)
     return parser
 
 

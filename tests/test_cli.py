@@ -231,6 +231,27 @@ def test_help_lists_eventmq_flags(tmp_path):
         assert flag in out.stdout
 
 
+@pytest.mark.parametrize("script, listed, not_listed", [
+    ("emq-green-router", ["--frontend-addr", "--journal-file", "--max-message-size"],
+     ["--jobs", "--queues", "--subprocess-pool-size", "--scheduler-addr"]),
+    ("emq-green-scheduler", ["--scheduler-addr", "--scheduler-file", "--curve-server-key-file"],
+     ["--jobs", "--frontend-addr", "--journal-file", "--metrics-addr"]),
+])
+def test_router_and_scheduler_help_list_their_own_flags(script, listed, not_listed):
+    out = subprocess.run([str(Path(EMQ_GREEN).with_name(script)), "--help"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0
+    assert "job manager" not in out.stdout
+    for flag in listed:
+        assert flag in out.stdout
+    for flag in not_listed:
+        assert flag not in out.stdout
+    # a job manager's flag is still accepted (one INI file or environment for all)
+    bad = subprocess.run([str(Path(EMQ_GREEN).with_name(script)), "--jobs", "x"],
+                         capture_output=True, text=True, timeout=20)
+    assert bad.returncode == 2 and "concurrent_jobs" in bad.stderr, bad.stderr
+
+
 def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path):
     conf = tmp_path / "eventmq.conf"
     conf.write_bytes(b"[global]\nname=\xff\n")
