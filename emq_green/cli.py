@@ -214,13 +214,17 @@ def router_main(argv: "list[str] | None" = None) -> int:
     if router is None:
         return 1
 
-    def stop() -> None:
+    def stop(signum: int) -> None:
+        import logging
+
+        logging.getLogger("emq_green.router").info(
+            "router: %s received; stopping", signal.Signals(signum).name)
         if scheduler is not None:
             scheduler.stop()
         router.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        gevent.signal_handler(signum, lambda: gevent.spawn(stop))
+        gevent.signal_handler(signum, lambda n=signum: gevent.spawn(stop, n))
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
     router.serve_forever()
     return 0
@@ -263,8 +267,15 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
     except Exception as exc:  # the file cannot be opened or read
         sys.stderr.write(f"emq-green-scheduler: {settings.scheduler_file}: {exc}\n")
         return 1
+    def stop(signum: int) -> None:
+        import logging
+
+        logging.getLogger("emq_green.scheduler").info(
+            "scheduler: %s received; stopping", signal.Signals(signum).name)
+        scheduler.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        gevent.signal_handler(signum, lambda: gevent.spawn(scheduler.stop))
+        gevent.signal_handler(signum, lambda n=signum: gevent.spawn(stop, n))
     scheduler.serve_forever()
     return 0
 

@@ -202,6 +202,7 @@ def test_router_death_with_1000_confirmed_requests_then_restart(peers, tmp_path,
     else:
         router.signal(signal.SIGTERM)
         assert router.wait_exit(20) == 0
+        assert "router: SIGTERM received; stopping" in router.text()
     assert _journal_rows(journal) == 1000  # every confirmed request is on disk
 
     again = GreenRouter(peers, addrs, "--journal-file", str(journal))

@@ -461,7 +461,8 @@ class RouterLink:
 
     def _on_router_kbye(self, message: Message, conn: Connection) -> None:
         if self._running():
-            self.router_gone = "the router said KBYE (it is shutting down)"
+            self.router_gone = ("the router said KBYE (it is stopping, or had taken this "
+                                "worker for dead)")
             self._wake.set()
 
     # ------------------------------------------------------------------
