@@ -229,3 +229,22 @@ def test_a_corrupt_journal_stops_emq_green_router_with_the_file_named(tmp_path):
     assert out.returncode == 1
     assert str(journal) in out.stderr and "not a readable SQLite database" in out.stderr
     assert journal.read_bytes() == b"\x00garbage" * 512
+
+
+@pytest.mark.timeout(90)
+def test_a_journaled_result_reaches_its_client_across_a_router_kill_9(peers, tmp_path):
+    """A guaranteed job asking for its result, sent before the router is
+    killed and run by the next router on the same journal: the client, still
+    connected with the same identity, gets the value."""
+    addrs = RouterAddrs.fresh()
+    journal = tmp_path / "journal.db"
+    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        handle = client.defer_job("interop_jobs.record", ["survivor"], guarantee=True,
+                                  result=True)
+        assert router.status()["guaranteed_held"] == 1  # no worker yet: it waits
+        router.kill()
+        GreenRouter(peers, addrs, "--journal-file", str(journal))
+        green_worker(peers, addrs, "w", 4)
+        assert handle.get(timeout=30) == "survivor"
+    assert peers.record.wait_for_tags(["survivor"], 10, details=peers.logs)
