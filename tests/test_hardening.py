@@ -444,3 +444,30 @@ def test_sighup_while_jobs_stream_in_loses_none(stack, tmp_path):
     assert len(tags) == total and set(tags.values()) == {1}
     log = (tmp_path / "worker.log").read_text()
     assert log.count("SIGHUP: ") >= 3 and "Traceback" not in log
+
+
+def test_a_reply_that_fits_only_without_the_identity_is_too_large():
+    # the router's whole-message check counts the identity frame it prepends:
+    # a REPLY within that many bytes of the limit was dropped there, silently
+    import collections
+
+    from emq_green.protocol import reply_frames
+    from emq_green.worker.session import fit_reply
+
+    text = json.dumps({"value": "x" * 900})
+    size = sum(map(len, reply_frames(text, "m1")))
+    counters: collections.Counter[str] = collections.Counter()
+    assert fit_reply(text, "m1", size, counters) == text
+    assert fit_reply(text, "m1", size + 20, counters, identity=20) == text
+    refused = json.loads(fit_reply(text, "m1", size + 19, counters, identity=20))
+    assert refused["error"]["type"] == "ReplyTooLarge" and counters["replies_too_large"] == 1
+
+
+def test_a_child_answers_a_too_deeply_nested_value_with_an_error():
+    from emq_green.jobs import JobOutcome, Status
+
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    line = json.loads(child_main._outcome_line(JobOutcome(Status.SUCCEEDED, deep)))
+    assert line["status"] != "succeeded" and line["error_type"] == "RecursionError"

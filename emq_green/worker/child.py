@@ -68,8 +68,9 @@ def _outcome_line(outcome: JobOutcome) -> str:
            "attempts": outcome.attempts}
     try:
         return json.dumps(doc)
-    except (TypeError, ValueError, OverflowError) as exc:
-        # as on the wire: an unencodable return value is an error reply
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # as on the wire: an unencodable (or too deeply nested) return value
+        # is an error reply
         failure = JobOutcome.failure(exc, outcome.attempts)
         return _outcome_line(failure)
 

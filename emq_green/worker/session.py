@@ -518,8 +518,11 @@ class RouterLink:
         """Send ``REPLY [reply_json, msgid]``; a dict is encoded first. Kept
         until the next ACK when no connection is up."""
         text = reply if isinstance(reply, str) else encode_reply(reply)
-        if 0 <= self._max_size < 4 * (len(text) + len(msgid)) + 64:
-            text = fit_reply(text, msgid, self._max_size, self.counters)
+        if 0 <= self._max_size < 4 * (len(text) + len(msgid)) + 1100:
+            # the router counts the identity frame it prepends too
+            conn = self.outgoing
+            identity = len(conn.identity.encode()) if conn is not None else 1024
+            text = fit_reply(text, msgid, self._max_size, self.counters, identity)
         if self.origins.conn_of and self.origins.send(msgid, text):
             self.counters["replies_sent"] += 1
             return
@@ -530,11 +533,13 @@ class RouterLink:
         self.counters["replies_sent"] += 1
 
 
-def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counter[str]) -> str:
-    """``text`` if its REPLY fits the router's max_message_size, else an
-    error reply: the router would drop the whole connection for it (libzmq
-    MAXMSGSIZE), losing the reply and the worker's slot."""
-    size = sum(map(len, reply_frames(text, msgid)))
+def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counter[str],
+              identity: int = 0) -> str:
+    """``text`` if its REPLY fits the router's max_message_size (with the
+    ``identity`` bytes the router's socket prepends), else an error reply:
+    the router would drop it (and libzmq's MAXMSGSIZE the whole connection),
+    losing the reply and the worker's slot."""
+    size = sum(map(len, reply_frames(text, msgid))) + identity
     if size <= max_size:
         return text
     counters["replies_too_large"] += 1
