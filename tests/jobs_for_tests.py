@@ -127,3 +127,7 @@ not_callable = 42
 class _Hidden:
     def run(self):
         return "hidden"
+
+
+#: a module-level lambda: importable by no name a worker could use
+module_lambda = lambda: 1  # noqa: E731

@@ -287,6 +287,10 @@ def test_defer_job_subprocess_option_and_callable_paths():
         callable_path("nodots")
     with pytest.raises(ValueError):
         callable_path(lambda: None)
+    from jobs_for_tests import module_lambda
+
+    with pytest.raises(ValueError, match="not importable"):
+        callable_path(module_lambda)  # it was sent as callable "<lambda>"
     run = RunRequest(path="m", callable="f", subprocess=True)
     assert json.loads(run.payload())[1]["subprocess"] is True
 

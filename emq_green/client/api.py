@@ -103,7 +103,8 @@ def callable_path(func: JobFunc) -> tuple[str, str]:
         cls = owner if inspect.isclass(owner) else type(owner)
         return f"{func.__module__}:{cls.__name__}", func.__name__
     if inspect.isfunction(func) or inspect.isbuiltin(func):
-        if "<locals>" in func.__qualname__ or "." in func.__qualname__:
+        if ("<locals>" in func.__qualname__ or "." in func.__qualname__
+                or func.__name__ == "<lambda>"):
             raise ValueError(f"{func.__qualname__} is not importable by module path")
         if func.__module__ == "__main__":
             logger.warning("%s is defined in __main__; a worker cannot import it",
