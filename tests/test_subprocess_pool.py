@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import cpu_jobs
@@ -249,6 +250,24 @@ def test_a_crashing_child_fails_only_its_own_job(router, make_manager, job, args
     router.wait_until(lambda: len(pool_of(manager).pids()) == 2)
     assert pool_of(manager).counters["children_died"] == 1
     router.wait_count(Command.READY, 4 + 3)
+    stop_and_check(router, manager)
+
+
+def test_a_child_that_died_while_idle_fails_no_job(router, make_manager):
+    # the next job took the dead child and failed with BrokenPipeError
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    first = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))["value"]
+    router.wait_until(lambda: pool_of(manager).status()["busy"] == 0)
+    os.kill(first, signal.SIGKILL)
+    router.wait_until(lambda: gone(first))
+    reply = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))
+    assert "error" not in reply, reply
+    assert reply["value"] not in (first, os.getpid())
+    assert pool_of(manager).pids() == [reply["value"]]
+    assert pool_of(manager).counters["children_died"] == 1
     stop_and_check(router, manager)
 
 

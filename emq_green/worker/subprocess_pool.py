@@ -272,6 +272,14 @@ class SubprocessPool:
                         return self._cannot_start(request, failed)
                 try:
                     child = self._idle.get(timeout=timeout)
+                    while child.proc.poll() is not None:
+                        # it died while idle (the OOM killer, an operator):
+                        # not this job's failure; a replacement is started
+                        self.counters["children_died"] += 1
+                        logger.warning("subprocess child %d died while idle (%s); "
+                                       "replacing it", child.pid, child.death_reason())
+                        self._replace(child, kill=True)
+                        child = self._idle.get(timeout=timeout)
                 except gevent.queue.Empty:
                     return self._cannot_start(request, f"no child was free within the "
                                                        f"job's timeout of {timeout:g} s")
