@@ -337,6 +337,30 @@ def test_client_handle_raises_result_lost():
         assert router.stop(timeout=5)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("green", [True, False])
+def test_closing_the_client_fails_its_waiting_handles_at_once(green):
+    """A handle left waiting by Client.close() waited for its whole timeout
+    (or for ever without one)."""
+    from emq_green.router import Router
+    from emq_green.settings import Settings
+
+    router = Router(settings=Settings(frontend_addr="tcp://127.0.0.1:*",
+                                      backend_addr="tcp://127.0.0.1:*",
+                                      administrative_addr="tcp://127.0.0.1:*"))
+    router.start()
+    try:
+        with Client(router.endpoints["frontend"], green=green) as client:
+            handle = client.defer_job("jobs_for_tests.add", [1, 2], result=True)  # no worker
+        started = time.monotonic()
+        with pytest.raises(ResultLostError) as lost:
+            handle.get(timeout=20)
+        assert lost.value.reason == "client_closed"
+        assert time.monotonic() - started < 5
+    finally:
+        assert router.stop(timeout=5)
+
+
 @pytest.mark.timeout(60)
 def test_submit_wait_prints_one_json_line_per_job(standalone: Stack):
     import subprocess

@@ -164,7 +164,8 @@ class ResultTimeout(TimeoutError):
 
 class ResultLostError(Exception):
     """The router dropped the result (``reason``: ``expired``,
-    ``worker_lost``, ``stopping``); the job may or may not have run."""
+    ``worker_lost``, ``stopping``), or the client was closed while it was
+    awaited (``client_closed``); the job may or may not have run."""
 
     def __init__(self, msgid: str, reason: str, text: str) -> None:
         super().__init__(f"result of job {msgid} lost: {text}")
@@ -352,6 +353,18 @@ class _Channel:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _abandon(self) -> None:
+        """After close: every handle still waiting fails at once with
+        ResultLostError (reason ``client_closed``) instead of waiting for
+        its timeout, or for ever."""
+        with self._handles_lock:
+            waiting = [h for h in self._handles.values() if not h.ready()]
+            self._handles.clear()
+        lost = json.dumps({"lost": "the client was closed before the result came",
+                           "reason": "client_closed"})
+        for handle in waiting:
+            handle._resolve(lost)
+
 
 def _configure(sock: Any, zmq_module: Any, hwm: int, linger: float) -> None:
     sock.setsockopt(zmq_module.IDENTITY, f"results:{uuid.uuid4()}".encode())
@@ -413,6 +426,7 @@ class GreenResultChannel(_Channel):
         self.closed = True
         self._reader.kill()
         self._sock.close()
+        self._abandon()
 
 
 class ThreadResultChannel(_Channel):
@@ -489,6 +503,7 @@ class ThreadResultChannel(_Channel):
             self.closed = True
         self._thread.join()
         self._sock.close()
+        self._abandon()
 
 
 __all__ = ["ResultHandle", "JobError", "ResultTimeout", "ResultLostError", "ConfirmTimeout",
