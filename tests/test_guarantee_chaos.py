@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -248,3 +249,33 @@ def test_a_journaled_result_reaches_its_client_across_a_router_kill_9(peers, tmp
         green_worker(peers, addrs, "w", 4)
         assert handle.get(timeout=30) == "survivor"
     assert peers.record.wait_for_tags(["survivor"], 10, details=peers.logs)
+
+
+_FORK_SCRIPT = """
+import os, signal, sys
+from emq_green.client import defer_job
+addr = sys.argv[1]
+defer_job("interop_jobs.record", ["parent"], addr=addr)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a child stuck on the parent's socket dies of SIGALRM
+    # guaranteed: it returns once the router holds it (os._exit has no linger)
+    defer_job("interop_jobs.record", ["child"], addr=addr, guarantee=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_shared_client_works_in_a_forked_child(peers):
+    """gunicorn --preload, multiprocessing: a child's first defer_job on the
+    shared client blocked for ever on the parent's socket."""
+    addrs = RouterAddrs.fresh()
+    GreenRouter(peers, addrs)
+    green_worker(peers, addrs, "w", 4)
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, addrs.frontend],
+                         capture_output=True, text=True, timeout=40, env=peers.env())
+    assert out.returncode == 0, out.stderr
+    assert set(peers.record.wait_for_tags(["parent", "child"], 20, details=peers.logs)) == {
+        "parent", "child"}

@@ -515,6 +515,20 @@ _clients: dict[str, Client] = {}
 _clients_lock = threading.Lock()
 
 
+def _forget_clients_after_fork() -> None:
+    """In a forked child (gunicorn --preload, multiprocessing, prefork
+    workers) the parent's sockets are not usable: a send blocked for ever.
+    The child makes its own shared clients on first use; the parent's are
+    dropped, not closed (closing them there is not safe)."""
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 def get_client(addr: Optional[str] = None) -> Client:
     """The shared :class:`Client` for ``addr`` (default ``$EMQ_BROKER_ADDR``,
     else ``tcp://127.0.0.1:47291``), made on first use."""
