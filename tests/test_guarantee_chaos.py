@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -279,3 +280,21 @@ def test_the_shared_client_works_in_a_forked_child(peers):
     assert out.returncode == 0, out.stderr
     assert set(peers.record.wait_for_tags(["parent", "child"], 20, details=peers.logs)) == {
         "parent", "child"}
+
+
+@pytest.mark.timeout(60)
+def test_workers_rejoin_a_restarted_router_at_their_next_heartbeat(peers):
+    """The new router tells a worker it does not know to connect anew
+    (KBYE): it rejoins at its next heartbeat (3 s), not after its own
+    heartbeat timeout x liveness (15 s)."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "4", "-n", "w"])  # default heartbeats
+    wait_until(lambda: router.workers(), 20, "the worker joined", details=peers.logs)
+    router.kill()
+    again = GreenRouter(peers, addrs)
+    started = time.monotonic()
+    wait_until(lambda: again.workers(), 10, "the worker joined the new router",
+               details=peers.logs)
+    assert time.monotonic() - started < 10
+    assert "told to connect anew (KBYE)" in again.text()

@@ -97,6 +97,8 @@ class WorkerSide:
         self._last_heartbeat = 0.0
         #: identities removed as dead, told to reconnect if they speak again
         self._taken_for_dead: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
+        #: unknown identities already told to reconnect (KBYE)
+        self._told_unknown: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
         #: Told of each job (see :class:`RouterObserver`); None: nobody listens.
         self.observer: Optional[RouterObserver] = None
         #: Requests handed out in this turn and not sent yet: (worker,
@@ -140,9 +142,19 @@ class WorkerSide:
                          message.command.value, printable(identity))
         else:
             self._counters["unknown_worker_messages"] += 1
+            told = identity in self._told_unknown
             self._log.warning("unknown_worker",
                               "router: unknown worker %s sent %s; dropped (it must INFORM "
-                              "first)", printable(identity), message.command.value)
+                              "first)%s", printable(identity), message.command.value,
+                              "" if told else "; told to connect anew (KBYE)")
+            if not told:
+                # a worker of the router before a restart: KBYE makes an
+                # emq-green worker INFORM at once, not after its heartbeat
+                # timeout (EventMQ's job manager ignores it); once per identity
+                self._told_unknown[identity] = True
+                while len(self._told_unknown) > DEPARTED_MEMORY:
+                    self._told_unknown.popitem(last=False)
+                self._sockets.send("backend", identity, Message.new(Command.KBYE))
         return False
 
     @staticmethod
