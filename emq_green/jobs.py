@@ -216,6 +216,8 @@ class Deadlines:
     def __init__(self) -> None:
         #: greenlet -> (deadline, token)
         self._attempts: dict[Any, tuple[float, object]] = {}
+        #: greenlets a JobTimeout was thrown into, until they leave
+        self._thrown: set[Any] = set()
         self._timer: Any = None
         self.period = self.MAX_PERIOD
 
@@ -229,7 +231,15 @@ class Deadlines:
         return token
 
     def leave(self) -> None:
-        self._attempts.pop(gevent.getcurrent(), None)
+        current = gevent.getcurrent()
+        self._attempts.pop(current, None)
+        if self._thrown:
+            self._thrown.discard(current)
+
+    def overdue(self) -> bool:
+        """Whether the current greenlet's JobTimeout was thrown (and caught
+        by the job itself, since it is still running)."""
+        return bool(self._thrown) and gevent.getcurrent() in self._thrown
 
     def __len__(self) -> int:
         return len(self._attempts)
@@ -252,6 +262,7 @@ class Deadlines:
         for greenlet, token in late:
             del self._attempts[greenlet]
             if not greenlet.dead:
+                self._thrown.add(greenlet)
                 greenlet.throw(JobTimeout(token))
 
 
@@ -303,12 +314,17 @@ class JobRunner:
             except Exception as exc:
                 return not_found(request, exc)
             value = func(*request.args, **request.kwargs)
+            if token is not None and self.deadlines.overdue():
+                # the job caught its JobTimeout (a bare except) and ran on:
+                # it still exceeded its timeout
+                return _timed_out(request, timeout, attempt)
         except JobTimeout as exc:
             if token is None or exc.args[0] is not token:
                 raise
-            message = f"{request.name} exceeded its timeout of {timeout:g} s"
-            return JobOutcome(Status.TIMED_OUT, TIMEOUT_VALUE, "TimeoutError", message, attempt)
+            return _timed_out(request, timeout, attempt)
         except Exception as exc:
+            if token is not None and self.deadlines.overdue():
+                return _timed_out(request, timeout, attempt)
             logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc,
                            exc_info=logger.isEnabledFor(logging.DEBUG))
             return JobOutcome.failure(exc, attempt)
@@ -316,6 +332,11 @@ class JobRunner:
             if token is not None:
                 self.deadlines.leave()
         return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
+
+
+def _timed_out(request: RunRequest, timeout: Optional[float], attempt: int) -> JobOutcome:
+    message = f"{request.name} exceeded its timeout of {timeout:g} s"
+    return JobOutcome(Status.TIMED_OUT, TIMEOUT_VALUE, "TimeoutError", message, attempt)
 
 
 class JobTimeout(BaseException):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 
 import gevent
 import gevent.event
@@ -79,6 +80,18 @@ def swallow_everything(seconds):
     except Exception:
         return "swallowed"
     return "finished"
+
+
+def catch_the_timeout(seconds, step=0.05):
+    """A job whose bare except swallows its JobTimeout and runs on."""
+    deadline = time.monotonic() + seconds
+    caught = 0
+    while time.monotonic() < deadline:
+        try:
+            gevent.sleep(step)
+        except BaseException:  # noqa: BLE001 - what the test is about
+            caught += 1
+    return f"done after catching {caught}"
 
 
 def counted_nap(key, seconds):

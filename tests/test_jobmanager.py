@@ -152,6 +152,20 @@ def test_timeout_header_stops_the_job_and_returns_the_slot(router, make_manager)
     assert manager.counters["timed_out"] == 1 and not manager.jobs_in_flight
 
 
+def test_a_job_that_catches_its_timeout_still_timed_out(router, make_manager):
+    # its bare except swallowed the JobTimeout and it replied with success
+    manager = make_manager(concurrent_jobs=1)
+    ident = router.wait_inform()
+    msgid = router.request(ident, JOBS, "catch_the_timeout", args=[0.6],
+                           headers="reply-requested,timeout:0.2")
+    reply = router.wait_reply(msgid, timeout=10)
+    assert reply["error"]["type"] == "TimeoutError", reply
+    ok = router.request(ident, JOBS, "catch_the_timeout", args=[0.1],
+                        headers="reply-requested,timeout:5")
+    assert router.wait_reply(ok, timeout=10) == {"value": "done after catching 0"}
+    assert manager.counters["timed_out"] == 1
+
+
 def test_global_timeout_applies_without_header(router, make_manager):
     make_manager(global_timeout=0.5)
     ident = router.wait_inform()
