@@ -68,8 +68,8 @@ class JobSlots:
         self.backlog: collections.deque[JobRecord] = collections.deque()
         #: jobs running (greenlets busy), the backlog not counted
         self.running = 0
-        #: set once the worker kills its jobs (kill_all, close): only then is
-        #: a GreenletExit in a job the worker's, answered ``Killed``
+        #: True once the worker kills its jobs, in kill_all or close; only
+        #: then is a GreenletExit in a job the worker's, answered ``Killed``
         self.stopping = False
         # A Group, not Pool(concurrent_jobs): a Pool frees its slot only when
         # the finished greenlet's link callback runs, one hub iteration
