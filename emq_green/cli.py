@@ -191,6 +191,23 @@ def _start_router(settings, context, prog: str, extra_backend_addrs=(),
     return router, scheduler
 
 
+def _stop_on_signals(what: str, stop) -> None:
+    """SIGTERM, SIGINT and SIGQUIT call ``stop`` in a greenlet, after a log
+    line naming the signal."""
+    import logging
+    import signal
+
+    import gevent
+
+    def on_signal(signum: int) -> None:
+        logging.getLogger(f"emq_green.{what}").info(
+            "%s: %s received; stopping", what, signal.Signals(signum).name)
+        stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        gevent.signal_handler(signum, lambda n=signum: gevent.spawn(on_signal, n))
+
+
 def router_main(argv: "list[str] | None" = None) -> int:
     """``emq-green-router``: the router alone, settings from [global] and [router]."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -214,17 +231,12 @@ def router_main(argv: "list[str] | None" = None) -> int:
     if router is None:
         return 1
 
-    def stop(signum: int) -> None:
-        import logging
-
-        logging.getLogger("emq_green.router").info(
-            "router: %s received; stopping", signal.Signals(signum).name)
+    def stop() -> None:
         if scheduler is not None:
             scheduler.stop()
         router.stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        gevent.signal_handler(signum, lambda n=signum: gevent.spawn(stop, n))
+    _stop_on_signals("router", stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
     router.serve_forever()
     return 0
@@ -238,9 +250,7 @@ DEFAULT_SCHEDULER_FILE = "emq-green-schedules.db"
 def scheduler_main(argv: "list[str] | None" = None) -> int:
     """``emq-green-scheduler``: settings from [global] and [scheduler]."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    import signal
 
-    import gevent
 
     from .curve import CurveError
     from .scheduler import Scheduler
@@ -267,15 +277,7 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
     except Exception as exc:  # the file cannot be opened or read
         sys.stderr.write(f"emq-green-scheduler: {settings.scheduler_file}: {exc}\n")
         return 1
-    def stop(signum: int) -> None:
-        import logging
-
-        logging.getLogger("emq_green.scheduler").info(
-            "scheduler: %s received; stopping", signal.Signals(signum).name)
-        scheduler.stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        gevent.signal_handler(signum, lambda n=signum: gevent.spawn(stop, n))
+    _stop_on_signals("scheduler", scheduler.stop)
     scheduler.serve_forever()
     return 0
 

@@ -409,8 +409,6 @@ class _SectionsParser(configargparse.ConfigFileParser):
         ini = configparser.ConfigParser(interpolation=None)
         try:
             ini.read_string(stream.read(), source=getattr(stream, "name", "<config>"))
-        except UnicodeDecodeError as exc:
-            raise configargparse.ConfigFileParserException(f"not UTF-8 text ({exc})") from exc
         except configparser.Error as exc:
             raise configargparse.ConfigFileParserException(str(exc)) from exc
         items: OrderedDict = OrderedDict()
@@ -560,7 +558,6 @@ def load_settings(
         ns = parser.parse_args(argv, env_vars=environ)
     except configargparse.ConfigFileParserException as exc:
         raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
-
     sources = _sources(parser)
 
     values: dict[str, Any] = {"config_file": config_file}

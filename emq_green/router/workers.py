@@ -78,6 +78,14 @@ class RouterObserver(Protocol):
         """A worker was removed: it said KBYE (draining) or went silent (dead)."""
 
 
+def _remember(book: collections.OrderedDict[bytes, bool], identity: bytes) -> None:
+    """Note ``identity`` in a book of at most DEPARTED_MEMORY, the oldest
+    forgotten first."""
+    book[identity] = True
+    while len(book) > DEPARTED_MEMORY:
+        book.popitem(last=False)
+
+
 class WorkerSide:
     """The backend's handlers over :class:`~emq_green.router.routing.Routing`."""
 
@@ -151,9 +159,7 @@ class WorkerSide:
                 # a worker of the router before a restart: KBYE makes an
                 # emq-green worker INFORM at once, not after its heartbeat
                 # timeout (EventMQ's job manager ignores it); once per identity
-                self._told_unknown[identity] = True
-                while len(self._told_unknown) > DEPARTED_MEMORY:
-                    self._told_unknown.popitem(last=False)
+                _remember(self._told_unknown, identity)
                 self._sockets.send("backend", identity, Message.new(Command.KBYE))
         return False
 
@@ -339,9 +345,7 @@ class WorkerSide:
         unsent = self._take_back(worker)
         if dead:
             self.routing.remove(worker)
-            self._taken_for_dead[worker.identity] = True
-            while len(self._taken_for_dead) > DEPARTED_MEMORY:
-                self._taken_for_dead.popitem(last=False)
+            _remember(self._taken_for_dead, worker.identity)
         else:
             self.routing.leave(worker, time.monotonic() + self.settings.kill_grace_period
                                + self.settings.heartbeat_timeout)
