@@ -153,6 +153,37 @@ def test_green_client_to_eventmq_router_to_green_worker(stack: Stack, tmp_path: 
                                                          "mail"}
 
 
+@pytest.mark.timeout(90)
+def test_sighup_reloaded_worker_takes_jobs_at_once_behind_green_router(stack: Stack,
+                                                                       tmp_path: Path):
+    """emq-green's router drops a worker's unused READYs with its KBYE, as
+    EventMQ's does: after SIGHUP, the new identity is offered every slot at
+    once, not after heartbeat_timeout (60 s here) of quiet on the old one."""
+    stack.spawn("router", [str(BIN / "emq-green-router"), "--frontend-addr", stack.front,
+                           "--backend-addr", stack.back, "--administrative-addr", stack.admin])
+    worker = stack.spawn("emq-green", [str(BIN / "emq-green"), "-B", stack.back, "-J", "3"],
+                         EVENTMQ_HEARTBEAT_TIMEOUT="60")
+    [first] = stack.wait_for_worker(slots=3)["connected_workers"]
+    worker.send_signal(signal.SIGHUP)
+
+    def new_identity() -> bool:
+        shown = admin_request(stack.admin, Command.ROUTER_SHOW_WORKERS) or {}
+        workers = shown.get("connected_workers", {})
+        return first not in workers and any(w["available_slots"] == 3
+                                            for w in workers.values())
+
+    wait_until(new_identity, 15, "the reloaded worker's new identity with its 3 slots")
+    with Client(stack.front, green=False) as client:
+        handles = [client.defer_job("examples.jobs.mark", [str(tmp_path / "marks"), f"j{n}"],
+                                    result=True) for n in range(6)]
+        try:
+            assert [h.get(timeout=15) for h in handles] == [f"j{n}" for n in range(6)]
+        except Exception:
+            raise AssertionError(stack.logs()) from None
+    assert sorted(line.split()[0] for line in lines(tmp_path / "marks")) == [
+        f"j{n}" for n in range(6)]
+
+
 @pytest.mark.timeout(60)
 def test_client_from_many_greenlets_shares_no_socket_and_opens_few():
     """50 greenlets share one client while the router is not there yet:

@@ -261,6 +261,32 @@ def test_sigterm_finishes_running_jobs_and_kbye_hands_over(peers, client_factory
     assert first.count(r"killing \d+ job") == 0, first.tail()
 
 
+def test_sighup_reload_takes_jobs_at_once_behind_eventmq_router(peers, client_factory):
+    """SIGHUP: KBYE, a new identity, and every slot offered at once on it.
+    EventMQ's router forgets the old identity's READYs with its KBYE; a
+    worker that waited heartbeat_timeout (60 s here) for its old socket to
+    be quiet would leave these jobs in the router's buffer for a minute."""
+    router = peers.router()
+    green = peers.green(green_argv(router.addrs, 4, "hup"),
+                        env=peers.env(EVENTMQ_HEARTBEAT_TIMEOUT="60"))
+    first, _ = router.wait_for_worker("hup:", 4)
+    mark = green.mark()
+    green.signal(signal.SIGHUP)
+    green.wait_for(r"ACK from ", timeout=20, since=mark)
+    router.wait_for(rf"Removed worker - {re.escape(first)} from default", 10)
+    second, _ = router.wait_for_worker("hup:", 4, timeout=15)
+    assert second != first
+    client = client_factory(router.addrs.frontend)
+    tags = [f"after-hup-{i}" for i in range(8)]
+    for tag in tags:
+        client.defer("interop_jobs.record", tag)
+    peers.record.wait_for_tags(tags, 15, details=peers.logs)
+    assert max(peers.record.tags().values()) == 1, "a job ran twice"
+    assert set(peers.record.pids().values()) == {green.pid}
+    router.wait_for_worker("hup:", 4)
+    assert router.count(UNKNOWN_WORKER) == 0
+
+
 # ---------------------------------------------------------------------------
 # router restart
 

@@ -227,6 +227,34 @@ def test_reload_with_jobs_running_keeps_them_and_offers_only_free_slots(router, 
     assert router.count(Command.READY, second) == 7  # 6 - 2 + 1 + 2
 
 
+def test_reload_that_shrinks_the_slots_below_the_jobs_running(router, make_manager, caplog):
+    """3 jobs run, the reload sets concurrent_jobs = 1: no slot is free (0,
+    not -2, in the status and the ACK's log line) and no READY is offered
+    until the jobs running are down to 0 again; then exactly 1."""
+    caplog.set_level(logging.INFO, logger="emq_green")
+    made: list[JobManager] = []
+    manager = make_manager(concurrent_jobs=4, settings_loader=lambda: made[0].settings.replace(
+        concurrent_jobs=1))
+    made.append(manager)
+    first = router.wait_inform()
+    router.wait_count(Command.READY, 4, identity=first)
+    running = [router.request(first, JOBS, "wait_gate", args=["s"], headers=REPLY)
+               for _ in range(3)]
+    router.wait_until(lambda: J.calls["wait_gate"] == 3)
+    manager.reload()
+    second = router.wait_inform(index=1)
+    assert manager.wait_for_state(State.RUNNING, timeout=10)
+    assert manager.free_slots == 0 and manager.status()["free_slots"] == 0
+    assert "3 job(s) still running, 0 slot(s) free" in caplog.text
+    J.gates["s"].set()
+    for msgid in running:
+        assert router.wait_reply(msgid) == {"value": "s"}
+    router.wait_until(lambda: not manager.jobs_in_flight)
+    router.wait_count(Command.READY, 1, identity=second)
+    assert router.count(Command.READY, second) == 1
+    assert manager.free_slots == 1
+
+
 def test_reload_with_a_bad_config_file_keeps_the_settings_and_says_why(
         router, make_manager, tmp_path, caplog):
     conf = tmp_path / "eventmq.conf"

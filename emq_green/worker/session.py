@@ -9,13 +9,16 @@ leave is the job manager's decision (its supervisor), not this module's.
 
 READY credit. The router trusts READY counts completely, so the link keeps
 one invariant: READYs outstanding on the current connection never exceed
-the free slots it is given (``concurrent_jobs`` minus the jobs in flight)
-minus the READYs still unused on connections left after a reload (the
-router may yet send a REQUEST for each).
+the free slots it is given (``concurrent_jobs`` minus the jobs in flight).
 
-After a KBYE on reload (:meth:`retire`), the old connection is read until
-the router has been quiet for ``heartbeat_timeout`` while its READYs are
-unused; REQUESTs that arrive there run like any other. The REPLY of a job
+After a KBYE on reload (:meth:`retire`), the new connection offers every
+free slot as soon as it is ACKed: a router drops a worker's unused READYs
+when it reads its KBYE (EventMQ 0.3.13's does, and emq-green's), so
+waiting for them would only keep an idle worker from taking jobs. The old
+connection is still read until the router has been quiet for
+``heartbeat_timeout`` while its READYs are unused: a REQUEST the router
+sent there before it read the KBYE runs like any other (in the backlog
+when every slot is taken meanwhile, so nothing is lost). The REPLY of a job
 goes out on the connection the router handed it to (the router takes a
 REPLY only from the worker identity that holds the request): a retired
 connection stays open until the jobs it brought have ended. A graceful stop's
@@ -83,11 +86,7 @@ def _linger(link: RouterLink, conn: Connection, reader: gevent.Greenlet,
             if left <= 0:
                 break
             gevent.sleep(min(left, 0.25))
-        if conn.ready_outstanding:
-            logger.info("connection %s: %d READY(s) it had offered were not used",
-                        conn.identity, conn.ready_outstanding)
-            conn.ready_outstanding = 0
-            link._wake.set()  # they may be offered again
+        conn.ready_outstanding = 0
         while link.origins.holds(conn):
             gevent.sleep(0.25)  # poll: jobs end at their own pace
     finally:
@@ -495,13 +494,12 @@ class RouterLink:
     # READY credit and replies
 
     def offer_slots(self, free: int) -> None:
-        """READYs until the router's credit is ``free`` slots (minus what
-        retiring connections may still use)."""
+        """READYs until the router's credit on the current connection is
+        ``free`` slots (a retired connection's unused READYs are not counted:
+        the router dropped them with its KBYE)."""
         conn = self.outgoing
         if conn is None or not self._running():
             return
-        if self.retiring:
-            free -= sum(old.ready_outstanding for old in self.retiring)
         while conn.ready_outstanding < free:
             self.send_ready()
 

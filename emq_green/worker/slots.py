@@ -111,8 +111,9 @@ class JobSlots:
             policy=policy)
 
     def free(self) -> int:
-        """Slots not taken by a job in flight."""
-        return self.concurrent_jobs - len(self.jobs_in_flight)
+        """Slots not taken by a job in flight (0, not less, while more jobs
+        run than ``concurrent_jobs`` allows after a reload shrank it)."""
+        return max(0, self.concurrent_jobs - len(self.jobs_in_flight))
 
     def status(self, now: float) -> dict[str, Any]:
         """Free slots, backlog, job greenlets, and the jobs in flight oldest

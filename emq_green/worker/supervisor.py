@@ -189,7 +189,7 @@ class Supervisor:
                     self._counters["router_lost"] += 1
                     self._hooks.notify("disconnected", link.router_gone)
                     return
-                self._offer_slots()  # (after a retired connection closed: its READYs)
+                self._offer_slots()
                 self._wake.wait()
                 self._wake.clear()
         finally:
