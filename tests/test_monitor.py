@@ -61,6 +61,11 @@ def test_blocking_job_is_reported_with_its_callable_and_msgid(router, make_manag
     [line] = [r.getMessage() for r in caplog.records
               if r.levelno == logging.WARNING and "event loop blocked" in r.getMessage()]
     assert msgid in line and f"{JOBS}.{job}" in line and "queue default" in line
+    # it blocked at once: its start is known to the last tick, maybe before the job's
+    assert re.search(r"msgid \S+, 0\.\d\d s into the job", line), line
+    assert 0 <= incident.in_job < 0.1
+    [shown] = stats["recent"]
+    assert shown["in_job_seconds"] >= 0
     assert f"{job}(" in line or f"in {job}" in line  # the stack
 
 

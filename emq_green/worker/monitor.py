@@ -215,13 +215,21 @@ class Incident:
     def duration(self) -> float:
         return (self.ended or time.monotonic()) - self.started
 
+    @property
+    def in_job(self) -> Optional[float]:
+        """Seconds from the job's start to the block's, None outside a job.
+        The block's start is known only to the loop's last tick, which may
+        come before the job began: 0 then, never less."""
+        if self.job_started is None:
+            return None
+        return max(0.0, self.started - self.job_started)
+
     def summary(self) -> dict[str, Any]:
         """For the status (served over HTTP): no msgid, which names a result
         (the WARNING line logged for the incident has it)."""
         return {"callable": self.callable, "queue": self.queue,
                 "blocked_seconds": round(self.duration, 3),
-                "in_job_seconds": (round(self.started - self.job_started, 3)
-                                   if self.job_started is not None else None),
+                "in_job_seconds": None if self.in_job is None else round(self.in_job, 3),
                 "stack_tail": self.stack[-1].strip() if self.stack else ""}
 
 
@@ -385,7 +393,7 @@ class BlockMonitor(Extension):
         self.recent.append(incident)
         if incident.msgid is not None:
             where = (f"by job {incident.callable} (queue {incident.queue}, msgid "
-                     f"{incident.msgid}, {incident.started - (incident.job_started or 0):.2f} s "
+                     f"{incident.msgid}, {incident.in_job or 0.0:.2f} s "
                      f"into the job)")
         else:
             where = f"outside any job, by {incident.greenlet}"
