@@ -90,6 +90,18 @@ def spawn_and_spin(pid_file, seconds):
     return spin(seconds)
 
 
+def fork_then_die(pid_file):
+    """Fork a process that keeps every inherited descriptor (the pool's pipe
+    too) open for two minutes, then die as if the OOM killer struck."""
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(120)
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(grandchild))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def exit_hard(code):
     os._exit(code)
 

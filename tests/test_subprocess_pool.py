@@ -253,6 +253,26 @@ def test_a_crashing_child_fails_only_its_own_job(router, make_manager, job, args
     stop_and_check(router, manager)
 
 
+def test_a_child_that_dies_while_a_process_it_forked_holds_its_pipe(router, make_manager,
+                                                                      tmp_path):
+    """The job forks (the fork inherits the pool's pipe) and the child is
+    killed: the death is seen at once, not when the pipe closes two minutes
+    later; the fork dies with its process group."""
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    pid_file = tmp_path / "grandchild"
+    crash = router.request(ident, CPU, "fork_then_die", args=[str(pid_file)],
+                           headers=REPLY, subprocess=True)
+    reply = router.wait_reply(crash, timeout=20)
+    assert reply["error"]["type"] == "ChildProcessError"
+    assert "killed by SIGKILL" in reply["value"], reply
+    router.wait_until(lambda: gone(int(pid_file.read_text())), timeout=10)
+    after = router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+    assert router.wait_reply(after)["value"] != os.getpid()
+    assert pool_of(manager).counters["children_died"] == 1
+    stop_and_check(router, manager)
+
+
 def test_a_child_that_died_while_idle_fails_no_job(router, make_manager):
     # the next job took the dead child and failed with BrokenPipeError
     manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)

@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 120.0
 #: How long closing the pool waits for idle children to exit by themselves.
 CLOSE_TIMEOUT = 2.0
+#: How long after a child's death the pool still reads its last line, s.
+DEATH_GRACE = 0.5
 
 
 def cpu_count() -> int:
@@ -104,6 +106,11 @@ class _ChildTimedOut(BaseException):
     so that nothing between it and the pool swallows it."""
 
 
+class _ChildGone(BaseException):
+    """Thrown into the greenlet reading a child that has died while its
+    output stays open (a grandchild forked by the job holds the pipe)."""
+
+
 class _Child:
     """One child process and its two pipes. Only the greenlet that took it
     from the pool reads or writes it."""
@@ -127,15 +134,38 @@ class _Child:
         self.pid: int = self.proc.pid
         self.jobs = 0
         self.ready = False
+        #: the greenlet in :meth:`receive`, if any
+        self._reader: Optional[gevent.Greenlet] = None
+        # EOF on the pipe is not enough to see a death: a process the job
+        # forked inherits the pipe and may hold it open for ever
+        gevent.spawn(self._watch)
+
+    def _watch(self) -> None:
+        self.proc.wait()
+        gevent.sleep(DEATH_GRACE)  # a line it wrote before dying is read first
+        reader = self._reader
+        if reader is not None:
+            gevent.get_hub().loop.run_callback(self._interrupt, reader)
+
+    def _interrupt(self, reader: gevent.Greenlet) -> None:
+        if self._reader is reader:  # still waiting in receive
+            reader.throw(_ChildGone())
 
     def send(self, doc: dict[str, Any]) -> None:
         self.proc.stdin.write(json.dumps(doc).encode() + b"\n")
         self.proc.stdin.flush()
 
     def receive(self, timeout: Optional[float]) -> dict[str, Any]:
-        """The next message; raises ChildDied at EOF, _ChildTimedOut."""
-        with gevent.Timeout(timeout, _ChildTimedOut):
-            line = self.proc.stdout.readline()
+        """The next message; raises ChildDied at EOF or once the child is
+        dead, _ChildTimedOut."""
+        self._reader = gevent.getcurrent()
+        try:
+            with gevent.Timeout(timeout, _ChildTimedOut):
+                line = self.proc.stdout.readline()
+        except _ChildGone:
+            raise ChildDied() from None
+        finally:
+            self._reader = None
         if not line:
             raise ChildDied()
         return json.loads(line)
