@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -45,13 +46,27 @@ def require_eventmq() -> None:
                     "run bash scripts/test.sh, which installs it", pytrace=False)
 
 
+# Ports are picked below Linux's ephemeral range (32768-60999 by default):
+# a port the kernel hands out with bind(0) can be taken by any process's
+# outgoing connection between the pick and the peer's bind ("Address already
+# in use" in a busy suite); these are never handed out that way.
+_PORT_RANGE = (20000, 32000)
+_rng = random.Random()
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports (held open together, so none
-    is handed out twice)."""
-    socks = [socket.socket() for _ in range(count)]
+    is handed out twice), outside the ephemeral range."""
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
+        while len(socks) < count:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", _rng.randrange(*_PORT_RANGE)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
@@ -59,9 +74,8 @@ def free_ports(count: int) -> list[int]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    [port] = free_ports(1)
+    return port
 
 
 def wait_until(

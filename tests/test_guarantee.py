@@ -14,6 +14,7 @@ behaviour.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from typing import Optional
@@ -98,7 +99,8 @@ def test_plain_request_keeps_eventmq_behaviour(make_router):
     assert sent.msgid not in {m.msgid for m in other.pending()}
 
 
-def test_dead_worker_jobs_run_elsewhere_and_its_late_reply_is_dropped(make_router):
+def test_dead_worker_jobs_run_elsewhere_and_its_late_reply_is_dropped(make_router, caplog):
+    caplog.set_level(logging.INFO, logger="emq_green")
     h = make_router(**FAST)
     client = h.peer("frontend")
     dying = h.worker(slots=3, name="dying")
@@ -111,6 +113,9 @@ def test_dead_worker_jobs_run_elsewhere_and_its_late_reply_is_dropped(make_route
     # it falls silent (a SIGSTOP, a dead host): removed, its jobs go again
     wait_until(lambda: b"dying" not in h.router.workers, timeout=5, what="worker removed")
     assert h.router.status()["redelivered"] == 3
+    [removed] = [r.getMessage() for r in caplog.records if "removed (" in r.getMessage()]
+    assert "3 request(s) in flight there: 3 guaranteed, sent again; 0 not re-dispatched" \
+        in removed, removed
     other = join(h, 3, name="other")
     again = [other.recv() for _ in range(3)]
     assert [m.msgid for m in again] == [m.msgid for m in sent]  # in their old order

@@ -178,6 +178,40 @@ def test_sigstop_past_the_timeout_then_sigcont(peers, tmp_path):
     assert sum(done[t] for t in first) >= 40  # each at least once (some twice)
 
 
+@pytest.mark.timeout(120)
+def test_a_lone_worker_stopped_past_the_timeout_ends_its_jobs_once_with_their_results(
+        peers, tmp_path):
+    """One worker, stopped with SIGSTOP past the router's timeout while
+    guaranteed jobs that asked for their results run, then resumed: the
+    router queues the jobs again, and they come back to the same process
+    under its new identity, still running them. Not run twice, not answered
+    as errors: each client gets its job's own value, and the journal empties."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--journal-file", str(tmp_path / "journal.db"))
+    lone = green_worker(peers, addrs, "lone", 10)
+    gate = tmp_path / "gate"
+    tags = [f"lone{i}" for i in range(3)]
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
+                                    guarantee=True, result=True) for tag in tags]
+        wait_started_on(peers, tags, lone.pid)
+        lone.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: router.status()["redelivered"] >= 3, 20,
+                       "its jobs queued again", details=peers.logs)
+        finally:
+            lone.signal(signal.SIGCONT)
+        # the copies reached it (refused as "already in flight" before the fix)
+        lone.wait_for(r"already (?:running here|in flight)", timeout=30)
+        gate.touch()
+        assert [h.get(timeout=30) for h in handles] == tags
+    done = peers.record.wait_for_tags(tags, 10, details=peers.logs)
+    assert {t: done[t] for t in tags} == {t: 1 for t in tags}  # once each
+    assert peers.record.count("start") == 3
+    wait_until(lambda: router.status()["journal_rows"] == 0, 10, "the journal emptied")
+    assert router.status()["guaranteed_held"] == 0
+
+
 def _journal_rows(path: Path) -> int:
     db = sqlite3.connect(path)
     try:
@@ -250,6 +284,57 @@ def test_a_journaled_result_reaches_its_client_across_a_router_kill_9(peers, tmp
         green_worker(peers, addrs, "w", 4)
         assert handle.get(timeout=30) == "survivor"
     assert peers.record.wait_for_tags(["survivor"], 10, details=peers.logs)
+
+
+@pytest.mark.timeout(120)
+def test_jobs_running_across_a_router_kill_9_end_once_with_their_results(peers, tmp_path):
+    """Guaranteed jobs asking for their results run on a worker when the
+    router is killed; the next router on the same journal sends them again,
+    to the same worker under its new identity, which still runs them: each
+    runs once, and each client gets its job's own value."""
+    addrs = RouterAddrs.fresh()
+    journal = tmp_path / "journal.db"
+    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    worker = green_worker(peers, addrs, "w", 20)
+    gate = tmp_path / "gate"
+    tags = [f"across{i}" for i in range(5)]
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
+                                    guarantee=True, result=True) for tag in tags]
+        wait_started_on(peers, tags, worker.pid)
+        router.kill()
+        GreenRouter(peers, addrs, "--journal-file", str(journal))
+        worker.wait_for(r"already (?:running here|in flight)", timeout=30)
+        gate.touch()
+        assert [h.get(timeout=30) for h in handles] == tags
+    done = peers.record.wait_for_tags(tags, 10, details=peers.logs)
+    assert {t: done[t] for t in tags} == {t: 1 for t in tags}
+    assert peers.record.count("start") == 5
+
+
+@pytest.mark.timeout(120)
+def test_a_clean_router_stop_does_not_report_journaled_results_lost(peers, tmp_path):
+    """SIGTERM to the router while guaranteed jobs that asked for results
+    run: they stay in its journal, so their handles are not told "lost"; the
+    next router on the journal ends them and the values reach the client."""
+    addrs = RouterAddrs.fresh()
+    journal = tmp_path / "journal.db"
+    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    worker = green_worker(peers, addrs, "w", 20)
+    gate = tmp_path / "gate"
+    tags = [f"kept{i}" for i in range(3)]
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
+                                    guarantee=True, result=True) for tag in tags]
+        wait_started_on(peers, tags, worker.pid)
+        router.signal(signal.SIGTERM)
+        assert router.wait_exit(30) == 0, router.tail()
+        router.wait_for(r"stay in the journal", timeout=5)
+        GreenRouter(peers, addrs, "--journal-file", str(journal))
+        worker.wait_for(r"already (?:running here|in flight)", timeout=30)
+        gate.touch()
+        assert [h.get(timeout=30) for h in handles] == tags
+    assert {t: n for t, n in peers.record.tags().items() if t in tags} == {t: 1 for t in tags}
 
 
 _FORK_SCRIPT = """

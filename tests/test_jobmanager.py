@@ -72,6 +72,40 @@ def test_slots_are_never_overcommitted(router, make_manager):
     assert router.count(Command.READY) == 6  # 3 + one per slot that came back
 
 
+def test_a_job_sent_again_while_it_runs_here_runs_once_and_answers_once(router,
+                                                                         make_manager):
+    """The router sends again a job this worker runs (it took the worker for
+    dead, or restarted from its journal, and the worker came back): the copy
+    is not run, not answered with an error (a router would take that as the
+    job's end), and takes no slot: its READY is given back. The one REPLY is
+    the job's own. The same msgid with another job is still refused."""
+    manager = make_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    body = ["default", "reply-requested,guarantee",
+            RunRequest(path=JOBS, callable="wait_gate", args=("again",)).payload()]
+    frames = Message(Command.REQUEST, "job-sent-twice", tuple(body)).frames()
+    router.send_raw(ident, frames)
+    router.wait_until(lambda: J.calls["wait_gate"] == 1)
+    router.send_raw(ident, frames)  # the copy
+    router.wait_until(lambda: manager.counters["handed_again"] == 1)
+    router.wait_count(Command.READY, 3)  # the copy's READY back: it took no slot
+    assert manager.free_slots == 1 and len(manager.jobs_in_flight) == 1
+    other = Message(Command.REQUEST, "job-sent-twice", (
+        "default", "reply-requested", RunRequest(path=JOBS, callable="add",
+                                                 args=(1, 2)).payload())).frames()
+    router.send_raw(ident, other)
+    router.wait_until(lambda: manager.counters["invalid_requests"] == 1)
+    J.gates["again"].set()
+    router.wait_until(lambda: not manager.jobs_in_flight)
+    replies = [json.loads(r.message.body[0]) for r in router.messages(Command.REPLY)]
+    assert {"value": "again"} in replies and J.calls["wait_gate"] == 1
+    assert sum(r == {"value": "again"} for r in replies) == 1
+    [refused] = [r for r in replies if r != {"value": "again"}]
+    assert refused["error"]["type"] == "InvalidRequest"
+    assert "with another job" in refused["error"]["message"]
+
+
 def test_class_path_with_class_args(router, make_manager):
     make_manager()
     ident = router.wait_inform()

@@ -357,14 +357,22 @@ class Router:
         gevent.killall(readers, timeout=timeout)
         self.worker_side.say_goodbye()
         self.scheduler_side.say_goodbye()
+        journaled = self.guarantees.journal is not None
+        # guaranteed jobs out at workers stay in the journal too, and run
+        # again under the next router: their results are not lost yet
+        kept = {sent.msgid for worker in (*self.routing.workers.values(),
+                                          *self.routing.leaving.values())
+                for sent in worker.in_flight.values() if sent.request is not None
+                } if journaled else set()
         for queue, request in self.routing.clear_buffer():
-            if request.guaranteed and self.guarantees.journal is not None:
+            if request.guaranteed and journaled:
+                kept.add(request.msgid)
                 continue  # it stays in the journal
             logger.error("router stopping: buffered REQUEST %s (queue %s) dropped",
                          printable(request.msgid), printable(queue))
             self.dropped_by_queue[queue] += 1
             self.dropped_by_reason["stopping"] += 1
-        self.relay.stop()
+        self.relay.stop(kept)
         self.sockets.drop_unread_requests()
         self.guarantees.close()  # commits what is queued
         self._close()

@@ -26,7 +26,7 @@ import collections
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Container, Mapping, Optional
 
 from ..limits import LogLimiter
 from ..protocol import Command, Message, printable, relayed_reply_frames
@@ -312,10 +312,14 @@ class ResultRelay:
             for msgid, client in self.pending.expire(now):
                 self.lost(msgid, client, EXPIRED)
 
-    def stop(self) -> None:
-        """The router stops: every pending result is reported lost."""
+    def stop(self, kept: Container[str] = ()) -> None:
+        """The router stops: every pending result is reported lost, except
+        those of the jobs in ``kept``, which stay in the journal: the next
+        router on it runs them, and sends each result to its client if that
+        client is still connected."""
         for msgid, client in self.pending.clear(STOPPING):
-            self.lost(msgid, client, STOPPING)
+            if msgid not in kept:
+                self.lost(msgid, client, STOPPING)
 
 
 __all__ = ["PendingResults", "ResultRelay", "lost_body", "refusal_body"]

@@ -353,8 +353,14 @@ class WorkerSide:
             self.observer.worker_left(worker, dead)
         lost = [s for s in worker.in_flight.values() if s.request is None] if dead else []
         log = logger.error if lost else logger.info
-        log("router: worker %s removed (%s); %d request(s) in flight there%s", worker.log_name,
-            reason, len(worker.in_flight), ", not re-dispatched:" if lost else "")
+        held = len(worker.in_flight)
+        if dead and held:
+            log("router: worker %s removed (%s); %d request(s) in flight there: %d "
+                "guaranteed, sent again; %d not re-dispatched%s", worker.log_name, reason,
+                held, held - len(lost), len(lost), ":" if lost else "")
+        else:
+            log("router: worker %s removed (%s); %d request(s) in flight there",
+                worker.log_name, reason, held)
         if dead:
             self._lost(worker, lost)
         if unsent:

@@ -148,8 +148,9 @@ class RouterLink:
         wake: set when the manager's supervisor should look (ACK, router
             gone).
         admit: takes a REQUEST body ``(msgid, [queue, headers, payload])``
-            once its READY credit is accounted; ``reject`` one that could
-            not be read, with the reason.
+            once its READY credit is accounted; True when that job already
+            runs here (sent again); ``reject`` one that could not be read,
+            with the reason.
         on_heartbeat: called with the router's HEARTBEAT.
         on_disconnect: called on the router's DISCONNECT.
         running: whether the manager is in its running state (READYs and
@@ -158,7 +159,7 @@ class RouterLink:
 
     def __init__(self, context: zmq.Context, *, settings: Callable[[], Settings],
                  counters: collections.Counter[str], wake: gevent.event.Event,
-                 admit: Callable[[str, Sequence[str]], None],
+                 admit: Callable[[str, Sequence[str]], bool],
                  reject: Callable[[str, Sequence[str], BaseException], None],
                  on_heartbeat: Callable[[str, list[str]], None],
                  on_disconnect: Callable[[], None], running: Callable[[], bool]) -> None:
@@ -426,7 +427,13 @@ class RouterLink:
                 conn.ready_outstanding -= 1
             if conn is not self.outgoing and conn in self.retiring:
                 self.origins.came_on(msgid, conn)
-        self._admit(msgid, body)
+        if self._admit(msgid, body):
+            # a job running here, sent again: its REPLY leaves where the copy
+            # came (the router holds it there now), and the READY the copy
+            # used is offered again (it took no slot)
+            if conn is self.outgoing and self.origins.conn_of:
+                self.origins.conn_of.pop(msgid, None)
+            self._wake.set()
 
     def _on_bad_request(self, frames: list[bytes], conn: Connection) -> None:
         """A REQUEST that is too large, not UTF-8, of the wrong shape or

@@ -134,33 +134,43 @@ class JobSlots:
     # ------------------------------------------------------------------
     # admission
 
-    def admit(self, msgid: str, body: Sequence[str]) -> None:
+    def admit(self, msgid: str, body: Sequence[str]) -> bool:
         """A REQUEST body ``[queue, headers_csv, payload_json]``: start it,
         backlog it, or reject it (never raises, never blocks). A msgid over
-        :data:`~emq_green.limits.MAX_MSGID_BYTES` is rejected and never held."""
+        :data:`~emq_green.limits.MAX_MSGID_BYTES` is rejected and never held.
+
+        Returns True for a job this worker already has in flight, sent again
+        (:meth:`handed_again`): it is not run twice, and its one REPLY
+        answers the router's copy; the caller sends that REPLY on the
+        connection the copy came on."""
         size = len(msgid)  # (no call for a uuid: this runs per job)
         if size > MAX_MSGID_BYTES // 4 and (size > MAX_MSGID_BYTES or not msgid.isascii()) \
                 and msgid_too_long(msgid):
             self.reject_malformed(msgid, body, ProtocolError(
                 f"its msgid is longer than {MAX_MSGID_BYTES} bytes"))
-            return
+            return False
         try:
             queue, raw_headers, payload = body
             headers = Headers.parse(raw_headers)
             request = RunRequest.parse(payload)
         except Exception as exc:  # whatever the frames hold, the slot comes back
             self.reject_malformed(msgid, body, exc)
-            return
+            return False
         refused = self.policy.refusal(request)
         if refused is not None:
             self.counters["refused"] += 1
             worker_log.warning("refused", "REQUEST %s refused: %s", printable(msgid),
                                printable(refused, 300), via=logger)
             self._rejected(msgid, headers, JobOutcome.rejected(NOT_ALLOWED, refused))
-            return
-        if msgid in self.jobs_in_flight:
-            self.reject_malformed(msgid, body, ProtocolError("its msgid is already in flight"))
-            return
+            return False
+        running = self.jobs_in_flight.get(msgid)
+        if running is not None:
+            if running.queue == queue and running.request == request:
+                self.handed_again(running, headers)
+                return True
+            self.reject_malformed(msgid, body, ProtocolError(
+                "its msgid is already in flight here, with another job"))
+            return False
         record = JobRecord(msgid, queue, headers, request)
         self.jobs_in_flight[msgid] = record
         if self.running >= self.concurrent_jobs:
@@ -171,6 +181,23 @@ class JobSlots:
             self.backlog.append(record)
         else:
             self.start(record)
+        return False
+
+    def handed_again(self, record: JobRecord, headers: Headers) -> None:
+        """The router sent a job again that runs (or waits) here: it took this
+        worker for dead (a stop with SIGSTOP, a network split) or restarted
+        from its journal, and this worker came back under a new identity.
+        Running it twice, or answering the copy with an error (which the
+        router would take as the job's end), would break the guarantee; its
+        one REPLY answers both."""
+        self.counters["handed_again"] += 1
+        if headers.reply_requested and not record.headers.reply_requested:
+            record.headers = headers
+        worker_log.warning("handed-again", "REQUEST %s is already %s here (the router sent "
+                           "it again after losing this worker); not run twice, its REPLY "
+                           "answers the new copy", printable(record.msgid),
+                           "running" if record.greenlet is not None else "waiting",
+                           via=logger)
 
     def reject_malformed(self, msgid: str, body: Sequence[Any], error: BaseException) -> None:
         """An invalid REQUEST: InvalidRequest when a reply was requested."""
