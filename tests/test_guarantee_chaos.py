@@ -8,13 +8,15 @@ know they are running when it strikes, never on a duration.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 from peers import BIN, Peers, Proc, RouterAddrs, require_eventmq, wait_until
@@ -178,6 +180,46 @@ def test_sigstop_past_the_timeout_then_sigcont(peers, tmp_path):
     assert sum(done[t] for t in first) >= 40  # each at least once (some twice)
 
 
+@dataclass
+class Running:
+    """Guaranteed jobs asking for their results, running on one worker
+    behind a journaled router (:func:`running_with_results`)."""
+
+    addrs: RouterAddrs
+    journal: Path
+    router: GreenRouter
+    worker: Proc
+    gate: Path
+    tags: list[str]
+    handles: list
+
+
+@contextlib.contextmanager
+def running_with_results(peers: Peers, tmp_path: Path, prefix: str,
+                         count: int) -> Iterator[Running]:
+    """A journaled router, one worker, ``count`` gated guaranteed jobs with
+    result=True all started on it; the client stays open in the block."""
+    addrs = RouterAddrs.fresh()
+    journal = tmp_path / "journal.db"
+    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    worker = green_worker(peers, addrs, prefix, 10)
+    gate = tmp_path / "gate"
+    tags = [f"{prefix}{i}" for i in range(count)]
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
+                                    guarantee=True, result=True) for tag in tags]
+        wait_started_on(peers, tags, worker.pid)
+        yield Running(addrs, journal, router, worker, gate, tags, handles)
+
+
+def results_of(run: Running, peers: Peers) -> list:
+    """The values of ``run``'s handles, the peers' logs on any failure."""
+    try:
+        return [h.get(timeout=30) for h in run.handles]
+    except Exception as exc:
+        raise AssertionError(f"{exc!r}\n{peers.logs()}") from exc
+
+
 @pytest.mark.timeout(120)
 def test_a_lone_worker_stopped_past_the_timeout_ends_its_jobs_once_with_their_results(
         peers, tmp_path):
@@ -186,30 +228,22 @@ def test_a_lone_worker_stopped_past_the_timeout_ends_its_jobs_once_with_their_re
     router queues the jobs again, and they come back to the same process
     under its new identity, still running them. Not run twice, not answered
     as errors: each client gets its job's own value, and the journal empties."""
-    addrs = RouterAddrs.fresh()
-    router = GreenRouter(peers, addrs, "--journal-file", str(tmp_path / "journal.db"))
-    lone = green_worker(peers, addrs, "lone", 10)
-    gate = tmp_path / "gate"
-    tags = [f"lone{i}" for i in range(3)]
-    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
-        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
-                                    guarantee=True, result=True) for tag in tags]
-        wait_started_on(peers, tags, lone.pid)
-        lone.signal(signal.SIGSTOP)
+    with running_with_results(peers, tmp_path, "lone", 3) as run:
+        run.worker.signal(signal.SIGSTOP)
         try:
-            wait_until(lambda: router.status()["redelivered"] >= 3, 20,
+            wait_until(lambda: run.router.status()["redelivered"] >= 3, 20,
                        "its jobs queued again", details=peers.logs)
         finally:
-            lone.signal(signal.SIGCONT)
+            run.worker.signal(signal.SIGCONT)
         # the copies reached it (refused as "already in flight" before the fix)
-        lone.wait_for(r"already (?:running here|in flight)", timeout=30)
-        gate.touch()
-        assert [h.get(timeout=30) for h in handles] == tags
-    done = peers.record.wait_for_tags(tags, 10, details=peers.logs)
-    assert {t: done[t] for t in tags} == {t: 1 for t in tags}  # once each
+        run.worker.wait_for(r"already (?:running here|in flight)", timeout=30)
+        run.gate.touch()
+        assert results_of(run, peers) == run.tags
+    done = peers.record.wait_for_tags(run.tags, 10, details=peers.logs)
+    assert {t: done[t] for t in run.tags} == {t: 1 for t in run.tags}  # once each
     assert peers.record.count("start") == 3
-    wait_until(lambda: router.status()["journal_rows"] == 0, 10, "the journal emptied")
-    assert router.status()["guaranteed_held"] == 0
+    wait_until(lambda: run.router.status()["journal_rows"] == 0, 10, "the journal emptied")
+    assert run.router.status()["guaranteed_held"] == 0
 
 
 def _journal_rows(path: Path) -> int:
@@ -292,23 +326,14 @@ def test_jobs_running_across_a_router_kill_9_end_once_with_their_results(peers, 
     router is killed; the next router on the same journal sends them again,
     to the same worker under its new identity, which still runs them: each
     runs once, and each client gets its job's own value."""
-    addrs = RouterAddrs.fresh()
-    journal = tmp_path / "journal.db"
-    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
-    worker = green_worker(peers, addrs, "w", 20)
-    gate = tmp_path / "gate"
-    tags = [f"across{i}" for i in range(5)]
-    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
-        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
-                                    guarantee=True, result=True) for tag in tags]
-        wait_started_on(peers, tags, worker.pid)
-        router.kill()
-        GreenRouter(peers, addrs, "--journal-file", str(journal))
-        worker.wait_for(r"already (?:running here|in flight)", timeout=30)
-        gate.touch()
-        assert [h.get(timeout=30) for h in handles] == tags
-    done = peers.record.wait_for_tags(tags, 10, details=peers.logs)
-    assert {t: done[t] for t in tags} == {t: 1 for t in tags}
+    with running_with_results(peers, tmp_path, "across", 5) as run:
+        run.router.kill()
+        GreenRouter(peers, run.addrs, "--journal-file", str(run.journal))
+        run.worker.wait_for(r"already (?:running here|in flight)", timeout=30)
+        run.gate.touch()
+        assert results_of(run, peers) == run.tags
+    done = peers.record.wait_for_tags(run.tags, 10, details=peers.logs)
+    assert {t: done[t] for t in run.tags} == {t: 1 for t in run.tags}
     assert peers.record.count("start") == 5
 
 
@@ -317,24 +342,16 @@ def test_a_clean_router_stop_does_not_report_journaled_results_lost(peers, tmp_p
     """SIGTERM to the router while guaranteed jobs that asked for results
     run: they stay in its journal, so their handles are not told "lost"; the
     next router on the journal ends them and the values reach the client."""
-    addrs = RouterAddrs.fresh()
-    journal = tmp_path / "journal.db"
-    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
-    worker = green_worker(peers, addrs, "w", 20)
-    gate = tmp_path / "gate"
-    tags = [f"kept{i}" for i in range(3)]
-    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
-        handles = [client.defer_job("interop_jobs.gated_record", [tag, str(gate), 120.0],
-                                    guarantee=True, result=True) for tag in tags]
-        wait_started_on(peers, tags, worker.pid)
-        router.signal(signal.SIGTERM)
-        assert router.wait_exit(30) == 0, router.tail()
-        router.wait_for(r"stay in the journal", timeout=5)
-        GreenRouter(peers, addrs, "--journal-file", str(journal))
-        worker.wait_for(r"already (?:running here|in flight)", timeout=30)
-        gate.touch()
-        assert [h.get(timeout=30) for h in handles] == tags
-    assert {t: n for t, n in peers.record.tags().items() if t in tags} == {t: 1 for t in tags}
+    with running_with_results(peers, tmp_path, "kept", 3) as run:
+        run.router.signal(signal.SIGTERM)
+        assert run.router.wait_exit(30) == 0, run.router.tail()
+        run.router.wait_for(r"stay in the journal", timeout=5)
+        GreenRouter(peers, run.addrs, "--journal-file", str(run.journal))
+        run.worker.wait_for(r"already (?:running here|in flight)", timeout=30)
+        run.gate.touch()
+        assert results_of(run, peers) == run.tags
+    done = peers.record.tags()
+    assert {t: done[t] for t in run.tags} == {t: 1 for t in run.tags}
 
 
 _FORK_SCRIPT = """
