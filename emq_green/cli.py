@@ -247,6 +247,18 @@ def router_main(argv: "list[str] | None" = None) -> int:
 DEFAULT_SCHEDULER_FILE = "emq-green-schedules.db"
 
 
+def scheduler_name(scheduler_file: str) -> str:
+    """The default name of a scheduler that keeps its schedules in
+    ``scheduler_file``: the host and the file, not the pid, so that one
+    restarted on the same file is the same scheduler to the router, which
+    gives it its schedules back (a new name would be a stranger, and the
+    schedules it restored a stale copy)."""
+    import hashlib
+
+    digest = hashlib.sha1(os.path.abspath(scheduler_file).encode()).hexdigest()[:10]
+    return f"{os.uname().nodename}-{digest}"
+
+
 def scheduler_main(argv: "list[str] | None" = None) -> int:
     """``emq-green-scheduler``: settings from [global] and [scheduler]."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -267,6 +279,8 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
         # not set anywhere: schedules are kept, as EventMQ's scheduler keeps
         # them in Redis by default; an empty value keeps them in memory only
         settings = settings.replace(scheduler_file=os.path.abspath(DEFAULT_SCHEDULER_FILE))
+    if ns.name is None and settings.scheduler_file:
+        settings = settings.replace(name=scheduler_name(settings.scheduler_file))
     try:
         scheduler = Scheduler(settings=settings)
     except CurveError as exc:

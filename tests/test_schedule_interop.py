@@ -369,6 +369,39 @@ def test_a_scheduler_killed_9_loses_nothing_sent_after(peers, tmp_path):
         client.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_scheduler_restarted_on_its_file_keeps_its_grid_under_its_default_name(peers,
+                                                                                 tmp_path):
+    """No ``-n``: a scheduler's default name comes from its host and its
+    file, not its pid, so one restarted after ``kill -9`` on the same file is
+    the same scheduler to the router: its restored schedule is its own (not
+    a stale copy told to go), the missed tick runs once, and the schedule
+    goes on on its grid."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    db = tmp_path / "grid.db"
+    first = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+    [name] = router.wait_schedulers(1)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("grid", interval=2)
+        wait_runs(peers, "grid", 2)
+        first.kill()
+        second = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+        assert "1 schedule(s) restored" in second.text()
+        assert list(router.wait_schedulers(1)) == [name]
+        base = peers.record.tags()["grid"]
+        wait_runs(peers, "grid", base + 3)
+    finally:
+        client.close()
+    times = _tag_times(peers, "grid")
+    # after the missed tick's one run, back on the grid of the first runs
+    off = [round((t - times[0]) % 2.0, 2) for t in times[base + 1:]]
+    assert all(o < 0.3 or o > 1.7 for o in off), (times, off)
+    assert "dropped" not in router.text(), router.tail()
+
+
 @pytest.mark.timeout(150)
 def test_a_scheduler_stopped_and_resumed_does_not_fire_twice(peers):
     """SIGSTOP of the scheduler holding a schedule, past the router's
