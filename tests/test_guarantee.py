@@ -224,6 +224,44 @@ def test_a_new_router_on_the_journal_runs_what_the_old_one_held(tmp_path):
         assert second.router.stop(timeout=5)
 
 
+def test_a_new_router_on_the_journal_keeps_each_request_on_its_queue(tmp_path):
+    # the new router knows no queue at start: a restored request must not
+    # go to a default worker when its own queue's worker connects later
+    path = str(tmp_path / "journal.db")
+    settings = Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
+                        administrative_addr=ANY_PORT, journal_file=path)
+    first = Harness(Router(settings=settings))
+    first.router.start()
+    try:
+        client = first.peer("frontend")
+        first.worker(queues=[(10, "mail")], slots=0)
+        held = [guaranteed(first, client, queue="mail") for _ in range(2)]
+        assert {client.recv().body for _ in range(2)} == {(m.msgid,) for m in held}
+    finally:
+        for peer in first.peers:
+            peer.close()
+        assert first.router.stop(timeout=5)
+
+    second = Harness(Router(settings=settings))
+    second.router.start()
+    try:
+        default = second.worker(queues=[(10, "default")], slots=2)
+        client = second.peer("frontend")
+        later = guaranteed(second, client, queue="mail")
+        assert client.recv().body == (later.msgid,)
+        wait_until(lambda: len(second.router.waiting.get("mail", ())) == 3, what="buffered")
+        assert default.pending() == []
+        mail = second.worker(queues=[(10, "mail")], slots=0)
+        for _ in range(3):
+            mail.send(Command.READY)
+        assert [mail.recv().msgid for _ in range(3)] == [m.msgid for m in [*held, later]]
+        assert default.pending() == []
+    finally:
+        for peer in second.peers:
+            peer.close()
+        assert second.router.stop(timeout=5)
+
+
 def test_a_journal_that_cannot_be_written_refuses_guaranteed_requests(make_router, tmp_path,
                                                                       monkeypatch):
     h = make_router(journal_file=str(tmp_path / "journal.db"))

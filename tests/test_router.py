@@ -190,6 +190,49 @@ def test_unknown_queue_goes_to_default(make_router):
     assert h.router.processed_by_queue["default"] == 1
 
 
+def test_requests_of_a_queue_whose_workers_left_wait_for_its_next_worker(make_router, caplog):
+    # EventMQ 0.3.13 keeps a queue it has seen: its requests wait for a
+    # worker of that queue; neither those buffered nor new ones go to default
+    h = make_router()
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    default = h.worker(queues=[(10, "default")], slots=5, name="default-worker")
+    mail = h.worker(queues=[(10, "mail")], slots=0, name="mail-worker")
+    client = h.peer("frontend")
+    before = [h.request(client, queue="mail") for _ in range(2)]
+    wait_until(lambda: len(h.router.waiting.get("mail", ())) == 2, what="buffered")
+    mail.send(Command.KBYE)
+    wait_until(lambda: not h.slots(mail) + 1, what="mail worker gone")
+    after = h.request(client, queue="mail")
+    wait_until(lambda: len(h.router.waiting.get("mail", ())) == 3, what="third buffered")
+    assert default.pending() == [] and h.slots(default) == 5
+    assert h.admin(Command.STATUS)["waiting_messages_by_queue"] == {"mail": 3}
+    assert not any("goes to default" in r.getMessage() for r in caplog.records)
+
+    back = h.worker(queues=[(10, "mail")], slots=0, name="mail-worker-2")
+    for _ in range(3):
+        back.send(Command.READY)
+    got = [back.recv().msgid for _ in range(3)]
+    assert got == [m.msgid for m in [*before, after]]
+    assert "mail" not in h.router.waiting and default.pending() == []
+
+
+def test_a_queue_name_is_remembered_for_a_bounded_number_of_departures():
+    from emq_green.router.routing import SERVED_MEMORY, Routing
+
+    routing = Routing(default_queue="default", hwm=10, max_buffer_bytes=-1)
+    for n in range(SERVED_MEMORY + 1):
+        worker = routing.add(f"w{n}".encode(), [(10, f"q{n}")], 0.0)
+        assert routing.queue_for(f"q{n}") == f"q{n}"
+        routing.remove(worker)
+    assert routing.queue_for("q0") == "default"  # the oldest name is forgotten
+    assert routing.queue_for("q1") == "q1" == routing.queue_for("q1")
+    assert routing.queue_for(f"q{SERVED_MEMORY}") == f"q{SERVED_MEMORY}"
+    assert routing.queue_for("never-served") == "default"
+    again = routing.add(b"again", [(10, "q0")], 0.0)
+    routing.remove(again)
+    assert routing.queue_for("q0") == "q0" and routing.queue_for("q1") == "default"
+
+
 def test_full_buffer_pauses_reading_clients_instead_of_dropping(make_router, caplog):
     h = make_router(hwm=3)
     worker = h.worker(slots=0)

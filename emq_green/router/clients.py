@@ -102,7 +102,9 @@ class ClientSide:
             if result_requested_in(request.body[1]):
                 # its client may still be there (same identity): it gets the result
                 self.relay.remember(request.msgid, request.client, request.received)
-            if self.routing.buffer(self.routing.queue_for(request.queue), request):
+            # under its own queue: which queues were served is not known yet
+            # (at worst it waits for a worker of its queue)
+            if self.routing.buffer(request.queue, request):
                 self.sockets.pause_clients("guaranteed requests from the journal fill "
                                            "the buffer")
         if self.guarantees.restored:
@@ -239,10 +241,14 @@ class ClientSide:
         """Keep ``request`` until a worker has a slot; at a bound (``hwm``
         requests in this queue, ``max_buffer_bytes`` in all), stop reading
         the client socket. Nothing accepted is ever dropped here."""
-        if queue not in self.routing.waiting:
-            logger.info("router: no free slot for queue %s; buffering requests",
-                        printable(queue))
         routing = self.routing
+        if queue not in routing.waiting:
+            if routing.served(queue):
+                logger.info("router: no free slot for queue %s; buffering requests",
+                            printable(queue))
+            else:
+                logger.warning("router: no worker serves queue %s now; its requests wait "
+                               "in the buffer for one", printable(queue))
         if routing.buffer(queue, request):
             self.sockets.pause_clients(
                 f"buffer full (queue {printable(queue)}: {len(routing.waiting.get(queue, ()))} "

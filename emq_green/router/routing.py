@@ -5,9 +5,11 @@ which weight, their free slots, the requests each has in flight, and the
 requests waiting for a slot. It decides, as EventMQ 0.3.13 does, who gets a
 request: the worker with a free slot that has the highest weight for the
 queue, the least recently used among equal weights; a queue no worker
-serves goes to the default queue. It also keeps the buffer's bounds (``hwm``
-requests per queue, ``max_buffer_bytes`` in all) and says when the router
-must stop reading clients and when it may read again. It sends nothing and
+has announced goes to the default queue, while the requests of one whose
+workers all left wait for a worker of that queue. It also keeps the
+buffer's bounds (``hwm`` requests per queue, ``max_buffer_bytes`` in all)
+and says when the router must stop reading clients and when it may read
+again. It sends nothing and
 logs nothing: :class:`~emq_green.router.Router` does.
 """
 
@@ -23,6 +25,10 @@ from ..protocol import Queues, printable, reply_requested_in
 # Identities of workers that left or were removed, remembered so that their
 # late messages are logged quietly instead of as "unknown worker".
 DEPARTED_MEMORY = 1000
+#: Names of queues whose last worker left, remembered (the newest this many)
+#: so that their requests wait for a worker of theirs, as EventMQ 0.3.13's
+#: router does, instead of going to the default queue.
+SERVED_MEMORY = 1000
 #: names a per-name counter (``processed_by_queue``, ``processed_by_worker``)
 #: keeps; past it, names of queues and workers that are gone are dropped
 #: first, then new names are counted under OTHER
@@ -141,6 +147,8 @@ class Routing:
         # id(counter) -> new names still counted under OTHER before the next prune
         self._prune_skip: dict[int, int] = {}
         self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: queues that had a worker and have none now (see :data:`SERVED_MEMORY`)
+        self._served_before: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: Workers that said KBYE with jobs still in flight there, by identity:
         #: their REPLYs still count until :attr:`Worker.leaving_until`.
         self.leaving: dict[bytes, Worker] = {}
@@ -151,7 +159,10 @@ class Routing:
         worker = Worker(identity, tuple(queues), now)
         self.workers[identity] = worker
         self._departed.pop(identity, None)
+        served_before = self._served_before
         for weight, name in worker.queues:
+            if served_before:
+                served_before.pop(name, None)
             entries = self.queues.setdefault(name, [])
             # behind every entry at least as heavy (heaviest first): a binary
             # search, not a walk, with many workers on one queue
@@ -172,6 +183,10 @@ class Routing:
                 pass
             if not entries:
                 del self.queues[name]
+                self._served_before[name] = None
+                self._served_before.move_to_end(name)
+        while len(self._served_before) > SERVED_MEMORY:
+            self._served_before.popitem(last=False)
         self._departed[worker.identity] = None
         while len(self._departed) > DEPARTED_MEMORY:
             self._departed.popitem(last=False)
@@ -218,8 +233,17 @@ class Routing:
 
     # -- routing ------------------------------------------------------------------
     def queue_for(self, queue: str) -> str:
-        """``queue`` if a worker serves it, else the default queue."""
-        return queue if queue in self.queues else self.default_queue
+        """``queue`` if a worker serves it, served it (see
+        :data:`SERVED_MEMORY`) or requests wait in its buffer (they wait for
+        a worker of that queue, as in EventMQ 0.3.13); else the default
+        queue (a name no worker ever announced)."""
+        if queue in self.queues or queue in self.waiting or queue in self._served_before:
+            return queue
+        return self.default_queue
+
+    def served(self, queue: str) -> bool:
+        """Whether a connected worker serves ``queue``."""
+        return queue in self.queues
 
     def pick(self, queue: str) -> Optional[Worker]:
         """The heaviest worker with a free slot, least recently used among
