@@ -399,6 +399,21 @@ def test_malformed_messages_are_dropped(make_router):
     assert h.router.counters["malformed_messages"] == 2
 
 
+def test_a_message_on_the_wrong_socket_is_ignored_and_its_sender_named(make_router, caplog):
+    h = make_router()
+    caplog.set_level(logging.WARNING, logger="emq_green.router")
+    lost = h.peer("frontend", name="lost-worker")
+    lost.send(Command.READY)
+    wrong = h.peer("backend", name="wrong-kind")
+    wrong.send(Command.INFORM, "", "scheduler")
+    wait_until(lambda: h.router.counters["unexpected_messages"] == 1
+               and h.router.counters["informs_refused"] == 1, what="both ignored")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("ignored READY" in m and "lost-worker" in m and "frontend" in m for m in lines)
+    assert any("INFORM of type scheduler from wrong-kind" in m for m in lines)
+    assert not h.router.workers
+
+
 def test_weights_across_queues_pick_the_heaviest_worker_with_a_slot(make_router):
     h = make_router()
     w1 = h.worker(queues=[(30, "a"), (10, "b")], slots=2, name="w1")

@@ -422,8 +422,9 @@ class RouterSockets:
         handler = table.get(message.command)
         if handler is None:
             self._counters["unexpected_messages"] += 1
-            self._log.warning("unexpected", "router: ignored %s on the %s socket",
-                              message.command.value, name)
+            self._log.warning("unexpected", "router: ignored %s %s from %s on the %s socket",
+                              message.command.value, printable(message.msgid, 60),
+                              printable(identity), name)
             return
         try:
             handler(identity, message)

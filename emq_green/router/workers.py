@@ -172,8 +172,8 @@ class WorkerSide:
         kind = message.body[1] if len(message.body) > 1 else "worker"
         if kind != "worker":
             self._counters["informs_refused"] += 1
-            self._log.warning("inform", "router: INFORM of type %s on the worker socket ignored",
-                              printable(kind, 40))
+            self._log.warning("inform", "router: INFORM of type %s from %s on the worker "
+                              "socket ignored", printable(kind, 40), printable(identity))
             return
         try:
             # at most 256 queues of at most 256 bytes; a longer text is not parsed
