@@ -237,9 +237,15 @@ class Deadlines:
             self._thrown.discard(current)
 
     def overdue(self) -> bool:
-        """Whether the current greenlet's JobTimeout was thrown (and caught
-        by the job itself, since it is still running)."""
-        return bool(self._thrown) and gevent.getcurrent() in self._thrown
+        """Whether the current greenlet ran past its deadline: its
+        JobTimeout was thrown (and caught by the job itself, since it is
+        still running), or the job held the event loop past the deadline,
+        so that no check could run to throw it."""
+        current = gevent.getcurrent()
+        if self._thrown and current in self._thrown:
+            return True
+        entry = self._attempts.get(current)
+        return entry is not None and entry[0] <= time.monotonic()
 
     def __len__(self) -> int:
         return len(self._attempts)
@@ -315,8 +321,9 @@ class JobRunner:
                 return not_found(request, exc)
             value = func(*request.args, **request.kwargs)
             if token is not None and self.deadlines.overdue():
-                # the job caught its JobTimeout (a bare except) and ran on:
-                # it still exceeded its timeout
+                # the job caught its JobTimeout (a bare except) and ran on,
+                # or held the loop so long that no check could stop it: it
+                # still exceeded its timeout
                 return _timed_out(request, timeout, attempt)
         except JobTimeout as exc:
             if token is None or exc.args[0] is not token:

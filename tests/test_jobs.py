@@ -97,6 +97,24 @@ def test_a_job_cannot_swallow_its_timeout_with_except_exception():
     assert outcome.status is Status.TIMED_OUT
 
 
+def test_a_job_that_holds_the_loop_past_its_timeout_is_reported_timed_out():
+    # no check can run while the loop is held: the job ends on its own, late,
+    # and its value is not taken for a success
+    from blocking_jobs import block_unpatched
+
+    jobs_module = __import__(JOBS)
+    jobs_module.block_unpatched = block_unpatched
+    try:
+        runner = JobRunner(global_timeout=0)
+        late = run(runner, "block_unpatched", 0.4, headers="timeout:0.1")
+        in_time = run(runner, "block_unpatched", 0.01, headers="timeout:5")
+    finally:
+        del jobs_module.block_unpatched
+    assert late.status is Status.TIMED_OUT and "0.1 s" in late.error_message
+    assert in_time.status is Status.SUCCEEDED and in_time.value == 0.01
+    assert len(runner.deadlines) == 0
+
+
 def test_a_timeout_of_the_job_s_own_is_not_taken_for_the_job_s():
     def own_timeout():
         with gevent.Timeout(0.05, False):
