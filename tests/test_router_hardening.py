@@ -78,6 +78,7 @@ def test_admin_socket_off_loopback_is_warned_about(caplog):
     quiet.start()
     quiet.stop(timeout=2)
     assert "not on loopback" not in _log_text(caplog)
+    assert "heartbeat_timeout" not in _log_text(caplog)
     loud = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
                                     administrative_addr="tcp://0.0.0.0:*"))
     loud.start()
@@ -86,6 +87,21 @@ def test_admin_socket_off_loopback_is_warned_about(caplog):
                    in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     finally:
         loud.stop(timeout=2)
+
+
+def test_a_heartbeat_timeout_not_longer_than_the_interval_is_warned_about(caplog):
+    # a worker beating every 3 s (the default) behind a 2 s timeout is
+    # removed as dead every few seconds while idle
+    caplog.set_level(logging.INFO, logger="emq_green.router")
+    any_port = "tcp://127.0.0.1:*"
+    router = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
+                                      administrative_addr=any_port, heartbeat_timeout=2))
+    router.start()
+    try:
+        assert any("heartbeat_timeout (2 s) is not longer than heartbeat_interval (3 s)"
+                   in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        router.stop(timeout=2)
 
 
 # ----------------------------------------------------------------------

@@ -329,6 +329,12 @@ class Router:
             logger.warning("router: the administrative socket (%s) is not on loopback: "
                            "whoever can connect to it can stop the router",
                            s.administrative_addr)
+        if s.heartbeat_timeout <= s.heartbeat_interval:
+            logger.warning("router: heartbeat_timeout (%g s) is not longer than "
+                           "heartbeat_interval (%g s): an idle worker or scheduler that beats "
+                           "at that interval will be taken for dead and lose its jobs; make "
+                           "the timeout several intervals", s.heartbeat_timeout,
+                           s.heartbeat_interval)
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until stopped."""
