@@ -49,6 +49,7 @@ import zmq
 
 from ..curve import ClientCurve, client_curve, client_curve_from_env
 from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
+from .connect import RouterUnreachable, new_dealer
 from .results import (
     ConfirmTimeout,
     GreenResultChannel,
@@ -196,21 +197,28 @@ class Client:
     # ------------------------------------------------------------------
     # the socket pool
 
-    def _take(self) -> Any:
+    def _take(self, wait: Optional[float] = None) -> Any:
+        """An idle socket, else a new one (:func:`~.connect.new_dealer`)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("client is closed")
-            if self._idle:
+            if self._idle and wait is None:
                 return self._idle.pop()
-        sock = self._context.socket(self._zmq.DEALER)
-        sock.setsockopt(self._zmq.IDENTITY, str(uuid.uuid4()).encode())
-        sock.setsockopt(self._zmq.SNDHWM, self._hwm)
-        sock.setsockopt(self._zmq.RCVHWM, self._hwm)
-        sock.setsockopt(self._zmq.LINGER, int(self._linger * 1000))
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.addr)
-        return sock
+        return new_dealer(self._context, self._zmq, self.addr, str(uuid.uuid4()), hwm=self._hwm,
+                          linger=self._linger, wait=wait,
+                          prepare=self.curve.apply if self.curve is not None else None)
+
+    def wait_for_router(self, timeout: float) -> None:
+        """Return once a router at :attr:`addr` has done the ZeroMQ handshake
+        with a new socket of the pool within ``timeout`` seconds (nothing
+        else tells: routers acknowledge only what they hand out at once).
+
+        Raises:
+            ValueError: ZeroMQ refuses the address.
+            RouterUnreachable: nothing answered in time, or the handshake
+                failed (a CURVE mismatch, a refused key).
+        """
+        self._give_back(self._take(wait=timeout))
 
     def _give_back(self, sock: Any) -> None:
         self._read_acks(sock)
@@ -677,4 +685,4 @@ def job(
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
            "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
            "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
-           "DEFAULT_ADDR", "schedule", "unschedule"]
+           "DEFAULT_ADDR", "schedule", "unschedule", "RouterUnreachable"]

@@ -3,6 +3,12 @@
     emq-green-submit examples.jobs.sleep_and_mark --args '[0.1, "/tmp/marks", "x"]' \\
         --count 1000 --queue default
 
+It first waits (``--connect-timeout``, 5 s) for the router to answer: an
+address ZeroMQ refuses exits 2, no router answering (nothing listens, or
+the CURVE handshake fails) exits 1, both with one line on stderr and
+nothing sent. (Acknowledgements cannot tell: a router acknowledges only the
+requests it hands to a worker at once, not those it buffers.)
+
 Progress while sending: requests sent, their rate, and how many the router
 acknowledged (handed to a worker at once). With ``--admin-addr`` it then
 follows the router's STATUS until no request waits in its buffer: every job
@@ -36,6 +42,7 @@ import zmq
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
 from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
+from .connect import RouterUnreachable, connect
 from .results import (
     ConfirmTimeout,
     GuaranteeRefused,
@@ -71,6 +78,16 @@ def _whole_seconds(text: str) -> int:
     return int(value)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds, more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emq-green-submit",
@@ -84,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue", "-q", default="default", help="queue name")
     parser.add_argument("--addr", "-a", default=None,
                         help=f"router frontend (default ${ENV_BROKER_ADDR}, else {DEFAULT_ADDR})")
+    parser.add_argument("--connect-timeout", type=_positive_seconds, default=5.0,
+                        metavar="SECONDS",
+                        help="seconds to wait for the router to answer before sending; "
+                             "none answering: exit 1, nothing sent (default 5)")
     parser.add_argument("--admin-addr", default=None,
                         help="router administrative address: follow STATUS after sending")
     parser.add_argument("--wait", action="store_true",
@@ -167,7 +188,7 @@ def admin_request(admin_addr: str, command: Command = Command.STATUS, timeout: f
     # EventMQ's router decodes identities as UTF-8: never leave ZeroMQ's binary one
     sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
     try:
-        sock.connect(admin_addr)
+        connect(sock, admin_addr)  # a bad address: ValueError
         sock.send_multipart(Message.new(command).frames())
         if not sock.poll(int(timeout * 1000)):
             return None
@@ -201,6 +222,17 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     except CurveError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         return 2
+    # nothing is sent before a router answers; closing then does not wait
+    try:
+        client.wait_for_router(ns.connect_timeout)
+    except ValueError as exc:  # an address ZeroMQ refuses
+        client.close()
+        out.write(f"emq-green-submit: {exc}\n")
+        return 2
+    except RouterUnreachable as exc:
+        client.close()
+        out.write(f"emq-green-submit: {exc}; nothing sent\n")
+        return 1
     if ns.every is not None or ns.cron or ns.unschedule:
         return _schedule(client, ns, out)
     started = time.monotonic()
