@@ -100,7 +100,11 @@ def main(argv: "list[str] | None" = None) -> int:
             "dashboard_addr (%s) is ignored: the dashboard is the router's (emq-green-router "
             "or emq-green --standalone); a worker's page is served at --metrics-addr",
             settings.dashboard_addr)
-    manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
+    try:  # job_entry_func/job_exit_func are imported here
+        manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
+    except SettingsError as exc:
+        sys.stderr.write(f"emq-green: {exc}\n")
+        return 2
     tune_gc()
     manager.serve_forever()
     return 0
@@ -130,17 +134,23 @@ def _standalone(settings, router_settings, load) -> int:
     import zmq.green as zmq
 
     from .jobmanager import JobManager, State
+    from .settings import SettingsError
 
     inproc = f"inproc://emq-green-{uuid.uuid4().hex}"
     to_router = {"worker_addr": inproc, "worker_addr_default": inproc,
                  "worker_addr_failover": inproc}
     context = zmq.Context.instance()
+    try:  # before the router starts: job_entry_func/job_exit_func are imported here
+        manager = JobManager(settings=settings.replace(**to_router),
+                             settings_loader=lambda: load().replace(**to_router),
+                             context=context)
+    except SettingsError as exc:
+        sys.stderr.write(f"emq-green: {exc}\n")
+        return 2
     router, scheduler = _start_router(router_settings, context, "emq-green",
                                       extra_backend_addrs=(inproc,), with_scheduler=True)
     if router is None:
         return 1
-    manager = JobManager(settings=settings.replace(**to_router),
-                         settings_loader=lambda: load().replace(**to_router), context=context)
 
     def stop_manager_with_router() -> None:
         router.serve_forever()

@@ -226,6 +226,31 @@ def test_bad_setting_stops_at_start_with_a_clear_message(tmp_path, worker_factor
     assert "environment variable EVENTMQ_HEARTBEAT_TIMEOUT" in w2.text()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, env, message", [
+    (["--job-entry-func", "nosuch.module.fn"], {},
+     "job_entry_func: cannot import 'nosuch.module.fn': No module named 'nosuch'"),
+    (["--job-exit-func", "clijobs.nosuch"], {},
+     "job_exit_func: cannot import 'clijobs.nosuch': module 'clijobs' has no function "
+     "'nosuch'"),
+    (["--job-entry-func", "nodots"], {},
+     "job_entry_func: cannot import 'nodots': not a dotted path to a function "
+     "(module.function)"),
+    ([], {"EVENTMQ_JOB_EXIT_FUNC": "brokenhooks.after"},
+     "job_exit_func: cannot import 'brokenhooks.after': RuntimeError: broken on import"),
+    (["--standalone", "--job-entry-func", "nosuch.module.fn"], {},
+     "job_entry_func: cannot import 'nosuch.module.fn': No module named 'nosuch'"),
+])
+def test_a_bad_job_entry_or_exit_func_is_one_line_and_exit_2(tmp_path, worker_factory,
+                                                             args, env, message):
+    """They are imported when the job manager is built: that raised a
+    SettingsError through a traceback, exit 1."""
+    (tmp_path / "brokenhooks.py").write_text('raise RuntimeError("broken on import")\n')
+    w = worker_factory("-B", "tcp://127.0.0.1:1", *args, env=env)
+    assert w.proc.wait(30) == 2, w.text()
+    assert w.text() == f"emq-green: {message}\n"
+
+
 def test_help_lists_eventmq_flags(tmp_path):
     out = subprocess.run([EMQ_GREEN, "--help"], capture_output=True, text=True, timeout=20)
     assert out.returncode == 0
