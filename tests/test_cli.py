@@ -198,6 +198,31 @@ def test_dashboard_addr_on_a_plain_worker_is_named_as_ignored(router, worker_fac
     assert "WARNING" in line and "is ignored" in line and "--metrics-addr" in line
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra, why", [
+    ([], "has no effect on emq-green-router: it is a worker setting"),
+    (["--scheduler"], "is a worker setting: the router passes every REQUEST on"),
+])
+def test_allowed_callables_on_the_router_is_named_as_a_worker_setting(tmp_path, extra, why):
+    """It was accepted and silently ignored: an operator could believe the
+    router filters REQUESTs."""
+    from peers import Proc, clean_env, free_ports
+
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+    (tmp_path / "empty.conf").write_text("")
+    router = Proc("emq-green-router", [
+        str(Path(EMQ_GREEN).with_name("emq-green-router")), "--frontend-addr", front,
+        "--backend-addr", back, "--administrative-addr", admin,
+        "--allowed-callables", '["myapp.*"]', *extra], tmp_path / "router.log",
+        clean_env(EVENTMQ_CONFIG_FILE=str(tmp_path / "empty.conf")), tmp_path)
+    try:
+        router.wait_for(r"router listening", timeout=20)
+        [line] = [x for x in router.text().splitlines() if " WARNING " in x]
+        assert f'allowed_callables (["myapp.*"]) {why}' in line
+    finally:
+        router.kill()
+
+
 def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path):
     conf = tmp_path / "eventmq.conf"
     conf.write_text('[jobmanager]\nqueues = [[10, "default"]]\n')
