@@ -123,3 +123,18 @@ def test_wait_for_router_returns_once_a_router_answers(green):
     finally:
         router.close()
         context.term()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("args, message", [
+    (["--delay", "inf"], "argument --delay: 'inf' is not a finite number of seconds >= 0"),
+    (["--delay", "-1"], "argument --delay: '-1' is not a finite number of seconds >= 0"),
+    (["--delay", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
+    (["--every", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
+])
+def test_a_delay_that_is_not_a_time_or_with_wait_is_refused_before_anything(args, message):
+    """--delay inf was a traceback (OverflowError); --wait with a delay or a
+    schedule was silently ignored."""
+    out = submit("-a", f"tcp://127.0.0.1:{free_port()}", "some.callable", *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr

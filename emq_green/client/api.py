@@ -488,7 +488,7 @@ class Client:
                 ``guarantee`` (see :meth:`send_request`).
             delay: run it once, this many seconds from now, or ``eta``: at
                 that time (a datetime, or epoch seconds); through a scheduler
-                (:func:`~emq_green.client.schedule.defer_later`).
+                (:func:`~emq_green.client.schedule.defer_later`), so no result.
             eta: see ``delay``.
 
         Returns:
@@ -496,7 +496,7 @@ class Client:
             ``result=True`` a :class:`ResultHandle`.
 
         Raises:
-            ValueError: ``func`` is not importable by a worker.
+            ValueError: ``func`` not importable; a bad ``delay``/``eta``, or one with ``result``.
             TypeError: an argument is not JSON-serialisable.
             SendTimeoutError: ``send_timeout`` passed before the router took
                 the request (it was not sent).
@@ -508,7 +508,7 @@ class Client:
                          class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
                          subprocess=subprocess)
         if delay is not None or eta is not None:
-            return defer_later(self, run, delay=delay, eta=eta, queue=queue,
+            return defer_later(self, run, delay=delay, eta=eta, queue=queue, result=result,
                                guarantee=guarantee, retry_count=retry_count, timeout=timeout)
         return self.send_request(run.payload(), queue=queue,  # type: ignore[call-overload]
                                  reply_requested=reply_requested, guarantee=guarantee,
@@ -671,9 +671,11 @@ def job(
             return value
 
         def delay_for(seconds: float, *args: Any, **kwargs: Any) -> str:
-            """Run it once, ``seconds`` from now (a one-shot schedule)."""
+            """Run it once, ``seconds`` from now (a one-shot schedule; no
+            result: the decorator's ``result`` is for ``.delay``)."""
+            later = {k: v for k, v in options.items() if k != "result"}
             return get_client(broker_addr).defer_job(f, args, kwargs, queue=queue,
-                                                     delay=seconds, **options)
+                                                     delay=seconds, **later)
 
         f.delay = delay  # type: ignore[attr-defined]
         f.delay_for = delay_for  # type: ignore[attr-defined]

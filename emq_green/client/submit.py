@@ -19,7 +19,8 @@ figures only fall for jobs sent with ``--reply-requested``.)
 it, ``--unschedule`` removes that schedule, ``--delay SECONDS`` sends it to
 run once later (all through a scheduler connected to the router).
 
-With ``--wait`` each job asks for its result (emq-green's router only), and
+With ``--wait`` (not with a schedule or ``--delay``: such a job returns no
+result) each job asks for its result (emq-green's router only), and
 each result is printed on stdout as one JSON line, in the order the jobs
 were sent: ``{"job": N, "msgid": ..., "value": ...}``, or ``"error": {"type",
 "message"}`` instead of ``"value"`` when the job failed, its result was lost,
@@ -50,6 +51,7 @@ from .results import (
     ResultLostError,
     ResultTimeout,
 )
+from .schedule import finite_seconds
 
 
 def _json_arg(kind: type, what: str):
@@ -86,6 +88,14 @@ def _positive_seconds(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds, more than 0")
     return value
+
+
+def _delay_seconds(text: str) -> float:
+    try:
+        return finite_seconds("--delay", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of seconds >= 0") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='schedule the job at the times of a cron text, e.g. "*/5 * * * *"')
     kind.add_argument("--unschedule", action="store_true",
                       help="remove the schedule of this callable with these arguments")
-    kind.add_argument("--delay", type=float, metavar="SECONDS",
+    kind.add_argument("--delay", type=_delay_seconds, metavar="SECONDS",
                       help="run the job once, SECONDS from now")
     when.add_argument("--run-count", type=int, default=None,
                       help="with --every/--cron: stop after this many runs")
@@ -212,6 +222,10 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     ns = build_parser().parse_args(argv)
     if ns.count < 1:
         out.write("emq-green-submit: --count must be at least 1\n")
+        return 2
+    if ns.wait and (ns.delay is not None or ns.every is not None or ns.cron or ns.unschedule):
+        out.write("emq-green-submit: --wait needs jobs sent now: a delayed or scheduled job "
+                  "goes through a scheduler and returns no result\n")
         return 2
     addr = ns.addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     progress = _Progress(out)
