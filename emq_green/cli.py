@@ -93,17 +93,35 @@ def main(argv: "list[str] | None" = None) -> int:
         return _standalone(settings, router_settings, lambda: load()[0])
     if not _curve_ok(settings):
         return 2
-    if settings.dashboard_addr:
-        import logging
-
-        logging.getLogger("emq_green.cli").warning(
-            "dashboard_addr (%s) is ignored: the dashboard is the router's (emq-green-router "
-            "or emq-green --standalone); a worker's page is served at --metrics-addr",
-            settings.dashboard_addr)
-    manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
+    warn_unused(settings, {
+        "dashboard_addr": "is ignored: the dashboard is the router's (emq-green-router or "
+                          "emq-green --standalone); a worker's page is served at "
+                          "--metrics-addr"})
+    try:  # job_entry_func/job_exit_func are imported here
+        manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
+    except SettingsError as exc:
+        sys.stderr.write(f"emq-green: {exc}\n")
+        return 2
     tune_gc()
     manager.serve_forever()
     return 0
+
+
+def warn_unused(settings, unused: "dict[str, str]") -> None:
+    """A WARNING for each setting of ``unused`` (name: why it does nothing
+    in this program) that is not at its default: a setting another program
+    reads is accepted everywhere (one INI file or environment for all), so
+    a misplaced one would otherwise pass unnoticed."""
+    import json
+    import logging
+
+    from .settings import Settings
+
+    for name, why in unused.items():
+        value = getattr(settings, name)
+        if value != getattr(Settings, name):
+            shown = json.dumps(list(value)) if isinstance(value, tuple) else value
+            logging.getLogger("emq_green.cli").warning("%s (%s) %s", name, shown, why)
 
 
 def _curve_ok(settings) -> bool:
@@ -130,17 +148,23 @@ def _standalone(settings, router_settings, load) -> int:
     import zmq.green as zmq
 
     from .jobmanager import JobManager, State
+    from .settings import SettingsError
 
     inproc = f"inproc://emq-green-{uuid.uuid4().hex}"
     to_router = {"worker_addr": inproc, "worker_addr_default": inproc,
                  "worker_addr_failover": inproc}
     context = zmq.Context.instance()
+    try:  # before the router starts: job_entry_func/job_exit_func are imported here
+        manager = JobManager(settings=settings.replace(**to_router),
+                             settings_loader=lambda: load().replace(**to_router),
+                             context=context)
+    except SettingsError as exc:
+        sys.stderr.write(f"emq-green: {exc}\n")
+        return 2
     router, scheduler = _start_router(router_settings, context, "emq-green",
                                       extra_backend_addrs=(inproc,), with_scheduler=True)
     if router is None:
         return 1
-    manager = JobManager(settings=settings.replace(**to_router),
-                         settings_loader=lambda: load().replace(**to_router), context=context)
 
     def stop_manager_with_router() -> None:
         router.serve_forever()
@@ -225,6 +249,12 @@ def router_main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
+    warn_unused(settings, {"allowed_callables": (
+        "is a worker setting: the router passes every REQUEST on, and only the scheduler it "
+        "runs (--scheduler) checks the schedules it takes against it; set it for emq-green"
+        if settings.run_scheduler else
+        "has no effect on emq-green-router: it is a worker setting (emq-green refuses "
+        "other callables); set it for emq-green")})
     context = zmq.Context() if settings.curve_secret_key_file else zmq.Context.instance()
     router, scheduler = _start_router(settings, context, "emq-green-router",
                                       with_scheduler=settings.run_scheduler)

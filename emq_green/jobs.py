@@ -119,10 +119,10 @@ def import_dotted(path: str) -> Callable[..., Any]:
     else:
         module, _, name = path.rpartition(".")
     if not module or not name:
-        raise ImportError(f"{path!r} is not a dotted path to a function")
+        raise ImportError("not a dotted path to a function (module.function)")
     func = getattr(importlib.import_module(module), name, None)
     if not callable(func):
-        raise ImportError(f"{path!r}: {name!r} is not a callable in {module!r}")
+        raise ImportError(f"module {module!r} has no function {name!r}")
     return func
 
 

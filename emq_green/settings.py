@@ -393,11 +393,17 @@ _QUEUES_JSON_FLAG = "--queues-json"
 
 
 class _SectionsParser(configargparse.ConfigFileParser):
-    """INI reader: ``[global]`` then ``[<section>]``, the latter winning."""
+    """INI reader: ``[global]`` then ``[<section>]``, the latter winning.
 
-    def __init__(self, section: str) -> None:
+    configargparse knows a key by its flag (``concurrent-jobs``,
+    ``queues-json``); ``written`` maps each key it was given back to the
+    key and section as they are in the file, for error messages."""
+
+    def __init__(self, section: str, written: Optional[dict[str, str]] = None) -> None:
         super().__init__()
         self.section = section
+        #: configargparse's key -> "KEY in [SECTION]", as written in the file
+        self.written = {} if written is None else written
 
     def __call__(self) -> _SectionsParser:
         return self
@@ -414,9 +420,11 @@ class _SectionsParser(configargparse.ConfigFileParser):
         items: OrderedDict = OrderedDict()
         for section in ("global", self.section):
             if ini.has_section(section):
-                for key, value in ini.items(section):
-                    key = key.strip().lower().replace("_", "-")
-                    items[_FILE_KEY_ALIASES.get(key, key)] = value
+                for written, value in ini.items(section):
+                    key = written.strip().lower().replace("_", "-")
+                    key = _FILE_KEY_ALIASES.get(key, key)
+                    items[key] = value
+                    self.written[key] = f"{written.strip()} in [{section}]"
         return items
 
 
@@ -440,15 +448,32 @@ def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, 
     return DEFAULT_CONFIG_FILE, False
 
 
+def _sources_help(section: str, config_file: str) -> str:
+    """The end of ``--help``: the other two sources, and the precedence."""
+    here = "" if config_file == DEFAULT_CONFIG_FILE else f" (here: {config_file})"
+    return (f"Each setting can also be given as an {ENV_PREFIX}<NAME> environment variable "
+            f"or as a key of the INI file, named after it: --heartbeat-interval is "
+            f"{ENV_PREFIX}HEARTBEAT_INTERVAL and heartbeat_interval. The INI file is -C, "
+            f"else ${ENV_PREFIX}CONFIG_FILE, else {DEFAULT_CONFIG_FILE}{here}; [global] "
+            f"then [{section}] are read, the latter winning, and unknown keys are ignored. "
+            f"Precedence: command line, then environment variables, then the INI file, "
+            f"then defaults.")
+
+
 def build_parser(
-    section: str, config_file: str, prog: Optional[str] = None
+    section: str, config_file: str, prog: Optional[str] = None,
+    file_keys: Optional[dict[str, str]] = None,
 ) -> configargparse.ArgumentParser:
+    """The parser of ``section``'s program; ``file_keys`` is filled, as the
+    INI file is read, with what :attr:`_SectionsParser.written` says."""
     parser = configargparse.ArgumentParser(
         prog=prog,
         description=_DESCRIPTIONS.get(section, _DESCRIPTIONS["jobmanager"]),
+        epilog=_sources_help(section, config_file),
         default_config_files=[config_file],
-        config_file_parser_class=_SectionsParser(section),
+        config_file_parser_class=_SectionsParser(section, file_keys),
         ignore_unknown_config_file_keys=True,
+        add_config_file_help=False,
         add_env_var_help=False,
     )
     parser.add_argument("-C", "--config", help="INI file (env EVENTMQ_CONFIG_FILE)")
@@ -479,8 +504,10 @@ def build_parser(
     return parser
 
 
-def _sources(parser: configargparse.ArgumentParser) -> dict[str, str]:
-    """dest -> where its value came from, for every value not from the command line."""
+def _sources(parser: configargparse.ArgumentParser,
+             file_keys: Mapping[str, str]) -> dict[str, str]:
+    """dest -> where its value came from, for every value not from the
+    command line: the variable or the INI key as the user wrote it."""
     found: dict[str, str] = {}
     for source, entries in parser.get_source_to_settings_dict().items():
         for key, (action, _value) in entries.items():
@@ -489,7 +516,8 @@ def _sources(parser: configargparse.ArgumentParser) -> dict[str, str]:
             if source == "environment_variables":
                 found[action.dest] = f"environment variable {key}"
             elif source.startswith("config_file"):
-                found[action.dest] = f"config file {source.partition('|')[2]} (key {key})"
+                found[action.dest] = (f"config file {source.partition('|')[2]} "
+                                      f"(key {file_keys.get(key, key)})")
     return found
 
 
@@ -549,7 +577,8 @@ def load_settings(
         raise SettingsError(f"config: file {config_file} does not exist")
     if os.path.exists(config_file):
         _check_readable(config_file)
-    parser = build_parser(section, config_file, prog)
+    file_keys: dict[str, str] = {}
+    parser = build_parser(section, config_file, prog, file_keys)
     if extra_arguments:
         extra_arguments(parser)
     # the mapping we were given, not os.environ (which is never changed: a
@@ -558,7 +587,7 @@ def load_settings(
         ns = parser.parse_args(argv, env_vars=environ)
     except configargparse.ConfigFileParserException as exc:
         raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
-    sources = _sources(parser)
+    sources = _sources(parser, file_keys)
 
     values: dict[str, Any] = {"config_file": config_file}
 

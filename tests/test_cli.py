@@ -198,6 +198,31 @@ def test_dashboard_addr_on_a_plain_worker_is_named_as_ignored(router, worker_fac
     assert "WARNING" in line and "is ignored" in line and "--metrics-addr" in line
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra, why", [
+    ([], "has no effect on emq-green-router: it is a worker setting"),
+    (["--scheduler"], "is a worker setting: the router passes every REQUEST on"),
+])
+def test_allowed_callables_on_the_router_is_named_as_a_worker_setting(tmp_path, extra, why):
+    """It was accepted and silently ignored: an operator could believe the
+    router filters REQUESTs."""
+    from peers import Proc, clean_env, free_ports
+
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+    (tmp_path / "empty.conf").write_text("")
+    router = Proc("emq-green-router", [
+        str(Path(EMQ_GREEN).with_name("emq-green-router")), "--frontend-addr", front,
+        "--backend-addr", back, "--administrative-addr", admin,
+        "--allowed-callables", '["myapp.*"]', *extra], tmp_path / "router.log",
+        clean_env(EVENTMQ_CONFIG_FILE=str(tmp_path / "empty.conf")), tmp_path)
+    try:
+        router.wait_for(r"router listening", timeout=20)
+        [line] = [x for x in router.text().splitlines() if " WARNING " in x]
+        assert f'allowed_callables (["myapp.*"]) {why}' in line
+    finally:
+        router.kill()
+
+
 def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path):
     conf = tmp_path / "eventmq.conf"
     conf.write_text('[jobmanager]\nqueues = [[10, "default"]]\n')
@@ -224,6 +249,31 @@ def test_bad_setting_stops_at_start_with_a_clear_message(tmp_path, worker_factor
     w2 = worker_factory(env={"EVENTMQ_HEARTBEAT_TIMEOUT": "-1"})
     assert w2.proc.wait(20) == 2
     assert "environment variable EVENTMQ_HEARTBEAT_TIMEOUT" in w2.text()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, env, message", [
+    (["--job-entry-func", "nosuch.module.fn"], {},
+     "job_entry_func: cannot import 'nosuch.module.fn': No module named 'nosuch'"),
+    (["--job-exit-func", "clijobs.nosuch"], {},
+     "job_exit_func: cannot import 'clijobs.nosuch': module 'clijobs' has no function "
+     "'nosuch'"),
+    (["--job-entry-func", "nodots"], {},
+     "job_entry_func: cannot import 'nodots': not a dotted path to a function "
+     "(module.function)"),
+    ([], {"EVENTMQ_JOB_EXIT_FUNC": "brokenhooks.after"},
+     "job_exit_func: cannot import 'brokenhooks.after': RuntimeError: broken on import"),
+    (["--standalone", "--job-entry-func", "nosuch.module.fn"], {},
+     "job_entry_func: cannot import 'nosuch.module.fn': No module named 'nosuch'"),
+])
+def test_a_bad_job_entry_or_exit_func_is_one_line_and_exit_2(tmp_path, worker_factory,
+                                                             args, env, message):
+    """They are imported when the job manager is built: that raised a
+    SettingsError through a traceback, exit 1."""
+    (tmp_path / "brokenhooks.py").write_text('raise RuntimeError("broken on import")\n')
+    w = worker_factory("-B", "tcp://127.0.0.1:1", *args, env=env)
+    assert w.proc.wait(30) == 2, w.text()
+    assert w.text() == f"emq-green: {message}\n"
 
 
 def test_help_lists_eventmq_flags(tmp_path):

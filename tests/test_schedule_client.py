@@ -192,3 +192,58 @@ def test_router_with_its_own_scheduler(peers):
         runs_stop(peers, "own")
     finally:
         client.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("when", [
+    {"delay": float("inf")}, {"delay": float("-inf")}, {"delay": float("nan")},
+    {"delay": -1}, {"delay": "soon"}, {"delay": True},
+    {"eta": float("inf")}, {"eta": float("nan")}, {"eta": -5},
+])
+def test_a_delay_or_eta_that_is_not_a_time_is_a_value_error(when):
+    """inf raised OverflowError from deep inside, -1 was taken as now."""
+    with Client(f"tcp://127.0.0.1:{free_port()}", green=False) as client:
+        with pytest.raises(ValueError, match=r"must be a finite number of seconds >= 0, not "):
+            client.defer_job("interop_jobs.record", ["x"], **when)
+    assert client.sent == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("when", [{"delay": 5}, {"eta": time.time() + 5}])
+def test_a_delayed_job_cannot_ask_for_its_result(when):
+    """result=True was silently ignored: the caller got a msgid, no handle."""
+    with Client(f"tcp://127.0.0.1:{free_port()}", green=False) as client:
+        with pytest.raises(ValueError, match="a delayed job .* cannot return a result"):
+            client.defer_job("interop_jobs.record", ["x"], result=True, **when)
+    assert client.sent == 0
+
+
+@pytest.mark.timeout(20)
+def test_delay_for_of_a_result_job_sends_its_schedule():
+    """``@job(result=True)``: the result is ``.delay``'s; ``.delay_for``
+    still sends the one-shot SCHEDULE, with no result asked."""
+    import zmq
+
+    from emq_green.client import get_client, job
+    from emq_green.schedules import parse_schedule
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    addr = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        decorated = job(result=True, broker_addr=addr)(_later)
+        msgid = decorated.delay_for(30, "x")
+        assert router.poll(10_000)
+        frames = router.recv_multipart()
+        assert frames[3:5] == [b"SCHEDULE", msgid.encode()]
+        schedule = parse_schedule([f.decode() for f in frames[5:]])
+        assert schedule.eta is not None and schedule.eta > time.time() + 25
+    finally:
+        get_client(addr).close()
+        router.close()
+        context.term()
+
+
+def _later(tag: str) -> str:
+    return tag

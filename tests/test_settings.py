@@ -108,7 +108,8 @@ def test_booleans_are_true_when_they_contain_a_t(tmp_path, text, expected):
          "concurrent_jobs: bad value 'lots' from environment variable EVENTMQ_CONCURRENT_JOBS"),
         (["-J", "0"], {}, "", "concurrent_jobs: bad value '0' from the command line"),
         ([], {}, "[jobmanager]\nqueues = [[10, default]]\n", "queues: bad value"),
-        ([], {}, "[jobmanager]\nheartbeat_timeout = soon\n", "(key heartbeat-timeout)"),
+        ([], {}, "[jobmanager]\nheartbeat_timeout = soon\n",
+         "(key heartbeat_timeout in [jobmanager])"),
         ([], {}, "[global]\nworker_addr = localhost:47290\n", "worker_addr: bad value"),
         (["--heartbeat-interval", "20"], {}, "", "heartbeat_interval: 20 s must be shorter"),
     ],
@@ -120,6 +121,42 @@ def test_bad_values_name_the_setting_and_its_source(tmp_path, argv, env, file_te
     assert message in str(info.value)
     if file_text and "key" in message:
         assert conf in str(info.value)
+
+
+@pytest.mark.parametrize("section, file_text, env, message", [
+    # the INI keys as written (configargparse knows them as concurrent-jobs
+    # and queues-json, which the messages named)
+    ("jobmanager", "[global]\nconcurrent_jobs = 2\n[jobmanager]\nconcurrent_jobs = lots\n", {},
+     "concurrent_jobs: bad value 'lots' from config file {conf} "
+     "(key concurrent_jobs in [jobmanager]): "),
+    ("jobmanager", "[jobmanager]\nqueues = default\n", {},
+     "queues: bad value 'default' from config file {conf} (key queues in [jobmanager]): "),
+    ("router", "[global]\nmax_buffer_bytes = 0\n", {},
+     "max_buffer_bytes: bad value '0' from config file {conf} "
+     "(key max_buffer_bytes in [global]): "),
+    ("jobmanager", "", {"EVENTMQ_QUEUES": "default"},
+     "queues: bad value 'default' from environment variable EVENTMQ_QUEUES: "),
+])
+def test_a_bad_value_names_the_ini_key_or_variable_as_written(tmp_path, section, file_text,
+                                                               env, message):
+    conf = write(tmp_path, file_text)
+    with pytest.raises(SettingsError) as info:
+        load_settings(["-C", conf], env, section=section)
+    assert str(info.value).startswith(message.format(conf=conf)), str(info.value)
+
+
+@pytest.mark.parametrize("section", ["jobmanager", "router", "scheduler"])
+def test_help_ends_with_every_source_in_the_order_they_win(section):
+    from emq_green.settings import build_parser
+
+    text = " ".join(build_parser(section, "/etc/eventmq.conf", "prog").format_help().split())
+    assert text.endswith(
+        "Each setting can also be given as an EVENTMQ_<NAME> environment variable or as a "
+        "key of the INI file, named after it: --heartbeat-interval is "
+        "EVENTMQ_HEARTBEAT_INTERVAL and heartbeat_interval. The INI file is -C, else "
+        f"$EVENTMQ_CONFIG_FILE, else /etc/eventmq.conf; [global] then [{section}] are read, "
+        "the latter winning, and unknown keys are ignored. Precedence: command line, then "
+        "environment variables, then the INI file, then defaults.")
 
 
 def test_missing_explicit_config_file_is_an_error(tmp_path):

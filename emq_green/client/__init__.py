@@ -19,6 +19,7 @@ from .api import (
     send_request,
     unschedule,
 )
+from .connect import RouterUnreachable
 from .results import (
     ConfirmTimeout,
     GuaranteeRefused,
@@ -32,4 +33,4 @@ from .results import (
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
            "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
            "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
-           "DEFAULT_ADDR", "schedule", "unschedule"]
+           "DEFAULT_ADDR", "schedule", "unschedule", "RouterUnreachable"]

@@ -49,6 +49,7 @@ import zmq
 
 from ..curve import ClientCurve, client_curve, client_curve_from_env
 from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
+from .connect import RouterUnreachable, new_dealer
 from .results import (
     ConfirmTimeout,
     GreenResultChannel,
@@ -196,21 +197,28 @@ class Client:
     # ------------------------------------------------------------------
     # the socket pool
 
-    def _take(self) -> Any:
+    def _take(self, wait: Optional[float] = None) -> Any:
+        """An idle socket, else a new one (:func:`~.connect.new_dealer`)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("client is closed")
-            if self._idle:
+            if self._idle and wait is None:
                 return self._idle.pop()
-        sock = self._context.socket(self._zmq.DEALER)
-        sock.setsockopt(self._zmq.IDENTITY, str(uuid.uuid4()).encode())
-        sock.setsockopt(self._zmq.SNDHWM, self._hwm)
-        sock.setsockopt(self._zmq.RCVHWM, self._hwm)
-        sock.setsockopt(self._zmq.LINGER, int(self._linger * 1000))
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.addr)
-        return sock
+        return new_dealer(self._context, self._zmq, self.addr, str(uuid.uuid4()), hwm=self._hwm,
+                          linger=self._linger, wait=wait,
+                          prepare=self.curve.apply if self.curve is not None else None)
+
+    def wait_for_router(self, timeout: float) -> None:
+        """Return once a router at :attr:`addr` has done the ZeroMQ handshake
+        with a new socket of the pool within ``timeout`` seconds (nothing
+        else tells: routers acknowledge only what they hand out at once).
+
+        Raises:
+            ValueError: ZeroMQ refuses the address.
+            RouterUnreachable: nothing answered in time, or the handshake
+                failed (a CURVE mismatch, a refused key).
+        """
+        self._give_back(self._take(wait=timeout))
 
     def _give_back(self, sock: Any) -> None:
         self._read_acks(sock)
@@ -480,7 +488,7 @@ class Client:
                 ``guarantee`` (see :meth:`send_request`).
             delay: run it once, this many seconds from now, or ``eta``: at
                 that time (a datetime, or epoch seconds); through a scheduler
-                (:func:`~emq_green.client.schedule.defer_later`).
+                (:func:`~emq_green.client.schedule.defer_later`), so no result.
             eta: see ``delay``.
 
         Returns:
@@ -488,7 +496,7 @@ class Client:
             ``result=True`` a :class:`ResultHandle`.
 
         Raises:
-            ValueError: ``func`` is not importable by a worker.
+            ValueError: ``func`` not importable; a bad ``delay``/``eta``, or one with ``result``.
             TypeError: an argument is not JSON-serialisable.
             SendTimeoutError: ``send_timeout`` passed before the router took
                 the request (it was not sent).
@@ -500,7 +508,7 @@ class Client:
                          class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
                          subprocess=subprocess)
         if delay is not None or eta is not None:
-            return defer_later(self, run, delay=delay, eta=eta, queue=queue,
+            return defer_later(self, run, delay=delay, eta=eta, queue=queue, result=result,
                                guarantee=guarantee, retry_count=retry_count, timeout=timeout)
         return self.send_request(run.payload(), queue=queue,  # type: ignore[call-overload]
                                  reply_requested=reply_requested, guarantee=guarantee,
@@ -663,9 +671,11 @@ def job(
             return value
 
         def delay_for(seconds: float, *args: Any, **kwargs: Any) -> str:
-            """Run it once, ``seconds`` from now (a one-shot schedule)."""
+            """Run it once, ``seconds`` from now (a one-shot schedule; no
+            result: the decorator's ``result`` is for ``.delay``)."""
+            later = {k: v for k, v in options.items() if k != "result"}
             return get_client(broker_addr).defer_job(f, args, kwargs, queue=queue,
-                                                     delay=seconds, **options)
+                                                     delay=seconds, **later)
 
         f.delay = delay  # type: ignore[attr-defined]
         f.delay_for = delay_for  # type: ignore[attr-defined]
@@ -677,4 +687,4 @@ def job(
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
            "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
            "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
-           "DEFAULT_ADDR", "schedule", "unschedule"]
+           "DEFAULT_ADDR", "schedule", "unschedule", "RouterUnreachable"]

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from ..protocol import Command, Message, ProtocolError, _loads
+from .connect import new_dealer
 
 logger = logging.getLogger(__name__)
 
@@ -366,13 +367,6 @@ class _Channel:
             handle._resolve(lost)
 
 
-def _configure(sock: Any, zmq_module: Any, hwm: int, linger: float) -> None:
-    sock.setsockopt(zmq_module.IDENTITY, f"results:{uuid.uuid4()}".encode())
-    sock.setsockopt(zmq_module.SNDHWM, hwm)
-    sock.setsockopt(zmq_module.RCVHWM, hwm)
-    sock.setsockopt(zmq_module.LINGER, int(linger * 1000))
-
-
 class GreenResultChannel(_Channel):
     """Under gevent: one ``zmq.green`` DEALER, sends under a lock, one reader greenlet."""
 
@@ -387,11 +381,8 @@ class GreenResultChannel(_Channel):
 
         super().__init__(on_ack)
         self._event_class = gevent.event.Event
-        self._sock = context.socket(zmq_green.DEALER)
-        _configure(self._sock, zmq_green, hwm, linger)
-        if prepare is not None:
-            prepare(self._sock)  # e.g. CURVE keys, before connecting
-        self._sock.connect(addr)
+        self._sock = new_dealer(context, zmq_green, addr, f"results:{uuid.uuid4()}", hwm=hwm,
+                                linger=linger, prepare=prepare)
         self._send_lock = gevent.lock.Semaphore()
         self._send_message = send
         self._reader = gevent.spawn(self._read)
@@ -449,11 +440,8 @@ class ThreadResultChannel(_Channel):
                  prepare: Optional[Callable[[Any], None]] = None) -> None:
         super().__init__(on_ack)
         self._send_timeout = send_timeout
-        self._sock = context.socket(zmq.DEALER)
-        _configure(self._sock, zmq, hwm, linger)
-        if prepare is not None:
-            prepare(self._sock)  # e.g. CURVE keys, before connecting
-        self._sock.connect(addr)
+        self._sock = new_dealer(context, zmq, addr, f"results:{uuid.uuid4()}", hwm=hwm,
+                                linger=linger, prepare=prepare)
         self._fd = self._sock.getsockopt(zmq.FD)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="emq-green-results",

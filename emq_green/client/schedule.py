@@ -24,6 +24,7 @@ answers only a refusal, which is logged here when it is read).
 from __future__ import annotations
 
 import datetime
+import math
 import time
 import uuid
 from typing import Any, Optional, Sequence, Union
@@ -89,24 +90,45 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
                          payload=call_payload(run), interval=every, cron=cron or "")
 
 
+def finite_seconds(what: str, value: Any) -> float:
+    """``value`` as a finite number of seconds, at least 0 (ValueError otherwise)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not (0 <= seconds < math.inf):
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, not {value!r}")
+    return seconds
+
+
 def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
                 eta: Optional[When] = None, queue: Optional[str] = None,
-                guarantee: bool = False, retry_count: int = 0, timeout: float = 0) -> str:
+                result: bool = False, guarantee: bool = False, retry_count: int = 0,
+                timeout: float = 0) -> str:
     """Run the call once, ``delay`` seconds from now or at ``eta``.
 
     With ``guarantee`` the scheduler keeps it on disk until the router has
     accepted the job it fires (emq-green's scheduler with ``scheduler_file``):
     it survives a scheduler restart. Returns the SCHEDULE's msgid.
+
+    Raises:
+        ValueError: both or neither of ``delay`` and ``eta``; a ``delay``
+            that is not a finite number of seconds >= 0, an ``eta`` that is
+            not a time (epoch seconds >= 0, or a datetime); ``result``: the
+            scheduler fires the job later, and nobody is there to take its
+            result.
     """
     if (delay is None) == (eta is None):
         raise ValueError("give either delay (seconds) or eta, not both")
+    if result:
+        raise ValueError("a delayed job (delay or eta) cannot return a result: a scheduler "
+                         "sends it later, and no result comes back; drop result=True")
     now = time.time()
     if eta is not None:
-        at = eta.timestamp() if isinstance(eta, datetime.datetime) else float(eta)
+        at = finite_seconds("eta (epoch seconds)",
+                      eta.timestamp() if isinstance(eta, datetime.datetime) else eta)
     else:
-        at = now + float(delay)  # type: ignore[arg-type]
-    if not at >= 0:
-        raise ValueError(f"the time {at!r} is not a time")
+        at = now + finite_seconds("delay", delay)
     headers = [*job_headers(guarantee, retry_count, timeout), "run_count:1", "nohaste",
                f"eta:{at:.6f}", f"delay-id:{uuid.uuid4().hex}"]
     body = schedule_body(queue=queue or "default", headers=headers,
@@ -116,5 +138,5 @@ def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
     return msgid
 
 
-__all__ = ["When", "call_payload", "defer_later", "job_headers", "periodic_body",
-           "send_schedule"]
+__all__ = ["When", "call_payload", "defer_later", "finite_seconds", "job_headers",
+           "periodic_body", "send_schedule"]

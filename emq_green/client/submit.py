@@ -3,6 +3,12 @@
     emq-green-submit examples.jobs.sleep_and_mark --args '[0.1, "/tmp/marks", "x"]' \\
         --count 1000 --queue default
 
+It first waits (``--connect-timeout``, 5 s) for the router to answer: an
+address ZeroMQ refuses exits 2, no router answering (nothing listens, or
+the CURVE handshake fails) exits 1, both with one line on stderr and
+nothing sent. (Acknowledgements cannot tell: a router acknowledges only the
+requests it hands to a worker at once, not those it buffers.)
+
 Progress while sending: requests sent, their rate, and how many the router
 acknowledged (handed to a worker at once). With ``--admin-addr`` it then
 follows the router's STATUS until no request waits in its buffer: every job
@@ -13,7 +19,8 @@ figures only fall for jobs sent with ``--reply-requested``.)
 it, ``--unschedule`` removes that schedule, ``--delay SECONDS`` sends it to
 run once later (all through a scheduler connected to the router).
 
-With ``--wait`` each job asks for its result (emq-green's router only), and
+With ``--wait`` (not with a schedule or ``--delay``: such a job returns no
+result) each job asks for its result (emq-green's router only), and
 each result is printed on stdout as one JSON line, in the order the jobs
 were sent: ``{"job": N, "msgid": ..., "value": ...}``, or ``"error": {"type",
 "message"}`` instead of ``"value"`` when the job failed, its result was lost,
@@ -36,6 +43,7 @@ import zmq
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
 from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
+from .connect import RouterUnreachable, connect
 from .results import (
     ConfirmTimeout,
     GuaranteeRefused,
@@ -43,6 +51,7 @@ from .results import (
     ResultLostError,
     ResultTimeout,
 )
+from .schedule import finite_seconds
 
 
 def _json_arg(kind: type, what: str):
@@ -71,6 +80,24 @@ def _whole_seconds(text: str) -> int:
     return int(value)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds, more than 0")
+    return value
+
+
+def _delay_seconds(text: str) -> float:
+    try:
+        return finite_seconds("--delay", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of seconds >= 0") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emq-green-submit",
@@ -84,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue", "-q", default="default", help="queue name")
     parser.add_argument("--addr", "-a", default=None,
                         help=f"router frontend (default ${ENV_BROKER_ADDR}, else {DEFAULT_ADDR})")
+    parser.add_argument("--connect-timeout", type=_positive_seconds, default=5.0,
+                        metavar="SECONDS",
+                        help="seconds to wait for the router to answer before sending; "
+                             "none answering: exit 1, nothing sent (default 5)")
     parser.add_argument("--admin-addr", default=None,
                         help="router administrative address: follow STATUS after sending")
     parser.add_argument("--wait", action="store_true",
@@ -115,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='schedule the job at the times of a cron text, e.g. "*/5 * * * *"')
     kind.add_argument("--unschedule", action="store_true",
                       help="remove the schedule of this callable with these arguments")
-    kind.add_argument("--delay", type=float, metavar="SECONDS",
+    kind.add_argument("--delay", type=_delay_seconds, metavar="SECONDS",
                       help="run the job once, SECONDS from now")
     when.add_argument("--run-count", type=int, default=None,
                       help="with --every/--cron: stop after this many runs")
@@ -167,7 +198,7 @@ def admin_request(admin_addr: str, command: Command = Command.STATUS, timeout: f
     # EventMQ's router decodes identities as UTF-8: never leave ZeroMQ's binary one
     sock.setsockopt(zmq.IDENTITY, f"admin:{uuid.uuid4()}".encode())
     try:
-        sock.connect(admin_addr)
+        connect(sock, admin_addr)  # a bad address: ValueError
         sock.send_multipart(Message.new(command).frames())
         if not sock.poll(int(timeout * 1000)):
             return None
@@ -192,6 +223,10 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     if ns.count < 1:
         out.write("emq-green-submit: --count must be at least 1\n")
         return 2
+    if ns.wait and (ns.delay is not None or ns.every is not None or ns.cron or ns.unschedule):
+        out.write("emq-green-submit: --wait needs jobs sent now: a delayed or scheduled job "
+                  "goes through a scheduler and returns no result\n")
+        return 2
     addr = ns.addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     progress = _Progress(out)
     try:
@@ -201,6 +236,17 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     except CurveError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         return 2
+    # nothing is sent before a router answers; closing then does not wait
+    try:
+        client.wait_for_router(ns.connect_timeout)
+    except ValueError as exc:  # an address ZeroMQ refuses
+        client.close()
+        out.write(f"emq-green-submit: {exc}\n")
+        return 2
+    except RouterUnreachable as exc:
+        client.close()
+        out.write(f"emq-green-submit: {exc}; nothing sent\n")
+        return 1
     if ns.every is not None or ns.cron or ns.unschedule:
         return _schedule(client, ns, out)
     started = time.monotonic()

@@ -44,6 +44,18 @@ Finished = Callable[[JobRecord, JobOutcome, int], None]
 Rejected = Callable[[str, Headers, JobOutcome], None]
 
 
+def _hook_function(setting: str, path: str) -> Optional[Callable[[], Any]]:
+    """The function ``path`` names (None when empty); a path that cannot be
+    imported, whatever the reason, raises a SettingsError naming ``setting``."""
+    if not path:
+        return None
+    try:
+        return import_dotted(path)
+    except Exception as exc:  # ImportError, or anything the module raises on import
+        reason = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        raise SettingsError(f"{setting}: cannot import {path!r}: {reason}") from exc
+
+
 def killed(detail: str, attempts: int = 1) -> JobOutcome:
     return JobOutcome(Status.KILLED, "Killed", "Killed", detail, attempts)
 
@@ -98,11 +110,8 @@ class JobSlots:
         """Slots, runner (timeouts, ``job_entry_func``/``job_exit_func``) and
         allowed callables from ``settings``; unchanged when a function cannot
         be imported (:class:`SettingsError`)."""
-        try:
-            entry = import_dotted(settings.job_entry_func) if settings.job_entry_func else None
-            exit_ = import_dotted(settings.job_exit_func) if settings.job_exit_func else None
-        except ImportError as exc:
-            raise SettingsError(f"job_entry_func/job_exit_func: {exc}") from exc
+        entry = _hook_function("job_entry_func", settings.job_entry_func)
+        exit_ = _hook_function("job_exit_func", settings.job_exit_func)
         policy = CallablePolicy(settings.allowed_callables)
         self.configure(
             concurrent_jobs=settings.concurrent_jobs,

@@ -1,0 +1,140 @@
+"""``emq-green-submit`` as a real process: what it says and how it exits
+when the router address is bad, when nothing listens there, and when a
+router is there but has no worker (its requests buffered, unacknowledged)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import zmq
+from peers import BIN, Peers, clean_env, free_port, require_eventmq, wait_until
+
+SUBMIT = str(BIN / "emq-green-submit")
+
+
+def submit(*argv: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    """Run emq-green-submit; a hang fails the test after ``timeout`` s."""
+    return subprocess.run([SUBMIT, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env())
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("addr", ["bogus", "tcp://127.0.0.1"])
+def test_an_invalid_address_is_one_line_and_exit_2_at_once(addr):
+    started = time.monotonic()
+    out = submit("-a", addr, "some.callable")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == f"emq-green-submit: invalid router address {addr!r}: " \
+                         "Invalid argument\n"
+    assert out.stdout == ""
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(40)
+def test_no_router_listening_exits_1_and_sends_nothing():
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    out = submit("-a", addr, "some.callable", "--count", "3", "--connect-timeout", "1")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr == (f"emq-green-submit: no router at {addr}: nothing answered within "
+                          "1 s (no router listening there?); nothing sent\n")
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(40)
+def test_a_failed_handshake_exits_1_naming_it():
+    """A CURVE router and a plain client: the router is there but the
+    handshake fails; said at once, not after the timeout."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.curve_keypair()
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = public, secret
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        started = time.monotonic()
+        out = submit("-a", f"tcp://127.0.0.1:{port}", "some.callable",
+                     "--connect-timeout", "15")
+        assert out.returncode == 1, out.stderr
+        assert "the ZeroMQ handshake failed" in out.stderr and "CURVE" in out.stderr
+        assert out.stderr.count("\n") == 1
+        assert time.monotonic() - started < 10
+    finally:
+        router.close()
+        context.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_router_without_workers_buffers_and_submit_exits_0(tmp_path):
+    """EventMQ's router acknowledges only what it hands to a worker at once:
+    with no worker nothing is acknowledged, yet the router holds the jobs."""
+    require_eventmq()
+    peers = Peers(tmp_path)
+    try:
+        router = peers.router()
+        out = submit("-a", router.addrs.frontend, "some.callable", "--count", "3")
+        assert out.returncode == 0, out.stderr
+        assert "sent 3/3" in out.stderr and "acknowledged 0" in out.stderr
+        wait_until(lambda: router.admin("STATUS")["waiting_messages_by_queue"] == {
+            "default": 3}, 10, "the three jobs buffered by the router", details=router.tail)
+    finally:
+        peers.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("green", [False, True])
+def test_the_client_api_raises_value_error_for_an_invalid_address_and_closes(green):
+    """The socket ZeroMQ refused to connect was left open: ``close()``
+    (``Context.term``) then waited for ever."""
+    from emq_green.client import Client
+
+    client = Client("tcp://127.0.0.1", green=green)
+    with pytest.raises(ValueError, match="invalid router address 'tcp://127.0.0.1'"):
+        client.defer_job("some.callable")
+    with pytest.raises(ValueError, match="invalid router address"):
+        client.defer_job("some.callable", result=True)
+    with pytest.raises(ValueError, match="invalid router address"):
+        client.wait_for_router(1)
+    client.close()
+    assert client.sent == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("green", [False, True])
+def test_wait_for_router_returns_once_a_router_answers(green):
+    from emq_green.client import Client, RouterUnreachable
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", green=green) as client:
+            client.wait_for_router(10)
+            client.defer_job("some.callable")
+            assert router.poll(10_000)
+            assert router.recv_multipart()[3] == b"REQUEST"
+        with Client(f"tcp://127.0.0.1:{free_port()}", green=green) as client:
+            with pytest.raises(RouterUnreachable, match="nothing answered within 0.2 s"):
+                client.wait_for_router(0.2)
+    finally:
+        router.close()
+        context.term()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("args, message", [
+    (["--delay", "inf"], "argument --delay: 'inf' is not a finite number of seconds >= 0"),
+    (["--delay", "-1"], "argument --delay: '-1' is not a finite number of seconds >= 0"),
+    (["--delay", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
+    (["--every", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
+])
+def test_a_delay_that_is_not_a_time_or_with_wait_is_refused_before_anything(args, message):
+    """--delay inf was a traceback (OverflowError); --wait with a delay or a
+    schedule was silently ignored."""
+    out = submit("-a", f"tcp://127.0.0.1:{free_port()}", "some.callable", *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
