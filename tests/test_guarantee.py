@@ -13,11 +13,12 @@ behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 import gevent
 import pytest
@@ -188,13 +189,25 @@ def test_journal_holds_what_was_confirmed_until_it_finishes(make_router, tmp_pat
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 0
 
 
+@contextlib.contextmanager
+def journaled_router(path: str) -> Iterator[Harness]:
+    """A router on the journal at ``path``, in this process, stopped (cleanly:
+    what it holds stays in the journal) when the block ends."""
+    harness = Harness(Router(settings=Settings(
+        frontend_addr=ANY_PORT, backend_addr=ANY_PORT, administrative_addr=ANY_PORT,
+        journal_file=path)))
+    harness.router.start()
+    try:
+        yield harness
+    finally:
+        for peer in harness.peers:
+            peer.close()
+        assert harness.router.stop(timeout=5)
+
+
 def test_a_new_router_on_the_journal_runs_what_the_old_one_held(tmp_path):
     path = str(tmp_path / "journal.db")
-    settings = Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
-                        administrative_addr=ANY_PORT, journal_file=path)
-    first = Harness(Router(settings=settings))
-    first.router.start()
-    try:
+    with journaled_router(path) as first:
         client = first.peer("frontend")
         worker = first.worker(slots=1)
         out = guaranteed(first, client, headers="guarantee,result-requested")
@@ -202,15 +215,9 @@ def test_a_new_router_on_the_journal_runs_what_the_old_one_held(tmp_path):
         queued = [guaranteed(first, client) for _ in range(3)]
         plain = first.request(client)
         assert {client.recv().body for _ in range(4)} == {(m.msgid,) for m in [out, *queued]}
-    finally:
-        for peer in first.peers:
-            peer.close()
-        assert first.router.stop(timeout=5)
     assert first.router.dropped_by_reason["stopping"] == 1  # only the plain one
 
-    second = Harness(Router(settings=settings))
-    second.router.start()
-    try:
+    with journaled_router(path) as second:
         status = second.router.status()
         assert status["guaranteed_restored"] == 4 and status["guaranteed_held"] == 4
         worker = join(second, 4)
@@ -218,33 +225,19 @@ def test_a_new_router_on_the_journal_runs_what_the_old_one_held(tmp_path):
         assert [m.msgid for m in got] == [out.msgid, *(m.msgid for m in queued)]
         assert plain.msgid not in {m.msgid for m in got}
         assert all("reply-requested" in m.body[1] for m in got)
-    finally:
-        for peer in second.peers:
-            peer.close()
-        assert second.router.stop(timeout=5)
 
 
 def test_a_new_router_on_the_journal_keeps_each_request_on_its_queue(tmp_path):
     # the new router knows no queue at start: a restored request must not
     # go to a default worker when its own queue's worker connects later
     path = str(tmp_path / "journal.db")
-    settings = Settings(frontend_addr=ANY_PORT, backend_addr=ANY_PORT,
-                        administrative_addr=ANY_PORT, journal_file=path)
-    first = Harness(Router(settings=settings))
-    first.router.start()
-    try:
+    with journaled_router(path) as first:
         client = first.peer("frontend")
         first.worker(queues=[(10, "mail")], slots=0)
         held = [guaranteed(first, client, queue="mail") for _ in range(2)]
         assert {client.recv().body for _ in range(2)} == {(m.msgid,) for m in held}
-    finally:
-        for peer in first.peers:
-            peer.close()
-        assert first.router.stop(timeout=5)
 
-    second = Harness(Router(settings=settings))
-    second.router.start()
-    try:
+    with journaled_router(path) as second:
         default = second.worker(queues=[(10, "default")], slots=2)
         client = second.peer("frontend")
         later = guaranteed(second, client, queue="mail")
@@ -256,10 +249,6 @@ def test_a_new_router_on_the_journal_keeps_each_request_on_its_queue(tmp_path):
             mail.send(Command.READY)
         assert [mail.recv().msgid for _ in range(3)] == [m.msgid for m in [*held, later]]
         assert default.pending() == []
-    finally:
-        for peer in second.peers:
-            peer.close()
-        assert second.router.stop(timeout=5)
 
 
 def test_a_journal_that_cannot_be_written_refuses_guaranteed_requests(make_router, tmp_path,

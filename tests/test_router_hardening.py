@@ -70,38 +70,29 @@ def test_disconnect_on_client_socket_is_ignored_admin_disconnect_stops(make_rout
     assert h.router.wait_for_state(RouterState.STOPPED, timeout=5)
 
 
-def test_admin_socket_off_loopback_is_warned_about(caplog):
-    caplog.set_level(logging.INFO, logger="emq_green.router")
-    any_port = "tcp://127.0.0.1:*"
-    quiet = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
-                                     administrative_addr=any_port))
-    quiet.start()
-    quiet.stop(timeout=2)
-    assert "not on loopback" not in _log_text(caplog)
-    assert "heartbeat_timeout" not in _log_text(caplog)
-    loud = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
-                                    administrative_addr="tcp://0.0.0.0:*"))
-    loud.start()
-    try:
-        assert any("administrative socket (tcp://0.0.0.0:*) is not on loopback"
-                   in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    finally:
-        loud.stop(timeout=2)
-
-
-def test_a_heartbeat_timeout_not_longer_than_the_interval_is_warned_about(caplog):
+@pytest.mark.parametrize("overrides, warning", [
+    (dict(administrative_addr="tcp://0.0.0.0:*"),
+     "administrative socket (tcp://0.0.0.0:*) is not on loopback"),
     # a worker beating every 3 s (the default) behind a 2 s timeout is
     # removed as dead every few seconds while idle
+    (dict(heartbeat_timeout=2),
+     "heartbeat_timeout (2 s) is not longer than heartbeat_interval (3 s)"),
+])
+def test_risky_settings_are_warned_about_at_start(caplog, overrides, warning):
     caplog.set_level(logging.INFO, logger="emq_green.router")
     any_port = "tcp://127.0.0.1:*"
-    router = Router(settings=Settings(frontend_addr=any_port, backend_addr=any_port,
-                                      administrative_addr=any_port, heartbeat_timeout=2))
-    router.start()
+    addrs = dict(frontend_addr=any_port, backend_addr=any_port, administrative_addr=any_port)
+    quiet = Router(settings=Settings(**addrs))
+    quiet.start()
+    quiet.stop(timeout=2)
+    assert warning not in _log_text(caplog)
+    loud = Router(settings=Settings(**{**addrs, **overrides}))
+    loud.start()
     try:
-        assert any("heartbeat_timeout (2 s) is not longer than heartbeat_interval (3 s)"
-                   in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        assert any(warning in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING)
     finally:
-        router.stop(timeout=2)
+        loud.stop(timeout=2)
 
 
 # ----------------------------------------------------------------------
