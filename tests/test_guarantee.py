@@ -235,14 +235,22 @@ def test_a_new_router_on_the_journal_keeps_each_request_on_its_queue(tmp_path):
         client = first.peer("frontend")
         first.worker(queues=[(10, "mail")], slots=0)
         held = [guaranteed(first, client, queue="mail") for _ in range(2)]
-        assert {client.recv().body for _ in range(2)} == {(m.msgid,) for m in held}
+        # a queue no worker announced: routed to default, and after the
+        # restart too (the journal keeps where it was routed)
+        unknown = guaranteed(first, client, queue="no-such-queue")
+        assert {client.recv().body for _ in range(3)} == {
+            (m.msgid,) for m in [*held, unknown]}
 
     with journaled_router(path) as second:
-        default = second.worker(queues=[(10, "default")], slots=2)
+        default = second.worker(queues=[(10, "default")], slots=0)
+        default.send(Command.READY)
+        assert default.recv().msgid == unknown.msgid
         client = second.peer("frontend")
         later = guaranteed(second, client, queue="mail")
         assert client.recv().body == (later.msgid,)
         wait_until(lambda: len(second.router.waiting.get("mail", ())) == 3, what="buffered")
+        default.send(Command.READY)
+        wait_until(lambda: second.slots(default) == 1, what="the READY counted")
         assert default.pending() == []
         mail = second.worker(queues=[(10, "mail")], slots=0)
         for _ in range(3):

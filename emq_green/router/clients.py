@@ -102,8 +102,8 @@ class ClientSide:
             if result_requested_in(request.body[1]):
                 # its client may still be there (same identity): it gets the result
                 self.relay.remember(request.msgid, request.client, request.received)
-            # under its own queue: which queues were served is not known yet
-            # (at worst it waits for a worker of its queue)
+            # under the queue it was routed to (kept by the journal): which
+            # queues are served is not known yet
             if self.routing.buffer(request.queue, request):
                 self.sockets.pause_clients("guaranteed requests from the journal fill "
                                            "the buffer")
@@ -169,7 +169,7 @@ class ClientSide:
         queue, headers, payload = message.body
         request = Request(msgid, client, queue, (queue, with_reply_requested(headers), payload),
                           time.monotonic(), guaranteed=True)
-        if self.guarantees.hold(request):
+        if self.guarantees.hold(request, self.routing.queue_for(queue)):
             self.sockets.send_later("frontend", ack_frames(client, msgid))
         self._route(request)
         if self.guarantees.backlogged(self.settings.hwm):
@@ -198,7 +198,7 @@ class ClientSide:
                          f"({why})", msgid in self._pending_ids)
         elif holder and (sent := holder.in_flight.get(msgid)) is not None \
                 and sent.request is request:
-            self.guarantees.write_again(request)
+            self.guarantees.write_again(request, self.routing.queue_for(request.queue))
         else:  # it ended during the commit: nothing to keep, and it ran
             self.sockets.send_later("frontend", ack_frames(request.client, msgid))
 

@@ -122,27 +122,26 @@ class Guarantees:
         """Whether ``limit`` or more requests wait for a journal commit."""
         return self.journal is not None and self.journal.backlog >= limit
 
-    def hold(self, request: Request) -> bool:
-        """Take a guaranteed request (its body already asks for a reply):
-        True when it is safe at once (no journal: held in memory), False
-        when the journal writes it (the listener hears when it is done)."""
+    def hold(self, request: Request, routed: str) -> bool:
+        """Take a guaranteed request (its body already asks for a reply),
+        routed to the queue ``routed``: True when it is safe at once (no
+        journal: held in memory), False when the journal writes it (the
+        listener hears when it is done)."""
         self.held += 1
         journal = self.journal
         if journal is None:
             self.accepted += 1
             return True
-        queue, headers, payload = request.body
-        request.seq = journal.add(request.msgid, request.client, queue, headers, payload,
-                                  request)
+        request.seq = journal.add(request.msgid, request.client,
+                                  *_journaled_body(request, routed), request)
         return False
 
-    def write_again(self, request: Request) -> None:
+    def write_again(self, request: Request, routed: str) -> None:
         """Its journal write failed while it was out at a worker: written
         with the next commit (or never, if it ends first)."""
         assert self.journal is not None
-        queue, headers, payload = request.body
-        request.seq = self.journal.add(request.msgid, request.client, queue, headers,
-                                       payload, request)
+        request.seq = self.journal.add(request.msgid, request.client,
+                                       *_journaled_body(request, routed), request)
 
     def drop(self, request: Request) -> None:
         """Its journal write failed and it was taken back: refused."""
@@ -193,6 +192,16 @@ class Guarantees:
             "late_replies": self.late_replies,
             **(self.journal.status() if self.journal is not None else {"journal_file": None}),
         }
+
+
+def _journaled_body(request: Request, routed: str) -> tuple[str, str, str]:
+    """The queue, headers and payload the journal keeps: the queue is the
+    one the request was routed to. It differs from the request's own only
+    for a queue no worker had announced (routed to the default queue); a
+    router restarted on the journal, which knows no queue at start, then
+    queues it where it ran before (its queue frame then names that queue)."""
+    _queue, headers, payload = request.body
+    return routed, headers, payload
 
 
 __all__ = ["Guarantees", "REFUSED_TYPE", "refusal_body", "was_killed"]

@@ -68,7 +68,7 @@ CREATE TABLE requests (
     seq INTEGER PRIMARY KEY,   -- acceptance order
     msgid TEXT NOT NULL,
     client TEXT NOT NULL,      -- the sender's identity, hex (its results go there)
-    queue TEXT NOT NULL,
+    queue TEXT NOT NULL,       -- the queue it was routed to (its own, or the default)
     headers TEXT NOT NULL,     -- as forwarded (reply-requested added)
     payload TEXT NOT NULL,
     accepted REAL NOT NULL     -- wall-clock time of acceptance
