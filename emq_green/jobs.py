@@ -25,6 +25,7 @@ from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore
 from typing import Any, Callable, NamedTuple, Optional
 
 import gevent
+import gevent.event
 
 from .callables import NOT_ALLOWED, CallableNotAllowed, CallablePolicy
 from .limits import worker_log
@@ -126,6 +127,51 @@ def import_dotted(path: str) -> Callable[..., Any]:
     return func
 
 
+class _JobModules:
+    """Imports the modules jobs name, one greenlet per module at a time.
+
+    Python's import lock is per thread, and every greenlet runs in the same
+    thread: a second greenlet that asked for a module while the first was
+    still importing it (its import paused on IO: a connection opened at
+    import time, ``emq_green.client`` imported by a ``@job`` module) got the
+    half-initialized module, and its job failed with AttributeError. Here
+    it waits for that import to end instead."""
+
+    def __init__(self) -> None:
+        #: names imported completely (the fast path: two lookups a job)
+        self._done: set[str] = set()
+        #: name -> (the greenlet importing it, set when it is done)
+        self._importing: dict[str, tuple[Any, gevent.event.Event]] = {}
+
+    def get(self, name: str) -> Any:
+        current = None
+        while True:
+            module = sys.modules.get(name)
+            if module is not None and name in self._done:
+                return module
+            importing = self._importing.get(name)
+            if importing is None:
+                break  # then import it (again, if another greenlet's import failed)
+            current = current or gevent.getcurrent()
+            if importing[0] is current:  # asked for again from within its own import
+                return importlib.import_module(name)
+            importing[1].wait()
+        current = current or gevent.getcurrent()
+        done = gevent.event.Event()
+        self._importing[name] = (current, done)
+        try:
+            module = importlib.import_module(name)
+        finally:
+            del self._importing[name]
+            done.set()
+        if not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            self._done.add(name)
+        return module
+
+
+_modules = _JobModules()
+
+
 def resolve(request: RunRequest, policy: Optional[CallablePolicy] = None) -> Callable[..., Any]:
     """The callable a request names; ``module:Class`` is instantiated first.
 
@@ -134,7 +180,7 @@ def resolve(request: RunRequest, policy: Optional[CallablePolicy] = None) -> Cal
     class before it is instantiated, a function before it is returned.
     Raises :class:`~emq_green.callables.CallableNotAllowed` otherwise."""
     module_name, _, class_name = request.path.partition(":")
-    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    module = _modules.get(module_name)
     target: Any = module
     if class_name:
         cls = getattr(module, class_name)

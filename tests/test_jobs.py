@@ -115,6 +115,44 @@ def test_a_job_that_holds_the_loop_past_its_timeout_is_reported_timed_out():
     assert len(runner.deadlines) == 0
 
 
+def test_jobs_that_arrive_while_their_module_is_imported_wait_for_the_import(tmp_path,
+                                                                            monkeypatch):
+    # the import pauses (IO at import time, as a module opening a connection,
+    # or one that imports emq_green.client for @job): the other greenlets
+    # got the half-imported module and failed with AttributeError
+    name = f"slow_import_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import gevent\n"
+        "gevent.sleep(0.2)\n"
+        "def double(x):\n"
+        "    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = JobRunner(global_timeout=30)
+    try:
+        greenlets = [gevent.spawn(runner.run, RunRequest(name, "double", (n,)), Headers.parse(""))
+                     for n in range(5)]
+        outcomes = [g.get(timeout=30) for g in greenlets]
+    finally:
+        __import__("sys").modules.pop(name, None)
+    assert [(o.status, o.value) for o in outcomes] == [(Status.SUCCEEDED, 2 * n)
+                                                       for n in range(5)]
+
+
+def test_a_module_whose_import_fails_fails_every_job_waiting_for_it(tmp_path, monkeypatch):
+    name = f"broken_import_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import gevent\n"
+        "gevent.sleep(0.1)\n"
+        "raise RuntimeError('no database')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = JobRunner(global_timeout=30)
+    greenlets = [gevent.spawn(runner.run, RunRequest(name, "f", ()), Headers.parse(""))
+                 for _ in range(3)]
+    outcomes = [g.get(timeout=30) for g in greenlets]
+    assert [(o.status, o.error_type) for o in outcomes] == [(Status.FAILED, "RuntimeError")] * 3
+    assert all("no database" in o.error_message for o in outcomes)
+
+
 def test_a_timeout_of_the_job_s_own_is_not_taken_for_the_job_s():
     def own_timeout():
         with gevent.Timeout(0.05, False):
