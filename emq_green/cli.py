@@ -8,6 +8,10 @@ nothing at the top but :mod:`os` and :mod:`sys`; ``--no-monkey-patch`` (or
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # nothing imported at run time
+    from .router import Router
 
 
 def _wants_patch(argv: list, environ: dict) -> bool:
@@ -232,6 +236,16 @@ def _stop_on_signals(what: str, stop) -> None:
         gevent.signal_handler(signum, lambda n=signum: gevent.spawn(on_signal, n))
 
 
+def _log_router_status(router: "Router") -> None:
+    """What SIGUSR1 logs on emq-green-router: STATUS as one JSON line."""
+    import json
+    import logging
+
+    status = {"state": router.state.value, "workers": len(router.workers), **router.status()}
+    logging.getLogger("emq_green.router").info(
+        "router status: %s", json.dumps(status, sort_keys=True, default=str))
+
+
 def router_main(argv: "list[str] | None" = None) -> int:
     """``emq-green-router``: the router alone, settings from [global] and [router]."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -268,6 +282,7 @@ def router_main(argv: "list[str] | None" = None) -> int:
 
     _stop_on_signals("router", stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
+    gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_log_router_status, router))
     router.serve_forever()
     return 0
 

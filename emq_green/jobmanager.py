@@ -270,10 +270,16 @@ class JobManager:
         A graceful stop says KBYE, runs what the router had already sent,
         gives running jobs ``kill_grace_period`` and kills the rest; asked
         twice, or with ``graceful=False``, it kills at once.
+
+        Called from a job, it asks for the stop and returns False at once: a
+        job cannot wait for the end of the jobs, its own included (it would
+        wait ``kill_grace_period`` and be killed).
         """
         if not self._supervisor.started:
             return True
         self._supervisor.request_stop(StopMode.GRACEFUL if graceful else StopMode.NOW)
+        if self._supervisor.in_job():
+            return self._supervisor.stopped.is_set()
         return self._supervisor.stopped.wait(timeout)
 
     def reload(self) -> None:

@@ -9,6 +9,7 @@ reached.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from enum import Enum
 from typing import Any, Callable, Generic, Mapping, Optional, TypeVar
@@ -19,14 +20,36 @@ import gevent.event
 S = TypeVar("S", bound=Enum)
 
 
-def install_signal_handlers(table: Mapping[int, Callable[[], Any]]) -> list[Any]:
+class SignalHandler:
+    """A gevent signal handler that, cancelled, gives the signal back to
+    the handler Python had for it before (an embedding application's own, or
+    the default): cancelling the libev watcher alone leaves the signal at
+    SIG_DFL while ``signal.getsignal`` still names the old handler."""
+
+    def __init__(self, signum: int, handler: Callable[[], Any]) -> None:
+        self.signum = signum
+        self._previous = signal.getsignal(signum)
+        self._watcher = gevent.signal_handler(signum, handler)
+
+    def cancel(self) -> None:
+        self._watcher.cancel()
+        if self._previous is not None:  # None: set outside Python, cannot be restored
+            try:
+                signal.signal(self.signum, self._previous)
+            except (ValueError, OSError, TypeError) as exc:
+                logger.warning("signal %s: the previous handler not restored: %s",
+                               self.signum, exc)
+
+
+def install_signal_handlers(table: Mapping[int, Callable[[], Any]]) -> list[SignalHandler]:
     """gevent signal handlers for ``table`` (signal number -> callable run
     in the loop); none outside the main thread, with a warning. Returns the
-    handlers, to ``cancel()`` at the end."""
-    handlers: list[Any] = []
+    handlers, to ``cancel()`` at the end (which restores the handlers that
+    were there before)."""
+    handlers: list[SignalHandler] = []
     try:
         for signum, handler in table.items():
-            handlers.append(gevent.signal_handler(signum, handler))
+            handlers.append(SignalHandler(signum, handler))
     except ValueError:  # not the main thread
         logger.warning("signal handlers not installed (not in the main thread)")
     return handlers

@@ -17,11 +17,22 @@ events: list[str] = []
 tags: collections.Counter[str] = collections.Counter()
 
 
+#: the JobManager a job may stop (set by the test)
+manager = None
+
+
 def reset() -> None:
+    global manager
     gates.clear()
     calls.clear()
     events.clear()
     tags.clear()
+    manager = None
+
+
+def stop_the_manager():
+    """What ``manager.stop()`` returns when a job calls it."""
+    return manager.stop()
 
 
 def tag(name):

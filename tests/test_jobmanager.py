@@ -523,3 +523,45 @@ def test_jobs_leave_no_reference_cycles(router, make_manager):
     finally:
         gc.enable()
     assert found < 100, f"{found} objects in reference cycles after 400 jobs"
+
+
+EMBEDDED_APP = """
+from gevent import monkey
+monkey.patch_all()
+import json, os, signal, sys
+from emq_green.jobmanager import JobManager, State
+from emq_green.settings import Settings
+
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append("usr1"))
+signal.signal(signal.SIGTERM, lambda *_: got.append("term"))
+addr = sys.argv[1]
+manager = JobManager(settings=Settings(worker_addr=addr, worker_addr_default=addr,
+                                       worker_addr_failover=addr))
+manager.start()  # the manager's handlers are installed when start() returns
+os.kill(os.getpid(), signal.SIGUSR1)  # the manager's: a status line
+assert manager.wait_for_state(State.CONNECTING, timeout=10)
+assert manager.stop(timeout=10, graceful=False)
+os.kill(os.getpid(), signal.SIGUSR1)  # the application's again
+os.kill(os.getpid(), signal.SIGTERM)
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_embedded_manager_gives_the_signals_back_to_the_application_when_it_stops(
+        tmp_path):
+    """Its gevent handlers, cancelled, left SIGUSR1 and SIGTERM at the
+    default action: the application died on the next one."""
+    import subprocess
+    import sys
+
+    from peers import clean_env, free_port
+
+    script = tmp_path / "app.py"
+    script.write_text(EMBEDDED_APP)
+    done = subprocess.run([sys.executable, str(script), f"tcp://127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=50, env=clean_env(),
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["usr1", "term"]

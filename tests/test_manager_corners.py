@@ -162,6 +162,20 @@ def test_a_raising_entry_function_fails_the_job_without_running_it(router, make_
     router.wait_count(Command.READY, 2)
 
 
+def test_a_job_that_stops_its_manager_does_not_wait_for_itself(router, make_manager):
+    # stop() waited for every job to end, the caller's own included: the
+    # job was killed at kill_grace_period (300 s by default)
+    manager = make_manager(kill_grace_period=60)
+    J.manager = manager
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 1)
+    msgid = router.request(ident, JOBS, "stop_the_manager", headers=REPLY)
+    reply = router.wait_reply(msgid, timeout=10)
+    assert reply == {"value": False}  # asked for, not yet done when it returned
+    assert manager.wait_for_state(State.STOPPED, timeout=10)
+    assert router.messages(Command.KBYE)
+
+
 # ---------------------------------------------------------------------------
 # grace period
 

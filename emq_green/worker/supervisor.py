@@ -104,6 +104,10 @@ class Supervisor:
         self._main = gevent.spawn(self._run)
         self._link.start_heartbeats()
 
+    def in_job(self) -> bool:
+        """Whether the calling greenlet is one that runs jobs."""
+        return gevent.getcurrent() in self._slots.pool
+
     def request_stop(self, mode: StopMode, why: str = "") -> None:
         """Ask for a stop; a graceful one asked twice becomes "now"."""
         if why:
