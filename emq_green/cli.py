@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # nothing imported at run time
-    from .router import Router
+    from typing import Any, Callable
 
 
 def _wants_patch(argv: list, environ: dict) -> bool:
@@ -236,14 +236,20 @@ def _stop_on_signals(what: str, stop) -> None:
         gevent.signal_handler(signum, lambda n=signum: gevent.spawn(on_signal, n))
 
 
-def _log_router_status(router: "Router") -> None:
-    """What SIGUSR1 logs on emq-green-router: STATUS as one JSON line."""
+def _log_status_on_sigusr1(what: str, status: "Callable[[], dict[str, Any]]") -> None:
+    """SIGUSR1 logs ``status()`` as one JSON line, ``<what> status: {...}``
+    (its default action would end the process)."""
     import json
     import logging
+    import signal
 
-    status = {"state": router.state.value, "workers": len(router.workers), **router.status()}
-    logging.getLogger("emq_green.router").info(
-        "router status: %s", json.dumps(status, sort_keys=True, default=str))
+    import gevent
+
+    def log() -> None:
+        logging.getLogger(f"emq_green.{what}").info(
+            "%s status: %s", what, json.dumps(status(), sort_keys=True, default=str))
+
+    gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(log))
 
 
 def router_main(argv: "list[str] | None" = None) -> int:
@@ -282,7 +288,8 @@ def router_main(argv: "list[str] | None" = None) -> int:
 
     _stop_on_signals("router", stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
-    gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(_log_router_status, router))
+    _log_status_on_sigusr1("router", lambda: {
+        "state": router.state.value, "workers": len(router.workers), **router.status()})
     router.serve_forever()
     return 0
 
@@ -337,6 +344,7 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green-scheduler: {settings.scheduler_file}: {exc}\n")
         return 1
     _stop_on_signals("scheduler", scheduler.stop)
+    _log_status_on_sigusr1("scheduler", scheduler.status)
     scheduler.serve_forever()
     return 0
 

@@ -224,28 +224,36 @@ def test_allowed_callables_on_the_router_is_named_as_a_worker_setting(tmp_path, 
 
 
 @pytest.mark.timeout(60)
-def test_sigusr1_on_the_router_logs_its_status_and_it_keeps_running(tmp_path):
-    """SIGUSR1 killed emq-green-router (the default action), with what it
-    buffered, as the workers' status dump signal."""
+@pytest.mark.parametrize("program, started, key", [
+    ("emq-green-router", "router listening", "waiting_messages_by_queue"),
+    ("emq-green-scheduler", "stopped -> running", "schedules"),
+])
+def test_sigusr1_on_the_router_or_scheduler_logs_its_status_and_it_keeps_running(
+        tmp_path, program, started, key):
+    """SIGUSR1 ended emq-green-router and emq-green-scheduler (the default
+    action), with what they held; it is the workers' status dump signal."""
     from peers import Proc, clean_env, free_ports
 
     front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
     (tmp_path / "empty.conf").write_text("")
-    router = Proc("emq-green-router", [
-        str(Path(EMQ_GREEN).with_name("emq-green-router")), "--frontend-addr", front,
-        "--backend-addr", back, "--administrative-addr", admin], tmp_path / "router.log",
-        clean_env(EVENTMQ_CONFIG_FILE=str(tmp_path / "empty.conf")), tmp_path)
+    args = (["--frontend-addr", front, "--backend-addr", back, "--administrative-addr", admin]
+            if program == "emq-green-router" else
+            ["--scheduler-addr", front, "--scheduler-file", str(tmp_path / "s.db")])
+    what = program.rsplit("-", 1)[1]
+    proc = Proc(program, [str(Path(EMQ_GREEN).with_name(program)), *args],
+                tmp_path / f"{what}.log",
+                clean_env(EVENTMQ_CONFIG_FILE=str(tmp_path / "empty.conf")), tmp_path)
     try:
-        router.wait_for(r"router listening", timeout=20)
-        router.signal(signal.SIGUSR1)
-        line = router.wait_for(r"router status: \{.*", timeout=20)
-        status = json.loads(line.split("router status: ", 1)[1])
-        assert status["state"] == "running" and "waiting_messages_by_queue" in status
-        assert router.alive
-        router.signal(signal.SIGTERM)
-        assert router.wait_exit(20) == 0
+        proc.wait_for(started, timeout=20)
+        proc.signal(signal.SIGUSR1)
+        line = proc.wait_for(what + r" status: \{.*", timeout=20)
+        status = json.loads(line.split(" status: ", 1)[1])
+        assert status["state"] == "running" and key in status
+        assert proc.alive
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit(20) == 0
     finally:
-        router.kill()
+        proc.kill()
 
 
 def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path):
