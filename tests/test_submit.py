@@ -125,16 +125,36 @@ def test_wait_for_router_returns_once_a_router_answers(green):
         context.term()
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("args, message", [
     (["--delay", "inf"], "argument --delay: 'inf' is not a finite number of seconds >= 0"),
     (["--delay", "-1"], "argument --delay: '-1' is not a finite number of seconds >= 0"),
     (["--delay", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
     (["--every", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
+    (["--run-count", "3"], "--run-count and --nohaste go with --every or --cron"),
+    (["--nohaste"], "--run-count and --nohaste go with --every or --cron"),
 ])
 def test_a_delay_that_is_not_a_time_or_with_wait_is_refused_before_anything(args, message):
     """--delay inf was a traceback (OverflowError); --wait with a delay or a
-    schedule was silently ignored."""
-    out = submit("-a", f"tcp://127.0.0.1:{free_port()}", "some.callable", *args)
+    schedule was silently ignored, and so were --run-count and --nohaste
+    without a schedule (one job sent). Nothing listens at the address: the
+    refusal comes before any wait for a router."""
+    started = time.monotonic()
+    out = submit("-a", f"tcp://127.0.0.1:{free_port()}", "--connect-timeout", "30",
+                 "some.callable", *args, timeout=40)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - started < 20  # not after the 30 s wait for a router
+
+
+@pytest.mark.timeout(60)
+def test_a_callable_name_no_worker_can_import_is_refused_before_connecting():
+    """It was checked after the wait for a router (no router: "no router"
+    after 5 s), and then printed a "sent 0/1" summary under its error."""
+    started = time.monotonic()
+    out = submit("-a", f"tcp://127.0.0.1:{free_port()}", "--connect-timeout", "30", "nodots",
+                 timeout=40)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == ("emq-green-submit: callable 'nodots' needs an absolute dotted path, "
+                          "like 'myapp.jobs.send_mail'\n")
+    assert time.monotonic() - started < 20  # not after the 30 s wait for a router

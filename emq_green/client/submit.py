@@ -42,7 +42,7 @@ import zmq
 
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
-from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle
+from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle, callable_path
 from .connect import RouterUnreachable, connect
 from .results import (
     ConfirmTimeout,
@@ -226,6 +226,14 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     if ns.wait and (ns.delay is not None or ns.every is not None or ns.cron or ns.unschedule):
         out.write("emq-green-submit: --wait needs jobs sent now: a delayed or scheduled job "
                   "goes through a scheduler and returns no result\n")
+        return 2
+    if (ns.run_count is not None or ns.nohaste) and ns.every is None and not ns.cron:
+        out.write("emq-green-submit: --run-count and --nohaste go with --every or --cron\n")
+        return 2
+    try:  # before connecting: a name no worker can import is the caller's mistake
+        callable_path(ns.callable)
+    except ValueError as exc:
+        out.write(f"emq-green-submit: {exc}\n")
         return 2
     addr = ns.addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
     progress = _Progress(out)
