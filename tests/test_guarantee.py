@@ -139,6 +139,58 @@ def test_dead_worker_jobs_run_elsewhere_and_its_late_reply_is_dropped(make_route
     assert client.pending() == []  # never a second result
 
 
+def test_a_reply_from_the_worker_that_ran_it_ends_the_copy_waiting_in_the_buffer(make_router):
+    # a lone worker stopped past the timeout: its jobs wait in the buffer to
+    # run again; it comes back and answers: the copies were run as well
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    lone = h.worker(slots=2, name="lone")
+    ended, killed = (guaranteed(h, client, headers="guarantee,result-requested")
+                     for _ in range(2))
+    assert {lone.recv().msgid for _ in range(2)} == {ended.msgid, killed.msgid}
+    assert {client.recv().body for _ in range(2)} == {(ended.msgid,), (killed.msgid,)}
+    wait_until(lambda: b"lone" not in h.router.workers, timeout=5, what="taken for dead")
+    wait_until(lambda: len(h.router.waiting.get("default", ())) == 2, what="copies buffered")
+
+    lone.send(Command.REPLY, '{"value": "done"}', ended.msgid)
+    lone.send(Command.REPLY, KILLED, killed.msgid)  # did not end: its copy stays
+    result = client.recv()
+    assert result.command is Command.REPLY and result.body[1] == ended.msgid
+    assert json.loads(result.body[0]) == {"value": "done"}
+    wait_until(lambda: [r.msgid for r in h.router.waiting.get("default", ())] == [killed.msgid],
+               what="the ended job's copy gone")
+    status = h.router.status()
+    assert status["replies_for_buffered_copies"] == 1 and status["guaranteed_held"] == 1
+    other = join(h, 2, name="other")
+    assert other.recv().msgid == killed.msgid
+    assert other.pending() == []
+
+
+def test_a_reply_to_a_restarted_router_ends_the_copy_it_restored(tmp_path):
+    # the worker still runs the job while the router restarts on its journal
+    # (every slot busy: the restored copy waits); its REPLY, on the connection
+    # the old router knew, ends the job once
+    path = str(tmp_path / "journal.db")
+    with journaled_router(path) as first:
+        client = first.peer("frontend", name="client-1")
+        worker = first.worker(slots=1, name="busy")
+        out = guaranteed(first, client, headers="guarantee,result-requested")
+        assert worker.recv().msgid == out.msgid and client.recv().body == (out.msgid,)
+    with journaled_router(path) as second:
+        assert len(second.router.waiting["default"]) == 1
+        client = second.peer("frontend", name="client-1")
+        client.send(Command.HEARTBEAT, "0")  # (a connection, for its result)
+        old = second.peer("backend", name="busy")  # the same identity, unknown here
+        old.send(Command.REPLY, '{"value": 42}', out.msgid)
+        result = client.recv()
+        assert result.body == ('{"value": 42}', out.msgid)
+        assert old.recv().command is Command.KBYE  # it must INFORM again
+        wait_until(lambda: second.router.status()["guaranteed_held"] == 0, what="finished")
+        assert "default" not in second.router.waiting
+        newcomer = join(second, 1)
+        assert newcomer.pending() == [] and second.router.status()["journal_rows"] == 0
+
+
 def test_a_killed_reply_after_kbye_sends_the_job_again(make_router):
     h = make_router(**FAST)
     client = h.peer("frontend")
@@ -443,7 +495,9 @@ def test_redeliveries_and_late_replies_on_the_dashboard_and_metrics(make_router)
         sent = [guaranteed(h, client) for _ in range(2)]
         assert {dying.recv().msgid for _ in range(2)} == {m.msgid for m in sent}
         wait_until(lambda: b"dying" not in h.router.workers, timeout=5, what="removed")
-        dying.send(Command.REPLY, '{"value": 0}', sent[0].msgid)  # late
+        other = join(h, 2, name="other")
+        assert {other.recv().msgid for _ in range(2)} == {m.msgid for m in sent}
+        dying.send(Command.REPLY, '{"value": 0}', sent[0].msgid)  # late: running elsewhere
         wait_until(lambda: h.router.status()["late_replies"] == 1, what="late reply")
 
         host, port = dashboard.address
@@ -458,6 +512,6 @@ def test_redeliveries_and_late_replies_on_the_dashboard_and_metrics(make_router)
         assert "emq_green_router_redelivered_total 2.0" in lines
         assert "emq_green_router_late_replies_total 1.0" in lines
         assert "emq_green_router_guaranteed_held 2.0" in lines
-        assert 'emq_green_router_handed_out_total{queue="default"} 2.0' in lines
+        assert 'emq_green_router_handed_out_total{queue="default"} 4.0' in lines  # 2 + 2 again
     finally:
         dashboard.stop()

@@ -444,6 +444,7 @@ class Router:
             "informs_refused": self.counters["informs_refused"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             "requests_rerouted": self.counters["requests_rerouted"],
+            "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],
             **self.results.status(),
             **self.guarantees.status(),
             **self.scheduler_side.status(),

@@ -373,6 +373,17 @@ class Routing:
             return True
         return False
 
+    def buffered(self, msgid: str) -> Optional[Request]:
+        """The request with ``msgid`` if it waits in the buffer. O(buffer):
+        rare (a REPLY for a request that was sent again)."""
+        if self.holders.get(msgid, False) is not None:
+            return None
+        for waiting in self.waiting.values():
+            for request in waiting:
+                if request.msgid == msgid:
+                    return request
+        return None
+
     def withdraw(self, request: Request) -> bool:
         """Take ``request`` out of the buffer (a guaranteed one whose journal
         write failed); False when it is not there. O(buffer): rare."""

@@ -136,8 +136,10 @@ class WorkerSide:
             if message.command is Command.REPLY:
                 self._reply(leaving, message)  # a job that ran on after KBYE
             return False
+        # a job sent again that ended where it first ran ends here
+        settled = message.command is Command.REPLY and self._ran_after_all(message, identity)
         if self.routing.departed(identity):
-            if message.command is Command.REPLY:
+            if message.command is Command.REPLY and not settled:
                 self._late(message, identity)
             if self._taken_for_dead.pop(identity, False):
                 # it was taken for dead and is back (a SIGSTOP, a slow host):
@@ -148,6 +150,10 @@ class WorkerSide:
                 self._sockets.send("backend", identity, Message.new(Command.KBYE))
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
+        elif settled:
+            if identity not in self._told_unknown:
+                _remember(self._told_unknown, identity)
+                self._sockets.send("backend", identity, Message.new(Command.KBYE))
         else:
             self._counters["unknown_worker_messages"] += 1
             told = identity in self._told_unknown
@@ -229,7 +235,8 @@ class WorkerSide:
         orig = message.body[1] if len(message.body) > 1 else ""
         sent = self._settle(worker, orig)
         if sent is None:
-            self._late(message, worker.identity)
+            if not self._ran_after_all(message, worker.identity):
+                self._late(message, worker.identity)
             return
         if self.observer is not None:
             self.observer.replied(sent.queue, time.monotonic() - sent.sent)
@@ -266,6 +273,28 @@ class WorkerSide:
             worker.unreplied -= 1
             worker.replied_unasked += 1
         return sent
+
+    def _ran_after_all(self, message: Message, identity: bytes) -> bool:
+        """A REPLY for a guaranteed request that waits in the buffer to be
+        sent again (its worker was taken for dead, or this router restored
+        it from its journal) from the worker that ran it after all: the copy
+        leaves the buffer unrun and the job ends here, its result forwarded.
+        A ``Killed`` reply leaves the copy where it is (the job did not end).
+        Without this, a lone worker busy with the job ran the copy too."""
+        orig = message.body[1] if len(message.body) > 1 else ""
+        request = self.routing.buffered(orig)
+        if request is None or not request.guaranteed or was_killed(message.body[0]):
+            return False
+        self.routing.withdraw(request)
+        self._counters["replies_for_buffered_copies"] += 1
+        logger.warning("router: REPLY for %s from %s, which ran it after all: its copy in "
+                       "the buffer is dropped unrun", printable(orig, 60), printable(identity))
+        if self.guarantees.finished(request):
+            self._sockets.send_later("frontend", ack_frames(request.client, request.msgid))
+        if self._pending:
+            self._relay.forward(message)
+        self.resume_clients()
+        return True
 
     def _late(self, message: Message, identity: bytes) -> None:
         """A REPLY from a worker that does not hold the job (any more: it went
