@@ -147,6 +147,7 @@ class JobManager:
         wake = gevent.event.Event()
         self._slots = JobSlots(hooks=self._hooks, finished=self._finished,
                                rejected=self._rejected, counters=self.counters)
+        self._slots.reply_again = self._reply_again
         self._link = RouterLink(
             context or zmq.Context.instance(), settings=lambda: self.settings,
             counters=self.counters, wake=wake, admit=self._slots.admit,
@@ -332,9 +333,21 @@ class JobManager:
             self.check_worker_health()
 
     def _finished(self, record: JobRecord, outcome: JobOutcome, pid: int) -> None:
-        self._account(record.msgid, outcome.reply(), pid, outcome.status is Status.KILLED,
+        reply = outcome.reply()
+        killed = outcome.status is Status.KILLED
+        if record.headers.guarantee and not killed:
+            self._slots.ended(record, reply)
+        self._account(record.msgid, reply, pid, killed,
                       self.worker_done_with_reply if record.headers.reply_requested
                       else self.worker_done)
+
+    def _reply_again(self, reply: Any, msgid: str) -> None:
+        """A guaranteed job that ended here, sent again as its REPLY crossed
+        the router's copy: the same REPLY answers the copy (no READY: the
+        copy took no slot; the link offers the READY it used again)."""
+        self._link.send_reply(reply, msgid)
+        if self._link.origins.conn_of:
+            self._link.origins.ended(msgid)
 
     def _rejected(self, msgid: str, headers: Headers, outcome: JobOutcome) -> None:
         """A request that will not run: answered, its slot given back. It

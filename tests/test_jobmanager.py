@@ -106,6 +106,37 @@ def test_a_job_sent_again_while_it_runs_here_runs_once_and_answers_once(router,
     assert "with another job" in refused["error"]["message"]
 
 
+def test_a_guaranteed_job_sent_again_as_its_reply_crossed_is_answered_not_run(router,
+                                                                             make_manager):
+    """The router sent the copy before the REPLY reached it (a worker taken
+    for dead that came back, a restarted router): the job has just ended
+    here, so the copy gets the same REPLY and takes no slot; it ran once. A
+    plain job is not remembered."""
+    manager = make_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    body = ["default", "reply-requested,guarantee",
+            RunRequest(path=JOBS, callable="counted_nap", args=("ended", 0)).payload()]
+    frames = Message(Command.REQUEST, "ended-then-sent-again", tuple(body)).frames()
+    router.send_raw(ident, frames)
+    router.wait_until(lambda: len(router.messages(Command.REPLY)) == 1)
+    router.wait_count(Command.READY, 3)
+    router.send_raw(ident, frames)  # the copy, after the job's end
+    router.wait_until(lambda: len(router.messages(Command.REPLY)) == 2)
+    router.wait_count(Command.READY, 4)  # the READY the copy used, offered again
+    first, second = (r.message.body for r in router.messages(Command.REPLY))
+    assert first == second and J.calls["ended"] == 1
+    assert manager.counters["handed_again"] == 1 and manager.free_slots == 2
+
+    plain = Message(Command.REQUEST, "plain-sent-again", (
+        "default", "reply-requested",
+        RunRequest(path=JOBS, callable="counted_nap", args=("plain", 0)).payload())).frames()
+    router.send_raw(ident, plain)
+    router.wait_until(lambda: J.calls["plain"] == 1)
+    router.send_raw(ident, plain)
+    router.wait_until(lambda: J.calls["plain"] == 2)  # not remembered: it runs
+
+
 def test_class_path_with_class_args(router, make_manager):
     make_manager()
     ident = router.wait_inform()

@@ -40,6 +40,11 @@ OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable th
                 "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
                 'e.g. ["myapp.jobs.*"]')
 
+#: guaranteed jobs that ended kept (msgid, job, reply) for a copy sent
+#: again as their REPLY crossed it: at most this many, for this long
+ENDED_MEMORY = 256
+ENDED_MEMORY_SECONDS = 60.0
+
 Finished = Callable[[JobRecord, JobOutcome, int], None]
 Rejected = Callable[[str, Headers, JobOutcome], None]
 
@@ -92,6 +97,13 @@ class JobSlots:
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
         self.pid = os.getpid()
+        #: guaranteed jobs that ended lately: msgid -> (ended at, queue,
+        #: request, reply); a copy the router sends while the REPLY crosses
+        #: it is answered with that reply, not run again (see :meth:`admit`)
+        self.ended_guaranteed: collections.OrderedDict[
+            str, tuple[float, str, RunRequest, Any]] = collections.OrderedDict()
+        #: sends a REPLY again: (reply, msgid), set by the manager
+        self.reply_again: Callable[[Any, str], None] = lambda reply, msgid: None
 
     def configure(self, *, concurrent_jobs: int, runner: JobRunner,
                   policy: CallablePolicy) -> None:
@@ -180,6 +192,16 @@ class JobSlots:
             self.reject_malformed(msgid, body, ProtocolError(
                 "its msgid is already in flight here, with another job"))
             return False
+        if self.ended_guaranteed and msgid in self.ended_guaranteed:
+            _at, ended_queue, ended_request, reply = self.ended_guaranteed[msgid]
+            if ended_queue == queue and ended_request == request:
+                self.counters["handed_again"] += 1
+                worker_log.warning("handed-again", "REQUEST %s ended here a moment ago (the "
+                                   "router sent it again as its REPLY crossed); not run "
+                                   "twice, its REPLY sent again", printable(msgid),
+                                   via=logger)
+                self.reply_again(reply, msgid)
+                return True
         record = JobRecord(msgid, queue, headers, request)
         self.jobs_in_flight[msgid] = record
         if self.running >= self.concurrent_jobs:
@@ -191,6 +213,17 @@ class JobSlots:
         else:
             self.start(record)
         return False
+
+    def ended(self, record: JobRecord, reply: Any) -> None:
+        """A guaranteed job ended with ``reply``: kept for
+        :data:`ENDED_MEMORY_SECONDS` (at most :data:`ENDED_MEMORY` of them),
+        for a copy the router may send while the REPLY crosses it."""
+        ended = self.ended_guaranteed
+        now = time.monotonic()
+        ended[record.msgid] = (now, record.queue, record.request, reply)
+        while ended and (len(ended) > ENDED_MEMORY
+                         or next(iter(ended.values()))[0] < now - ENDED_MEMORY_SECONDS):
+            ended.popitem(last=False)
 
     def handed_again(self, record: JobRecord, headers: Headers) -> None:
         """The router sent a job again that runs (or waits) here: it took this
