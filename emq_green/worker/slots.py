@@ -97,12 +97,12 @@ class JobSlots:
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
         self.pid = os.getpid()
-        #: guaranteed jobs that ended lately: msgid -> (ended at, queue,
-        #: request, reply); a copy the router sends while the REPLY crosses
-        #: it is answered with that reply, not run again (see :meth:`admit`)
+        #: Guaranteed jobs that ended lately, by msgid (ended at, queue,
+        #: request, reply). A copy the router sends while the REPLY crosses
+        #: it is answered with that reply, not run again (see :meth:`admit`).
         self.ended_guaranteed: collections.OrderedDict[
             str, tuple[float, str, RunRequest, Any]] = collections.OrderedDict()
-        #: sends a REPLY again: (reply, msgid), set by the manager
+        #: Called with (reply, msgid) to send a REPLY again; the manager sets it.
         self.reply_again: Callable[[Any, str], None] = lambda reply, msgid: None
 
     def configure(self, *, concurrent_jobs: int, runner: JobRunner,
