@@ -383,6 +383,16 @@ def test_submit_wait_prints_one_json_line_per_job(standalone: Stack):
     [line] = [json.loads(text) for text in bad.stdout.splitlines()]
     assert line["error"] == {"type": "ValueError", "message": "bad"}
 
+    # the limit is for all the jobs: the second said "within 0 s" before
+    slow = subprocess.run(
+        [str(BIN / "emq-green-submit"), "jobs_for_tests.nap", "--args", "[5]", "--count", "2",
+         "--addr", standalone.front, "--wait", "--wait-timeout", "1"],
+        capture_output=True, text=True, timeout=40)
+    assert slow.returncode == 1, slow.stderr
+    assert [json.loads(text)["error"] for text in slow.stdout.splitlines()] == [
+        {"type": "ResultTimeout",
+         "message": "no result within --wait-timeout (1 s for all the jobs)"}] * 2
+
 
 @pytest.mark.timeout(30)
 def test_result_settings_from_file_environment_and_command_line(tmp_path: Path):

@@ -525,10 +525,13 @@ def test_a_worker_removed_in_the_turn_of_its_requests_loses_none(make_router, ca
     assert client.recv().body == (request.msgid,)
 
 
-def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router):
+def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router, caplog):
     """KBYE sent to a real JobManager: it leaves the stopped router and
-    INFORMs the next one on the same address with a new identity."""
+    INFORMs the next one on the same address with a new identity; a
+    WARNING, not an ERROR (a router stopping is no fault)."""
     from emq_green.jobmanager import JobManager, State
+
+    caplog.set_level(logging.INFO, logger="emq_green.worker")
 
     front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
     addrs = dict(frontend_addr=front, backend_addr=back, administrative_addr=admin)
@@ -544,6 +547,8 @@ def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router)
         assert first.router.stop(timeout=5)
         wait_until(lambda: manager.counters["router_lost"] == 1, timeout=10,
                    what="the manager to take the KBYE")
+        [said] = [r for r in caplog.records if "the router said KBYE" in r.getMessage()]
+        assert said.levelno == logging.WARNING
         second = None
         deadline = time.monotonic() + 10
         while second is None:  # the port may take a moment to be free again

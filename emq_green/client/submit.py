@@ -341,8 +341,10 @@ def print_results(handles: list[ResultHandle], limit: float, out: TextIO) -> int
             line["error"] = {"type": exc.type, "message": exc.message}
         except ResultLostError as exc:
             line["error"] = {"type": "ResultLost", "message": str(exc)}
-        except ResultTimeout as exc:
-            line["error"] = {"type": "ResultTimeout", "message": str(exc)}
+        except ResultTimeout:
+            line["error"] = {"type": "ResultTimeout",
+                             "message": f"no result within --wait-timeout ({limit:g} s for all "
+                                        "the jobs)"}
         failed += "error" in line
         out.write(json.dumps(line) + "\n")
     out.flush()

@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 # Messages the reader takes from the socket before it lets other greenlets run.
 READ_CHUNK = 32
+#: :attr:`RouterLink.router_gone` when the router said KBYE: an expected
+#: turn (a router stopping, or one that took this worker for dead), not a fault
+KBYE_FROM_ROUTER = "the router said KBYE (it is stopping, or had taken this worker for dead)"
 # How long the last replies may take to leave when a socket closes.
 CLOSE_LINGER = 2.0
 
@@ -467,8 +470,7 @@ class RouterLink:
 
     def _on_router_kbye(self, message: Message, conn: Connection) -> None:
         if self._running():
-            self.router_gone = ("the router said KBYE (it is stopping, or had taken this "
-                                "worker for dead)")
+            self.router_gone = KBYE_FROM_ROUTER
             self._wake.set()
 
     # ------------------------------------------------------------------

@@ -40,7 +40,7 @@ import gevent.event
 from ..extensions import HookRegistry, WorkerView
 from ..lifecycle import Lifecycle, install_signal_handlers
 from ..records import State, StopMode
-from .session import RouterLink
+from .session import KBYE_FROM_ROUTER, RouterLink
 from .slots import JobSlots
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ class Supervisor:
                     link.retire(running=list(self._slots.jobs_in_flight))
                     return
                 if link.router_gone:
-                    logger.error("%s; reconnecting", link.router_gone)
+                    logger.log(logging.WARNING if link.router_gone == KBYE_FROM_ROUTER
+                               else logging.ERROR, "%s; reconnecting", link.router_gone)
                     self._counters["router_lost"] += 1
                     self._hooks.notify("disconnected", link.router_gone)
                     return
