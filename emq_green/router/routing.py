@@ -373,14 +373,16 @@ class Routing:
             return True
         return False
 
-    def buffered(self, msgid: str) -> Optional[Request]:
-        """The request with ``msgid`` if it waits in the buffer. O(buffer):
-        rare (a REPLY for a request that was sent again)."""
+    def withdraw_copy(self, msgid: str) -> Optional[Request]:
+        """The guaranteed request ``msgid``, taken out of the buffer where it
+        waits to be sent again; None when it does not. O(buffer): rare (a
+        REPLY for a request that was sent again)."""
         if self.holders.get(msgid, False) is not None:
             return None
         for waiting in self.waiting.values():
             for request in waiting:
-                if request.msgid == msgid:
+                if request.msgid == msgid and request.guaranteed:
+                    self.withdraw(request)
                     return request
         return None
 

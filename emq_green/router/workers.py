@@ -150,17 +150,14 @@ class WorkerSide:
                 self._sockets.send("backend", identity, Message.new(Command.KBYE))
             logger.debug("router: %s from departed worker %s dropped",
                          message.command.value, printable(identity))
-        elif settled:
-            if identity not in self._told_unknown:
-                _remember(self._told_unknown, identity)
-                self._sockets.send("backend", identity, Message.new(Command.KBYE))
         else:
-            self._counters["unknown_worker_messages"] += 1
             told = identity in self._told_unknown
-            self._log.warning("unknown_worker",
-                              "router: unknown worker %s sent %s; dropped (it must INFORM "
-                              "first)%s", printable(identity), message.command.value,
-                              "" if told else "; told to connect anew (KBYE)")
+            if not settled:
+                self._counters["unknown_worker_messages"] += 1
+                self._log.warning("unknown_worker",
+                                  "router: unknown worker %s sent %s; dropped (it must INFORM "
+                                  "first)%s", printable(identity), message.command.value,
+                                  "" if told else "; told to connect anew (KBYE)")
             if not told:
                 # a worker of the router before a restart: KBYE makes an
                 # emq-green worker INFORM at once, not after its heartbeat
@@ -275,17 +272,13 @@ class WorkerSide:
         return sent
 
     def _ran_after_all(self, message: Message, identity: bytes) -> bool:
-        """A REPLY for a guaranteed request that waits in the buffer to be
-        sent again (its worker was taken for dead, or this router restored
-        it from its journal) from the worker that ran it after all: the copy
-        leaves the buffer unrun and the job ends here, its result forwarded.
-        A ``Killed`` reply leaves the copy where it is (the job did not end).
-        Without this, a lone worker busy with the job ran the copy too."""
+        """A REPLY (not ``Killed``) for a guaranteed request whose copy waits
+        in the buffer (its worker taken for dead, or restored from the
+        journal): the copy leaves unrun, the job ends, its result goes on."""
         orig = message.body[1] if len(message.body) > 1 else ""
-        request = self.routing.buffered(orig)
-        if request is None or not request.guaranteed or was_killed(message.body[0]):
+        request = None if was_killed(message.body[0]) else self.routing.withdraw_copy(orig)
+        if request is None:
             return False
-        self.routing.withdraw(request)
         self._counters["replies_for_buffered_copies"] += 1
         logger.warning("router: REPLY for %s from %s, which ran it after all: its copy in "
                        "the buffer is dropped unrun", printable(orig, 60), printable(identity))
