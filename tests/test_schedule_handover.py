@@ -190,3 +190,24 @@ def test_emq_green_scheduler_takes_the_same_schedule_again_as_a_no_op():
     assert scheduler.counts["unchanged"] == 1
     scheduler.on_schedule(Message.new(Command.SCHEDULE, "q", "", "120", PAYLOAD, ""))
     assert scheduler.table.entries[KEY].next_at == now[0] + 120  # a change replaces it
+
+
+@pytest.mark.timeout(10)
+def test_an_unknown_scheduler_that_heartbeats_is_told_kbye_then_taken_as_connected(side):
+    """After a router restart a scheduler heartbeats to a router that does
+    not know it: KBYE (emq-green's scheduler INFORMs again); if it heartbeats
+    on (EventMQ's ignores KBYE), it is taken as connected."""
+    side, sockets = side
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "q", "", "-1", PAYLOAD,
+                                              ""))
+    assert len(side.held) == 1
+    beat = Message.new(Command.HEARTBEAT, "1.0")
+    side.on_heartbeat(b"old", beat)
+    assert len(sockets.to(b"old", Command.KBYE)) == 1
+    assert side.schedulers == {}
+    side.on_heartbeat(b"old", beat)
+    assert list(side.schedulers) == [b"old"]
+    assert len(sockets.to(b"old", Command.KBYE)) == 1  # once
+    assert len(sockets.to(b"old", Command.UNSCHEDULE)) == 1 and not side.held
+    assert side.status()["schedulers"] == 1
+    assert side.status()["unknown_scheduler_heartbeats"] == 2

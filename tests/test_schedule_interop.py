@@ -444,3 +444,33 @@ def test_a_scheduler_stopped_and_resumed_does_not_fire_twice(peers):
         assert second.alive
     finally:
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_schedulers_register_again_after_the_router_is_killed_and_restarted(peers):
+    """A router killed -9 and restarted does not know the schedulers; they
+    hear the REPLYs to what they fire and would never INFORM again. Told
+    KBYE on their first HEARTBEAT, emq-green's scheduler connects again;
+    EventMQ's (which ignores KBYE) is taken as connected; both then get an
+    UNSCHEDULE."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    green = green_scheduler(peers, addrs)
+    eventmq_scheduler(peers, addrs)
+    router.wait_schedulers(2)
+    router.kill()
+    mark = green.mark()
+    router = GreenRouter(peers, addrs)
+    green.wait_for(r"router said KBYE", timeout=20, since=mark)
+    router.wait_schedulers(2, timeout=30)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("again", interval=1)
+        wait_runs(peers, "again", 2)
+        client.schedule("again", interval=1, unschedule=True)
+        assert runs_stop(peers, "again") >= 2
+        status = router.admin(Command.STATUS)
+        assert status["schedulers"] == 2 and status["schedule_messages_held"] == 0
+    finally:
+        client.close()
