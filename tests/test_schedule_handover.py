@@ -211,3 +211,20 @@ def test_an_unknown_scheduler_that_heartbeats_is_told_kbye_then_taken_as_connect
     assert len(sockets.to(b"old", Command.UNSCHEDULE)) == 1 and not side.held
     assert side.status()["schedulers"] == 1
     assert side.status()["unknown_scheduler_heartbeats"] == 2
+
+
+@pytest.mark.timeout(10)
+def test_a_held_schedule_reaches_the_scheduler_that_arrives_once(side):
+    """Held while no scheduler was connected: forwarded on the INFORM, and
+    not sent again by the hand-over (EventMQ's scheduler would run its
+    first, haste, run twice)."""
+    side, sockets = side
+    schedule(side)
+    assert len(side.held) == 1
+    inform(side, b"s1")
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 1
+    assert side.live[KEY].owner == b"s1" and not side.held
+    assert side.counts["handed_over"] == 0
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s1")  # a later INFORM still gets it back
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 2

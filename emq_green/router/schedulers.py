@@ -181,8 +181,8 @@ class SchedulerSide:
             self.firers.popitem(last=False)
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
-        self._release_held()
-        self._hand_over(client)
+        # a held SCHEDULE is delivered once: not again by the hand-over
+        self._hand_over(client, skip=self._release_held())
 
     def on_heartbeat(self, client: bytes, message: Message) -> None:
         peer = self.schedulers.get(client)
@@ -317,10 +317,11 @@ class SchedulerSide:
     # ------------------------------------------------------------------
     # hand-over, and what EventMQ's scheduler fires
 
-    def _hand_over(self, arrived: Optional[bytes]) -> None:
+    def _hand_over(self, arrived: Optional[bytes], skip: frozenset[str] = frozenset()) -> None:
         """Send the schedules held by no connected scheduler to one that is;
         ``arrived`` (a scheduler that just said INFORM) also gets its own
-        again: it may have restarted with nothing."""
+        again: it may have restarted with nothing. ``skip``: keys whose
+        SCHEDULE was just forwarded (held ones, released)."""
         if not self.live:
             return
         now = time.monotonic()
@@ -328,6 +329,8 @@ class SchedulerSide:
         for key, live in list(self.live.items()):
             if live.ends is not None and now > live.ends:
                 self._forget(key)  # its runs are over
+                continue
+            if key in skip:
                 continue
             if live.owner in self.schedulers and live.owner != arrived:
                 if arrived is not None:
@@ -437,15 +440,22 @@ class SchedulerSide:
         self.held.append((client, message))
         self.counts["held"] += 1
 
-    def _release_held(self) -> None:
+    def _release_held(self) -> frozenset[str]:
+        """Forward what was held; the keys of the SCHEDULEs among it."""
         held, self.held = self.held, collections.deque()
         if held:
             logger.info("router: forwarding %d held schedule message(s)", len(held))
+        keys = set()
         for client, message in held:
             if message.command is Command.SCHEDULE:
                 self.on_schedule(client, message)
+                try:
+                    keys.add(parse_schedule(message.body).key)
+                except ProtocolError:  # checked before it was held
+                    pass
             else:
                 self.on_unschedule(client, message)
+        return frozenset(keys)
 
     def _refuse(self, client: bytes, message: Message, reason: str, text: str) -> None:
         self.counts[reason] += 1
