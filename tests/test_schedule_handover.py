@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 
+import gevent
 import pytest
+import zmq.green as zmq
 
 from emq_green.protocol import Command, Message
 from emq_green.router.schedulers import SchedulerSide
 from emq_green.scheduler.service import Scheduler
-from emq_green.schedules import schedule_key
+from emq_green.scheduler.store import ScheduleStore
+from emq_green.scheduler.table import ScheduleTable
+from emq_green.schedules import parse_schedule, schedule_key
 from emq_green.settings import Settings
 
 CALL = {"path": "interop_jobs", "callable": "record", "args": ["x"], "kwargs": {},
@@ -228,3 +233,44 @@ def test_a_held_schedule_reaches_the_scheduler_that_arrives_once(side):
     side.on_kbye(b"s1", Message.new(Command.KBYE))
     inform(side, b"s1")  # a later INFORM still gets it back
     assert len(sockets.to(b"s1", Command.SCHEDULE)) == 2
+
+
+@pytest.mark.timeout(20)
+def test_a_restored_delayed_job_fired_at_connect_is_not_fired_again_by_the_hand_over(
+        tmp_path):
+    """emq-green's scheduler restarted on its file fires a delayed job that
+    fell due as soon as its INFORM is acknowledged; the router's hand-over
+    of the same job (sent on that INFORM) arrives after: ignored, so the
+    job runs once. Driven through a real socket by a fake router."""
+    body = ("q", f"run_count:1,nohaste,eta:{time.time() - 5:.3f},delay-id:d1", "1",
+            PAYLOAD, "")
+    db = str(tmp_path / "s.db")
+    store = ScheduleStore(db)
+    entry, _ = ScheduleTable().add(parse_schedule(body), time.time() - 10)
+    store.save(entry)
+    store.close()
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind("inproc://handover")
+    scheduler = Scheduler(settings=Settings(scheduler_file=db), context=context,
+                          addr="inproc://handover")
+    try:
+        scheduler.start()
+        with gevent.Timeout(10):
+            ident, *frames = router.recv_multipart()
+            inform = Message.parse(frames)
+            assert inform.command is Command.INFORM
+            router.send_multipart([ident, *Message.new(Command.ACK, inform.msgid).frames()])
+            while True:  # the restored job, fired at once
+                fired = Message.parse(router.recv_multipart()[1:])
+                if fired.command is Command.REQUEST:
+                    break
+            router.send_multipart([ident, *Message.new(Command.SCHEDULE, *body).frames()])
+            while not (scheduler.counts["fired_already"] or scheduler.counts["fired"] > 1):
+                gevent.sleep(0.01)  # a poll of the scheduler's counters, not a wait for time
+        assert scheduler.counts["fired"] == 1 and scheduler.counts["fired_already"] == 1
+        assert list(ScheduleStore(db).load()) == []
+    finally:
+        scheduler.stop(2)
+        router.close(linger=0)
+        context.term()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from typing import Optional
 
 import pytest
@@ -474,3 +476,38 @@ def test_schedulers_register_again_after_the_router_is_killed_and_restarted(peer
         assert status["schedulers"] == 2 and status["schedule_messages_held"] == 0
     finally:
         client.close()
+
+
+def submit_delayed(peers: Peers, addrs: RouterAddrs, tag: str, delay: float, count: int,
+                   *extra: str) -> float:
+    """``count`` delayed runs of ``record(tag)``; when they fall due."""
+    due = time.time() + delay
+    out = subprocess.run([str(BIN / "emq-green-submit"), "interop_jobs.record", "--args",
+                          f'["{tag}"]', "--count", str(count), "--delay", str(delay),
+                          "--addr", addrs.frontend, *extra],
+                         capture_output=True, text=True, env=peers.env(), timeout=30)
+    assert out.returncode == 0, out.stderr
+    return due
+
+
+@pytest.mark.timeout(120)
+def test_delayed_jobs_restored_after_a_kill_9_run_once(peers, tmp_path):
+    """A scheduler killed -9 and restarted on its file after its delayed
+    jobs fell due fires them from its file when its INFORM is acknowledged;
+    the router's hand-over of the same jobs, sent on that INFORM, arrives
+    after: each job runs once, not twice."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    db = tmp_path / "delayed.db"
+    first = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+    router.wait_schedulers(1)
+    due = submit_delayed(peers, addrs, "later", 2, 5)
+    wait_until(lambda: router.admin(Command.STATUS)["schedule_messages"].get(
+        "forwarded", 0) == 5, 10, "the delayed jobs at the scheduler")
+    first.kill()
+    wait_until(lambda: time.time() > due + 0.5, 10, "the delayed jobs due")
+    second = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+    assert "5 schedule(s) restored" in second.text()
+    assert wait_runs(peers, "later", 5) >= 5
+    assert runs_stop(peers, "later") == 5

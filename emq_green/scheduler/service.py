@@ -62,6 +62,9 @@ LISTING_ROWS = 200
 MAX_UNACKED = 100_000
 
 
+#: delayed jobs fired that are remembered (a hand-over of one is ignored)
+MAX_FIRED_DELAYED = 100_000
+
 #: a firing later than this (s) after its time is logged
 LATE_WARNING = 0.05
 
@@ -105,6 +108,10 @@ class Scheduler:
         self.lateness: collections.deque[float] = collections.deque(maxlen=100_000)
         #: REQUEST msgid -> key of a guaranteed last run waiting for the router's ACK
         self._unacked: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: key -> SCHEDULE body of the delayed jobs (``eta``) fired since start,
+        #: the last MAX_FIRED_DELAYED: the same again is a repeat (see on_schedule)
+        self._fired_delayed: collections.OrderedDict[str, tuple[str, ...]] = \
+            collections.OrderedDict()
         self._lifecycle = Lifecycle(SchedulerState.STOPPED, f"scheduler {settings.name}")
         self._sock: Optional[zmq.Socket] = None
         self.connected = gevent.event.Event()
@@ -279,6 +286,16 @@ class Scheduler:
             self.counts["unchanged"] += 1
             logger.debug("scheduler: %s unchanged", schedule.key[:12])
             return
+        if held is None and self._fired_delayed.get(schedule.key) == schedule.body():
+            # a delayed job fired already: the router's hand-over of it, sent
+            # on the INFORM before the firing of what this scheduler restored
+            # from its file reached the router. Its body holds its time and
+            # its delay-id, so only a repeat is identical (a client asking
+            # for another run sends another)
+            self.counts["fired_already"] += 1
+            logger.info("scheduler: %s fired already; SCHEDULE %s ignored", schedule.key[:12],
+                        printable(message.msgid))
+            return
         now = self._clock()
         replaced = held is not None
         entry, haste = self.table.add(schedule, now)
@@ -355,6 +372,11 @@ class Scheduler:
                 self.counts["fired_late"] += 1
                 logger.warning("scheduler: %s fired %.0f ms late", s.name, late * 1000)
         more = self.table.fired(entry, now, due)
+        if not more and s.eta is not None:
+            self._fired_delayed.pop(entry.key, None)
+            self._fired_delayed[entry.key] = s.body()
+            while len(self._fired_delayed) > MAX_FIRED_DELAYED:
+                self._fired_delayed.popitem(last=False)
         if not more and s.guaranteed:
             self._unacked[request.msgid] = entry.key  # deleted on disk once acknowledged
             while len(self._unacked) > MAX_UNACKED:
