@@ -11,6 +11,7 @@ import time
 import gevent
 import pytest
 import zmq.green as zmq
+from peers import free_port
 
 from emq_green.protocol import Command, Message
 from emq_green.router.schedulers import SchedulerSide
@@ -274,3 +275,72 @@ def test_a_restored_delayed_job_fired_at_connect_is_not_fired_again_by_the_hand_
         scheduler.stop(2)
         router.close(linger=0)
         context.term()
+
+
+class FakeRouter:
+    """A ROUTER socket on a loopback port that can die and come back there."""
+
+    def __init__(self, context: zmq.Context, port: int) -> None:
+        self.context = context
+        self.addr = f"tcp://127.0.0.1:{port}"
+        self.sock = self.open()
+
+    def open(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.addr)
+        return sock
+
+    def recv(self, command: Command) -> tuple[bytes, Message]:
+        """The next message of ``command`` (others are passed over)."""
+        while True:
+            ident, *frames = self.sock.recv_multipart()
+            message = Message.parse(frames)
+            if message.command is command:
+                return ident, message
+
+    def send(self, ident: bytes, message: Message) -> None:
+        self.sock.send_multipart([ident, *message.frames()])
+
+    def accept(self) -> bytes:
+        """Take an INFORM, ACK it; the scheduler's identity."""
+        ident, inform = self.recv(Command.INFORM)
+        self.send(ident, Message.new(Command.ACK, inform.msgid))
+        return ident
+
+
+@pytest.mark.timeout(30)
+def test_ticks_missed_while_the_router_is_gone_run_once_when_it_is_back():
+    """The router dies (its socket closes) and comes back on its port before
+    the scheduler takes it for gone: the ticks that fell due meanwhile are
+    not queued in the scheduler's socket and delivered in a burst; they run
+    once, and the schedule goes on on its grid."""
+    context = zmq.Context()
+    router = FakeRouter(context, free_port())
+    scheduler = Scheduler(settings=Settings(heartbeat_timeout=60, heartbeat_interval=1),
+                          context=context, addr=router.addr)
+    try:
+        scheduler.start()
+        with gevent.Timeout(20):
+            ident = router.accept()
+            anchor = time.time()  # the grid: anchor + 1, + 2, ...
+            router.send(ident, Message.new(Command.SCHEDULE, "q", "nohaste", "1", PAYLOAD, ""))
+            router.recv(Command.REQUEST)  # + 1
+            router.sock.close(linger=0)
+            while time.time() < anchor + 3.3:  # + 2 and + 3 fall due meanwhile
+                gevent.sleep(0.05)
+            router.sock = router.open()
+            runs = []
+            while time.time() < anchor + 4.7:  # the missed ones, then + 4
+                if router.sock.poll(50):
+                    frames = router.sock.recv_multipart()
+                    if Message.parse(frames[1:]).command is Command.REQUEST:
+                        runs.append(round(time.time() - anchor, 2))
+        assert len(runs) == 2, f"runs at {runs} (+ 2 and + 3 missed: once, then + 4)"
+        assert runs[1] > 3.9
+        assert scheduler.counts["fired"] == 3
+    finally:
+        scheduler.stop(2)
+        router.sock.close(linger=0)
+        context.term()
+

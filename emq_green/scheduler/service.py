@@ -65,6 +65,9 @@ MAX_UNACKED = 100_000
 #: delayed jobs fired that are remembered (a hand-over of one is ignored)
 MAX_FIRED_DELAYED = 100_000
 
+#: seconds between tries to fire while the router cannot be reached
+RETRY_INTERVAL = 0.1
+
 #: a firing later than this (s) after its time is logged
 LATE_WARNING = 0.05
 
@@ -108,6 +111,11 @@ class Scheduler:
         self.lateness: collections.deque[float] = collections.deque(maxlen=100_000)
         #: REQUEST msgid -> key of a guaranteed last run waiting for the router's ACK
         self._unacked: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: a firing could not be sent (no connection to the router): the
+        #: ticker retries after RETRY_INTERVAL
+        self._blocked = False
+        #: firings fail since the last one sent (logged once)
+        self._unreachable = False
         #: key -> SCHEDULE body of the delayed jobs (``eta``) fired since start,
         #: the last MAX_FIRED_DELAYED: the same again is a repeat (see on_schedule)
         self._fired_delayed: collections.OrderedDict[str, tuple[str, ...]] = \
@@ -170,13 +178,15 @@ class Scheduler:
         while True:
             self._open_socket()
             inform = Message.new(Command.INFORM, "", "scheduler")
-            self._send(inform)
+            informed = False
             started = heard = time.monotonic()
             beat_at = 0.0
             silence_limit = s.heartbeat_timeout * s.heartbeat_liveness
             while True:
                 sock = self._sock
                 assert sock is not None
+                if not informed and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                    informed = self._send(inform)  # IMMEDIATE: once connected
                 if sock.poll(100):
                     heard = time.monotonic()
                     self._on_message(sock.recv_multipart(), inform.msgid)
@@ -204,6 +214,10 @@ class Scheduler:
     def _open_socket(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # IMMEDIATE: with no connection to the router a send fails (EAGAIN)
+        # and the schedule stays due, instead of waiting in the socket to be
+        # lost when it closes or sent in a burst when the router is back
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.IDENTITY, f"{self.settings.name}:scheduler".encode())
         if self._curve is not None:
             self._curve.apply(sock)
@@ -222,6 +236,10 @@ class Scheduler:
         try:
             sock.send_multipart(message.frames(), zmq.NOBLOCK)
             return True
+        except zmq.Again:
+            logger.debug("scheduler: %s not sent: no connection to the router",
+                         message.command.value)
+            return False
         except zmq.ZMQError as exc:
             logger.error("scheduler: could not send %s to the router: %s",
                          message.command.value, exc)
@@ -347,12 +365,17 @@ class Scheduler:
             if self.connected.is_set():
                 now = self._clock()
                 for entry in self.table.due(now):
-                    due = entry.next_at
-                    self._fire(entry, now, due)
+                    if self._blocked:
+                        self.table.put(entry)  # due still: tried with the first
+                        continue
+                    self._fire(entry, now, entry.next_at)
                     self._save(entry)
             at = self.table.next_due()
             wait = 1.0 if at is None or not self.connected.is_set() else \
                 min(1.0, max(0.0, at - self._clock()))
+            if self._blocked:
+                wait = max(wait, RETRY_INTERVAL)
+                self._blocked = False
             self._wake.clear()
             self._wake.wait(wait)
 
@@ -361,10 +384,18 @@ class Scheduler:
         request = Message.new(Command.REQUEST, s.queue, s.request_headers(), s.payload)
         if not self._send(request):
             self.counts["fire_failed"] += 1
+            if not self._unreachable:
+                self._unreachable = True
+                logger.warning("scheduler: the router cannot be reached; what falls due "
+                               "runs once it can")
+            self._blocked = True
             if due is not None:
-                self.table.put(entry)  # due again: tried at the next turn
+                # due still: fired once when the router can be reached, however
+                # many of its times pass meanwhile (the next time is set then)
+                self.table.put(entry)
             return
         self.counts["fired"] += 1
+        self._unreachable = False
         if due is not None:
             late = now - due
             self.lateness.append(late)
