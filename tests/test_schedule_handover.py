@@ -344,3 +344,28 @@ def test_ticks_missed_while_the_router_is_gone_run_once_when_it_is_back():
         router.sock.close(linger=0)
         context.term()
 
+
+@pytest.mark.timeout(30)
+def test_a_guaranteed_run_never_acknowledged_is_fired_again_on_reconnect():
+    """A guaranteed delayed job fired into a router that died before it
+    acknowledged it: fired again when the scheduler is connected again (it
+    was kept on disk only, never fired until the scheduler restarted)."""
+    context = zmq.Context()
+    router = FakeRouter(context, free_port())
+    scheduler = Scheduler(settings=Settings(), context=context, addr=router.addr)
+    body = ("q", f"guarantee,run_count:1,nohaste,eta:{time.time() - 1:.3f},delay-id:g1",
+            "1", PAYLOAD, "")
+    try:
+        scheduler.start()
+        with gevent.Timeout(20):
+            ident = router.accept()
+            router.send(ident, Message.new(Command.SCHEDULE, *body))
+            _, first = router.recv(Command.REQUEST)  # not acknowledged: the router dies
+            router.send(ident, Message.new(Command.KBYE))  # a new router's KBYE
+            router.accept()
+            _, again = router.recv(Command.REQUEST)
+        assert again.body == first.body and again.msgid != first.msgid
+    finally:
+        scheduler.stop(2)
+        router.sock.close(linger=0)
+        context.term()

@@ -109,8 +109,8 @@ class Scheduler:
         self.counts: collections.Counter[str] = collections.Counter()
         #: lateness (s) of each firing sent, the last 100,000
         self.lateness: collections.deque[float] = collections.deque(maxlen=100_000)
-        #: REQUEST msgid -> key of a guaranteed last run waiting for the router's ACK
-        self._unacked: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: REQUEST msgid -> a guaranteed last run waiting for the router's ACK
+        self._unacked: collections.OrderedDict[str, Entry] = collections.OrderedDict()
         #: a firing could not be sent (no connection to the router): the
         #: ticker retries after RETRY_INTERVAL
         self._blocked = False
@@ -257,6 +257,7 @@ class Scheduler:
             if message.body and message.body[0] == inform_msgid:
                 logger.info("scheduler: connected to %s (%d schedule(s))", self.addr,
                             len(self.table))
+                self._refire_unacked()
                 self.connected.set()
                 self._wake.set()
         elif command is Command.SCHEDULE:
@@ -349,13 +350,32 @@ class Scheduler:
         if not message.body:
             return
         msgid = message.body[-1]
-        key = self._unacked.pop(msgid, None)
+        entry = self._unacked.pop(msgid, None)
         if len(message.body) > 1:
             logger.error("scheduler: the router refused REQUEST %s: %s", printable(msgid),
                          printable(message.body[0], 200))
             return
-        if key is not None and key not in self.table.entries and self.store is not None:
-            self.store.delete(key)  # a guaranteed last run, now held by the router
+        if entry is not None and entry.key not in self.table.entries and \
+                self.store is not None:
+            self.store.delete(entry.key)  # a guaranteed last run, now held by the router
+
+    def _refire_unacked(self) -> None:
+        """Connected (again): the guaranteed last runs fired and never
+        acknowledged (sent to a router that died, or lost with the
+        connection) are due again. At least once: one whose acknowledgement
+        alone was lost runs twice."""
+        unacked, self._unacked = self._unacked, collections.OrderedDict()
+        again = 0
+        for entry in unacked.values():
+            if entry.key in self.table.entries:
+                continue  # scheduled anew meanwhile
+            entry.runs -= 1
+            entry.runs_left = 1
+            self.table.put(entry)
+            again += 1
+        if again:
+            logger.warning("scheduler: %d guaranteed run(s) sent and not acknowledged by "
+                           "the router; firing them again", again)
 
     # ------------------------------------------------------------------
     # firing
@@ -409,7 +429,7 @@ class Scheduler:
             while len(self._fired_delayed) > MAX_FIRED_DELAYED:
                 self._fired_delayed.popitem(last=False)
         if not more and s.guaranteed:
-            self._unacked[request.msgid] = entry.key  # deleted on disk once acknowledged
+            self._unacked[request.msgid] = entry  # deleted on disk once acknowledged
             while len(self._unacked) > MAX_UNACKED:
                 self._unacked.popitem(last=False)
 
@@ -419,7 +439,8 @@ class Scheduler:
             return
         if entry.key in self.table.entries:
             store.save(entry)
-        elif entry.key not in self._unacked.values() or not entry.schedule.guaranteed:
+        elif all(e is not entry for e in self._unacked.values()) or \
+                not entry.schedule.guaranteed:
             store.delete(entry.key)
         else:
             # a guaranteed last run, sent: on disk until the router acknowledges
