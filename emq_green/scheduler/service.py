@@ -114,6 +114,8 @@ class Scheduler:
         #: a firing could not be sent (no connection to the router): the
         #: ticker retries after RETRY_INTERVAL
         self._blocked = False
+        #: the router said KBYE: the link connects again
+        self._kbye = False
         #: firings fail since the last one sent (logged once)
         self._unreachable = False
         #: key -> SCHEDULE body of the delayed jobs (``eta``) fired since start,
@@ -182,6 +184,7 @@ class Scheduler:
             started = heard = time.monotonic()
             beat_at = 0.0
             silence_limit = s.heartbeat_timeout * s.heartbeat_liveness
+            self._kbye = False
             while True:
                 sock = self._sock
                 assert sock is not None
@@ -190,6 +193,8 @@ class Scheduler:
                 if sock.poll(100):
                     heard = time.monotonic()
                     self._on_message(sock.recv_multipart(), inform.msgid)
+                    if self._kbye:
+                        break
                 now = time.monotonic()
                 if not self.connected.is_set():
                     if now - started >= s.reconnect_timeout:
@@ -267,19 +272,13 @@ class Scheduler:
         elif command is Command.REPLY:
             self._on_reply(message)
         elif command is Command.KBYE:
+            # the link connects again itself: a second greenlet doing it raced
+            # the link's own reconnection (two sockets under one name)
             logger.info("scheduler: the router said KBYE; connecting again")
             self.connected.clear()
-            gevent.spawn(self._relink)
+            self._kbye = True
         elif command is Command.DISCONNECT:
             gevent.spawn(self.stop)
-
-    def _relink(self) -> None:
-        """After a KBYE: drop the link; :meth:`_link` starts a new one."""
-        for g in self._greenlets[:1]:
-            g.kill()
-        self._close_socket()
-        if self._lifecycle.state is SchedulerState.RUNNING:
-            self._greenlets[0] = gevent.spawn(self._link)
 
     # ------------------------------------------------------------------
     # schedules in
