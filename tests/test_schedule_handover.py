@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 
+import gevent
 import pytest
+import zmq.green as zmq
+from peers import free_port
 
 from emq_green.protocol import Command, Message
 from emq_green.router.schedulers import SchedulerSide
 from emq_green.scheduler.service import Scheduler
-from emq_green.schedules import schedule_key
+from emq_green.scheduler.store import ScheduleStore
+from emq_green.scheduler.table import ScheduleTable
+from emq_green.schedules import parse_schedule, schedule_key
 from emq_green.settings import Settings
 
 CALL = {"path": "interop_jobs", "callable": "record", "args": ["x"], "kwargs": {},
@@ -190,3 +196,176 @@ def test_emq_green_scheduler_takes_the_same_schedule_again_as_a_no_op():
     assert scheduler.counts["unchanged"] == 1
     scheduler.on_schedule(Message.new(Command.SCHEDULE, "q", "", "120", PAYLOAD, ""))
     assert scheduler.table.entries[KEY].next_at == now[0] + 120  # a change replaces it
+
+
+@pytest.mark.timeout(10)
+def test_an_unknown_scheduler_that_heartbeats_is_told_kbye_then_taken_as_connected(side):
+    """After a router restart a scheduler heartbeats to a router that does
+    not know it: KBYE (emq-green's scheduler INFORMs again); if it heartbeats
+    on (EventMQ's ignores KBYE), it is taken as connected."""
+    side, sockets = side
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "q", "", "-1", PAYLOAD,
+                                              ""))
+    assert len(side.held) == 1
+    beat = Message.new(Command.HEARTBEAT, "1.0")
+    side.on_heartbeat(b"old", beat)
+    assert len(sockets.to(b"old", Command.KBYE)) == 1
+    assert side.schedulers == {}
+    side.on_heartbeat(b"old", beat)
+    assert list(side.schedulers) == [b"old"]
+    assert len(sockets.to(b"old", Command.KBYE)) == 1  # once
+    assert len(sockets.to(b"old", Command.UNSCHEDULE)) == 1 and not side.held
+    assert side.status()["schedulers"] == 1
+    assert side.status()["unknown_scheduler_heartbeats"] == 2
+
+
+@pytest.mark.timeout(10)
+def test_a_held_schedule_reaches_the_scheduler_that_arrives_once(side):
+    """Held while no scheduler was connected: forwarded on the INFORM, and
+    not sent again by the hand-over (EventMQ's scheduler would run its
+    first, haste, run twice)."""
+    side, sockets = side
+    schedule(side)
+    assert len(side.held) == 1
+    inform(side, b"s1")
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 1
+    assert side.live[KEY].owner == b"s1" and not side.held
+    assert side.counts["handed_over"] == 0
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s1")  # a later INFORM still gets it back
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 2
+
+
+@pytest.mark.timeout(20)
+def test_a_restored_delayed_job_fired_at_connect_is_not_fired_again_by_the_hand_over(
+        tmp_path):
+    """emq-green's scheduler restarted on its file fires a delayed job that
+    fell due as soon as its INFORM is acknowledged; the router's hand-over
+    of the same job (sent on that INFORM) arrives after: ignored, so the
+    job runs once. Driven through a real socket by a fake router."""
+    body = ("q", f"run_count:1,nohaste,eta:{time.time() - 5:.3f},delay-id:d1", "1",
+            PAYLOAD, "")
+    db = str(tmp_path / "s.db")
+    store = ScheduleStore(db)
+    entry, _ = ScheduleTable().add(parse_schedule(body), time.time() - 10)
+    store.save(entry)
+    store.close()
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind("inproc://handover")
+    scheduler = Scheduler(settings=Settings(scheduler_file=db), context=context,
+                          addr="inproc://handover")
+    try:
+        scheduler.start()
+        with gevent.Timeout(10):
+            ident, *frames = router.recv_multipart()
+            inform = Message.parse(frames)
+            assert inform.command is Command.INFORM
+            router.send_multipart([ident, *Message.new(Command.ACK, inform.msgid).frames()])
+            while True:  # the restored job, fired at once
+                fired = Message.parse(router.recv_multipart()[1:])
+                if fired.command is Command.REQUEST:
+                    break
+            router.send_multipart([ident, *Message.new(Command.SCHEDULE, *body).frames()])
+            while not (scheduler.counts["fired_already"] or scheduler.counts["fired"] > 1):
+                gevent.sleep(0.01)  # a poll of the scheduler's counters, not a wait for time
+        assert scheduler.counts["fired"] == 1 and scheduler.counts["fired_already"] == 1
+        assert list(ScheduleStore(db).load()) == []
+    finally:
+        scheduler.stop(2)
+        router.close(linger=0)
+        context.term()
+
+
+class FakeRouter:
+    """A ROUTER socket on a loopback port that can die and come back there."""
+
+    def __init__(self, context: zmq.Context, port: int) -> None:
+        self.context = context
+        self.addr = f"tcp://127.0.0.1:{port}"
+        self.sock = self.open()
+
+    def open(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.addr)
+        return sock
+
+    def recv(self, command: Command) -> tuple[bytes, Message]:
+        """The next message of ``command`` (others are passed over)."""
+        while True:
+            ident, *frames = self.sock.recv_multipart()
+            message = Message.parse(frames)
+            if message.command is command:
+                return ident, message
+
+    def send(self, ident: bytes, message: Message) -> None:
+        self.sock.send_multipart([ident, *message.frames()])
+
+    def accept(self) -> bytes:
+        """Take an INFORM, ACK it; the scheduler's identity."""
+        ident, inform = self.recv(Command.INFORM)
+        self.send(ident, Message.new(Command.ACK, inform.msgid))
+        return ident
+
+
+@pytest.mark.timeout(30)
+def test_ticks_missed_while_the_router_is_gone_run_once_when_it_is_back():
+    """The router dies (its socket closes) and comes back on its port before
+    the scheduler takes it for gone: the ticks that fell due meanwhile are
+    not queued in the scheduler's socket and delivered in a burst; they run
+    once, and the schedule goes on on its grid."""
+    context = zmq.Context()
+    router = FakeRouter(context, free_port())
+    scheduler = Scheduler(settings=Settings(heartbeat_timeout=60, heartbeat_interval=1),
+                          context=context, addr=router.addr)
+    try:
+        scheduler.start()
+        with gevent.Timeout(20):
+            ident = router.accept()
+            anchor = time.time()  # the grid: anchor + 1, + 2, ...
+            router.send(ident, Message.new(Command.SCHEDULE, "q", "nohaste", "1", PAYLOAD, ""))
+            router.recv(Command.REQUEST)  # + 1
+            router.sock.close(linger=0)
+            while time.time() < anchor + 3.3:  # + 2 and + 3 fall due meanwhile
+                gevent.sleep(0.05)
+            router.sock = router.open()
+            runs = []
+            while time.time() < anchor + 4.7:  # the missed ones, then + 4
+                if router.sock.poll(50):
+                    frames = router.sock.recv_multipart()
+                    if Message.parse(frames[1:]).command is Command.REQUEST:
+                        runs.append(round(time.time() - anchor, 2))
+        assert len(runs) == 2, f"runs at {runs} (+ 2 and + 3 missed: once, then + 4)"
+        assert runs[1] > 3.9
+        assert scheduler.counts["fired"] == 3
+    finally:
+        scheduler.stop(2)
+        router.sock.close(linger=0)
+        context.term()
+
+
+@pytest.mark.timeout(30)
+def test_a_guaranteed_run_never_acknowledged_is_fired_again_on_reconnect():
+    """A guaranteed delayed job fired into a router that died before it
+    acknowledged it: fired again when the scheduler is connected again (it
+    was kept on disk only, never fired until the scheduler restarted)."""
+    context = zmq.Context()
+    router = FakeRouter(context, free_port())
+    scheduler = Scheduler(settings=Settings(), context=context, addr=router.addr)
+    body = ("q", f"guarantee,run_count:1,nohaste,eta:{time.time() - 1:.3f},delay-id:g1",
+            "1", PAYLOAD, "")
+    try:
+        scheduler.start()
+        with gevent.Timeout(20):
+            ident = router.accept()
+            router.send(ident, Message.new(Command.SCHEDULE, *body))
+            _, first = router.recv(Command.REQUEST)  # not acknowledged: the router dies
+            router.send(ident, Message.new(Command.KBYE))  # a new router's KBYE
+            router.accept()
+            _, again = router.recv(Command.REQUEST)
+        assert again.body == first.body and again.msgid != first.msgid
+    finally:
+        scheduler.stop(2)
+        router.sock.close(linger=0)
+        context.term()

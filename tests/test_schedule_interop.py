@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from typing import Optional
 
 import pytest
@@ -444,3 +446,74 @@ def test_a_scheduler_stopped_and_resumed_does_not_fire_twice(peers):
         assert second.alive
     finally:
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_schedulers_register_again_after_the_router_is_killed_and_restarted(peers):
+    """A router killed -9 and restarted does not know the schedulers; they
+    hear the REPLYs to what they fire and would never INFORM again. Told
+    KBYE on their first HEARTBEAT, emq-green's scheduler connects again;
+    EventMQ's (which ignores KBYE) is taken as connected; both then get an
+    UNSCHEDULE."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    green = green_scheduler(peers, addrs, "--reconnect-timeout", "1")
+    linked = time.monotonic()
+    eventmq_scheduler(peers, addrs)
+    router.wait_schedulers(2)
+    # its link older than reconnect_timeout: a KBYE once made it connect
+    # twice at once (two sockets under one name: the router heard neither)
+    wait_until(lambda: time.monotonic() - linked > 1.5, 5, "the link older than 1 s")
+    router.kill()
+    mark = green.mark()
+    router = GreenRouter(peers, addrs)
+    green.wait_for(r"router said KBYE", timeout=20, since=mark)
+    green.wait_for(r"scheduler: connected", timeout=10, since=mark)
+    assert "no ACK" not in green.text()[mark:], green.tail()
+    router.wait_schedulers(2, timeout=20)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("again", interval=1)
+        wait_runs(peers, "again", 2)
+        client.schedule("again", interval=1, unschedule=True)
+        assert runs_stop(peers, "again") >= 2
+        status = router.admin(Command.STATUS)
+        assert status["schedulers"] == 2 and status["schedule_messages_held"] == 0
+    finally:
+        client.close()
+
+
+def submit_delayed(peers: Peers, addrs: RouterAddrs, tag: str, delay: float, count: int,
+                   *extra: str) -> float:
+    """``count`` delayed runs of ``record(tag)``; when they fall due."""
+    due = time.time() + delay
+    out = subprocess.run([str(BIN / "emq-green-submit"), "interop_jobs.record", "--args",
+                          f'["{tag}"]', "--count", str(count), "--delay", str(delay),
+                          "--addr", addrs.frontend, *extra],
+                         capture_output=True, text=True, env=peers.env(), timeout=30)
+    assert out.returncode == 0, out.stderr
+    return due
+
+
+@pytest.mark.timeout(120)
+def test_delayed_jobs_restored_after_a_kill_9_run_once(peers, tmp_path):
+    """A scheduler killed -9 and restarted on its file after its delayed
+    jobs fell due fires them from its file when its INFORM is acknowledged;
+    the router's hand-over of the same jobs, sent on that INFORM, arrives
+    after: each job runs once, not twice."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    db = tmp_path / "delayed.db"
+    first = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+    router.wait_schedulers(1)
+    due = submit_delayed(peers, addrs, "later", 2, 5)
+    wait_until(lambda: router.admin(Command.STATUS)["schedule_messages"].get(
+        "forwarded", 0) == 5, 10, "the delayed jobs at the scheduler")
+    first.kill()
+    wait_until(lambda: time.time() > due + 0.5, 10, "the delayed jobs due")
+    second = green_scheduler(peers, addrs, "--scheduler-file", str(db))
+    assert "5 schedule(s) restored" in second.text()
+    assert wait_runs(peers, "later", 5) >= 5
+    assert runs_stop(peers, "later") == 5

@@ -154,6 +154,8 @@ class SchedulerSide:
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: call key -> keys of its delayed jobs (``key:delay-id``), soonest first
         self._delayed: dict[str, list[str]] = {}
+        #: unknown identities that sent a HEARTBEAT and were told KBYE
+        self._told_unknown: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._last_heartbeat = 0.0
 
     # ------------------------------------------------------------------
@@ -166,25 +168,52 @@ class SchedulerSide:
                               "client socket ignored (workers connect to the worker socket)",
                               printable(message.msgid), printable(kind, 40), printable(client))
             return
+        self._sockets.send("frontend", client, Message.new(Command.ACK, message.msgid))
+        self._register(client)
+
+    def _register(self, client: bytes) -> None:
+        self._told_unknown.pop(client, None)
         self.schedulers.pop(client, None)
         self.schedulers[client] = SchedulerPeer(client, time.monotonic())
         self.firers.pop(client, None)
         self.firers[client] = None
         while len(self.firers) > MAX_FIRERS:
             self.firers.popitem(last=False)
-        self._sockets.send("frontend", client, Message.new(Command.ACK, message.msgid))
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
-        self._release_held()
-        self._hand_over(client)
+        # a held SCHEDULE is delivered once: not again by the hand-over
+        self._hand_over(client, skip=self._release_held())
 
     def on_heartbeat(self, client: bytes, message: Message) -> None:
         peer = self.schedulers.get(client)
         if peer is None:
-            return  # a client's or a removed scheduler's: it reconnects by itself
+            self._unknown(client)
+            return
         peer.hb = time.monotonic()
         if len(message.body) > 1 and len(message.body[1]) <= MAX_LISTING_BYTES:
             self._merge_listing(client, message.body[1])
+
+    def _unknown(self, client: bytes) -> None:
+        """A HEARTBEAT from a scheduler the router does not know: one of the
+        router before a restart, or one removed as silent. Only schedulers
+        send HEARTBEATs on the client socket. It hears the REPLYs to what it
+        fires, takes them for life and would never INFORM again (no STATUS,
+        no UNSCHEDULE, no hand-over). The first time: KBYE, on which
+        emq-green's scheduler connects again and INFORMs. The next time (it
+        heartbeats on: EventMQ's scheduler ignores a KBYE while it
+        heartbeats) it is taken as connected as if it had said INFORM."""
+        self._counters["unknown_scheduler_heartbeats"] += 1
+        if client not in self._told_unknown:
+            self._told_unknown[client] = None
+            while len(self._told_unknown) > MAX_FIRERS:
+                self._told_unknown.popitem(last=False)
+            self._log.warning("unknown_scheduler", "router: HEARTBEAT from unknown scheduler "
+                              "%s; told to connect anew (KBYE)", printable(client))
+            self._sockets.send("frontend", client, Message.new(Command.KBYE))
+            return
+        logger.warning("router: scheduler %s heartbeats on after KBYE without an INFORM; "
+                       "taken as connected", printable(client))
+        self._register(client)
 
     def on_kbye(self, client: bytes, message: Message) -> None:
         if self.schedulers.pop(client, None) is not None:
@@ -288,10 +317,11 @@ class SchedulerSide:
     # ------------------------------------------------------------------
     # hand-over, and what EventMQ's scheduler fires
 
-    def _hand_over(self, arrived: Optional[bytes]) -> None:
+    def _hand_over(self, arrived: Optional[bytes], skip: frozenset[str] = frozenset()) -> None:
         """Send the schedules held by no connected scheduler to one that is;
         ``arrived`` (a scheduler that just said INFORM) also gets its own
-        again: it may have restarted with nothing."""
+        again: it may have restarted with nothing. ``skip``: keys whose
+        SCHEDULE was just forwarded (held ones, released)."""
         if not self.live:
             return
         now = time.monotonic()
@@ -299,6 +329,8 @@ class SchedulerSide:
         for key, live in list(self.live.items()):
             if live.ends is not None and now > live.ends:
                 self._forget(key)  # its runs are over
+                continue
+            if key in skip:
                 continue
             if live.owner in self.schedulers and live.owner != arrived:
                 if arrived is not None:
@@ -408,15 +440,22 @@ class SchedulerSide:
         self.held.append((client, message))
         self.counts["held"] += 1
 
-    def _release_held(self) -> None:
+    def _release_held(self) -> frozenset[str]:
+        """Forward what was held; the keys of the SCHEDULEs among it."""
         held, self.held = self.held, collections.deque()
         if held:
             logger.info("router: forwarding %d held schedule message(s)", len(held))
+        keys = set()
         for client, message in held:
             if message.command is Command.SCHEDULE:
                 self.on_schedule(client, message)
+                try:
+                    keys.add(parse_schedule(message.body).key)
+                except ProtocolError:  # checked before it was held
+                    pass
             else:
                 self.on_unschedule(client, message)
+        return frozenset(keys)
 
     def _refuse(self, client: bytes, message: Message, reason: str, text: str) -> None:
         self.counts[reason] += 1
@@ -484,6 +523,7 @@ class SchedulerSide:
             "schedulers": len(self.schedulers),
             "schedule_messages": dict(self.counts),
             "schedule_messages_held": len(self.held),
+            "unknown_scheduler_heartbeats": self._counters["unknown_scheduler_heartbeats"],
             "schedules": self.listing(200),
         }
 

@@ -241,6 +241,13 @@ class RouterSockets:
                     curve.apply(sock)  # inproc:// peers are not asked (libzmq)
                     zap.watch(name, sock)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                if name == "frontend":
+                    # a scheduler reconnects under its name (told KBYE, or
+                    # restarted on its file): its new connection takes the
+                    # name over. Without it libzmq keeps the new one nameless
+                    # while the old one is there and drops what it sends (its
+                    # INFORM): the scheduler waits reconnect_timeout
+                    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
                 sock.setsockopt(zmq.SNDHWM, s.hwm)
                 sock.setsockopt(zmq.RCVHWM, s.hwm)
                 sock.setsockopt(zmq.LINGER, 0)

@@ -62,6 +62,12 @@ LISTING_ROWS = 200
 MAX_UNACKED = 100_000
 
 
+#: delayed jobs fired that are remembered (a hand-over of one is ignored)
+MAX_FIRED_DELAYED = 100_000
+
+#: seconds between tries to fire while the router cannot be reached
+RETRY_INTERVAL = 0.1
+
 #: a firing later than this (s) after its time is logged
 LATE_WARNING = 0.05
 
@@ -103,8 +109,19 @@ class Scheduler:
         self.counts: collections.Counter[str] = collections.Counter()
         #: lateness (s) of each firing sent, the last 100,000
         self.lateness: collections.deque[float] = collections.deque(maxlen=100_000)
-        #: REQUEST msgid -> key of a guaranteed last run waiting for the router's ACK
-        self._unacked: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: REQUEST msgid -> a guaranteed last run waiting for the router's ACK
+        self._unacked: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        #: a firing could not be sent (no connection to the router): the
+        #: ticker retries after RETRY_INTERVAL
+        self._blocked = False
+        #: the router said KBYE: the link connects again
+        self._kbye = False
+        #: firings fail since the last one sent (logged once)
+        self._unreachable = False
+        #: key -> SCHEDULE body of the delayed jobs (``eta``) fired since start,
+        #: the last MAX_FIRED_DELAYED: the same again is a repeat (see on_schedule)
+        self._fired_delayed: collections.OrderedDict[str, tuple[str, ...]] = \
+            collections.OrderedDict()
         self._lifecycle = Lifecycle(SchedulerState.STOPPED, f"scheduler {settings.name}")
         self._sock: Optional[zmq.Socket] = None
         self.connected = gevent.event.Event()
@@ -163,16 +180,21 @@ class Scheduler:
         while True:
             self._open_socket()
             inform = Message.new(Command.INFORM, "", "scheduler")
-            self._send(inform)
+            informed = False
             started = heard = time.monotonic()
             beat_at = 0.0
             silence_limit = s.heartbeat_timeout * s.heartbeat_liveness
+            self._kbye = False
             while True:
                 sock = self._sock
                 assert sock is not None
+                if not informed and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                    informed = self._send(inform)  # IMMEDIATE: once connected
                 if sock.poll(100):
                     heard = time.monotonic()
                     self._on_message(sock.recv_multipart(), inform.msgid)
+                    if self._kbye:
+                        break
                 now = time.monotonic()
                 if not self.connected.is_set():
                     if now - started >= s.reconnect_timeout:
@@ -197,6 +219,10 @@ class Scheduler:
     def _open_socket(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # IMMEDIATE: with no connection to the router a send fails (EAGAIN)
+        # and the schedule stays due, instead of waiting in the socket to be
+        # lost when it closes or sent in a burst when the router is back
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.IDENTITY, f"{self.settings.name}:scheduler".encode())
         if self._curve is not None:
             self._curve.apply(sock)
@@ -215,6 +241,10 @@ class Scheduler:
         try:
             sock.send_multipart(message.frames(), zmq.NOBLOCK)
             return True
+        except zmq.Again:
+            logger.debug("scheduler: %s not sent: no connection to the router",
+                         message.command.value)
+            return False
         except zmq.ZMQError as exc:
             logger.error("scheduler: could not send %s to the router: %s",
                          message.command.value, exc)
@@ -232,6 +262,7 @@ class Scheduler:
             if message.body and message.body[0] == inform_msgid:
                 logger.info("scheduler: connected to %s (%d schedule(s))", self.addr,
                             len(self.table))
+                self._refire_unacked()
                 self.connected.set()
                 self._wake.set()
         elif command is Command.SCHEDULE:
@@ -241,19 +272,13 @@ class Scheduler:
         elif command is Command.REPLY:
             self._on_reply(message)
         elif command is Command.KBYE:
+            # the link connects again itself: a second greenlet doing it raced
+            # the link's own reconnection (two sockets under one name)
             logger.info("scheduler: the router said KBYE; connecting again")
             self.connected.clear()
-            gevent.spawn(self._relink)
+            self._kbye = True
         elif command is Command.DISCONNECT:
             gevent.spawn(self.stop)
-
-    def _relink(self) -> None:
-        """After a KBYE: drop the link; :meth:`_link` starts a new one."""
-        for g in self._greenlets[:1]:
-            g.kill()
-        self._close_socket()
-        if self._lifecycle.state is SchedulerState.RUNNING:
-            self._greenlets[0] = gevent.spawn(self._link)
 
     # ------------------------------------------------------------------
     # schedules in
@@ -278,6 +303,16 @@ class Scheduler:
             # client repeating itself): the schedule keeps its grid and runs
             self.counts["unchanged"] += 1
             logger.debug("scheduler: %s unchanged", schedule.key[:12])
+            return
+        if held is None and self._fired_delayed.get(schedule.key) == schedule.body():
+            # a delayed job fired already: the router's hand-over of it, sent
+            # on the INFORM before the firing of what this scheduler restored
+            # from its file reached the router. Its body holds its time and
+            # its delay-id, so only a repeat is identical (a client asking
+            # for another run sends another)
+            self.counts["fired_already"] += 1
+            logger.info("scheduler: %s fired already; SCHEDULE %s ignored", schedule.key[:12],
+                        printable(message.msgid))
             return
         now = self._clock()
         replaced = held is not None
@@ -314,13 +349,32 @@ class Scheduler:
         if not message.body:
             return
         msgid = message.body[-1]
-        key = self._unacked.pop(msgid, None)
+        entry = self._unacked.pop(msgid, None)
         if len(message.body) > 1:
             logger.error("scheduler: the router refused REQUEST %s: %s", printable(msgid),
                          printable(message.body[0], 200))
             return
-        if key is not None and key not in self.table.entries and self.store is not None:
-            self.store.delete(key)  # a guaranteed last run, now held by the router
+        if entry is not None and entry.key not in self.table.entries and \
+                self.store is not None:
+            self.store.delete(entry.key)  # a guaranteed last run, now held by the router
+
+    def _refire_unacked(self) -> None:
+        """Connected (again): the guaranteed last runs fired and never
+        acknowledged (sent to a router that died, or lost with the
+        connection) are due again. At least once: one whose acknowledgement
+        alone was lost runs twice."""
+        unacked, self._unacked = self._unacked, collections.OrderedDict()
+        again = 0
+        for entry in unacked.values():
+            if entry.key in self.table.entries:
+                continue  # scheduled anew meanwhile
+            entry.runs -= 1
+            entry.runs_left = 1
+            self.table.put(entry)
+            again += 1
+        if again:
+            logger.warning("scheduler: %d guaranteed run(s) sent and not acknowledged by "
+                           "the router; firing them again", again)
 
     # ------------------------------------------------------------------
     # firing
@@ -330,12 +384,17 @@ class Scheduler:
             if self.connected.is_set():
                 now = self._clock()
                 for entry in self.table.due(now):
-                    due = entry.next_at
-                    self._fire(entry, now, due)
+                    if self._blocked:
+                        self.table.put(entry)  # due still: tried with the first
+                        continue
+                    self._fire(entry, now, entry.next_at)
                     self._save(entry)
             at = self.table.next_due()
             wait = 1.0 if at is None or not self.connected.is_set() else \
                 min(1.0, max(0.0, at - self._clock()))
+            if self._blocked:
+                wait = max(wait, RETRY_INTERVAL)
+                self._blocked = False
             self._wake.clear()
             self._wake.wait(wait)
 
@@ -344,10 +403,18 @@ class Scheduler:
         request = Message.new(Command.REQUEST, s.queue, s.request_headers(), s.payload)
         if not self._send(request):
             self.counts["fire_failed"] += 1
+            if not self._unreachable:
+                self._unreachable = True
+                logger.warning("scheduler: the router cannot be reached; what falls due "
+                               "runs once it can")
+            self._blocked = True
             if due is not None:
-                self.table.put(entry)  # due again: tried at the next turn
+                # due still: fired once when the router can be reached, however
+                # many of its times pass meanwhile (the next time is set then)
+                self.table.put(entry)
             return
         self.counts["fired"] += 1
+        self._unreachable = False
         if due is not None:
             late = now - due
             self.lateness.append(late)
@@ -355,8 +422,13 @@ class Scheduler:
                 self.counts["fired_late"] += 1
                 logger.warning("scheduler: %s fired %.0f ms late", s.name, late * 1000)
         more = self.table.fired(entry, now, due)
+        if not more and s.eta is not None:
+            self._fired_delayed.pop(entry.key, None)
+            self._fired_delayed[entry.key] = s.body()
+            while len(self._fired_delayed) > MAX_FIRED_DELAYED:
+                self._fired_delayed.popitem(last=False)
         if not more and s.guaranteed:
-            self._unacked[request.msgid] = entry.key  # deleted on disk once acknowledged
+            self._unacked[request.msgid] = entry  # deleted on disk once acknowledged
             while len(self._unacked) > MAX_UNACKED:
                 self._unacked.popitem(last=False)
 
@@ -366,7 +438,8 @@ class Scheduler:
             return
         if entry.key in self.table.entries:
             store.save(entry)
-        elif entry.key not in self._unacked.values() or not entry.schedule.guaranteed:
+        elif all(e is not entry for e in self._unacked.values()) or \
+                not entry.schedule.guaranteed:
             store.delete(entry.key)
         else:
             # a guaranteed last run, sent: on disk until the router acknowledges
