@@ -276,10 +276,22 @@ def router_main(argv: "list[str] | None" = None) -> int:
         "has no effect on emq-green-router: it is a worker setting (emq-green refuses "
         "other callables); set it for emq-green")})
     context = zmq.Context() if settings.curve_secret_key_file else zmq.Context.instance()
+    # before the router starts: a SIGUSR1 as soon as it listens is handled
+    started: dict = {}
+
+    def status() -> dict:
+        router = started.get("router")
+        if router is None:
+            return {"state": "starting"}
+        return {"state": router.state.value, "workers": len(router.workers),
+                **router.status()}
+
+    _log_status_on_sigusr1("router", status)
     router, scheduler = _start_router(settings, context, "emq-green-router",
                                       with_scheduler=settings.run_scheduler)
     if router is None:
         return 1
+    started["router"] = router
 
     def stop() -> None:
         if scheduler is not None:
@@ -288,8 +300,6 @@ def router_main(argv: "list[str] | None" = None) -> int:
 
     _stop_on_signals("router", stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(router.reload_authorized_keys))
-    _log_status_on_sigusr1("router", lambda: {
-        "state": router.state.value, "workers": len(router.workers), **router.status()})
     router.serve_forever()
     return 0
 
@@ -338,13 +348,14 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
     except CurveError as exc:
         sys.stderr.write(f"emq-green-scheduler: {exc}\n")
         return 2
+    # the handlers first: a signal as soon as it says it runs is handled
+    _stop_on_signals("scheduler", scheduler.stop)
+    _log_status_on_sigusr1("scheduler", scheduler.status)
     try:
         scheduler.start()
     except Exception as exc:  # the file cannot be opened or read
         sys.stderr.write(f"emq-green-scheduler: {settings.scheduler_file}: {exc}\n")
         return 1
-    _stop_on_signals("scheduler", scheduler.stop)
-    _log_status_on_sigusr1("scheduler", scheduler.status)
     scheduler.serve_forever()
     return 0
 

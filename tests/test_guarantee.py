@@ -179,7 +179,9 @@ def test_a_reply_to_a_restarted_router_ends_the_copy_it_restored(tmp_path):
     with journaled_router(path) as second:
         assert len(second.router.waiting["default"]) == 1
         client = second.peer("frontend", name="client-1")
-        client.send(Command.HEARTBEAT, "0")  # (a connection, for its result)
+        client.send(Command.REQUEST, "x")  # malformed, dropped: the connection is there
+        wait_until(lambda: second.router.dropped_by_reason["malformed"] == 1,
+                   what="the client connected")
         old = second.peer("backend", name="busy")  # the same identity, unknown here
         old.send(Command.REPLY, '{"value": 42}', out.msgid)
         result = client.recv()

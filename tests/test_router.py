@@ -414,6 +414,19 @@ def test_a_message_on_the_wrong_socket_is_ignored_and_its_sender_named(make_rout
     assert not h.router.workers
 
 
+def test_replies_short_of_frames_from_a_stranger_leave_the_worker_socket_served(make_router):
+    # a REPLY with no body frame ended the worker socket's reader (an
+    # IndexError in the check before the handlers): no worker was heard again
+    h = make_router()
+    stranger = h.peer("backend")
+    stranger.send(Command.REPLY)
+    stranger.send(Command.REPLY, '{"value": 1}')
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client)
+    assert worker.recv().msgid == sent.msgid
+
+
 def test_weights_across_queues_pick_the_heaviest_worker_with_a_slot(make_router):
     h = make_router()
     w1 = h.worker(queues=[(30, "a"), (10, "b")], slots=2, name="w1")

@@ -448,6 +448,14 @@ class Routing:
         }
 
 
+def remember(book: collections.OrderedDict[bytes, Any], identity: bytes) -> None:
+    """Note ``identity`` in a book of at most :data:`DEPARTED_MEMORY`, the
+    oldest forgotten first (identities told KBYE, taken for dead...)."""
+    book[identity] = True
+    while len(book) > DEPARTED_MEMORY:
+        book.popitem(last=False)
+
+
 def _after_heavier(entries: list[tuple[int, bytes]], weight: int) -> int:
     """Where ``weight`` goes in ``entries`` (heaviest first): behind every
     entry at least as heavy. (``bisect``'s ``key`` needs Python 3.10.)"""
@@ -461,4 +469,4 @@ def _after_heavier(entries: list[tuple[int, bytes]], weight: int) -> int:
     return lo
 
 
-__all__ = ["MAX_NAMES", "OTHER", "Request", "Routing", "Sent", "Worker"]
+__all__ = ["MAX_NAMES", "OTHER", "Request", "Routing", "Sent", "Worker", "remember"]

@@ -63,6 +63,7 @@ from ..schedules import (
 )
 from ..settings import Settings
 from .results import refusal_body
+from .routing import remember
 from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
@@ -194,19 +195,13 @@ class SchedulerSide:
             self._merge_listing(client, message.body[1])
 
     def _unknown(self, client: bytes) -> None:
-        """A HEARTBEAT from a scheduler the router does not know: one of the
-        router before a restart, or one removed as silent. Only schedulers
-        send HEARTBEATs on the client socket. It hears the REPLYs to what it
-        fires, takes them for life and would never INFORM again (no STATUS,
-        no UNSCHEDULE, no hand-over). The first time: KBYE, on which
-        emq-green's scheduler connects again and INFORMs. The next time (it
-        heartbeats on: EventMQ's scheduler ignores a KBYE while it
-        heartbeats) it is taken as connected as if it had said INFORM."""
+        """A HEARTBEAT (only schedulers send one here) from a scheduler of the
+        router before a restart, or one removed as silent: it would never
+        INFORM again. First KBYE (emq-green's scheduler INFORMs again); if it
+        heartbeats on (EventMQ's ignores KBYE), it is taken as connected."""
         self._counters["unknown_scheduler_heartbeats"] += 1
         if client not in self._told_unknown:
-            self._told_unknown[client] = None
-            while len(self._told_unknown) > MAX_FIRERS:
-                self._told_unknown.popitem(last=False)
+            remember(self._told_unknown, client)
             self._log.warning("unknown_scheduler", "router: HEARTBEAT from unknown scheduler "
                               "%s; told to connect anew (KBYE)", printable(client))
             self._sockets.send("frontend", client, Message.new(Command.KBYE))

@@ -424,8 +424,15 @@ class RouterSockets:
         ):
             logger.debug("%s <- %r: %s %s %s", name, identity,
                          message.command.value, printable(message.msgid), message.body)
-        if gate is not None and not gate(identity, message):
-            return
+        if gate is not None:
+            try:
+                passed = gate(identity, message)
+            except Exception:  # a bug must not end this socket's reader
+                logger.exception("router: error checking %s %s", message.command.value,
+                                 printable(message.msgid))
+                return
+            if not passed:
+                return
         handler = table.get(message.command)
         if handler is None:
             self._counters["unexpected_messages"] += 1

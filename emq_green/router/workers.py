@@ -58,7 +58,7 @@ from ..protocol import (
 from ..settings import Settings
 from .guarantee import Guarantees, was_killed
 from .results import ResultRelay
-from .routing import DEPARTED_MEMORY, Request, Routing, Sent, Worker
+from .routing import Request, Routing, Sent, Worker, remember
 from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
@@ -76,14 +76,6 @@ class RouterObserver(Protocol):
 
     def worker_left(self, worker: Worker, dead: bool) -> None:
         """A worker was removed: it said KBYE (draining) or went silent (dead)."""
-
-
-def _remember(book: collections.OrderedDict[bytes, bool], identity: bytes) -> None:
-    """Note ``identity`` in a book of at most DEPARTED_MEMORY, the oldest
-    forgotten first."""
-    book[identity] = True
-    while len(book) > DEPARTED_MEMORY:
-        book.popitem(last=False)
 
 
 class WorkerSide:
@@ -162,7 +154,7 @@ class WorkerSide:
                 # a worker of the router before a restart: KBYE makes an
                 # emq-green worker INFORM at once, not after its heartbeat
                 # timeout (EventMQ's job manager ignores it); once per identity
-                _remember(self._told_unknown, identity)
+                remember(self._told_unknown, identity)
                 self._sockets.send("backend", identity, Message.new(Command.KBYE))
         return False
 
@@ -272,16 +264,16 @@ class WorkerSide:
         return sent
 
     def _ran_after_all(self, message: Message, identity: bytes) -> bool:
-        """A REPLY (not ``Killed``) for a guaranteed request whose copy waits
-        in the buffer (its worker taken for dead, or restored from the
-        journal): the copy leaves unrun, the job ends, its result goes on."""
-        orig = message.body[1] if len(message.body) > 1 else ""
-        request = None if was_killed(message.body[0]) else self.routing.withdraw_copy(orig)
+        """A REPLY (not ``Killed``) for a guaranteed request whose copy waits in
+        the buffer: the copy leaves unrun, the job ends, its result goes on."""
+        body = message.body
+        request = (None if len(body) != 2 or was_killed(body[0])
+                   else self.routing.withdraw_copy(body[1]))
         if request is None:
             return False
         self._counters["replies_for_buffered_copies"] += 1
         logger.warning("router: REPLY for %s from %s, which ran it after all: its copy in "
-                       "the buffer is dropped unrun", printable(orig, 60), printable(identity))
+                       "the buffer is dropped unrun", printable(body[1], 60), printable(identity))
         if self.guarantees.finished(request):
             self._sockets.send_later("frontend", ack_frames(request.client, request.msgid))
         if self._pending:
@@ -367,7 +359,7 @@ class WorkerSide:
         unsent = self._take_back(worker)
         if dead:
             self.routing.remove(worker)
-            _remember(self._taken_for_dead, worker.identity)
+            remember(self._taken_for_dead, worker.identity)
         else:
             self.routing.leave(worker, time.monotonic() + self.settings.kill_grace_period
                                + self.settings.heartbeat_timeout)
