@@ -72,6 +72,19 @@ def test_missed_ticks_fire_once_then_the_grid_goes_on():
     assert table.due(T0 + 109.9) == []
 
 
+def test_a_catch_up_run_just_before_a_tick_stands_for_that_tick_too():
+    # missed ticks fired once at T0 + 108: the tick at T0 + 110 would be a
+    # second run 2 s later (a router restart showed two runs 50 ms apart)
+    table = ScheduleTable()
+    entry, _ = table.add(parse_schedule(body("10", "nohaste")), T0)
+    assert [e.key for e in table.due(T0 + 108)] == [entry.key]
+    table.fired(entry, T0 + 108, entry.next_at)
+    assert entry.next_at == T0 + 120
+    # on time, or a little late: the grid as it is
+    table.fired(entry, T0 + 120.03, entry.next_at)
+    assert entry.next_at == T0 + 130
+
+
 def test_run_count_haste_and_the_end():
     table = ScheduleTable()
     entry, haste = table.add(parse_schedule(body("5", "run_count:3")), T0)

@@ -9,7 +9,8 @@ When a schedule fires next, and why:
   schedule does not drift however late one firing is; a firing that comes
   after several ticks were missed (the scheduler was down, or the process
   stalled) fires once and goes on at the next tick of the grid, it does not
-  catch up tick by tick.
+  catch up tick by tick (when that run is sent less than half a period
+  before the next tick, it stands for that tick too).
 * **cron**: the first time the cron text names after the later of now and
   the time that was due (croniter, UTC), so a missed cron time fires once.
 * **eta** (a delayed job, ``eta:EPOCH``): once at that time.
@@ -144,6 +145,11 @@ class ScheduleTable:
             ticks = math.floor((now - entry.anchor) / s.interval) + 1
             at = entry.anchor + ticks * s.interval
             while at <= entry.next_at:  # rounding: never the same tick twice
+                at += s.interval
+            if at - now < s.interval / 2 <= now - entry.next_at:
+                # a run half a period late or more (missed ticks), sent in the
+                # second half of a period: it stands for the tick just after
+                # it too, not two runs a moment apart
                 at += s.interval
             return at
         if s.cron:
