@@ -196,13 +196,14 @@ class Running:
 
 @contextlib.contextmanager
 def running_with_results(peers: Peers, tmp_path: Path, prefix: str,
-                         count: int) -> Iterator[Running]:
-    """A journaled router, one worker, ``count`` gated guaranteed jobs with
-    result=True all started on it; the client stays open in the block."""
+                         count: int, slots: int = 10) -> Iterator[Running]:
+    """A journaled router, one worker of ``slots`` slots, ``count`` gated
+    guaranteed jobs with result=True all started on it; the client stays
+    open in the block."""
     addrs = RouterAddrs.fresh()
     journal = tmp_path / "journal.db"
     router = GreenRouter(peers, addrs, "--journal-file", str(journal))
-    worker = green_worker(peers, addrs, prefix, 10)
+    worker = green_worker(peers, addrs, prefix, slots)
     gate = tmp_path / "gate"
     tags = [f"{prefix}{i}" for i in range(count)]
     with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
@@ -335,6 +336,28 @@ def test_jobs_running_across_a_router_kill_9_end_once_with_their_results(peers, 
     done = peers.record.wait_for_tags(run.tags, 10, details=peers.logs)
     assert {t: done[t] for t in run.tags} == {t: 1 for t in run.tags}
     assert peers.record.count("start") == 5
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_lone_worker_across_a_router_kill_9_ends_its_jobs_once(peers, tmp_path):
+    """Every slot of the lone worker busy when the router is killed: the
+    next router's copies wait in its buffer (no READY to send them on), and
+    the REPLYs of the first runs end them there. The copies ran again after
+    the first runs (every job twice) while those REPLYs were dropped as late."""
+    with running_with_results(peers, tmp_path, "busy", 4, slots=4) as run:
+        run.router.kill()
+        second = GreenRouter(peers, run.addrs, "--journal-file", str(run.journal))
+        wait_until(lambda: second.status()["waiting_messages_by_queue"] == {"default": 4}, 30,
+                   "the copies waiting in the new router's buffer", details=peers.logs)
+        run.gate.touch()
+        assert results_of(run, peers) == run.tags
+    done = peers.record.wait_for_tags(run.tags, 10, details=peers.logs)
+    wait_until(lambda: second.status()["journal_rows"] == 0, 10, "the journal emptied")
+    status = second.status()
+    assert status["replies_for_buffered_copies"] == 4 and status["guaranteed_held"] == 0
+    assert status["waiting_messages_by_queue"] == {}
+    assert {t: done[t] for t in run.tags} == {t: 1 for t in run.tags}  # once each
+    assert peers.record.count("start") == 4
 
 
 @pytest.mark.timeout(120)
