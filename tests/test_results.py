@@ -263,6 +263,7 @@ def test_result_for_a_client_that_is_gone_is_dropped_and_counted(make_router):
     client.close()
     h.peers.remove(client)
     results = h.router.results
+    h.router.relay.hold_for_reconnect = 0.0  # dropped at once, not kept for it
     deadline = time.monotonic() + 10
     while True:
         worker.send(Command.REPLY, json.dumps({"value": 1}), request.msgid)
@@ -450,13 +451,16 @@ def test_a_result_sent_after_kbye_still_reaches_its_client(make_router):
 
 def test_results_relayed_in_a_batch_at_the_end_of_the_turn():
     """Results wait for the end of the router's turn and leave in one batch,
-    each REPLY with the worker's msgid; one that cannot be delivered is
-    counted as client_gone, the others as forwarded."""
+    each REPLY with the worker's msgid; one that cannot be delivered is kept
+    and sent again at the next check (its client connects again), the others
+    are counted as forwarded."""
     from emq_green.protocol import Message
     from emq_green.router.results import PendingResults, ResultRelay
 
     queued: list = []
+    resent: list = []
     relay = ResultRelay(PendingResults(100, 60.0), lambda client, message: True,
+                        send_frames=lambda frames: resent.append(frames) or True,
                         send_later=queued.append)
     for n, client in enumerate((b"c1", b"gone", b"c1")):
         relay.remember(f"job-{n}", client, 0.0)
@@ -468,5 +472,67 @@ def test_results_relayed_in_a_batch_at_the_end_of_the_turn():
     ack = [b"c1", b"", b"eMQP/1.0", b"REPLY", b"m", b"job-9"]  # queued too, not a result
     relay.flushed([*queued, ack], [f for f in [*queued, ack] if f[0] == b"gone"])
     assert relay.pending.forwarded == 2
-    assert relay.pending.dropped["client_gone"] == 1
+    assert relay.held == 1 and not relay.pending.dropped
     assert len(relay.pending) == 0
+    relay.expire(time.monotonic())
+    assert resent == [queued[1]]
+    assert relay.pending.forwarded == 3 and relay.held == 0 and relay.held_bytes == 0
+
+
+def test_a_result_kept_for_its_client_is_dropped_at_its_deadline():
+    """A result whose client does not come back within the hold is dropped
+    as client_gone; until then it is tried again at each check; a result
+    past the byte bound is dropped at once."""
+    from emq_green.protocol import Message
+    from emq_green.router.results import PendingResults, ResultRelay
+
+    tries: list = []
+    relay = ResultRelay(PendingResults(100, 60.0, max_bytes=400), lambda client, message: False,
+                        send_frames=lambda frames: tries.append(frames[-1]) and False)
+    relay.hold_for_reconnect = 5.0
+    relay.remember("job-0", b"gone", 0.0)
+    relay.forward(Message(Command.REPLY, "reply-0", ('{"value": 1}', "job-0")))
+    assert relay.held == 1 and tries == [b"job-0"]
+    relay.remember("job-1", b"gone", 0.0)
+    relay.forward(Message(Command.REPLY, "reply-1", (json.dumps({"value": "x" * 400}), "job-1")))
+    assert relay.held == 1 and relay.pending.dropped["client_gone"] == 1  # no room
+    now = time.monotonic()
+    relay.expire(now + 1.0)
+    assert relay.held == 1 and tries.count(b"job-0") == 2
+    relay.expire(now + 6.0)
+    assert relay.held == 0 and relay.held_bytes == 0
+    assert relay.pending.dropped["client_gone"] == 2 and relay.pending.forwarded == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_result_reaches_a_client_that_connects_again(make_router):
+    """The client's socket is gone when its result comes (a router restart:
+    the clients connect again some 100 ms later): the result is kept and
+    reaches the client once it is back under the same identity."""
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend", "returning-client")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    request = worker.recv()
+    client.close()
+    h.peers.remove(client)
+    relay = h.router.relay
+    worker.send(Command.REPLY, json.dumps({"value": "kept"}), request.msgid)
+    deadline = time.monotonic() + 10
+    while not relay.held:
+        # the send fails only once ZeroMQ has seen the peer go; until then
+        # the result went to a closed pipe: ask again (see the test above)
+        assert time.monotonic() < deadline, "the result was never kept"
+        now = time.monotonic()
+        if request.msgid not in h.router.results:
+            h.router.routing.sent(h.router.workers[worker.identity],
+                                  Request(request.msgid, client.identity, "default",
+                                          request.body, now), "default", now)
+            h.router.results.add(request.msgid, client.identity, now)
+            worker.send(Command.REPLY, json.dumps({"value": "kept"}), request.msgid)
+        gevent.sleep(0.02)
+    assert h.admin(Command.STATUS)["results_held_for_client"] == 1
+    back = h.peer("frontend", "returning-client")
+    assert _results_of(back, 1) == [(sent.msgid, {"value": "kept"})]
+    wait_until(lambda: not relay.held, what="the kept result gone")
+    assert not h.router.results.dropped

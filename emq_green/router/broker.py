@@ -446,6 +446,7 @@ class Router:
             "requests_rerouted": self.counters["requests_rerouted"],
             "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],
             **self.results.status(),
+            "results_held_for_client": self.relay.held,
             **self.guarantees.status(),
             **self.scheduler_side.status(),
         }

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Container, Mapping, Optional
 
@@ -196,6 +197,12 @@ class PendingResults:
         }
 
 
+#: how long a result whose client cannot be reached is kept and tried again
+#: (seconds, at most ``result_ttl``): a client's socket connects again within
+#: about 100 ms of a router's restart, and the results of the jobs restored
+#: from the journal may come before it has
+HOLD_FOR_RECONNECT = 10.0
+
 #: results dropped that are logged one by one in each window; the rest of
 #: the window's are counted and summed up in one line when it ends
 LOST_LOG_BURST = 100
@@ -239,6 +246,15 @@ class ResultRelay:
         #: (one result per job goes this way); default: through ``send``
         self._send_frames = send_frames or (
             lambda frames: send(frames[0], Message.parse(frames[1:])))
+        #: msgid -> (frames, deadline) of results waiting for their client
+        #: to connect again, oldest first
+        self._held: collections.OrderedDict[str, tuple[list[bytes], float]] = (
+            collections.OrderedDict())
+        #: bytes of :attr:`_held` (frames only)
+        self.held_bytes = 0
+        #: seconds a result is kept for its client (:data:`HOLD_FOR_RECONNECT`;
+        #: 0: dropped at once)
+        self.hold_for_reconnect = HOLD_FOR_RECONNECT
         self._log = LogLimiter(
             logger, burst=LOST_LOG_BURST, window=LOST_LOG_WINDOW,
             summary="router: %d more result(s) dropped, not logged one by one: %s")
@@ -287,11 +303,44 @@ class ResultRelay:
             self._delivered(batch, failed)
 
     def _delivered(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
-        """Count ``sent`` results as forwarded, but for those that ``failed``."""
+        """Count ``sent`` results as forwarded, but for those that ``failed``:
+        those are kept to be sent again (or dropped if there is no room)."""
         self.pending.forwarded += len(sent) - len(failed)
+        if not failed:
+            return
+        hold = min(self.hold_for_reconnect, self.pending.ttl)
+        deadline = time.monotonic() + hold
         for frames in failed:
-            self.pending.dropped[CLIENT_GONE] += 1
-            self._log_dropped(frames[-1].decode("utf-8", "replace"), frames[0], CLIENT_GONE)
+            size = sum(len(frame) for frame in frames)
+            msgid = frames[-1].decode("utf-8", "replace")
+            if (hold <= 0 or msgid in self._held
+                    or self.held_bytes + size > self.pending.max_bytes):
+                self._gone(msgid, frames[0])
+                continue
+            self._held[msgid] = (frames, deadline)
+            self.held_bytes += size
+
+    def _gone(self, msgid: str, client: bytes) -> None:
+        self.pending.dropped[CLIENT_GONE] += 1
+        self._log_dropped(msgid, client, CLIENT_GONE)
+
+    def _send_held(self, now: float, last: bool = False) -> None:
+        """Send the kept results again; drop those past their deadline (all
+        that fail when ``last``)."""
+        for msgid, (frames, deadline) in list(self._held.items()):
+            if self._send_frames(frames):
+                self.pending.forwarded += 1
+            elif deadline > now and not last:
+                continue
+            else:
+                self._gone(msgid, frames[0])
+            del self._held[msgid]
+            self.held_bytes -= sum(len(frame) for frame in frames)
+
+    @property
+    def held(self) -> int:
+        """Results kept for a client to connect again (:data:`HOLD_FOR_RECONNECT`)."""
+        return len(self._held)
 
     def lost(self, msgid: str, client: bytes, reason: str) -> None:
         """Tell ``client`` that the result of ``msgid`` will not come."""
@@ -308,6 +357,8 @@ class ResultRelay:
         """Report the results past ``result_ttl`` (and the count of drops
         not logged one by one, once their window has ended)."""
         self._log.flush(now)
+        if self._held:
+            self._send_held(now)
         if self.pending:
             for msgid, client in self.pending.expire(now):
                 self.lost(msgid, client, EXPIRED)
@@ -316,7 +367,10 @@ class ResultRelay:
         """The router stops: every pending result is reported lost, except
         those of the jobs in ``kept``, which stay in the journal: the next
         router on it runs them, and sends each result to its client if that
-        client is still connected."""
+        client is still connected. Results kept for their client are tried
+        once more."""
+        if self._held:
+            self._send_held(time.monotonic(), last=True)
         for msgid, client in self.pending.clear(STOPPING):
             if msgid not in kept:
                 self.lost(msgid, client, STOPPING)
