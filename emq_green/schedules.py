@@ -4,10 +4,12 @@ A SCHEDULE's body is ``[queue, headers_csv, interval_secs, payload_json,
 cron]``: ``interval_secs`` is ``-1`` when ``cron`` is used. Headers the
 scheduler reads: ``run_count:N`` (fire N times, then forget; none: for
 ever) and ``nohaste`` (do not fire at once when the schedule arrives).
-emq-green adds two, which EventMQ's scheduler ignores: ``eta:EPOCH`` (a
-one-shot's exact time, in seconds since the epoch) and ``delay-id:ID``
-(a delayed job's own key, so that two delayed runs of the same call do not
-replace each other).
+emq-green adds three, which EventMQ's scheduler ignores: ``eta:EPOCH`` (a
+one-shot's exact time, in seconds since the epoch), ``delay-id:ID`` (a
+delayed job's own key, so that two delayed runs of the same call do not
+replace each other) and ``handed-over`` (the router sends a schedule on to
+another scheduler, or back to its own after a restart, with ``run_count``
+set to the runs it has not seen yet: :func:`handed_over`).
 
 A schedule is keyed as EventMQ keys it: the SHA-1 of the job's ``path``,
 ``callable``, ``args``, ``kwargs``, ``class_args`` and ``class_kwargs``
@@ -43,7 +45,9 @@ MIN_INTERVAL = 0.01
 #: what EventMQ's scheduler hashes besides path and callable (it needs all four)
 _CALL_KEYS = ("args", "kwargs", "class_args", "class_kwargs")
 #: headers only the scheduler reads: never passed on to the REQUEST it sends
-_SCHEDULER_HEADERS = ("run_count:", "nohaste", "eta:", "delay-id:")
+_SCHEDULER_HEADERS = ("run_count:", "nohaste", "eta:", "delay-id:", "handed-over")
+#: the header of a schedule the router hands over (:func:`handed_over`)
+HANDED_OVER = "handed-over"
 #: headers of a schedule that must not reach the REQUEST it fires
 _DROPPED_ON_FIRE = ("result-requested", "reply-requested")
 
@@ -116,6 +120,17 @@ class Schedule:
     def guaranteed(self) -> bool:
         return has_header(self.headers, "guarantee")
 
+    @property
+    def handed_over(self) -> bool:
+        """Sent by the router from its book (:func:`handed_over`), not by a client."""
+        return has_header(self.headers, HANDED_OVER)
+
+    def core(self) -> tuple[str, str, str, str, str]:
+        """:meth:`body` without ``run_count`` and ``handed-over``: the same
+        schedule, whatever count of runs is left."""
+        queue, headers, interval, payload, cron = self.body()
+        return (queue, _without_count(headers), interval, payload, cron)
+
     def what(self) -> str:
         """``every 60s`` / ``cron */5 * * * *`` / ``at ...``, for listings."""
         if self.eta is not None:
@@ -123,6 +138,24 @@ class Schedule:
         if self.interval is None:
             return f"cron {self.cron}"
         return f"every {self.interval:g}s"
+
+
+def _without_count(headers: str) -> str:
+    return ",".join(h.strip() for h in headers.split(",")
+                    if h.strip() and not h.strip().startswith("run_count:")
+                    and h.strip() != HANDED_OVER)
+
+
+def handed_over(body: Sequence[str], runs_left: int) -> tuple[str, ...]:
+    """A SCHEDULE body as the router hands it over: ``run_count`` set to
+    ``runs_left`` (the runs it has not seen fired; none for ever) and the
+    ``handed-over`` header, so that a scheduler restored from its own file
+    keeps its state and one that ended the schedule does not start it again."""
+    queue, headers, *rest = body
+    kept = [_without_count(headers)] if _without_count(headers) else []
+    if runs_left != FOREVER:
+        kept.append(f"run_count:{runs_left}")
+    return (queue, ",".join([*kept, HANDED_OVER]), *rest)
 
 
 def unschedule_key(body: Sequence[str]) -> str:
@@ -229,6 +262,6 @@ def schedule_body(*, queue: str, headers: Sequence[str], payload: dict[str, Any]
     return (queue, ",".join(headers), interval_text, json.dumps(["run", payload]), cron)
 
 
-__all__ = ["FOREVER", "MAX_SCHEDULE_BYTES", "Schedule", "header_value", "has_header",
-           "next_cron", "parse_schedule", "schedule_body", "schedule_key",
-           "unschedule_key"]
+__all__ = ["FOREVER", "HANDED_OVER", "MAX_SCHEDULE_BYTES", "Schedule", "handed_over",
+           "header_value", "has_header", "next_cron", "parse_schedule", "schedule_body",
+           "schedule_key", "unschedule_key"]

@@ -18,7 +18,7 @@ from emq_green.router.schedulers import SchedulerSide
 from emq_green.scheduler.service import Scheduler
 from emq_green.scheduler.store import ScheduleStore
 from emq_green.scheduler.table import ScheduleTable
-from emq_green.schedules import parse_schedule, schedule_key
+from emq_green.schedules import handed_over, parse_schedule, schedule_key
 from emq_green.settings import Settings
 
 CALL = {"path": "interop_jobs", "callable": "record", "args": ["x"], "kwargs": {},
@@ -80,7 +80,7 @@ def test_a_scheduler_that_says_kbye_hands_its_schedules_to_the_next(side):
     assert side.live[KEY].owner is None  # nobody to hold it: kept for the next
     inform(side, b"s2")
     (handed,) = sockets.to(b"s2", Command.SCHEDULE)
-    assert handed.body == ("other", "", "1", PAYLOAD, "")
+    assert handed.body == ("other", "handed-over", "1", PAYLOAD, "")
     assert side.live[KEY].owner == b"s2" and side.counts["handed_over"] == 1
 
 
@@ -140,6 +140,61 @@ def test_finished_schedules_are_not_handed_over(side):
     side.on_kbye(b"s1", Message.new(Command.KBYE))
     inform(side, b"s2")
     assert sockets.to(b"s2", Command.SCHEDULE) == []
+
+
+@pytest.mark.timeout(10)
+def test_a_finite_schedule_is_handed_over_with_the_runs_not_seen_yet(side):
+    """run_count 4, one run seen, the holder gone (kill -9): the next
+    scheduler is told 3 runs, not 4 (a probe saw 5 runs of 4); EventMQ's
+    scheduler reads the same header."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, headers="guarantee,run_count:4,nohaste")
+    assert side.vet_firing(b"s1", firing("other")) is not None
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s2")
+    (handed,) = sockets.to(b"s2", Command.SCHEDULE)
+    assert handed.body == ("other", "guarantee,nohaste,run_count:3,handed-over", "1",
+                           PAYLOAD, "")
+    assert parse_schedule(handed.body).run_count == 3
+    for _ in range(3):
+        assert side.vet_firing(b"s2", firing("other")) is not None
+    assert KEY not in side.live
+
+
+@pytest.mark.timeout(10)
+def test_emq_green_scheduler_takes_a_hand_over_with_the_router_s_count():
+    """A hand-over of a schedule the scheduler holds (restored from its
+    file) keeps its grid and its runs, with at most the runs the router has
+    not seen; one of a schedule whose runs ended here is ignored; a new one
+    runs the count it is told."""
+    now = [1_800_000_000.0]
+    scheduler = Scheduler(settings=Settings(), clock=lambda: now[0])
+    original = ("q", "run_count:5,nohaste", "60", PAYLOAD, "")
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, *original))
+    entry = scheduler.table.entries[KEY]
+    first = entry.next_at
+    now[0] += 30
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, *handed_over(original, 2)))
+    assert scheduler.table.entries[KEY] is entry and entry.next_at == first
+    assert entry.runs_left == 2 and scheduler.counts["unchanged"] == 1
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, *handed_over(original, 4)))
+    assert entry.runs_left == 2  # never more than it has left
+    sent: list = []
+    scheduler._send = lambda request: sent.append(request) is None  # no socket here
+    for _ in range(2):
+        now[0] += 60
+        scheduler._fire(entry, now[0], entry.next_at)
+    assert len(sent) == 2 and KEY not in scheduler.table.entries
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, *handed_over(original, 1)))
+    assert KEY not in scheduler.table.entries and scheduler.counts["fired_already"] == 1
+    # a client sending it again starts it anew, with its own count
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, *original))
+    assert scheduler.table.entries[KEY].runs_left == 5
+    other = Scheduler(settings=Settings(), clock=lambda: now[0])
+    other.on_schedule(Message.new(Command.SCHEDULE, *handed_over(original, 3)))
+    assert other.table.entries[KEY].runs_left == 3
+    assert "handed-over" not in other.table.entries[KEY].schedule.request_headers()
 
 
 @pytest.mark.timeout(10)

@@ -309,6 +309,43 @@ def test_green_scheduler_interval_cron_unschedule_and_restart(peers, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("program", ["green", "eventmq"])
+def test_a_run_count_is_kept_across_a_scheduler_kill_9(peers, tmp_path, program):
+    """run_count 4 every second; the scheduler is killed with -9 after two
+    runs and another one starts (its own file: it restores nothing). The
+    router hands the schedule over with the two runs it has not seen:
+    four runs in all, not two plus four (a probe saw 5 of 4 with two
+    emq-green schedulers and 5 of 3 with EventMQ's)."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+
+    def scheduler(n: int) -> Proc:
+        if program == "eventmq":
+            return eventmq_scheduler(peers, addrs)
+        return green_scheduler(peers, addrs, "-n", f"s{n}",
+                               "--scheduler-file", str(tmp_path / f"s{n}.db"))
+
+    first = scheduler(1)
+    router.wait_schedulers(1)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("counted", interval=1, headers=("guarantee", "run_count:4"))
+        wait_runs(peers, "counted", 2)
+        first.kill()
+        wait_until(lambda: not router.schedulers(), 20, "the killed scheduler removed",
+                   details=router.tail)
+        seen = peers.record.tags()["counted"]
+        assert seen < 4, seen
+        scheduler(2)
+        wait_runs(peers, "counted", 4)
+        assert runs_stop(peers, "counted", quiet=3, timeout=30) == 4
+        assert router.admin(Command.STATUS)["schedule_messages"]["handed_over"] == 1
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
 def test_two_green_schedulers_fire_each_schedule_once(peers):
     """Two schedulers connected: the router gives each SCHEDULE to one of
     them (and UNSCHEDULEs it at the other), so every tick runs once; the

@@ -85,6 +85,25 @@ def test_a_catch_up_run_just_before_a_tick_stands_for_that_tick_too():
     assert entry.next_at == T0 + 130
 
 
+def test_a_missed_cron_time_sent_just_before_the_next_stands_for_it_too():
+    # every 4 s (croniter's seconds field); the scheduler was down from
+    # T0 + 2 to T0 + 7.4: the missed T0 + 4 is fired at T0 + 7.4, and the
+    # time T0 + 8 a moment later would be a second run (a probe saw them
+    # 0.6 s apart)
+    table = ScheduleTable()
+    entry, _ = table.add(parse_schedule(body("-1", "nohaste", "* * * * * */4")), T0)
+    assert entry.next_at == T0 + 4
+    assert [e.key for e in table.due(T0 + 7.4)] == [entry.key]
+    table.fired(entry, T0 + 7.4, entry.next_at)
+    assert entry.next_at == T0 + 12
+    # on time, or a little late: every time as it comes
+    table.fired(entry, T0 + 12.05, entry.next_at)
+    assert entry.next_at == T0 + 16
+    # late by less than half a period: the next time stays
+    table.fired(entry, T0 + 17.5, entry.next_at)
+    assert entry.next_at == T0 + 20
+
+
 def test_run_count_haste_and_the_end():
     table = ScheduleTable()
     entry, haste = table.add(parse_schedule(body("5", "run_count:3")), T0)

@@ -33,8 +33,9 @@ differs:
   fails) its schedules are sent to another one, or kept for the next to
   connect; a scheduler that (re)connects gets its own again. So schedules
   survive a restart of EventMQ's scheduler, which does not restore its own
-  (emq-green's takes a SCHEDULE identical to one it restored as a no-op).
-  A schedule whose runs are over (``run_count``) is not handed over.
+  (emq-green's keeps the state of one it restored). A finite schedule is
+  handed over with ``run_count`` set to the runs the router has not seen
+  fired yet, and whose runs are over is not handed over.
 * Two defects of EventMQ's scheduler are mended on the way: a cron
   schedule it was told to UNSCHEDULE keeps firing there (its REQUESTs are
   dropped here and counted), and it fires cron schedules on the default
@@ -56,6 +57,7 @@ from ..protocol import Command, Message, ProtocolError, printable
 from ..schedules import (
     FOREVER,
     Schedule,
+    handed_over,
     next_cron,
     parse_schedule,
     schedule_key,
@@ -339,7 +341,7 @@ class SchedulerSide:
                 continue
             owner = live.owner if live.owner == arrived else \
                 self._owner(key.partition(":")[0])
-            message = Message.new(Command.SCHEDULE, *live.body)
+            message = Message.new(Command.SCHEDULE, *handed_over(live.body, live.runs_left))
             if self._sockets.send("frontend", owner, message):
                 live.owner = owner
                 moved += 1

@@ -47,7 +47,7 @@ from ..callables import refusal
 from ..curve import client_curve
 from ..lifecycle import Lifecycle
 from ..protocol import Command, Message, ProtocolError, RunRequest, printable
-from ..schedules import parse_schedule, unschedule_key
+from ..schedules import FOREVER, parse_schedule, unschedule_key
 from ..settings import Settings
 from .store import ScheduleStore
 from .table import Entry, ScheduleTable
@@ -63,7 +63,7 @@ MAX_UNACKED = 100_000
 
 
 #: delayed jobs fired that are remembered (a hand-over of one is ignored)
-MAX_FIRED_DELAYED = 100_000
+MAX_ENDED = 100_000
 
 #: seconds between tries to fire while the router cannot be reached
 RETRY_INTERVAL = 0.1
@@ -118,9 +118,10 @@ class Scheduler:
         self._kbye = False
         #: firings fail since the last one sent (logged once)
         self._unreachable = False
-        #: key -> SCHEDULE body of the delayed jobs (``eta``) fired since start,
-        #: the last MAX_FIRED_DELAYED: the same again is a repeat (see on_schedule)
-        self._fired_delayed: collections.OrderedDict[str, tuple[str, ...]] = \
+        #: key -> :meth:`Schedule.core` of the finite schedules (delayed jobs
+        #: included) whose runs ended since start, the last MAX_ENDED: the
+        #: router handing one over is late (see on_schedule)
+        self._ended: collections.OrderedDict[str, tuple[str, ...]] = \
             collections.OrderedDict()
         self._lifecycle = Lifecycle(SchedulerState.STOPPED, f"scheduler {settings.name}")
         self._sock: Optional[zmq.Socket] = None
@@ -298,21 +299,28 @@ class Scheduler:
                          printable(exc, 200))
             return
         held = self.table.entries.get(schedule.key)
-        if held is not None and held.schedule.body() == schedule.body():
+        if held is not None and (held.schedule.body() == schedule.body() or (
+                schedule.handed_over and held.schedule.core() == schedule.core())):
             # the same again (a router handing over what it sent before, a
-            # client repeating itself): the schedule keeps its grid and runs
+            # client repeating itself): the schedule keeps its grid and runs,
+            # and at most the runs the router has not seen fired yet
             self.counts["unchanged"] += 1
+            left = schedule.run_count
+            if schedule.handed_over and left != FOREVER and not 0 < held.runs_left <= left:
+                held.runs_left = left
+                self._save(held)
             logger.debug("scheduler: %s unchanged", schedule.key[:12])
             return
-        if held is None and self._fired_delayed.get(schedule.key) == schedule.body():
-            # a delayed job fired already: the router's hand-over of it, sent
-            # on the INFORM before the firing of what this scheduler restored
-            # from its file reached the router. Its body holds its time and
-            # its delay-id, so only a repeat is identical (a client asking
-            # for another run sends another)
+        if held is None and self._ended.get(schedule.key) == schedule.core() and (
+                schedule.handed_over or schedule.eta is not None):
+            # its runs ended here already: the router's hand-over of it, sent
+            # on the INFORM before the last firing of what this scheduler
+            # restored from its file reached the router. A delayed job's
+            # body holds its time and its delay-id, so only a repeat is the
+            # same (a client asking for another run sends another)
             self.counts["fired_already"] += 1
-            logger.info("scheduler: %s fired already; SCHEDULE %s ignored", schedule.key[:12],
-                        printable(message.msgid))
+            logger.info("scheduler: %s ran its last run already; SCHEDULE %s ignored",
+                        schedule.key[:12], printable(message.msgid))
             return
         now = self._clock()
         replaced = held is not None
@@ -422,11 +430,11 @@ class Scheduler:
                 self.counts["fired_late"] += 1
                 logger.warning("scheduler: %s fired %.0f ms late", s.name, late * 1000)
         more = self.table.fired(entry, now, due)
-        if not more and s.eta is not None:
-            self._fired_delayed.pop(entry.key, None)
-            self._fired_delayed[entry.key] = s.body()
-            while len(self._fired_delayed) > MAX_FIRED_DELAYED:
-                self._fired_delayed.popitem(last=False)
+        if not more:
+            self._ended.pop(entry.key, None)
+            self._ended[entry.key] = s.core()
+            while len(self._ended) > MAX_ENDED:
+                self._ended.popitem(last=False)
         if not more and s.guaranteed:
             self._unacked[request.msgid] = entry  # deleted on disk once acknowledged
             while len(self._unacked) > MAX_UNACKED:

@@ -12,7 +12,9 @@ When a schedule fires next, and why:
   catch up tick by tick (when that run is sent less than half a period
   before the next tick, it stands for that tick too).
 * **cron**: the first time the cron text names after the later of now and
-  the time that was due (croniter, UTC), so a missed cron time fires once.
+  the time that was due (croniter, UTC), so a missed cron time fires once
+  (and, sent less than half a period before the next time, stands for it
+  too, as with intervals).
 * **eta** (a delayed job, ``eta:EPOCH``): once at that time.
 * **haste**: without ``nohaste`` a new schedule fires at once as well (as
   EventMQ's scheduler does), and that run counts in ``run_count``.
@@ -153,7 +155,11 @@ class ScheduleTable:
                 at += s.interval
             return at
         if s.cron:
-            return next_cron(s.cron, max(now, entry.next_at))
+            at = next_cron(s.cron, max(now, entry.next_at))
+            if now - entry.next_at >= (next_cron(s.cron, at) - at) / 2 > at - now:
+                # the same rule for missed cron times, by the period after it
+                at = next_cron(s.cron, at)
+            return at
         return now  # an eta one-shot has no next time; it ends after one run
 
     def soonest(self, limit: int) -> list[Entry]:
