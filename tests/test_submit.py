@@ -133,9 +133,17 @@ def test_wait_for_router_returns_once_a_router_answers(green):
     (["--every", "5", "--wait"], "--wait needs jobs sent now: a delayed or scheduled job"),
     (["--run-count", "3"], "--run-count and --nohaste go with --every or --cron"),
     (["--nohaste"], "--run-count and --nohaste go with --every or --cron"),
+    (["--guarantee", "--confirm-timeout", "0"],
+     "argument --confirm-timeout: '0': a number of seconds, more than 0"),
+    (["--wait", "--wait-timeout", "-1"],
+     "argument --wait-timeout: '-1': a number of seconds, more than 0"),
+    (["--timeout", "-1"], "argument --timeout: '-1' is not a finite number of seconds >= 0"),
+    (["--admin-addr", "bogus"],
+     "--admin-addr: invalid router address 'bogus': Invalid argument"),
 ])
-def test_a_delay_that_is_not_a_time_or_with_wait_is_refused_before_anything(args, message):
-    """--delay inf was a traceback (OverflowError); --wait with a delay or a
+def test_bad_options_are_refused_before_anything(args, message):
+    """--delay inf was a traceback (OverflowError), and so was
+    --confirm-timeout 0; --wait with a delay or a
     schedule was silently ignored, and so were --run-count and --nohaste
     without a schedule (one job sent). Nothing listens at the address: the
     refusal comes before any wait for a router."""
@@ -158,3 +166,57 @@ def test_a_callable_name_no_worker_can_import_is_refused_before_connecting():
     assert out.stderr == ("emq-green-submit: callable 'nodots' needs an absolute dotted path, "
                           "like 'myapp.jobs.send_mail'\n")
     assert time.monotonic() - started < 20  # not after the 30 s wait for a router
+
+
+@pytest.mark.timeout(60)
+def test_a_guaranteed_job_not_confirmed_stops_the_sending_and_the_rest_is_reported():
+    """A stand-in router confirms and answers the first two guaranteed jobs
+    and never confirms the third (a router killed while it was on the
+    wire): the two results are printed, the third gets a ConfirmTimeout
+    line, the fourth is not sent, exit 1 (it was exit 2 with no result
+    printed for the jobs that ran)."""
+    import json
+    import threading
+
+    from emq_green.protocol import Command, Message
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    requests: list[Message] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            if not router.poll(100):
+                continue
+            ident, *frames = router.recv_multipart()
+            message = Message.parse(frames)
+            if message.command is not Command.REQUEST:
+                continue
+            requests.append(message)
+            if len(requests) <= 2:
+                router.send_multipart([ident, *Message.new(Command.REPLY,
+                                                           message.msgid).frames()])
+                reply = json.dumps({"value": len(requests)})
+                router.send_multipart([ident, *Message.new(Command.REPLY, reply,
+                                                           message.msgid).frames()])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        out = submit("-a", f"tcp://127.0.0.1:{port}", "some.callable", "-n", "4",
+                     "--guarantee", "--wait", "--confirm-timeout", "1", timeout=40)
+    finally:
+        done.set()
+        thread.join(5)
+        router.close()
+        context.term()
+    assert out.returncode == 1, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line.get("value") for line in lines[:2]] == [1, 2]
+    assert lines[2]["job"] == 2 and lines[2]["error"]["type"] == "ConfirmTimeout"
+    assert lines[2]["msgid"] == requests[2].msgid and len(lines) == 3
+    assert len(requests) == 3  # the fourth never sent
+    assert "the 1 job(s) after it not sent" in out.stderr and "Traceback" not in out.stderr

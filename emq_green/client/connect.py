@@ -51,6 +51,13 @@ def connect(sock: Any, addr: str) -> None:
         raise ValueError(f"invalid router address {addr!r}: {zmq.strerror(exc.errno)}") from None
 
 
+def check_address(addr: str) -> None:
+    """``ValueError`` when ZeroMQ refuses ``addr`` (nothing is sent)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    connect(sock, addr)  # closes it and raises on a bad address
+    sock.close(linger=0)
+
+
 def new_dealer(context: Any, zmq_module: Any, addr: str, identity: str, *, hwm: int,
                linger: float, prepare: Optional[Callable[[Any], None]] = None,
                wait: Optional[float] = None) -> Any:

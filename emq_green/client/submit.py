@@ -25,7 +25,10 @@ each result is printed on stdout as one JSON line, in the order the jobs
 were sent: ``{"job": N, "msgid": ..., "value": ...}``, or ``"error": {"type",
 "message"}`` instead of ``"value"`` when the job failed, its result was lost,
 or none came within ``--wait-timeout``. The exit status is then 1 if any
-job failed.
+job failed. A guaranteed job the router does not confirm within
+``--confirm-timeout`` (or refuses) stops the sending: the jobs sent before
+it run, and their results are still printed; that job gets an error line
+and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import zmq
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
 from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle, callable_path
-from .connect import RouterUnreachable, connect
+from .connect import RouterUnreachable, check_address, connect
 from .results import (
     ConfirmTimeout,
     GuaranteeRefused,
@@ -90,6 +93,14 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _job_timeout(text: str) -> float:
+    try:
+        return finite_seconds("--timeout", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of seconds >= 0 (0: none)") from None
+
+
 def _delay_seconds(text: str) -> float:
     try:
         return finite_seconds("--delay", text)
@@ -120,16 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", action="store_true",
                         help="wait for each job's result and print it as a JSON line on "
                              "stdout (emq-green's router); exit 1 if any job failed")
-    parser.add_argument("--wait-timeout", type=float, default=60.0,
+    parser.add_argument("--wait-timeout", type=_positive_seconds, default=60.0,
                         help="seconds to follow STATUS, or to wait for all results, at most")
     parser.add_argument("--reply-requested", action="store_true",
                         help="ask the worker to send the result back to the router")
-    parser.add_argument("--timeout", type=float, default=0, help="job timeout in seconds")
+    parser.add_argument("--timeout", type=_job_timeout, default=0,
+                        help="job timeout in seconds (0: none)")
     parser.add_argument("--guarantee", action="store_true",
                         help="run the job at least once even if its worker or the router "
                              "dies (emq-green's router); each send waits for the router's "
                              "confirmation")
-    parser.add_argument("--confirm-timeout", type=float, default=None,
+    parser.add_argument("--confirm-timeout", type=_positive_seconds, default=None,
                         help="seconds to wait for each confirmation of --guarantee "
                              "(default 30)")
     parser.add_argument("--subprocess", action="store_true",
@@ -236,6 +248,12 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         out.write(f"emq-green-submit: {exc}\n")
         return 2
     addr = ns.addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
+    if ns.admin_addr:
+        try:  # before sending: a typo here would leave the jobs sent and unfollowed
+            check_address(ns.admin_addr)
+        except ValueError as exc:
+            out.write(f"emq-green-submit: --admin-addr: {exc}\n")
+            return 2
     progress = _Progress(out)
     try:
         client = Client(addr, green=False, curve_secret_key_file=ns.curve_secret_key_file,
@@ -259,6 +277,8 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         return _schedule(client, ns, out)
     started = time.monotonic()
     handles: list[ResultHandle] = []
+    #: the job whose send failed (no confirmation, or refused): the rest unsent
+    unsent: Optional[tuple[int, ConfirmTimeout | GuaranteeRefused]] = None
     try:
         for i in range(ns.count):
             args = [*ns.args, str(i)] if ns.tag_arg else ns.args
@@ -277,7 +297,13 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
             progress.show(f"sent {i + 1}/{ns.count} ({rate:.0f}/s), "
                           f"{'confirmed' if ns.guarantee else 'acknowledged'} "
                           f"{client.acknowledged}")
-    except (ValueError, ConfirmTimeout, GuaranteeRefused) as exc:
+    except (ConfirmTimeout, GuaranteeRefused) as exc:
+        # a runtime failure, not a usage error: what was sent and confirmed
+        # runs, and its results are still waited for; the rest is not sent
+        unsent = (i, exc)
+        out.write(f"emq-green-submit: {exc}; the {ns.count - i - 1} job(s) after it not "
+                  "sent\n")
+    except ValueError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         handles.clear()  # the client is closed below
         return 2
@@ -290,15 +316,21 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
                          else f"acknowledged {client.acknowledged} so far"))
         if not handles:
             client.close()
+    results = sys.stdout if results_out is None else results_out
+    failed = 0
     if handles:
         try:
-            failed = print_results(handles, ns.wait_timeout,
-                                   sys.stdout if results_out is None else results_out)
+            failed = print_results(handles, ns.wait_timeout, results)
         finally:
             client.close()
         progress.done(f"{len(handles) - failed}/{len(handles)} jobs succeeded")
-        if failed:
-            return 1
+    if unsent is not None and ns.wait:
+        number, exc = unsent
+        results.write(json.dumps({"job": number, "msgid": exc.msgid, "error": {
+            "type": type(exc).__name__, "message": str(exc)}}) + "\n")
+        results.flush()
+    if failed or unsent is not None:
+        return 1
     if ns.admin_addr:
         return _follow(ns.admin_addr, ns.wait_timeout, progress, out, client.curve)
     return 0
