@@ -79,17 +79,20 @@ class LogLimiter:
         self._unlogged: collections.Counter[str] = collections.Counter()
 
     def log(self, level: int, kind: str, msg: str, *args: object,
-            via: Optional[logging.Logger] = None, stacklevel: int = 2) -> bool:
+            via: Optional[logging.Logger] = None, stacklevel: int = 2,
+            exc_info: bool = False) -> bool:
         """Log ``msg % args`` (through ``via``, else the limiter's logger) if
         the window has room, else count it under ``kind``; True when it was
         logged. The arguments are formatted only when the line is logged;
-        the record names the caller's line."""
+        the record names the caller's line; ``exc_info``: with the
+        traceback of the exception being handled."""
         now = time.monotonic()
         if now - self._window_start >= self.window:
             self.flush(now)
         if self._logged < self.burst:
             self._logged += 1
-            (via or self.logger).log(level, msg, *args, stacklevel=stacklevel)
+            (via or self.logger).log(level, msg, *args, stacklevel=stacklevel,
+                                     exc_info=exc_info)
             return True
         self._unlogged[kind] += 1
         return False

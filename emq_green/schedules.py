@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -209,6 +210,11 @@ def parse_schedule(body: Sequence[str]) -> Schedule:
             raise ProtocolError("interval -1 needs a cron text")
         if not croniter.is_valid(cron):
             raise ProtocolError(f"cron text {printable(cron, 80)} is not valid")
+        try:  # valid, yet naming no time (31 February) fails only here
+            next_cron(cron, time.time())
+        except Exception as exc:  # croniter's errors have no common base
+            raise ProtocolError(f"cron text {printable(cron, 80)} names no time: "
+                                f"{printable(exc, 80)}") from None
         interval = None
     elif interval == -1:
         interval = None  # a one-shot at its eta

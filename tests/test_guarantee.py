@@ -166,6 +166,29 @@ def test_a_reply_from_the_worker_that_ran_it_ends_the_copy_waiting_in_the_buffer
     assert other.pending() == []
 
 
+def test_a_forged_reply_does_not_end_a_guaranteed_request_never_handed_out(make_router):
+    """A guaranteed request waiting for its first worker: a REPLY for its
+    msgid from a worker that never had it (a rogue peer that learned the
+    msgid) is dropped; the request still runs, and its client gets the real
+    result (a probe had the forged value forwarded and the job never run)."""
+    h = make_router()
+    client = h.peer("frontend")
+    request = guaranteed(h, client, headers="guarantee,result-requested")
+    wait_until(lambda: len(h.router.waiting.get("default", ())) == 1, what="buffered")
+    rogue = h.worker(queues=((10, "elsewhere"),), slots=0, name="rogue")
+    rogue.send(Command.REPLY, '{"value": "FORGED"}', request.msgid)
+    wait_until(lambda: h.router.status()["late_replies"] == 1, what="the forgery dropped")
+    assert [r.msgid for r in h.router.waiting["default"]] == [request.msgid]
+    honest = join(h, 1, name="honest")
+    assert honest.recv().msgid == request.msgid
+    honest.send(Command.REPLY, '{"value": "real"}', request.msgid)
+    bodies = []
+    while len(bodies) < 2:  # the confirmation, then the result
+        bodies.append(client.recv().body)
+    assert (json.dumps({"value": "real"}), request.msgid) in bodies
+    assert h.router.status()["replies_for_buffered_copies"] == 0
+
+
 def test_a_reply_to_a_restarted_router_ends_the_copy_it_restored(tmp_path):
     # the worker still runs the job while the router restarts on its journal
     # (every slot busy: the restored copy waits); its REPLY, on the connection

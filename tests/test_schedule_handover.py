@@ -198,6 +198,46 @@ def test_emq_green_scheduler_takes_a_hand_over_with_the_router_s_count():
 
 
 @pytest.mark.timeout(10)
+def test_a_cron_schedule_costs_the_router_no_search_of_its_times(side):
+    """run_count 1000 with a cron text whose times croniter finds slowly
+    (31 February, or a weekday): the router computed all 1,000 times to
+    know when the runs end, seconds of its loop per SCHEDULE; a cron
+    schedule has no end time now (its firings are counted)."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, interval="-1", cron="* * 31 2 1-5", headers="run_count:1000,nohaste")
+    assert side.live[KEY].ends is None and side.live[KEY].runs_left == 1000
+    assert len(sockets.to(b"s1", Command.SCHEDULE)) == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_scheduler_s_listing_is_bounded_in_what_the_book_keeps(side):
+    """A peer that INFORMs as a scheduler lists what it likes: texts are cut
+    to 200 characters, what is not a number is not kept as one, a nested
+    listing is refused without a traceback, and the book stops at its bound."""
+    side, sockets = side
+    inform(side, b"fake")
+    row = {"key": "k" * 500, "callable": "c" * 900_000, "queue": "q", "runs": "many",
+           "next_run": 5.0, "extra": "x" * 1000}
+    side.on_heartbeat(b"fake", Message.new(Command.HEARTBEAT, "1.0",
+                                           json.dumps({"schedules": [row]})))
+    (entry,) = side.book.values()
+    assert len(entry["key"]) == 200 and len(entry["callable"]) == 200
+    assert "runs" not in entry and "extra" not in entry and entry["next_run"] == 5.0
+    side.on_heartbeat(b"fake", Message.new(Command.HEARTBEAT, "1.0", "[" * 100_000))
+    assert len(side.book) == 1
+
+
+@pytest.mark.timeout(10)
+def test_emq_green_scheduler_refuses_a_cron_text_that_names_no_time():
+    """31 February passes croniter's check; the table's first time raised
+    and ended the scheduler's link greenlet (deaf for good)."""
+    scheduler = Scheduler(settings=Settings(), clock=time.time)
+    scheduler.on_schedule(Message.new(Command.SCHEDULE, "q", "", "-1", PAYLOAD, "0 0 31 2 *"))
+    assert scheduler.counts["refused"] == 1 and len(scheduler.table) == 0
+
+
+@pytest.mark.timeout(10)
 def test_a_delayed_job_that_fired_is_not_handed_over(side):
     side, sockets = side
     inform(side, b"s1")

@@ -135,6 +135,7 @@ def test_eta_one_shot():
 
 @pytest.mark.parametrize("bad, reason", [
     (body("-1", cron="61 * * * *"), "cron text"),
+    (body("-1", cron="0 0 31 2 *"), "names no time"),  # valid to croniter: 31 February
     (body("-1"), "needs a cron"),
     (body("-3"), "must be"),
     (body("nan"), "must be"),

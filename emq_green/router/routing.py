@@ -47,7 +47,7 @@ class Request:
     0 without a journal)."""
 
     __slots__ = ("msgid", "client", "queue", "body", "received", "guaranteed", "seq",
-                 "reply_requested", "size")
+                 "reply_requested", "size", "sent_before")
 
     def __init__(self, msgid: str, client: bytes, queue: str, body: tuple[str, ...],
                  received: float, guaranteed: bool = False, seq: int = 0) -> None:
@@ -63,6 +63,10 @@ class Request:
         #: What it counts against ``max_buffer_bytes``: the length of its
         #: msgid and body (characters; bytes for ASCII, as JSON mostly is).
         self.size = len(msgid) + sum(map(len, body))
+        #: a copy of a request that may have run (queued again after its
+        #: worker was lost, or restored from the journal): only such a copy
+        #: can be ended by a REPLY from another worker (``withdraw_copy``)
+        self.sent_before = False
 
     def __repr__(self) -> str:
         return f"<Request {self.msgid} queue={self.queue!r} guaranteed={self.guaranteed}>"
@@ -381,7 +385,7 @@ class Routing:
             return None
         for waiting in self.waiting.values():
             for request in waiting:
-                if request.msgid == msgid and request.guaranteed:
+                if request.msgid == msgid and request.guaranteed and request.sent_before:
                     self.withdraw(request)
                     return request
         return None

@@ -58,7 +58,6 @@ from ..schedules import (
     FOREVER,
     Schedule,
     handed_over,
-    next_cron,
     parse_schedule,
     schedule_key,
     unschedule_key,
@@ -76,6 +75,11 @@ MAX_HELD = 10_000
 MAX_BOOK = 100_000
 #: bytes of a scheduler's listing (HEARTBEAT's second frame) read at most
 MAX_LISTING_BYTES = 1024 * 1024
+#: characters of a text a scheduler's listing gives (key, callable, queue,
+#: schedule) the book keeps, and the fields it reads
+MAX_LISTED_TEXT = 200
+_LISTED_TEXT = ("callable", "queue", "schedule")
+_LISTED_NUMBERS = ("next_run", "last_run", "runs", "runs_left")
 #: unscheduled cron keys remembered, to drop what EventMQ's scheduler still fires
 MAX_CANCELLED = 10_000
 #: identities of schedulers (connected or gone) whose REQUESTs are checked
@@ -109,11 +113,21 @@ def _ends(schedule: Schedule, now: float, wall: float) -> Optional[float]:
     elif schedule.interval is not None:
         last = count * schedule.interval
     else:
-        at = wall
-        for _ in range(count):
-            at = next_cron(schedule.cron, at)
-        last = at - wall
+        # cron: none (a cron time can take milliseconds to find, and a
+        # SCHEDULE must not hold the router); its firings are counted
+        return None
     return now + last + _ENDS_MARGIN
+
+
+def _listed(row: dict[str, Any]) -> dict[str, Any]:
+    """What the book keeps of a scheduler's listing row: texts cut at
+    :data:`MAX_LISTED_TEXT`, numbers only (a peer says what it likes)."""
+    kept = {name: row[name][:MAX_LISTED_TEXT] for name in _LISTED_TEXT
+            if isinstance(row.get(name), str)}
+    for name in _LISTED_NUMBERS:
+        if name in row and (row[name] is None or isinstance(row[name], (int, float))):
+            kept[name] = row[name]
+    return kept
 
 
 @dataclass
@@ -482,15 +496,14 @@ class SchedulerSide:
             rows = json.loads(text).get("schedules", [])
             listed = set()
             for row in rows[:MAX_BOOK]:
-                key = str(row["key"])
+                key = str(row["key"])[:MAX_LISTED_TEXT]
                 listed.add(key)
                 entry = self.book.get(key)
                 if entry is None:
+                    if len(self.book) >= MAX_BOOK:
+                        continue  # full: a listing adds nothing more
                     entry = self.book[key] = {"key": key}
-                for name in ("callable", "queue", "schedule", "next_run", "last_run",
-                             "runs", "runs_left"):
-                    if name in row:
-                        entry[name] = row[name]
+                entry.update(_listed(row))
                 entry["scheduler"] = scheduler
                 if row.get("runs_left") == 0:
                     self._forget(key)  # over: nothing to hand over
@@ -500,7 +513,7 @@ class SchedulerSide:
                 for key in [k for k, e in self.book.items() if e.get("scheduler") == scheduler
                             and k not in listed and k not in self.live]:
                     del self.book[key]
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             self._log.warning("listing", "router: scheduler %s sent a listing that cannot "
                               "be read: %s", printable(client), printable(exc, 80))
 

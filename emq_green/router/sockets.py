@@ -428,8 +428,9 @@ class RouterSockets:
             try:
                 passed = gate(identity, message)
             except Exception:  # a bug must not end this socket's reader
-                logger.exception("router: error checking %s %s", message.command.value,
-                                 printable(message.msgid))
+                self._log.log(logging.ERROR, "error", "router: error checking %s %s from %s",
+                              message.command.value, printable(message.msgid),
+                              printable(identity), exc_info=True)
                 return
             if not passed:
                 return
@@ -445,8 +446,10 @@ class RouterSockets:
         except Exception:
             if message.command is Command.REQUEST and name == "frontend":
                 self._dropped["error"] += 1
-            logger.exception("router: error handling %s %s", message.command.value,
-                             printable(message.msgid))
+            # through the limiter: a peer's message can cause it, again and again
+            self._log.log(logging.ERROR, "error", "router: error handling %s %s from %s",
+                          message.command.value, printable(message.msgid),
+                          printable(identity), exc_info=True)
 
     def _drop_malformed(self, name: str, frames: list[bytes], exc: ProtocolError) -> None:
         self._counters["malformed_messages"] += 1

@@ -78,6 +78,15 @@ class RouterObserver(Protocol):
         """A worker was removed: it said KBYE (draining) or went silent (dead)."""
 
 
+def _copies(sent: list[Sent]) -> list[Request]:
+    """The guaranteed requests of ``sent``, marked as copies that may have
+    run (:attr:`Request.sent_before`)."""
+    requests = [item.request for item in sent if item.request is not None]
+    for request in requests:
+        request.sent_before = True
+    return requests
+
+
 class WorkerSide:
     """The backend's handlers over :class:`~emq_green.router.routing.Routing`."""
 
@@ -401,7 +410,7 @@ class WorkerSide:
     def redeliver(self, sent: list[Sent], why: str) -> None:
         """Guaranteed requests whose worker did not finish them: back to the
         head of their queues (oldest first), then out to free workers."""
-        requests = [item.request for item in sent if item.request is not None]
+        requests = _copies(sent)
         self.guarantees.redelivered += len(requests)
         logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
                        len(requests), ", ".join(printable(r.msgid) for r in requests[:5])

@@ -193,7 +193,12 @@ class Scheduler:
                     informed = self._send(inform)  # IMMEDIATE: once connected
                 if sock.poll(100):
                     heard = time.monotonic()
-                    self._on_message(sock.recv_multipart(), inform.msgid)
+                    frames = sock.recv_multipart()
+                    try:
+                        self._on_message(frames, inform.msgid)
+                    except Exception:  # a bug must not leave the link deaf
+                        self.counts["errors"] += 1
+                        logger.exception("scheduler: error handling a message from the router")
                     if self._kbye:
                         break
                 now = time.monotonic()
@@ -324,7 +329,13 @@ class Scheduler:
             return
         now = self._clock()
         replaced = held is not None
-        entry, haste = self.table.add(schedule, now)
+        try:
+            entry, haste = self.table.add(schedule, now)
+        except Exception as exc:  # a cron text croniter fails on: never the link's end
+            self.counts["refused"] += 1
+            logger.error("scheduler: SCHEDULE %s refused: %s", printable(message.msgid),
+                         printable(exc, 200))
+            return
         self.counts["scheduled"] += 1
         logger.info("scheduler: %s %s: %s %s on queue %s%s", "replaced" if replaced else "new",
                     schedule.key[:12], schedule.name, schedule.what(),
