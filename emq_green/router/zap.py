@@ -149,10 +149,12 @@ class ZapHandler:
             if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                 return
             self.counters["failed"] += 1
-            try:
-                reason = zmq.Event(event["value"]).name
-            except ValueError:
-                reason = str(event["value"])
+            # the value is a ZMTP protocol error code, or an errno: not an event
+            value = event["value"]
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                reason = f"protocol error 0x{value:x}"
+            else:
+                reason = zmq.strerror(value)
             logger.warning("zap: a handshake on the %s socket (%s) failed before the key "
                            "check: %s (a peer without CURVE, or with the wrong server key)",
                            name, printable(event["endpoint"]), reason)
