@@ -127,14 +127,15 @@ def test_submit_guarantee(harness):
     assert "confirmed 3" in out.getvalue()
 
 
-def test_submit_guarantee_refused_exits_2(harness, monkeypatch):
+def test_submit_guarantee_refused_exits_1(harness, monkeypatch):
+    """A refusal is a runtime failure (exit 1), not a usage error (exit 2)."""
     journal = harness.router.guarantees.journal
     monkeypatch.setattr(journal, "_commit", lambda rows, deletes: "OperationalError: full")
     front = harness.router.endpoints["frontend"]
     out = io.StringIO()
     rc = gevent.get_hub().threadpool.apply(
         submit_main, (["os.getpid", "--guarantee", "--addr", front], out))
-    assert rc == 2
+    assert rc == 1
     assert "refused by the router" in out.getvalue()
 
 
