@@ -246,9 +246,9 @@ class ResultRelay:
         #: (one result per job goes this way); default: through ``send``
         self._send_frames = send_frames or (
             lambda frames: send(frames[0], Message.parse(frames[1:])))
-        #: msgid -> (frames, deadline) of results waiting for their client
-        #: to connect again, oldest first
-        self._held: collections.OrderedDict[str, tuple[list[bytes], float]] = (
+        #: msgid -> (frames, deadline, bytes) of results waiting for their
+        #: client to connect again, oldest first
+        self._held: collections.OrderedDict[str, tuple[list[bytes], float, int]] = (
             collections.OrderedDict())
         #: bytes of :attr:`_held` (frames only)
         self.held_bytes = 0
@@ -317,7 +317,7 @@ class ResultRelay:
                     or self.held_bytes + size > self.pending.max_bytes):
                 self._gone(msgid, frames[0])
                 continue
-            self._held[msgid] = (frames, deadline)
+            self._held[msgid] = (frames, deadline, size)
             self.held_bytes += size
 
     def _gone(self, msgid: str, client: bytes) -> None:
@@ -327,7 +327,7 @@ class ResultRelay:
     def _send_held(self, now: float, last: bool = False) -> None:
         """Send the kept results again; drop those past their deadline (all
         that fail when ``last``)."""
-        for msgid, (frames, deadline) in list(self._held.items()):
+        for msgid, (frames, deadline, size) in list(self._held.items()):
             if self._send_frames(frames):
                 self.pending.forwarded += 1
             elif deadline > now and not last:
@@ -335,7 +335,7 @@ class ResultRelay:
             else:
                 self._gone(msgid, frames[0])
             del self._held[msgid]
-            self.held_bytes -= sum(len(frame) for frame in frames)
+            self.held_bytes -= size
 
     @property
     def held(self) -> int:

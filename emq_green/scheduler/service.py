@@ -329,13 +329,7 @@ class Scheduler:
             return
         now = self._clock()
         replaced = held is not None
-        try:
-            entry, haste = self.table.add(schedule, now)
-        except Exception as exc:  # a cron text croniter fails on: never the link's end
-            self.counts["refused"] += 1
-            logger.error("scheduler: SCHEDULE %s refused: %s", printable(message.msgid),
-                         printable(exc, 200))
-            return
+        entry, haste = self.table.add(schedule, now)
         self.counts["scheduled"] += 1
         logger.info("scheduler: %s %s: %s %s on queue %s%s", "replaced" if replaced else "new",
                     schedule.key[:12], schedule.name, schedule.what(),

@@ -156,7 +156,9 @@ class ScheduleTable:
             return at
         if s.cron:
             at = next_cron(s.cron, max(now, entry.next_at))
-            if now - entry.next_at >= (next_cron(s.cron, at) - at) / 2 > at - now:
+            late = now - entry.next_at
+            # (the first test spares an on-time firing the second cron search)
+            if at - now < late and late >= (next_cron(s.cron, at) - at) / 2 > at - now:
                 # the same rule for missed cron times, by the period after it
                 at = next_cron(s.cron, at)
             return at
