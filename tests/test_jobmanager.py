@@ -137,6 +137,42 @@ def test_a_guaranteed_job_sent_again_as_its_reply_crossed_is_answered_not_run(ro
     router.wait_until(lambda: J.calls["plain"] == 2)  # not remembered: it runs
 
 
+def test_the_memory_of_ended_guaranteed_jobs_is_bounded_in_bytes(router, make_manager,
+                                                                 monkeypatch):
+    """Ended guaranteed jobs are remembered with their encoded replies, the
+    oldest forgotten once the replies pass ENDED_MEMORY_BYTES; a copy of a
+    forgotten one runs again (at least once), a remembered one is answered."""
+    from emq_green.worker import slots
+
+    monkeypatch.setattr(slots, "ENDED_MEMORY_BYTES", 1500)
+    manager = make_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+
+    def frames(n):
+        body = ("default", "reply-requested,guarantee",
+                RunRequest(path=JOBS, callable="repeat", args=(str(n), 600)).payload())
+        return Message(Command.REQUEST, f"big-{n}", body).frames()
+
+    for n in range(3):
+        router.send_raw(ident, frames(n))
+        router.wait_until(lambda n=n: len(router.messages(Command.REPLY)) == n + 1)
+    ended = manager._slots.ended_guaranteed
+    assert list(ended) == ["big-1", "big-2"]
+    assert manager._slots.ended_bytes == sum(len(e[3]) for e in ended.values()) <= 1500
+    assert json.loads(ended["big-2"][3]) == {"value": "2" * 600}
+
+    router.send_raw(ident, frames(2))  # remembered: answered, not run
+    router.wait_until(lambda: len(router.messages(Command.REPLY)) == 4)
+    assert manager.counters["handed_again"] == 1
+    router.send_raw(ident, frames(0))  # forgotten: it runs again
+    router.wait_until(lambda: len(router.messages(Command.REPLY)) == 5)
+    assert manager.counters["handed_again"] == 1
+    assert list(manager._slots.ended_guaranteed) == ["big-2", "big-0"]
+    replies = [r.message.body for r in router.messages(Command.REPLY)]
+    assert replies[3] == replies[2] and json.loads(replies[4][0]) == {"value": "0" * 600}
+
+
 def test_class_path_with_class_args(router, make_manager):
     make_manager()
     ident = router.wait_inform()

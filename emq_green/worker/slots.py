@@ -26,7 +26,7 @@ import gevent.pool
 
 from ..callables import NOT_ALLOWED, CallablePolicy
 from ..extensions import HookRegistry
-from ..jobs import JobOutcome, JobRunner, Status, import_dotted
+from ..jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
 from ..limits import MAX_MSGID_BYTES, msgid_too_long, worker_log
 from ..protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
 from ..records import STATUS_KEYS, JobRecord
@@ -40,10 +40,13 @@ OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable th
                 "EVENTMQ_ALLOWED_CALLABLES or --allowed-callables) to the job callables, "
                 'e.g. ["myapp.jobs.*"]')
 
-#: guaranteed jobs that ended kept (msgid, job, reply) for a copy sent
-#: again as their REPLY crossed it: at most this many, for this long
+#: guaranteed jobs that ended kept (msgid, job, encoded reply) for a copy
+#: sent again as their REPLY crossed it: at most this many, for this long,
+#: and their replies at most this many bytes in all (a larger reply alone is
+#: not kept: such a copy runs again, as "at least once" allows)
 ENDED_MEMORY = 256
 ENDED_MEMORY_SECONDS = 60.0
+ENDED_MEMORY_BYTES = 32 * 1024 * 1024
 
 Finished = Callable[[JobRecord, JobOutcome, int], None]
 Rejected = Callable[[str, Headers, JobOutcome], None]
@@ -101,7 +104,9 @@ class JobSlots:
         #: request, reply). A copy the router sends while the REPLY crosses
         #: it is answered with that reply, not run again (see :meth:`admit`).
         self.ended_guaranteed: collections.OrderedDict[
-            str, tuple[float, str, RunRequest, Any]] = collections.OrderedDict()
+            str, tuple[float, str, RunRequest, str]] = collections.OrderedDict()
+        #: the length of the replies in :attr:`ended_guaranteed`, in all
+        self.ended_bytes = 0
         #: Called with (reply, msgid) to send a REPLY again; the manager sets it.
         self.reply_again: Callable[[Any, str], None] = lambda reply, msgid: None
 
@@ -215,15 +220,22 @@ class JobSlots:
         return False
 
     def ended(self, record: JobRecord, reply: Any) -> None:
-        """A guaranteed job ended with ``reply``: kept for
-        :data:`ENDED_MEMORY_SECONDS` (at most :data:`ENDED_MEMORY` of them),
-        for a copy the router may send while the REPLY crosses it."""
+        """A guaranteed job ended with ``reply``: kept, encoded, for
+        :data:`ENDED_MEMORY_SECONDS` (at most :data:`ENDED_MEMORY` of them and
+        :data:`ENDED_MEMORY_BYTES` of replies), for a copy the router may
+        send while the REPLY crosses it."""
         ended = self.ended_guaranteed
         now = time.monotonic()
-        ended[record.msgid] = (now, record.queue, record.request, reply)
-        while ended and (len(ended) > ENDED_MEMORY
+        text = reply if isinstance(reply, str) else encode_reply(reply)
+        previous = ended.pop(record.msgid, None)
+        if previous is not None:
+            self.ended_bytes -= len(previous[3])
+        if len(text) <= ENDED_MEMORY_BYTES:
+            ended[record.msgid] = (now, record.queue, record.request, text)
+            self.ended_bytes += len(text)
+        while ended and (len(ended) > ENDED_MEMORY or self.ended_bytes > ENDED_MEMORY_BYTES
                          or next(iter(ended.values()))[0] < now - ENDED_MEMORY_SECONDS):
-            ended.popitem(last=False)
+            self.ended_bytes -= len(ended.popitem(last=False)[1][3])
 
     def handed_again(self, record: JobRecord, headers: Headers) -> None:
         """The router sent a job again that runs (or waits) here: it took this
