@@ -66,6 +66,15 @@ class JobOutcome(NamedTuple):
     def ok(self) -> bool:
         return self.status is Status.SUCCEEDED
 
+    def sendable(self) -> JobOutcome:
+        """This outcome, or, for a job that succeeded with a value JSON cannot
+        carry, the failure its reply is: counted and reported as failed."""
+        if self.status is Status.SUCCEEDED and type(self.value) not in _PLAIN:
+            fault = encoding_fault(self.value)
+            if fault is not None:
+                return JobOutcome.failure(fault, self.attempts)
+        return self
+
     def reply(self) -> dict[str, Any]:
         if self.status is Status.SUCCEEDED:
             return {"value": self.value}
@@ -105,6 +114,26 @@ def encode_reply(reply: Any) -> str:
         return json.dumps(reply)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         return _error_reply(exc)
+
+
+#: values JSON always carries, not encoded to find out
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def encoding_fault(value: Any) -> Optional[BaseException]:
+    """Why a REPLY cannot carry ``value`` as JSON; None when it can."""
+    try:
+        _encode(value)
+        return None
+    except RecursionError:
+        pass
+    except (TypeError, ValueError, OverflowError) as exc:
+        return exc
+    try:
+        json.dumps(value)
+        return None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        return exc
 
 
 def _error_reply(exc: BaseException) -> str:

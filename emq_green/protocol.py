@@ -509,20 +509,32 @@ def _short(value: Any) -> str:
 
 def queue_names(items: Sequence[str], default_weight: int) -> Queues:
     """Queue names as the command line gives them: ``name`` or
-    ``name:weight``, each item possibly comma-separated (``a,b:20``)."""
+    ``name:weight``, each item possibly comma-separated (``a,b:20``).
+
+    Text that opens with ``[`` is the JSON ``[[weight, name], ...]`` of the
+    INI's ``queues`` (``-Q '[[10, "default"]]'``), read as such, not cut at
+    its commas into names such as ``[[10``; the shell may have split it
+    into several items."""
+    if items and items[0].lstrip().startswith("["):
+        return parse_queues(" ".join(items))
     queues = []
     for item in items:
-        for part in (p for p in item.split(",") if p):
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
             name, sep, weight = part.partition(":")
             if not name:
                 raise ProtocolError(f"empty queue name in {item!r}")
+            if any(c in name for c in '[]"'):
+                raise ProtocolError(f"queue name {name!r} in {item!r} looks like a piece "
+                                    'of JSON; give names (a b:20) or [[10, "a"], ...] whole')
             try:
                 queues.append((int(weight) if sep else default_weight, name))
             except ValueError as exc:
                 raise ProtocolError(f"bad weight in {part!r}: {exc}") from exc
     if not queues:
         raise ProtocolError("no queue names given")
-    return tuple(queues)
+    return queue_pairs(queues)
 
 
 def queues_json(queues: Sequence[tuple[int, str]]) -> str:

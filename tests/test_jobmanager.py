@@ -203,6 +203,8 @@ def test_failing_jobs_reply_with_error_and_return_the_slot(
     reply = router.wait_reply(msgid)
     assert value_part in reply["value"]
     assert reply["error"]["type"] == error_type
+    # counted as what its reply says, not as a success
+    assert (manager.counters["failed"], manager.counters["succeeded"]) == (1, 0)
     router.wait_count(Command.READY, 2)
     # the worker keeps working
     ok = router.request(ident, JOBS, "add", args=[1, 2], headers="reply-requested")

@@ -14,7 +14,7 @@ import uuid
 import gevent
 import pytest
 
-from emq_green.jobs import Deadlines, JobRunner, JobTimeout, Status, encode_reply
+from emq_green.jobs import Deadlines, JobOutcome, JobRunner, JobTimeout, Status, encode_reply
 from emq_green.protocol import (
     Headers,
     ProtocolError,
@@ -210,6 +210,16 @@ def test_unencodable_values_become_their_error_text():
     reply = json.loads(encode_reply({"value": circular}))
     assert reply["value"] == "Circular reference detected"
     assert reply["error"]["type"] == "ValueError"
+
+
+def test_a_success_whose_value_cannot_be_sent_is_the_failure_its_reply_is():
+    outcome = JobOutcome(Status.SUCCEEDED, {"when": object()}, attempts=2).sendable()
+    assert (outcome.status, outcome.error_type, outcome.attempts) == (Status.FAILED,
+                                                                      "TypeError", 2)
+    assert outcome.reply() == json.loads(encode_reply({"value": {"when": object()}}))
+    for value in (None, "x", 3, [1, {"k": 2.5}]):
+        plain = JobOutcome(Status.SUCCEEDED, value)
+        assert plain.sendable() is plain
 
 
 # -- parsing and ids -----------------------------------------------------------------

@@ -84,6 +84,30 @@ def test_eventmq_command_line_is_accepted(tmp_path):
     assert (s.concurrent_jobs, s.name) == (12, "box-1")
 
 
+@pytest.mark.parametrize("argv", [['[[10, "default"], [5, "mail"]]'],
+                                  ['[[10,', '"default"],', '[5,', '"mail"]]'],
+                                  ["default", "mail:5"], ["default, mail:5"]])
+def test_queues_on_the_command_line_as_names_or_json(argv):
+    s, _ = load_settings(["-Q", *argv], {})
+    assert s.queues == ((10, "default"), (5, "mail"))
+
+
+@pytest.mark.parametrize("argv, fault", [(["[[10, default]]"], "not JSON"),
+                                         (['10, "default"]]'], "looks like a piece of JSON"),
+                                         (["mail:x"], "bad weight")])
+def test_a_queue_list_half_json_is_refused_not_cut_into_names(argv, fault):
+    with pytest.raises(SettingsError, match=fault):
+        load_settings(["-Q", *argv], {})
+
+
+def test_the_manager_takes_queues_as_json_text_too():
+    from emq_green.jobmanager import JobManager
+    manager = JobManager(queues='[[10, "x"], [20, "y"]]', concurrent_jobs=1)
+    assert manager.queues == ((10, "x"), (20, "y"))
+    with pytest.raises(ValueError, match="queues"):
+        JobManager(queues='[[10, "x"]', concurrent_jobs=1)
+
+
 def test_failover_address_from_file(tmp_path):
     conf = write(tmp_path, """
         [jobmanager]

@@ -360,6 +360,7 @@ class JobSlots:
         if record.done:
             return
         record.done = True
+        outcome = outcome.sendable()
         self.counters[STATUS_KEYS[outcome.status]] += 1
         if not outcome.attempts and outcome.error_type == NOT_ALLOWED:
             self.counters["refused"] += 1  # refused once resolved (callables.py)
