@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import cpu_jobs
 import gevent
 import psutil
 import pytest
+from gevent import subprocess
 
 from emq_green.jobmanager import JobManager, State
 from emq_green.protocol import Command, RunRequest
@@ -28,8 +31,10 @@ def pool_of(manager: JobManager):
     return ext.pool
 
 
-def children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+def children(recursive: bool = True) -> list[psutil.Process]:
+    """Processes started from here; not recursive: the pool's children
+    alone, not their sentinels (child.py) nor what their jobs started."""
+    return psutil.Process().children(recursive=recursive)
 
 
 def gone(pid: int) -> bool:
@@ -282,13 +287,64 @@ def test_a_child_that_died_while_idle_fails_no_job(router, make_manager):
     router.wait_until(lambda: pool_of(manager).status()["busy"] == 0)
     os.kill(first, signal.SIGKILL)
     router.wait_until(lambda: gone(first))
+    # seen before any job comes: counted, no longer listed, replaced (it ran a job)
+    router.wait_until(lambda: pool_of(manager).counters["children_died"] == 1)
+    router.wait_until(lambda: len(pool_of(manager).pids()) == 1
+                      and first not in pool_of(manager).pids())
+    replacement = pool_of(manager).pids()[0]
     reply = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
                                              subprocess=True))
     assert "error" not in reply, reply
-    assert reply["value"] not in (first, os.getpid())
-    assert pool_of(manager).pids() == [reply["value"]]
+    assert reply["value"] == replacement
+    assert pool_of(manager).pids() == [replacement]
     assert pool_of(manager).counters["children_died"] == 1
+
+
+def test_a_child_that_dies_idle_before_its_first_job_is_forgotten_not_restarted(
+        router, make_manager):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=2)
+    ident = router.wait_inform()
+    router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY, subprocess=True))
+    router.wait_until(lambda: pool_of(manager).status()["busy"] == 0)
+    pool = pool_of(manager)
+    fresh = [c.pid for c in pool._children.values() if c.jobs == 0]
+    assert len(fresh) == 1
+    os.kill(fresh[0], signal.SIGKILL)
+    router.wait_until(lambda: pool.counters["children_died"] == 1
+                      and fresh[0] not in pool.pids())
+    assert len(pool.pids()) == 1 and pool.counters["children_started"] == 2
+    # the next jobs start it again on demand
+    msgids = [router.request(ident, JOBS, "nap", args=[0.3], headers=REPLY, subprocess=True)
+              for _ in range(2)]
+    assert all("error" not in router.wait_reply(m) for m in msgids)
+    assert len(pool.pids()) == 2 and pool.counters["children_started"] == 3
     stop_and_check(router, manager)
+    stop_and_check(router, manager)
+
+
+def test_a_kill_9_of_the_worker_takes_what_a_subprocess_job_forked_with_it(router, tmp_path):
+    """The child dies with the worker (its PDEATHSIG); its sentinel takes
+    the rest of its process group: the grandchild a job started, itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTMQ_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                      env.get("PYTHONPATH")]))
+    worker = subprocess.Popen([str(Path(sys.executable).with_name("emq-green")),
+                               "-B", router.addr, "-J", "2"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ident = router.wait_inform(timeout=30)
+        pid_file = tmp_path / "grandchild.pid"
+        router.request(ident, CPU, "spawn_and_spin", args=[str(pid_file), 60],
+                       headers=REPLY, subprocess=True)
+        router.wait_until(lambda: pid_file.exists() and pid_file.read_text(), timeout=30)
+        grandchild = psutil.Process(int(pid_file.read_text()))
+        child = grandchild.ppid()
+        group = [p.pid for p in psutil.Process(child).children()]
+        assert grandchild.pid in group and len(group) == 2  # the grandchild, the sentinel
+    finally:
+        worker.kill()
+        worker.wait(10)
+    router.wait_until(lambda: all(gone(pid) for pid in [child, *group]), timeout=10)
 
 
 def test_children_are_recycled_after_max_job_count(router, make_manager):
@@ -334,13 +390,13 @@ def test_graceful_stop_waits_for_subprocess_jobs_and_leaves_no_child(router, mak
     msgid = router.request(ident, CPU, "spin_until", args=[str(release), 60], headers=REPLY,
                            subprocess=True)
     router.wait_until(lambda: pool_of(manager) and pool_of(manager).status()["busy"] == 1)
-    assert len(children()) == 2
+    assert len(children(recursive=False)) == 2
     stopping = gevent.spawn(stop_and_check, router, manager)
     assert manager.wait_for_state(State.DRAINING, timeout=10)
     router.wait_count(Command.KBYE, 1)
     # draining, and still waiting for the job: released only now
     assert msgid not in router.replies() and not stopping.ready()
-    assert len(children()) == 2
+    assert len(children(recursive=False)) == 2
     release.touch()
     stopping.get(timeout=30)
     assert router.wait_reply(msgid)["value"]["pid"] != os.getpid()
@@ -482,7 +538,7 @@ def test_recycling_after_max_job_count_when_the_last_job_fails(router, make_mana
     assert pids[0] == pids[1] != pids[2]
     router.wait_until(lambda: gone(pids[0]), timeout=10)
     assert pool_of(manager).pids() == [pids[2]]
-    assert len(children()) == 1
+    assert len(children(recursive=False)) == 1
     assert pool_of(manager).counters["children_recycled"] == 2
     stop_and_check(router, manager)
 

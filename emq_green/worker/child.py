@@ -44,17 +44,55 @@ ENV_ALLOWED = "EMQ_GREEN_CHILD_ALLOWED_CALLABLES"
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: ask for SIGKILL when the worker dies, so no child outlives it
     even while it computes (closing stdin only stops an idle child)."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not _prctl_pdeathsig(signal.SIGKILL):
         return
+    if parent_pid and os.getppid() != parent_pid:  # the worker died before prctl
+        os._exit(1)
+
+
+def _prctl_pdeathsig(signum: int) -> bool:
     try:
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum) == 0
     except (OSError, AttributeError):
+        return False
+
+
+def _guard_the_group() -> None:
+    """Linux: fork a sentinel that SIGKILLs this child's process group once
+    the child is gone, so a process a job forked does not outlive it.
+
+    While the worker lives it kills the group itself (a timeout, a stop);
+    a SIGKILLed worker cannot, and the child's PDEATHSIG ends the child
+    alone. The sentinel is a second process in the group, so it acts even
+    while the child computes in C code that holds the GIL. A process that
+    leaves the group (``setsid``) is out of its reach."""
+    child = os.getpid()
+    if not sys.platform.startswith("linux") or os.getpgrp() != child:
+        return  # not a group of its own (not started by the pool): not ours to end
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        logger.warning("no sentinel for the process group (%s): what a job forks may "
+                       "outlive a killed worker", exc)
         return
-    if parent_pid and os.getppid() != parent_pid:  # the worker died before prctl
-        os._exit(1)
+    if pid:
+        return
+    try:  # the sentinel: never returns
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):  # the pipes: the worker sees EOF when the child ends
+            os.dup2(devnull, fd)
+        armed = _prctl_pdeathsig(signal.SIGUSR1)
+        if armed and os.getppid() == child:
+            signal.sigwait({signal.SIGUSR1})
+        if armed:  # the child is gone
+            os.killpg(child, signal.SIGKILL)
+    finally:
+        os._exit(0)  # not armed: a child no sentinel guards, as before
 
 
 def _optional(env: str) -> Optional[Callable[[], Any]]:
@@ -136,6 +174,7 @@ def main() -> int:
                         format=f"%(asctime)s - emq-green child {os.getpid()} "
                                "%(levelname)s - %(message)s")
     _die_with_parent(int(os.environ.get(ENV_PARENT, "0") or 0))
+    _guard_the_group()
     # Keep private copies of the pipes; fd 1 becomes stderr and fd 0 /dev/null.
     proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8")
     proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")

@@ -28,8 +28,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import gevent
 import gevent.lock
@@ -56,6 +57,8 @@ STARTUP_TIMEOUT = 120.0
 CLOSE_TIMEOUT = 2.0
 #: How long after a child's death the pool still reads its last line, s.
 DEATH_GRACE = 0.5
+#: a child that ran a job, or lived this long, is replaced at once when it dies idle
+SETTLED_AFTER = 5.0
 
 
 def cpu_count() -> int:
@@ -115,7 +118,8 @@ class _Child:
     """One child process and its two pipes. Only the greenlet that took it
     from the pool reads or writes it."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig,
+                 died_idle: Callable[[_Child], None] = lambda child: None) -> None:
         env = dict(os.environ)
         # The worker's import path, so job modules import the same way.
         path = [p or os.getcwd() for p in sys.path]
@@ -132,8 +136,14 @@ class _Child:
             close_fds=True, start_new_session=True,
         )
         self.pid: int = self.proc.pid
+        self.started = time.monotonic()
         self.jobs = 0
         self.ready = False
+        #: waiting in the pool's idle queue (no job holds it)
+        self.idle = False
+        #: its death while idle was seen and counted (it is being replaced)
+        self.gone = False
+        self._died_idle = died_idle
         #: the greenlet in :meth:`receive`, if any
         self._reader: Optional[gevent.Greenlet] = None
         # EOF on the pipe is not enough to see a death: a process the job
@@ -146,6 +156,8 @@ class _Child:
         reader = self._reader
         if reader is not None:
             gevent.get_hub().loop.run_callback(self._interrupt, reader)
+        elif self.idle:
+            self._died_idle(self)
 
     def _interrupt(self, reader: gevent.Greenlet) -> None:
         if self._reader is reader:  # still waiting in receive
@@ -245,7 +257,7 @@ class SubprocessPool:
         """Start one child; the reason when it cannot be started."""
         self._starting += 1  # starting may let other greenlets run
         try:
-            child = _Child(self.config)
+            child = _Child(self.config, self._died_idle)
         except (OSError, ValueError) as exc:
             self.counters["spawn_failures"] += 1
             logger.error("cannot start a subprocess child (%s -m emq_green.worker.child): %s",
@@ -255,8 +267,42 @@ class SubprocessPool:
             self._starting -= 1
         self._children[child.pid] = child
         self.counters["children_started"] += 1
-        self._idle.put(child)
+        self._put_idle(child)
         return None
+
+    def _put_idle(self, child: _Child) -> None:
+        child.idle = True
+        self._idle.put(child)
+
+    def _take_idle(self, timeout: Optional[float]) -> _Child:
+        """The next idle child that is alive; one found dead is replaced."""
+        while True:
+            child = self._idle.get(timeout=timeout)
+            child.idle = False
+            if child.gone:
+                continue  # counted and replaced when it died
+            if child.proc.poll() is None:
+                return child
+            self._died_idle(child)
+
+    def _died_idle(self, child: _Child) -> None:
+        """A child died with no job in it (the OOM killer, an operator): not
+        a job's failure. It is counted, forgotten and replaced at once, so
+        ``/status`` does not list a dead pid until the next job comes."""
+        if child.gone or child.pid not in self._children:
+            return  # retired, recycled or already seen
+        child.gone = True
+        self.counters["children_died"] += 1
+        # One that dies as it starts is not started again here, or a child
+        # that cannot start would be restarted for ever: the next job starts one.
+        proven = child.jobs > 0 or time.monotonic() - child.started > SETTLED_AFTER
+        logger.warning("subprocess child %d died while idle (%s); %s", child.pid,
+                       child.death_reason(),
+                       "replacing it" if proven else "the next job starts another")
+        if proven:
+            self._replace(child, kill=True)
+        else:
+            self._end(child, kill=True)
 
     def _end(self, child: _Child, *, kill: bool) -> None:
         """Forget a child and end it in the background: SIGKILL, or close
@@ -301,15 +347,7 @@ class SubprocessPool:
                     if failed is not None:
                         return self._cannot_start(request, failed)
                 try:
-                    child = self._idle.get(timeout=timeout)
-                    while child.proc.poll() is not None:
-                        # it died while idle (the OOM killer, an operator):
-                        # not this job's failure; a replacement is started
-                        self.counters["children_died"] += 1
-                        logger.warning("subprocess child %d died while idle (%s); "
-                                       "replacing it", child.pid, child.death_reason())
-                        self._replace(child, kill=True)
-                        child = self._idle.get(timeout=timeout)
+                    child = self._take_idle(timeout)
                 except gevent.queue.Empty:
                     return self._cannot_start(request, f"no child was free within the "
                                                        f"job's timeout of {timeout:g} s")
@@ -353,7 +391,7 @@ class SubprocessPool:
             if last or self._draining:
                 self._end(child, kill=False)
             else:
-                self._idle.put(child)
+                self._put_idle(child)
             return outcome, child.pid
         except _ChildTimedOut:
             clean = True
