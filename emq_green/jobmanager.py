@@ -34,6 +34,7 @@ jobs get ``kill_grace_period``; what is left is killed (their replies say
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ import zmq.green as zmq
 from . import __version__
 from .extensions import Extension, HookRegistry
 from .jobs import JobOutcome, Status
-from .protocol import Headers, ProtocolError, queue_names, queue_pairs, queues_json
+from .protocol import Headers, ProtocolError, printable, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
 from .settings import Settings, SettingsError, load_settings
 from .worker.connection import Connection
@@ -160,6 +161,7 @@ class JobManager:
                                       hooks=self._hooks, wake=wake, counters=self.counters,
                                       reload_settings=self._reload_settings)
         self._apply_settings(settings or Settings())
+        _honour_overrides(self, self._link, self._slots)
 
     # ------------------------------------------------------------------
     # the members EventMQ documents, and the view extensions get
@@ -248,13 +250,21 @@ class JobManager:
         when ``timeout`` seconds passed first."""
         return self._supervisor.lifecycle.wait_for(state, timeout)
 
-    def start(self) -> None:
+    def start(self, addr: Optional[str] = None, queues: QueuesArg = None) -> None:
         """Start serving in the background and return at once: install the
         signal handlers (unless :attr:`skip_signal`), then connect.
+
+        ``start(addr, queues)``, EventMQ's form, connects to ``addr`` with
+        those queues (either may be None) and blocks until stopped, as
+        EventMQ's does.
 
         Raises:
             RuntimeError: when started before.
         """
+        if addr is not None or queues is not None:
+            _override(self, addr, queues)
+            self.serve_forever()
+            return
         self._supervisor.start(None if self.skip_signal else {
             signal.SIGHUP: self.reload, signal.SIGUSR1: self.log_status})
 
@@ -304,10 +314,7 @@ class JobManager:
             if self._settings_loader is None:
                 self._settings_loader = lambda: load_settings([], os.environ)[0]
             self._apply_settings(self._settings_loader())
-        if broker_addr:
-            self._overrides.update(worker_addr=broker_addr, worker_addr_default=broker_addr,
-                                   worker_addr_failover=broker_addr)
-            self._apply_settings(self.settings)
+        _override(self, broker_addr, None)
         self.serve_forever()
 
     # ------------------------------------------------------------------
@@ -324,6 +331,9 @@ class JobManager:
                 "args", "kwargs", "class_args", "class_kwargs"}]``, with
                 ``"path": "module:Class"`` for a method.
         """
+        if self._slots.via_override is not None:  # a subclass's on_request called us
+            self._slots.via_override.append(self._slots.admit(msgid, msg))
+            return
         self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
@@ -493,7 +503,51 @@ def jobmanager_main(broker_addr: Optional[str] = None) -> None:
     JobManager().jobmanager_main(broker_addr=broker_addr)
 
 
+def _override(manager: JobManager, addr: Optional[str], queues: QueuesArg) -> None:
+    """An address (it replaces both failover addresses) and queues given in
+    code (:meth:`JobManager.start`, :meth:`JobManager.jobmanager_main`)."""
+    if addr:
+        manager._overrides.update(worker_addr=addr, worker_addr_default=addr,
+                                  worker_addr_failover=addr)
+    if queues:
+        weight = manager.settings.default_queue_weight
+        manager._overrides.update(_overrides(None, queues, None, weight))
+    if addr or queues:
+        manager._apply_settings(manager.settings)
+
+
+def _honour_overrides(manager: JobManager, link: RouterLink, slots: JobSlots) -> None:
+    """A subclass's :meth:`~JobManager.on_request` is called for every REQUEST
+    and its :meth:`~JobManager.send_ready` for every READY, as in EventMQ."""
+    cls = type(manager)
+    if cls.send_ready is not JobManager.send_ready:
+        link.ready_sender = manager.send_ready
+    if cls.on_request is not JobManager.on_request:
+        link.admit = functools.partial(_admit_through, manager, slots)
+
+
+def _admit_through(manager: JobManager, slots: JobSlots, msgid: str,
+                   body: Sequence[str]) -> bool:
+    """A REQUEST through a subclass's ``on_request``: admitted when it calls
+    the base method. One that raises first is an InvalidRequest (the slot
+    comes back); one that drops the request gives its READY back."""
+    slots.via_override = admitted = []
+    try:
+        manager.on_request(msgid, body)
+    except Exception as exc:
+        logger.exception("on_request of %s raised for REQUEST %s", type(manager).__name__,
+                         printable(msgid))
+        if not admitted:
+            slots.reject_malformed(msgid, body, exc)
+    finally:
+        slots.via_override = None
+    if not admitted:
+        manager._offer_slots()
+    return bool(admitted and admitted[0])
+
+
 __all__ = ["JobManager", "JobRecord", "State", "StopMode", "jobmanager_main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use the emq-green console script")
+

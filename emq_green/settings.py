@@ -428,6 +428,28 @@ class _SectionsParser(configargparse.ConfigFileParser):
         return items
 
 
+#: emq-jobmanager's long options: a prefix of one (``--job``, ``--queue``)
+#: that names it alone among them means it there, though emq-green's longer
+#: list of options makes it ambiguous here
+_EVENTMQ_LONG_OPTIONS = ("--broker-addr", "--config", "--queues", "--jobs", "--name")
+
+
+def _eventmq_abbreviations(argv: Sequence[str]) -> list[str]:
+    """``argv`` with emq-jobmanager's abbreviated long options written out,
+    so a command line it accepted means the same here."""
+    out = []
+    for n, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[n:])
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and len(flag) > 2 and flag not in _EVENTMQ_LONG_OPTIONS:
+            named = [o for o in _EVENTMQ_LONG_OPTIONS if o.startswith(flag)]
+            if len(named) == 1:
+                arg = named[0] + eq + value
+        out.append(arg)
+    return out
+
+
 def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, bool]:
     """(path, must exist): -C wins over $EVENTMQ_CONFIG_FILE over the default.
 
@@ -571,6 +593,8 @@ def load_settings(
             setting and where the value came from.
     """
     argv = list(argv if argv is not None else [])
+    if section == "jobmanager":
+        argv = _eventmq_abbreviations(argv)
     environ = dict(os.environ if environ is None else environ)
     config_file, explicit = _config_path(argv, environ)
     if explicit and not os.path.exists(config_file):

@@ -63,7 +63,7 @@ for s, addr in zip((front, back, admin), sys.argv[1:4]):
 poller = zmq.Poller()
 for s in (front, back, admin):
     poller.register(s, zmq.POLLIN)
-worker, credit, queued = None, 0, collections.deque()
+ready, queued = collections.deque(), collections.deque()  # a worker per READY
 while True:
     for sock, _ in poller.poll():
         while True:
@@ -73,22 +73,21 @@ while True:
                 break
             if sock is front:
                 if frames[3] == b"REQUEST":
-                    if credit and worker is not None:
-                        credit -= 1
-                        back.send_multipart([worker, *frames[1:]])
+                    if ready:
+                        back.send_multipart([ready.popleft(), *frames[1:]])
                     else:
                         queued.append(frames[1:])
             elif sock is back:
                 if frames[3] == b"INFORM":
-                    worker = frames[0]
-                    back.send_multipart([worker, b"", b"eMQP/1.0", b"ACK", b"ack", frames[4]])
+                    back.send_multipart([frames[0], b"", b"eMQP/1.0", b"ACK", b"ack",
+                                         frames[4]])
                 elif frames[3] == b"READY":
                     if queued:
-                        back.send_multipart([worker, *queued.popleft()])
+                        back.send_multipart([frames[0], *queued.popleft()])
                     else:
-                        credit += 1
+                        ready.append(frames[0])
             else:
-                body = json.dumps({"connected_workers": {"w": {"available_slots": credit}}})
+                body = json.dumps({"connected_workers": {"w": {"available_slots": len(ready)}}})
                 admin.send_multipart([frames[0], b"", b"eMQP/1.0", b"REPLY", b"x",
                                       body.encode()])
 """
@@ -109,7 +108,7 @@ def start_router(kind: str, front: str, back: str, admin: str, env: dict, log) -
 
 
 def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: Path,
-        profile: Path | None = None) -> dict:
+        profile: Path | None = None, workers: int = 1) -> dict:
     front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
     marks = tmp / f"{kind}-{workload}.marks"
     (tmp / "empty.conf").write_text("")
@@ -124,16 +123,16 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
                                 str(profile / f"{kind}-{workload}-{tmp.name}.txt")],
                                stdout=log, stderr=log)
     # cwd: ``-c`` and ``-m`` put the current directory first on sys.path
-    worker = subprocess.Popen([sys.executable, "-m", "emq_green.cli", "-B", back, "-J",
-                               str(concurrency), "--kill-grace-period", "5"], env=env,
-                              stdout=log, stderr=log, cwd=str(tree))
+    pool = [subprocess.Popen([sys.executable, "-m", "emq_green.cli", "-B", back, "-J",
+                              str(concurrency), "--kill-grace-period", "5"], env=env,
+                             stdout=log, stderr=log, cwd=str(tree)) for _ in range(workers)]
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"bench-{uuid.uuid4()}".encode())
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        if not wait_for_slots(admin, concurrency, time.monotonic() + 30):
-            raise SystemExit(f"{kind}: no worker with {concurrency} slots in 30 s")
+        if not wait_for_slots(admin, concurrency * workers, time.monotonic() + 30):
+            raise SystemExit(f"{kind}: not {workers} x {concurrency} slots in 30 s")
         sock.connect(front)
         name, extra = WORKLOADS[workload]
         payloads = [json.dumps(["run", {"path": "examples.jobs", "callable": name,
@@ -142,7 +141,8 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
         msgids = [str(uuid.uuid4()).encode() for _ in range(jobs)]
         time.sleep(0.5)  # the worker's READYs are in (EventMQ's router logs each)
         cpu_before = cpu_seconds(router.pid)
-        worker_before, client_before = cpu_seconds(worker.pid), time.process_time()
+        worker_before = sum(cpu_seconds(w.pid) for w in pool)
+        client_before = time.process_time()
         started = time.time()
         for n in range(jobs):
             sock.send_multipart([b"", b"eMQP/1.0", b"REQUEST", msgids[n], b"default", b"",
@@ -157,7 +157,7 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
                 sock.recv_multipart()
             time.sleep(0.01)  # polling interval for the file
         cpu = cpu_seconds(router.pid) - cpu_before
-        worker_cpu = cpu_seconds(worker.pid) - worker_before
+        worker_cpu = sum(cpu_seconds(w.pid) for w in pool) - worker_before
         client_cpu = time.process_time() - client_before
         done = counter.count()
         if done < jobs:
@@ -173,7 +173,7 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(30)
-        stop([worker, router])
+        stop([*pool, router])
         log.close()
 
 
@@ -182,6 +182,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--concurrency", "-J", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="emq-green processes, each with --concurrency slots")
     parser.add_argument("--workloads", default="noop,sleep")
     parser.add_argument("--routers", default=",".join(ROUTERS))
     parser.add_argument("--tree", type=Path, default=REPO,
@@ -201,7 +203,7 @@ def main() -> int:
                     where = Path(tmp) / str(round_)
                     where.mkdir(exist_ok=True)
                     result = run(kind, workload, ns.jobs, ns.concurrency, where, ns.tree,
-                                 ns.profile)
+                                 ns.profile, ns.workers)
                     results.setdefault((kind, workload), []).append(result)
                     print(json.dumps(result), flush=True)
     print(f"\n{'workload':9} {'router':10} {'jobs/s':>8} {'rtr us/job':>11}   "

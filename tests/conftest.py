@@ -32,6 +32,7 @@ def make_manager(router) -> Callable[..., JobManager]:
 
     def make(wait_running: bool = True,
              settings_loader: Optional[Callable[[], Settings]] = None,
+             manager_class: type[JobManager] = JobManager,
              **overrides: Any) -> JobManager:
         values: dict[str, Any] = dict(name="test-worker", worker_addr=router.addr,
                                       worker_addr_default=router.addr,
@@ -39,8 +40,8 @@ def make_manager(router) -> Callable[..., JobManager]:
                                       concurrent_jobs=4, reconnect_timeout=1.0,
                                       kill_grace_period=5.0, **FAST_HEARTBEATS)
         values.update(overrides)
-        manager = JobManager(settings=Settings(**values), skip_signal=True,
-                             settings_loader=settings_loader)
+        manager = manager_class(settings=Settings(**values), skip_signal=True,
+                                settings_loader=settings_loader)
         manager.start()
         made.append(manager)
         if wait_running:

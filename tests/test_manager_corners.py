@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 import time
 
+import gevent
 import jobs_for_tests as J
 import pytest
+from conftest import stop_for_good
 from fakerouter import FakeRouter
 
 from emq_green.jobmanager import JobManager, State
 from emq_green.protocol import Command
-from emq_green.settings import load_settings
+from emq_green.settings import Settings, load_settings
 
 JOBS = "jobs_for_tests"
 REPLY = "reply-requested"
@@ -305,3 +307,67 @@ def test_reload_with_a_bad_config_file_keeps_the_settings_and_says_why(
     ok = router.request(ident, JOBS, "add", args=[1, 1], headers=REPLY, queue="mail")
     assert router.wait_reply(ok) == {"value": 2}
     assert manager.counters["reloads"] == 2
+
+
+class Audited(JobManager):
+    """A subclass as legacy code writes them: EventMQ's on_request and
+    send_ready overridden, the base methods called (or not)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[str] = []
+        self.readies = 0
+
+    def on_request(self, msgid, msg):
+        self.seen.append(msgid)
+        payload = msg[2]
+        if "drop-me" in payload:
+            return  # not passed on
+        if "raise-first" in payload:
+            raise RuntimeError("audit failed")
+        super().on_request(msgid, msg)
+
+    def send_ready(self):
+        self.readies += 1
+        super().send_ready()
+
+
+def test_a_subclass_on_request_and_send_ready_are_called_as_in_eventmq(router, make_manager):
+    manager = make_manager(manager_class=Audited, concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    assert manager.readies == 2
+    ran = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(ran) == {"value": 3}
+    router.wait_count(Command.READY, 3)
+    assert manager.readies == 3 and manager.seen == [ran]
+    # one that raises before passing it on: an error reply, the slot back
+    raised = router.request(ident, JOBS, "echo", args=["raise-first"], headers=REPLY)
+    reply = router.wait_reply(raised)
+    assert reply["error"]["type"] == "InvalidRequest" and "audit failed" in reply["value"]
+    # one it drops: no reply, but its READY comes back
+    router.request(ident, JOBS, "echo", args=["drop-me"], headers=REPLY)
+    router.wait_until(lambda: len(manager.seen) == 3)
+    router.wait_count(Command.READY, 5)
+    assert manager.free_slots == 2 and not manager.jobs_in_flight
+    after = router.request(ident, JOBS, "add", args=[2, 2], headers=REPLY)
+    assert router.wait_reply(after) == {"value": 4}
+    assert manager.state is State.RUNNING
+
+
+@pytest.mark.parametrize("queues, informed", [([(20, "x"), (5, "y")], '[[20, "x"], [5, "y"]]'),
+                                              ("x,y:5", '[[10, "x"], [5, "y"]]')])
+def test_start_with_eventmqs_address_and_queues_connects_there_and_blocks(
+        router, queues, informed):
+    manager = JobManager(settings=Settings(concurrent_jobs=1, worker_addr="tcp://127.0.0.1:9"),
+                         skip_signal=True)
+    serving = gevent.spawn(manager.start, router.addr, queues)
+    try:
+        router.wait_inform()
+        assert router.messages(Command.INFORM)[0].message.body == (informed, "worker")
+        assert manager.settings.worker_addr == router.addr
+        assert not serving.ready()  # it blocks, as EventMQ's start(addr, queues)
+    finally:
+        assert stop_for_good(manager)
+    serving.join(timeout=10)
+    assert serving.ready() and serving.successful()

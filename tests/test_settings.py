@@ -108,6 +108,17 @@ def test_the_manager_takes_queues_as_json_text_too():
         JobManager(queues='[[10, "x"]', concurrent_jobs=1)
 
 
+@pytest.mark.parametrize("argv", [["--job", "12", "--queue", "fast", "slow:5", "--nam", "b"],
+                                  ["--j=12", "--q", "fast", "slow:5", "--n", "b"]])
+def test_emq_jobmanagers_abbreviated_options_mean_what_they_meant_there(argv):
+    # --job could be --jobs, --job-entry-func or --job-exit-func here; among
+    # emq-jobmanager's five options it is --jobs
+    s, _ = load_settings(argv, {})
+    assert (s.concurrent_jobs, s.queues, s.name) == (12, ((10, "fast"), (5, "slow")), "b")
+    s, _ = load_settings(["--conc", "7"], {})  # not one of its prefixes: ours
+    assert s.concurrent_jobs == 7
+
+
 def test_failover_address_from_file(tmp_path):
     conf = write(tmp_path, """
         [jobmanager]

@@ -170,7 +170,11 @@ class RouterLink:
         self._settings = settings
         self.counters = counters
         self._wake = wake
-        self._admit = admit
+        #: takes a REQUEST body (the manager routes it through a subclass's
+        #: ``on_request`` when there is one)
+        self.admit = admit
+        #: sends one READY (a subclass's ``send_ready`` when there is one)
+        self.ready_sender: Callable[[], None] = self.send_ready
         self._reject = reject
         self._on_heartbeat = on_heartbeat
         self._on_disconnect = on_disconnect
@@ -430,7 +434,7 @@ class RouterLink:
                 conn.ready_outstanding -= 1
             if conn is not self.outgoing and conn in self.retiring:
                 self.origins.came_on(msgid, conn)
-        if self._admit(msgid, body):
+        if self.admit(msgid, body):
             # a job running here, sent again: its REPLY leaves where the copy
             # came (the router holds it there now), and the READY the copy
             # used is offered again (it took no slot)
@@ -509,8 +513,9 @@ class RouterLink:
         conn = self.outgoing
         if conn is None or not self._running():
             return
-        while conn.ready_outstanding < free:
-            self.send_ready()
+        # (counted first: an override of send_ready may send none)
+        for _ in range(free - conn.ready_outstanding):
+            self.ready_sender()
 
     def send_ready(self) -> None:
         """Send one READY: the router may send one more REQUEST."""

@@ -107,6 +107,9 @@ class JobSlots:
             str, tuple[float, str, RunRequest, str]] = collections.OrderedDict()
         #: the length of the replies in :attr:`ended_guaranteed`, in all
         self.ended_bytes = 0
+        #: While a subclass's ``on_request`` runs: what the base method's
+        #: admission returned, if it was called (see jobmanager.py)
+        self.via_override: Optional[list[bool]] = None
         #: Called with (reply, msgid) to send a REPLY again; the manager sets it.
         self.reply_again: Callable[[Any, str], None] = lambda reply, msgid: None
 
