@@ -170,11 +170,8 @@ class RouterLink:
         self._settings = settings
         self.counters = counters
         self._wake = wake
-        #: takes a REQUEST body (the manager routes it through a subclass's
-        #: ``on_request`` when there is one)
-        self.admit = admit
-        #: sends one READY (a subclass's ``send_ready`` when there is one)
-        self.ready_sender: Callable[[], None] = self.send_ready
+        #: take a REQUEST body, send one READY (a subclass's overrides, if any)
+        self.admit, self.ready_sender = admit, self.send_ready
         self._reject = reject
         self._on_heartbeat = on_heartbeat
         self._on_disconnect = on_disconnect
