@@ -89,6 +89,7 @@ def main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
+    warn_misplaced("emq-green", "jobmanager", ns, standalone=ns.standalone)
     # Jobs are imported by module path; like other job runners, the current
     # directory is importable.
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -126,6 +127,30 @@ def warn_unused(settings, unused: "dict[str, str]") -> None:
         if value != getattr(Settings, name):
             shown = json.dumps(list(value)) if isinstance(value, tuple) else value
             logging.getLogger("emq_green.cli").warning("%s (%s) %s", name, shown, why)
+
+
+#: why a program ignores a flag meant for another
+_MISPLACED_WHY = {
+    "jobmanager": "router settings: give them to emq-green-router, or to emq-green "
+                  "--standalone",
+    "standalone": "--standalone's job manager connects to its own router in this process",
+    "router": "settings of a worker or a scheduler, not of the router",
+    "scheduler": "settings of a worker or a router, not of the scheduler",
+}
+
+
+def warn_misplaced(prog: str, section: str, ns, standalone: bool = False) -> None:
+    """A WARNING naming the flags of the command line this program does not
+    use (every program accepts every setting)."""
+    import logging
+
+    from .settings import misplaced_flags
+
+    names = misplaced_flags(section, ns.from_command_line, standalone)
+    if names:
+        logging.getLogger("emq_green.cli").warning(
+            "%s does not use %s, given on its command line: %s", prog, ", ".join(names),
+            _MISPLACED_WHY["standalone" if standalone else section])
 
 
 def _curve_ok(settings) -> bool:
@@ -263,12 +288,13 @@ def router_main(argv: "list[str] | None" = None) -> int:
     from .settings import SettingsError, load_settings
 
     try:
-        settings = load_settings(argv, os.environ, section="router",
-                                 prog="emq-green-router")[0]
+        settings, ns = load_settings(argv, os.environ, section="router",
+                                     prog="emq-green-router")
     except SettingsError as exc:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
+    warn_misplaced("emq-green-router", "router", ns)
     warn_unused(settings, {"allowed_callables": (
         "is a worker setting: the router passes every REQUEST on, and only the scheduler it "
         "runs (--scheduler) checks the schedules it takes against it; set it for emq-green"
@@ -337,6 +363,7 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green-scheduler: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
+    warn_misplaced("emq-green-scheduler", "scheduler", ns)
     if ns.scheduler_file is None:
         # not set anywhere: schedules are kept, as EventMQ's scheduler keeps
         # them in Redis by default; an empty value keeps them in memory only

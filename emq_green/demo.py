@@ -19,6 +19,7 @@ Like the ``emq-green`` script, it monkeypatches before importing anything else.
 
 import os
 import sys
+from typing import Callable
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -31,7 +32,9 @@ def main(argv: "list[str] | None" = None) -> int:
 def _parse(argv: "list[str]"):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="emq-green-demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="emq-green-demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--jobs", "-n", type=int, default=1000, help="jobs to run")
     parser.add_argument("--concurrency", "-J", type=int, default=200,
                         help="concurrent_jobs of the job manager")
@@ -113,8 +116,10 @@ def free_ports(count: int) -> "list[int]":
             s.close()
 
 
-def wait_for_worker(admin_addr: str, deadline: float, curve: object = None) -> bool:
-    """True once the router reports a connected worker with free slots."""
+def wait_for_worker(admin_addr: str, deadline: float, curve: object = None,
+                    alive: Callable[[], bool] = lambda: True) -> bool:
+    """True once the router reports a connected worker with free slots;
+    False at the deadline, or as soon as ``alive()`` is false."""
     import json
     import time
     import uuid
@@ -131,7 +136,7 @@ def wait_for_worker(admin_addr: str, deadline: float, curve: object = None) -> b
         curve.apply(sock)  # type: ignore[attr-defined]
     sock.connect(admin_addr)
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and alive():
             sock.send_multipart(Message.new(Command.ROUTER_SHOW_WORKERS).frames())
             if sock.poll(500):
                 reply = Message.parse(sock.recv_multipart())
@@ -201,7 +206,7 @@ def _run(argv: "list[str]") -> int:
     if ns.curve_keys:
         from .curve import ClientCurve, CurveError
 
-        keys = Path(ns.curve_keys)
+        keys = Path(ns.curve_keys).resolve()  # the box runs in another directory
         authorized = Path(tempfile.mkdtemp(prefix="emq-green-demo-keys-"))
         try:
             curve = ClientCurve.from_files(str(keys / "client.key_secret"),
@@ -221,8 +226,10 @@ def _run(argv: "list[str]") -> int:
     proc = subprocess.Popen(command, cwd=str(repo), env=env, stdout=log, stderr=log)
     status = 1
     try:
-        if not wait_for_worker(admin, time.monotonic() + 30, curve):
-            out.write("emq-green-demo: the job manager did not connect in 30 s\n")
+        if not wait_for_worker(admin, time.monotonic() + 30, curve,
+                               alive=lambda: proc.poll() is None):
+            if proc.poll() is None:  # else its exit status is shown below
+                out.write("emq-green-demo: the job manager did not connect in 30 s\n")
             return 1
         client = Client(front, green=True, curve=curve)
         submitted: dict[int, float] = {}

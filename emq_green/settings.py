@@ -637,6 +637,13 @@ def load_settings(
     if ns.no_monkey_patch:
         values["monkey_patch"] = False
 
+    #: the settings this command line set itself (not the environment, not
+    #: the file): flags meant for this program, see :func:`misplaced_flags`
+    ns.from_command_line = frozenset(
+        field for field in [*(spec.field for spec in _SPECS), "queues"]
+        if field in values and field not in sources
+        and not (field == "queues" and not ns.queues and "queues_json" in sources))
+
     # -B sets where to connect; the alternates follow it unless set themselves
     addr = values.get("worker_addr", Settings.worker_addr)
     values.setdefault("worker_addr_default", addr)
@@ -645,6 +652,26 @@ def load_settings(
     settings = Settings(**values)
     _check(settings)
     return settings, ns
+
+
+#: what only a router (or its scheduler) reads: a plain emq-green ignores them
+_ROUTER_ONLY = frozenset({
+    "frontend_addr", "backend_addr", "administrative_addr", "max_buffer_bytes",
+    "max_pending_results", "max_pending_result_bytes", "max_pending_results_per_client",
+    "result_ttl", "curve_authorized_keys", "journal_file", "journal_sync", "run_scheduler",
+    "scheduler_file", "scheduler_addr"})
+
+
+def misplaced_flags(section: str, given: frozenset[str], standalone: bool = False) -> list[str]:
+    """The settings of ``given`` (set on the command line) that the program
+    reading ``section`` ignores: every program accepts every setting, for
+    one INI file or environment shared by all, but a flag is meant for the
+    program it is given to."""
+    if section in _HELP_FIELDS:
+        return sorted(given - _HELP_FIELDS[section])
+    if standalone:  # the job manager connects in-process
+        return sorted(given & {"worker_addr"})
+    return sorted(given & _ROUTER_ONLY)
 
 
 def _check(s: Settings) -> None:

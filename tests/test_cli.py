@@ -224,6 +224,27 @@ def test_allowed_callables_on_the_router_is_named_as_a_worker_setting(tmp_path, 
 
 
 @pytest.mark.timeout(60)
+def test_worker_flags_on_the_router_command_line_are_named(tmp_path):
+    """--concurrent-jobs and -Q on emq-green-router were accepted silently."""
+    from peers import Proc, clean_env, free_ports
+
+    front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+    (tmp_path / "empty.conf").write_text("")
+    router = Proc("emq-green-router", [
+        str(Path(EMQ_GREEN).with_name("emq-green-router")), "--frontend-addr", front,
+        "--backend-addr", back, "--administrative-addr", admin, "--concurrent-jobs", "5",
+        "-Q", "a"], tmp_path / "router.log",
+        clean_env(EVENTMQ_CONFIG_FILE=str(tmp_path / "empty.conf")), tmp_path)
+    try:
+        router.wait_for(r"router listening", timeout=20)
+        [line] = [x for x in router.text().splitlines() if " WARNING " in x]
+        assert ("emq-green-router does not use concurrent_jobs, queues, given on its command "
+                "line: settings of a worker or a scheduler") in line
+    finally:
+        router.kill()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("program, started, key", [
     ("emq-green-router", "router listening", "waiting_messages_by_queue"),
     ("emq-green-scheduler", "stopped -> running", "schedules"),
@@ -304,7 +325,8 @@ def test_a_bad_job_entry_or_exit_func_is_one_line_and_exit_2(tmp_path, worker_fa
     """They are imported when the job manager is built: that raised a
     SettingsError through a traceback, exit 1."""
     (tmp_path / "brokenhooks.py").write_text('raise RuntimeError("broken on import")\n')
-    w = worker_factory("-B", "tcp://127.0.0.1:1", *args, env=env)
+    where = [] if "--standalone" in args else ["-B", "tcp://127.0.0.1:1"]  # (ignored there)
+    w = worker_factory(*where, *args, env=env)
     assert w.proc.wait(30) == 2, w.text()
     assert w.text() == f"emq-green: {message}\n"
 
@@ -367,3 +389,15 @@ def test_config_file_from_env_configures_the_script(router, worker_factory, tmp_
     assert ident.startswith(b"from-env:")
     assert router.messages(Command.INFORM)[0].message.body[0] == '[[30, "fast"]]'
     router.wait_count(Command.READY, 6)
+
+
+def test_the_demo_runs_over_curve_with_keys_in_a_relative_directory(tmp_path):
+    keys = subprocess.run([str(Path(EMQ_GREEN).with_name("emq-green-keys")), "--dir", "dk",
+                           "router", "client"], cwd=tmp_path, capture_output=True, timeout=30)
+    assert keys.returncode == 0, keys.stderr
+    demo = subprocess.run([str(Path(EMQ_GREEN).with_name("emq-green-demo")), "--jobs", "20",
+                           "--curve-keys", "dk"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=90)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "results: 20/20 jobs done (0 failed)" in demo.stdout
+    assert "over CURVE" in demo.stdout

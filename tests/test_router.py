@@ -399,6 +399,20 @@ def test_malformed_messages_are_dropped(make_router):
     assert h.router.counters["malformed_messages"] == 2
 
 
+def test_emq_clis_hello_on_the_administrative_socket_is_not_malformed(make_router, caplog):
+    # EventMQ's emq-cli sends HELLO before each command, as the docs tell
+    # users to run it; EventMQ's router ignores it
+    h = make_router()
+    caplog.set_level(logging.WARNING, logger="emq_green.router")
+    admin = h.peer("administrative")
+    admin.sock.send_multipart([b"", b"eMQP/1.0", b"HELLO", b"m1"])
+    admin.sock.send_multipart([b"", b"eMQP/1.0", b"SHOUT", b"m2"])  # still malformed
+    wait_until(lambda: h.router.counters["malformed_messages"] == 1, what="SHOUT counted")
+    assert "connected_workers" in h.admin(Command.ROUTER_SHOW_WORKERS)
+    assert h.router.counters["malformed_messages"] == 1
+    assert not any("HELLO" in r.getMessage() for r in caplog.records)
+
+
 def test_a_message_on_the_wrong_socket_is_ignored_and_its_sender_named(make_router, caplog):
     h = make_router()
     caplog.set_level(logging.WARNING, logger="emq_green.router")

@@ -107,7 +107,8 @@ def test_submit_every_cron_unschedule_on_a_standalone_box(peers):
     assert "scheduled interop_jobs.record every 1 s" in submit("--args", '["ev"]',
                                                                 "--every", "1")
     submit("--args", '["cr"]', "--cron", "* * * * * *", "--queue", "default", "--nohaste")
-    submit("--args", '["dl"]', "--delay", "1")
+    assert "each to run once in 1 s (a delayed job" in submit("--args", '["dl"]',
+                                                               "--delay", "1")
     submit("--args", '["bad"]', "--every", "1", "--run-count", "2")
     wait_runs(peers, "ev", 3)
     wait_runs(peers, "cr", 3)

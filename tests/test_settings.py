@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from emq_green.settings import Settings, SettingsError, load_settings
+from emq_green.settings import Settings, SettingsError, load_settings, misplaced_flags
 
 
 def write(tmp_path, text: str, name: str = "eventmq.conf") -> str:
@@ -117,6 +117,27 @@ def test_emq_jobmanagers_abbreviated_options_mean_what_they_meant_there(argv):
     assert (s.concurrent_jobs, s.queues, s.name) == (12, ((10, "fast"), (5, "slow")), "b")
     s, _ = load_settings(["--conc", "7"], {})  # not one of its prefixes: ours
     assert s.concurrent_jobs == 7
+
+
+def test_flags_meant_for_another_program_are_named_but_not_shared_settings(tmp_path):
+    conf = write(tmp_path, "[global]\nconcurrent_jobs = 9\njournal_file = j.db\n")
+    env = {"EVENTMQ_QUEUES": '[[10, "x"]]'}
+
+    def misplaced(section, argv, standalone=False):
+        _, ns = load_settings(["-C", conf, *argv], env, section=section)
+        return misplaced_flags(section, ns.from_command_line, standalone)
+
+    # the file and the environment serve every program: nothing named
+    assert misplaced("router", []) == misplaced("jobmanager", []) == []
+    assert misplaced("router", ["--concurrent-jobs", "5", "-Q", "a", "--hwm", "9"]) == [
+        "concurrent_jobs", "queues"]
+    assert misplaced("jobmanager", ["--journal-file", "k.db", "--scheduler", "-J", "3",
+                                    "--frontend-addr", "tcp://127.0.0.1:7"]) == [
+        "frontend_addr", "journal_file", "run_scheduler"]
+    assert misplaced("jobmanager", ["-B", "tcp://10.9.9.9:5", "--journal-file", "k.db"],
+                     standalone=True) == ["worker_addr"]
+    assert misplaced("scheduler", ["-J", "2", "--scheduler-addr", "tcp://127.0.0.1:7"]) == [
+        "concurrent_jobs"]
 
 
 def test_failover_address_from_file(tmp_path):

@@ -157,8 +157,8 @@ class ResultTimeout(TimeoutError):
     def __init__(self, msgid: str, timeout: float) -> None:
         super().__init__(
             f"no result for job {msgid} within {timeout:g} s (the job may still be "
-            "queued or running; EventMQ's router never forwards results, only "
-            "emq-green's router does)")
+            "queued or running, or never reached a router: Client.wait_for_router "
+            "tells; EventMQ's router never forwards results, only emq-green's does)")
         self.msgid = msgid
         self.timeout = timeout
 

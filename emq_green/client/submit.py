@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="positional arguments, a JSON list")
     parser.add_argument("--kwargs", type=_json_arg(dict, "--kwargs"), default={},
                         help="keyword arguments, a JSON object")
-    parser.add_argument("--count", "-n", type=int, default=1, help="jobs to send")
-    parser.add_argument("--queue", "-q", default="default", help="queue name")
+    parser.add_argument("--count", "-n", type=int, default=1, help="jobs to send (default 1)")
+    parser.add_argument("--queue", "-q", default="default",
+                        help="queue name (default: default)")
     parser.add_argument("--addr", "-a", default=None,
                         help=f"router frontend (default ${ENV_BROKER_ADDR}, else {DEFAULT_ADDR})")
     parser.add_argument("--connect-timeout", type=_positive_seconds, default=5.0,
@@ -132,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait for each job's result and print it as a JSON line on "
                              "stdout (emq-green's router); exit 1 if any job failed")
     parser.add_argument("--wait-timeout", type=_positive_seconds, default=60.0,
-                        help="seconds to follow STATUS, or to wait for all results, at most")
+                        help="seconds to follow STATUS, or to wait for all results, at most "
+                             "(default 60)")
     parser.add_argument("--reply-requested", action="store_true",
                         help="ask the worker to send the result back to the router")
     parser.add_argument("--timeout", type=_job_timeout, default=0,
-                        help="job timeout in seconds (0: none)")
+                        help="job timeout in seconds, sent as the timeout:N header (default 0: no "
+                             "header, the worker's global_timeout applies)")
     parser.add_argument("--guarantee", action="store_true",
                         help="run the job at least once even if its worker or the router "
                              "dies (emq-green's router); each send waits for the router's "
@@ -310,10 +313,14 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     finally:
         client.poll_acks()
         elapsed = time.monotonic() - started
+        if ns.delay is not None:  # a SCHEDULE each, which the router does not acknowledge
+            outcome = f"each to run once in {ns.delay:g} s (a delayed job, run by a scheduler)"
+        elif ns.guarantee:
+            outcome = f"confirmed {client.acknowledged}"
+        else:
+            outcome = f"acknowledged {client.acknowledged} so far"
         progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
-                      f"({client.sent / max(elapsed, 1e-6):.0f}/s), "
-                      + (f"confirmed {client.acknowledged}" if ns.guarantee
-                         else f"acknowledged {client.acknowledged} so far"))
+                      f"({client.sent / max(elapsed, 1e-6):.0f}/s), {outcome}")
         if not handles:
             client.close()
     results = sys.stdout if results_out is None else results_out

@@ -452,6 +452,10 @@ class RouterSockets:
                           printable(identity), exc_info=True)
 
     def _drop_malformed(self, name: str, frames: list[bytes], exc: ProtocolError) -> None:
+        if name == "administrative" and len(frames) > 3 and frames[3] == b"HELLO":
+            # EventMQ's emq-cli greets every router so; EventMQ's ignores it too
+            logger.debug("router: ignored emq-cli's HELLO from %s", printable(frames[0]))
+            return
         self._counters["malformed_messages"] += 1
         # [identity, '', version, COMMAND, MSGID, ...]
         if name == "frontend" and len(frames) > 4 and frames[3] == b"REQUEST":
