@@ -194,6 +194,8 @@ def _standalone(settings, router_settings, load) -> int:
                                       extra_backend_addrs=(inproc,), with_scheduler=True)
     if router is None:
         return 1
+    # the job manager drains first, as on SIGTERM; the router stops after it
+    router.on_admin_disconnect = lambda: manager.stop(timeout=None)
 
     def stop_manager_with_router() -> None:
         router.serve_forever()

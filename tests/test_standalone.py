@@ -76,3 +76,34 @@ def test_demo_command_short_run():
     assert "150/150 jobs done (0 failed)" in demo.stdout
     assert "jobs/s" in demo.stdout and "p99" in demo.stdout
     assert "emq-green stopped (exit status 0)" in demo.stdout
+
+
+@pytest.mark.timeout(90)
+def test_an_administrators_disconnect_drains_a_standalone_box_first(stack: Stack,
+                                                                    tmp_path: Path):
+    """emq-cli's shutdown stopped the router under the job manager: a WARNING
+    (send queue full) and an ERROR (messages dropped at close) for a normal
+    stop, and the running job's REPLY lost."""
+    box = stack.spawn("standalone", [
+        str(BIN / "emq-green"), "--standalone", "-J", "3", "--frontend-addr", stack.front,
+        "--backend-addr", stack.back, "--administrative-addr", stack.admin,
+        "--kill-grace-period", "20", "--allowed-callables", '["examples.jobs.*"]'])
+    stack.wait_for_worker(slots=3)
+    marks = tmp_path / "marks"
+    submit = subprocess.run(
+        [str(BIN / "emq-green-submit"), "examples.jobs.sleep_and_mark", "--args",
+         json.dumps([1.5, str(marks), "slow"]), "--addr", stack.front],
+        capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    wait_until(lambda: _running(stack) == 1, 20, "the job running")
+    admin_request(stack.admin, Command.DISCONNECT)  # (answered with an ACK)
+    assert box.wait(timeout=30) == 0, stack.logs()
+    assert [line.split()[0] for line in lines(marks)] == ["slow"]  # it ran to its end
+    log = (stack.tmp / "standalone.log").read_text()
+    assert " ERROR " not in log and " WARNING " not in log, log
+
+
+def _running(stack: Stack) -> int:
+    shown = admin_request(stack.admin, Command.ROUTER_SHOW_WORKERS) or {}
+    workers = shown.get("connected_workers", {}).values()
+    return sum(3 - w["available_slots"] for w in workers)
