@@ -134,6 +134,10 @@ def _to_bool(text: str) -> bool:
     return "t" in text.lower()
 
 
+#: texts that mean true elsewhere and false here (no 't'): a WARNING names them
+_FALSE_AS_IN_EVENTMQ = frozenset({"1", "y", "yes", "on"})
+
+
 def _to_int(text: str) -> int:
     return int(text.strip())
 
@@ -626,6 +630,11 @@ def load_settings(
         text = getattr(ns, spec.field, None)
         if text is not None:
             values[spec.field] = convert(spec.field, text, spec.convert)
+            if spec.convert is _to_bool and text.strip().lower() in _FALSE_AS_IN_EVENTMQ:
+                logging.getLogger(__name__).warning(
+                    "%s: %r from %s means false: as in EventMQ, a boolean setting is true "
+                    "only when its text contains a 't' (true)", spec.field, text,
+                    sources.get(spec.field, "the command line"))
     if ns.name:
         values["name"] = ns.name
     weight = values.get("default_queue_weight", Settings.default_queue_weight)

@@ -157,6 +157,18 @@ def test_booleans_are_true_when_they_contain_a_t(tmp_path, text, expected):
     assert load_settings(["-C", conf], {})[0].disable_heartbeats is expected
 
 
+def test_a_boolean_that_means_true_elsewhere_is_named_when_it_means_false(tmp_path, caplog):
+    conf = write(tmp_path, "[global]\ndisable_heartbeats = yes\n")
+    assert load_settings(["-C", conf], {"EVENTMQ_SUPER_DEBUG": "1"})[0].super_debug is False
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("disable_heartbeats: 'yes' from config file") for m in said), said
+    assert any(m.startswith("super_debug: '1' from environment variable EVENTMQ_SUPER_DEBUG")
+               for m in said), said
+    caplog.clear()
+    load_settings(["-C", conf, "--disable-heartbeats", "true"], {})
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 @pytest.mark.parametrize(
     "argv, env, file_text, message",
     [
