@@ -48,7 +48,7 @@ import zmq.green as zmq
 
 from . import __version__
 from .extensions import Extension, HookRegistry
-from .jobs import JobOutcome, Status
+from .jobs import JobOutcome, Status, import_dotted
 from .protocol import Headers, ProtocolError, printable, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
 from .settings import Settings, SettingsError, load_settings
@@ -265,6 +265,8 @@ class JobManager:
             _override(self, addr, queues)
             self.serve_forever()
             return
+        if not self._supervisor.started:
+            _run_setup_func(self.settings.subprocess_setup_func)
         self._supervisor.start(None if self.skip_signal else {
             signal.SIGHUP: self.reload, signal.SIGUSR1: self.log_status})
 
@@ -501,6 +503,20 @@ def jobmanager_main(broker_addr: Optional[str] = None) -> None:
     """Build a manager from the settings and serve (blocks): the module-level
     entry, as in EventMQ (whose function takes no ``broker_addr``)."""
     JobManager().jobmanager_main(broker_addr=broker_addr)
+
+
+def _run_setup_func(path: str) -> None:
+    """``subprocess_setup_func``, once in this process before it takes jobs:
+    EventMQ runs it in each of its worker processes, where its jobs run (a
+    ``django.setup()``, say); here jobs run in this process (and in each
+    subprocess child, which runs it too). A failure is logged and the
+    manager starts, as EventMQ's worker does."""
+    if not path:
+        return
+    try:
+        import_dotted(path)()
+    except Exception:
+        logger.exception("subprocess_setup_func %s failed", printable(path))
 
 
 def _override(manager: JobManager, addr: Optional[str], queues: QueuesArg) -> None:

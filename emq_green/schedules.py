@@ -127,8 +127,8 @@ class Schedule:
         return has_header(self.headers, HANDED_OVER)
 
     def core(self) -> tuple[str, str, str, str, str]:
-        """:meth:`body` without ``run_count`` and ``handed-over``: the same
-        schedule, whatever count of runs is left."""
+        """:meth:`body` without ``run_count``, ``handed-over`` and ``nohaste``:
+        the same schedule, whatever count of runs is left."""
         queue, headers, interval, payload, cron = self.body()
         return (queue, _without_count(headers), interval, payload, cron)
 
@@ -142,18 +142,24 @@ class Schedule:
 
 
 def _without_count(headers: str) -> str:
+    """The headers without what is not the schedule itself: ``run_count``,
+    ``handed-over`` and ``nohaste`` (what its first arrival does)."""
     return ",".join(h.strip() for h in headers.split(",")
                     if h.strip() and not h.strip().startswith("run_count:")
-                    and h.strip() != HANDED_OVER)
+                    and h.strip() not in (HANDED_OVER, "nohaste"))
 
 
 def handed_over(body: Sequence[str], runs_left: int) -> tuple[str, ...]:
     """A SCHEDULE body as the router hands it over: ``run_count`` set to
     ``runs_left`` (the runs it has not seen fired; none for ever) and the
     ``handed-over`` header, so that a scheduler restored from its own file
-    keeps its state and one that ended the schedule does not start it again."""
+    keeps its state and one that ended the schedule does not start it again;
+    and ``nohaste``: the schedule fired its first run when it was made, and
+    EventMQ's scheduler, which knows no ``handed-over``, would fire it again
+    at once (an extra run of a cron schedule in the middle of its minute)."""
     queue, headers, *rest = body
     kept = [_without_count(headers)] if _without_count(headers) else []
+    kept.append("nohaste")
     if runs_left != FOREVER:
         kept.append(f"run_count:{runs_left}")
     return (queue, ",".join([*kept, HANDED_OVER]), *rest)

@@ -281,7 +281,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("max_job_count", ("--max-job-count",), _to_positive_int,
           "jobs a subprocess child runs before it is replaced"),
     _Spec("subprocess_setup_func", ("--subprocess-setup-func",), str,
-          "dotted path of a function run once in each subprocess child"),
+          "dotted path of a function run once before jobs run: in the worker at start "
+          "and in each subprocess child"),
     _Spec("job_entry_func", ("--job-entry-func",), str,
           "dotted path of a function run before every job"),
     _Spec("job_exit_func", ("--job-exit-func",), str,

@@ -161,6 +161,32 @@ def test_sigterm_drains_running_jobs_then_exits(router, worker_factory):
     assert "running -> draining" in w.text() and "draining -> stopped" in w.text()
 
 
+@pytest.mark.timeout(90)
+def test_requests_sent_to_a_sigstopped_worker_run_when_it_resumes(router, worker_factory):
+    """On SIGCONT the heartbeat check ran before libzmq's I/O thread had
+    moved the waiting REQUESTs into the socket: the whole stop counted as
+    the router's silence, the worker reconnected and closed the socket with
+    the REQUESTs in it (lost, with a false ERROR naming the router)."""
+    w = worker_factory(*fast(router), "-J", "8", "--heartbeat-liveness", "2")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 8)
+    for _ in range(3):
+        w.proc.send_signal(signal.SIGSTOP)
+        try:
+            msgids = [router.request(ident, "clijobs", "nap", args=[0],
+                                     headers="reply-requested") for _ in range(4)]
+            gevent.sleep(3)  # the stop itself: longer than liveness x timeout (2 s)
+        finally:
+            w.proc.send_signal(signal.SIGCONT)
+        for msgid in msgids:
+            router.wait_reply(msgid, timeout=20)
+        assert router.count(Command.INFORM) == 1, w.text()  # no reconnect
+    assert "nothing from the router" not in w.text()
+    # (the race lost in a probe 5 times in 10 with a 20 s stop; it did not
+    # show here without the fix: this is the scenario, the mechanism is
+    # test_manager_corners' test of a pause)
+
+
 def test_second_sigint_stops_at_once(router, worker_factory, tmp_path):
     w = worker_factory(*fast(router), "-J", "2", "--kill-grace-period", "60")
     ident = router.wait_inform(timeout=20)

@@ -371,3 +371,31 @@ def test_start_with_eventmqs_address_and_queues_connects_there_and_blocks(
         assert stop_for_good(manager)
     serving.join(timeout=10)
     assert serving.ready() and serving.successful()
+
+
+def test_a_pause_of_the_whole_process_is_not_counted_as_the_routers_silence(
+        router, make_manager):
+    """The fake router shares this process: while a job holds the loop it
+    sends nothing, as a router cannot reach a SIGSTOPped worker. On waking
+    the worker took the pause for the router's silence and reconnected,
+    closing the socket with what was in it (on SIGCONT, REQUESTs)."""
+    manager = make_manager(concurrent_jobs=2)  # dead after 3 x 0.5 s of silence
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    held = router.request(ident, "blocking_jobs", "block_unpatched", args=[2.5],
+                          headers=REPLY)
+    assert router.wait_reply(held, timeout=15) == {"value": 2.5}
+    after = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(after) == {"value": 3}
+    assert router.count(Command.INFORM) == 1  # never reconnected
+    assert manager.counters["resumed_after_a_pause"] >= 1
+
+
+def test_a_failing_setup_func_is_logged_and_the_worker_serves(router, make_manager, caplog):
+    manager = make_manager(subprocess_setup_func=f"{JOBS}.boom")
+    ident = router.wait_inform()
+    ok = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(ok) == {"value": 3}
+    assert manager.state is State.RUNNING
+    assert any(r.levelname == "ERROR" and f"subprocess_setup_func {JOBS}.boom failed"
+               in r.getMessage() for r in caplog.records)

@@ -80,7 +80,7 @@ def test_a_scheduler_that_says_kbye_hands_its_schedules_to_the_next(side):
     assert side.live[KEY].owner is None  # nobody to hold it: kept for the next
     inform(side, b"s2")
     (handed,) = sockets.to(b"s2", Command.SCHEDULE)
-    assert handed.body == ("other", "handed-over", "1", PAYLOAD, "")
+    assert handed.body == ("other", "nohaste,handed-over", "1", PAYLOAD, "")  # no extra run
     assert side.live[KEY].owner == b"s2" and side.counts["handed_over"] == 1
 
 

@@ -362,12 +362,16 @@ def test_children_are_recycled_after_max_job_count(router, make_manager):
     stop_and_check(router, manager)
 
 
-def test_setup_runs_once_per_child_and_entry_exit_around_each_job(
+def test_setup_runs_once_in_the_worker_and_per_child_and_entry_exit_around_each_job(
         router, make_manager, cpu_log):
+    # in the worker too: EventMQ runs it in its worker processes, where its
+    # jobs run, and a migrated worker failed every job that needed it
     manager = make_manager(concurrent_jobs=4, subprocess_pool_size=2,
                            subprocess_setup_func=f"{CPU}.setup",
                            job_entry_func=f"{CPU}.entry", job_exit_func=f"{CPU}.exit_")
     ident = router.wait_inform()
+    here = router.wait_reply(router.request(ident, CPU, "setup_state", headers=REPLY))
+    assert here["value"] == {"setup_pid": os.getpid(), "pid": os.getpid()}
     msgids = [router.request(ident, CPU, "setup_state", headers=REPLY, subprocess=True)
               for _ in range(6)]
     states = [router.wait_reply(m)["value"] for m in msgids]
@@ -376,10 +380,12 @@ def test_setup_runs_once_per_child_and_entry_exit_around_each_job(
     stop_and_check(router, manager)
     log = [line.split() for line in cpu_log()]
     setups = [int(pid) for event, pid in log if event == "setup"]
-    assert sorted(setups) == sorted(set(setups)) and child_pids <= set(setups)
-    assert len(setups) == 2
-    assert sum(1 for event, _ in log if event == "entry") == 6
-    assert sum(1 for event, _ in log if event == "exit") == 6
+    assert setups.count(os.getpid()) == 1
+    in_children = [pid for pid in setups if pid != os.getpid()]
+    assert sorted(in_children) == sorted(set(in_children)) and child_pids <= set(in_children)
+    assert len(in_children) == 2
+    assert sum(1 for event, _ in log if event == "entry") == 7
+    assert sum(1 for event, _ in log if event == "exit") == 7
 
 
 def test_graceful_stop_waits_for_subprocess_jobs_and_leaves_no_child(router, make_manager,

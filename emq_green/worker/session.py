@@ -481,24 +481,17 @@ class RouterLink:
         self._heart = gevent.spawn(self._heartbeat_loop)
 
     def _heartbeat_loop(self) -> None:
+        awake_since = time.monotonic()  # (see _beat)
         while True:
             s = self._settings()
             conn = self.outgoing
             wait = s.heartbeat_interval
             worker_log.flush()  # the summary of lines a flood of REQUESTs caused
             if conn is not None and self._running() and not s.disable_heartbeats:
-                now = time.monotonic()
-                if now - conn.last_sent >= s.heartbeat_interval:
-                    conn.send(heartbeat())
-                    self.counters["heartbeats_sent"] += 1
-                silence = now - conn.last_received
-                dead_after = s.heartbeat_timeout * s.heartbeat_liveness
-                if silence >= dead_after and self.router_gone is None and not conn.has_input():
-                    self.router_gone = f"nothing from the router for {silence:.1f} s"
-                    self._wake.set()
-                wait = min(conn.last_sent + s.heartbeat_interval - time.monotonic(),
-                           conn.last_received + dead_after - time.monotonic())
-            gevent.sleep(max(0.05, min(wait, s.heartbeat_interval)))
+                wait = _beat(self, conn, s, awake_since)
+            if _nap(max(0.05, min(wait, s.heartbeat_interval)), s.heartbeat_interval):
+                awake_since = time.monotonic()
+                self.counters["resumed_after_a_pause"] += 1
 
     # ------------------------------------------------------------------
     # READY credit and replies
@@ -540,6 +533,35 @@ class RouterLink:
             return
         self.outgoing.send_frames(reply_frames(text, msgid))
         self.counters["replies_sent"] += 1
+
+
+def _beat(link: RouterLink, conn: Connection, s: Settings, awake_since: float) -> float:
+    """One turn of the heartbeat loop: a HEARTBEAT when one is due, and the
+    router taken for gone after ``heartbeat_timeout x heartbeat_liveness``
+    of silence. The silence counts from the router's last message or from
+    ``awake_since``, the end of the last time this process was not running
+    (SIGSTOP, a suspended VM, a loop held by a job), whichever is later: on
+    SIGCONT libzmq's I/O thread may not yet have moved what the router sent
+    meanwhile into the socket, and closing it then lost those REQUESTs.
+    Returns the seconds until the next turn is due."""
+    now = time.monotonic()
+    if now - conn.last_sent >= s.heartbeat_interval:
+        conn.send(heartbeat())
+        link.counters["heartbeats_sent"] += 1
+    heard = max(conn.last_received, awake_since)
+    dead_after = s.heartbeat_timeout * s.heartbeat_liveness
+    if now - heard >= dead_after and link.router_gone is None and not conn.has_input():
+        link.router_gone = f"nothing from the router for {now - heard:.1f} s"
+        link._wake.set()
+    return min(conn.last_sent + s.heartbeat_interval, heard + dead_after) - time.monotonic()
+
+
+def _nap(seconds: float, interval: float) -> bool:
+    """``gevent.sleep(seconds)``; True when it ended more than ``interval``
+    late: the process was not running, or its loop was held."""
+    due = time.monotonic() + seconds
+    gevent.sleep(seconds)
+    return time.monotonic() - due > interval
 
 
 def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counter[str],
