@@ -196,8 +196,8 @@ class Router:
         self.client_side.vet_firing = self.scheduler_side.vet_firing
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = gevent.event.Event()
-        #: What an administrator's DISCONNECT does (in a greenlet): :meth:`stop`;
-        #: ``emq-green --standalone`` drains its job manager first, as on SIGTERM.
+        #: Called in a greenlet for an administrator's DISCONNECT, :meth:`stop`
+        #: by default; ``emq-green --standalone`` drains its job manager first.
         self.on_admin_disconnect: Callable[[], Any] = self.stop
         self._tables: dict[str, dict[Command, Handler]] = {
             "frontend": {
