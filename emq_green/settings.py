@@ -678,7 +678,10 @@ def misplaced_flags(section: str, given: frozenset[str], standalone: bool = Fals
     one INI file or environment shared by all, but a flag is meant for the
     program it is given to."""
     if section in _HELP_FIELDS:
-        return sorted(given - _HELP_FIELDS[section])
+        # the router's queues are those of a worker that announces none
+        # (emq-jobmanager always does so), though -Q is not in its --help
+        used = _HELP_FIELDS[section] | ({"queues"} if section == "router" else set())
+        return sorted(given - used)
     if standalone:  # the job manager connects in-process
         return sorted(given & {"worker_addr"})
     return sorted(given & _ROUTER_ONLY)

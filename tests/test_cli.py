@@ -251,7 +251,8 @@ def test_allowed_callables_on_the_router_is_named_as_a_worker_setting(tmp_path, 
 
 @pytest.mark.timeout(60)
 def test_worker_flags_on_the_router_command_line_are_named(tmp_path):
-    """--concurrent-jobs and -Q on emq-green-router were accepted silently."""
+    """--concurrent-jobs on emq-green-router was accepted silently (its -Q is
+    used: the queues of a worker that announces none)."""
     from peers import Proc, clean_env, free_ports
 
     front, back, admin = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
@@ -264,7 +265,7 @@ def test_worker_flags_on_the_router_command_line_are_named(tmp_path):
     try:
         router.wait_for(r"router listening", timeout=20)
         [line] = [x for x in router.text().splitlines() if " WARNING " in x]
-        assert ("emq-green-router does not use concurrent_jobs, queues, given on its command "
+        assert ("emq-green-router does not use concurrent_jobs, given on its command "
                 "line: settings of a worker or a scheduler") in line
     finally:
         router.kill()

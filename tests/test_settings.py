@@ -130,7 +130,8 @@ def test_flags_meant_for_another_program_are_named_but_not_shared_settings(tmp_p
     # the file and the environment serve every program: nothing named
     assert misplaced("router", []) == misplaced("jobmanager", []) == []
     assert misplaced("router", ["--concurrent-jobs", "5", "-Q", "a", "--hwm", "9"]) == [
-        "concurrent_jobs", "queues"]
+        "concurrent_jobs"]  # its -Q: the queues of workers that announce none
+    assert misplaced("scheduler", ["-Q", "a"]) == ["queues"]
     assert misplaced("jobmanager", ["--journal-file", "k.db", "--scheduler", "-J", "3",
                                     "--frontend-addr", "tcp://127.0.0.1:7"]) == [
         "frontend_addr", "journal_file", "run_scheduler"]
