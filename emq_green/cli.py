@@ -72,7 +72,9 @@ def main(argv: "list[str] | None" = None) -> int:
         monkey.patch_all()
 
     from .jobmanager import JobManager
-    from .settings import SettingsError, load_settings
+    from .settings import SettingsError, eventmq_abbreviations, load_settings
+
+    argv = eventmq_abbreviations(argv)  # for --standalone's router settings too
 
     def load():
         return load_settings(argv, os.environ, section="jobmanager", prog="emq-green",
@@ -139,14 +141,15 @@ _MISPLACED_WHY = {
 }
 
 
-def warn_misplaced(prog: str, section: str, ns, standalone: bool = False) -> None:
+def warn_misplaced(prog: str, section: str, ns, standalone: bool = False,
+                   with_scheduler: bool = False) -> None:
     """A WARNING naming the flags of the command line this program does not
     use (every program accepts every setting)."""
     import logging
 
     from .settings import misplaced_flags
 
-    names = misplaced_flags(section, ns.from_command_line, standalone)
+    names = misplaced_flags(section, ns.from_command_line, standalone, with_scheduler)
     if names:
         logging.getLogger("emq_green.cli").warning(
             "%s does not use %s, given on its command line: %s", prog, ", ".join(names),
@@ -194,8 +197,14 @@ def _standalone(settings, router_settings, load) -> int:
                                       extra_backend_addrs=(inproc,), with_scheduler=True)
     if router is None:
         return 1
-    # the job manager drains first, as on SIGTERM; the router stops after it
-    router.on_admin_disconnect = lambda: manager.stop(timeout=None)
+    # the job manager drains first, as on SIGTERM; the router stops after it.
+    # Asked again (a retry, two operators), the drain goes on: a second
+    # graceful stop() would kill the running jobs
+    def drain() -> None:
+        if manager.state not in (State.DRAINING, State.STOPPED):
+            manager.stop(timeout=None)
+
+    router.on_admin_disconnect = drain
 
     def stop_manager_with_router() -> None:
         router.serve_forever()
@@ -296,7 +305,7 @@ def router_main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green-router: {exc}\n")
         return 2
     setup_logging(settings.super_debug)
-    warn_misplaced("emq-green-router", "router", ns)
+    warn_misplaced("emq-green-router", "router", ns, with_scheduler=settings.run_scheduler)
     warn_unused(settings, {"allowed_callables": (
         "is a worker setting: the router passes every REQUEST on, and only the scheduler it "
         "runs (--scheduler) checks the schedules it takes against it; set it for emq-green"

@@ -335,8 +335,10 @@ class JobManager:
         """
         if self._slots.via_override is not None:  # a subclass's on_request called us
             self._slots.via_override.append(self._slots.admit(msgid, msg))
-            return
-        self._link.request(self._link.outgoing, msgid, msg)
+        elif type(self).on_request is not JobManager.on_request:
+            self._slots.admit(msgid, msg)  # by an override later, or directly: not again
+        else:
+            self._link.request(self._link.outgoing, msgid, msg)
 
     def on_heartbeat(self, msgid: str, message: list[str]) -> None:
         """Called for each HEARTBEAT from the router: while running, a health
@@ -515,7 +517,7 @@ def _run_setup_func(path: str) -> None:
         return
     try:
         import_dotted(path)()
-    except Exception:
+    except (Exception, SystemExit):  # (sys.exit() in it must not end the worker unsaid)
         logger.exception("subprocess_setup_func %s failed", printable(path))
 
 
@@ -537,9 +539,21 @@ def _honour_overrides(manager: JobManager, link: RouterLink, slots: JobSlots) ->
     and its :meth:`~JobManager.send_ready` for every READY, as in EventMQ."""
     cls = type(manager)
     if cls.send_ready is not JobManager.send_ready:
-        link.ready_sender = manager.send_ready
+        link.ready_sender = functools.partial(_ready_through, manager, link)
     if cls.on_request is not JobManager.on_request:
         link.admit = functools.partial(_admit_through, manager, slots)
+
+
+def _ready_through(manager: JobManager, link: RouterLink) -> None:
+    """One READY through a subclass's ``send_ready``; one that raises is
+    logged, and the READY sent (else the slot would never be offered again)."""
+    sent = link.total_ready_sent
+    try:
+        manager.send_ready()
+    except Exception:
+        logger.exception("send_ready of %s raised", type(manager).__name__)
+        if link.total_ready_sent == sent and link.outgoing is not None:
+            link.send_ready()
 
 
 def _admit_through(manager: JobManager, slots: JobSlots, msgid: str,

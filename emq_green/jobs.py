@@ -69,7 +69,8 @@ class JobOutcome(NamedTuple):
     def sendable(self) -> JobOutcome:
         """This outcome, or, for a job that succeeded with a value JSON cannot
         carry, the failure its reply is: counted and reported as failed."""
-        if self.status is Status.SUCCEEDED and type(self.value) not in _PLAIN:
+        if self.status is Status.SUCCEEDED and (type(self.value) not in _PLAIN or (
+                type(self.value) is int and self.value.bit_length() > 14000)):  # str limit
             fault = encoding_fault(self.value)
             if fault is not None:
                 return JobOutcome.failure(fault, self.attempts)

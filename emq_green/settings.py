@@ -439,7 +439,7 @@ class _SectionsParser(configargparse.ConfigFileParser):
 _EVENTMQ_LONG_OPTIONS = ("--broker-addr", "--config", "--queues", "--jobs", "--name")
 
 
-def _eventmq_abbreviations(argv: Sequence[str]) -> list[str]:
+def eventmq_abbreviations(argv: Sequence[str]) -> list[str]:
     """``argv`` with emq-jobmanager's abbreviated long options written out,
     so a command line it accepted means the same here."""
     out = []
@@ -599,7 +599,7 @@ def load_settings(
     """
     argv = list(argv if argv is not None else [])
     if section == "jobmanager":
-        argv = _eventmq_abbreviations(argv)
+        argv = eventmq_abbreviations(argv)
     environ = dict(os.environ if environ is None else environ)
     config_file, explicit = _config_path(argv, environ)
     if explicit and not os.path.exists(config_file):
@@ -672,7 +672,8 @@ _ROUTER_ONLY = frozenset({
     "scheduler_file", "scheduler_addr"})
 
 
-def misplaced_flags(section: str, given: frozenset[str], standalone: bool = False) -> list[str]:
+def misplaced_flags(section: str, given: frozenset[str], standalone: bool = False,
+                    with_scheduler: bool = False) -> list[str]:
     """The settings of ``given`` (set on the command line) that the program
     reading ``section`` ignores: every program accepts every setting, for
     one INI file or environment shared by all, but a flag is meant for the
@@ -681,9 +682,12 @@ def misplaced_flags(section: str, given: frozenset[str], standalone: bool = Fals
         # the router's queues are those of a worker that announces none
         # (emq-jobmanager always does so), though -Q is not in its --help
         used = _HELP_FIELDS[section] | ({"queues"} if section == "router" else set())
+        if with_scheduler:  # the router's own scheduler (--scheduler)
+            used |= _HELP_FIELDS["scheduler"] - {"scheduler_addr", "curve_server_key_file"}
         return sorted(given - used)
-    if standalone:  # the job manager connects in-process
-        return sorted(given & {"worker_addr"})
+    if standalone:  # the job manager connects in-process, and so does its scheduler
+        return sorted(given & {"worker_addr", "worker_addr_default", "worker_addr_failover",
+                               "scheduler_addr"})
     return sorted(given & _ROUTER_ONLY)
 
 

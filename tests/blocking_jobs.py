@@ -52,3 +52,12 @@ def block_timed(seconds):
     started = time.time()
     real_sleep(seconds)
     return [started, time.time()]
+
+
+def block_in_bursts(seconds, burst):
+    """Hold the loop ``burst`` s at a time, yielding between, for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        real_sleep(burst)
+        gevent.sleep(0)
+    return seconds

@@ -217,7 +217,9 @@ def test_a_success_whose_value_cannot_be_sent_is_the_failure_its_reply_is():
     assert (outcome.status, outcome.error_type, outcome.attempts) == (Status.FAILED,
                                                                       "TypeError", 2)
     assert outcome.reply() == json.loads(encode_reply({"value": {"when": object()}}))
-    for value in (None, "x", 3, [1, {"k": 2.5}]):
+    big = JobOutcome(Status.SUCCEEDED, 10 ** 5000).sendable()  # over str()'s digit limit
+    assert (big.status, big.error_type) == (Status.FAILED, "ValueError")
+    for value in (None, "x", 3, 10 ** 4000, [1, {"k": 2.5}]):
         plain = JobOutcome(Status.SUCCEEDED, value)
         assert plain.sendable() is plain
 

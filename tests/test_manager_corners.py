@@ -399,3 +399,74 @@ def test_a_failing_setup_func_is_logged_and_the_worker_serves(router, make_manag
     assert manager.state is State.RUNNING
     assert any(r.levelname == "ERROR" and f"subprocess_setup_func {JOBS}.boom failed"
                in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(30)
+def test_a_job_holding_the_loop_again_and_again_does_not_hide_a_dead_router(
+        router, make_manager, caplog):
+    """Each late wake-up was excused as a pause: the router's silence never
+    added up while the job ran, and its death was seen only after the job."""
+    manager = make_manager(concurrent_jobs=2)  # dead after 3 x 0.5 s of silence
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    router.request(ident, "blocking_jobs", "block_in_bursts", args=[9, 1.0])
+    router.wait_until(lambda: manager.jobs_in_flight)
+    started = time.time()
+    router.close()  # dies, and sends nothing more
+
+    def seen() -> list:
+        return [r for r in caplog.records if "nothing from the router" in r.getMessage()]
+
+    while not seen():  # (this greenlet runs only between the job's bursts)
+        assert time.time() < started + 20
+        gevent.sleep(0.1)
+    assert seen()[0].created - started < 6  # the job holds the loop for 9 s
+
+
+class Deferred(JobManager):
+    """Admits each request a moment later, from a greenlet of its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def on_request(self, msgid, msg):
+        self.calls += 1
+        gevent.spawn_later(0.05, super().on_request, msgid, msg)
+
+    def send_ready(self):
+        if getattr(self, "fail_readies", False):
+            raise RuntimeError("no READY today")
+        super().send_ready()
+
+
+def test_an_override_that_admits_later_or_is_called_directly_runs_each_job_once(
+        router, make_manager):
+    # the base method called later went back through the override: 594
+    # calls and READYs for 2 requests in a probe, no job run
+    manager = make_manager(manager_class=Deferred, concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    msgids = [router.request(ident, JOBS, "add", args=[n, 1], headers=REPLY) for n in (1, 2)]
+    assert [router.wait_reply(m) for m in msgids] == [{"value": 2}, {"value": 3}]
+    assert manager.calls == 2
+    router.wait_count(Command.READY, 4)
+    gevent.sleep(0.3)  # nothing more comes (a loop sent a READY per turn)
+    assert router.count(Command.READY) == 4 and manager.calls == 2
+    # a send_ready override that raises: logged, the READY sent all the same
+    manager.fail_readies = True
+    again = router.request(ident, JOBS, "add", args=[5, 5], headers=REPLY)
+    assert router.wait_reply(again) == {"value": 10}
+    router.wait_count(Command.READY, 5)
+    assert manager.state is State.RUNNING
+
+
+def test_a_setup_func_that_calls_sys_exit_is_logged_and_the_worker_serves(
+        router, make_manager, caplog):
+    manager = make_manager(subprocess_setup_func="sys.exit")
+    ident = router.wait_inform()
+    ok = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(ok) == {"value": 3}
+    assert manager.state is State.RUNNING
+    assert any("subprocess_setup_func sys.exit failed" in r.getMessage()
+               for r in caplog.records)

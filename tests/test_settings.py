@@ -139,6 +139,15 @@ def test_flags_meant_for_another_program_are_named_but_not_shared_settings(tmp_p
                      standalone=True) == ["worker_addr"]
     assert misplaced("scheduler", ["-J", "2", "--scheduler-addr", "tcp://127.0.0.1:7"]) == [
         "concurrent_jobs"]
+    # the router's own scheduler reads the scheduler's settings
+    _, ns = load_settings(["--scheduler", "--heartbeat-liveness", "5", "--reconnect-timeout",
+                           "3"], {}, section="router")
+    assert misplaced_flags("router", ns.from_command_line, with_scheduler=True) == []
+    assert misplaced_flags("router", ns.from_command_line) == ["heartbeat_liveness",
+                                                               "reconnect_timeout"]
+    assert misplaced("jobmanager", ["--worker-addr-failover", "tcp://127.0.0.1:7",
+                                    "--scheduler-addr", "tcp://127.0.0.1:8"],
+                     standalone=True) == ["scheduler_addr", "worker_addr_failover"]
 
 
 def test_failover_address_from_file(tmp_path):

@@ -83,9 +83,11 @@ def test_an_administrators_disconnect_drains_a_standalone_box_first(stack: Stack
                                                                     tmp_path: Path):
     """emq-cli's shutdown stopped the router under the job manager: a WARNING
     (send queue full) and an ERROR (messages dropped at close) for a normal
-    stop, and the running job's REPLY lost."""
+    stop, and the running job's REPLY lost; and a second one, once it
+    drained, killed the running jobs."""
     box = stack.spawn("standalone", [
-        str(BIN / "emq-green"), "--standalone", "-J", "3", "--frontend-addr", stack.front,
+        # --job: emq-jobmanager's abbreviation, for the router's settings too
+        str(BIN / "emq-green"), "--standalone", "--job", "3", "--frontend-addr", stack.front,
         "--backend-addr", stack.back, "--administrative-addr", stack.admin,
         "--kill-grace-period", "20", "--allowed-callables", '["examples.jobs.*"]'])
     stack.wait_for_worker(slots=3)
@@ -97,6 +99,7 @@ def test_an_administrators_disconnect_drains_a_standalone_box_first(stack: Stack
     assert submit.returncode == 0, submit.stderr
     wait_until(lambda: _running(stack) == 1, 20, "the job running")
     admin_request(stack.admin, Command.DISCONNECT)  # (answered with an ACK)
+    admin_request(stack.admin, Command.DISCONNECT)  # again: the drain goes on
     assert box.wait(timeout=30) == 0, stack.logs()
     assert [line.split()[0] for line in lines(marks)] == ["slow"]  # it ran to its end
     log = (stack.tmp / "standalone.log").read_text()

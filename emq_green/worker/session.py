@@ -489,7 +489,10 @@ class RouterLink:
             worker_log.flush()  # the summary of lines a flood of REQUESTs caused
             if conn is not None and self._running() and not s.disable_heartbeats:
                 wait = _beat(self, conn, s, awake_since)
-            if _nap(max(0.05, min(wait, s.heartbeat_interval)), s.heartbeat_interval):
+            if _nap(max(0.05, min(wait, s.heartbeat_interval)), s.heartbeat_interval) and (
+                    conn is None or conn.last_received >= awake_since):
+                # one pause is excused per time the router is heard: a job
+                # that holds the loop again and again does not hide a dead router
                 awake_since = time.monotonic()
                 self.counters["resumed_after_a_pause"] += 1
 

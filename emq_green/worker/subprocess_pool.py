@@ -28,7 +28,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -57,8 +56,6 @@ STARTUP_TIMEOUT = 120.0
 CLOSE_TIMEOUT = 2.0
 #: How long after a child's death the pool still reads its last line, s.
 DEATH_GRACE = 0.5
-#: a child that ran a job, or lived this long, is replaced at once when it dies idle
-SETTLED_AFTER = 5.0
 
 
 def cpu_count() -> int:
@@ -136,7 +133,6 @@ class _Child:
             close_fds=True, start_new_session=True,
         )
         self.pid: int = self.proc.pid
-        self.started = time.monotonic()
         self.jobs = 0
         self.ready = False
         #: waiting in the pool's idle queue (no job holds it)
@@ -295,7 +291,7 @@ class SubprocessPool:
         self.counters["children_died"] += 1
         # One that dies as it starts is not started again here, or a child
         # that cannot start would be restarted for ever: the next job starts one.
-        proven = child.jobs > 0 or time.monotonic() - child.started > SETTLED_AFTER
+        proven = child.jobs > 0  # (a slow setup may end in death: not a proof of life)
         logger.warning("subprocess child %d died while idle (%s); %s", child.pid,
                        child.death_reason(),
                        "replacing it" if proven else "the next job starts another")
