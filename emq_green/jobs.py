@@ -22,7 +22,7 @@ import sys
 import time
 from enum import Enum
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import gevent
 import gevent.event
@@ -105,16 +105,22 @@ else:  # pragma: no cover - Pythons without the C accelerator
 
 def encode_reply(reply: Any) -> str:
     """JSON for a REPLY frame; an unencodable value becomes its error text."""
+    text = _encoded(reply)
+    return text if isinstance(text, str) else _error_reply(text)
+
+
+def _encoded(value: Any) -> Union[str, BaseException]:
+    """``value`` as JSON text, or why JSON cannot carry it."""
     try:
-        return _encode(reply)
+        return _encode(value)
     except RecursionError:
         pass  # circular, or just deep: json.dumps tells which, in its own words
     except (TypeError, ValueError, OverflowError) as exc:
-        return _error_reply(exc)
+        return exc
     try:
-        return json.dumps(reply)
+        return json.dumps(value)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        return _error_reply(exc)
+        return exc
 
 
 #: values JSON always carries, not encoded to find out
@@ -123,18 +129,8 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 def encoding_fault(value: Any) -> Optional[BaseException]:
     """Why a REPLY cannot carry ``value`` as JSON; None when it can."""
-    try:
-        _encode(value)
-        return None
-    except RecursionError:
-        pass
-    except (TypeError, ValueError, OverflowError) as exc:
-        return exc
-    try:
-        json.dumps(value)
-        return None
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        return exc
+    fault = _encoded(value)
+    return None if isinstance(fault, str) else fault
 
 
 def _error_reply(exc: BaseException) -> str:

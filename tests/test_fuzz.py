@@ -15,7 +15,7 @@ from test_hardening import REPLY, Credit, settled
 from test_router import Harness, make_router  # noqa: F401 (fixture)
 
 from emq_green.jobmanager import State
-from emq_green.protocol import Command, RunRequest
+from emq_green.protocol import Command, ProtocolError, RunRequest, queue_names
 
 JOBS = "jobs_for_tests"
 VALID = [b"", b"eMQP/1.0", b"REQUEST", b"msgid", b"default", REPLY.encode(),
@@ -198,3 +198,24 @@ def test_header_flags_read_each_name_exactly(text):
     assert guarantee_in(text) == ("guarantee" in names)
     assert reply_requested_in(text) == ("reply-requested" in names)
     assert result_requested_in(text) == ("result-requested" in names)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.lists(st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet='[]"0123456789, :ab', max_size=40),
+    st.recursive(st.integers() | st.text(max_size=5),
+                 lambda inner: st.lists(inner, max_size=4)).map(json.dumps)),
+    min_size=1, max_size=4))
+def test_queue_names_from_a_command_line_are_queues_or_one_clear_error(items):
+    """-Q (and JobManager(queues=...)) take anything a shell gives: names,
+    name:weight, JSON whole or cut up. The answer is queues whose names hold
+    no piece of JSON, or a ProtocolError (a ValueError) naming the fault."""
+    try:
+        queues = queue_names(items, 10)
+    except ProtocolError as exc:
+        assert str(exc)
+        return
+    assert queues and all(isinstance(w, int) and isinstance(n, str) for w, n in queues)
+    if not items[0].lstrip().startswith("["):
+        assert all(n and not set(n) & set('[]"') for _, n in queues)

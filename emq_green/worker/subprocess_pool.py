@@ -271,7 +271,7 @@ class SubprocessPool:
         self._idle.put(child)
 
     def _take_idle(self, timeout: Optional[float]) -> _Child:
-        """The next idle child that is alive; one found dead is replaced."""
+        """The next idle child that is alive (one found dead: :meth:`_died_idle`)."""
         while True:
             child = self._idle.get(timeout=timeout)
             child.idle = False
@@ -283,15 +283,16 @@ class SubprocessPool:
 
     def _died_idle(self, child: _Child) -> None:
         """A child died with no job in it (the OOM killer, an operator): not
-        a job's failure. It is counted, forgotten and replaced at once, so
-        ``/status`` does not list a dead pid until the next job comes."""
+        a job's failure. It is counted and forgotten at once, so ``/status``
+        does not list a dead pid until the next job comes, and replaced at
+        once if it had run a job; one that never did (it may die as it
+        starts) is left to the next job, or a child that cannot start would
+        be restarted for ever."""
         if child.gone or child.pid not in self._children:
             return  # retired, recycled or already seen
         child.gone = True
         self.counters["children_died"] += 1
-        # One that dies as it starts is not started again here, or a child
-        # that cannot start would be restarted for ever: the next job starts one.
-        proven = child.jobs > 0  # (a slow setup may end in death: not a proof of life)
+        proven = child.jobs > 0  # (age is no proof: a slow setup may end in death)
         logger.warning("subprocess child %d died while idle (%s); %s", child.pid,
                        child.death_reason(),
                        "replacing it" if proven else "the next job starts another")
