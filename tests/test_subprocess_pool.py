@@ -347,6 +347,28 @@ def test_a_kill_9_of_the_worker_takes_what_a_subprocess_job_forked_with_it(route
     router.wait_until(lambda: all(gone(pid) for pid in [child, *group]), timeout=10)
 
 
+def test_a_sentinel_killed_from_outside_is_reaped_and_replaced_before_the_next_job(
+        router, make_manager):
+    """Without this the killed sentinel stayed a zombie, and what later jobs
+    forked would have outlived a killed worker."""
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    child = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))["value"]
+    [sentinel] = psutil.Process(child).children()
+    sentinel.kill()
+    router.wait_until(lambda: gone(sentinel.pid), timeout=10)
+    assert router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                            subprocess=True))["value"] == child
+    with pytest.raises(psutil.NoSuchProcess):  # reaped, not a zombie
+        psutil.Process(sentinel.pid).status()
+    [replacement] = psutil.Process(child).children()
+    assert replacement.pid != sentinel.pid
+    assert replacement.status() != psutil.STATUS_ZOMBIE
+    stop_and_check(router, manager)
+    router.wait_until(lambda: gone(replacement.pid), timeout=10)  # it ended the group
+
+
 def test_children_are_recycled_after_max_job_count(router, make_manager):
     manager = make_manager(concurrent_jobs=8, subprocess_pool_size=1, max_job_count=3)
     ident = router.wait_inform()

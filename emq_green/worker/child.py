@@ -60,9 +60,10 @@ def _prctl_pdeathsig(signum: int) -> bool:
         return False
 
 
-def _guard_the_group() -> None:
+def _guard_the_group() -> Optional[int]:
     """Linux: fork a sentinel that SIGKILLs this child's process group once
-    the child is gone, so a process a job forked does not outlive it.
+    the child is gone, so a process a job forked does not outlive it; its
+    pid, or None when there is none.
 
     While the worker lives it kills the group itself (a timeout, a stop);
     a SIGKILLed worker cannot, and the child's PDEATHSIG ends the child
@@ -71,21 +72,22 @@ def _guard_the_group() -> None:
     leaves the group (``setsid``) is out of its reach."""
     child = os.getpid()
     if not sys.platform.startswith("linux") or os.getpgrp() != child:
-        return  # not a group of its own (not started by the pool): not ours to end
+        return None  # not a group of its own (not started by the pool): not ours to end
     try:
         pid = os.fork()
     except OSError as exc:
         logger.warning("no sentinel for the process group (%s): what a job forks may "
                        "outlive a killed worker", exc)
-        return
+        return None
     if pid:
-        return
+        return pid
     try:  # the sentinel: never returns
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1):  # the pipes: the worker sees EOF when the child ends
             os.dup2(devnull, fd)
+        os.closerange(3, 1 << 16)  # their private copies too, when the child made them
         armed = _prctl_pdeathsig(signal.SIGUSR1)
         if armed and os.getppid() == child:
             signal.sigwait({signal.SIGUSR1})
@@ -93,6 +95,27 @@ def _guard_the_group() -> None:
             os.killpg(child, signal.SIGKILL)
     finally:
         os._exit(0)  # not armed: a child no sentinel guards, as before
+
+
+class _Guard:
+    """The sentinel of :func:`_guard_the_group`, replaced before the next job
+    when it has ended (killed from outside: it would stay a zombie, and what
+    later jobs fork would outlive a killed worker)."""
+
+    def __init__(self) -> None:
+        self.pid = _guard_the_group()
+
+    def check(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            ended, _status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by a job's os.wait()
+            ended = self.pid
+        if ended:
+            logger.warning("the sentinel of this process group (%d) ended; starting "
+                           "another", self.pid)
+            self.pid = _guard_the_group()
 
 
 def _optional(env: str) -> Optional[Callable[[], Any]]:
@@ -160,10 +183,12 @@ class Child:
             return JobOutcome.failure(exc, attempt)
         return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
 
-    def serve(self, lines: IO[str]) -> None:
+    def serve(self, lines: IO[str], guard: Optional[_Guard] = None) -> None:
         for line in lines:
             if not line.strip():
                 continue
+            if guard is not None:
+                guard.check()
             outcome = self.run(json.loads(line))
             self.out.write(_outcome_line(outcome) + "\n")
             self.out.flush()
@@ -174,7 +199,7 @@ def main() -> int:
                         format=f"%(asctime)s - emq-green child {os.getpid()} "
                                "%(levelname)s - %(message)s")
     _die_with_parent(int(os.environ.get(ENV_PARENT, "0") or 0))
-    _guard_the_group()
+    guard = _Guard()
     # Keep private copies of the pipes; fd 1 becomes stderr and fd 0 /dev/null.
     proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8")
     proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -199,7 +224,7 @@ def main() -> int:
     child = Child(proto_out, entry_func=entry, exit_func=exit_, policy=policy)
     child.send({"ready": os.getpid()})
     try:
-        child.serve(proto_in)
+        child.serve(proto_in, guard)
     except (BrokenPipeError, KeyboardInterrupt):
         return 1
     return 0
