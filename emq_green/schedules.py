@@ -274,6 +274,6 @@ def schedule_body(*, queue: str, headers: Sequence[str], payload: dict[str, Any]
     return (queue, ",".join(headers), interval_text, json.dumps(["run", payload]), cron)
 
 
-__all__ = ["FOREVER", "HANDED_OVER", "MAX_SCHEDULE_BYTES", "Schedule", "handed_over",
-           "header_value", "has_header", "next_cron", "parse_schedule", "schedule_body",
-           "schedule_key", "unschedule_key"]
+__all__ = ["FOREVER", "HANDED_OVER", "MAX_INTERVAL", "MAX_SCHEDULE_BYTES", "Schedule",
+           "handed_over", "header_value", "has_header", "next_cron", "parse_schedule",
+           "schedule_body", "schedule_key", "unschedule_key"]

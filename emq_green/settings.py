@@ -504,8 +504,10 @@ def build_parser(
         add_env_var_help=False,
     )
     parser.add_argument("-C", "--config", help="INI file (env EVENTMQ_CONFIG_FILE)")
+    name_default = ("the host and a hash of scheduler_file, the same across restarts"
+                    if section == "scheduler" else "host-pid-random")
     parser.add_argument("-n", "--name", env_var=ENV_PREFIX + "NAME",
-                        help="name of this instance (default: host-pid-random)")
+                        help=f"name of this instance (default: {name_default})")
     listed = _HELP_FIELDS.get(section)
     worker = listed is None
     parser.add_argument("-Q", "--queues", nargs="+", metavar="NAME[:WEIGHT]",

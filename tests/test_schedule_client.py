@@ -210,6 +210,16 @@ def test_a_delay_or_eta_that_is_not_a_time_is_a_value_error(when):
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("when", [{"delay": 1e10}, {"eta": time.time() + 4e8}])
+def test_a_delay_over_ten_years_is_a_value_error_naming_the_bound(when):
+    """It was refused by the router as an interval out of range."""
+    with Client(f"tcp://127.0.0.1:{free_port()}", green=False) as client:
+        with pytest.raises(ValueError, match="at most ten years"):
+            client.defer_job("interop_jobs.record", ["x"], **when)
+    assert client.sent == 0
+
+
+@pytest.mark.timeout(20)
 @pytest.mark.parametrize("when", [{"delay": 5}, {"eta": time.time() + 5}])
 def test_a_delayed_job_cannot_ask_for_its_result(when):
     """result=True was silently ignored: the caller got a msgid, no handle."""

@@ -467,3 +467,51 @@ def test_a_guaranteed_run_never_acknowledged_is_fired_again_on_reconnect():
         scheduler.stop(2)
         router.sock.close(linger=0)
         context.term()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("interval, headers, cron", [
+    ("0.5", "", ""), ("5.0", "", ""), ("1e3", "", ""),  # EventMQ's int() dies on these
+    ("-1", "eta:2000000000,run_count:1", ""),  # -1 is cron to it; no cron text kills it
+])
+def test_what_eventmq_s_scheduler_dies_on_is_refused_before_any_scheduler(
+        side, interval, headers, cron):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, interval=interval, headers=headers, cron=cron)
+    assert sockets.to(b"s1", Command.SCHEDULE) == []
+    (refusal,) = sockets.to(b"client", Command.REPLY)
+    assert '"refused": "refused_malformed"' in refusal.body[0]
+    assert side.counts["refused_malformed"] == 1 and KEY not in side.live
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("headers, forwarded", [
+    ("run_count:2", "run_count:2,nohaste"),  # its first run at once killed EventMQ's
+    ("", ""),  # no run_count: EventMQ's scheduler fires it at once without dying
+    ("run_count:2,nohaste", "run_count:2,nohaste"),
+])
+def test_a_cron_schedule_with_run_count_is_forwarded_with_nohaste(side, headers, forwarded):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, interval="-1", cron="*/5 * * * *", headers=headers)
+    (sent,) = sockets.to(b"s1", Command.SCHEDULE)
+    assert sent.body == ("other", forwarded, "-1", PAYLOAD, "*/5 * * * *")
+    assert side.live[KEY].body == sent.body  # and so it is handed over
+
+
+@pytest.mark.timeout(10)
+def test_a_cron_schedule_whose_counted_runs_were_seen_is_still_dropped_once_unscheduled(side):
+    """EventMQ's scheduler counts no runs of a cron schedule and fires it on:
+    the router had forgotten it after run_count firings, and its UNSCHEDULE
+    then let the firings through for ever."""
+    side, _ = side
+    inform(side, b"s1")
+    schedule(side, interval="-1", cron="*/5 * * * *", headers="run_count:1,nohaste")
+    assert side.vet_firing(b"s1", firing("default")) is not None
+    assert KEY not in side.live  # its one counted run seen
+    assert side.vet_firing(b"s1", firing("default")) is not None  # fired on, as EventMQ
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "-1",
+                                              PAYLOAD, "*/5 * * * *"))
+    assert side.vet_firing(b"s1", firing("default")) is None
+    assert side.counts["firing_dropped"] == 1

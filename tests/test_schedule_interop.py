@@ -239,7 +239,12 @@ def test_malformed_schedules_are_refused_and_nothing_stops(peers):
                ("default", "", "1", payload, "x" * 70_000),
                ("default", "", "1", payload),
                ("default", "", "1", '["run", {"path": "interop_jobs", "callable": "record"}]',
-                "")]
+                ""),
+               # what EventMQ's scheduler reads with int() and dies on
+               ("default", "", "0.5", payload, ""),
+               ("default", "", "5.0", payload, ""),
+               # -1 is cron to it: a one-shot at its eta alone kills it too
+               ("default", f"eta:{time.time() + 60:.3f},run_count:1", "-1", payload, "")]
         for body in bad:
             sock.send_multipart(Message.new(Command.SCHEDULE, *body).frames())
         answers = []
@@ -247,12 +252,18 @@ def test_malformed_schedules_are_refused_and_nothing_stops(peers):
             assert sock.poll(5000), f"{len(answers)} refusals only\n{router.tail()}"
             answers.append(Message.parse(sock.recv_multipart()))
         assert all('"refused": "refused_malformed"' in a.body[0] for a in answers)
-        assert router.admin(Command.STATUS)["schedule_messages"]["refused_malformed"] == 6
+        assert router.admin(Command.STATUS)["schedule_messages"]["refused_malformed"] == 9
         # the good one after them still runs
         sock.send_multipart(Message.new(Command.SCHEDULE, "default", "", "1", payload,
                                         "").frames())
         wait_runs(peers, "ok", 2)
-        assert scheduler.alive and router.alive
+        # a cron schedule with run_count and no nohaste: its first run at once
+        # killed EventMQ's scheduler (KeyError); forwarded with nohaste, it runs
+        sock.send_multipart(Message.new(Command.SCHEDULE, "default", "run_count:2", "-1",
+                                        payload.replace('["ok"]', '["cron-rc"]'),
+                                        "* * * * * *").frames())
+        wait_runs(peers, "cron-rc", 2)
+        assert scheduler.alive and router.alive, scheduler.tail()
     finally:
         sock.close()
 

@@ -30,7 +30,7 @@ import uuid
 from typing import Any, Optional, Sequence, Union
 
 from ..protocol import Command, Message, RunRequest
-from ..schedules import parse_schedule, schedule_body
+from ..schedules import MAX_INTERVAL, parse_schedule, schedule_body
 
 #: a time: seconds since the epoch, or a datetime (naive: local time)
 When = Union[float, datetime.datetime]
@@ -78,7 +78,8 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
     """A SCHEDULE body for every ``every`` seconds or the times of ``cron``."""
     if (every is None) == (cron is None):
         raise ValueError("give either every (seconds) or cron, not both")
-    if every is not None and not (every >= 1 and float(every).is_integer()):
+    if every is not None and (isinstance(every, bool) or not (
+            every >= 1 and float(every).is_integer())):
         raise ValueError(f"every must be a whole number of seconds, at least 1 (EventMQ's "
                          f"scheduler reads it as an int); got {every!r}")
     headers = job_headers(guarantee, retry_count, timeout)
@@ -129,6 +130,9 @@ def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
                       eta.timestamp() if isinstance(eta, datetime.datetime) else eta)
     else:
         at = now + finite_seconds("delay", delay)
+    if at - now > MAX_INTERVAL:
+        raise ValueError(f"a delayed job runs at most ten years ({MAX_INTERVAL:g} s) from "
+                         f"now; got {at - now:g} s")
     headers = [*job_headers(guarantee, retry_count, timeout), "run_count:1", "nohaste",
                f"eta:{at:.6f}", f"delay-id:{uuid.uuid4().hex}"]
     body = schedule_body(queue=queue or "default", headers=headers,

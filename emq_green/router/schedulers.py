@@ -119,6 +119,33 @@ def _ends(schedule: Schedule, now: float, wall: float) -> Optional[float]:
     return now + last + _ENDS_MARGIN
 
 
+def for_any_scheduler(schedule: Schedule, body: tuple[str, ...]) -> tuple[str, ...]:
+    """A SCHEDULE body EventMQ's scheduler can hold too (the router does not
+    know which kind will hold it, now or after a hand-over).
+
+    Raises:
+        ProtocolError: an interval it reads with ``int()`` and dies on
+            (``0.5``, ``5.0``), or ``-1`` without a cron text (a one-shot at
+            its ``eta``: it reads ``-1`` as cron and dies on the empty text).
+
+    A cron schedule with ``run_count`` and without ``nohaste`` gets
+    ``nohaste``: EventMQ's scheduler dies on its first run at once (it counts
+    that run down in its book of interval jobs, where a cron one is not).
+    """
+    if schedule.interval is None and not schedule.cron:
+        raise ProtocolError("interval -1 needs a cron text (a one-shot needs its delay "
+                            "as whole seconds, as EventMQ's scheduler reads it)")
+    if schedule.interval is not None:
+        try:
+            int(body[2])
+        except ValueError:
+            raise ProtocolError(f"interval {printable(body[2], 40)} is not a whole number "
+                                "of seconds (EventMQ's scheduler reads it with int())") from None
+    elif schedule.run_count != FOREVER and not schedule.nohaste:
+        return (body[0], f"{body[1]},nohaste" if body[1] else "nohaste", *body[2:])
+    return body
+
+
 def _listed(row: dict[str, Any]) -> dict[str, Any]:
     """What the book keeps of a scheduler's listing row: texts cut at
     :data:`MAX_LISTED_TEXT`, numbers only (a peer says what it likes)."""
@@ -266,6 +293,7 @@ class SchedulerSide:
     def on_schedule(self, client: bytes, message: Message) -> None:
         try:
             schedule = parse_schedule(message.body)
+            message = message._replace(body=for_any_scheduler(schedule, tuple(message.body)))
         except ProtocolError as exc:
             self._refuse(client, message, "refused_malformed", str(exc))
             return
@@ -318,7 +346,7 @@ class SchedulerSide:
         self.counts["unscheduled"] += 1
         self.book.pop(key, None)
         live = self._forget(key)
-        if live is not None and live.cron:
+        if live is None or live.cron:  # or forgotten: its runs seen, a router restart
             self._cancelled[key] = None
             while len(self._cancelled) > MAX_CANCELLED:
                 self._cancelled.popitem(last=False)
