@@ -266,6 +266,9 @@ class Headers:
         objects are immutable)."""
         headers = _HEADERS_SEEN.get(text)
         if headers is None:
+            if len(text) > MAX_HEADERS_CHARS:  # a second of splitting, and the cache's memory
+                raise ProtocolError(f"bad headers: {len(text)} characters, at most "
+                                    f"{MAX_HEADERS_CHARS}")
             headers = cls._parse(text)
             if len(_HEADERS_SEEN) >= _HEADERS_SEEN_MAX:
                 _HEADERS_SEEN.clear()
@@ -318,6 +321,10 @@ class Headers:
 
 #: the largest ``retry-count`` a REQUEST may ask for; more is an invalid request
 MAX_RETRY_COUNT = 100
+
+#: the longest headers frame a REQUEST may have (EventMQ's are a few dozen
+#: characters); longer is an invalid request
+MAX_HEADERS_CHARS = 64 * 1024
 
 _HEADERS_SEEN: dict[str, Headers] = {}
 _HEADERS_SEEN_MAX = 512

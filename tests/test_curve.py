@@ -529,3 +529,20 @@ def test_emq_green_scheduler_connects_over_curve(stack: CurveStack):
                            "--scheduler-file", "", *keyed[:2]],
                           capture_output=True, text=True, timeout=20, env=stack.env)
     assert half.returncode == 2 and "curve_server_key_file" in half.stderr, half.stderr
+
+
+@pytest.mark.timeout(20)
+def test_a_flood_of_refused_handshakes_is_logged_a_burst_at_a_time(keys: Keys, caplog):
+    """Each refusal was one WARNING: a peer could fill the router's disk."""
+    import logging
+
+    from emq_green.router.zap import ZapHandler
+
+    zap = ZapHandler(context=zmq.Context.instance(), authorized_keys=str(keys.authorized))
+    stranger = os.urandom(32)
+    request = [b"1.0", b"1", b"global", b"127.0.0.1", b"", b"CURVE", stranger]
+    with caplog.at_level(logging.WARNING, logger="emq_green.router.zap"):
+        answers = [zap.answer(request) for _ in range(1000)]
+    assert all(a[2] == b"400" for a in answers) and zap.counters["refused"] == 1000
+    logged = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert 1 <= len(logged) <= 100

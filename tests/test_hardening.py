@@ -173,6 +173,7 @@ def test_deeply_nested_payloads_lose_no_slot(router, make_manager):
     "reply-requested,timeout:-inf", "reply-requested,timeout:1e999",
     "reply-requested,timeout:-1", "reply-requested,retry-count:101",
     "reply-requested,retry-count:-1", "reply-requested,retry-count:" + "9" * 5000,
+    "reply-requested" + ",timeout:1" * 7000,  # over 64 KiB: refused before it is split
 ])
 def test_bad_timeouts_and_retry_counts_are_invalid_requests(router, make_manager, headers):
     manager = make_manager(concurrent_jobs=1, global_timeout=2)

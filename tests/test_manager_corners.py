@@ -4,6 +4,8 @@ retries against timeouts, entry/exit functions, grace periods, reloads."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 
 import gevent
@@ -222,7 +224,10 @@ def test_reload_with_jobs_running_keeps_them_and_offers_only_free_slots(router, 
     manager.reload()
     router.wait_count(Command.KBYE, 1, identity=first)
     second = router.wait_inform(index=1)
-    assert second != first
+    # name:pid:n-random: the next identity cannot be taken first by a squatter
+    pattern = rf"test-worker:{os.getpid()}:(\d+)-[0-9a-f]{{8}}"
+    counts = [re.fullmatch(pattern, i.decode()) for i in (first, second)]
+    assert all(counts) and [int(c.group(1)) for c in counts] == [1, 2]
     assert manager.wait_for_state(State.RUNNING, timeout=10)
     assert manager.concurrent_jobs == 6 and manager.counters["reloads"] == 1
     # 6 slots, 2 still running: 4 offered on the new connection

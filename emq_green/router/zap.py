@@ -35,6 +35,7 @@ import zmq.green
 import zmq.utils.z85
 
 from ..curve import CurveError, fingerprint
+from ..limits import LogLimiter
 from ..protocol import printable
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class ZapHandler:
         self.keys: frozenset[bytes] = read_authorized_keys(authorized_keys)
         #: ``allowed`` and ``refused`` handshakes, ``reloads``
         self.counters: collections.Counter[str] = collections.Counter()
+        #: a peer can fail handshakes as fast as it likes: a line each filled the disk
+        self._log = LogLimiter(logger, summary="zap: %d more failed or refused CURVE "
+                               "handshake(s) not logged one by one: %s")
         self._socket: Optional[zmq.green.Socket] = None
         self._greenlet: Optional[gevent.Greenlet] = None
         self._monitors: list[tuple[gevent.Greenlet, zmq.green.Socket]] = []
@@ -155,9 +159,9 @@ class ZapHandler:
                 reason = f"protocol error 0x{value:x}"
             else:
                 reason = zmq.strerror(value)
-            logger.warning("zap: a handshake on the %s socket (%s) failed before the key "
-                           "check: %s (a peer without CURVE, or with the wrong server key)",
-                           name, printable(event["endpoint"]), reason)
+            self._log.warning("failed", "zap: a handshake on the %s socket (%s) failed "
+                              "before the key check: %s (a peer without CURVE, or with the "
+                              "wrong server key)", name, printable(event["endpoint"]), reason)
 
     def stop(self) -> None:
         for greenlet, monitor in self._monitors:
@@ -211,9 +215,9 @@ class ZapHandler:
         self.counters["refused"] += 1
         key = fingerprint(credentials[0]) if credentials and len(credentials[0]) == 32 \
             else "(none)"
-        logger.warning("zap: %s handshake from %s refused: key %s is not in %s (domain %s)",
-                       printable(mechanism, 20), printable(address), key, self.directory,
-                       printable(domain, 40))
+        self._log.warning("refused", "zap: %s handshake from %s refused: key %s is not in %s "
+                          "(domain %s)", printable(mechanism, 20), printable(address), key,
+                          self.directory, printable(domain, 40))
         return [_VERSION, request_id, b"400", b"key not authorized", b"", b""]
 
 

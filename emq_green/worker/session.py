@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import secrets
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -241,7 +242,10 @@ class RouterLink:
         reader started."""
         s = self._settings()
         self.connections_made += 1
-        identity = f"{name}:{pid}:{self.connections_made}"
+        # the count for who reads the logs; the random part so that no one can
+        # take the identity of the next connection first (a squatter that knew
+        # it held a reconnecting worker off for as long as it liked)
+        identity = f"{name}:{pid}:{self.connections_made}-{secrets.token_hex(4)}"
         conn = Connection(self._context, addr, identity, hwm=s.hwm, debug_log=s.super_debug,
                           hide_heartbeats=s.hide_heartbeat_logs,
                           curve=client_curve(s.curve_secret_key_file,
