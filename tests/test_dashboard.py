@@ -139,6 +139,31 @@ def test_http_page_json_and_methods(dashboard_for):
     assert harness.router.observer is None
 
 
+def test_a_taken_dashboard_port_is_an_error_line_and_the_router_routes_on(make_router,
+                                                                          caplog):
+    """It killed the router with a traceback, after "router listening"."""
+    import socket
+
+    from emq_green.router.dashboard import start_dashboard
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        h = make_router()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert start_dashboard(h.router, addr) is None
+        assert h.router.observer is None
+        assert any(r.levelname == "ERROR" and f"cannot listen on {addr}" in r.getMessage()
+                   for r in caplog.records)
+        worker = h.worker(slots=1)
+        sent = h.request(h.peer("frontend"))
+        got = worker.recv()
+        assert got.command is Command.REQUEST and got.msgid == sent.msgid
+    finally:
+        taken.close()
+
+
 def test_dashboard_addr_setting(tmp_path: Path):
     # load_settings swaps os.environ's contents, which moves the C environment;
     # setproctitle, when first used after that, finds no room for a title

@@ -5,11 +5,12 @@ injected into SQLite with ``mock``."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 from unittest.mock import patch
 
 import gevent
@@ -128,6 +129,30 @@ def test_the_loop_runs_while_a_slow_commit_is_on_disk(journal):
     assert len(ticks) > 20 and max(gaps) < 0.25  # the loop was never held for the commit
 
 
+@contextlib.contextmanager
+def faulty(journal: Journal, wrapper: type) -> Iterator[sqlite3.Connection]:
+    """The journal's connection wrapped by ``wrapper`` (retries after 0.2 s);
+    yields the real one, put back at the end."""
+    real = journal._db
+    journal._db = wrapper(real)
+    try:
+        with patch.object(journal_module, "RETRY_AFTER", 0.2):
+            yield real
+    finally:
+        journal._db = real
+
+
+class Wrapped:
+    """A real sqlite3 connection, wrapped to inject a disk fault in ``execute``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+
 def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes(journal,
                                                                                   tmp_path):
     done: list = []
@@ -135,11 +160,8 @@ def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes
     assert journal.flush(5)
     refused_statements: list[str] = []
 
-    class FullDisk:
+    class FullDisk(Wrapped):
         """sqlite3's connection, except that writing fails as on a full disk."""
-
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
 
         def execute(self, sql: str, *args):
             if sql.startswith(("INSERT", "DELETE")):
@@ -147,24 +169,46 @@ def test_a_failed_commit_fails_its_batch_refuses_for_a_while_and_retries_deletes
                 raise sqlite3.OperationalError("database or disk is full")
             return self.db.execute(sql, *args)
 
-    real = journal._db
-    journal._db = FullDisk(real)  # type: ignore[assignment]
-    try:
-        with patch.object(journal_module, "RETRY_AFTER", 0.2):
-            lost: list = []
-            add(journal, "lost", lost)
-            journal.delete(kept)
-            wait_for(lambda: lost, 5)
-            assert lost[0][0] == "lost" and "disk is full" in lost[0][1]
-            assert not journal.accepting() and "disk is full" in journal.failure
-            assert journal.commit_failures == 1 and refused_statements == ["INSERT"]
-            journal._db = real  # the disk has room again
-            wait_for(lambda: journal.accepting(), 5)
-            wait_for(lambda: journal.commits >= 2, 5)  # the delete, tried again
-    finally:
-        journal._db = real
+    with faulty(journal, FullDisk) as real:
+        lost: list = []
+        add(journal, "lost", lost)
+        journal.delete(kept)
+        wait_for(lambda: lost, 5)
+        assert lost[0][0] == "lost" and "disk is full" in lost[0][1]
+        assert not journal.accepting() and "disk is full" in journal.failure
+        assert journal.commit_failures == 1 and refused_statements == ["INSERT"]
+        journal._db = real  # the disk has room again
+        wait_for(lambda: journal.accepting(), 5)
+        wait_for(lambda: journal.commits >= 2, 5)  # the delete, tried again
     assert rows(tmp_path / "journal.db") == []
     assert journal.failure is None
+
+
+def test_a_commit_that_fails_as_on_a_full_disk_names_the_full_disk(journal, tmp_path):
+    """On a full disk SQLite's COMMIT fails and ends the transaction itself:
+    the ROLLBACK that followed failed too, and its error ("no transaction is
+    active") was all the log and STATUS said (a probe on a small tmpfs)."""
+
+    class FullOnCommit(Wrapped):
+        def execute(self, sql: str, *args):
+            if sql == "COMMIT":
+                self.db.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    with faulty(journal, FullOnCommit) as real:
+        lost: list = []
+        add(journal, "lost", lost)
+        wait_for(lambda: lost, 5)
+        assert lost == [("lost", "OperationalError: database or disk is full")]
+        assert journal.failure == "OperationalError: database or disk is full"
+        journal._db = real
+        after: list = []
+        wait_for(lambda: journal.accepting(), 5)
+        add(journal, "after", after)
+        wait_for(lambda: after, 5)
+        assert after == [("after", None)]
+    assert rows(tmp_path / "journal.db") == ["after"]
 
 
 def wait_for(predicate, timeout: float) -> None:
@@ -225,3 +269,28 @@ def test_journal_sync_full_is_applied(tmp_path):
         j.close()
     with pytest.raises(ValueError):
         Journal(str(tmp_path / "other.db"), sync="sometimes")
+
+
+def test_the_row_of_a_job_whose_result_goes_back_lingers_then_goes(journal, tmp_path):
+    """A router killed while the result may still be in its sockets runs the
+    job again from the row (a probe lost two results of confirmed jobs so)."""
+    with patch.object(journal_module, "RESULT_LINGER", 0.3):
+        seqs = [add(journal, msgid, []) for msgid in ("plain", "result")]
+        assert journal.flush(5)
+        journal.delete(seqs[0])
+        journal.delete(seqs[1], linger=True)
+        assert journal.flush(5)
+        assert rows(tmp_path / "journal.db") == ["result"]
+        wait_for(lambda: rows(tmp_path / "journal.db") == [], 5)
+        assert journal.rows == 0
+
+
+def test_a_clean_close_deletes_the_lingering_rows(tmp_path):
+    j = Journal(str(tmp_path / "journal.db"))
+    assert j.open() == []
+    j.start()
+    seq = add(j, "result", [])
+    assert j.flush(5)
+    j.delete(seq, linger=True)
+    j.close()
+    assert rows(tmp_path / "journal.db") == []

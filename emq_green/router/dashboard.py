@@ -127,14 +127,15 @@ class RouterDashboard:
     def start(self) -> None:
         from gevent.pywsgi import WSGIServer
 
-        self.router.observer = self
-        self._sample()
-        self._sampler = gevent.spawn(self._sample_forever)
         host, port = parse_dashboard_addr(self._addr)
         #: the Host header check in front of the page (its ``refused`` count)
         self.host_check = HostCheck(self._app, host, self.router.settings.http_allowed_hosts)
-        self._server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
-        self._server.start()
+        server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
+        server.start()  # OSError (the address is taken) before anything else is set up
+        self._server = server
+        self.router.observer = self
+        self._sample()
+        self._sampler = gevent.spawn(self._sample_forever)
         self.address = (self._server.server_host, self._server.server_port)
         logger.info("router dashboard on http://%s:%d/", *self.address)
         warning = exposure_warning(host, "the router dashboard")
@@ -271,11 +272,19 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 
 
 def start_dashboard(router: Router, addr: str) -> Optional[RouterDashboard]:
-    """Start a dashboard for ``router`` when ``addr`` is set (else None)."""
+    """Start a dashboard for ``router`` when ``addr`` is set; None when it is not,
+    or when the address cannot be bound (logged: the router runs on without it)."""
     if not addr:
         return None
     dashboard = RouterDashboard(router, addr)
-    dashboard.start()
+    try:
+        dashboard.start()
+    except OSError as exc:
+        # the router routes on without its page (a taken port killed it,
+        # with a traceback, after it had said it was listening)
+        logger.error("router dashboard: cannot listen on %s (%s); the router runs on "
+                     "without it", addr, exc)
+        return None
     return dashboard
 
 

@@ -39,7 +39,7 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from ..protocol import printable
+from ..protocol import printable, result_requested_in
 from .journal import Journal
 from .routing import Request
 
@@ -158,7 +158,8 @@ class Guarantees:
         its journal write was still waiting (nothing was written): the
         request is accepted now (its client may be told)."""
         self.held -= 1
-        if request.seq and self.journal is not None and self.journal.delete(request.seq):
+        if request.seq and self.journal is not None and self.journal.delete(
+                request.seq, linger=result_requested_in(request.body[1])):
             self.accepted += 1
             return True
         return False

@@ -33,6 +33,7 @@ Deletes that failed are tried again with the next commit.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import itertools
@@ -57,6 +58,10 @@ APPLICATION_ID = 0x454D5147
 SCHEMA_VERSION = 1
 #: seconds after a failed commit during which guaranteed requests are refused
 RETRY_AFTER = 2.0
+#: seconds the row of a finished job whose result goes back to its client
+#: stays on disk: a router killed in that time (the result maybe not yet out
+#: of its sockets) runs the job again and sends the result then
+RESULT_LINGER = 2.0
 #: callbacks of one commit run in a row before other greenlets get a turn
 CALLBACK_BATCH = 64
 #: inserts in one transaction, at most
@@ -108,6 +113,16 @@ def _ignore(tokens: list[Any], error: Optional[str]) -> None:
     """The default :attr:`Journal.committed`: nobody listens."""
 
 
+def _checkpoint(db: sqlite3.Connection) -> None:
+    """After a failed commit: move the WAL into the database and truncate it,
+    so that a disk that filled up gets back the WAL's space (it grew while
+    every commit failed, and kept the disk full after room was made)."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass  # the next failure tries again
+
+
 class JournalError(OSError):
     """The journal cannot be used; the message names the file and the cause."""
 
@@ -152,6 +167,8 @@ class Journal:
         #: still there at the commit)
         self._adds: dict[int, tuple[str, bytes, str, str, str, Any]] = {}
         self._deletes: list[int] = []
+        #: (monotonic time due, seq): deletes that wait for RESULT_LINGER
+        self._lingering: collections.deque[tuple[float, int]] = collections.deque()
         self._work = gevent.event.Event()
         self._idle = gevent.event.Event()
         self._idle.set()
@@ -291,14 +308,20 @@ class Journal:
             self._wake()
         return seq
 
-    def delete(self, seq: int) -> bool:
-        """The request ``seq`` finished: forget it, in the next commit, or at
-        once when its insert has not been committed yet: then True (nothing
-        was written, and :attr:`committed` will not hear of its token)."""
+    def delete(self, seq: int, linger: bool = False) -> bool:
+        """The request ``seq`` finished: forget it, in the next commit (with
+        ``linger``, one at least :data:`RESULT_LINGER` from now), or at once
+        when its insert has not been committed yet: then True (nothing was
+        written, and :attr:`committed` will not hear of its token)."""
         self.rows -= 1
         if self._adds.pop(seq, None) is not None:  # ended before it reached the disk
             self.skipped += 1
             return True
+        if linger:
+            self._lingering.append((time.monotonic() + RESULT_LINGER, seq))
+            if len(self._lingering) == 1:
+                self._work.set()  # the writer waits for it to be due
+            return False
         self._deletes.append(seq)
         if not self._work.is_set():
             self._wake()
@@ -314,10 +337,14 @@ class Journal:
         self._work.set()
 
     def _write_loop(self) -> None:
+        lingering = self._lingering
         while True:
+            now = time.monotonic()
+            while lingering and lingering[0][0] <= now:
+                self._deletes.append(lingering.popleft()[1])
             if not self._adds and not self._deletes:
                 self._idle.set()
-                self._work.wait()
+                self._work.wait(lingering[0][0] - now if lingering else None)
                 self._work.clear()
                 continue
             # at most COMMIT_BATCH inserts a transaction: short commits keep
@@ -361,9 +388,13 @@ class Journal:
                     db.execute(_DELETE[size], params)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some errors (a full
+                # disk): a ROLLBACK then fails, and its error hid the cause
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         except Exception as exc:  # sqlite3.Error mostly; never kill the writer
+            _checkpoint(db)
             return f"{type(exc).__name__}: {exc}"
         return None
 
@@ -402,6 +433,10 @@ class Journal:
     def close(self) -> None:
         """Commit what is queued (at most a few seconds), then close and unlock."""
         if self._writer is not None and self._db is not None:
+            # a clean stop: the results had their time in the sockets' linger
+            self._deletes.extend(seq for _due, seq in self._lingering)
+            self._lingering.clear()
+            self._wake()
             self.flush(5.0)
             self._writer.kill()
             self._writer = None
