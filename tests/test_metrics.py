@@ -145,3 +145,27 @@ def test_unknown_path_and_method(router, endpoint_manager):
     response = gevent.get_hub().threadpool.apply(requests.post, (endpoint.base + "/metrics",),
                                                  {"timeout": 10})
     assert response.status_code == 405
+
+
+def test_a_taken_metrics_port_is_an_error_line_and_jobs_run_on(router, make_manager, caplog):
+    """It was a traceback of the extension hook; the worker ran on then too."""
+    import logging
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        with caplog.at_level(logging.ERROR):
+            make_manager(metrics_addr=addr)
+        ident = router.wait_inform()
+        msgid = router.request(ident, JOBS, "add", args=[1, 2], headers="reply-requested")
+        assert router.wait_reply(msgid) == {"value": 3}
+        [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        text = error.getMessage()
+        assert text.startswith(f"metrics: cannot listen on {addr} (") and "in use" in text
+        assert text.endswith("the worker runs on without its pages")
+        assert error.exc_info is None
+    finally:
+        taken.close()

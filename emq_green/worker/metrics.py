@@ -215,8 +215,14 @@ class MetricsExtension(Extension):
         names = self._manager.settings.http_allowed_hosts if self._manager else ()
         #: the Host header check in front of the pages (its ``refused`` count)
         self.host_check = HostCheck(self._app, host, names)
-        self._server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
-        self._server.start()
+        server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
+        try:
+            server.start()
+        except OSError as exc:  # was a traceback of the extension hook
+            logger.error("metrics: cannot listen on %s (%s); the worker runs on without "
+                         "its pages", addr, exc)
+            return
+        self._server = server
         self.address = (self._server.server_host, self._server.server_port)
         logger.info("metrics on http://%s:%d/metrics, status on /status", *self.address)
         warning = exposure_warning(host, "the metrics endpoint")
