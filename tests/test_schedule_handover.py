@@ -515,3 +515,16 @@ def test_a_cron_schedule_whose_counted_runs_were_seen_is_still_dropped_once_unsc
                                               PAYLOAD, "*/5 * * * *"))
     assert side.vet_firing(b"s1", firing("default")) is None
     assert side.counts["firing_dropped"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_an_unschedule_of_a_call_with_delayed_runs_pending_lets_them_fire(side):
+    """A delayed run has a key of its own (the call's and its delay-id): an
+    UNSCHEDULE of the call does not name it, and its firing must pass."""
+    side, _ = side
+    inform(side, b"s1")
+    schedule(side, interval="5", headers="run_count:1,nohaste,eta:2000000000,delay-id:d1")
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "1",
+                                              PAYLOAD, ""))
+    assert side.vet_firing(b"s1", firing("other")) is not None
+    assert side.counts["firing_dropped"] == 0

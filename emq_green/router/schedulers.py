@@ -146,6 +146,14 @@ def for_any_scheduler(schedule: Schedule, body: tuple[str, ...]) -> tuple[str, .
     return body
 
 
+def _note(book: collections.OrderedDict[Any, None], key: Any, limit: int) -> None:
+    """``key`` into ``book`` as its newest; the book keeps the ``limit`` newest."""
+    book.pop(key, None)
+    book[key] = None
+    while len(book) > limit:
+        book.popitem(last=False)
+
+
 def _listed(row: dict[str, Any]) -> dict[str, Any]:
     """What the book keeps of a scheduler's listing row: texts cut at
     :data:`MAX_LISTED_TEXT`, numbers only (a peer says what it likes)."""
@@ -219,10 +227,7 @@ class SchedulerSide:
         self._told_unknown.pop(client, None)
         self.schedulers.pop(client, None)
         self.schedulers[client] = SchedulerPeer(client, time.monotonic())
-        self.firers.pop(client, None)
-        self.firers[client] = None
-        while len(self.firers) > MAX_FIRERS:
-            self.firers.popitem(last=False)
+        _note(self.firers, client, MAX_FIRERS)
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
         # a held SCHEDULE is delivered once: not again by the hand-over
@@ -346,10 +351,9 @@ class SchedulerSide:
         self.counts["unscheduled"] += 1
         self.book.pop(key, None)
         live = self._forget(key)
-        if live is None or live.cron:  # or forgotten: its runs seen, a router restart
-            self._cancelled[key] = None
-            while len(self._cancelled) > MAX_CANCELLED:
-                self._cancelled.popitem(last=False)
+        # cron, or forgotten (runs seen, a restart): not a base of delayed runs
+        if live.cron if live is not None else key not in self._delayed:
+            _note(self._cancelled, key, MAX_CANCELLED)
         if lost:
             self._hand_over(None)
 
