@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -546,3 +547,38 @@ def test_a_flood_of_refused_handshakes_is_logged_a_burst_at_a_time(keys: Keys, c
     assert all(a[2] == b"400" for a in answers) and zap.counters["refused"] == 1000
     logged = [r for r in caplog.records if "refused" in r.getMessage()]
     assert 1 <= len(logged) <= 100
+
+
+@pytest.mark.timeout(20)
+def test_the_summary_of_a_burst_of_refusals_comes_once_it_is_quiet(keys: Keys, caplog):
+    """It waited for the next refusal, which may never come."""
+    import logging
+
+    import gevent
+    import zmq.green
+
+    from emq_green.router.zap import ZAP_ENDPOINT, ZapHandler
+
+    context = zmq.green.Context()
+    zap = ZapHandler(context=context, authorized_keys=str(keys.authorized))
+    zap._log.window = 0.3
+    zap.start()
+    asker = context.socket(zmq.REQ)
+    try:
+        asker.connect(ZAP_ENDPOINT)
+        with caplog.at_level(logging.WARNING, logger="emq_green.router.zap"):
+            for i in range(150):
+                asker.send_multipart([b"1.0", str(i).encode(), b"global", b"127.0.0.1",
+                                      b"", b"CURVE", os.urandom(32)])
+                assert asker.recv_multipart()[2] == b"400"
+            deadline = time.monotonic() + 5
+            while not any("one by one" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "no summary line"
+                gevent.sleep(0.05)  # the handler's greenlet runs meanwhile
+        assert zap.counters["refused"] == 150
+        summary = [r.getMessage() for r in caplog.records if "one by one" in r.getMessage()]
+        assert len(summary) == 1 and "{'refused': 50}" in summary[0]
+    finally:
+        asker.close(linger=0)
+        zap.stop()
+        context.term()

@@ -285,12 +285,16 @@ def test_the_row_of_a_job_whose_result_goes_back_lingers_then_goes(journal, tmp_
         assert journal.rows == 0
 
 
-def test_a_clean_close_deletes_the_lingering_rows(tmp_path):
+def test_a_clean_close_keeps_the_lingering_rows(tmp_path):
+    """The router's sockets close without linger: a result a slow client had
+    not read yet is dropped with them (a probe lost 19 of 20 so), and the
+    job runs again from its row on the next start."""
     j = Journal(str(tmp_path / "journal.db"))
     assert j.open() == []
     j.start()
-    seq = add(j, "result", [])
+    seqs = [add(j, msgid, []) for msgid in ("plain", "result")]
     assert j.flush(5)
-    j.delete(seq, linger=True)
+    j.delete(seqs[0])
+    j.delete(seqs[1], linger=True)
     j.close()
-    assert rows(tmp_path / "journal.db") == []
+    assert rows(tmp_path / "journal.db") == ["result"]

@@ -475,3 +475,12 @@ def test_a_setup_func_that_calls_sys_exit_is_logged_and_the_worker_serves(
     assert manager.state is State.RUNNING
     assert any("subprocess_setup_func sys.exit failed" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_name_too_long_for_a_zeromq_identity_is_cut(router, make_manager):
+    """ZeroMQ refuses identities over 255 bytes: the manager's loop crashed."""
+    make_manager(name="\u00e9" * 200)  # 400 bytes of UTF-8
+    identity = router.wait_inform()
+    assert len(identity) <= 255
+    head, pid, _count = identity.decode().rsplit(":", 2)
+    assert head == "\u00e9" * len(head) and len(head) > 100 and pid == str(os.getpid())

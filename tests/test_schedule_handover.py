@@ -528,3 +528,24 @@ def test_an_unschedule_of_a_call_with_delayed_runs_pending_lets_them_fire(side):
                                               PAYLOAD, ""))
     assert side.vet_firing(b"s1", firing("other")) is not None
     assert side.counts["firing_dropped"] == 0
+
+
+@pytest.mark.timeout(20)
+def test_unschedules_of_unknown_calls_take_no_place_in_the_cancelled_book(side):
+    """Each took one, and 10,001 of them pushed a cron schedule's cancellation
+    out: EventMQ's scheduler's firings of it ran again."""
+    from emq_green.router import schedulers
+
+    side, _ = side
+    inform(side, b"s1")
+    schedule(side, interval="-1", cron="*/5 * * * *")
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "-1",
+                                              PAYLOAD, "*/5 * * * *"))
+    for i in range(schedulers.MAX_CANCELLED + 1):
+        other = json.dumps(["run", {**CALL, "args": [str(i)]}])
+        side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "q", "", "1", other, ""))
+    assert side.vet_firing(b"s1", firing("default")) is None
+    # and a call never scheduled here is not dropped once unscheduled
+    unknown = json.dumps(["run", {**CALL, "args": ["0"]}])
+    passed = Message.new(Command.REQUEST, "q", "", unknown)
+    assert side.vet_firing(b"s1", passed) is passed

@@ -365,6 +365,7 @@ def test_a_sentinel_killed_from_outside_is_reaped_and_replaced_before_the_next_j
     [replacement] = psutil.Process(child).children()
     assert replacement.pid != sentinel.pid
     assert replacement.status() != psutil.STATUS_ZOMBIE
+    assert replacement.num_fds() == 3  # stdin, stdout (/dev/null), stderr: no pipe held
     stop_and_check(router, manager)
     router.wait_until(lambda: gone(replacement.pid), timeout=10)  # it ended the group
 

@@ -131,8 +131,8 @@ def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
     else:
         at = now + finite_seconds("delay", delay)
     if at - now > MAX_INTERVAL:
-        raise ValueError(f"a delayed job runs at most ten years ({MAX_INTERVAL:g} s) from "
-                         f"now; got {at - now:g} s")
+        raise ValueError(f"a delayed job runs at most ten years ({MAX_INTERVAL:.0f} s) from "
+                         f"now; got {at - now:.0f} s")
     headers = [*job_headers(guarantee, retry_count, timeout), "run_count:1", "nohaste",
                f"eta:{at:.6f}", f"delay-id:{uuid.uuid4().hex}"]
     body = schedule_body(queue=queue or "default", headers=headers,

@@ -60,8 +60,10 @@ SCHEMA_VERSION = 1
 RETRY_AFTER = 2.0
 #: seconds the row of a finished job whose result goes back to its client
 #: stays on disk: a router killed in that time (the result maybe not yet out
-#: of its sockets) runs the job again and sends the result then
-RESULT_LINGER = 2.0
+#: of its sockets) runs the job again and sends the result then. A clean stop
+#: keeps them too: its sockets close without linger, and drop what a slow
+#: client had not read yet
+RESULT_LINGER = 1.0
 #: callbacks of one commit run in a row before other greenlets get a turn
 CALLBACK_BATCH = 64
 #: inserts in one transaction, at most
@@ -433,11 +435,7 @@ class Journal:
     def close(self) -> None:
         """Commit what is queued (at most a few seconds), then close and unlock."""
         if self._writer is not None and self._db is not None:
-            # a clean stop: the results had their time in the sockets' linger
-            self._deletes.extend(seq for _due, seq in self._lingering)
-            self._lingering.clear()
-            self._wake()
-            self.flush(5.0)
+            self.flush(5.0)  # the lingering rows stay (RESULT_LINGER)
             self._writer.kill()
             self._writer = None
         if self._thread is not None:

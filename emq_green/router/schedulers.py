@@ -146,10 +146,11 @@ def for_any_scheduler(schedule: Schedule, body: tuple[str, ...]) -> tuple[str, .
     return body
 
 
-def _note(book: collections.OrderedDict[Any, None], key: Any, limit: int) -> None:
+def _note(book: collections.OrderedDict[Any, Any], key: Any, limit: int,
+          value: Any = None) -> None:
     """``key`` into ``book`` as its newest; the book keeps the ``limit`` newest."""
     book.pop(key, None)
-    book[key] = None
+    book[key] = value
     while len(book) > limit:
         book.popitem(last=False)
 
@@ -202,8 +203,10 @@ class SchedulerSide:
         self.counts: collections.Counter[str] = collections.Counter()
         #: key -> the live schedule and its holder (for hand-over)
         self.live: dict[str, LiveSchedule] = {}
-        #: cron keys unscheduled (their firings from a scheduler are dropped)
-        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: cron keys unscheduled: True (their firings from a scheduler are
+        #: dropped); False: forgotten once their counted runs were seen (EventMQ's
+        #: scheduler fires them on), dropped once they are unscheduled
+        self._cancelled: collections.OrderedDict[str, bool] = collections.OrderedDict()
         #: call key -> keys of its delayed jobs (``key:delay-id``), soonest first
         self._delayed: dict[str, list[str]] = {}
         #: unknown identities that sent a HEARTBEAT and were told KBYE
@@ -351,9 +354,8 @@ class SchedulerSide:
         self.counts["unscheduled"] += 1
         self.book.pop(key, None)
         live = self._forget(key)
-        # cron, or forgotten (runs seen, a restart): not a base of delayed runs
-        if live.cron if live is not None else key not in self._delayed:
-            _note(self._cancelled, key, MAX_CANCELLED)
+        if live.cron if live is not None else key in self._cancelled:  # (False: spent)
+            _note(self._cancelled, key, MAX_CANCELLED, True)
         if lost:
             self._hand_over(None)
 
@@ -408,7 +410,7 @@ class SchedulerSide:
             key = schedule_key(message.body[2])
         except ProtocolError:
             return message
-        if key in self._cancelled:
+        if self._cancelled.get(key):
             self.counts["firing_dropped"] += 1
             self._log.warning("firing_dropped", "router: scheduler %s fired %s, unscheduled "
                               "(EventMQ's scheduler keeps cron schedules); dropped",
@@ -432,6 +434,8 @@ class SchedulerSide:
             live.runs_left -= 1
             if live.runs_left == 0:
                 self._forget(key)
+                if live.cron:  # EventMQ's scheduler fires it on: UNSCHEDULE must know it
+                    _note(self._cancelled, key, MAX_CANCELLED, False)
         if live.cron and message.body[0] != live.queue:
             self.counts["firing_requeued"] += 1
             return message._replace(body=(live.queue, *message.body[1:]))

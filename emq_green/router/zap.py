@@ -190,6 +190,9 @@ class ZapHandler:
         assert sock is not None
         while True:
             try:
+                if not sock.poll(int(self._log.window * 1000)):
+                    self._log.flush()  # the summary of a burst that has ended
+                    continue
                 request = sock.recv_multipart()
             except zmq.ZMQError as exc:
                 logger.error("zap: reading requests failed: %s", exc)

@@ -87,7 +87,12 @@ def _guard_the_group() -> Optional[int]:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1):  # the pipes: the worker sees EOF when the child ends
             os.dup2(devnull, fd)
-        os.closerange(3, 1 << 16)  # their private copies too, when the child made them
+        for fd in map(int, os.listdir("/proc/self/fd")):  # (Linux only, as the sentinel)
+            if fd > 2:  # the pipes' private copies too, when the child made them
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # the listing's own
         armed = _prctl_pdeathsig(signal.SIGUSR1)
         if armed and os.getppid() == child:
             signal.sigwait({signal.SIGUSR1})

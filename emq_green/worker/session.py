@@ -245,7 +245,10 @@ class RouterLink:
         # the count for who reads the logs; the random part so that no one can
         # take the identity of the next connection first (a squatter that knew
         # it held a reconnecting worker off for as long as it liked)
-        identity = f"{name}:{pid}:{self.connections_made}-{secrets.token_hex(4)}"
+        suffix = f":{pid}:{self.connections_made}-{secrets.token_hex(4)}"
+        # ZeroMQ takes identities of at most 255 bytes: a long name is cut
+        head = name.encode()[:255 - len(suffix)].decode("utf-8", "ignore")
+        identity = head + suffix
         conn = Connection(self._context, addr, identity, hwm=s.hwm, debug_log=s.super_debug,
                           hide_heartbeats=s.hide_heartbeat_logs,
                           curve=client_curve(s.curve_secret_key_file,

@@ -44,7 +44,7 @@ OPEN_WARNING = ("allowed_callables is not set: a REQUEST may run any callable th
 #: sent again as their REPLY crossed it: at most this many, for this long,
 #: and their replies at most this many bytes in all (a larger reply alone is
 #: not kept: such a copy runs again, as "at least once" allows)
-ENDED_MEMORY = 256
+ENDED_MEMORY = 10_000
 ENDED_MEMORY_SECONDS = 60.0
 ENDED_MEMORY_BYTES = 32 * 1024 * 1024
 
