@@ -142,6 +142,15 @@ class ReplyOrigins:
             del self.conn_of[msgid]
 
 
+def socket_identity(name: str, pid: int, count: int) -> str:
+    """``name:pid:count-random``: the count for who reads the logs; the random
+    part so that no one can take the identity of the next connection first (a
+    squatter that knew it held a reconnecting worker off for as long as it
+    liked). ZeroMQ takes at most 255 bytes: a long name is cut."""
+    suffix = f":{pid}:{count}-{secrets.token_hex(4)}"
+    return name.encode()[:255 - len(suffix)].decode("utf-8", "ignore") + suffix
+
+
 class RouterLink:
     """The connection to the router and what travels on it.
 
@@ -242,13 +251,7 @@ class RouterLink:
         reader started."""
         s = self._settings()
         self.connections_made += 1
-        # the count for who reads the logs; the random part so that no one can
-        # take the identity of the next connection first (a squatter that knew
-        # it held a reconnecting worker off for as long as it liked)
-        suffix = f":{pid}:{self.connections_made}-{secrets.token_hex(4)}"
-        # ZeroMQ takes identities of at most 255 bytes: a long name is cut
-        head = name.encode()[:255 - len(suffix)].decode("utf-8", "ignore")
-        identity = head + suffix
+        identity = socket_identity(name, pid, self.connections_made)
         conn = Connection(self._context, addr, identity, hwm=s.hwm, debug_log=s.super_debug,
                           hide_heartbeats=s.hide_heartbeat_logs,
                           curve=client_curve(s.curve_secret_key_file,
@@ -590,4 +593,4 @@ def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counte
     return json.dumps({"value": message, "error": {"type": "ReplyTooLarge", "message": message}})
 
 
-__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink"]
+__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink", "socket_identity"]
