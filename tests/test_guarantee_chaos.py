@@ -380,6 +380,38 @@ def test_a_clean_router_stop_does_not_report_journaled_results_lost(peers, tmp_p
     assert {t: done[t] for t in run.tags} == {t: 1 for t in run.tags}
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["kill_9", "sigterm"])
+def test_a_result_just_sent_keeps_its_journal_row_through_a_router_death(peers, tmp_path,
+                                                                          how):
+    """The row of a job whose result was just sent lingers (RESULT_LINGER):
+    a router that dies, or stops with its sockets' unread results dropped,
+    sends the job again from the journal. A probe lost such results for
+    good. The worker, still up, answers the copy from its memory of ended
+    jobs: it does not run again."""
+    with running_with_results(peers, tmp_path, "linger", 3) as run:
+        wait_until(lambda: run.router.status()["journal_backlog"] == 0, 10,
+                   "the rows on disk")
+        run.gate.touch()
+        assert results_of(run, peers) == run.tags
+        if how == "kill_9":
+            run.router.kill()
+        else:
+            run.router.signal(signal.SIGTERM)
+            assert run.router.wait_exit(30) == 0, run.router.tail()
+        db = sqlite3.connect(run.journal)
+        try:
+            rows = db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+        finally:
+            db.close()
+        assert rows == 3  # all three finished within the linger
+        second = GreenRouter(peers, run.addrs, "--journal-file", str(run.journal))
+        wait_until(lambda: second.status()["journal_rows"] == 0, 30,
+                   "the copies ended", details=peers.logs)
+        run.worker.wait_for(r"ended here a moment ago", timeout=10)
+    assert peers.record.count("start") == 3  # none ran again
+
+
 _FORK_SCRIPT = """
 import os, signal, sys
 from emq_green.client import defer_job
