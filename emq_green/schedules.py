@@ -158,7 +158,8 @@ def handed_over(body: Sequence[str], runs_left: int) -> tuple[str, ...]:
     EventMQ's scheduler, which knows no ``handed-over``, would fire it again
     at once (an extra run of a cron schedule in the middle of its minute)."""
     queue, headers, *rest = body
-    kept = [_without_count(headers)] if _without_count(headers) else []
+    core = _without_count(headers)
+    kept = [core] if core else []
     kept.append("nohaste")
     if runs_left != FOREVER:
         kept.append(f"run_count:{runs_left}")
