@@ -133,6 +133,70 @@ while True:
 '''
 
 
+# The same-run reference for the sleep workload: the least a gevent worker
+# can do. One greenlet per REQUEST sleeps 0.1 s, then REPLY and READY are
+# queued and leave together at the end of the loop's turn (as emq-green's
+# outbox sends them); REQUESTs are read in C calls until none is waiting. No
+# job machinery, no msgid check, no accounting.
+BARE_GREEN_WORKER = '''
+import sys, uuid
+from gevent import monkey
+monkey.patch_all()
+import gevent, zmq.green as zmq
+from zmq.backend import Socket as B
+addr, slots = sys.argv[1], int(sys.argv[2])
+s = zmq.Context().socket(zmq.DEALER)
+s.connect(addr)
+V, NB = b"eMQP/1.0", int(zmq.NOBLOCK)
+MNB = int(zmq.SNDMORE) | NB
+loop = gevent.get_hub().loop
+out = []
+def flush():
+    global out
+    batch, out = out, []
+    for parts in batch:
+        for p in parts[:-1]:
+            B.send(s, p, MNB)
+        B.send(s, parts[-1], NB)
+    s._Socket__state_changed()
+def send(*parts):
+    out.append(parts)
+    if len(out) == 1:
+        loop.run_callback(flush)
+def msgid():
+    return str(uuid.uuid4()).encode()
+def recv():
+    while True:
+        try:
+            f = B.recv(s, NB, False)
+        except zmq.Again:
+            s._wait_read()
+            continue
+        parts = [f.bytes]
+        while f.more:
+            f = B.recv(s, NB, False)
+            parts.append(f.bytes)
+        return parts
+def job(parts):
+    gevent.sleep(0.1)
+    send(b"", V, b"REPLY", msgid(), b\'{"value": 0.1}\', parts[3])
+    send(b"", V, b"READY", msgid())
+send(b"", V, b"INFORM", msgid(), b\'[[10, "default"]]\', b"worker")
+while recv()[2] != b"ACK":
+    pass
+for _ in range(slots):
+    send(b"", V, b"READY", msgid())
+while True:
+    parts = recv()
+    if parts[2] == b"REQUEST":
+        gevent.spawn(job, parts)
+    elif parts[2] == b"HEARTBEAT":
+        send(b"", V, b"HEARTBEAT", msgid(), parts[4])
+'''
+
+BARE_WORKERS = {"bare": BARE_WORKER, "bare-sleep": BARE_GREEN_WORKER}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -197,8 +261,8 @@ def start_worker(label: str, addr: str, concurrency: int, extra_flags: list[str]
                  workdir: str, profile: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (workdir, os.environ.get("PYTHONPATH")) if p))
-    if label == "bare":
-        cmd = [sys.executable, "-c", BARE_WORKER, addr, str(concurrency)]
+    if label in BARE_WORKERS:
+        cmd = [sys.executable, "-c", BARE_WORKERS[label], addr, str(concurrency)]
     else:
         cmd = [shutil.which("emq-green") or os.path.join(os.path.dirname(sys.executable),
                                                          "emq-green"),
@@ -240,7 +304,7 @@ def run_workload(label: str, callable_name: str, args: list, jobs: int, concurre
                                   "args": args, "kwargs": {}}])
     run = run_with_c_router if standin else run_with_python_router
     result = run(label, payload, jobs, concurrency, extra_flags, workdir, standin,
-                 profile if label != "bare" else None)
+                 profile if label not in BARE_WORKERS else None)
     return {"workload": label, "jobs": jobs, "J": concurrency,
             "harness": "C" if standin else "Python", **result}
 
@@ -300,8 +364,8 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
         if not line:
             raise RuntimeError(f"{label}: the stand-in router exited with {router.wait()}")
         r = json.loads(line)
-        if label == "bare":
-            ok, errors = jobs, 0  # answers every REQUEST with a null value
+        if label in BARE_WORKERS:
+            ok, errors = jobs, 0  # answers every REQUEST with a value, no error
         else:
             ok, errors = outcome_counts(worker, os.path.join(workdir, f"worker-{label}.log"))
         if ok + errors != jobs:
@@ -428,7 +492,10 @@ def run_with_python_router(label: str, payload: str, jobs: int, concurrency: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["bare", "noop", "sleep"])
+    ap.add_argument("--only", choices=["bare", "noop", "sleep", "bare-sleep"], action="append",
+                    help="run this workload (repeatable); bare-sleep, run only when named: "
+                         "the sleep workload on a minimal gevent worker, the reference for "
+                         "the sleep target")
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--noop-j", type=int, default=100)
     ap.add_argument("--sleep-j", type=int, default=1000)
@@ -446,18 +513,18 @@ def main() -> None:
     with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
         f.write(JOB_MODULE)
     plan = [("bare", "noop", [], opts.noop_j), ("noop", "noop", [], opts.noop_j),
-            ("sleep", "sleep", [0.1], opts.sleep_j)]
+            ("sleep", "sleep", [0.1], opts.sleep_j), ("bare-sleep", "sleep", [0.1], opts.sleep_j)]
     standin = None if opts.python_router else build_standin(workdir)
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; stand-in router "
           f"in {'C' if standin else 'Python'}")
     rows = []
     for label, name, args, j in plan:
-        if opts.only and opts.only != label:
+        if label not in (opts.only or ("bare", "noop", "sleep")):
             continue
         runs = [run_workload(label, name, args, opts.jobs, j, opts.worker_flag, workdir,
                              standin, opts.profile)
                 for _ in range(opts.repeat)]
-        if opts.profile and label != "bare":
+        if opts.profile and label not in BARE_WORKERS:
             calls = pstats.Stats(opts.profile).total_calls  # type: ignore[attr-defined]
             print(f"{label}: {calls} Python calls in the worker, {calls / opts.jobs:.1f} per job "
                   f"(profile in {opts.profile})")
@@ -465,14 +532,14 @@ def main() -> None:
         row = runs[len(runs) // 2]
         row["runs_jobs_per_s"] = [round(r["jobs_per_s"]) for r in runs]
         rows.append(row)
-    header = f"{'workload':8} {'jobs':>6} {'ok':>6} {'errors':>6} {'-J':>5} {'ok jobs/s':>9} " \
+    header = f"{'workload':10} {'jobs':>6} {'ok':>6} {'errors':>6} {'-J':>5} {'ok jobs/s':>9} " \
              f"{'p50 ms':>8} {'p99 ms':>8} {'steady/s':>8} {'st p99':>7} {'peak MB':>8} " \
              f"{'silence s':>9} {'hb gap s':>8} " \
              f"{'wkr us/job':>10} {'main us/job':>11} {'rtr us/job':>10}"
     print(header)
     for r in rows:
         gap = r["longest_heartbeat_gap_s"]
-        print(f"{r['workload']:8} {r['jobs']:>6} {r['ok']:>6} {r['errors']:>6} {r['J']:>5} "
+        print(f"{r['workload']:10} {r['jobs']:>6} {r['ok']:>6} {r['errors']:>6} {r['J']:>5} "
               f"{r['jobs_per_s']:>9.0f} "
               f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
               f"{fmt(r['steady_jobs_per_s'], '.0f'):>8} {fmt(r['steady_p99_ms'], '.1f'):>7} "
@@ -492,11 +559,13 @@ def main() -> None:
         ratio = by_label["noop"]["jobs_per_s"] / by_label["bare"]["jobs_per_s"]
         print(f"no-op jobs: emq-green reaches {ratio:.2f} of the bare pyzmq worker's rate, "
               "measured in this run")
-    if "sleep" in by_label:
-        sleep = by_label["sleep"]
+    for label in ("sleep", "bare-sleep"):
+        if label not in by_label:
+            continue
+        sleep = by_label[label]
         limit = sleep["J"] / 0.1
         steady = sleep["steady_jobs_per_s"]
-        print(f"sleep jobs: {sleep['jobs_per_s'] / limit:.3f} of the concurrency limit "
+        print(f"{label} jobs: {sleep['jobs_per_s'] / limit:.3f} of the concurrency limit "
               f"({limit:.0f} jobs/s) over the whole run"
               + (f", {steady / limit:.3f} in the steady state (p99 "
                  f"{sleep['steady_p99_ms']:.1f} ms)" if steady else ""))
