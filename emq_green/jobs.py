@@ -55,7 +55,9 @@ class JobOutcome(NamedTuple):
 
     @classmethod
     def failure(cls, exc: BaseException, attempts: int = 1) -> JobOutcome:
-        return cls(Status.FAILED, str(exc), type(exc).__name__, str(exc), attempts)
+        # (an exception raised with no message, MemoryError() often: its name)
+        text = str(exc) or type(exc).__name__
+        return cls(Status.FAILED, text, type(exc).__name__, text, attempts)
 
     @classmethod
     def rejected(cls, error_type: str, message: str) -> JobOutcome:

@@ -143,3 +143,56 @@ def exit_():
 def entry_boom():
     _log("entry")
     raise RuntimeError("entry failed")
+
+
+def fork_and_return():
+    """``return os.fork()``: the forked copy returns from the job too (0)."""
+    return os.fork()
+
+
+def fork_and_exit():
+    """The usual pattern: the forked copy does its part and sys.exit()s, the
+    job waits for it. Returns the forked copy's exit status."""
+    child = os.fork()
+    if child == 0:
+        sys.exit(0)
+    return os.waitpid(child, 0)[1]
+
+
+def tag(value):
+    return {"tag": value, "pid": os.getpid()}
+
+
+def big_result(megabytes):
+    return "x" * (megabytes * 1024 * 1024)
+
+
+def lower_soft_limit(limit):
+    """Lower this process's soft RLIMIT_NOFILE (the hard one stays)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def lower_hard_limit(limit):
+    """Lower both RLIMIT_NOFILE limits: the child cannot raise them again."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def nofile_limit():
+    import resource
+
+    return {"limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)), "pid": os.getpid()}
+
+
+def interrupt():
+    raise KeyboardInterrupt("stop")
+
+
+def no_message():
+    raise MemoryError()

@@ -587,3 +587,113 @@ def test_grace_period_expiry_kills_a_subprocess_job(router, make_manager, tmp_pa
     assert router.wait_reply(msgid)["error"]["type"] == "Killed"
     assert grace <= took < grace + 10, took
     assert gone(pid)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("job, value", [("fork_and_return", None), ("fork_and_exit", 0)])
+def test_a_job_that_forks_without_exec_answers_once_and_later_jobs_keep_their_own_results(
+        router, make_manager, job, value):
+    """The forked copy returned from the job too: serving on, it answered in
+    the child's place (every later reply was the one before it)."""
+    manager = make_manager(concurrent_jobs=1, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    reply = router.wait_reply(router.request(ident, CPU, job, headers=REPLY, subprocess=True))
+    assert "error" not in reply, reply
+    if value is None:
+        assert reply["value"] > 0  # the child's own return: the forked copy's pid
+    else:
+        assert reply["value"] == value
+    pids = set()
+    for i in range(6):
+        got = router.wait_reply(router.request(ident, CPU, "tag", args=[i], headers=REPLY,
+                                               subprocess=True))
+        assert got["value"]["tag"] == i, got
+        pids.add(got["value"]["pid"])
+    assert pids == set(pool_of(manager).pids())
+    assert pool_of(manager).counters["children_died"] == 0
+    stop_and_check(router, manager)
+
+
+@pytest.mark.timeout(60)
+def test_a_result_over_max_message_size_is_refused_in_the_child(router, make_manager):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           max_message_size=1024 * 1024)
+    ident = router.wait_inform()
+    first = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))["value"]
+    reply = router.wait_reply(router.request(ident, CPU, "big_result", args=[3],
+                                             headers=REPLY, subprocess=True))
+    assert reply["error"]["type"] == "ReplyTooLarge", reply
+    assert "larger than max_message_size (1048576 bytes)" in reply["value"]
+    assert manager.counters["replies_too_large"] == 0  # not the worker's own check
+    # the child stays: its outcome was never sent whole
+    after = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))
+    assert after["value"] == first
+    assert pool_of(manager).counters["children_died"] == 0
+    stop_and_check(router, manager)
+
+
+@pytest.mark.timeout(60)
+def test_a_line_over_the_limit_from_a_child_is_not_read_whole(router, make_manager,
+                                                              monkeypatch):
+    """A child that sends more than the pool reads (one not checking its
+    own outcome) is replaced; the line is not held in the worker."""
+    from emq_green.worker import child as child_main
+
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           max_message_size=1024 * 1024)
+    monkeypatch.setenv(child_main.ENV_MAX_LINE, "-1")  # the child's check off
+    monkeypatch.setattr(child_main, "ENV_MAX_LINE", "EMQ_GREEN_TEST_NO_SUCH_VARIABLE")
+    ident = router.wait_inform()
+    reply = router.wait_reply(router.request(ident, CPU, "big_result", args=[3],
+                                             headers=REPLY, subprocess=True), timeout=30)
+    assert reply["error"]["type"] == "ChildProcessError", reply
+    assert "sent a line longer than" in reply["value"]
+    after = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))
+    assert "error" not in after and after["value"] != os.getpid()
+    stop_and_check(router, manager)
+
+
+@pytest.mark.timeout(60)
+def test_a_resource_limit_a_job_lowers_is_set_back_for_the_next_job(router, make_manager):
+    manager = make_manager(concurrent_jobs=1, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    before = router.wait_reply(router.request(ident, CPU, "nofile_limit", headers=REPLY,
+                                              subprocess=True))["value"]
+    soft, hard = before["limit"]
+    lowered = router.wait_reply(router.request(ident, CPU, "lower_soft_limit", args=[64],
+                                               headers=REPLY, subprocess=True))
+    assert lowered["value"] == [64, hard]
+    after = router.wait_reply(router.request(ident, CPU, "nofile_limit", headers=REPLY,
+                                             subprocess=True))["value"]
+    assert after == before  # the same child, its limit set back
+    # a hard limit cannot be raised again: that child makes way for a fresh one
+    router.wait_reply(router.request(ident, CPU, "lower_hard_limit", args=[64],
+                                     headers=REPLY, subprocess=True))
+    fresh = router.wait_reply(router.request(ident, CPU, "nofile_limit", headers=REPLY,
+                                             subprocess=True))["value"]
+    assert fresh["limit"] == [soft, hard] and fresh["pid"] != before["pid"]
+    assert pool_of(manager).counters["children_died"] == 0
+    assert pool_of(manager).counters["children_recycled"] == 1
+    stop_and_check(router, manager)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("subprocess_job", [True, False])
+def test_keyboard_interrupt_and_a_bare_exception_in_a_job_are_its_errors(
+        router, make_manager, subprocess_job):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    interrupted = router.wait_reply(router.request(ident, CPU, "interrupt", headers=REPLY,
+                                                   subprocess=subprocess_job))
+    assert interrupted["error"] == {"type": "KeyboardInterrupt", "message": "stop"}
+    bare = router.wait_reply(router.request(ident, CPU, "no_message", headers=REPLY,
+                                            subprocess=subprocess_job))
+    assert bare["error"] == {"type": "MemoryError", "message": "MemoryError"}
+    assert bare["value"] == "MemoryError"
+    if subprocess_job:
+        assert pool_of(manager).counters["children_died"] == 0
+    assert manager.state is State.RUNNING
+    stop_and_check(router, manager)

@@ -9,7 +9,13 @@ per line:
     pool   -> child  {"payload": run_payload_json, "retry_count": n}
     child  -> pool   {"attempt": n}                     before each attempt
     child  -> pool   {"status": ..., "value": ..., "error_type": ...,
-                      "error_message": ..., "attempts": n}
+                      "error_message": ..., "attempts": n[, "retire": true]}
+
+"retire": the child exits after this job (a job lowered one of its hard
+resource limits, which it cannot raise again); the pool starts another. An
+outcome longer than ``max_message_size`` is sent as a ReplyTooLarge failure
+instead. A process a job forked (without exec) that returns from the job
+exits at once: it must not answer on the child's pipes.
 
 The protocol uses private copies of file descriptors 0 and 1: a job that
 prints writes to stderr, a job that reads stdin reads ``/dev/null``. The
@@ -30,6 +36,9 @@ from ..callables import NOT_ALLOWED, CallablePolicy
 from ..jobs import JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
 from ..protocol import ProtocolError, RunRequest
 
+#: the error type of an outcome too large to send (as the worker's REPLY check names it)
+REPLY_TOO_LARGE = "ReplyTooLarge"
+
 logger = logging.getLogger("emq_green.worker.child")
 
 #: Environment variables the pool sets for its children.
@@ -39,6 +48,8 @@ ENV_EXIT = "EMQ_GREEN_CHILD_EXIT_FUNC"
 ENV_PARENT = "EMQ_GREEN_CHILD_PARENT_PID"
 #: ``allowed_callables`` as JSON, or empty when unset
 ENV_ALLOWED = "EMQ_GREEN_CHILD_ALLOWED_CALLABLES"
+#: the longest outcome line the pool reads (``max_message_size``), or -1
+ENV_MAX_LINE = "EMQ_GREEN_CHILD_MAX_LINE"
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -128,17 +139,63 @@ def _optional(env: str) -> Optional[Callable[[], Any]]:
     return import_dotted(path) if path else None
 
 
-def _outcome_line(outcome: JobOutcome) -> str:
+def _outcome_line(outcome: JobOutcome, max_line: int = -1, retire: bool = False) -> str:
+    """The outcome as the pool reads it; ``retire``: this child exits after it."""
     doc = {"status": outcome.status.value, "value": outcome.value,
            "error_type": outcome.error_type, "error_message": outcome.error_message,
            "attempts": outcome.attempts}
+    if retire:
+        doc["retire"] = True
     try:
-        return json.dumps(doc)
+        line = json.dumps(doc)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         # as on the wire: an unencodable (or too deeply nested) return value
         # is an error reply
         failure = JobOutcome.failure(exc, outcome.attempts)
-        return _outcome_line(failure)
+        return _outcome_line(failure, max_line, retire)
+    if 0 <= max_line < len(line) + 1:
+        # the pool would not read it whole (nor could the router take it)
+        message = (f"the job's outcome is {len(line)} bytes of JSON, larger than "
+                   f"max_message_size ({max_line} bytes)")
+        return _outcome_line(JobOutcome(Status.FAILED, message, REPLY_TOO_LARGE, message,
+                                        outcome.attempts), max_line, retire)
+    return line
+
+
+class _Limits:
+    """The child's resource limits as it started, set back after each job: a
+    job that lowers one (``RLIMIT_AS`` to cap itself) would otherwise leave
+    it on every later job of this child. A hard limit a job lowered cannot be
+    raised again by an unprivileged process; the child then exits after
+    that job's outcome, and the pool starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.start: dict[int, tuple[int, int]] = {}
+        try:
+            import resource
+        except ImportError:  # not POSIX
+            self._resource = None
+            return
+        self._resource = resource
+        for name in dir(resource):
+            if name.startswith("RLIMIT_"):
+                which = getattr(resource, name)
+                try:
+                    self.start[which] = resource.getrlimit(which)
+                except (OSError, ValueError):
+                    pass
+
+    def restore(self) -> bool:
+        """Set back what a job changed; False when that is impossible."""
+        resource = self._resource
+        restored = True
+        for which, limits in self.start.items():
+            try:
+                if resource.getrlimit(which) != limits:
+                    resource.setrlimit(which, limits)
+            except (OSError, ValueError):
+                restored = False
+        return restored
 
 
 class Child:
@@ -146,11 +203,14 @@ class Child:
 
     def __init__(self, out: IO[str], *, entry_func: Optional[Callable[[], Any]] = None,
                  exit_func: Optional[Callable[[], Any]] = None,
-                 policy: Optional[CallablePolicy] = None) -> None:
+                 policy: Optional[CallablePolicy] = None, max_line: int = -1) -> None:
         self.out = out
         self.policy = policy or CallablePolicy(None)
         self.entry_func = entry_func
         self.exit_func = exit_func
+        self.max_line = max_line
+        #: this process: a job's ``os.fork()`` copy that returns here must not answer
+        self.pid = os.getpid()
 
     def send(self, doc: dict[str, Any]) -> None:
         self.out.write(json.dumps(doc) + "\n")
@@ -183,20 +243,38 @@ class Child:
             return not_found(request, exc)
         try:
             value = func(*request.args, **request.kwargs)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as in the worker
+            self._only_here()
             logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc)
             return JobOutcome.failure(exc, attempt)
+        self._only_here()
         return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
 
-    def serve(self, lines: IO[str], guard: Optional[_Guard] = None) -> None:
+    def _only_here(self) -> None:
+        """A process the job forked without exec, returning from the job
+        (``if os.fork() == 0: ...`` that falls through): it ends now, quietly.
+        Serving on, it would answer jobs on this child's pipes in its place."""
+        if os.getpid() != self.pid:
+            os._exit(0)
+
+    def serve(self, lines: IO[str], guard: Optional[_Guard] = None,
+              limits: Optional[_Limits] = None) -> None:
         for line in lines:
             if not line.strip():
                 continue
             if guard is not None:
                 guard.check()
-            outcome = self.run(json.loads(line))
-            self.out.write(_outcome_line(outcome) + "\n")
+            try:
+                outcome = self.run(json.loads(line))
+            finally:
+                self._only_here()  # (also from the entry and exit functions)
+            retire = limits is not None and not limits.restore()
+            self.out.write(_outcome_line(outcome, self.max_line, retire) + "\n")
             self.out.flush()
+            if retire:
+                logger.warning("a job lowered a hard resource limit of this child; it "
+                               "exits, and the pool starts a fresh one")
+                return
 
 
 def main() -> int:
@@ -226,10 +304,12 @@ def main() -> int:
             logger.exception("subprocess_setup_func %s failed", setup)
     allowed = os.environ.get(ENV_ALLOWED, "")
     policy = CallablePolicy(json.loads(allowed) if allowed else None)
-    child = Child(proto_out, entry_func=entry, exit_func=exit_, policy=policy)
+    child = Child(proto_out, entry_func=entry, exit_func=exit_, policy=policy,
+                  max_line=int(os.environ.get(ENV_MAX_LINE, "") or -1))
+    limits = _Limits()
     child.send({"ready": os.getpid()})
     try:
-        child.serve(proto_in, guard)
+        child.serve(proto_in, guard, limits)
     except (BrokenPipeError, KeyboardInterrupt):
         return 1
     return 0

@@ -349,6 +349,10 @@ class JobSlots:
             logger.warning("job %s raised GreenletExit while the worker was not stopping",
                            printable(record.callable_name))
             outcome = JobOutcome.failure(exc)
+        except (SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in a job: its error
+            logger.warning("job %s raised %s: %s", printable(record.callable_name),
+                           type(exc).__name__, exc)
+            outcome = JobOutcome.failure(exc)
         except BaseException as exc:  # a job must never take the worker down
             logger.exception("job %s crashed the runner", record.msgid)
             outcome = JobOutcome.failure(exc)

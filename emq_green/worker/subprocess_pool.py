@@ -56,6 +56,9 @@ STARTUP_TIMEOUT = 120.0
 CLOSE_TIMEOUT = 2.0
 #: How long after a child's death the pool still reads its last line, s.
 DEATH_GRACE = 0.5
+#: Bytes a child's line may hold beyond ``max_message_size``: the outcome's
+#: other fields (the child itself sends ReplyTooLarge for a longer value).
+LINE_SLACK = 64 * 1024
 
 
 def cpu_count() -> int:
@@ -85,6 +88,8 @@ class PoolConfig:
     allowed: Optional[tuple[str, ...]] = None
     #: the interpreter the children run
     executable: str = sys.executable
+    #: ``max_message_size``: the longest outcome a child sends (-1: no limit)
+    max_result_bytes: int = -1
 
     @classmethod
     def from_settings(cls, settings: Settings, **changes: Any) -> PoolConfig:
@@ -93,7 +98,8 @@ class PoolConfig:
                       "setup_func": settings.subprocess_setup_func,
                       "entry_func": settings.job_entry_func,
                       "exit_func": settings.job_exit_func,
-                      "allowed": settings.allowed_callables, **changes})
+                      "allowed": settings.allowed_callables,
+                      "max_result_bytes": settings.max_message_size, **changes})
 
 
 class ChildDied(Exception):
@@ -127,6 +133,12 @@ class _Child:
         env[child_main.ENV_PARENT] = str(os.getpid())
         env[child_main.ENV_ALLOWED] = "" if config.allowed is None else json.dumps(
             list(config.allowed))
+        env[child_main.ENV_MAX_LINE] = str(config.max_result_bytes)
+        # what the pool reads of one line: the child keeps its outcomes under
+        # max_result_bytes; a longer line (a child that misbehaves) is not
+        # read whole into the worker, the child is replaced
+        self.max_line = -1 if config.max_result_bytes < 0 else \
+            config.max_result_bytes + LINE_SLACK
         self.proc = subprocess.Popen(
             [config.executable, "-m", "emq_green.worker.child"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
@@ -169,13 +181,15 @@ class _Child:
         self._reader = gevent.getcurrent()
         try:
             with gevent.Timeout(timeout, _ChildTimedOut):
-                line = self.proc.stdout.readline()
+                line = self.proc.stdout.readline(self.max_line)
         except _ChildGone:
             raise ChildDied() from None
         finally:
             self._reader = None
         if not line:
             raise ChildDied()
+        if not line.endswith(b"\n") and len(line) == self.max_line:
+            raise ChildDied(f"sent a line longer than {self.max_line} bytes")
         return json.loads(line)
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
@@ -385,7 +399,10 @@ class SubprocessPool:
             outcome = JobOutcome(Status(msg["status"]), msg["value"], msg["error_type"],
                                  msg["error_message"], msg["attempts"])
             clean = True
-            if last or self._draining:
+            if msg.get("retire") and not last:
+                self.counters["children_recycled"] += 1
+                self._replace(child, kill=False)  # it exits by itself
+            elif last or self._draining:
                 self._end(child, kill=False)
             else:
                 self._put_idle(child)
