@@ -111,7 +111,7 @@ def main(argv: "list[str] | None" = None) -> int:
         return 2
     tune_gc()
     manager.serve_forever()
-    return 0
+    return 1 if manager.crashed is not None else 0  # a supervisor restarts a crash
 
 
 def warn_unused(settings, unused: "dict[str, str]") -> None:
@@ -224,7 +224,7 @@ def _standalone(settings, router_settings, load) -> int:
     if scheduler is not None:
         scheduler.stop()
     router.stop()
-    return 0
+    return 1 if manager.crashed is not None else 0
 
 
 def _start_router(settings, context, prog: str, extra_backend_addrs=(),

@@ -245,6 +245,13 @@ class JobManager:
         """The lifecycle state (connecting, running, draining or stopped)."""
         return self._supervisor.state
 
+    @property
+    def crashed(self) -> Optional[BaseException]:
+        """What ended the manager when its loop crashed (a job that killed
+        every greenlet, say), else None: a stop is not a crash. The
+        ``emq-green`` command exits with status 1 then."""
+        return self._supervisor.crash
+
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the manager is in ``state``; False
         when ``timeout`` seconds passed first."""
@@ -259,7 +266,8 @@ class JobManager:
         EventMQ's does.
 
         Raises:
-            RuntimeError: when started before.
+            RuntimeError: when started before (a stopped manager does not
+                start again: make a new one).
         """
         if addr is not None or queues is not None:
             _override(self, addr, queues)

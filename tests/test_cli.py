@@ -22,6 +22,7 @@ JOBS = '''
 import os
 import time
 
+import gevent
 import gevent.monkey
 
 
@@ -39,6 +40,16 @@ def marked_nap(seconds):
         f.write("x")
     time.sleep(seconds)
     return seconds
+
+
+def kill_every_greenlet():
+    """A job that kills every other greenlet of the worker (its loop too)."""
+    import gc
+
+    others = [g for g in gc.get_objects()
+              if isinstance(g, gevent.Greenlet) and g is not gevent.getcurrent()]
+    gevent.killall(others, block=False)
+    return len(others)
 
 
 def gated(name, deadline=30):
@@ -428,3 +439,24 @@ def test_the_demo_runs_over_curve_with_keys_in_a_relative_directory(tmp_path):
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "results: 20/20 jobs done (0 failed)" in demo.stdout
     assert "over CURVE" in demo.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_of_the_manager_loop_exits_with_status_1(router, worker_factory):
+    """A supervisor restarts what exits non-zero: a crash must not exit 0."""
+    w = worker_factory(*fast(router), "-J", "2", "-n", "crash")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    router.request(ident, "clijobs", "kill_every_greenlet")
+    w.wait_log("job manager loop crashed", timeout=20)
+    assert w.proc.wait(30) == 1, w.text()
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_worker_exits_with_status_0(router, worker_factory):
+    w = worker_factory(*fast(router), "-J", "2", "-n", "clean")
+    router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(30) == 0, w.text()
+    assert "crashed" not in w.text()

@@ -697,3 +697,29 @@ def test_keyboard_interrupt_and_a_bare_exception_in_a_job_are_its_errors(
         assert pool_of(manager).counters["children_died"] == 0
     assert manager.state is State.RUNNING
     stop_and_check(router, manager)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("subprocess_job", [True, False])
+def test_sys_exit_in_a_job_ends_its_attempts_and_its_exit_function_runs(
+        router, make_manager, cpu_log, subprocess_job):
+    manager = entry_exit_manager(make_manager)
+    ident = router.wait_inform()
+    reply = router.wait_reply(router.request(ident, CPU, "logged_exit",
+                                             headers=f"{REPLY},retry-count:2",
+                                             subprocess=subprocess_job), timeout=20)
+    assert reply["error"] == {"type": "SystemExit", "message": "4"}
+    assert log_counts(cpu_log) == {"entry": 1, "run": 1, "exit": 1}
+    if subprocess_job:
+        assert pool_of(manager).counters["children_died"] == 0
+    stop_and_check(router, manager)
+
+
+def test_a_stopped_manager_says_it_runs_once(router, make_manager):
+    manager = make_manager()
+    with pytest.raises(RuntimeError, match="already started"):
+        manager.start()
+    stop_and_check(router, manager)
+    assert manager.crashed is None
+    with pytest.raises(RuntimeError, match="has stopped; a JobManager runs once"):
+        manager.start()

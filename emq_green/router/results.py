@@ -42,7 +42,8 @@ STOPPING = "stopping"        # the router stopped
 
 _REASON_TEXT = {
     EXPIRED: "no result within the router's result_ttl",
-    WORKER_LOST: "the worker running the job was removed as dead",
+    WORKER_LOST: "the worker running the job was removed as dead; the job may have run "
+                 "(or still run) there, but its result cannot come back",
     STOPPING: "the router stopped before the result arrived",
 }
 

@@ -198,6 +198,16 @@ class _Limits:
         return restored
 
 
+class _Final(BaseException):
+    """A job's SystemExit, KeyboardInterrupt or GeneratorExit, as its
+    outcome: it ends the job's attempts (as in the worker, where it passes
+    through them), the exit function still runs."""
+
+    def __init__(self, outcome: JobOutcome) -> None:
+        super().__init__(outcome.error_type)
+        self.outcome = outcome
+
+
 class Child:
     """One job at a time, with the worker's entry and exit functions around it."""
 
@@ -231,8 +241,11 @@ class Child:
             self.send({"attempt": n})  # the worker restarts the timeout per attempt
             return self._attempt(request, n)
 
-        return run_attempts(request.name, attempt, retry_count, self.entry_func,
-                            self.exit_func)
+        try:
+            return run_attempts(request.name, attempt, retry_count, self.entry_func,
+                                self.exit_func)
+        except _Final as final:
+            return final.outcome
 
     def _attempt(self, request: RunRequest, attempt: int) -> JobOutcome:
         try:
@@ -246,7 +259,9 @@ class Child:
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as in the worker
             self._only_here()
             logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc)
-            return JobOutcome.failure(exc, attempt)
+            if isinstance(exc, Exception):
+                return JobOutcome.failure(exc, attempt)
+            raise _Final(JobOutcome.failure(exc, attempt)) from None  # not retried
         self._only_here()
         return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
 

@@ -349,7 +349,7 @@ class JobSlots:
             logger.warning("job %s raised GreenletExit while the worker was not stopping",
                            printable(record.callable_name))
             outcome = JobOutcome.failure(exc)
-        except (SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in a job: its error
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:  # sys.exit() in a job
             logger.warning("job %s raised %s: %s", printable(record.callable_name),
                            type(exc).__name__, exc)
             outcome = JobOutcome.failure(exc)

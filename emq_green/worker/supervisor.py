@@ -80,6 +80,9 @@ class Supervisor:
         self._stop_mode: Optional[StopMode] = None
         self._reload_requested = False
         self._main: Optional[gevent.Greenlet] = None
+        #: what ended the loop when it crashed (a job's ``gevent.killall``),
+        #: None while it runs and after a stop
+        self.crash: Optional[BaseException] = None
         self._signal_handlers: list[Any] = []
 
     @property
@@ -95,7 +98,9 @@ class Supervisor:
         SIGQUIT stop, plus ``signals``; none when ``signals`` is None), then
         connect in a greenlet of its own; the heartbeats start too."""
         if self._main is not None:
-            raise RuntimeError("JobManager already started")
+            raise RuntimeError("JobManager already started" if self.lifecycle.state
+                               is not State.STOPPED else "this JobManager has stopped; a "
+                               "JobManager runs once: make a new one")
         self._slots.begin()
         if signals is not None:
             self._install_signals(signals)
@@ -149,7 +154,8 @@ class Supervisor:
             while self._stop_mode is None:
                 self._session(self._link.next_addr())
             self._shutdown()
-        except BaseException:
+        except BaseException as exc:
+            self.crash = exc
             logger.exception("job manager loop crashed; stopping")
             self._slots.kill_all()
             raise
