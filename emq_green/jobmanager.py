@@ -107,12 +107,10 @@ class JobManager:
             usual sources by :meth:`jobmanager_main` when not given.
         settings_loader: called on SIGHUP (:meth:`reload`) to read the
             settings again.
-        context: the ``zmq.green`` context of the sockets; default the
-            process's shared one.
-        extensions: :class:`~emq_green.extensions.Extension` objects whose
-            hooks run at each step of a job's and a connection's life; the
-            defaults of :func:`~emq_green.worker.defaults.default_extensions` are
-            added for the kinds not given.
+        context: the ``zmq.green`` context; default the process's shared one.
+        extensions: :class:`~emq_green.extensions.Extension` objects (hooks
+            into each step of a job's and a connection's life); defaults
+            (:func:`~emq_green.worker.defaults.default_extensions`) for the rest.
 
     Other arguments are accepted and ignored (logged at debug level).
     """
@@ -247,9 +245,7 @@ class JobManager:
 
     @property
     def crashed(self) -> Optional[BaseException]:
-        """What ended the manager when its loop crashed (a job that killed
-        every greenlet, say), else None: a stop is not a crash. The
-        ``emq-green`` command exits with status 1 then."""
+        """What ended the loop if it crashed, else None (``emq-green`` exits 1)."""
         return self._supervisor.crash
 
     def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
@@ -266,8 +262,7 @@ class JobManager:
         EventMQ's does.
 
         Raises:
-            RuntimeError: when started before (a stopped manager does not
-                start again: make a new one).
+            RuntimeError: when started before (a stopped one too: make a new one).
         """
         if addr is not None or queues is not None:
             _override(self, addr, queues)

@@ -536,3 +536,66 @@ def test_a_result_reaches_a_client_that_connects_again(make_router):
     assert _results_of(back, 1) == [(sent.msgid, {"value": "kept"})]
     wait_until(lambda: not relay.held, what="the kept result gone")
     assert not h.router.results.dropped
+
+
+PATCHED_CLIENT = r'''
+import json, sys
+mode, addr = sys.argv[1], sys.argv[2]
+from gevent import monkey
+monkey.patch_all(thread=(mode != "real-threads"))
+import threading
+import gevent
+from gevent.threadpool import ThreadPool
+from emq_green.client import Client
+
+client = Client(addr, green=None if mode != "plain-client" else False)
+got, errors = {}, []
+
+def user(n):
+    try:
+        handles = [client.defer_job("jobs_for_tests.echo", [n, i], result=True)
+                   for i in range(20)]
+        got[n] = [h.get(timeout=20)["args"] for h in handles]
+        client.defer_job("jobs_for_tests.echo", [n])  # fire-and-forget too
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+if mode == "real-threads":  # patch_all(thread=False): threading is the real one
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+else:  # a gevent threadpool's native threads, beside greenlets of the main one
+    pool = ThreadPool(6)
+    results = [pool.spawn(user, n) for n in range(6)]
+    greenlets = [gevent.spawn(user, n) for n in range(6, 12)]
+    for r in results:
+        r.get(timeout=40)
+    gevent.joinall(greenlets, timeout=40)
+client.close()
+print(json.dumps({"green": client.green, "got": {str(k): v for k, v in got.items()},
+                  "errors": errors}))
+'''
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["threadpool", "plain-client", "real-threads"])
+def test_a_patched_process_gets_its_results_in_every_native_thread(standalone: Stack,
+                                                                    tmp_path: Path, mode):
+    """The results of native threads were read by a greenlet on the hub of
+    the first thread that asked, and stopped once that thread was done: the
+    others timed out, the process hung, close() raised LoopExit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "patched_client.py"
+    script.write_text(PATCHED_CLIENT)
+    done = subprocess.run([sys.executable, str(script), mode, standalone.front],
+                          capture_output=True, text=True, timeout=90,
+                          env={"PYTHONPATH": f"{REPO}:{TESTS}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["errors"] == []
+    users = range(6) if mode == "real-threads" else range(12)
+    assert report["got"] == {str(n): [[n, i] for i in range(20)] for n in users}

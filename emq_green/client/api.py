@@ -40,7 +40,6 @@ import inspect
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union, overload
@@ -49,6 +48,7 @@ import zmq
 
 from ..curve import ClientCurve, client_curve, client_curve_from_env
 from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
+from . import threads
 from .connect import RouterUnreachable, new_dealer
 from .results import (
     ConfirmTimeout,
@@ -180,9 +180,16 @@ class Client:
         #: seconds a guaranteed request waits for the router's confirmation
         self.confirm_timeout = (confirm_timeout or send_timeout or DEFAULT_CONFIRM_TIMEOUT)
         self._idle: list[Any] = []
-        self._lock = threading.Lock()
+        # (the interpreter's own lock: native threads of a patched process
+        # share it; nothing waits while holding it)
+        self._lock = threads.allocate_lock()
         self._closed = False
         self._results: Optional[Union[GreenResultChannel, ThreadResultChannel]] = None
+        #: for the other native threads of a gevent-patched process (see
+        #: :mod:`~emq_green.client.threads`): plain sockets and a reader thread
+        self._native_context: Optional[zmq.Context] = None
+        self._native_idle: list[Any] = []
+        self._native_results: Optional[ThreadResultChannel] = None
         #: REQUESTs sent.
         self.sent = 0
         #: ``REPLY [msgid]`` acknowledgements read so far.
@@ -199,14 +206,23 @@ class Client:
 
     def _take(self, wait: Optional[float] = None) -> Any:
         """An idle socket, else a new one (:func:`~.connect.new_dealer`)."""
+        foreign = threads.foreign_thread(self.green)
         with self._lock:
             if self._closed:
                 raise RuntimeError("client is closed")
-            if self._idle and wait is None:
-                return self._idle.pop()
-        return new_dealer(self._context, self._zmq, self.addr, str(uuid.uuid4()), hwm=self._hwm,
+            idle = self._native_idle if foreign else self._idle
+            if idle and wait is None:
+                return idle.pop()
+            context, module = (self._native() if foreign else (self._context, self._zmq))
+        return new_dealer(context, module, self.addr, str(uuid.uuid4()), hwm=self._hwm,
                           linger=self._linger, wait=wait,
                           prepare=self.curve.apply if self.curve is not None else None)
+
+    def _native(self) -> tuple[zmq.Context, Any]:
+        """The plain context of the other native threads (the lock is held)."""
+        if self._native_context is None:
+            self._native_context = zmq.Context()
+        return self._native_context, zmq
 
     def wait_for_router(self, timeout: float) -> None:
         """Return once a router at :attr:`addr` has done the ZeroMQ handshake
@@ -223,8 +239,9 @@ class Client:
     def _give_back(self, sock: Any) -> None:
         self._read_acks(sock)
         with self._lock:
-            if not self._closed and len(self._idle) < self._max_idle:
-                self._idle.append(sock)
+            idle = self._native_idle if sock.context is self._native_context else self._idle
+            if not self._closed and len(idle) < self._max_idle:
+                idle.append(sock)
                 return
         sock.close()
 
@@ -253,30 +270,40 @@ class Client:
         """Close the sockets, giving queued requests ``linger`` seconds to leave."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-            results, self._results = self._results, None
+            idle, self._idle = self._idle + self._native_idle, []
+            self._native_idle = []
+            channels = [c for c in (self._results, self._native_results) if c is not None]
+            self._results = self._native_results = None
         for sock in idle:
             sock.close()
-        if results is not None:
-            results.close()
+        for channel in channels:
+            channel.close()
         self._context.term()
+        if self._native_context is not None:
+            self._native_context.term()
 
     def _result_channel(self) -> Union[GreenResultChannel, ThreadResultChannel]:
+        foreign = threads.foreign_thread(self.green)
+        slot = "_native_results" if foreign else "_results"
         with self._lock:
             if self._closed:
                 raise RuntimeError("client is closed")
-            if self._results is None:
-                if self.green:
-                    self._results = GreenResultChannel(
-                        self._context, self.addr, hwm=self._hwm, linger=self._linger,
-                        send=self._send_message, on_ack=self._count_ack,
-                        prepare=self.curve.apply if self.curve is not None else None)
-                else:
-                    self._results = ThreadResultChannel(
-                        self._context, self.addr, hwm=self._hwm, linger=self._linger,
-                        send_timeout=self.send_timeout, on_ack=self._count_ack,
-                        prepare=self.curve.apply if self.curve is not None else None)
-            return self._results
+            channel = getattr(self, slot)
+        if channel is not None:
+            return channel
+        # made outside the lock, which is the interpreter's own: starting a
+        # reader thread under gevent switches greenlets, and another
+        # greenlet of this thread taking the lock then would block it
+        made = _new_channel(self, foreign)
+        with self._lock:
+            channel = getattr(self, slot)
+            if channel is None and not self._closed:
+                setattr(self, slot, made)
+                return made
+        made.close()  # another caller made one first, or the client closed
+        if channel is None:
+            raise RuntimeError("client is closed")
+        return channel
 
     def _count_ack(self) -> None:
         self.acknowledged += 1
@@ -285,7 +312,7 @@ class Client:
         if self.send_timeout is None:
             sock.send_multipart(request.frames())  # blocks at SNDHWM; never drops
         else:
-            self._send_within(sock, request, self.send_timeout)
+            send_within(sock, request, self.send_timeout)
 
     # ------------------------------------------------------------------
     # sending
@@ -366,7 +393,7 @@ class Client:
             if self.send_timeout is None:
                 sock.send_multipart(request.frames())  # blocks at SNDHWM; never drops
             else:
-                self._send_within(sock, request, self.send_timeout)
+                send_within(sock, request, self.send_timeout)
         except SendTimeoutError as exc:
             if exc.half_sent:
                 sock.close()  # mid-message: never reuse it
@@ -382,51 +409,12 @@ class Client:
         self.sent += 1
         if confirm:
             try:
-                self._await_confirm(sock, request.msgid)
+                await_confirm(sock, request.msgid, self.confirm_timeout, self._count_ack)
             except BaseException:
                 sock.close()  # its late answer must not be read as another's
                 raise
         self._give_back(sock)
         return request.msgid
-
-    def _await_confirm(self, sock: Any, msgid: str) -> None:
-        """Read ``sock`` until the router confirms (or refuses) ``msgid``;
-        other acknowledgements on the way are counted."""
-        timeout = self.confirm_timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000)), self._zmq.POLLIN):
-                raise ConfirmTimeout(msgid, timeout)
-            frames = sock.recv_multipart()
-            answer = confirmation(frames, msgid)
-            if answer is None:
-                if len(frames) > 2 and frames[2] == b"REPLY":
-                    self.acknowledged += 1
-                continue
-            self.acknowledged += 1
-            if answer:
-                raise GuaranteeRefused(msgid, answer)
-            return
-
-    def _send_within(self, sock: Any, request: Message, timeout: float) -> None:
-        """Send without blocking, waiting for room for at most ``timeout`` s."""
-        zmq_module = self._zmq
-        frames = request.frames()
-        deadline = time.monotonic() + timeout
-        last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            flags = zmq_module.NOBLOCK | (0 if i == last else zmq_module.SNDMORE)
-            while True:
-                try:
-                    sock.send(frame, flags)
-                    break
-                except zmq_module.Again:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise SendTimeoutError(request.msgid, timeout,
-                                               half_sent=i > 0) from None
-                    sock.poll(max(1, int(left * 1000)), zmq_module.POLLOUT)
 
     @overload
     def defer_job(self, func: JobFunc, args: Sequence[Any] = ...,
@@ -516,11 +504,69 @@ class Client:
                                  confirm=confirm)
 
 
+def await_confirm(sock: Any, msgid: str, timeout: float, count_ack: Callable[[], None]) -> None:
+    """Read ``sock`` until the router confirms (or refuses) ``msgid``;
+    ``count_ack`` for every acknowledgement read on the way, that one too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            raise ConfirmTimeout(msgid, timeout)
+        frames = sock.recv_multipart()
+        answer = confirmation(frames, msgid)
+        if answer is None:
+            if len(frames) > 2 and frames[2] == b"REPLY":
+                count_ack()
+            continue
+        count_ack()
+        if answer:
+            raise GuaranteeRefused(msgid, answer)
+        return
+
+
+def send_within(sock: Any, request: Message, timeout: float) -> None:
+    """Send without blocking, waiting for room for at most ``timeout`` s
+    (a plain or a ``zmq.green`` socket: the same constants)."""
+    frames = request.frames()
+    deadline = time.monotonic() + timeout
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        flags = zmq.NOBLOCK | (0 if i == last else zmq.SNDMORE)
+        while True:
+            try:
+                sock.send(frame, flags)
+                break
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SendTimeoutError(request.msgid, timeout, half_sent=i > 0) from None
+                sock.poll(max(1, int(left * 1000)), zmq.POLLOUT)
+
+
+def _new_channel(client: Client, foreign: bool) -> Union[GreenResultChannel, ThreadResultChannel]:
+    """A result channel for ``client``: green on the main thread of a green
+    client, else one on plain sockets (with the interpreter's own threads
+    for a ``foreign`` caller, :mod:`~emq_green.client.threads`)."""
+    prepare = client.curve.apply if client.curve is not None else None
+    if client.green and not foreign:
+        return GreenResultChannel(client._context, client.addr, hwm=client._hwm,
+                                  linger=client._linger, send=client._send_message,
+                                  on_ack=client._count_ack, prepare=prepare)
+    if foreign:
+        with client._lock:
+            context = client._native()[0]
+    else:
+        context = client._context
+    return ThreadResultChannel(context, client.addr, hwm=client._hwm, linger=client._linger,
+                               send_timeout=client.send_timeout, on_ack=client._count_ack,
+                               prepare=prepare, native=foreign)
+
+
 # ----------------------------------------------------------------------
 # module-level helpers on one shared client per address
 
 _clients: dict[str, Client] = {}
-_clients_lock = threading.Lock()
+_clients_lock = threads.allocate_lock()
 
 
 def _forget_clients_after_fork() -> None:
@@ -530,7 +576,7 @@ def _forget_clients_after_fork() -> None:
     dropped, not closed (closing them there is not safe)."""
     global _clients_lock
     _clients.clear()
-    _clients_lock = threading.Lock()
+    _clients_lock = threads.allocate_lock()
 
 
 if hasattr(os, "register_at_fork"):

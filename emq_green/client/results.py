@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from ..protocol import Command, Message, ProtocolError, _loads
+from . import threads
 from .connect import new_dealer
 
 logger = logging.getLogger(__name__)
@@ -437,19 +438,38 @@ class ThreadResultChannel(_Channel):
 
     def __init__(self, context: zmq.Context, addr: str, *, hwm: int, linger: float,
                  send_timeout: Optional[float], on_ack: Callable[[], None],
-                 prepare: Optional[Callable[[Any], None]] = None) -> None:
+                 prepare: Optional[Callable[[Any], None]] = None,
+                 native: bool = False) -> None:
         super().__init__(on_ack)
         self._send_timeout = send_timeout
         self._sock = new_dealer(context, zmq, addr, f"results:{uuid.uuid4()}", hwm=hwm,
                                 linger=linger, prepare=prepare)
         self._fd = self._sock.getsockopt(zmq.FD)
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="emq-green-results",
-                                        daemon=True)
-        self._thread.start()
+        #: the interpreter's own thread, lock, events and waits even where
+        #: gevent patched them (for the native threads of a patched
+        #: process: :mod:`~emq_green.client.threads`)
+        self._native = native
+        if native:
+            self._lock = threads.allocate_lock()
+            self._handles_lock = threads.allocate_lock()
+            self._sleep, self._select = threads.native_sleep, threads.native_select
+            self._ended = threads.NativeEvent()
+            threads.start_new_thread(self._run_then_end, ())
+        else:
+            self._lock = threading.Lock()
+            self._sleep, self._select = time.sleep, select.select
+            self._thread = threading.Thread(target=self._run, name="emq-green-results",
+                                            daemon=True)
+            self._thread.start()
 
     def _new_event(self) -> Any:
-        return threading.Event()
+        return threads.NativeEvent() if self._native else threading.Event()
+
+    def _run_then_end(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._ended.set()
 
     def _send(self, request: Message) -> None:
         frames = request.frames()
@@ -465,7 +485,7 @@ class ThreadResultChannel(_Channel):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise SendTimeoutError(request.msgid, self._send_timeout or 0.0)
-            time.sleep(0.001)  # backpressure: the router is not reading
+            self._sleep(0.001)  # backpressure: the router is not reading
 
     def _read_available(self) -> None:
         """Read and dispatch what has arrived (the lock is held)."""
@@ -484,12 +504,15 @@ class ThreadResultChannel(_Channel):
                 except zmq.ZMQError:
                     logger.exception("client: the result socket failed")
                     return
-            select.select([self._fd], [], [], timeout)
+            self._select([self._fd], [], [], timeout)
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-        self._thread.join()
+        if self._native:
+            self._ended.wait(1.0)  # (the reader looks every _POLL_MS)
+        else:
+            self._thread.join()
         self._sock.close()
         self._abandon()
 
