@@ -32,8 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from croniter import croniter
-
 from .protocol import ProtocolError, RunRequest, printable
 
 #: run_count of a schedule that fires for ever
@@ -215,7 +213,7 @@ def parse_schedule(body: Sequence[str]) -> Schedule:
     if interval == -1 and eta is None:
         if not cron:
             raise ProtocolError("interval -1 needs a cron text")
-        if not croniter.is_valid(cron):
+        if not _croniter().is_valid(cron):
             raise ProtocolError(f"cron text {printable(cron, 80)} is not valid")
         try:  # valid, yet naming no time (31 February) fails only here
             next_cron(cron, time.time())
@@ -263,7 +261,17 @@ def _eta(headers: str) -> Optional[float]:
 
 def next_cron(cron: str, after: float) -> float:
     """The first time after ``after`` (epoch seconds) that ``cron`` names (UTC)."""
-    return float(croniter(cron, after).get_next(float))
+    return float(_croniter()(cron, after).get_next(float))
+
+
+def _croniter() -> Any:
+    # Imported when a cron text is first read, not with the client: importing
+    # croniter asks platform.architecture(), which runs a subprocess, and a
+    # client first imported in a gevent threadpool thread failed there
+    # ("child watchers are only available on the default loop").
+    from croniter import croniter
+
+    return croniter
 
 
 def schedule_body(*, queue: str, headers: Sequence[str], payload: dict[str, Any],

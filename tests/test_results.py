@@ -546,7 +546,32 @@ monkey.patch_all(thread=(mode != "real-threads"))
 import threading
 import gevent
 from gevent.threadpool import ThreadPool
-from emq_green.client import Client
+if mode == "import-in-thread":  # the client's first import in a native thread
+    ThreadPool(1).spawn(__import__, "emq_green.client").get(timeout=20)
+from emq_green.client import Client, ResultLostError
+
+if mode == "close-from-thread":  # waiters in both kinds of threads, closed from one
+    client = Client(addr)
+    lost, submitted = [], []
+    def waiter(n):
+        handle = client.defer_job("jobs_for_tests.nap", [30], result=True)
+        submitted.append(n)
+        try:
+            handle.get(timeout=25)
+        except ResultLostError:
+            lost.append(n)
+    pool = ThreadPool(4)
+    threads = [pool.spawn(waiter, n) for n in range(3)]
+    greenlets = [gevent.spawn(waiter, n) for n in range(3, 6)]
+    deadline = gevent.get_hub().loop.now() + 10
+    while len(submitted) < 6 and gevent.get_hub().loop.now() < deadline:
+        gevent.sleep(0.01)  # every waiter has sent its job (then waits)
+    pool.spawn(client.close).get(timeout=10)
+    for t in threads:
+        t.get(timeout=10)
+    gevent.joinall(greenlets, timeout=10)
+    print(json.dumps({"green": client.green, "got": {}, "errors": [], "lost": sorted(lost)}))
+    sys.exit(0)
 
 client = Client(addr, green=None if mode != "plain-client" else False)
 got, errors = {}, []
@@ -580,7 +605,8 @@ print(json.dumps({"green": client.green, "got": {str(k): v for k, v in got.items
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["threadpool", "plain-client", "real-threads"])
+@pytest.mark.parametrize("mode", ["threadpool", "plain-client", "real-threads",
+                                  "import-in-thread", "close-from-thread"])
 def test_a_patched_process_gets_its_results_in_every_native_thread(standalone: Stack,
                                                                     tmp_path: Path, mode):
     """The results of native threads were read by a greenlet on the hub of
@@ -597,5 +623,8 @@ def test_a_patched_process_gets_its_results_in_every_native_thread(standalone: S
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["errors"] == []
+    if mode == "close-from-thread":  # every waiter told at once, none left hanging
+        assert report["lost"] == list(range(6))
+        return
     users = range(6) if mode == "real-threads" else range(12)
     assert report["got"] == {str(n): [[n, i] for i in range(20)] for n in users}

@@ -190,6 +190,9 @@ class Client:
         self._native_context: Optional[zmq.Context] = None
         self._native_idle: list[Any] = []
         self._native_results: Optional[ThreadResultChannel] = None
+        #: the gevent hub of the thread whose sockets are ``_idle`` and
+        #: ``_results`` (None when gevent runs no hub here)
+        self._main_hub: Any = None
         #: REQUESTs sent.
         self.sent = 0
         #: ``REPLY [msgid]`` acknowledgements read so far.
@@ -214,6 +217,8 @@ class Client:
             if idle and wait is None:
                 return idle.pop()
             context, module = (self._native() if foreign else (self._context, self._zmq))
+            if not foreign and self._main_hub is None:
+                self._main_hub = threads.current_hub()
         return new_dealer(context, module, self.addr, str(uuid.uuid4()), hwm=self._hwm,
                           linger=self._linger, wait=wait,
                           prepare=self.curve.apply if self.curve is not None else None)
@@ -270,17 +275,16 @@ class Client:
         """Close the sockets, giving queued requests ``linger`` seconds to leave."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle + self._native_idle, []
-            self._native_idle = []
-            channels = [c for c in (self._results, self._native_results) if c is not None]
+            idle, native_idle = self._idle, self._native_idle
+            self._idle, self._native_idle = [], []
+            results, native = self._results, self._native_results
             self._results = self._native_results = None
-        for sock in idle:
-            sock.close()
-        for channel in channels:
-            channel.close()
-        self._context.term()
-        if self._native_context is not None:
-            self._native_context.term()
+        _close_all(native_idle, native, self._native_context)
+        if self._main_hub is not None and threads.foreign_thread(self.green):
+            # the main thread's sockets and reader are its hub's: closed there
+            threads.spawn_on(self._main_hub, _close_all, idle, results, self._context)
+        else:
+            _close_all(idle, results, self._context)
 
     def _result_channel(self) -> Union[GreenResultChannel, ThreadResultChannel]:
         foreign = threads.foreign_thread(self.green)
@@ -295,6 +299,8 @@ class Client:
         # reader thread under gevent switches greenlets, and another
         # greenlet of this thread taking the lock then would block it
         made = _new_channel(self, foreign)
+        if not foreign and self._main_hub is None:
+            self._main_hub = threads.current_hub()
         with self._lock:
             channel = getattr(self, slot)
             if channel is None and not self._closed:
@@ -502,6 +508,17 @@ class Client:
                                  reply_requested=reply_requested, guarantee=guarantee,
                                  retry_count=retry_count, timeout=timeout, result=result,
                                  confirm=confirm)
+
+
+def _close_all(idle: list[Any], channel: Any, context: Optional[zmq.Context]) -> None:
+    for sock in idle:
+        sock.close()
+    try:
+        if channel is not None:
+            channel.close()
+    finally:
+        if context is not None:
+            context.term()
 
 
 def await_confirm(sock: Any, msgid: str, timeout: float, count_ack: Callable[[], None]) -> None:

@@ -14,6 +14,7 @@ interpreter's original primitives, here.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -33,12 +34,24 @@ native_ident: Callable[[], int] = _original("_thread", "get_ident")
 native_sleep: Callable[[float], None] = _original("time", "sleep")
 native_select: Callable[..., Any] = _original("select", "select")
 
-#: the native thread that imported the client: the main one, where the
-#: program's hub runs (the client is imported at start, like gevent)
+_native_id: Callable[[], int] = _original("_thread", "get_native_id")
+#: the native thread that imported the client: taken for the main one where
+#: the kernel cannot tell (on Linux it can: see :func:`in_main_thread`)
 MAIN_IDENT = native_ident()
 
-__all__ = ["NativeEvent", "allocate_lock", "foreign_thread", "native_ident", "native_select",
-           "native_sleep", "start_new_thread"]
+
+def in_main_thread() -> bool:
+    """Whether the caller runs on the process's main native thread (where
+    the program's hub runs). Under gevent ``threading.main_thread()`` names
+    the main greenlet, not a native thread; on Linux the main thread's
+    kernel id is the pid (after a fork too: the forking thread is the
+    child's main one)."""
+    if sys.platform.startswith("linux"):
+        return _native_id() == os.getpid()
+    return native_ident() == MAIN_IDENT
+
+__all__ = ["NativeEvent", "allocate_lock", "current_hub", "foreign_thread", "in_main_thread",
+           "native_ident", "native_select", "native_sleep", "spawn_on", "start_new_thread"]
 
 
 def _threads_patched() -> bool:
@@ -55,7 +68,25 @@ def foreign_thread(green: bool) -> bool:
     client, or ``threading`` patched)."""
     if not (green or _threads_patched()):
         return False
-    return native_ident() != MAIN_IDENT
+    return not in_main_thread()
+
+
+def current_hub() -> Any:
+    """The gevent hub of the calling thread, or None in a process without
+    gevent (nothing to hand a close to)."""
+    if "gevent" not in sys.modules:
+        return None
+    import gevent
+
+    return gevent.get_hub()
+
+
+def spawn_on(hub: Any, func: Callable[..., Any], *args: Any) -> None:
+    """Run ``func(*args)`` in a new greenlet of ``hub`` (another thread's),
+    without waiting: a hub's callback may not block, a greenlet may."""
+    import gevent
+
+    hub.loop.run_callback_threadsafe(gevent.spawn, func, *args)
 
 
 class NativeEvent:

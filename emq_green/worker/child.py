@@ -157,8 +157,10 @@ def _outcome_line(outcome: JobOutcome, max_line: int = -1, retire: bool = False)
         # the pool would not read it whole (nor could the router take it)
         message = (f"the job's outcome is {len(line)} bytes of JSON, larger than "
                    f"max_message_size ({max_line} bytes)")
+        # (not checked again: under a few hundred bytes of limit this line
+        # is itself longer; the pool reads 64 KiB beyond the limit)
         return _outcome_line(JobOutcome(Status.FAILED, message, REPLY_TOO_LARGE, message,
-                                        outcome.attempts), max_line, retire)
+                                        outcome.attempts), -1, retire)
     return line
 
 
@@ -246,6 +248,10 @@ class Child:
                                 self.exit_func)
         except _Final as final:
             return final.outcome
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:  # entry or exit function
+            self._only_here()
+            logger.warning("%s around job %s: %s", type(exc).__name__, request.name, exc)
+            return JobOutcome.failure(exc)
 
     def _attempt(self, request: RunRequest, attempt: int) -> JobOutcome:
         try:
