@@ -202,3 +202,11 @@ def logged_exit():
     """Log ``run PID``, then sys.exit(): not retried, as in the worker."""
     _log("run")
     sys.exit(4)
+
+
+def entry_sys_exit():
+    sys.exit(5)
+
+
+def text(length):
+    return "x" * length

@@ -723,3 +723,27 @@ def test_a_stopped_manager_says_it_runs_once(router, make_manager):
     assert manager.crashed is None
     with pytest.raises(RuntimeError, match="has stopped; a JobManager runs once"):
         manager.start()
+
+
+@pytest.mark.timeout(60)
+def test_sys_exit_from_a_childs_entry_function_is_the_jobs_error(router, make_manager):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           job_entry_func=f"{CPU}.entry_sys_exit")
+    ident = router.wait_inform()
+    for _ in range(2):
+        reply = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                                 subprocess=True), timeout=20)
+        assert reply["error"] == {"type": "SystemExit", "message": "5"}, reply
+    assert pool_of(manager).counters["children_died"] == 0
+    stop_and_check(router, manager)
+
+
+@pytest.mark.timeout(60)
+def test_a_tiny_max_message_size_still_gets_a_reply_too_large(router, make_manager):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1, max_message_size=250)
+    ident = router.wait_inform()
+    reply = router.wait_reply(router.request(ident, CPU, "text", args=[300],
+                                             headers=REPLY, subprocess=True), timeout=20)
+    assert reply["error"]["type"] == "ReplyTooLarge", reply
+    assert pool_of(manager).counters["children_died"] == 0
+    stop_and_check(router, manager)
