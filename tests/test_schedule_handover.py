@@ -549,3 +549,33 @@ def test_unschedules_of_unknown_calls_take_no_place_in_the_cancelled_book(side):
     unknown = json.dumps(["run", {**CALL, "args": ["0"]}])
     passed = Message.new(Command.REQUEST, "q", "", unknown)
     assert side.vet_firing(b"s1", passed) is passed
+
+
+@pytest.mark.timeout(30)
+def test_a_router_that_only_acknowledges_firings_is_taken_for_gone():
+    """EventMQ's router, restarted, ACKs nothing and sends no HEARTBEAT to a
+    scheduler it does not know, but answers each firing with a REPLY: those
+    kept the scheduler's silence timer fresh, so it never INFORMed again
+    (its UNSCHEDULEs and new SCHEDULEs were dropped as sent to no scheduler)."""
+    context = zmq.Context()
+    router = FakeRouter(context, free_port())
+    settings = Settings(heartbeat_timeout=1, heartbeat_interval=0.2, heartbeat_liveness=1)
+    scheduler = Scheduler(settings=settings, context=context, addr=router.addr)
+    try:
+        scheduler.start()
+        with gevent.Timeout(20):
+            ident = router.accept()
+            router.send(ident, Message.new(Command.SCHEDULE, "q", "nohaste", "1", PAYLOAD, ""))
+            informed_again = None
+            while informed_again is None:  # every firing acknowledged, nothing else
+                sender, *frames = router.sock.recv_multipart()
+                message = Message.parse(frames)
+                if message.command is Command.REQUEST:
+                    router.send(sender, Message.new(Command.REPLY, message.msgid))
+                elif message.command is Command.INFORM:
+                    informed_again = time.monotonic()
+        assert scheduler.counts["fired"] >= 1 and scheduler.counts["reconnects"] >= 1
+    finally:
+        scheduler.stop(2)
+        router.sock.close(linger=0)
+        context.term()

@@ -192,8 +192,12 @@ class Scheduler:
                 if not informed and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
                     informed = self._send(inform)  # IMMEDIATE: once connected
                 if sock.poll(100):
-                    heard = time.monotonic()
                     frames = sock.recv_multipart()
+                    if len(frames) < 3 or frames[2] != b"REPLY":
+                        # a REPLY acknowledges one of our firings: EventMQ's
+                        # router restarted sends those and nothing else (no
+                        # HEARTBEAT, no KBYE) to a scheduler it does not know
+                        heard = time.monotonic()
                     try:
                         self._on_message(frames, inform.msgid)
                     except Exception:  # a bug must not leave the link deaf
