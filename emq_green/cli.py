@@ -110,8 +110,32 @@ def main(argv: "list[str] | None" = None) -> int:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 2
     tune_gc()
-    manager.serve_forever()
-    return 1 if manager.crashed is not None else 0  # a supervisor restarts a crash
+    return _serve(manager, settings.kill_grace_period)
+
+
+def _serve(manager: "Any", grace: float) -> int:
+    """Serve until stopped; the exit status (1 after a crash: a supervisor
+    restarts it). A job can reach past its own greenlet: ``sys.exit()`` in a
+    greenlet it spawned, or in a loop callback, is not the worker's to obey
+    (gevent raises it in the main greenlet: the process ended at once,
+    status 0, its jobs lost), it is logged as that greenlet's failure; one
+    thrown into the main greenlet stops the worker as a crash."""
+    import logging
+
+    import gevent
+
+    hub = gevent.get_hub()
+    hub.SYSTEM_ERROR = tuple(e for e in hub.SYSTEM_ERROR
+                             if e not in (SystemExit, KeyboardInterrupt))
+    try:
+        manager.serve_forever()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        logging.getLogger("emq_green").error(
+            "%s(%s) reached the worker's main greenlet (from a job?); stopping",
+            type(exc).__name__, exc)
+        manager.stop(timeout=grace + 5)
+        return 1
+    return 1 if manager.crashed is not None else 0
 
 
 def warn_unused(settings, unused: "dict[str, str]") -> None:
@@ -219,12 +243,12 @@ def _standalone(settings, router_settings, load) -> int:
     watchers = [gevent.spawn(stop_manager_with_router)]
     if scheduler is not None:
         watchers.append(gevent.spawn(stop_scheduler_with_manager))
-    manager.serve_forever()
+    status = _serve(manager, settings.kill_grace_period)
     gevent.killall(watchers)
     if scheduler is not None:
         scheduler.stop()
     router.stop()
-    return 1 if manager.crashed is not None else 0
+    return status
 
 
 def _start_router(settings, context, prog: str, extra_backend_addrs=(),

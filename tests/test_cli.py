@@ -52,6 +52,27 @@ def kill_every_greenlet():
     return len(others)
 
 
+def exit_from_a_spawned_greenlet():
+    """sys.exit() in a greenlet the job spawned (gevent raises it in main)."""
+    gevent.spawn(lambda: __import__("sys").exit())
+    return "spawned"
+
+
+def exit_from_a_loop_callback():
+    gevent.get_hub().loop.run_callback(lambda: __import__("sys").exit(3))
+    return "scheduled"
+
+
+def throw_into_main():
+    import greenlet
+
+    main = greenlet.getcurrent()
+    while main.parent is not None:
+        main = main.parent
+    gevent.get_hub().loop.run_callback(main.throw, SystemExit(0))
+    return "thrown"
+
+
 def gated(name, deadline=30):
     """Mark the start, then wait (patched time.sleep) until the file
     "release" exists: the test decides when it ends."""
@@ -460,3 +481,33 @@ def test_a_stopped_worker_exits_with_status_0(router, worker_factory):
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0, w.text()
     assert "crashed" not in w.text()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("job", ["exit_from_a_spawned_greenlet", "exit_from_a_loop_callback"])
+def test_sys_exit_outside_a_job_greenlet_does_not_stop_the_worker(router, worker_factory, job):
+    """gevent raised it in the main greenlet: the worker ended at once with
+    status 0, no log line, its running jobs lost."""
+    w = worker_factory(*fast(router), "-J", "2", "-n", "stray")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    first = router.request(ident, "clijobs", job, headers="reply-requested")
+    assert "error" not in router.wait_reply(first)
+    # the stray SystemExit ran once the job had replied; the worker serves on
+    for _ in range(3):
+        after = router.request(ident, "clijobs", "nap", args=[0], headers="reply-requested")
+        assert router.wait_reply(after) == {"value": 0}, w.text()
+    assert w.proc.poll() is None, w.text()
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(30) == 0, w.text()
+
+
+@pytest.mark.timeout(60)
+def test_sys_exit_thrown_into_the_main_greenlet_stops_the_worker_with_status_1(
+        router, worker_factory):
+    w = worker_factory(*fast(router), "-J", "2", "-n", "thrown")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    router.request(ident, "clijobs", "throw_into_main")
+    w.wait_log("reached the worker's main greenlet", timeout=20)
+    assert w.proc.wait(30) == 1, w.text()
