@@ -181,7 +181,8 @@ def job(parts):
     gevent.sleep(0.1)
     send(b"", V, b"REPLY", msgid(), b\'{"value": 0.1}\', parts[3])
     send(b"", V, b"READY", msgid())
-send(b"", V, b"INFORM", msgid(), b\'[[10, "default"]]\', b"worker")
+# (waits for the connection: the outbox sends without waiting)
+s.send_multipart([b"", V, b"INFORM", msgid(), b\'[[10, "default"]]\', b"worker"])
 while recv()[2] != b"ACK":
     pass
 for _ in range(slots):
