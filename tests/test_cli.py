@@ -463,13 +463,17 @@ def test_the_demo_runs_over_curve_with_keys_in_a_relative_directory(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_crash_of_the_manager_loop_exits_with_status_1(router, worker_factory):
+@pytest.mark.parametrize("job, logged", [
+    ("kill_every_greenlet", "job manager loop crashed"),
+    ("throw_into_main", "reached the worker's main greenlet"),
+])
+def test_a_crash_of_the_worker_exits_with_status_1(router, worker_factory, job, logged):
     """A supervisor restarts what exits non-zero: a crash must not exit 0."""
     w = worker_factory(*fast(router), "-J", "2", "-n", "crash")
     ident = router.wait_inform(timeout=20)
     router.wait_count(Command.READY, 2)
-    router.request(ident, "clijobs", "kill_every_greenlet")
-    w.wait_log("job manager loop crashed", timeout=20)
+    router.request(ident, "clijobs", job)
+    w.wait_log(logged, timeout=20)
     assert w.proc.wait(30) == 1, w.text()
 
 
@@ -501,13 +505,3 @@ def test_sys_exit_outside_a_job_greenlet_does_not_stop_the_worker(router, worker
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0, w.text()
 
-
-@pytest.mark.timeout(60)
-def test_sys_exit_thrown_into_the_main_greenlet_stops_the_worker_with_status_1(
-        router, worker_factory):
-    w = worker_factory(*fast(router), "-J", "2", "-n", "thrown")
-    ident = router.wait_inform(timeout=20)
-    router.wait_count(Command.READY, 2)
-    router.request(ident, "clijobs", "throw_into_main")
-    w.wait_log("reached the worker's main greenlet", timeout=20)
-    assert w.proc.wait(30) == 1, w.text()
