@@ -218,7 +218,7 @@ class Client:
                 return idle.pop()
             context, module = (self._native() if foreign else (self._context, self._zmq))
             if not foreign and self._main_hub is None:
-                self._main_hub = threads.current_hub()
+                self._main_hub = threads.current_hub(self.green)
         return new_dealer(context, module, self.addr, str(uuid.uuid4()), hwm=self._hwm,
                           linger=self._linger, wait=wait,
                           prepare=self.curve.apply if self.curve is not None else None)
@@ -300,7 +300,7 @@ class Client:
         # greenlet of this thread taking the lock then would block it
         made = _new_channel(self, foreign)
         if not foreign and self._main_hub is None:
-            self._main_hub = threads.current_hub()
+            self._main_hub = threads.current_hub(self.green)
         with self._lock:
             channel = getattr(self, slot)
             if channel is None and not self._closed:

@@ -71,10 +71,11 @@ def foreign_thread(green: bool) -> bool:
     return not in_main_thread()
 
 
-def current_hub() -> Any:
-    """The gevent hub of the calling thread, or None in a process without
-    gevent (nothing to hand a close to)."""
-    if "gevent" not in sys.modules:
+def current_hub(green: bool) -> Any:
+    """The gevent hub of the calling thread, or None where no other native
+    thread can be foreign (:func:`foreign_thread`): no hub is made for a
+    plain client's threads in a process that merely imported gevent."""
+    if not (green or _threads_patched()):
         return None
     import gevent
 
