@@ -103,7 +103,8 @@ class ConfirmTimeout(TimeoutError):
     def __init__(self, msgid: str, timeout: float) -> None:
         super().__init__(f"guaranteed REQUEST {msgid} not confirmed by the router within "
                          f"{timeout:g} s: it may or may not hold it (sending it again may "
-                         "run the job twice)")
+                         "run the job twice; EventMQ's router confirms nothing, it only "
+                         "acknowledges a request it hands to a worker at once)")
         self.msgid = msgid
         self.timeout = timeout
 
