@@ -565,3 +565,37 @@ def test_delayed_jobs_restored_after_a_kill_9_run_once(peers, tmp_path):
     assert "5 schedule(s) restored" in second.text()
     assert wait_runs(peers, "later", 5) >= 5
     assert runs_stop(peers, "later") == 5
+
+
+@pytest.mark.timeout(150)
+def test_green_scheduler_registers_again_with_a_restarted_eventmq_router(peers):
+    """EventMQ's router killed -9 and restarted knows no scheduler, sends it
+    no HEARTBEAT, ACK or KBYE, only REPLYs to what it fires: the scheduler
+    used to take those for a live link and never INFORM again, so its
+    UNSCHEDULE was dropped (the schedule ran on) and a new SCHEDULE was
+    discarded ("no schedulers")."""
+    router = peers.router()
+    addrs = router.addrs
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", "--heartbeat-interval", "0.2",
+                 "--heartbeat-timeout", "1", "--reconnect-timeout", "0.5"])
+    # silent for 3 x 5 s before it takes the router for gone: the worker is
+    # back long before, and the firings are acknowledged again meanwhile
+    green = green_scheduler(peers, addrs, "--reconnect-timeout", "1",
+                            "--heartbeat-timeout", "5", "--heartbeat-liveness", "3")
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("before", interval=1)
+        wait_runs(peers, "before", 2)
+        router.kill()
+        mark = green.mark()
+        router = peers.router(addrs, config=router.config)
+        # the worker comes back first and the firings are acknowledged again
+        green.wait_for(r"nothing from the router", timeout=40, since=mark)
+        green.wait_for(r"scheduler: connected", timeout=20, since=mark)
+        client.schedule("before", interval=1, unschedule=True)
+        client.schedule("after", interval=1)
+        wait_runs(peers, "after", 2)
+        stopped_at = runs_stop(peers, "before")
+        assert runs_stop(peers, "before") == stopped_at
+    finally:
+        client.close()
