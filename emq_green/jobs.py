@@ -34,6 +34,10 @@ from .protocol import Headers, RunRequest, printable
 logger = logging.getLogger(__name__)
 
 TIMEOUT_VALUE = "TimeoutError"
+#: what a job (or its entry or exit function) may raise that is not an
+#: Exception and is still its own error: answered, not retried, and never
+#: the worker's or a child's end
+JOB_EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
 
 
 class Status(str, Enum):

@@ -33,7 +33,7 @@ import sys
 from typing import IO, Any, Callable, Optional
 
 from ..callables import NOT_ALLOWED, CallablePolicy
-from ..jobs import JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
+from ..jobs import JOB_EXITS, JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
 from ..protocol import ProtocolError, RunRequest
 
 #: the error type of an outcome too large to send (as the worker's REPLY check names it)
@@ -248,8 +248,7 @@ class Child:
                                 self.exit_func)
         except _Final as final:
             return final.outcome
-        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:  # entry or exit function
-            self._only_here()
+        except JOB_EXITS as exc:  # from the entry or exit function (serve ends a fork's copy)
             logger.warning("%s around job %s: %s", type(exc).__name__, request.name, exc)
             return JobOutcome.failure(exc)
 

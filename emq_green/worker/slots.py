@@ -26,7 +26,7 @@ import gevent.pool
 
 from ..callables import NOT_ALLOWED, CallablePolicy
 from ..extensions import HookRegistry
-from ..jobs import JobOutcome, JobRunner, Status, encode_reply, import_dotted
+from ..jobs import JOB_EXITS, JobOutcome, JobRunner, Status, encode_reply, import_dotted
 from ..limits import MAX_MSGID_BYTES, msgid_too_long, worker_log
 from ..protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
 from ..records import STATUS_KEYS, JobRecord
@@ -349,7 +349,7 @@ class JobSlots:
             logger.warning("job %s raised GreenletExit while the worker was not stopping",
                            printable(record.callable_name))
             outcome = JobOutcome.failure(exc)
-        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:  # sys.exit() in a job
+        except JOB_EXITS as exc:  # sys.exit() in a job: its error
             logger.warning("job %s raised %s: %s", printable(record.callable_name),
                            type(exc).__name__, exc)
             outcome = JobOutcome.failure(exc)
