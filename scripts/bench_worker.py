@@ -42,6 +42,7 @@ import json
 import os
 import pstats
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -146,6 +147,11 @@ import gevent, zmq.green as zmq
 from zmq.backend import Socket as B
 addr, slots = sys.argv[1], int(sys.argv[2])
 s = zmq.Context().socket(zmq.DEALER)
+# emq-green's link has the same high-water marks: at libzmq's default of
+# 1,000 the burst of READYs can meet a full pipe, and a NOBLOCK send that
+# fails would lose the message and hang the run.
+s.setsockopt(zmq.SNDHWM, 10000)
+s.setsockopt(zmq.RCVHWM, 10000)
 s.connect(addr)
 V, NB = b"eMQP/1.0", int(zmq.NOBLOCK)
 MNB = int(zmq.SNDMORE) | NB
@@ -342,6 +348,17 @@ def summary(ok: int, errors: int, elapsed: float, p50: float, p99: float, mean: 
     }
 
 
+def read_line(proc: subprocess.Popen, deadline: float) -> str:
+    """The next line of ``proc``'s stdout, or RuntimeError at ``deadline``
+    (a worker that lost a message would otherwise hang the run)."""
+    fd = proc.stdout.fileno()
+    while not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if time.monotonic() >= deadline:
+            raise RuntimeError("the stand-in router did not finish in time "
+                               "(jobs lost on the way?)")
+    return proc.stdout.readline()
+
+
 def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
                       extra_flags: list[str], workdir: str, standin: str | None,
                       profile: str | None = None) -> dict:
@@ -359,7 +376,7 @@ def run_with_c_router(label: str, payload: str, jobs: int, concurrency: int,
         if router.stdout.readline().strip() != "acked":
             raise RuntimeError(f"{label}: the worker never registered")
         start = CpuMark(worker.pid)
-        line = router.stdout.readline()
+        line = read_line(router, deadline=time.monotonic() + 600)
         end = CpuMark(worker.pid)
         sampler.stop.set()
         if not line:
