@@ -127,6 +127,9 @@ def _serve(manager: "Any", grace: float) -> int:
     hub = gevent.get_hub()
     hub.SYSTEM_ERROR = tuple(e for e in hub.SYSTEM_ERROR
                              if e not in (SystemExit, KeyboardInterrupt))
+    # gevent counts a greenlet's SystemExit as no error at all (nothing
+    # printed): here it is one, reported with its traceback like any other
+    hub.NOT_ERROR = tuple(e for e in hub.NOT_ERROR if e is not SystemExit)
     try:
         manager.serve_forever()
     except (SystemExit, KeyboardInterrupt) as exc:

@@ -502,6 +502,8 @@ def test_sys_exit_outside_a_job_greenlet_does_not_stop_the_worker(router, worker
         after = router.request(ident, "clijobs", "nap", args=[0], headers="reply-requested")
         assert router.wait_reply(after) == {"value": 0}, w.text()
     assert w.proc.poll() is None, w.text()
+    # not silent: gevent's report of the failed greenlet or callback
+    assert "SystemExit" in w.text(), w.text()
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0, w.text()
 
