@@ -252,6 +252,38 @@ def test_burst_paused_by_bytes_arrives_exactly_once(make_router):
     assert status["processed_messages_by_queue"] == {"default": 2000}
 
 
+@pytest.mark.timeout(60)
+def test_a_paused_router_takes_in_a_bounded_number_of_messages_per_client(make_router):
+    """While clients are not read, what one connection can still park in the
+    router (ZeroMQ's queue for it) is FRONTEND_RCVHWM messages, not ``hwm``:
+    a client sent 2,500 x 1 MiB into a paused router (2.5 GB of RSS)."""
+    from emq_green.router.sockets import FRONTEND_RCVHWM
+
+    h = make_router(max_buffer_bytes=1)  # paused by the first buffered request
+    h.worker(slots=0)
+    client = h.peer("frontend")
+    client.sock.setsockopt(zmq.SNDHWM, 1)
+    client.sock.setsockopt(zmq.SNDBUF, 65536)
+    h.request(client)
+    wait_until(lambda: h.router.frontend_paused, what="paused")
+    frames = Message.new(Command.REQUEST, "default", "", "x" * 32768).frames()
+    accepted = 0
+    # send until the socket stays unwritable for a second (the router's
+    # side full), or far past the bound
+    while accepted < 3000:
+        try:
+            client.sock.send_multipart(frames, zmq.NOBLOCK)
+            accepted += 1
+        except zmq.Again:
+            if not client.sock.poll(1000, zmq.POLLOUT):
+                break
+    # the bound plus what the kernel's socket buffers and the client's own
+    # pipe hold (a few hundred kB on loopback)
+    assert FRONTEND_RCVHWM <= 100
+    assert accepted < 300, accepted
+    assert h.router.frontend_paused
+
+
 def test_admin_and_workers_served_while_paused(make_router):
     h = make_router(hwm=1, heartbeat_interval=0.1, heartbeat_timeout=0.5)
     worker = h.worker(slots=0)

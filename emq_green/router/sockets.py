@@ -23,7 +23,8 @@ What is refused before any handler sees it, logged and counted:
 Backpressure is decided by the router; here it is carried out: while
 :attr:`RouterSockets.frontend_paused` the client socket is not read, so what
 clients send waits in ZeroMQ's queues and their sends block at the
-high-water marks.
+high-water marks (at most :data:`FRONTEND_RCVHWM` messages per client
+connection on the router's side).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ logger = logging.getLogger(__name__)
 # the longest it goes on (s): a run of costly messages (INFORMs of 256
 # queues, ~1 ms each) must not hold the timers and the other sockets.
 _READ_BATCH = 256
+#: Messages ZeroMQ takes in from one client connection that the router has
+#: not read (its RCVHWM on the client socket, set at bind: libzmq does not
+#: apply a later change to connections already made). While reading is
+#: paused this is what a client can still park in the router's memory, per
+#: connection: at ``hwm`` (10,000) it was 10,000 messages of up to
+#: ``max_message_size`` each, gigabytes past ``max_buffer_bytes``.
+FRONTEND_RCVHWM = 100
 _BATCH_SECONDS = 0.002
 _clock = time.perf_counter
 #: How a busy greenlet of the router lets the others run: a timer, not
@@ -249,7 +257,8 @@ class RouterSockets:
                     # INFORM): the scheduler waits reconnect_timeout
                     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
                 sock.setsockopt(zmq.SNDHWM, s.hwm)
-                sock.setsockopt(zmq.RCVHWM, s.hwm)
+                sock.setsockopt(zmq.RCVHWM, min(s.hwm, FRONTEND_RCVHWM)
+                                if name == "frontend" else s.hwm)
                 sock.setsockopt(zmq.LINGER, 0)
                 # per frame; libzmq disconnects a peer that sends a bigger one
                 sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_size)
