@@ -628,3 +628,30 @@ def test_a_patched_process_gets_its_results_in_every_native_thread(standalone: S
         return
     users = range(6) if mode == "real-threads" else range(12)
     assert report["got"] == {str(n): [[n, i] for i in range(20)] for n in users}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("green", [True, False])
+def test_a_reply_nested_too_deeply_fails_its_job_and_results_keep_coming(make_router, green):
+    """A backend peer answered with ``[`` x 200,000: the client's reader died
+    of RecursionError, and every later result of that client timed out."""
+    h: Harness = make_router()
+    worker = h.worker(slots=2)
+
+    def client_side() -> None:
+        with Client(h.router.endpoints["frontend"], green=green) as client:
+            bomb = client.defer_job("jobs_for_tests.add", [1, 2], result=True)
+            request = worker.recv(timeout=10)
+            worker.send(Command.REPLY, "[" * 200_000 + "]" * 200_000, request.msgid)
+            with pytest.raises(JobError) as caught:
+                bomb.get(timeout=10)
+            assert caught.value.type == "InvalidReply"
+            after = client.defer_job("jobs_for_tests.add", [3, 4], result=True)
+            request = worker.recv(timeout=10)
+            worker.send(Command.REPLY, json.dumps({"value": 7}), request.msgid)
+            assert after.get(timeout=10) == 7
+
+    if green:
+        client_side()
+    else:  # a native client in its own thread; this one's hub runs the router
+        gevent.get_hub().threadpool.spawn(client_side).get(timeout=25)

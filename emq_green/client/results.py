@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
-from ..protocol import Command, Message, ProtocolError, _loads
+from ..protocol import Command, Message, ProtocolError, _loads, printable
 from . import threads
 from .connect import new_dealer
 
@@ -131,7 +131,7 @@ def confirmation(frames: list[bytes], msgid: str) -> Optional[str]:
         try:
             reply = json.loads(frames[4])
             return str(reply["error"]["message"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return frames[4].decode("utf-8", "replace")[:200]
     return None
 
@@ -236,9 +236,9 @@ class ResultHandle:
         """Called by the channel's reader with the worker's ``reply_json``."""
         try:
             reply = _loads(reply_json)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             self._error = JobError(self.msgid, "InvalidReply",
-                                   f"the reply is not JSON: {exc}")
+                                   f"the reply is not JSON: {printable(exc, 200)}")
         else:
             if type(reply) is not dict:
                 self._value = reply
@@ -319,6 +319,15 @@ class _Channel:
             return sum(1 for h in self._handles.values() if not h.ready())
 
     def _dispatch(self, frames: list[bytes]) -> None:
+        """Handle one message from the router. Never raises: the reader
+        would end with it, and every later result of the client with it."""
+        try:
+            self._handle(frames)
+        except Exception:
+            logger.exception("client: a message from the router could not be handled; "
+                             "ignored")
+
+    def _handle(self, frames: list[bytes]) -> None:
         # the common case without building a Message: a result,
         # ['', 'eMQP/1.0', 'REPLY', msgid, reply_json, orig_msgid]
         if len(frames) == 6 and frames[2] == b"REPLY" and frames[1] == b"eMQP/1.0":

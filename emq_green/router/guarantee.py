@@ -62,7 +62,7 @@ def was_killed(reply_json: str) -> bool:
         return False
     try:
         reply = json.loads(reply_json)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     error = reply.get("error") if isinstance(reply, dict) else None
     return isinstance(error, dict) and error.get("type") == "Killed"
