@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import gevent
@@ -269,3 +270,50 @@ def test_standalone_serves_the_dashboard_from_the_environment(tmp_path: Path):
         raise AssertionError(f"{exc}\n{stack.logs()}") from None
     finally:
         stack.close()
+
+
+@pytest.mark.timeout(60)
+def test_slow_connections_are_bounded_and_closed(dashboard_for, monkeypatch):
+    """Connections that never finish a request held a file descriptor each
+    for ever: 20,000 took every descriptor of the router (a probe)."""
+    import socket
+
+    import psutil
+
+    from emq_green.web import serve
+
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(serve, "IDLE_TIMEOUT", 1.0)
+    harness, dashboard = dashboard_for()
+    host, port = dashboard.address
+    slow = []
+    for _ in range(30):
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        slow.append(sock)
+
+    def served_connections() -> int:
+        return sum(1 for c in psutil.Process().net_connections("tcp")
+                   if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+    wait_until(lambda: served_connections() >= 8, what="eight connections served")
+    # for the next half second (the silent ones not yet timed out) no more
+    watch_until = time.monotonic() + 0.5
+    while time.monotonic() < watch_until:
+        assert served_connections() <= 8
+        gevent.sleep(0.05)  # the server runs in this hub; an observation window
+    # the silent ones are closed: a whole page comes through once they are
+    assert http_get(f"http://{host}:{port}/dashboard.json").status_code == 200
+    def end_of(sock: socket.socket) -> bytes:
+        data = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+
+    for sock in slow[:8]:  # closed, with at most a 408 first
+        ended = gevent.get_hub().threadpool.apply(end_of, (sock,))
+        assert ended in (b"", serve._TIMED_OUT), ended
+    for sock in slow:
+        sock.close()

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional
 import gevent
 
 from ..web.pages import answer, page
-from ..web.serve import HostCheck, exposure_warning, parse_http_addr
+from ..web.serve import HostCheck, exposure_warning, page_server, parse_http_addr
 from . import metrics
 from .broker import Router, Worker
 
@@ -125,12 +125,10 @@ class RouterDashboard:
 
     # -- life ----------------------------------------------------------------------
     def start(self) -> None:
-        from gevent.pywsgi import WSGIServer
-
         host, port = parse_dashboard_addr(self._addr)
         #: the Host header check in front of the page (its ``refused`` count)
         self.host_check = HostCheck(self._app, host, self.router.settings.http_allowed_hosts)
-        server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
+        server = page_server(host, port, self.host_check, logger)
         server.start()  # OSError (the address is taken) before anything else is set up
         self._server = server
         self.router.observer = self

@@ -22,6 +22,47 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Iterable, Optional
 
+#: Connections a page server serves at once; more wait in the kernel's
+#: accept queue (not in this process's file descriptors) until one ends.
+MAX_CONNECTIONS = 64
+#: Seconds a connection may stay silent (a request's headers not finished,
+#: an idle keep-alive) before it is closed. Without both bounds a peer that
+#: opens connections and never finishes a request held them for ever, and
+#: took every file descriptor of the router or the worker (a probe: 20,000).
+IDLE_TIMEOUT = 10.0
+
+
+def page_server(host: str, port: int, app: Callable[..., Iterable[bytes]],
+                error_log: Any) -> Any:
+    """A ``gevent.pywsgi.WSGIServer`` for the pages, bounded as above (not
+    started)."""
+    from gevent.pool import Pool
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    class _Handler(WSGIHandler):
+        def _handle_client_error(self, ex: BaseException) -> Any:
+            if isinstance(ex, TimeoutError):  # silent too long: closed, not logged
+                return ("408", _TIMED_OUT)  # (gevent printed a traceback for each)
+            return super()._handle_client_error(ex)
+
+    class _Server(WSGIServer):
+        handler_class = _Handler
+
+        def handle(self, sock: Any, address: Any) -> None:
+            sock.settimeout(IDLE_TIMEOUT)
+            try:
+                super().handle(sock, address)
+            except TimeoutError:  # before a request line, or between requests
+                sock.close()
+
+    return _Server((host, port), app, log=None, error_log=error_log,
+                   spawn=Pool(MAX_CONNECTIONS))
+
+
+_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+              b"Content-Length: 0\r\n\r\n")
+
+
 #: host names that always mean this machine
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
@@ -113,5 +154,5 @@ class HostCheck:
         return [body]
 
 
-__all__ = ["HostCheck", "LOOPBACK_NAMES", "exposure_warning", "is_loopback",
-           "parse_http_addr"]
+__all__ = ["HostCheck", "IDLE_TIMEOUT", "LOOPBACK_NAMES", "MAX_CONNECTIONS", "exposure_warning",
+           "is_loopback", "page_server", "parse_http_addr"]

@@ -36,7 +36,7 @@ import gevent
 from ..extensions import Extension
 from ..jobs import Status
 from ..records import INVALID_REQUEST, STATUS_KEYS
-from ..web.serve import HostCheck, exposure_warning, parse_http_addr
+from ..web.serve import HostCheck, exposure_warning, page_server, parse_http_addr
 from . import page as worker_page
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,8 +199,6 @@ class MetricsExtension(Extension):
 
     # -- HTTP -------------------------------------------------------------------
     def _serve(self, addr: str) -> None:
-        from gevent.pywsgi import WSGIServer
-
         try:
             from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         except ImportError:
@@ -215,7 +213,7 @@ class MetricsExtension(Extension):
         names = self._manager.settings.http_allowed_hosts if self._manager else ()
         #: the Host header check in front of the pages (its ``refused`` count)
         self.host_check = HostCheck(self._app, host, names)
-        server = WSGIServer((host, port), self.host_check, log=None, error_log=logger)
+        server = page_server(host, port, self.host_check, logger)
         try:
             server.start()
         except OSError as exc:  # was a traceback of the extension hook
