@@ -33,6 +33,7 @@ from test_router import Harness, make_router, wait_until
 from emq_green.client import Client, SendTimeoutError
 from emq_green.protocol import Command, Message
 from emq_green.router import Router, RouterState
+from emq_green.router.routing import REQUEST_OVERHEAD
 from emq_green.settings import Settings
 
 __all__ = ["make_router", "stack"]  # fixtures
@@ -243,7 +244,7 @@ def test_burst_paused_by_bytes_arrives_exactly_once(make_router):
     h = make_router(max_buffer_bytes=20_000)  # about 19 requests; hwm (10,000) not reached
     seen = _burst_through_router(h, count=2000, slots=2, payload=payload)
     assert sorted(seen["msgids"]) == sorted(seen["sent"]) and len(set(seen["msgids"])) == 2000
-    request_size = len(seen["sent"][0]) + len("default") + len(payload)
+    request_size = len(seen["sent"][0]) + len("default") + len(payload) + REQUEST_OVERHEAD
     assert 0 < seen["max_bytes"] < 20_000 + request_size
     assert seen["max_waiting"] <= 20_000 // request_size + 1
     status = h.admin(Command.STATUS)
@@ -282,6 +283,17 @@ def test_a_paused_router_takes_in_a_bounded_number_of_messages_per_client(make_r
     assert FRONTEND_RCVHWM <= 100
     assert accepted < 300, accepted
     assert h.router.frontend_paused
+
+
+@pytest.mark.timeout(60)
+def test_tiny_requests_count_what_holding_them_costs(make_router):
+    """A probe buffered tiny requests at ~405 bytes of memory each while
+    max_buffer_bytes counted 6.5: the bound was 60 times the memory."""
+    h = make_router(max_buffer_bytes=40_000)
+    seen = _burst_through_router(h, count=1000, slots=1, payload="[]")
+    assert sorted(seen["msgids"]) == sorted(seen["sent"])
+    assert seen["max_waiting"] <= 101  # 40,000 / 400 + 1
+    assert h.admin(Command.STATUS)["frontend_pauses"] >= 1
 
 
 def test_admin_and_workers_served_while_paused(make_router):
