@@ -248,7 +248,7 @@ class JobManager:
         """What ended the loop if it crashed, else None (``emq-green`` exits 1)."""
         return self._supervisor.crash
 
-    def wait_for_state(self, state: State, timeout: Optional[float] = None) -> bool:
+    def wait_for_state(self, state: State | str, timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the manager is in ``state``; False
         when ``timeout`` seconds passed first."""
         return self._supervisor.lifecycle.wait_for(state, timeout)

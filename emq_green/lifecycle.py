@@ -70,8 +70,11 @@ class Lifecycle(Generic[S]):
             self._changed.set()
             self._changed.clear()
 
-    def wait_for(self, state: S, timeout: Optional[float] = None) -> bool:
-        """Wait (cooperatively) until ``state``; False when ``timeout`` passed."""
+    def wait_for(self, state: S | str, timeout: Optional[float] = None) -> bool:
+        """Wait (cooperatively) until ``state`` (a member, or its value such
+        as ``"running"``: ValueError for no state of this lifecycle); False
+        when ``timeout`` passed."""
+        state = type(self.state)(state)
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.state is not state:
             left = None if deadline is None else deadline - time.monotonic()

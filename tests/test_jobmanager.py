@@ -360,6 +360,10 @@ def test_no_ack_means_retry_with_a_fresh_identity(make_manager):
         assert manager.state is State.CONNECTING
         silent.send(silent.identities[-1], Command.ACK, "x")
         assert manager.wait_for_state(State.RUNNING, timeout=10)
+        # a state's value works as well (it waited out its timeout, False)
+        assert manager.wait_for_state("running", timeout=1)
+        with pytest.raises(ValueError):
+            manager.wait_for_state("runing", timeout=1)
         assert manager.stop(timeout=10, graceful=False)
     finally:
         silent.close()

@@ -288,7 +288,8 @@ class Router:
     def _set_state(self, state: RouterState) -> None:
         self._lifecycle.set(state)
 
-    def wait_for_state(self, state: RouterState, timeout: Optional[float] = None) -> bool:
+    def wait_for_state(self, state: RouterState | str,
+                       timeout: Optional[float] = None) -> bool:
         """Block (cooperatively) until the router is in ``state``; False when
         ``timeout`` seconds passed first."""
         return self._lifecycle.wait_for(state, timeout)

@@ -37,6 +37,7 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -292,7 +293,11 @@ class BlockMonitor(Extension):
         hub = gevent.get_hub()
         gevent.config.print_blocking_reports = False  # we log our own, once
         gevent.config.monitor_thread = True
-        thread = hub.start_periodic_monitoring_thread()
+        with warnings.catch_warnings():
+            # gevent also offers to watch memory (max_memory_usage, unused
+            # here) and warns at every start when psutil is not installed
+            warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+            thread = hub.start_periodic_monitoring_thread()
         if thread is None:
             logger.warning("gevent's monitor thread did not start: loop blocks go unseen")
             return
