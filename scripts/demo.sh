@@ -9,6 +9,15 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e .
+# pip's notes (setuptools' build warnings, ignored index locations) are kept
+# out of the output unless pip fails.
+PIPLOG=$(mktemp)
+if ! { .venv/bin/python -m pip install -q --upgrade pip \
+       && .venv/bin/python -m pip install -q -e .; } >"$PIPLOG" 2>&1; then
+  cat "$PIPLOG" >&2
+  rm -f "$PIPLOG"
+  echo "demo.sh: installing emq-green failed" >&2
+  exit 1
+fi
+rm -f "$PIPLOG"
 exec .venv/bin/emq-green-demo "$@"
