@@ -312,6 +312,23 @@ def test_a_dead_worker_loses_the_result_and_the_client_is_told(make_router):
 
 
 @pytest.mark.timeout(30)
+def test_a_reply_that_is_not_utf8_ends_the_job_and_the_client_is_told(make_router):
+    """It was dropped as malformed: the job stayed in flight and its client
+    waited until result_ttl (an hour)."""
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    request = worker.recv()
+    worker.sock.send_multipart([b"", b"eMQP/1.0", b"REPLY", b"r-1", b'{"value": "\xff"}',
+                                request.msgid.encode()])
+    [(msgid, reply)] = _results_of(client, 1)
+    assert msgid == sent.msgid and reply["error"]["type"] == "InvalidReply"
+    wait_until(lambda: h.slots(worker) == 0 and not h.router.workers[worker.identity].in_flight,
+               what="the job ended at the router")
+
+
+@pytest.mark.timeout(30)
 def test_client_handle_raises_result_lost():
     """The router's notices reach emq-green's client: a refused request as
     JobError, a result that expired as ResultLostError."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import logging
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -194,6 +195,23 @@ class RouterSocket:
         self._watcher.stop()
         self._watcher.close()
         self.sock.close(linger=0)
+
+
+def _undecodable_reply(frames: list[bytes]) -> Optional[tuple[bytes, Message]]:
+    """A worker's ``REPLY [reply_json, orig_msgid]`` whose result alone is
+    not UTF-8, as a REPLY that says so: the job ends as failed and a client
+    waiting for its result is told (dropped, it stayed in flight, and its
+    client waited until result_ttl). None for anything else."""
+    if (len(frames) != 7 or frames[1] or frames[2] != b"eMQP/1.0"
+            or frames[3] != b"REPLY"):
+        return None
+    try:
+        msgid, orig_msgid = frames[4].decode(), frames[6].decode()
+    except UnicodeDecodeError:
+        return None
+    error = json.dumps({"error": {"type": "InvalidReply",
+                                  "message": "the worker's reply is not UTF-8 text"}})
+    return frames[0], Message(Command.REPLY, msgid, (error, orig_msgid))
 
 
 class RouterSockets:
@@ -426,8 +444,15 @@ class RouterSockets:
         try:
             identity, message = Message.parse_routed(frames)
         except ProtocolError as exc:
-            self._drop_malformed(name, frames, exc)
-            return
+            repaired = _undecodable_reply(frames) if name == "backend" else None
+            if repaired is None:
+                self._drop_malformed(name, frames, exc)
+                return
+            identity, message = repaired
+            self._counters["malformed_messages"] += 1
+            self._log.warning("malformed", "router: the REPLY to %s from %s is not UTF-8; "
+                              "the job ends as failed (InvalidReply)",
+                              printable(message.body[1]), printable(identity))
         if self._debug and not (
             self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
         ):
