@@ -354,6 +354,8 @@ def test_a_restored_delayed_job_fired_at_connect_is_not_fired_again_by_the_hand_
         scheduler.start()
         with gevent.Timeout(10):
             ident, *frames = router.recv_multipart()
+            assert Message.parse(frames).command is Command.KBYE  # (see _link)
+            ident, *frames = router.recv_multipart()
             inform = Message.parse(frames)
             assert inform.command is Command.INFORM
             router.send_multipart([ident, *Message.new(Command.ACK, inform.msgid).frames()])
@@ -579,3 +581,29 @@ def test_a_router_that_only_acknowledges_firings_is_taken_for_gone():
         scheduler.stop(2)
         router.sock.close(linger=0)
         context.term()
+
+
+@pytest.mark.timeout(10)
+def test_an_unschedule_the_scheduler_never_got_is_sent_again_when_it_connects(side):
+    """The only scheduler was killed (-9) or stopped when the UNSCHEDULE went
+    out: the send failed (or the message died with its connection), and the
+    scheduler, restarted on its file, fired the schedule for ever."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side)
+    sockets.gone.add(b"s1")  # killed: the send fails
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "1",
+                                              PAYLOAD, ""))
+    assert sockets.to(b"s1", Command.UNSCHEDULE) == []
+    sockets.gone.clear()
+    inform(side, b"s1")  # restarted, with the schedule restored from its file
+    (again,) = sockets.to(b"s1", Command.UNSCHEDULE)
+    assert schedule_key(again.body[3]) == KEY
+    assert sockets.to(b"s1", Command.SCHEDULE)[1:] == []  # not handed back
+    # a new SCHEDULE of the call ends that: a scheduler arriving next is
+    # handed the schedule, and not told to drop it
+    schedule(side)
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s2")
+    assert len(sockets.to(b"s2", Command.SCHEDULE)) == 1
+    assert sockets.to(b"s2", Command.UNSCHEDULE) == []

@@ -599,3 +599,47 @@ def test_green_scheduler_registers_again_with_a_restarted_eventmq_router(peers):
         assert runs_stop(peers, "before") == stopped_at
     finally:
         client.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("outage", ["kill-9", "sigstop"])
+def test_an_unschedule_sent_while_the_only_scheduler_is_down_is_not_lost(peers, outage):
+    """The UNSCHEDULE went out just after the only scheduler was killed (the
+    send failed: dropped) or while it was stopped (lost with the connection
+    it closed on waking): the scheduler, back on its file, fired the
+    schedule for ever (a probe). Its table must end up empty."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", *BEATS])
+    db = str(peers.tmp / "s1.db")
+    # silent for one heartbeat_timeout (3 s), the scheduler connects again:
+    # a stop that lasts until the router removes it lasts that long
+    first = green_scheduler(peers, addrs, "-n", "s1", "--scheduler-file", db,
+                            "--heartbeat-liveness", "1")
+    router.wait_schedulers(1)
+    client = EventMQClient(addrs.frontend)
+    try:
+        client.schedule("doomed", interval=1)
+        wait_runs(peers, "doomed", 2)
+        if outage == "kill-9":
+            first.kill()
+            client.schedule("doomed", interval=1, unschedule=True)
+            first = green_scheduler(peers, addrs, "-n", "s1", "--scheduler-file", db)
+            assert "1 schedule(s) restored" in first.text()
+        else:
+            os.killpg(first.pid, signal.SIGSTOP)
+            try:
+                client.schedule("doomed", interval=1, unschedule=True)
+                # stopped past the scheduler's own silence limit
+                wait_until(lambda: not router.schedulers(), 30, "the scheduler removed",
+                           details=router.tail)
+            finally:
+                os.killpg(first.pid, signal.SIGCONT)
+        wait_until(lambda: "unscheduled" in first.text(), 30, "the schedule dropped",
+                   details=first.tail)
+        router.wait_schedulers(1)
+        wait_until(lambda: not router.admin(Command.STATUS)["schedules"], 30,
+                   "no schedule listed", details=router.tail)
+        assert first.alive
+    finally:
+        client.close()

@@ -82,6 +82,8 @@ _LISTED_TEXT = ("callable", "queue", "schedule")
 _LISTED_NUMBERS = ("next_run", "last_run", "runs", "runs_left")
 #: unscheduled cron keys remembered, to drop what EventMQ's scheduler still fires
 MAX_CANCELLED = 10_000
+#: schedules unscheduled lately, told again to every scheduler that connects
+MAX_UNSCHEDULED = 1_000
 #: identities of schedulers (connected or gone) whose REQUESTs are checked
 MAX_FIRERS = 1_000
 #: a finite schedule is handed over until this long after its last run was
@@ -176,6 +178,47 @@ class SchedulerPeer:
     forwarded: int = 0
 
 
+def _merge_rows(book: collections.OrderedDict[str, dict[str, Any]],
+                live: dict[str, LiveSchedule], scheduler: str,
+                rows: list[Any]) -> list[str]:
+    """A scheduler's listing into the router's ``book``; the keys whose runs
+    are over there."""
+    listed = set()
+    ended = []
+    for row in rows[:MAX_BOOK]:
+        key = str(row["key"])[:MAX_LISTED_TEXT]
+        listed.add(key)
+        entry = book.get(key)
+        if entry is None:
+            if len(book) >= MAX_BOOK:
+                continue  # full: a listing adds nothing more
+            entry = book[key] = {"key": key}
+        entry.update(_listed(row))
+        entry["scheduler"] = scheduler
+        if row.get("runs_left") == 0:
+            ended.append(key)
+    if len(rows) <= MAX_BOOK:
+        # what this scheduler no longer lists has ended there (a listing
+        # written before a SCHEDULE arrived misses a live one)
+        for key in [k for k, e in book.items() if e.get("scheduler") == scheduler
+                    and k not in listed and k not in live]:
+            del book[key]
+    return ended
+
+
+def _tell_unscheduled(sockets: RouterSockets, client: bytes,
+                      unscheduled: collections.OrderedDict[str, tuple[str, ...]],
+                      told: set[tuple[str, ...]]) -> None:
+    """UNSCHEDULE again, to a scheduler that (re)connects, what was
+    unscheduled lately (but not what it was ``told`` just now, held for
+    it): one killed or stopped when its UNSCHEDULE went out (the send
+    failed, or the message was lost with its connection) restored the
+    schedule from its file and fired it for ever (a probe)."""
+    for body in unscheduled.values():
+        if body not in told:
+            sockets.send("frontend", client, Message.new(Command.UNSCHEDULE, *body))
+
+
 class SchedulerSide:
     """Scheduler INFORM, HEARTBEAT, KBYE, and SCHEDULE / UNSCHEDULE on the
     client socket (handlers for the router's frontend table)."""
@@ -207,6 +250,10 @@ class SchedulerSide:
         #: dropped); False: forgotten once their counted runs were seen (EventMQ's
         #: scheduler fires them on), dropped once they are unscheduled
         self._cancelled: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        #: key -> body of its last UNSCHEDULE (the MAX_UNSCHEDULED newest; a
+        #: SCHEDULE of the key clears it): see :func:`_tell_unscheduled`
+        self._unscheduled: collections.OrderedDict[str, tuple[str, ...]] = \
+            collections.OrderedDict()
         #: call key -> keys of its delayed jobs (``key:delay-id``), soonest first
         self._delayed: dict[str, list[str]] = {}
         #: unknown identities that sent a HEARTBEAT and were told KBYE
@@ -233,8 +280,10 @@ class SchedulerSide:
         _note(self.firers, client, MAX_FIRERS)
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
+        told = {m.body for _, m in self.held if m.command is Command.UNSCHEDULE}
         # a held SCHEDULE is delivered once: not again by the hand-over
         self._hand_over(client, skip=self._release_held())
+        _tell_unscheduled(self._sockets, client, self._unscheduled, told)
 
     def on_heartbeat(self, client: bytes, message: Message) -> None:
         peer = self.schedulers.get(client)
@@ -324,6 +373,7 @@ class SchedulerSide:
             return
         base, _, delay_id = schedule.key.partition(":")
         self._cancelled.pop(base, None)
+        self._unscheduled.pop(base, None)
         if delay_id and schedule.key not in self.live:
             self._delayed.setdefault(base, []).append(schedule.key)
         self.live[schedule.key] = LiveSchedule(
@@ -343,6 +393,7 @@ class SchedulerSide:
         except ProtocolError as exc:
             self._refuse(client, message, "refused_malformed", str(exc))
             return
+        _note(self._unscheduled, key, MAX_UNSCHEDULED, tuple(message.body))
         if not self.schedulers:
             self._hold(client, message)
             return
@@ -527,31 +578,15 @@ class SchedulerSide:
         """emq-green's scheduler lists its schedules in its HEARTBEATs:
         ``{"schedules": [{key, callable, queue, schedule, next_run,
         last_run, runs, runs_left}, ...]}``."""
-        scheduler = printable(client, 60)
         try:
-            rows = json.loads(text).get("schedules", [])
-            listed = set()
-            for row in rows[:MAX_BOOK]:
-                key = str(row["key"])[:MAX_LISTED_TEXT]
-                listed.add(key)
-                entry = self.book.get(key)
-                if entry is None:
-                    if len(self.book) >= MAX_BOOK:
-                        continue  # full: a listing adds nothing more
-                    entry = self.book[key] = {"key": key}
-                entry.update(_listed(row))
-                entry["scheduler"] = scheduler
-                if row.get("runs_left") == 0:
-                    self._forget(key)  # over: nothing to hand over
-            if len(rows) <= MAX_BOOK:
-                # what this scheduler no longer lists has ended there (a
-                # listing written before a SCHEDULE arrived misses a live one)
-                for key in [k for k, e in self.book.items() if e.get("scheduler") == scheduler
-                            and k not in listed and k not in self.live]:
-                    del self.book[key]
+            ended = _merge_rows(self.book, self.live, printable(client, 60),
+                                json.loads(text).get("schedules", []))
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             self._log.warning("listing", "router: scheduler %s sent a listing that cannot "
                               "be read: %s", printable(client), printable(exc, 80))
+            return
+        for key in ended:
+            self._forget(key)  # over: nothing to hand over
 
     def listing(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The schedules known, soonest next run first (at most ``limit``)."""

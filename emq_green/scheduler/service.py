@@ -72,6 +72,24 @@ RETRY_INTERVAL = 0.1
 LATE_WARNING = 0.05
 
 
+
+def _introduce(send: Callable[[Message], bool], inform: Message) -> bool:
+    """KBYE, then the INFORM: EventMQ's router lists a scheduler once more
+    at each INFORM under the same name (this one keeps its name across
+    restarts), and crashes (KeyError) when it later removes the silent name
+    twice; a KBYE removes every entry of the name there. emq-green's router
+    takes it as that scheduler leaving just before it connects."""
+    return send(Message.new(Command.KBYE)) and send(inform)
+
+
+def _woke_late(now: float, last: float, interval: float) -> bool:
+    """Whether the link's loop woke up late by more than a heartbeat
+    interval: this process was stopped (SIGSTOP, a frozen VM), which is not
+    the router's silence. The router's messages may still be on their way
+    in, and the socket closed at once (to connect again) lost them: an
+    UNSCHEDULE, and the schedule fired on (a probe)."""
+    return now - last > max(1.0, interval)
+
 class SchedulerState(str, Enum):
     """stopped -> running -> stopping -> stopped."""
 
@@ -182,7 +200,7 @@ class Scheduler:
             self._open_socket()
             inform = Message.new(Command.INFORM, "", "scheduler")
             informed = False
-            started = heard = time.monotonic()
+            started = heard = last = time.monotonic()
             beat_at = 0.0
             silence_limit = s.heartbeat_timeout * s.heartbeat_liveness
             self._kbye = False
@@ -190,7 +208,7 @@ class Scheduler:
                 sock = self._sock
                 assert sock is not None
                 if not informed and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-                    informed = self._send(inform)  # IMMEDIATE: once connected
+                    informed = _introduce(self._send, inform)  # IMMEDIATE: once connected
                 if sock.poll(100):
                     frames = sock.recv_multipart()
                     if len(frames) < 3 or frames[2] != b"REPLY":
@@ -206,6 +224,9 @@ class Scheduler:
                     if self._kbye:
                         break
                 now = time.monotonic()
+                if _woke_late(now, last, s.heartbeat_interval):
+                    heard = max(heard, now)
+                last = now
                 if not self.connected.is_set():
                     if now - started >= s.reconnect_timeout:
                         logger.warning("scheduler: no ACK from %s in %g s; trying again",
