@@ -643,3 +643,25 @@ def test_an_unschedule_sent_while_the_only_scheduler_is_down_is_not_lost(peers, 
         assert first.alive
     finally:
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_quick_restart_of_the_green_scheduler_does_not_crash_eventmq_s_router(peers):
+    """emq-green's scheduler keeps its name across restarts: restarted
+    within EventMQ's heartbeat timeout, it was listed twice there, and
+    EventMQ's router died of KeyError when it removed the silent name (a
+    probe). A KBYE before each INFORM clears the name there first."""
+    router = peers.router()
+    addrs = router.addrs
+    first = green_scheduler(peers, addrs, "-n", "quick")
+    first.wait_for(r"scheduler: connected", timeout=20)
+    first.kill()
+    second = green_scheduler(peers, addrs, "-n", "quick")
+    second.wait_for(r"scheduler: connected", timeout=20)
+    mark = router.mark()
+    second.kill()
+    router.wait_for(r"No HEARTBEAT from scheduler", timeout=60, since=mark)
+    third = green_scheduler(peers, addrs, "-n", "quick")
+    third.wait_for(r"scheduler: connected", timeout=20)  # the router still answers
+    assert router.alive, router.tail()
+    assert "KeyError" not in router.text()
