@@ -298,3 +298,40 @@ def test_a_clean_close_keeps_the_lingering_rows(tmp_path):
     j.delete(seqs[1], linger=True)
     j.close()
     assert rows(tmp_path / "journal.db") == ["result"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("damage", ["emptied", "removed"])
+def test_a_main_file_lost_beside_its_write_ahead_log_is_refused(tmp_path, damage):
+    """After a kill -9 the latest commits are in ``journal.db-wal``; a main
+    file emptied (``: > journal.db``) or removed made SQLite discard the log
+    and the router start with nothing (a probe: 50 of 50 confirmed jobs)."""
+    import shutil
+
+    live = tmp_path / "live"
+    live.mkdir()
+    j = Journal(str(live / "journal.db"))
+    j.open()
+    j.start()
+    for i in range(5):
+        add(j, f"m{i}", [])
+    assert j.flush(5)
+    # the files as a kill -9 leaves them: copied while the journal is open
+    control, damaged = tmp_path / "control", tmp_path / "damaged"
+    for where in (control, damaged):
+        where.mkdir()
+        for name in ("journal.db", "journal.db-wal"):
+            shutil.copy(live / name, where / name)
+    j.close()
+    assert (damaged / "journal.db-wal").stat().st_size > 0
+    restored = Journal(str(control / "journal.db"))
+    assert [e.msgid for e in restored.open()] == [f"m{i}" for i in range(5)]
+    restored.close()
+    if damage == "emptied":
+        (damaged / "journal.db").write_bytes(b"")
+    else:
+        (damaged / "journal.db").unlink()
+    with pytest.raises(JournalError) as raised:
+        Journal(str(damaged / "journal.db")).open()
+    assert "write-ahead log" in str(raised.value)
+    assert (damaged / "journal.db-wal").stat().st_size > 0  # kept, untouched
