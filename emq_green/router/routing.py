@@ -71,7 +71,7 @@ class Request:
         #: What it counts against ``max_buffer_bytes``: the length of its
         #: msgid and body (characters; bytes for ASCII, as JSON mostly is)
         #: and what holding any request costs the router besides
-        #: (:data:`REQUEST_OVERHEAD`).
+        #: (``REQUEST_OVERHEAD``).
         self.size = len(msgid) + sum(map(len, body)) + REQUEST_OVERHEAD
         #: a copy of a request that may have run (queued again after its
         #: worker was lost, or restored from the journal): only such a copy

@@ -251,7 +251,7 @@ class SchedulerSide:
         #: scheduler fires them on), dropped once they are unscheduled
         self._cancelled: collections.OrderedDict[str, bool] = collections.OrderedDict()
         #: key -> body of its last UNSCHEDULE (the MAX_UNSCHEDULED newest; a
-        #: SCHEDULE of the key clears it): see :func:`_tell_unscheduled`
+        #: SCHEDULE of the key clears it): see ``_tell_unscheduled``
         self._unscheduled: collections.OrderedDict[str, tuple[str, ...]] = \
             collections.OrderedDict()
         #: call key -> keys of its delayed jobs (``key:delay-id``), soonest first
