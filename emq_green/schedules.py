@@ -47,6 +47,10 @@ _CALL_KEYS = ("args", "kwargs", "class_args", "class_kwargs")
 _SCHEDULER_HEADERS = ("run_count:", "nohaste", "eta:", "delay-id:", "handed-over")
 #: the header of a schedule the router hands over (:func:`handed_over`)
 HANDED_OVER = "handed-over"
+#: the body of the KBYE a scheduler sends just before its INFORM (for
+#: EventMQ's router, which lists a name again at each INFORM): emq-green's
+#: router ignores it, so that the scheduler keeps what it holds
+KBYE_CONNECTING = "connecting"
 #: headers of a schedule that must not reach the REQUEST it fires
 _DROPPED_ON_FIRE = ("result-requested", "reply-requested")
 
@@ -283,6 +287,6 @@ def schedule_body(*, queue: str, headers: Sequence[str], payload: dict[str, Any]
     return (queue, ",".join(headers), interval_text, json.dumps(["run", payload]), cron)
 
 
-__all__ = ["FOREVER", "HANDED_OVER", "MAX_INTERVAL", "MAX_SCHEDULE_BYTES", "Schedule",
-           "handed_over", "header_value", "has_header", "next_cron", "parse_schedule",
+__all__ = ["FOREVER", "HANDED_OVER", "KBYE_CONNECTING", "MAX_INTERVAL", "MAX_SCHEDULE_BYTES",
+           "Schedule", "handed_over", "header_value", "has_header", "next_cron", "parse_schedule",
            "schedule_body", "schedule_key", "unschedule_key"]

@@ -607,3 +607,27 @@ def test_an_unschedule_the_scheduler_never_got_is_sent_again_when_it_connects(si
     inform(side, b"s2")
     assert len(sockets.to(b"s2", Command.SCHEDULE)) == 1
     assert sockets.to(b"s2", Command.UNSCHEDULE) == []
+
+
+@pytest.mark.timeout(10)
+def test_the_kbye_before_a_scheduler_s_inform_moves_nothing(side):
+    """emq-green's scheduler says KBYE before each INFORM (for EventMQ's
+    router); taken as leaving, its schedules went to the other scheduler at
+    each reconnect, and its own copies were then unscheduled."""
+    from emq_green.schedules import KBYE_CONNECTING
+
+    side, sockets = side
+    inform(side, b"s1")
+    inform(side, b"s2")
+    schedule(side)
+    owner = side.live[KEY].owner
+    other = b"s2" if owner == b"s1" else b"s1"
+    unscheduled = len(sockets.to(owner, Command.UNSCHEDULE))
+    side.on_kbye(owner, Message.new(Command.KBYE, KBYE_CONNECTING))
+    inform(side, owner)
+    assert side.live[KEY].owner == owner
+    assert sockets.to(other, Command.SCHEDULE) == []
+    assert len(sockets.to(owner, Command.UNSCHEDULE)) == unscheduled
+    # a plain KBYE still hands over
+    side.on_kbye(owner, Message.new(Command.KBYE))
+    assert side.live[KEY].owner == other

@@ -56,6 +56,7 @@ from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, printable
 from ..schedules import (
     FOREVER,
+    KBYE_CONNECTING,
     Schedule,
     handed_over,
     parse_schedule,
@@ -311,6 +312,8 @@ class SchedulerSide:
         self._register(client)
 
     def on_kbye(self, client: bytes, message: Message) -> None:
+        if message.body[:1] == (KBYE_CONNECTING,):
+            return  # not leaving: its INFORM follows (see KBYE_CONNECTING)
         if self.schedulers.pop(client, None) is not None:
             logger.info("router: scheduler %s said KBYE", printable(client))
             self._hand_over(None)

@@ -43,7 +43,7 @@ from gevent.hub import Waiter
 
 from ..curve import ServerCurve
 from ..limits import LogLimiter
-from ..protocol import Command, Message, ProtocolError, printable
+from ..protocol import PROTOCOL_VERSION, Command, Message, ProtocolError, printable
 from ..settings import Settings
 from .routing import UNLIMITED
 from .zap import ZapHandler
@@ -202,15 +202,16 @@ def _undecodable_reply(frames: list[bytes]) -> Optional[tuple[bytes, Message]]:
     not UTF-8, as a REPLY that says so: the job ends as failed and a client
     waiting for its result is told (dropped, it stayed in flight, and its
     client waited until result_ttl). None for anything else."""
-    if (len(frames) != 7 or frames[1] or frames[2] != b"eMQP/1.0"
+    if (len(frames) != 7 or frames[1] or frames[2] != PROTOCOL_VERSION.encode()
             or frames[3] != b"REPLY"):
         return None
     try:
         msgid, orig_msgid = frames[4].decode(), frames[6].decode()
     except UnicodeDecodeError:
         return None
-    error = json.dumps({"error": {"type": "InvalidReply",
-                                  "message": "the worker's reply is not UTF-8 text"}})
+    text = "the worker's reply is not UTF-8 text"
+    # the worker's shape of a failed job (EventMQ's clients read "value")
+    error = json.dumps({"value": text, "error": {"type": "InvalidReply", "message": text}})
     return frames[0], Message(Command.REPLY, msgid, (error, orig_msgid))
 
 

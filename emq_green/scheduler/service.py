@@ -47,7 +47,7 @@ from ..callables import refusal
 from ..curve import client_curve
 from ..lifecycle import Lifecycle
 from ..protocol import Command, Message, ProtocolError, RunRequest, printable
-from ..schedules import FOREVER, parse_schedule, unschedule_key
+from ..schedules import FOREVER, KBYE_CONNECTING, parse_schedule, unschedule_key
 from ..settings import Settings
 from .store import ScheduleStore
 from .table import Entry, ScheduleTable
@@ -72,14 +72,13 @@ RETRY_INTERVAL = 0.1
 LATE_WARNING = 0.05
 
 
-
 def _introduce(send: Callable[[Message], bool], inform: Message) -> bool:
     """KBYE, then the INFORM: EventMQ's router lists a scheduler once more
     at each INFORM under the same name (this one keeps its name across
     restarts), and crashes (KeyError) when it later removes the silent name
     twice; a KBYE removes every entry of the name there. emq-green's router
-    takes it as that scheduler leaving just before it connects."""
-    return send(Message.new(Command.KBYE)) and send(inform)
+    ignores a KBYE with this body (:data:`KBYE_CONNECTING`)."""
+    return send(Message.new(Command.KBYE, KBYE_CONNECTING)) and send(inform)
 
 
 def _woke_late(now: float, last: float, interval: float) -> bool:
@@ -89,6 +88,7 @@ def _woke_late(now: float, last: float, interval: float) -> bool:
     in, and the socket closed at once (to connect again) lost them: an
     UNSCHEDULE, and the schedule fired on (a probe)."""
     return now - last > max(1.0, interval)
+
 
 class SchedulerState(str, Enum):
     """stopped -> running -> stopping -> stopped."""
