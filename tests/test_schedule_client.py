@@ -198,11 +198,12 @@ def test_router_with_its_own_scheduler(peers):
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("when", [
     {"delay": float("inf")}, {"delay": float("-inf")}, {"delay": float("nan")},
-    {"delay": -1}, {"delay": "soon"}, {"delay": True},
-    {"eta": float("inf")}, {"eta": float("nan")}, {"eta": -5},
+    {"delay": -1}, {"delay": "soon"}, {"delay": True}, {"delay": "5"}, {"delay": b"5"},
+    {"eta": float("inf")}, {"eta": float("nan")}, {"eta": -5}, {"eta": "2000000000"},
 ])
 def test_a_delay_or_eta_that_is_not_a_time_is_a_value_error(when):
-    """inf raised OverflowError from deep inside, -1 was taken as now."""
+    """inf raised OverflowError from deep inside, -1 was taken as now; a
+    string of digits was taken as a number."""
     with Client(f"tcp://127.0.0.1:{free_port()}", green=False) as client:
         with pytest.raises(ValueError, match=r"must be a finite number of seconds >= 0, not "):
             client.defer_job("interop_jobs.record", ["x"], **when)

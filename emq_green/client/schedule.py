@@ -91,10 +91,13 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
                          payload=call_payload(run), interval=every, cron=cron or "")
 
 
-def finite_seconds(what: str, value: Any) -> float:
-    """``value`` as a finite number of seconds, at least 0 (ValueError otherwise)."""
+def finite_seconds(what: str, value: Any, *, text: bool = False) -> float:
+    """``value`` as a finite number of seconds, at least 0 (ValueError otherwise).
+
+    A string is refused unless ``text`` (a command line's argument): an API
+    caller's ``delay="5"`` is a mistake ``float()`` would hide."""
     try:
-        seconds = float(value)
+        seconds = math.nan if isinstance(value, (str, bytes)) and not text else float(value)
     except (TypeError, ValueError):
         seconds = math.nan
     if isinstance(value, bool) or not (0 <= seconds < math.inf):

@@ -95,7 +95,7 @@ def _positive_seconds(text: str) -> float:
 
 def _job_timeout(text: str) -> float:
     try:
-        return finite_seconds("--timeout", text)
+        return finite_seconds("--timeout", text, text=True)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a finite number of seconds >= 0 (0: none)") from None
@@ -103,7 +103,7 @@ def _job_timeout(text: str) -> float:
 
 def _delay_seconds(text: str) -> float:
     try:
-        return finite_seconds("--delay", text)
+        return finite_seconds("--delay", text, text=True)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a finite number of seconds >= 0") from None
