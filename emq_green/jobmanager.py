@@ -51,7 +51,7 @@ from .extensions import Extension, HookRegistry
 from .jobs import JobOutcome, Status, import_dotted
 from .protocol import Headers, ProtocolError, printable, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, default_name, load_settings
 from .worker.connection import Connection
 from .worker.defaults import default_extensions
 from .worker.session import RouterLink
@@ -212,6 +212,8 @@ class JobManager:
 
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
+        if not settings.name:  # Settings() names no one: host-pid-random, as documented
+            settings = settings.replace(name=default_name())
         self._slots.configure_from(settings)  # first: it may raise SettingsError
         self.settings = settings
         self.name = settings.name

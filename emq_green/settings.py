@@ -122,9 +122,11 @@ class Settings:
         """A copy with ``changes`` (setting name = value) applied, unchecked."""
         return dataclasses.replace(self, **changes)
 
-    def worker_addresses(self) -> tuple[str, str]:
-        """The two addresses a job manager alternates between on reconnect."""
-        return self.worker_addr_default, self.worker_addr_failover
+    def worker_addresses(self) -> tuple[str, ...]:
+        """The addresses a job manager tries in turn, each once: ``worker_addr``,
+        ``worker_addr_default``, ``worker_addr_failover`` (repeats left out)."""
+        return tuple(dict.fromkeys((self.worker_addr, self.worker_addr_default,
+                                    self.worker_addr_failover)))
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 import gevent
 import jobs_for_tests as J
 import pytest
+import zmq
 from fakerouter import FakeRouter
 
 from emq_green.jobmanager import State
@@ -347,6 +348,40 @@ def test_router_death_reconnects_to_failover_and_keeps_running_jobs(make_manager
     finally:
         primary.close()
         failover.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_fallback_addresses_are_dead_comes_back_to_its_own_router(make_manager):
+    """worker_addr, then worker_addr_default and worker_addr_failover, then
+    worker_addr again: it alternated between the two fallbacks for ever, so
+    a router restarted at the worker's own address never saw it again."""
+    from peers import free_ports
+
+    dead = [f"tcp://127.0.0.1:{port}" for port in free_ports(2)]
+    primary = FakeRouter(heartbeat_interval=0.2)
+    addr = primary.addr
+    again = None
+    try:
+        manager = make_manager(concurrent_jobs=2, worker_addr=addr, worker_addr_default=dead[0],
+                               worker_addr_failover=dead[1])
+        first = primary.wait_inform()
+        primary.close()  # the router dies; nothing listens at the fallbacks
+        deadline = time.monotonic() + 10
+        while again is None:  # back at the same address (once the port is free)
+            try:
+                again = FakeRouter(addr=addr, heartbeat_interval=0.2)
+            except zmq.ZMQError:
+                assert time.monotonic() < deadline, "the old port stayed taken"
+                gevent.sleep(0.05)
+        second = again.wait_inform(timeout=30)
+        assert second != first and manager.counters["router_lost"] >= 1
+        again.wait_count(Command.READY, 2)
+        ok = again.request(second, JOBS, "add", args=[1, 1], headers="reply-requested")
+        assert again.wait_reply(ok) == {"value": 2}
+    finally:
+        primary.close()
+        if again is not None:
+            again.close()
 
 
 def test_no_ack_means_retry_with_a_fresh_identity(make_manager):

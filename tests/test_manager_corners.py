@@ -82,19 +82,19 @@ def test_failover_order_and_return_to_the_default_address(make_manager):
                                reconnect_timeout=1.0)
         a.wait_inform()
         a.fall_silent()
-        # dead after 1.5 s of silence; then the default (still silent: no ACK
-        # within reconnect_timeout), then the failover
+        # dead after 1.5 s of silence; then the failover (the default is
+        # worker_addr, tried once a round: worker_addr, default, failover)
         second = b.wait_inform(timeout=20)
         b.wait_count(Command.READY, 2, identity=second)
-        assert inform_order(a=a, b=b) == ["a", "a", "b"]
+        assert inform_order(a=a, b=b) == ["a", "b"]
         assert manager.state is State.RUNNING and manager.outgoing.addr == b.addr
-        # the failover dies too: back to the default, which answers again
+        # the failover dies too: back to worker_addr, which answers again
         a.wake_up()
         b.fall_silent()
-        a.wait_until(lambda: len(a.messages(Command.INFORM)) == 3, timeout=20)
+        a.wait_until(lambda: len(a.messages(Command.INFORM)) == 2, timeout=20)
         back = a.messages(Command.INFORM)[-1].identity
         a.wait_count(Command.READY, 2, identity=back)
-        assert inform_order(a=a, b=b) == ["a", "a", "b", "a"]
+        assert inform_order(a=a, b=b) == ["a", "b", "a"]
         assert manager.outgoing.addr == a.addr and manager.state is State.RUNNING
         assert manager.counters["router_lost"] == 2
         ok = a.request(back, JOBS, "add", args=[2, 3], headers=REPLY)
@@ -212,9 +212,14 @@ def test_grace_period_expiry_kills_backlogged_jobs_unstarted(router, make_manage
 
 
 def test_reload_with_jobs_running_keeps_them_and_offers_only_free_slots(router, make_manager):
+    """... and comes back to the same router: a reload is no failure, the
+    fallback addresses (nothing listens there) are not tried."""
+    from peers import free_ports
+
+    dead = [f"tcp://127.0.0.1:{port}" for port in free_ports(2)]
     made: list[JobManager] = []
     manager = make_manager(concurrent_jobs=4, settings_loader=lambda: made[0].settings.replace(
-        concurrent_jobs=6))
+        concurrent_jobs=6), worker_addr_default=dead[0], worker_addr_failover=dead[1])
     made.append(manager)
     first = router.wait_inform()
     router.wait_count(Command.READY, 4, identity=first)
@@ -484,3 +489,13 @@ def test_a_name_too_long_for_a_zeromq_identity_is_cut(router, make_manager):
     assert len(identity) <= 255
     head, pid, _count = identity.decode().rsplit(":", 2)
     assert head == "\u00e9" * len(head) and len(head) > 100 and pid == str(os.getpid())
+
+
+def test_a_job_manager_made_without_a_name_gets_host_pid_random():
+    """EventMQ's JobManager generates a name when none is given; emq-green's
+    was '' (socket identities ':pid:1-...') until settings were loaded."""
+    manager = JobManager(skip_signal=True)
+    assert re.fullmatch(rf"{re.escape(os.uname().nodename)}-{os.getpid()}-[0-9a-f]{{6}}",
+                        manager.name)
+    assert manager.settings.name == manager.name
+    assert JobManager(skip_signal=True, name="box-1").name == "box-1"

@@ -79,7 +79,7 @@ def test_eventmq_command_line_is_accepted(tmp_path):
                           "-J", "12", "-n", "box-1"], {})
     assert s.worker_addr == "tcp://127.0.0.1:6000"
     # -B also moves the reconnect alternates unless they are set themselves
-    assert s.worker_addresses() == ("tcp://127.0.0.1:6000", "tcp://127.0.0.1:6000")
+    assert s.worker_addresses() == ("tcp://127.0.0.1:6000",)
     assert s.queues == ((10, "fast"), (5, "slow"))
     assert (s.concurrent_jobs, s.name) == (12, "box-1")
 
@@ -157,6 +157,7 @@ def test_failover_address_from_file(tmp_path):
         worker_addr_failover = tcp://127.0.0.1:6002
     """)
     s, _ = load_settings(["-C", conf], {})
+    # worker_addr, then the default (it follows worker_addr), then the failover
     assert s.worker_addresses() == ("tcp://127.0.0.1:6001", "tcp://127.0.0.1:6002")
 
 

@@ -237,13 +237,16 @@ class RouterLink:
 
     def next_addr(self) -> str:
         """``worker_addr`` first, then ``worker_addr_default`` and
-        ``worker_addr_failover`` in turn."""
-        s = self._settings()
-        if self.connections_made == 0:
-            return s.worker_addr
-        addr = s.worker_addresses()[self._addr_index % 2]
-        self._addr_index += 1
-        return addr
+        ``worker_addr_failover``, then ``worker_addr`` again, and so on (an
+        address given twice is tried once a round): a worker whose router
+        came back finds it at its own address. The next address only after
+        a connection that failed (no ACK, or the router fell silent); after
+        a reload or the router's KBYE, the same one again."""
+        addresses = self._settings().worker_addresses()
+        if self.connections_made and (not self.acked.is_set() or self.router_gone not in (
+                None, KBYE_FROM_ROUTER)):
+            self._addr_index += 1
+        return addresses[self._addr_index % len(addresses)]
 
     def open(self, addr: str, name: str, queues: Sequence[tuple[int, str]],
              pid: int) -> Connection:
