@@ -419,7 +419,9 @@ class _SectionsParser(configargparse.ConfigFileParser):
         return f"INI file; [global] then [{self.section}] are read, unknown keys ignored"
 
     def parse(self, stream: Any) -> OrderedDict:
-        ini = configparser.ConfigParser(interpolation=None)
+        # %(name)s substitutions are expanded, as EventMQ's ConfigParser does;
+        # a value that cannot be expanded (a lone %) is taken as written
+        ini = configparser.ConfigParser()
         try:
             ini.read_string(stream.read(), source=getattr(stream, "name", "<config>"))
         except configparser.Error as exc:
@@ -427,7 +429,11 @@ class _SectionsParser(configargparse.ConfigFileParser):
         items: OrderedDict = OrderedDict()
         for section in ("global", self.section):
             if ini.has_section(section):
-                for written, value in ini.items(section):
+                for written in ini.options(section):
+                    try:
+                        value = ini.get(section, written)
+                    except configparser.InterpolationError:
+                        value = ini.get(section, written, raw=True)
                     key = written.strip().lower().replace("_", "-")
                     key = _FILE_KEY_ALIASES.get(key, key)
                     items[key] = value

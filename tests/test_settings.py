@@ -275,3 +275,24 @@ def test_missing_config_file_from_env_is_ignored_like_eventmq(tmp_path, caplog):
     s, _ = load_settings([], {"EVENTMQ_CONFIG_FILE": str(tmp_path / "gone.conf")})
     assert s.concurrent_jobs == 4
     assert "does not exist" in caplog.text
+
+
+def test_percent_substitutions_are_expanded_as_eventmq_expands_them(tmp_path):
+    """EventMQ reads the file with ConfigParser's interpolation; emq-green
+    took ``tcp://%(host)s:6000`` literally and died on a ZMQError."""
+    conf = write(tmp_path, """
+        [DEFAULT]
+        host = 127.0.0.1
+        [global]
+        worker_addr = tcp://%(host)s:6000
+        [jobmanager]
+        name = box-%(host)s
+        queues = [[10, "100%%"]]
+        job_entry_func = 50%odd
+    """)
+    s, _ = load_settings(["-C", conf], {})
+    assert s.worker_addr == "tcp://127.0.0.1:6000"
+    assert s.name == "box-127.0.0.1"
+    assert s.queues == ((10, "100%"),)
+    # a lone % cannot be expanded: taken as written (EventMQ's get() raised)
+    assert s.job_entry_func == "50%odd"
