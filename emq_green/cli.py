@@ -171,16 +171,20 @@ _MISPLACED_WHY = {
 def warn_misplaced(prog: str, section: str, ns, standalone: bool = False,
                    with_scheduler: bool = False) -> None:
     """A WARNING naming the flags of the command line this program does not
-    use (every program accepts every setting)."""
+    use (every program accepts every setting), and one for each EventMQ
+    setting that did something in EventMQ's program and is not read here."""
     import logging
 
     from .settings import misplaced_flags
 
+    log = logging.getLogger("emq_green.cli")
     names = misplaced_flags(section, ns.from_command_line, standalone, with_scheduler)
     if names:
-        logging.getLogger("emq_green.cli").warning(
-            "%s does not use %s, given on its command line: %s", prog, ", ".join(names),
-            _MISPLACED_WHY["standalone" if standalone else section])
+        log.warning("%s does not use %s, given on its command line: %s", prog,
+                    ", ".join(names), _MISPLACED_WHY["standalone" if standalone else section])
+    # EventMQ settings set to something that mattered there
+    for name, (value, why) in getattr(ns, "eventmq_unread", {}).items():
+        log.warning("%s = %s: an EventMQ setting %s does not read; %s", name, value, prog, why)
 
 
 def _curve_ok(settings) -> bool:

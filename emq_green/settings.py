@@ -406,11 +406,14 @@ class _SectionsParser(configargparse.ConfigFileParser):
     ``queues-json``); ``written`` maps each key it was given back to the
     key and section as they are in the file, for error messages."""
 
-    def __init__(self, section: str, written: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, section: str, written: Optional[dict[str, str]] = None,
+                 unread: Optional[dict[str, str]] = None) -> None:
         super().__init__()
         self.section = section
         #: configargparse's key -> "KEY in [SECTION]", as written in the file
         self.written = {} if written is None else written
+        #: settings of EVENTMQ_UNREAD found in the file: name -> value
+        self.unread = {} if unread is None else unread
 
     def __call__(self) -> _SectionsParser:
         return self
@@ -434,7 +437,10 @@ class _SectionsParser(configargparse.ConfigFileParser):
                         value = ini.get(section, written)
                     except configparser.InterpolationError:
                         value = ini.get(section, written, raw=True)
-                    key = written.strip().lower().replace("_", "-")
+                    name = written.strip().lower()
+                    if name in EVENTMQ_UNREAD:
+                        self.unread[name] = value
+                    key = name.replace("_", "-")
                     key = _FILE_KEY_ALIASES.get(key, key)
                     items[key] = value
                     self.written[key] = f"{written.strip()} in [{section}]"
@@ -497,16 +503,17 @@ def _sources_help(section: str, config_file: str) -> str:
 
 def build_parser(
     section: str, config_file: str, prog: Optional[str] = None,
-    file_keys: Optional[dict[str, str]] = None,
+    file_keys: Optional[dict[str, str]] = None, unread: Optional[dict[str, str]] = None,
 ) -> configargparse.ArgumentParser:
     """The parser of ``section``'s program; ``file_keys`` is filled, as the
-    INI file is read, with what :attr:`_SectionsParser.written` says."""
+    INI file is read, with what :attr:`_SectionsParser.written` says, and
+    ``unread`` with :attr:`_SectionsParser.unread`."""
     parser = configargparse.ArgumentParser(
         prog=prog,
         description=_DESCRIPTIONS.get(section, _DESCRIPTIONS["jobmanager"]),
         epilog=_sources_help(section, config_file),
         default_config_files=[config_file],
-        config_file_parser_class=_SectionsParser(section, file_keys),
+        config_file_parser_class=_SectionsParser(section, file_keys, unread),
         ignore_unknown_config_file_keys=True,
         add_config_file_help=False,
         add_env_var_help=False,
@@ -617,7 +624,8 @@ def load_settings(
     if os.path.exists(config_file):
         _check_readable(config_file)
     file_keys: dict[str, str] = {}
-    parser = build_parser(section, config_file, prog, file_keys)
+    unread: dict[str, str] = {}
+    parser = build_parser(section, config_file, prog, file_keys, unread)
     if extra_arguments:
         extra_arguments(parser)
     # the mapping we were given, not os.environ (which is never changed: a
@@ -671,7 +679,41 @@ def load_settings(
     values.setdefault("name", default_name())
     settings = Settings(**values)
     _check(settings)
+    for name in EVENTMQ_UNREAD:
+        unread.setdefault(name, environ.get(ENV_PREFIX + name.upper(), ""))
+    #: EventMQ settings of this program that would do something there and
+    #: are not read here: name -> (value, what to use instead)
+    ns.eventmq_unread = {name: (value, EVENTMQ_UNREAD[name][2]) for name, value in unread.items()
+                         if _unread_in_effect(section, name, value)}
     return settings, ns
+
+
+#: EventMQ 0.3.13 settings emq-green does not read: the section of the
+#: EventMQ program that reads them, EventMQ's default, what to use here
+EVENTMQ_UNREAD: dict[str, tuple[str, str, str]] = {
+    "setup_path": ("jobmanager", "", "use job_entry_func or subprocess_setup_func"),
+    "setup_callable": ("jobmanager", "",
+                       "use job_entry_func or subprocess_setup_func"),
+    "wal": ("router", "/var/log/eventmq/wal.log",
+            "guaranteed requests are kept in journal_file"),
+    "wal_enabled": ("router", "false", "guaranteed requests are kept in journal_file"),
+    **{name: ("scheduler", default, "emq-green-scheduler keeps its schedules in "
+              "scheduler_file (SQLite), not Redis")
+       for name, default in (("rq_host", "localhost"), ("rq_port", "6379"), ("rq_db", "0"),
+                             ("rq_password", ""), ("redis_client_class", "redis.StrictRedis"),
+                             ("redis_client_class_kwargs", "{}"),
+                             ("redis_startup_error_hard_kill", "true"))},
+}
+
+
+def _unread_in_effect(section: str, name: str, value: str) -> bool:
+    """Whether ``value`` of an EVENTMQ_UNREAD setting would do something in
+    EventMQ's program of ``section`` (not its default, not empty, true)."""
+    program, default, _why = EVENTMQ_UNREAD[name]
+    value = value.strip()
+    if program != section or not value or value.lower() == default.lower():
+        return False
+    return "t" in value.lower() if name == "wal_enabled" else True
 
 
 #: what only a router (or its scheduler) reads: a plain emq-green ignores them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 
 import pytest
@@ -296,3 +297,38 @@ def test_percent_substitutions_are_expanded_as_eventmq_expands_them(tmp_path):
     assert s.queues == ((10, "100%"),)
     # a lone % cannot be expanded: taken as written (EventMQ's get() raised)
     assert s.job_entry_func == "50%odd"
+
+
+def test_eventmq_settings_that_are_not_read_are_named_where_they_mattered(tmp_path, caplog):
+    """setup_callable, wal_enabled and the scheduler's Redis keys were
+    ignored without a word; EventMQ's defaults (its sample file) are not
+    worth a warning."""
+    from emq_green.cli import warn_misplaced
+
+    conf = write(tmp_path, """
+        [jobmanager]
+        setup_path = app.boot
+        setup_callable = start
+        [router]
+        wal_enabled = true
+        wal = /var/log/eventmq/wal.log
+        [scheduler]
+        rq_host = localhost
+        rq_port = 6380
+    """)
+    env = {"EVENTMQ_RQ_PASSWORD": "secret"}
+    found = {section: load_settings(["-C", conf], env, section=section)[1].eventmq_unread
+             for section in ("jobmanager", "router", "scheduler")}
+    assert sorted(found["jobmanager"]) == ["setup_callable", "setup_path"]
+    assert sorted(found["router"]) == ["wal_enabled"]  # wal is EventMQ's default
+    assert sorted(found["scheduler"]) == ["rq_password", "rq_port"]
+    assert "scheduler_file" in found["scheduler"]["rq_port"][1]
+    quiet = write(tmp_path, "[router]\nwal_enabled = False\n", name="quiet.conf")
+    assert load_settings(["-C", quiet], {}, section="router")[1].eventmq_unread == {}
+
+    _, ns = load_settings(["-C", conf], {}, section="router")
+    with caplog.at_level(logging.WARNING, logger="emq_green.cli"):
+        warn_misplaced("emq-green-router", "router", ns)
+    assert [r.getMessage() for r in caplog.records] == [
+        "wal_enabled = true: an EventMQ setting emq-green-router does not read; guaranteed "
+        "requests are kept in journal_file"]
