@@ -679,8 +679,9 @@ def load_settings(
     values.setdefault("name", default_name())
     settings = Settings(**values)
     _check(settings)
-    for name in EVENTMQ_UNREAD:
-        unread.setdefault(name, environ.get(ENV_PREFIX + name.upper(), ""))
+    for name in EVENTMQ_UNREAD:  # the environment first, as in EventMQ
+        if ENV_PREFIX + name.upper() in environ:
+            unread[name] = environ[ENV_PREFIX + name.upper()]
     #: EventMQ settings of this program that would do something there and
     #: are not read here: name -> (value, what to use instead)
     ns.eventmq_unread = {name: (value, EVENTMQ_UNREAD[name][2]) for name, value in unread.items()
