@@ -751,5 +751,9 @@ def _check(s: Settings) -> None:
             f"heartbeat_timeout x heartbeat_liveness "
             f"({s.heartbeat_timeout:g} x {s.heartbeat_liveness})"
         )
-    if not s.name or any(c.isspace() for c in s.name):
-        raise SettingsError(f"name: {s.name!r} must be non-empty without spaces")
+    # spaces are fine (EventMQ takes them); line breaks, tabs and other
+    # control characters would garble the logs the name goes into
+    if not s.name.strip() or any(c.isspace() and c != " " or not c.isprintable()
+                                 for c in s.name):
+        raise SettingsError(f"name: {s.name!r} must be non-empty, printable, with no "
+                            "line break or tab")

@@ -332,3 +332,16 @@ def test_eventmq_settings_that_are_not_read_are_named_where_they_mattered(tmp_pa
     assert [r.getMessage() for r in caplog.records] == [
         "wal_enabled = true: an EventMQ setting emq-green-router does not read; guaranteed "
         "requests are kept in journal_file"]
+
+
+@pytest.mark.parametrize("name, ok", [("my box", True), ("box-1", True),
+                                      ("  ", False), ("a\nb", False), ("a\tb", False),
+                                      ("a\x1bb", False)])
+def test_a_name_may_have_spaces_as_in_eventmq_but_no_line_break(name, ok):
+    """``-n "my box"`` was refused (EventMQ takes it); a line break would
+    forge log lines."""
+    if ok:
+        assert load_settings(["-n", name], {})[0].name == name
+    else:
+        with pytest.raises(SettingsError, match="name: .* must be non-empty, printable"):
+            load_settings(["-n", name], {})
