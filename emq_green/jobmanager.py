@@ -195,8 +195,7 @@ class JobManager:
         return self._slots.free()
 
     def timeout_for(self, headers: Headers) -> Optional[float]:
-        """A job's timeout in seconds: its ``timeout:N`` header, else
-        ``global_timeout``; None for no timeout."""
+        """A job's timeout (s): its ``timeout:N`` header, else ``global_timeout``; or None."""
         return self._slots.runner.timeout_for(headers)
 
     def job_of(self, greenlet: Any) -> Optional[JobRecord]:
@@ -212,8 +211,7 @@ class JobManager:
 
     def _apply_settings(self, settings: Settings) -> None:
         settings = settings.replace(**self._overrides)
-        if not settings.name:  # Settings() names no one: host-pid-random, as documented
-            settings = settings.replace(name=default_name())
+        settings = settings.replace(name=settings.name or default_name())  # Settings(): ''
         self._slots.configure_from(settings)  # first: it may raise SettingsError
         self.settings = settings
         self.name = settings.name

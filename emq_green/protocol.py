@@ -25,6 +25,11 @@ from .limits import MAX_INFORM_QUEUES, MAX_INFORM_TEXT, MAX_QUEUE_NAME_BYTES, fr
 
 PROTOCOL_VERSION = "eMQP/1.0"
 _VERSION_FRAME = PROTOCOL_VERSION.encode()
+#: the body of the KBYE an emq-green worker sends when it stops or reloads:
+#: emq-green's router answers it with a KBYE once it has let the worker go,
+#: so the worker knows that no REQUEST follows (EventMQ's router ignores the
+#: body, and answers nothing)
+KBYE_LEAVING = "leaving"
 
 
 class ProtocolError(ValueError):

@@ -20,7 +20,7 @@ import zmq.green as zmq
 from conftest import stop_for_good
 from peers import free_ports
 
-from emq_green.protocol import Command, Message, queues_json
+from emq_green.protocol import KBYE_LEAVING, Command, Message, queues_json
 from emq_green.router import Router, RouterState
 from emq_green.settings import Settings
 
@@ -327,6 +327,27 @@ def test_kbye_forgets_the_worker_at_once(make_router):
     assert worker.pending() == [] and h.router.waiting["default"][0].msgid == sent.msgid
 
 
+def test_an_emq_green_worker_s_kbye_is_answered_and_eventmq_s_is_not(make_router):
+    """A stopping emq-green worker waited heartbeat_timeout for REQUESTs that
+    might cross its KBYE; the router's answer says none follows. EventMQ's
+    job manager sends a KBYE with no body and is sent nothing (one with
+    heartbeats off resets its connection on a KBYE)."""
+    h = make_router()
+    green = h.worker(slots=2, name="green")
+    client = h.peer("frontend")
+    sent = h.request(client)
+    first = green.recv()
+    assert (first.command, first.body[-3:]) == (Command.REQUEST, sent.body)
+    green.send(Command.KBYE, KBYE_LEAVING)
+    answer = green.recv()
+    assert answer.command is Command.KBYE and answer.body == ()
+    eventmq = h.worker(slots=1, name="eventmq")
+    eventmq.send(Command.KBYE)
+    wait_until(lambda: not h.router.workers, what="both workers gone")
+    h.admin(Command.STATUS)  # a turn of the router's loop after the KBYE
+    assert eventmq.pending() == [] and green.pending() == []
+
+
 def test_admin_replies_in_eventmq_shapes(make_router):
     h = make_router()
     worker = h.worker(queues=[(10, "default"), (20, "mail")], slots=2, name="w1")
@@ -593,3 +614,29 @@ def test_a_stopping_router_says_kbye_and_the_job_manager_reconnects(make_router,
         assert stop_for_good(manager, timeout=10)
 
 
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_job_manager_stops_at_once_behind_an_emq_green_router(make_router):
+    """It waited heartbeat_timeout (5 s by default) after its KBYE for
+    REQUESTs that might cross it; the router's answer ends the wait. Here
+    heartbeat_timeout is 20 s: the old wait would be that long."""
+    from emq_green.jobmanager import JobManager, State
+
+    h = make_router()
+    back = h.router.endpoints["backend"]
+    manager = JobManager(settings=Settings(
+        name="quick", worker_addr=back, worker_addr_default=back, worker_addr_failover=back,
+        concurrent_jobs=3, heartbeat_interval=1.0, heartbeat_timeout=20.0,
+        kill_grace_period=40.0), skip_signal=True)
+    manager.start()
+    try:
+        wait_until(lambda: any(w.slots == 3 for w in h.router.workers.values()),
+                   timeout=10, what="the manager's READYs")
+        started = time.monotonic()
+        assert manager.stop(timeout=45)
+        took = time.monotonic() - started
+        assert manager.state is State.STOPPED and not h.router.workers
+        assert took < 10, f"the stop took {took:.1f} s: it waited out heartbeat_timeout"
+    finally:
+        stop_for_good(manager)

@@ -46,6 +46,7 @@ from typing import Optional, Protocol
 
 from ..limits import LogLimiter
 from ..protocol import (
+    KBYE_LEAVING,
     Command,
     Message,
     ProtocolError,
@@ -301,12 +302,13 @@ class WorkerSide:
                           printable(identity))
 
     def on_kbye(self, identity: bytes, message: Message) -> None:
+        """An emq-green worker's KBYE ``leaving`` is answered: no REQUEST follows."""
         self.forget(self.routing.workers[identity], "it said KBYE", dead=False)
+        if message.body[:1] == (KBYE_LEAVING,):
+            self._sockets.send("backend", identity, Message.new(Command.KBYE))
 
     def hand_over(self, worker: Worker, request: Request, queue: str) -> None:
-        """Give ``request`` to ``worker``: on its books now, on the wire at
-        the end of this turn
-        (:meth:`~emq_green.router.sockets.RouterSockets.send_later`)."""
+        """Give ``request`` to ``worker``: on its books now, on the wire at the turn's end."""
         frames = request_frames(worker.identity, request.msgid, request.body)
         self._unsent.append((worker, request, frames))
         self._sockets.send_later("backend", frames)
@@ -347,8 +349,7 @@ class WorkerSide:
         self._route_again(again)
 
     def _take_back(self, worker: Worker) -> list[Request]:
-        """The requests handed to ``worker`` in this turn and not sent yet:
-        kept from it, and off its books."""
+        """This turn's requests for ``worker`` not sent yet: kept from it, off its books."""
         if not self._unsent:
             return []
         mine = [entry for entry in self._unsent if entry[0] is worker]

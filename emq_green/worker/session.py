@@ -47,6 +47,7 @@ from ..curve import client_curve
 from ..jobs import encode_reply
 from ..limits import worker_log
 from ..protocol import (
+    KBYE_LEAVING,
     Command,
     Message,
     ProtocolError,
@@ -236,12 +237,10 @@ class RouterLink:
     # connections
 
     def next_addr(self) -> str:
-        """``worker_addr`` first, then ``worker_addr_default`` and
-        ``worker_addr_failover``, then ``worker_addr`` again, and so on (an
-        address given twice is tried once a round): a worker whose router
-        came back finds it at its own address. The next address only after
-        a connection that failed (no ACK, or the router fell silent); after
-        a reload or the router's KBYE, the same one again."""
+        """The addresses of ``Settings.worker_addresses()`` round and round
+        (a router back at its own address is found again), the next one only
+        after a connection that failed (no ACK, or the router fell silent);
+        after a reload or the router's KBYE, the same one again."""
         addresses = self._settings().worker_addresses()
         if self.connections_made and (not self.acked.is_set() or self.router_gone not in (
                 None, KBYE_FROM_ROUTER)):
@@ -316,7 +315,7 @@ class RouterLink:
         conn, reader = self.outgoing, self._reader
         if conn is None or reader is None:
             return
-        conn.send(Message.new(Command.KBYE))
+        conn.send(Message.new(Command.KBYE, KBYE_LEAVING))
         self.retiring.append(conn)
         self.origins.keep(running, conn)
         self._lingering.spawn(_linger, self, conn, reader, time.monotonic())
@@ -343,7 +342,7 @@ class RouterLink:
 
     def say_kbye(self) -> None:
         if self.outgoing is not None:
-            self.outgoing.send(Message.new(Command.KBYE))
+            self.outgoing.send(Message.new(Command.KBYE, KBYE_LEAVING))
 
     def close(self) -> None:
         """Close every connection; replies that never left are counted."""
@@ -483,9 +482,12 @@ class RouterLink:
         self._wake.set()
 
     def _on_router_kbye(self, message: Message, conn: Connection) -> None:
-        if self._running():
+        # no REQUEST follows the router's KBYE on this connection: it dropped
+        # the READYs (a drain or a retired connection's linger ends sooner)
+        conn.ready_outstanding = 0
+        if conn is self.outgoing and self._running():
             self.router_gone = KBYE_FROM_ROUTER
-            self._wake.set()
+        self._wake.set()
 
     # ------------------------------------------------------------------
     # heartbeats and liveness
