@@ -30,6 +30,12 @@ _VERSION_FRAME = PROTOCOL_VERSION.encode()
 #: so the worker knows that no REQUEST follows (EventMQ's router ignores the
 #: body, and answers nothing)
 KBYE_LEAVING = "leaving"
+#: the second body frame of ``HEARTBEAT [time, "flush"]`` a client sends on
+#: the router's frontend (it is no scheduler's HEARTBEAT): emq-green's router
+#: answers ``HEARTBEAT [time, "flush", msgid]`` when it reads it, so every
+#: request the client sent before it on that socket has been read
+#: (:mod:`emq_green.client.flush`); EventMQ's router ignores it
+CLIENT_FLUSH = "flush"
 
 
 class ProtocolError(ValueError):

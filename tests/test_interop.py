@@ -94,6 +94,27 @@ def test_every_job_runs_once_whatever_the_client_api(peers, client_factory):
     assert router.count(UNKNOWN_WORKER) == 0
 
 
+def test_a_green_client_does_not_wait_out_its_linger_behind_eventmq_s_router(peers):
+    """close() waits for emq-green's router to say it read everything (a
+    flush probe); EventMQ's router never answers, and the client learns it
+    from the probe each new socket sends first: no wait of ``linger``."""
+    from emq_green.client import Client as GreenClient
+
+    router = peers.router()
+    peers.green(green_argv(router.addrs, 5, "flush"))
+    router.wait_for_worker("flush:", 5)
+    client = GreenClient(router.addrs.frontend, linger=20)
+    tags = [f"flush-{i}" for i in range(20)]
+    for tag in tags:
+        client.defer_job("interop_jobs.record", [tag])
+    peers.record.wait_for_tags(tags, 30, details=peers.logs)
+    started = time.monotonic()
+    assert client.flush(10) is False  # EventMQ's router said nothing
+    client.close()
+    assert time.monotonic() - started < 3
+    assert not client._router_answers
+
+
 # ---------------------------------------------------------------------------
 # queues and weights
 

@@ -13,6 +13,13 @@ queue makes the greenlet wait, not the whole process. Acknowledgements are
 read when a socket goes back to the pool and counted in
 :attr:`Client.acknowledged`.
 
+Leaving. :meth:`Client.close` (and :meth:`Client.flush`) waits, up to
+``linger`` seconds, until emq-green's router says it has read every request
+sent (a flush probe, :mod:`emq_green.client.flush`): a process that exits
+right after a burst lost the requests the router had not read yet.
+EventMQ's router gives no such answer; behind it, as with EventMQ's own
+client, only ``linger`` applies.
+
 Backpressure. The client never drops a request. When the router stops
 reading (its buffer is full), ZeroMQ's queues fill up to the high-water
 marks and a send blocks (the greenlet, with ``zmq.green``; the thread,
@@ -50,6 +57,7 @@ from ..curve import ClientCurve, client_curve, client_curve_from_env
 from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
 from . import threads
 from .connect import RouterUnreachable, new_dealer
+from .flush import answered, flush_socket, send_probe
 from .results import (
     ConfirmTimeout,
     GreenResultChannel,
@@ -124,7 +132,8 @@ class Client:
             patched ``socket`` in this process.
         max_idle: sockets kept in the pool between calls.
         hwm: ZeroMQ high-water mark of each socket.
-        linger: seconds :meth:`close` waits for queued requests to leave.
+        linger: seconds :meth:`close` waits for queued requests to leave and
+            for emq-green's router to say it has read them (:meth:`flush`).
         send_timeout: seconds a send may wait while the router pushes back
             before :class:`SendTimeoutError` is raised; None (default) waits
             as long as it takes. Requests are never dropped either way.
@@ -154,17 +163,9 @@ class Client:
         curve_server_key_file: Optional[str] = None,
         curve: Optional[ClientCurve] = None,
     ) -> None:
-        if send_timeout is not None and send_timeout < 0:
-            raise ValueError("send_timeout must be None or at least 0 seconds")
-        if confirm_timeout is not None and confirm_timeout <= 0:
-            raise ValueError("confirm_timeout must be None or more than 0 seconds")
-        if curve is None and (curve_secret_key_file or curve_server_key_file):
-            curve = client_curve(curve_secret_key_file or "", curve_server_key_file or "",
-                                 who="client")
-        elif curve is None:
-            curve = client_curve_from_env()
         #: the CURVE keys of every socket, or None for plain sockets
-        self.curve = curve
+        self.curve = _checked_curve(send_timeout, confirm_timeout, curve,
+                                    curve_secret_key_file, curve_server_key_file)
         self.addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
         self.green = _gevent_patched() if green is None else green
         if self.green:
@@ -180,23 +181,22 @@ class Client:
         #: seconds a guaranteed request waits for the router's confirmation
         self.confirm_timeout = (confirm_timeout or send_timeout or DEFAULT_CONFIRM_TIMEOUT)
         self._idle: list[Any] = []
-        # (the interpreter's own lock: native threads of a patched process
-        # share it; nothing waits while holding it)
+        # (the interpreter's own lock, shared by native threads; no waiting in it)
         self._lock = threads.allocate_lock()
         self._closed = False
         self._results: Optional[Union[GreenResultChannel, ThreadResultChannel]] = None
-        #: for the other native threads of a gevent-patched process (see
-        #: :mod:`~emq_green.client.threads`): plain sockets and a reader thread
+        #: other native threads' plain sockets and reader (:mod:`~emq_green.client.threads`)
         self._native_context: Optional[zmq.Context] = None
         self._native_idle: list[Any] = []
         self._native_results: Optional[ThreadResultChannel] = None
-        #: the gevent hub of the thread whose sockets are ``_idle`` and
-        #: ``_results`` (None when gevent runs no hub here)
+        #: the gevent hub of ``_idle`` and ``_results`` (None: no hub here)
         self._main_hub: Any = None
         #: REQUESTs sent.
         self.sent = 0
         #: ``REPLY [msgid]`` acknowledgements read so far.
         self.acknowledged = 0
+        #: whether the router answered a flush probe (emq-green's does)
+        self._router_answers = False
 
     def __enter__(self) -> Client:
         return self
@@ -219,9 +219,11 @@ class Client:
             context, module = (self._native() if foreign else (self._context, self._zmq))
             if not foreign and self._main_hub is None:
                 self._main_hub = threads.current_hub(self.green)
-        return new_dealer(context, module, self.addr, str(uuid.uuid4()), hwm=self._hwm,
+        sock = new_dealer(context, module, self.addr, str(uuid.uuid4()), hwm=self._hwm,
                           linger=self._linger, wait=wait,
                           prepare=self.curve.apply if self.curve is not None else None)
+        send_probe(sock, module)  # its answer says the router answers probes (flush)
+        return sock
 
     def _native(self) -> tuple[zmq.Context, Any]:
         """The plain context of the other native threads (the lock is held)."""
@@ -256,6 +258,9 @@ class Client:
                 frames = sock.recv_multipart(self._zmq.NOBLOCK)
             except self._zmq.Again:
                 return
+            if answered(frames) is not None:
+                self._router_answers = True
+                continue
             try:
                 if Message.parse(frames).command is Command.REPLY:
                     self.acknowledged += 1
@@ -271,8 +276,17 @@ class Client:
             self._give_back(sock)
         return self.acknowledged
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait up to ``timeout`` s until the router has read every request
+        sent on this thread's idle sockets (:mod:`~emq_green.client.flush`);
+        False when it did not say so in time (EventMQ's router never does)."""
+        return _flush_pool(self, timeout)
+
     def close(self) -> None:
-        """Close the sockets, giving queued requests ``linger`` seconds to leave."""
+        """Wait until the router has read what was sent (:meth:`flush`, up
+        to ``linger`` s), then close the sockets."""
+        if self.sent and not self._closed:
+            self.flush(self._linger)
         with self._lock:
             self._closed = True
             idle, native_idle = self._idle, self._native_idle
@@ -508,6 +522,39 @@ class Client:
                                  reply_requested=reply_requested, guarantee=guarantee,
                                  retry_count=retry_count, timeout=timeout, result=result,
                                  confirm=confirm)
+
+
+def _checked_curve(send_timeout: Optional[float], confirm_timeout: Optional[float],
+                   curve: Optional[ClientCurve], secret_file: Optional[str],
+                   server_file: Optional[str]) -> Optional[ClientCurve]:
+    """The Client's arguments checked; its CURVE keys (or None)."""
+    if send_timeout is not None and send_timeout < 0:
+        raise ValueError("send_timeout must be None or at least 0 seconds")
+    if confirm_timeout is not None and confirm_timeout <= 0:
+        raise ValueError("confirm_timeout must be None or more than 0 seconds")
+    if curve is None and (secret_file or server_file):
+        return client_curve(secret_file or "", server_file or "", who="client")
+    return client_curve_from_env() if curve is None else curve
+
+
+def _flush_pool(client: Client, timeout: float) -> bool:
+    """:meth:`Client.flush`: probe each idle socket of this thread's pool."""
+    foreign = threads.foreign_thread(client.green)
+    with client._lock:
+        idle = client._native_idle if foreign else client._idle
+        socks, idle[:] = list(idle), []
+    deadline, done = time.monotonic() + timeout, True
+
+    def count(frames: list[bytes]) -> None:
+        if len(frames) > 2 and frames[2] == b"REPLY":
+            client._count_ack()
+
+    for sock in socks:
+        read, client._router_answers = flush_socket(
+            sock, zmq if foreign else client._zmq, deadline, client._router_answers, count)
+        done = done and read
+        client._give_back(sock)
+    return done
 
 
 def _close_all(idle: list[Any], channel: Any, context: Optional[zmq.Context]) -> None:

@@ -83,7 +83,7 @@ import zmq.green
 from ..curve import server_curve
 from ..lifecycle import Lifecycle
 from ..limits import LogLimiter
-from ..protocol import Command, Message, printable
+from ..protocol import CLIENT_FLUSH, Command, Message, new_msgid, printable
 from ..settings import Settings
 from .clients import ClientSide
 from .guarantee import Guarantees
@@ -205,7 +205,7 @@ class Router:
                 Command.SCHEDULE: self.scheduler_side.on_schedule,
                 Command.UNSCHEDULE: self.scheduler_side.on_unschedule,
                 Command.INFORM: self.scheduler_side.on_inform,
-                Command.HEARTBEAT: self.scheduler_side.on_heartbeat,
+                Command.HEARTBEAT: self._on_client_heartbeat,
                 Command.KBYE: self.scheduler_side.on_kbye,
                 Command.DISCONNECT: self.client_side.on_disconnect,
             },
@@ -219,6 +219,17 @@ class Router:
                 Command.DISCONNECT: self._on_admin_disconnect,
             },
         }
+
+    def _on_client_heartbeat(self, client: bytes, message: Message) -> None:
+        """A scheduler's HEARTBEAT, or a client's flush probe (answered now,
+        after the acknowledgements of this turn: every request it sent
+        before has been read)."""
+        if message.body[1:2] == (CLIENT_FLUSH,) and client not in self.scheduler_side.schedulers:
+            answer = Message(Command.HEARTBEAT, new_msgid(),
+                             (f"{time.time():.6f}", CLIENT_FLUSH, message.msgid))
+            self.sockets.send_later("frontend", [client, *answer.frames()])
+        else:
+            self.scheduler_side.on_heartbeat(client, message)
 
     # ------------------------------------------------------------------
     # the books and parts, as the router's own members
