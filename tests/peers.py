@@ -26,7 +26,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pytest
 import zmq
@@ -421,3 +421,13 @@ def green_argv(addrs: RouterAddrs, jobs: int, name: str, *extra: str,
     if queues_json is not None:
         argv += ["--queues-json", queues_json]
     return argv + list(extra)
+
+
+def recv_from_client(sock: Any) -> list[bytes]:
+    """The next message a client sent to ``sock`` (a ROUTER: identity
+    first), skipping the flush probes (``HEARTBEAT [time, "flush"]``) an
+    emq-green client sends on each new socket and when it closes."""
+    while True:
+        frames = sock.recv_multipart()
+        if not (len(frames) == 7 and frames[3] == b"HEARTBEAT" and frames[6] == b"flush"):
+            return frames

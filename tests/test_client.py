@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 import zmq
-from peers import free_ports  # noqa: F401 (used by other test files too)
+from peers import free_ports, recv_from_client  # noqa: F401 (free_ports: other files too)
 
 from emq_green.client import Client, callable_path, job
 from emq_green.client.submit import admin_request
@@ -260,7 +260,7 @@ def test_defer_job_payload_matches_eventmq():
 
     def receive() -> list[bytes]:
         assert sink.poll(10000), "nothing arrived within 10 s"
-        return sink.recv_multipart()[1:]  # without the sender's identity
+        return recv_from_client(sink)[1:]  # without the sender's identity
 
     sender = Sender()
     client = Client(addr, green=False)

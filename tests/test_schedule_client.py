@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from peers import BIN, Peers, RouterAddrs, free_port, wait_until
+from peers import BIN, Peers, RouterAddrs, free_port, recv_from_client, wait_until
 from test_schedule_interop import (
     BEATS,
     GreenRouter,
@@ -247,7 +247,7 @@ def test_delay_for_of_a_result_job_sends_its_schedule():
         decorated = job(result=True, broker_addr=addr)(_later)
         msgid = decorated.delay_for(30, "x")
         assert router.poll(10_000)
-        frames = router.recv_multipart()
+        frames = recv_from_client(router)
         assert frames[3:5] == [b"SCHEDULE", msgid.encode()]
         schedule = parse_schedule([f.decode() for f in frames[5:]])
         assert schedule.eta is not None and schedule.eta > time.time() + 25

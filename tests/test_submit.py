@@ -9,7 +9,7 @@ import time
 
 import pytest
 import zmq
-from peers import BIN, Peers, clean_env, free_port, require_eventmq, wait_until
+from peers import BIN, Peers, clean_env, free_port, recv_from_client, require_eventmq, wait_until
 
 SUBMIT = str(BIN / "emq-green-submit")
 
@@ -116,7 +116,7 @@ def test_wait_for_router_returns_once_a_router_answers(green):
             client.wait_for_router(10)
             client.defer_job("some.callable")
             assert router.poll(10_000)
-            assert router.recv_multipart()[3] == b"REQUEST"
+            assert recv_from_client(router)[3] == b"REQUEST"
         with Client(f"tcp://127.0.0.1:{free_port()}", green=green) as client:
             with pytest.raises(RouterUnreachable, match="nothing answered within 0.2 s"):
                 client.wait_for_router(0.2)
