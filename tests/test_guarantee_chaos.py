@@ -46,14 +46,23 @@ class GreenRouter(Proc):
 
     def __init__(self, peers: Peers, addrs: RouterAddrs, *extra: str) -> None:
         self.addrs = addrs
-        peers._n += 1
-        super().__init__("emq-green-router", [
-            str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
-            "--backend-addr", addrs.backend, "--administrative-addr", addrs.admin,
-            *ROUTER_BEATS, *extra], peers.tmp / f"{peers._n:02d}-router.log", peers.env(),
-            peers.tmp)
-        peers.procs.append(self)
-        self.wait_for(r"router listening", timeout=20)
+        deadline = time.monotonic() + 15
+        while True:  # a router started again on the addresses of one just gone
+            peers._n += 1
+            super().__init__("emq-green-router", [
+                str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
+                "--backend-addr", addrs.backend, "--administrative-addr", addrs.admin,
+                *ROUTER_BEATS, *extra], peers.tmp / f"{peers._n:02d}-router.log", peers.env(),
+                peers.tmp)
+            peers.procs.append(self)
+            try:
+                self.wait_for(r"router listening", timeout=20)
+                return
+            except AssertionError:
+                # the kernel may hold a port of the dead router a moment longer
+                if "Address already in use" not in self.tail() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # retry interval
 
     def status(self) -> dict:
         status = admin_request(self.addrs.admin, Command.STATUS, timeout=5)
