@@ -431,3 +431,27 @@ def recv_from_client(sock: Any) -> list[bytes]:
         frames = sock.recv_multipart()
         if not (len(frames) == 7 and frames[3] == b"HEARTBEAT" and frames[6] == b"flush"):
             return frames
+
+
+class GreenRouterProc(Proc):
+    """``emq-green-router`` on ``addrs`` (``extra`` flags after them), waited
+    for until it listens; started again while the kernel still holds a port
+    of a router just gone ("Address already in use"), for up to 15 s."""
+
+    def __init__(self, peers: Peers, addrs: RouterAddrs, *extra: str) -> None:
+        self.addrs = addrs
+        deadline = time.monotonic() + 15
+        while True:
+            peers._n += 1
+            super().__init__("emq-green-router", [
+                str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
+                "--backend-addr", addrs.backend, "--administrative-addr", addrs.admin,
+                *extra], peers.tmp / f"{peers._n:02d}-router.log", peers.env(), peers.tmp)
+            peers.procs.append(self)
+            try:
+                self.wait_for(r"router listening", timeout=20)
+                return
+            except AssertionError:
+                if "Address already in use" not in self.tail() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # retry interval

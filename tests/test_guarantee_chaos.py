@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-from peers import BIN, Peers, Proc, RouterAddrs, require_eventmq, wait_until
+from peers import BIN, GreenRouterProc, Peers, Proc, RouterAddrs, require_eventmq, wait_until
 
 from emq_green.client import Client
 from emq_green.client.submit import admin_request
@@ -41,28 +41,11 @@ def peers(tmp_path):
         p.close()
 
 
-class GreenRouter(Proc):
-    """``emq-green-router`` on ``addrs``, waited for until it listens."""
+class GreenRouter(GreenRouterProc):
+    """``emq-green-router`` with this file's heartbeats."""
 
     def __init__(self, peers: Peers, addrs: RouterAddrs, *extra: str) -> None:
-        self.addrs = addrs
-        deadline = time.monotonic() + 15
-        while True:  # a router started again on the addresses of one just gone
-            peers._n += 1
-            super().__init__("emq-green-router", [
-                str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
-                "--backend-addr", addrs.backend, "--administrative-addr", addrs.admin,
-                *ROUTER_BEATS, *extra], peers.tmp / f"{peers._n:02d}-router.log", peers.env(),
-                peers.tmp)
-            peers.procs.append(self)
-            try:
-                self.wait_for(r"router listening", timeout=20)
-                return
-            except AssertionError:
-                # the kernel may hold a port of the dead router a moment longer
-                if "Address already in use" not in self.tail() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # retry interval
+        super().__init__(peers, addrs, *ROUTER_BEATS, *extra)
 
     def status(self) -> dict:
         status = admin_request(self.addrs.admin, Command.STATUS, timeout=5)

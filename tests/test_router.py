@@ -673,3 +673,48 @@ def test_a_flush_probe_is_answered_after_the_acknowledgements_and_a_scheduler_s_
     assert worker.recv().command is Command.REQUEST
     assert h.router.status()["unknown_scheduler_heartbeats"] == 0
     assert not h.router.scheduler_side.schedulers
+
+
+@pytest.mark.timeout(60)
+def test_crafted_flush_probes_are_harmless_and_a_dead_router_does_not_wedge_close(make_router):
+    """Malformed or hostile probes (no marker, extra frames, a 60 KB msgid,
+    a flood) leave the router serving and taking no scheduler; a client
+    whose router answered once and then stopped returns from close()
+    within its linger."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from emq_green.client import Client
+    from emq_green.client.flush import answered
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=40), max_size=9))
+    def never_raises(frames):
+        got = answered(frames)
+        assert got is None or isinstance(got, str)
+
+    never_raises()
+    h = make_router()
+    peer = h.peer("frontend")
+    peer.sock.send_multipart([b"", b"eMQP/1.0", b"HEARTBEAT", b"m1", b"1.0"])
+    peer.sock.send_multipart([b"", b"eMQP/1.0", b"HEARTBEAT", b"m2", b"1.0", b"flush", b"x"])
+    peer.sock.send_multipart([b"", b"eMQP/1.0", b"HEARTBEAT", b"x" * 60000, b"1.0", b"flush"])
+    for _ in range(500):
+        peer.send(Command.HEARTBEAT, "1.0", CLIENT_FLUSH)
+    answers = 0
+    while answers < 500:
+        if peer.recv(timeout=10, skip_heartbeats=False).body[1:2] == (CLIENT_FLUSH,):
+            answers += 1
+    assert not h.router.scheduler_side.schedulers
+    worker = h.worker(slots=1)
+    sent = h.request(peer)
+    assert worker.recv().body[-3:] == sent.body  # still routing
+
+    client = Client(h.router.endpoints["frontend"], green=True, linger=2)
+    client.defer_job("os.getpid")
+    assert client.flush(5) and client._router_answers
+    assert h.router.stop(timeout=5)
+    client.defer_job("os.getpid")
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 5

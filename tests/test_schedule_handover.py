@@ -93,14 +93,19 @@ def test_a_scheduler_that_connects_again_gets_its_own_back(side):
     assert len(sockets.to(b"s1", Command.SCHEDULE)) == 2
 
 
-@pytest.mark.timeout(10)
-def test_with_two_schedulers_the_survivor_takes_over_and_no_one_else(side):
-    side, sockets = side
+def two_schedulers_one_schedule(side) -> tuple[bytes, bytes]:
+    """Schedulers s1 and s2, one SCHEDULE: (its owner, the other)."""
     inform(side, b"s1")
     inform(side, b"s2")
     schedule(side)
     owner = side.live[KEY].owner
-    other = b"s2" if owner == b"s1" else b"s1"
+    return owner, (b"s2" if owner == b"s1" else b"s1")
+
+
+@pytest.mark.timeout(10)
+def test_with_two_schedulers_the_survivor_takes_over_and_no_one_else(side):
+    side, sockets = side
+    owner, other = two_schedulers_one_schedule(side)
     assert len(sockets.to(other, Command.UNSCHEDULE)) == 1  # no second copy
     sockets.gone.add(owner)
     side.on_kbye(owner, Message.new(Command.KBYE))
@@ -617,11 +622,7 @@ def test_the_kbye_before_a_scheduler_s_inform_moves_nothing(side):
     from emq_green.schedules import KBYE_CONNECTING
 
     side, sockets = side
-    inform(side, b"s1")
-    inform(side, b"s2")
-    schedule(side)
-    owner = side.live[KEY].owner
-    other = b"s2" if owner == b"s1" else b"s1"
+    owner, other = two_schedulers_one_schedule(side)
     unscheduled = len(sockets.to(owner, Command.UNSCHEDULE))
     side.on_kbye(owner, Message.new(Command.KBYE, KBYE_CONNECTING))
     inform(side, owner)

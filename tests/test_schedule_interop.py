@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 import pytest
-from peers import BIN, Peers, Proc, RouterAddrs, require_eventmq, wait_until
+from peers import BIN, GreenRouterProc, Peers, Proc, RouterAddrs, require_eventmq, wait_until
 
 from emq_green.client.submit import admin_request
 from emq_green.protocol import Command
@@ -35,19 +35,11 @@ def peers(tmp_path):
         p.close()
 
 
-class GreenRouter(Proc):
-    """``emq-green-router`` on ``addrs``, waited for until it listens."""
+class GreenRouter(GreenRouterProc):
+    """``emq-green-router`` with this file's heartbeats."""
 
     def __init__(self, peers: Peers, addrs: RouterAddrs, *extra: str) -> None:
-        self.addrs = addrs
-        peers._n += 1
-        super().__init__("emq-green-router", [
-            str(BIN / "emq-green-router"), "--frontend-addr", addrs.frontend,
-            "--backend-addr", addrs.backend, "--administrative-addr", addrs.admin,
-            *BEATS, *extra], peers.tmp / f"{peers._n:02d}-router.log", peers.env(),
-            peers.tmp)
-        peers.procs.append(self)
-        self.wait_for(r"router listening", timeout=20)
+        super().__init__(peers, addrs, *BEATS, *extra)
 
     def admin(self, command: Command) -> dict:
         answer = admin_request(self.addrs.admin, command, timeout=5)
