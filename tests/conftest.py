@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jobs_for_tests
 import pytest
 from fakerouter import FakeRouter
+from peers import Peers, require_eventmq
 
 from emq_green.jobmanager import JobManager, State
 from emq_green.limits import worker_log
@@ -21,6 +22,18 @@ def router():
     r = FakeRouter(heartbeat_interval=0.2)
     yield r
     r.close()
+
+
+@pytest.fixture
+def peers(tmp_path) -> Iterator[Peers]:
+    """Real processes (emq-green's and EventMQ 0.3.13's programs), all
+    killed at teardown; EventMQ missing is an error, not a skip."""
+    require_eventmq()
+    p = Peers(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-from peers import BIN, GreenRouterProc, Peers, Proc, RouterAddrs, require_eventmq, wait_until
+from peers import BIN, GreenRouterProc, Peers, Proc, RouterAddrs, wait_until
 
 from emq_green.client import Client
 from emq_green.client.submit import admin_request
@@ -30,15 +30,6 @@ ROUTER_BEATS = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"]
 WORKER_BEATS = ["--heartbeat-interval", "0.3", "--heartbeat-timeout", "1",
                 "--heartbeat-liveness", "3"]
 
-
-@pytest.fixture
-def peers(tmp_path):
-    require_eventmq()
-    p = Peers(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 class GreenRouter(GreenRouterProc):

@@ -17,25 +17,14 @@ import pytest
 from peers import (
     EVENTMQ_IDENTITY,
     Client,
-    Peers,
     RouterAddrs,
     green_argv,
-    require_eventmq,
     wait_until,
 )
 
 ROUTER_REMOVED = r"No messages from worker .* Removing from the queue"
 UNKNOWN_WORKER = r"Unknown worker"
 
-
-@pytest.fixture
-def peers(tmp_path):
-    require_eventmq()
-    p = Peers(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import types
 
 import gevent
 import pytest
-from peers import require_eventmq
 
 from emq_green.jobmanager import State
 from emq_green.protocol import Command
@@ -279,17 +278,6 @@ def removed(ident: str) -> str:
     """EventMQ's router log line for the removal of this very worker."""
     return rf"No messages from worker {re.escape(ident)} in [0-9.]+\. Removing from the queue"
 
-
-@pytest.fixture
-def peers(tmp_path):
-    require_eventmq()
-    from peers import Peers
-
-    p = Peers(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _blocked_worker(peers, name, *flags):

@@ -25,18 +25,6 @@ from emq_green.client import Client, unschedule
 from emq_green.protocol import Command
 
 
-@pytest.fixture
-def peers(tmp_path):
-    from peers import require_eventmq
-
-    require_eventmq()
-    p = Peers(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def _done_times(peers: Peers, tag: str) -> list[float]:
     return [t for e, tg, _p, t in peers.record.lines() if e == "done" and tg == tag]
 

@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 import pytest
-from peers import BIN, GreenRouterProc, Peers, Proc, RouterAddrs, require_eventmq, wait_until
+from peers import BIN, GreenRouterProc, Peers, Proc, RouterAddrs, wait_until
 
 from emq_green.client.submit import admin_request
 from emq_green.protocol import Command
@@ -24,15 +24,6 @@ BEATS = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "3"]
 EVENTMQ_BEATS = {"EVENTMQ_HEARTBEAT_INTERVAL": "1", "EVENTMQ_HEARTBEAT_TIMEOUT": "5",
                  "EVENTMQ_RECONNECT_TIMEOUT": "1"}
 
-
-@pytest.fixture
-def peers(tmp_path):
-    require_eventmq()
-    p = Peers(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 class GreenRouter(GreenRouterProc):
