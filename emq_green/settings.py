@@ -633,8 +633,10 @@ def _open_config(path: str, explicit: bool, section: str) -> tuple[bool, list[st
 def _section_warnings(ini: configparser.ConfigParser, path: str, section: str) -> list[str]:
     """A warning when the file lacks the section of this program, as EventMQ
     logs one. EventMQ's router reads ``[global]`` only, so a router's file
-    without ``[router]`` is as EventMQ expects it."""
-    if ini.has_section(section) or (section == "router" and ini.has_section("global")):
+    without ``[router]`` is as EventMQ expects it; a file with no section
+    at all holds no setting that could be missed."""
+    if not ini.sections() or ini.has_section(section) or (
+            section == "router" and ini.has_section("global")):
         return []
     read = ("only [global] is read from it" if ini.has_section("global")
             else "no setting is read from it")
