@@ -171,8 +171,11 @@ _MISPLACED_WHY = {
 def warn_misplaced(prog: str, section: str, ns, standalone: bool = False,
                    with_scheduler: bool = False) -> None:
     """A WARNING naming the flags of the command line this program does not
-    use (every program accepts every setting), and one for each EventMQ
-    setting that did something in EventMQ's program and is not read here."""
+    use (every program accepts every setting), one for each EventMQ
+    setting that did something in EventMQ's program and is not read here,
+    and those :func:`~emq_green.settings.load_settings` found (its
+    ``start_warnings``: settings EventMQ ran with that may not do what was
+    meant)."""
     import logging
 
     from .settings import misplaced_flags
@@ -185,6 +188,8 @@ def warn_misplaced(prog: str, section: str, ns, standalone: bool = False,
     # EventMQ settings set to something that mattered there
     for name, (value, why) in getattr(ns, "eventmq_unread", {}).items():
         log.warning("%s = %s: an EventMQ setting %s does not read; %s", name, value, prog, why)
+    for text in getattr(ns, "start_warnings", ()):
+        log.warning("%s", text)
 
 
 def _curve_ok(settings) -> bool:
@@ -389,6 +394,17 @@ def scheduler_name(scheduler_file: str) -> str:
     return f"{os.uname().nodename}-{digest}"
 
 
+def default_scheduler_file_problem(path: str) -> "str | None":
+    """Why the default ``scheduler_file`` (``path``, in the working
+    directory) cannot be used, or None. Falling back to memory would lose
+    the schedules at the next restart without a word; the user chooses."""
+    if os.path.exists(path) or os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+        return None
+    return (f"scheduler_file: not set, and its default {path} cannot be created (the "
+            "working directory is not writable); set scheduler_file to a writable path "
+            "(--scheduler-file), or to empty for schedules in memory only")
+
+
 def scheduler_main(argv: "list[str] | None" = None) -> int:
     """``emq-green-scheduler``: settings from [global] and [scheduler]."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -410,6 +426,10 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
         # not set anywhere: schedules are kept, as EventMQ's scheduler keeps
         # them in Redis by default; an empty value keeps them in memory only
         settings = settings.replace(scheduler_file=os.path.abspath(DEFAULT_SCHEDULER_FILE))
+        problem = default_scheduler_file_problem(settings.scheduler_file)
+        if problem:
+            sys.stderr.write(f"emq-green-scheduler: {problem}\n")
+            return 2
     if ns.name is None and settings.scheduler_file:
         settings = settings.replace(name=scheduler_name(settings.scheduler_file))
     try:

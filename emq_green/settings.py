@@ -190,6 +190,33 @@ def _to_size(text: str) -> int:
     return value
 
 
+def _to_queues(text: str) -> Queues:
+    """The ``queues`` setting's JSON; ``[]`` is no queues of its own: as
+    EventMQ, the worker then announces none and the router gives it its
+    default queues (the router's ``queues`` setting)."""
+    if text.replace(" ", "") == "[]":
+        return ()
+    return parse_queues(text)
+
+
+def fractional_weights(texts: Sequence[str]) -> list[str]:
+    """``weight for name`` of each queue in ``texts`` (the ``queues`` JSON,
+    or ``-Q``'s items) whose weight is not a whole number: emq-green's
+    weights are integers, and such a weight is cut to its integer part,
+    where EventMQ's router compared it as written."""
+    try:
+        raw = json.loads(" ".join(texts))
+    except ValueError:
+        return []
+    found = []
+    for item in raw if isinstance(raw, list) else ():
+        if isinstance(item, list) and len(item) == 2:
+            weight, name = item if not isinstance(item[0], str) else item[::-1]
+            if isinstance(weight, float) and not weight.is_integer():
+                found.append(f"{weight:g} for {name}")
+    return found
+
+
 def _to_addr(text: str) -> str:
     text = text.strip()
     if "://" not in text:
@@ -504,15 +531,17 @@ def _sources_help(section: str, config_file: str) -> str:
 def build_parser(
     section: str, config_file: str, prog: Optional[str] = None,
     file_keys: Optional[dict[str, str]] = None, unread: Optional[dict[str, str]] = None,
+    read_config: bool = True,
 ) -> configargparse.ArgumentParser:
     """The parser of ``section``'s program; ``file_keys`` is filled, as the
     INI file is read, with what :attr:`_SectionsParser.written` says, and
-    ``unread`` with :attr:`_SectionsParser.unread`."""
+    ``unread`` with :attr:`_SectionsParser.unread`; ``read_config`` false
+    leaves ``config_file`` unread (one that cannot be opened)."""
     parser = configargparse.ArgumentParser(
         prog=prog,
         description=_DESCRIPTIONS.get(section, _DESCRIPTIONS["jobmanager"]),
         epilog=_sources_help(section, config_file),
-        default_config_files=[config_file],
+        default_config_files=[config_file] if read_config else [],
         config_file_parser_class=_SectionsParser(section, file_keys, unread),
         ignore_unknown_config_file_keys=True,
         add_config_file_help=False,
@@ -569,20 +598,49 @@ def default_name() -> str:
     return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _check_readable(path: str) -> None:
-    """A config file configargparse could not read (a directory, no
-    permission, not UTF-8, not INI) as one SettingsError, not a traceback
-    or a usage screen."""
+def _open_config(path: str, explicit: bool, section: str) -> tuple[bool, list[str]]:
+    """Whether the INI file at ``path`` is read, and the start-up warnings
+    about it.
+
+    As in EventMQ, a file that is not there is skipped, and one it cannot
+    open (a directory, no permission) too, with a warning here; the one
+    named by ``-C`` must be there and readable (an explicit request cannot
+    be honoured). Text that is not UTF-8 or not INI is an error for every
+    source (EventMQ stops on it with a traceback)."""
+    if not os.path.exists(path):
+        if explicit:
+            raise SettingsError(f"config: file {path} does not exist")
+        return False, []
     try:
         with open(path, "rb") as stream:
-            text = stream.read().decode("utf-8")
-        configparser.ConfigParser(interpolation=None).read_string(text, source=path)
+            data = stream.read()
     except OSError as exc:
-        raise SettingsError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+        reason = exc.strerror or str(exc)
+        if explicit:
+            raise SettingsError(f"config: cannot read {path}: {reason}") from None
+        return False, [f"config: cannot read {path} ({reason}); skipped, as EventMQ skips "
+                       "it: the environment and the defaults are used"]
+    ini = configparser.ConfigParser(interpolation=None)
+    try:
+        ini.read_string(data.decode("utf-8"), source=path)
     except UnicodeDecodeError as exc:
         raise SettingsError(f"config: cannot read {path}: not UTF-8 text ({exc})") from None
     except configparser.Error as exc:
         raise SettingsError(f"config: cannot read {path}: {exc}") from None
+    return True, _section_warnings(ini, path, section)
+
+
+def _section_warnings(ini: configparser.ConfigParser, path: str, section: str) -> list[str]:
+    """A warning when the file lacks the section of this program, as EventMQ
+    logs one. EventMQ's router reads ``[global]`` only, so a router's file
+    without ``[router]`` is as EventMQ expects it; a file with no section
+    at all holds no setting that could be missed."""
+    if not ini.sections() or ini.has_section(section) or (
+            section == "router" and ini.has_section("global")):
+        return []
+    read = ("only [global] is read from it" if ini.has_section("global")
+            else "no setting is read from it")
+    return [f"config: {path} has no [{section}] section; {read}"]
 
 
 def load_settings(
@@ -619,13 +677,11 @@ def load_settings(
         argv = eventmq_abbreviations(argv)
     environ = dict(os.environ if environ is None else environ)
     config_file, explicit = _config_path(argv, environ)
-    if explicit and not os.path.exists(config_file):
-        raise SettingsError(f"config: file {config_file} does not exist")
-    if os.path.exists(config_file):
-        _check_readable(config_file)
+    read_config, warnings = _open_config(config_file, explicit, section)
     file_keys: dict[str, str] = {}
     unread: dict[str, str] = {}
-    parser = build_parser(section, config_file, prog, file_keys, unread)
+    parser = build_parser(section, config_file, prog, file_keys, unread,
+                          read_config=read_config)
     if extra_arguments:
         extra_arguments(parser)
     # the mapping we were given, not os.environ (which is never changed: a
@@ -657,11 +713,18 @@ def load_settings(
     if ns.name:
         values["name"] = ns.name
     weight = values.get("default_queue_weight", Settings.default_queue_weight)
+    cut = fractional_weights(ns.queues or [ns.queues_json or ""])
+    if cut:
+        where = sources.get("queues_json", "the command line") if not ns.queues \
+            else "the command line"
+        warnings.append(f"queues: weight {', '.join(cut)} from {where} is cut to a whole "
+                        "number (emq-green's weights are integers; EventMQ's router ranked "
+                        "workers by the fraction too): give whole numbers, scaled if need be")
     if ns.queues:
         values["queues"] = convert("queues", ns.queues,
                                    lambda names: queue_names(names, weight))
     elif ns.queues_json:
-        values["queues"] = convert("queues", ns.queues_json, parse_queues, "queues_json")
+        values["queues"] = convert("queues", ns.queues_json, _to_queues, "queues_json")
     if ns.no_monkey_patch:
         values["monkey_patch"] = False
 
@@ -679,6 +742,10 @@ def load_settings(
     values.setdefault("name", default_name())
     settings = Settings(**values)
     _check(settings)
+    #: WARNINGs for the program to log once its logging is set up (see
+    #: emq_green.cli.warn_misplaced): settings that run as in EventMQ but
+    #: may not do what was meant
+    ns.start_warnings = [*warnings, *heartbeat_warnings(settings)]
     for name in EVENTMQ_UNREAD:  # the environment first, as in EventMQ
         if ENV_PREFIX + name.upper() in environ:
             unread[name] = environ[ENV_PREFIX + name.upper()]
@@ -745,15 +812,26 @@ def misplaced_flags(section: str, given: frozenset[str], standalone: bool = Fals
 
 
 def _check(s: Settings) -> None:
-    if s.heartbeat_interval >= s.heartbeat_timeout * s.heartbeat_liveness:
-        raise SettingsError(
-            f"heartbeat_interval: {s.heartbeat_interval:g} s must be shorter than "
-            f"heartbeat_timeout x heartbeat_liveness "
-            f"({s.heartbeat_timeout:g} x {s.heartbeat_liveness})"
-        )
     # spaces are fine (EventMQ takes them); line breaks, tabs and other
     # control characters would garble the logs the name goes into
     if not s.name.strip() or any(c.isspace() and c != " " or not c.isprintable()
                                  for c in s.name):
         raise SettingsError(f"name: {s.name!r} must be non-empty, printable, with no "
                             "line break or tab")
+
+
+def heartbeat_warnings(s: Settings) -> list[str]:
+    """Start-up warnings for heartbeat settings that run, as in EventMQ 0.3.13,
+    but drop connections: a heartbeat sent no more often than the peer's
+    limit of silence. EventMQ runs with them too; refusing would stop a
+    worker that ran there, so each program says what will happen."""
+    if s.disable_heartbeats or s.heartbeat_interval < s.heartbeat_timeout:
+        return []
+    text = (f"heartbeat_interval ({s.heartbeat_interval:g} s) is not shorter than "
+            f"heartbeat_timeout ({s.heartbeat_timeout:g} s): a router with these settings "
+            "drops an idle worker between two of its heartbeats, as EventMQ's does")
+    if s.heartbeat_interval >= s.heartbeat_timeout * s.heartbeat_liveness:
+        text += (f"; and, not shorter than heartbeat_timeout x heartbeat_liveness "
+                 f"({s.heartbeat_timeout:g} x {s.heartbeat_liveness}), an idle worker or "
+                 "scheduler takes its router for gone and connects again, over and over")
+    return [text]

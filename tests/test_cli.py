@@ -423,7 +423,7 @@ def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path):
     conf = tmp_path / "eventmq.conf"
     conf.write_bytes(b"[global]\nname=\xff\n")
     for script, argv, env in (("emq-green", ["-C", str(conf)], {}),
-                              ("emq-green-router", [], {"EVENTMQ_CONFIG_FILE": str(tmp_path)})):
+                              ("emq-green-router", [], {"EVENTMQ_CONFIG_FILE": str(conf)})):
         out = subprocess.run([str(Path(EMQ_GREEN).with_name(script)), *argv],
                              capture_output=True, text=True, timeout=20,
                              env={**os.environ, **env})
@@ -507,3 +507,50 @@ def test_sys_exit_outside_a_job_greenlet_does_not_stop_the_worker(router, worker
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0, w.text()
 
+
+
+def test_the_default_scheduler_file_in_an_unwritable_directory_is_one_line_and_exit_2(
+        tmp_path):
+    """Not set, scheduler_file is emq-green-schedules.db in the working
+    directory; there unwritable, the scheduler said only 'unable to open
+    database file' (exit 1)."""
+    cwd = tmp_path / "read-only"
+    cwd.mkdir()
+    cwd.chmod(0o555)
+    if os.getuid() == 0:  # root may write anywhere, but not create files in /proc/1
+        cwd = Path("/proc/1")
+    out = subprocess.run(
+        [str(Path(EMQ_GREEN).with_name("emq-green-scheduler")),
+         "--scheduler-addr", "tcp://127.0.0.1:36011"],
+        cwd=cwd, capture_output=True, text=True, timeout=20,
+        env={**os.environ, "EVENTMQ_CONFIG_FILE": str(tmp_path / "none.conf")})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines(keepends=True)[-1] == (
+        f"emq-green-scheduler: scheduler_file: not set, and its default "
+        f"{cwd}/emq-green-schedules.db cannot be created (the working directory is not "
+        "writable); set scheduler_file to a writable path (--scheduler-file), or to empty "
+        "for schedules in memory only\n")
+
+
+def test_start_warnings_are_logged_and_the_scheduler_runs(tmp_path):
+    """A heartbeat_interval too long, a config file without the program's
+    section: EventMQ ran (with a warning for the section); emq-green refused
+    the first and said nothing of the second."""
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text("[router]\nhwm = 5\n")
+    proc = subprocess.Popen(
+        [str(Path(EMQ_GREEN).with_name("emq-green-scheduler")), "-C", str(conf),
+         "--heartbeat-interval", "20", "--scheduler-file", "",
+         "--scheduler-addr", "tcp://127.0.0.1:36012"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        with gevent.Timeout(20):
+            while not any("running" in line for line in lines):
+                lines.append(proc.stderr.readline())
+        text = "".join(lines)
+        assert f"WARNING - config: {conf} has no [scheduler] section; no setting" in text
+        assert "WARNING - heartbeat_interval (20 s) is not shorter than" in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

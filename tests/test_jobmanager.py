@@ -17,6 +17,14 @@ from emq_green.protocol import Command, Message, RunRequest
 JOBS = "jobs_for_tests"
 
 
+def test_no_queues_of_its_own_announces_none_and_the_router_chooses(router, make_manager):
+    """``queues = []``: EventMQ's job manager sends an empty queues text
+    (never "[]"), and its router gives the worker the router's queues."""
+    make_manager(queues=())
+    router.wait_inform()
+    assert router.messages(Command.INFORM)[0].message.body == ("", "worker")
+
+
 def test_handshake_sends_inform_then_one_ready_per_slot(router, make_manager):
     manager = make_manager(concurrent_jobs=7, queues=((30, "fast"), (10, "default")))
     ident = router.wait_inform()

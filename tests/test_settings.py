@@ -191,7 +191,6 @@ def test_a_boolean_that_means_true_elsewhere_is_named_when_it_means_false(tmp_pa
         ([], {}, "[jobmanager]\nheartbeat_timeout = soon\n",
          "(key heartbeat_timeout in [jobmanager])"),
         ([], {}, "[global]\nworker_addr = localhost:47290\n", "worker_addr: bad value"),
-        (["--heartbeat-interval", "20"], {}, "", "heartbeat_interval: 20 s must be shorter"),
     ],
 )
 def test_bad_values_name_the_setting_and_its_source(tmp_path, argv, env, file_text, message):
@@ -252,9 +251,84 @@ def test_an_unreadable_config_file_is_one_settings_error(tmp_path, kind):
     else:
         conf.write_bytes(b"[global]\nname=\xff\xfe\n" if kind == "not utf-8"
                          else b"[global\nname=x\n")
-    for argv, env in ((["-C", str(conf)], {}), ([], {"EVENTMQ_CONFIG_FILE": str(conf)})):
+    sources = [(["-C", str(conf)], {})]
+    if kind != "directory":  # EventMQ skips one it cannot open (next test)
+        sources.append(([], {"EVENTMQ_CONFIG_FILE": str(conf)}))
+    for argv, env in sources:
         with pytest.raises(SettingsError, match=f"config: cannot read {conf}: "):
             load_settings(argv, env, section="router")
+
+
+def test_a_config_file_from_env_that_cannot_be_opened_is_skipped_with_a_warning(tmp_path):
+    """EventMQ's ConfigParser.read skips a file it cannot open (a directory,
+    no permission) and runs on the environment and the defaults; emq-green
+    exited 2."""
+    conf = tmp_path / "eventmq.conf"
+    conf.mkdir()
+    s, ns = load_settings([], {"EVENTMQ_CONFIG_FILE": str(conf), "EVENTMQ_CONCURRENT_JOBS": "7"})
+    assert s.concurrent_jobs == 7 and s.queues == ((10, "default"),)
+    assert [w for w in ns.start_warnings
+            if w.startswith(f"config: cannot read {conf} (Is a directory); skipped")]
+
+
+@pytest.mark.parametrize("section, text, warned", [
+    ("jobmanager", "[global]\nconcurrent_jobs = 2\n",
+     "has no [jobmanager] section; only [global] is read from it"),
+    ("jobmanager", "[router]\nhwm = 5\n", "has no [jobmanager] section; no setting is read"),
+    ("scheduler", "[global]\nhwm = 5\n", "has no [scheduler] section; only [global] is read"),
+    ("router", "[jobmanager]\nhwm = 5\n", "has no [router] section; no setting is read"),
+    ("router", "[global]\nhwm = 5\n", None),  # EventMQ's router reads [global] only
+    ("jobmanager", "[jobmanager]\nhwm = 5\n", None),
+])
+def test_a_config_file_without_the_programs_section_is_warned_of(tmp_path, section, text,
+                                                                 warned):
+    """EventMQ logs 'Tried to read nonexistent section'; emq-green said nothing."""
+    conf = write(tmp_path, text)
+    for argv, env in ((["-C", conf], {}), ([], {"EVENTMQ_CONFIG_FILE": conf})):
+        _, ns = load_settings(argv, env, section=section)
+        found = [w for w in ns.start_warnings if w.startswith(f"config: {conf} ")]
+        assert found == ([f"config: {conf} {warned}"] if warned else []) or \
+            (warned and len(found) == 1 and warned in found[0]), found
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--heartbeat-interval", "20"], {}),
+    ([], {"EVENTMQ_HEARTBEAT_INTERVAL": "5"}),
+])
+def test_a_heartbeat_interval_too_long_runs_with_a_warning(tmp_path, argv, env):
+    """EventMQ runs with it (and drops workers); emq-green refused to start."""
+    s, ns = load_settings(["-C", write(tmp_path, "[jobmanager]\n"), *argv], env)
+    assert s.heartbeat_interval in (20, 5)
+    (warned,) = [w for w in ns.start_warnings if w.startswith("heartbeat_interval")]
+    assert "drops an idle worker" in warned
+    assert ("connects again, over and over" in warned) == (s.heartbeat_interval == 20)
+    _, quiet = load_settings(["-C", write(tmp_path, "[jobmanager]\n"), *argv,
+                              "--disable-heartbeats"], env)
+    assert not [w for w in quiet.start_warnings if w.startswith("heartbeat_interval")]
+
+
+@pytest.mark.parametrize("argv, text", [
+    ([], '[jobmanager]\nqueues = [[1.5, "default"], [20, "b"]]\n'),
+    (["-Q", '[["default", 1.5]]'], "[jobmanager]\n"),
+])
+def test_a_fractional_queue_weight_is_warned_of(tmp_path, argv, text):
+    """EventMQ's router ranks workers by 1.5 as written; emq-green cut it to
+    1 without a word."""
+    s, ns = load_settings(["-C", write(tmp_path, text), *argv], {})
+    assert s.queues[0] == (1, "default")
+    (warned,) = [w for w in ns.start_warnings if w.startswith("queues:")]
+    assert warned.startswith("queues: weight 1.5 for default from ")
+    _, whole = load_settings(["-C", write(tmp_path, '[jobmanager]\nqueues = [[2.0, "a"]]\n')], {})
+    assert not [w for w in whole.start_warnings if w.startswith("queues:")]
+
+
+def test_empty_queues_leave_them_to_the_router_as_in_eventmq(tmp_path):
+    """EventMQ's job manager then announces none and its router gives the
+    worker the router's own queues; emq-green exited 2."""
+    s, _ = load_settings(["-C", write(tmp_path, "[jobmanager]\nqueues = []\n")], {})
+    assert s.queues == ()
+    s, _ = load_settings([], {"EVENTMQ_QUEUES": " [ ] "})
+    assert s.queues == ()
 
 
 def test_settings_are_immutable():

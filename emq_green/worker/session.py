@@ -152,6 +152,16 @@ def socket_identity(name: str, pid: int, count: int) -> str:
     return name.encode()[:255 - len(suffix)].decode("utf-8", "ignore") + suffix
 
 
+def inform_queues(queues: Sequence[tuple[int, str]], for_log: bool = False) -> str:
+    """The queues text of a worker's INFORM (``for_log``: as logged). No
+    queues of its own (the ``queues`` setting ``[]``): an empty text, and
+    the router gives the worker its default queues, as EventMQ's job
+    manager does (it never sends ``[]``, which a router refuses)."""
+    if not queues:
+        return "none: the router's default ones" if for_log else ""
+    return queues_json(queues)
+
+
 class RouterLink:
     """The connection to the router and what travels on it.
 
@@ -264,8 +274,9 @@ class RouterLink:
         self.acked.clear()
         self.router_gone = None
         self._reader = gevent.spawn(self._read_loop, conn)
-        logger.info("connecting to %s as %s (queues %s)", addr, identity, queues_json(queues))
-        conn.send(Message.new(Command.INFORM, queues_json(queues), "worker"))
+        logger.info("connecting to %s as %s (queues %s)", addr, identity,
+                    inform_queues(queues, for_log=True))
+        conn.send(Message.new(Command.INFORM, inform_queues(queues), "worker"))
         return conn
 
     def wait_for_ack(self, give_up: Callable[[], bool]) -> bool:
