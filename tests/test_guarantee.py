@@ -189,10 +189,42 @@ def test_a_forged_reply_does_not_end_a_guaranteed_request_never_handed_out(make_
     assert h.router.status()["replies_for_buffered_copies"] == 0
 
 
-def test_a_reply_to_a_restarted_router_ends_the_copy_it_restored(tmp_path):
-    # the worker still runs the job while the router restarts on its journal
-    # (every slot busy: the restored copy waits); its REPLY, on the connection
-    # the old router knew, ends the job once
+def test_a_forged_reply_does_not_end_a_copy_waiting_after_its_worker_was_lost(make_router):
+    """A guaranteed request whose worker was taken for dead waits in the
+    buffer: a REPLY for it from a worker that never had it, or from an
+    identity that never announced itself, is dropped (a probe got the forged
+    value to the client and the job never ran); the copy runs, and the
+    client gets the real result."""
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    lone = h.worker(slots=1, name="lone")
+    request = guaranteed(h, client, headers="guarantee,result-requested")
+    assert lone.recv().msgid == request.msgid and client.recv().body == (request.msgid,)
+    wait_until(lambda: b"lone" not in h.router.workers, timeout=5, what="taken for dead")
+    wait_until(lambda: len(h.router.waiting.get("default", ())) == 1, what="copy buffered")
+    rogue = h.worker(queues=((10, "elsewhere"),), slots=0, name="rogue")
+    rogue.send(Command.REPLY, '{"value": "FORGED"}', request.msgid)
+    stranger = h.peer("backend", name="stranger")  # never announced itself
+    stranger.send(Command.REPLY, '{"value": "FORGED"}', request.msgid)
+    wait_until(lambda: h.router.status()["late_replies"] == 1
+               and h.router.status()["unknown_worker_messages"] == 1, what="both dropped")
+    assert [r.msgid for r in h.router.waiting["default"]] == [request.msgid]
+    honest = join(h, 1, name="honest")
+    assert honest.recv().msgid == request.msgid
+    honest.send(Command.REPLY, '{"value": "real"}', request.msgid)
+    assert client.recv().body == ('{"value": "real"}', request.msgid)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, what="finished")
+    assert h.router.status()["replies_for_buffered_copies"] == 0
+    assert client.pending() == []
+
+
+def test_a_copy_restored_from_the_journal_is_ended_by_no_unknown_reply(tmp_path):
+    """A restarted router cannot tell who ran what its journal holds: a
+    REPLY for a restored copy from an identity it does not know (the old
+    worker's connection, or a forger's: a probe got FORGED to the client
+    with the job never run) is dropped, and the copy runs again (an
+    emq-green worker that ran it answers the copy from its memory of ended
+    jobs, without running it twice)."""
     path = str(tmp_path / "journal.db")
     with journaled_router(path) as first:
         client = first.peer("frontend", name="client-1")
@@ -206,14 +238,18 @@ def test_a_reply_to_a_restarted_router_ends_the_copy_it_restored(tmp_path):
         wait_until(lambda: second.router.dropped_by_reason["malformed"] == 1,
                    what="the client connected")
         old = second.peer("backend", name="busy")  # the same identity, unknown here
-        old.send(Command.REPLY, '{"value": 42}', out.msgid)
-        result = client.recv()
-        assert result.body == ('{"value": 42}', out.msgid)
+        old.send(Command.REPLY, '{"value": "FORGED"}', out.msgid)
         assert old.recv().command is Command.KBYE  # it must INFORM again
-        wait_until(lambda: second.router.status()["guaranteed_held"] == 0, what="finished")
-        assert "default" not in second.router.waiting
+        assert second.router.status()["unknown_worker_messages"] == 1
+        assert [r.msgid for r in second.router.waiting["default"]] == [out.msgid]
         newcomer = join(second, 1)
-        assert newcomer.pending() == [] and second.router.status()["journal_rows"] == 0
+        assert newcomer.recv().msgid == out.msgid
+        newcomer.send(Command.REPLY, '{"value": 42}', out.msgid)
+        assert client.recv().body == ('{"value": 42}', out.msgid)
+        wait_until(lambda: second.router.status()["guaranteed_held"] == 0, what="finished")
+        assert second.router.status()["replies_for_buffered_copies"] == 0
+        assert client.pending() == []
+        wait_until(lambda: second.router.status()["journal_rows"] == 0, what="row deleted")
 
 
 def test_a_killed_reply_after_kbye_sends_the_job_again(make_router):

@@ -99,7 +99,8 @@ class ClientSide:
         """Queue again what the journal holds (accepted by an earlier router,
         not seen to finish), before any socket is read."""
         for request in self.guarantees.restore():
-            request.sent_before = True  # it may have run, or be running
+            # it may have run, or be running, on a worker nobody knows now:
+            # no REPLY can end this copy (Request.ran_on), it runs again
             if result_requested_in(request.body[1]):
                 # its client may still be there (same identity): it gets the result
                 self.relay.remember(request.msgid, request.client, request.received)

@@ -47,6 +47,11 @@ UNLIMITED = sys.maxsize
 REQUEST_OVERHEAD = 400
 
 
+#: how many identities a guaranteed request remembers it was handed to and
+#: lost (:attr:`Request.ran_on`)
+RAN_ON_KEPT = 4
+
+
 class Request:
     """A client's REQUEST as the router holds it (read-only by convention: a
     slotted class, as one is built per job). A guaranteed one (the
@@ -55,7 +60,7 @@ class Request:
     0 without a journal)."""
 
     __slots__ = ("msgid", "client", "queue", "body", "received", "guaranteed", "seq",
-                 "reply_requested", "size", "sent_before")
+                 "reply_requested", "size", "ran_on")
 
     def __init__(self, msgid: str, client: bytes, queue: str, body: tuple[str, ...],
                  received: float, guaranteed: bool = False, seq: int = 0) -> None:
@@ -73,10 +78,12 @@ class Request:
         #: and what holding any request costs the router besides
         #: (``REQUEST_OVERHEAD``).
         self.size = len(msgid) + sum(map(len, body)) + REQUEST_OVERHEAD
-        #: a copy of a request that may have run (queued again after its
-        #: worker was lost, or restored from the journal): only such a copy
-        #: can be ended by a REPLY from another worker (``withdraw_copy``)
-        self.sent_before = False
+        #: the identities of the workers it was handed to and lost (at most
+        #: :data:`RAN_ON_KEPT`, newest last): a copy waiting in the buffer is
+        #: ended by a REPLY from one of them only (``withdraw_copy``); empty
+        #: for a copy restored from the journal (who ran it is not known, so
+        #: nobody can end it: it runs again, at least once)
+        self.ran_on: tuple[bytes, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Request {self.msgid} queue={self.queue!r} guaranteed={self.guaranteed}>"
@@ -387,15 +394,17 @@ class Routing:
             return True
         return False
 
-    def withdraw_copy(self, msgid: str) -> Optional[Request]:
+    def withdraw_copy(self, msgid: str, identity: bytes) -> Optional[Request]:
         """The guaranteed request ``msgid``, taken out of the buffer where it
-        waits to be sent again; None when it does not. O(buffer): rare (a
-        REPLY for a request that was sent again)."""
+        waits to be sent again, when ``identity`` is a worker it was handed
+        to (:attr:`Request.ran_on`); None otherwise: a REPLY from anyone
+        else is a forgery (or a guess) and must not end it. O(buffer): rare
+        (a REPLY for a request that was sent again)."""
         if self.holders.get(msgid, False) is not None:
             return None
         for waiting in self.waiting.values():
             for request in waiting:
-                if request.msgid == msgid and request.guaranteed and request.sent_before:
+                if request.msgid == msgid and request.guaranteed and identity in request.ran_on:
                     self.withdraw(request)
                     return request
         return None

@@ -59,7 +59,7 @@ from ..protocol import (
 from ..settings import Settings
 from .guarantee import Guarantees, was_killed
 from .results import ResultRelay
-from .routing import Request, Routing, Sent, Worker, remember
+from .routing import RAN_ON_KEPT, Request, Routing, Sent, Worker, remember
 from .sockets import RouterSockets
 
 logger = logging.getLogger(__name__)
@@ -79,12 +79,13 @@ class RouterObserver(Protocol):
         """A worker was removed: it said KBYE (draining) or went silent (dead)."""
 
 
-def _copies(sent: list[Sent]) -> list[Request]:
+def _copies(sent: list[Sent], identity: bytes) -> list[Request]:
     """The guaranteed requests of ``sent``, marked as copies that may have
-    run (:attr:`Request.sent_before`)."""
+    run on the worker ``identity`` (:attr:`Request.ran_on`)."""
     requests = [item.request for item in sent if item.request is not None]
     for request in requests:
-        request.sent_before = True
+        if identity not in request.ran_on:
+            request.ran_on = (*request.ran_on[1 - RAN_ON_KEPT:], identity)
     return requests
 
 
@@ -247,7 +248,8 @@ class WorkerSide:
         if sent.request is not None:
             if was_killed(message.body[0]):
                 # the worker stopped before the job ended: it runs elsewhere
-                self.redeliver([sent], f"worker {worker.log_name} killed it while stopping")
+                self.redeliver([sent], f"worker {worker.log_name} killed it while stopping",
+                               worker.identity)
                 return
             if self.guarantees.finished(sent.request):
                 # it ended before its journal commit: safe, never written
@@ -278,7 +280,7 @@ class WorkerSide:
         the buffer: the copy leaves unrun, the job ends, its result goes on."""
         body = message.body
         request = (None if len(body) != 2 or was_killed(body[0])
-                   else self.routing.withdraw_copy(body[1]))
+                   else self.routing.withdraw_copy(body[1], identity))
         if request is None:
             return False
         self._counters["replies_for_buffered_copies"] += 1
@@ -406,12 +408,13 @@ class WorkerSide:
         worker.in_flight.clear()
         worker.unreplied = worker.replied_unasked = 0
         if again:
-            self.redeliver(again, f"worker {worker.log_name} is gone")
+            self.redeliver(again, f"worker {worker.log_name} is gone", worker.identity)
 
-    def redeliver(self, sent: list[Sent], why: str) -> None:
-        """Guaranteed requests whose worker did not finish them: back to the
-        head of their queues (oldest first), then out to free workers."""
-        requests = _copies(sent)
+    def redeliver(self, sent: list[Sent], why: str, identity: bytes) -> None:
+        """Guaranteed requests whose worker (``identity``) did not finish
+        them: back to the head of their queues (oldest first), then out to
+        free workers."""
+        requests = _copies(sent, identity)
         self.guarantees.redelivered += len(requests)
         logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
                        len(requests), ", ".join(printable(r.msgid) for r in requests[:5])
