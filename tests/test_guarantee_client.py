@@ -9,13 +9,23 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
+import time
 
 import gevent
 import pytest
+import zmq
 from peers import BIN, Peers, RouterAddrs, require_eventmq
 from test_router import ANY_PORT, Harness, wait_until
 
-from emq_green.client import Client, ConfirmTimeout, GuaranteeRefused, JobError, job
+from emq_green.client import (
+    Client,
+    ConfirmTimeout,
+    GuaranteedBatch,
+    GuaranteeRefused,
+    JobError,
+    job,
+)
 from emq_green.client.submit import main as submit_main
 from emq_green.protocol import Command
 from emq_green.router import Router
@@ -150,3 +160,93 @@ def test_a_job_error_is_not_taken_for_a_refusal(harness):
             handle.get(timeout=5)
     assert os.path.exists(BIN / "emq-green-submit")
     assert RouterAddrs  # the peers helpers are shared with the chaos tests
+
+
+def test_a_batch_sends_back_to_back_and_returns_once_every_job_is_held(harness):
+    """GuaranteedBatch: never more than ``window`` unconfirmed; when the
+    block ends every request is in the router's books and its journal."""
+    front = harness.router.endpoints["frontend"]
+    seen_outstanding = []
+    with Client(front, green=True) as client:
+        with GuaranteedBatch(client, window=50) as batch:
+            msgids = []
+            for _ in range(600):
+                msgids.append(batch.defer_job("os.getpid"))
+                seen_outstanding.append(len(batch.outstanding))
+        assert batch.outstanding == {} and batch.confirmed == 600
+        assert client.acknowledged == 600 and client.sent == 600
+    assert max(seen_outstanding) < 50
+    status = harness.router.status()
+    assert status["guaranteed_held"] == 600 and status["journal_rows"] == 600
+    assert [r.msgid for r in harness.router.waiting["default"]] == msgids
+    assert all("guarantee" in r.body[1] for r in harness.router.waiting["default"])
+
+
+def test_a_batch_raises_the_refusal_of_the_request_refused(harness, monkeypatch):
+    journal = harness.router.guarantees.journal
+    monkeypatch.setattr(journal, "_commit",
+                        lambda rows, deletes: "OperationalError: database or disk is full")
+    with Client(harness.router.endpoints["frontend"], green=True) as client:
+        batch = GuaranteedBatch(client, window=10)
+        first = batch.defer_job("os.getpid")
+        with pytest.raises(GuaranteeRefused) as raised:
+            batch.wait()
+        assert raised.value.msgid == first and "disk is full" in raised.value.reason
+        assert batch.confirmed == 0 and batch.outstanding == {}
+        batch.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_behind_a_silent_router_times_out_naming_the_oldest():
+    """A router that reads and never confirms: ConfirmTimeout for the oldest
+    request after confirm_timeout, the others still listed as outstanding;
+    the block's end does not wait again after the error."""
+    context = zmq.Context()
+    silent = context.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", green=False, confirm_timeout=0.5,
+                    linger=0.1) as client:
+            started = time.monotonic()
+            sent: list[str] = []
+            with pytest.raises(ConfirmTimeout) as raised:
+                with GuaranteedBatch(client, window=3) as batch:
+                    for _ in range(5):
+                        sent.append(batch.defer_job("os.getpid"))
+            # the third send filled the window and waited: the first timed out
+            assert len(sent) == 2 and client.sent == 3
+            assert raised.value.msgid == sent[0]
+            assert 0.5 <= time.monotonic() - started < 5
+            # unconfirmed, the one timed out included (the router may hold it or not)
+            assert len(batch.outstanding) == 3 and list(batch.outstanding)[:2] == sent
+    finally:
+        silent.close()
+        context.term()
+
+
+def test_submit_guarantee_sends_back_to_back(harness):
+    """emq-green-submit --guarantee (no --wait) uses a batch: it exits 0 once
+    every job is held, and its requests were on the wire before the first
+    confirmation came back (a router whose journal commits are held)."""
+    front = harness.router.endpoints["frontend"]
+    journal = harness.router.guarantees.journal
+    commit, release = journal._commit, threading.Event()
+
+    def held(rows, deletes):
+        release.wait(20)
+        return commit(rows, deletes)
+
+    journal._commit = held
+    out = io.StringIO()
+    job = gevent.get_hub().threadpool.spawn(
+        submit_main, (["os.getpid", "--count", "200", "--guarantee", "--addr", front]), out)
+    try:
+        # every request reached the router while none could be confirmed
+        wait_until(lambda: harness.router.status()["guaranteed_held"] >= 200, timeout=20,
+                   what="200 requests sent without waiting for confirmations")
+    finally:
+        release.set()
+    assert job.get(timeout=20) == 0
+    assert "confirmed 200" in out.getvalue()
+    assert harness.router.status()["journal_rows"] == 200

@@ -3,7 +3,8 @@ router, get their results back; ``emq-green-submit`` is its command line.
 
 Exposes :class:`Client`, :func:`defer_job` (``delay=``/``eta=`` for a
 delayed job), :func:`job`, :func:`schedule` and :func:`unschedule` (periodic
-jobs), and the result handle and errors; wire-compatible with EventMQ
+jobs), :class:`GuaranteedBatch` (guaranteed jobs confirmed as a batch), and
+the result handle and errors; wire-compatible with EventMQ
 0.3.13's client.
 """
 
@@ -19,6 +20,7 @@ from .api import (
     send_request,
     unschedule,
 )
+from .batch import GuaranteedBatch
 from .connect import RouterUnreachable
 from .results import (
     ConfirmTimeout,
@@ -33,4 +35,4 @@ from .results import (
 __all__ = ["Client", "SendTimeoutError", "ResultHandle", "JobError", "ResultTimeout",
            "ResultLostError", "ConfirmTimeout", "GuaranteeRefused", "defer_job",
            "send_request", "job", "get_client", "callable_path", "ENV_BROKER_ADDR",
-           "DEFAULT_ADDR", "schedule", "unschedule", "RouterUnreachable"]
+           "DEFAULT_ADDR", "schedule", "unschedule", "RouterUnreachable", "GuaranteedBatch"]

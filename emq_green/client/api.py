@@ -391,18 +391,14 @@ class Client:
                 may not hold the request).
             GuaranteeRefused: the router refused the guaranteed request.
         """
-        import json
-
         if confirm is None:
             confirm = guarantee
         elif confirm and not guarantee:
             raise ValueError("confirm=True needs guarantee=True (routers confirm only "
                              "guaranteed requests)")
-        payload = message if isinstance(message, str) else json.dumps(list(message))
-        headers = Headers(reply_requested=reply_requested or result, guarantee=guarantee,
-                          retry_count=retry_count, timeout=timeout or None,
-                          extra=(RESULT_HEADER,) if result else ())
-        request = Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
+        request = new_request(message, queue=queue, reply_requested=reply_requested,
+                              guarantee=guarantee, retry_count=retry_count, timeout=timeout,
+                              result=result)
         if result:
             handle = self._result_channel().submit(
                 request, confirm=self.confirm_timeout if confirm else None)
@@ -522,6 +518,20 @@ class Client:
                                  reply_requested=reply_requested, guarantee=guarantee,
                                  retry_count=retry_count, timeout=timeout, result=result,
                                  confirm=confirm)
+
+
+def new_request(message: Union[str, Sequence[Any]], *, queue: Optional[str] = None,
+                reply_requested: bool = False, guarantee: bool = False, retry_count: int = 0,
+                timeout: float = 0, result: bool = False) -> Message:
+    """A REQUEST whose payload is ``message`` (a list, or its JSON text), with
+    the headers the arguments of :meth:`Client.send_request` ask for."""
+    import json
+
+    payload = message if isinstance(message, str) else json.dumps(list(message))
+    headers = Headers(reply_requested=reply_requested or result, guarantee=guarantee,
+                      retry_count=retry_count, timeout=timeout or None,
+                      extra=(RESULT_HEADER,) if result else ())
+    return Message.new(Command.REQUEST, queue or DEFAULT_QUEUE, headers.text(), payload)
 
 
 def _checked_curve(send_timeout: Optional[float], confirm_timeout: Optional[float],

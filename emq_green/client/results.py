@@ -123,17 +123,31 @@ def confirmation(frames: list[bytes], msgid: str) -> Optional[str]:
     """What a message from the router says of the guaranteed REQUEST
     ``msgid``: ``""`` confirmed (``REPLY [msgid]``), the reason it was refused
     (``REPLY [error_json, msgid]``), or None (about something else)."""
+    answer = confirmation_of(frames)
+    return answer[1] if answer is not None and answer[0] == msgid else None
+
+
+def confirmation_of(frames: list[bytes]) -> Optional[tuple[str, str]]:
+    """``(msgid, "")`` for the router's confirmation ``REPLY [msgid]`` of a
+    guaranteed REQUEST, ``(msgid, reason)`` for its refusal ``REPLY
+    [error_json, msgid]``, None for anything else. (On a socket that asked
+    for no result, a REPLY of two body frames is a refusal.)"""
     if len(frames) < 5 or frames[2] != b"REPLY":
         return None
-    if len(frames) == 5 and frames[4] == msgid.encode():
-        return ""
-    if len(frames) == 6 and frames[5] == msgid.encode():
-        try:
-            reply = json.loads(frames[4])
-            return str(reply["error"]["message"])
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return frames[4].decode("utf-8", "replace")[:200]
-    return None
+    try:
+        if len(frames) == 5:
+            return frames[4].decode(), ""
+        if len(frames) != 6:
+            return None
+        msgid = frames[5].decode()
+    except UnicodeDecodeError:
+        return None
+    try:
+        reply = json.loads(frames[4])
+        reason = str(reply["error"]["message"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        reason = frames[4].decode("utf-8", "replace")[:200]
+    return msgid, reason or "refused by the router (no reason given)"
 
 
 class JobError(Exception):

@@ -28,7 +28,10 @@ or none came within ``--wait-timeout``. The exit status is then 1 if any
 job failed. A guaranteed job the router does not confirm within
 ``--confirm-timeout`` (or refuses) stops the sending: the jobs sent before
 it run, and their results are still printed; that job gets an error line
-and the exit status is 1.
+and the exit status is 1. Without ``--wait``, guaranteed jobs are sent
+back to back (:class:`~emq_green.client.GuaranteedBatch`, at most 1,000
+unconfirmed at a time) and the command exits 0 only once every one is
+confirmed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import zmq
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
 from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle, callable_path
+from .batch import GuaranteedBatch
 from .connect import RouterUnreachable, check_address, connect
 from .results import (
     ConfirmTimeout,
@@ -142,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "header, the worker's global_timeout applies)")
     parser.add_argument("--guarantee", action="store_true",
                         help="run the job at least once even if its worker or the router "
-                             "dies (emq-green's router); each send waits for the router's "
-                             "confirmation")
+                             "dies (emq-green's router); the jobs are sent without waiting "
+                             "and the command returns once the router has confirmed each "
+                             "(with --wait, each send waits for its confirmation)")
     parser.add_argument("--confirm-timeout", type=_positive_seconds, default=None,
                         help="seconds to wait for each confirmation of --guarantee "
                              "(default 30)")
@@ -282,10 +287,18 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     handles: list[ResultHandle] = []
     #: the job whose send failed (no confirmation, or refused): the rest unsent
     unsent: Optional[tuple[int, ConfirmTimeout | GuaranteeRefused]] = None
+    # guaranteed jobs with no result: confirmed as a batch (a window of them
+    # unconfirmed at a time), not one round trip each
+    batch = GuaranteedBatch(client) if ns.guarantee and not ns.wait and ns.delay is None \
+        else None
     try:
         for i in range(ns.count):
             args = [*ns.args, str(i)] if ns.tag_arg else ns.args
-            if ns.delay is not None:
+            if batch is not None:
+                sent = batch.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
+                                       reply_requested=ns.reply_requested,
+                                       timeout=ns.timeout, subprocess=ns.subprocess)
+            elif ns.delay is not None:
                 sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
                                         timeout=ns.timeout, guarantee=ns.guarantee,
                                         delay=ns.delay)
@@ -300,17 +313,25 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
             progress.show(f"sent {i + 1}/{ns.count} ({rate:.0f}/s), "
                           f"{'confirmed' if ns.guarantee else 'acknowledged'} "
                           f"{client.acknowledged}")
+        if batch is not None:
+            batch.wait()
     except (ConfirmTimeout, GuaranteeRefused) as exc:
         # a runtime failure, not a usage error: what was sent and confirmed
         # runs, and its results are still waited for; the rest is not sent
         unsent = (i, exc)
-        out.write(f"emq-green-submit: {exc}; the {ns.count - i - 1} job(s) after it not "
-                  "sent\n")
+        if batch is not None:
+            out.write(f"emq-green-submit: {exc}; {len(batch.outstanding)} other job(s) sent "
+                      f"and not confirmed, {ns.count - client.sent} not sent\n")
+        else:
+            out.write(f"emq-green-submit: {exc}; the {ns.count - i - 1} job(s) after it not "
+                      "sent\n")
     except ValueError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         handles.clear()  # the client is closed below
         return 2
     finally:
+        if batch is not None:
+            batch.close()
         client.poll_acks()
         elapsed = time.monotonic() - started
         if ns.delay is not None:  # a SCHEDULE each, which the router does not acknowledge
