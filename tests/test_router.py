@@ -660,6 +660,30 @@ def test_a_client_closes_only_once_the_router_has_read_what_it_sent(make_router)
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("green", [True, False])
+def test_requests_asking_for_results_are_read_by_the_router_before_close_returns(
+        make_router, green):
+    """Requests with result=True go out on the result channel's socket,
+    which close() did not flush: a process closing right after sending
+    them lost up to 8,000 of 20,000 (a probe). Now the channel sends a probe
+    too, and close() waits for its answer (within linger)."""
+    from emq_green.client import Client
+
+    h = make_router()
+
+    def send_and_close() -> list:
+        client = Client(h.router.endpoints["frontend"], green=green, linger=30)
+        handles = [client.defer_job("os.getpid", result=True) for _ in range(1500)]
+        client.close()  # no worker: every one is buffered, no result comes
+        return handles
+
+    # a plain client blocks its thread: it runs in a native one, the router here
+    handles = send_and_close() if green else gevent.get_hub().threadpool.apply(send_and_close)
+    assert len(h.router.waiting.get("default", ())) == 1500
+    assert all(handle.ready() for handle in handles)  # failed at once: client_closed
+
+
+@pytest.mark.timeout(60)
 def test_a_flush_probe_is_answered_after_the_acknowledgements_and_a_scheduler_s_heartbeat_is_not(
         make_router):
     h = make_router()
@@ -718,3 +742,60 @@ def test_crafted_flush_probes_are_harmless_and_a_dead_router_does_not_wedge_clos
     started = time.monotonic()
     client.close()
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(60)
+def test_close_returns_within_linger_when_the_router_stops_reading():
+    """A router that answered the first probes and then stops reading (its
+    buffer full, or SIGSTOPped): close() spent linger waiting for the flush,
+    then linger again closing the sockets (4 s with linger=2, a probe). Now
+    the whole close() fits in linger; the pool's sockets and the result
+    channel's are probed at once (8 idle sockets behind EventMQ's router
+    took 8 x 0.25 s)."""
+    import contextlib
+    import threading
+
+    import zmq as plain_zmq
+
+    from emq_green.client import Client, SendTimeoutError
+
+    context = plain_zmq.Context()
+    router = context.socket(plain_zmq.ROUTER)
+    router.setsockopt(plain_zmq.LINGER, 0)
+    router.setsockopt(plain_zmq.RCVHWM, 10)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    answering, done = threading.Event(), threading.Event()
+    answering.set()
+
+    def serve() -> None:  # answers probes while ``answering``; then reads nothing
+        while not done.is_set():
+            if not answering.is_set() or not router.poll(20):
+                done.wait(0.02)
+                continue
+            ident, *frames = router.recv_multipart()
+            if len(frames) == 6 and frames[2] == b"HEARTBEAT" and frames[5] == b"flush":
+                router.send_multipart([ident, b"", b"eMQP/1.0", b"HEARTBEAT", b"a", frames[4],
+                                       b"flush", frames[3]])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = Client(f"tcp://127.0.0.1:{port}", green=False, linger=2, send_timeout=0.2)
+        socks = [client._take() for _ in range(8)]  # 8 pooled sockets, each probed once
+        for sock in socks:
+            client._give_back(sock)
+        client.defer_job("os.getpid", result=True)  # the result channel, probed too
+        assert client.flush(5) and client._router_answers
+        answering.clear()
+        with contextlib.suppress(SendTimeoutError):
+            for _ in range(100_000):  # until the queues are full
+                client.defer_job("os.getpid")
+        started = time.monotonic()
+        client.close()
+        took = time.monotonic() - started
+        assert 1.9 <= took < 3.0, took  # the flush waited, and nothing after it
+    finally:
+        done.set()
+        thread.join(5)
+        router.close()
+        context.term()

@@ -220,3 +220,69 @@ def test_a_guaranteed_job_not_confirmed_stops_the_sending_and_the_rest_is_report
     assert lines[2]["msgid"] == requests[2].msgid and len(lines) == 3
     assert len(requests) == 3  # the fourth never sent
     assert "the 1 job(s) after it not sent" in out.stderr and "Traceback" not in out.stderr
+
+
+class _StoppingRouter:
+    """A plain ROUTER in a thread that answers flush probes and stops
+    reading after its first REQUEST (a router whose buffer filled, or that
+    was stopped with SIGSTOP)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 10)
+        self.addr = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.done = threading.Event()
+        self.requests = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            if self.requests or not self.sock.poll(20):
+                self.done.wait(0.02)
+                continue
+            ident, *frames = self.sock.recv_multipart()
+            if len(frames) == 6 and frames[2] == b"HEARTBEAT" and frames[5] == b"flush":
+                self.sock.send_multipart([ident, b"", b"eMQP/1.0", b"HEARTBEAT", b"a",
+                                          frames[4], b"flush", frames[3]])
+            elif len(frames) > 2 and frames[2] == b"REQUEST":
+                self.requests += 1
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+        self.context.term()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("count, said", [
+    (20, "did not say within 1 s that it had read every request"),  # all queued, unread
+    (200_000, "not sent within 1 s"),  # the queues full: it blocked for ever
+])
+def test_submit_exits_1_when_the_router_stops_reading(monkeypatch, count, said):
+    """A router that answers flush probes and then reads nothing: submit
+    printed 'sent N/N' and exited 0 with requests never read (2,221 of
+    20,000 lost, a probe), and once the queues were full it blocked for
+    ever. Now either is one clear line and exit 1, in bounded time."""
+    import io
+
+    from emq_green.client import submit as submit_module
+
+    monkeypatch.setattr(submit_module, "FLUSH_TIMEOUT", 1.0)
+    monkeypatch.setattr(submit_module, "SEND_TIMEOUT", 1.0)
+    router = _StoppingRouter()
+    try:
+        out = io.StringIO()
+        started = time.monotonic()
+        rc = submit_module.main(["os.getpid", "-n", str(count), "-a", router.addr], out)
+        text = out.getvalue()
+        assert rc == 1 and said in text, text
+        assert time.monotonic() - started < 20
+        assert router.requests == 1
+    finally:
+        router.close()

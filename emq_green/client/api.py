@@ -57,7 +57,7 @@ from ..curve import ClientCurve, client_curve, client_curve_from_env
 from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
 from . import threads
 from .connect import RouterUnreachable, new_dealer
-from .flush import answered, flush_socket, send_probe
+from .flush import PROBE_GRACE, answered, flush_sockets, send_probe
 from .results import (
     ConfirmTimeout,
     GreenResultChannel,
@@ -284,7 +284,8 @@ class Client:
 
     def close(self) -> None:
         """Wait until the router has read what was sent (:meth:`flush`, up
-        to ``linger`` s), then close the sockets."""
+        to ``linger`` s), then close the sockets (in what is left of it)."""
+        deadline = time.monotonic() + self._linger
         if self.sent and not self._closed:
             self.flush(self._linger)
         with self._lock:
@@ -293,12 +294,12 @@ class Client:
             self._idle, self._native_idle = [], []
             results, native = self._results, self._native_results
             self._results = self._native_results = None
-        _close_all(native_idle, native, self._native_context)
+        _close_all(native_idle, native, self._native_context, deadline)
         if self._main_hub is not None and threads.foreign_thread(self.green):
             # the main thread's sockets and reader are its hub's: closed there
-            threads.spawn_on(self._main_hub, _close_all, idle, results, self._context)
+            threads.spawn_on(self._main_hub, _close_all, idle, results, self._context, deadline)
         else:
-            _close_all(idle, results, self._context)
+            _close_all(idle, results, self._context, deadline)
 
     def _result_channel(self) -> Union[GreenResultChannel, ThreadResultChannel]:
         foreign = threads.foreign_thread(self.green)
@@ -548,31 +549,43 @@ def _checked_curve(send_timeout: Optional[float], confirm_timeout: Optional[floa
 
 
 def _flush_pool(client: Client, timeout: float) -> bool:
-    """:meth:`Client.flush`: probe each idle socket of this thread's pool."""
+    """:meth:`Client.flush`: probe each idle socket of this thread's pool,
+    and its result channel, all at once."""
     foreign = threads.foreign_thread(client.green)
     with client._lock:
         idle = client._native_idle if foreign else client._idle
         socks, idle[:] = list(idle), []
-    deadline, done = time.monotonic() + timeout, True
+        channel = client._native_results if foreign else client._results
+    deadline = time.monotonic() + timeout
+    probe = channel.send_probe() if channel is not None and channel.used else None
 
     def count(frames: list[bytes]) -> None:
         if len(frames) > 2 and frames[2] == b"REPLY":
             client._count_ack()
 
-    for sock in socks:
-        read, client._router_answers = flush_socket(
-            sock, zmq if foreign else client._zmq, deadline, client._router_answers, count)
-        done = done and read
-        client._give_back(sock)
+    try:
+        done, client._router_answers = flush_sockets(
+            socks, zmq if foreign else client._zmq, deadline, client._router_answers, count)
+    finally:
+        for sock in socks:
+            client._give_back(sock)
+    if channel is not None and channel.used:
+        known = client._router_answers or channel.answers_probes
+        left = deadline - time.monotonic()
+        done = channel.wait_probe(probe, left if known else min(left, PROBE_GRACE)) and done
     return done
 
 
-def _close_all(idle: list[Any], channel: Any, context: Optional[zmq.Context]) -> None:
+def _close_all(idle: list[Any], channel: Any, context: Optional[zmq.Context],
+               deadline: float) -> None:
+    """Close ``idle`` sockets and ``channel``, lingering until ``deadline``
+    (monotonic) at most, then ``context``."""
+    linger = max(0, int((deadline - time.monotonic()) * 1000))
     for sock in idle:
-        sock.close()
+        sock.close(linger=linger)
     try:
         if channel is not None:
-            channel.close()
+            channel.close(linger)
     finally:
         if context is not None:
             context.term()

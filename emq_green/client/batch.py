@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..protocol import RunRequest
 from .flush import answered
-from .results import ConfirmTimeout, GuaranteeRefused, confirmation_of
+from .results import ConfirmTimeout, GuaranteeRefused, SendTimeoutError, confirmation_of
 
 if TYPE_CHECKING:
     from .api import Client, JobFunc
@@ -92,7 +92,13 @@ class GuaranteedBatch:
                               guarantee=True, retry_count=retry_count, timeout=timeout)
         if self._sock is None:
             self._sock = client._take()
-        client._send_message(self._sock, request)
+        try:
+            client._send_message(self._sock, request)
+        except SendTimeoutError as exc:
+            if exc.half_sent:  # mid-message: never reused
+                self._sock.close()
+                self._sock = None
+            raise
         client.sent += 1
         self.outstanding[request.msgid] = time.monotonic()
         self._read(block=False)

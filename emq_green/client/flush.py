@@ -27,10 +27,15 @@ from ..protocol import CLIENT_FLUSH, Command, Message, ProtocolError
 PROBE_GRACE = 0.25
 
 
-def send_probe(sock: Any, zmq_module: Any) -> Optional[str]:
-    """Send a flush probe on ``sock`` without waiting; its msgid, or None
-    when the socket's queue is full."""
-    probe = Message.new(Command.HEARTBEAT, f"{time.time():.6f}", CLIENT_FLUSH)
+def probe_message() -> Message:
+    """A new flush probe, ``HEARTBEAT [time, "flush"]``."""
+    return Message.new(Command.HEARTBEAT, f"{time.time():.6f}", CLIENT_FLUSH)
+
+
+def send_probe(sock: Any, zmq_module: Any, probe: Optional[Message] = None) -> Optional[str]:
+    """Send a flush probe (``probe``, else a new one) on ``sock`` without
+    waiting; its msgid, or None when the socket's queue is full."""
+    probe = probe or probe_message()
     try:
         sock.send_multipart(probe.frames(), zmq_module.NOBLOCK)
     except zmq_module.Again:
@@ -48,30 +53,43 @@ def answered(frames: list[bytes]) -> Optional[str]:
         return None
 
 
-def flush_socket(sock: Any, zmq_module: Any, deadline: float, known: bool,
-                 other: Callable[[list[bytes]], None]) -> tuple[bool, bool]:
-    """Probe ``sock`` and read until the router answers or ``deadline``
-    (monotonic; :data:`PROBE_GRACE` from now unless the router is ``known``
-    to answer or shows it meanwhile). ``other`` gets every other message
-    (acknowledgements). Returns ``(read, known)``: whether the router read
-    everything sent before, and whether it answers probes."""
-    probe = send_probe(sock, zmq_module)
-    if probe is None:
+def flush_sockets(socks: list[Any], zmq_module: Any, deadline: float, known: bool,
+                  other: Callable[[list[bytes]], None]) -> tuple[bool, bool]:
+    """Probe every socket of ``socks`` at once and read them until the router
+    has answered each, or ``deadline`` (monotonic; :data:`PROBE_GRACE` from
+    now unless the router is ``known`` to answer or shows it meanwhile).
+    ``other`` gets every other message (acknowledgements). Returns ``(read,
+    known)``: whether the router read everything sent before on every
+    socket, and whether it answers probes."""
+    waiting: dict[Any, Optional[str]] = {sock: send_probe(sock, zmq_module) for sock in socks}
+    if None in waiting.values():  # a queue full: the router is not reading that one
         return False, known
     start = time.monotonic()
     wait_until = deadline if known else min(deadline, start + PROBE_GRACE)
-    while True:
+    poller = zmq_module.Poller()
+    for sock in socks:
+        poller.register(sock, zmq_module.POLLIN)
+    while waiting:
         left = wait_until - time.monotonic()
-        if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq_module.POLLIN):
+        ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+        if not ready:
             return False, known
-        frames = sock.recv_multipart()
-        got = answered(frames)
-        if got == probe:
-            return True, True
-        if got is not None:  # an earlier probe's answer: this router answers
-            known, wait_until = True, deadline
-        else:
-            other(frames)
+        for sock in ready:
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq_module.NOBLOCK)
+                except zmq_module.Again:
+                    break
+                got = answered(frames)
+                if got is None:
+                    other(frames)
+                    continue
+                known, wait_until = True, deadline  # this router answers
+                if got == waiting.get(sock):
+                    del waiting[sock]
+                    poller.unregister(sock)
+                    break
+    return True, known
 
 
-__all__ = ["PROBE_GRACE", "answered", "flush_socket", "send_probe"]
+__all__ = ["PROBE_GRACE", "answered", "flush_sockets", "probe_message", "send_probe"]

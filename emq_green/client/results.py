@@ -37,6 +37,7 @@ import zmq
 from ..protocol import Command, Message, ProtocolError, _loads, printable
 from . import threads
 from .connect import new_dealer
+from .flush import answered, probe_message, send_probe
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,12 @@ class _Channel:
         #: msgid -> event set when the router confirms (or answers) it
         self._confirms: dict[str, Any] = {}
         self.closed = False
+        #: whether a request went out on this channel (then close() flushes it)
+        self.used = False
+        #: whether the router answered a flush probe here (emq-green's does)
+        self.answers_probes = False
+        #: probe msgid -> event set when the router answers it
+        self._probes: dict[str, Any] = {}
 
     def _new_event(self) -> Any:
         raise NotImplementedError
@@ -293,12 +300,44 @@ class _Channel:
     def _send(self, request: Message) -> None:
         raise NotImplementedError
 
+    def _send_probe_now(self, probe: Message) -> bool:
+        """Send ``probe`` without waiting (:func:`~.flush.send_probe`)."""
+        raise NotImplementedError
+
+    def send_probe(self) -> Optional[str]:
+        """Send a flush probe (:mod:`~emq_green.client.flush`) after what was
+        sent here; its msgid, None when it could not leave at once."""
+        probe = probe_message()
+        with self._handles_lock:  # before it leaves: the answer may come at once
+            self._probes[probe.msgid] = self._new_event()
+        if self._send_probe_now(probe):
+            return probe.msgid
+        with self._handles_lock:
+            self._probes.pop(probe.msgid, None)
+        return None
+
+    def wait_probe(self, probe: Optional[str], timeout: float) -> bool:
+        """Whether the router answered ``probe`` (read all sent before it)
+        within ``timeout`` s."""
+        with self._handles_lock:
+            event = self._probes.get(probe) if probe is not None else None
+        try:
+            return event is not None and bool(event.wait(max(timeout, 0.0)))
+        finally:
+            with self._handles_lock:
+                self._probes.pop(probe, None)  # type: ignore[arg-type]
+
     def submit(self, request: Message, *, confirm: Optional[float] = None) -> ResultHandle:
         """Send ``request`` (which asks for its result); the handle is
         registered first, so even an instant result finds it. With
         ``confirm`` (seconds; a guaranteed request), wait that long for the
         router's confirmation: :class:`ConfirmTimeout` or
         :class:`GuaranteeRefused` when it does not come."""
+        if not self.used:
+            # the router says early whether it answers probes (close() then
+            # knows whether to wait for one)
+            self.used = True
+            self.send_probe()
         handle = ResultHandle(request.msgid, self._new_event, self._handles_lock)
         confirmed = self._new_event() if confirm is not None else None
         with self._handles_lock:
@@ -360,6 +399,13 @@ class _Channel:
             logger.debug("client: ignored a malformed message from the router: %s", exc)
             return
         if message.command is not Command.REPLY:
+            probe = answered(frames)
+            if probe is not None:
+                self.answers_probes = True
+                with self._handles_lock:
+                    event = self._probes.get(probe)
+                if event is not None:
+                    event.set()
             return
         if len(message.body) == 1:
             self._on_ack()
@@ -376,7 +422,9 @@ class _Channel:
         if handle is not None:
             handle._resolve(message.body[0])
 
-    def close(self) -> None:
+    def close(self, linger: Optional[int] = None) -> None:
+        """Stop reading, fail the handles still waiting, close the socket
+        (``linger``: milliseconds for what is queued, else the socket's)."""
         raise NotImplementedError
 
     def _abandon(self) -> None:
@@ -421,6 +469,12 @@ class GreenResultChannel(_Channel):
         with self._send_lock:
             self._send_message(self._sock, request)
 
+    def _send_probe_now(self, probe: Message) -> bool:
+        import zmq.green as zmq_green
+
+        with self._send_lock:
+            return send_probe(self._sock, zmq_green, probe) is not None
+
     def _read(self) -> None:
         import gevent
 
@@ -438,10 +492,10 @@ class GreenResultChannel(_Channel):
                 return
             gevent.sleep(0)  # a full batch: let the waiters run
 
-    def close(self) -> None:
+    def close(self, linger: Optional[int] = None) -> None:
         self.closed = True
         self._reader.kill()
-        self._sock.close()
+        self._sock.close(linger=linger)
         self._abandon()
 
 
@@ -511,6 +565,14 @@ class ThreadResultChannel(_Channel):
                 raise SendTimeoutError(request.msgid, self._send_timeout or 0.0)
             self._sleep(0.001)  # backpressure: the router is not reading
 
+    def _send_probe_now(self, probe: Message) -> bool:
+        with self._lock:
+            if self.closed:
+                return False
+            sent = send_probe(self._sock, zmq, probe) is not None
+            self._read_available()
+            return sent
+
     def _read_available(self) -> None:
         """Read and dispatch what has arrived (the lock is held)."""
         sock, dispatch = self._sock, self._dispatch
@@ -530,14 +592,14 @@ class ThreadResultChannel(_Channel):
                     return
             self._select([self._fd], [], [], timeout)
 
-    def close(self) -> None:
+    def close(self, linger: Optional[int] = None) -> None:
         with self._lock:
             self.closed = True
         if self._native:
             self._ended.wait(1.0)  # (the reader looks every _POLL_MS)
         else:
             self._thread.join()
-        self._sock.close()
+        self._sock.close(linger=linger)
         self._abandon()
 
 

@@ -57,6 +57,7 @@ from .results import (
     JobError,
     ResultLostError,
     ResultTimeout,
+    SendTimeoutError,
 )
 from .schedule import finite_seconds
 
@@ -237,6 +238,14 @@ def router_status(admin_addr: str, timeout: float = 2.0,
                          curve.apply if curve is not None else None)
 
 
+#: seconds a request may wait for the router to take it before the command
+#: gives up (a router killed or stopped: it blocked for ever)
+SEND_TIMEOUT = 30.0
+#: seconds to wait, after the last send, for the router to say it read
+#: every request (:meth:`Client.flush`)
+FLUSH_TIMEOUT = 5.0
+
+
 def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
          results_out: Optional[TextIO] = None) -> int:
     ns = build_parser().parse_args(argv)
@@ -266,7 +275,7 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     try:
         client = Client(addr, green=False, curve_secret_key_file=ns.curve_secret_key_file,
                         curve_server_key_file=ns.curve_server_key_file,
-                        confirm_timeout=ns.confirm_timeout)
+                        confirm_timeout=ns.confirm_timeout, send_timeout=SEND_TIMEOUT)
     except CurveError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         return 2
@@ -285,8 +294,11 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         return _schedule(client, ns, out)
     started = time.monotonic()
     handles: list[ResultHandle] = []
-    #: the job whose send failed (no confirmation, or refused): the rest unsent
-    unsent: Optional[tuple[int, ConfirmTimeout | GuaranteeRefused]] = None
+    #: the job whose send failed (no confirmation, refused, or the router
+    #: took nothing for SEND_TIMEOUT): the rest unsent
+    unsent: Optional[tuple[int, ConfirmTimeout | GuaranteeRefused | SendTimeoutError]] = None
+    #: the router answers flush probes and did not say it read everything
+    unread = False
     # guaranteed jobs with no result: confirmed as a batch (a window of them
     # unconfirmed at a time), not one round trip each
     batch = GuaranteedBatch(client) if ns.guarantee and not ns.wait and ns.delay is None \
@@ -315,7 +327,12 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
                           f"{client.acknowledged}")
         if batch is not None:
             batch.wait()
-    except (ConfirmTimeout, GuaranteeRefused) as exc:
+    except KeyboardInterrupt:
+        out.write(f"\nemq-green-submit: interrupted; {client.sent} of {ns.count} sent\n")
+        client._linger = min(client._linger, 0.5)  # a short grace: the user wants out
+        client.close()
+        return 130
+    except (ConfirmTimeout, GuaranteeRefused, SendTimeoutError) as exc:
         # a runtime failure, not a usage error: what was sent and confirmed
         # runs, and its results are still waited for; the rest is not sent
         unsent = (i, exc)
@@ -343,7 +360,15 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
                       f"({client.sent / max(elapsed, 1e-6):.0f}/s), {outcome}")
         if not handles:
+            # (results coming back say the router read the requests)
+            unread = unsent is None and not client.flush(FLUSH_TIMEOUT) \
+                and client._router_answers
             client.close()
+    if unread:
+        out.write(f"emq-green-submit: the router did not say within {FLUSH_TIMEOUT:g} s that "
+                  "it had read every request (it stopped reading, or is gone): some may "
+                  "never run\n")
+        return 1
     results = sys.stdout if results_out is None else results_out
     failed = 0
     if handles:
