@@ -14,11 +14,16 @@ read when a socket goes back to the pool and counted in
 :attr:`Client.acknowledged`.
 
 Leaving. :meth:`Client.close` (and :meth:`Client.flush`) waits, up to
-``linger`` seconds, until emq-green's router says it has read every request
-sent (a flush probe, :mod:`emq_green.client.flush`): a process that exits
-right after a burst lost the requests the router had not read yet.
-EventMQ's router gives no such answer; behind it, as with EventMQ's own
-client, only ``linger`` applies.
+``linger`` seconds in all, until emq-green's router says it has read every
+request sent, on the pooled sockets and on the result channel alike (a
+flush probe, :mod:`emq_green.client.flush`): a process that exits right
+after a burst lost the requests the router had not read yet. When the
+router does not say so in time (it stopped reading, or died), ``flush``
+returns False and ``close`` returns at ``linger``. EventMQ's router gives
+no such answer; behind it, as with EventMQ's own client, only ``linger``
+applies, and a process that exits right after a burst can lose requests
+that router had not read (measured: 5,510 of 20,000 ran, and 4,510 of
+20,000 reached it from EventMQ's own client).
 
 Backpressure. The client never drops a request. When the router stops
 reading (its buffer is full), ZeroMQ's queues fill up to the high-water

@@ -25,14 +25,14 @@ from __future__ import annotations
 import collections
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from ..protocol import RunRequest
 from .flush import answered
 from .results import ConfirmTimeout, GuaranteeRefused, SendTimeoutError, confirmation_of
 
 if TYPE_CHECKING:
-    from .api import Client, JobFunc
+    from .api import Client
 
 #: unconfirmed requests a batch keeps before it waits for confirmations
 DEFAULT_WINDOW = 1000
@@ -48,7 +48,8 @@ class GuaranteedBatch:
             raise ValueError("window must be at least 1")
         self.client = client
         self.window = window
-        #: msgid -> when it was sent, oldest first: sent, not confirmed yet
+        #: the requests sent and not confirmed yet, oldest first (msgid to
+        #: the time it was sent)
         self.outstanding: collections.OrderedDict[str, float] = collections.OrderedDict()
         #: requests the router confirmed
         self.confirmed = 0
@@ -65,7 +66,7 @@ class GuaranteedBatch:
         finally:
             self.close()
 
-    def defer_job(self, func: JobFunc, args: Sequence[Any] = (),
+    def defer_job(self, func: Union[str, Callable[..., Any]], args: Sequence[Any] = (),
                   kwargs: Optional[dict[str, Any]] = None, *, queue: Optional[str] = None,
                   reply_requested: bool = False, retry_count: int = 0, timeout: float = 0,
                   subprocess: bool = False) -> str:

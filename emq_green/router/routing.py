@@ -79,7 +79,7 @@ class Request:
         #: (``REQUEST_OVERHEAD``).
         self.size = len(msgid) + sum(map(len, body)) + REQUEST_OVERHEAD
         #: the identities of the workers it was handed to and lost (at most
-        #: :data:`RAN_ON_KEPT`, newest last): a copy waiting in the buffer is
+        #: ``RAN_ON_KEPT``, newest last): a copy waiting in the buffer is
         #: ended by a REPLY from one of them only (``withdraw_copy``); empty
         #: for a copy restored from the journal (who ran it is not known, so
         #: nobody can end it: it runs again, at least once)
