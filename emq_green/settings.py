@@ -462,6 +462,12 @@ class _SectionsParser(configargparse.ConfigFileParser):
                 for written in ini.options(section):
                     try:
                         value = ini.get(section, written)
+                    except configparser.InterpolationMissingOptionError as exc:
+                        # EventMQ stops on it too (with a traceback); taken as
+                        # written, it failed later as a bad address
+                        raise configargparse.ConfigFileParserException(
+                            f"[{section}] {written}: %({exc.reference})s names no key of "
+                            f"[{section}] or [DEFAULT]") from None
                     except configparser.InterpolationError:
                         value = ini.get(section, written, raw=True)
                     name = written.strip().lower()
@@ -627,7 +633,25 @@ def _open_config(path: str, explicit: bool, section: str) -> tuple[bool, list[st
         raise SettingsError(f"config: cannot read {path}: not UTF-8 text ({exc})") from None
     except configparser.Error as exc:
         raise SettingsError(f"config: cannot read {path}: {exc}") from None
+    _check_references(data.decode("utf-8"), path, section)
     return True, _section_warnings(ini, path, section)
+
+
+def _check_references(text: str, path: str, section: str) -> None:
+    """A ``%(name)s`` in a value this program reads that names no key: one
+    SettingsError (EventMQ stops on it too, with a traceback; taken as
+    written, it failed later as a bad address)."""
+    ini = configparser.ConfigParser()
+    ini.read_string(text, source=path)
+    for name in ("global", section):
+        for option in ini.options(name) if ini.has_section(name) else ():
+            try:
+                ini.get(name, option)
+            except configparser.InterpolationMissingOptionError as exc:
+                raise SettingsError(f"config: {path}: [{name}] {option}: %({exc.reference})s "
+                                    f"names no key of [{name}] or [DEFAULT]") from None
+            except configparser.InterpolationError:
+                pass  # a lone %: taken as written
 
 
 def _section_warnings(ini: configparser.ConfigParser, path: str, section: str) -> list[str]:

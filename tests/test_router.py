@@ -736,7 +736,10 @@ def test_crafted_flush_probes_are_harmless_and_a_dead_router_does_not_wedge_clos
 
     client = Client(h.router.endpoints["frontend"], green=True, linger=2)
     client.defer_job("os.getpid")
-    assert client.flush(5) and client._router_answers
+    for bad in (float("nan"), None, -1, float("inf"), "1"):
+        with pytest.raises(ValueError, match="flush timeout"):
+            client.flush(bad)
+    assert client.flush(5) and client._router_answers  # its sockets not lost
     assert h.router.stop(timeout=5)
     client.defer_job("os.getpid")
     started = time.monotonic()

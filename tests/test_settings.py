@@ -373,6 +373,21 @@ def test_percent_substitutions_are_expanded_as_eventmq_expands_them(tmp_path):
     assert s.job_entry_func == "50%odd"
 
 
+def test_a_substitution_naming_no_key_is_one_settings_error(tmp_path):
+    """``%(base)s`` naming a key of another section was taken as written and
+    the worker died later on a ZMQError traceback (a probe); EventMQ stops
+    on it too. Now one line naming the key and the reference."""
+    conf = write(tmp_path, """
+        [global]
+        base = tcp://127.0.0.1
+        [jobmanager]
+        worker_addr = %(base)s:6000
+    """)
+    with pytest.raises(SettingsError,
+                       match=r"\[jobmanager\] worker_addr: %\(base\)s names no key"):
+        load_settings(["-C", conf], {})
+
+
 def test_eventmq_settings_that_are_not_read_are_named_where_they_mattered(tmp_path, caplog):
     """setup_callable, wal_enabled and the scheduler's Redis keys were
     ignored without a word; EventMQ's defaults (its sample file) are not

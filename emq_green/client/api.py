@@ -556,6 +556,10 @@ def _checked_curve(send_timeout: Optional[float], confirm_timeout: Optional[floa
 def _flush_pool(client: Client, timeout: float) -> bool:
     """:meth:`Client.flush`: probe each idle socket of this thread's pool,
     and its result channel, all at once."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 <= timeout < float("inf"):
+        raise ValueError(f"flush timeout must be a finite number of seconds >= 0, "
+                         f"not {timeout!r}")
     foreign = threads.foreign_thread(client.green)
     with client._lock:
         idle = client._native_idle if foreign else client._idle
