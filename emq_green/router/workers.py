@@ -89,6 +89,12 @@ def _copies(sent: list[Sent], identity: bytes) -> list[Request]:
     return requests
 
 
+def _log_queued_again(why: str, requests: list[Request]) -> None:
+    logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
+                   len(requests), ", ".join(printable(r.msgid) for r in requests[:5])
+                   + (", ..." if len(requests) > 5 else ""))
+
+
 class WorkerSide:
     """The backend's handlers over :class:`~emq_green.router.routing.Routing`."""
 
@@ -411,14 +417,11 @@ class WorkerSide:
             self.redeliver(again, f"worker {worker.log_name} is gone", worker.identity)
 
     def redeliver(self, sent: list[Sent], why: str, identity: bytes) -> None:
-        """Guaranteed requests whose worker (``identity``) did not finish
-        them: back to the head of their queues (oldest first), then out to
-        free workers."""
+        """Guaranteed requests the worker ``identity`` did not finish: back to
+        the head of their queues (oldest first), then out to free workers."""
         requests = _copies(sent, identity)
         self.guarantees.redelivered += len(requests)
-        logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
-                       len(requests), ", ".join(printable(r.msgid) for r in requests[:5])
-                       + (", ..." if len(requests) > 5 else ""))
+        _log_queued_again(why, requests)
         self._route_again(requests)
 
     def _route_again(self, requests: list[Request]) -> None:
