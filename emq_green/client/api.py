@@ -513,10 +513,7 @@ class Client:
             ConfirmTimeout: a guaranteed request was not confirmed in time.
             GuaranteeRefused: the router refused the guaranteed request.
         """
-        path, name = callable_path(func)
-        run = RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
-                         class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
-                         subprocess=subprocess)
+        run = run_request(func, args, kwargs, class_args, class_kwargs, subprocess)
         if delay is not None or eta is not None:
             return defer_later(self, run, delay=delay, eta=eta, queue=queue, result=result,
                                guarantee=guarantee, retry_count=retry_count, timeout=timeout)
@@ -742,7 +739,7 @@ def schedule(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[str,
             a whole number of seconds (at least 1), a bad callable, or a
             schedule a scheduler would refuse (a bad cron text...).
     """
-    run = _run(func, args, kwargs, class_args, class_kwargs)
+    run = run_request(func, args, kwargs, class_args, class_kwargs)
     body = periodic_body(run, every=every, cron=cron, queue=queue, run_count=run_count,
                          nohaste=nohaste, guarantee=guarantee, retry_count=retry_count,
                          timeout=timeout)
@@ -755,17 +752,21 @@ def unschedule(func: JobFunc, args: Sequence[Any] = (), kwargs: Optional[dict[st
                addr: Optional[str] = None) -> str:
     """Remove the schedule of this call (same function and arguments) from
     every scheduler; returns the UNSCHEDULE's msgid."""
-    run = _run(func, args, kwargs, class_args, class_kwargs)
+    run = run_request(func, args, kwargs, class_args, class_kwargs)
     body = periodic_body(run, every=1, cron=None, queue=queue, run_count=None, nohaste=False,
                          guarantee=False, retry_count=0, timeout=0)
     return send_schedule(client or get_client(addr), Command.UNSCHEDULE, body)
 
 
-def _run(func: JobFunc, args: Sequence[Any], kwargs: Optional[dict[str, Any]],
-         class_args: Sequence[Any], class_kwargs: Optional[dict[str, Any]]) -> RunRequest:
+def run_request(func: JobFunc, args: Sequence[Any], kwargs: Optional[dict[str, Any]],
+                class_args: Sequence[Any], class_kwargs: Optional[dict[str, Any]],
+                subprocess: bool = False) -> RunRequest:
+    """The ``["run", {...}]`` payload of a call (ValueError: ``func`` is not
+    importable by a worker)."""
     path, name = callable_path(func)
     return RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
-                      class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}))
+                      class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
+                      subprocess=subprocess)
 
 
 def job(

@@ -27,7 +27,6 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
-from ..protocol import RunRequest
 from .flush import answered
 from .results import ConfirmTimeout, GuaranteeRefused, SendTimeoutError, confirmation_of
 
@@ -67,17 +66,16 @@ class GuaranteedBatch:
             self.close()
 
     def defer_job(self, func: Union[str, Callable[..., Any]], args: Sequence[Any] = (),
-                  kwargs: Optional[dict[str, Any]] = None, *, queue: Optional[str] = None,
-                  reply_requested: bool = False, retry_count: int = 0, timeout: float = 0,
-                  subprocess: bool = False) -> str:
+                  kwargs: Optional[dict[str, Any]] = None, class_args: Sequence[Any] = (),
+                  class_kwargs: Optional[dict[str, Any]] = None, *,
+                  queue: Optional[str] = None, reply_requested: bool = False,
+                  retry_count: int = 0, timeout: float = 0, subprocess: bool = False) -> str:
         """Send ``func(*args, **kwargs)`` as a guaranteed job (the arguments
         of :meth:`Client.defer_job`); returns its msgid without waiting for
         its confirmation (unless ``window`` requests are unconfirmed)."""
-        from .api import callable_path
+        from .api import run_request
 
-        path, name = callable_path(func)
-        run = RunRequest(path=path, callable=name, args=tuple(args),
-                         kwargs=dict(kwargs or {}), subprocess=subprocess)
+        run = run_request(func, args, kwargs, class_args, class_kwargs, subprocess)
         return self.send_request(run.payload(), queue=queue, reply_requested=reply_requested,
                                  retry_count=retry_count, timeout=timeout)
 
