@@ -441,3 +441,25 @@ def test_workers_rejoin_a_restarted_router_at_their_next_heartbeat(peers):
                details=peers.logs)
     assert time.monotonic() - started < 10
     assert "told to connect anew (KBYE)" in again.text()
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_confirmed_by_emq_green_submit_survives_a_router_kill_9(peers, tmp_path):
+    """``emq-green-submit --guarantee`` (a GuaranteedBatch, real process)
+    exits 0 only once the router holds every job: the router is then
+    killed with kill -9, every one is in its journal, and the next router
+    on that journal runs each (no worker until then)."""
+    addrs = RouterAddrs.fresh()
+    journal = tmp_path / "journal.db"
+    router = GreenRouter(peers, addrs, "--journal-file", str(journal))
+    out = subprocess.run([str(BIN / "emq-green-submit"), "interop_jobs.record", "--args", "[]",
+                          "--tag-arg", "-n", "800", "--guarantee", "-a", addrs.frontend],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "confirmed 800" in out.stderr
+    router.kill()
+    assert _journal_rows(journal) == 800
+    GreenRouter(peers, addrs, "--journal-file", str(journal))
+    green_worker(peers, addrs, "after", 50)
+    done = peers.record.wait_for_tags([str(i) for i in range(800)], 60, details=peers.logs)
+    assert len(done) == 800

@@ -250,3 +250,74 @@ def test_submit_guarantee_sends_back_to_back(harness):
     assert job.get(timeout=20) == 0
     assert "confirmed 200" in out.getvalue()
     assert harness.router.status()["journal_rows"] == 200
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_reads_hostile_answers_without_losing_or_confirming_wrongly():
+    """A router that sends, before each real confirmation, random bytes, a
+    1 MB frame, confirmations and refusals (deeply nested JSON) of msgids
+    the batch never sent, and malformed flush answers: the batch confirms
+    exactly what it sent, loses nothing and raises nothing. The frame reader
+    itself (hypothesis): never raises, and reads a refusal only with a reason."""
+    import random
+    import threading
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from emq_green.client.results import confirmation_of
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=60), max_size=8))
+    def reads_anything(frames):
+        got = confirmation_of(frames)
+        assert got is None or (isinstance(got[0], str) and isinstance(got[1], str))
+        if got is not None and len(frames) == 6:
+            assert got[1]  # a refusal always has a reason: never read as confirmed
+
+    reads_anything()
+
+    plain = zmq.Context()
+    router = plain.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+    received: list[str] = []
+    nested = "[" * 5000 + "]" * 5000
+    rng = random.Random(7)
+
+    def serve() -> None:
+        while not done.is_set():
+            if not router.poll(20):
+                continue
+            ident, *frames = router.recv_multipart()
+            if len(frames) < 4 or frames[2] != b"REQUEST":
+                continue
+            msgid = frames[3]
+            received.append(msgid.decode())
+            head = [ident, b"", b"eMQP/1.0"]
+            for junk in ([rng.randbytes(rng.randrange(1, 50))],
+                         [b"", b"eMQP/1.0", b"REPLY", b"m", b"x" * 1_000_000],
+                         [b"", b"eMQP/1.0", b"REPLY", b"m", b"someone-else"],
+                         [b"", b"eMQP/1.0", b"REPLY", b"m", nested.encode(), b"someone-else"],
+                         [b"", b"eMQP/1.0", b"REPLY", b"m", b"\xff\xfe", msgid + b"x"],
+                         [b"", b"eMQP/1.0", b"HEARTBEAT", b"m", b"1", b"flush", b"\xff"],
+                         [b"", b"eMQP/1.0", b"REPLY"]):
+                router.send_multipart([ident, *junk])
+            router.send_multipart([*head, b"REPLY", b"ack", msgid])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", green=False, confirm_timeout=10,
+                    linger=0.5) as client:
+            with GuaranteedBatch(client, window=20) as batch:
+                sent = [batch.defer_job("os.getpid", [i]) for i in range(200)]
+            assert batch.confirmed == 200 and batch.outstanding == {}
+            assert client.acknowledged == 200
+        assert received == sent
+    finally:
+        done.set()
+        thread.join(5)
+        router.close()
+        plain.term()
