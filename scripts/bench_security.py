@@ -224,6 +224,16 @@ def attacks(n: Callable[[int], int]) -> list[Attack]:
             client = a.dealer("frontend", b"picky")
             for _ in range(n(1000)):
                 client.send_multipart(frames(Command.REQUEST, "shared-7", "", "[]"))
+        elif i == 2:
+            # a lighter worker with free slots behind the 1,000 busy ones
+            free = a.dealer("backend", b"free")
+            free.send_multipart(frames(Command.INFORM, queues_json([(5, "shared-8")]), "worker"))
+            for _ in range(n(1000)):
+                free.send_multipart(frames(Command.READY))
+        elif i == 3:
+            client = a.dealer("frontend", b"served")
+            for _ in range(n(1000)):
+                client.send_multipart(frames(Command.REQUEST, "shared-8", "", "[]"))
         else:
             for sock in a.socks[:workers]:
                 sock.send_multipart(frames(Command.KBYE))
@@ -236,6 +246,10 @@ def attacks(n: Callable[[int], int]) -> list[Attack]:
               lambda r: many(r) == workers),
         Phase(f"{n(1000):,} REQUESTs for a queue of {workers:,} busy workers", n(1000),
               lambda r: len(r.waiting.get("shared-7", ())) >= n(1000)),
+        Phase(f"  one more worker, lighter, {n(1000):,} READYs", n(1000) + 1,
+              lambda r: b"free" in r.workers and r.workers[b"free"].slots >= n(1000)),
+        Phase(f"{n(1000):,} REQUESTs handed to it past the {workers:,} busy ones", n(1000),
+              lambda r: r.workers[b"free"].slots == 0),
         Phase(f"{workers:,} workers on the same 256 queues leave", workers,
               lambda r: many(r) == 0)], many_send))
 

@@ -89,7 +89,7 @@ from .clients import ClientSide
 from .guarantee import Guarantees
 from .journal import Journal
 from .results import PendingResults, ResultRelay
-from .routing import Request, Routing, Worker
+from .routing import QueueBook, Request, Routing, Worker
 from .schedulers import SchedulerSide
 from .sockets import Handler, RouterSockets
 from .workers import RouterObserver, WorkerSide
@@ -269,8 +269,8 @@ class Router:
         return self.routing.workers
 
     @property
-    def queues(self) -> dict[str, list[tuple[int, bytes]]]:
-        """Queue name -> ``[(weight, identity), ...]``, in routing order."""
+    def queues(self) -> dict[str, QueueBook]:
+        """Queue name -> its workers (only queues some worker serves)."""
         return self.routing.queues
 
     @property

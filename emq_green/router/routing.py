@@ -123,6 +123,11 @@ class Worker:
     #: The queue names, heaviest first, sorted once at INFORM (a READY walks
     #: them in this order).
     by_weight: tuple[str, ...] = field(init=False)
+    #: the free lists of :class:`QueueBook` it is on, one per queue, set by
+    #: :meth:`Routing.add` (a READY that gives it its first slot puts it back
+    #: on them)
+    free_lists: tuple[collections.OrderedDict[bytes, Worker], ...] = field(
+        default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.name = self.identity.decode("utf-8", "replace")
@@ -132,6 +137,70 @@ class Worker:
     def log_name(self) -> str:
         """The identity, escaped for a log line."""
         return printable(self.identity)
+
+
+class QueueBook:
+    """The workers of one queue: each with its weight and, per weight,
+    those that may have a free slot.
+
+    A pick looks only at workers put on a free list, never at every member:
+    with many workers that hold no slot (busy, or hostile ones that never
+    say READY) a pick stays one dictionary operation or two, and a worker
+    leaves in constant time per queue (a list walked and searched grew with
+    every member: 0.17 ms per request past 1,000 busy workers, 1.2 ms per
+    worker leaving 256 shared queues).
+    """
+
+    __slots__ = ("members", "weights", "free", "_sizes")
+
+    def __init__(self) -> None:
+        #: identity -> weight, in the order the workers joined
+        self.members: dict[bytes, int] = {}
+        #: the members' weights, each once, heaviest first
+        self.weights: list[int] = []
+        #: Weight -> the workers of that weight given a slot since they were
+        #: last seen without one, least recently picked first. A worker whose
+        #: slots ran out stays listed until a pick meets it and drops it.
+        self.free: dict[int, collections.OrderedDict[bytes, Worker]] = {}
+        self._sizes: collections.Counter[int] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def join(self, identity: bytes, weight: int) -> collections.OrderedDict[bytes, Worker]:
+        """``identity`` serves this queue at ``weight``; its free list."""
+        self.members[identity] = weight
+        self._sizes[weight] += 1
+        free = self.free.get(weight)
+        if free is None:
+            free = self.free[weight] = collections.OrderedDict()
+            self.weights.append(weight)
+            self.weights.sort(reverse=True)
+        return free
+
+    def leave(self, identity: bytes) -> None:
+        weight = self.members.pop(identity)
+        self.free[weight].pop(identity, None)
+        self._sizes[weight] -= 1
+        if not self._sizes[weight]:
+            del self._sizes[weight], self.free[weight]
+            self.weights.remove(weight)
+
+    def pick(self) -> Optional[Worker]:
+        """The heaviest worker with a free slot, least recently picked among
+        equals; it moves behind the others of its weight."""
+        for weight in self.weights:
+            free = self.free[weight]
+            while free:
+                identity, worker = free.popitem(last=False)
+                if worker.slots > 0:
+                    free[identity] = worker
+                    return worker
+        return None
+
+    def entries(self) -> list[tuple[int, bytes]]:
+        """``[(weight, identity), ...]``, heaviest first (ROUTER_SHOW_WORKERS)."""
+        return sorted(((w, i) for i, w in self.members.items()), key=lambda e: -e[0])
 
 
 class Routing:
@@ -148,9 +217,8 @@ class Routing:
         self._resume_bytes = self.max_bytes - self.max_bytes // 4
         #: Connected workers by identity.
         self.workers: dict[bytes, Worker] = {}
-        #: Queue name -> ``[(weight, identity), ...]``, heaviest first, least
-        #: recently used first among equal weights.
-        self.queues: dict[str, list[tuple[int, bytes]]] = {}
+        #: Queue name -> its workers (only queues some worker serves).
+        self.queues: dict[str, QueueBook] = {}
         #: Queue name -> requests waiting for a free slot, oldest first.
         self.waiting: dict[str, collections.deque[Request]] = {}
         #: Bytes of the requests in :attr:`waiting` (see :attr:`Request.size`).
@@ -181,28 +249,35 @@ class Routing:
         self.workers[identity] = worker
         self._departed.pop(identity, None)
         served_before = self._served_before
+        heaviest: dict[str, int] = {}  # a name listed twice: its heavier weight
         for weight, name in worker.queues:
+            if heaviest.get(name, weight) <= weight:
+                heaviest[name] = weight
+        free_lists = []
+        for name, weight in heaviest.items():
             if served_before:
                 served_before.pop(name, None)
-            entries = self.queues.setdefault(name, [])
-            # behind every entry at least as heavy (heaviest first): a binary
-            # search, not a walk, with many workers on one queue
-            entries.insert(_after_heavier(entries, weight), (weight, identity))
+            book = self.queues.get(name)
+            if book is None:
+                book = self.queues[name] = QueueBook()
+            free_lists.append(book.join(identity, weight))
+        worker.free_lists = tuple(free_lists)
         return worker
 
     def remove(self, worker: Worker) -> None:
         """Take a worker out of every queue; its identity is remembered."""
-        if self.workers.get(worker.identity) is worker:
-            del self.workers[worker.identity]
-        for weight, name in worker.queues:  # (a pair listed twice was added twice)
-            entries = self.queues.get(name)
-            if not entries:
+        identity = worker.identity
+        current = self.workers.get(identity)
+        if current is worker:
+            del self.workers[identity]
+        elif current is not None:
+            return  # an older record of a worker that informed again: long off the books
+        for name in {name for _weight, name in worker.queues}:
+            book = self.queues.get(name)
+            if book is None or identity not in book.members:
                 continue
-            try:
-                entries.remove((weight, worker.identity))  # in C, not a new list
-            except ValueError:
-                pass
-            if not entries:
+            book.leave(identity)
+            if not book.members:
                 del self.queues[name]
                 self._served_before[name] = None
                 self._served_before.move_to_end(name)
@@ -267,21 +342,20 @@ class Routing:
         return queue in self.queues
 
     def pick(self, queue: str) -> Optional[Worker]:
-        """The heaviest worker with a free slot, least recently used among
-        equals; it moves behind the others of its weight."""
-        entries = self.queues.get(queue)
-        if not entries:
-            return None
-        for i, (weight, identity) in enumerate(entries):
-            worker = self.workers.get(identity)
-            if worker is not None and worker.slots > 0:
-                del entries[i]
-                at = i
-                while at < len(entries) and entries[at][0] == weight:
-                    at += 1
-                entries.insert(at, (weight, identity))
-                return worker
-        return None
+        """The heaviest worker of ``queue`` with a free slot, least recently
+        picked among equals (:meth:`QueueBook.pick`)."""
+        book = self.queues.get(queue)
+        return book.pick() if book is not None else None
+
+    @staticmethod
+    def give_slot(worker: Worker) -> None:
+        """A READY no buffered request took: one more free slot."""
+        if not worker.slots:
+            identity = worker.identity
+            for free in worker.free_lists:
+                if identity not in free:
+                    free[identity] = worker
+        worker.slots += 1
 
     def sent(self, worker: Worker, request: Request, queue: str, now: float) -> None:
         """``request`` left for ``worker``."""
@@ -465,8 +539,8 @@ class Routing:
             },
             "connected_queues": {
                 name: [[weight, identity.decode("utf-8", "replace")]
-                       for weight, identity in entries]
-                for name, entries in self.queues.items()
+                       for weight, identity in book.entries()]
+                for name, book in self.queues.items()
             },
         }
 
@@ -479,17 +553,4 @@ def remember(book: collections.OrderedDict[bytes, Any], identity: bytes) -> None
         book.popitem(last=False)
 
 
-def _after_heavier(entries: list[tuple[int, bytes]], weight: int) -> int:
-    """Where ``weight`` goes in ``entries`` (heaviest first): behind every
-    entry at least as heavy. (``bisect``'s ``key`` needs Python 3.10.)"""
-    lo, hi = 0, len(entries)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if entries[mid][0] >= weight:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-__all__ = ["MAX_NAMES", "OTHER", "Request", "Routing", "Sent", "Worker", "remember"]
+__all__ = ["MAX_NAMES", "OTHER", "QueueBook", "Request", "Routing", "Sent", "Worker", "remember"]

@@ -215,7 +215,7 @@ class WorkerSide:
             routing.retire_oldest_unreplied(worker)
         found = routing.next_for(worker)
         if found is None:
-            worker.slots += 1
+            routing.give_slot(worker)
             return
         name, request = found
         self.hand_over(worker, request, name)

@@ -1,0 +1,143 @@
+"""The router's routing books (:mod:`emq_green.router.routing`), driven
+directly: who gets a request, with many workers that hold no slot.
+
+The router's behaviour on the wire is in test_router.py; these tests check
+the policy and the bookkeeping behind it, including against a plain model
+of the policy with random sequences of joins, READYs, picks and departures.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emq_green.router.routing import Routing, Worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def new_routing() -> Routing:
+    return Routing(default_queue="default", hwm=10, max_buffer_bytes=-1)
+
+
+def take(routing: Routing, queue: str) -> Worker | None:
+    """What the router does with a request: pick, then one slot fewer."""
+    worker = routing.pick(queue)
+    if worker is not None:
+        worker.slots -= 1
+    return worker
+
+
+def test_heaviest_first_then_least_recently_picked():
+    routing = new_routing()
+    heavy = routing.add(b"heavy", [(20, "q")], 0.0)
+    b = routing.add(b"b", [(10, "q")], 0.0)
+    c = routing.add(b"c", [(10, "q")], 0.0)
+    for worker, slots in ((heavy, 1), (b, 2), (c, 2)):
+        for _ in range(slots):
+            routing.give_slot(worker)
+    order = [take(routing, "q") for _ in range(6)]
+    assert [w.identity for w in order[:5]] == [b"heavy", b"b", b"c", b"b", b"c"]
+    assert order[5] is None
+    # a READY puts a worker back; the heavier one first when both have a slot
+    routing.give_slot(c)
+    routing.give_slot(heavy)
+    assert take(routing, "q") is heavy and take(routing, "q") is c
+
+
+def test_workers_without_a_slot_are_not_on_the_free_lists():
+    # hostile workers that announce a queue and never say READY, and busy
+    # ones: a pick meets none of them
+    routing = new_routing()
+    for n in range(2000):
+        routing.add(f"idle-{n}".encode(), [(50, "q"), (50, "other")], 0.0)
+    busy = [routing.add(f"busy-{n}".encode(), [(40, "q")], 0.0) for n in range(100)]
+    for worker in busy:
+        routing.give_slot(worker)
+        assert take(routing, "q") is worker
+    light = routing.add(b"light", [(10, "q")], 0.0)
+    routing.give_slot(light)
+    book = routing.queues["q"]
+    assert len(book) == 2101 and book.weights == [50, 40, 10]
+    assert take(routing, "q") is light
+    # the busy ones met on the way are dropped; the idle ones were never listed
+    assert [len(book.free[w]) for w in book.weights] == [0, 0, 1]
+    assert take(routing, "q") is None
+
+
+def test_leaving_takes_a_worker_off_every_queue_and_forgets_empty_queues():
+    routing = new_routing()
+    a = routing.add(b"a", [(10, "x"), (20, "y")], 0.0)
+    b = routing.add(b"b", [(10, "x")], 0.0)
+    routing.give_slot(a)
+    routing.give_slot(b)
+    routing.remove(a)
+    assert set(routing.queues) == {"x"} and list(routing.queues["x"].members) == [b"b"]
+    assert routing.pick("y") is None and take(routing, "x") is b
+    assert routing.show_workers()["connected_queues"] == {"x": [[10, "b"]]}
+    routing.remove(b)
+    assert routing.queues == {}
+
+
+def test_a_queue_listed_twice_counts_at_its_heavier_weight():
+    routing = new_routing()
+    twice = routing.add(b"twice", [(5, "q"), (30, "q")], 0.0)
+    other = routing.add(b"other", [(20, "q")], 0.0)
+    routing.give_slot(other)
+    routing.give_slot(twice)
+    assert routing.queues["q"].members == {b"twice": 30, b"other": 20}
+    assert take(routing, "q") is twice
+    routing.remove(twice)
+    assert routing.queues["q"].members == {b"other": 20}
+
+
+def test_an_old_record_removed_late_leaves_the_new_one_alone():
+    routing = new_routing()
+    old = routing.add(b"w", [(10, "q")], 0.0)
+    routing.remove(old)
+    new = routing.add(b"w", [(10, "q")], 1.0)
+    routing.give_slot(new)
+    routing.remove(old)  # e.g. a second clean-up of the first record
+    assert routing.workers[b"w"] is new and take(routing, "q") is new
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["join", "ready", "pick", "leave"]),
+                          st.integers(0, 5), st.sampled_from(["a", "b", "c"]),
+                          st.sampled_from([1, 10, 20])), max_size=80))
+def test_a_pick_is_always_the_heaviest_worker_with_a_slot(steps):
+    """Against a plain model: a pick returns a worker of ``queue`` with a
+    free slot and, among those, one of the heaviest; None only when no
+    worker of the queue has a slot."""
+    routing = new_routing()
+    model: dict[bytes, dict[str, int]] = {}  # identity -> queue -> weight
+    for action, n, queue, weight in steps:
+        identity = f"w{n}".encode()
+        worker = routing.workers.get(identity)
+        if action == "join":
+            if worker is not None:
+                routing.remove(worker)
+            queues = [(weight, queue), (weight // 2 + 1, "b")]
+            routing.add(identity, queues, 0.0)
+            model[identity] = {}
+            for w, name in queues:
+                model[identity][name] = max(w, model[identity].get(name, 0))
+        elif action == "ready" and worker is not None:
+            routing.give_slot(worker)
+        elif action == "leave" and worker is not None:
+            routing.remove(worker)
+            del model[identity]
+        elif action == "pick":
+            candidates = {i: q[queue] for i, q in model.items()
+                          if queue in q and routing.workers[i].slots > 0}
+            got = take(routing, queue)
+            if not candidates:
+                assert got is None
+            else:
+                assert got is not None and got.identity in candidates
+                assert candidates[got.identity] == max(candidates.values())
+        served = {name for q in model.values() for name in q}
+        assert set(routing.queues) == served
+        for name, book in routing.queues.items():
+            assert book.members == {i: q[name] for i, q in model.items() if name in q}
