@@ -329,6 +329,11 @@ def test_empty_queues_leave_them_to_the_router_as_in_eventmq(tmp_path):
     assert s.queues == ()
     s, _ = load_settings([], {"EVENTMQ_QUEUES": " [ ] "})
     assert s.queues == ()
+    for argv in (["-Q", "[]"], ["-Q", "[", "]"], ["--queues", " [ ] "]):
+        s, _ = load_settings(argv, {})
+        assert s.queues == (), argv
+    with pytest.raises(SettingsError, match="not JSON"):
+        load_settings(["-Q", "[", "x"], {})
 
 
 def test_settings_are_immutable():
