@@ -71,7 +71,7 @@ def main(argv: "list[str] | None" = None) -> int:
 
         monkey.patch_all()
 
-    from .jobmanager import JobManager
+    from .jobmanager import JobManager, settings_logging_warnings
     from .settings import SettingsError, eventmq_abbreviations, load_settings
 
     argv = eventmq_abbreviations(argv)  # for --standalone's router settings too
@@ -97,7 +97,7 @@ def main(argv: "list[str] | None" = None) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     if router_settings is not None:
-        return _standalone(settings, router_settings, lambda: load()[0])
+        return _standalone(settings, router_settings, lambda: settings_logging_warnings(load))
     if not _curve_ok(settings):
         return 2
     warn_unused(settings, {
@@ -105,7 +105,8 @@ def main(argv: "list[str] | None" = None) -> int:
                           "emq-green --standalone); a worker's page is served at "
                           "--metrics-addr"})
     try:  # job_entry_func/job_exit_func are imported here
-        manager = JobManager(settings=settings, settings_loader=lambda: load()[0])
+        manager = JobManager(settings=settings,
+                             settings_loader=lambda: settings_logging_warnings(load))
     except SettingsError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 2

@@ -65,6 +65,17 @@ QueuesArg = Union[None, str, Sequence[Union[str, Sequence[Any]]]]
 Callback = Callable[[Any, Optional[str], bool, int], None]
 
 
+def settings_logging_warnings(load: Callable[[], tuple[Settings, Any]]) -> Settings:
+    """The settings ``load`` reads (:func:`~emq_green.settings.load_settings`'s
+    pair), with a WARNING for each of the warnings it found (settings that
+    run, as in EventMQ, but may not do what was meant): a program logs them
+    at its start; a reload and an embedded manager read settings later."""
+    settings, ns = load()
+    for text in getattr(ns, "start_warnings", ()):
+        logger.warning("settings: %s", text)
+    return settings
+
+
 def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional[int],
                weight: int) -> dict[str, Any]:
     """The constructor's keywords as settings that win over every source.
@@ -317,7 +328,8 @@ class JobManager:
         """
         if not self._settings_given:
             if self._settings_loader is None:
-                self._settings_loader = lambda: load_settings([], os.environ)[0]
+                self._settings_loader = lambda: settings_logging_warnings(
+                    lambda: load_settings([], os.environ))
             self._apply_settings(self._settings_loader())
         _override(self, broker_addr, None)
         self.serve_forever()
@@ -579,7 +591,8 @@ def _admit_through(manager: JobManager, slots: JobSlots, msgid: str,
     return bool(admitted and admitted[0])
 
 
-__all__ = ["JobManager", "JobRecord", "State", "StopMode", "jobmanager_main"]
+__all__ = ["JobManager", "JobRecord", "State", "StopMode", "jobmanager_main",
+           "settings_logging_warnings"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use the emq-green console script")

@@ -342,7 +342,8 @@ def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path
     w = worker_factory(*fast(router), "-C", str(conf), "-J", "2")
     first = router.wait_inform(timeout=20)
     router.wait_count(Command.READY, 2)
-    conf.write_text('[jobmanager]\nqueues = [[20, "email"], [10, "default"]]\n')
+    # (a weight cut to a whole number: the reload logs it, as a start does)
+    conf.write_text('[jobmanager]\nqueues = [[20.5, "email"], [10, "default"]]\n')
     w.proc.send_signal(signal.SIGHUP)
     second = router.wait_inform(index=1, timeout=10)
     assert second != first
@@ -353,6 +354,7 @@ def test_sighup_reloads_settings_and_reconnects(router, worker_factory, tmp_path
     router.wait_until(lambda: router.count(Command.KBYE, first) >= 1, timeout=10)
     assert router.count(Command.KBYE, first) == 1
     router.wait_count(Command.READY, 2, identity=second)
+    router.wait_until(lambda: "settings: queues: weight 20.5 for email" in w.text(), timeout=10)
 
 
 def test_bad_setting_stops_at_start_with_a_clear_message(tmp_path, worker_factory):
