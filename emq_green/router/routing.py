@@ -123,9 +123,9 @@ class Worker:
     #: The queue names, heaviest first, sorted once at INFORM (a READY walks
     #: them in this order).
     by_weight: tuple[str, ...] = field(init=False)
-    #: the free lists of :class:`QueueBook` it is on, one per queue, set by
-    #: :meth:`Routing.add` (a READY that gives it its first slot puts it back
-    #: on them)
+    #: the free lists of the queues' books it is on, one per queue, set
+    #: when it joins (a READY that gives it its first slot puts it back on
+    #: them)
     free_lists: tuple[collections.OrderedDict[bytes, Worker], ...] = field(
         default=(), init=False, repr=False, compare=False)
 
