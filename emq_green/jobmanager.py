@@ -54,7 +54,7 @@ from .records import JobRecord, State, StopMode
 from .settings import Settings, SettingsError, default_name, load_settings
 from .worker.connection import Connection
 from .worker.defaults import default_extensions
-from .worker.session import RouterLink
+from .worker.session import RouterLink, job_ended_unreplied
 from .worker.slots import JobSlots
 from .worker.supervisor import Supervisor
 
@@ -65,11 +65,13 @@ QueuesArg = Union[None, str, Sequence[Union[str, Sequence[Any]]]]
 Callback = Callable[[Any, Optional[str], bool, int], None]
 
 
-def settings_logging_warnings(load: Callable[[], tuple[Settings, Any]]) -> Settings:
+def settings_logging_warnings(load: Callable[[], tuple[Settings, Any]] = lambda: load_settings(
+        [], os.environ)) -> Settings:
     """The settings ``load`` reads (:func:`~emq_green.settings.load_settings`'s
-    pair), with a WARNING for each of the warnings it found (settings that
-    run, as in EventMQ, but may not do what was meant): a program logs them
-    at its start; a reload and an embedded manager read settings later."""
+    pair; by default the ``EVENTMQ_*`` variables and the INI file), with a
+    WARNING for each of the warnings it found (settings that run, as in
+    EventMQ, but may not do what was meant): a program logs them at its
+    start; a reload and an embedded manager read settings later."""
     settings, ns = load()
     for text in getattr(ns, "start_warnings", ()):
         logger.warning("settings: %s", text)
@@ -316,11 +318,9 @@ class JobManager:
         self._supervisor.request_reload()
 
     def jobmanager_main(self, broker_addr: Optional[str] = None) -> None:
-        """Read the settings (unless given), connect to ``broker_addr`` and
-        serve until stopped (blocks).
-
-        The settings come from ``EVENTMQ_*`` variables and the INI file (no
-        command line) unless the constructor was given ``settings``.
+        """Read the settings (unless the constructor was given them: from
+        ``EVENTMQ_*`` variables and the INI file, no command line), connect
+        to ``broker_addr`` and serve until stopped (blocks).
 
         Args:
             broker_addr: the router's backend address; it replaces
@@ -328,8 +328,7 @@ class JobManager:
         """
         if not self._settings_given:
             if self._settings_loader is None:
-                self._settings_loader = lambda: settings_logging_warnings(
-                    lambda: load_settings([], os.environ))
+                self._settings_loader = settings_logging_warnings
             self._apply_settings(self._settings_loader())
         _override(self, broker_addr, None)
         self.serve_forever()
@@ -424,6 +423,8 @@ class JobManager:
             death: the job was killed (a stop, a repair).
             pid: the process that ran it.
         """
+        if not death:
+            job_ended_unreplied(self._link, msgid)
         self._offer_slots()
 
     def worker_done_with_reply(self, reply: Any, msgid: Optional[str], death: bool,

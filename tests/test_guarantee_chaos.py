@@ -463,3 +463,54 @@ def test_a_batch_confirmed_by_emq_green_submit_survives_a_router_kill_9(peers, t
     green_worker(peers, addrs, "after", 50)
     done = peers.record.wait_for_tags([str(i) for i in range(800)], 60, details=peers.logs)
     assert len(done) == 800
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
+def test_plain_jobs_that_end_after_a_worker_s_kbye_are_not_taken_for_lost(peers, tmp_path, how):
+    """Plain jobs (no reply requested) that end after the worker's KBYE (a
+    SIGTERM's drain, or on the connection a SIGHUP retired): the worker's
+    READYs after the router answered that KBYE end them there. Without them
+    the router logged each one "possibly lost" once kill_grace_period was
+    over, though every one had run (a probe's find). The control, a worker
+    that leaves with a job it never reports, is logged lost: the check ran
+    past the real worker's deadline."""
+    import zmq
+
+    from emq_green.protocol import KBYE_LEAVING, Message, queues_json
+
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--kill-grace-period", "1")
+    worker = green_worker(peers, addrs, "drained", 4)
+    gate = tmp_path / "gate"
+    tags = [f"plain{i}" for i in range(4)]
+    with Client(addrs.frontend, green=False) as client:
+        for tag in tags:
+            client.defer_job("interop_jobs.gated_record", [tag, str(gate), 60.0])
+        wait_started_on(peers, tags, worker.pid)
+        worker.signal(getattr(signal, how))
+        router.wait_for(r"removed \(it said KBYE\); 4 request\(s\) in flight", timeout=10)
+        gate.touch()
+        if how == "SIGTERM":
+            assert worker.wait_exit(30) == 0
+        assert set(peers.record.wait_for_tags(tags, 10, details=peers.logs)) == set(tags)
+
+        context = zmq.Context.instance()
+        control = context.socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.RCVTIMEO, 10_000)
+        control.connect(addrs.backend)
+        try:
+            control.send_multipart(Message.new(
+                Command.INFORM, queues_json([(10, "control")]), "worker").frames())
+            assert Message.parse(control.recv_multipart()).command is Command.ACK
+            control.send_multipart(Message.new(Command.READY).frames())
+            lost = client.defer_job("interop_jobs.gated_record", ["x", str(gate), 1.0],
+                                    queue="control")
+            assert Message.parse(control.recv_multipart()).msgid == lost
+            control.send_multipart(Message.new(Command.KBYE, KBYE_LEAVING).frames())
+            assert Message.parse(control.recv_multipart()).command is Command.KBYE
+            router.wait_for(f"possibly lost REQUEST {lost}", timeout=20)
+        finally:
+            control.close()
+    assert router.count("possibly lost REQUEST") == 1, router.tail()

@@ -269,6 +269,9 @@ def test_sigterm_finishes_running_jobs_and_kbye_hands_over(peers, client_factory
     assert {pids[t] for t in running} == {first.pid}
     assert {pids[t] for t in waiting + later} == {second.pid}
     assert first.count(r"killing \d+ job") == 0, first.tail()
+    # the drained jobs' ends were not sent as READYs: EventMQ's router,
+    # which never answered the KBYE, would log each from an unknown worker
+    assert router.count(UNKNOWN_WORKER) == 0, router.tail()
 
 
 def test_sighup_reload_takes_jobs_at_once_behind_eventmq_router(peers, client_factory):

@@ -348,6 +348,36 @@ def test_an_emq_green_worker_s_kbye_is_answered_and_eventmq_s_is_not(make_router
     assert eventmq.pending() == [] and green.pending() == []
 
 
+def test_jobs_a_leaving_worker_ends_with_readies_are_not_taken_for_lost(make_router):
+    """A worker that said KBYE ``leaving`` sends no REPLY for the jobs sent
+    without reply-requested that end during its drain: a READY after the
+    router's answer ends each one. Without it they were logged as possibly
+    lost once kill_grace_period was over, though they had run."""
+    h = make_router(kill_grace_period=0.2, heartbeat_timeout=0.3, heartbeat_interval=0.1)
+    client = h.peer("frontend")
+    drained = h.worker(slots=3, name="drained")
+    plain = [h.request(client) for _ in range(2)]
+    asked = h.request(client, headers="reply-requested")
+    got = [drained.recv() for _ in range(3)]
+    assert {m.msgid for m in got} == {m.msgid for m in [*plain, asked]}
+    # a second worker leaves with a job it never reports: the control
+    silent = h.worker(slots=1, name="silent")
+    lost = h.request(client)
+    assert silent.recv().msgid == lost.msgid
+    for peer in (drained, silent):
+        peer.send(Command.KBYE, KBYE_LEAVING)
+        assert peer.recv().command is Command.KBYE
+    drained.send(Command.REPLY, '{"value": 1}', asked.msgid)
+    for _ in range(3):  # one READY more than it owes: ignored
+        drained.send(Command.READY)
+    wait_until(lambda: h.router.counters["possibly_lost"] >= 1, timeout=10,
+               what="the silent worker's job given up")
+    h.admin(Command.STATUS)  # a turn of the router's loop after that
+    assert h.router.counters["possibly_lost"] == 1
+    assert drained.identity not in h.router.routing.leaving
+    assert drained.identity not in h.router.workers and not h.router.waiting
+
+
 def test_admin_replies_in_eventmq_shapes(make_router):
     h = make_router()
     worker = h.worker(queues=[(10, "default"), (20, "mail")], slots=2, name="w1")

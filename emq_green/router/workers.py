@@ -144,6 +144,8 @@ class WorkerSide:
         if leaving is not None:
             if message.command is Command.REPLY:
                 self._reply(leaving, message)  # a job that ran on after KBYE
+            elif message.command is Command.READY:
+                _ready_after_kbye(self.routing, leaving)
             return False
         # a job sent again that ended where it first ran ends here
         settled = message.command is Command.REPLY and self._ran_after_all(message, identity)
@@ -326,9 +328,8 @@ class WorkerSide:
             self.observer.handed_over(queue, now - request.received)
 
     def _flushed(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
-        """This turn's REQUESTs left
-        (:attr:`~emq_green.router.sockets.RouterSockets.flushed`); those
-        that ``failed`` go back to their queues, their workers are removed."""
+        """This turn's REQUESTs left (``RouterSockets.flushed``); those that
+        ``failed`` go back to their queues, their workers are removed."""
         unsent, self._unsent = self._unsent, []
         if failed:
             self._undelivered(unsent, failed)
@@ -494,6 +495,19 @@ class WorkerSide:
             silence = now - worker.last_seen
             if silence >= s.heartbeat_timeout:
                 self.forget(worker, f"nothing received for {silence:.1f} s", dead=True)
+
+
+
+def _ready_after_kbye(routing: Routing, worker: Worker) -> None:
+    """A READY from a worker that said KBYE: an emq-green worker sends one
+    for each job sent without reply-requested that ended well during its
+    drain, after the router answered its KBYE. It ends that job here (else
+    the job would be logged as possibly lost once ``kill_grace_period`` is
+    over) and offers no slot."""
+    if worker.unreplied or worker.replied_unasked:
+        routing.retire_oldest_unreplied(worker)
+    if not worker.in_flight:
+        routing.leaving.pop(worker.identity, None)
 
 
 __all__ = ["RouterObserver", "WorkerSide"]

@@ -39,7 +39,7 @@ from gevent import monkey
 from zmq.backend import Socket as _BackendSocket
 
 from ..curve import ClientCurve
-from ..protocol import Command, Message
+from ..protocol import KBYE_LEAVING, Command, Message, ready_frames
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,11 @@ class Connection:
         #: REPLYs dropped at close because the socket would not take them
         self.dropped = 0
         self.closed = False
+        #: Our KBYE ``leaving`` went out here (a stop, a reload), and whether
+        #: the router answered it (emq-green's does, EventMQ's does not).
+        self.kbye_sent = self.kbye_answered = False
+        #: jobs ended after that KBYE and before the answer (see :meth:`job_ended_after_kbye`)
+        self.readies_owed = 0
         self._outbox: list[list[bytes]] = []
         self._outbox_since = 0.0
         self._overflow: collections.deque[list[bytes]] = collections.deque()
@@ -210,6 +215,32 @@ class Connection:
         ):
             logger.debug("-> %s %s %s", message.command.value, message.msgid, message.body)
         self.send_frames(message.frames(), log=False)
+
+    def say_leaving(self) -> None:
+        """KBYE ``leaving``: this worker stops, or a reload retires this connection."""
+        self.send(Message.new(Command.KBYE, KBYE_LEAVING))
+        self.kbye_sent = True
+
+    def job_ended_after_kbye(self) -> None:
+        """A job sent without reply-requested ended well after our KBYE. No
+        READY offers its slot now, so the router cannot tell it from a job
+        lost with a dead worker: emq-green's router, once it has answered
+        the KBYE, takes a READY here as that job's end. EventMQ's router,
+        which answers nothing and has forgotten the worker, is sent none."""
+        if not self.kbye_sent or self.closed:
+            return
+        if self.kbye_answered:
+            self.send_frames(ready_frames())
+        else:
+            self.readies_owed += 1
+
+    def kbye_received(self) -> None:
+        """The router sent KBYE here: after ours, its answer (the READYs owed leave)."""
+        if self.kbye_sent and not self.kbye_answered:
+            self.kbye_answered = True
+            owed, self.readies_owed = self.readies_owed, 0
+            for _ in range(owed):
+                self.send_frames(ready_frames())
 
     def send_frames(self, frames: list[bytes], log: bool = True) -> None:
         """Queue a message given as frames (``['', version, COMMAND, MSGID,

@@ -47,7 +47,6 @@ from ..curve import client_curve
 from ..jobs import encode_reply
 from ..limits import worker_log
 from ..protocol import (
-    KBYE_LEAVING,
     Command,
     Message,
     ProtocolError,
@@ -79,6 +78,17 @@ def quiet_left(conn: Connection, quiet: float, since: float) -> float:
     if not conn.ready_outstanding:
         return 0.0
     return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
+
+
+def job_ended_unreplied(link: RouterLink, msgid: Optional[str]) -> None:
+    """A job sent without reply-requested ended well: on a connection that
+    said KBYE (a stop's drain, one a reload retired), see
+    :meth:`Connection.job_ended_after_kbye`."""
+    conn = link.origins.conn_of.get(msgid) if link.origins.conn_of and msgid else None
+    if conn is None and not link._running():
+        conn = link.outgoing  # (a running connection's READYs are offer_slots')
+    if conn is not None:
+        conn.job_ended_after_kbye()
 
 
 def _linger(link: RouterLink, conn: Connection, reader: gevent.Greenlet,
@@ -326,7 +336,7 @@ class RouterLink:
         conn, reader = self.outgoing, self._reader
         if conn is None or reader is None:
             return
-        conn.send(Message.new(Command.KBYE, KBYE_LEAVING))
+        conn.say_leaving()
         self.retiring.append(conn)
         self.origins.keep(running, conn)
         self._lingering.spawn(_linger, self, conn, reader, time.monotonic())
@@ -353,7 +363,7 @@ class RouterLink:
 
     def say_kbye(self) -> None:
         if self.outgoing is not None:
-            self.outgoing.send(Message.new(Command.KBYE, KBYE_LEAVING))
+            self.outgoing.say_leaving()
 
     def close(self) -> None:
         """Close every connection; replies that never left are counted."""
@@ -431,8 +441,8 @@ class RouterLink:
             self._settings().hide_heartbeat_logs and message.command is Command.HEARTBEAT
         ):
             logger.debug("<- %s %s %s", message.command.value, message.msgid, message.body)
-        if conn is not self.outgoing:
-            return  # a connection left after a reload is read for its REQUESTs only
+        if conn is not self.outgoing:  # one a reload retired: read for its REQUESTs
+            return conn.kbye_received() if message.command is Command.KBYE else None
         handler = self._dispatch.get(message.command)
         if handler is None:
             self.counters["unexpected_messages"] += 1
@@ -445,8 +455,7 @@ class RouterLink:
             logger.exception("error handling %s %s", message.command.value, message.msgid)
 
     def request(self, conn: Optional[Connection], msgid: str, body: Sequence[str]) -> None:
-        """A REQUEST that came on ``conn``: its READY is used, the body goes
-        to admission."""
+        """A REQUEST that came on ``conn``: its READY is used, the body is admitted."""
         self.total_requests += 1
         if conn is not None:
             conn.last_request = time.monotonic()
@@ -496,6 +505,7 @@ class RouterLink:
         # no REQUEST follows the router's KBYE on this connection: it dropped
         # the READYs (a drain or a retired connection's linger ends sooner)
         conn.ready_outstanding = 0
+        conn.kbye_received()
         if conn is self.outgoing and self._running():
             self.router_gone = KBYE_FROM_ROUTER
         self._wake.set()
@@ -609,4 +619,5 @@ def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counte
     return json.dumps({"value": message, "error": {"type": "ReplyTooLarge", "message": message}})
 
 
-__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink", "socket_identity"]
+__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink", "job_ended_unreplied",
+           "socket_identity"]
