@@ -54,7 +54,7 @@ from .records import JobRecord, State, StopMode
 from .settings import Settings, SettingsError, default_name, load_settings
 from .worker.connection import Connection
 from .worker.defaults import default_extensions
-from .worker.session import RouterLink, job_ended_unreplied
+from .worker.session import RouterLink, job_ended
 from .worker.slots import JobSlots
 from .worker.supervisor import Supervisor
 
@@ -423,9 +423,7 @@ class JobManager:
             death: the job was killed (a stop, a repair).
             pid: the process that ran it.
         """
-        if not death:
-            job_ended_unreplied(self._link, msgid)
-        self._offer_slots()
+        job_ended(self._link, msgid, death, self._offer_slots)
 
     def worker_done_with_reply(self, reply: Any, msgid: Optional[str], death: bool,
                                pid: int) -> None:
@@ -441,7 +439,7 @@ class JobManager:
         """
         if msgid is not None:
             self.send_reply(reply, msgid)
-        self._offer_slots()
+        job_ended(self._link, msgid, death, self._offer_slots, replied=True)
 
     def worker_death(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """Called for a response that names it (:meth:`handle_response`): log

@@ -212,9 +212,12 @@ def request_parts(frames: Sequence[bytes]) -> Optional[tuple[str, tuple[str, str
         return None
 
 
-def ready_frames() -> list[bytes]:
-    """A new READY (sent once per job)."""
-    return [b"", _VERSION_FRAME, b"READY", new_msgid().encode()]
+def ready_frames(msgid: Optional[str] = None) -> list[bytes]:
+    """A READY (sent once per job). Its msgid is new, or that of the job
+    sent without reply-requested whose end it offers (``msgid``): EventMQ's
+    router reads no READY's msgid; emq-green's ends exactly that job, where
+    it would otherwise take the worker's oldest such job as the one ended."""
+    return [b"", _VERSION_FRAME, b"READY", (msgid or new_msgid()).encode()]
 
 
 def ack_frames(identity: bytes, msgid: str) -> list[bytes]:

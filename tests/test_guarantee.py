@@ -87,6 +87,8 @@ def test_plain_request_keeps_eventmq_behaviour(make_router):
     h = make_router(**FAST)
     client = h.peer("frontend")
     sent = h.request(client)  # buffered: EventMQ sends no acknowledgement
+    # (in the buffer before the worker joins: the two sockets are not ordered)
+    wait_until(lambda: "default" in h.router.waiting, timeout=5, what="request buffered")
     worker = join(h, 1)
     got = worker.recv()
     assert got.body[1] == ""  # forwarded untouched

@@ -514,3 +514,34 @@ def test_plain_jobs_that_end_after_a_worker_s_kbye_are_not_taken_for_lost(peers,
         finally:
             control.close()
     assert router.count("possibly lost REQUEST") == 1, router.tail()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
+def test_the_plain_jobs_reported_lost_are_those_that_did_not_end(peers, tmp_path, how):
+    """A READY names the job it follows (an emq-green worker's), so the
+    router ends that one: the older jobs still running when a drain's grace
+    runs out (SIGTERM) or the worker dies (kill -9) are the ones logged
+    "possibly lost", not the younger ones that finished (a probe's find:
+    the router took the oldest plain job for the one each READY ended)."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--kill-grace-period", "1")
+    worker = green_worker(peers, addrs, "cut", 4, "--kill-grace-period", "1")
+    never, soon = tmp_path / "never", tmp_path / "soon"
+    with Client(addrs.frontend, green=False) as client:
+        long = [client.defer_job("interop_jobs.gated_record", [f"long{i}", str(never), 60.0])
+                for i in range(2)]
+        wait_started_on(peers, ["long0", "long1"], worker.pid)
+        for i in range(2):
+            client.defer_job("interop_jobs.gated_record", [f"short{i}", str(soon), 60.0])
+        wait_started_on(peers, ["short0", "short1"], worker.pid)
+        soon.touch()
+        peers.record.wait_for_tags(["short0", "short1"], 10, details=peers.logs)
+        if how == "SIGTERM":
+            worker.signal(signal.SIGTERM)
+            assert worker.wait_exit(30) == 0
+        else:
+            worker.kill()
+        for msgid in long:
+            router.wait_for(f"possibly lost REQUEST {msgid}", timeout=20)
+    assert router.count("possibly lost REQUEST") == 2, router.tail()

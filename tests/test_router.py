@@ -378,6 +378,37 @@ def test_jobs_a_leaving_worker_ends_with_readies_are_not_taken_for_lost(make_rou
     assert drained.identity not in h.router.workers and not h.router.waiting
 
 
+def test_a_ready_naming_a_plain_job_ends_that_job(make_router):
+    """A READY does not say which job ended (EventMQ's job manager sends a
+    new msgid): the oldest job sent without reply-requested is taken as
+    done. An emq-green worker's READY carries the msgid of the job it
+    follows: that job ends, and the READY after a REPLY asked for ends
+    nothing. Without this the router named finished jobs "possibly lost"
+    and took the one cut off for done (a probe's find)."""
+    from emq_green.protocol import ready_frames
+
+    h = make_router()
+    worker = h.worker(slots=4, name="names")
+    client = h.peer("frontend")
+    plain = [h.request(client) for _ in range(3)]
+    asked = h.request(client, headers="reply-requested")
+    assert {worker.recv().msgid for _ in range(4)} == {m.msgid for m in [*plain, asked]}
+    record = h.router.workers[worker.identity]
+
+    def in_flight() -> list[str]:
+        h.admin(Command.STATUS)  # a turn of the router's loop after the last send
+        return list(record.in_flight)
+
+    worker.sock.send_multipart(ready_frames(plain[1].msgid))  # the middle one ended
+    assert in_flight() == [plain[0].msgid, plain[2].msgid, asked.msgid]
+    worker.send(Command.REPLY, '{"value": 1}', asked.msgid)
+    worker.sock.send_multipart(ready_frames(asked.msgid))  # its READY ends nothing more
+    assert in_flight() == [plain[0].msgid, plain[2].msgid]
+    worker.send(Command.READY)  # a READY naming nothing: the oldest, as before
+    assert in_flight() == [plain[2].msgid]
+    assert record.unreplied == 1 and h.slots(worker) == 3
+
+
 def test_admin_replies_in_eventmq_shapes(make_router):
     h = make_router()
     worker = h.worker(queues=[(10, "default"), (20, "mail")], slots=2, name="w1")

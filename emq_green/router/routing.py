@@ -115,6 +115,10 @@ class Worker:
     unreplied: int = 0
     #: Such requests ended by a REPLY anyway (their READYs retire nothing).
     replied_unasked: int = 0
+    #: The msgid of the last request with reply-requested a REPLY ended
+    #: here: an emq-green worker's READY after that REPLY names it (and
+    #: retires nothing).
+    last_replied: str = ""
     #: The monotonic time, set at its KBYE, when its unfinished guaranteed
     #: jobs go elsewhere (until then they may still end there, with a REPLY).
     leaving_until: float = 0.0
@@ -298,15 +302,27 @@ class Routing:
             if holders.get(msgid) is worker:
                 del holders[msgid]
 
-    def retire_oldest_unreplied(self, worker: Worker) -> None:
-        """A READY of ``worker`` (call it when ``worker.unreplied`` is not 0):
-        its oldest request sent without ``reply-requested`` is taken as done
-        (a READY does not say which job ended: a best estimate), unless the
-        READY is that of one a REPLY ended already."""
+    def retire_oldest_unreplied(self, worker: Worker, named: str = "") -> None:
+        """A READY of ``worker`` (call it when ``worker.unreplied`` or
+        ``worker.replied_unasked`` is not 0). An emq-green worker names the
+        job sent without ``reply-requested`` whose end it offers (the
+        READY's msgid): that one is done. Else (EventMQ's job manager, whose
+        READY says nothing of a job) its oldest such request is taken as
+        done, a best estimate, unless the READY is that of one a REPLY
+        ended already."""
+        in_flight = worker.in_flight
+        sent = in_flight.get(named) if named else None
+        if sent is not None and not sent.reply_requested:
+            del in_flight[named]
+            worker.unreplied -= 1
+            if self.holders.get(named) is worker:
+                del self.holders[named]
+            return
+        if named and named == worker.last_replied:
+            return  # an emq-green worker's READY after a REPLY asked for, naming that job
         if worker.replied_unasked:
             worker.replied_unasked -= 1
             return
-        in_flight = worker.in_flight
         for msgid, sent in in_flight.items():
             if not sent.reply_requested:
                 del in_flight[msgid]

@@ -145,7 +145,7 @@ class WorkerSide:
             if message.command is Command.REPLY:
                 self._reply(leaving, message)  # a job that ran on after KBYE
             elif message.command is Command.READY:
-                _ready_after_kbye(self.routing, leaving)
+                _ready_after_kbye(self.routing, leaving, message.msgid)
             return False
         # a job sent again that ended where it first ran ends here
         settled = message.command is Command.REPLY and self._ran_after_all(message, identity)
@@ -214,7 +214,7 @@ class WorkerSide:
         routing = self.routing
         worker = routing.workers[identity]
         if worker.unreplied or worker.replied_unasked:
-            routing.retire_oldest_unreplied(worker)
+            routing.retire_oldest_unreplied(worker, message.msgid)
         found = routing.next_for(worker)
         if found is None:
             routing.give_slot(worker)
@@ -267,15 +267,15 @@ class WorkerSide:
             self._relay.forward(message)
 
     def _settle(self, worker: Worker, msgid: str) -> Optional[Sent]:
-        """The one rule for REPLYs: one counts only when ``worker`` holds
-        ``msgid`` in flight (a connected worker, or one that said KBYE and
-        is in :attr:`Routing.leaving`). Returns the request it ends, gone
-        from the books (``in_flight``, :attr:`Routing.holders`); None: the
-        REPLY is late or forged, and is dropped."""
+        """The one rule for REPLYs: one counts only when ``worker`` (connected,
+        or in :attr:`Routing.leaving`) holds ``msgid`` in flight. Returns the
+        request it ends, gone from the books (``in_flight``,
+        :attr:`Routing.holders`); None: the REPLY is late or forged, dropped."""
         sent = worker.in_flight.pop(msgid, None)
         if sent is None:
             return None
         holders = self.routing.holders
+        worker.last_replied = msgid if sent.reply_requested else ""
         if holders.get(msgid) is worker:
             del holders[msgid]
         if not sent.reply_requested:  # replied anyway: its READY retires nothing
@@ -498,14 +498,14 @@ class WorkerSide:
 
 
 
-def _ready_after_kbye(routing: Routing, worker: Worker) -> None:
-    """A READY from a worker that said KBYE: an emq-green worker sends one
-    for each job sent without reply-requested that ended well during its
-    drain, after the router answered its KBYE. It ends that job here (else
-    the job would be logged as possibly lost once ``kill_grace_period`` is
-    over) and offers no slot."""
+def _ready_after_kbye(routing: Routing, worker: Worker, named: str) -> None:
+    """A READY from a worker that said KBYE: an emq-green worker sends one,
+    naming the job, for each job sent without reply-requested that ended
+    well during its drain, after the router answered its KBYE. It ends that
+    job here (else the job would be logged as possibly lost once
+    ``kill_grace_period`` is over) and offers no slot."""
     if worker.unreplied or worker.replied_unasked:
-        routing.retire_oldest_unreplied(worker)
+        routing.retire_oldest_unreplied(worker, named)
     if not worker.in_flight:
         routing.leaving.pop(worker.identity, None)
 

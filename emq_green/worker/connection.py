@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from typing import Optional
 
 import gevent
 import zmq.green as zmq
@@ -158,7 +159,9 @@ class Connection:
         #: the router answered it (emq-green's does, EventMQ's does not).
         self.kbye_sent = self.kbye_answered = False
         #: jobs ended after that KBYE and before the answer (see :meth:`job_ended_after_kbye`)
-        self.readies_owed = 0
+        self.readies_owed: list[str] = []
+        #: the plain job whose end the next READY offers (see :func:`ready_frames`)
+        self.ended_job: Optional[str] = None
         self._outbox: list[list[bytes]] = []
         self._outbox_since = 0.0
         self._overflow: collections.deque[list[bytes]] = collections.deque()
@@ -221,26 +224,32 @@ class Connection:
         self.send(Message.new(Command.KBYE, KBYE_LEAVING))
         self.kbye_sent = True
 
-    def job_ended_after_kbye(self) -> None:
-        """A job sent without reply-requested ended well after our KBYE. No
-        READY offers its slot now, so the router cannot tell it from a job
-        lost with a dead worker: emq-green's router, once it has answered
-        the KBYE, takes a READY here as that job's end. EventMQ's router,
-        which answers nothing and has forgotten the worker, is sent none."""
+    def send_ready(self) -> None:
+        """One READY, naming :attr:`ended_job` if set (then cleared)."""
+        self.send_frames(ready_frames(self.ended_job))
+        self.ended_job = None
+
+    def job_ended_after_kbye(self, msgid: str) -> None:
+        """Job ``msgid``, sent without reply-requested, ended well after our
+        KBYE. No READY offers its slot now, so the router cannot tell it
+        from a job lost with a dead worker: emq-green's router, once it has
+        answered the KBYE, takes a READY naming it as its end. EventMQ's
+        router, which answers nothing and has forgotten the worker, is sent
+        none."""
         if not self.kbye_sent or self.closed:
             return
         if self.kbye_answered:
-            self.send_frames(ready_frames())
+            self.send_frames(ready_frames(msgid))
         else:
-            self.readies_owed += 1
+            self.readies_owed.append(msgid)
 
     def kbye_received(self) -> None:
         """The router sent KBYE here: after ours, its answer (the READYs owed leave)."""
         if self.kbye_sent and not self.kbye_answered:
             self.kbye_answered = True
-            owed, self.readies_owed = self.readies_owed, 0
-            for _ in range(owed):
-                self.send_frames(ready_frames())
+            owed, self.readies_owed = self.readies_owed, []
+            for msgid in owed:
+                self.send_frames(ready_frames(msgid))
 
     def send_frames(self, frames: list[bytes], log: bool = True) -> None:
         """Queue a message given as frames (``['', version, COMMAND, MSGID,

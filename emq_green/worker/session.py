@@ -53,7 +53,6 @@ from ..protocol import (
     heartbeat,
     printable,
     queues_json,
-    ready_frames,
     reply_frames,
     request_parts,
 )
@@ -80,15 +79,33 @@ def quiet_left(conn: Connection, quiet: float, since: float) -> float:
     return max(0.0, max(conn.last_request, since) + quiet - time.monotonic())
 
 
-def job_ended_unreplied(link: RouterLink, msgid: Optional[str]) -> None:
-    """A job sent without reply-requested ended well: on a connection that
-    said KBYE (a stop's drain, one a reload retired), see
-    :meth:`Connection.job_ended_after_kbye`."""
+def job_ended(link: RouterLink, msgid: Optional[str], death: bool,
+              offer: Callable[[], None], replied: bool = False) -> None:
+    """A job ended (``death``: killed; ``replied``: its REPLY was sent);
+    ``offer`` offers the free slots. On the running connection the READY
+    that offers its slot names it (:func:`~emq_green.protocol.ready_frames`):
+    emq-green's router then ends exactly that job, where it would take the
+    oldest job sent without reply-requested as the one ended. On one that
+    said KBYE (a stop's drain, one a reload retired) a job sent without
+    reply-requested that ended well is reported there
+    (:meth:`Connection.job_ended_after_kbye`; a killed one is not: the
+    router reports it as possibly lost)."""
     conn = link.origins.conn_of.get(msgid) if link.origins.conn_of and msgid else None
     if conn is None and not link._running():
-        conn = link.outgoing  # (a running connection's READYs are offer_slots')
+        conn = link.outgoing
     if conn is not None:
-        conn.job_ended_after_kbye()
+        if not (death or replied) and msgid:
+            conn.job_ended_after_kbye(msgid)
+        offer()
+        return
+    current = link.outgoing
+    if current is not None:
+        current.ended_job = msgid
+    try:
+        offer()
+    finally:
+        if current is not None:
+            current.ended_job = None
 
 
 def _linger(link: RouterLink, conn: Connection, reader: gevent.Greenlet,
@@ -551,7 +568,7 @@ class RouterLink:
         conn = self.outgoing
         if conn is None:
             raise RuntimeError("not connected")
-        conn.send_frames(ready_frames())
+        conn.send_ready()
         self.total_ready_sent += 1
         conn.ready_outstanding += 1
 
@@ -619,5 +636,5 @@ def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counte
     return json.dumps({"value": message, "error": {"type": "ReplyTooLarge", "message": message}})
 
 
-__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink", "job_ended_unreplied",
+__all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink", "job_ended",
            "socket_identity"]
