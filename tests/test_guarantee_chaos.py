@@ -475,10 +475,6 @@ def test_plain_jobs_that_end_after_a_worker_s_kbye_are_not_taken_for_lost(peers,
     over, though every one had run (a probe's find). The control, a worker
     that leaves with a job it never reports, is logged lost: the check ran
     past the real worker's deadline."""
-    import zmq
-
-    from emq_green.protocol import KBYE_LEAVING, Message, queues_json
-
     addrs = RouterAddrs.fresh()
     router = GreenRouter(peers, addrs, "--kill-grace-period", "1")
     worker = green_worker(peers, addrs, "drained", 4)
@@ -495,25 +491,34 @@ def test_plain_jobs_that_end_after_a_worker_s_kbye_are_not_taken_for_lost(peers,
             assert worker.wait_exit(30) == 0
         assert set(peers.record.wait_for_tags(tags, 10, details=peers.logs)) == set(tags)
 
-        context = zmq.Context.instance()
-        control = context.socket(zmq.DEALER)
-        control.setsockopt(zmq.LINGER, 0)
-        control.setsockopt(zmq.RCVTIMEO, 10_000)
-        control.connect(addrs.backend)
-        try:
-            control.send_multipart(Message.new(
-                Command.INFORM, queues_json([(10, "control")]), "worker").frames())
-            assert Message.parse(control.recv_multipart()).command is Command.ACK
-            control.send_multipart(Message.new(Command.READY).frames())
-            lost = client.defer_job("interop_jobs.gated_record", ["x", str(gate), 1.0],
-                                    queue="control")
-            assert Message.parse(control.recv_multipart()).msgid == lost
-            control.send_multipart(Message.new(Command.KBYE, KBYE_LEAVING).frames())
-            assert Message.parse(control.recv_multipart()).command is Command.KBYE
-            router.wait_for(f"possibly lost REQUEST {lost}", timeout=20)
-        finally:
-            control.close()
+        a_control_given_up(addrs, client, router)
     assert router.count("possibly lost REQUEST") == 1, router.tail()
+
+
+def a_control_given_up(addrs: RouterAddrs, client: Client, router: GreenRouter) -> None:
+    """A raw worker takes a plain job, says KBYE ``leaving`` and falls
+    silent; returns once the router has given that job up as possibly lost
+    (past the deadline of any worker that said KBYE before it)."""
+    import zmq
+
+    from emq_green.protocol import KBYE_LEAVING, Message, queues_json
+
+    control = zmq.Context.instance().socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.setsockopt(zmq.RCVTIMEO, 10_000)
+    control.connect(addrs.backend)
+    try:
+        control.send_multipart(Message.new(
+            Command.INFORM, queues_json([(10, "control")]), "worker").frames())
+        assert Message.parse(control.recv_multipart()).command is Command.ACK
+        control.send_multipart(Message.new(Command.READY).frames())
+        lost = client.defer_job("interop_jobs.record", ["never-run"], queue="control")
+        assert Message.parse(control.recv_multipart()).msgid == lost
+        control.send_multipart(Message.new(Command.KBYE, KBYE_LEAVING).frames())
+        assert Message.parse(control.recv_multipart()).command is Command.KBYE
+        router.wait_for(f"possibly lost REQUEST {lost}", timeout=20)
+    finally:
+        control.close()
 
 
 @pytest.mark.timeout(120)
@@ -545,3 +550,27 @@ def test_the_plain_jobs_reported_lost_are_those_that_did_not_end(peers, tmp_path
         for msgid in long:
             router.wait_for(f"possibly lost REQUEST {msgid}", timeout=20)
     assert router.count("possibly lost REQUEST") == 2, router.tail()
+
+
+@pytest.mark.timeout(120)
+def test_a_long_job_behind_a_reload_keeps_its_result_past_the_router_s_grace(peers, tmp_path):
+    """A SIGHUP retires the connection a job came on; the worker lets the
+    job run to its end however long it takes. It beats on that connection,
+    so the router keeps the job on its books past kill_grace_period +
+    heartbeat_timeout: the REPLY counts and the result reaches its client
+    (it was dropped as late, the job logged possibly lost)."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--kill-grace-period", "1")
+    worker = green_worker(peers, addrs, "reloaded", 2)
+    gate = tmp_path / "gate"
+    with Client(addrs.frontend, green=False) as client:
+        handle = client.defer_job("interop_jobs.gated_record", ["long", str(gate), 60.0],
+                                  result=True)
+        wait_started_on(peers, ["long"], worker.pid)
+        worker.signal(signal.SIGHUP)
+        router.wait_for(r"removed \(it said KBYE\); 1 request\(s\) in flight", timeout=10)
+        a_control_given_up(addrs, client, router)  # past the retired connection's deadline
+        gate.touch()
+        assert handle.get(timeout=20) == "long"
+    assert router.count("possibly lost REQUEST") == 1, router.tail()
+    assert router.status()["late_replies"] == 0

@@ -378,6 +378,35 @@ def test_jobs_a_leaving_worker_ends_with_readies_are_not_taken_for_lost(make_rou
     assert drained.identity not in h.router.workers and not h.router.waiting
 
 
+def test_a_leaving_worker_that_heartbeats_keeps_its_jobs_past_the_grace(make_router):
+    """The connection a reload retires keeps running its jobs (the worker
+    kills them only when it stops): while it beats, the router keeps those
+    jobs on its books past kill_grace_period, so a long job's end still
+    counts (its REPLY was dropped as late, its result lost). The control
+    stops beating and its job is given up."""
+    h = make_router(kill_grace_period=0.5, heartbeat_timeout=1.0, heartbeat_interval=0.1)
+    client = h.peer("frontend")
+    beating = h.worker(slots=1, name="beating")
+    long_job = h.request(client, headers="reply-requested")
+    assert beating.recv().msgid == long_job.msgid
+    silent = h.worker(slots=1, name="silent")
+    lost = h.request(client)
+    assert silent.recv().msgid == lost.msgid
+    for peer in (beating, silent):
+        peer.send(Command.KBYE, KBYE_LEAVING)
+        assert peer.recv().command is Command.KBYE
+
+    def beat_until_the_control_is_given_up() -> bool:
+        beating.send(Command.HEARTBEAT)
+        return h.router.counters["possibly_lost"] >= 1
+
+    wait_until(beat_until_the_control_is_given_up, timeout=10, what="the control given up")
+    assert beating.identity in h.router.routing.leaving
+    beating.send(Command.REPLY, '{"value": 1}', long_job.msgid)
+    wait_until(lambda: beating.identity not in h.router.routing.leaving, what="job ended")
+    assert h.router.counters["possibly_lost"] == 1 and h.router.counters["late_replies"] == 0
+
+
 def test_a_ready_naming_a_plain_job_ends_that_job(make_router):
     """A READY does not say which job ended (EventMQ's job manager sends a
     new msgid): the oldest job sent without reply-requested is taken as

@@ -144,8 +144,8 @@ class WorkerSide:
         if leaving is not None:
             if message.command is Command.REPLY:
                 self._reply(leaving, message)  # a job that ran on after KBYE
-            elif message.command is Command.READY:
-                _ready_after_kbye(self.routing, leaving, message.msgid)
+            else:
+                _from_a_leaver(self.routing, leaving, message, self.settings.heartbeat_timeout)
             return False
         # a job sent again that ended where it first ran ends here
         settled = message.command is Command.REPLY and self._ran_after_all(message, identity)
@@ -498,14 +498,24 @@ class WorkerSide:
 
 
 
-def _ready_after_kbye(routing: Routing, worker: Worker, named: str) -> None:
-    """A READY from a worker that said KBYE: an emq-green worker sends one,
-    naming the job, for each job sent without reply-requested that ended
-    well during its drain, after the router answered its KBYE. It ends that
-    job here (else the job would be logged as possibly lost once
-    ``kill_grace_period`` is over) and offers no slot."""
+def _from_a_leaver(routing: Routing, worker: Worker, message: Message, timeout: float) -> None:
+    """A READY or HEARTBEAT from a worker that said KBYE (not a REPLY), sent
+    by an emq-green worker once the router has answered its KBYE.
+
+    A READY names a job sent without reply-requested that ended well there:
+    that job ends (else it would be logged as possibly lost once
+    ``kill_grace_period`` is over), and no slot is offered. A HEARTBEAT says
+    the worker still runs jobs that came on that connection (a reload's
+    retired one: the worker does not kill them at ``kill_grace_period``):
+    they stay on the books ``heartbeat_timeout`` past it at least, so that a
+    long job's end still counts and its REPLY is not dropped as late."""
+    if message.command is Command.HEARTBEAT:
+        worker.leaving_until = max(worker.leaving_until, time.monotonic() + timeout)
+        return
+    if message.command is not Command.READY:
+        return
     if worker.unreplied or worker.replied_unasked:
-        routing.retire_oldest_unreplied(worker, named)
+        routing.retire_oldest_unreplied(worker, message.msgid)
     if not worker.in_flight:
         routing.leaving.pop(worker.identity, None)
 

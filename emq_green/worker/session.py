@@ -120,7 +120,12 @@ def _linger(link: RouterLink, conn: Connection, reader: gevent.Greenlet,
             gevent.sleep(min(left, 0.25))
         conn.ready_outstanding = 0
         while link.origins.holds(conn):
-            gevent.sleep(0.25)  # poll: jobs end at their own pace
+            # (emq-green's router keeps the jobs on its books while it hears
+            # this connection: a long job's REPLY is not dropped as late)
+            beat = link._settings().heartbeat_interval
+            if conn.kbye_answered and time.monotonic() - conn.last_sent >= beat:
+                conn.send(heartbeat())
+            gevent.sleep(min(0.25, beat))  # poll: jobs end at their own pace
     finally:
         reader.kill()
         link._close(conn, CLOSE_LINGER)
