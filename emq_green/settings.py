@@ -745,8 +745,9 @@ def load_settings(
                         "number (emq-green's weights are integers; EventMQ's router ranked "
                         "workers by the fraction too): give whole numbers, scaled if need be")
     if ns.queues:
+        # (the INI's JSON whole, ``[]`` included, else names)
         values["queues"] = convert("queues", ns.queues, lambda names: (
-            _to_queues("".join(names)) if "".join(names).replace(" ", "") == "[]"
+            _to_queues(" ".join(names)) if names[0].lstrip().startswith("[")
             else queue_names(names, weight)))
     elif ns.queues_json:
         values["queues"] = convert("queues", ns.queues_json, _to_queues, "queues_json")

@@ -348,6 +348,18 @@ def test_an_emq_green_worker_s_kbye_is_answered_and_eventmq_s_is_not(make_router
     assert eventmq.pending() == [] and green.pending() == []
 
 
+def leave_beside_a_silent_control(h: Harness, client: Peer, leaver: Peer) -> None:
+    """``leaver`` says KBYE ``leaving``, and so does a second worker, the
+    control, with a job it never reports (given up as possibly lost once
+    its grace is over); both KBYEs answered."""
+    silent = h.worker(slots=1, name="silent")
+    lost = h.request(client)
+    assert silent.recv().msgid == lost.msgid
+    for peer in (leaver, silent):
+        peer.send(Command.KBYE, KBYE_LEAVING)
+        assert peer.recv().command is Command.KBYE
+
+
 def test_jobs_a_leaving_worker_ends_with_readies_are_not_taken_for_lost(make_router):
     """A worker that said KBYE ``leaving`` sends no REPLY for the jobs sent
     without reply-requested that end during its drain: a READY after the
@@ -360,13 +372,7 @@ def test_jobs_a_leaving_worker_ends_with_readies_are_not_taken_for_lost(make_rou
     asked = h.request(client, headers="reply-requested")
     got = [drained.recv() for _ in range(3)]
     assert {m.msgid for m in got} == {m.msgid for m in [*plain, asked]}
-    # a second worker leaves with a job it never reports: the control
-    silent = h.worker(slots=1, name="silent")
-    lost = h.request(client)
-    assert silent.recv().msgid == lost.msgid
-    for peer in (drained, silent):
-        peer.send(Command.KBYE, KBYE_LEAVING)
-        assert peer.recv().command is Command.KBYE
+    leave_beside_a_silent_control(h, client, drained)
     drained.send(Command.REPLY, '{"value": 1}', asked.msgid)
     for _ in range(3):  # one READY more than it owes: ignored
         drained.send(Command.READY)
@@ -389,12 +395,7 @@ def test_a_leaving_worker_that_heartbeats_keeps_its_jobs_past_the_grace(make_rou
     beating = h.worker(slots=1, name="beating")
     long_job = h.request(client, headers="reply-requested")
     assert beating.recv().msgid == long_job.msgid
-    silent = h.worker(slots=1, name="silent")
-    lost = h.request(client)
-    assert silent.recv().msgid == lost.msgid
-    for peer in (beating, silent):
-        peer.send(Command.KBYE, KBYE_LEAVING)
-        assert peer.recv().command is Command.KBYE
+    leave_beside_a_silent_control(h, client, beating)
 
     def beat_until_the_control_is_given_up() -> bool:
         beating.send(Command.HEARTBEAT)

@@ -141,3 +141,58 @@ def test_a_pick_is_always_the_heaviest_worker_with_a_slot(steps):
         assert set(routing.queues) == served
         for name, book in routing.queues.items():
             assert book.members == {i: q[name] for i, q in model.items() if name in q}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["plain", "asked", "reply", "ready"]),
+                          st.sampled_from(["job", "asked-job", "replied", "other", "random", ""]),
+                          st.integers(0, 20)), max_size=120))
+def test_a_ready_ends_at_most_one_plain_job_of_its_own_whatever_it_names(steps):
+    """READYs from a worker (hostile or not) naming anything: one of its
+    own plain jobs, one asked for, the one just replied, another worker's,
+    random text, nothing. The books hold: each READY ends at most one plain
+    job, only of that worker, the named one when it is one; never a job
+    with reply-requested; the counts match the jobs in flight; the other
+    worker's books are untouched."""
+    from emq_green.router.routing import Request
+
+    routing = new_routing()
+    worker = routing.add(b"w", [(10, "q")], 0.0)
+    other = routing.add(b"other", [(10, "q")], 0.0)
+    theirs = Request("theirs", b"c", "q", ("q", "", "[]"), 0.0)
+    routing.sent(other, theirs, "q", 0.0)
+    n = 0
+    for action, pick, index in steps:
+        plain = [m for m, s in worker.in_flight.items() if not s.reply_requested]
+        asked = [m for m, s in worker.in_flight.items() if s.reply_requested]
+        if action in ("plain", "asked"):
+            n += 1
+            headers = "reply-requested" if action == "asked" else ""
+            routing.sent(worker, Request(f"m{n}", b"c", "q", ("q", headers, "[]"), 0.0),
+                         "q", 0.0)
+            continue
+        if action == "reply":
+            if asked:  # what WorkerSide._settle does with a REPLY asked for
+                msgid = asked[index % len(asked)]
+                del worker.in_flight[msgid]
+                del routing.holders[msgid]
+                worker.last_replied = msgid
+            continue
+        named = {"job": plain[index % len(plain)] if plain else "",
+                 "asked-job": asked[index % len(asked)] if asked else "",
+                 "replied": worker.last_replied, "other": "theirs",
+                 "random": f"x{index}", "": ""}[pick]
+        before = dict(worker.in_flight)
+        if worker.unreplied or worker.replied_unasked:  # as on_ready calls it
+            routing.retire_oldest_unreplied(worker, named)
+        ended = set(before) - set(worker.in_flight)
+        assert set(worker.in_flight) <= set(before) and len(ended) <= 1
+        assert all(not before[m].reply_requested for m in ended)
+        if pick == "job" and named:
+            assert ended == {named}
+        if pick == "replied" and named:
+            assert not ended
+        assert worker.unreplied == sum(not s.reply_requested for s in worker.in_flight.values())
+        assert worker.unreplied >= 0 and list(other.in_flight) == ["theirs"]
+        assert all(routing.holders[m] is worker for m in worker.in_flight)
+        assert routing.holders["theirs"] is other

@@ -497,7 +497,6 @@ class WorkerSide:
                 self.forget(worker, f"nothing received for {silence:.1f} s", dead=True)
 
 
-
 def _from_a_leaver(routing: Routing, worker: Worker, message: Message, timeout: float) -> None:
     """A READY or HEARTBEAT from a worker that said KBYE (not a REPLY), sent
     by an emq-green worker once the router has answered its KBYE.
