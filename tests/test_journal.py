@@ -6,6 +6,7 @@ injected into SQLite with ``mock``."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -335,3 +336,27 @@ def test_a_main_file_lost_beside_its_write_ahead_log_is_refused(tmp_path, damage
         Journal(str(damaged / "journal.db")).open()
     assert "write-ahead log" in str(raised.value)
     assert (damaged / "journal.db-wal").stat().st_size > 0  # kept, untouched
+
+
+@pytest.mark.parametrize("alias", ["symlink", "hardlink", "symlinked directory"])
+def test_a_second_journal_reaching_the_file_under_another_name_is_refused(
+        journal, tmp_path, alias):
+    """A probe's find: through a symbolic or hard link a second router took
+    the journal a running one held, and both ran its jobs."""
+    other = tmp_path / "other"
+    other.mkdir()
+    if alias == "symlink":
+        path = other / "link.db"
+        path.symlink_to(tmp_path / "journal.db")
+    elif alias == "hardlink":
+        path = other / "link.db"
+        os.link(tmp_path / "journal.db", path)
+    else:
+        (other / "dir").symlink_to(tmp_path, target_is_directory=True)
+        path = other / "dir" / "journal.db"
+    with pytest.raises(JournalError, match="in use by another router"):
+        Journal(str(path)).open()
+    journal.close()
+    again = Journal(str(path))
+    again.open()  # free once the first let go
+    again.close()

@@ -176,10 +176,15 @@ class Journal:
                  committed: Optional[Committed] = None) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"journal_sync must be one of {sorted(SYNC_MODES)}, not {sync!r}")
-        self.path = os.path.abspath(path)
+        # the real path: through a symbolic link, the lock file beside it
+        # would be another file, and a second router would not see the lock
+        self.path = os.path.realpath(path)
         self.sync = sync
         self._db: Optional[sqlite3.Connection] = None
         self._lock_fd: Optional[int] = None
+        #: the database file itself, locked too (a hard link is another
+        #: path to the same file, with a lock file of its own)
+        self._file_fd: Optional[int] = None
         self._next_seq = 1
         #: told of each batch's tokens once it is on disk, or failed
         self.committed: Committed = committed or _ignore
@@ -216,7 +221,9 @@ class Journal:
         requests it holds, oldest first. Raises :class:`JournalError`."""
         self._lock()
         try:
+            self._lock_the_file()  # when it exists: before SQLite opens it
             self._db = self._connect()
+            self._lock_the_file()  # made by SQLite just now
             entries = self._load()
         except BaseException:
             self.close()
@@ -246,6 +253,28 @@ class Journal:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def _lock_the_file(self) -> None:
+        """Hold a lock on the database file's own inode (``flock``, which
+        SQLite's ``fcntl`` locks do not see): a router that reaches the same
+        file under another name is refused."""
+        if self._file_fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fail("cannot open it", exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise JournalError(f"journal {self.path}: in use by another router (the "
+                                   "same file under another name: a hard link)") from None
+            raise self._fail("cannot lock it", exc) from exc
+        self._file_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
         _refuse_a_lost_main_file(self.path)
@@ -471,6 +500,9 @@ class Journal:
             except sqlite3.Error as exc:
                 logger.error("router: closing journal %s: %s", self.path, exc)
             self._db = None
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
