@@ -111,6 +111,9 @@ class Settings:
     journal_file: str = ""
     #: router: "normal" (survives kill -9 of the router) or "full" (power loss)
     journal_sync: str = "normal"
+    #: router: times a guaranteed request is sent again after the worker
+    #: running it died, before the router gives up on it (0: no limit)
+    max_redeliveries: int = 5
     #: scheduler: the router's client socket it connects to (EventMQ's SCHEDULER_ADDR)
     scheduler_addr: str = "tcp://127.0.0.1:47291"
     #: scheduler: SQLite file of its schedules (empty: memory only)
@@ -142,6 +145,13 @@ _FALSE_AS_IN_EVENTMQ = frozenset({"1", "y", "yes", "on"})
 
 def _to_int(text: str) -> int:
     return int(text.strip())
+
+
+def _to_count(text: str) -> int:
+    value = _to_int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
 
 
 def _to_positive_int(text: str) -> int:
@@ -382,6 +392,10 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("journal_sync", ("--journal-sync",), _to_journal_sync,
           'router: "normal" (a commit survives kill -9 of the router) or "full" (an '
           "fsync per commit: survives power loss)"),
+    _Spec("max_redeliveries", ("--max-redeliveries",), _to_count,
+          "router: times a guaranteed request is sent again after the worker running it "
+          "died; lost once more, it is given up (logged, dropped from the journal, its "
+          "client told): a job that kills its worker does not kill them all (0: no limit)"),
     _Spec("scheduler_addr", ("--scheduler-addr",), _to_addr,
           "scheduler: the router's client address it connects to (EventMQ's SCHEDULER_ADDR)"),
     _Spec("scheduler_file", ("--scheduler-file",), _to_journal_file,
@@ -406,7 +420,7 @@ _HELP_FIELDS: dict[str, frozenset[str]] = {
         "max_buffer_bytes", "max_pending_results", "max_pending_result_bytes",
         "max_pending_results_per_client", "result_ttl", "curve_secret_key_file",
         "curve_authorized_keys", "dashboard_addr", "journal_file", "journal_sync",
-        "run_scheduler", "scheduler_file", "allowed_callables"}),
+        "max_redeliveries", "run_scheduler", "scheduler_file", "allowed_callables"}),
     "scheduler": frozenset({
         "heartbeat_interval", "heartbeat_timeout", "heartbeat_liveness", "disable_heartbeats",
         "reconnect_timeout", "super_debug", "allowed_callables", "scheduler_addr",
@@ -814,7 +828,8 @@ def _unread_in_effect(section: str, name: str, value: str) -> bool:
 _ROUTER_ONLY = frozenset({
     "frontend_addr", "backend_addr", "administrative_addr", "max_buffer_bytes",
     "max_pending_results", "max_pending_result_bytes", "max_pending_results_per_client",
-    "result_ttl", "curve_authorized_keys", "journal_file", "journal_sync", "run_scheduler",
+    "result_ttl", "curve_authorized_keys", "journal_file", "journal_sync", "max_redeliveries",
+    "run_scheduler",
     "scheduler_file", "scheduler_addr"})
 
 

@@ -68,3 +68,10 @@ def sleep_then_record(tag: str, seconds: float) -> str:
     time.sleep(seconds)
     _append("done", tag)
     return tag
+
+
+def record_then_die(tag: str) -> None:
+    """Record ``start``, then end the worker's whole process at once
+    (``os._exit``): a job that kills every worker it runs on."""
+    _append("start", tag)
+    os._exit(3)

@@ -578,3 +578,59 @@ def test_redeliveries_and_late_replies_on_the_dashboard_and_metrics(make_router)
         assert 'emq_green_router_handed_out_total{queue="default"} 4.0' in lines  # 2 + 2 again
     finally:
         dashboard.stop()
+
+
+def test_a_job_whose_workers_keep_dying_is_given_up_after_max_redeliveries(make_router,
+                                                                           tmp_path, caplog):
+    """A probe's find: a guaranteed job that kills its worker (``os._exit``
+    in the job) was sent again for ever and killed every worker it reached.
+    With max_redeliveries 2 it runs on three workers; the third death gives
+    it up: logged, out of the journal, its client told; a job beside it
+    that finishes is not touched."""
+    caplog.set_level(logging.ERROR, logger="emq_green")
+    path = tmp_path / "journal.db"
+    h = make_router(journal_file=str(path), max_redeliveries=2, **FAST)
+    client = h.peer("frontend")
+    poison = guaranteed(h, client, headers="guarantee,result-requested")
+    assert client.recv().body == (poison.msgid,)  # confirmed: in the journal
+    for attempt in range(3):
+        dying = join(h, 1, name=f"dying-{attempt}")
+        assert dying.recv().msgid == poison.msgid
+        dying.close()  # dies running it
+        wait_until(lambda name=dying.identity: name not in h.router.workers, timeout=5,
+                   what="dead worker removed")
+    status = h.router.status()
+    assert status["redelivered"] == 2 and status["guaranteed_given_up"] == 1
+    assert status["guaranteed_held"] == 0
+    lost = client.recv()
+    assert lost.body[1] == poison.msgid and json.loads(lost.body[0])["reason"] == "given_up"
+    [line] = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+    assert poison.msgid in line and "3 workers died" in line and "dying-2" in line
+    # (a result's row lingers a moment: RESULT_LINGER)
+    wait_until(lambda: h.router.guarantees.journal.flush(5) and journal_msgids(path) == [],
+               timeout=10, what="its journal row deleted")
+    # not sent again: the next worker gets the next job, and only it
+    healthy = guaranteed(h, client)
+    assert client.recv().body == (healthy.msgid,)
+    worker = join(h, 2, name="healthy", beat=True)
+    assert worker.recv().msgid == healthy.msgid
+    assert worker.pending() == []
+    from emq_green.router.metrics import render
+    assert "emq_green_router_guaranteed_given_up_total 1.0" in render(
+        h.router)[0].decode().splitlines()
+
+
+def test_with_max_redeliveries_0_a_job_is_sent_again_whatever_happens(make_router):
+    h = make_router(max_redeliveries=0, **FAST)
+    client = h.peer("frontend")
+    sent = guaranteed(h, client)
+    client.recv()
+    for attempt in range(7):
+        dying = join(h, 1, name=f"dying-{attempt}")
+        assert dying.recv().msgid == sent.msgid
+        dying.close()
+        wait_until(lambda name=dying.identity: name not in h.router.workers, timeout=5,
+                   what="dead worker removed")
+    assert h.router.status()["redelivered"] == 7
+    assert h.router.status()["guaranteed_given_up"] == 0
+    assert h.router.status()["guaranteed_held"] == 1

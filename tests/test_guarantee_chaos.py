@@ -574,3 +574,35 @@ def test_a_long_job_behind_a_reload_keeps_its_result_past_the_router_s_grace(pee
         assert handle.get(timeout=20) == "long"
     assert router.count("possibly lost REQUEST") == 1, router.tail()
     assert router.status()["late_replies"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_guaranteed_job_that_kills_its_workers_is_given_up(peers, tmp_path):
+    """A probe's find: such a job was sent again for ever, and a supervisor
+    restarting the worker saw it killed again and again. With
+    ``--max-redeliveries 1`` it runs on two workers, then it is given up
+    (out of the journal), and the next worker lives and works."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, "--journal-file", str(tmp_path / "journal.db"),
+                         "--max-redeliveries", "1")
+    with Client(addrs.frontend, green=False, confirm_timeout=20) as client:
+        client.defer_job("interop_jobs.record_then_die", ["poison"], guarantee=True)
+    for n in range(2):  # a supervisor: the worker again, each time it died
+        worker = green_worker(peers, addrs, f"w{n}", 10)
+        wait_until(lambda w=worker: w.popen.poll() is not None, 20,
+                   f"worker w{n} killed by the job", details=peers.logs)
+        assert worker.popen.returncode == 3
+    wait_until(lambda: router.status()["guaranteed_given_up"] == 1, 20,
+               "the job given up", details=peers.logs)
+    status = router.status()
+    assert status["redelivered"] == 1 and status["guaranteed_held"] == 0
+    assert peers.record.tags("start")["poison"] == 2
+    assert router.count("given up") == 1
+
+    survivor = green_worker(peers, addrs, "survivor", 10)
+    send_guaranteed(addrs, ["after"], None)
+    assert peers.record.wait_for_tags(["after"], 30, details=peers.logs)["after"] == 1
+    assert survivor.alive
+    assert peers.record.tags("start")["poison"] == 2  # never sent again
+    wait_until(lambda: router.status()["journal_rows"] == 0, 10, "journal empty",
+               details=peers.logs)

@@ -182,7 +182,7 @@ class ResultTimeout(TimeoutError):
 
 class ResultLostError(Exception):
     """The router dropped the result (``reason``: ``expired``,
-    ``worker_lost``, ``stopping``), or the client was closed while it was
+    ``worker_lost``, ``given_up``, ``stopping``), or the client was closed while it was
     awaited (``client_closed``); the job may or may not have run."""
 
     def __init__(self, msgid: str, reason: str, text: str) -> None:

@@ -177,7 +177,7 @@ class Router:
         #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
             Journal(settings.journal_file, sync=settings.journal_sync)
-            if settings.journal_file else None)
+            if settings.journal_file else None, settings.max_redeliveries)
         #: The worker side (INFORM, READY, REPLY, KBYE, heartbeats, hand-over).
         self.worker_side = WorkerSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,

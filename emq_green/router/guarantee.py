@@ -81,8 +81,13 @@ class Guarantees:
     """Guaranteed requests held by one router, with or without a journal.
     The client side listens (:meth:`listen`) for journal writes that ended."""
 
-    def __init__(self, journal: Optional[Journal] = None) -> None:
+    def __init__(self, journal: Optional[Journal] = None, max_redeliveries: int = 0) -> None:
         self.journal = journal
+        #: sends after a worker died running a request, before it is given up
+        #: (0: no limit)
+        self.max_redeliveries = max_redeliveries
+        #: requests given up (:meth:`count_loss`)
+        self.given_up = 0
         #: accepted and not seen to finish (buffered, or out at a worker)
         self.held = 0
         self.accepted = 0
@@ -164,6 +169,18 @@ class Guarantees:
             return True
         return False
 
+    def count_loss(self, request: Request) -> bool:
+        """The worker running ``request`` died. True when that happened once
+        more than :attr:`max_redeliveries` allows: the request is given up,
+        forgotten here and in the journal (a job that kills every worker it
+        runs on would otherwise kill them all, for ever)."""
+        request.losses += 1
+        if not self.max_redeliveries or request.losses <= self.max_redeliveries:
+            return False
+        self.given_up += 1
+        self.finished(request)
+        return True
+
     def late_reply(self, msgid: str, worker: str) -> None:
         """A REPLY for a job already sent elsewhere or finished: dropped."""
         self.late_replies += 1
@@ -190,6 +207,7 @@ class Guarantees:
             "guaranteed_refused": self.refused,
             "guaranteed_restored": self.restored,
             "redelivered": self.redelivered,
+            "guaranteed_given_up": self.given_up,
             "late_replies": self.late_replies,
             **(self.journal.status() if self.journal is not None else {"journal_file": None}),
         }

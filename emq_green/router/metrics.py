@@ -59,6 +59,9 @@ class _Collector:
                       status["guaranteed_refused"])
         yield counter("redelivered", "Guaranteed requests sent again after their worker "
                       "died.", status["redelivered"])
+        yield counter("guaranteed_given_up", "Guaranteed requests given up after their "
+                      "workers died running them more than max_redeliveries times.",
+                      status["guaranteed_given_up"])
         yield counter("late_replies", "REPLYs for jobs already sent elsewhere or finished "
                       "(dropped).", status["late_replies"])
         if status.get("journal_file"):

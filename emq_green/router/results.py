@@ -38,12 +38,15 @@ logger = logging.getLogger(__name__)
 EXPIRED = "expired"          # no REPLY within result_ttl
 CLIENT_GONE = "client_gone"  # the send to the client failed (gone, or not reading)
 WORKER_LOST = "worker_lost"  # the worker running the job was removed as dead
+GIVEN_UP = "given_up"        # a guaranteed job whose workers kept dying running it
 STOPPING = "stopping"        # the router stopped
 
 _REASON_TEXT = {
     EXPIRED: "no result within the router's result_ttl",
     WORKER_LOST: "the worker running the job was removed as dead; the job may have run "
                  "(or still run) there, but its result cannot come back",
+    GIVEN_UP: "the workers running this guaranteed job died more often than the router's "
+              "max_redeliveries allows; it is not sent again",
     STOPPING: "the router stopped before the result arrived",
 }
 
@@ -348,11 +351,13 @@ class ResultRelay:
         self._log_dropped(msgid, client, reason)
         self._send(client, Message.new(Command.REPLY, lost_body(reason), msgid))
 
-    def worker_lost(self, msgid: str) -> None:
-        """The worker running ``msgid`` was removed as dead."""
-        client = self.pending.drop(msgid, WORKER_LOST)
+    def worker_lost(self, msgid: str, reason: str = WORKER_LOST) -> None:
+        """The worker running ``msgid`` was removed as dead (``reason``:
+        :data:`WORKER_LOST`, or :data:`GIVEN_UP` for a guaranteed job that
+        is not sent again)."""
+        client = self.pending.drop(msgid, reason)
         if client is not None:
-            self.lost(msgid, client, WORKER_LOST)
+            self.lost(msgid, client, reason)
 
     def expire(self, now: float) -> None:
         """Report the results past ``result_ttl`` (and the count of drops

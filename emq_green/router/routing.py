@@ -60,7 +60,7 @@ class Request:
     0 without a journal)."""
 
     __slots__ = ("msgid", "client", "queue", "body", "received", "guaranteed", "seq",
-                 "reply_requested", "size", "ran_on")
+                 "reply_requested", "size", "ran_on", "losses")
 
     def __init__(self, msgid: str, client: bytes, queue: str, body: tuple[str, ...],
                  received: float, guaranteed: bool = False, seq: int = 0) -> None:
@@ -84,6 +84,10 @@ class Request:
         #: for a copy restored from the journal (who ran it is not known, so
         #: nobody can end it: it runs again, at least once)
         self.ran_on: tuple[bytes, ...] = ()
+        #: how many workers died while running it (guaranteed ones: at most
+        #: ``max_redeliveries`` + 1, then it is given up; not kept in the
+        #: journal, so a router restart counts from 0 again)
+        self.losses = 0
 
     def __repr__(self) -> str:
         return f"<Request {self.msgid} queue={self.queue!r} guaranteed={self.guaranteed}>"

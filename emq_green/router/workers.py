@@ -58,7 +58,7 @@ from ..protocol import (
 )
 from ..settings import Settings
 from .guarantee import Guarantees, was_killed
-from .results import ResultRelay
+from .results import GIVEN_UP, ResultRelay
 from .routing import RAN_ON_KEPT, Request, Routing, Sent, Worker, remember
 from .sockets import RouterSockets
 
@@ -87,6 +87,40 @@ def _copies(sent: list[Sent], identity: bytes) -> list[Request]:
         if identity not in request.ran_on:
             request.ran_on = (*request.ran_on[1 - RAN_ON_KEPT:], identity)
     return requests
+
+
+def _possibly_lost(lost: list[Sent], counters: collections.Counter[str],
+                   relay: ResultRelay) -> None:
+    """Plain jobs a dead worker had in flight: each logged and counted, the
+    client of a result told."""
+    now = time.monotonic()
+    for sent in lost:
+        logger.error("router: possibly lost REQUEST %s (queue %s, sent %.1f s ago%s)",
+                     printable(sent.msgid), printable(sent.queue), now - sent.sent,
+                     "" if sent.reply_requested else ", no reply requested")
+        counters["possibly_lost"] += 1
+        relay.worker_lost(sent.msgid)
+
+
+def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
+                  relay: ResultRelay) -> list[Sent]:
+    """The guaranteed requests of ``sent`` (lost with ``worker``) to send
+    again: those lost once too often (:meth:`Guarantees.count_loss`) are
+    given up, each logged and its client told."""
+    again = []
+    for item in sent:
+        request = item.request
+        assert request is not None
+        if not guarantees.count_loss(request):
+            again.append(item)
+            continue
+        logger.error("router: guaranteed REQUEST %s (queue %s) given up: %d workers died "
+                     "running it, the last %s (max_redeliveries %d); dropped from the "
+                     "journal, not sent again: %s", printable(request.msgid),
+                     printable(request.queue), request.losses, worker.log_name,
+                     guarantees.max_redeliveries, printable(request.body[-1], 200))
+        relay.worker_lost(request.msgid, GIVEN_UP)
+    return again
 
 
 def _log_queued_again(why: str, requests: list[Request]) -> None:
@@ -401,16 +435,11 @@ class WorkerSide:
             self._route_again(unsent)
 
     def _lost(self, worker: Worker, lost: list[Sent]) -> None:
-        """``worker`` is gone with jobs unanswered: guaranteed ones go again,
-        the others are logged as possibly lost."""
-        now = time.monotonic()
-        for sent in lost:
-            logger.error("router: possibly lost REQUEST %s (queue %s, sent %.1f s ago%s)",
-                         printable(sent.msgid), printable(sent.queue), now - sent.sent,
-                         "" if sent.reply_requested else ", no reply requested")
-            self._counters["possibly_lost"] += 1
-            self._relay.worker_lost(sent.msgid)
-        again = [s for s in worker.in_flight.values() if s.request is not None]
+        """``worker`` is gone with jobs unanswered: guaranteed ones go again
+        (or are given up), the others are logged as possibly lost."""
+        _possibly_lost(lost, self._counters, self._relay)
+        again = _not_given_up([s for s in worker.in_flight.values() if s.request is not None],
+                              worker, self.guarantees, self._relay)
         self.routing.unhold(worker)
         worker.in_flight.clear()
         worker.unreplied = worker.replied_unasked = 0
