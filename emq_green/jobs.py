@@ -59,8 +59,7 @@ class JobOutcome(NamedTuple):
 
     @classmethod
     def failure(cls, exc: BaseException, attempts: int = 1) -> JobOutcome:
-        # (an exception raised with no message, MemoryError() often: its name)
-        text = str(exc) or type(exc).__name__
+        text = exception_text(exc)
         return cls(Status.FAILED, text, type(exc).__name__, text, attempts)
 
     @classmethod
@@ -139,8 +138,31 @@ def encoding_fault(value: Any) -> Optional[BaseException]:
     return None if isinstance(fault, str) else fault
 
 
+#: characters of a job's exception message a log line keeps (the reply
+#: carries all of it, within max_message_size)
+LOGGED_MESSAGE = 2000
+
+
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)``; its type's name when that is empty (``MemoryError()``
+    often is); a note when ``str()`` itself raises: a job's exception with a
+    broken ``__str__`` must not take the runner, its retries or a pool's
+    child down with it."""
+    try:
+        text = str(exc)
+    except Exception as err:
+        return f"{type(exc).__name__} (its message could not be read: {type(err).__name__})"
+    return text or type(exc).__name__
+
+
+def logged(exc: BaseException) -> str:
+    """A job's exception message for a log line: at most
+    :data:`LOGGED_MESSAGE` characters, control characters escaped."""
+    return printable(exception_text(exc), LOGGED_MESSAGE)
+
+
 def _error_reply(exc: BaseException) -> str:
-    message = str(exc)
+    message = exception_text(exc)
     return json.dumps({"value": message,
                        "error": {"type": type(exc).__name__, "message": message}})
 
@@ -251,7 +273,7 @@ def run_attempts(
             if outcome.status is not Status.FAILED or n > retry_count or not outcome.attempts:
                 return outcome  # (no attempts: the callable was not found)
             logger.info("%s failed (attempt %d of %d), retrying: %s", name, n,
-                        retry_count + 1, outcome.error_message)
+                        retry_count + 1, printable(outcome.error_message, LOGGED_MESSAGE))
     finally:
         if exit_func is not None:
             try:
@@ -269,7 +291,7 @@ def not_found(request: RunRequest, exc: Exception) -> JobOutcome:
     if isinstance(exc, CallableNotAllowed):
         worker_log.warning("refused", "job %s refused: %s", printable(request.name),
                            printable(exc, 300), via=logger)
-        return JobOutcome.rejected(NOT_ALLOWED, str(exc))
+        return JobOutcome.rejected(NOT_ALLOWED, exception_text(exc))
     worker_log.warning("not_found", "job %s: callable not found: %s: %s",
                        printable(request.name), type(exc).__name__, printable(exc, 300),
                        via=logger)
@@ -410,7 +432,7 @@ class JobRunner:
         except Exception as exc:
             if token is not None and self.deadlines.overdue():
                 return _timed_out(request, timeout, attempt)
-            logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc,
+            logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, logged(exc),
                            exc_info=logger.isEnabledFor(logging.DEBUG))
             return JobOutcome.failure(exc, attempt)
         finally:

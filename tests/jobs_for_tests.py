@@ -155,3 +155,21 @@ class _Hidden:
 
 #: a module-level lambda: importable by no name a worker could use
 module_lambda = lambda: 1  # noqa: E731
+
+
+class Unprintable(Exception):
+    """An exception whose message cannot be read: ``str()`` raises."""
+
+    def __str__(self):
+        raise RuntimeError("no str")
+
+
+def raise_unprintable(key):
+    """Count the call, then raise :class:`Unprintable`."""
+    calls[key] += 1
+    raise Unprintable()
+
+
+def raise_huge(size):
+    """Raise a ValueError whose message is ``size`` characters long."""
+    raise ValueError("x" * size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import gevent
@@ -681,3 +682,44 @@ def test_an_embedded_manager_gives_the_signals_back_to_the_application_when_it_s
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ["usr1", "term"]
+
+
+@pytest.mark.parametrize("subprocess", [False, True], ids=["in the worker", "in a pool child"])
+def test_an_exception_whose_message_cannot_be_read_is_retried_and_reported(
+        router, make_manager, subprocess, caplog):
+    """A probe's find: a job's exception whose ``__str__`` raises took the
+    runner down (no retries, the reply a RuntimeError from ``__str__``) and,
+    in the subprocess pool, the child itself."""
+    manager = make_manager(**(dict(subprocess_pool_size=1) if subprocess else {}))
+    ident = router.wait_inform()
+    child = None
+    if subprocess:
+        before = router.request(ident, JOBS, "pid", subprocess=True, headers="reply-requested")
+        child = router.wait_reply(before)["value"]
+    msgid = router.request(ident, JOBS, "raise_unprintable", args=["u"], subprocess=subprocess,
+                           headers="reply-requested,retry-count:2")
+    reply = router.wait_reply(msgid)
+    assert reply["error"]["type"] == "Unprintable"
+    assert "could not be read" in reply["error"]["message"]
+    assert not [r for r in caplog.records if "crashed the runner" in r.getMessage()]
+    assert reply["value"] == reply["error"]["message"]
+    if subprocess:  # the same child runs the next job: it did not die
+        after = router.request(ident, JOBS, "pid", subprocess=True, headers="reply-requested")
+        assert router.wait_reply(after)["value"] == child != os.getpid()
+    else:
+        assert J.calls["u"] == 3  # run, and retried twice
+    retried = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retried) == (0 if subprocess else 2)  # (a child logs to its own stderr)
+    assert manager.counters["failed"] == 1
+
+
+def test_a_huge_exception_message_is_cut_in_the_log_not_in_the_reply(router, make_manager,
+                                                                    caplog):
+    make_manager()
+    ident = router.wait_inform()
+    msgid = router.request(ident, JOBS, "raise_huge", args=[1_000_000],
+                           headers="reply-requested")
+    reply = router.wait_reply(msgid)
+    assert reply["error"]["type"] == "ValueError" and len(reply["value"]) == 1_000_000
+    [line] = [r.getMessage() for r in caplog.records if "raise_huge raised" in r.getMessage()]
+    assert len(line) < 2_200

@@ -33,7 +33,16 @@ import sys
 from typing import IO, Any, Callable, Optional
 
 from ..callables import NOT_ALLOWED, CallablePolicy
-from ..jobs import JOB_EXITS, JobOutcome, Status, import_dotted, not_found, resolve, run_attempts
+from ..jobs import (
+    JOB_EXITS,
+    JobOutcome,
+    Status,
+    import_dotted,
+    logged,
+    not_found,
+    resolve,
+    run_attempts,
+)
 from ..protocol import ProtocolError, RunRequest
 
 #: the error type of an outcome too large to send (as the worker's REPLY check names it)
@@ -249,7 +258,7 @@ class Child:
         except _Final as final:
             return final.outcome
         except JOB_EXITS as exc:  # from the entry or exit function (serve ends a fork's copy)
-            logger.warning("%s around job %s: %s", type(exc).__name__, request.name, exc)
+            logger.warning("%s around job %s: %s", type(exc).__name__, request.name, logged(exc))
             return JobOutcome.failure(exc)
 
     def _attempt(self, request: RunRequest, attempt: int) -> JobOutcome:
@@ -263,7 +272,7 @@ class Child:
             value = func(*request.args, **request.kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as in the worker
             self._only_here()
-            logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, exc)
+            logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, logged(exc))
             if isinstance(exc, Exception):
                 return JobOutcome.failure(exc, attempt)
             raise _Final(JobOutcome.failure(exc, attempt)) from None  # not retried

@@ -26,7 +26,15 @@ import gevent.pool
 
 from ..callables import NOT_ALLOWED, CallablePolicy
 from ..extensions import HookRegistry
-from ..jobs import JOB_EXITS, JobOutcome, JobRunner, Status, encode_reply, import_dotted
+from ..jobs import (
+    JOB_EXITS,
+    JobOutcome,
+    JobRunner,
+    Status,
+    encode_reply,
+    import_dotted,
+    logged,
+)
 from ..limits import MAX_MSGID_BYTES, msgid_too_long, worker_log
 from ..protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
 from ..records import STATUS_KEYS, JobRecord
@@ -351,7 +359,7 @@ class JobSlots:
             outcome = JobOutcome.failure(exc)
         except JOB_EXITS as exc:  # sys.exit() in a job: its error
             logger.warning("job %s raised %s: %s", printable(record.callable_name),
-                           type(exc).__name__, exc)
+                           type(exc).__name__, logged(exc))
             outcome = JobOutcome.failure(exc)
         except BaseException as exc:  # a job must never take the worker down
             logger.exception("job %s crashed the runner", record.msgid)
