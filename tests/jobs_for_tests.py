@@ -173,3 +173,15 @@ def raise_unprintable(key):
 def raise_huge(size):
     """Raise a ValueError whose message is ``size`` characters long."""
     raise ValueError("x" * size)
+
+
+def refuse_to_die(seconds):
+    """A job that swallows every BaseException, GreenletExit included, and
+    runs on for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            gevent.sleep(0.05)
+        except BaseException:  # noqa: BLE001 - what the test is about
+            pass
+    return "outlived"

@@ -461,6 +461,31 @@ def test_grace_period_expiry_kills_jobs_and_says_so(router, make_manager):
     assert grace <= killed_at - started < grace + 5, killed_at - started
 
 
+def test_a_job_that_will_not_die_does_not_crash_the_stop(router, make_manager, monkeypatch,
+                                                         caplog):
+    """A probe's find: a job that swallows GreenletExit made the kill at the
+    end of a stop time out; the manager logged a crash, tried again, and the
+    process exited 1 after ~12 s. Now the job is answered as Killed and the
+    stop ends normally."""
+    from emq_green.worker import slots
+
+    monkeypatch.setattr(slots, "KILL_WAIT", 0.5)
+    manager = make_manager(concurrent_jobs=2, kill_grace_period=0.5)
+    ident = router.wait_inform()
+    stubborn = router.request(ident, JOBS, "refuse_to_die", args=[30], headers="reply-requested")
+    router.wait_until(lambda: len(manager.jobs_in_flight) == 1)
+    started = time.monotonic()
+    assert manager.stop(timeout=15) is True
+    assert time.monotonic() - started < 5
+    assert manager.crashed is None and manager.state is State.STOPPED
+    reply = router.wait_reply(stubborn)
+    assert reply["value"] == "Killed" and "did not end" in reply["error"]["message"]
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "did not end within" in r.getMessage()]
+    assert "refuse_to_die" in line
+    assert manager.counters["killed"] == 1
+
+
 def test_a_job_raising_greenlet_exit_fails_and_is_not_killed(router, make_manager):
     """GreenletExit raised by a job while the worker runs is the job's error,
     not a stop: answered as a failure of that type (a ``Killed`` answer

@@ -76,6 +76,22 @@ def killed(detail: str, attempts: int = 1) -> JobOutcome:
     return JobOutcome(Status.KILLED, "Killed", "Killed", detail, attempts)
 
 
+#: seconds the worker waits for its killed jobs to end before it stops anyway
+KILL_WAIT = 5.0
+
+
+def _stubborn(slots: JobSlots) -> None:
+    """Jobs that did not end when killed (they catch GreenletExit and run
+    on): answered as Killed now; they end with the process."""
+    stubborn = [r for r in slots.jobs_in_flight.values() if not r.done]
+    logger.error("%d job(s) did not end within %g s of being killed (they catch "
+                 "GreenletExit): %s; answered as Killed, they end with the process",
+                 len(stubborn), KILL_WAIT,
+                 ", ".join(printable(r.callable_name) for r in stubborn[:5]))
+    for record in stubborn:
+        slots.complete(record, killed("the job did not end when the worker killed it"))
+
+
 class JobSlots:
     """``concurrent_jobs`` slots, each run by a reusable job greenlet."""
 
@@ -414,7 +430,10 @@ class JobSlots:
             self.complete(record, killed("the worker stopped before the job started", 0))
         self.backlog.clear()
         greenlets = [r.greenlet for r in self.jobs_in_flight.values() if r.greenlet]
-        gevent.killall(greenlets, timeout=5)
+        try:
+            gevent.killall(greenlets, timeout=KILL_WAIT)
+        except gevent.Timeout:
+            _stubborn(self)
 
     def close(self) -> None:
         """End the parked job greenlets."""
