@@ -139,7 +139,23 @@ def _serve(manager: "Any", grace: float) -> int:
             type(exc).__name__, exc)
         manager.stop(timeout=grace + 5)
         return 1
+    _warn_of_lingering_threads(logging.getLogger("emq_green.cli"))
     return 1 if manager.crashed is not None else 0
+
+
+def _warn_of_lingering_threads(logger: "Any") -> None:
+    """Python waits for non-daemon threads at exit: one a job started and
+    left running keeps a stopped worker's process alive (EventMQ's job
+    manager waits for them too). Said, not silent."""
+    import threading
+
+    main = threading.main_thread()
+    left = [t.name for t in threading.enumerate()
+            if t is not main and not t.daemon and t.is_alive()]
+    if left:
+        logger.warning("stopped, but %d non-daemon thread(s) a job started still run (%s): "
+                       "the process exits when they end; SIGTERM or SIGKILL ends it now",
+                       len(left), ", ".join(left[:5]) + (", ..." if len(left) > 5 else ""))
 
 
 def warn_unused(settings, unused: "dict[str, str]") -> None:

@@ -52,6 +52,17 @@ def kill_every_greenlet():
     return len(others)
 
 
+def start_a_thread(seconds):
+    """Start a non-daemon thread that runs ``seconds``, and return. (Not
+    daemon=False, a thread started in a job greenlet is a daemon: it takes
+    its flag from the greenlet's dummy thread, which is one.)"""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(seconds,), name="left-behind",
+                     daemon=False).start()
+    return "started"
+
+
 def exit_from_a_spawned_greenlet():
     """sys.exit() in a greenlet the job spawned (gevent raises it in main)."""
     gevent.spawn(lambda: __import__("sys").exit())
@@ -487,6 +498,23 @@ def test_a_stopped_worker_exits_with_status_0(router, worker_factory):
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0, w.text()
     assert "crashed" not in w.text()
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_a_job_left_running_is_named_when_the_worker_stops(router, worker_factory):
+    """A probe's find: the worker logged "stopped" and stayed (Python waits
+    for non-daemon threads; EventMQ's job manager too), with nothing said."""
+    w = worker_factory(*fast(router), "-J", "2", "-n", "threads")
+    ident = router.wait_inform(timeout=20)
+    router.wait_count(Command.READY, 2)
+    msgid = router.request(ident, "clijobs", "start_a_thread", args=[60],
+                           headers="reply-requested")
+    assert router.wait_reply(msgid) == {"value": "started"}
+    w.proc.send_signal(signal.SIGTERM)
+    w.wait_log("non-daemon thread", timeout=20)
+    assert "left-behind" in w.text() and w.proc.poll() is None
+    w.proc.send_signal(signal.SIGTERM)  # the handler is gone: it ends now
+    assert w.proc.wait(10) == -signal.SIGTERM
 
 
 @pytest.mark.timeout(60)
