@@ -437,6 +437,8 @@ _DESCRIPTIONS = {
 # Keys whose meaning in the file differs from the command-line flag of the
 # same name: the file's ``queues`` is JSON, ``-Q`` takes names.
 _FILE_KEY_ALIASES = {"queues": "queues-json"}
+#: the INI keys of settings (what a file may say that is read)
+_FIELD_NAMES = frozenset([*(spec.field for spec in _SPECS), "queues"])
 _QUEUES_JSON_FLAG = "--queues-json"
 
 
@@ -478,7 +480,10 @@ class _SectionsParser(configargparse.ConfigFileParser):
                         value = ini.get(section, written)
                     except configparser.InterpolationMissingOptionError as exc:
                         # EventMQ stops on it too (with a traceback); taken as
-                        # written, it failed later as a bad address
+                        # written, it failed later as a bad address. A key no
+                        # setting reads is not expanded by EventMQ either.
+                        if not _reads(written):
+                            continue
                         raise configargparse.ConfigFileParserException(
                             f"[{section}] {written}: %({exc.reference})s names no key of "
                             f"[{section}] or [DEFAULT]") from None
@@ -651,14 +656,23 @@ def _open_config(path: str, explicit: bool, section: str) -> tuple[bool, list[st
     return True, _section_warnings(ini, path, section)
 
 
+def _reads(key: str) -> bool:
+    """Whether the INI key ``key`` is a setting emq-green reads."""
+    return key.strip().lower() in _FIELD_NAMES
+
+
 def _check_references(text: str, path: str, section: str) -> None:
     """A ``%(name)s`` in a value this program reads that names no key: one
     SettingsError (EventMQ stops on it too, with a traceback; taken as
-    written, it failed later as a bad address)."""
+    written, it failed later as a bad address). Keys no setting reads
+    (``log_fmt = %(asctime)s``, another tool's) are not looked at: EventMQ
+    starts with them."""
     ini = configparser.ConfigParser()
     ini.read_string(text, source=path)
     for name in ("global", section):
         for option in ini.options(name) if ini.has_section(name) else ():
+            if not _reads(option):
+                continue
             try:
                 ini.get(name, option)
             except configparser.InterpolationMissingOptionError as exc:

@@ -393,6 +393,20 @@ def test_a_substitution_naming_no_key_is_one_settings_error(tmp_path):
         load_settings(["-C", conf], {})
 
 
+def test_a_substitution_in_a_key_no_setting_reads_is_left_alone(tmp_path):
+    """A probe's find: ``log_fmt = %(asctime)s`` in [global] (a key for
+    another tool) stopped emq-green with exit 2; emq-jobmanager starts."""
+    conf = write(tmp_path, """
+        [global]
+        log_fmt = %(asctime)s %(message)s
+        [jobmanager]
+        concurrent_jobs = 7
+        note = %(nowhere)s
+    """)
+    settings, _ = load_settings(["-C", conf], {})
+    assert settings.concurrent_jobs == 7
+
+
 def test_eventmq_settings_that_are_not_read_are_named_where_they_mattered(tmp_path, caplog):
     """setup_callable, wal_enabled and the scheduler's Redis keys were
     ignored without a word; EventMQ's defaults (its sample file) are not
