@@ -329,6 +329,34 @@ def test_a_reply_that_is_not_utf8_ends_the_job_and_the_client_is_told(make_route
 
 
 @pytest.mark.timeout(30)
+def test_a_reply_over_the_router_s_limit_ends_a_guaranteed_job_as_failed(make_router):
+    """A probe's find: a worker with a larger limit (or EventMQ's
+    emq-jobmanager, which has none) sent a REPLY over the router's
+    max_message_size; ZeroMQ dropped it with the connection, which came
+    back under the same identity, and the guaranteed job stayed in flight
+    for ever (in the journal too) while its client waited until result_ttl."""
+    h: Harness = make_router(max_message_size=100_000)
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers="guarantee,result-requested")
+    assert client.recv().body == (sent.msgid,)  # confirmed
+    request = worker.recv()
+    value = json.dumps({"value": "x" * 200_000}).encode()
+    worker.sock.send_multipart([b"", b"eMQP/1.0", b"REPLY", b"r-1", value,
+                                request.msgid.encode()])
+    [(msgid, reply)] = _results_of(client, 1)
+    assert msgid == sent.msgid and reply["error"]["type"] == "ReplyTooLarge"
+    assert "max_message_size" in reply["error"]["message"]
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, what="the job ended")
+    assert h.router.status()["redelivered"] == 0
+    assert h.router.counters["oversized_messages"] == 1
+    # the worker is still connected and served: its next job comes
+    worker.send(Command.READY)
+    again = h.request(client)
+    assert worker.recv().msgid == again.msgid
+
+
+@pytest.mark.timeout(30)
 def test_client_handle_raises_result_lost():
     """The router's notices reach emq-green's client: a refused request as
     JobError, a result that expired as ResultLostError."""

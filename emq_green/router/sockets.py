@@ -197,22 +197,36 @@ class RouterSocket:
         self.sock.close(linger=0)
 
 
-def _undecodable_reply(frames: list[bytes]) -> Optional[tuple[bytes, Message]]:
-    """A worker's ``REPLY [reply_json, orig_msgid]`` whose result alone is
-    not UTF-8, as a REPLY that says so: the job ends as failed and a client
-    waiting for its result is told (dropped, it stayed in flight, and its
-    client waited until result_ttl). None for anything else."""
+#: A worker's REPLY may be this many times ``max_message_size`` before
+#: ZeroMQ itself drops it: one up to that size is read, and its job ends as
+#: failed (ReplyTooLarge); dropped by ZeroMQ, the REPLY vanished with no
+#: trace (the worker's connection comes back under the same identity) and
+#: its job stayed in flight for ever, a guaranteed one in the journal too.
+BACKEND_SIZE_FACTOR = 4
+
+
+def _failed_reply(frames: list[bytes], error_type: str,
+                  text: str) -> Optional[tuple[bytes, Message]]:
+    """A worker's ``REPLY [reply_json, orig_msgid]`` whose result cannot be
+    passed on, as a REPLY saying why (``error_type``, ``text``): the job ends
+    as failed and a client waiting for its result is told. None when the
+    frames are not such a REPLY."""
     if (len(frames) != 7 or frames[1] or frames[2] != PROTOCOL_VERSION.encode()
-            or frames[3] != b"REPLY"):
+            or frames[3] != b"REPLY" or len(frames[4]) > 1024 or len(frames[6]) > 1024):
         return None
     try:
         msgid, orig_msgid = frames[4].decode(), frames[6].decode()
     except UnicodeDecodeError:
         return None
-    text = "the worker's reply is not UTF-8 text"
     # the worker's shape of a failed job (EventMQ's clients read "value")
-    error = json.dumps({"value": text, "error": {"type": "InvalidReply", "message": text}})
+    error = json.dumps({"value": text, "error": {"type": error_type, "message": text}})
     return frames[0], Message(Command.REPLY, msgid, (error, orig_msgid))
+
+
+def _undecodable_reply(frames: list[bytes]) -> Optional[tuple[bytes, Message]]:
+    """A REPLY whose result alone is not UTF-8 (dropped, it stayed in flight,
+    and its client waited until result_ttl)."""
+    return _failed_reply(frames, "InvalidReply", "the worker's reply is not UTF-8 text")
 
 
 class RouterSockets:
@@ -280,7 +294,9 @@ class RouterSockets:
                                 if name == "frontend" else s.hwm)
                 sock.setsockopt(zmq.LINGER, 0)
                 # per frame; libzmq disconnects a peer that sends a bigger one
-                sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_size)
+                sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_size
+                                if name != "backend" or s.max_message_size < 0
+                                else s.max_message_size * BACKEND_SIZE_FACTOR + 65536)
                 for addr in addrs:
                     sock.bind(addr)
                     self.endpoints.setdefault(
@@ -439,21 +455,28 @@ class RouterSockets:
 
     def _handle(self, name: str, table: Mapping[Command, Handler], gate: Optional[Gate],
                 frames: list[bytes]) -> None:
-        if sum(map(len, frames)) > self._max_size:
-            self._drop_oversized(name, frames)
-            return
-        try:
-            identity, message = Message.parse_routed(frames)
-        except ProtocolError as exc:
-            repaired = _undecodable_reply(frames) if name == "backend" else None
+        size = sum(map(len, frames))
+        if size > self._max_size:
+            repaired = _failed_reply(frames, "ReplyTooLarge", (
+                f"the worker's reply is {size} bytes, over the router's max_message_size "
+                f"({self._max_size})")) if name == "backend" else None
+            self._drop_oversized(name, frames, ended=repaired is not None)
             if repaired is None:
-                self._drop_malformed(name, frames, exc)
                 return
-            identity, message = repaired
-            self._counters["malformed_messages"] += 1
-            self._log.warning("malformed", "router: the REPLY to %s from %s is not UTF-8; "
-                              "the job ends as failed (InvalidReply)",
-                              printable(message.body[1]), printable(identity))
+            identity, message = repaired  # the job ends, failed; its client is told
+        else:
+            try:
+                identity, message = Message.parse_routed(frames)
+            except ProtocolError as exc:
+                repaired = _undecodable_reply(frames) if name == "backend" else None
+                if repaired is None:
+                    self._drop_malformed(name, frames, exc)
+                    return
+                identity, message = repaired
+                self._counters["malformed_messages"] += 1
+                self._log.warning("malformed", "router: the REPLY to %s from %s is not "
+                                  "UTF-8; the job ends as failed (InvalidReply)",
+                                  printable(message.body[1]), printable(identity))
         if self._debug and not (
             self.settings.hide_heartbeat_logs and message.command is Command.HEARTBEAT
         ):
@@ -502,16 +525,19 @@ class RouterSockets:
                           "from %s: %s", name, printable(frames[0]) if frames else "?",
                           printable(exc, 200))
 
-    def _drop_oversized(self, name: str, frames: list[bytes]) -> None:
+    def _drop_oversized(self, name: str, frames: list[bytes], ended: bool = False) -> None:
+        """Count and log an oversized message (``ended``: a worker's REPLY
+        whose job ends as failed instead)."""
         self._counters["oversized_messages"] += 1
         command = frames[3] if len(frames) > 3 else b"?"
         if command == b"REQUEST" and name == "frontend":
             self._dropped["oversized"] += 1
         self._log.error("oversized", "router: dropped an oversized message on the %s socket "
-                        "from %s: %s %s, %d frames, %d bytes (max_message_size %d)", name,
+                        "from %s: %s %s, %d frames, %d bytes (max_message_size %d)%s", name,
                         printable(frames[0]), printable(command, 40),
                         printable(frames[4], 60) if len(frames) > 4 else "(no msgid)",
-                        len(frames), sum(map(len, frames)), self.settings.max_message_size)
+                        len(frames), sum(map(len, frames)), self.settings.max_message_size,
+                        "; its job ends as failed (ReplyTooLarge)" if ended else "")
 
     # ------------------------------------------------------------------
     # the end
