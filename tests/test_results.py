@@ -254,6 +254,32 @@ def test_pending_results_expire_after_their_ttl(make_router):
 
 
 @pytest.mark.timeout(30)
+def test_a_result_that_expires_before_any_worker_took_its_job_drops_the_job(make_router):
+    """A probe's find: a client was told ``expired`` while its job still
+    waited in the buffer, and the job ran later: a client that sends again
+    on "lost" ran it twice. A plain job that no worker took is dropped with
+    its result, and the client is told so; a guaranteed one still runs."""
+    h: Harness = make_router(result_ttl=0.3, heartbeat_interval=0.2)
+    client = h.peer("frontend")
+    plain = h.request(client, headers=RESULT_HEADERS)
+    kept = h.request(client, headers="guarantee,result-requested")
+    assert client.recv().body == (kept.msgid,)  # confirmed
+    lost = dict(_results_of(client, 2))
+    assert lost[plain.msgid]["reason"] == lost[kept.msgid]["reason"] == "expired"
+    assert "dropped unrun" in lost[plain.msgid]["lost"]
+    assert "dropped unrun" not in lost[kept.msgid]["lost"]
+    status = h.admin(Command.STATUS)
+    assert status["dropped_requests_by_reason"] == {"expired": 1}
+    worker = h.worker(slots=0)
+    worker.send(Command.READY)
+    assert worker.recv().msgid == kept.msgid  # the guaranteed one runs
+    worker.send(Command.REPLY, json.dumps({"value": 1}), kept.msgid)
+    worker.send(Command.READY)
+    after = h.request(client)
+    assert worker.recv().msgid == after.msgid  # the next: the plain one is gone
+
+
+@pytest.mark.timeout(30)
 def test_result_for_a_client_that_is_gone_is_dropped_and_counted(make_router):
     h: Harness = make_router()
     worker = h.worker(slots=1)

@@ -421,9 +421,16 @@ class Router:
         while True:
             gevent.sleep(tick)
             now = time.monotonic()
-            self.relay.expire(now)
+            self.relay.expire(now, self._drop_unstarted)
             self.worker_side.check(now)
             self.scheduler_side.check(now)
+
+    def _drop_unstarted(self, msgids: set[str]) -> set[str]:
+        dropped = self.routing.drop_unstarted(msgids)
+        if dropped:
+            self.dropped_by_reason["expired"] += len(dropped)
+            self.worker_side.resume_clients()
+        return dropped
 
     # ------------------------------------------------------------------
     # administration

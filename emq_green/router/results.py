@@ -36,13 +36,18 @@ logger = logging.getLogger(__name__)
 
 #: why a pending result was dropped (STATUS ``results_dropped_by_reason``)
 EXPIRED = "expired"          # no REPLY within result_ttl
+#: the text of an expiry whose job was still in the buffer, and was dropped
+EXPIRED_UNRUN = "expired (unrun)"
 CLIENT_GONE = "client_gone"  # the send to the client failed (gone, or not reading)
 WORKER_LOST = "worker_lost"  # the worker running the job was removed as dead
 GIVEN_UP = "given_up"        # a guaranteed job whose workers kept dying running it
 STOPPING = "stopping"        # the router stopped
 
 _REASON_TEXT = {
-    EXPIRED: "no result within the router's result_ttl",
+    EXPIRED: "no result within the router's result_ttl (the job was out at a worker: it "
+             "may have run, or still run)",
+    EXPIRED_UNRUN: "no result within the router's result_ttl: no worker had taken the job, "
+                   "and it was dropped unrun",
     WORKER_LOST: "the worker running the job was removed as dead; the job may have run "
                  "(or still run) there, but its result cannot come back",
     GIVEN_UP: "the workers running this guaranteed job died more often than the router's "
@@ -359,15 +364,24 @@ class ResultRelay:
         if client is not None:
             self.lost(msgid, client, reason)
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float,
+               drop_unstarted: Callable[[set[str]], set[str]] = lambda msgids: set()) -> None:
         """Report the results past ``result_ttl`` (and the count of drops
-        not logged one by one, once their window has ended)."""
+        not logged one by one, once their window has ended).
+        ``drop_unstarted(msgids)``: those of their jobs that no worker took,
+        taken out of the buffer (they will not run; their clients are told
+        so)."""
         self._log.flush(now)
         if self._held:
             self._send_held(now)
         if self.pending:
-            for msgid, client in self.pending.expire(now):
-                self.lost(msgid, client, EXPIRED)
+            gone = self.pending.expire(now)
+            unrun = drop_unstarted({msgid for msgid, _client in gone}) if gone else set()
+            for msgid, client in gone:
+                self._log_dropped(msgid, client, EXPIRED)
+                text = _REASON_TEXT[EXPIRED_UNRUN if msgid in unrun else EXPIRED]
+                self._send(client, Message.new(Command.REPLY, json.dumps(
+                    {"lost": text, "reason": EXPIRED}), msgid))
 
     def stop(self, kept: Container[str] = ()) -> None:
         """The router stops: every pending result is reported lost, except

@@ -516,6 +516,31 @@ class Routing:
                     return True
         return False
 
+    def drop_unstarted(self, msgids: set[str]) -> set[str]:
+        """The plain requests of ``msgids`` still in the buffer (no worker took
+        them), taken out: their results expired, and run now they would
+        answer a client told its result will not come. Guaranteed ones stay
+        (they must run). Returns the msgids dropped; one pass over the
+        buffer, only when some expired."""
+        dropped: set[str] = set()
+        for queue, waiting in list(self.waiting.items()):
+            gone = [r for r in waiting if r.msgid in msgids and not r.guaranteed]
+            if not gone:
+                continue
+            kept = [r for r in waiting if r.msgid not in msgids or r.guaranteed]
+            waiting.clear()
+            waiting.extend(kept)
+            for request in gone:
+                dropped.add(request.msgid)
+                if self.holders.get(request.msgid, False) is None:
+                    del self.holders[request.msgid]
+                self.buffered_bytes -= request.size
+            if len(waiting) <= self.resume_length:
+                self._full_queues.discard(queue)
+            if not waiting:
+                del self.waiting[queue]
+        return dropped
+
     def may_resume(self) -> bool:
         """Whether every queue and the bytes are below the low-water marks
         (three quarters of each bound)."""
