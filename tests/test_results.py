@@ -726,3 +726,30 @@ def test_a_reply_nested_too_deeply_fails_its_job_and_results_keep_coming(make_ro
         client_side()
     else:  # a native client in its own thread; this one's hub runs the router
         gevent.get_hub().threadpool.spawn(client_side).get(timeout=25)
+
+
+@pytest.mark.parametrize("reply, outcome", [
+    ({"value": 1}, ("value", 1)),
+    ({"value": 1, "error": None}, ("value", 1)),
+    ({"value": "boom", "error": {"type": "ValueError", "message": "boom"}},
+     ("error", "ValueError")),
+    # a probe's find: taken for success, get() returned 1
+    ({"value": 1, "error": "boom"}, ("error", "Error")),
+    ({"value": 1, "error": ["a", "list"]}, ("error", "Error")),
+    ({"value": 1, "error": True}, ("error", "Error")),
+    ([1, 2], ("value", [1, 2])),
+])
+def test_a_reply_with_any_error_is_a_failure(reply, outcome):
+    import threading
+
+    from emq_green.client.results import ResultHandle
+
+    handle = ResultHandle("m-1", threading.Event, threading.Lock())
+    handle._resolve(json.dumps(reply))
+    kind, expected = outcome
+    if kind == "value":
+        assert handle.get(timeout=1) == expected
+    else:
+        with pytest.raises(JobError) as caught:
+            handle.get(timeout=1)
+        assert caught.value.type == expected

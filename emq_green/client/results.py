@@ -260,10 +260,15 @@ class ResultHandle:
             elif "lost" in reply:
                 self._error = ResultLostError(self.msgid, str(reply.get("reason", "")),
                                               str(reply["lost"]))
-            elif "error" in reply and isinstance(reply["error"], dict):
+            elif isinstance(reply.get("error"), dict):
                 error = reply["error"]
                 self._error = JobError(self.msgid, str(error.get("type", "")),
                                        str(error.get("message", "")), reply.get("value"))
+            elif reply.get("error") not in (None, False, ""):
+                # another shape of failure (a worker of another kind): still
+                # a failure, never taken for the value beside it
+                self._error = JobError(self.msgid, "Error", printable(reply["error"], 2000),
+                                       reply.get("value"))
             else:
                 self._value = reply.get("value")
         with self._lock:
