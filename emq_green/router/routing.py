@@ -84,9 +84,9 @@ class Request:
         #: for a copy restored from the journal (who ran it is not known, so
         #: nobody can end it: it runs again, at least once)
         self.ran_on: tuple[bytes, ...] = ()
-        #: how many workers died while running it (guaranteed ones: at most
-        #: ``max_redeliveries`` + 1, then it is given up; not kept in the
-        #: journal, so a router restart counts from 0 again)
+        #: How many workers died while running it. A guaranteed request is
+        #: given up past ``max_redeliveries`` + 1. Not kept in the journal,
+        #: so a router restart counts from 0 again.
         self.losses = 0
 
     def __repr__(self) -> str:
