@@ -481,6 +481,11 @@ class Routing:
         the bound brought up to date; True when the buffer is empty now (and
         gone from :attr:`waiting`)."""
         self.buffered_bytes -= request.size
+        return self._shrunk(queue, waiting)
+
+    def _shrunk(self, queue: str, waiting: collections.deque[Request]) -> bool:
+        """``queue``'s buffer ``waiting`` lost requests: its bound brought up
+        to date; True when it is empty now (and gone from :attr:`waiting`)."""
         if len(waiting) <= self.resume_length:
             self._full_queues.discard(queue)
         if not waiting:
@@ -535,10 +540,7 @@ class Routing:
                 if self.holders.get(request.msgid, False) is None:
                     del self.holders[request.msgid]
                 self.buffered_bytes -= request.size
-            if len(waiting) <= self.resume_length:
-                self._full_queues.discard(queue)
-            if not waiting:
-                del self.waiting[queue]
+            self._shrunk(queue, waiting)
         return dropped
 
     def may_resume(self) -> bool:
