@@ -634,3 +634,44 @@ def test_with_max_redeliveries_0_a_job_is_sent_again_whatever_happens(make_route
     assert h.router.status()["redelivered"] == 7
     assert h.router.status()["guaranteed_given_up"] == 0
     assert h.router.status()["guaranteed_held"] == 1
+
+
+def test_jobs_that_shared_workers_with_a_killer_run_alone_and_are_not_given_up(make_router):
+    """With max_redeliveries 2, a job that kills its worker and three that
+    only ran beside it: all four reach their last chance together (two
+    deaths each), then run one at a time; only the killer dies again, so
+    only it is given up, and the other three finish."""
+    h = make_router(max_redeliveries=2, **FAST)
+    client = h.peer("frontend")
+    sent = [guaranteed(h, client, headers="guarantee,result-requested") for _ in range(4)]
+    assert {client.recv().body for _ in range(4)} == {(m.msgid,) for m in sent}
+    poison = sent[2].msgid
+    for attempt in range(2):  # two workers take all four and die
+        dying = join(h, 4, name=f"shared-{attempt}")
+        assert {dying.recv().msgid for _ in range(4)} == {m.msgid for m in sent}
+        dying.close()
+        wait_until(lambda name=dying.identity: name not in h.router.workers, timeout=5,
+                   what="dead worker removed")
+    assert h.router.status()["guaranteed_last_chance"] == 4
+    finished = []
+    worker = join(h, 4, name="alone-0", beat=True)  # room for all: one at a time comes
+    for n in range(4):
+        got = worker.recv()
+        assert worker.pending() == []  # alone: nothing else is sent beside it
+        if got.msgid == poison:
+            worker.close()  # it kills this one too
+            wait_until(lambda: h.router.status()["guaranteed_given_up"] == 1, timeout=5,
+                       what="the killer given up")
+            worker = join(h, 4, name=f"alone-{n + 1}", beat=True)
+        else:
+            worker.send(Command.REPLY, json.dumps({"value": got.msgid}), got.msgid)
+            finished.append(got.msgid)
+    assert sorted(finished) == sorted(m.msgid for m in sent if m.msgid != poison)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, timeout=5, what="all ended")
+    status = h.router.status()
+    assert status["guaranteed_given_up"] == 1
+    assert status["guaranteed_last_chance"] == 0
+    results = {msgid: reply for msgid, reply in
+               ((m.body[1], json.loads(m.body[0])) for m in [client.recv() for _ in range(4)])}
+    assert results[poison]["reason"] == "given_up"
+    assert all(results[m] == {"value": m} for m in finished)

@@ -183,6 +183,7 @@ class Router:
                                       sockets=self.sockets, relay=self.relay,
                                       counters=self.counters, guarantees=self.guarantees,
                                       limiter=self.log_limiter)
+        self.guarantees.send_alone = lambda request: self.worker_side.route_again([request])
         #: The client side (REQUEST plain or guaranteed, the buffer, DISCONNECT).
         self.client_side = ClientSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,

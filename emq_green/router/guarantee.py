@@ -34,6 +34,7 @@ held, the journal's writes, the counters STATUS shows.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -73,6 +74,14 @@ def was_killed(reply_json: str) -> bool:
 Journaled = Callable[[list[Request], Optional[str]], None]
 
 
+#: what :meth:`Guarantees.count_loss` decides
+AGAIN, LAST_CHANCE, GIVEN_UP = "again", "last chance", "given up"
+
+
+def _unsent(request: Request) -> None:
+    """The default sender: nobody routes requests."""
+
+
 def _unheard(requests: list[Request], error: Optional[str]) -> None:
     """The default listener: nobody routes requests."""
 
@@ -88,6 +97,14 @@ class Guarantees:
         self.max_redeliveries = max_redeliveries
         #: requests given up (:meth:`count_loss`)
         self.given_up = 0
+        #: Requests on their last chance (one more death of their worker
+        #: gives them up), waiting to run alone: one of them is out at a time
+        #: (:attr:`_alone`), so that jobs which only shared workers with one
+        #: that kills them are not given up with it.
+        self._last_chance: collections.deque[Request] = collections.deque()
+        self._alone: Optional[Request] = None
+        #: sends a request out (at the head of its queue); set by the router
+        self.send_alone: Callable[[Request], None] = _unsent
         #: accepted and not seen to finish (buffered, or out at a worker)
         self.held = 0
         self.accepted = 0
@@ -163,23 +180,39 @@ class Guarantees:
         its journal write was still waiting (nothing was written): the
         request is accepted now (its client may be told)."""
         self.held -= 1
+        if request is self._alone:
+            self._alone = None
+            self._release()
         if request.seq and self.journal is not None and self.journal.delete(
                 request.seq, linger=result_requested_in(request.body[1])):
             self.accepted += 1
             return True
         return False
 
-    def count_loss(self, request: Request) -> bool:
-        """The worker running ``request`` died. True when that happened once
-        more than :attr:`max_redeliveries` allows: the request is given up,
-        forgotten here and in the journal (a job that kills every worker it
-        runs on would otherwise kill them all, for ever)."""
+    def count_loss(self, request: Request) -> str:
+        """The worker running ``request`` died: :data:`AGAIN` (send it
+        again), :data:`LAST_CHANCE` (held, to run alone: :meth:`_release`)
+        or :data:`GIVEN_UP` (once more than :attr:`max_redeliveries`
+        allows: forgotten here and in the journal; a job that kills every
+        worker it runs on would otherwise kill them all, for ever)."""
         request.losses += 1
-        if not self.max_redeliveries or request.losses <= self.max_redeliveries:
-            return False
+        limit = self.max_redeliveries
+        if not limit or request.losses < limit:
+            return AGAIN
+        if request.losses == limit:
+            self._last_chance.append(request)
+            self._release()
+            return LAST_CHANCE
         self.given_up += 1
         self.finished(request)
-        return True
+        return GIVEN_UP
+
+    def _release(self) -> None:
+        """Send the next last-chance request if none is out."""
+        if self._alone is None and self._last_chance:
+            self._alone = self._last_chance.popleft()
+            self.redelivered += 1
+            self.send_alone(self._alone)
 
     def late_reply(self, msgid: str, worker: str) -> None:
         """A REPLY for a job already sent elsewhere or finished: dropped."""
@@ -208,6 +241,7 @@ class Guarantees:
             "guaranteed_restored": self.restored,
             "redelivered": self.redelivered,
             "guaranteed_given_up": self.given_up,
+            "guaranteed_last_chance": len(self._last_chance) + (self._alone is not None),
             "late_replies": self.late_replies,
             **(self.journal.status() if self.journal is not None else {"journal_file": None}),
         }

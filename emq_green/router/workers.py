@@ -57,7 +57,7 @@ from ..protocol import (
     request_frames,
 )
 from ..settings import Settings
-from .guarantee import Guarantees, was_killed
+from .guarantee import AGAIN, LAST_CHANCE, Guarantees, was_killed
 from .results import GIVEN_UP, ResultRelay
 from .routing import RAN_ON_KEPT, Request, Routing, Sent, Worker, remember
 from .sockets import RouterSockets
@@ -105,14 +105,22 @@ def _possibly_lost(lost: list[Sent], counters: collections.Counter[str],
 def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
                   relay: ResultRelay) -> list[Sent]:
     """The guaranteed requests of ``sent`` (lost with ``worker``) to send
-    again: those lost once too often (:meth:`Guarantees.count_loss`) are
-    given up, each logged and its client told."""
+    again: those on their last chance wait to run alone, those lost once too
+    often are given up, each logged and its client told
+    (:meth:`Guarantees.count_loss`)."""
     again = []
     for item in sent:
         request = item.request
         assert request is not None
-        if not guarantees.count_loss(request):
+        decided = guarantees.count_loss(request)
+        if decided == AGAIN:
             again.append(item)
+            continue
+        if decided == LAST_CHANCE:
+            logger.warning("router: guaranteed REQUEST %s (queue %s): %d workers died running "
+                           "it; on its last chance, it runs alone (max_redeliveries %d)",
+                           printable(request.msgid), printable(request.queue),
+                           request.losses, guarantees.max_redeliveries)
             continue
         logger.error("router: guaranteed REQUEST %s (queue %s) given up: %d workers died "
                      "running it, the last %s (max_redeliveries %d); dropped from the "
@@ -389,7 +397,7 @@ class WorkerSide:
         self._counters["requests_rerouted"] += len(again)
         logger.warning("router: %d request(s) could not be sent to worker(s) %s; routed "
                        "again", len(again), ", ".join(w.log_name for w in workers.values()))
-        self._route_again(again)
+        self.route_again(again)
 
     def _take_back(self, worker: Worker) -> list[Request]:
         """This turn's requests for ``worker`` not sent yet: kept from it, off its books."""
@@ -432,7 +440,7 @@ class WorkerSide:
             self._lost(worker, lost)
         if unsent:
             self._counters["requests_rerouted"] += len(unsent)
-            self._route_again(unsent)
+            self.route_again(unsent)
 
     def _lost(self, worker: Worker, lost: list[Sent]) -> None:
         """``worker`` is gone with jobs unanswered: guaranteed ones go again
@@ -452,9 +460,9 @@ class WorkerSide:
         requests = _copies(sent, identity)
         self.guarantees.redelivered += len(requests)
         _log_queued_again(why, requests)
-        self._route_again(requests)
+        self.route_again(requests)
 
-    def _route_again(self, requests: list[Request]) -> None:
+    def route_again(self, requests: list[Request]) -> None:
         """``requests`` (oldest first) back at the head of their queues,
         then out to free workers; reading clients pauses if that fills the
         buffer."""
