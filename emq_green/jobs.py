@@ -150,7 +150,7 @@ def exception_text(exc: BaseException) -> str:
     child down with it."""
     try:
         text = str(exc)
-    except Exception as err:
+    except BaseException as err:  # SystemExit or GreenletExit from a __str__ too
         return f"{type(exc).__name__} (its message could not be read: {type(err).__name__})"
     return text or type(exc).__name__
 

@@ -164,10 +164,18 @@ class Unprintable(Exception):
         raise RuntimeError("no str")
 
 
-def raise_unprintable(key):
-    """Count the call, then raise :class:`Unprintable`."""
+def raise_unprintable(key, raises="RuntimeError"):
+    """Count the call, then raise :class:`Unprintable`, whose ``__str__``
+    raises ``raises`` (a builtin name, or ``GreenletExit``)."""
     calls[key] += 1
-    raise Unprintable()
+    error = gevent.GreenletExit if raises == "GreenletExit" else __builtins__[raises]
+
+    class Unreadable(Unprintable):
+        def __str__(self):
+            raise error("no str")
+
+    Unreadable.__name__ = "Unprintable"
+    raise Unreadable()
 
 
 def raise_huge(size):

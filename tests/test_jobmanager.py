@@ -709,9 +709,10 @@ def test_an_embedded_manager_gives_the_signals_back_to_the_application_when_it_s
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ["usr1", "term"]
 
 
+@pytest.mark.parametrize("raises", ["RuntimeError", "SystemExit", "GreenletExit"])
 @pytest.mark.parametrize("subprocess", [False, True], ids=["in the worker", "in a pool child"])
 def test_an_exception_whose_message_cannot_be_read_is_retried_and_reported(
-        router, make_manager, subprocess, caplog):
+        router, make_manager, subprocess, raises, caplog):
     """A probe's find: a job's exception whose ``__str__`` raises took the
     runner down (no retries, the reply a RuntimeError from ``__str__``) and,
     in the subprocess pool, the child itself."""
@@ -721,8 +722,8 @@ def test_an_exception_whose_message_cannot_be_read_is_retried_and_reported(
     if subprocess:
         before = router.request(ident, JOBS, "pid", subprocess=True, headers="reply-requested")
         child = router.wait_reply(before)["value"]
-    msgid = router.request(ident, JOBS, "raise_unprintable", args=["u"], subprocess=subprocess,
-                           headers="reply-requested,retry-count:2")
+    msgid = router.request(ident, JOBS, "raise_unprintable", args=["u", raises],
+                           subprocess=subprocess, headers="reply-requested,retry-count:2")
     reply = router.wait_reply(msgid)
     assert reply["error"]["type"] == "Unprintable"
     assert "could not be read" in reply["error"]["message"]

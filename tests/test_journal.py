@@ -360,3 +360,18 @@ def test_a_second_journal_reaching_the_file_under_another_name_is_refused(
     again = Journal(str(path))
     again.open()  # free once the first let go
     again.close()
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+def test_a_journal_named_after_another_database_s_own_file_is_refused(journal, tmp_path,
+                                                                      suffix):
+    """A probe's find: a second router on ``journal.db-wal`` (empty while the
+    first checkpoints) made its journal there, and the first router's
+    confirmed requests were gone after a restart."""
+    with pytest.raises(JournalError, match=f"the {suffix[1:]} file of the database"):
+        Journal(str(tmp_path / f"journal.db{suffix}")).open()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    own = Journal(str(alone / f"mine{suffix}"))  # no database beside it: a name like any
+    own.open()
+    own.close()

@@ -266,8 +266,9 @@ def test_a_result_that_expires_before_any_worker_took_its_job_drops_the_job(make
     assert client.recv().body == (kept.msgid,)  # confirmed
     lost = dict(_results_of(client, 2))
     assert lost[plain.msgid]["reason"] == lost[kept.msgid]["reason"] == "expired"
-    assert "dropped unrun" in lost[plain.msgid]["lost"]
-    assert "dropped unrun" not in lost[kept.msgid]["lost"]
+    assert "dropped unrun" in lost[plain.msgid]["lost"] and lost[plain.msgid]["unrun"] is True
+    assert "guaranteed, and runs" in lost[kept.msgid]["lost"]  # not "out at a worker"
+    assert "unrun" not in lost[kept.msgid]
     status = h.admin(Command.STATUS)
     assert status["dropped_requests_by_reason"] == {"expired": 1}
     worker = h.worker(slots=0)
@@ -738,6 +739,8 @@ def test_a_reply_nested_too_deeply_fails_its_job_and_results_keep_coming(make_ro
     ({"value": 1, "error": ["a", "list"]}, ("error", "Error")),
     ({"value": 1, "error": True}, ("error", "Error")),
     ([1, 2], ("value", [1, 2])),
+    ({"lost": "dropped unrun", "reason": "expired", "unrun": True}, ("lost", True)),
+    ({"lost": "out at a worker", "reason": "expired"}, ("lost", False)),
 ])
 def test_a_reply_with_any_error_is_a_failure(reply, outcome):
     import threading
@@ -749,6 +752,10 @@ def test_a_reply_with_any_error_is_a_failure(reply, outcome):
     kind, expected = outcome
     if kind == "value":
         assert handle.get(timeout=1) == expected
+    elif kind == "lost":
+        with pytest.raises(ResultLostError) as lost:
+            handle.get(timeout=1)
+        assert lost.value.reason == "expired" and lost.value.unrun is expected
     else:
         with pytest.raises(JobError) as caught:
             handle.get(timeout=1)

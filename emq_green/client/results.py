@@ -183,12 +183,15 @@ class ResultTimeout(TimeoutError):
 class ResultLostError(Exception):
     """The router dropped the result (``reason``: ``expired``,
     ``worker_lost``, ``given_up``, ``stopping``), or the client was closed while it was
-    awaited (``client_closed``); the job may or may not have run."""
+    awaited (``client_closed``); the job may or may not have run, except
+    when ``unrun`` is True: the router dropped it before any worker took it
+    (its result expired first), so sending it again runs it once."""
 
-    def __init__(self, msgid: str, reason: str, text: str) -> None:
+    def __init__(self, msgid: str, reason: str, text: str, unrun: bool = False) -> None:
         super().__init__(f"result of job {msgid} lost: {text}")
         self.msgid = msgid
         self.reason = reason
+        self.unrun = unrun
 
 
 class ResultHandle:
@@ -259,7 +262,7 @@ class ResultHandle:
                 self._value = reply
             elif "lost" in reply:
                 self._error = ResultLostError(self.msgid, str(reply.get("reason", "")),
-                                              str(reply["lost"]))
+                                              str(reply["lost"]), reply.get("unrun") is True)
             elif isinstance(reply.get("error"), dict):
                 error = reply["error"]
                 self._error = JobError(self.msgid, str(error.get("type", "")),

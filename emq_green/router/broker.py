@@ -426,12 +426,18 @@ class Router:
             self.worker_side.check(now)
             self.scheduler_side.check(now)
 
-    def _drop_unstarted(self, msgids: set[str]) -> set[str]:
+    def _drop_unstarted(self, msgids: set[str]) -> dict[str, str]:
+        """What became of the jobs whose results expired: ``unrun`` (taken
+        out of the buffer), ``waiting`` (guaranteed, still buffered); the
+        others were out at a worker."""
         dropped = self.routing.drop_unstarted(msgids)
         if dropped:
             self.dropped_by_reason["expired"] += len(dropped)
             self.worker_side.resume_clients()
-        return dropped
+        holders = self.routing.holders
+        fate = {msgid: "waiting" for msgid in msgids if holders.get(msgid, False) is None}
+        fate.update(dict.fromkeys(dropped, "unrun"))
+        return fate
 
     # ------------------------------------------------------------------
     # administration

@@ -175,16 +175,19 @@ class Guarantees:
             self.accepted += len(requests)
         self._journaled(requests, error)
 
-    def finished(self, request: Request) -> bool:
-        """The job of ``request`` ended (its REPLY came): forget it. True when
+    def finished(self, request: Request, result: bool = True) -> bool:
+        """The job of ``request`` ended (its REPLY came; ``result`` False:
+        it was given up, no result of it goes out): forget it. True when
         its journal write was still waiting (nothing was written): the
-        request is accepted now (its client may be told)."""
+        request is accepted now (its client may be told). A row whose result
+        goes to a client lingers a moment (RESULT_LINGER) for that result
+        to leave."""
         self.held -= 1
         if request is self._alone:
             self._alone = None
             self._release()
         if request.seq and self.journal is not None and self.journal.delete(
-                request.seq, linger=result_requested_in(request.body[1])):
+                request.seq, linger=result and result_requested_in(request.body[1])):
             self.accepted += 1
             return True
         return False
@@ -204,7 +207,7 @@ class Guarantees:
             self._release()
             return LAST_CHANCE
         self.given_up += 1
-        self.finished(request)
+        self.finished(request, result=False)
         return GIVEN_UP
 
     def _release(self) -> None:

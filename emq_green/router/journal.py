@@ -134,6 +134,21 @@ def _refuse_a_lost_main_file(path: str) -> None:
         pass
 
 
+#: the names SQLite gives a database's own files beside it
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _refuse_a_side_file(path: str) -> None:
+    """``path`` names one of another database's own files (``X-wal`` beside
+    ``X``): SQLite would make a journal in it, and a router on ``X`` would
+    lose its confirmed requests (a probe: 5 of 5 gone after a restart)."""
+    for suffix in SIDE_FILES:
+        if path.endswith(suffix) and os.path.isfile(path[: -len(suffix)]):
+            raise JournalError(f"journal {path}: this is the {suffix[1:]} file of the "
+                               f"database {path[: -len(suffix)]}, not a journal of its own; "
+                               "choose another name")
+
+
 def _checkpoint(db: sqlite3.Connection) -> None:
     """After a failed commit: move the WAL into the database and truncate it,
     so that a disk that filled up gets back the WAL's space (it grew while
@@ -219,6 +234,7 @@ class Journal:
     def open(self) -> list[Entry]:
         """Lock, check and open the file (made when missing); returns the
         requests it holds, oldest first. Raises :class:`JournalError`."""
+        _refuse_a_side_file(self.path)
         self._lock()
         try:
             self._lock_the_file()  # when it exists: before SQLite opens it

@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 
 #: why a pending result was dropped (STATUS ``results_dropped_by_reason``)
 EXPIRED = "expired"          # no REPLY within result_ttl
-#: the text of an expiry whose job was still in the buffer, and was dropped
+#: the texts of an expiry whose job was still in the buffer: dropped, or
+#: (guaranteed) left there to run
 EXPIRED_UNRUN = "expired (unrun)"
+EXPIRED_WAITING = "expired (waiting)"
 CLIENT_GONE = "client_gone"  # the send to the client failed (gone, or not reading)
 WORKER_LOST = "worker_lost"  # the worker running the job was removed as dead
 GIVEN_UP = "given_up"        # a guaranteed job whose workers kept dying running it
@@ -48,6 +50,8 @@ _REASON_TEXT = {
              "may have run, or still run)",
     EXPIRED_UNRUN: "no result within the router's result_ttl: no worker had taken the job, "
                    "and it was dropped unrun",
+    EXPIRED_WAITING: "no result within the router's result_ttl: no worker has taken the job "
+                     "yet; it is guaranteed, and runs when one does (its result is not sent)",
     WORKER_LOST: "the worker running the job was removed as dead; the job may have run "
                  "(or still run) there, but its result cannot come back",
     GIVEN_UP: "the workers running this guaranteed job died more often than the router's "
@@ -364,24 +368,29 @@ class ResultRelay:
         if client is not None:
             self.lost(msgid, client, reason)
 
-    def expire(self, now: float,
-               drop_unstarted: Callable[[set[str]], set[str]] = lambda msgids: set()) -> None:
+    def expire(self, now: float, drop_unstarted: Callable[[set[str]], Mapping[str, str]]
+               = lambda msgids: {}) -> None:
         """Report the results past ``result_ttl`` (and the count of drops
         not logged one by one, once their window has ended).
-        ``drop_unstarted(msgids)``: those of their jobs that no worker took,
-        taken out of the buffer (they will not run; their clients are told
-        so)."""
+        ``drop_unstarted(msgids)``: what became of their jobs that no worker
+        took (``unrun``: taken out of the buffer, they will not run;
+        ``waiting``: guaranteed, left to run); their clients are told which,
+        with ``"unrun": true`` when sending the job again is safe."""
         self._log.flush(now)
         if self._held:
             self._send_held(now)
         if self.pending:
             gone = self.pending.expire(now)
-            unrun = drop_unstarted({msgid for msgid, _client in gone}) if gone else set()
+            fate = drop_unstarted({msgid for msgid, _client in gone}) if gone else {}
             for msgid, client in gone:
                 self._log_dropped(msgid, client, EXPIRED)
-                text = _REASON_TEXT[EXPIRED_UNRUN if msgid in unrun else EXPIRED]
-                self._send(client, Message.new(Command.REPLY, json.dumps(
-                    {"lost": text, "reason": EXPIRED}), msgid))
+                state = fate.get(msgid)
+                body = {"lost": _REASON_TEXT[EXPIRED_UNRUN if state == "unrun" else
+                                             EXPIRED_WAITING if state == "waiting" else EXPIRED],
+                        "reason": EXPIRED}
+                if state == "unrun":
+                    body["unrun"] = True
+                self._send(client, Message.new(Command.REPLY, json.dumps(body), msgid))
 
     def stop(self, kept: Container[str] = ()) -> None:
         """The router stops: every pending result is reported lost, except
