@@ -196,3 +196,44 @@ def test_a_ready_ends_at_most_one_plain_job_of_its_own_whatever_it_names(steps):
         assert worker.unreplied >= 0 and list(other.in_flight) == ["theirs"]
         assert all(routing.holders[m] is worker for m in worker.in_flight)
         assert routing.holders["theirs"] is other
+
+
+@given(st.lists(st.tuples(st.sampled_from(["plain", "guaranteed", "take", "expire", "withdraw"]),
+                          st.sampled_from(["a", "b", "c"]), st.integers(0, 40)),
+                max_size=80))
+@settings(max_examples=150, deadline=None)
+def test_the_buffer_s_books_stay_true_whatever_leaves_it(steps):
+    """Requests buffered, taken, withdrawn, and dropped when their results
+    expire (guaranteed ones stay): the bytes, the msgid index and the full
+    queues always match what is buffered, and no empty queue is kept."""
+    from emq_green.router.routing import Request
+
+    routing = Routing(default_queue="default", hwm=4, max_buffer_bytes=-1)
+    model: dict[str, list[Request]] = {}
+    made = 0
+    for op, queue, pick in steps:
+        if op in ("plain", "guaranteed"):
+            made += 1
+            request = Request(f"m{made}", b"client", queue, (queue, "", "x" * pick), 0.0,
+                              guaranteed=op == "guaranteed")
+            routing.buffer(queue, request)
+            model.setdefault(queue, []).append(request)
+        elif op == "take" and model.get(queue):
+            routing.taken(queue)
+            del routing.holders[model[queue].pop(0).msgid]  # (the router hands it out)
+        elif op == "withdraw" and model.get(queue):
+            request = model[queue].pop(pick % len(model[queue]))
+            assert routing.withdraw(request)
+        elif op == "expire":
+            everything = [r for rs in model.values() for r in rs]
+            expired = {r.msgid for r in everything[: pick % 7]}
+            dropped = routing.drop_unstarted(expired)
+            assert dropped == {r.msgid for r in everything[: pick % 7] if not r.guaranteed}
+            for name in model:
+                model[name] = [r for r in model[name] if r.msgid not in dropped]
+        model = {name: rs for name, rs in model.items() if rs}
+        assert {name: list(rs) for name, rs in routing.waiting.items()} == model
+        buffered = [r for rs in model.values() for r in rs]
+        assert routing.buffered_bytes == sum(r.size for r in buffered)
+        assert {m for m, w in routing.holders.items() if w is None} == {r.msgid for r in buffered}
+        assert routing._full_queues <= set(model)
