@@ -40,6 +40,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+#: What user code called by the worker (extension hooks, a subclass's
+#: overrides) may raise that is logged and goes no further: gevent carries a
+#: SystemExit or KeyboardInterrupt from any greenlet up to the main one,
+#: which ends the process an application embeds the worker in.
+HOOK_FAILURES = (Exception, SystemExit, KeyboardInterrupt, GeneratorExit)
+
 E = TypeVar("E", bound="Extension")
 
 
@@ -202,7 +208,7 @@ class HookRegistry:
         for fn in hooks:
             try:
                 fn(worker, *args)
-            except Exception:
+            except HOOK_FAILURES:
                 logger.exception("extension %s failed in %s", type(fn.__self__).__name__, hook)
 
     def executor_for(self, hooks: list[Hook], record: JobRecord) -> Optional[Executor]:
@@ -210,7 +216,7 @@ class HookRegistry:
         for fn in hooks:
             try:
                 executor = fn(self.worker, record)
-            except Exception:
+            except HOOK_FAILURES:
                 logger.exception("extension %s failed in executor_for",
                                  type(fn.__self__).__name__)
                 continue
@@ -224,7 +230,7 @@ class HookRegistry:
         for ext in self.extensions:
             try:
                 extra.update(ext.status(self.worker))
-            except Exception:
+            except HOOK_FAILURES:
                 logger.exception("extension %s failed in status", type(ext).__name__)
         return extra
 

@@ -47,7 +47,7 @@ import gevent.event
 import zmq.green as zmq
 
 from . import __version__
-from .extensions import Extension, HookRegistry
+from .extensions import HOOK_FAILURES, Extension, HookRegistry
 from .jobs import JobOutcome, Status, import_dotted
 from .protocol import Headers, ProtocolError, printable, queue_names, queue_pairs, queues_json
 from .records import JobRecord, State, StopMode
@@ -409,7 +409,7 @@ class JobManager:
             self._slots.jobs_in_flight.pop(msgid, None)
         if not death:
             self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
-        callback(reply, msgid, death, pid)
+        _call_back(self, callback, (reply, msgid, death, pid))
         if self._link.origins.conn_of:  # a reload happened with jobs running
             self._link.origins.ended(msgid)
 
@@ -558,13 +558,36 @@ def _honour_overrides(manager: JobManager, link: RouterLink, slots: JobSlots) ->
         link.admit = functools.partial(_admit_through, manager, slots)
 
 
+def _call_back(manager: JobManager, callback: Callback,
+               args: tuple[Any, Optional[str], bool, int]) -> None:
+    """``callback(*args)``: ``worker_done`` or ``worker_done_with_reply``,
+    maybe a subclass's. One that raises is logged; when it had offered no
+    READY yet, the base method answers and offers the slot (else it would
+    never be offered again)."""
+    ready_sent = manager._link.total_ready_sent
+    name = callback.__name__
+    try:
+        callback(*args)
+        return
+    except HOOK_FAILURES:
+        logger.exception("%s of %s raised for job %s", name, type(manager).__name__,
+                         printable(args[1]))
+    base = getattr(JobManager, name, None)
+    if (base is not None and getattr(callback, "__func__", None) is not base
+            and manager._link.total_ready_sent == ready_sent):
+        try:
+            base(manager, *args)
+        except HOOK_FAILURES:
+            logger.exception("%s raised for job %s", name, printable(args[1]))
+
+
 def _ready_through(manager: JobManager, link: RouterLink) -> None:
     """One READY through a subclass's ``send_ready``; one that raises is
     logged, and the READY sent (else the slot would never be offered again)."""
     sent = link.total_ready_sent
     try:
         manager.send_ready()
-    except Exception:
+    except HOOK_FAILURES:
         logger.exception("send_ready of %s raised", type(manager).__name__)
         if link.total_ready_sent == sent and link.outgoing is not None:
             link.send_ready()
@@ -578,7 +601,7 @@ def _admit_through(manager: JobManager, slots: JobSlots, msgid: str,
     slots.via_override = admitted = []
     try:
         manager.on_request(msgid, body)
-    except Exception as exc:
+    except HOOK_FAILURES as exc:
         logger.exception("on_request of %s raised for REQUEST %s", type(manager).__name__,
                          printable(msgid))
         if not admitted:

@@ -499,3 +499,56 @@ def test_a_job_manager_made_without_a_name_gets_host_pid_random():
                         manager.name)
     assert manager.settings.name == manager.name
     assert JobManager(skip_signal=True, name="box-1").name == "box-1"
+
+
+class _ExitingHooks:
+    """An extension whose job_finished calls sys.exit(); it records the
+    reasons it is told of disconnections."""
+
+    def __init__(self) -> None:
+        self.disconnected_for: list[str] = []
+
+    def job_finished(self, worker, record, outcome, duration):
+        raise SystemExit(4)
+
+    def disconnected(self, worker, reason):
+        self.disconnected_for.append(reason)
+
+
+class _ExitingDone(JobManager):
+    """A subclass whose worker_done_with_reply calls sys.exit() first."""
+
+    def worker_done_with_reply(self, reply, msgid, death, pid):
+        raise SystemExit(5)
+
+
+def test_a_system_exit_from_a_hook_or_an_override_goes_no_further(router, caplog):
+    """A probe's find: an extension hook or a subclass's override that
+    raised SystemExit (or KeyboardInterrupt) reached the embedding
+    application's main greenlet and ended it, the manager left with a job in
+    flight. Now it is logged; the reply and the slot still go; and a stop
+    tells the extensions ``disconnected`` (it never did)."""
+    from conftest import FAST_HEARTBEATS
+
+    from emq_green.extensions import Extension
+
+    hooks = type("ExitingHooks", (_ExitingHooks, Extension), {})()
+    manager = _ExitingDone(settings=Settings(
+        name="hooks", worker_addr=router.addr, worker_addr_default=router.addr,
+        worker_addr_failover=router.addr, concurrent_jobs=2, **FAST_HEARTBEATS),
+        skip_signal=True, extensions=[hooks])
+    manager.start()
+    try:
+        assert manager.wait_for_state(State.RUNNING, timeout=10)
+        ident = router.wait_inform()
+        for i in range(4):  # more jobs than slots: each slot comes back
+            msgid = router.request(ident, JOBS, "add", args=[i, 1], headers=REPLY)
+            assert router.wait_reply(msgid) == {"value": i + 1}
+        assert manager.state is State.RUNNING and manager.crashed is None
+        assert manager.free_slots == 2 and not manager.jobs_in_flight
+        logged = [r.getMessage() for r in caplog.records]
+        assert sum("failed in job_finished" in m for m in logged) == 4
+        assert sum("worker_done_with_reply of _ExitingDone raised" in m for m in logged) == 4
+    finally:
+        assert stop_for_good(manager)
+    assert hooks.disconnected_for == ["stopping"]

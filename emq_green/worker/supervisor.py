@@ -219,3 +219,5 @@ class Supervisor:
                              keep_waiting=lambda: self._stop_mode is StopMode.GRACEFUL)
         self._slots.kill_all()
         self._link.stop_reading()
+        if was_running:
+            self._hooks.notify("disconnected", "stopping")
