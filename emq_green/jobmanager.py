@@ -365,9 +365,7 @@ class JobManager:
         killed = outcome.status is Status.KILLED
         if record.headers.guarantee and not killed:
             self._slots.ended(record, reply)
-        self._account(record.msgid, reply, pid, killed,
-                      self.worker_done_with_reply if record.headers.reply_requested
-                      else self.worker_done)
+        _respond(self, record, reply, pid, killed)
 
     def _reply_again(self, reply: Any, msgid: str) -> None:
         """A guaranteed job that ended here, sent again as its REPLY crossed
@@ -556,6 +554,26 @@ def _honour_overrides(manager: JobManager, link: RouterLink, slots: JobSlots) ->
         link.ready_sender = functools.partial(_ready_through, manager, link)
     if cls.on_request is not JobManager.on_request:
         link.admit = functools.partial(_admit_through, manager, slots)
+
+
+def _respond(manager: JobManager, record: JobRecord, reply: Any, pid: int,
+             killed: bool) -> None:
+    """A job of the manager's own ended: accounted and answered, through a
+    subclass's :meth:`~JobManager.handle_response` when it has one (EventMQ
+    passes every finished job through it). One that raises before the base
+    method accounted for the job is logged, and the base method does."""
+    name = "worker_done_with_reply" if record.headers.reply_requested else "worker_done"
+    if type(manager).handle_response is not JobManager.handle_response:
+        try:
+            manager.handle_response({"callback": name, "msgid": record.msgid,
+                                     "return": reply, "pid": pid, "death": killed})
+            return
+        except HOOK_FAILURES:
+            logger.exception("handle_response of %s raised for job %s",
+                             type(manager).__name__, printable(record.msgid))
+        if record.msgid not in manager.jobs_in_flight:
+            return  # accounted for (by the base method) before it raised
+    manager._account(record.msgid, reply, pid, killed, getattr(manager, name))
 
 
 def _call_back(manager: JobManager, callback: Callback,

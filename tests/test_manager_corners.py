@@ -552,3 +552,39 @@ def test_a_system_exit_from_a_hook_or_an_override_goes_no_further(router, caplog
     finally:
         assert stop_for_good(manager)
     assert hooks.disconnected_for == ["stopping"]
+
+
+class _Responding(JobManager):
+    """Overrides handle_response: records each response, then passes it on,
+    or raises first for a job whose reply is 13."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.responses: list[dict] = []
+
+    def handle_response(self, resp):
+        self.responses.append(resp)
+        if resp["return"] == {"value": 13}:
+            raise RuntimeError("audit failed")
+        super().handle_response(resp)
+
+
+def test_a_subclass_handle_response_sees_every_finished_job_as_in_eventmq(router,
+                                                                          make_manager):
+    """A probe's find: EventMQ passes every finished job through
+    handle_response; a subclass's override was never called for the
+    manager's own jobs."""
+    manager = make_manager(manager_class=_Responding, concurrent_jobs=2)
+    ident = router.wait_inform()
+    asked = router.request(ident, JOBS, "add", args=[1, 2], headers=REPLY)
+    assert router.wait_reply(asked) == {"value": 3}
+    quiet = router.request(ident, JOBS, "add", args=[2, 2])
+    router.wait_until(lambda: len(manager.responses) == 2)
+    assert [(r["callback"], r["msgid"], r["return"], r["death"]) for r in manager.responses] \
+        == [("worker_done_with_reply", asked, {"value": 3}, False),
+            ("worker_done", quiet, {"value": 4}, False)]
+    # one that raises before passing it on: the job is answered all the same
+    raised = router.request(ident, JOBS, "add", args=[6, 7], headers=REPLY)
+    assert router.wait_reply(raised) == {"value": 13}
+    router.wait_until(lambda: manager.free_slots == 2 and not manager.jobs_in_flight)
+    assert manager.state is State.RUNNING
