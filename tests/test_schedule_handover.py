@@ -632,3 +632,43 @@ def test_the_kbye_before_a_scheduler_s_inform_moves_nothing(side):
     # a plain KBYE still hands over
     side.on_kbye(owner, Message.new(Command.KBYE))
     assert side.live[KEY].owner == other
+
+
+@pytest.mark.timeout(10)
+def test_a_schedule_the_scheduler_refuses_is_handed_to_no_other(side, caplog):
+    """A probe's find: emq-green-scheduler refused a SCHEDULE of a callable
+    its allowed_callables did not list, but the router kept it in its book
+    and, when that scheduler died, handed it to EventMQ's scheduler, which
+    has no allowed list: the job ran. The scheduler now sends the refused
+    schedule back as an UNSCHEDULE, and the router forgets it."""
+    side, sockets = side
+    inform(side, b"careful")
+    schedule(side)
+    [forwarded] = sockets.to(b"careful", Command.SCHEDULE)
+    careful = Scheduler(settings=Settings(allowed_callables=("jobs_for_tests.*",)))
+    back: list[Message] = []
+    careful._send = lambda message: back.append(message) is None  # no socket here
+    careful.on_schedule(forwarded)
+    assert KEY not in careful.table.entries and careful.counts["refused"] == 1
+    [unschedule] = back
+    assert unschedule.command is Command.UNSCHEDULE and unschedule.body == forwarded.body
+    side.on_unschedule(b"careful", unschedule)  # what the router reads from it
+    inform(side, b"eventmq-scheduler")
+    side.on_kbye(b"careful", Message.new(Command.KBYE))
+    assert sockets.to(b"eventmq-scheduler", Command.SCHEDULE) == []
+    assert KEY not in side.live
+    # a refusal of a malformed one sends nothing back (there is nothing to forget)
+    careful.on_schedule(Message.new(Command.SCHEDULE, "q", "", "nope", PAYLOAD, ""))
+    assert len(back) == 1 and careful.counts["refused"] == 2
+
+
+def test_refusals_in_a_flood_are_logged_at_most_a_burst_at_a_time(caplog):
+    from emq_green.limits import LOG_BURST
+
+    careful = Scheduler(settings=Settings(allowed_callables=("jobs_for_tests.*",)))
+    careful._send = lambda message: True
+    for n in range(LOG_BURST * 3):
+        careful.on_schedule(Message.new(Command.SCHEDULE, "q", "", str(n + 1), PAYLOAD, ""))
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert careful.counts["refused"] == LOG_BURST * 3
+    assert len(lines) <= LOG_BURST

@@ -140,6 +140,10 @@ def test_wait_for_router_returns_once_a_router_answers(green):
     (["--timeout", "-1"], "argument --timeout: '-1' is not a finite number of seconds >= 0"),
     (["--admin-addr", "bogus"],
      "--admin-addr: invalid router address 'bogus': Invalid argument"),
+    # a probe's finds: the first sent a plain job, run once, and exited 0;
+    # the second scheduled once and ignored --count
+    (["--cron", ""], "--cron needs a cron text"),
+    (["--every", "5", "--count", "3"], "--count goes with jobs sent now"),
 ])
 def test_bad_options_are_refused_before_anything(args, message):
     """--delay inf was a traceback (OverflowError), and so was

@@ -252,6 +252,14 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     if ns.count < 1:
         out.write("emq-green-submit: --count must be at least 1\n")
         return 2
+    if ns.cron is not None and not ns.cron.strip():
+        # (empty, it was taken for no --cron at all: the job ran once, now)
+        out.write("emq-green-submit: --cron needs a cron text, e.g. \"*/5 * * * *\"\n")
+        return 2
+    if ns.count != 1 and (ns.every is not None or ns.cron or ns.unschedule):
+        out.write("emq-green-submit: --count goes with jobs sent now; a schedule is one "
+                  "(its runs: --run-count)\n")
+        return 2
     if ns.wait and (ns.delay is not None or ns.every is not None or ns.cron or ns.unschedule):
         out.write("emq-green-submit: --wait needs jobs sent now: a delayed or scheduled job "
                   "goes through a scheduler and returns no result\n")

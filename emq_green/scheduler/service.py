@@ -46,6 +46,7 @@ import zmq.green as zmq
 from ..callables import refusal
 from ..curve import client_curve
 from ..lifecycle import Lifecycle
+from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, RunRequest, printable
 from ..schedules import FOREVER, KBYE_CONNECTING, parse_schedule, unschedule_key
 from ..settings import Settings
@@ -70,6 +71,24 @@ RETRY_INTERVAL = 0.1
 
 #: a firing later than this (s) after its time is logged
 LATE_WARNING = 0.05
+
+
+#: refusals are caused by peers' messages: at most LOG_BURST lines a window
+_refusals = LogLimiter(logger)
+
+
+def _refused(scheduler: Scheduler, message: Message, exc: ProtocolError,
+             dropped: bool = False) -> None:
+    """A SCHEDULE or UNSCHEDULE refused: counted, logged (rate-limited).
+    ``dropped``: a well-formed SCHEDULE this scheduler will not run (not
+    allowed, or one too many), sent back as an UNSCHEDULE, so that
+    emq-green's router forgets it and hands it to no other scheduler (it
+    did, and EventMQ's, with no allowed list, ran it)."""
+    scheduler.counts["refused"] += 1
+    _refusals.error("refused", "scheduler: %s %s refused: %s", message.command.value,
+                    printable(message.msgid), printable(exc, 200))
+    if dropped:
+        scheduler._send(Message.new(Command.UNSCHEDULE, *message.body))
 
 
 def _introduce(send: Callable[[Message], bool], inform: Message) -> bool:
@@ -316,6 +335,7 @@ class Scheduler:
 
     def on_schedule(self, message: Message) -> None:
         """Take a SCHEDULE (a new one replaces one of the same key)."""
+        schedule = None
         try:
             schedule = parse_schedule(message.body)
             why = refusal(RunRequest.parse(schedule.payload), self.settings.allowed_callables)
@@ -324,9 +344,7 @@ class Scheduler:
             if schedule.key not in self.table.entries and len(self.table) >= MAX_SCHEDULES:
                 raise ProtocolError(f"{MAX_SCHEDULES} schedules held already")
         except ProtocolError as exc:
-            self.counts["refused"] += 1
-            logger.error("scheduler: SCHEDULE %s refused: %s", printable(message.msgid),
-                         printable(exc, 200))
+            _refused(self, message, exc, dropped=schedule is not None)
             return
         held = self.table.entries.get(schedule.key)
         if held is not None and (held.schedule.body() == schedule.body() or (
@@ -369,9 +387,7 @@ class Scheduler:
         try:
             key = unschedule_key(message.body)
         except ProtocolError as exc:
-            self.counts["refused"] += 1
-            logger.error("scheduler: UNSCHEDULE %s refused: %s", printable(message.msgid),
-                         printable(exc, 200))
+            _refused(self, message, exc)
             return
         entry = self.table.remove(key)
         if self.store is not None:
