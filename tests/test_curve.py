@@ -244,7 +244,8 @@ def test_authorized_peers_get_jobs_through_and_strangers_get_nothing(stack: Curv
     assert good.wait_exit(30) == 0
     wait_until(lambda: not stack.workers(), 20, "the good worker to leave")
     before = stack.status()
-    stack.worker("plain-worker", None).wait_for("connecting to ")
+    plain_worker = stack.worker("plain-worker", None)
+    plain_worker.wait_for("connecting to ")
     metrics = f"127.0.0.1:{free_port()}"
     stranger_worker = stack.worker("stranger-worker", "stranger", "--metrics-addr", metrics)
     stranger_worker.wait_for("CURVE handshake with .* failed .*this key is not authorized")
@@ -254,6 +255,8 @@ def test_authorized_peers_get_jobs_through_and_strangers_get_nothing(stack: Curv
         "the plain and the unlisted worker refused at the handshake",
         lambda s: s["curve_handshakes_failed"] > before["curve_handshakes_failed"]
         and s["curve_handshakes_refused"] > before["curve_handshakes_refused"])
+    # the plain one is dropped without a word: its log says what it may lack
+    plain_worker.wait_for(r"no ACK from .*it needs curve_server_key_file here", timeout=30)
     with Client(stack.front, green=False, curve=stack.keys.curve("client")) as client:
         for i in range(4):
             client.defer_job(MARK, [marks, f"later-{i}"])

@@ -73,6 +73,10 @@ RETRY_INTERVAL = 0.1
 LATE_WARNING = 0.05
 
 
+#: said when a router does not answer a plain scheduler
+_NO_CURVE_HINT = (" (a router with CURVE drops plain peers without a word: it needs "
+                  "curve_server_key_file here)")
+
 #: refusals are caused by peers' messages: at most LOG_BURST lines a window
 _refusals = LogLimiter(logger)
 
@@ -248,8 +252,9 @@ class Scheduler:
                 last = now
                 if not self.connected.is_set():
                     if now - started >= s.reconnect_timeout:
-                        logger.warning("scheduler: no ACK from %s in %g s; trying again",
-                                       self.addr, s.reconnect_timeout)
+                        logger.warning("scheduler: no ACK from %s in %g s; trying again%s",
+                                       self.addr, s.reconnect_timeout,
+                                       "" if self._curve else _NO_CURVE_HINT)
                         break
                     continue
                 if s.disable_heartbeats:

@@ -319,8 +319,7 @@ class RouterLink:
             left = deadline - time.monotonic()
             if left <= 0 or give_up():
                 if not give_up():
-                    logger.warning("no ACK from %s in %g s; trying again",
-                                   self.outgoing.addr if self.outgoing else "?", timeout)
+                    _no_ack(self.outgoing, timeout, self._settings())
                 return False
             # (cleared: a set Event returns at once, and this loop would spin
             # without ever letting the reader take the ACK)
@@ -639,6 +638,13 @@ def fit_reply(text: str, msgid: str, max_size: int, counters: collections.Counte
     worker_log.warning("reply-too-large", "job %s: %s; sent an error reply instead",
                        printable(msgid), message, via=logger)
     return json.dumps({"value": message, "error": {"type": "ReplyTooLarge", "message": message}})
+
+
+def _no_ack(conn: Optional[Connection], timeout: float, settings: Settings) -> None:
+    logger.warning("no ACK from %s in %g s; trying again%s", conn.addr if conn else "?",
+                   timeout, "" if settings.curve_server_key_file else
+                   " (a router with CURVE drops plain peers without a word: it needs "
+                   "curve_server_key_file here)")
 
 
 __all__ = ["CLOSE_LINGER", "READ_CHUNK", "ReplyOrigins", "RouterLink", "job_ended",
