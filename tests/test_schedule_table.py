@@ -184,3 +184,35 @@ def test_store_keeps_state_across_a_restart(tmp_path):
     assert (back.key, back.anchor, back.next_at, back.runs_left, back.runs, back.last_at) == \
         (entry.key, T0, T0 + 20, 4, 1, T0 + 10.01)
     assert back.schedule.queue == "q"
+
+
+def test_a_wall_clock_stepped_back_does_not_stall_the_schedules():
+    """A probe's find (an offset clock, the system's untouched): the clock
+    stepped back 300 s and nothing fired for 300 s, without a word.
+    Intervals keep their pace in elapsed time, cron takes its next time from
+    the clock as it is now, a one-shot keeps its absolute eta."""
+    table = ScheduleTable()
+    calls = [dict(CALL, args=[name]) for name in ("every", "cron", "once")]
+    every, _ = table.add(parse_schedule(body("10", "nohaste", call=calls[0])), T0)
+    cron, _ = table.add(parse_schedule(body("-1", "nohaste", "* * * * *", call=calls[1])), T0)
+    once, _ = table.add(parse_schedule(body("-1", f"run_count:1,nohaste,eta:{T0 + 400}",
+                                            "* * * * *", call=calls[2])), T0)
+    assert run_until(table, T0, T0 + 25) == [T0 + 10, T0 + 20]
+    now = T0 + 25 - 300  # 5 s later by the monotonic clock, the wall clock 300 s back
+    table.clock_stepped_back(-300.0 - 5, now)
+    assert every.next_at == T0 + 30 - 305  # 5 s from now, as before the step
+    assert cron.next_at == T0 - 240  # the next whole minute of the clock as it is
+    assert once.next_at == T0 + 400  # an absolute time
+    assert table.due(now + 5) == [every]
+
+
+def test_the_clock_watch_sees_a_step_back_and_nothing_else():
+    from emq_green.scheduler.service import ClockWatch
+
+    wall = [T0]
+    watch = ClockWatch(lambda: wall[0])
+    assert watch.stepped_back(T0) == 0.0
+    assert watch.stepped_back(T0 + 60) == 0.0  # forward (or a test's fake clock)
+    step = watch.stepped_back(T0 + 60 - 300)
+    assert -301 < step < -299
+    assert watch.stepped_back(T0 + 60 - 300) == 0.0  # once

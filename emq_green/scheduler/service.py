@@ -73,6 +73,33 @@ RETRY_INTERVAL = 0.1
 LATE_WARNING = 0.05
 
 
+#: a wall clock that goes back more than this (seconds) against the
+#: monotonic clock has been stepped (by hand, or NTP stepping it)
+CLOCK_STEP = 1.0
+
+
+class ClockWatch:
+    """Tells a step back of the wall clock ``clock`` from its pace against
+    the monotonic clock."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._wall, self._mono = clock(), time.monotonic()
+
+    def stepped_back(self, wall: float) -> float:
+        """The step back (negative seconds) since the last call, or 0."""
+        mono = time.monotonic()
+        step = wall - (self._wall + (mono - self._mono))
+        self._wall, self._mono = wall, mono
+        return step if step < -CLOCK_STEP else 0.0
+
+
+def _follow_the_clock(scheduler: Scheduler, step: float, now: float) -> None:
+    if step:
+        logger.warning("scheduler: the wall clock went back %.1f s; interval schedules keep "
+                       "their pace, cron ones take their next time from the clock", -step)
+        scheduler.table.clock_stepped_back(step, now)
+
+
 #: said when a router does not answer a plain scheduler
 _NO_CURVE_HINT = (" (a router with CURVE drops plain peers without a word: it needs "
                   "curve_server_key_file here)")
@@ -439,9 +466,11 @@ class Scheduler:
     # firing
 
     def _tick(self) -> None:
+        watch = ClockWatch(self._clock)
         while True:
             if self.connected.is_set():
                 now = self._clock()
+                _follow_the_clock(self, watch.stepped_back(now), now)
                 for entry in self.table.due(now):
                     if self._blocked:
                         self.table.put(entry)  # due still: tried with the first

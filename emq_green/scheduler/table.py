@@ -164,6 +164,25 @@ class ScheduleTable:
             return at
         return now  # an eta one-shot has no next time; it ends after one run
 
+    def clock_stepped_back(self, step: float, now: float) -> None:
+        """The wall clock went back ``step`` seconds (negative): interval
+        schedules keep their pace in elapsed time (their times move back
+        with the clock, or they would stall for the step's length); cron ones
+        take their next time from the clock now; one-shots at an eta keep it
+        (an absolute time)."""
+        for entry in self.entries.values():
+            s = entry.schedule
+            if s.eta is not None:
+                continue
+            if s.interval is not None:
+                entry.anchor += step
+                entry.next_at += step
+            elif s.cron:
+                entry.next_at = next_cron(s.cron, now)
+        self._heap = []
+        for entry in self.entries.values():
+            self._push(entry)
+
     def soonest(self, limit: int) -> list[Entry]:
         """At most ``limit`` entries, the soonest first (the listing)."""
         return heapq.nsmallest(limit, self.entries.values(), key=lambda e: e.next_at)
