@@ -98,9 +98,10 @@ class Guarantees:
         #: requests given up (:meth:`count_loss`)
         self.given_up = 0
         #: Requests on their last chance (one more death of their worker
-        #: gives them up), waiting to run alone: one of them is out at a time
+        #: gives them up), waiting their turn: one of them is out at a time
         #: (:attr:`_alone`), so that jobs which only shared workers with one
-        #: that kills them are not given up with it.
+        #: that kills them are not given up with it (others may run beside it
+        #: on its worker: a second killer there can still take it down).
         self._last_chance: collections.deque[Request] = collections.deque()
         self._alone: Optional[Request] = None
         #: sends a request out (at the head of its queue); set by the router
@@ -194,7 +195,7 @@ class Guarantees:
 
     def count_loss(self, request: Request) -> str:
         """The worker running ``request`` died: :data:`AGAIN` (send it
-        again), :data:`LAST_CHANCE` (held, to run alone: :meth:`_release`)
+        again), :data:`LAST_CHANCE` (held, to go out one at a time: :meth:`_release`)
         or :data:`GIVEN_UP` (once more than :attr:`max_redeliveries`
         allows: forgotten here and in the journal; a job that kills every
         worker it runs on would otherwise kill them all, for ever)."""

@@ -105,7 +105,7 @@ def _possibly_lost(lost: list[Sent], counters: collections.Counter[str],
 def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
                   relay: ResultRelay) -> list[Sent]:
     """The guaranteed requests of ``sent`` (lost with ``worker``) to send
-    again: those on their last chance wait to run alone, those lost once too
+    again: those on their last chance wait to go out one at a time, those lost once too
     often are given up, each logged and its client told
     (:meth:`Guarantees.count_loss`)."""
     again = []
@@ -118,7 +118,8 @@ def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
             continue
         if decided == LAST_CHANCE:
             logger.warning("router: guaranteed REQUEST %s (queue %s): %d workers died running "
-                           "it; on its last chance, it runs alone (max_redeliveries %d)",
+                           "it; on its last chance, it goes out when no other one is out "
+                           "(max_redeliveries %d)",
                            printable(request.msgid), printable(request.queue),
                            request.losses, guarantees.max_redeliveries)
             continue
