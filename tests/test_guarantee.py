@@ -676,3 +676,48 @@ def test_jobs_that_shared_workers_with_a_killer_run_alone_and_are_not_given_up(m
                ((m.body[1], json.loads(m.body[0])) for m in [client.recv() for _ in range(4)])}
     assert results[poison]["reason"] == "given_up"
     assert all(results[m] == {"value": m} for m in finished)
+
+
+def test_a_last_chance_request_runs_on_a_worker_that_runs_nothing_else(make_router):
+    """A probe's find: "alone" meant one at a time across the router, not
+    alone on its worker; a second killer running beside a last-chance
+    request took it down and it was given up. Now the router reserves a
+    worker for it: no other job goes there until the request ends, and the
+    request goes there only once that worker is idle."""
+    h = make_router(max_redeliveries=1, **FAST)
+    client = h.peer("frontend")
+    innocent = guaranteed(h, client)
+    killer = guaranteed(h, client)
+    assert {client.recv().body for _ in range(2)} == {(innocent.msgid,), (killer.msgid,)}
+    first = join(h, 2, name="first")
+    assert {first.recv().msgid for _ in range(2)} == {innocent.msgid, killer.msgid}
+    first.close()  # both on their last chance now
+    wait_until(lambda: h.router.status()["guaranteed_last_chance"] == 2, timeout=5,
+               what="both on their last chance")
+    worker = join(h, 3, name="second", beat=True)
+    got = worker.recv()
+    assert got.msgid in (innocent.msgid, killer.msgid)
+    plain = [h.request(client) for _ in range(3)]
+    wait_until(lambda: len(h.router.waiting.get("default", ())) == 3, timeout=5,
+               what="the plain ones wait: the only worker is reserved")
+    assert worker.pending() == []
+    worker.send(Command.REPLY, json.dumps({"value": 1}), got.msgid)  # it ends well
+    # its two withheld slots come back: two plain ones go to it; the other
+    # last-chance request reserves it in turn, and waits until it is idle
+    out = [worker.recv() for _ in range(2)]
+    assert {m.msgid for m in out} < {m.msgid for m in plain}
+    worker.send(Command.READY)  # the slot of the job that ended: withheld
+    other = ({innocent.msgid, killer.msgid} - {got.msgid}).pop()
+    for m in out:  # the plain ones end: idle, the last-chance one comes, alone
+        worker.sock.send_multipart([b"", b"eMQP/1.0", b"READY", m.msgid.encode()])
+    assert worker.recv().msgid == other
+    assert worker.pending() == []
+    assert len(h.router.waiting.get("default", ())) == 1  # the third still waits
+    worker.close()  # it kills this worker too: given up
+    wait_until(lambda: h.router.status()["guaranteed_given_up"] == 1, timeout=5,
+               what="the killer given up")
+    status = h.router.status()
+    assert status["guaranteed_last_chance"] == 0 and status["guaranteed_held"] == 0
+    # nothing is withheld any more: a new worker takes the plain one left
+    last = join(h, 1, name="last", beat=True)
+    assert last.recv().msgid in {m.msgid for m in plain}

@@ -85,6 +85,7 @@ from ..lifecycle import Lifecycle
 from ..limits import LogLimiter
 from ..protocol import CLIENT_FLUSH, Command, Message, new_msgid, printable
 from ..settings import Settings
+from . import lastchance
 from .clients import ClientSide
 from .guarantee import Guarantees
 from .journal import Journal
@@ -183,7 +184,8 @@ class Router:
                                       sockets=self.sockets, relay=self.relay,
                                       counters=self.counters, guarantees=self.guarantees,
                                       limiter=self.log_limiter)
-        self.guarantees.send_alone = lambda request: self.worker_side.route_again([request])
+        self.guarantees.send_alone = lambda request: lastchance.place(self.worker_side, request)
+        self.guarantees.alone_ended = lambda: lastchance.ended(self.worker_side)
         #: The client side (REQUEST plain or guaranteed, the buffer, DISCONNECT).
         self.client_side = ClientSide(settings=settings, routing=self.routing,
                                       sockets=self.sockets, relay=self.relay,
@@ -423,6 +425,7 @@ class Router:
             gevent.sleep(tick)
             now = time.monotonic()
             self.relay.expire(now, self._drop_unstarted)
+            lastchance.keep_placing(self.worker_side)
             self.worker_side.check(now)
             self.scheduler_side.check(now)
 

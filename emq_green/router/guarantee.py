@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 
 from ..protocol import printable, result_requested_in
 from .journal import Journal
-from .routing import Request
+from .routing import Request, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ def _unsent(request: Request) -> None:
     """The default sender: nobody routes requests."""
 
 
+def _nothing() -> None:
+    """The default: nobody reserved a worker."""
+
+
 def _unheard(requests: list[Request], error: Optional[str]) -> None:
     """The default listener: nobody routes requests."""
 
@@ -99,13 +103,19 @@ class Guarantees:
         self.given_up = 0
         #: Requests on their last chance (one more death of their worker
         #: gives them up), waiting their turn: one of them is out at a time
-        #: (:attr:`_alone`), so that jobs which only shared workers with one
-        #: that kills them are not given up with it (others may run beside it
-        #: on its worker: a second killer there can still take it down).
+        #: (:attr:`alone`), alone on a worker, so that jobs which only shared
+        #: workers with one that kills them are not given up with it.
         self._last_chance: collections.deque[Request] = collections.deque()
-        self._alone: Optional[Request] = None
-        #: sends a request out (at the head of its queue); set by the router
+        #: the last-chance request out (or being placed)
+        self.alone: Optional[Request] = None
+        #: it, while it waits for its worker to be free of other jobs
+        self.unplaced: Optional[Request] = None
+        #: the worker reserved for it (:mod:`emq_green.router.lastchance`)
+        self.reserved: Optional[Worker] = None
+        #: sends a last-chance request out, alone on a worker; told when it
+        #: ends (both set by the router)
         self.send_alone: Callable[[Request], None] = _unsent
+        self.alone_ended: Callable[[], None] = _nothing
         #: accepted and not seen to finish (buffered, or out at a worker)
         self.held = 0
         self.accepted = 0
@@ -184,8 +194,9 @@ class Guarantees:
         goes to a client lingers a moment (RESULT_LINGER) for that result
         to leave."""
         self.held -= 1
-        if request is self._alone:
-            self._alone = None
+        if request is self.alone:
+            self.alone = None
+            self.alone_ended()
             self._release()
         if request.seq and self.journal is not None and self.journal.delete(
                 request.seq, linger=result and result_requested_in(request.body[1])):
@@ -195,7 +206,7 @@ class Guarantees:
 
     def count_loss(self, request: Request) -> str:
         """The worker running ``request`` died: :data:`AGAIN` (send it
-        again), :data:`LAST_CHANCE` (held, to go out one at a time: :meth:`_release`)
+        again), :data:`LAST_CHANCE` (held, to go out alone: :meth:`_release`)
         or :data:`GIVEN_UP` (once more than :attr:`max_redeliveries`
         allows: forgotten here and in the journal; a job that kills every
         worker it runs on would otherwise kill them all, for ever)."""
@@ -213,10 +224,10 @@ class Guarantees:
 
     def _release(self) -> None:
         """Send the next last-chance request if none is out."""
-        if self._alone is None and self._last_chance:
-            self._alone = self._last_chance.popleft()
+        if self.alone is None and self._last_chance:
+            self.alone = self._last_chance.popleft()
             self.redelivered += 1
-            self.send_alone(self._alone)
+            self.send_alone(self.alone)
 
     def late_reply(self, msgid: str, worker: str) -> None:
         """A REPLY for a job already sent elsewhere or finished: dropped."""
@@ -245,7 +256,7 @@ class Guarantees:
             "guaranteed_restored": self.restored,
             "redelivered": self.redelivered,
             "guaranteed_given_up": self.given_up,
-            "guaranteed_last_chance": len(self._last_chance) + (self._alone is not None),
+            "guaranteed_last_chance": len(self._last_chance) + (self.alone is not None),
             "late_replies": self.late_replies,
             **(self.journal.status() if self.journal is not None else {"journal_file": None}),
         }

@@ -123,6 +123,9 @@ class Worker:
     #: here: an emq-green worker's READY after that REPLY names it (and
     #: retires nothing).
     last_replied: str = ""
+    #: Free slots withheld while it is reserved for a last-chance request
+    #: (:mod:`emq_green.router.lastchance`): it gets nothing else meanwhile.
+    held_slots: int = 0
     #: The monotonic time, set at its KBYE, when its unfinished guaranteed
     #: jobs go elsewhere (until then they may still end there, with a REPLY).
     leaving_until: float = 0.0

@@ -57,6 +57,7 @@ from ..protocol import (
     request_frames,
 )
 from ..settings import Settings
+from . import lastchance
 from .guarantee import AGAIN, LAST_CHANCE, Guarantees, was_killed
 from .results import GIVEN_UP, ResultRelay
 from .routing import RAN_ON_KEPT, Request, Routing, Sent, Worker, remember
@@ -105,7 +106,7 @@ def _possibly_lost(lost: list[Sent], counters: collections.Counter[str],
 def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
                   relay: ResultRelay) -> list[Sent]:
     """The guaranteed requests of ``sent`` (lost with ``worker``) to send
-    again: those on their last chance wait to go out one at a time, those lost once too
+    again: those on their last chance wait to go out alone, those lost once too
     often are given up, each logged and its client told
     (:meth:`Guarantees.count_loss`)."""
     again = []
@@ -118,7 +119,7 @@ def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
             continue
         if decided == LAST_CHANCE:
             logger.warning("router: guaranteed REQUEST %s (queue %s): %d workers died running "
-                           "it; on its last chance, it goes out when no other one is out "
+                           "it; on its last chance, it runs alone on a worker "
                            "(max_redeliveries %d)",
                            printable(request.msgid), printable(request.queue),
                            request.losses, guarantees.max_redeliveries)
@@ -258,6 +259,8 @@ class WorkerSide:
         worker = routing.workers[identity]
         if worker.unreplied or worker.replied_unasked:
             routing.retire_oldest_unreplied(worker, message.msgid)
+        if worker is self.guarantees.reserved and lastchance.ready(self, worker):
+            return
         found = routing.next_for(worker)
         if found is None:
             routing.give_slot(worker)
@@ -470,7 +473,7 @@ class WorkerSide:
         routing = self.routing
         queues: list[str] = []
         full = False
-        for request in reversed(requests):
+        for request in reversed(lastchance.sent_again(self, requests)):
             queue = routing.queue_for(request.queue)
             full = routing.buffer(queue, request, head=True) or full
             if queue not in queues:

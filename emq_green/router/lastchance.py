@@ -1,0 +1,128 @@
+"""A guaranteed request on its last chance runs alone on a worker.
+
+Every job on a worker that dies counts that death (the router cannot tell
+which one killed it). A request that reached ``max_redeliveries`` deaths is
+on its last chance (:meth:`~emq_green.router.guarantee.Guarantees.count_loss`):
+one death more gives it up. Those requests go out one at a time across the
+router, and each on a worker that runs nothing else meanwhile, so that the
+death that gives one up is its own doing, not that of a job beside it (a
+probe lost two innocent jobs of 400 to three killers before this).
+
+How a worker is made to run it alone: the least busy worker of its queue is
+**reserved**. Its free slots are withheld (moved to ``Worker.held_slots``:
+the free lists drop a worker with no slot), and so are the slots its READYs
+give back, until it has no job in flight; then the request goes to it. When
+the request ends (its REPLY, or it is given up) the withheld slots come back
+and the worker's queues are served again. A reserved worker that leaves or
+dies before the request reached it is replaced by the housekeeping tick
+(:func:`keep_placing`); the request itself, lost with a worker, is counted
+like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+from .guarantee import Guarantees
+from .routing import Request, Routing, Worker
+
+
+class Side(Protocol):
+    """What of the router's worker side this module uses."""
+
+    guarantees: Guarantees
+    routing: Routing
+
+    def hand_over(self, worker: Worker, request: Request, queue: str) -> None: ...
+
+    def dispatch(self, queue: str) -> None: ...
+
+
+def _usable(routing: Routing, worker: Optional[Worker]) -> bool:
+    return (worker is not None and routing.workers.get(worker.identity) is worker
+            and not worker.leaving_until)
+
+
+def _least_busy(routing: Routing, queue: str) -> Optional[Worker]:
+    """The connected worker of ``queue`` with the fewest jobs in flight."""
+    book = routing.queues.get(queue)
+    if book is None:
+        return None
+    workers = [routing.workers[i] for i in book.members if i in routing.workers]
+    workers = [w for w in workers if not w.leaving_until]
+    return min(workers, key=lambda w: len(w.in_flight), default=None)
+
+
+def place(side: Side, request: Request) -> None:
+    """Send the last-chance ``request`` to a worker of its own, as soon as
+    one is free of other jobs."""
+    side.guarantees.unplaced = request
+    keep_placing(side)
+
+
+def keep_placing(side: Side) -> None:
+    """Reserve a worker for the request not placed yet (again, when the one
+    reserved left), and hand the request over once that worker is idle."""
+    guarantees, routing = side.guarantees, side.routing
+    request = guarantees.unplaced
+    if request is None:
+        return
+    worker = guarantees.reserved
+    queue = routing.queue_for(request.queue)
+    if not _usable(routing, worker):
+        worker = guarantees.reserved = _least_busy(routing, queue)
+        if worker is None:
+            return  # no worker of its queue now: the housekeeping tries again
+        worker.held_slots += worker.slots
+        worker.slots = 0
+    assert worker is not None
+    if worker.in_flight or not worker.held_slots:
+        return  # its READYs come back here (:func:`ready`)
+    worker.held_slots -= 1
+    guarantees.unplaced = None
+    side.hand_over(worker, request, queue)
+
+
+def ready(side: Side, worker: Worker) -> bool:
+    """A READY from ``worker``: True when it is the reserved worker (the
+    slot is withheld; the request goes to it once it is idle)."""
+    if worker is not side.guarantees.reserved:
+        return False
+    worker.held_slots += 1
+    keep_placing(side)
+    return True
+
+
+def _unreserve(side: Side) -> None:
+    """The reserved worker, if still connected, gets its slots back and
+    serves its queues again."""
+    guarantees, routing = side.guarantees, side.routing
+    worker, guarantees.reserved = guarantees.reserved, None
+    if worker is None or routing.workers.get(worker.identity) is not worker:
+        return
+    held, worker.held_slots = worker.held_slots, 0
+    for _ in range(held):
+        routing.give_slot(worker)
+    for queue in worker.by_weight:
+        side.dispatch(queue)
+
+
+def ended(side: Side) -> None:
+    """The last-chance request out ended (its REPLY, or given up)."""
+    side.guarantees.unplaced = None
+    _unreserve(side)
+
+
+def sent_again(side: Side, requests: list[Request]) -> list[Request]:
+    """``requests`` to route as usual, without the last-chance one (a
+    worker killed it while stopping, or it was not sent this turn): that
+    one is placed anew, alone."""
+    alone = side.guarantees.alone
+    if alone is None or alone not in requests:
+        return requests
+    _unreserve(side)
+    place(side, alone)
+    return [r for r in requests if r is not alone]
+
+
+__all__ = ["ended", "keep_placing", "place", "ready", "sent_again"]
