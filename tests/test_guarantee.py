@@ -45,11 +45,12 @@ def guaranteed(h: Harness, client, headers: str = "guarantee", queue: str = "def
     return h.request(client, queue=queue, headers=headers, payload=PAYLOAD)
 
 
-def join(h: Harness, ready: int, name: str = "", beat: bool = False):
+def join(h: Harness, ready: int, name: str = "", beat: bool = False,
+         queues=((10, "default"),)):
     """A worker that INFORMs, then sends ``ready`` READYs (which buffered
     requests may use at once); with ``beat``, it sends HEARTBEATs too (a
     fake worker is otherwise silent, and taken for dead)."""
-    worker = h.worker(slots=0, name=name)
+    worker = h.worker(queues=queues, slots=0, name=name)
     for _ in range(ready):
         worker.send(Command.READY)
     if beat:
@@ -721,3 +722,35 @@ def test_a_last_chance_request_runs_on_a_worker_that_runs_nothing_else(make_rout
     # nothing is withheld any more: a new worker takes the plain one left
     last = join(h, 1, name="last", beat=True)
     assert last.recv().msgid in {m.msgid for m in plain}
+
+
+def test_a_last_chance_request_moves_to_a_worker_that_is_idle_now(make_router):
+    """A probe's find: the reservation fell on a worker running a long job
+    (the only worker of the queue at that moment) and stayed there while
+    another came back idle: the request waited for the long job, and the
+    busy worker's free slots were withheld all along (its other queue
+    starved)."""
+    h = make_router(max_redeliveries=1, **FAST)
+    client = h.peer("frontend")
+    dying = join(h, 1, name="dying")
+    sent = guaranteed(h, client)
+    assert client.recv().body == (sent.msgid,)
+    assert dying.recv().msgid == sent.msgid
+    busy = join(h, 0, name="busy", beat=True, queues=((10, "default"), (10, "other")))
+    for _ in range(3):
+        busy.send(Command.READY)
+    # (all three read first: a READY read after the job below would end it)
+    wait_until(lambda: h.slots(busy) == 3, timeout=5, what="three slots")
+    long_one = h.request(client)  # runs long on "busy"
+    assert busy.recv().msgid == long_one.msgid
+    dying.close()  # the guaranteed job's worker dies: its last chance
+    wait_until(lambda: h.router.guarantees.reserved is not None, timeout=5,
+               what="a worker reserved")
+    assert h.router.guarantees.reserved.identity == b"busy"  # the only one
+    starved = h.request(client, queue="other")  # only "busy" serves it: withheld
+    wait_until(lambda: len(h.router.waiting.get("other", ())) == 1, timeout=5,
+               what="the other queue's job waiting")
+    idle = join(h, 2, name="idle", beat=True)  # comes back, idle
+    assert idle.recv().msgid == sent.msgid  # moved: it need not wait for the long job
+    assert busy.recv().msgid == starved.msgid  # and "busy" has its slots back
+    assert idle.pending() == [] and h.router.guarantees.reserved is h.router.workers[b"idle"]

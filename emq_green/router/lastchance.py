@@ -8,15 +8,18 @@ router, and each on a worker that runs nothing else meanwhile, so that the
 death that gives one up is its own doing, not that of a job beside it (a
 probe lost two innocent jobs of 400 to three killers before this).
 
-How a worker is made to run it alone: the least busy worker of its queue is
-**reserved**. Its free slots are withheld (moved to ``Worker.held_slots``:
+How a worker is made to run it alone: an idle worker of its queue, else the
+least busy one, is **reserved**. Its free slots are withheld (moved to ``Worker.held_slots``:
 the free lists drop a worker with no slot), and so are the slots its READYs
 give back, until it has no job in flight; then the request goes to it. When
 the request ends (its REPLY, or it is given up) the withheld slots come back
-and the worker's queues are served again. A reserved worker that leaves or
-dies before the request reached it is replaced by the housekeeping tick
-(:func:`keep_placing`); the request itself, lost with a worker, is counted
-like any other.
+and the worker's queues are served again. Until the request is out, the
+housekeeping tick (:func:`keep_placing`, a few times a second) moves the
+reservation to a worker of its queue that is idle now (one that came back,
+or finished its jobs) and replaces a reserved worker that left or died, so
+that a long job on the reserved worker does not hold the request (a probe:
+12 s and more, with another worker idle); the request itself, lost with a
+worker, is counted like any other.
 """
 
 from __future__ import annotations
@@ -53,6 +56,37 @@ def _least_busy(routing: Routing, queue: str) -> Optional[Worker]:
     return min(workers, key=lambda w: len(w.in_flight), default=None)
 
 
+def _idle(routing: Routing, queue: str, other_than: Optional[Worker]) -> Optional[Worker]:
+    """A connected worker of ``queue`` with no job in flight and a free slot."""
+    book = routing.queues.get(queue)
+    for identity in book.members if book is not None else ():
+        worker = routing.workers.get(identity)
+        if (worker is not None and worker is not other_than and not worker.in_flight
+                and worker.slots > 0 and not worker.leaving_until):
+            return worker
+    return None
+
+
+def _withhold(worker: Worker) -> None:
+    """Its free slots held back: off the free lists (a pick drops a worker
+    with no slot)."""
+    worker.held_slots += worker.slots
+    worker.slots = 0
+
+
+def _give_back(side: Side, worker: Optional[Worker]) -> None:
+    """``worker``, if still connected, gets its withheld slots back and
+    serves its queues again."""
+    routing = side.routing
+    if worker is None or routing.workers.get(worker.identity) is not worker:
+        return
+    held, worker.held_slots = worker.held_slots, 0
+    for _ in range(held):
+        routing.give_slot(worker)
+    for queue in worker.by_weight:
+        side.dispatch(queue)
+
+
 def place(side: Side, request: Request) -> None:
     """Send the last-chance ``request`` to a worker of its own, as soon as
     one is free of other jobs."""
@@ -69,12 +103,20 @@ def keep_placing(side: Side) -> None:
         return
     worker = guarantees.reserved
     queue = routing.queue_for(request.queue)
-    if not _usable(routing, worker):
-        worker = guarantees.reserved = _least_busy(routing, queue)
-        if worker is None:
-            return  # no worker of its queue now: the housekeeping tries again
-        worker.held_slots += worker.slots
-        worker.slots = 0
+    if worker is None or not _usable(routing, worker) or worker.in_flight:
+        # another worker idle now (come back, or done with its jobs): that
+        # one, at once, rather than waiting for the reserved one's jobs to end
+        idle = _idle(routing, queue, worker)
+        if idle is not None:
+            _withhold(idle)
+            guarantees.reserved = idle
+            _give_back(side, worker)
+            worker = idle
+        elif not _usable(routing, worker):
+            worker = guarantees.reserved = _least_busy(routing, queue)
+            if worker is None:
+                return  # no worker of its queue now: the housekeeping tries again
+            _withhold(worker)
     assert worker is not None
     if worker.in_flight or not worker.held_slots:
         return  # its READYs come back here (:func:`ready`)
@@ -94,17 +136,9 @@ def ready(side: Side, worker: Worker) -> bool:
 
 
 def _unreserve(side: Side) -> None:
-    """The reserved worker, if still connected, gets its slots back and
-    serves its queues again."""
-    guarantees, routing = side.guarantees, side.routing
-    worker, guarantees.reserved = guarantees.reserved, None
-    if worker is None or routing.workers.get(worker.identity) is not worker:
-        return
-    held, worker.held_slots = worker.held_slots, 0
-    for _ in range(held):
-        routing.give_slot(worker)
-    for queue in worker.by_weight:
-        side.dispatch(queue)
+    """The reserved worker, if any, is reserved no more."""
+    worker, side.guarantees.reserved = side.guarantees.reserved, None
+    _give_back(side, worker)
 
 
 def ended(side: Side) -> None:
