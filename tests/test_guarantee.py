@@ -754,3 +754,34 @@ def test_a_last_chance_request_moves_to_a_worker_that_is_idle_now(make_router):
     assert idle.recv().msgid == sent.msgid  # moved: it need not wait for the long job
     assert busy.recv().msgid == starved.msgid  # and "busy" has its slots back
     assert idle.pending() == [] and h.router.guarantees.reserved is h.router.workers[b"idle"]
+
+
+def test_a_reserved_worker_that_dies_before_the_request_reached_it_is_replaced(make_router):
+    """The reserved worker is busy, then falls silent (SIGSTOP, kill -9)
+    before the last-chance request reached it: another worker of the queue
+    is reserved and gets it; the job lost with the first is counted like
+    any other."""
+    h = make_router(max_redeliveries=1, **FAST)
+    client = h.peer("frontend")
+    dying = join(h, 1, name="dying")
+    sent = guaranteed(h, client)
+    assert client.recv().body == (sent.msgid,)
+    assert dying.recv().msgid == sent.msgid
+    busy = join(h, 0, name="busy", beat=True)  # alive until it is closed
+    busy.send(Command.READY)
+    wait_until(lambda: h.slots(busy) == 1, timeout=5, what="a slot")
+    long_one = h.request(client)
+    assert busy.recv().msgid == long_one.msgid
+    dying.close()
+    wait_until(lambda: h.router.guarantees.reserved is not None, timeout=5,
+               what="a worker reserved")
+    assert h.router.guarantees.reserved.identity == b"busy"  # the only one
+    other = join(h, 0, name="other", beat=True)  # no free slot yet: not idle
+    busy.close()
+    wait_until(lambda: b"busy" not in h.router.workers, timeout=5, what="busy removed")
+    wait_until(lambda: h.router.guarantees.reserved is h.router.workers.get(b"other"),
+               timeout=5, what="the other worker reserved")
+    other.send(Command.READY)
+    assert other.recv().msgid == sent.msgid
+    assert other.pending() == []
+    assert h.router.counters["possibly_lost"] == 1  # the plain job lost with "busy"
