@@ -724,6 +724,29 @@ def test_a_last_chance_request_runs_on_a_worker_that_runs_nothing_else(make_rout
     assert last.recv().msgid in {m.msgid for m in plain}
 
 
+def reserved_while_busy(h: Harness, client, slots: int, queues=((10, "default"),)):
+    """A guaranteed request on its last chance (its worker "dying" died
+    running it) while the only other worker, "busy" (``slots`` slots,
+    beating), runs a plain job: "busy" is reserved for it and the request
+    waits. Returns the request and "busy"."""
+    dying = join(h, 1, name="dying")
+    sent = guaranteed(h, client)
+    assert client.recv().body == (sent.msgid,)
+    assert dying.recv().msgid == sent.msgid
+    busy = join(h, 0, name="busy", beat=True, queues=queues)  # alive until it is closed
+    for _ in range(slots):
+        busy.send(Command.READY)
+    # (all read first: a READY read after the job below would end it)
+    wait_until(lambda: h.slots(busy) == slots, timeout=5, what=f"{slots} slots")
+    long_one = h.request(client)  # runs long on "busy"
+    assert busy.recv().msgid == long_one.msgid
+    dying.close()  # the guaranteed job's worker dies: its last chance
+    wait_until(lambda: h.router.guarantees.reserved is not None, timeout=5,
+               what="a worker reserved")
+    assert h.router.guarantees.reserved.identity == b"busy"  # the only one
+    return sent, busy
+
+
 def test_a_last_chance_request_moves_to_a_worker_that_is_idle_now(make_router):
     """A probe's find: the reservation fell on a worker running a long job
     (the only worker of the queue at that moment) and stayed there while
@@ -732,21 +755,7 @@ def test_a_last_chance_request_moves_to_a_worker_that_is_idle_now(make_router):
     starved)."""
     h = make_router(max_redeliveries=1, **FAST)
     client = h.peer("frontend")
-    dying = join(h, 1, name="dying")
-    sent = guaranteed(h, client)
-    assert client.recv().body == (sent.msgid,)
-    assert dying.recv().msgid == sent.msgid
-    busy = join(h, 0, name="busy", beat=True, queues=((10, "default"), (10, "other")))
-    for _ in range(3):
-        busy.send(Command.READY)
-    # (all three read first: a READY read after the job below would end it)
-    wait_until(lambda: h.slots(busy) == 3, timeout=5, what="three slots")
-    long_one = h.request(client)  # runs long on "busy"
-    assert busy.recv().msgid == long_one.msgid
-    dying.close()  # the guaranteed job's worker dies: its last chance
-    wait_until(lambda: h.router.guarantees.reserved is not None, timeout=5,
-               what="a worker reserved")
-    assert h.router.guarantees.reserved.identity == b"busy"  # the only one
+    sent, busy = reserved_while_busy(h, client, 3, ((10, "default"), (10, "other")))
     starved = h.request(client, queue="other")  # only "busy" serves it: withheld
     wait_until(lambda: len(h.router.waiting.get("other", ())) == 1, timeout=5,
                what="the other queue's job waiting")
@@ -763,19 +772,7 @@ def test_a_reserved_worker_that_dies_before_the_request_reached_it_is_replaced(m
     any other."""
     h = make_router(max_redeliveries=1, **FAST)
     client = h.peer("frontend")
-    dying = join(h, 1, name="dying")
-    sent = guaranteed(h, client)
-    assert client.recv().body == (sent.msgid,)
-    assert dying.recv().msgid == sent.msgid
-    busy = join(h, 0, name="busy", beat=True)  # alive until it is closed
-    busy.send(Command.READY)
-    wait_until(lambda: h.slots(busy) == 1, timeout=5, what="a slot")
-    long_one = h.request(client)
-    assert busy.recv().msgid == long_one.msgid
-    dying.close()
-    wait_until(lambda: h.router.guarantees.reserved is not None, timeout=5,
-               what="a worker reserved")
-    assert h.router.guarantees.reserved.identity == b"busy"  # the only one
+    sent, busy = reserved_while_busy(h, client, 1)
     other = join(h, 0, name="other", beat=True)  # no free slot yet: not idle
     busy.close()
     wait_until(lambda: b"busy" not in h.router.workers, timeout=5, what="busy removed")
