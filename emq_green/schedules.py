@@ -181,8 +181,10 @@ def unschedule_key(body: Sequence[str]) -> str:
     return f"{key}:{delay_id}" if delay_id else key
 
 
-def parse_schedule(body: Sequence[str]) -> Schedule:
+def parse_schedule(body: Sequence[str], min_interval: float = MIN_INTERVAL) -> Schedule:
     """Check a SCHEDULE body; :class:`ProtocolError` names what is wrong.
+    ``min_interval``: the shortest interval taken (the router's is 1 s, as
+    EventMQ's scheduler reads whole seconds).
 
     Refused: not five frames; over :data:`MAX_SCHEDULE_BYTES`; an interval
     that is not a number, negative (other than ``-1`` with a cron text) or
@@ -227,8 +229,8 @@ def parse_schedule(body: Sequence[str]) -> Schedule:
         interval = None
     elif interval == -1:
         interval = None  # a one-shot at its eta
-    elif not (math.isfinite(interval) and MIN_INTERVAL <= interval <= MAX_INTERVAL):
-        raise ProtocolError(f"interval {printable(interval_text, 40)} must be {MIN_INTERVAL:g} "
+    elif not (math.isfinite(interval) and min_interval <= interval <= MAX_INTERVAL):
+        raise ProtocolError(f"interval {printable(interval_text, 40)} must be {min_interval:g} "
                             f"to {MAX_INTERVAL:g} seconds (or -1 with a cron text)")
     elif cron:
         raise ProtocolError("both an interval and a cron text")

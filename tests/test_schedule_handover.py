@@ -493,6 +493,17 @@ def test_what_eventmq_s_scheduler_dies_on_is_refused_before_any_scheduler(
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("interval", ["0", "0.01", "-2"])
+def test_an_interval_under_a_second_is_refused_with_the_router_s_own_bound(side, interval):
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, interval=interval)
+    assert sockets.to(b"s1", Command.SCHEDULE) == []
+    (refusal,) = sockets.to(b"client", Command.REPLY)
+    assert "must be 1 to" in refusal.body[0], refusal.body[0]
+
+
+@pytest.mark.timeout(10)
 @pytest.mark.parametrize("headers, forwarded", [
     ("run_count:2", "run_count:2,nohaste"),  # its first run at once killed EventMQ's
     ("", ""),  # no run_count: EventMQ's scheduler fires it at once without dying

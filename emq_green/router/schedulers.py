@@ -352,7 +352,7 @@ class SchedulerSide:
 
     def on_schedule(self, client: bytes, message: Message) -> None:
         try:
-            schedule = parse_schedule(message.body)
+            schedule = parse_schedule(message.body, min_interval=1.0)
             message = message._replace(body=for_any_scheduler(schedule, tuple(message.body)))
         except ProtocolError as exc:
             self._refuse(client, message, "refused_malformed", str(exc))
