@@ -554,6 +554,40 @@ def test_a_system_exit_from_a_hook_or_an_override_goes_no_further(router, caplog
     assert hooks.disconnected_for == ["stopping"]
 
 
+class _KilledAtStart:
+    def manager_started(self, manager):
+        raise gevent.GreenletExit()
+
+
+def test_a_start_cut_short_by_a_hook_leaves_a_manager_that_stops(router):
+    """A probe's find: a GreenletExit raised in an extension's
+    ``manager_started`` (the application's greenlet killed in start())
+    left the manager half-started, ``connecting`` for ever, and stop() said
+    True without stopping anything. Now the manager runs and stops. And
+    after a stop, send_ready() went on a closed connection without a word."""
+    from conftest import FAST_HEARTBEATS
+
+    from emq_green.extensions import Extension
+
+    hooks = type("KilledAtStart", (_KilledAtStart, Extension), {})()
+    manager = JobManager(settings=Settings(
+        name="cut", worker_addr=router.addr, worker_addr_default=router.addr,
+        worker_addr_failover=router.addr, concurrent_jobs=2, **FAST_HEARTBEATS),
+        skip_signal=True, extensions=[hooks])
+    with pytest.raises(gevent.GreenletExit):
+        manager.start()
+    try:
+        assert manager.wait_for_state(State.RUNNING, timeout=10)
+        router.wait_inform()
+    finally:
+        assert stop_for_good(manager)
+    assert manager.state is State.STOPPED
+    # and a stopped manager is not connected: no READY goes anywhere
+    assert manager.outgoing is None
+    with pytest.raises(RuntimeError, match="not connected"):
+        manager.send_ready()
+
+
 class _Responding(JobManager):
     """Overrides handle_response: records each response, then passes it on,
     or raises first for a job whose reply is 13."""

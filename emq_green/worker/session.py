@@ -396,6 +396,7 @@ class RouterLink:
         for conn in [*self.retiring, self.outgoing]:
             if conn is not None:
                 self._close(conn, CLOSE_LINGER)
+        self.outgoing = None  # send_ready() now raises "not connected"
         for _reply, msgid in self.pending_replies:
             self.counters["replies_dropped"] += 1
             logger.error("REPLY to %s dropped: the worker stopped before a router took it",

@@ -105,9 +105,14 @@ class Supervisor:
         if signals is not None:
             self._install_signals(signals)
         self.lifecycle.set(State.CONNECTING)
-        self._hooks.notify("manager_started")
-        self._main = gevent.spawn(self._run)
-        self._link.start_heartbeats()
+        try:
+            self._hooks.notify("manager_started")
+        finally:
+            # A hook that raised past the extensions' guard (a GreenletExit:
+            # the caller's greenlet killed while in it) still leaves a
+            # manager that runs, and that stop() ends, not a half-started one.
+            self._main = gevent.spawn(self._run)
+            self._link.start_heartbeats()
 
     def in_job(self) -> bool:
         """Whether the calling greenlet is one that runs jobs."""
