@@ -25,6 +25,8 @@ called or its class instantiated, :meth:`CallablePolicy.check_resolved`
 checks the function's (for ``module:Class``, the class's) ``__module__``
 against the prefixes; an exact full-name entry skips this check, so a
 re-exported callable can still be allowed on purpose, by its full name.
+Under a prefix, ``module:Name`` must name a class: a function there would be
+called as a factory, and nothing vouches for what it returns.
 """
 
 from __future__ import annotations
@@ -129,6 +131,14 @@ class CallablePolicy:
         Call it after resolving, before calling or instantiating."""
         if self.allowed is None or (request.path, request.callable) in self._exact:
             return
+        if ":" in request.path and not isinstance(target, type):
+            # EventMQ calls whatever ``module:Name`` is; a function there is
+            # a factory, and what it returns is no module's to vouch for
+            raise CallableNotAllowed(
+                f"{_shown(request)[1:-1]}: {request.path.partition(':')[2][:80]} is not a "
+                "class, and allowed_callables does not allow module:Name for anything else "
+                "under a module.* entry (a factory's result is no module's; list the full "
+                "name to allow it)")
         module = getattr(target, "__module__", None)
         if not isinstance(module, str):
             module = None

@@ -114,6 +114,35 @@ def test_with_two_schedulers_the_survivor_takes_over_and_no_one_else(side):
 
 
 @pytest.mark.timeout(10)
+def test_schedulers_gone_together_pass_their_schedules_to_the_one_left(side):
+    """A probe's find: five of six schedulers gone at once (kill -9). The
+    first one removed handed its schedules to another gone one; the send
+    failed and left them with no owner; the next removal sent them to the
+    identity None, which raised in the router's housekeeping greenlet and
+    ended it for good (no heartbeats, no dead-worker checks, no result
+    expiry). Now a scheduler that cannot be sent to is taken for gone and
+    the next one tried: every schedule lands with the survivor."""
+    side, sockets = side
+    names = [f"s{i}".encode() for i in range(6)]
+    for name in names:
+        inform(side, name)
+    for i in range(30):
+        call = json.dumps(["run", {**CALL, "args": [i]}])
+        side.on_schedule(b"client", Message.new(Command.SCHEDULE, "other", "", "5", call, ""))
+    assert len(side.live) == 30
+    survivor = names[-1]
+    sockets.gone.update(names[:-1])
+    for name in names[:-1]:  # each removal as the silence check does it
+        if name in side.schedulers:
+            side.on_kbye(name, Message.new(Command.KBYE))
+    assert list(side.schedulers) == [survivor]
+    assert all(live.owner == survivor for live in side.live.values())
+    assert all(who is not None for who, _m in sockets.sent)
+    handed = {schedule_key(m.body[3]) for m in sockets.to(survivor, Command.SCHEDULE)}
+    assert handed == set(side.live)
+
+
+@pytest.mark.timeout(10)
 def test_a_scheduler_taken_for_gone_and_back_loses_its_stale_copy(side):
     """s1 stops answering (SIGSTOP), is removed, its schedule goes to s2;
     back, s1 is told to drop its copy, and what it fires meanwhile is

@@ -70,6 +70,10 @@ def test_module_prefix_allows_what_a_module_defines_not_what_it_imports(
         refused[f"Path {sub}"] = router.request(ident, "sec_app.jobs:Path", "read_text",
                                                 class_args=[str(secret)], headers=REPLY,
                                                 subprocess=sub)
+        # a function of the module in the class's place: a factory (a probe's find)
+        refused[f"factory {sub}"] = router.request(ident, "sec_app.jobs:path_of",
+                                                   "read_text", class_args=[str(secret)],
+                                                   headers=REPLY, subprocess=sub)
         allowed[f"own {sub}"] = router.request(ident, "sec_app.jobs", "own", args=["x"],
                                                headers=REPLY, subprocess=sub)
         allowed[f"Greeter {sub}"] = router.request(ident, "sec_app.jobs:Greeter", "hello",
@@ -87,7 +91,7 @@ def test_module_prefix_allows_what_a_module_defines_not_what_it_imports(
         assert values[f"Greeter {sub}"] == {"value": "hello bob"}
         assert values[f"dumps {sub}"] == {"value": "[1]"}  # named in full: allowed
     assert not marker.exists()
-    assert manager.counters["refused"] == 4
+    assert manager.counters["refused"] == 6
     router.wait_until(lambda: not manager.jobs_in_flight)
 
 
@@ -439,6 +443,26 @@ def test_six_thousand_malformed_messages_make_a_bounded_number_of_lines(make_rou
     sent = h.request(client)  # and the router still serves
     assert worker.recv().msgid == sent.msgid
     assert h.admin(Command.STATUS)["malformed_messages"] == 6000
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_workers_that_go_silent_makes_a_bounded_number_of_lines(make_router,
+                                                                          caplog):
+    """A probe's find: the "joined" lines of an INFORM flood were capped,
+    the "removed" lines when the flood's workers went silent were not
+    (10,000 INFORMs, 10,000 lines). A worker removed with nothing in flight
+    is now logged through the router's limiter."""
+    caplog.set_level(logging.INFO, logger="emq_green")
+    h: Harness = make_router(heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    count = 2 * LOG_BURST + 50
+    flooders = [h.peer("backend") for _ in range(count)]
+    for peer in flooders:
+        peer.send(Command.INFORM, '[[10, "default"]]', "worker")
+    assert all(peer.recv().command is Command.ACK for peer in flooders)  # all joined
+    h.router.log_limiter.reset()  # (the "joined" lines took this window's burst)
+    wait_until(lambda: not h.router.workers, timeout=30, what="the silent flood removed")
+    removed = [r for r in caplog.records if " removed (" in r.getMessage()]
+    assert 0 < len(removed) <= LOG_BURST
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)

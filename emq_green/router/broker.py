@@ -101,6 +101,26 @@ logger = logging.getLogger(__name__)
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
+
+#: a failing housekeeping step's traceback: five a minute at most
+_housekeeping_log = LogLimiter(logger, burst=5, window=60.0,
+                               summary="router: %d more housekeeping failure(s): %s")
+
+
+def _guarded(step: Callable[[float], Any], now: float,
+             counters: collections.Counter[str]) -> None:
+    """One housekeeping step; what it raises is logged and counted
+    (``housekeeping_errors``), and the next steps and ticks still run: the
+    router's heartbeats, dead-worker checks, result expiry and redeliveries
+    all live in that one greenlet (a probe: one bad hand-over of schedules
+    ended it, silently, for good)."""
+    try:
+        step(now)
+    except Exception:
+        counters["housekeeping_errors"] += 1
+        _housekeeping_log.log(logging.ERROR, "housekeeping", "router: a housekeeping step "
+                              "failed; it runs again at the next tick", exc_info=True)
+
 class RouterState(str, Enum):
     """The router's lifecycle: stopped -> running -> stopping -> stopped."""
 
@@ -421,13 +441,15 @@ class Router:
         """Heartbeats, silent workers, expired results: a few times a second."""
         s = self.settings
         tick = max(0.05, min(1.0, s.heartbeat_interval / 2, s.heartbeat_timeout / 4))
+        steps: tuple[Callable[[float], Any], ...] = (
+            lambda now: self.relay.expire(now, self._drop_unstarted),
+            lambda _now: lastchance.keep_placing(self.worker_side),
+            self.worker_side.check, self.scheduler_side.check)
         while True:
             gevent.sleep(tick)
             now = time.monotonic()
-            self.relay.expire(now, self._drop_unstarted)
-            lastchance.keep_placing(self.worker_side)
-            self.worker_side.check(now)
-            self.scheduler_side.check(now)
+            for step in steps:
+                _guarded(step, now, self.counters)
 
     def _drop_unstarted(self, msgids: set[str]) -> dict[str, str]:
         """What became of the jobs whose results expired: ``unrun`` (taken
@@ -474,6 +496,7 @@ class Router:
             "client_disconnects_ignored": self.counters["client_disconnects_ignored"],
             "requests_refused_by_reason": dict(self.client_side.refused_by_reason),
             "informs_refused": self.counters["informs_refused"],
+            "housekeeping_errors": self.counters["housekeeping_errors"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             "requests_rerouted": self.counters["requests_rerouted"],
             "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],

@@ -220,6 +220,30 @@ def _tell_unscheduled(sockets: RouterSockets, client: bytes,
             sockets.send("frontend", client, Message.new(Command.UNSCHEDULE, *body))
 
 
+def _place(side: SchedulerSide, key: str, live: LiveSchedule,
+           prefer: Optional[bytes]) -> tuple[bool, bool]:
+    """Send ``live`` (its runs left) to ``prefer`` if connected, else to its
+    rendezvous owner; a scheduler it cannot be sent to (gone with the one
+    before it, or its pipe full) is taken for gone and the next one tried.
+    Returns (placed, whether a scheduler was found gone)."""
+    live.owner, gone = None, False
+    message = Message.new(Command.SCHEDULE, *handed_over(live.body, live.runs_left))
+    while side.schedulers:
+        owner = prefer if prefer is not None and prefer in side.schedulers else \
+            side._owner(key.partition(":")[0])
+        if side._sockets.send("frontend", owner, message):
+            live.owner = owner
+            entry = side.book.get(key)
+            if entry is not None:
+                entry["scheduler"] = printable(owner, 60)
+            return True, gone
+        gone = True
+        side.schedulers.pop(owner, None)
+        side._log.error("schedule_lost", "router: scheduler %s could not be sent a schedule "
+                        "(gone or its pipe full); taken for gone", printable(owner))
+    return False, gone
+
+
 class SchedulerSide:
     """Scheduler INFORM, HEARTBEAT, KBYE, and SCHEDULE / UNSCHEDULE on the
     client socket (handlers for the router's frontend table)."""
@@ -420,11 +444,26 @@ class SchedulerSide:
         """Send the schedules held by no connected scheduler to one that is;
         ``arrived`` (a scheduler that just said INFORM) also gets its own
         again: it may have restarted with nothing. ``skip``: keys whose
-        SCHEDULE was just forwarded (held ones, released)."""
-        if not self.live:
-            return
-        now = time.monotonic()
+        SCHEDULE was just forwarded (held ones, released). A scheduler that
+        cannot be sent to is taken for gone, and what it held moves too."""
         moved = 0
+        while self.live:
+            count, gone = self._hand_over_once(arrived, skip)
+            moved += count
+            if not gone:
+                break
+            arrived = None  # (its own went in the first pass, or it is gone)
+        if moved:
+            self.counts["handed_over"] += moved
+            logger.warning("router: %d schedule(s) sent (again) to a connected scheduler",
+                           moved)
+
+    def _hand_over_once(self, arrived: Optional[bytes],
+                        skip: frozenset[str]) -> tuple[int, bool]:
+        """One pass of :meth:`_hand_over`: (schedules sent, whether a
+        scheduler was found gone)."""
+        now = time.monotonic()
+        moved, gone = 0, False
         for key, live in list(self.live.items()):
             if live.ends is not None and now > live.ends:
                 self._forget(key)  # its runs are over
@@ -438,24 +477,10 @@ class SchedulerSide:
                     self._sockets.send("frontend", arrived,
                                        Message.new(Command.UNSCHEDULE, *live.body))
                 continue
-            if not self.schedulers:
-                live.owner = None
-                continue
-            owner = live.owner if live.owner == arrived else \
-                self._owner(key.partition(":")[0])
-            message = Message.new(Command.SCHEDULE, *handed_over(live.body, live.runs_left))
-            if self._sockets.send("frontend", owner, message):
-                live.owner = owner
-                moved += 1
-                entry = self.book.get(key)
-                if entry is not None:
-                    entry["scheduler"] = printable(owner, 60)
-            else:
-                live.owner = None
-        if moved:
-            self.counts["handed_over"] += moved
-            logger.warning("router: %d schedule(s) sent (again) to a connected scheduler",
-                           moved)
+            placed, lost = _place(self, key, live, arrived if live.owner == arrived else None)
+            moved += placed
+            gone = gone or lost
+        return moved, gone
 
     def vet_firing(self, client: bytes, message: Message) -> Optional[Message]:
         """A REQUEST from a scheduler: None to drop it (a cron schedule that

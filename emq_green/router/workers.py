@@ -437,9 +437,12 @@ class WorkerSide:
             log("router: worker %s removed (%s); %d request(s) in flight there: %d "
                 "guaranteed, sent again; %d not re-dispatched%s", worker.log_name, reason,
                 held, held - len(lost), len(lost), ":" if lost else "")
-        else:
+        elif held:
             log("router: worker %s removed (%s); %d request(s) in flight there",
                 worker.log_name, reason, held)
+        else:  # nothing lost: a flood of INFORMs must not flood the log
+            self._log.info("worker_removed", "router: worker %s removed (%s)",
+                           worker.log_name, reason, via=logger)
         if dead:
             self._lost(worker, lost)
         if unsent:

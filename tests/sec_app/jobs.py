@@ -7,7 +7,7 @@ from json import dumps  # re-exported on purpose: allowed by its full name only
 from pathlib import Path  # noqa: F401 (imported for the module's own use)
 from subprocess import run  # noqa: F401
 
-__all__ = ["Greeter", "dumps", "own"]
+__all__ = ["Greeter", "dumps", "own", "path_of"]
 
 
 def own(text: str) -> str:
@@ -23,3 +23,9 @@ class Greeter:
 
     def hello(self) -> str:
         return f"hello {self.name}"
+
+
+def path_of(name: str) -> Path:
+    """A helper this module defines that returns an object of another
+    module's class: ``sec_app.jobs:path_of`` names no class."""
+    return Path(name)
