@@ -782,3 +782,36 @@ def test_a_reserved_worker_that_dies_before_the_request_reached_it_is_replaced(m
     assert other.recv().msgid == sent.msgid
     assert other.pending() == []
     assert h.router.counters["possibly_lost"] == 1  # the plain job lost with "busy"
+
+
+def test_a_reply_from_a_worker_back_from_a_stop_ends_last_chance_copies(make_router):
+    """A probe's find: a worker SIGSTOPped past the heartbeat timeout was
+    taken for dead, so its two guaranteed jobs went on their last chance
+    (max_redeliveries 1); resumed, it finished both and sent their REPLYs,
+    which were dropped as late (a copy waiting in the buffer is ended by
+    such a REPLY, a last-chance one was not): both ran again elsewhere and
+    their clients waited a minute. Now the REPLY ends the waiting copy, the
+    one placed (its worker reserved) and the one waiting its turn alike."""
+    h = make_router(max_redeliveries=1, **FAST)
+    client = h.peer("frontend")
+    sent = [guaranteed(h, client, headers="guarantee,result-requested") for _ in range(2)]
+    assert {client.recv().body for _ in range(2)} == {(m.msgid,) for m in sent}
+    stopped = join(h, 2, name="stopped")  # silent: taken for dead
+    assert {stopped.recv().msgid for _ in range(2)} == {m.msgid for m in sent}
+    wait_until(lambda: h.router.status()["guaranteed_last_chance"] == 2, timeout=5,
+               what="both on their last chance")
+    assert h.router.guarantees.unplaced is not None  # no worker: it waits
+    for m in sent:  # back from the stop: both had finished
+        stopped.send(Command.REPLY, json.dumps({"value": m.msgid}), m.msgid)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, timeout=5,
+               what="both ended by their REPLYs")
+    status = h.router.status()
+    assert status["guaranteed_last_chance"] == 0 and status["replies_for_buffered_copies"] == 2
+    assert h.router.guarantees.unplaced is None and h.router.guarantees.reserved is None
+    results = {m.body[1]: json.loads(m.body[0]) for m in [client.recv() for _ in range(2)]}
+    assert results == {m.msgid: {"value": m.msgid} for m in sent}
+    # neither runs again, and nothing is withheld: a new worker gets a new job
+    worker = join(h, 1, name="next", beat=True)
+    fresh = h.request(client)
+    assert worker.recv().msgid == fresh.msgid
+    assert worker.pending() == []

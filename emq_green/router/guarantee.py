@@ -229,6 +229,20 @@ class Guarantees:
             self.redelivered += 1
             self.send_alone(self.alone)
 
+    def withdraw_last_chance(self, msgid: str, identity: bytes) -> Optional[Request]:
+        """The last-chance request ``msgid``, not out yet (waiting its turn,
+        or its reserved worker), when ``identity`` is a worker it ran on: a
+        REPLY from that worker (stopped, taken for dead, resumed) ends it.
+        Out of the queue of turns here; :meth:`finished` does the rest."""
+        for request in self._last_chance:
+            if request.msgid == msgid and identity in request.ran_on:
+                self._last_chance.remove(request)
+                return request
+        request = self.unplaced
+        if request is not None and request.msgid == msgid and identity in request.ran_on:
+            return request
+        return None
+
     def late_reply(self, msgid: str, worker: str) -> None:
         """A REPLY for a job already sent elsewhere or finished: dropped."""
         self.late_replies += 1

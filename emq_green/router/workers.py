@@ -133,6 +133,16 @@ def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
     return again
 
 
+def _late(side: WorkerSide, message: Message, identity: bytes) -> None:
+    """A REPLY from a worker that does not hold the job (any more: it went
+    elsewhere or ended; or never: a forgery). Dropped, never forwarded."""
+    orig = message.body[1] if len(message.body) > 1 else ""
+    side._counters["late_replies"] += 1
+    side.guarantees.late_reply(orig, printable(identity))
+    side._log.warning("late_reply", "router: REPLY for %s from worker %s dropped: it "
+                      "does not hold that request", printable(orig, 60), printable(identity))
+
+
 def _log_queued_again(why: str, requests: list[Request]) -> None:
     logger.warning("router: %s: %d guaranteed request(s) queued again (%s)", why,
                    len(requests), ", ".join(printable(r.msgid) for r in requests[:5])
@@ -195,7 +205,7 @@ class WorkerSide:
         settled = message.command is Command.REPLY and self._ran_after_all(message, identity)
         if self.routing.departed(identity):
             if message.command is Command.REPLY and not settled:
-                self._late(message, identity)
+                _late(self, message, identity)
             if self._taken_for_dead.pop(identity, False):
                 # it was taken for dead and is back (a SIGSTOP, a slow host):
                 # KBYE makes an emq-green worker connect again at once, with a
@@ -290,7 +300,7 @@ class WorkerSide:
         sent = self._settle(worker, orig)
         if sent is None:
             if not self._ran_after_all(message, worker.identity):
-                self._late(message, worker.identity)
+                _late(self, message, worker.identity)
             return
         if self.observer is not None:
             self.observer.replied(sent.queue, time.monotonic() - sent.sent)
@@ -331,10 +341,12 @@ class WorkerSide:
 
     def _ran_after_all(self, message: Message, identity: bytes) -> bool:
         """A REPLY (not ``Killed``) for a guaranteed request whose copy waits in
-        the buffer: the copy leaves unrun, the job ends, its result goes on."""
+        the buffer, or on its last chance for its turn or its worker: the copy
+        leaves unrun, the job ends, its result goes on."""
         body = message.body
         request = (None if len(body) != 2 or was_killed(body[0])
-                   else self.routing.withdraw_copy(body[1], identity))
+                   else self.routing.withdraw_copy(body[1], identity)
+                   or self.guarantees.withdraw_last_chance(body[1], identity))
         if request is None:
             return False
         self._counters["replies_for_buffered_copies"] += 1
@@ -346,16 +358,6 @@ class WorkerSide:
             self._relay.forward(message)
         self.resume_clients()
         return True
-
-    def _late(self, message: Message, identity: bytes) -> None:
-        """A REPLY from a worker that does not hold the job (any more: it went
-        elsewhere or ended; or never: a forgery). Dropped, never forwarded."""
-        orig = message.body[1] if len(message.body) > 1 else ""
-        self._counters["late_replies"] += 1
-        self.guarantees.late_reply(orig, printable(identity))
-        self._log.warning("late_reply", "router: REPLY for %s from worker %s dropped: it "
-                          "does not hold that request", printable(orig, 60),
-                          printable(identity))
 
     def on_kbye(self, identity: bytes, message: Message) -> None:
         """An emq-green worker's KBYE ``leaving`` is answered: no REQUEST follows."""
@@ -453,8 +455,9 @@ class WorkerSide:
         """``worker`` is gone with jobs unanswered: guaranteed ones go again
         (or are given up), the others are logged as possibly lost."""
         _possibly_lost(lost, self._counters, self._relay)
-        again = _not_given_up([s for s in worker.in_flight.values() if s.request is not None],
-                              worker, self.guarantees, self._relay)
+        held = [s for s in worker.in_flight.values() if s.request is not None]
+        _copies(held, worker.identity)  # its REPLY, if it was only stopped, ends a copy
+        again = _not_given_up(held, worker, self.guarantees, self._relay)
         self.routing.unhold(worker)
         worker.in_flight.clear()
         worker.unreplied = worker.replied_unasked = 0
