@@ -18,6 +18,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from typing import Iterator, Optional
 
 import gevent
@@ -815,3 +816,25 @@ def test_a_reply_from_a_worker_back_from_a_stop_ends_last_chance_copies(make_rou
     fresh = h.request(client)
     assert worker.recv().msgid == fresh.msgid
     assert worker.pending() == []
+
+
+def test_a_last_chance_request_runs_beside_jobs_that_never_end(make_router):
+    """A probe's find: behind EventMQ's emq-jobmanager, a job whose process
+    was killed is never answered, so its worker is never idle again; the
+    worker reserved for a last-chance request had its slots withheld for
+    ever and the queue stalled (six jobs waited out their clients). After
+    ``reserve_patience`` the request runs beside the jobs that do not end;
+    when it ends, the worker's slots come back."""
+    h = make_router(max_redeliveries=1, **FAST)
+    h.router.guarantees.reserve_patience = 1.0
+    client = h.peer("frontend")
+    sent, busy = reserved_while_busy(h, client, 2)  # one slot runs a "stuck" job
+    started = time.monotonic()
+    waiting = h.request(client)  # held back: the only worker is reserved
+    assert busy.recv(timeout=5).msgid == sent.msgid
+    assert time.monotonic() - started >= 0.9  # it waited its patience first
+    assert busy.pending() == [] and h.router.status()["guaranteed_placed_beside"] == 1
+    busy.send(Command.REPLY, json.dumps({"value": 1}), sent.msgid)
+    busy.send(Command.READY)
+    assert busy.recv().msgid == waiting.msgid  # slots back: the queue moves again
+    wait_until(lambda: h.router.guarantees.reserved is None, timeout=5, what="unreserved")

@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 #: what a client is told when its guaranteed request is not taken
 REFUSED_TYPE = "GuaranteeRefused"
+#: how long a last-chance request waits for its reserved worker's other
+#: jobs to end before it runs beside them (seconds)
+RESERVE_PATIENCE = 30.0
 
 
 def refusal_body(why: str) -> str:
@@ -110,8 +113,14 @@ class Guarantees:
         self.alone: Optional[Request] = None
         #: it, while it waits for its worker to be free of other jobs
         self.unplaced: Optional[Request] = None
-        #: the worker reserved for it (:mod:`emq_green.router.lastchance`)
+        #: the worker reserved for it (:mod:`emq_green.router.lastchance`),
+        #: since when (monotonic), and how long it may wait for that worker's
+        #: other jobs to end before it runs beside them (seconds)
         self.reserved: Optional[Worker] = None
+        self.reserved_at = 0.0
+        self.reserve_patience = RESERVE_PATIENCE
+        #: last-chance requests that ran beside jobs that did not end
+        self.placed_beside = 0
         #: sends a last-chance request out, alone on a worker; told when it
         #: ends (both set by the router)
         self.send_alone: Callable[[Request], None] = _unsent
@@ -271,6 +280,7 @@ class Guarantees:
             "redelivered": self.redelivered,
             "guaranteed_given_up": self.given_up,
             "guaranteed_last_chance": len(self._last_chance) + (self.alone is not None),
+            "guaranteed_placed_beside": self.placed_beside,
             "late_replies": self.late_replies,
             **(self.journal.status() if self.journal is not None else {"journal_file": None}),
         }
@@ -286,4 +296,4 @@ def _journaled_body(request: Request, routed: str) -> tuple[str, str, str]:
     return routed, headers, payload
 
 
-__all__ = ["Guarantees", "REFUSED_TYPE", "refusal_body", "was_killed"]
+__all__ = ["Guarantees", "REFUSED_TYPE", "RESERVE_PATIENCE", "refusal_body", "was_killed"]

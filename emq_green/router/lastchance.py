@@ -20,14 +20,25 @@ or finished its jobs) and replaces a reserved worker that left or died, so
 that a long job on the reserved worker does not hold the request (a probe:
 12 s and more, with another worker idle); the request itself, lost with a
 worker, is counted like any other.
+
+A reserved worker whose jobs have not ended after
+:attr:`~emq_green.router.guarantee.Guarantees.reserve_patience` (30 s) gets
+the request beside them (STATUS ``guaranteed_placed_beside``): EventMQ's job
+manager never answers for a job whose process was killed, so its worker is
+never idle again, and the queue stalled behind its withheld slots for good.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Optional, Protocol
 
+from ..protocol import printable
 from .guarantee import Guarantees
 from .routing import Request, Routing, Worker
+
+logger = logging.getLogger(__name__)
 
 
 class Side(Protocol):
@@ -109,17 +120,29 @@ def keep_placing(side: Side) -> None:
         idle = _idle(routing, queue, worker)
         if idle is not None:
             _withhold(idle)
-            guarantees.reserved = idle
+            guarantees.reserved, guarantees.reserved_at = idle, time.monotonic()
             _give_back(side, worker)
             worker = idle
         elif not _usable(routing, worker):
             worker = guarantees.reserved = _least_busy(routing, queue)
             if worker is None:
                 return  # no worker of its queue now: the housekeeping tries again
+            guarantees.reserved_at = time.monotonic()
             _withhold(worker)
     assert worker is not None
-    if worker.in_flight or not worker.held_slots:
+    if not worker.held_slots:
         return  # its READYs come back here (:func:`ready`)
+    if worker.in_flight:
+        waited = time.monotonic() - guarantees.reserved_at
+        if waited < guarantees.reserve_patience:
+            return
+        # Its jobs do not end (EventMQ's job manager never answers for a job
+        # whose process was killed): beside them, rather than a queue stalled
+        # for ever behind a worker whose new work is withheld.
+        logger.warning("router: last-chance REQUEST %s waited %.0f s for worker %s to end "
+                       "its %d job(s); it runs beside them", printable(request.msgid),
+                       waited, worker.log_name, len(worker.in_flight))
+        guarantees.placed_beside += 1
     worker.held_slots -= 1
     guarantees.unplaced = None
     side.hand_over(worker, request, queue)
