@@ -322,6 +322,33 @@ def test_a_child_that_dies_idle_before_its_first_job_is_forgotten_not_restarted(
     stop_and_check(router, manager)
 
 
+def test_a_pool_of_one_whose_replacement_died_before_its_first_job_runs_the_next(
+        router, make_manager):
+    """A probe's find: a pool of one; its child killed while idle, the
+    replacement killed too before its first job. The dead replacement stayed
+    in the idle queue, so the next job started no child, skipped the dead
+    one and waited for ever (62 jobs piled up, the worker's slots leaking).
+    Now a job that finds no live idle child starts one."""
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    first = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True))["value"]
+    pool = pool_of(manager)
+    router.wait_until(lambda: pool.status()["busy"] == 0)
+    os.kill(first, signal.SIGKILL)  # it ran a job: replaced at once
+    router.wait_until(lambda: len(pool.pids()) == 1 and first not in pool.pids())
+    replacement = pool.pids()[0]
+    os.kill(replacement, signal.SIGKILL)  # before its first job: not replaced
+    router.wait_until(lambda: pool.counters["children_died"] == 2 and not pool.pids())
+    msgids = [router.request(ident, CPU, "pid", headers=REPLY, subprocess=True)
+              for _ in range(2)]
+    values = [router.wait_reply(m, timeout=20) for m in msgids]
+    assert all("error" not in v for v in values), values
+    assert {v["value"] for v in values} == set(pool.pids()) and len(pool.pids()) == 1
+    assert pool.status()["busy"] == 0 and manager.free_slots == 2
+    stop_and_check(router, manager)
+
+
 def test_a_kill_9_of_the_worker_takes_what_a_subprocess_job_forked_with_it(router, tmp_path):
     """The child dies with the worker (its PDEATHSIG); its sentinel takes
     the rest of its process group: the grandchild a job started, itself."""

@@ -59,6 +59,9 @@ DEATH_GRACE = 0.5
 #: Bytes a child's line may hold beyond ``max_message_size``: the outcome's
 #: other fields (the child itself sends ReplyTooLarge for a longer value).
 LINE_SLACK = 64 * 1024
+#: Children one job may start before it is answered ChildStartError (each
+#: died before it could be taken: a broken setup, a killer from outside).
+MAX_STARTS_PER_JOB = 3
 
 
 def cpu_count() -> int:
@@ -105,6 +108,10 @@ class PoolConfig:
 class ChildDied(Exception):
     """The child's stdout closed (it exited or was killed), or it never
     became ready; ``str()`` is the reason when known."""
+
+
+class ChildStartError(Exception):
+    """No subprocess child could be started for a job (``str()``: why)."""
 
 
 class _ChildTimedOut(BaseException):
@@ -285,8 +292,28 @@ class SubprocessPool:
         self._idle.put(child)
 
     def _take_idle(self, timeout: Optional[float]) -> _Child:
-        """The next idle child that is alive (one found dead: :meth:`_died_idle`)."""
+        """The next idle child that is alive (one found dead: :meth:`_died_idle`).
+        With no idle child and room in the pool (a child that could not be
+        started, or that died before its first job and was not replaced), one
+        is started first: waiting for the queue alone, the job would wait
+        for ever (a probe: a pool of one whose replacement child was killed
+        before its first job took no job again, its slots leaking).
+
+        Raises:
+            ChildStartError: no child could be started, or each one started
+                here died before it could be taken.
+            gevent.queue.Empty: none was free within ``timeout``.
+        """
+        starts = 0
         while True:
+            if self._idle.empty() and len(self._children) + self._starting < self.config.size:
+                if starts == MAX_STARTS_PER_JOB:
+                    raise ChildStartError(f"{starts} subprocess children died before their "
+                                          "first job")
+                starts += 1
+                failed = self._start_child()
+                if failed is not None:
+                    raise ChildStartError(failed)
             child = self._idle.get(timeout=timeout)
             child.idle = False
             if child.gone:
@@ -351,14 +378,10 @@ class SubprocessPool:
         self._users += 1
         try:
             with self._slots:
-                if self._idle.empty() and \
-                        len(self._children) + self._starting < self.config.size:
-                    # a child that could not be started or replaced earlier
-                    failed = self._start_child()
-                    if failed is not None:
-                        return self._cannot_start(request, failed)
                 try:
                     child = self._take_idle(timeout)
+                except ChildStartError as exc:
+                    return self._cannot_start(request, str(exc))
                 except gevent.queue.Empty:
                     return self._cannot_start(request, f"no child was free within the "
                                                        f"job's timeout of {timeout:g} s")
