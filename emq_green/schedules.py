@@ -25,6 +25,7 @@ fires) and the client (which builds them); it knows no sockets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -158,14 +159,21 @@ def handed_over(body: Sequence[str], runs_left: int) -> tuple[str, ...]:
     keeps its state and one that ended the schedule does not start it again;
     and ``nohaste``: the schedule fired its first run when it was made, and
     EventMQ's scheduler, which knows no ``handed-over``, would fire it again
-    at once (an extra run of a cron schedule in the middle of its minute)."""
-    queue, headers, *rest = body
+    at once (an extra run of a cron schedule in the middle of its minute).
+    A delayed job's interval becomes the whole seconds left until its
+    ``eta``: EventMQ's scheduler reads no ``eta`` and would wait the whole
+    delay again from the hand-over (a probe: 25 s due, run at 33 s)."""
+    queue, headers, interval, *rest = body
     core = _without_count(headers)
     kept = [core] if core else []
     kept.append("nohaste")
     if runs_left != FOREVER:
         kept.append(f"run_count:{runs_left}")
-    return (queue, ",".join([*kept, HANDED_OVER]), *rest)
+    eta = header_value(headers, "eta")
+    if eta is not None:
+        with contextlib.suppress(ValueError, OverflowError):
+            interval = str(max(1, math.ceil(float(eta) - time.time())))
+    return (queue, ",".join([*kept, HANDED_OVER]), interval, *rest)
 
 
 def unschedule_key(body: Sequence[str]) -> str:

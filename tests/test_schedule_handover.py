@@ -285,6 +285,24 @@ def test_a_delayed_job_that_fired_is_not_handed_over(side):
 
 
 @pytest.mark.timeout(10)
+def test_a_delayed_job_handed_over_waits_only_what_is_left_of_its_delay(side):
+    """A probe's find: a delayed job (25 s) whose scheduler was killed 3 s
+    in went to the next one with its interval, the whole delay: EventMQ's
+    scheduler, which reads no eta, ran it 8 s late. The hand-over now says
+    the whole seconds left."""
+    side, sockets = side
+    inform(side, b"s1")
+    eta = time.time() + 60.4
+    schedule(side, interval="100", headers=f"run_count:1,nohaste,eta:{eta:.3f},delay-id:d")
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    inform(side, b"s2")
+    (handed,) = sockets.to(b"s2", Command.SCHEDULE)
+    assert 60 <= int(handed.body[2]) <= 61  # (ceil: never before its eta)
+    assert f"eta:{eta:.3f}" in handed.body[1]  # emq-green's scheduler keeps the eta
+    assert side.live[f"{KEY}:d"].owner == b"s2"
+
+
+@pytest.mark.timeout(10)
 def test_cron_firings_go_to_their_queue_and_stop_once_unscheduled(side):
     side, sockets = side
     inform(side, b"s1")
