@@ -143,6 +143,51 @@ def test_schedulers_gone_together_pass_their_schedules_to_the_one_left(side):
 
 
 @pytest.mark.timeout(10)
+def test_silent_schedulers_removed_in_one_check_raise_nothing(side):
+    """A probe's find: the first silent scheduler's hand-over found the
+    others gone and removed them; the check, walking its snapshot, then
+    removed them again: KeyError (contained by the housekeeping guard)."""
+    side, sockets = side
+    names = [b"s1", b"s2", b"s3", b"s4"]
+    for name in names:
+        inform(side, name)
+    schedule(side)
+    survivor = b"s4"
+    sockets.gone.update(names[:-1])
+    long_ago = time.monotonic() - 3600
+    for name in names[:-1]:
+        side.schedulers[name].hb = long_ago
+    side.schedulers[survivor].hb = time.monotonic()
+    side.check(time.monotonic())
+    assert list(side.schedulers) == [survivor]
+    assert side.live[KEY].owner == survivor
+
+
+@pytest.mark.timeout(10)
+def test_a_schedule_sent_while_most_schedulers_are_gone_lands_and_the_crowd_is_capped(side):
+    """A probe's find: 2,500 peers INFORMed as schedulers and vanished; the
+    next SCHEDULE recursed once per dead scheduler, past Python's limit, and
+    a valid schedule was refused as malformed. Now the schedulers are
+    tried in a loop, and at most MAX_SCHEDULERS may be connected."""
+    from emq_green.router.schedulers import MAX_SCHEDULERS
+
+    side, sockets = side
+    names = [f"s{i:03d}".encode() for i in range(MAX_SCHEDULERS + 5)]
+    for name in names:
+        inform(side, name)
+    assert len(side.schedulers) == MAX_SCHEDULERS
+    assert side._counters["scheduler_informs_refused"] == 5
+    assert sockets.to(names[-1], Command.ACK) == []  # refused: not acknowledged
+    survivor = names[0]
+    sockets.gone.update(names[1:])
+    schedule(side)
+    # (the ones tried before it are taken for gone; the rest at their silence)
+    assert side.live[KEY].owner == survivor and survivor in side.schedulers
+    assert side.counts["refused_malformed"] == 0
+    assert len(sockets.to(survivor, Command.SCHEDULE)) == 1
+
+
+@pytest.mark.timeout(10)
 def test_a_scheduler_taken_for_gone_and_back_loses_its_stale_copy(side):
     """s1 stops answering (SIGSTOP), is removed, its schedule goes to s2;
     back, s1 is told to drop its copy, and what it fires meanwhile is

@@ -87,6 +87,8 @@ MAX_CANCELLED = 10_000
 MAX_UNSCHEDULED = 1_000
 #: identities of schedulers (connected or gone) whose REQUESTs are checked
 MAX_FIRERS = 1_000
+#: schedulers connected at once, at most (a deployment runs one or a few)
+MAX_SCHEDULERS = 64
 #: a finite schedule is handed over until this long after its last run was
 #: due, unless its runs are seen before (a safety net: firings are counted)
 _ENDS_MARGIN = 3600.0
@@ -220,6 +222,20 @@ def _tell_unscheduled(sockets: RouterSockets, client: bytes,
             sockets.send("frontend", client, Message.new(Command.UNSCHEDULE, *body))
 
 
+def _no_room(side: SchedulerSide, client: bytes) -> bool:
+    """True (logged, counted) when ``client`` would be a scheduler past
+    :data:`MAX_SCHEDULERS`: each SCHEDULE tells every other scheduler to
+    drop its copy, and a crowd of peers that vanish made every hand-over
+    walk them all (a probe: 2,500, and a valid SCHEDULE refused)."""
+    if client in side.schedulers or len(side.schedulers) < MAX_SCHEDULERS:
+        return False
+    side._counters["scheduler_informs_refused"] += 1
+    side._log.error("scheduler_inform", "router: scheduler %s refused: %d schedulers are "
+                    "connected already (at most %d)", printable(client),
+                    len(side.schedulers), MAX_SCHEDULERS)
+    return True
+
+
 def _place(side: SchedulerSide, key: str, live: LiveSchedule,
            prefer: Optional[bytes]) -> tuple[bool, bool]:
     """Send ``live`` (its runs left) to ``prefer`` if connected, else to its
@@ -295,6 +311,8 @@ class SchedulerSide:
                               "client socket ignored (workers connect to the worker socket)",
                               printable(message.msgid), printable(kind, 40), printable(client))
             return
+        if _no_room(self, client):
+            return
         self._sockets.send("frontend", client, Message.new(Command.ACK, message.msgid))
         self._register(client)
 
@@ -331,6 +349,8 @@ class SchedulerSide:
                               "%s; told to connect anew (KBYE)", printable(client))
             self._sockets.send("frontend", client, Message.new(Command.KBYE))
             return
+        if _no_room(self, client):
+            return
         logger.warning("router: scheduler %s heartbeats on after KBYE without an INFORM; "
                        "taken as connected", printable(client))
         self._register(client)
@@ -356,8 +376,8 @@ class SchedulerSide:
             return  # its heartbeats may be waiting there
         for peer in list(self.schedulers.values()):
             silence = now - peer.hb
-            if silence >= s.heartbeat_timeout:
-                del self.schedulers[peer.identity]
+            # (one a hand-over before it in this loop found gone is gone)
+            if silence >= s.heartbeat_timeout and self.schedulers.pop(peer.identity, None):
                 logger.error("router: scheduler %s removed: nothing received for %.1f s",
                              printable(peer.identity), silence)
                 self._hand_over(None)
@@ -386,19 +406,20 @@ class SchedulerSide:
             return
         now = time.monotonic()
         live = self.live.get(schedule.key)
-        if live is not None and live.owner in self.schedulers:
-            owner = live.owner  # where it is already (maybe handed over)
-        else:
-            # by the call's key without a delayed job's own id: every delayed
-            # run of one call lives on one scheduler
-            owner = self._owner(schedule.key.partition(":")[0])
-        if not self._forward(owner, message):
-            # gone without a KBYE (kill -9): take the next one, or hold it
-            self.schedulers.pop(owner, None)
-            self.on_schedule(client, message)
-            self._hand_over(None)
-            return
         base, _, delay_id = schedule.key.partition(":")
+        # where it is already (maybe handed over), else by the call's key
+        # without a delayed job's own id: every delayed run of one call
+        # lives on one scheduler
+        owner = live.owner if live is not None and live.owner in self.schedulers else None
+        gone = False
+        while not self._forward(owner := owner or self._owner(base), message):
+            # gone without a KBYE (kill -9): the next one, or held
+            self.schedulers.pop(owner, None)
+            owner, gone = None, True
+            if not self.schedulers:
+                self._hold(client, message)
+                self._hand_over(None)
+                return
         self._cancelled.pop(base, None)
         self._unscheduled.pop(base, None)
         if delay_id and schedule.key not in self.live:
@@ -407,6 +428,8 @@ class SchedulerSide:
             tuple(message.body), owner, schedule.interval is None and schedule.eta is None,
             schedule.queue, _ends(schedule, now, time.time()), schedule.run_count)
         self._book(schedule.key, schedule.name, schedule.queue, schedule.what(), owner)
+        if gone:
+            self._hand_over(None)
         if len(self.schedulers) > 1:
             # so that no other scheduler keeps (and fires) an older copy
             drop = Message.new(Command.UNSCHEDULE, *message.body)
@@ -633,6 +656,7 @@ class SchedulerSide:
             "schedule_messages": dict(self.counts),
             "schedule_messages_held": len(self.held),
             "unknown_scheduler_heartbeats": self._counters["unknown_scheduler_heartbeats"],
+            "scheduler_informs_refused": self._counters["scheduler_informs_refused"],
             "schedules": self.listing(200),
         }
 
