@@ -838,3 +838,40 @@ def test_a_last_chance_request_runs_beside_jobs_that_never_end(make_router):
     busy.send(Command.READY)
     assert busy.recv().msgid == waiting.msgid  # slots back: the queue moves again
     wait_until(lambda: h.router.guarantees.reserved is None, timeout=5, what="unreserved")
+
+
+def test_a_last_chance_request_that_never_ends_stalls_neither_its_queue_nor_the_next(
+        make_router):
+    """A probe's find: a last-chance request out alone whose job never
+    ends (behind emq-jobmanager, a job that killed its own process is never
+    answered) kept its worker's slots withheld and held every later
+    last-chance request back, for ever: plain jobs waited 75-91 s and on.
+    A turn lasts ``reserve_patience``, waiting and running; then the
+    request goes on like any other and the next one's turn begins."""
+    h = make_router(max_redeliveries=1, **FAST)
+    h.router.guarantees.reserve_patience = 1.0
+    client = h.peer("frontend")
+    sent = [guaranteed(h, client) for _ in range(2)]
+    assert {client.recv().body for _ in range(2)} == {(m.msgid,) for m in sent}
+    dying = join(h, 2, name="dying")
+    assert {dying.recv().msgid for _ in range(2)} == {m.msgid for m in sent}
+    dying.close()  # both on their last chance
+    wait_until(lambda: h.router.status()["guaranteed_last_chance"] == 2, timeout=5,
+               what="both on their last chance")
+    worker = join(h, 2, name="only", beat=True)
+    first = worker.recv()  # alone: its other slot withheld
+    assert first.msgid in {m.msgid for m in sent} and worker.pending() == []
+    plain = h.request(client)
+    # its turn over (it never ends): the slot comes back, the plain job runs
+    assert worker.recv(timeout=5).msgid == plain.msgid
+    assert h.router.status()["guaranteed_placed_beside"] == 1
+    worker.sock.send_multipart([b"", b"eMQP/1.0", b"READY", plain.msgid.encode()])
+    # the second one's turn: it waits for the worker (busy with the first)
+    # for its patience, then goes on like any other request
+    second = worker.recv(timeout=5)
+    assert second.msgid in {m.msgid for m in sent} - {first.msgid}
+    assert h.router.status()["guaranteed_placed_beside"] == 2
+    worker.send(Command.REPLY, json.dumps({"value": 2}), second.msgid)
+    worker.send(Command.REPLY, json.dumps({"value": 1}), first.msgid)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, timeout=5, what="both end")
+    assert h.router.status()["guaranteed_last_chance"] == 0

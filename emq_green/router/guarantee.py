@@ -48,8 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: what a client is told when its guaranteed request is not taken
 REFUSED_TYPE = "GuaranteeRefused"
-#: how long a last-chance request waits for its reserved worker's other
-#: jobs to end before it runs beside them (seconds)
+#: how long a last-chance request's turn lasts at most, waiting for its
+#: reserved worker and running there alone (seconds)
 RESERVE_PATIENCE = 30.0
 
 
@@ -113,13 +113,13 @@ class Guarantees:
         self.alone: Optional[Request] = None
         #: it, while it waits for its worker to be free of other jobs
         self.unplaced: Optional[Request] = None
-        #: the worker reserved for it (:mod:`emq_green.router.lastchance`),
-        #: since when (monotonic), and how long it may wait for that worker's
-        #: other jobs to end before it runs beside them (seconds)
+        #: the worker reserved for it (:mod:`emq_green.router.lastchance`);
+        #: since when the request's turn runs (monotonic), and how long it
+        #: lasts at most, waiting and running (seconds)
         self.reserved: Optional[Worker] = None
-        self.reserved_at = 0.0
+        self.alone_since = 0.0
         self.reserve_patience = RESERVE_PATIENCE
-        #: last-chance requests that ran beside jobs that did not end
+        #: last-chance requests whose turn ended on its patience
         self.placed_beside = 0
         #: sends a last-chance request out, alone on a worker; told when it
         #: ends (both set by the router)
@@ -230,6 +230,12 @@ class Guarantees:
         self.given_up += 1
         self.finished(request, result=False)
         return GIVEN_UP
+
+    def turn_over(self) -> None:
+        """The request out alone is not alone any more (its patience ran
+        out): the next last-chance request goes out."""
+        self.alone = None
+        self._release()
 
     def _release(self) -> None:
         """Send the next last-chance request if none is out."""

@@ -21,11 +21,10 @@ that a long job on the reserved worker does not hold the request (a probe:
 12 s and more, with another worker idle); the request itself, lost with a
 worker, is counted like any other.
 
-A reserved worker whose jobs have not ended after
-:attr:`~emq_green.router.guarantee.Guarantees.reserve_patience` (30 s) gets
-the request beside them (STATUS ``guaranteed_placed_beside``): EventMQ's job
-manager never answers for a job whose process was killed, so its worker is
-never idle again, and the queue stalled behind its withheld slots for good.
+A request's turn lasts at most
+:attr:`~emq_green.router.guarantee.Guarantees.reserve_patience` (30 s),
+waiting and running (:func:`_turn_over`; STATUS
+``guaranteed_placed_beside``): then it goes on like any other request.
 """
 
 from __future__ import annotations
@@ -50,6 +49,8 @@ class Side(Protocol):
     def hand_over(self, worker: Worker, request: Request, queue: str) -> None: ...
 
     def dispatch(self, queue: str) -> None: ...
+
+    def route_again(self, requests: list[Request]) -> None: ...
 
 
 def _usable(routing: Routing, worker: Optional[Worker]) -> bool:
@@ -102,13 +103,19 @@ def place(side: Side, request: Request) -> None:
     """Send the last-chance ``request`` to a worker of its own, as soon as
     one is free of other jobs."""
     side.guarantees.unplaced = request
+    side.guarantees.alone_since = time.monotonic()
     keep_placing(side)
 
 
 def keep_placing(side: Side) -> None:
     """Reserve a worker for the request not placed yet (again, when the one
-    reserved left), and hand the request over once that worker is idle."""
+    reserved left), and hand the request over once that worker is idle;
+    past its patience, end its turn (:func:`_turn_over`)."""
     guarantees, routing = side.guarantees, side.routing
+    if guarantees.alone is not None and \
+            time.monotonic() - guarantees.alone_since >= guarantees.reserve_patience:
+        _turn_over(side)
+        return
     request = guarantees.unplaced
     if request is None:
         return
@@ -120,32 +127,44 @@ def keep_placing(side: Side) -> None:
         idle = _idle(routing, queue, worker)
         if idle is not None:
             _withhold(idle)
-            guarantees.reserved, guarantees.reserved_at = idle, time.monotonic()
+            guarantees.reserved = idle
             _give_back(side, worker)
             worker = idle
         elif not _usable(routing, worker):
             worker = guarantees.reserved = _least_busy(routing, queue)
             if worker is None:
                 return  # no worker of its queue now: the housekeeping tries again
-            guarantees.reserved_at = time.monotonic()
             _withhold(worker)
     assert worker is not None
-    if not worker.held_slots:
+    if worker.in_flight or not worker.held_slots:
         return  # its READYs come back here (:func:`ready`)
-    if worker.in_flight:
-        waited = time.monotonic() - guarantees.reserved_at
-        if waited < guarantees.reserve_patience:
-            return
-        # Its jobs do not end (EventMQ's job manager never answers for a job
-        # whose process was killed): beside them, rather than a queue stalled
-        # for ever behind a worker whose new work is withheld.
-        logger.warning("router: last-chance REQUEST %s waited %.0f s for worker %s to end "
-                       "its %d job(s); it runs beside them", printable(request.msgid),
-                       waited, worker.log_name, len(worker.in_flight))
-        guarantees.placed_beside += 1
     worker.held_slots -= 1
     guarantees.unplaced = None
     side.hand_over(worker, request, queue)
+
+
+def _turn_over(side: Side) -> None:
+    """The last-chance request has waited for its worker, or run alone
+    there, for ``reserve_patience``: it goes on like any other request (out
+    at its worker, or back at the head of its queue), the reserved worker
+    gets its slots back, and the next last-chance request's turn begins.
+    EventMQ's job manager never answers for a job whose process was killed:
+    a worker that runs one is never idle again, and a last-chance request
+    that is such a job never ends; either stalled the queue behind the
+    worker's withheld slots, and every later last-chance request, for ever."""
+    guarantees = side.guarantees
+    request, unplaced = guarantees.alone, guarantees.unplaced
+    assert request is not None
+    logger.warning("router: last-chance REQUEST %s %s alone for %.0f s; it goes on like any "
+                   "other request", printable(request.msgid),
+                   "waited to run" if unplaced is not None else "has run",
+                   time.monotonic() - guarantees.alone_since)
+    guarantees.placed_beside += 1
+    guarantees.unplaced = guarantees.alone = None
+    if unplaced is not None:
+        side.route_again([unplaced])  # at the head of its queue
+    _unreserve(side)  # the slots back: that head goes first
+    guarantees.turn_over()
 
 
 def ready(side: Side, worker: Worker) -> bool:
