@@ -163,6 +163,49 @@ def test_sigstop_past_the_timeout_then_sigcont(peers, tmp_path):
     assert sum(done[t] for t in first) >= 40  # each at least once (some twice)
 
 
+@pytest.mark.timeout(150)
+def test_a_worker_back_from_a_stop_ends_the_copies_its_jobs_left_waiting(peers, tmp_path):
+    """A probe's find: a worker SIGSTOPped past the timeout (its four
+    guaranteed jobs queued again, waiting: the other worker busy) came back
+    and connected anew, then finished the four; their REPLYs left under the
+    new identity, which the router had handed no copy to: dropped as late,
+    and the copies could run again on another worker. The connection the
+    jobs came on now stays open for their REPLYs, which end the waiting
+    copies: each job runs once, where it first ran."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs)
+    stopped = green_worker(peers, addrs, "stopped", 4)
+    gate = tmp_path / "gate"
+    tags = [f"job{i}" for i in range(4)]
+    send_guaranteed(addrs, tags, gate)
+    wait_started_on(peers, tags, stopped.pid)
+    busy = green_worker(peers, addrs, "busy", 1)
+    gate2 = tmp_path / "gate2"
+    with Client(addrs.frontend, green=False) as client:
+        client.defer_job("interop_jobs.gated_record", ["blocker", str(gate2), 120.0])
+    wait_started_on(peers, ["blocker"], busy.pid)
+    stopped.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: router.status()["redelivered"] >= 4, 20,
+                   "its jobs queued again", details=peers.logs)
+    finally:
+        stopped.signal(signal.SIGCONT)
+    stopped.wait_for(r"ACK from ", count=2, timeout=30)  # connected anew, full
+    gate.touch()  # its four jobs end there
+    wait_until(lambda: router.status()["guaranteed_held"] == 0, 30,
+               "the four ended, their copies with them", details=peers.logs)
+    # under the identity the jobs came to (a copy handed to the new one as
+    # its slots came back is answered from the worker's memory instead)
+    assert router.status()["replies_for_buffered_copies"] >= 1
+    gate2.touch()  # the other worker is free: nothing of the four is left for it
+    peers.record.wait_for_tags(["blocker"], 30, details=peers.logs)
+    wait_until(lambda: router.status()["guaranteed_held"] == 0, 10, "nothing held")
+    assert peers.record.pids("done") == {**{t: stopped.pid for t in tags},
+                                         "blocker": busy.pid}
+    counts = peers.record.tags("done")
+    assert {t: counts[t] for t in tags} == {t: 1 for t in tags}
+
+
 @dataclass
 class Running:
     """Guaranteed jobs asking for their results, running on one worker

@@ -72,6 +72,43 @@ def test_replies_of_jobs_finishing_while_reconnecting_go_out_on_the_new_connecti
         standby.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_job_running_when_the_router_says_kbye_replies_under_its_own_identity(
+        make_manager):
+    """A probe's find: SIGSTOPped past the timeout, a worker was told KBYE
+    when it came back (the router had taken it for dead and queued its
+    guaranteed jobs again) and connected anew; its jobs then ended and their
+    REPLYs left under the new identity, which holds no copy of them: the
+    router dropped them as late and ran the waiting copies elsewhere. The
+    connection a running job came on now stays open for its REPLY; new jobs
+    and READYs go to the new one."""
+    router = FakeRouter(heartbeat_interval=0.2)
+    try:
+        manager = make_manager(concurrent_jobs=2, worker_addr=router.addr,
+                               worker_addr_default=router.addr,
+                               worker_addr_failover=router.addr)
+        first = router.wait_inform()
+        router.wait_count(Command.READY, 2, identity=first)
+        running = router.request(first, JOBS, "wait_gate", args=["stop"], headers=REPLY)
+        router.wait_until(lambda: J.calls["wait_gate"] == 1)
+        router.send(first, Command.KBYE)  # taken for dead, back: told to connect anew
+        router.wait_until(lambda: len(router.messages(Command.INFORM)) == 2)
+        second = router.messages(Command.INFORM)[-1].identity
+        assert second != first
+        router.wait_count(Command.READY, 1, identity=second)  # its one free slot
+        J.gates["stop"].set()
+        assert router.wait_reply(running) == {"value": "stop"}
+        (reply,) = router.messages(Command.REPLY)
+        assert reply.identity == first
+        ok = router.request(second, JOBS, "add", args=[1, 1], headers=REPLY)
+        assert router.wait_reply(ok) == {"value": 2}
+        assert router.messages(Command.REPLY)[-1].identity == second
+        router.wait_count(Command.READY, 3, identity=second)  # both slots again
+        assert manager.state is State.RUNNING
+    finally:
+        router.close()
+
+
 @pytest.mark.timeout(90)
 def test_failover_order_and_return_to_the_default_address(make_manager):
     a = FakeRouter(heartbeat_interval=0.2)

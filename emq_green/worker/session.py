@@ -348,16 +348,17 @@ class RouterLink:
         self._close(conn, 0 if self.router_gone else CLOSE_LINGER)
         self.outgoing = None
 
-    def retire(self, running: Iterable[str] = ()) -> None:
-        """KBYE on the current connection, which goes on being read until
+    def retire(self, running: Iterable[str] = (), say_kbye: bool = True) -> None:
+        """KBYE (if ``say_kbye``) on the current connection, read on until
         the router has been quiet for ``heartbeat_timeout`` (REQUESTs it sent
-        before it saw the KBYE still arrive, and run), and stays open until
-        the jobs it brought (``running``: their msgids, and the REQUESTs that
-        still arrive) have ended, for their REPLYs; then closes."""
+        before it saw the KBYE still arrive, and run), and open until the
+        jobs it brought (``running``, and the REQUESTs that still arrive)
+        have ended, for their REPLYs; then closed."""
         conn, reader = self.outgoing, self._reader
         if conn is None or reader is None:
             return
-        conn.say_leaving()
+        if say_kbye:
+            conn.say_leaving()
         self.retiring.append(conn)
         self.origins.keep(running, conn)
         self._lingering.spawn(_linger, self, conn, reader, time.monotonic())
@@ -524,8 +525,7 @@ class RouterLink:
         self._wake.set()
 
     def _on_router_kbye(self, message: Message, conn: Connection) -> None:
-        # no REQUEST follows the router's KBYE on this connection: it dropped
-        # the READYs (a drain or a retired connection's linger ends sooner)
+        # no REQUEST follows it here: the READYs are dropped (a drain ends sooner)
         conn.ready_outstanding = 0
         conn.kbye_received()
         if conn is self.outgoing and self._running():

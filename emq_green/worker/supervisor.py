@@ -204,6 +204,13 @@ class Supervisor:
                                else logging.ERROR, "%s; reconnecting", link.router_gone)
                     self._counters["router_lost"] += 1
                     self._hooks.notify("disconnected", link.router_gone)
+                    if self._slots.jobs_in_flight and link.router_gone == KBYE_FROM_ROUTER:
+                        # Taken for dead (a SIGSTOP): the REPLYs of the jobs
+                        # running leave under the identity their REQUESTs
+                        # came to, the one the router's copies of them name
+                        # (such a REPLY ends the copy that waits there).
+                        link.retire(running=list(self._slots.jobs_in_flight),
+                                    say_kbye=False)
                     return
                 self._offer_slots()
                 self._wake.wait()
