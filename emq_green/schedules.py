@@ -131,9 +131,12 @@ class Schedule:
 
     def core(self) -> tuple[str, str, str, str, str]:
         """:meth:`body` without ``run_count``, ``handed-over`` and ``nohaste``:
-        the same schedule, whatever count of runs is left."""
+        the same schedule, whatever count of runs is left; and without a
+        delayed job's interval (its ``eta`` says when; a hand-over sends the
+        seconds left: :func:`handed_over`)."""
         queue, headers, interval, payload, cron = self.body()
-        return (queue, _without_count(headers), interval, payload, cron)
+        return (queue, _without_count(headers), "" if self.eta is not None else interval,
+                payload, cron)
 
     def what(self) -> str:
         """``every 60s`` / ``cron */5 * * * *`` / ``at ...``, for listings."""
