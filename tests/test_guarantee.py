@@ -823,10 +823,10 @@ def test_a_last_chance_request_runs_beside_jobs_that_never_end(make_router):
     was killed is never answered, so its worker is never idle again; the
     worker reserved for a last-chance request had its slots withheld for
     ever and the queue stalled (six jobs waited out their clients). After
-    ``reserve_patience`` the request runs beside the jobs that do not end;
-    when it ends, the worker's slots come back."""
+    ``reserve_wait`` the request goes on like any other and runs beside the
+    jobs that do not end; when it ends, the worker's slots come back."""
     h = make_router(max_redeliveries=1, **FAST)
-    h.router.guarantees.reserve_patience = 1.0
+    h.router.guarantees.reserve_wait = 1.0  # (waiting: not reserve_patience)
     client = h.peer("frontend")
     sent, busy = reserved_while_busy(h, client, 2)  # one slot runs a "stuck" job
     started = time.monotonic()
@@ -846,10 +846,11 @@ def test_a_last_chance_request_that_never_ends_stalls_neither_its_queue_nor_the_
     ends (behind emq-jobmanager, a job that killed its own process is never
     answered) kept its worker's slots withheld and held every later
     last-chance request back, for ever: plain jobs waited 75-91 s and on.
-    A turn lasts ``reserve_patience``, waiting and running; then the
-    request goes on like any other and the next one's turn begins."""
+    A turn lasts ``reserve_wait`` waiting and ``reserve_patience`` running
+    alone; then the request goes on like any other and the next one's turn
+    begins."""
     h = make_router(max_redeliveries=1, **FAST)
-    h.router.guarantees.reserve_patience = 1.0
+    h.router.guarantees.reserve_patience = h.router.guarantees.reserve_wait = 1.0
     client = h.peer("frontend")
     sent = [guaranteed(h, client) for _ in range(2)]
     assert {client.recv().body for _ in range(2)} == {(m.msgid,) for m in sent}

@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 
 #: what a client is told when its guaranteed request is not taken
 REFUSED_TYPE = "GuaranteeRefused"
-#: how long a last-chance request's turn lasts at most, waiting for its
-#: reserved worker and running there alone (seconds)
+#: how long a last-chance request waits at most for its reserved worker to
+#: be free of other jobs, and how long it runs there alone at most (seconds)
+RESERVE_WAIT = 10.0
 RESERVE_PATIENCE = 30.0
 
 
@@ -114,10 +115,11 @@ class Guarantees:
         #: it, while it waits for its worker to be free of other jobs
         self.unplaced: Optional[Request] = None
         #: the worker reserved for it (:mod:`emq_green.router.lastchance`);
-        #: since when the request's turn runs (monotonic), and how long it
-        #: lasts at most, waiting and running (seconds)
+        #: since when the request waits for it, or runs there (monotonic);
+        #: how long each may last (seconds)
         self.reserved: Optional[Worker] = None
         self.alone_since = 0.0
+        self.reserve_wait = RESERVE_WAIT
         self.reserve_patience = RESERVE_PATIENCE
         #: last-chance requests whose turn ended on its patience
         self.placed_beside = 0
@@ -302,4 +304,5 @@ def _journaled_body(request: Request, routed: str) -> tuple[str, str, str]:
     return routed, headers, payload
 
 
-__all__ = ["Guarantees", "REFUSED_TYPE", "RESERVE_PATIENCE", "refusal_body", "was_killed"]
+__all__ = ["Guarantees", "REFUSED_TYPE", "RESERVE_PATIENCE", "RESERVE_WAIT", "refusal_body",
+           "was_killed"]

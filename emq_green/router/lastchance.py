@@ -21,10 +21,14 @@ that a long job on the reserved worker does not hold the request (a probe:
 12 s and more, with another worker idle); the request itself, lost with a
 worker, is counted like any other.
 
-A request's turn lasts at most
-:attr:`~emq_green.router.guarantee.Guarantees.reserve_patience` (30 s),
-waiting and running (:func:`_turn_over`; STATUS
-``guaranteed_placed_beside``): then it goes on like any other request.
+A request waits at most
+:attr:`~emq_green.router.guarantee.Guarantees.reserve_wait` (10 s) for its
+worker to be free of other jobs, and runs alone there at most
+:attr:`~emq_green.router.guarantee.Guarantees.reserve_patience` (30 s)
+(:func:`_turn_over`; STATUS ``guaranteed_placed_beside``): then it goes on
+like any other request. The turns come one after another: N requests on
+their last chance together (a worker of ``-J N`` killed from outside) may
+hold a lone worker's queue back for up to 30 + (N - 1) x 10 s.
 """
 
 from __future__ import annotations
@@ -112,11 +116,11 @@ def keep_placing(side: Side) -> None:
     reserved left), and hand the request over once that worker is idle;
     past its patience, end its turn (:func:`_turn_over`)."""
     guarantees, routing = side.guarantees, side.routing
-    if guarantees.alone is not None and \
-            time.monotonic() - guarantees.alone_since >= guarantees.reserve_patience:
+    request = guarantees.unplaced
+    if guarantees.alone is not None and time.monotonic() - guarantees.alone_since >= (
+            guarantees.reserve_wait if request is not None else guarantees.reserve_patience):
         _turn_over(side)
         return
-    request = guarantees.unplaced
     if request is None:
         return
     worker = guarantees.reserved
@@ -140,12 +144,14 @@ def keep_placing(side: Side) -> None:
         return  # its READYs come back here (:func:`ready`)
     worker.held_slots -= 1
     guarantees.unplaced = None
+    guarantees.alone_since = time.monotonic()  # its time alone starts
     side.hand_over(worker, request, queue)
 
 
 def _turn_over(side: Side) -> None:
-    """The last-chance request has waited for its worker, or run alone
-    there, for ``reserve_patience``: it goes on like any other request (out
+    """The last-chance request has waited for its worker for
+    ``reserve_wait``, or run alone there for ``reserve_patience``: it goes
+    on like any other request (out
     at its worker, or back at the head of its queue), the reserved worker
     gets its slots back, and the next last-chance request's turn begins.
     EventMQ's job manager never answers for a job whose process was killed:

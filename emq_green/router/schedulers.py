@@ -222,14 +222,15 @@ def _tell_unscheduled(sockets: RouterSockets, client: bytes,
             sockets.send("frontend", client, Message.new(Command.UNSCHEDULE, *body))
 
 
-def _no_room(side: SchedulerSide, client: bytes) -> bool:
+def _no_room(side: SchedulerSide, client: bytes, counted: bool = False) -> bool:
     """True (logged, counted) when ``client`` would be a scheduler past
     :data:`MAX_SCHEDULERS`: each SCHEDULE tells every other scheduler to
     drop its copy, and a crowd of peers that vanish made every hand-over
     walk them all (a probe: 2,500, and a valid SCHEDULE refused)."""
     if client in side.schedulers or len(side.schedulers) < MAX_SCHEDULERS:
         return False
-    side._counters["scheduler_informs_refused"] += 1
+    if counted:  # (an INFORM; not each HEARTBEAT of one refused)
+        side._counters["scheduler_informs_refused"] += 1
     side._log.error("scheduler_inform", "router: scheduler %s refused: %d schedulers are "
                     "connected already (at most %d)", printable(client),
                     len(side.schedulers), MAX_SCHEDULERS)
@@ -311,7 +312,7 @@ class SchedulerSide:
                               "client socket ignored (workers connect to the worker socket)",
                               printable(message.msgid), printable(kind, 40), printable(client))
             return
-        if _no_room(self, client):
+        if _no_room(self, client, counted=True):
             return
         self._sockets.send("frontend", client, Message.new(Command.ACK, message.msgid))
         self._register(client)

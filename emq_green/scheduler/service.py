@@ -279,8 +279,9 @@ class Scheduler:
                 last = now
                 if not self.connected.is_set():
                     if now - started >= s.reconnect_timeout:
-                        logger.warning("scheduler: no ACK from %s in %g s; trying again%s",
-                                       self.addr, s.reconnect_timeout,
+                        logger.warning("scheduler: no ACK from %s in %g s; trying again (an "
+                                       "emq-green router takes 64 schedulers at most: see "
+                                       "its log)%s", self.addr, s.reconnect_timeout,
                                        "" if self._curve else _NO_CURVE_HINT)
                         break
                     continue
