@@ -210,3 +210,27 @@ def entry_sys_exit():
 
 def text(length):
     return "x" * length
+
+
+def slow_setup():
+    """A subprocess_setup_func slower than the jobs' timeout (its seconds in
+    EMQ_TEST_SETUP_SECONDS), in the children only."""
+    if os.environ.get("EMQ_GREEN_CHILD_PARENT_PID"):
+        time.sleep(float(os.environ.get("EMQ_TEST_SETUP_SECONDS", "0")))
+
+
+def dying_setup():
+    """A subprocess_setup_func that ends its child (not the worker)."""
+    if os.environ.get("EMQ_GREEN_CHILD_PARENT_PID"):
+        os._exit(4)
+
+
+def scribble():
+    """A job that writes a JSON line that is no outcome on every descriptor
+    it may hold (the pool's pipe among them)."""
+    for fd in range(1, 64):
+        try:
+            os.write(fd, b'"garbage"\n')
+        except OSError:
+            pass
+    return "written"

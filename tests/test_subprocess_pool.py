@@ -349,6 +349,52 @@ def test_a_pool_of_one_whose_replacement_died_before_its_first_job_runs_the_next
     stop_and_check(router, manager)
 
 
+def test_a_child_s_start_up_is_not_counted_in_the_job_s_timeout(router, make_manager,
+                                                                  monkeypatch):
+    """A probe's find: a subprocess_setup_func slower than the jobs' timeout
+    (django.setup() and timeout:5) had each child killed mid-setup by the
+    job waiting for it, and a fresh one started from zero: no job ever ran
+    while jobs kept coming. The timeout counts from the job's start, as the
+    docs say; a child's start-up is bounded by STARTUP_TIMEOUT."""
+    monkeypatch.setenv("EMQ_TEST_SETUP_SECONDS", "2")
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           subprocess_setup_func=f"{CPU}.slow_setup")
+    ident = router.wait_inform()
+    msgids = [router.request(ident, CPU, "pid", headers=f"{REPLY},timeout:1", subprocess=True)
+              for _ in range(2)]
+    replies = [router.wait_reply(m, timeout=20) for m in msgids]
+    assert all("error" not in r for r in replies), replies
+    assert pool_of(manager).counters["children_started"] == 1
+    stop_and_check(router, manager)
+
+
+def test_a_child_that_dies_in_its_setup_says_the_job_did_not_start(router, make_manager):
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1,
+                           subprocess_setup_func=f"{CPU}.dying_setup")
+    ident = router.wait_inform()
+    reply = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True), timeout=20)
+    assert reply["error"]["type"] == "ChildProcessError"
+    assert "exited with code 4 before it was ready" in reply["value"], reply
+    assert "subprocess_setup_func" in reply["value"] and "did not start" in reply["value"]
+    stop_and_check(router, manager)
+
+
+def test_a_job_that_writes_on_the_pool_s_pipe_fails_alone_and_plainly(router, make_manager):
+    """A probe's find: a line that is JSON but no outcome crashed the job
+    runner (TypeError in the worker's log and the reply)."""
+    manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
+    ident = router.wait_inform()
+    reply = router.wait_reply(router.request(ident, CPU, "scribble", headers=REPLY,
+                                             subprocess=True), timeout=20)
+    assert reply["error"]["type"] == "ChildProcessError", reply
+    assert "instead of an outcome" in reply["value"]
+    after = router.wait_reply(router.request(ident, CPU, "pid", headers=REPLY,
+                                             subprocess=True), timeout=20)
+    assert "error" not in after and pool_of(manager).counters["children_died"] == 1
+    stop_and_check(router, manager)
+
+
 def test_a_kill_9_of_the_worker_takes_what_a_subprocess_job_forked_with_it(router, tmp_path):
     """The child dies with the worker (its PDEATHSIG); its sentinel takes
     the rest of its process group: the grandchild a job started, itself."""

@@ -40,7 +40,7 @@ from gevent import subprocess
 from ..callables import matches
 from ..extensions import Extension
 from ..jobs import TIMEOUT_VALUE, JobOutcome, Status
-from ..protocol import Headers, RunRequest
+from ..protocol import Headers, RunRequest, printable
 from . import child as child_main
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,7 +197,10 @@ class _Child:
             raise ChildDied()
         if not line.endswith(b"\n") and len(line) == self.max_line:
             raise ChildDied(f"sent a line longer than {self.max_line} bytes")
-        return json.loads(line)
+        doc = json.loads(line)
+        if type(doc) is not dict:  # (a job that wrote on the pool's pipe itself)
+            raise ChildDied(f"sent {printable(line, 80)} instead of an outcome")
+        return doc
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         if self.ready:
@@ -404,7 +407,8 @@ class SubprocessPool:
         clean = False
         attempt = 1
         try:
-            child.wait_ready(timeout)
+            # (its start-up is not the job's: the job's timeout counts from here)
+            child.wait_ready()
             child.jobs += 1
             last = child.jobs >= self.config.max_job_count
             if last:
@@ -447,6 +451,10 @@ class SubprocessPool:
             else:
                 reason = f"failed: {exc!r}"
             message = f"the subprocess child {child.pid} running {request.name} {reason}"
+            if not child.ready:
+                message = (f"the subprocess child {child.pid} {reason} before it was ready (in "
+                           f"its start-up or subprocess_setup_func): {request.name} did not "
+                           "start")
             logger.error("%s; replacing it", message)
             self._replace(child, kill=True)
             return (JobOutcome(Status.FAILED, message, "ChildProcessError", message, attempt),
