@@ -151,9 +151,9 @@ def keep_placing(side: Side) -> None:
 def _turn_over(side: Side) -> None:
     """The last-chance request has waited for its worker for
     ``reserve_wait``, or run alone there for ``reserve_patience``: it goes
-    on like any other request (out
-    at its worker, or back at the head of its queue), the reserved worker
-    gets its slots back, and the next last-chance request's turn begins.
+    on like any other request (out at its worker, or back at the head of
+    its queue), the reserved worker gets its slots back, and the next
+    last-chance request's turn begins.
     EventMQ's job manager never answers for a job whose process was killed:
     a worker that runs one is never idle again, and a last-chance request
     that is such a job never ends; either stalled the queue behind the
