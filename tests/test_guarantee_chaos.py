@@ -80,15 +80,24 @@ def wait_started_on(peers: Peers, tags: list[str], pid: int, timeout: float = 30
                details=peers.logs)
 
 
+def gated_jobs_on(peers: Peers, tmp_path: Path, name: str, count: int, slots: int,
+                  *router_args: str) -> tuple[GreenRouter, RouterAddrs, Proc, Path, list[str]]:
+    """A router (``router_args``), one worker ``name`` of ``slots`` slots,
+    and ``count`` guaranteed jobs held at a gate, all started on it."""
+    addrs = RouterAddrs.fresh()
+    router = GreenRouter(peers, addrs, *router_args)
+    worker = green_worker(peers, addrs, name, slots)
+    gate = tmp_path / "gate"
+    tags = [f"job{i}" for i in range(count)]
+    send_guaranteed(addrs, tags, gate)
+    wait_started_on(peers, tags, worker.pid)
+    return router, addrs, worker, gate, tags
+
+
 @pytest.mark.timeout(120)
 def test_kill_9_of_a_green_worker_with_guaranteed_jobs_running(peers, tmp_path):
-    addrs = RouterAddrs.fresh()
-    router = GreenRouter(peers, addrs, "--journal-file", str(tmp_path / "journal.db"))
-    victim = green_worker(peers, addrs, "victim", 200)
-    gate = tmp_path / "gate"
-    tags = [f"job{i}" for i in range(150)]
-    send_guaranteed(addrs, tags, gate)
-    wait_started_on(peers, tags, victim.pid)
+    router, addrs, victim, gate, tags = gated_jobs_on(
+        peers, tmp_path, "victim", 150, 200, "--journal-file", str(tmp_path / "journal.db"))
 
     survivor = green_worker(peers, addrs, "survivor", 200)
     victim.kill()  # kill -9 of its process group, 150 jobs running
@@ -172,13 +181,7 @@ def test_a_worker_back_from_a_stop_ends_the_copies_its_jobs_left_waiting(peers, 
     and the copies could run again on another worker. The connection the
     jobs came on now stays open for their REPLYs, which end the waiting
     copies: each job runs once, where it first ran."""
-    addrs = RouterAddrs.fresh()
-    router = GreenRouter(peers, addrs)
-    stopped = green_worker(peers, addrs, "stopped", 4)
-    gate = tmp_path / "gate"
-    tags = [f"job{i}" for i in range(4)]
-    send_guaranteed(addrs, tags, gate)
-    wait_started_on(peers, tags, stopped.pid)
+    router, addrs, stopped, gate, tags = gated_jobs_on(peers, tmp_path, "stopped", 4, 4)
     busy = green_worker(peers, addrs, "busy", 1)
     gate2 = tmp_path / "gate2"
     with Client(addrs.frontend, green=False) as client:
