@@ -522,3 +522,21 @@ def test_a_failing_housekeeping_step_stops_neither_the_others_nor_the_next_ticks
     assert h.admin(Command.STATUS)["housekeeping_errors"] >= 3
     failures = [r for r in caplog.records if "housekeeping step failed" in r.getMessage()]
     assert 1 <= len(failures) <= 5 and failures[0].exc_info is not None
+
+
+@pytest.mark.timeout(30)
+def test_an_unknown_worker_is_logged_once_not_per_message(make_router, caplog):
+    """An operator probe's find: after a router restart, every HEARTBEAT a
+    worker had queued while it was down made its own WARNING (24 lines in
+    3 ms for three workers). One line per identity; the rest are counted."""
+    h = make_router()
+    caplog.set_level(logging.DEBUG, logger="emq_green.router")
+    ghost = h.peer("backend", name="ghost")
+    for _ in range(5):
+        ghost.send(Command.HEARTBEAT, "0")
+    wait_until(lambda: h.router.counters["unknown_worker_messages"] == 5,
+               what="five messages counted")
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING
+              and "unknown worker" in r.getMessage()]
+    assert len(warned) == 1 and "told to connect anew" in warned[0].getMessage()
+    assert ghost.recv().command is Command.KBYE and ghost.pending() == []

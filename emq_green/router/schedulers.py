@@ -379,8 +379,8 @@ class SchedulerSide:
             silence = now - peer.hb
             # (one a hand-over before it in this loop found gone is gone)
             if silence >= s.heartbeat_timeout and self.schedulers.pop(peer.identity, None):
-                logger.error("router: scheduler %s removed: nothing received for %.1f s",
-                             printable(peer.identity), silence)
+                logger.warning("router: scheduler %s removed: nothing received for %.1f s",
+                               printable(peer.identity), silence)
                 self._hand_over(None)
 
     def say_goodbye(self) -> None:

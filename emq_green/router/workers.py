@@ -219,10 +219,15 @@ class WorkerSide:
             told = identity in self._told_unknown
             if not settled:
                 self._counters["unknown_worker_messages"] += 1
-                self._log.warning("unknown_worker",
-                                  "router: unknown worker %s sent %s; dropped (it must INFORM "
-                                  "first)%s", printable(identity), message.command.value,
-                                  "" if told else "; told to connect anew (KBYE)")
+                # one line per identity (after a router restart, each worker's
+                # queued HEARTBEATs made one each), then DEBUG
+                text = "router: unknown worker %s sent %s; dropped (it must INFORM first)%s"
+                args = (printable(identity), message.command.value,
+                        "" if told else "; told to connect anew (KBYE)")
+                if told:
+                    logger.debug(text, *args)
+                else:
+                    self._log.warning("unknown_worker", text, *args)
             if not told:
                 # a worker of the router before a restart: KBYE makes an
                 # emq-green worker INFORM at once, not after its heartbeat
