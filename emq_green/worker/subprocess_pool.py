@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -114,6 +115,10 @@ class ChildStartError(Exception):
     """No subprocess child could be started for a job (``str()``: why)."""
 
 
+class ChildStarting(Exception):
+    """A child was not ready within a job's timeout, and may still start."""
+
+
 class _ChildTimedOut(BaseException):
     """Raised by ``gevent.Timeout`` in the waiting greenlet; a BaseException
     so that nothing between it and the pool swallows it."""
@@ -152,6 +157,7 @@ class _Child:
             close_fds=True, start_new_session=True,
         )
         self.pid: int = self.proc.pid
+        self.started = time.monotonic()
         self.jobs = 0
         self.ready = False
         #: waiting in the pool's idle queue (no job holds it)
@@ -203,13 +209,19 @@ class _Child:
         return doc
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Until the child says it is ready. Raises ChildDied (it died, or is
+        not ready :data:`STARTUP_TIMEOUT` after it started), or
+        :class:`ChildStarting` when ``timeout`` passes first: it goes on
+        starting, for the next job."""
         if self.ready:
             return
-        limit = STARTUP_TIMEOUT if timeout is None else min(timeout, STARTUP_TIMEOUT)
+        left = STARTUP_TIMEOUT - (time.monotonic() - self.started)
         try:
-            msg = self.receive(limit)
+            msg = self.receive(max(0.0, left if timeout is None else min(timeout, left)))
         except _ChildTimedOut:
-            raise ChildDied(f"did not start within {limit:g} s") from None
+            if timeout is not None and timeout < left:
+                raise ChildStarting() from None
+            raise ChildDied(f"did not start within {STARTUP_TIMEOUT:g} s") from None
         if "ready" not in msg:
             raise ChildDied(f"sent {msg!r} instead of ready")
         self.ready = True
@@ -407,8 +419,7 @@ class SubprocessPool:
         clean = False
         attempt = 1
         try:
-            # (its start-up is not the job's: the job's timeout counts from here)
-            child.wait_ready()
+            child.wait_ready(timeout)
             child.jobs += 1
             last = child.jobs >= self.config.max_job_count
             if last:
@@ -434,6 +445,18 @@ class SubprocessPool:
             else:
                 self._put_idle(child)
             return outcome, child.pid
+        except ChildStarting:
+            # A slow start-up (subprocess_setup_func) is not the job's: this
+            # job gives up at its timeout, and the child, not killed, goes on
+            # starting for the next one (killed mid-setup by each job, no
+            # child was ever ready while jobs kept coming).
+            clean = True
+            self.counters["not_ready_in_time"] += 1
+            self._put_idle(child)
+            return self._cannot_start(request, (
+                f"no subprocess child was ready within the job's timeout of {timeout:g} s "
+                f"(child {child.pid} is still starting: its start-up and "
+                "subprocess_setup_func; it takes the next job once ready)"))
         except _ChildTimedOut:
             clean = True
             self.counters["timed_out"] += 1
