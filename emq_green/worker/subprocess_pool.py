@@ -452,7 +452,10 @@ class SubprocessPool:
             # child was ever ready while jobs kept coming).
             clean = True
             self.counters["not_ready_in_time"] += 1
-            self._put_idle(child)
+            if self._draining:
+                self._end(child, kill=True)
+            else:
+                self._put_idle(child)
             return self._cannot_start(request, (
                 f"no subprocess child was ready within the job's timeout of {timeout:g} s "
                 f"(child {child.pid} is still starting: its start-up and "
