@@ -275,6 +275,28 @@ def test_a_killed_reply_after_kbye_sends_the_job_again(make_router):
     assert h.router.status()["late_replies"] == 0
 
 
+def test_a_job_raising_its_own_killed_fails_once_and_is_not_sent_again(make_router):
+    # a job's own exception class named Killed, on a worker that is not
+    # stopping: the job failed, like any other error; taken for the worker's
+    # stop, it went back to the queue, ran again on the same worker, whose
+    # memory of ended jobs answered Killed again: a loop of ~2,500 a second
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    worker = h.worker(slots=2, name="busy")
+    sent = guaranteed(h, client, headers="guarantee,result-requested")
+    assert worker.recv().msgid == sent.msgid
+    assert client.recv().body == (sent.msgid,)  # acknowledged
+    own = json.dumps({"value": "Killed: mine", "error": {"type": "Killed",
+                                                         "message": "Killed: mine"}})
+    worker.send(Command.REPLY, own, sent.msgid)
+    result = client.recv()
+    assert result.command is Command.REPLY and result.body[1] == sent.msgid
+    assert json.loads(result.body[0])["error"]["type"] == "Killed"
+    status = h.router.status()
+    assert status["redelivered"] == 0 and status["guaranteed_held"] == 0
+    assert worker.pending() == []
+
+
 def test_a_leaving_worker_that_never_answers_loses_its_jobs_after_the_grace(make_router):
     h = make_router(kill_grace_period=0.5, **FAST)
     client = h.peer("frontend")

@@ -315,8 +315,10 @@ class WorkerSide:
         if worker.leaving_until and not worker.in_flight:
             self.routing.leaving.pop(worker.identity, None)
         if sent.request is not None:
-            if was_killed(message.body[0]):
+            if worker.leaving_until and was_killed(message.body[0]):
                 # the worker stopped before the job ended: it runs elsewhere
+                # (only a worker that said KBYE kills its jobs; from any other
+                # a Killed is the job's own exception: it ended, it failed)
                 self.redeliver([sent], f"worker {worker.log_name} killed it while stopping",
                                worker.identity)
                 return
