@@ -261,17 +261,21 @@ def test_full_buffer_pauses_reading_clients_instead_of_dropping(make_router, cap
     assert status["frontend_paused"] is False and status["buffered_bytes"] == 0
 
 
-def test_heavier_queue_of_a_worker_is_served_first_from_the_buffer(make_router):
+@pytest.mark.parametrize("queues", [[(10, "first"), (30, "second")],
+                                    [(30, "first"), (10, "second"), (50, "first")]])
+def test_a_worker_s_queues_are_served_from_the_buffer_in_inform_order(make_router, queues):
+    # as EventMQ's router: a READY takes from the first queue the INFORM
+    # listed that has a request waiting; weights choose between workers
     h = make_router()
-    worker = h.worker(queues=[(10, "low"), (30, "high")], slots=0)
+    worker = h.worker(queues=queues, slots=0)
     client = h.peer("frontend")
-    low = h.request(client, queue="low")
-    high = h.request(client, queue="high")
-    wait_until(lambda: "low" in h.router.waiting and "high" in h.router.waiting)
+    second = h.request(client, queue="second")
+    first = h.request(client, queue="first")
+    wait_until(lambda: "first" in h.router.waiting and "second" in h.router.waiting)
     worker.send(Command.READY)
-    assert worker.recv().msgid == high.msgid
+    assert worker.recv().msgid == first.msgid
     worker.send(Command.READY)
-    assert worker.recv().msgid == low.msgid
+    assert worker.recv().msgid == second.msgid
 
 
 def test_silent_worker_removed_and_its_requests_logged(make_router, caplog):

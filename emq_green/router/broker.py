@@ -30,7 +30,7 @@ slot that has the highest weight for its queue, the least recently used among
 equal weights; the client gets ``REPLY [msgid]`` as an acknowledgement. A
 REQUEST for a queue no worker serves goes to the default queue. With no free
 slot it waits in a per-queue buffer and leaves on the next READY of a worker
-serving that queue, heaviest queue first, without acknowledgement.
+serving that queue (its queues in INFORM order), without acknowledgement.
 
 Limits, where emq-green differs from EventMQ:
 

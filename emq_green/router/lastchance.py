@@ -99,7 +99,7 @@ def _give_back(side: Side, worker: Optional[Worker]) -> None:
     held, worker.held_slots = worker.held_slots, 0
     for _ in range(held):
         routing.give_slot(worker)
-    for queue in worker.by_weight:
+    for queue in worker.queue_order:
         side.dispatch(queue)
 
 

@@ -131,9 +131,11 @@ class Worker:
     leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
-    #: The queue names, heaviest first, sorted once at INFORM (a READY walks
-    #: them in this order).
-    by_weight: tuple[str, ...] = field(init=False)
+    #: The queue names in the order the INFORM listed them, each once: a
+    #: READY takes a buffered request from the first that has one, as
+    #: EventMQ's router does (whatever the weights: they choose between
+    #: workers, not between a worker's queues).
+    queue_order: tuple[str, ...] = field(init=False)
     #: the free lists of the queues' books it is on, one per queue, set
     #: when it joins (a READY that gives it its first slot puts it back on
     #: them)
@@ -142,7 +144,7 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.name = self.identity.decode("utf-8", "replace")
-        self.by_weight = tuple(name for _w, name in sorted(self.queues, key=lambda q: -q[0]))
+        self.queue_order = tuple(dict.fromkeys(name for _w, name in self.queues))
 
     @property
     def log_name(self) -> str:
@@ -444,12 +446,13 @@ class Routing:
         counter[name] += 1
 
     def next_for(self, worker: Worker) -> Optional[tuple[str, Request]]:
-        """The request a READY of ``worker`` takes: the oldest of its heaviest
-        queue that has one waiting (left in the buffer until :meth:`taken`)."""
+        """The request a READY of ``worker`` takes: the oldest of the first of
+        its queues (in INFORM order) that has one waiting (left in the buffer
+        until :meth:`taken`)."""
         waiting = self.waiting
         if not waiting:
             return None
-        for name in worker.by_weight:
+        for name in worker.queue_order:
             requests = waiting.get(name)
             if requests:
                 return name, requests[0]

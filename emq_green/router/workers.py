@@ -5,8 +5,8 @@
 
 * INFORM ``[queues_json, "worker"]`` registers a worker (a worker that
   informs again replaces its old record) and is answered with ACK;
-* READY is one free slot: the oldest request buffered for the worker's
-  queues goes to it at once (heaviest queue first), else the slot is kept;
+* READY is one free slot: the oldest request buffered for the first of the worker's
+  queues (in INFORM order) that has one goes to it at once, else the slot is kept;
 * REPLY ``[reply_json, orig_msgid]`` ends a job; its result goes on to the
   client that asked (:class:`~emq_green.router.results.ResultRelay`). Only
   the worker that holds ``orig_msgid`` in flight can end it
