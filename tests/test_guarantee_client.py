@@ -321,3 +321,47 @@ def test_a_batch_reads_hostile_answers_without_losing_or_confirming_wrongly():
         thread.join(5)
         router.close()
         plain.term()
+
+
+STOPPED_ROUTER = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+port = sock.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+while True:
+    frames = sock.recv_multipart()
+    if len(frames) > 4 and frames[3] == b"REQUEST":
+        print(frames[4].decode(), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_confirm_timeout_loses_none_of_the_requests_sent_before_it():
+    """A router SIGSTOPped: a plain request, then a guaranteed one whose
+    confirmation times out. The socket they went out on was closed for the
+    timeout, and the plain request, queued on it, was thrown away with it
+    (the client had returned its msgid). Resumed, the router gets both."""
+    import signal
+    import subprocess
+    import sys
+
+    router = subprocess.Popen([sys.executable, "-c", STOPPED_ROUTER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        port = int(router.stdout.readline())
+        os.kill(router.pid, signal.SIGSTOP)
+        with Client(f"tcp://127.0.0.1:{port}", green=False, confirm_timeout=0.3,
+                    linger=0) as client:
+            plain = client.defer_job("os.getpid")
+            with pytest.raises(ConfirmTimeout):
+                client.defer_job("os.getpid", guarantee=True)
+            os.kill(router.pid, signal.SIGCONT)
+            seen: list[str] = []
+            reader = threading.Thread(target=lambda: seen.extend(
+                router.stdout.readline().strip() for _ in range(2)), daemon=True)
+            reader.start()
+            reader.join(timeout=20)
+            assert plain in seen, f"the router got {seen}"
+    finally:
+        router.kill()
+        router.wait()

@@ -28,6 +28,7 @@ from test_client import BIN, REPO, Stack
 from test_router import Harness, make_router, wait_until
 
 from emq_green.client import Client, JobError, ResultLostError, ResultTimeout, job
+from emq_green.client.submit import admin_request
 from emq_green.protocol import Command
 from emq_green.router import Request
 
@@ -760,3 +761,67 @@ def test_a_reply_with_any_error_is_a_failure(reply, outcome):
         with pytest.raises(JobError) as caught:
             handle.get(timeout=1)
         assert caught.value.type == expected
+
+
+@pytest.mark.timeout(60)
+def test_a_router_back_from_a_stop_reads_what_its_workers_sent_before_judging_them(
+        tmp_path: Path):
+    """A router SIGSTOPped longer than heartbeat_timeout, while its worker
+    ended the job and kept beating: back, it removed the worker as silent in
+    the moment it woke (what the worker sent was still on its way in), and
+    the result already there was reported lost (worker_lost)."""
+    import os
+    import signal
+
+    import zmq
+
+    from emq_green.protocol import Message
+
+    stack = Stack(tmp_path)
+    context = zmq.Context()
+    worker = context.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    try:
+        router = stack.spawn("router", [
+            str(BIN / "emq-green-router"), "--frontend-addr", stack.front,
+            "--backend-addr", stack.back, "--administrative-addr", stack.admin,
+            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"])
+        worker.connect(stack.back)
+
+        def send(command: Command, *body: str) -> None:
+            worker.send_multipart(Message.new(command, *body).frames())
+
+        send(Command.INFORM, '[[10, "default"]]', "worker")
+        send(Command.READY)
+        stack.wait_for_worker()
+        with Client(stack.front, green=False) as client:
+            handle = client.defer_job("os.getpid", result=True)
+            deadline = time.monotonic() + 20
+            request = None
+            while request is None:
+                assert time.monotonic() < deadline, stack.logs()
+                if worker.poll(500):
+                    message = Message.parse(worker.recv_multipart())
+                    if message.command is Command.REQUEST:
+                        request = message
+            os.kill(router.pid, signal.SIGSTOP)
+            try:
+                send(Command.REPLY, json.dumps({"value": 42}), request.msgid)
+                until = time.monotonic() + 3  # past heartbeat_timeout: the worker beats on
+                while time.monotonic() < until:
+                    send(Command.HEARTBEAT, f"{time.time():.6f}")
+                    time.sleep(0.1)
+            finally:
+                os.kill(router.pid, signal.SIGCONT)
+            try:
+                assert handle.get(timeout=15) == 42
+            except ResultLostError as exc:
+                raise AssertionError(f"{exc}\n{stack.logs()}") from None
+        status = admin_request(stack.admin, Command.STATUS)
+        assert status["loop_gaps"] >= 1, status
+        shown = admin_request(stack.admin, Command.ROUTER_SHOW_WORKERS)
+        assert len(shown["connected_workers"]) == 1, shown  # never removed
+    finally:
+        worker.close()
+        context.term()
+        stack.close()

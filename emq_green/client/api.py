@@ -432,8 +432,14 @@ class Client:
         if confirm:
             try:
                 await_confirm(sock, request.msgid, self.confirm_timeout, self._count_ack)
+            except (ConfirmTimeout, GuaranteeRefused):
+                # the socket is whole, and may still hold requests sent before
+                # this one (a router paused): closing it would throw them away.
+                # A late answer is matched by msgid: it confirms no other
+                self._give_back(sock)
+                raise
             except BaseException:
-                sock.close()  # its late answer must not be read as another's
+                sock.close()  # interrupted mid-read: never reused
                 raise
         self._give_back(sock)
         return request.msgid

@@ -112,14 +112,12 @@ class GuaranteedBatch:
             self._read(block=True)
 
     def close(self) -> None:
-        """Give the socket back (closed if confirmations are still due: a
-        late one must not be read as another sender's acknowledgement)."""
+        """Give the socket back to the client, whole: closing it would throw
+        away what it still holds for a router that does not read (paused);
+        a late confirmation is matched by msgid, and confirms no other
+        sender's request."""
         sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        if self.outstanding:
-            sock.close()
-        else:
+        if sock is not None:
             self.client._give_back(sock)
 
     def _read(self, block: bool) -> None:

@@ -107,6 +107,25 @@ _housekeeping_log = LogLimiter(logger, burst=5, window=60.0,
                                summary="router: %d more housekeeping failure(s): %s")
 
 
+#: a housekeeping tick this many seconds late says the router itself was
+#: away (SIGSTOP, a paused VM, a stalled loop): what its peers sent
+#: meanwhile may still be in the kernel, not yet in ZeroMQ's queue, so
+#: nobody is judged silent until they have had ``heartbeat_interval`` to be
+#: heard (a worker whose REPLYs waited was removed as dead, its results
+#: reported lost, in the millisecond the router came back)
+AWAY = 1.0
+
+
+def _back(router: Router, gap: float, now: float) -> None:
+    """The router's loop ran again after ``gap`` s away."""
+    router.counters["loop_gaps"] += 1
+    after = now + router.settings.heartbeat_interval
+    router.worker_side.judge_after = router.scheduler_side.judge_after = after
+    logger.warning("router: its loop did not run for %.1f s (the process stopped, or the "
+                   "machine or the loop stalled): no peer is taken for silent for %g s",
+                   gap, router.settings.heartbeat_interval)
+
+
 def _guarded(step: Callable[[float], Any], now: float,
              counters: collections.Counter[str]) -> None:
     """One housekeeping step; what it raises is logged and counted
@@ -445,9 +464,13 @@ class Router:
             lambda now: self.relay.expire(now, self._drop_unstarted),
             lambda _now: lastchance.keep_placing(self.worker_side),
             self.worker_side.check, self.scheduler_side.check)
+        last = time.monotonic()
         while True:
             gevent.sleep(tick)
             now = time.monotonic()
+            if now - last > tick + AWAY:
+                _back(self, now - last, now)
+            last = now
             for step in steps:
                 _guarded(step, now, self.counters)
 
@@ -497,6 +520,7 @@ class Router:
             "requests_refused_by_reason": dict(self.client_side.refused_by_reason),
             "informs_refused": self.counters["informs_refused"],
             "housekeeping_errors": self.counters["housekeeping_errors"],
+            "loop_gaps": self.counters["loop_gaps"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             "requests_rerouted": self.counters["requests_rerouted"],
             "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],

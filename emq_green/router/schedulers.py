@@ -301,6 +301,7 @@ class SchedulerSide:
         #: unknown identities that sent a HEARTBEAT and were told KBYE
         self._told_unknown: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._last_heartbeat = 0.0
+        self.judge_after = 0.0  #: none judged silent before then (``broker.AWAY``)
 
     # ------------------------------------------------------------------
     # schedulers coming and going
@@ -373,11 +374,11 @@ class SchedulerSide:
             beat = Message.new(Command.HEARTBEAT, f"{time.time():.6f}")
             for identity in list(self.schedulers):
                 self._sockets.send("frontend", identity, beat)
-        if self._sockets.frontend_paused or self._sockets.has_unread("frontend"):
+        sockets = self._sockets
+        if now < self.judge_after or sockets.frontend_paused or sockets.has_unread("frontend"):
             return  # its heartbeats may be waiting there
         for peer in list(self.schedulers.values()):
-            silence = now - peer.hb
-            # (one a hand-over before it in this loop found gone is gone)
+            silence = now - peer.hb  # (one a hand-over in this loop found gone is gone)
             if silence >= s.heartbeat_timeout and self.schedulers.pop(peer.identity, None):
                 logger.warning("router: scheduler %s removed: nothing received for %.1f s",
                                printable(peer.identity), silence)

@@ -166,6 +166,7 @@ class WorkerSide:
         self._pending = relay.pending
         self._counters = counters
         self._last_heartbeat = 0.0
+        self.judge_after = 0.0  #: none judged silent before then (``broker.AWAY``)
         #: identities removed as dead, told to reconnect if they speak again
         self._taken_for_dead: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
         #: unknown identities already told to reconnect (KBYE)
@@ -316,9 +317,7 @@ class WorkerSide:
             self.routing.leaving.pop(worker.identity, None)
         if sent.request is not None:
             if worker.leaving_until and was_killed(message.body[0]):
-                # the worker stopped before the job ended: it runs elsewhere
-                # (only a worker that said KBYE kills its jobs; from any other
-                # a Killed is the job's own exception: it ended, it failed)
+                # the worker stopped before the job ended (else: its own exception)
                 self.redeliver([sent], f"worker {worker.log_name} killed it while stopping",
                                worker.identity)
                 return
@@ -543,7 +542,7 @@ class WorkerSide:
             beat = heartbeat()
             for identity in list(workers):
                 self._sockets.send("backend", identity, beat)
-        if self._sockets.has_unread("backend"):
+        if now < self.judge_after or self._sockets.has_unread("backend"):
             return  # messages not read yet may be the heartbeats we wait for
         for worker in list(workers.values()):
             silence = now - worker.last_seen
