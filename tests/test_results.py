@@ -23,6 +23,7 @@ from typing import Iterator
 
 import gevent
 import pytest
+import zmq
 from peers import Peers, RouterAddrs, green_argv, require_eventmq
 from test_client import BIN, REPO, Stack
 from test_router import Harness, make_router, wait_until
@@ -169,10 +170,10 @@ def test_through_eventmq_router_get_gives_up_and_the_job_runs_once(tmp_path: Pat
 # ----------------------------------------------------------------------
 # the router's map of pending results, against raw peers in this process
 
-def _results_of(client, count: int) -> list[tuple[str, dict]]:
+def _results_of(client, count: int, within: float = 5) -> list[tuple[str, dict]]:
     """``count`` results (REPLYs with two body frames), acknowledgements skipped."""
     found = []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + within
     while len(found) < count:
         message = client.recv(timeout=max(0.1, deadline - time.monotonic()))
         if message.command is Command.REPLY and len(message.body) == 2:
@@ -825,3 +826,71 @@ def test_a_router_back_from_a_stop_reads_what_its_workers_sent_before_judging_th
         worker.close()
         context.term()
         stack.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_stops_reading_holds_a_bounded_share_of_its_results(make_router):
+    """Big results for a client that reads nothing: ZeroMQ's queue to it
+    held every one (up to hwm of max_message_size each: a probe's router
+    grew to 1.2 GB while STATUS said nothing was pending). Now at most
+    max_pending_result_bytes of them are on their way (and one result
+    more), the router holds the next ones within the same bound, and the
+    rest are dropped: counted, and the client told (client_slow). Every
+    request gets its result or that word, once."""
+    limit = 3 * 1024 * 1024
+    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
+                             heartbeat_timeout=5)
+    worker = h.worker(slots=40)
+    client = h.peer("frontend")
+    client.sock.setsockopt(zmq.RCVHWM, 2)
+    client.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+    sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(40)]
+    big = "x" * (1024 * 1024)
+    for _ in sent:
+        request = worker.recv()
+        worker.send(Command.REPLY, json.dumps({"value": big}), request.msgid)
+    wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
+               timeout=20, what="results beyond the client's share dropped")
+    status = h.router.status()
+    assert 0 < status["result_bytes_to_clients"] <= limit + len(big) + 64, status
+    assert status["results_held_for_client"] >= 1, status
+    values, lost = set(), set()
+    deadline = time.monotonic() + 40
+    while len(values) + len(lost) < len(sent):
+        assert time.monotonic() < deadline, f"{len(values)} + {len(lost)} of {len(sent)}"
+        message = client.recv(timeout=10)
+        if message.command is not Command.REPLY or len(message.body) != 2:
+            continue  # an acknowledgement
+        reply, msgid = json.loads(message.body[0]), message.body[1]
+        assert msgid not in values | lost
+        if reply.get("reason") == "client_slow":
+            lost.add(msgid)
+        else:
+            assert reply == {"value": big}
+            values.add(msgid)
+    assert values | lost == {m.msgid for m in sent} and len(values) >= 3
+    status = h.router.status()
+    assert status["results_forwarded"] == len(values), status
+    assert status["results_dropped_by_reason"] == {"client_slow": len(lost)}, status
+    wait_until(lambda: h.router.status()["result_bytes_to_clients"] == 0, what="all written")
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_of_big_results_reaches_a_client_that_reads_them(make_router):
+    """The share is no quota on a client that reads: a burst of results
+    five times max_pending_result_bytes waits in the router for room and
+    follows at once as the client reads (none dropped)."""
+    limit = 8 * 1024 * 1024
+    h: Harness = make_router(max_pending_result_bytes=limit)
+    worker = h.worker(slots=36)
+    client = h.peer("frontend")
+    sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(36)]
+    big = "y" * (1024 * 1024)
+    for _ in sent:
+        request = worker.recv()
+        worker.send(Command.REPLY, json.dumps({"value": big}), request.msgid)
+    got = [(msgid, reply) for msgid, reply in _results_of(client, len(sent), within=30)]
+    assert {msgid for msgid, _ in got} == {m.msgid for m in sent}
+    assert all(reply == {"value": big} for _, reply in got)
+    status = h.router.status()
+    assert status["results_dropped_by_reason"] == {} and status["results_forwarded"] == 36

@@ -212,7 +212,9 @@ class Router:
                            per_client=settings.max_pending_results_per_client),
             lambda client, message: self.sockets.send("frontend", client, message),
             lambda frames: self.sockets.send_frames("frontend", frames),
-            send_later=lambda frames: self.sockets.send_later("frontend", frames))
+            send_later=lambda frames: self.sockets.send_later("frontend", frames),
+            send_tracked=lambda frames, big: self.sockets.send_tracked("frontend", frames, big),
+            call_later=gevent.spawn_later)
         self.sockets.flushed["frontend"] = self.relay.flushed
         #: Guaranteed requests (held until they finish, journaled if configured).
         self.guarantees = Guarantees(
@@ -526,6 +528,7 @@ class Router:
             "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],
             **self.results.status(),
             "results_held_for_client": self.relay.held,
+            "result_bytes_to_clients": self.relay.on_the_way.bytes,
             **self.guarantees.status(),
             **self.scheduler_side.status(),
         }

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Container, Mapping, Optional
+from typing import Any, Callable, Container, Mapping, Optional
 
 from ..limits import LogLimiter
 from ..protocol import Command, Message, printable, relayed_reply_frames
@@ -43,6 +43,7 @@ EXPIRED_WAITING = "expired (waiting)"
 CLIENT_GONE = "client_gone"  # the send to the client failed (gone, or not reading)
 WORKER_LOST = "worker_lost"  # the worker running the job was removed as dead
 GIVEN_UP = "given_up"        # a guaranteed job whose workers kept dying running it
+CLIENT_SLOW = "client_slow"  # its client read none of its big results for ROOM_WAIT
 STOPPING = "stopping"        # the router stopped
 
 _REASON_TEXT = {
@@ -57,6 +58,9 @@ _REASON_TEXT = {
     GIVEN_UP: "the workers running this guaranteed job died more often than the router's "
               "max_redeliveries allows; it is not sent again",
     STOPPING: "the router stopped before the result arrived",
+    CLIENT_SLOW: "the client read none of its results for a while: the router keeps at "
+                 "most max_pending_result_bytes of them on their way to one client, and "
+                 "holds the next ones for a minute (max_pending_result_bytes in all)",
 }
 
 
@@ -216,6 +220,68 @@ class PendingResults:
 #: from the journal may come before it has
 HOLD_FOR_RECONNECT = 10.0
 
+#: a result whose reply is this many bytes or more leaves at once, without a
+#: copy and tracked (:class:`OnTheWay`)
+TRACKED_RESULT = 64 * 1024
+#: the reply's frame in :func:`~emq_green.protocol.relayed_reply_frames`
+_BODY = 5
+#: how long a big result waits for room in its client's share (its client
+#: reads nothing) before it is dropped as ``client_gone``
+ROOM_WAIT = 60.0
+#: results waiting for room are held up to this many times
+#: ``max_pending_result_bytes`` in all (a burst of big results for a client
+#: that reads them fits), and tried again every :data:`ROOM_RETRY` seconds
+ROOM_FACTOR = 4
+ROOM_RETRY = 0.01
+
+
+class OnTheWay:
+    """Big results handed to ZeroMQ and not written out to their clients
+    yet, by client: what a client that stops reading makes the router hold
+    in ZeroMQ's queue (up to ``hwm`` messages of up to ``max_message_size``
+    each, a probe: 1.2 GB) is at most ``limit`` bytes (and one result,
+    whatever its size). ZeroMQ releases a message once it has written it to
+    the connection, or dropped it with a client that left (its tracker is
+    then done)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._trackers: dict[bytes, collections.deque[tuple[Any, int]]] = {}
+        self._used: dict[bytes, int] = {}
+        #: bytes on the way, all clients
+        self.bytes = 0
+
+    def room(self, client: bytes, size: int) -> bool:
+        """Whether ``client``'s share has room for ``size`` bytes more."""
+        used = self._release(client)
+        return used == 0 or used + size <= self.limit
+
+    def add(self, client: bytes, tracker: Any, size: int) -> None:
+        self._trackers.setdefault(client, collections.deque()).append((tracker, size))
+        self._used[client] = self._used.get(client, 0) + size
+        self.bytes += size
+
+    def _release(self, client: bytes) -> int:
+        """Forget what ZeroMQ is done with (in order: one pipe per client);
+        the bytes ``client`` still has on the way."""
+        trackers = self._trackers.get(client)
+        if not trackers:
+            return 0
+        used = self._used[client]
+        while trackers and trackers[0][0].done:
+            size = trackers.popleft()[1]
+            used -= size
+            self.bytes -= size
+        if trackers:
+            self._used[client] = used
+        else:
+            del self._trackers[client], self._used[client]
+        return used
+
+    def release_all(self) -> None:
+        for client in list(self._trackers):
+            self._release(client)
+
 #: results dropped that are logged one by one in each window; the rest of
 #: the window's are counted and summed up in one line when it ends
 LOST_LOG_BURST = 100
@@ -248,9 +314,19 @@ class ResultRelay:
                  send: Callable[[bytes, Message], bool],
                  send_frames: Optional[Callable[[list[bytes]], bool]] = None,
                  send_later: Optional[Callable[[list[bytes]], None]] = None,
+                 send_tracked: Optional[Callable[[list[bytes], int], Any]] = None,
+                 call_later: Optional[Callable[[float, Callable[[], None]], Any]] = None,
                  ) -> None:
         self.pending = pending
         self._send = send
+        #: sends a big result at once, tracked (:class:`OnTheWay`); returns
+        #: its tracker, None when it could not leave. None: not tracked
+        self._send_tracked = send_tracked
+        self.on_the_way = OnTheWay(pending.max_bytes)
+        #: runs a function after a delay (the router's event loop): results
+        #: waiting for room are tried again soon, not at the next check
+        self._call_later = call_later
+        self._retry_due = False
         #: queues a message for the end of the turn; None: results are sent at once
         self._send_later = send_later
         #: the results queued by ``send_later`` and not reported in :meth:`flushed` yet
@@ -299,6 +375,13 @@ class ResultRelay:
         # the worker's REPLY keeps its own msgid: a fresh random one already
         frames = relayed_reply_frames(client, message.body[0], message.body[1],
                                       message.msgid)
+        if self._send_tracked is not None and len(frames[_BODY]) >= TRACKED_RESULT:
+            why = self._send_big(frames)
+            if why is not None:
+                wait = ROOM_WAIT if why == CLIENT_SLOW else min(self.hold_for_reconnect,
+                                                                 self.pending.ttl)
+                self._hold(frames, time.monotonic() + wait if wait > 0 else 0.0, why)
+            return
         if self._send_later is None:
             self._delivered([frames], [] if self._send_frames(frames) else [frames])
             return
@@ -324,24 +407,67 @@ class ResultRelay:
         hold = min(self.hold_for_reconnect, self.pending.ttl)
         deadline = time.monotonic() + hold
         for frames in failed:
-            size = sum(len(frame) for frame in frames)
-            msgid = frames[-1].decode("utf-8", "replace")
-            if (hold <= 0 or msgid in self._held
-                    or self.held_bytes + size > self.pending.max_bytes):
-                self._gone(msgid, frames[0])
-                continue
-            self._held[msgid] = (frames, deadline, size)
-            self.held_bytes += size
+            self._hold(frames, deadline if hold > 0 else 0.0)
 
-    def _gone(self, msgid: str, client: bytes) -> None:
-        self.pending.dropped[CLIENT_GONE] += 1
-        self._log_dropped(msgid, client, CLIENT_GONE)
+    def _hold(self, frames: list[bytes], deadline: float, why: str = CLIENT_GONE) -> None:
+        """Keep a result that could not leave, to try again until ``deadline``
+        (0: dropped at once, as when there is no room, for ``why``)."""
+        size = sum(len(frame) for frame in frames)
+        msgid = frames[-1].decode("utf-8", "replace")
+        room = self.pending.max_bytes * (ROOM_FACTOR if why == CLIENT_SLOW else 1)
+        if not deadline or msgid in self._held or self.held_bytes + size > room:
+            self._gone(msgid, frames[0], why)
+            return
+        self._held[msgid] = (frames, deadline, size)
+        self.held_bytes += size
+        if why == CLIENT_SLOW and self._call_later is not None and not self._retry_due:
+            self._retry_due = True
+            self._call_later(ROOM_RETRY, self._retry)
+
+    def _retry(self) -> None:
+        """Results waiting for room, tried again (while any wait)."""
+        self._retry_due = False
+        if self._held:
+            self._send_held(time.monotonic())
+        if self._call_later is not None and not self._retry_due and any(
+                len(frames[_BODY]) >= TRACKED_RESULT for frames, _d, _s in self._held.values()):
+            self._retry_due = True
+            self._call_later(ROOM_RETRY, self._retry)
+
+    def _send_big(self, frames: list[bytes]) -> Optional[str]:
+        """A big result to its client, tracked, if its share has room: None
+        when sent, else why not (:data:`CLIENT_SLOW`: no room;
+        :data:`CLIENT_GONE`: it could not leave)."""
+        size = len(frames[_BODY])
+        if not self.on_the_way.room(frames[0], size):
+            return CLIENT_SLOW
+        tracker = self._send_tracked(frames, _BODY)  # type: ignore[misc]
+        if tracker is None:
+            return CLIENT_GONE
+        self.on_the_way.add(frames[0], tracker, size)
+        self.pending.forwarded += 1
+        return None
+
+    def _gone(self, msgid: str, client: bytes, why: str = CLIENT_GONE) -> None:
+        self.pending.dropped[why] += 1
+        if why == CLIENT_SLOW:  # still there: told, in a few bytes
+            self.lost(msgid, client, why)
+        else:
+            self._log_dropped(msgid, client, why)
 
     def _send_held(self, now: float, last: bool = False) -> None:
         """Send the kept results again; drop those past their deadline (all
         that fail when ``last``)."""
         for msgid, (frames, deadline, size) in list(self._held.items()):
-            if self._send_frames(frames):
+            if self._send_tracked is not None and len(frames[_BODY]) >= TRACKED_RESULT:
+                why = self._send_big(frames)
+                if why is None:
+                    pass
+                elif deadline > now and not last:
+                    continue
+                else:
+                    self._gone(msgid, frames[0], why)
+            elif self._send_frames(frames):
                 self.pending.forwarded += 1
             elif deadline > now and not last:
                 continue
@@ -377,6 +503,7 @@ class ResultRelay:
         ``waiting``: guaranteed, left to run); their clients are told which,
         with ``"unrun": true`` when sending the job again is safe."""
         self._log.flush(now)
+        self.on_the_way.release_all()
         if self._held:
             self._send_held(now)
         if self.pending:
@@ -405,4 +532,4 @@ class ResultRelay:
                 self.lost(msgid, client, STOPPING)
 
 
-__all__ = ["PendingResults", "ResultRelay", "lost_body", "refusal_body"]
+__all__ = ["OnTheWay", "PendingResults", "ResultRelay", "lost_body", "refusal_body"]

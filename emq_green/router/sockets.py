@@ -139,6 +139,14 @@ class RouterSocket:
                 self._refresh_due = True
                 self._loop.run_callback(self._refresh)
 
+    def send_tracked(self, frames: list[bytes], big: int) -> Any:
+        """:meth:`send`, frame ``big`` without a copy and tracked: returns
+        its ``zmq.MessageTracker``, done once ZeroMQ has written it out (or
+        dropped it with its peer)."""
+        frame = zmq.Frame(frames[big], copy=False, track=True)
+        self.send([*frames[:big], frame, *frames[big + 1:]])  # type: ignore[list-item]
+        return frame.tracker
+
     def _refresh(self) -> None:
         """After this turn's sends: wake the reader if a message waits."""
         self._refresh_due = False
@@ -364,6 +372,19 @@ class RouterSockets:
         except zmq.ZMQError as exc:
             if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
                 return False
+            raise
+
+    def send_tracked(self, name: str, frames: list[bytes], big: int) -> Any:
+        """:meth:`send_frames` of a big message (results): its tracker
+        (:meth:`RouterSocket.send_tracked`), None when it could not leave."""
+        sock = self._sockets.get(name)
+        if sock is None:
+            return None
+        try:
+            return sock.send_tracked(frames, big)
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                return None
             raise
 
     def send_later(self, name: str, frames: list[bytes]) -> None:
