@@ -317,3 +317,87 @@ def test_slow_connections_are_bounded_and_closed(dashboard_for, monkeypatch):
         assert ended in (b"", serve._TIMED_OUT), ended
     for sock in slow:
         sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_head_answers_have_no_body_and_the_connection_goes_on(dashboard_for):
+    """HEAD was answered with the page after its headers: a kept-alive client
+    read that body as its next answer (BadStatusLine)."""
+    import socket
+
+    _harness, dashboard = dashboard_for()
+    host, port = dashboard.address
+
+    def pipelined() -> bytes:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"HEAD /dashboard.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                         b"GET /dashboard.json HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Connection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    data = gevent.get_hub().threadpool.apply(pipelined)
+    head, after_head = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head
+    assert after_head.startswith(b"HTTP/1.1 200"), after_head[:80]  # no body between
+    get, body = after_head.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"Content-Length: (\d+)", get).group(1))
+    assert len(body) == length and json.loads(body)
+
+
+@pytest.mark.timeout(60)
+def test_a_request_dripped_a_byte_at_a_time_is_cut_at_its_deadline(dashboard_for, monkeypatch):
+    """Slowloris: a byte every 0.2 s kept a connection (the bound was per
+    read), and 64 of them kept every scrape out. The request's line and
+    headers now have IDLE_TIMEOUT in all."""
+    import socket
+
+    from emq_green.web import serve
+
+    monkeypatch.setattr(serve, "IDLE_TIMEOUT", 1.0)
+    _harness, dashboard = dashboard_for()
+    host, port = dashboard.address
+
+    def drip() -> float:
+        started = time.monotonic()
+        sock = socket.create_connection((host, port), timeout=10)
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
+            for _ in range(60):  # 12 s of a byte every 0.2 s, unless cut
+                sock.sendall(b"a")
+                time.sleep(0.2)  # the peer's pace, not a wait for an event
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        return time.monotonic() - started
+
+    assert gevent.get_hub().threadpool.apply(drip) < 6
+
+
+@pytest.mark.timeout(60)
+def test_bad_requests_make_a_bounded_number_of_short_lines(dashboard_for, caplog):
+    """8,000 NUL bytes per request made one ERROR line of 32,000 characters
+    each, unthrottled (a probe: 742 MB of log in 10 s)."""
+    import logging
+    import socket
+
+    from emq_green.limits import LOG_BURST
+
+    _harness, dashboard = dashboard_for()
+    host, port = dashboard.address
+    caplog.set_level(logging.WARNING)
+
+    def flood() -> int:
+        answered = 0
+        for _ in range(LOG_BURST + 50):
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.sendall(b"\x00" * 8000 + b"\r\n\r\n")
+                answered += sock.recv(100).startswith(b"HTTP/1.1 400")
+        return answered
+
+    assert gevent.get_hub().threadpool.apply(flood) == LOG_BURST + 50
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP:")]
+    assert len(lines) == LOG_BURST and max(map(len, lines)) < 300

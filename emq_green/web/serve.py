@@ -20,43 +20,106 @@ without a ``Host`` header (HTTP/1.0 tools) is answered.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import socket
 from typing import Any, Callable, Iterable, Optional
+
+from ..limits import LogLimiter
+from ..protocol import printable
 
 #: Connections a page server serves at once; more wait in the kernel's
 #: accept queue (not in this process's file descriptors) until one ends.
-MAX_CONNECTIONS = 64
-#: Seconds a connection may stay silent (a request's headers not finished,
-#: an idle keep-alive) before it is closed. Without both bounds a peer that
-#: opens connections and never finishes a request held them for ever, and
-#: took every file descriptor of the router or the worker (a probe: 20,000).
-IDLE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 128
+#: Seconds a connection may take to send a whole request's line and
+#: headers, counted from when the server starts waiting for it (an idle
+#: keep-alive included), before it is closed. Without that bound a peer
+#: that opens connections and never finishes a request held them for ever,
+#: and took every file descriptor of the router or the worker (a probe:
+#: 20,000); one that sent a byte a second held them too (slowloris: the
+#: bound was per read), and 64 such connections kept Prometheus out.
+IDLE_TIMEOUT = 5.0
+#: characters of a client's bad request a log line shows
+ERROR_PREVIEW = 200
 
 
 def page_server(host: str, port: int, app: Callable[..., Iterable[bytes]],
                 error_log: Any) -> Any:
     """A ``gevent.pywsgi.WSGIServer`` for the pages, bounded as above (not
     started)."""
+    import gevent
     from gevent.pool import Pool
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
+    # a client's bad requests: one line each, cut short and escaped, at most
+    # LOG_BURST per window (a probe's flood of 8,000 NUL bytes per request
+    # wrote 742 MB of ERROR lines in 10 s)
+    limiter = LogLimiter(error_log if isinstance(error_log, logging.Logger)
+                         else logging.getLogger(__name__),
+                         summary="%d more bad HTTP request(s) not logged one by one: %s")
+
     class _Handler(WSGIHandler):
+        _deadline: Any = None
+
+        def handle_one_request(self) -> Any:
+            # the whole request line and headers within IDLE_TIMEOUT
+            self._deadline = gevent.Timeout(IDLE_TIMEOUT, TimeoutError)
+            self._deadline.start()
+            try:
+                return super().handle_one_request()
+            finally:
+                self._deadline.close()
+
+        def read_request(self, raw_requestline: Any) -> Any:
+            try:
+                return super().read_request(raw_requestline)
+            finally:
+                self._deadline.cancel()  # the answer takes the time it takes
+
         def _handle_client_error(self, ex: BaseException) -> Any:
             if isinstance(ex, TimeoutError):  # silent too long: closed, not logged
                 return ("408", _TIMED_OUT)  # (gevent printed a traceback for each)
             return super()._handle_client_error(ex)
+
+        def log_error(self, msg: str, *args: Any) -> None:
+            try:
+                text = msg % args if args else msg
+            except Exception:
+                text = f"{msg!r} {args!r}"
+            limiter.warning("bad_request", "HTTP: %s", printable(text, ERROR_PREVIEW))
 
     class _Server(WSGIServer):
         handler_class = _Handler
 
         def handle(self, sock: Any, address: Any) -> None:
             sock.settimeout(IDLE_TIMEOUT)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # headers and body leave in two sends: without it Nagle's
+                # algorithm held the body for the client's delayed ACK, 40 ms
+                # a request on a kept-alive connection
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 super().handle(sock, address)
             except TimeoutError:  # before a request line, or between requests
                 sock.close()
 
-    return _Server((host, port), app, log=None, error_log=error_log,
+    return _Server((host, port), _no_body_for_head(app), log=None, error_log=error_log,
                    spawn=Pool(MAX_CONNECTIONS))
+
+
+def _no_body_for_head(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """``app``, whose answers to HEAD keep their headers and lose their body
+    (it went out after the headers, and a kept-alive client read it as the
+    next answer)."""
+    def serve(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        result = app(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return result
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        return []  # the Content-Length the page set stays (every page sets one)
+
+    return serve
 
 
 _TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"

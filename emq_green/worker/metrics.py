@@ -36,6 +36,7 @@ import gevent
 from ..extensions import Extension
 from ..jobs import Status
 from ..records import INVALID_REQUEST, STATUS_KEYS
+from ..web.pages import answer
 from ..web.serve import HostCheck, exposure_warning, page_server, parse_http_addr
 from . import page as worker_page
 
@@ -230,26 +231,19 @@ class MetricsExtension(Extension):
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            return _answer(start_response, "405 Method Not Allowed", b"GET only\n")
+            return answer(start_response, "405 Method Not Allowed", b"GET only\n")
         if path == "/metrics":
             if self._render is None:
-                return _answer(start_response, "501 Not Implemented",
+                return answer(start_response, "501 Not Implemented",
                                b"prometheus_client is not installed\n")
-            return _answer(start_response, "200 OK", self._render(), self._content_type)
+            return answer(start_response, "200 OK", self._render(), self._content_type)
         if path in worker_page.PATHS:
             return worker_page.serve(path, self._manager, start_response)
         if path == "/status":
             assert self._manager is not None
             body = json.dumps(self._manager.status(), indent=1, sort_keys=True).encode()
-            return _answer(start_response, "200 OK", body + b"\n", "application/json")
-        return _answer(start_response, "404 Not Found", b"try /, /metrics or /status\n")
-
-
-def _answer(start_response: Any, status: str, body: bytes,
-            content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
-    start_response(status, [("Content-Type", content_type),
-                            ("Content-Length", str(len(body)))])
-    return [body]
+            return answer(start_response, "200 OK", body + b"\n", "application/json")
+        return answer(start_response, "404 Not Found", b"try /, /metrics or /status\n")
 
 
 class _Collector:
