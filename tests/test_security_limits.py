@@ -311,10 +311,11 @@ def test_metrics_on_a_bare_port_bind_loopback_and_refuse_foreign_hosts(
                  f"[::1]:{port}", None):
         assert _get(host, port, "/status", good)[0] == 200, good
     for evil in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
-                 "localhost.evil.example", "10.0.0.1", ""):
+                 "localhost.evil.example", "10.0.0.1", "", "[::1]evil.example",
+                 "[::1]:80x"):
         status, body = _get(host, port, "/status", evil)
         assert status == 421 and b"counters" not in body, evil
-    assert ext.host_check.refused == 6
+    assert ext.host_check.refused == 8
 
 
 @pytest.mark.timeout(30)

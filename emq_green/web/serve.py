@@ -169,7 +169,9 @@ def _host_of(header: str) -> str:
     """The host part of a ``Host`` header (port and brackets taken off), lower case."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
+        host, _, rest = header[1:].partition("]")
+        # "[::1]evil" is no address of ours: the whole header, refused
+        return host if not rest or (rest[0] == ":" and rest[1:].isdigit()) else header
     host, sep, port = header.rpartition(":")
     return host if sep and port.isdigit() else header
 
