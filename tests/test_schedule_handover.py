@@ -775,3 +775,53 @@ def test_refusals_in_a_flood_are_logged_at_most_a_burst_at_a_time(caplog):
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
     assert careful.counts["refused"] == LOG_BURST * 3
     assert len(lines) <= LOG_BURST
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("headers, runs", [("run_count:2", 2),
+                                           ("run_count:1,nohaste,delay-id:d1", 1)])
+def test_a_schedule_that_ended_where_it_was_handed_runs_no_more_from_the_old_copy(
+        side, headers, runs):
+    """A probe's find: s1 killed (-9), its schedules handed to s2, which ran
+    them to their end; s1 restarted on its file fired its own copies again
+    (100 delayed jobs ran 148 times, run_count 10 ran 17): the router had
+    forgotten the schedules once over. Now s1's firings are dropped, and s1
+    is told to drop its copies when it connects again."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, headers=headers)
+    inform(side, b"s2")
+    sockets.gone.add(b"s1")
+    side.on_kbye(b"s1", Message.new(Command.KBYE))  # as when silence removes it
+    assert len(sockets.to(b"s2", Command.SCHEDULE)) == 1
+    for _ in range(runs):
+        assert side.vet_firing(b"s2", firing("other")) is not None
+    assert side.live == {}  # over
+    sockets.gone.discard(b"s1")
+    # back from a stop, it fires before it connects anew; restarted, after
+    assert side.vet_firing(b"s1", firing("other")) is None
+    inform(side, b"s1")
+    (drop,) = sockets.to(b"s1", Command.UNSCHEDULE)
+    assert drop.body[3] == PAYLOAD and drop.body[1] == headers
+    assert side.vet_firing(b"s1", firing("other")) is None
+    assert side.counts["firing_dropped_ended"] + side.counts["firing_dropped_not_holder"] == 2
+    # the same call scheduled anew runs, wherever it lands
+    schedule(side, headers=headers)
+    owner = next(iter(side.live.values())).owner
+    assert side.vet_firing(owner, firing("other")) is not None
+
+
+@pytest.mark.timeout(10)
+def test_a_delayed_job_fired_by_the_scheduler_it_was_taken_from_is_dropped(side):
+    """s1 stopped (SIGSTOP) with a delayed job, which goes to s2; s1 wakes
+    and fires it late, before s2 does: that firing is a copy (dropped), and
+    s2's runs it."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side, headers="run_count:1,nohaste,delay-id:d1")
+    inform(side, b"s2")
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    assert side.live[f"{KEY}:d1"].owner == b"s2"
+    assert side.vet_firing(b"s1", firing("other")) is None
+    assert side.vet_firing(b"s2", firing("other")) is not None
+    assert side.live == {}

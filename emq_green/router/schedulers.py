@@ -89,6 +89,9 @@ MAX_UNSCHEDULED = 1_000
 MAX_FIRERS = 1_000
 #: schedulers connected at once, at most (a deployment runs one or a few)
 MAX_SCHEDULERS = 64
+#: (scheduler, key) of schedules that ended on another scheduler than that
+#: one, which may still hold a copy (it was taken for gone), remembered
+MAX_STALE = 10_000
 #: a finite schedule is handed over until this long after its last run was
 #: due, unless its runs are seen before (a safety net: firings are counted)
 _ENDS_MARGIN = 3600.0
@@ -106,6 +109,8 @@ class LiveSchedule:
     ends: Optional[float]
     #: runs not yet seen (REQUESTs from a scheduler), FOREVER for ever
     runs_left: int = FOREVER
+    #: every scheduler it was sent to (those it was taken from may keep a copy)
+    holders: set[bytes] = field(default_factory=set)
 
 
 def _ends(schedule: Schedule, now: float, wall: float) -> Optional[float]:
@@ -250,6 +255,7 @@ def _place(side: SchedulerSide, key: str, live: LiveSchedule,
             side._owner(key.partition(":")[0])
         if side._sockets.send("frontend", owner, message):
             live.owner = owner
+            live.holders.add(owner)
             entry = side.book.get(key)
             if entry is not None:
                 entry["scheduler"] = printable(owner, 60)
@@ -259,6 +265,77 @@ def _place(side: SchedulerSide, key: str, live: LiveSchedule,
         side._log.error("schedule_lost", "router: scheduler %s could not be sent a schedule "
                         "(gone or its pipe full); taken for gone", printable(owner))
     return False, gone
+
+
+def _ended(side: SchedulerSide, key: str, live: LiveSchedule) -> None:
+    """``live`` ended (its runs over, a delayed job fired) on its holder: a
+    scheduler it was taken from may still hold a copy and fire it (restored
+    from its file after a kill -9, or back from a SIGSTOP): a probe's 100
+    delayed jobs ran 148 times, a ``run_count`` 10 schedule 17. Remembered,
+    so that those firings are dropped and the scheduler told to drop it."""
+    base = key.partition(":")[0]
+    stale, bases = side.stale, side.stale_bases
+    for holder in live.holders - {live.owner}:
+        if (holder, key) in stale:
+            continue
+        stale[holder, key] = live.body
+        bases[holder, base] += 1
+        while len(stale) > MAX_STALE:
+            (old, old_key), _body = stale.popitem(last=False)
+            old_base = (old, old_key.partition(":")[0])
+            bases[old_base] -= 1
+            if bases[old_base] <= 0:
+                del bases[old_base]
+
+
+def _delayed_fired(side: SchedulerSide, client: bytes, key: str) -> bool:
+    """A firing of a call ``key`` with delayed jobs: one of those ``client``
+    holds (the soonest ends: nothing to hand over), else, when others hold
+    them, a copy it kept of one handed over (False: dropped)."""
+    delayed = side._delayed[key]
+    owners = [side.live[k].owner if k in side.live else None for k in delayed]
+    if client not in owners and (_stale_firing(side, client, key)
+                                 or any(o in side.schedulers for o in owners)):
+        side.counts["firing_dropped_not_holder"] += 1
+        return False
+    side._forget(delayed[owners.index(client) if client in owners else 0], ended=True)
+    return True
+
+
+def _stale_firing(side: SchedulerSide, client: bytes, key: str) -> bool:
+    """A firing of ``key`` (a call's key) that matches no live schedule: one
+    of a copy ``client`` kept of a schedule that ended elsewhere (True:
+    logged, counted, to be dropped)?"""
+    if side.stale_bases.get((client, key), 0) <= 0:
+        return False
+    side.counts["firing_dropped_ended"] += 1
+    side._log.warning("firing_ended", "router: scheduler %s fired %s, which ended on the "
+                      "scheduler it was handed to; dropped", printable(client), key[:12])
+    return True
+
+
+def _tell_ended(side: SchedulerSide, client: bytes) -> None:
+    """A scheduler (re)connects: UNSCHEDULE its copies of schedules that
+    ended elsewhere (not of one live now: it may get that one back)."""
+    for _holder, key in [hk for hk in side.stale if hk[0] == client]:
+        if key not in side.live:
+            side._sockets.send("frontend", client,
+                               Message.new(Command.UNSCHEDULE, *side.stale[client, key]))
+
+
+def _merge_listing(side: SchedulerSide, client: bytes, text: str) -> None:
+    """emq-green's scheduler lists its schedules in its HEARTBEATs:
+    ``{"schedules": [{key, callable, queue, schedule, next_run,
+    last_run, runs, runs_left}, ...]}``."""
+    try:
+        ended = _merge_rows(side.book, side.live, printable(client, 60),
+                            json.loads(text).get("schedules", []))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        side._log.warning("listing", "router: scheduler %s sent a listing that cannot "
+                          "be read: %s", printable(client), printable(exc, 80))
+        return
+    for key in ended:
+        side._forget(key, ended=True)  # over: nothing to hand over
 
 
 class SchedulerSide:
@@ -298,6 +375,11 @@ class SchedulerSide:
             collections.OrderedDict()
         #: call key -> keys of its delayed jobs (``key:delay-id``), soonest first
         self._delayed: dict[str, list[str]] = {}
+        #: (scheduler, key) -> body of a schedule that ended elsewhere, and the
+        #: count of those per (scheduler, call key): see ``_ended``
+        self.stale: collections.OrderedDict[tuple[bytes, str], tuple[str, ...]] = \
+            collections.OrderedDict()
+        self.stale_bases: collections.Counter[tuple[bytes, str]] = collections.Counter()
         #: unknown identities that sent a HEARTBEAT and were told KBYE
         self._told_unknown: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._last_heartbeat = 0.0
@@ -326,6 +408,7 @@ class SchedulerSide:
         logger.info("router: scheduler %s connected (%d in all)", printable(client),
                     len(self.schedulers))
         told = {m.body for _, m in self.held if m.command is Command.UNSCHEDULE}
+        _tell_ended(self, client)
         # a held SCHEDULE is delivered once: not again by the hand-over
         self._hand_over(client, skip=self._release_held())
         _tell_unscheduled(self._sockets, client, self._unscheduled, told)
@@ -337,7 +420,7 @@ class SchedulerSide:
             return
         peer.hb = time.monotonic()
         if len(message.body) > 1 and len(message.body[1]) <= MAX_LISTING_BYTES:
-            self._merge_listing(client, message.body[1])
+            _merge_listing(self, client, message.body[1])
 
     def _unknown(self, client: bytes) -> None:
         """A HEARTBEAT (only schedulers send one here) from a scheduler of the
@@ -428,7 +511,7 @@ class SchedulerSide:
             self._delayed.setdefault(base, []).append(schedule.key)
         self.live[schedule.key] = LiveSchedule(
             tuple(message.body), owner, schedule.interval is None and schedule.eta is None,
-            schedule.queue, _ends(schedule, now, time.time()), schedule.run_count)
+            schedule.queue, _ends(schedule, now, time.time()), schedule.run_count, {owner})
         self._book(schedule.key, schedule.name, schedule.queue, schedule.what(), owner)
         if gone:
             self._hand_over(None)
@@ -491,7 +574,7 @@ class SchedulerSide:
         moved, gone = 0, False
         for key, live in list(self.live.items()):
             if live.ends is not None and now > live.ends:
-                self._forget(key)  # its runs are over
+                self._forget(key, ended=True)  # its runs are over
                 continue
             if key in skip:
                 continue
@@ -522,10 +605,9 @@ class SchedulerSide:
             return None
         live = self.live.get(key)
         if live is None:
-            delayed = self._delayed.get(key)
-            if delayed:
-                self._forget(delayed[0])  # a delayed job fired: nothing to hand over
-            return message
+            if key in self._delayed:
+                return message if _delayed_fired(self, client, key) else None
+            return None if _stale_firing(self, client, key) else message
         if live.owner != client and live.owner in self.schedulers:
             # a stale copy (its scheduler was taken for gone, the schedule
             # handed over): the holder fires it, not this one
@@ -537,7 +619,7 @@ class SchedulerSide:
         if live.runs_left > 0:
             live.runs_left -= 1
             if live.runs_left == 0:
-                self._forget(key)
+                self._forget(key, ended=True)
                 if live.cron:  # EventMQ's scheduler fires it on: UNSCHEDULE must know it
                     _note(self._cancelled, key, MAX_CANCELLED, False)
         if live.cron and message.body[0] != live.queue:
@@ -545,10 +627,12 @@ class SchedulerSide:
             return message._replace(body=(live.queue, *message.body[1:]))
         return message
 
-    def _forget(self, key: str) -> Optional[LiveSchedule]:
-        """A schedule that is over (unscheduled, its runs done, a delayed job
-        fired): nothing to hand over, and gone from the book."""
+    def _forget(self, key: str, ended: bool = False) -> Optional[LiveSchedule]:
+        """A schedule that is over (unscheduled, or ``ended``: its runs done,
+        a delayed job fired): nothing to hand over, and gone from the book."""
         live = self.live.pop(key, None)
+        if ended and live is not None and len(live.holders) > 1:
+            _ended(self, key, live)
         self.book.pop(key, None)
         base, _, delay_id = key.partition(":")
         if delay_id:
@@ -626,20 +710,6 @@ class SchedulerSide:
         self.book[key] = entry
         while len(self.book) > MAX_BOOK:
             self.book.popitem(last=False)
-
-    def _merge_listing(self, client: bytes, text: str) -> None:
-        """emq-green's scheduler lists its schedules in its HEARTBEATs:
-        ``{"schedules": [{key, callable, queue, schedule, next_run,
-        last_run, runs, runs_left}, ...]}``."""
-        try:
-            ended = _merge_rows(self.book, self.live, printable(client, 60),
-                                json.loads(text).get("schedules", []))
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            self._log.warning("listing", "router: scheduler %s sent a listing that cannot "
-                              "be read: %s", printable(client), printable(exc, 80))
-            return
-        for key in ended:
-            self._forget(key)  # over: nothing to hand over
 
     def listing(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The schedules known, soonest next run first (at most ``limit``)."""
