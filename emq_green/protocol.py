@@ -115,6 +115,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_id_block)
 
 
+def worker_process(identity: bytes) -> Optional[bytes]:
+    """``name:pid`` of an emq-green worker's socket identity
+    (``name:pid:count-random``, one per connection of one process), else
+    None: the connections of one process are told apart from another's."""
+    head, sep, tail = identity.rpartition(b":")
+    count, dash, random = tail.partition(b"-")
+    if not (sep and dash and count.isdigit() and len(random) == 8 and b":" in head):
+        return None
+    return head
+
+
+def same_worker(identity: bytes, other: bytes) -> bool:
+    """Whether two socket identities are one emq-green worker process's
+    (that process reconnected: its REPLYs for jobs handed to the first
+    come under the second)."""
+    process = worker_process(identity)
+    return process is not None and process == worker_process(other)
+
+
 def printable(text: object, limit: int = 120) -> str:
     """Peer-supplied text made safe for a log line: control and other
     non-printable characters escaped (``\\n``, ``\\x1b``), bytes shown

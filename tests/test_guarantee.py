@@ -898,3 +898,25 @@ def test_a_last_chance_request_that_never_ends_stalls_neither_its_queue_nor_the_
     worker.send(Command.REPLY, json.dumps({"value": 1}), first.msgid)
     wait_until(lambda: h.router.status()["guaranteed_held"] == 0, timeout=5, what="both end")
     assert h.router.status()["guaranteed_last_chance"] == 0
+
+
+def test_a_reply_from_the_same_worker_connected_anew_ends_the_copy_in_the_buffer(make_router):
+    # the worker taken for dead (the router heard nothing) had connected anew
+    # under another identity of its process, and answers there: the job ran,
+    # its copy must not run again; another process's REPLY ends nothing
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    old = h.worker(slots=1, name="box:77:1-00c0ffee")
+    sent = guaranteed(h, client, headers="guarantee,result-requested")
+    assert old.recv().msgid == sent.msgid
+    assert client.recv().body == (sent.msgid,)
+    wait_until(lambda: len(h.router.waiting.get("default", ())) == 1, timeout=5,
+               what="its copy buffered")
+    stranger = join(h, 0, name="box:78:1-00c0ffee")
+    stranger.send(Command.REPLY, '{"value": "forged"}', sent.msgid)
+    new = join(h, 0, name="box:77:2-0badf00d")
+    new.send(Command.REPLY, '{"value": "done"}', sent.msgid)
+    result = client.recv()
+    assert result.body[1] == sent.msgid and json.loads(result.body[0]) == {"value": "done"}
+    wait_until(lambda: not h.router.waiting.get("default"), what="the copy dropped")
+    assert h.router.status()["replies_for_buffered_copies"] == 1

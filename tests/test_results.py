@@ -894,3 +894,25 @@ def test_a_burst_of_big_results_reaches_a_client_that_reads_them(make_router):
     assert all(reply == {"value": big} for _, reply in got)
     status = h.router.status()
     assert status["results_dropped_by_reason"] == {} and status["results_forwarded"] == 36
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_connected_anew_delivers_the_results_of_its_jobs(make_router):
+    """An emq-green worker that lost the router (SIGSTOPped past the
+    worker's patience) connects anew, under a new identity of the same
+    process, and sends its jobs' REPLYs there: they were dropped as late,
+    and the results reported lost (worker_lost) although the jobs ran. A
+    REPLY from another process (another pid) is still refused."""
+    h: Harness = make_router(heartbeat_interval=0.1, heartbeat_timeout=5)
+    old = h.worker(slots=2, name="box:4242:1-0a1b2c3d")
+    client = h.peer("frontend")
+    mine, theirs = (h.request(client, headers=RESULT_HEADERS) for _ in range(2))
+    assert {old.recv().msgid for _ in range(2)} == {mine.msgid, theirs.msgid}
+    new = h.worker(slots=0, name="box:4242:2-9f8e7d6c")  # the same process, again
+    stranger = h.worker(slots=0, name="box:4243:1-0a1b2c3d")  # another one
+    new.send(Command.REPLY, json.dumps({"value": "ran"}), mine.msgid)
+    stranger.send(Command.REPLY, json.dumps({"value": "forged"}), theirs.msgid)
+    assert _results_of(client, 1) == [(mine.msgid, {"value": "ran"})]
+    wait_until(lambda: h.router.status()["late_replies"] == 1, what="the forgery dropped")
+    assert theirs.msgid in h.router.routing.holders  # still the old connection's job
+    assert client.pending() == []

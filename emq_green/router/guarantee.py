@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 
 from ..protocol import printable, result_requested_in
 from .journal import Journal
-from .routing import Request, Worker
+from .routing import Request, Worker, ran_there
 
 logger = logging.getLogger(__name__)
 
@@ -252,11 +252,11 @@ class Guarantees:
         REPLY from that worker (stopped, taken for dead, resumed) ends it.
         Out of the queue of turns here; :meth:`finished` does the rest."""
         for request in self._last_chance:
-            if request.msgid == msgid and identity in request.ran_on:
+            if request.msgid == msgid and ran_there(request, identity):
                 self._last_chance.remove(request)
                 return request
         request = self.unplaced
-        if request is not None and request.msgid == msgid and identity in request.ran_on:
+        if request is not None and request.msgid == msgid and ran_there(request, identity):
             return request
         return None
 

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
-from ..protocol import Queues, printable, reply_requested_in
+from ..protocol import Queues, printable, reply_requested_in, same_worker
 
 # Identities of workers that left or were removed, remembered so that their
 # late messages are logged quietly instead of as "unknown worker".
@@ -50,6 +50,13 @@ REQUEST_OVERHEAD = 400
 #: how many identities a guaranteed request remembers it was handed to and
 #: lost (:attr:`Request.ran_on`)
 RAN_ON_KEPT = 4
+
+
+def ran_there(request: Request, identity: bytes) -> bool:
+    """Whether ``request`` was handed to the worker ``identity`` and lost
+    there (:attr:`Request.ran_on`), under that identity or another of the
+    same emq-green worker process (it reconnected while it ran the job)."""
+    return identity in request.ran_on or any(same_worker(identity, r) for r in request.ran_on)
 
 
 class Request:
@@ -509,7 +516,7 @@ class Routing:
             return None
         for waiting in self.waiting.values():
             for request in waiting:
-                if request.msgid == msgid and request.guaranteed and identity in request.ran_on:
+                if request.msgid == msgid and request.guaranteed and ran_there(request, identity):
                     self.withdraw(request)
                     return request
         return None

@@ -428,6 +428,11 @@ class SchedulerSide:
         INFORM again. First KBYE (emq-green's scheduler INFORMs again); if it
         heartbeats on (EventMQ's ignores KBYE), it is taken as connected."""
         self._counters["unknown_scheduler_heartbeats"] += 1
+        if client[:1] == b"\0":
+            # ZeroMQ's name for an old connection of a scheduler that came
+            # back under its name (ROUTER_HANDOVER): the scheduler is the
+            # new one; taken as another, its runs were dropped (a probe)
+            return
         if client not in self._told_unknown:
             remember(self._told_unknown, client)
             self._log.warning("unknown_scheduler", "router: HEARTBEAT from unknown scheduler "

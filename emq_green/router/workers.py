@@ -55,6 +55,7 @@ from ..protocol import (
     parse_queues,
     printable,
     request_frames,
+    same_worker,
 )
 from ..settings import Settings
 from . import lastchance
@@ -131,6 +132,18 @@ def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
                      guarantees.max_redeliveries, printable(request.body[-1], 200))
         relay.worker_lost(request.msgid, GIVEN_UP)
     return again
+
+
+def _twin(routing: Routing, worker: Worker, msgid: str) -> Optional[Worker]:
+    """The worker holding ``msgid`` when it is another connection of
+    ``worker``'s own emq-green process: one that lost the router (a router
+    SIGSTOPped past the worker's patience) connects anew and sends the
+    REPLYs of the jobs it ran under its new identity; they were dropped as
+    late, the results reported lost (a probe)."""
+    holder = routing.holders.get(msgid)
+    if holder is None or holder is worker or not same_worker(holder.identity, worker.identity):
+        return None
+    return holder
 
 
 def _late(side: WorkerSide, message: Message, identity: bytes) -> None:
@@ -301,9 +314,10 @@ class WorkerSide:
         self._reply(self.routing.workers[identity], message)
 
     def _reply(self, worker: Worker, message: Message) -> None:
-        # eMQP quirk kept by EventMQ: [reply_json, orig_msgid]
-        orig = message.body[1] if len(message.body) > 1 else ""
+        orig = message.body[1] if len(message.body) > 1 else ""  # [reply_json, orig_msgid]
         sent = self._settle(worker, orig)
+        if sent is None and (twin := _twin(self.routing, worker, orig)) is not None:
+            worker, sent = twin, self._settle(twin, orig)
         if sent is None:
             if not self._ran_after_all(message, worker.identity):
                 _late(self, message, worker.identity)
