@@ -920,3 +920,22 @@ def test_a_reply_from_the_same_worker_connected_anew_ends_the_copy_in_the_buffer
     assert result.body[1] == sent.msgid and json.loads(result.body[0]) == {"value": "done"}
     wait_until(lambda: not h.router.waiting.get("default"), what="the copy dropped")
     assert h.router.status()["replies_for_buffered_copies"] == 1
+
+
+def test_back_from_a_gap_the_router_sends_only_to_workers_heard_from_anew(make_router):
+    """A probe's find: the router SIGSTOPped 17 s; meanwhile EventMQ's job
+    manager gave up on it and connected anew, leaving its old connection
+    open. Back, the router sent the requests clients had queued to the old
+    identity's free slots: lost with it (4 of 20). Now, back from a gap,
+    no worker gets a request before it is heard from again."""
+    h = make_router(heartbeat_interval=0.1, heartbeat_timeout=3.0)
+    client = h.peer("frontend")
+    old = join(h, 2, name="old")  # silent from now on: its connection was left behind
+    live = join(h, 2, name="live", beat=True)
+    h.router.sockets.alive_at -= 30  # as if the router's loop had not run for 30 s
+    wait_until(lambda: h.router.status()["loop_gaps"] == 1, what="the gap seen")
+    sent = [h.request(client, payload=PAYLOAD) for _ in range(2)]
+    assert {live.recv(timeout=5).msgid for _ in sent} == {m.msgid for m in sent}
+    assert old.pending() == []
+    wait_until(lambda: b"old" not in h.router.workers, timeout=10, what="old removed")
+    assert h.router.status()["loop_gaps"] == 1

@@ -93,7 +93,7 @@ from .results import PendingResults, ResultRelay
 from .routing import QueueBook, Request, Routing, Worker
 from .schedulers import SchedulerSide
 from .sockets import Handler, RouterSockets
-from .workers import RouterObserver, WorkerSide
+from .workers import RouterObserver, WorkerSide, freeze
 from .zap import ZapHandler
 
 logger = logging.getLogger(__name__)
@@ -114,16 +114,21 @@ _housekeeping_log = LogLimiter(logger, burst=5, window=60.0,
 #: heard (a worker whose REPLYs waited was removed as dead, its results
 #: reported lost, in the millisecond the router came back)
 AWAY = 1.0
+#: back from such a gap, what a worker sends is fresh (proves it is still
+#: there) this long after: before, it is what it sent during the gap
+FRESH = 0.3
 
 
 def _back(router: Router, gap: float, now: float) -> None:
     """The router's loop ran again after ``gap`` s away."""
     router.counters["loop_gaps"] += 1
+    freeze(router.routing, now, now + FRESH)
     after = now + router.settings.heartbeat_interval
     router.worker_side.judge_after = router.scheduler_side.judge_after = after
     logger.warning("router: its loop did not run for %.1f s (the process stopped, or the "
-                   "machine or the loop stalled): no peer is taken for silent for %g s",
-                   gap, router.settings.heartbeat_interval)
+                   "machine or the loop stalled): workers get requests again once heard "
+                   "from anew; no peer is taken for silent for %g s", gap,
+                   router.settings.heartbeat_interval)
 
 
 def _guarded(step: Callable[[float], Any], now: float,
@@ -466,13 +471,12 @@ class Router:
             lambda now: self.relay.expire(now, self._drop_unstarted),
             lambda _now: lastchance.keep_placing(self.worker_side),
             self.worker_side.check, self.scheduler_side.check)
-        last = time.monotonic()
+        self.sockets.away_after = tick + AWAY
+        self.sockets.on_back = lambda gap, now: _back(self, gap, now)
         while True:
             gevent.sleep(tick)
             now = time.monotonic()
-            if now - last > tick + AWAY:
-                _back(self, now - last, now)
-            last = now
+            self.sockets.alive(now)
             for step in steps:
                 _guarded(step, now, self.counters)
 

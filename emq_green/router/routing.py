@@ -133,6 +133,11 @@ class Worker:
     #: Free slots withheld while it is reserved for a last-chance request
     #: (:mod:`emq_green.router.lastchance`): it gets nothing else meanwhile.
     held_slots: int = 0
+    #: back from a gap, the router gives it no request before it hears from
+    #: it after this time (monotonic; 0: not frozen), its free slots held
+    #: in ``frozen_slots`` meanwhile (``workers.freeze``)
+    fresh_after: float = 0.0
+    frozen_slots: int = 0
     #: The monotonic time, set at its KBYE, when its unfinished guaranteed
     #: jobs go elsewhere (until then they may still end there, with a REPLY).
     leaving_until: float = 0.0

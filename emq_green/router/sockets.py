@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import gevent
 import gevent.event
 import zmq
+from gevent import monkey
 from gevent.hub import Waiter
 
 from ..curve import ServerCurve
@@ -63,6 +64,13 @@ _READ_BATCH = 256
 FRONTEND_RCVHWM = 100
 _BATCH_SECONDS = 0.002
 _clock = time.perf_counter
+#: the interpreter's own sleep, which blocks (gevent's lets greenlets run)
+_block = monkey.get_original("time", "sleep")
+#: seconds the router's thread stands still when its loop runs again after
+#: a gap (SIGSTOP, a paused VM): ZeroMQ's I/O thread meanwhile ends the
+#: connections that closed during the gap, so that a send to one fails
+#: (its worker removed, the request routed again) instead of vanishing
+SETTLE = 0.05
 #: How a busy greenlet of the router lets the others run: a timer, not
 #: ``sleep(0)``. gevent runs ``sleep(0)`` wake-ups as loop callbacks and looks
 #: at the clock only every 50 callbacks, so greenlets that each yield after
@@ -123,6 +131,8 @@ class RouterSocket:
         # hundred wake-ups per message)
         self._watcher = hub.loop.io(sock.getsockopt(zmq.FD), 1)  # 1: readable
         self._watcher.start(self._wake_if_readable)
+        #: called each time the reader wakes, before it reads
+        self.woke: Optional[Callable[[], None]] = None
 
     def send(self, frames: list[bytes]) -> None:
         """Send one message now (EAGAIN / EHOSTUNREACH raise ZMQError).
@@ -176,6 +186,8 @@ class RouterSocket:
         """Wait for one message, then yield what is already queued (a batch:
         at most ``_READ_BATCH`` messages, or ``_BATCH_SECONDS`` of them)."""
         self._wait()
+        if self.woke is not None:
+            self.woke()
         sock = self.sock
         deadline = _clock() + _BATCH_SECONDS
         for i in range(_READ_BATCH + 1):
@@ -257,6 +269,11 @@ class RouterSockets:
         self._dropped = dropped_by_reason
         #: the router's one limiter for lines caused by peers' messages
         self._log = limiter or LogLimiter(logger)
+        #: when the router's loop was last seen running (its housekeeping),
+        #: and the gap after which it was away (set by the router)
+        self.alive_at = time.monotonic()
+        self.away_after = 2.0
+        self.on_back: Optional[Callable[[float, float], None]] = None
         size = settings.max_message_size
         self._max_size = size if size >= 0 else UNLIMITED
         self._debug = settings.super_debug
@@ -286,6 +303,7 @@ class RouterSockets:
                 # a plain socket, even from a zmq.green context (see RouterSocket)
                 sock = zmq.Socket(self._context, zmq.ROUTER)
                 self._sockets[name] = RouterSocket(sock)
+                self._sockets[name].woke = self._woke
                 if curve is not None and zap is not None:
                     curve.apply(sock)  # inproc:// peers are not asked (libzmq)
                     zap.watch(name, sock)
@@ -319,6 +337,20 @@ class RouterSockets:
         """One reader greenlet per socket; ``gate`` sees every backend message first."""
         return [gevent.spawn(self._read_loop, name, table, gate if name == "backend" else None)
                 for name, table in tables.items()]
+
+    def _woke(self) -> None:
+        self.alive(time.monotonic())
+
+    def alive(self, now: float) -> None:
+        """The loop runs (its housekeeping, or a reader that woke). The first
+        to run after a gap of more than :attr:`away_after` stands still
+        :data:`SETTLE` s before anything is read or sent, then tells
+        :attr:`on_back` ``(gap, now)``."""
+        gap, self.alive_at = now - self.alive_at, now
+        if gap > self.away_after:
+            _block(SETTLE)
+            if self.on_back is not None:
+                self.on_back(gap, now)
 
     def has_unread(self, name: str) -> bool:
         sock = self._sockets.get(name)

@@ -146,6 +146,57 @@ def _twin(routing: Routing, worker: Worker, msgid: str) -> Optional[Worker]:
     return holder
 
 
+def _undelivered(side: WorkerSide, unsent: list[tuple[Worker, Request, list[bytes]]],
+                 failed: list[list[bytes]]) -> None:
+    """Requests of ``unsent`` whose ``failed`` frames did not leave: off
+    their workers' books, their workers removed, routed again."""
+    lost = {id(frames) for frames in failed}
+    routing = side.routing
+    again: list[Request] = []
+    workers: dict[bytes, Worker] = {}
+    for worker, request, frames in unsent:
+        if id(frames) in lost:
+            routing.unsent(worker, request)
+            again.append(request)
+            workers[worker.identity] = worker
+    for worker in workers.values():
+        if routing.workers.get(worker.identity) is worker:
+            side.forget(worker, "it cannot be reached", dead=True)
+        elif worker.leaving_until and not worker.in_flight:
+            routing.leaving.pop(worker.identity, None)
+    side._counters["requests_rerouted"] += len(again)
+    logger.warning("router: %d request(s) could not be sent to worker(s) %s; routed "
+                   "again", len(again), ", ".join(w.log_name for w in workers.values()))
+    side.route_again(again)
+
+
+def freeze(routing: Routing, now: float, fresh_after: float) -> None:
+    """The router is back from a gap (SIGSTOP, a paused VM): no worker gets
+    a request before it has sent something fresh, read after
+    ``fresh_after`` (what it sent during the gap proves nothing: a worker
+    that gave up on the router connects anew, and EventMQ's job manager
+    leaves its old connection open; requests sent there were lost, a
+    probe); its free slots wait, and silence counts from now."""
+    for worker in routing.workers.values():
+        worker.frozen_slots += worker.slots
+        worker.slots = 0
+        worker.fresh_after = fresh_after
+        worker.last_seen = now
+
+
+def _thaw(side: WorkerSide, worker: Worker) -> None:
+    """``worker`` sent something fresh: its slots back, its queues served."""
+    worker.fresh_after = 0.0
+    slots, worker.frozen_slots = worker.frozen_slots, 0
+    if worker is side.guarantees.reserved:
+        worker.held_slots += slots  # (withheld for its last-chance request)
+        return
+    for _ in range(slots):
+        side.routing.give_slot(worker)
+    for queue in worker.queue_order:
+        side.dispatch(queue)
+
+
 def _late(side: WorkerSide, message: Message, identity: bytes) -> None:
     """A REPLY from a worker that does not hold the job (any more: it went
     elsewhere or ended; or never: a forgery). Dropped, never forwarded."""
@@ -204,7 +255,12 @@ class WorkerSide:
         counts as a heartbeat; others are dropped unless they are an INFORM."""
         worker = self.routing.workers.get(identity)
         if worker is not None:
-            worker.last_seen = time.monotonic()
+            now = time.monotonic()
+            if worker.fresh_after:  # (see ``freeze``)
+                if now < worker.fresh_after:
+                    return True
+                _thaw(self, worker)
+            worker.last_seen = now
             return True
         if message.command is Command.INFORM:
             return True
@@ -289,6 +345,9 @@ class WorkerSide:
         if worker.unreplied or worker.replied_unasked:
             routing.retire_oldest_unreplied(worker, message.msgid)
         if worker is self.guarantees.reserved and lastchance.ready(self, worker):
+            return
+        if worker.fresh_after:  # frozen (see ``freeze``)
+            worker.frozen_slots += 1
             return
         found = routing.next_for(worker)
         if found is None:
@@ -400,30 +459,7 @@ class WorkerSide:
         ``failed`` go back to their queues, their workers are removed."""
         unsent, self._unsent = self._unsent, []
         if failed:
-            self._undelivered(unsent, failed)
-
-    def _undelivered(self, unsent: list[tuple[Worker, Request, list[bytes]]],
-                     failed: list[list[bytes]]) -> None:
-        """Requests of ``unsent`` whose ``failed`` frames did not leave: off
-        their workers' books, their workers removed, routed again."""
-        lost = {id(frames) for frames in failed}
-        routing = self.routing
-        again: list[Request] = []
-        workers: dict[bytes, Worker] = {}
-        for worker, request, frames in unsent:
-            if id(frames) in lost:
-                routing.unsent(worker, request)
-                again.append(request)
-                workers[worker.identity] = worker
-        for worker in workers.values():
-            if routing.workers.get(worker.identity) is worker:
-                self.forget(worker, "it cannot be reached", dead=True)
-            elif worker.leaving_until and not worker.in_flight:
-                routing.leaving.pop(worker.identity, None)
-        self._counters["requests_rerouted"] += len(again)
-        logger.warning("router: %d request(s) could not be sent to worker(s) %s; routed "
-                       "again", len(again), ", ".join(w.log_name for w in workers.values()))
-        self.route_again(again)
+            _undelivered(self, unsent, failed)
 
     def _take_back(self, worker: Worker) -> list[Request]:
         """This turn's requests for ``worker`` not sent yet: kept from it, off its books."""
