@@ -46,6 +46,19 @@ def guaranteed(h: Harness, client, headers: str = "guarantee", queue: str = "def
     return h.request(client, queue=queue, headers=headers, payload=PAYLOAD)
 
 
+def out_with_its_result(make_router, slots: int, name: str):
+    """A router, a client and a worker ``name`` running one guaranteed
+    request that asked for its result, acknowledged:
+    ``(harness, client, worker, request)``."""
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    worker = h.worker(slots=slots, name=name)
+    sent = guaranteed(h, client, headers="guarantee,result-requested")
+    assert worker.recv().msgid == sent.msgid
+    assert client.recv().body == (sent.msgid,)  # acknowledged
+    return h, client, worker, sent
+
+
 def join(h: Harness, ready: int, name: str = "", beat: bool = False,
          queues=((10, "default"),)):
     """A worker that INFORMs, then sends ``ready`` READYs (which buffered
@@ -280,12 +293,7 @@ def test_a_job_raising_its_own_killed_fails_once_and_is_not_sent_again(make_rout
     # stopping: the job failed, like any other error; taken for the worker's
     # stop, it went back to the queue, ran again on the same worker, whose
     # memory of ended jobs answered Killed again: a loop of ~2,500 a second
-    h = make_router(**FAST)
-    client = h.peer("frontend")
-    worker = h.worker(slots=2, name="busy")
-    sent = guaranteed(h, client, headers="guarantee,result-requested")
-    assert worker.recv().msgid == sent.msgid
-    assert client.recv().body == (sent.msgid,)  # acknowledged
+    h, client, worker, sent = out_with_its_result(make_router, slots=2, name="busy")
     own = json.dumps({"value": "Killed: mine", "error": {"type": "Killed",
                                                          "message": "Killed: mine"}})
     worker.send(Command.REPLY, own, sent.msgid)
@@ -904,12 +912,7 @@ def test_a_reply_from_the_same_worker_connected_anew_ends_the_copy_in_the_buffer
     # the worker taken for dead (the router heard nothing) had connected anew
     # under another identity of its process, and answers there: the job ran,
     # its copy must not run again; another process's REPLY ends nothing
-    h = make_router(**FAST)
-    client = h.peer("frontend")
-    old = h.worker(slots=1, name="box:77:1-00c0ffee")
-    sent = guaranteed(h, client, headers="guarantee,result-requested")
-    assert old.recv().msgid == sent.msgid
-    assert client.recv().body == (sent.msgid,)
+    h, client, _old, sent = out_with_its_result(make_router, slots=1, name="box:77:1-00c0ffee")
     wait_until(lambda: len(h.router.waiting.get("default", ())) == 1, timeout=5,
                what="its copy buffered")
     stranger = join(h, 0, name="box:78:1-00c0ffee")

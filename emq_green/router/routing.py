@@ -143,9 +143,9 @@ class Worker:
     leaving_until: float = 0.0
     #: the identity as text (STATUS, the dashboard), decoded once
     name: str = field(init=False)
-    #: The queue names in the order the INFORM listed them, each once: a
+    #: The queue names in the order the INFORM listed them, each once. A
     #: READY takes a buffered request from the first that has one, as
-    #: EventMQ's router does (whatever the weights: they choose between
+    #: EventMQ's router does (whatever the weights, which choose between
     #: workers, not between a worker's queues).
     queue_order: tuple[str, ...] = field(init=False)
     #: the free lists of the queues' books it is on, one per queue, set
