@@ -60,7 +60,7 @@ _REASON_TEXT = {
     STOPPING: "the router stopped before the result arrived",
     CLIENT_SLOW: "the client read none of its results for a while: the router keeps at "
                  "most max_pending_result_bytes of them on their way to one client, and "
-                 "holds the next ones for a minute (max_pending_result_bytes in all)",
+                 "holds the next ones for a minute (4 x max_pending_result_bytes in all)",
 }
 
 
@@ -226,13 +226,15 @@ TRACKED_RESULT = 64 * 1024
 #: the reply's frame in :func:`~emq_green.protocol.relayed_reply_frames`
 _BODY = 5
 #: how long a big result waits for room in its client's share (its client
-#: reads nothing) before it is dropped as ``client_gone``
+#: reads nothing) before it is dropped as ``client_slow``
 ROOM_WAIT = 60.0
 #: results waiting for room are held up to this many times
 #: ``max_pending_result_bytes`` in all (a burst of big results for a client
-#: that reads them fits), and tried again every :data:`ROOM_RETRY` seconds
+#: that reads them fits), and tried again after :data:`ROOM_RETRY` seconds,
+#: twice as long each time none could leave, up to :data:`ROOM_RETRY_MAX`
 ROOM_FACTOR = 4
 ROOM_RETRY = 0.01
+ROOM_RETRY_MAX = 0.5
 
 
 class OnTheWay:
@@ -327,6 +329,7 @@ class ResultRelay:
         #: waiting for room are tried again soon, not at the next check
         self._call_later = call_later
         self._retry_due = False
+        self._retry_after = ROOM_RETRY
         #: queues a message for the end of the turn; None: results are sent at once
         self._send_later = send_later
         #: the results queued by ``send_later`` and not reported in :meth:`flushed` yet
@@ -421,18 +424,23 @@ class ResultRelay:
         self._held[msgid] = (frames, deadline, size)
         self.held_bytes += size
         if why == CLIENT_SLOW and self._call_later is not None and not self._retry_due:
-            self._retry_due = True
+            self._retry_due, self._retry_after = True, ROOM_RETRY
             self._call_later(ROOM_RETRY, self._retry)
 
     def _retry(self) -> None:
-        """Results waiting for room, tried again (while any wait)."""
+        """Results waiting for room, tried again while any wait: soon again
+        when some could leave (a client that reads), less and less often
+        when none could (one that does not)."""
         self._retry_due = False
+        before = self.pending.forwarded
         if self._held:
             self._send_held(time.monotonic())
         if self._call_later is not None and not self._retry_due and any(
                 len(frames[_BODY]) >= TRACKED_RESULT for frames, _d, _s in self._held.values()):
+            self._retry_after = (ROOM_RETRY if self.pending.forwarded > before
+                                 else min(2 * self._retry_after, ROOM_RETRY_MAX))
             self._retry_due = True
-            self._call_later(ROOM_RETRY, self._retry)
+            self._call_later(self._retry_after, self._retry)
 
     def _send_big(self, frames: list[bytes]) -> Optional[str]:
         """A big result to its client, tracked, if its share has room: None
