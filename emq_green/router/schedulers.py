@@ -294,10 +294,12 @@ def _delayed_fired(side: SchedulerSide, client: bytes, key: str) -> bool:
     them, a copy it kept of one handed over (False: dropped)."""
     delayed = side._delayed[key]
     owners = [side.live[k].owner if k in side.live else None for k in delayed]
-    if client not in owners and (_stale_firing(side, client, key)
-                                 or any(o in side.schedulers for o in owners)):
-        side.counts["firing_dropped_not_holder"] += 1
-        return False
+    if client not in owners:
+        if any(o in side.schedulers for o in owners):
+            side.counts["firing_dropped_not_holder"] += 1
+            return False
+        if _stale_firing(side, client, key):
+            return False
     side._forget(delayed[owners.index(client) if client in owners else 0], ended=True)
     return True
 
