@@ -144,7 +144,8 @@ class Schedule:
             return f"once at {self.eta:.3f}"
         if self.interval is None:
             return f"cron {self.cron}"
-        return f"every {self.interval:g}s"
+        interval = self.interval
+        return f"every {int(interval) if interval.is_integer() else interval}s"
 
 
 def _without_count(headers: str) -> str:

@@ -144,6 +144,11 @@ def test_wait_for_router_returns_once_a_router_answers(green):
     # the second scheduled once and ignored --count
     (["--cron", ""], "--cron needs a cron text"),
     (["--every", "5", "--count", "3"], "--count goes with jobs sent now"),
+    # a probe's: the router's bound in its text (0.01 s), and a "sent 0/1"
+    # summary under the error
+    (["--every", "1e12"], "argument --every: '1e12': a whole number of seconds, 1 to "
+                          "315360000"),
+    (["--delay", "1e10"], "argument --delay: '1e10': a delayed job runs at most ten years"),
 ])
 def test_bad_options_are_refused_before_anything(args, message):
     """--delay inf was a traceback (OverflowError), and so was

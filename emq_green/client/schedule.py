@@ -79,9 +79,9 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
     if (every is None) == (cron is None):
         raise ValueError("give either every (seconds) or cron, not both")
     if every is not None and (isinstance(every, bool) or not (
-            every >= 1 and float(every).is_integer())):
-        raise ValueError(f"every must be a whole number of seconds, at least 1 (EventMQ's "
-                         f"scheduler reads it as an int); got {every!r}")
+            1 <= every <= MAX_INTERVAL and float(every).is_integer())):
+        raise ValueError(f"every must be a whole number of seconds, 1 to {MAX_INTERVAL:.0f} "
+                         f"(ten years; EventMQ's scheduler reads it as an int); got {every!r}")
     headers = job_headers(guarantee, retry_count, timeout)
     if run_count is not None:
         headers.append(f"run_count:{run_count}")

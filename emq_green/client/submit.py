@@ -48,6 +48,7 @@ import zmq
 
 from ..curve import ClientCurve, CurveError
 from ..protocol import Command, Message, ProtocolError
+from ..schedules import MAX_INTERVAL
 from .api import DEFAULT_ADDR, ENV_BROKER_ADDR, Client, ResultHandle, callable_path
 from .batch import GuaranteedBatch
 from .connect import RouterUnreachable, check_address, connect
@@ -82,9 +83,10 @@ def _whole_seconds(text: str) -> int:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 1 and value.is_integer()):
+    if not (1 <= value <= MAX_INTERVAL and value.is_integer()):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: a whole number of seconds, at least 1 (schedulers read it as an int)")
+            f"{text!r}: a whole number of seconds, 1 to {MAX_INTERVAL:.0f} (ten years; "
+            "schedulers read it as an int)")
     return int(value)
 
 
@@ -108,10 +110,14 @@ def _job_timeout(text: str) -> float:
 
 def _delay_seconds(text: str) -> float:
     try:
-        return finite_seconds("--delay", text, text=True)
+        value = finite_seconds("--delay", text, text=True)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a finite number of seconds >= 0") from None
+    if value > MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a delayed job runs at most ten years ({MAX_INTERVAL:.0f} s) from now")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +311,7 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     #: the job whose send failed (no confirmation, refused, or the router
     #: took nothing for SEND_TIMEOUT): the rest unsent
     unsent: Optional[tuple[int, ConfirmTimeout | GuaranteeRefused | SendTimeoutError]] = None
+    refused = False
     #: the router answers flush probes and did not say it read everything
     unread = False
     # guaranteed jobs with no result: confirmed as a batch (a window of them
@@ -353,6 +360,7 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     except ValueError as exc:
         out.write(f"emq-green-submit: {exc}\n")
         handles.clear()  # the client is closed below
+        refused = True  # (no summary of what was sent)
         return 2
     finally:
         if batch is not None:
@@ -365,11 +373,12 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
             outcome = f"confirmed {client.acknowledged}"
         else:
             outcome = f"acknowledged {client.acknowledged} so far"
-        progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
-                      f"({client.sent / max(elapsed, 1e-6):.0f}/s), {outcome}")
+        if not refused:
+            progress.done(f"sent {client.sent}/{ns.count} to {addr} in {elapsed:.2f} s "
+                          f"({client.sent / max(elapsed, 1e-6):.0f}/s), {outcome}")
         if not handles:
             # (results coming back say the router read the requests)
-            unread = unsent is None and not client.flush(FLUSH_TIMEOUT) \
+            unread = unsent is None and not refused and not client.flush(FLUSH_TIMEOUT) \
                 and client._router_answers
             client.close()
     if unread:
