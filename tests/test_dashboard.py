@@ -401,3 +401,23 @@ def test_bad_requests_make_a_bounded_number_of_short_lines(dashboard_for, caplog
     assert gevent.get_hub().threadpool.apply(flood) == LOG_BURST + 50
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP:")]
     assert len(lines) == LOG_BURST and max(map(len, lines)) < 300
+
+
+@pytest.mark.timeout(60)
+def test_a_request_in_absolute_form_is_served_and_its_host_checked(dashboard_for):
+    """``GET http://host:port/dashboard.json`` (curl --proxy) was a 404; its
+    host is the request's Host, checked like any other."""
+    import socket
+
+    _harness, dashboard = dashboard_for()
+    host, port = dashboard.address
+
+    def status_of(target: str) -> bytes:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            return sock.recv(64).split(b"\r\n")[0]
+
+    pool = gevent.get_hub().threadpool
+    assert pool.apply(status_of, (f"http://{host}:{port}/dashboard.json",)).endswith(b"200 OK")
+    assert b"421" in pool.apply(status_of, ("http://evil.example/dashboard.json",))

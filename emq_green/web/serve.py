@@ -102,15 +102,21 @@ def page_server(host: str, port: int, app: Callable[..., Iterable[bytes]],
             except TimeoutError:  # before a request line, or between requests
                 sock.close()
 
-    return _Server((host, port), _no_body_for_head(app), log=None, error_log=error_log,
+    return _Server((host, port), _plain_http(app), log=None, error_log=error_log,
                    spawn=Pool(MAX_CONNECTIONS))
 
 
-def _no_body_for_head(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+def _plain_http(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
     """``app``, whose answers to HEAD keep their headers and lose their body
     (it went out after the headers, and a kept-alive client read it as the
-    next answer)."""
+    next answer), and which reads a request in absolute form (``GET
+    http://host:port/metrics``, as ``curl --proxy`` sends it) as its path,
+    with that host as its ``Host`` (it was a 404)."""
     def serve(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(("http://", "https://")):
+            netloc, _, rest = path.partition("://")[2].partition("/")
+            environ["PATH_INFO"], environ["HTTP_HOST"] = "/" + rest, netloc
         result = app(environ, start_response)
         if environ.get("REQUEST_METHOD") != "HEAD":
             return result
