@@ -30,7 +30,7 @@ from test_router import Harness, make_router, wait_until
 
 from emq_green.client import Client, JobError, ResultLostError, ResultTimeout, job
 from emq_green.client.submit import admin_request
-from emq_green.protocol import Command
+from emq_green.protocol import Command, Message
 from emq_green.router import Request
 
 __all__ = ["make_router"]  # the fixture, shared with test_router
@@ -916,3 +916,40 @@ def test_a_worker_that_connected_anew_delivers_the_results_of_its_jobs(make_rout
     wait_until(lambda: h.router.status()["late_replies"] == 1, what="the forgery dropped")
     assert theirs.msgid in h.router.routing.holders  # still the old connection's job
     assert client.pending() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_connected_anew_ends_its_plain_jobs_with_its_ready(make_router):
+    """A job sent without reply-requested ends with the READY naming it; sent
+    on the new connection, that READY retired nothing, and the old one,
+    removed, logged the job "possibly lost" (it had run, once)."""
+    h: Harness = make_router(heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    old = h.worker(slots=1, name="box:4242:1-0a1b2c3d")
+    client = h.peer("frontend")
+    sent = h.request(client)
+    assert old.recv().msgid == sent.msgid
+    new = h.worker(slots=0, name="box:4242:2-9f8e7d6c")
+    new.sock.send_multipart(Message.new(Command.READY)._replace(msgid=sent.msgid).frames())
+    wait_until(lambda: sent.msgid not in h.router.routing.holders, what="the job ended")
+    wait_until(lambda: old.identity not in h.router.workers, what="the old connection gone")
+    assert h.router.counters["possibly_lost"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_back_from_a_gap_a_reply_from_the_new_identity_of_a_job_manager_counts(make_router):
+    """EventMQ's job manager connects anew under a new uuid4 when it loses
+    the router (a router SIGSTOPped past its patience), and its jobs'
+    REPLYs come there: dropped as late, guaranteed jobs ran twice, results
+    were lost. The old identity, not heard from since the router came
+    back, is the holder: the REPLY for its msgid counts."""
+    h: Harness = make_router(heartbeat_interval=0.1, heartbeat_timeout=3.0)
+    old = h.worker(slots=1, name="2f1c-uuid-old")
+    client = h.peer("frontend")
+    sent = h.request(client, headers=RESULT_HEADERS)
+    assert old.recv().msgid == sent.msgid
+    h.router.sockets.alive_at -= 30  # the router's loop did not run for 30 s
+    wait_until(lambda: h.router.status()["loop_gaps"] == 1, what="the gap seen")
+    new = h.worker(slots=0, name="7d0e-uuid-new")
+    new.send(Command.REPLY, json.dumps({"value": 7}), sent.msgid)
+    assert _results_of(client, 1) == [(sent.msgid, {"value": 7})]
+    assert h.router.status()["late_replies"] == 0

@@ -136,14 +136,29 @@ def _not_given_up(sent: list[Sent], worker: Worker, guarantees: Guarantees,
 
 def _twin(routing: Routing, worker: Worker, msgid: str) -> Optional[Worker]:
     """The worker holding ``msgid`` when it is another connection of
-    ``worker``'s own emq-green process: one that lost the router (a router
-    SIGSTOPped past the worker's patience) connects anew and sends the
-    REPLYs of the jobs it ran under its new identity; they were dropped as
-    late, the results reported lost (a probe)."""
+    ``worker``'s own process: one that lost the router (a router SIGSTOPped
+    past the worker's patience) connects anew and sends the REPLYs of the
+    jobs it ran under its new identity; they were dropped as late, the
+    results reported lost (a probe). An emq-green worker's identities say
+    their process (``name:pid:...``); EventMQ's job manager takes a new
+    uuid4: its REPLY counts when the holder has not been heard from since
+    the router came back from a gap (frozen: its connection was left
+    behind), the msgid (a uuid4 shown nowhere) telling the job."""
     holder = routing.holders.get(msgid)
-    if holder is None or holder is worker or not same_worker(holder.identity, worker.identity):
+    if holder is None or holder is worker or not (
+            holder.fresh_after or same_worker(holder.identity, worker.identity)):
         return None
     return holder
+
+
+def _twin_ready(side: WorkerSide, worker: Worker, msgid: str) -> None:
+    """An emq-green worker's READY names the job sent without
+    reply-requested that ended: one its old connection holds ends there
+    (else, that connection removed, the job was logged "possibly lost")."""
+    twin = _twin(side.routing, worker, msgid)
+    sent = twin.in_flight.get(msgid) if twin is not None else None
+    if sent is not None and not sent.reply_requested:
+        side.routing.retire_oldest_unreplied(twin, msgid)  # type: ignore[arg-type]
 
 
 def _undelivered(side: WorkerSide, unsent: list[tuple[Worker, Request, list[bytes]]],
@@ -344,6 +359,8 @@ class WorkerSide:
         worker = routing.workers[identity]
         if worker.unreplied or worker.replied_unasked:
             routing.retire_oldest_unreplied(worker, message.msgid)
+        elif message.msgid in routing.holders:  # a job of its old connection (``_twin``)
+            _twin_ready(self, worker, message.msgid)
         if worker is self.guarantees.reserved and lastchance.ready(self, worker):
             return
         if worker.fresh_after:  # frozen (see ``freeze``)
