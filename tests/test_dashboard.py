@@ -421,3 +421,27 @@ def test_a_request_in_absolute_form_is_served_and_its_host_checked(dashboard_for
     pool = gevent.get_hub().threadpool
     assert pool.apply(status_of, (f"http://{host}:{port}/dashboard.json",)).endswith(b"200 OK")
     assert b"421" in pool.apply(status_of, ("http://evil.example/dashboard.json",))
+
+
+@pytest.mark.timeout(60)
+def test_a_request_with_a_body_is_refused_and_closed_unread(dashboard_for):
+    """After the answer, gevent read what was left of a request's body, with
+    no bound but 5 s per read: a body dripped a byte a second held the
+    connection for ever (128 of them kept every scrape out). The pages take
+    no body: 400, and the connection closes."""
+    import socket
+
+    _harness, dashboard = dashboard_for()
+    host, port = dashboard.address
+
+    def answer_and_end() -> tuple[bytes, float]:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"GET /dashboard.json HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: 1000\r\n\r\nx")
+            started, data = time.monotonic(), b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            return data, time.monotonic() - started
+
+    data, took = gevent.get_hub().threadpool.apply(answer_and_end)
+    assert data.startswith(b"HTTP/1.1 400") and took < 4

@@ -26,7 +26,7 @@ import pytest
 import zmq
 from peers import Peers, RouterAddrs, green_argv, require_eventmq
 from test_client import BIN, REPO, Stack
-from test_router import Harness, make_router, wait_until
+from test_router import Harness, Peer, make_router, wait_until
 
 from emq_green.client import Client, JobError, ResultLostError, ResultTimeout, job
 from emq_green.client.submit import admin_request
@@ -953,3 +953,46 @@ def test_back_from_a_gap_a_reply_from_the_new_identity_of_a_job_manager_counts(m
     new.send(Command.REPLY, json.dumps({"value": 7}), sent.msgid)
     assert _results_of(client, 1) == [(sent.msgid, {"value": 7})]
     assert h.router.status()["late_replies"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_reads_nothing_leaves_the_others_their_room(make_router):
+    """The room where big results wait was one budget for all clients: one
+    that read nothing filled it, and another's results that had to wait were
+    dropped at once (a probe: 38 of 150). A client holds at most
+    max_pending_result_bytes of it."""
+    limit = 3 * 1024 * 1024
+    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
+                             heartbeat_timeout=5)
+    worker = h.worker(slots=50)
+    big = "z" * (1024 * 1024)
+
+    def slow_client() -> Peer:
+        peer = h.peer("frontend")
+        peer.sock.setsockopt(zmq.RCVHWM, 2)
+        peer.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+        return peer
+
+    def results_for(client: Peer, count: int) -> list[Message]:
+        sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(count)]
+        for _ in sent:
+            request = worker.recv()
+            worker.send(Command.REPLY, json.dumps({"value": big}), request.msgid)
+        return sent
+
+    hog, other = slow_client(), slow_client()
+    results_for(hog, 40)
+    wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
+               timeout=20, what="the hog's share full")
+    sent = results_for(other, 4)
+    wait_until(lambda: h.router.status()["results_forwarded"] + h.router.relay.held
+               + h.router.status()["results_dropped_by_reason"]["client_slow"] == 44,
+               timeout=20, what="the other's results on their way or waiting")
+    got = {}
+    deadline = time.monotonic() + 30
+    while len(got) < len(sent):
+        assert time.monotonic() < deadline, got.keys()
+        message = other.recv(timeout=10)
+        if message.command is Command.REPLY and len(message.body) == 2:
+            got[message.body[1]] = json.loads(message.body[0])
+    assert got == {m.msgid: {"value": big} for m in sent}

@@ -342,8 +342,9 @@ class ResultRelay:
         #: client to connect again, oldest first
         self._held: collections.OrderedDict[str, tuple[list[bytes], float, int]] = (
             collections.OrderedDict())
-        #: bytes of :attr:`_held` (frames only)
+        #: bytes of :attr:`_held` (frames only), in all and by client
         self.held_bytes = 0
+        self._held_by: dict[bytes, int] = {}
         #: seconds a result is kept for its client (:data:`HOLD_FOR_RECONNECT`;
         #: 0: dropped at once)
         self.hold_for_reconnect = HOLD_FOR_RECONNECT
@@ -418,11 +419,17 @@ class ResultRelay:
         size = sum(len(frame) for frame in frames)
         msgid = frames[-1].decode("utf-8", "replace")
         room = self.pending.max_bytes * (ROOM_FACTOR if why == CLIENT_SLOW else 1)
-        if not deadline or msgid in self._held or self.held_bytes + size > room:
-            self._gone(msgid, frames[0], why)
+        client = frames[0]
+        mine = self._held_by.get(client, 0)
+        # one client holds at most max_bytes of the room: one that reads
+        # nothing does not take the others' (a probe: 38 of 150 lost)
+        if (not deadline or msgid in self._held or self.held_bytes + size > room
+                or mine + size > self.pending.max_bytes):
+            self._gone(msgid, client, why)
             return
         self._held[msgid] = (frames, deadline, size)
         self.held_bytes += size
+        self._held_by[client] = mine + size
         if why == CLIENT_SLOW and self._call_later is not None and not self._retry_due:
             self._retry_due, self._retry_after = True, ROOM_RETRY
             self._call_later(ROOM_RETRY, self._retry)
@@ -483,6 +490,9 @@ class ResultRelay:
                 self._gone(msgid, frames[0])
             del self._held[msgid]
             self.held_bytes -= size
+            left = self._held_by.pop(frames[0], 0) - size
+            if left > 0:
+                self._held_by[frames[0]] = left
 
     @property
     def held(self) -> int:

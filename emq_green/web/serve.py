@@ -61,6 +61,7 @@ def page_server(host: str, port: int, app: Callable[..., Iterable[bytes]],
         _deadline: Any = None
 
         def handle_one_request(self) -> Any:
+            limiter.flush()  # the summary of bad requests, once its window is over
             # the whole request line and headers within IDLE_TIMEOUT
             self._deadline = gevent.Timeout(IDLE_TIMEOUT, TimeoutError)
             self._deadline.start()
@@ -71,9 +72,14 @@ def page_server(host: str, port: int, app: Callable[..., Iterable[bytes]],
 
         def read_request(self, raw_requestline: Any) -> Any:
             try:
-                return super().read_request(raw_requestline)
+                read = super().read_request(raw_requestline)
             finally:
                 self._deadline.cancel()  # the answer takes the time it takes
+            if read and (self.content_length or "transfer-encoding" in self.headers):
+                # the pages take no body: 400, closed unread (gevent read what
+                # was left of one after the answer, a byte a second for ever)
+                return False
+            return read
 
         def _handle_client_error(self, ex: BaseException) -> Any:
             if isinstance(ex, TimeoutError):  # silent too long: closed, not logged
