@@ -942,3 +942,31 @@ def test_back_from_a_gap_the_router_sends_only_to_workers_heard_from_anew(make_r
     assert old.pending() == []
     wait_until(lambda: b"old" not in h.router.workers, timeout=10, what="old removed")
     assert h.router.status()["loop_gaps"] == 1
+
+
+def test_a_guaranteed_request_sent_again_under_its_msgid_is_confirmed_not_run_again(make_router):
+    """A sender whose confirmation was lost sends the request again under
+    its msgid (emq-green's scheduler does, for the runs it fired into a
+    router stopped past its patience: both copies ran, 100 of 100): while
+    the first is held, and once it ended, the repeat is confirmed and not
+    run. A plain repeat is still refused (DuplicateMsgid)."""
+    h = make_router(**FAST)
+    client, again = h.peer("frontend"), h.peer("frontend")
+    worker = join(h, 2, name="w", beat=True)
+    first = guaranteed(h, client)
+    assert worker.recv().msgid == first.msgid
+    assert client.recv().body == (first.msgid,)
+    repeat = Message(Command.REQUEST, first.msgid, ("default", "guarantee", PAYLOAD))
+    again.sock.send_multipart(repeat.frames())  # while the first runs
+    assert again.recv().body == (first.msgid,)  # confirmed
+    worker.send(Command.REPLY, '{"value": 1}', first.msgid)
+    wait_until(lambda: h.router.status()["guaranteed_held"] == 0, what="the first ended")
+    again.sock.send_multipart(repeat.frames())  # once it ended
+    assert again.recv().body == (first.msgid,)
+    assert worker.pending() == [] and h.router.status()["guaranteed_repeats"] == 2
+    plain = Message(Command.REQUEST, first.msgid, ("default", "", PAYLOAD))
+    second = guaranteed(h, client)
+    assert worker.recv().msgid == second.msgid
+    again.sock.send_multipart(plain._replace(msgid=second.msgid).frames())
+    refused = again.recv()
+    assert json.loads(refused.body[0])["error"]["type"] == "DuplicateMsgid"

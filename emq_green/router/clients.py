@@ -64,6 +64,20 @@ _RESULTS_REFUSED = {
 }
 
 
+def _a_repeat(side: ClientSide, client: bytes, message: Message) -> bool:
+    """A guaranteed REQUEST (no result asked) whose msgid is held, or ended
+    lately: one sent again by a sender whose confirmation was lost (a
+    scheduler that lost a router stopped past its patience fires its
+    unconfirmed runs again, under their msgids; they ran twice). Confirmed,
+    not run again (True); else False."""
+    headers = message.body[1]
+    if not guarantee_in(headers) or result_requested_in(headers):
+        return False
+    side.guarantees.repeats += 1
+    side.sockets.send_later("frontend", ack_frames(client, message.msgid))
+    return True
+
+
 class ClientSide:
     """The frontend's handlers over the router's books."""
 
@@ -136,6 +150,8 @@ class ClientSide:
                                  f"the msgid is longer than {MAX_MSGID_BYTES} bytes")
             return
         if msgid in self._holders or msgid in self._pending_ids:
+            if _a_repeat(self, client, message):
+                return
             self._refuse_request(client, message, "msgid_taken", "DuplicateMsgid",
                                  "a request with this msgid is already buffered, running or "
                                  "waiting for its result; send it with a new msgid")
@@ -164,6 +180,8 @@ class ClientSide:
         or its job ended first); refused with an error reply when it cannot
         be kept."""
         msgid = message.msgid
+        if msgid in self.guarantees.lately and _a_repeat(self, client, message):
+            return
         why = self.guarantees.refusal()
         if why is not None:
             self._refuse(client, msgid, why, wants_result)

@@ -78,6 +78,9 @@ def was_killed(reply_json: str) -> bool:
 Journaled = Callable[[list[Request], Optional[str]], None]
 
 
+#: guaranteed msgids remembered once their job ended (:attr:`Guarantees.lately`)
+FINISHED_MEMORY = 20_000
+
 #: what :meth:`Guarantees.count_loss` decides
 AGAIN, LAST_CHANCE, GIVEN_UP = "again", "last chance", "given up"
 
@@ -100,6 +103,12 @@ class Guarantees:
 
     def __init__(self, journal: Optional[Journal] = None, max_redeliveries: int = 0) -> None:
         self.journal = journal
+        #: msgids of the guaranteed requests that ended lately (the
+        #: :data:`FINISHED_MEMORY` newest): the same msgid sent again (a
+        #: sender whose confirmation was lost) is confirmed, not run again
+        self.lately: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: such repeats confirmed (held or ended already), not run
+        self.repeats = 0
         #: sends after a worker died running a request, before it is given up
         #: (0: no limit)
         self.max_redeliveries = max_redeliveries
@@ -205,6 +214,10 @@ class Guarantees:
         goes to a client lingers a moment (RESULT_LINGER) for that result
         to leave."""
         self.held -= 1
+        lately = self.lately
+        lately[request.msgid] = None
+        if len(lately) > FINISHED_MEMORY:
+            lately.popitem(last=False)
         if request is self.alone:
             self.alone = None
             self.alone_ended()
@@ -289,6 +302,7 @@ class Guarantees:
             "guaranteed_given_up": self.given_up,
             "guaranteed_last_chance": len(self._last_chance) + (self.alone is not None),
             "guaranteed_placed_beside": self.placed_beside,
+            "guaranteed_repeats": self.repeats,
             "late_replies": self.late_replies,
             **(self.journal.status() if self.journal is not None else {"journal_file": None}),
         }

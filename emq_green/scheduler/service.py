@@ -47,7 +47,7 @@ from ..callables import refusal
 from ..curve import client_curve
 from ..lifecycle import Lifecycle
 from ..limits import LogLimiter
-from ..protocol import Command, Message, ProtocolError, RunRequest, printable
+from ..protocol import Command, Message, ProtocolError, RunRequest, new_msgid, printable
 from ..schedules import FOREVER, KBYE_CONNECTING, parse_schedule, unschedule_key
 from ..settings import Settings
 from .store import ScheduleStore
@@ -452,9 +452,10 @@ class Scheduler:
         alone was lost runs twice."""
         unacked, self._unacked = self._unacked, collections.OrderedDict()
         again = 0
-        for entry in unacked.values():
+        for msgid, entry in unacked.items():
             if entry.key in self.table.entries:
                 continue  # scheduled anew meanwhile
+            entry.refire_msgid = msgid  # (a router that holds it, or ran it, confirms it)
             entry.runs -= 1
             entry.runs_left = 1
             self.table.put(entry)
@@ -489,7 +490,8 @@ class Scheduler:
 
     def _fire(self, entry: Entry, now: float, due: Optional[float]) -> None:
         s = entry.schedule
-        request = Message.new(Command.REQUEST, s.queue, s.request_headers(), s.payload)
+        request = Message(Command.REQUEST, entry.refire_msgid or new_msgid(),
+                          (s.queue, s.request_headers(), s.payload))
         if not self._send(request):
             self.counts["fire_failed"] += 1
             if not self._unreachable:
@@ -503,6 +505,7 @@ class Scheduler:
                 self.table.put(entry)
             return
         self.counts["fired"] += 1
+        entry.refire_msgid = ""
         self._unreachable = False
         if due is not None:
             late = now - due

@@ -45,6 +45,9 @@ class Entry:
     last_at: Optional[float] = None
     #: lateness of the last firing (s): when it was sent minus when it was due
     last_lateness: float = 0.0
+    #: a guaranteed last run fired and never acknowledged goes out again
+    #: under this msgid (the router confirms one it holds or ran already)
+    refire_msgid: str = field(default="", repr=False)
     _seq: int = field(default=0, repr=False)
 
     @property
