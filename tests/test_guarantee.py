@@ -970,3 +970,18 @@ def test_a_guaranteed_request_sent_again_under_its_msgid_is_confirmed_not_run_ag
     again.sock.send_multipart(plain._replace(msgid=second.msgid).frames())
     refused = again.recv()
     assert json.loads(refused.body[0])["error"]["type"] == "DuplicateMsgid"
+
+
+def test_a_guaranteed_request_under_a_plain_one_s_msgid_is_refused_not_confirmed(make_router):
+    """A probe's find in the repeats: a plain request buffered under msgid X,
+    then a guaranteed one under X: confirmed as a repeat, held nowhere, never
+    run. Only a guaranteed request holding X makes a repeat."""
+    h = make_router(**FAST)
+    client = h.peer("frontend")
+    plain = h.request(client, queue="nobody")  # no worker: buffered
+    wait_until(lambda: plain.msgid in h.router.routing.holders, what="buffered")
+    repeat = Message(Command.REQUEST, plain.msgid, ("nobody", "guarantee", PAYLOAD))
+    client.sock.send_multipart(repeat.frames())
+    refused = client.recv()
+    assert json.loads(refused.body[0])["error"]["type"] == "DuplicateMsgid"
+    assert h.router.status()["guaranteed_repeats"] == 0

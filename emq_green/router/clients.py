@@ -64,6 +64,21 @@ _RESULTS_REFUSED = {
 }
 
 
+def _held_guaranteed(routing: Routing, msgid: str) -> bool:
+    """Whether the request holding ``msgid`` (in flight, or in the buffer)
+    is a guaranteed one: a plain one under that msgid makes no repeat (the
+    guaranteed REQUEST was confirmed, and held nowhere). O(buffer) for a
+    buffered one: rare (a msgid sent twice)."""
+    holder = routing.holders.get(msgid, False)
+    if holder is False:
+        return False
+    if holder is not None:
+        sent = holder.in_flight.get(msgid)  # type: ignore[union-attr]
+        return sent is not None and sent.request is not None
+    return any(r.msgid == msgid and r.guaranteed
+               for waiting in routing.waiting.values() for r in waiting)
+
+
 def _a_repeat(side: ClientSide, client: bytes, message: Message) -> bool:
     """A guaranteed REQUEST (no result asked) whose msgid is held, or ended
     lately: one sent again by a sender whose confirmation was lost (a
@@ -150,7 +165,7 @@ class ClientSide:
                                  f"the msgid is longer than {MAX_MSGID_BYTES} bytes")
             return
         if msgid in self._holders or msgid in self._pending_ids:
-            if _a_repeat(self, client, message):
+            if _held_guaranteed(self.routing, msgid) and _a_repeat(self, client, message):
                 return
             self._refuse_request(client, message, "msgid_taken", "DuplicateMsgid",
                                  "a request with this msgid is already buffered, running or "
