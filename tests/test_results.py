@@ -774,8 +774,6 @@ def test_a_router_back_from_a_stop_reads_what_its_workers_sent_before_judging_th
     import os
     import signal
 
-    import zmq
-
     from emq_green.protocol import Message
 
     stack = Stack(tmp_path)
@@ -826,74 +824,6 @@ def test_a_router_back_from_a_stop_reads_what_its_workers_sent_before_judging_th
         worker.close()
         context.term()
         stack.close()
-
-
-@pytest.mark.timeout(60)
-def test_a_client_that_stops_reading_holds_a_bounded_share_of_its_results(make_router):
-    """Big results for a client that reads nothing: ZeroMQ's queue to it
-    held every one (up to hwm of max_message_size each: a probe's router
-    grew to 1.2 GB while STATUS said nothing was pending). Now at most
-    max_pending_result_bytes of them are on their way (and one result
-    more), the router holds the next ones within the same bound, and the
-    rest are dropped: counted, and the client told (client_slow). Every
-    request gets its result or that word, once."""
-    limit = 3 * 1024 * 1024
-    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
-                             heartbeat_timeout=5)
-    worker = h.worker(slots=40)
-    client = h.peer("frontend")
-    client.sock.setsockopt(zmq.RCVHWM, 2)
-    client.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
-    sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(40)]
-    big = "x" * (1024 * 1024)
-    for _ in sent:
-        request = worker.recv()
-        worker.send(Command.REPLY, json.dumps({"value": big}), request.msgid)
-    wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
-               timeout=20, what="results beyond the client's share dropped")
-    status = h.router.status()
-    assert 0 < status["result_bytes_to_clients"] <= limit + len(big) + 64, status
-    assert status["results_held_for_client"] >= 1, status
-    values, lost = set(), set()
-    deadline = time.monotonic() + 40
-    while len(values) + len(lost) < len(sent):
-        assert time.monotonic() < deadline, f"{len(values)} + {len(lost)} of {len(sent)}"
-        message = client.recv(timeout=10)
-        if message.command is not Command.REPLY or len(message.body) != 2:
-            continue  # an acknowledgement
-        reply, msgid = json.loads(message.body[0]), message.body[1]
-        assert msgid not in values | lost
-        if reply.get("reason") == "client_slow":
-            lost.add(msgid)
-        else:
-            assert reply == {"value": big}
-            values.add(msgid)
-    assert values | lost == {m.msgid for m in sent} and len(values) >= 3
-    status = h.router.status()
-    assert status["results_forwarded"] == len(values), status
-    assert status["results_dropped_by_reason"] == {"client_slow": len(lost)}, status
-    wait_until(lambda: h.router.status()["result_bytes_to_clients"] == 0, what="all written")
-
-
-@pytest.mark.timeout(60)
-def test_a_burst_of_big_results_reaches_a_client_that_reads_them(make_router):
-    """The share is no quota on a client that reads: a burst of results
-    five times max_pending_result_bytes waits in the router for room and
-    follows at once as the client reads (none dropped)."""
-    limit = 8 * 1024 * 1024
-    h: Harness = make_router(max_pending_result_bytes=limit)
-    worker = h.worker(slots=36)
-    client = h.peer("frontend")
-    sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(36)]
-    big = "y" * (1024 * 1024)
-    for _ in sent:
-        request = worker.recv()
-        worker.send(Command.REPLY, json.dumps({"value": big}), request.msgid)
-    got = [(msgid, reply) for msgid, reply in _results_of(client, len(sent), within=30)]
-    assert {msgid for msgid, _ in got} == {m.msgid for m in sent}
-    assert all(reply == {"value": big} for _, reply in got)
-    status = h.router.status()
-    assert status["results_dropped_by_reason"] == {} and status["results_forwarded"] == 36
 
 
 @pytest.mark.timeout(30)
@@ -955,44 +885,156 @@ def test_back_from_a_gap_a_reply_from_the_new_identity_of_a_job_manager_counts(m
     assert h.router.status()["late_replies"] == 0
 
 
+STOPPING_CLIENT = """
+import json, os, signal, sys
+import zmq
+from emq_green.protocol import Command, Message
+addr, count = sys.argv[1], int(sys.argv[2])
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(addr)
+payload = '["run", {"path": "os", "callable": "getpid"}]'
+sent = [Message.new(Command.REQUEST, "default", "reply-requested,result-requested", payload)
+        for _ in range(count)]
+for message in sent:
+    sock.send_multipart(message.frames())
+print(json.dumps([m.msgid for m in sent]), flush=True)
+sys.stdin.readline()  # the router has read them all
+os.kill(os.getpid(), signal.SIGSTOP)  # reads nothing until SIGCONT
+answers = {}
+while len(answers) < count and sock.poll(20000):
+    frames = sock.recv_multipart()
+    if len(frames) == 6 and frames[2] == b"REPLY":
+        reply = json.loads(frames[4])
+        answers[frames[5].decode()] = reply.get("reason") or len(reply.get("value", ""))
+print(json.dumps(answers), flush=True)
+"""
+
+
+class StoppingClient:
+    """A client process that sends ``count`` result-requested requests,
+    then stops itself (SIGSTOP): it reads nothing, as a client the OS or an
+    operator stopped, until :meth:`resume`."""
+
+    def __init__(self, h: Harness, count: int) -> None:
+        import subprocess
+        import sys
+
+        import psutil
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", STOPPING_CLIENT, h.router.endpoints["frontend"], str(count)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # (read in a thread: the router shares this hub, and a second without
+        # its loop is a gap it answers by freezing its workers)
+        self.msgids = json.loads(gevent.get_hub().threadpool.apply(self.proc.stdout.readline))
+        wait_until(lambda: h.router.status()["pending_results"] >= count, timeout=20,
+                   what="the router read every request")
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+        process = psutil.Process(self.proc.pid)
+        wait_until(lambda: process.status() == psutil.STATUS_STOPPED, what="client stopped")
+
+    def resume(self) -> dict[str, object]:
+        """SIGCONT; msgid -> the value's length, or the reason it was lost."""
+        import os
+        import signal
+
+        os.kill(self.proc.pid, signal.SIGCONT)
+        answers = json.loads(gevent.get_hub().threadpool.apply(self.proc.stdout.readline))
+        self.proc.wait(10)
+        return answers
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def answer_with(worker: Peer, count: int, body: str) -> None:
+    """The fake worker answers ``count`` requests with ``body`` each."""
+    for _ in range(count):
+        request = worker.recv(timeout=10)
+        worker.send(Command.REPLY, json.dumps({"value": body}), request.msgid)
+
+
+@pytest.mark.timeout(90)
+def test_a_client_that_stops_reading_holds_a_bounded_share_of_its_results(make_router):
+    """Big results for a client that reads nothing (stopped): ZeroMQ's queue
+    to it held every one (up to hwm of max_message_size each: a probe's
+    router grew to 1.2 GB while STATUS said nothing was pending). Now at most
+    max_pending_result_bytes of them are on their way (and one result
+    more), the router holds some more within its room, and the rest are
+    dropped: counted, and the client told (client_slow). Every request
+    gets its result or that word, once."""
+    limit = 3 * 1024 * 1024
+    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
+                             heartbeat_timeout=60)  # (the fake worker does not beat)
+    worker = h.worker(slots=40)
+    big = "x" * (1024 * 1024)
+    client = StoppingClient(h, 40)
+    try:
+        answer_with(worker, 40, big)
+        wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
+                   timeout=30, what="results beyond the client's share dropped")
+        status = h.router.status()
+        assert 0 < status["result_bytes_to_clients"] <= limit + len(big) + 64, status
+        assert status["results_held_for_client"] >= 1, status
+        answers = client.resume()
+    finally:
+        client.kill()
+    assert set(answers) == set(client.msgids)
+    values = [m for m, a in answers.items() if a == len(big)]
+    lost = [m for m, a in answers.items() if a == "client_slow"]
+    assert len(values) + len(lost) == 40 and len(values) >= 3
+    status = h.router.status()
+    assert status["results_forwarded"] == len(values), status
+    assert status["results_dropped_by_reason"] == {"client_slow": len(lost)}, status
+    wait_until(lambda: h.router.status()["result_bytes_to_clients"] == 0, what="all written")
+
+
 @pytest.mark.timeout(60)
+def test_a_burst_of_big_results_reaches_a_client_that_reads_them(make_router):
+    """The share is no quota on a client that reads: a burst of results
+    more than twice max_pending_result_bytes, come in one go, waits in the
+    router for room and follows as the client reads (none dropped)."""
+    limit = 8 * 1024 * 1024
+    h: Harness = make_router(max_pending_result_bytes=limit)
+    worker = h.worker(slots=20)
+    client = h.peer("frontend")
+    sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(20)]
+    big = "y" * (1024 * 1024)
+    answer_with(worker, len(sent), big)
+    got = _results_of(client, len(sent), within=30)
+    assert {msgid for msgid, _ in got} == {m.msgid for m in sent}
+    assert all(reply == {"value": big} for _, reply in got)
+    status = h.router.status()
+    assert status["results_dropped_by_reason"] == {} and status["results_forwarded"] == 20
+
+
+@pytest.mark.timeout(90)
 def test_a_client_that_reads_nothing_leaves_the_others_their_room(make_router):
     """The room where big results wait was one budget for all clients: one
     that read nothing filled it, and another's results that had to wait were
-    dropped at once (a probe: 38 of 150). A client holds at most
-    max_pending_result_bytes of it."""
+    dropped at once (a probe: 38 of 150). A client holds half the room at
+    most."""
     limit = 3 * 1024 * 1024
     h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
-                             heartbeat_timeout=5)
+                             heartbeat_timeout=60)  # (the fake worker does not beat)
     worker = h.worker(slots=50)
     big = "z" * (1024 * 1024)
-
-    def slow_client() -> Peer:
-        peer = h.peer("frontend")
-        peer.sock.setsockopt(zmq.RCVHWM, 2)
-        peer.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
-        return peer
-
-    def results_for(client: Peer, count: int) -> list[Message]:
-        sent = [h.request(client, headers=RESULT_HEADERS) for _ in range(count)]
-        for _ in sent:
-            request = worker.recv()
-            worker.send(Command.REPLY, json.dumps({"value": big}), request.msgid)
-        return sent
-
-    hog, other = slow_client(), slow_client()
-    results_for(hog, 40)
-    wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
-               timeout=20, what="the hog's share full")
-    sent = results_for(other, 4)
-    wait_until(lambda: h.router.status()["results_forwarded"] + h.router.relay.held
-               + h.router.status()["results_dropped_by_reason"]["client_slow"] == 44,
-               timeout=20, what="the other's results on their way or waiting")
-    got = {}
-    deadline = time.monotonic() + 30
-    while len(got) < len(sent):
-        assert time.monotonic() < deadline, got.keys()
-        message = other.recv(timeout=10)
-        if message.command is Command.REPLY and len(message.body) == 2:
-            got[message.body[1]] = json.loads(message.body[0])
-    assert got == {m.msgid: {"value": big} for m in sent}
+    hog = StoppingClient(h, 40)
+    other = None
+    try:
+        answer_with(worker, 40, big)
+        wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
+                   timeout=30, what="the hog's share full")
+        other = StoppingClient(h, 6)  # (two on their way, four waiting: within its half)
+        answer_with(worker, 6, big)
+        wait_until(lambda: h.router.status()["results_forwarded"] + h.router.relay.held
+                   + h.router.status()["results_dropped_by_reason"]["client_slow"] == 46,
+                   timeout=30, what="the other's results on their way or waiting")
+        answers = other.resume()
+    finally:
+        hog.kill()
+        if other is not None:
+            other.kill()
+    assert answers == {m: len(big) for m in other.msgids}
