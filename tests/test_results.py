@@ -949,6 +949,15 @@ class StoppingClient:
         self.proc.wait()
 
 
+def router_with_room(make_router, limit: int, slots: int) -> tuple[Harness, Peer]:
+    """A router whose clients' big results may take ``limit`` bytes on
+    their way (``max_pending_result_bytes``), and a fake worker with
+    ``slots`` (it does not beat: the timeout is long)."""
+    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
+                             heartbeat_timeout=60)
+    return h, h.worker(slots=slots)
+
+
 def answer_with(worker: Peer, count: int, body: str) -> None:
     """The fake worker answers ``count`` requests with ``body`` each."""
     for _ in range(count):
@@ -966,9 +975,7 @@ def test_a_client_that_stops_reading_holds_a_bounded_share_of_its_results(make_r
     dropped: counted, and the client told (client_slow). Every request
     gets its result or that word, once."""
     limit = 3 * 1024 * 1024
-    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
-                             heartbeat_timeout=60)  # (the fake worker does not beat)
-    worker = h.worker(slots=40)
+    h, worker = router_with_room(make_router, limit, slots=40)
     big = "x" * (1024 * 1024)
     client = StoppingClient(h, 40)
     try:
@@ -1017,9 +1024,7 @@ def test_a_client_that_reads_nothing_leaves_the_others_their_room(make_router):
     dropped at once (a probe: 38 of 150). A client holds half the room at
     most."""
     limit = 3 * 1024 * 1024
-    h: Harness = make_router(max_pending_result_bytes=limit, heartbeat_interval=0.1,
-                             heartbeat_timeout=60)  # (the fake worker does not beat)
-    worker = h.worker(slots=50)
+    h, worker = router_with_room(make_router, limit, slots=50)
     big = "z" * (1024 * 1024)
     hog = StoppingClient(h, 40)
     other = None
