@@ -415,8 +415,14 @@ def default_scheduler_file_problem(path: str) -> "str | None":
     """Why the default ``scheduler_file`` (``path``, in the working
     directory) cannot be used, or None. Falling back to memory would lose
     the schedules at the next restart without a word; the user chooses."""
-    if os.path.exists(path) or os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+    if os.path.exists(path):
         return None
+    try:  # tried, not os.access: root passes that where no file can be made (/proc)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(path)
+        return None
+    except OSError:
+        pass
     return (f"scheduler_file: not set, and its default {path} cannot be created (the "
             "working directory is not writable); set scheduler_file to a writable path "
             "(--scheduler-file), or to empty for schedules in memory only")
@@ -459,9 +465,9 @@ def scheduler_main(argv: "list[str] | None" = None) -> int:
     _log_status_on_sigusr1("scheduler", scheduler.status)
     try:
         scheduler.start()
-    except Exception as exc:  # the file cannot be opened or read
+    except Exception as exc:  # the file cannot be opened or read: a setting to mend
         sys.stderr.write(f"emq-green-scheduler: {settings.scheduler_file}: {exc}\n")
-        return 1
+        return 2
     scheduler.serve_forever()
     return 0
 

@@ -249,6 +249,27 @@ def resolve(request: RunRequest, policy: Optional[CallablePolicy] = None) -> Cal
     return func
 
 
+def refused_once_resolved(request: RunRequest,
+                          policy: Optional[CallablePolicy]) -> Optional[CallableNotAllowed]:
+    """The refusal :meth:`CallablePolicy.check_resolved` gives what the
+    request names (the class for ``module:Class``), found without calling or
+    instantiating anything, so a refused job runs no hook; None when it is
+    allowed, when no list is set, or when the name cannot be found (the
+    runner reports that)."""
+    if policy is None or policy.allowed is None:
+        return None
+    module_name, _, class_name = request.path.partition(":")
+    try:
+        target = getattr(_modules.get(module_name), class_name or request.callable)
+    except Exception:
+        return None
+    try:
+        policy.check_resolved(request, target)
+    except CallableNotAllowed as exc:
+        return exc
+    return None
+
+
 def run_attempts(
     name: str,
     attempt: Callable[[int], JobOutcome],

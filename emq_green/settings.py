@@ -20,12 +20,11 @@ import argparse
 import configparser
 import dataclasses
 import json
-import logging
 import os
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence
 
 import configargparse
 
@@ -437,6 +436,9 @@ _DESCRIPTIONS = {
 # Keys whose meaning in the file differs from the command-line flag of the
 # same name: the file's ``queues`` is JSON, ``-Q`` takes names.
 _FILE_KEY_ALIASES = {"queues": "queues-json"}
+#: variables named after a flag rather than the setting (``--scheduler``
+#: is run_scheduler): both names are read, the setting's winning
+_ENV_ALIASES = {ENV_PREFIX + "SCHEDULER": ENV_PREFIX + "RUN_SCHEDULER"}
 #: the INI keys of settings (what a file may say that is read)
 _FIELD_NAMES = frozenset([*(spec.field for spec in _SPECS), "queues"])
 _QUEUES_JSON_FLAG = "--queues-json"
@@ -534,10 +536,7 @@ def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, 
         return known.config, True
     path = environ.get(ENV_PREFIX + "CONFIG_FILE")
     if path:
-        if not os.path.exists(path):
-            logging.getLogger(__name__).warning(
-                "EVENTMQ_CONFIG_FILE names %s, which does not exist; using defaults", path)
-        return path, False
+        return path, False  # (missing: a start-up warning, see _open_config)
     return DEFAULT_CONFIG_FILE, False
 
 
@@ -553,6 +552,15 @@ def _sources_help(section: str, config_file: str) -> str:
             f"then defaults.")
 
 
+class _Parser(configargparse.ArgumentParser):
+    """argparse's errors with a one-line usage: the full one (45 lines) hid
+    the reason, printed after it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"usage: {self.prog} [options]  (--help lists them)\n"
+                     f"{self.prog}: error: {message}\n")
+
+
 def build_parser(
     section: str, config_file: str, prog: Optional[str] = None,
     file_keys: Optional[dict[str, str]] = None, unread: Optional[dict[str, str]] = None,
@@ -562,7 +570,7 @@ def build_parser(
     INI file is read, with what :attr:`_SectionsParser.written` says, and
     ``unread`` with :attr:`_SectionsParser.unread`; ``read_config`` false
     leaves ``config_file`` unread (one that cannot be opened)."""
-    parser = configargparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=_DESCRIPTIONS.get(section, _DESCRIPTIONS["jobmanager"]),
         epilog=_sources_help(section, config_file),
@@ -635,6 +643,9 @@ def _open_config(path: str, explicit: bool, section: str) -> tuple[bool, list[st
     if not os.path.exists(path):
         if explicit:
             raise SettingsError(f"config: file {path} does not exist")
+        if path != DEFAULT_CONFIG_FILE:  # named by EVENTMQ_CONFIG_FILE
+            return False, [f"{ENV_PREFIX}CONFIG_FILE names {path}, which does not exist; "
+                           "using defaults"]
         return False, []
     try:
         with open(path, "rb") as stream:
@@ -728,6 +739,9 @@ def load_settings(
     if section == "jobmanager":
         argv = eventmq_abbreviations(argv)
     environ = dict(os.environ if environ is None else environ)
+    for alias, variable in _ENV_ALIASES.items():
+        if alias in environ:
+            environ.setdefault(variable, environ[alias])
     config_file, explicit = _config_path(argv, environ)
     read_config, warnings = _open_config(config_file, explicit, section)
     file_keys: dict[str, str] = {}
@@ -758,10 +772,10 @@ def load_settings(
         if text is not None:
             values[spec.field] = convert(spec.field, text, spec.convert)
             if spec.convert is _to_bool and text.strip().lower() in _FALSE_AS_IN_EVENTMQ:
-                logging.getLogger(__name__).warning(
-                    "%s: %r from %s means false: as in EventMQ, a boolean setting is true "
-                    "only when its text contains a 't' (true)", spec.field, text,
-                    sources.get(spec.field, "the command line"))
+                warnings.append(
+                    f"{spec.field}: {text!r} from {sources.get(spec.field, 'the command line')} "
+                    "means false: as in EventMQ, a boolean setting is true only when its "
+                    "text contains a 't' (true)")
     if ns.name:
         values["name"] = ns.name
     weight = values.get("default_queue_weight", Settings.default_queue_weight)

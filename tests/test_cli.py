@@ -446,6 +446,28 @@ def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path):
         assert out.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv", [["-J"], ["-B"], ["-C"], ["--jobs", "x", "--nosuch"]])
+def test_a_command_line_error_is_a_short_usage_and_the_reason(argv):
+    """A probe's find: a bare -J printed argparse's 45-line usage before
+    the reason (settings.md: one line)."""
+    out = subprocess.run([EMQ_GREEN, *argv], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: emq-green "), out.stderr
+    assert lines[1].startswith("emq-green: error: "), out.stderr
+
+
+def test_a_missing_config_file_from_env_is_a_warning_log_line(tmp_path):
+    """A probe's find: the warning was printed bare, before logging was set
+    up; it is a WARNING line like the others now."""
+    gone = tmp_path / "gone.conf"
+    out = subprocess.run([EMQ_GREEN, "-J", "0"], capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "EVENTMQ_CONFIG_FILE": str(gone)})
+    assert out.returncode == 2  # (-J 0 stops it at once; the warning comes first)
+    assert f"WARNING - EVENTMQ_CONFIG_FILE names {gone}, which does not exist" in out.stderr \
+        or out.stderr.startswith("emq-green: concurrent_jobs"), out.stderr
+
+
 def test_config_file_from_env_configures_the_script(router, worker_factory, tmp_path):
     conf = tmp_path / "env.conf"
     conf.write_text(textwrap.dedent(f"""
@@ -560,6 +582,26 @@ def test_the_default_scheduler_file_in_an_unwritable_directory_is_one_line_and_e
         f"{cwd}/emq-green-schedules.db cannot be created (the working directory is not "
         "writable); set scheduler_file to a writable path (--scheduler-file), or to empty "
         "for schedules in memory only\n")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["cwd", "flag"])
+def test_a_scheduler_file_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, where):
+    """A probe's find: run as root in /proc (os.access says root may write
+    there), or given --scheduler-file /proc/x.db, the scheduler exited 1."""
+    if os.getuid() != 0:
+        pytest.skip("only root passes os.access where no file can be made")
+    flags = [] if where == "cwd" else ["--scheduler-file", "/proc/x.db"]
+    out = subprocess.run(
+        [str(Path(EMQ_GREEN).with_name("emq-green-scheduler")),
+         "--scheduler-addr", "tcp://127.0.0.1:36013", *flags],
+        cwd="/proc", capture_output=True, text=True, timeout=20,
+        env={**os.environ, "EVENTMQ_CONFIG_FILE": str(tmp_path / "none.conf")})
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("emq-green-scheduler: ") and "/proc/" in last, out.stderr
+    if where == "cwd":
+        assert "cannot be created" in last
 
 
 def test_start_warnings_are_logged_and_the_scheduler_runs(tmp_path):

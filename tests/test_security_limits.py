@@ -95,6 +95,29 @@ def test_module_prefix_allows_what_a_module_defines_not_what_it_imports(
     router.wait_until(lambda: not manager.jobs_in_flight)
 
 
+@pytest.mark.timeout(60)
+def test_a_name_refused_once_resolved_runs_no_hook_and_counts_as_refused_only(
+        router, make_manager, caplog):
+    """A probe's find: the entry and exit functions ran for an imported
+    name the list refused, and the request counted as failed and refused."""
+    manager = make_manager(concurrent_jobs=2, allowed_callables=("sec_app.*",),
+                           job_entry_func="jobs_for_tests.entry",
+                           job_exit_func="jobs_for_tests.exit_")
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    with caplog.at_level(logging.WARNING):
+        refused = router.request(ident, "sec_app.jobs", "run", args=[["true"]], headers=REPLY)
+        assert router.wait_reply(refused, timeout=20)["error"]["type"] == NOT_ALLOWED
+        own = router.request(ident, "sec_app.jobs", "own", args=["x"], headers=REPLY)
+        assert router.wait_reply(own, timeout=20) == {"value": "own x"}
+    assert J.events == ["entry", "exit"]  # the allowed job's only
+    assert manager.counters["refused"] == 1
+    assert manager.counters["failed"] == 0 and manager.counters["succeeded"] == 1
+    assert any(refused in r.getMessage() and "refused" in r.getMessage()
+               for r in caplog.records)
+    router.wait_until(lambda: not manager.jobs_in_flight)
+
+
 @pytest.mark.timeout(90)
 def test_the_allowlist_holds_in_a_real_standalone_process(stack: Stack, tmp_path):
     marker = tmp_path / "ran"

@@ -32,8 +32,10 @@ from ..jobs import (
     JobRunner,
     Status,
     encode_reply,
+    exception_text,
     import_dotted,
     logged,
+    refused_once_resolved,
 )
 from ..limits import MAX_MSGID_BYTES, msgid_too_long, worker_log
 from ..protocol import Headers, ProtocolError, RunRequest, printable, reply_requested_in
@@ -356,6 +358,12 @@ class JobSlots:
         hooks = self._hooks
         started, executors, _ = hooks.per_job
         try:
+            if self.policy.allowed is not None:
+                refused = refused_once_resolved(record.request, self.policy)  # type: ignore[arg-type]
+                if refused is not None:  # no hook runs, as for a refusal by name
+                    outcome = self._refused(record, refused)
+                    self.complete(record, outcome, pid, hooks=False)
+                    return
             if started:
                 hooks.call(started, "job_started", (record,))
             executor = hooks.executor_for(executors, record) if executors else None
@@ -385,18 +393,23 @@ class JobSlots:
                 outcome = killed("the job greenlet died")
             self.complete(record, outcome, pid)
 
+    def _refused(self, record: JobRecord, exc: Exception) -> JobOutcome:
+        worker_log.warning("refused", "REQUEST %s refused: %s", printable(record.msgid),
+                           printable(exc, 300), via=logger)
+        return JobOutcome.rejected(NOT_ALLOWED, exception_text(exc))
+
     def complete(self, record: JobRecord, outcome: JobOutcome,
-                 pid: Optional[int] = None) -> None:
+                 pid: Optional[int] = None, hooks: bool = True) -> None:
         """Count the job, tell the extensions, hand it to ``finished`` (once)."""
         if record.done:
             return
         record.done = True
         outcome = outcome.sendable()
-        self.counters[STATUS_KEYS[outcome.status]] += 1
-        if not outcome.attempts and outcome.error_type == NOT_ALLOWED:
-            self.counters["refused"] += 1  # refused once resolved (callables.py)
+        refused = not outcome.attempts and outcome.error_type == NOT_ALLOWED
+        # refused once resolved (callables.py): counted as refused, not failed
+        self.counters["refused" if refused else STATUS_KEYS[outcome.status]] += 1
         finished = self._hooks.per_job[2]
-        if finished:
+        if finished and hooks:
             self._hooks.call(finished, "job_finished",
                              (record, outcome, time.monotonic() - record.started))
         self._finished(record, outcome, pid or self.pid)
