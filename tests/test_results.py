@@ -1017,29 +1017,35 @@ def test_a_burst_of_big_results_reaches_a_client_that_reads_them(make_router):
     assert status["results_dropped_by_reason"] == {} and status["results_forwarded"] == 20
 
 
-@pytest.mark.timeout(90)
-def test_a_client_that_reads_nothing_leaves_the_others_their_room(make_router):
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hogs", [1, 2])
+def test_clients_that_read_nothing_leave_the_others_their_room(make_router, hogs):
     """The room where big results wait was one budget for all clients: one
     that read nothing filled it, and another's results that had to wait were
     dropped at once (a probe: 38 of 150). A client holds half the room at
-    most."""
+    most; and two that read nothing, each at its half, filled it (a probe:
+    9 of a reading client's 60 lost): a full room gives way to a client
+    holding less than the one holding most."""
     limit = 3 * 1024 * 1024
-    h, worker = router_with_room(make_router, limit, slots=50)
+    h, worker = router_with_room(make_router, limit, slots=50 * hogs)
     big = "z" * (1024 * 1024)
-    hog = StoppingClient(h, 40)
-    other = None
+    stopped, other = [], None
     try:
-        answer_with(worker, 40, big)
-        wait_until(lambda: h.router.status()["results_dropped_by_reason"].get("client_slow"),
-                   timeout=30, what="the hog's share full")
+        for n in range(1, hogs + 1):
+            stopped.append(StoppingClient(h, 40))
+            answer_with(worker, 40, big)
+            wait_until(lambda n=n: h.router.status()["results_dropped_by_reason"].get(
+                "client_slow", 0) >= n, timeout=30, what="the hog's share full")
         other = StoppingClient(h, 6)  # (two on their way, four waiting: within its half)
         answer_with(worker, 6, big)
         wait_until(lambda: h.router.status()["results_forwarded"] + h.router.relay.held
-                   + h.router.status()["results_dropped_by_reason"]["client_slow"] == 46,
-                   timeout=30, what="the other's results on their way or waiting")
+                   + h.router.status()["results_dropped_by_reason"]["client_slow"]
+                   == 40 * hogs + 6, timeout=30,
+                   what="the other's results on their way or waiting")
         answers = other.resume()
     finally:
-        hog.kill()
+        for hog in stopped:
+            hog.kill()
         if other is not None:
             other.kill()
     assert answers == {m: len(big) for m in other.msgids}

@@ -422,9 +422,12 @@ class ResultRelay:
         client = frames[0]
         mine = self._held_by.get(client, 0)
         # one client holds at most half the room: one that reads nothing
-        # does not take the others' (a probe: 38 of 150 lost)
-        if (not deadline or msgid in self._held or self.held_bytes + size > room
-                or mine + size > room // 2):
+        # does not take the others' (a probe: 38 of 150 lost); a full room
+        # gives way to a client holding less than the one holding most (two
+        # that read nothing filled it, and a third's were dropped: a probe)
+        if (not deadline or msgid in self._held or mine + size > room // 2
+                or (self.held_bytes + size > room
+                    and not self._make_room(client, mine + size, room - size))):
             self._gone(msgid, client, why)
             return
         self._held[msgid] = (frames, deadline, size)
@@ -433,6 +436,26 @@ class ResultRelay:
         if why == CLIENT_SLOW and self._call_later is not None and not self._retry_due:
             self._retry_due, self._retry_after = True, ROOM_RETRY
             self._call_later(ROOM_RETRY, self._retry)
+
+    def _make_room(self, client: bytes, would_hold: int, limit: int) -> bool:
+        """Drop the oldest waiting results of the client holding most, while
+        it holds more than ``client`` would with its new one, until at most
+        ``limit`` bytes wait; whether that made the room."""
+        held_by = self._held_by
+        while self.held_bytes > limit:
+            hog = max((c for c in held_by if c != client), key=held_by.__getitem__,
+                      default=None)
+            if hog is None or held_by[hog] <= would_hold:
+                return False
+            msgid = next(m for m, (frames, _d, _s) in self._held.items() if frames[0] == hog)
+            frames, _deadline, size = self._held.pop(msgid)
+            self.held_bytes -= size
+            left = held_by.pop(hog) - size
+            if left > 0:
+                held_by[hog] = left
+            self._gone(msgid, hog, CLIENT_SLOW if len(frames[_BODY]) >= TRACKED_RESULT
+                       else CLIENT_GONE)
+        return True
 
     def _retry(self) -> None:
         """Results waiting for room, tried again while any wait: soon again
