@@ -21,6 +21,17 @@ def block_unpatched(seconds):
     return seconds
 
 
+def block_holding_the_gil(seconds):
+    """A C call that keeps the GIL while it waits (ctypes.PyDLL does not
+    release it): gevent's monitor thread cannot run meanwhile either."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.PyDLL(ctypes.util.find_library("c"))
+    libc.usleep(ctypes.c_uint(int(seconds * 1_000_000)))
+    return seconds
+
+
 def cpu_loop(seconds):
     """A forgotten CPU loop: never yields."""
     deadline = time.monotonic() + seconds

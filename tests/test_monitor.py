@@ -32,7 +32,7 @@ def wait_incidents(router, monitor, n, timeout=10.0):
                              timeout)
 
 
-@pytest.mark.parametrize("job", ["block_unpatched", "cpu_loop"])
+@pytest.mark.parametrize("job", ["block_unpatched", "cpu_loop", "block_holding_the_gil"])
 def test_blocking_job_is_reported_with_its_callable_and_msgid(router, make_manager, caplog,
                                                               job):
     manager, monitor = monitored(make_manager)
