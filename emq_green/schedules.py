@@ -240,6 +240,8 @@ def parse_schedule(body: Sequence[str], min_interval: float = MIN_INTERVAL) -> S
                                 f"{printable(exc, 80)}") from None
         interval = None
     elif interval == -1:
+        if cron:  # (it ran once at its eta, the cron text silently ignored)
+            raise ProtocolError("both an eta (a one-shot) and a cron text")
         interval = None  # a one-shot at its eta
     elif not (math.isfinite(interval) and min_interval <= interval <= MAX_INTERVAL):
         raise ProtocolError(f"interval {printable(interval_text, 40)} must be {min_interval:g} "
@@ -274,6 +276,9 @@ def _eta(headers: str) -> Optional[float]:
         raise ProtocolError(f"eta {printable(text, 40)} is not a number") from None
     if not math.isfinite(eta) or eta < 0:
         raise ProtocolError(f"eta {printable(text, 40)} is not a time")
+    if eta > time.time() + MAX_INTERVAL:  # (it would never run; handed over, refused)
+        raise ProtocolError(f"eta {printable(text, 40)} is more than {MAX_INTERVAL:g} s "
+                            "(ten years) ahead")
     return eta
 
 

@@ -35,12 +35,19 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, Message]] = []
         self.gone: set[bytes] = set()
+        #: peers whose pipe is full (send_or_full answers None)
+        self.full: set[bytes] = set()
 
     def send(self, name: str, identity: bytes, message: Message) -> bool:
         if identity in self.gone:
             return False
         self.sent.append((identity, message))
         return True
+
+    def send_or_full(self, name: str, identity: bytes, message: Message) -> bool | None:
+        if identity in self.full:
+            return None
+        return self.send(name, identity, message)
 
     def has_unread(self, name: str) -> bool:
         return False
@@ -82,6 +89,58 @@ def test_a_scheduler_that_says_kbye_hands_its_schedules_to_the_next(side):
     (handed,) = sockets.to(b"s2", Command.SCHEDULE)
     assert handed.body == ("other", "nohaste,handed-over", "1", PAYLOAD, "")  # no extra run
     assert side.live[KEY].owner == b"s2" and side.counts["handed_over"] == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_scheduler_whose_pipe_is_full_is_slow_not_gone(side, monkeypatch):
+    """A probe's flood of 60,000 SCHEDULEs: the pipe to the one scheduler
+    filled, it was taken for gone, sent every schedule again on its return,
+    filled again, for ever (the router and the scheduler at 20-50 % CPU,
+    loop stalls of 2-6 s). What a full pipe refuses now waits for it, in
+    order, and leaves as it reads; past a bound, clients are refused."""
+    import emq_green.router.schedulers as schedulers
+
+    side, sockets = side
+    inform(side, b"s1")
+    sockets.full.add(b"s1")
+    for n in range(5):
+        schedule(side, interval=str(n + 1))
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "1",
+                                              PAYLOAD, ""))
+    assert b"s1" in side.schedulers and not sockets.to(b"s1", Command.SCHEDULE)
+    assert side.status()["schedule_messages_waiting"] == 6
+    assert side.counts["send_failed"] == 0
+    monkeypatch.setattr(schedulers, "MAX_OUTBOX", 6)
+    schedule(side, interval="9")  # a scheduler is 6 behind: refused, with a reply
+    (refusal,) = sockets.to(b"client", Command.REPLY)
+    assert "behind" in json.loads(refusal.body[0])["value"]
+    sockets.full.clear()
+    deadline = time.monotonic() + 10
+    while side.status()["schedule_messages_waiting"] and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    sent = [m.command for who, m in sockets.sent if who == b"s1"]
+    assert sent[-6:] == [Command.SCHEDULE] * 5 + [Command.UNSCHEDULE]  # in order
+    assert [m.body[2] for m in sockets.to(b"s1", Command.SCHEDULE)] == ["1", "2", "3", "4", "5"]
+    assert b"s1" in side.schedulers and side.counts["handed_over"] == 0
+
+
+@pytest.mark.timeout(10)
+def test_live_schedules_are_bounded(side, monkeypatch):
+    import emq_green.router.schedulers as schedulers
+
+    side, sockets = side
+    monkeypatch.setattr(schedulers, "MAX_LIVE", 2)
+    inform(side, b"s1")
+
+    def of(n: int) -> Message:
+        payload = json.dumps(["run", {**CALL, "args": [n]}])
+        return Message.new(Command.SCHEDULE, "other", "", "60", payload, "")
+
+    for n in range(3):
+        side.on_schedule(b"client", of(n))
+    assert len(side.live) == 2 and side.counts["refused_full"] == 1
+    side.on_schedule(b"client", of(0))  # a live one again: not a new one
+    assert side.counts["refused_full"] == 1 and len(side.live) == 2
 
 
 @pytest.mark.timeout(10)

@@ -5,6 +5,7 @@ once, run_count, cron, eta, restore from the file."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -144,6 +145,10 @@ def test_eta_one_shot():
     (body("5", "run_count:0"), "run_count"),
     (body("5", "run_count:x"), "run_count"),
     (body("5", "eta:soon"), "eta"),
+    # a probe's finds: never run, then refused by the scheduler it was handed to
+    (body("60", "eta:1e308"), "ten years"),
+    (body("60", f"eta:{time.time() + 20 * 365 * 86400}"), "ten years"),
+    (body("-1", f"eta:{time.time() + 60}", cron="* * * * *"), "both an eta"),
     (body("5", call={"path": "m"}), "path"),
     (body("5", call={"path": "m", "callable": "f"}), "kwargs"),
     (body("5", call={**CALL, "args": ["x" * 70_000]}), "bytes"),
@@ -195,8 +200,8 @@ def test_a_wall_clock_stepped_back_does_not_stall_the_schedules():
     calls = [dict(CALL, args=[name]) for name in ("every", "cron", "once")]
     every, _ = table.add(parse_schedule(body("10", "nohaste", call=calls[0])), T0)
     cron, _ = table.add(parse_schedule(body("-1", "nohaste", "* * * * *", call=calls[1])), T0)
-    once, _ = table.add(parse_schedule(body("-1", f"run_count:1,nohaste,eta:{T0 + 400}",
-                                            "* * * * *", call=calls[2])), T0)
+    once, _ = table.add(parse_schedule(body("400", f"run_count:1,nohaste,eta:{T0 + 400}",
+                                            call=calls[2])), T0)
     assert run_until(table, T0, T0 + 25) == [T0 + 10, T0 + 20]
     now = T0 + 25 - 300  # 5 s later by the monotonic clock, the wall clock 300 s back
     table.clock_stepped_back(-300.0 - 5, now)

@@ -16,6 +16,7 @@ Every wait has a deadline; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import ipaddress
 import json
@@ -487,6 +488,28 @@ def test_a_flood_of_workers_that_go_silent_makes_a_bounded_number_of_lines(make_
     wait_until(lambda: not h.router.workers, timeout=30, what="the silent flood removed")
     removed = [r for r in caplog.records if " removed (" in r.getMessage()]
     assert 0 < len(removed) <= LOG_BURST
+
+
+@pytest.mark.timeout(60)
+def test_schedulers_that_come_and_go_make_a_bounded_number_of_lines(make_router, caplog):
+    """A probe's find: twenty identities alternating HEARTBEAT and KBYE on
+    the client socket made 81,866 lines (10 MB) in 10 s: "heartbeats on
+    after KBYE", "said KBYE", "connected" were logged outside the limiter."""
+    caplog.set_level(logging.INFO, logger="emq_green")
+    h: Harness = make_router()
+    peers = [h.peer("frontend") for _ in range(20)]
+    caplog.clear()
+    rounds = 30
+    for _ in range(rounds):
+        for peer in peers:
+            peer.send(Command.HEARTBEAT, f"{time.time():.6f}")
+            peer.send(Command.KBYE)
+    wait_until(lambda: h.router.counters["unknown_scheduler_heartbeats"] == 20 * rounds,
+               timeout=30, what="every HEARTBEAT read")
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO
+             and r.name.startswith("emq_green.router")]
+    assert len(lines) <= LOG_BURST + 2, collections.Counter(
+        r.getMessage()[:40] for r in lines).most_common(5)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)

@@ -45,12 +45,15 @@ differs:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+import gevent
 
 from ..limits import LogLimiter
 from ..protocol import Command, Message, ProtocolError, printable
@@ -92,6 +95,15 @@ MAX_SCHEDULERS = 64
 #: (scheduler, key) of schedules that ended on another scheduler than that
 #: one, which may still hold a copy (it was taken for gone), remembered
 MAX_STALE = 10_000
+#: live schedules at most: a SCHEDULE of a new one past it is refused
+MAX_LIVE = 100_000
+#: messages waiting for slow schedulers: client SCHEDULE / UNSCHEDULE are
+#: refused while one has this many (a hand-over may add up to MAX_LIVE)
+MAX_OUTBOX = 100_000
+#: a slow scheduler's waiting messages are sent for at most this long a
+#: turn, then the loop is left to others this long (seconds)
+DRAIN_BUDGET = 0.002
+DRAIN_PAUSE = 0.005
 #: a finite schedule is handed over until this long after its last run was
 #: due, unless its runs are seen before (a safety net: firings are counted)
 _ENDS_MARGIN = 3600.0
@@ -184,6 +196,69 @@ class SchedulerPeer:
     hb: float
     since: float = field(default_factory=time.time)
     forwarded: int = 0
+    #: SCHEDULE / UNSCHEDULE waiting while its pipe is full (see _to_scheduler)
+    outbox: collections.deque[Message] = field(default_factory=collections.deque)
+    drainer: Any = None
+
+
+def _to_scheduler(side: SchedulerSide, identity: bytes, message: Message) -> bool:
+    """Send a SCHEDULE or UNSCHEDULE to a scheduler, after what waits for it
+    already: True when sent, or queued behind a full pipe (a scheduler busy
+    with a burst is slow, not gone: taken for gone, it was sent every
+    schedule again on its return, and again, for ever: a probe's 25,000);
+    False when it is gone (or not connected)."""
+    peer = side.schedulers.get(identity)
+    if peer is not None and peer.outbox:
+        peer.outbox.append(message)
+        return True
+    sent = side._sockets.send_or_full("frontend", identity, message)
+    if sent is None and peer is not None:
+        peer.outbox.append(message)
+        side.counts["queued_for_slow_scheduler"] += 1
+        if peer.drainer is None:
+            peer.drainer = gevent.spawn(_drain, side, peer)
+        return True
+    return bool(sent)
+
+
+def _drain(side: SchedulerSide, peer: SchedulerPeer) -> None:
+    """Send a slow scheduler what waits for it as its pipe takes it: for at
+    most :data:`DRAIN_BUDGET` s a turn, then a pause of :data:`DRAIN_PAUSE`."""
+    try:
+        while peer.outbox and side.schedulers.get(peer.identity) is peer:
+            deadline = time.monotonic() + DRAIN_BUDGET
+            while peer.outbox and time.monotonic() < deadline:
+                sent = side._sockets.send_or_full("frontend", peer.identity, peer.outbox[0])
+                if sent is None:
+                    break
+                peer.outbox.popleft()
+                if not sent and side.schedulers.pop(peer.identity, None) is not None:
+                    side._log.error("schedule_lost", "router: scheduler %s is gone with "
+                                    "messages waiting for it; taken for gone",
+                                    printable(peer.identity))
+                    side._hand_over(None)
+                    return
+            gevent.sleep(DRAIN_PAUSE)
+    finally:
+        peer.drainer = None
+        if side.schedulers.get(peer.identity) is not peer:
+            peer.outbox.clear()  # gone, or connected anew: its own are sent again
+
+
+def _admit(side: SchedulerSide, client: bytes, message: Message, key: str) -> bool:
+    """Whether a client's SCHEDULE (``key`` a new one) or UNSCHEDULE may go
+    on: refused with a reply past :data:`MAX_LIVE` live schedules, or while
+    :data:`MAX_OUTBOX` messages wait for a slow scheduler."""
+    behind = max((len(p.outbox) for p in side.schedulers.values()), default=0)
+    if behind >= MAX_OUTBOX:
+        side._refuse(client, message, "refused_full", f"a scheduler is {behind} schedule "
+                     "messages behind; try again later")
+        return False
+    if key and key not in side.live and len(side.live) >= MAX_LIVE:
+        side._refuse(client, message, "refused_full", f"{len(side.live)} schedules are live "
+                     f"already (at most {MAX_LIVE})")
+        return False
+    return True
 
 
 def _merge_rows(book: collections.OrderedDict[str, dict[str, Any]],
@@ -214,17 +289,16 @@ def _merge_rows(book: collections.OrderedDict[str, dict[str, Any]],
     return ended
 
 
-def _tell_unscheduled(sockets: RouterSockets, client: bytes,
-                      unscheduled: collections.OrderedDict[str, tuple[str, ...]],
+def _tell_unscheduled(side: SchedulerSide, client: bytes,
                       told: set[tuple[str, ...]]) -> None:
     """UNSCHEDULE again, to a scheduler that (re)connects, what was
     unscheduled lately (but not what it was ``told`` just now, held for
     it): one killed or stopped when its UNSCHEDULE went out (the send
     failed, or the message was lost with its connection) restored the
     schedule from its file and fired it for ever (a probe)."""
-    for body in unscheduled.values():
+    for body in side._unscheduled.values():
         if body not in told:
-            sockets.send("frontend", client, Message.new(Command.UNSCHEDULE, *body))
+            _to_scheduler(side, client, Message.new(Command.UNSCHEDULE, *body))
 
 
 def _no_room(side: SchedulerSide, client: bytes, counted: bool = False) -> bool:
@@ -253,7 +327,7 @@ def _place(side: SchedulerSide, key: str, live: LiveSchedule,
     while side.schedulers:
         owner = prefer if prefer is not None and prefer in side.schedulers else \
             side._owner(key.partition(":")[0])
-        if side._sockets.send("frontend", owner, message):
+        if _to_scheduler(side, owner, message):
             live.owner = owner
             live.holders.add(owner)
             entry = side.book.get(key)
@@ -263,7 +337,7 @@ def _place(side: SchedulerSide, key: str, live: LiveSchedule,
         gone = True
         side.schedulers.pop(owner, None)
         side._log.error("schedule_lost", "router: scheduler %s could not be sent a schedule "
-                        "(gone or its pipe full); taken for gone", printable(owner))
+                        "(gone); taken for gone", printable(owner))
     return False, gone
 
 
@@ -321,8 +395,7 @@ def _tell_ended(side: SchedulerSide, client: bytes) -> None:
     ended elsewhere (not of one live now: it may get that one back)."""
     for _holder, key in [hk for hk in side.stale if hk[0] == client]:
         if key not in side.live:
-            side._sockets.send("frontend", client,
-                               Message.new(Command.UNSCHEDULE, *side.stale[client, key]))
+            _to_scheduler(side, client, Message.new(Command.UNSCHEDULE, *side.stale[client, key]))
 
 
 def _merge_listing(side: SchedulerSide, client: bytes, text: str) -> None:
@@ -407,13 +480,13 @@ class SchedulerSide:
         self.schedulers.pop(client, None)
         self.schedulers[client] = SchedulerPeer(client, time.monotonic())
         _note(self.firers, client, MAX_FIRERS)
-        logger.info("router: scheduler %s connected (%d in all)", printable(client),
-                    len(self.schedulers))
+        self._log.info("scheduler_inform", "router: scheduler %s connected (%d in all)",
+                       printable(client), len(self.schedulers))
         told = {m.body for _, m in self.held if m.command is Command.UNSCHEDULE}
         _tell_ended(self, client)
         # a held SCHEDULE is delivered once: not again by the hand-over
         self._hand_over(client, skip=self._release_held())
-        _tell_unscheduled(self._sockets, client, self._unscheduled, told)
+        _tell_unscheduled(self, client, told)
 
     def on_heartbeat(self, client: bytes, message: Message) -> None:
         peer = self.schedulers.get(client)
@@ -443,15 +516,15 @@ class SchedulerSide:
             return
         if _no_room(self, client):
             return
-        logger.warning("router: scheduler %s heartbeats on after KBYE without an INFORM; "
-                       "taken as connected", printable(client))
+        self._log.warning("unknown_scheduler", "router: scheduler %s heartbeats on after "
+                          "KBYE without an INFORM; taken as connected", printable(client))
         self._register(client)
 
     def on_kbye(self, client: bytes, message: Message) -> None:
         if message.body[:1] == (KBYE_CONNECTING,):
             return  # not leaving: its INFORM follows (see KBYE_CONNECTING)
         if self.schedulers.pop(client, None) is not None:
-            logger.info("router: scheduler %s said KBYE", printable(client))
+            self._log.info("scheduler_kbye", "router: scheduler %s said KBYE", printable(client))
             self._hand_over(None)
 
     def check(self, now: float) -> None:
@@ -493,6 +566,8 @@ class SchedulerSide:
         except ProtocolError as exc:
             self._refuse(client, message, "refused_malformed", str(exc))
             return
+        if not _admit(self, client, message, schedule.key):
+            return
         if not self.schedulers:
             self._hold(client, message)
             return
@@ -527,13 +602,15 @@ class SchedulerSide:
             drop = Message.new(Command.UNSCHEDULE, *message.body)
             for identity in self.schedulers:
                 if identity != owner:
-                    self._sockets.send("frontend", identity, drop)
+                    _to_scheduler(self, identity, drop)
 
     def on_unschedule(self, client: bytes, message: Message) -> None:
         try:
             key = unschedule_key(message.body)
         except ProtocolError as exc:
             self._refuse(client, message, "refused_malformed", str(exc))
+            return
+        if not _admit(self, client, message, ""):
             return
         _note(self._unscheduled, key, MAX_UNSCHEDULED, tuple(message.body))
         if not self.schedulers:
@@ -570,8 +647,8 @@ class SchedulerSide:
             arrived = None  # (its own went in the first pass, or it is gone)
         if moved:
             self.counts["handed_over"] += moved
-            logger.warning("router: %d schedule(s) sent (again) to a connected scheduler",
-                           moved)
+            self._log.warning("handed_over", "router: %d schedule(s) sent (again) to a "
+                              "connected scheduler", moved)
 
     def _hand_over_once(self, arrived: Optional[bytes],
                         skip: frozenset[str]) -> tuple[int, bool]:
@@ -589,8 +666,7 @@ class SchedulerSide:
                 if arrived is not None:
                     # held by another: a copy the newcomer kept (it was
                     # stopped, taken for gone, and handed over) must go
-                    self._sockets.send("frontend", arrived,
-                                       Message.new(Command.UNSCHEDULE, *live.body))
+                    _to_scheduler(self, arrived, Message.new(Command.UNSCHEDULE, *live.body))
                 continue
             placed, lost = _place(self, key, live, arrived if live.owner == arrived else None)
             moved += placed
@@ -657,16 +733,16 @@ class SchedulerSide:
                    key=lambda ident: hashlib.sha1(ident + key.encode()).digest())
 
     def _forward(self, identity: bytes, message: Message) -> bool:
-        if self._sockets.send("frontend", identity, message):
+        if _to_scheduler(self, identity, message):
             peer = self.schedulers.get(identity)
             if peer is not None:
                 peer.forwarded += 1
             if message.command is Command.SCHEDULE:
                 self.counts["forwarded"] += 1
             return True
-        self._log.error("schedule_lost", "router: %s %s could not be sent to scheduler %s "
-                        "(gone or its pipe full); it is taken for gone",
-                        message.command.value, printable(message.msgid), printable(identity))
+        self._log.error("schedule_lost", "router: %s %s could not be sent to scheduler %s, "
+                        "gone; taken for gone", *(printable(x) for x in (
+                            message.command.value, message.msgid, identity)))
         self.counts["send_failed"] += 1
         return False
 
@@ -691,10 +767,8 @@ class SchedulerSide:
         for client, message in held:
             if message.command is Command.SCHEDULE:
                 self.on_schedule(client, message)
-                try:
+                with contextlib.suppress(ProtocolError):  # (checked before it was held)
                     keys.add(parse_schedule(message.body).key)
-                except ProtocolError:  # checked before it was held
-                    pass
             else:
                 self.on_unschedule(client, message)
         return frozenset(keys)
@@ -734,6 +808,7 @@ class SchedulerSide:
             "schedulers": len(self.schedulers),
             "schedule_messages": dict(self.counts),
             "schedule_messages_held": len(self.held),
+            "schedule_messages_waiting": sum(len(p.outbox) for p in self.schedulers.values()),
             "unknown_scheduler_heartbeats": self._counters["unknown_scheduler_heartbeats"],
             "scheduler_informs_refused": self._counters["scheduler_informs_refused"],
             "schedules": self.listing(200),

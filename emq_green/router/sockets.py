@@ -390,6 +390,19 @@ class RouterSockets:
                          printable(message.msgid), message.body)
         return self.send_frames(name, [identity, *message.frames()])
 
+    def send_or_full(self, name: str, identity: bytes, message: Message) -> Optional[bool]:
+        """:meth:`send`, telling a full pipe (None: the peer is slow) from a
+        peer gone (False)."""
+        sock = self._sockets.get(name)
+        try:
+            if sock is not None:
+                sock.send([identity, *message.frames()])
+            return sock is not None
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                return None if exc.errno == errno.EAGAIN else False
+            raise
+
     def send_frames(self, name: str, frames: list[bytes]) -> bool:
         """:meth:`send` of a message already in frames, the peer's identity
         first (the hot paths: REQUESTs to workers, acknowledgements)."""
