@@ -206,6 +206,8 @@ def warn_misplaced(prog: str, section: str, ns, standalone: bool = False,
     for name, (value, why) in getattr(ns, "eventmq_unread", {}).items():
         log.warning("%s = %s: an EventMQ setting %s does not read; %s", name, value, prog, why)
     for text in getattr(ns, "start_warnings", ()):
+        if (section == "router" or standalone) and text.startswith("heartbeat_interval ("):
+            continue  # the router says it itself, at start (a probe saw both)
         log.warning("%s", text)
 
 

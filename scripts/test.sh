@@ -8,18 +8,30 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# pip's notes (setuptools' build warnings) are shown only when pip fails.
+pip_quiet() {
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "test.sh: pip install $* failed" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+pip_quiet --upgrade pip
+pip_quiet -e '.[test]'
 # EventMQ 0.3.13 is a test-only interop peer. Its pinned dependencies do not
 # build on current Python, so it is installed without them.
 if ! .venv/bin/python -c "import eventmq" 2>/dev/null; then
-  .venv/bin/python -m pip install -q --no-deps eventmq==0.3.13
-  .venv/bin/python -m pip install -q six future croniter psutil pyzmq
+  pip_quiet --no-deps eventmq==0.3.13
+  pip_quiet six future croniter psutil pyzmq
 fi
 # EventMQ's emq-scheduler imports the redis client at start (and exits
 # without it); no Redis server is needed: it logs that it cannot persist.
 if ! .venv/bin/python -c "import redis" 2>/dev/null; then
-  .venv/bin/python -m pip install -q redis
+  pip_quiet redis
 fi
 # The interop tests need that peer: without it the run fails here, it does
 # not quietly drop them.

@@ -604,6 +604,31 @@ def test_a_scheduler_file_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, w
         assert "cannot be created" in last
 
 
+@pytest.mark.timeout(60)
+def test_the_router_warns_of_its_heartbeat_settings_once(tmp_path):
+    """A probe's find: two WARNINGs, the program's and the router's, for one
+    heartbeat_timeout no longer than heartbeat_interval."""
+    ports = [str(p) for p in range(36021, 36024)]
+    proc = subprocess.Popen(
+        [str(Path(EMQ_GREEN).with_name("emq-green-router")), "--heartbeat-interval", "3",
+         "--heartbeat-timeout", "3", "--frontend-addr", f"tcp://127.0.0.1:{ports[0]}",
+         "--backend-addr", f"tcp://127.0.0.1:{ports[1]}",
+         "--administrative-addr", f"tcp://127.0.0.1:{ports[2]}"],
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EVENTMQ_CONFIG_FILE": str(tmp_path / "none.conf")})
+    try:
+        lines: list[str] = []
+        with gevent.Timeout(20):
+            while not any("router listening" in line for line in lines):
+                lines.append(proc.stderr.readline())
+            lines.append(proc.stderr.readline())  # (the router's warning follows)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    said = [line for line in lines if "WARNING" in line and "heartbeat" in line]
+    assert len(said) == 1, lines
+
+
 def test_start_warnings_are_logged_and_the_scheduler_runs(tmp_path):
     """A heartbeat_interval too long, a config file without the program's
     section: EventMQ ran (with a warning for the section); emq-green refused
