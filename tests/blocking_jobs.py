@@ -22,13 +22,18 @@ def block_unpatched(seconds):
 
 
 def block_holding_the_gil(seconds):
-    """A C call that keeps the GIL while it waits (ctypes.PyDLL does not
-    release it): gevent's monitor thread cannot run meanwhile either."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.PyDLL(ctypes.util.find_library("c"))
-    libc.usleep(ctypes.c_uint(int(seconds * 1_000_000)))
+    """One C call that keeps the GIL while it computes (``sum`` over a
+    range never lets another thread in), as a regular expression that
+    backtracks does: gevent's monitor thread cannot run meanwhile either.
+    Then a little Python work, as a job does with what the call returned
+    (so the job is still running when the monitor thread runs again)."""
+    started = time.perf_counter()
+    sum(range(1_000_000))
+    per_item = (time.perf_counter() - started) / 1_000_000
+    sum(range(int(1.3 * seconds / per_item)))
+    deadline = time.monotonic() + 0.1
+    while time.monotonic() < deadline:
+        pass
     return seconds
 
 

@@ -68,6 +68,34 @@ def test_blocking_job_is_reported_with_its_callable_and_msgid(router, make_manag
     assert f"{job}(" in line or f"in {job}" in line  # the stack
 
 
+@pytest.mark.timeout(60)
+def test_a_process_stopped_a_while_is_not_a_block(router, make_manager):
+    """The monitor thread late by a threshold is a call holding the GIL only
+    if the loop's thread computed meanwhile: a process stopped (SIGSTOP, a
+    debugger) computes nothing, and its idle loop blocked nobody."""
+    import os
+    import subprocess
+
+    from emq_green.worker import monitor as monitor_module
+
+    manager, monitor = monitored(make_manager)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    hub = gevent.get_hub()
+    started = time.monotonic()  # the monitor thread checks the loop
+    router.wait_until(lambda: monitor_module._LAST_CHECK.get(id(hub), (0.0,))[0] > started, 10)
+    # the stimulus is a stop of one second, not a wait for an event
+    waker = subprocess.Popen(["sh", "-c", f"sleep 1; kill -CONT {os.getpid()}"])
+    os.kill(os.getpid(), signal.SIGSTOP)
+    waker.wait(timeout=20)
+    back = time.monotonic()
+    router.wait_until(lambda: monitor_module._LAST_CHECK.get(id(hub), (0.0,))[0] > back + 0.2,
+                      10)
+    msgid = router.request(ident, JOBS, "nap", args=[0.01], headers="reply-requested")
+    assert router.wait_reply(msgid) == {"value": 0.01}
+    assert not monitor.recent and monitor.incidents == 0
+
+
 def test_block_in_a_greenlet_the_job_spawned_is_the_jobs(router, make_manager):
     manager, monitor = monitored(make_manager)
     ident = router.wait_inform()

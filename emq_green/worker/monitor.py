@@ -68,35 +68,47 @@ def _check_all(hub: Any) -> None:
     tracer = getattr(hub.periodic_monitoring_thread, "_greenlet_tracer", None)
     if tracer is None:
         return
-    now = time.monotonic()
-    late = now - _LAST_CHECK.get(id(hub), now)
-    _LAST_CHECK[id(hub)] = now
+    now, cpu = time.monotonic(), _thread_cpu(hub.thread_ident)
+    before, cpu_before = _LAST_CHECK.get(id(hub), (now, cpu))
+    _LAST_CHECK[id(hub)] = (now, cpu)
     found = tracer.did_block_hub(hub)
     monitors = [m for m in list(_ACTIVE) if m._hub is hub and m._subscribed]
-    if not found and monitors and late >= min(m.threshold for m in monitors):
-        # This thread itself could not run for a threshold: a C call in the
-        # hub's thread held the GIL (a regular expression backtracking, a
-        # C library that does not release it). It runs again as soon as
-        # that call returns, when the greenlet that made it is still the
-        # active one, but greenlets switched before the block, so the
-        # tracer alone says nothing (a probe: 0.6-10 s blocks unreported).
+    threshold = min((m.threshold for m in monitors), default=0.0)
+    held_gil = bool(monitors) and now - before >= threshold and cpu - cpu_before >= threshold / 2
+    if not found and held_gil:
+        # This thread itself could not run for a threshold while the hub's
+        # thread computed: a C call there held the GIL (a regular expression
+        # backtracking, a C library that does not release it). This thread
+        # runs again as soon as that call returns, the greenlet that made it
+        # still the active one; but greenlets switched before the block, so
+        # the tracer alone says nothing (a probe: 0.6-10 s blocks unreported).
+        # (A stopped process, SIGSTOP, computes nothing: not a block.)
         active = tracer.active_greenlet
-        if active is not None and active is not hub:
-            found = (True, active)
+        if active is None or active is hub or getattr(active, "gr_frame", None) is not None:
+            # another thread took the GIL first and the loop moved on: the
+            # blocker is not known, the block is (at least this long)
+            for monitor in monitors:
+                incident = monitor._open(None, [], now, held_gil=True)
+                incident.started = before + threshold / 2  # (the next check was due)
+                monitor._close(incident, now)
+            return
+        found = (True, active)
     if not found:
         return
     if monitors:
         try:
-            _watch_block(hub, tracer, found[1], monitors)
+            _watch_block(hub, tracer, found[1], monitors, held_gil=held_gil)
         except Exception:  # a monitor thread must not die; report in the loop
             exc_info = sys.exc_info()
             hub.loop.run_callback_threadsafe(
                 lambda: logger.error("loop-block monitor failed", exc_info=exc_info))
 
 
-def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonitor]) -> None:
+def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonitor],
+                 held_gil: bool = False) -> None:
     """A block found: take its stack, open an incident in every monitor,
-    wait for the end once and close them all. Collect only, never log."""
+    wait for the end once and close them all. Collect only, never log.
+    ``held_gil``: found late (see :func:`_check_all`)."""
     now = time.monotonic()
     frame = sys._current_frames().get(hub.thread_ident)
     if frame is None:
@@ -114,7 +126,7 @@ def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonit
     while base.f_back is not None:
         base = base.f_back
     del frame
-    opened = [(m, m._open(greenlet, stack, now)) for m in monitors]
+    opened = [(m, m._open(greenlet, stack, now, held_gil)) for m in monitors]
     del greenlet
     # This thread has nothing else to do while the loop is held: watch the
     # hub's thread until the block ends. Its end is the first greenlet
@@ -136,8 +148,19 @@ def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonit
         monitor._close(incident, ended)
 
 
-#: id(hub) -> when :func:`_check_all` last ran for it (monotonic)
-_LAST_CHECK: dict[int, float] = {}
+def _thread_cpu(ident: int) -> float:
+    """CPU seconds the thread ``ident`` used (0.0 where that is not known)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (AttributeError, OSError):
+        return 0.0
+
+
+#: the callable of an incident whose blocker, a call holding the GIL, is not known
+GIL_HOLDER = "<a call holding the GIL>"
+#: id(hub) -> when :func:`_check_all` last ran for it (monotonic), and the
+#: CPU seconds the hub's thread had used then
+_LAST_CHECK: dict[int, tuple[float, float]] = {}
 #: Frames of the blocking stack kept (innermost).
 STACK_LIMIT = 25
 #: Callables counted by name; later ones are counted as "other".
@@ -353,18 +376,26 @@ class BlockMonitor(Extension):
         self._last_tick = time.monotonic()
 
     # -- in gevent's monitor thread: collect, never log -------------------------
-    def _open(self, greenlet: Any, stack: list[str], detected: float) -> Incident:
-        """The incident of a block found in ``greenlet``, not ended yet."""
+    def _open(self, greenlet: Any, stack: list[str], detected: float,
+              held_gil: bool = False) -> Incident:
+        """The incident of a block found in ``greenlet``, not ended yet;
+        ``held_gil``: found late, the blocker maybe gone (a job that began
+        too late to have held the loop a threshold is not it: the next one
+        its reused greenlet took)."""
         record = self._record_for(greenlet)
+        started = max(self._last_tick, self._last_end)
+        if held_gil and record is not None and record.started > detected - self.threshold / 2:
+            record = None
         return Incident(
-            callable=record.callable_name if record else "<not a job>",
+            callable=record.callable_name if record else (
+                GIL_HOLDER if held_gil else "<not a job>"),
             msgid=record.msgid if record else None,
             queue=record.queue if record else None,
             greenlet=repr(greenlet),
             stack=stack,
             # the loop last ran its tick (every threshold/10) at _last_tick;
             # a block that just ended may have handed over to this one
-            started=max(self._last_tick, self._last_end),
+            started=started,
             detected=detected,
             job_started=record.started if record else None,
         )
@@ -415,6 +446,10 @@ class BlockMonitor(Extension):
             where = (f"by job {incident.callable} (queue {incident.queue}, msgid "
                      f"{incident.msgid}, {incident.in_job or 0.0:.2f} s "
                      f"into the job)")
+        elif incident.callable == GIL_HOLDER:
+            where = ("by a call that held the GIL (the monitor thread could not run "
+                     "either, and by the time it could, the loop had moved on: the job is "
+                     "not known)")
         else:
             where = f"outside any job, by {incident.greenlet}"
         logger.warning(
