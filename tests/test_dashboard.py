@@ -90,6 +90,11 @@ def test_snapshot_follows_workers_queues_latency_and_draining(dashboard_for):
     [row] = dashboard.snapshot()["workers"]
     assert row["state"] == "draining" and row["identity"] == "dash-worker"
     assert row["handed_out"] == 3
+    assert (row["busy"], row["free"]) == (2, 0)  # its two jobs still running there
+    for job in (got[1], third):  # its jobs end: the row follows (it was frozen: a probe)
+        worker.send(Command.REPLY, json.dumps({"value": 1}), job.msgid)
+    wait_until(lambda: dashboard.snapshot()["workers"][0]["busy"] == 0,
+               what="the draining worker's row to follow its jobs")
 
 
 @pytest.mark.timeout(30)

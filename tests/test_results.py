@@ -239,6 +239,24 @@ def test_a_mass_refusal_logs_a_bounded_number_of_lines(make_router, caplog):
 
 
 @pytest.mark.timeout(30)
+def test_result_requested_without_reply_requested_still_gets_its_result(make_router):
+    """A probe's find: ``result-requested`` alone was held for result_ttl
+    (an hour) and then reported expired, "it may have run", though the
+    router had seen the job end: the worker, not asked for a REPLY, sent
+    none. The router now asks for it."""
+    h: Harness = make_router()
+    worker = h.worker(slots=1)
+    client = h.peer("frontend")
+    sent = h.request(client, headers="result-requested")
+    request = worker.recv()
+    assert "reply-requested" in request.body[1].split(",")
+    worker.send(Command.REPLY, json.dumps({"value": 7}), request.msgid)
+    [(msgid, reply)] = _results_of(client, 1)
+    assert msgid == sent.msgid and reply == {"value": 7}
+    assert h.admin(Command.STATUS)["pending_results"] == 0
+
+
+@pytest.mark.timeout(30)
 def test_pending_results_expire_after_their_ttl(make_router):
     h: Harness = make_router(result_ttl=0.3, heartbeat_interval=0.2)
     worker = h.worker(slots=1)

@@ -382,8 +382,8 @@ def test_jobs_a_leaving_worker_ends_with_readies_are_not_taken_for_lost(make_rou
         drained.send(Command.READY)
     wait_until(lambda: h.router.counters["possibly_lost"] >= 1, timeout=10,
                what="the silent worker's job given up")
-    h.admin(Command.STATUS)  # a turn of the router's loop after that
-    assert h.router.counters["possibly_lost"] == 1
+    status = h.admin(Command.STATUS)  # a turn of the router's loop after that
+    assert h.router.counters["possibly_lost"] == 1 == status["possibly_lost"]
     assert drained.identity not in h.router.routing.leaving
     assert drained.identity not in h.router.workers and not h.router.waiting
 

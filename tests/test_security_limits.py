@@ -114,6 +114,7 @@ def test_a_name_refused_once_resolved_runs_no_hook_and_counts_as_refused_only(
     assert J.events == ["entry", "exit"]  # the allowed job's only
     assert manager.counters["refused"] == 1
     assert manager.counters["failed"] == 0 and manager.counters["succeeded"] == 1
+    assert sum(manager.pid_distribution.values()) == 1  # jobs run: the allowed one
     assert any(refused in r.getMessage() and "refused" in r.getMessage()
                for r in caplog.records)
     router.wait_until(lambda: not manager.jobs_in_flight)

@@ -527,6 +527,7 @@ class Router:
             "informs_refused": self.counters["informs_refused"],
             "housekeeping_errors": self.counters["housekeeping_errors"],
             "loop_gaps": self.counters["loop_gaps"],
+            "possibly_lost": self.counters["possibly_lost"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             "requests_rerouted": self.counters["requests_rerouted"],
             "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],

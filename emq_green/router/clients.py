@@ -39,6 +39,7 @@ from ..protocol import (
     ack_frames,
     guarantee_in,
     printable,
+    reply_requested_in,
     result_requested_in,
     with_reply_requested,
 )
@@ -180,6 +181,9 @@ class ClientSide:
                 reason, text = _RESULTS_REFUSED[full]
                 self._refuse_request(client, message, reason, "TooManyPendingResults", text)
                 return
+            if not reply_requested_in(headers):  # the result is the worker's REPLY: asked
+                headers = with_reply_requested(headers)  # (it waited result_ttl for none)
+                message = message._replace(body=(message.body[0], headers, message.body[2]))
         if "guarantee" in headers and guarantee_in(headers):
             self._on_guaranteed(client, message, wants_result)
             return

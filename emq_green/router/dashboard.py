@@ -82,8 +82,8 @@ class RouterDashboard:
         #: (monotonic time, {queue: handed out so far}), oldest first
         self.history: collections.deque[tuple[float, dict[str, int]]] = collections.deque(
             maxlen=HISTORY + 1)
-        #: identity -> (time left, dead, the worker as it was)
-        self._departed: collections.OrderedDict[bytes, tuple[float, bool, dict[str, Any]]] = (
+        #: identity -> (time left, dead, the worker)
+        self._departed: collections.OrderedDict[bytes, tuple[float, bool, Worker]] = (
             collections.OrderedDict())
         self._started = time.monotonic()
         self._server: Any = None
@@ -118,8 +118,7 @@ class RouterDashboard:
                 del series[queue]
 
     def worker_left(self, worker: Worker, dead: bool) -> None:
-        self._departed[worker.identity] = (time.monotonic(), dead,
-                                           self._worker_row(worker, time.monotonic()))
+        self._departed[worker.identity] = (time.monotonic(), dead, worker)
         while len(self._departed) > 100:
             self._departed.popitem(last=False)
 
@@ -181,13 +180,20 @@ class RouterDashboard:
             row = self._worker_row(worker, now)
             row.update(state="connected", handed_out=handed_out.get(worker.name, 0))
             workers.append(row)
-        for identity, (left, dead, row) in list(self._departed.items()):
+        for identity, (left, dead, gone) in list(self._departed.items()):
             if now - left > DEPARTED_SHOWN:
                 del self._departed[identity]
             elif identity not in router.workers:
-                workers.append({**row, "state": "lost" if dead else "draining",
-                                "left_ago": round(now - left, 1),
-                                "handed_out": handed_out.get(row["identity"], 0)})
+                # as it is now, not as it left (a probe: a draining worker's
+                # row said 2 busy a minute after its jobs had ended): it takes
+                # no job; a lost one's jobs went elsewhere or were lost
+                row = self._worker_row(gone, now)
+                row.update(state="lost" if dead else "draining", free=0,
+                           left_ago=round(now - left, 1),
+                           handed_out=handed_out.get(row["identity"], 0))
+                if dead:
+                    row["busy"] = 0
+                workers.append(row)
         history = self._rates()
         names = (set(router.queues) | set(router.waiting) | set(router.processed_by_queue)
                  | set(router.dropped_by_queue))

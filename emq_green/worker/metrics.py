@@ -303,7 +303,8 @@ class _Collector:
                       "(allowed_callables, private names).", counters.get("refused", 0))
         yield counter("requests_invalid", "REQUESTs that could not be read (frames, JSON, "
                       "headers, size).", counters.get("invalid_requests", 0))
-        yield counter("reconnects", "Connections after the first.", max(0, connections - 1))
+        yield counter("reconnects", "Connections after the first (a link lost and made "
+                      "again, or a SIGHUP reload, which connects anew).", max(0, connections - 1))
         yield counter("curve_handshakes_failed", "CURVE handshakes the router refused (key "
                       "not authorized, wrong server key).",
                       counters.get("curve_handshakes_failed", 0))

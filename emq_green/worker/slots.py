@@ -408,8 +408,12 @@ class JobSlots:
         refused = not outcome.attempts and outcome.error_type == NOT_ALLOWED
         # refused once resolved (callables.py): counted as refused, not failed
         self.counters["refused" if refused else STATUS_KEYS[outcome.status]] += 1
+        if not hooks:  # refused once resolved: answered as a refusal by its name is
+            del self.jobs_in_flight[record.msgid]  # (not a job run: no pid counted)
+            self._rejected(record.msgid, record.headers, outcome)  # type: ignore[arg-type]
+            return
         finished = self._hooks.per_job[2]
-        if finished and hooks:
+        if finished:
             self._hooks.call(finished, "job_finished",
                              (record, outcome, time.monotonic() - record.started))
         self._finished(record, outcome, pid or self.pid)
