@@ -169,3 +169,39 @@ def test_a_taken_metrics_port_is_an_error_line_and_jobs_run_on(router, make_mana
         assert error.exc_info is None
     finally:
         taken.close()
+
+
+def test_a_running_job_s_series_stays_its_own_when_it_ends(monkeypatch):
+    """A probe's find: with the series nearly all taken, a running job was
+    exported under its own callable; two jobs that ended first took the last
+    free series, and once it ended it was counted under "other": a series
+    that vanished. The series is taken while it runs."""
+    import types
+
+    from emq_green.jobs import JobOutcome, Status
+    from emq_green.protocol import Headers, RunRequest
+    from emq_green.records import JobRecord
+    from emq_green.worker import metrics
+
+    monkeypatch.setattr(metrics, "MAX_SERIES", 2)
+
+    def record(name: str) -> JobRecord:
+        request = RunRequest.parse(
+            f'["run", {{"path": "probe3", "callable": "{name}", "args": []}}]')
+        job = JobRecord(name, "default", Headers(), request)
+        job.greenlet = object()
+        return job
+
+    ext = MetricsExtension()
+    running = record("f62")
+    ext._manager = types.SimpleNamespace(jobs_in_flight={"f62": running})
+    ext._queues = {"default"}
+    assert ("probe3.f62", "default") in ext.job_stats()
+    for name in ("f63", "f64"):
+        ext.job_finished(None, record(name), JobOutcome(Status.SUCCEEDED, 1), 0.01)
+    running.done = True
+    ext.job_finished(None, running, JobOutcome(Status.SUCCEEDED, 1), 2.0)
+    stats = ext.job_stats()
+    assert stats[("probe3.f62", "default")].started == 1
+    assert ("probe3.f63", "default") in stats  # the second series
+    assert stats[("other", "default")].started == 1  # f64: no series left

@@ -170,8 +170,11 @@ class MetricsExtension(Extension):
         if self._manager is not None:
             for record in list(self._manager.jobs_in_flight.values()):
                 if record.greenlet is not None and not record.done:
-                    # a running job's callable may not exist (it fails soon)
-                    key = self._key(result, record.callable_name, record.queue, known=True)
+                    # its series is taken in the table itself (a probe: shown
+                    # while it ran, then gone when jobs that ended first had
+                    # taken the last free ones, and counted under "other")
+                    key = self._key(self.jobs, record.callable_name, record.queue, known=True)
+                    self.jobs[key]  # noqa: B018 (the defaultdict makes the series)
                     result.setdefault(key, JobStats()).started += 1
         return result
 
