@@ -27,10 +27,12 @@ def block_holding_the_gil(seconds):
     backtracks does: gevent's monitor thread cannot run meanwhile either.
     Then a little Python work, as a job does with what the call returned
     (so the job is still running when the monitor thread runs again)."""
-    started = time.perf_counter()
-    sum(range(1_000_000))
-    per_item = (time.perf_counter() - started) / 1_000_000
-    sum(range(int(1.3 * seconds / per_item)))
+    per_item = float("inf")
+    for _ in range(3):  # the fastest of three: a slow one would make the call short
+        started = time.perf_counter()
+        sum(range(200_000))
+        per_item = min(per_item, (time.perf_counter() - started) / 200_000)
+    sum(range(int(1.5 * seconds / per_item)))
     deadline = time.monotonic() + 0.1
     while time.monotonic() < deadline:
         pass
@@ -68,6 +70,18 @@ def block_timed(seconds):
     started = time.time()
     real_sleep(seconds)
     return [started, time.time()]
+
+
+def spin_yielding(seconds):
+    """Compute for ``seconds``, yielding to the loop every 2 ms: busy, but
+    never holding the loop."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        burst = time.monotonic() + 0.002
+        while time.monotonic() < burst:
+            pass
+        gevent.sleep(0)
+    return seconds
 
 
 def block_in_bursts(seconds, burst):

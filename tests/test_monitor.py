@@ -84,10 +84,15 @@ def test_a_process_stopped_a_while_is_not_a_block(router, make_manager):
     hub = gevent.get_hub()
     started = time.monotonic()  # the monitor thread checks the loop
     router.wait_until(lambda: monitor_module._LAST_CHECK.get(id(hub), (0.0,))[0] > started, 10)
+    # a busy loop (a probe's -J 1000 of 1 ms jobs was reported blocked by
+    # one of them for the 4 s the process was stopped)
+    busy = router.request(ident, JOBS, "spin_yielding", args=[2.0], headers="reply-requested")
+    router.wait_until(lambda: manager.jobs_in_flight, 10)
     # the stimulus is a stop of one second, not a wait for an event
     waker = subprocess.Popen(["sh", "-c", f"sleep 1; kill -CONT {os.getpid()}"])
     os.kill(os.getpid(), signal.SIGSTOP)
     waker.wait(timeout=20)
+    assert router.wait_reply(busy, timeout=20) == {"value": 2.0}
     back = time.monotonic()
     router.wait_until(lambda: monitor_module._LAST_CHECK.get(id(hub), (0.0,))[0] > back + 0.2,
                       10)

@@ -124,6 +124,35 @@ def test_a_scheduler_whose_pipe_is_full_is_slow_not_gone(side, monkeypatch):
     assert b"s1" in side.schedulers and side.counts["handed_over"] == 0
 
 
+@pytest.mark.timeout(20)
+def test_an_unschedule_waiting_for_a_scheduler_taken_for_gone_is_told_when_it_is_back(side):
+    """A probe's find: 3,000 UNSCHEDULEs waited behind 30,000 SCHEDULEs for
+    a stopped scheduler; removed as silent, its waiting messages went, and
+    back it fired 2,000 of the unscheduled for ever (only the last 1,000
+    unscheduled are told again to every scheduler that connects). Now the
+    copy it may hold is remembered: its firings are dropped, and it is told
+    to drop it when it is back."""
+    side, sockets = side
+    inform(side, b"s1")
+    schedule(side)
+    sockets.full.add(b"s1")
+    schedule(side, interval="2")  # waits: the pipe is full
+    side.on_unschedule(b"client", Message.new(Command.UNSCHEDULE, "other", "", "2",
+                                              PAYLOAD, ""))
+    assert side.status()["schedule_messages_waiting"] == 2
+    side.schedulers.pop(b"s1")  # as when silence removes it
+    deadline = time.monotonic() + 10  # its drainer lets the waiting messages go
+    while side.status()["schedule_messages_waiting"] and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    sockets.full.clear()
+    assert not sockets.to(b"s1", Command.UNSCHEDULE)
+    assert side.vet_firing(b"s1", firing("other")) is None  # its copy's firings dropped
+    assert side.counts["firing_dropped_ended"] == 1
+    inform(side, b"s1")
+    drops = sockets.to(b"s1", Command.UNSCHEDULE)  # told when it is back
+    assert drops and all(d.body[3] == PAYLOAD for d in drops) and KEY not in side.live
+
+
 @pytest.mark.timeout(10)
 def test_live_schedules_are_bounded(side, monkeypatch):
     import emq_green.router.schedulers as schedulers

@@ -74,7 +74,9 @@ def _check_all(hub: Any) -> None:
     found = tracer.did_block_hub(hub)
     monitors = [m for m in list(_ACTIVE) if m._hub is hub and m._subscribed]
     threshold = min((m.threshold for m in monitors), default=0.0)
-    held_gil = bool(monitors) and now - before >= threshold and cpu - cpu_before >= threshold / 2
+    # computing for at least half of it: a stopped process (SIGSTOP) does not
+    held_gil = bool(monitors) and now - before >= threshold and (
+        cpu - cpu_before >= (now - before) / 2)
     if not found and held_gil:
         # This thread itself could not run for a threshold while the hub's
         # thread computed: a C call there held the GIL (a regular expression
