@@ -739,9 +739,10 @@ def load_settings(
     if section == "jobmanager":
         argv = eventmq_abbreviations(argv)
     environ = dict(os.environ if environ is None else environ)
+    aliased = {}
     for alias, variable in _ENV_ALIASES.items():
-        if alias in environ:
-            environ.setdefault(variable, environ[alias])
+        if alias in environ and variable not in environ:
+            environ[variable], aliased[variable] = environ[alias], alias
     config_file, explicit = _config_path(argv, environ)
     read_config, warnings = _open_config(config_file, explicit, section)
     file_keys: dict[str, str] = {}
@@ -757,6 +758,10 @@ def load_settings(
     except configargparse.ConfigFileParserException as exc:
         raise SettingsError(f"config: cannot read {config_file}: {exc}") from exc
     sources = _sources(parser, file_keys)
+    for field, where in sources.items():  # named as the user wrote it
+        variable = where.rpartition(" ")[2]
+        if variable in aliased:
+            sources[field] = where.replace(variable, aliased[variable])
 
     values: dict[str, Any] = {"config_file": config_file}
 

@@ -153,6 +153,34 @@ def test_an_unschedule_waiting_for_a_scheduler_taken_for_gone_is_told_when_it_is
     assert drops and all(d.body[3] == PAYLOAD for d in drops) and KEY not in side.live
 
 
+@pytest.mark.timeout(20)
+def test_a_big_hand_over_goes_in_batches_and_a_newcomer_is_told_only_of_its_copies(
+        side, monkeypatch):
+    """A probe's find: schedulers connecting with 60,000 live schedules
+    stalled the router 1-2.7 s (all handed over in one turn; and a scheduler
+    that connected was sent an UNSCHEDULE for every schedule held by the
+    others, copies it never had)."""
+    import emq_green.router.schedulers as schedulers
+
+    side, sockets = side
+    monkeypatch.setattr(schedulers, "HAND_OVER_BATCH", 10)
+    inform(side, b"s1")
+    for n in range(35):
+        side.on_schedule(b"client", Message.new(
+            Command.SCHEDULE, "other", "", "60", json.dumps(["run", {**CALL, "args": [n]}]),
+            ""))
+    inform(side, b"s2")
+    assert sockets.to(b"s2", Command.UNSCHEDULE) == []  # it never held one
+    side.on_kbye(b"s1", Message.new(Command.KBYE))
+    assert len(sockets.to(b"s2", Command.SCHEDULE)) == 10  # one batch in this turn
+    deadline = time.monotonic() + 10
+    while len(sockets.to(b"s2", Command.SCHEDULE)) < 35 and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    handed = [m.body[3] for m in sockets.to(b"s2", Command.SCHEDULE)]
+    assert len(handed) == len(set(handed)) == 35  # each once (a repeat would be among them)
+    assert all(live.owner == b"s2" for live in side.live.values())
+
+
 @pytest.mark.timeout(10)
 def test_live_schedules_are_bounded(side, monkeypatch):
     import emq_green.router.schedulers as schedulers

@@ -369,6 +369,12 @@ def test_the_scheduler_flag_s_variable_is_read_under_either_name(env, expected):
     assert load_settings([], env, section="router")[0].run_scheduler is expected
 
 
+def test_a_warning_names_the_variable_as_it_was_set():
+    _, ns = load_settings([], {"EVENTMQ_SCHEDULER": "yes"}, section="router")
+    [said] = ns.start_warnings
+    assert "from environment variable EVENTMQ_SCHEDULER means false" in said
+
+
 def test_percent_substitutions_are_expanded_as_eventmq_expands_them(tmp_path):
     """EventMQ reads the file with ConfigParser's interpolation; emq-green
     took ``tcp://%(host)s:6000`` literally and died on a ZMQError."""
