@@ -408,3 +408,24 @@ def test_offender_goes_to_the_subprocess_pool_after_n_blocks_until_sighup(
     assert manager.counters["reloads"] == 1
     assert not offload.callables and manager.status()["offload"]["callables"] == {}
     assert run() == os.getpid()
+
+
+def test_a_late_found_block_whose_blocker_is_gone_is_timed_by_the_loop_s_ticks():
+    """A probe's find: 2 of 15 regex blocks (1.6 s) were not counted at
+    all: found late, with the loop already past them, they were timed from
+    a guess shorter than the threshold and dropped. The loop's own ticks
+    time such a block: the gap between the two around it."""
+    from emq_green.worker.monitor import GIL_HOLDER
+
+    monitor = BlockMonitor(threshold=1.0)
+    monitor._last_end = 0.0  # (no incident before)
+    monitor._gap, monitor._last_tick = (100.0, 101.6), 101.65  # the loop ran on first
+    incident, ended = monitor._gap_seen(before=100.1, now=101.7)
+    assert (incident.started, ended) == (100.0, 101.6)
+    assert incident.callable == GIL_HOLDER and incident.msgid is None
+    # the loop did not run again before the monitor thread: its last tick
+    # started the block, which ends now
+    monitor._gap = (90.0, 90.4)
+    monitor._last_tick = 100.05
+    incident, ended = monitor._gap_seen(before=100.1, now=101.7)
+    assert (incident.started, ended) == (100.05, 101.7)

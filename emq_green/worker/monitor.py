@@ -77,7 +77,7 @@ def _check_all(hub: Any) -> None:
     # computing for at least half of it: a stopped process (SIGSTOP) does not
     held_gil = bool(monitors) and now - before >= threshold and (
         cpu - cpu_before >= (now - before) / 2)
-    if not found and held_gil:
+    if held_gil:
         # This thread itself could not run for a threshold while the hub's
         # thread computed: a C call there held the GIL (a regular expression
         # backtracking, a C library that does not release it). This thread
@@ -85,21 +85,23 @@ def _check_all(hub: Any) -> None:
         # still the active one; but greenlets switched before the block, so
         # the tracer alone says nothing (a probe: 0.6-10 s blocks unreported).
         # (A stopped process, SIGSTOP, computes nothing: not a block.)
-        active = tracer.active_greenlet
-        if active is None or active is hub or getattr(active, "gr_frame", None) is not None:
+        active = found[1] if found else tracer.active_greenlet
+        frame = sys._current_frames().get(hub.thread_ident)
+        if (active is None or active is hub or getattr(active, "gr_frame", None) is not None
+                or frame is None or frame.f_code is _HUB_RUN_CODE):
             # another thread took the GIL first and the loop moved on: the
-            # blocker is not known, the block is (at least this long)
+            # blocker is not known, the block is: the loop's ticks saw it
+            del frame
             for monitor in monitors:
-                incident = monitor._open(None, [], now, held_gil=True)
-                incident.started = before + threshold / 2  # (the next check was due)
-                monitor._close(incident, now)
+                monitor._close(*monitor._gap_seen(before, now))
             return
+        del frame
         found = (True, active)
     if not found:
         return
     if monitors:
         try:
-            _watch_block(hub, tracer, found[1], monitors, held_gil=held_gil)
+            _watch_block(hub, tracer, found[1], monitors, before if held_gil else None)
         except Exception:  # a monitor thread must not die; report in the loop
             exc_info = sys.exc_info()
             hub.loop.run_callback_threadsafe(
@@ -107,10 +109,11 @@ def _check_all(hub: Any) -> None:
 
 
 def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonitor],
-                 held_gil: bool = False) -> None:
+                 late_since: Optional[float] = None) -> None:
     """A block found: take its stack, open an incident in every monitor,
     wait for the end once and close them all. Collect only, never log.
-    ``held_gil``: found late (see :func:`_check_all`)."""
+    ``late_since``: found late (see :func:`_check_all`), this thread's run
+    before."""
     now = time.monotonic()
     frame = sys._current_frames().get(hub.thread_ident)
     if frame is None:
@@ -121,14 +124,19 @@ def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonit
         # tracer's idea of the active greenlet is stale (it is read from
         # another thread without a lock). Not a block; and waiting below
         # for frames that never leave would keep this thread from seeing
-        # the next real one.
+        # the next real one. (Found late, the block was real: its blocker
+        # is not known.)
+        if late_since is not None:
+            del frame
+            for monitor in monitors:
+                monitor._close(*monitor._gap_seen(late_since, now))
         return
     stack = traceback.format_stack(frame)[-STACK_LIMIT:]
     base = frame
     while base.f_back is not None:
         base = base.f_back
     del frame
-    opened = [(m, m._open(greenlet, stack, now, held_gil)) for m in monitors]
+    opened = [(m, m._open(greenlet, stack, now, late_since)) for m in monitors]
     del greenlet
     # This thread has nothing else to do while the loop is held: watch the
     # hub's thread until the block ends. Its end is the first greenlet
@@ -302,6 +310,9 @@ class BlockMonitor(Extension):
         self._manager: Optional[WorkerView] = None
         self._hub: Any = None
         self._last_tick = self._last_end = time.monotonic()
+        #: the last gap between two of the loop's ticks (start, end), see _tick
+        self._gap = (0.0, 0.0)
+        self._tick_period = 0.25
         self._ticker: Any = None
         self._thread: Any = None
         self._subscribed = False
@@ -357,7 +368,7 @@ class BlockMonitor(Extension):
         # first blocks of the next monitor. Its period is the smallest asked.
         period = min(m.threshold for m in _ACTIVE) / 2
         thread.add_monitoring_function(_check_all, period)
-        tick = min(0.25, max(0.01, self.threshold / 10))
+        tick = self._tick_period = min(0.25, max(0.01, self.threshold / 10))
         self._last_tick = time.monotonic()
         self._ticker = hub.loop.timer(tick, tick)
         self._ticker.ref = False
@@ -375,22 +386,38 @@ class BlockMonitor(Extension):
             self._ticker = None
 
     def _tick(self) -> None:
-        self._last_tick = time.monotonic()
+        now = time.monotonic()
+        if now - self._last_tick > 2 * self._tick_period:
+            self._gap = (self._last_tick, now)  # (read by the monitor thread)
+        self._last_tick = now
+
+    def _gap_seen(self, before: float, now: float) -> tuple[Incident, float]:
+        """A block by an unknown call holding the GIL, found late (the
+        monitor thread last ran at ``before``): its incident and its end,
+        timed by the loop's ticks (see :meth:`_open`)."""
+        gap_end = self._gap[1]
+        return self._open(None, [], now, before), gap_end if gap_end > before else now
 
     # -- in gevent's monitor thread: collect, never log -------------------------
     def _open(self, greenlet: Any, stack: list[str], detected: float,
-              held_gil: bool = False) -> Incident:
-        """The incident of a block found in ``greenlet``, not ended yet;
-        ``held_gil``: found late, the blocker maybe gone (a job that began
-        too late to have held the loop a threshold is not it: the next one
-        its reused greenlet took)."""
+              late_since: Optional[float] = None) -> Incident:
+        """The incident of a block found in ``greenlet``, not ended yet.
+        ``late_since``: found late (this thread could not run since then),
+        the blocker maybe gone: a job that began too late to have held the
+        loop a threshold is not it (the next one its reused greenlet took),
+        and when the loop ran again before this thread, the gap between two
+        of its ticks is the block."""
         record = self._record_for(greenlet)
         started = max(self._last_tick, self._last_end)
-        if held_gil and record is not None and record.started > detected - self.threshold / 2:
-            record = None
+        if late_since is not None:
+            gap_start, gap_end = self._gap
+            if gap_end > late_since:
+                started = gap_start
+            if record is not None and record.started > detected - self.threshold / 2:
+                record = None
         return Incident(
             callable=record.callable_name if record else (
-                GIL_HOLDER if held_gil else "<not a job>"),
+                GIL_HOLDER if late_since is not None else "<not a job>"),
             msgid=record.msgid if record else None,
             queue=record.queue if record else None,
             greenlet=repr(greenlet),
