@@ -355,6 +355,23 @@ class Headers:
 #: the largest ``retry-count`` a REQUEST may ask for; more is an invalid request
 MAX_RETRY_COUNT = 100
 
+
+def check_job_options(retry_count: Any, timeout: Any, queue: Any = None) -> None:
+    """The client's check of a job's options a worker would refuse (and,
+    with no reply asked, drop with nothing said to the caller: a probe).
+    Raises TypeError or ValueError naming the argument."""
+    if isinstance(retry_count, bool) or not isinstance(retry_count, int):
+        raise TypeError(f"retry_count must be an int, not {type(retry_count).__name__}")
+    if not 0 <= retry_count <= MAX_RETRY_COUNT:
+        raise ValueError(f"retry_count must be 0 to {MAX_RETRY_COUNT}, not {retry_count}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 <= timeout < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds, 0 or more (0: the "
+                         f"worker's global_timeout), not {timeout!r}")
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        raise TypeError(f"queue must be a non-empty str, not {queue!r:.40}")
+
 #: the longest headers frame a REQUEST may have (EventMQ's are a few dozen
 #: characters); longer is an invalid request
 MAX_HEADERS_CHARS = 64 * 1024

@@ -382,3 +382,59 @@ def test_job_decorator_defers_with_broker_addr(monkeypatch):
         assert RunRequest.parse(request.body[2]).name == f"{__name__}.module_level_job"
     finally:
         assert router.stop(timeout=5)
+
+
+@pytest.mark.parametrize("options, error, says", [
+    ({"timeout": -1}, ValueError, "timeout must be a finite"),
+    ({"timeout": float("inf")}, ValueError, "timeout must be a finite"),
+    ({"timeout": float("nan")}, ValueError, "timeout must be a finite"),
+    ({"timeout": "5"}, TypeError, "timeout must be a number"),
+    ({"retry_count": 101}, ValueError, "retry_count must be 0 to 100"),
+    ({"retry_count": 1.5}, TypeError, "retry_count must be an int"),
+    ({"queue": 5}, TypeError, "queue must be a non-empty str"),
+    ({"args": 5}, TypeError, "args must be a list or tuple"),
+    ({"kwargs": "x"}, TypeError, "kwargs must be a dict"),
+    ({"args": ["y" * (17 * 1024 * 1024)]}, ValueError, "max_message_size"),
+])
+def test_options_a_worker_or_router_would_drop_are_refused_at_the_call(options, error, says):
+    """A probe's find: a job with timeout=-1 or retry_count=101, sent
+    without a reply asked, was dropped by the worker and the caller never
+    knew; a request over the router's max_message_size vanished with the
+    connection; bad types failed deep inside. Refused at the call now, the
+    argument named; nothing is sent (the address has no router)."""
+    with Client("tcp://127.0.0.1:1") as client:
+        with pytest.raises(error, match=says):
+            client.defer_job("jobs_for_tests.add", **{"args": [1, 2], **options})
+        assert client.sent == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_client_used_after_a_fork_says_so_instead_of_hanging():
+    """A probe's find: a Client made before os.fork() hung for ever in the
+    child's first send, get(timeout=5) or not."""
+    import os
+
+    client = Client("tcp://127.0.0.1:1", linger=0)
+    client.defer_job("jobs_for_tests.add", [1, 2])  # its sockets made, in this process
+    pid = os.fork()
+    if pid == 0:  # the child: exits 0 only on the plain refusal
+        try:
+            client.defer_job("jobs_for_tests.add", [1, 2])
+        except RuntimeError as exc:
+            os._exit(0 if "before a fork" in str(exc) else 2)
+        except BaseException:
+            os._exit(3)
+        os._exit(4)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)  # (polling the child's exit, with the deadline above)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child hung")
+    client.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+

@@ -59,7 +59,15 @@ from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union, o
 import zmq
 
 from ..curve import ClientCurve, client_curve, client_curve_from_env
-from ..protocol import RESULT_HEADER, Command, Headers, Message, ProtocolError, RunRequest
+from ..protocol import (
+    RESULT_HEADER,
+    Command,
+    Headers,
+    Message,
+    ProtocolError,
+    RunRequest,
+    check_job_options,
+)
 from . import threads
 from .connect import RouterUnreachable, new_dealer
 from .flush import PROBE_GRACE, answered, flush_sockets, send_probe
@@ -173,11 +181,7 @@ class Client:
                                     curve_secret_key_file, curve_server_key_file)
         self.addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
         self.green = _gevent_patched() if green is None else green
-        if self.green:
-            import zmq.green as zmq_module
-        else:
-            zmq_module = zmq  # type: ignore[no-redef]
-        self._zmq = zmq_module
+        self._zmq = zmq_module = _zmq_module(self.green)
         self._context = zmq_module.Context()
         self._max_idle = max_idle
         self._hwm = hwm
@@ -189,6 +193,7 @@ class Client:
         # (the interpreter's own lock, shared by native threads; no waiting in it)
         self._lock = threads.allocate_lock()
         self._closed = False
+        self.max_message_size, self._pid = MAX_REQUEST_BYTES, os.getpid()  # (see _same_process)
         self._results: Optional[Union[GreenResultChannel, ThreadResultChannel]] = None
         #: other native threads' plain sockets and reader (:mod:`~emq_green.client.threads`)
         self._native_context: Optional[zmq.Context] = None
@@ -214,6 +219,7 @@ class Client:
 
     def _take(self, wait: Optional[float] = None) -> Any:
         """An idle socket, else a new one (:func:`~.connect.new_dealer`)."""
+        _same_process(self)
         foreign = threads.foreign_thread(self.green)
         with self._lock:
             if self._closed:
@@ -307,6 +313,7 @@ class Client:
             _close_all(idle, results, self._context, deadline)
 
     def _result_channel(self) -> Union[GreenResultChannel, ThreadResultChannel]:
+        _same_process(self)
         foreign = threads.foreign_thread(self.green)
         slot = "_native_results" if foreign else "_results"
         with self._lock:
@@ -404,7 +411,7 @@ class Client:
                              "guaranteed requests)")
         request = new_request(message, queue=queue, reply_requested=reply_requested,
                               guarantee=guarantee, retry_count=retry_count, timeout=timeout,
-                              result=result)
+                              result=result, limit=self.max_message_size)
         if result:
             handle = self._result_channel().submit(
                 request, confirm=self.confirm_timeout if confirm else None)
@@ -529,14 +536,29 @@ class Client:
                                  confirm=confirm)
 
 
+#: bytes of a request's payload a client sends at most by default (its
+#: ``max_message_size`` attribute; 0: no limit): the routers' default
+#: ``max_message_size`` (a larger message is dropped by ZeroMQ with the
+#: connection, the caller told nothing: a probe)
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
 def new_request(message: Union[str, Sequence[Any]], *, queue: Optional[str] = None,
                 reply_requested: bool = False, guarantee: bool = False, retry_count: int = 0,
-                timeout: float = 0, result: bool = False) -> Message:
+                timeout: float = 0, result: bool = False,
+                limit: int = MAX_REQUEST_BYTES) -> Message:
     """A REQUEST whose payload is ``message`` (a list, or its JSON text), with
-    the headers the arguments of :meth:`Client.send_request` ask for."""
+    the headers the arguments of :meth:`Client.send_request` ask for; a
+    payload over ``limit`` bytes (0: no limit) is a ValueError."""
     import json
 
+    check_job_options(retry_count, timeout, queue)
     payload = message if isinstance(message, str) else json.dumps(list(message))
+    if limit and len(payload) > limit // 4 and len(payload.encode()) > limit:
+        raise ValueError(f"the request is {len(payload.encode())} bytes, over the "
+                         f"{limit} a router takes by default (max_message_size): it would be "
+                         "dropped unseen. Send less (a reference to the data), or raise both "
+                         "the router's max_message_size and this Client's max_message_size")
     headers = Headers(reply_requested=reply_requested or result, guarantee=guarantee,
                       retry_count=retry_count, timeout=timeout or None,
                       extra=(RESULT_HEADER,) if result else ())
@@ -664,6 +686,25 @@ def _new_channel(client: Client, foreign: bool) -> Union[GreenResultChannel, Thr
 # ----------------------------------------------------------------------
 # module-level helpers on one shared client per address
 
+def _zmq_module(green: bool) -> Any:
+    if green:
+        import zmq.green as zmq_green
+
+        return zmq_green
+    return zmq
+
+
+def _same_process(client: Client) -> None:
+    """A Client used in a process forked from the one that made it hung for
+    ever in its first send (a probe): its ZeroMQ sockets and threads stayed
+    in the parent. Refused, plainly (the shared clients are made anew in
+    the child: :func:`get_client`)."""
+    if client._pid != os.getpid():
+        raise RuntimeError(f"this Client was made in process {client._pid}, before a fork; "
+                           "ZeroMQ sockets do not survive one: make a new Client in this "
+                           "process (or use get_client()/defer_job(), made anew after a fork)")
+
+
 _clients: dict[str, Client] = {}
 _clients_lock = threads.allocate_lock()
 
@@ -770,6 +811,12 @@ def run_request(func: JobFunc, args: Sequence[Any], kwargs: Optional[dict[str, A
     """The ``["run", {...}]`` payload of a call (ValueError: ``func`` is not
     importable by a worker)."""
     path, name = callable_path(func)
+    for what, value in (("args", args), ("class_args", class_args)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{what} must be a list or tuple, not {type(value).__name__}")
+    for what, value in (("kwargs", kwargs), ("class_kwargs", class_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{what} must be a dict, not {type(value).__name__}")
     return RunRequest(path=path, callable=name, args=tuple(args), kwargs=dict(kwargs or {}),
                       class_args=tuple(class_args), class_kwargs=dict(class_kwargs or {}),
                       subprocess=subprocess)

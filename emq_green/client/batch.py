@@ -88,7 +88,8 @@ class GuaranteedBatch:
 
         client = self.client
         request = new_request(message, queue=queue, reply_requested=reply_requested,
-                              guarantee=True, retry_count=retry_count, timeout=timeout)
+                              guarantee=True, retry_count=retry_count, timeout=timeout,
+                              limit=client.max_message_size)
         if self._sock is None:
             self._sock = client._take()
         try:

@@ -29,7 +29,7 @@ import time
 import uuid
 from typing import Any, Optional, Sequence, Union
 
-from ..protocol import Command, Message, RunRequest
+from ..protocol import Command, Message, RunRequest, check_job_options
 from ..schedules import MAX_INTERVAL, parse_schedule, schedule_body
 
 #: a time: seconds since the epoch, or a datetime (naive: local time)
@@ -64,6 +64,7 @@ def call_payload(run: RunRequest) -> dict[str, Any]:
 
 
 def job_headers(guarantee: bool, retry_count: int, timeout: float) -> list[str]:
+    check_job_options(retry_count, timeout)
     headers = ["guarantee"] if guarantee else []
     if retry_count:
         headers.append(f"retry-count:{retry_count}")
