@@ -86,16 +86,13 @@ def _check_all(hub: Any) -> None:
         # the tracer alone says nothing (a probe: 0.6-10 s blocks unreported).
         # (A stopped process, SIGSTOP, computes nothing: not a block.)
         active = found[1] if found else tracer.active_greenlet
-        frame = sys._current_frames().get(hub.thread_ident)
-        if (active is None or active is hub or getattr(active, "gr_frame", None) is not None
-                or frame is None or frame.f_code is _HUB_RUN_CODE):
+        if active is None or active is hub:
             # another thread took the GIL first and the loop moved on: the
             # blocker is not known, the block is: the loop's ticks saw it
-            del frame
+            # (a greenlet moved on since is seen so in _watch_block)
             for monitor in monitors:
                 monitor._close(*monitor._gap_seen(before, now))
             return
-        del frame
         found = (True, active)
     if not found:
         return
@@ -116,9 +113,8 @@ def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonit
     before."""
     now = time.monotonic()
     frame = sys._current_frames().get(hub.thread_ident)
-    if frame is None:
-        return
-    if frame.f_code is _HUB_RUN_CODE or getattr(greenlet, "gr_frame", None) is not None:
+    if frame is None or frame.f_code is _HUB_RUN_CODE or getattr(
+            greenlet, "gr_frame", None) is not None:
         # The hub itself is running, or the greenlet gevent names is
         # suspended (a running greenlet has no saved frame): the
         # tracer's idea of the active greenlet is stale (it is read from
