@@ -25,7 +25,8 @@ import pytest
 import zmq
 from peers import free_ports, recv_from_client  # noqa: F401 (free_ports: other files too)
 
-from emq_green.client import Client, callable_path, job
+import emq_green.client as emq_client
+from emq_green.client import Client, ResultHandle, callable_path, job
 from emq_green.client.submit import admin_request
 from emq_green.protocol import Command, RunRequest
 
@@ -405,6 +406,43 @@ def test_options_a_worker_or_router_would_drop_are_refused_at_the_call(options, 
     with Client("tcp://127.0.0.1:1") as client:
         with pytest.raises(error, match=says):
             client.defer_job("jobs_for_tests.add", **{"args": [1, 2], **options})
+        assert client.sent == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("call, error, says", [
+    (lambda: Client("tcp://127.0.0.1:1", hwm="x"), TypeError, "hwm must be an int"),
+    (lambda: Client("tcp://127.0.0.1:1", max_idle=1.5), TypeError, "max_idle must be an int"),
+    (lambda: Client("tcp://127.0.0.1:1", linger="x"), TypeError, "linger must be a number"),
+    (lambda: Client("tcp://127.0.0.1:1", linger=-1), ValueError, "linger must be a finite"),
+    (lambda: Client("tcp://127.0.0.1:1", send_timeout=float("nan")), ValueError,
+     "send_timeout must be a finite"),
+    (lambda: Client("tcp://127.0.0.1:1", confirm_timeout="5"), TypeError,
+     "confirm_timeout must be a number or None"),
+    (lambda: ResultHandle.completed("m", 1).get(timeout="1"), TypeError,
+     "timeout must be a number or None"),
+    (lambda: ResultHandle.completed("m", 1).get(timeout=-1), ValueError,
+     "timeout must be a finite number, 0 or more"),
+    (lambda: emq_client.schedule("jobs_for_tests.add", every="5", addr="tcp://127.0.0.1:1"),
+     TypeError, "every must be a number of seconds"),
+])
+def test_the_clients_numbers_are_checked_at_the_call(call, error, says):
+    """A probe's list: Client(hwm="x"), linger="x", get(timeout="1") failed
+    with a TypeError deep in ZeroMQ or gevent, not naming the argument;
+    get(timeout=-1) waited no time and said the result had not come
+    (ResultTimeout). Each now raises at the call, the argument named."""
+    with pytest.raises(error, match=says):
+        call()
+
+
+def test_a_guaranteed_batch_window_is_checked():
+    from emq_green.client.batch import GuaranteedBatch
+
+    with Client("tcp://127.0.0.1:1", linger=0) as client:
+        with pytest.raises(TypeError, match="window must be an int"):
+            GuaranteedBatch(client, window="5")
+        with pytest.raises(ValueError, match="window must be a finite number, 1 or more"):
+            GuaranteedBatch(client, window=0)
         assert client.sent == 0
 
 

@@ -69,6 +69,7 @@ from ..protocol import (
     check_job_options,
 )
 from . import threads
+from .args import check_number
 from .connect import RouterUnreachable, new_dealer
 from .flush import PROBE_GRACE, answered, flush_sockets, send_probe
 from .results import (
@@ -178,7 +179,8 @@ class Client:
     ) -> None:
         #: the CURVE keys of every socket, or None for plain sockets
         self.curve = _checked_curve(send_timeout, confirm_timeout, curve,
-                                    curve_secret_key_file, curve_server_key_file)
+                                    curve_secret_key_file, curve_server_key_file,
+                                    max_idle=max_idle, hwm=hwm, linger=linger)
         self.addr = addr or os.environ.get(ENV_BROKER_ADDR) or DEFAULT_ADDR
         self.green = _gevent_patched() if green is None else green
         self._zmq = zmq_module = _zmq_module(self.green)
@@ -567,10 +569,13 @@ def new_request(message: Union[str, Sequence[Any]], *, queue: Optional[str] = No
 
 def _checked_curve(send_timeout: Optional[float], confirm_timeout: Optional[float],
                    curve: Optional[ClientCurve], secret_file: Optional[str],
-                   server_file: Optional[str]) -> Optional[ClientCurve]:
-    """The Client's arguments checked; its CURVE keys (or None)."""
-    if send_timeout is not None and send_timeout < 0:
-        raise ValueError("send_timeout must be None or at least 0 seconds")
+                   server_file: Optional[str], **numbers: Any) -> Optional[ClientCurve]:
+    """The Client's arguments checked (``numbers``: the ints max_idle and
+    hwm, the seconds linger); its CURVE keys (or None)."""
+    for name, value in numbers.items():
+        check_number(name, value, integer=name != "linger")
+    check_number("send_timeout", send_timeout, optional=True)
+    check_number("confirm_timeout", confirm_timeout, optional=True)
     if confirm_timeout is not None and confirm_timeout <= 0:
         raise ValueError("confirm_timeout must be None or more than 0 seconds")
     if curve is None and (secret_file or server_file):
@@ -581,10 +586,7 @@ def _checked_curve(send_timeout: Optional[float], confirm_timeout: Optional[floa
 def _flush_pool(client: Client, timeout: float) -> bool:
     """:meth:`Client.flush`: probe each idle socket of this thread's pool,
     and its result channel, all at once."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-            or not 0 <= timeout < float("inf"):
-        raise ValueError(f"flush timeout must be a finite number of seconds >= 0, "
-                         f"not {timeout!r}")
+    check_number("flush timeout", timeout)
     foreign = threads.foreign_thread(client.green)
     with client._lock:
         idle = client._native_idle if foreign else client._idle

@@ -27,6 +27,7 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
+from .args import check_number
 from .flush import answered
 from .results import ConfirmTimeout, GuaranteeRefused, SendTimeoutError, confirmation_of
 
@@ -43,8 +44,7 @@ class GuaranteedBatch:
     between threads or greenlets: one sender per batch."""
 
     def __init__(self, client: Client, window: int = DEFAULT_WINDOW) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        check_number("window", window, low=1, integer=True)
         self.client = client
         self.window = window
         #: the requests sent and not confirmed yet, oldest first (msgid to

@@ -36,6 +36,7 @@ import zmq
 
 from ..protocol import Command, Message, ProtocolError, _loads, printable
 from . import threads
+from .args import check_number
 from .connect import new_dealer
 from .flush import answered, probe_message, send_probe
 
@@ -238,7 +239,10 @@ class ResultHandle:
             JobError: the job failed on the worker.
             ResultLostError: the router dropped the result.
             ResultTimeout: nothing arrived within ``timeout``.
+            TypeError, ValueError: ``timeout`` is not None or a number of
+                seconds, 0 or more.
         """
+        check_number("timeout", timeout, optional=True)
         if not self._done:
             with self._lock:
                 event = self._event

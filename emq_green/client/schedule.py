@@ -79,6 +79,8 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
     """A SCHEDULE body for every ``every`` seconds or the times of ``cron``."""
     if (every is None) == (cron is None):
         raise ValueError("give either every (seconds) or cron, not both")
+    if every is not None and not isinstance(every, (int, float)):
+        raise TypeError(f"every must be a number of seconds, not {type(every).__name__}")
     if every is not None and (isinstance(every, bool) or not (
             1 <= every <= MAX_INTERVAL and float(every).is_integer())):
         raise ValueError(f"every must be a whole number of seconds, 1 to {MAX_INTERVAL:.0f} "
