@@ -233,20 +233,24 @@ class JobManager:
         self._supervisor.lifecycle.label = self.name
         self._link.configure(settings)
 
-    def _reload_settings(self) -> None:
-        """A reload is due: re-read the settings, if there is a source (a bad
-        one keeps the current settings)."""
+    def _reload_settings(self) -> bool:
+        """A reload is due: re-read the settings, if there is a source; False
+        when they could not be read (the current ones stay, and so does the
+        connection: nothing changed, a probe saw a KBYE and a new identity
+        for nothing)."""
         if self._settings_loader is None:
             logger.info("SIGHUP: no settings source to re-read; reconnecting only")
         else:
             try:
                 self._apply_settings(self._settings_loader().replace(name=self.name))
             except SettingsError as exc:
-                logger.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-                return
+                logger.error("SIGHUP: settings not reloaded, keeping the current ones and "
+                             "the connection: %s", exc)
+                return False
             logger.info("SIGHUP: settings reloaded (queues %s, concurrent_jobs %d)",
                         queues_json(self.queues), self.concurrent_jobs)
         self._hooks.notify("reload")
+        return True
 
     # ------------------------------------------------------------------
     # lifecycle (the supervisor, emq_green.worker.supervisor, runs it)

@@ -348,12 +348,13 @@ def test_reload_with_a_bad_config_file_keeps_the_settings_and_says_why(
     [line] = [r.getMessage() for r in caplog.records if "settings not reloaded" in r.getMessage()]
     assert "concurrent_jobs" in line and "lots" in line and str(conf) in line, line
     assert manager.concurrent_jobs == 3 and manager.queues == ((10, "default"), (5, "mail"))
+    assert "keeping the current ones and the connection" in line
     assert manager.wait_for_state(State.RUNNING, timeout=10)
-    ident = router.identities[-1]
-    router.wait_count(Command.READY, 3, identity=ident)
-    ok = router.request(ident, JOBS, "add", args=[1, 1], headers=REPLY, queue="mail")
+    # and the connection stays (a probe: a KBYE and a new identity for nothing)
+    ok = router.request(second, JOBS, "add", args=[1, 1], headers=REPLY, queue="mail")
     assert router.wait_reply(ok) == {"value": 2}
-    assert manager.counters["reloads"] == 2
+    assert router.identities[-1] == second and router.count(Command.KBYE, second) == 0
+    assert manager.counters["reloads"] == 1
 
 
 class Audited(JobManager):

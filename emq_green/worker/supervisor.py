@@ -65,7 +65,7 @@ class Supervisor:
     def __init__(self, *, worker: WorkerView, link: RouterLink, slots: JobSlots,
                  hooks: HookRegistry, wake: gevent.event.Event,
                  counters: collections.Counter[str],
-                 reload_settings: Callable[[], None]) -> None:
+                 reload_settings: Callable[[], bool]) -> None:
         self._worker = worker
         self._link = link
         self._slots = slots
@@ -141,12 +141,12 @@ class Supervisor:
             **signals})
 
     def _reload_if_asked(self) -> bool:
-        """When a reload was asked for: re-read the settings and return True."""
+        """When a reload was asked for: re-read the settings; whether they
+        were (then the connection is made anew)."""
         if not self._reload_requested:
             return False
         self._reload_requested = False
-        self._reload_settings()
-        return True
+        return self._reload_settings()
 
     def _offer_slots(self) -> None:
         self._link.offer_slots(self._slots.free())
