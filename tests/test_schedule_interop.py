@@ -524,6 +524,8 @@ def submit_delayed(peers: Peers, addrs: RouterAddrs, tag: str, delay: float, cou
                           "--addr", addrs.frontend, *extra],
                          capture_output=True, text=True, env=peers.env(), timeout=30)
     assert out.returncode == 0, out.stderr
+    # a SCHEDULE is not acknowledged: no "acknowledged 0" (a probe)
+    assert "each to run once" in out.stderr and "acknowledged" not in out.stderr, out.stderr
     return due
 
 
@@ -648,3 +650,28 @@ def test_a_quick_restart_of_the_green_scheduler_does_not_crash_eventmq_s_router(
     third.wait_for(r"scheduler: connected", timeout=20)  # the router still answers
     assert router.alive, router.tail()
     assert "KeyError" not in router.text()
+
+
+@pytest.mark.timeout(120)
+def test_delayed_jobs_of_a_queue_reach_its_workers_after_the_router_is_killed_9(peers,
+                                                                               tmp_path):
+    """A router with its scheduler inside, killed -9 and restarted on the
+    scheduler's file: the scheduler fires what fell due at once, before the
+    workers have connected again, and the restarted router, knowing no
+    queue yet, sent those jobs to the default queue, which these workers do
+    not serve: they waited there for ever (a probe, every time). Now they
+    wait for the workers of their queue to come back, and run once."""
+    addrs = RouterAddrs.fresh()
+    db = tmp_path / "schedules.db"
+    router = GreenRouter(peers, addrs, "--scheduler", "--scheduler-file", str(db))
+    peers.green(["-B", addrs.backend, "-J", "10", "-n", "w1", "-Q", "probe", *BEATS])
+    router.wait_schedulers(1)
+    due = submit_delayed(peers, addrs, "after-restart", 3, 5, "--queue", "probe")
+    wait_until(lambda: router.admin(Command.STATUS)["schedule_messages"].get(
+        "forwarded", 0) == 5, 10, "the delayed jobs at the scheduler")
+    router.kill()
+    wait_until(lambda: time.time() > due + 0.5, 10, "the delayed jobs due")
+    router = GreenRouter(peers, addrs, "--scheduler", "--scheduler-file", str(db))
+    assert wait_runs(peers, "after-restart", 5, timeout=30) >= 5
+    assert runs_stop(peers, "after-restart") == 5
+    assert router.admin(Command.STATUS)["waiting_messages_by_queue"] == {}

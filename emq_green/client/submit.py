@@ -337,9 +337,10 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
             if isinstance(sent, ResultHandle):
                 handles.append(sent)
             rate = (i + 1) / max(time.monotonic() - started, 1e-6)
-            progress.show(f"sent {i + 1}/{ns.count} ({rate:.0f}/s), "
-                          f"{'confirmed' if ns.guarantee else 'acknowledged'} "
-                          f"{client.acknowledged}")
+            # (a SCHEDULE, a delayed job, is not acknowledged: no count of 0 for it)
+            progress.show(f"sent {i + 1}/{ns.count} ({rate:.0f}/s)" + (
+                "" if ns.delay is not None else
+                f", {'confirmed' if ns.guarantee else 'acknowledged'} {client.acknowledged}"))
         if batch is not None:
             batch.wait()
     except KeyboardInterrupt:

@@ -90,7 +90,7 @@ from .clients import ClientSide
 from .guarantee import Guarantees
 from .journal import Journal
 from .results import PendingResults, ResultRelay
-from .routing import QueueBook, Request, Routing, Worker
+from .routing import QueueBook, Request, Routing, Worker, settled
 from .schedulers import SchedulerSide
 from .sockets import Handler, RouterSockets
 from .workers import RouterObserver, WorkerSide, freeze
@@ -153,6 +153,22 @@ class RouterState(str, Enum):
     STOPPING = "stopping"
 
 
+def _settle(router: Router, now: float) -> None:
+    """A housekeeping step: once the router's first :attr:`Router.settle_for`
+    seconds are over, requests waiting for a queue no worker has announced
+    go to the default queue (:func:`~emq_green.router.routing.settled`)."""
+    routing = router.routing
+    if not routing.settling or now < router._settled_at:
+        return
+    moved = settled(routing)
+    if moved:
+        logger.warning("router: no worker announced queue(s) %s in the %g s after the start; "
+                       "their %d request(s) go to %s", ", ".join(
+                           f"{printable(name, 60)} ({count})" for name, count in moved.items()),
+                       router.settle_for, sum(moved.values()), routing.default_queue)
+        router.worker_side.dispatch(routing.default_queue)
+
+
 class Router:
     """An eMQP/1.0 router for emq-green, EventMQ's job managers and clients.
 
@@ -173,6 +189,13 @@ class Router:
             (``curve_secret_key_file``) makes one of its own when none is
             given, as its ZAP handler needs the context to itself.
     """
+
+    #: Seconds after :meth:`start` during which a request for a queue no
+    #: worker has announced waits for one in that queue's buffer; then such
+    #: requests go to the default queue (EventMQ's router sends them there
+    #: at once). A restarted router knows no queue until the workers connect
+    #: again, within their heartbeats; default (None): ``heartbeat_timeout``.
+    settle_for: Optional[float] = None
 
     def __init__(
         self,
@@ -367,6 +390,10 @@ class Router:
         s = self.settings
         # CurveError (an OSError) when misconfigured
         curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
+        # workers alive before a restart connect again within heartbeat_timeout
+        settle = s.heartbeat_timeout if self.settle_for is None else self.settle_for
+        self.settle_for, self._settled_at = settle, time.monotonic() + settle
+        self.routing.settling = settle > 0
         self.client_side.restore()  # JournalError (an OSError): the journal cannot be used
         if curve is not None:
             # bound before any CURVE socket: with no handler libzmq lets every key in
@@ -470,6 +497,7 @@ class Router:
         steps: tuple[Callable[[float], Any], ...] = (
             lambda now: self.relay.expire(now, self._drop_unstarted),
             lambda _now: lastchance.keep_placing(self.worker_side),
+            lambda now: _settle(self, now),
             self.worker_side.check, self.scheduler_side.check)
         self.sockets.away_after = tick + AWAY
         self.sockets.on_back = lambda gap, now: _back(self, gap, now)

@@ -263,6 +263,9 @@ class Routing:
         self._departed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         #: queues that had a worker and have none now (see :data:`SERVED_MEMORY`)
         self._served_before: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Just started (see :func:`settled`): a request for a queue no worker
+        #: has announced yet waits in that queue's buffer, not the default's
+        self.settling = False
         #: Workers that said KBYE with jobs still in flight there, by identity:
         #: their REPLYs still count until :attr:`Worker.leaving_until`.
         self.leaving: dict[bytes, Worker] = {}
@@ -368,9 +371,11 @@ class Routing:
     def queue_for(self, queue: str) -> str:
         """``queue`` if a worker serves it, served it (see
         :data:`SERVED_MEMORY`) or requests wait in its buffer (they wait for
-        a worker of that queue, as in EventMQ 0.3.13); else the default
-        queue (a name no worker ever announced)."""
-        if queue in self.queues or queue in self.waiting or queue in self._served_before:
+        a worker of that queue, as in EventMQ 0.3.13), or while the router
+        is :attr:`settling` (see :func:`settled`); else the default queue (a name no worker ever
+        announced)."""
+        if (queue in self.queues or queue in self.waiting or queue in self._served_before
+                or self.settling):
             return queue
         return self.default_queue
 
@@ -608,6 +613,29 @@ class Routing:
                 for name, book in self.queues.items()
             },
         }
+
+
+def settled(routing: Routing) -> dict[str, int]:
+    """The router's first moments are over: the workers that were alive
+    when it started have connected again (a restarted router knows no
+    queue, and sent a scheduler's first firings and the clients' first
+    requests to the default queue, which workers often do not serve: a
+    probe, jobs waiting for ever). Requests still waiting for a queue no
+    worker has announced go to the default queue now, after its own, as
+    they would have at once; how many, by queue."""
+    routing.settling = False
+    default, moved = routing.default_queue, {}
+    waiting, full = routing.waiting, routing._full_queues
+    for name in [q for q in waiting if q != default and q not in routing.queues
+                 and q not in routing._served_before]:
+        requests = waiting.pop(name)
+        full.discard(name)
+        target = waiting.setdefault(default, collections.deque())
+        target.extend(requests)
+        if len(target) >= routing.hwm:
+            full.add(default)
+        moved[name] = len(requests)
+    return moved
 
 
 def remember(book: collections.OrderedDict[bytes, Any], identity: bytes) -> None:
