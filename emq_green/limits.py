@@ -27,6 +27,10 @@ MAX_MSGID_BYTES = 128
 MAX_INFORM_QUEUES = 256
 #: bytes (UTF-8) of one queue name in an INFORM; longer: the INFORM is refused
 MAX_QUEUE_NAME_BYTES = 256
+#: a queue's weight is an integer of at most this size, either sign (a
+#: probe's 1e308 was kept as a 309-digit number, which the dashboard's
+#: JavaScript reads as Infinity); larger: the INFORM is refused
+MAX_QUEUE_WEIGHT = 10**9
 #: characters of an INFORM's queue text, checked before it is parsed: the
 #: longest valid list (every name at its longest, JSON-escaped, plus weights)
 #: is far below this, and a longer text is refused without reading it
@@ -143,5 +147,5 @@ worker_log = LogLimiter(logging.getLogger("emq_green.worker"),
 
 
 __all__ = ["LOG_BURST", "LOG_WINDOW", "MAX_INFORM_QUEUES", "MAX_INFORM_TEXT",
-           "MAX_MSGID_BYTES", "MAX_QUEUE_NAME_BYTES", "PREVIEW", "LogLimiter",
+           "MAX_MSGID_BYTES", "MAX_QUEUE_NAME_BYTES", "MAX_QUEUE_WEIGHT", "PREVIEW", "LogLimiter",
            "frames_preview", "msgid_too_long", "worker_log"]

@@ -21,7 +21,13 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-from .limits import MAX_INFORM_QUEUES, MAX_INFORM_TEXT, MAX_QUEUE_NAME_BYTES, frames_preview
+from .limits import (
+    MAX_INFORM_QUEUES,
+    MAX_INFORM_TEXT,
+    MAX_QUEUE_NAME_BYTES,
+    MAX_QUEUE_WEIGHT,
+    frames_preview,
+)
 
 PROTOCOL_VERSION = "eMQP/1.0"
 _VERSION_FRAME = PROTOCOL_VERSION.encode()
@@ -552,9 +558,13 @@ def queue_pairs(raw: Any) -> Queues:
             raise ProtocolError(f"queue name {_short(name)} is longer than "
                                 f"{MAX_QUEUE_NAME_BYTES} bytes")
         try:
-            queues.append((int(weight), name))
+            number = int(weight)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"queue entry {_short(item)}: {exc}") from exc
+        if not -MAX_QUEUE_WEIGHT <= number <= MAX_QUEUE_WEIGHT:
+            raise ProtocolError(f"queue entry {_short(item)}: the weight is beyond "
+                                f"{MAX_QUEUE_WEIGHT:,} either way")
+        queues.append((number, name))
     return tuple(queues)
 
 

@@ -424,6 +424,63 @@ def test_a_scheduler_s_listing_is_bounded_in_what_the_book_keeps(side):
 
 
 @pytest.mark.timeout(10)
+def test_a_listing_s_numbers_that_json_cannot_carry_are_not_kept(side):
+    """A peer that said it was a scheduler listed next_run NaN, last_run
+    Infinity: STATUS and the dashboard's JSON carried them, invalid for
+    every strict parser (the page's response.json() among them), until the
+    router restarted (a probe)."""
+    side, sockets = side
+    inform(side, b"fake")
+    row = {"key": "k1", "next_run": float("nan"), "last_run": float("inf"),
+           "runs": float("-inf"), "runs_left": 3}
+    side.on_heartbeat(b"fake", Message.new(Command.HEARTBEAT, "1.0",
+                                           json.dumps({"schedules": [row]})))
+    (entry,) = side.book.values()
+    assert entry == {"key": "k1", "runs_left": 3, "scheduler": "fake"}
+    json.dumps(side.listing(), allow_nan=False)  # raises on NaN or Infinity
+
+
+@pytest.mark.timeout(20)
+def test_a_small_listing_costs_what_it_lists_not_the_whole_book(side):
+    """Every listing in a HEARTBEAT made a pass over the whole book, to find
+    what its scheduler no longer lists: two peers listed 26,000 rows each,
+    a third sent 2,000 HEARTBEATs of 40 bytes, 10 s of router CPU (a
+    probe). Only what the scheduler listed last is looked at now; what it
+    no longer lists still leaves the book."""
+    side, sockets = side
+    for name in (b"big-1", b"big-2"):
+        inform(side, name)
+        rows = [{"key": f"{name.decode()}-{n}", "next_run": 1.0} for n in range(20_000)]
+        side.on_heartbeat(name, Message.new(Command.HEARTBEAT, "1.0",
+                                            json.dumps({"schedules": rows})))
+    inform(side, b"small")
+    listing = json.dumps({"schedules": [{"key": "mine", "next_run": 1.0},
+                                        {"key": "gone-soon", "next_run": 1.0}]})
+    side.on_heartbeat(b"small", Message.new(Command.HEARTBEAT, "1.0", listing))
+    assert len(side.book) == 40_002
+
+    class Book(collections.OrderedDict):
+        passes = 0
+
+        def items(self):
+            Book.passes += 1
+            return super().items()
+
+        def values(self):
+            Book.passes += 1
+            return super().values()
+
+    side.book = Book(side.book)
+    for _ in range(2_000):
+        side.on_heartbeat(b"small", Message.new(Command.HEARTBEAT, "1.0", listing))
+    assert Book.passes == 0 and side.book["mine"]["next_run"] == 1.0
+    side.on_heartbeat(b"small", Message.new(Command.HEARTBEAT, "1.0", json.dumps(
+        {"schedules": [{"key": "mine", "next_run": 2.0}]})))
+    assert "gone-soon" not in side.book and side.book["mine"]["next_run"] == 2.0
+    assert len(side.book) == 40_001
+
+
+@pytest.mark.timeout(10)
 def test_emq_green_scheduler_refuses_a_cron_text_that_names_no_time():
     """31 February passes croniter's check; the table's first time raised
     and ended the scheduler's link greenlet (deaf for good)."""

@@ -38,7 +38,7 @@ from test_metrics import endpoint_manager, http_get
 from test_router import Harness, make_router, wait_until
 
 from emq_green.client import Client, JobError
-from emq_green.limits import LOG_BURST, MAX_INFORM_QUEUES, MAX_QUEUE_NAME_BYTES
+from emq_green.limits import LOG_BURST, MAX_INFORM_QUEUES, MAX_QUEUE_NAME_BYTES, MAX_QUEUE_WEIGHT
 from emq_green.protocol import Command, Message, ProtocolError, parse_queues, queues_json
 from emq_green.web.serve import parse_http_addr
 
@@ -275,6 +275,17 @@ def test_inform_queue_lists_from_outside_are_bounded_or_refused(raw):
     assert 1 <= len(queues) <= MAX_INFORM_QUEUES
     assert all(isinstance(w, int) and len(n.encode("utf-8", "surrogatepass"))
                <= MAX_QUEUE_NAME_BYTES for w, n in queues)
+    assert all(-MAX_QUEUE_WEIGHT <= w <= MAX_QUEUE_WEIGHT for w, _n in queues)
+
+
+@pytest.mark.parametrize("weight", [1e308, -(10**300), "9" * 4200, 10**9 + 1])
+def test_a_queue_weight_beyond_a_billion_is_refused(weight):
+    """A probe's INFORM with weight 1e308 was kept as a 309-digit number,
+    shown so by ROUTER_SHOW_WORKERS, read as Infinity by the dashboard."""
+    with pytest.raises(ProtocolError, match="weight is beyond"):
+        parse_queues(json.dumps([[weight, "q"]]))
+    assert parse_queues(json.dumps([[-(10**9), "a"], [10**9, "b"]])) == (
+        (-(10**9), "a"), (10**9, "b"))
 
 
 # ----------------------------------------------------------------------
