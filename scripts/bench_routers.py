@@ -155,6 +155,12 @@ def run(kind: str, workload: str, jobs: int, concurrency: int, tmp: Path, tree: 
         while counter.count() < jobs and time.monotonic() < deadline:
             while sock.poll(0):
                 sock.recv_multipart()
+            dead = [w.pid for w in pool if w.poll() is not None]
+            if dead or router.poll() is not None:
+                # (a probe: a worker gone, the run waited its whole 300 s)
+                who = f"worker(s) {dead}" if dead else "the router"
+                raise SystemExit(f"{kind} {workload}: {who} exited mid-run, "
+                                 f"{counter.count()}/{jobs} jobs done ({log.name})")
             time.sleep(0.01)  # polling interval for the file
         cpu = cpu_seconds(router.pid) - cpu_before
         worker_cpu = sum(cpu_seconds(w.pid) for w in pool) - worker_before

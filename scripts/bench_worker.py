@@ -528,6 +528,13 @@ def main() -> None:
                     help="extra emq-green flag (repeatable), e.g. --worker-flag=--foo=1")
     opts = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="emq-bench-")
+    try:
+        _main(opts, workdir)
+    finally:  # (a probe: left behind on Ctrl-C or an error)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _main(opts: argparse.Namespace, workdir: str) -> None:
     with open(os.path.join(workdir, "benchjobs.py"), "w") as f:
         f.write(JOB_MODULE)
     plan = [("bare", "noop", [], opts.noop_j), ("noop", "noop", [], opts.noop_j),
@@ -588,7 +595,6 @@ def main() -> None:
               + (f", {steady / limit:.3f} in the steady state (p99 "
                  f"{sleep['steady_p99_ms']:.1f} ms)" if steady else ""))
     print(json.dumps(rows))
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
