@@ -194,7 +194,9 @@ class Router:
     #: worker has announced waits for one in that queue's buffer; then such
     #: requests go to the default queue (EventMQ's router sends them there
     #: at once). A restarted router knows no queue until the workers connect
-    #: again, within their heartbeats; default (None): ``heartbeat_timeout``.
+    #: again; default (None): ``heartbeat_timeout x heartbeat_liveness +
+    #: heartbeat_interval`` (18 s at the defaults), the time EventMQ's job
+    #: manager takes to give up on the old router and connect again.
     settle_for: Optional[float] = None
 
     def __init__(
@@ -390,8 +392,11 @@ class Router:
         s = self.settings
         # CurveError (an OSError) when misconfigured
         curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
-        # workers alive before a restart connect again within heartbeat_timeout
-        settle = s.heartbeat_timeout if self.settle_for is None else self.settle_for
+        # workers alive before a restart connect again once they give up on
+        # the old router: EventMQ's job manager after heartbeat_timeout x
+        # heartbeat_liveness of silence (an emq-green worker at once, told KBYE)
+        settle = (s.heartbeat_timeout * s.heartbeat_liveness + s.heartbeat_interval
+                  if self.settle_for is None else self.settle_for)
         self.settle_for, self._settled_at = settle, time.monotonic() + settle
         self.routing.settling = settle > 0
         self.client_side.restore()  # JournalError (an OSError): the journal cannot be used
