@@ -35,6 +35,9 @@ from typing import Any, Optional, Sequence
 
 from .protocol import ProtocolError, RunRequest, printable
 
+#: the most runs a ``run_count`` may ask for (a probe's 10**30 overflowed
+#: the scheduler's SQLite INTEGER: the schedule was never saved)
+MAX_RUN_COUNT = 10**12
 #: run_count of a schedule that fires for ever
 FOREVER = -1
 #: the largest SCHEDULE (all body frames) a router or scheduler takes
@@ -261,8 +264,9 @@ def _run_count(headers: str) -> int:
         count = int(text)
     except ValueError:
         raise ProtocolError(f"run_count {printable(text, 40)} is not a whole number") from None
-    if count < 1 and count != FOREVER:
-        raise ProtocolError(f"run_count {count} must be 1 or more (or -1: for ever)")
+    if (count < 1 and count != FOREVER) or count > MAX_RUN_COUNT:
+        raise ProtocolError(f"run_count {printable(str(count), 40)} must be 1 to "
+                            f"{MAX_RUN_COUNT:,} (or -1: for ever)")
     return count
 
 

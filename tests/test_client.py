@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jobs_for_tests as J
 import pytest
 import zmq
 from peers import free_ports, recv_from_client  # noqa: F401 (free_ports: other files too)
@@ -422,9 +423,29 @@ def test_options_a_worker_or_router_would_drop_are_refused_at_the_call(options, 
     (lambda: ResultHandle.completed("m", 1).get(timeout="1"), TypeError,
      "timeout must be a number or None"),
     (lambda: ResultHandle.completed("m", 1).get(timeout=-1), ValueError,
-     "timeout must be a finite number, 0 or more"),
+     "timeout must be a finite number from 0 to 2,147,483"),
     (lambda: emq_client.schedule("jobs_for_tests.add", every="5", addr="tcp://127.0.0.1:1"),
      TypeError, "every must be a number of seconds"),
+    # too large for ZeroMQ's and gevent's millisecond C ints (a second probe:
+    # confirm_timeout=1e12 sent the guaranteed job, then raised OverflowError;
+    # hwm=2**31 made a Client no call could use)
+    (lambda: Client("tcp://127.0.0.1:1", confirm_timeout=1e12), ValueError,
+     "confirm_timeout must be a finite number from 0 to 2,147,483"),
+    (lambda: Client("tcp://127.0.0.1:1", send_timeout=2**40), ValueError, "send_timeout"),
+    (lambda: Client("tcp://127.0.0.1:1", hwm=2**31), ValueError, "hwm must be"),
+    (lambda: Client("tcp://127.0.0.1:1", linger=1e12), ValueError, "linger must be"),
+    (lambda: ResultHandle.completed("m", 1).get(timeout=1e12), ValueError, "timeout must be"),
+    (lambda: emq_client.schedule("jobs_for_tests.add", cron=5, addr="tcp://127.0.0.1:1"),
+     TypeError, "cron must be a str"),
+    (lambda: emq_client.schedule("jobs_for_tests.add", every=60, queue=5,
+                                 addr="tcp://127.0.0.1:1"), TypeError, "queue must be"),
+    (lambda: emq_client.unschedule("jobs_for_tests.add", queue=5, addr="tcp://127.0.0.1:1"),
+     TypeError, "queue must be"),
+    (lambda: emq_client.schedule("jobs_for_tests.add", every=60, run_count="5",
+                                 addr="tcp://127.0.0.1:1"), ValueError, "run_count must be"),
+    (lambda: emq_client.schedule("jobs_for_tests.add", every=60, run_count=10**30,
+                                 addr="tcp://127.0.0.1:1"), ValueError, "run_count must be"),
+    (lambda: job(queue="q")(J.add).delay_for(None, 1, 2), ValueError, "delay_for needs"),
 ])
 def test_the_clients_numbers_are_checked_at_the_call(call, error, says):
     """A probe's list: Client(hwm="x"), linger="x", get(timeout="1") failed
@@ -433,6 +454,7 @@ def test_the_clients_numbers_are_checked_at_the_call(call, error, says):
     (ResultTimeout). Each now raises at the call, the argument named."""
     with pytest.raises(error, match=says):
         call()
+    assert emq_client.get_client("tcp://127.0.0.1:1").sent == 0  # nothing sent
 
 
 def test_a_guaranteed_batch_window_is_checked():
@@ -441,7 +463,7 @@ def test_a_guaranteed_batch_window_is_checked():
     with Client("tcp://127.0.0.1:1", linger=0) as client:
         with pytest.raises(TypeError, match="window must be an int"):
             GuaranteedBatch(client, window="5")
-        with pytest.raises(ValueError, match="window must be a finite number, 1 or more"):
+        with pytest.raises(ValueError, match="window must be a finite number from 1 to"):
             GuaranteedBatch(client, window=0)
         assert client.sent == 0
 

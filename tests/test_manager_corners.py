@@ -11,7 +11,7 @@ import time
 import gevent
 import jobs_for_tests as J
 import pytest
-from conftest import stop_for_good
+from conftest import FAST_HEARTBEATS, stop_for_good
 from fakerouter import FakeRouter
 
 from emq_green.jobmanager import JobManager, State
@@ -355,6 +355,30 @@ def test_reload_with_a_bad_config_file_keeps_the_settings_and_says_why(
     assert router.wait_reply(ok) == {"value": 2}
     assert router.identities[-1] == second and router.count(Command.KBYE, second) == 0
     assert manager.counters["reloads"] == 1
+
+
+def test_a_reload_while_connecting_goes_to_the_address_it_read(router, make_manager, caplog):
+    """A worker whose router does not answer reloads with a file naming
+    another: its next connection goes there, not once more to the old
+    address (a probe: the address was picked before the reload was read)."""
+    from peers import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    caplog.set_level(logging.INFO, logger="emq_green")
+    manager = make_manager(wait_running=False, worker_addr=dead, worker_addr_default=dead,
+                           worker_addr_failover=dead, reconnect_timeout=1.0,
+                           settings_loader=lambda: Settings(
+                               name="x", worker_addr=router.addr,
+                               worker_addr_default=router.addr,
+                               worker_addr_failover=router.addr, reconnect_timeout=1.0,
+                               **FAST_HEARTBEATS))
+    router.wait_until(lambda: f"connecting to {dead}" in caplog.text)
+    manager.reload()
+    assert manager.wait_for_state(State.RUNNING, timeout=10)
+    lines = [r.getMessage() for r in caplog.records]
+    reloaded = next(n for n, line in enumerate(lines) if "settings reloaded" in line)
+    connecting = [line for line in lines[reloaded:] if line.startswith("connecting to")]
+    assert connecting and all(router.addr in line for line in connecting), connecting
 
 
 class Audited(JobManager):

@@ -230,6 +230,28 @@ def test_with_two_schedulers_the_survivor_takes_over_and_no_one_else(side):
 
 
 @pytest.mark.timeout(10)
+def test_the_book_shows_the_holder_not_a_scheduler_that_lists_a_stale_copy(side):
+    """A probe: a scheduler killed while it held a schedule, restarted on
+    its file, listed the schedule (before it dropped it as told): the row
+    was credited to it for good, with its old next_run, though another
+    held and fired the schedule (EventMQ's, which never lists)."""
+    side, sockets = side
+    owner, other = two_schedulers_one_schedule(side)
+    listing = json.dumps({"schedules": [{"key": KEY, "next_run": 100.0, "runs": 4}]})
+    side.on_heartbeat(owner, Message.new(Command.HEARTBEAT, "1.0", listing))
+    assert side.book[KEY]["scheduler"] == owner.decode() and side.book[KEY]["runs"] == 4
+    sockets.gone.add(owner)
+    side.on_kbye(owner, Message.new(Command.KBYE))
+    row = side.book[KEY]
+    assert row["scheduler"] == other.decode() and "next_run" not in row and "runs" not in row
+    sockets.gone.discard(owner)
+    inform(side, owner)  # back, its file still holding the schedule
+    side.on_heartbeat(owner, Message.new(Command.HEARTBEAT, "1.0", listing))
+    assert side.live[KEY].owner == other
+    assert side.book[KEY]["scheduler"] == other.decode() and "next_run" not in side.book[KEY]
+
+
+@pytest.mark.timeout(10)
 def test_schedulers_gone_together_pass_their_schedules_to_the_one_left(side):
     """A probe's find: five of six schedulers gone at once (kill -9). The
     first one removed handed its schedules to another gone one; the send

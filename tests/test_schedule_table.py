@@ -144,6 +144,8 @@ def test_eta_one_shot():
     (body("5", cron="* * * * *"), "both"),
     (body("5", "run_count:0"), "run_count"),
     (body("5", "run_count:x"), "run_count"),
+    # a probe: 10**30 overflowed the scheduler's SQLite INTEGER, never saved
+    (body("5", f"run_count:{10**30}"), "run_count 1000000000000000000000000000000 must be"),
     (body("5", "eta:soon"), "eta"),
     # a probe's finds: never run, then refused by the scheduler it was handed to
     (body("60", "eta:1e308"), "ten years"),

@@ -871,6 +871,8 @@ def job(
         def delay_for(seconds: float, *args: Any, **kwargs: Any) -> str:
             """Run it once, ``seconds`` from now (a one-shot schedule; no
             result: the decorator's ``result`` is for ``.delay``)."""
+            if seconds is None:  # (defer_job would send it now: a probe)
+                raise ValueError("delay_for needs a number of seconds, not None")
             later = {k: v for k, v in options.items() if k != "result"}
             return get_client(broker_addr).defer_job(f, args, kwargs, queue=queue,
                                                      delay=seconds, **later)

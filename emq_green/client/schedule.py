@@ -30,7 +30,7 @@ import uuid
 from typing import Any, Optional, Sequence, Union
 
 from ..protocol import Command, Message, RunRequest, check_job_options
-from ..schedules import MAX_INTERVAL, parse_schedule, schedule_body
+from ..schedules import MAX_INTERVAL, MAX_RUN_COUNT, parse_schedule, schedule_body
 
 #: a time: seconds since the epoch, or a datetime (naive: local time)
 When = Union[float, datetime.datetime]
@@ -79,6 +79,15 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
     """A SCHEDULE body for every ``every`` seconds or the times of ``cron``."""
     if (every is None) == (cron is None):
         raise ValueError("give either every (seconds) or cron, not both")
+    if cron is not None and not isinstance(cron, str):
+        raise TypeError(f"cron must be a str, not {type(cron).__name__}")
+    if run_count is not None and (isinstance(run_count, bool) or not isinstance(run_count, int)
+                                  or not 1 <= run_count <= MAX_RUN_COUNT):
+        # (a probe: "5" went into the header as it was; 10**30 overflowed the
+        # scheduler's SQLite file, and the client was told nothing)
+        raise ValueError(f"run_count must be a whole number from 1 to {MAX_RUN_COUNT:,}, "
+                         f"not {run_count!r}")
+    check_job_options(retry_count, timeout, queue)
     if every is not None and not isinstance(every, (int, float)):
         raise TypeError(f"every must be a number of seconds, not {type(every).__name__}")
     if every is not None and (isinstance(every, bool) or not (
@@ -127,6 +136,7 @@ def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
     """
     if (delay is None) == (eta is None):
         raise ValueError("give either delay (seconds) or eta, not both")
+    check_job_options(retry_count, timeout, queue)
     if result:
         raise ValueError("a delayed job (delay or eta) cannot return a result: a scheduler "
                          "sends it later, and no result comes back; drop result=True")
@@ -138,7 +148,8 @@ def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
         at = now + finite_seconds("delay", delay)
     if at - now > MAX_INTERVAL:
         raise ValueError(f"a delayed job runs at most ten years ({MAX_INTERVAL:.0f} s) from "
-                         f"now; got {at - now:.0f} s")
+                         f"now; got {'eta' if eta is not None else 'delay'} {at - now:.0f} s "
+                         "ahead")
     headers = [*job_headers(guarantee, retry_count, timeout), "run_count:1", "nohaste",
                f"eta:{at:.6f}", f"delay-id:{uuid.uuid4().hex}"]
     body = schedule_body(queue=queue or "default", headers=headers,

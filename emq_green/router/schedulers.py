@@ -310,15 +310,21 @@ def _admit(side: SchedulerSide, client: bytes, message: Message, key: str) -> bo
 
 
 def _merge_rows(book: collections.OrderedDict[str, dict[str, Any]],
-                live: dict[str, LiveSchedule], scheduler: str,
+                live: dict[str, LiveSchedule], client: bytes, scheduler: str,
                 rows: list[Any], before: frozenset[str]) -> tuple[list[str], frozenset[str]]:
-    """A scheduler's listing into the router's ``book`` (``before``: the
-    keys of its last listing); the keys whose runs are over there, and the
-    keys listed."""
+    """The listing of scheduler ``client`` (its name ``scheduler``) into the
+    router's ``book`` (``before``: the keys of its last listing); the keys
+    whose runs are over there, and the keys listed. A schedule live on
+    another scheduler is not its (a probe: a scheduler restarted on its file
+    listed what had been handed over meanwhile, before dropping it, and the
+    row was credited to it for good)."""
     listed: set[str] = set()
     ended = []
     for row in rows[:MAX_BOOK]:
         key = str(row["key"])[:MAX_LISTED_TEXT]
+        holder = live.get(key)
+        if holder is not None and holder.owner is not None and holder.owner != client:
+            continue
         listed.add(key)
         entry = book.get(key)
         if entry is None:
@@ -384,6 +390,10 @@ def _place(side: SchedulerSide, key: str, live: LiveSchedule,
             live.holders.add(owner)
             entry = side.book.get(key)
             if entry is not None:
+                # what the last holder listed is not the new holder's (a probe:
+                # its next_run long past, EventMQ's scheduler never lists)
+                for name in _LISTED_NUMBERS:
+                    entry.pop(name, None)
                 entry["scheduler"] = printable(owner, 60)
             return True, gone
         gone = True
@@ -467,7 +477,7 @@ def _merge_listing(side: SchedulerSide, client: bytes, text: str) -> None:
     last_run, runs, runs_left}, ...]}``."""
     name = printable(client, 60)
     try:
-        ended, listed = _merge_rows(side.book, side.live, name,
+        ended, listed = _merge_rows(side.book, side.live, client, name,
                                     json.loads(text).get("schedules", []),
                                     side.listed_by.get(name, frozenset()))
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:

@@ -157,7 +157,7 @@ class Supervisor:
     def _run(self) -> None:
         try:
             while self._stop_mode is None:
-                self._session(self._link.next_addr())
+                self._session()
             self._shutdown()
         except BaseException as exc:
             self.crash = exc
@@ -173,12 +173,15 @@ class Supervisor:
             self._hooks.notify("manager_stopped")
             self.stopped.set()
 
-    def _session(self, addr: str) -> None:
+    def _session(self) -> None:
         """One connection: INFORM, wait for ACK, serve until it must end.
 
         A reload asked for while the INFORM waits for its ACK is done once
-        the connection is up (or before the next one)."""
+        the connection is up (or before the next one, whose address comes
+        from the settings it read: a probe's worker tried the old address
+        once more)."""
         self._reload_if_asked()
+        addr = self._link.next_addr()
         link, worker = self._link, self._worker
         self.lifecycle.set(State.CONNECTING)
         link.open(addr, worker.name, worker.queues, self._slots.pid)
