@@ -153,6 +153,21 @@ class RouterState(str, Enum):
     STOPPING = "stopping"
 
 
+def _begin_settling(router: Router) -> None:
+    """A restarted router knows no queue until the workers connect again:
+    for :attr:`Router.settle_for` seconds (default None: ``heartbeat_timeout
+    x heartbeat_liveness + heartbeat_interval``, 18 s at the defaults, the
+    time EventMQ's job manager takes to give up on the old router; an
+    emq-green worker, told KBYE, comes at once) a request for a queue no
+    worker has announced waits for one; then it goes to the default queue,
+    where EventMQ's router sends it at once."""
+    s = router.settings
+    settle = (s.heartbeat_timeout * s.heartbeat_liveness + s.heartbeat_interval
+              if router.settle_for is None else router.settle_for)
+    router.settle_for, router._settled_at = settle, time.monotonic() + settle
+    router.routing.settling = settle > 0
+
+
 def _settle(router: Router, now: float) -> None:
     """A housekeeping step: once the router's first :attr:`Router.settle_for`
     seconds are over, requests waiting for a queue no worker has announced
@@ -190,13 +205,8 @@ class Router:
             given, as its ZAP handler needs the context to itself.
     """
 
-    #: Seconds after :meth:`start` during which a request for a queue no
-    #: worker has announced waits for one in that queue's buffer; then such
-    #: requests go to the default queue (EventMQ's router sends them there
-    #: at once). A restarted router knows no queue until the workers connect
-    #: again; default (None): ``heartbeat_timeout x heartbeat_liveness +
-    #: heartbeat_interval`` (18 s at the defaults), the time EventMQ's job
-    #: manager takes to give up on the old router and connect again.
+    #: Seconds after :meth:`start` a request for a queue no worker has
+    #: announced waits in its own buffer, not the default's (see :func:`_begin_settling`)
     settle_for: Optional[float] = None
 
     def __init__(
@@ -392,13 +402,7 @@ class Router:
         s = self.settings
         # CurveError (an OSError) when misconfigured
         curve = server_curve(s.curve_secret_key_file, s.curve_authorized_keys)
-        # workers alive before a restart connect again once they give up on
-        # the old router: EventMQ's job manager after heartbeat_timeout x
-        # heartbeat_liveness of silence (an emq-green worker at once, told KBYE)
-        settle = (s.heartbeat_timeout * s.heartbeat_liveness + s.heartbeat_interval
-                  if self.settle_for is None else self.settle_for)
-        self.settle_for, self._settled_at = settle, time.monotonic() + settle
-        self.routing.settling = settle > 0
+        _begin_settling(self)
         self.client_side.restore()  # JournalError (an OSError): the journal cannot be used
         if curve is not None:
             # bound before any CURVE socket: with no handler libzmq lets every key in
