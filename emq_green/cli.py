@@ -6,6 +6,7 @@ nothing at the top but :mod:`os` and :mod:`sys`; ``--no-monkey-patch`` (or
 ``EVENTMQ_NO_MONKEY_PATCH=true``) opts out.
 """
 
+import functools
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -96,8 +97,9 @@ def main(argv: "list[str] | None" = None) -> int:
     # directory is importable.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    reload = functools.partial(settings_logging_warnings, load, reloading=True)
     if router_settings is not None:
-        return _standalone(settings, router_settings, lambda: settings_logging_warnings(load))
+        return _standalone(settings, router_settings, reload)
     if not _curve_ok(settings):
         return 2
     warn_unused(settings, {
@@ -106,7 +108,7 @@ def main(argv: "list[str] | None" = None) -> int:
                           "--metrics-addr"})
     try:  # job_entry_func/job_exit_func are imported here
         manager = JobManager(settings=settings,
-                             settings_loader=lambda: settings_logging_warnings(load))
+                             settings_loader=reload)
     except SettingsError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 2

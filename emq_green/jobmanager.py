@@ -66,16 +66,33 @@ Callback = Callable[[Any, Optional[str], bool, int], None]
 
 
 def settings_logging_warnings(load: Callable[[], tuple[Settings, Any]] = lambda: load_settings(
-        [], os.environ)) -> Settings:
+        [], os.environ), *, reloading: bool = False) -> Settings:
     """The settings ``load`` reads (:func:`~emq_green.settings.load_settings`'s
     pair; by default the ``EVENTMQ_*`` variables and the INI file), with a
     WARNING for each of the warnings it found (settings that run, as in
     EventMQ, but may not do what was meant): a program logs them at its
-    start; a reload and an embedded manager read settings later."""
+    start; a reload and an embedded manager read settings later. With
+    ``reloading``, an INI file that could not be read, or has no section of
+    this program, raises SettingsError."""
     settings, ns = load()
+    if reloading and getattr(ns, "config_warnings", None):
+        # at a start EventMQ reads such a file and runs on its defaults; at
+        # a reload that moved a running worker to the default router and
+        # queue (a probe): the current settings stay
+        raise SettingsError("; ".join(ns.config_warnings))
     for text in getattr(ns, "start_warnings", ()):
         logger.warning("settings: %s", text)
     return settings
+
+
+def _first_settings(manager: JobManager) -> Settings:
+    """:meth:`JobManager.jobmanager_main`'s settings: from the manager's
+    loader, or the ``EVENTMQ_*`` variables and the INI file, which a reload
+    then reads again (a file gone or without its section is then refused)."""
+    if manager._settings_loader is not None:
+        return manager._settings_loader()
+    manager._settings_loader = functools.partial(settings_logging_warnings, reloading=True)
+    return settings_logging_warnings()
 
 
 def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional[int],
@@ -331,9 +348,7 @@ class JobManager:
                 ``worker_addr`` and both failover addresses.
         """
         if not self._settings_given:
-            if self._settings_loader is None:
-                self._settings_loader = settings_logging_warnings
-            self._apply_settings(self._settings_loader())
+            self._apply_settings(_first_settings(self))
         _override(self, broker_addr, None)
         self.serve_forever()
 

@@ -819,6 +819,9 @@ def load_settings(
     #: emq_green.cli.warn_misplaced): settings that run as in EventMQ but
     #: may not do what was meant
     ns.start_warnings = [*warnings, *heartbeat_warnings(settings)]
+    #: what was wrong with the INI file itself (unreadable and skipped, or
+    #: no section of this program): a reload takes it for a mistake
+    ns.config_warnings = list(warnings)
     for name in EVENTMQ_UNREAD:  # the environment first, as in EventMQ
         if ENV_PREFIX + name.upper() in environ:
             unread[name] = environ[ENV_PREFIX + name.upper()]

@@ -357,6 +357,40 @@ def test_reload_with_a_bad_config_file_keeps_the_settings_and_says_why(
     assert manager.counters["reloads"] == 1
 
 
+@pytest.mark.parametrize("broken", ["no section", "gone"])
+def test_a_reload_of_a_file_without_its_section_or_gone_keeps_everything(
+        router, make_manager, tmp_path, caplog, broken):
+    """A SIGHUP after the file lost its [jobmanager] section (or the file
+    itself) moved a running worker to the default router and queue: EventMQ
+    runs on its defaults at a start, but at a reload it is a mistake (a
+    probe). The settings and the connection stay, an ERROR says why."""
+    from emq_green.jobmanager import settings_logging_warnings
+
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text("[jobmanager]\n"
+                    f"worker_addr = {router.addr}\nworker_addr_default = {router.addr}\n"
+                    f"worker_addr_failover = {router.addr}\n"
+                    'queues = [[10, "mail"]]\nconcurrent_jobs = 3\n')
+    manager = make_manager(concurrent_jobs=3, queues=((10, "mail"),),
+                           settings_loader=lambda: settings_logging_warnings(
+                               lambda: load_settings([], {"EVENTMQ_CONFIG_FILE": str(conf)}),
+                               reloading=True))
+    first = router.wait_inform()
+    caplog.set_level(logging.INFO, logger="emq_green")
+    if broken == "gone":
+        conf.unlink()
+    else:
+        conf.write_text("[other]\nconcurrent_jobs = 9\n")
+    manager.reload()
+    router.wait_until(lambda: "settings not reloaded" in caplog.text)
+    [line] = [r.getMessage() for r in caplog.records if "settings not reloaded" in r.getMessage()]
+    assert str(conf) in line and ("no [jobmanager] section" in line or "does not exist" in line)
+    assert manager.concurrent_jobs == 3 and manager.queues == ((10, "mail"),)
+    ok = router.request(first, JOBS, "add", args=[2, 3], headers=REPLY, queue="mail")
+    assert router.wait_reply(ok) == {"value": 5}
+    assert router.identities == [first] and router.count(Command.KBYE, first) == 0
+
+
 def test_a_reload_while_connecting_goes_to_the_address_it_read(router, make_manager, caplog):
     """A worker whose router does not answer reloads with a file naming
     another: its next connection goes there, not once more to the old

@@ -155,14 +155,17 @@ class RouterState(str, Enum):
 
 def _begin_settling(router: Router) -> None:
     """A restarted router knows no queue until the workers connect again:
-    for :attr:`Router.settle_for` seconds (default None: ``heartbeat_timeout
-    x heartbeat_liveness + heartbeat_interval``, 18 s at the defaults, the
-    time EventMQ's job manager takes to give up on the old router; an
-    emq-green worker, told KBYE, comes at once) a request for a queue no
-    worker has announced waits for one; then it goes to the default queue,
-    where EventMQ's router sends it at once."""
+    for :attr:`Router.settle_for` seconds a request for a queue no worker
+    has announced waits for one; then it goes to the default queue, where
+    EventMQ's router sends it at once. Default (None): ``heartbeat_timeout x
+    heartbeat_liveness + 2 x heartbeat_interval + 1``, 22 s at the defaults.
+    An emq-green worker, told KBYE at its first message, comes at once;
+    EventMQ's job manager takes any message for a heartbeat, so that KBYE
+    (within a heartbeat_interval of the start) starts its wait of
+    ``heartbeat_timeout x heartbeat_liveness`` anew (a probe: back 15 s
+    after the KBYE, 17.5 s after the start, every time)."""
     s = router.settings
-    settle = (s.heartbeat_timeout * s.heartbeat_liveness + s.heartbeat_interval
+    settle = (s.heartbeat_timeout * s.heartbeat_liveness + 2 * s.heartbeat_interval + 1
               if router.settle_for is None else router.settle_for)
     router.settle_for, router._settled_at = settle, time.monotonic() + settle
     router.routing.settling = settle > 0
@@ -177,10 +180,12 @@ def _settle(router: Router, now: float) -> None:
         return
     moved = settled(routing)
     if moved:
+        named = [f"{printable(name, 60)} ({count})" for name, count in list(moved.items())[:20]]
+        if len(moved) > 20:
+            named.append(f"and {len(moved) - 20} more")
         logger.warning("router: no worker announced queue(s) %s in the %g s after the start; "
-                       "their %d request(s) go to %s", ", ".join(
-                           f"{printable(name, 60)} ({count})" for name, count in moved.items()),
-                       router.settle_for, sum(moved.values()), routing.default_queue)
+                       "their %d request(s) go to %s", ", ".join(named), router.settle_for,
+                       sum(moved.values()), routing.default_queue)
         router.worker_side.dispatch(routing.default_queue)
 
 

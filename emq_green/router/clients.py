@@ -285,9 +285,9 @@ class ClientSide:
             if routing.served(queue):
                 logger.info("router: no free slot for queue %s; buffering requests",
                             printable(queue))
-            else:
-                logger.warning("router: no worker serves queue %s now; its requests wait "
-                               "in the buffer for one", printable(queue))
+            else:  # (rate-limited: in the router's first moments any name waits, a probe's 20,000)
+                self._log.warning("queue_waits", "router: no worker serves queue %s now; its "
+                                  "requests wait in the buffer for one", printable(queue))
         if routing.buffer(queue, request):
             self.sockets.pause_clients(
                 f"buffer full (queue {printable(queue)}: {len(routing.waiting.get(queue, ()))} "
