@@ -97,7 +97,9 @@ def main(argv: "list[str] | None" = None) -> int:
     # directory is importable.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    reload = functools.partial(settings_logging_warnings, load, reloading=True)
+    # (what was wrong with the file at the start is no reason to refuse a reload)
+    reload = functools.partial(settings_logging_warnings, load, reloading=True,
+                               known=ns.config_warnings)
     if router_settings is not None:
         return _standalone(settings, router_settings, reload)
     if not _curve_ok(settings):

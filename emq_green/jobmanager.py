@@ -41,7 +41,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Collection, Optional, Sequence, TypeVar, Union
 
 import gevent.event
 import zmq.green as zmq
@@ -66,20 +66,22 @@ Callback = Callable[[Any, Optional[str], bool, int], None]
 
 
 def settings_logging_warnings(load: Callable[[], tuple[Settings, Any]] = lambda: load_settings(
-        [], os.environ), *, reloading: bool = False) -> Settings:
+        [], os.environ), *, reloading: bool = False, known: Collection[str] = ()) -> Settings:
     """The settings ``load`` reads (:func:`~emq_green.settings.load_settings`'s
     pair; by default the ``EVENTMQ_*`` variables and the INI file), with a
     WARNING for each of the warnings it found (settings that run, as in
     EventMQ, but may not do what was meant): a program logs them at its
     start; a reload and an embedded manager read settings later. With
     ``reloading``, an INI file that could not be read, or has no section of
-    this program, raises SettingsError."""
+    this program, raises SettingsError, unless it was so at the start
+    (``known``: the start's ``config_warnings``)."""
     settings, ns = load()
-    if reloading and getattr(ns, "config_warnings", None):
+    new = [text for text in getattr(ns, "config_warnings", ()) if text not in known]
+    if reloading and new:
         # at a start EventMQ reads such a file and runs on its defaults; at
         # a reload that moved a running worker to the default router and
         # queue (a probe): the current settings stay
-        raise SettingsError("; ".join(ns.config_warnings))
+        raise SettingsError("; ".join(new))
     for text in getattr(ns, "start_warnings", ()):
         logger.warning("settings: %s", text)
     return settings
@@ -91,8 +93,10 @@ def _first_settings(manager: JobManager) -> Settings:
     then reads again (a file gone or without its section is then refused)."""
     if manager._settings_loader is not None:
         return manager._settings_loader()
-    manager._settings_loader = functools.partial(settings_logging_warnings, reloading=True)
-    return settings_logging_warnings()
+    first = load_settings([], os.environ)
+    manager._settings_loader = functools.partial(settings_logging_warnings, reloading=True,
+                                                 known=first[1].config_warnings)
+    return settings_logging_warnings(lambda: first)
 
 
 def _overrides(name: Optional[str], queues: QueuesArg, concurrent_jobs: Optional[int],

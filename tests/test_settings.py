@@ -471,3 +471,31 @@ def test_a_name_may_have_spaces_as_in_eventmq_but_no_line_break(name, ok):
     else:
         with pytest.raises(SettingsError, match="name: .* must be non-empty, printable"):
             load_settings(["-n", name], {})
+
+
+def test_a_reload_refuses_only_what_was_not_wrong_with_the_file_at_the_start(tmp_path):
+    """A reload takes a file gone, or without [jobmanager], for a mistake
+    (a probe: a running worker moved to the default router); one that was
+    so at the start, as EventMQ reads it, reloads as it started."""
+    from emq_green.jobmanager import settings_logging_warnings
+    from emq_green.settings import SettingsError
+
+    conf = tmp_path / "eventmq.conf"
+    conf.write_text("[global]\nconcurrent_jobs = 7\n")
+    env = {"EVENTMQ_CONFIG_FILE": str(conf)}
+    settings, ns = load_settings([], env)
+    assert settings.concurrent_jobs == 7 and len(ns.config_warnings) == 1  # no [jobmanager]
+    reload = lambda: settings_logging_warnings(  # noqa: E731
+        lambda: load_settings([], env), reloading=True, known=ns.config_warnings)
+    assert reload().concurrent_jobs == 7  # as at the start: reloaded
+    conf.unlink()
+    with pytest.raises(SettingsError, match="does not exist"):
+        reload()
+    conf.write_text("[jobmanager]\nconcurrent_jobs = 9\n")
+    assert reload().concurrent_jobs == 9
+    # a file valid at the start that lost its section is refused
+    _s, fine = load_settings([], env)
+    conf.write_text("[other]\nconcurrent_jobs = 3\n")
+    with pytest.raises(SettingsError, match="no \\[jobmanager\\] section"):
+        settings_logging_warnings(lambda: load_settings([], env), reloading=True,
+                                  known=fine.config_warnings)
