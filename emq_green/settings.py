@@ -745,6 +745,7 @@ def load_settings(
             environ[variable], aliased[variable] = environ[alias], alias
     config_file, explicit = _config_path(argv, environ)
     read_config, warnings = _open_config(config_file, explicit, section)
+    file_warnings = list(warnings)  # (what is wrong with the INI file itself)
     file_keys: dict[str, str] = {}
     unread: dict[str, str] = {}
     parser = build_parser(section, config_file, prog, file_keys, unread,
@@ -821,7 +822,7 @@ def load_settings(
     ns.start_warnings = [*warnings, *heartbeat_warnings(settings)]
     #: what was wrong with the INI file itself (unreadable and skipped, or
     #: no section of this program): a reload takes it for a mistake
-    ns.config_warnings = list(warnings)
+    ns.config_warnings = file_warnings
     for name in EVENTMQ_UNREAD:  # the environment first, as in EventMQ
         if ENV_PREFIX + name.upper() in environ:
             unread[name] = environ[ENV_PREFIX + name.upper()]

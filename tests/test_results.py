@@ -1105,3 +1105,35 @@ def test_a_full_room_gives_way_to_a_client_holding_less_by_a_few_bytes_only():
     hogs_held = sum(held.values()) - held[b"reader"]
     assert relay.pending.dropped["client_slow"] == 80 - 2 * 2 - hogs_held  # 2 each on their way
     assert len(told) == relay.pending.dropped["client_slow"]  # each told, once
+
+
+def test_a_full_room_drops_nothing_of_others_when_that_would_not_make_the_room():
+    """A review's find: the give-way rule dropped the top holder's oldest
+    result, found the room still short, and refused the new one too: two
+    losses where one was needed. Now nothing is dropped unless the drops
+    make the room."""
+    from emq_green.protocol import Message
+    from emq_green.router.results import PendingResults, ResultRelay
+
+    relay = ResultRelay(PendingResults(100, 600.0, max_bytes=100_000),
+                        lambda client, message: True,
+                        send_frames=lambda frames: False)  # every client gone for now
+    relay.hold_for_reconnect = 60.0
+    count = 0
+
+    def result(client: bytes, size: int) -> str:
+        nonlocal count
+        msgid, count = f"job-{count}", count + 1
+        relay.remember(msgid, client, 0.0)
+        relay.forward(Message(Command.REPLY, f"reply-{msgid}",
+                              (json.dumps({"value": "v" * size}), msgid)))
+        return msgid
+
+    result(b"a", 30_000)
+    b_small, b_big = result(b"b", 500), result(b"b", 30_000)
+    result(b"c", 30_000)
+    assert relay.held == 4 and not relay.pending.dropped
+    result(b"a", 15_000)  # no room, and b's 500 bytes would not make it
+    assert relay.pending.dropped == {"client_gone": 1}
+    assert {b_small, b_big} <= set(relay._held) and relay.held == 4
+    assert relay.held_bytes == sum(size for _f, _d, size in relay._held.values())

@@ -247,6 +247,25 @@ def test_a_router_just_started_keeps_requests_for_queues_its_workers_will_announ
     assert default.recv(timeout=5).msgid == later.msgid
 
 
+@pytest.mark.timeout(30)
+def test_clients_paused_by_a_queue_full_in_the_grace_are_read_again_once_it_moved(
+        make_router, monkeypatch):
+    """A review's find: an unserved queue filled to hwm in the router's
+    first moments paused the clients; at the grace's end its requests went
+    to default and ran, and reading never resumed (the next request was
+    dropped unread at the stop)."""
+    monkeypatch.setattr(Router, "settle_for", 1.0)
+    h = make_router(hwm=4)
+    client = h.peer("frontend")
+    early = [h.request(client, queue="foo") for _ in range(4)]
+    wait_until(lambda: h.router.sockets.frontend_paused, what="clients paused")
+    default = h.worker(queues=[(10, "default")], slots=16, name="default-worker")
+    assert [default.recv(timeout=10).msgid for _ in early] == [m.msgid for m in early]
+    later = h.request(client)
+    assert default.recv(timeout=10).msgid == later.msgid
+    assert not h.router.sockets.frontend_paused
+
+
 def test_a_queue_name_is_remembered_for_a_bounded_number_of_departures():
     from emq_green.router.routing import SERVED_MEMORY, Routing
 

@@ -499,3 +499,16 @@ def test_a_reload_refuses_only_what_was_not_wrong_with_the_file_at_the_start(tmp
     with pytest.raises(SettingsError, match="no \\[jobmanager\\] section"):
         settings_logging_warnings(lambda: load_settings([], env), reloading=True,
                                   known=fine.config_warnings)
+
+
+def test_a_reload_is_not_refused_for_warnings_about_values():
+    """A review's find: a boolean written EventMQ's way (EVENTMQ_SUPER_DEBUG=1
+    means false) or a fractional queue weight made every reload refused:
+    only what is wrong with the INI file itself refuses one."""
+    from emq_green.jobmanager import settings_logging_warnings
+
+    for env in ({"EVENTMQ_SUPER_DEBUG": "1"}, {"EVENTMQ_QUEUES": '[[1.5, "a"]]'}):
+        settings, ns = load_settings([], env)
+        assert ns.start_warnings and not ns.config_warnings
+        assert settings_logging_warnings(lambda env=env: load_settings([], env),
+                                         reloading=True) is not None

@@ -187,6 +187,13 @@ def _settle(router: Router, now: float) -> None:
                        "their %d request(s) go to %s", ", ".join(named), router.settle_for,
                        sum(moved.values()), routing.default_queue)
         router.worker_side.dispatch(routing.default_queue)
+        # the moved queues' bounds are gone, the default's may be reached (a
+        # review: clients paused by a full queue that moved stayed paused)
+        if routing.may_resume():
+            router.worker_side.resume_clients()
+        else:
+            router.sockets.pause_clients(f"queue {routing.default_queue} full after the "
+                                         "start's requests for unserved queues came to it")
 
 
 class Router:
@@ -211,7 +218,7 @@ class Router:
     """
 
     #: Seconds after :meth:`start` a request for a queue no worker has
-    #: announced waits in its own buffer, not the default's (see :func:`_begin_settling`)
+    #: announced waits in its own buffer, not the default's (see ``_begin_settling``)
     settle_for: Optional[float] = None
 
     def __init__(

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Container, Mapping, Optional
+from typing import Any, Callable, Container, Iterator, Mapping, Optional
 
 from ..limits import LogLimiter
 from ..protocol import Command, Message, printable, relayed_reply_frames
@@ -441,21 +441,34 @@ class ResultRelay:
         """Drop the oldest waiting results of the client holding most, while
         it holds more than ``client`` (``holds`` bytes before its new one),
         until at most ``limit`` bytes wait; whether that made the room.
-        (Against what ``client`` would hold with its new one, two clients
-        with as many results each refused a third its last: results carry a
-        few bytes of frames more than the room's round share, a flaky test.)"""
-        held_by = self._held_by
-        while self.held_bytes > limit:
+        Nothing is dropped when it would not (a review: another's result
+        went, and the new one too). (Against what ``client`` would hold with
+        its new one, two clients with as many results each refused a third
+        its last: results carry a few bytes of frames more than the room's
+        round share, a flaky test.)"""
+        held_by = dict(self._held_by)
+        excess = self.held_bytes - limit
+        victims: list[str] = []
+        oldest: dict[bytes, Iterator[tuple[str, int]]] = {}
+        while excess > 0:
             hog = max((c for c in held_by if c != client), key=held_by.__getitem__,
                       default=None)
             if hog is None or held_by[hog] <= holds:
                 return False
-            msgid = next(m for m, (frames, _d, _s) in self._held.items() if frames[0] == hog)
+            if hog not in oldest:
+                oldest[hog] = ((m, size) for m, (frames, _d, size) in self._held.items()
+                               if frames[0] == hog)
+            msgid, size = next(oldest[hog])
+            victims.append(msgid)
+            held_by[hog] -= size
+            excess -= size
+        for msgid in victims:
             frames, _deadline, size = self._held.pop(msgid)
+            hog = frames[0]
             self.held_bytes -= size
-            left = held_by.pop(hog) - size
+            left = self._held_by.pop(hog) - size
             if left > 0:
-                held_by[hog] = left
+                self._held_by[hog] = left
             self._gone(msgid, hog, CLIENT_SLOW if len(frames[_BODY]) >= TRACKED_RESULT
                        else CLIENT_GONE)
         return True

@@ -325,12 +325,12 @@ def _merge_rows(book: collections.OrderedDict[str, dict[str, Any]],
         holder = live.get(key)
         if holder is not None and holder.owner is not None and holder.owner != client:
             continue
-        listed.add(key)
         entry = book.get(key)
         if entry is None:
             if len(book) >= MAX_BOOK:
                 continue  # full: a listing adds nothing more
             entry = book[key] = {"key": key}
+        listed.add(key)
         entry.update(_listed(row))
         entry["scheduler"] = scheduler
         if row.get("runs_left") == 0:
@@ -484,7 +484,14 @@ def _merge_listing(side: SchedulerSide, client: bytes, text: str) -> None:
         side._log.warning("listing", "router: scheduler %s sent a listing that cannot "
                           "be read: %s", printable(client), printable(exc, 80))
         return
-    _note(side.listed_by, name, 2 * MAX_SCHEDULERS, listed)
+    # the keys remembered are bounded like the book: the oldest listings go
+    # first (a review: 128 listings of 70,000 keys each, 0.77 GB)
+    listed_by = side.listed_by
+    listed_by.pop(name, None)
+    total = sum(map(len, listed_by.values())) + len(listed)
+    while listed_by and (total > MAX_BOOK or len(listed_by) >= 2 * MAX_SCHEDULERS):
+        total -= len(listed_by.popitem(last=False)[1])
+    listed_by[name] = listed
     for key in ended:
         side._forget(key, ended=True)  # over: nothing to hand over
 

@@ -62,6 +62,12 @@ _READ_BATCH = 256
 #: connection: at ``hwm`` (10,000) it was 10,000 messages of up to
 #: ``max_message_size`` each, gigabytes past ``max_buffer_bytes``.
 FRONTEND_RCVHWM = 100
+#: the least room of a worker's pipe: what the router sends a worker in one
+#: turn is bounded by its free slots, which may exceed a small ``hwm`` (a
+#: probe's ``--hwm 5`` and a ``-J 10`` worker taking a full buffer: the
+#: pipe filled, and the worker was removed as unreachable, its jobs
+#: reported possibly lost)
+BACKEND_MIN_SNDHWM = 10_000
 _BATCH_SECONDS = 0.002
 _clock = time.perf_counter
 #: the interpreter's own sleep, which blocks (gevent's lets greenlets run)
@@ -315,7 +321,8 @@ class RouterSockets:
                     # while the old one is there and drops what it sends (its
                     # INFORM): the scheduler waits reconnect_timeout
                     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-                sock.setsockopt(zmq.SNDHWM, s.hwm)
+                sock.setsockopt(zmq.SNDHWM, max(s.hwm, BACKEND_MIN_SNDHWM)
+                                if name == "backend" else s.hwm)
                 sock.setsockopt(zmq.RCVHWM, min(s.hwm, FRONTEND_RCVHWM)
                                 if name == "frontend" else s.hwm)
                 sock.setsockopt(zmq.LINGER, 0)
