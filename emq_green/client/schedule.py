@@ -78,7 +78,8 @@ def periodic_body(run: RunRequest, *, every: Optional[float], cron: Optional[str
                   guarantee: bool, retry_count: int, timeout: float) -> tuple[str, ...]:
     """A SCHEDULE body for every ``every`` seconds or the times of ``cron``."""
     if (every is None) == (cron is None):
-        raise ValueError("give either every (seconds) or cron, not both")
+        raise ValueError("give one of every (seconds) or cron: " + (
+            "both were given" if every is not None else "neither was given"))
     if cron is not None and not isinstance(cron, str):
         raise TypeError(f"cron must be a str, not {type(cron).__name__}")
     if run_count is not None and (isinstance(run_count, bool) or not isinstance(run_count, int)
@@ -135,7 +136,8 @@ def defer_later(client: Any, run: RunRequest, *, delay: Optional[float] = None,
             result.
     """
     if (delay is None) == (eta is None):
-        raise ValueError("give either delay (seconds) or eta, not both")
+        raise ValueError("give one of delay (seconds) or eta: " + (
+            "both were given" if delay is not None else "neither was given"))
     check_job_options(retry_count, timeout, queue)
     if result:
         raise ValueError("a delayed job (delay or eta) cannot return a result: a scheduler "

@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="job timeout in seconds, sent as the timeout:N header (default 0: no "
                              "header, the worker's global_timeout applies)")
     parser.add_argument("--guarantee", action="store_true",
-                        help="run the job at least once even if its worker or the router "
-                             "dies (emq-green's router); the jobs are sent without waiting "
+                        help="run the job at least once even if its worker dies, or the "
+                             "router (emq-green's, with its --journal-file); the jobs are sent "
+                             "without waiting "
                              "and the command returns once the router has confirmed each "
                              "(with --wait, each send waits for its confirmation)")
     parser.add_argument("--confirm-timeout", type=_positive_seconds, default=None,
