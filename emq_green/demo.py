@@ -26,7 +26,11 @@ def main(argv: "list[str] | None" = None) -> int:
     from gevent import monkey
 
     monkey.patch_all()
-    return _run(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # (its clean-up has run: no traceback for a Ctrl-C, a probe)
+        sys.stderr.write("emq-green-demo: interrupted\n")
+        return 130
 
 
 def _parse(argv: "list[str]"):
