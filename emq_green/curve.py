@@ -19,6 +19,7 @@ does not run a security handshake over ``inproc``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -30,6 +31,8 @@ from typing import Any, Mapping, Optional, Sequence
 import zmq
 import zmq.auth
 import zmq.utils.z85
+
+logger = logging.getLogger("emq_green.curve")
 
 #: the ZAP domain the router's sockets ask about (logged; all are checked alike)
 ZAP_DOMAIN = "emq-green"
@@ -60,6 +63,20 @@ class KeyPair:
     secret: bytes
 
 
+def _key(path: str, which: str, text: bytes) -> bytes:
+    """``text`` if it is a CURVE key (40 Z85 characters: 32 bytes), else
+    CurveError naming the file (a probe: one character cut passed, and
+    ZeroMQ's EINVAL came later, a traceback in every program, a scheduler
+    alive and never connected)."""
+    try:
+        if len(text) == 40 and len(zmq.utils.z85.decode(text)) == 32:
+            return text
+    except (ValueError, KeyError, IndexError, TypeError):
+        pass
+    raise CurveError(f"{path}: its {which} key is not a CURVE key (40 Z85 characters); "
+                     "make the pair again with emq-green-keys")
+
+
 def load_public_key(path: str) -> bytes:
     """The public key of the certificate at ``path`` (either file of a pair)."""
     try:
@@ -68,7 +85,7 @@ def load_public_key(path: str) -> bytes:
         raise CurveError(f"cannot read the CURVE certificate {path}: {exc}") from None
     if not public:
         raise CurveError(f"{path} holds no public key (not a zmq.auth certificate)")
-    return public
+    return _key(path, "public", public)
 
 
 def load_key_pair(path: str) -> KeyPair:
@@ -80,6 +97,17 @@ def load_key_pair(path: str) -> KeyPair:
     if not public or not secret:
         raise CurveError(f"{path} holds no secret key: give the NAME.key_secret file "
                          "written by emq-green-keys (or zmq.auth.create_certificates)")
+    public, secret = _key(path, "public", public), _key(path, "secret", secret)
+    if zmq.curve_public(secret) != public:
+        # (a probe: refused only at the handshake, with hints pointing elsewhere)
+        raise CurveError(f"{path}: its public key is not the one of its secret key (two "
+                         "certificates mixed?); make the pair again with emq-green-keys")
+    try:
+        if os.stat(path).st_mode & 0o077:
+            logger.warning("%s: the secret key is readable by other users (mode %o); "
+                           "chmod 600 it", path, os.stat(path).st_mode & 0o777)
+    except OSError:
+        pass
     return KeyPair(public, secret)
 
 

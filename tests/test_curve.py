@@ -585,3 +585,49 @@ def test_the_summary_of_a_burst_of_refusals_comes_once_it_is_quiet(keys: Keys, c
         asker.close(linger=0)
         zap.stop()
         context.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_key_file_with_a_bad_or_mixed_key_is_refused_at_the_start(keys: Keys, tmp_path: Path,
+                                                                    caplog):
+    """A probe: a certificate with one character of a key cut (or a
+    character Z85 has not) passed the start's checks, and ZeroMQ refused it
+    later: a traceback in every program, and emq-green-scheduler alive and
+    never connected; a secret certificate with another pair's public key
+    was refused only at the handshake, its hints pointing elsewhere; a
+    secret key readable by all went unsaid."""
+    import re
+
+    secret = Path(keys.secret("client")).read_text()
+    cut = tmp_path / "cut.key_secret"
+    cut.write_text(re.sub(r'(secret-key = ".{39}).', r"\1", secret))
+    tilde = tmp_path / "tilde.key_secret"
+    tilde.write_text(re.sub(r'(secret-key = ").', r"\1~", secret))
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text(re.sub(r'public-key = ".{40}"', re.search(
+        r'public-key = ".{40}"', Path(keys.public("stranger")).read_text()).group(0), secret))
+    for bad, says in ((cut, "secret key is not a CURVE key"),
+                      (tilde, "secret key is not a CURVE key"),
+                      (mixed, "not the one of its secret key")):
+        bad.chmod(0o600)
+        with pytest.raises(CurveError, match=says):
+            ClientCurve.from_files(str(bad), keys.public("router"))
+    short_public = tmp_path / "short.key"
+    short_public.write_text(re.sub(r'(public-key = ".{39}).', r"\1",
+                                   Path(keys.public("router")).read_text()))
+    with pytest.raises(CurveError, match="public key is not a CURVE key"):
+        ClientCurve.from_files(keys.secret("client"), str(short_public))
+    # the scheduler says so and exits, instead of living on unconnected
+    out = subprocess.run([str(BIN / "emq-green-scheduler"), "--scheduler-addr",
+                          f"tcp://127.0.0.1:{free_port()}", "--scheduler-file", "",
+                          "--curve-secret-key-file", str(cut),
+                          "--curve-server-key-file", keys.public("router")],
+                         capture_output=True, text=True, timeout=30, env=clean_env())
+    assert out.returncode != 0 and "is not a CURVE key" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    # a secret key others can read: used, with a warning
+    readable = tmp_path / "readable.key_secret"
+    readable.write_text(secret)
+    readable.chmod(0o644)
+    ClientCurve.from_files(str(readable), keys.public("router"))
+    assert "readable by other users (mode 644)" in caplog.text
