@@ -103,6 +103,9 @@ def _follow_the_clock(scheduler: Scheduler, step: float, now: float) -> None:
 #: said when a router does not answer a plain scheduler
 _NO_CURVE_HINT = (" (a router with CURVE drops plain peers without a word: it needs "
                   "curve_server_key_file here)")
+#: (a probe: a scheduler whose key the router refused said nothing of it)
+_CURVE_HINT = (" (or the router refused this CURVE key, or has another server key: its "
+               "log names the keys it refuses)")
 
 #: refusals are caused by peers' messages: at most LOG_BURST lines a window
 _refusals = LogLimiter(logger)
@@ -282,7 +285,7 @@ class Scheduler:
                         logger.warning("scheduler: no ACK from %s in %g s; trying again (an "
                                        "emq-green router takes 64 schedulers at most: see "
                                        "its log)%s", self.addr, s.reconnect_timeout,
-                                       "" if self._curve else _NO_CURVE_HINT)
+                                       _CURVE_HINT if self._curve else _NO_CURVE_HINT)
                         break
                     continue
                 if s.disable_heartbeats:
