@@ -140,7 +140,7 @@ class Connection:
             curve.apply(self.socket)
             self._monitor = gevent.spawn(self._watch_handshakes, self.socket.get_monitor_socket(
                 zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL))
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED))
         self.socket.connect(addr)
         #: held for every libzmq call on the socket (see the module docstring)
         self.guard = self.socket.guard = _RealRLock()
@@ -177,15 +177,23 @@ class Connection:
         """Log a refused CURVE handshake: without this, a worker whose key
         the router does not know would only say "connecting" for ever
         (libzmq retries by itself). The first failure and then at most one
-        line every 30 s."""
+        line every 30 s. A handshake cut without a word is logged only when
+        the next one fails too: one such failure is what a router restarting
+        mid-handshake causes (a probe: an ERROR at every router restart)."""
         from zmq.utils.monitor import recv_monitor_message
 
-        logged = 0.0
+        logged, streak = 0.0, 0
         try:
             while True:
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                     return
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    streak = 0
+                    continue
+                streak += 1
+                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH and streak < 2:
+                    continue
                 self.handshake_failures += 1
                 if self._counters is not None:
                     self._counters["curve_handshakes_failed"] += 1
