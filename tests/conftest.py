@@ -12,6 +12,7 @@ from peers import Peers, require_eventmq
 
 from emq_green.jobmanager import JobManager, State
 from emq_green.limits import worker_log
+from emq_green.router import clients as router_clients
 from emq_green.settings import Settings
 
 FAST_HEARTBEATS = dict(heartbeat_interval=0.2, heartbeat_timeout=0.5, heartbeat_liveness=3)
@@ -95,4 +96,5 @@ def _routers_settle_at_once(monkeypatch):
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="emq_green")
     worker_log.reset()  # the process's rate limiter: each test starts with a full burst
+    router_clients._waits_log.reset()  # (the router's lines of queues beginning to wait)
 

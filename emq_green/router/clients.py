@@ -52,6 +52,11 @@ from .sockets import RouterSockets
 from .workers import WorkerSide
 
 logger = logging.getLogger(__name__)
+#: queues that began to wait for a worker: one line each, rate-limited on
+#: their own (in the router's first moments any name waits: a probe's
+#: 20,000 lines), not taking the room of the lines about refused messages
+_waits_log = LogLimiter(logger, summary="router: %d more queue(s) with no worker began to "
+                                        "wait, not logged one by one: %s")
 
 #: msgids of at most this many characters are never over MAX_MSGID_BYTES
 #: (4 bytes per character at most in UTF-8)
@@ -285,9 +290,9 @@ class ClientSide:
             if routing.served(queue):
                 logger.info("router: no free slot for queue %s; buffering requests",
                             printable(queue))
-            else:  # (rate-limited: in the router's first moments any name waits, a probe's 20,000)
-                self._log.warning("queue_waits", "router: no worker serves queue %s now; its "
-                                  "requests wait in the buffer for one", printable(queue))
+            else:
+                _waits_log.warning("queue_waits", "router: no worker serves queue %s now; its "
+                                   "requests wait in the buffer for one", printable(queue))
         if routing.buffer(queue, request):
             self.sockets.pause_clients(
                 f"buffer full (queue {printable(queue)}: {len(routing.waiting.get(queue, ()))} "

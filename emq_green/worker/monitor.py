@@ -103,6 +103,11 @@ def _check_all(hub: Any) -> None:
             exc_info = sys.exc_info()
             hub.loop.run_callback_threadsafe(
                 lambda: logger.error("loop-block monitor failed", exc_info=exc_info))
+        finally:
+            # the block was watched to its end: the next check counts from
+            # now (a probe: a 3 s Python loop was seen once more, as a call
+            # holding the GIL for the whole block, two incidents for one)
+            _LAST_CHECK[id(hub)] = (time.monotonic(), _thread_cpu(hub.thread_ident))
 
 
 def _watch_block(hub: Any, tracer: Any, greenlet: Any, monitors: list[BlockMonitor],
