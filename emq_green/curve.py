@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -71,8 +72,8 @@ def _key(path: str, which: str, text: bytes) -> bytes:
     try:
         if len(text) == 40 and len(zmq.utils.z85.decode(text)) == 32:
             return text
-    except (ValueError, KeyError, IndexError, TypeError):
-        pass
+    except (ValueError, KeyError, IndexError, TypeError, struct.error):
+        pass  # (struct.error: 40 Z85 characters whose groups pass 2**32, a probe)
     raise CurveError(f"{path}: its {which} key is not a CURVE key (40 Z85 characters); "
                      "make the pair again with emq-green-keys")
 

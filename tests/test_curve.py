@@ -612,6 +612,18 @@ def test_a_key_file_with_a_bad_or_mixed_key_is_refused_at_the_start(keys: Keys, 
         bad.chmod(0o600)
         with pytest.raises(CurveError, match=says):
             ClientCurve.from_files(str(bad), keys.public("router"))
+    # 40 Z85 characters whose groups pass 2**32: a struct.error, a traceback (a probe)
+    overflow = tmp_path / "overflow.key_secret"
+    overflow.write_text(re.sub(r'(secret-key = ").{40}', r"\1" + "#" * 40, secret))
+    overflow.chmod(0o600)
+    with pytest.raises(CurveError, match="secret key is not a CURVE key"):
+        ClientCurve.from_files(str(overflow), keys.public("router"))
+    from emq_green.router.zap import read_authorized_keys
+
+    (keys.authorized / "overflow.key").write_text(re.sub(
+        r'(public-key = ").{40}', r"\1" + "#" * 40, Path(keys.public("stranger")).read_text()))
+    assert len(read_authorized_keys(str(keys.authorized))) == 2  # skipped, the two kept
+    assert "overflow.key skipped" in caplog.text
     short_public = tmp_path / "short.key"
     short_public.write_text(re.sub(r'(public-key = ".{39}).', r"\1",
                                    Path(keys.public("router")).read_text()))

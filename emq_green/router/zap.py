@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import struct
 from typing import Optional
 
 import gevent
@@ -66,7 +67,8 @@ def read_authorized_keys(directory: str) -> frozenset[bytes]:
             key = zmq.utils.z85.decode(public)
             if len(key) != 32:
                 raise ValueError("not a 32-byte key")
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+            # (struct.error: 40 Z85 characters past 2**32 per group, a probe)
             logger.warning("zap: %s skipped: not a CURVE public certificate (%s)", path,
                            printable(exc, 200))
             continue
