@@ -1137,3 +1137,31 @@ def test_a_full_room_drops_nothing_of_others_when_that_would_not_make_the_room()
     assert relay.pending.dropped == {"client_gone": 1}
     assert {b_small, b_big} <= set(relay._held) and relay.held == 4
     assert relay.held_bytes == sum(size for _f, _d, size in relay._held.values())
+
+
+def test_one_big_result_waits_whatever_its_size_when_its_client_has_none_waiting():
+    """A probe: a client reading three 10 MB results at a 3 MB bound got two;
+    the third, arriving while the second was on its way, was bigger than
+    the client's half of the waiting room and was dropped at once
+    (client_slow). One result waits whatever its size when its client has
+    none waiting (the room's bound still holds); a second one past the half
+    is dropped, as before."""
+    import types
+
+    from emq_green.protocol import Message
+    from emq_green.router.results import PendingResults, ResultRelay
+
+    on_the_way: list = []
+    relay = ResultRelay(PendingResults(100, 600.0, max_bytes=3_000_000),
+                        lambda client, message: True, send_frames=lambda frames: True,
+                        send_tracked=lambda frames, body: on_the_way.append(
+                            types.SimpleNamespace(done=False)) or on_the_way[-1])
+    big = json.dumps({"value": "b" * 10_000_000})
+    for n in range(3):
+        relay.remember(f"job-{n}", b"reader", 0.0)
+        relay.forward(Message(Command.REPLY, f"reply-{n}", (big, f"job-{n}")))
+    assert len(on_the_way) == 1 and relay.held == 1 and "job-1" in relay._held
+    assert relay.pending.dropped == {"client_slow": 1}  # job-2: a second one waiting
+    on_the_way[0].done = True  # the client read the first
+    relay.expire(time.monotonic())
+    assert len(on_the_way) == 2 and relay.held == 0 and relay.held_bytes == 0

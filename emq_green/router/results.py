@@ -424,8 +424,11 @@ class ResultRelay:
         # one client holds at most half the room: one that reads nothing
         # does not take the others' (a probe: 38 of 150 lost); a full room
         # gives way to a client holding less than the one holding most (two
-        # that read nothing filled it, and a third's were dropped: a probe)
-        if (not deadline or msgid in self._held or mine + size > room // 2
+        # that read nothing filled it, and a third's were dropped: a probe);
+        # and one result waits whatever its size when its client has none
+        # waiting (a probe: the third of three 10 MB results for a client
+        # reading them, at a 3 MB bound, was dropped at once, client_slow)
+        if (not deadline or msgid in self._held or (mine and mine + size > room // 2)
                 or (self.held_bytes + size > room
                     and not self._make_room(client, mine, room - size))):
             self._gone(msgid, client, why)
