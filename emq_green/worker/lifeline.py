@@ -5,8 +5,7 @@ EventMQ's router drops a worker it has not heard from for
 that holds the gevent loop for longer (a C driver, a CPU loop) would get the
 whole worker dropped. :class:`Lifeline` runs one native thread (the real
 ``_thread``, not gevent's) that looks every quarter interval whether the
-loop's heartbeat greenlet is late (or, the loop not running at all, half an
-interval has passed without a message); only then does it send a HEARTBEAT
+loop's heartbeat greenlet is late; only then does it send a HEARTBEAT
 itself, on the worker's own DEALER socket, through
 :meth:`Connection.send_from_thread` (a second socket would have a second
 identity, which the router drops as an unknown worker).
@@ -60,8 +59,6 @@ class Lifeline(Extension):
         self.gave_up = 0
         self._manager: Optional[WorkerView] = None
         self._loop: Any = None
-        #: when the loop last ran the thread's callback (see :meth:`_run`)
-        self._ticked = 0.0
         self._running = False
         self._generation = 0
 
@@ -73,7 +70,6 @@ class Lifeline(Extension):
             return
         self._manager = manager
         self._loop = gevent.get_hub().loop
-        self._ticked = time.monotonic()
         self._running = True
         self._generation += 1
         _start_thread(self._run, (self._generation,))
@@ -85,18 +81,8 @@ class Lifeline(Extension):
         return {"thread_heartbeats": {"on": self._running, "sent": self.sent,
                                       "failed": self.failed, "gave_up": self.gave_up}}
 
-    def _tick(self) -> None:
-        self._ticked = time.monotonic()
-
     # -- the native thread: no logging, no gevent objects, only the connection --
     def _run(self, generation: int) -> None:
-        """Every ``period``: ask the loop to run :meth:`_tick`; a HEARTBEAT
-        when the loop is late with its own (``interval + period`` of
-        silence), or already at half an interval of silence when the loop
-        did not run the last tick: a loop held by a call that releases the
-        GIL may be held next by one that does not, when this thread cannot
-        send (a probe: a 3 s sleep in C, then a 2.5 s regular expression:
-        5.5 s of silence, the worker removed as dead)."""
         manager = self._manager
         assert manager is not None
         covering_since: Optional[float] = None
@@ -105,8 +91,6 @@ class Lifeline(Extension):
             s = manager.settings
             interval = s.heartbeat_interval
             period = self.force_every or min(0.5, max(0.01, interval / 4))
-            asked = time.monotonic()
-            self._loop.run_callback_threadsafe(self._tick)
             _sleep(period)
             conn = manager.outgoing
             if conn is None or manager.state is not State.RUNNING or s.disable_heartbeats:
@@ -115,9 +99,7 @@ class Lifeline(Extension):
             now = time.monotonic()
             if conn.last_sent != last_own:
                 covering_since = None  # the loop sent something itself: not held
-            held = self._ticked < asked  # the loop did not run for a whole period
-            if not self.force_every and now - conn.last_sent < (
-                    interval / 2 if held else interval + period):
+            if not self.force_every and now - conn.last_sent < interval + period:
                 continue
             if covering_since is None:
                 covering_since = now
