@@ -310,7 +310,12 @@ def _start_router(settings, context, prog: str, extra_backend_addrs=(),
         from .scheduler import Scheduler
 
         scheduler = Scheduler(settings=settings, context=context, addr=front)
-        scheduler.start()
+        try:
+            scheduler.start()
+        except Exception as exc:  # its file cannot be opened, or another scheduler has it
+            sys.stderr.write(f"{prog}: scheduler_file {settings.scheduler_file}: {exc}\n")
+            router.stop()
+            return None, None
     return router, scheduler
 
 

@@ -651,3 +651,38 @@ def test_start_warnings_are_logged_and_the_scheduler_runs(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.timeout(90)
+def test_a_second_scheduler_on_the_same_file_is_refused_and_the_first_ones_kill_frees_it(
+        tmp_path):
+    """A probe's find: two emq-green-schedulers given one scheduler_file took
+    the router connection from each other (the same name, derived from the
+    file) with no clear error. The second now stops at its start, naming the
+    holder; once the first dies by kill -9 the file is free again."""
+    from peers import Proc, clean_env, free_ports
+
+    (front,) = (f"tcp://127.0.0.1:{p}" for p in free_ports(1))
+    (tmp_path / "empty.conf").write_text("")
+    env = clean_env(EVENTMQ_CONFIG_FILE=str(tmp_path / "empty.conf"))
+    program = str(Path(EMQ_GREEN).with_name("emq-green-scheduler"))
+    args = [program, "--scheduler-addr", front, "--scheduler-file", str(tmp_path / "s.db")]
+    first = Proc("first", args, tmp_path / "first.log", env, tmp_path)
+    third = None
+    try:
+        first.wait_for("stopped -> running", timeout=20)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env,
+                                cwd=str(tmp_path))
+        assert second.returncode == 2, second.stderr
+        last = second.stderr.splitlines()[-1]
+        assert "in use by another scheduler" in last, second.stderr
+        assert f"pid {first.pid}" in last, second.stderr
+        first.signal(signal.SIGKILL)
+        first.wait_exit(20)
+        third = Proc("third", args, tmp_path / "third.log", env, tmp_path)
+        third.wait_for("stopped -> running", timeout=20)
+        assert third.alive
+    finally:
+        first.kill()
+        if third is not None:
+            third.kill()

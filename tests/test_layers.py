@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emq_green"
 #: subpackage. A module may import modules of its own unit or of a lower
 #: layer; units that share a layer (the three programs) never import each other.
 LAYERS: list[set[str]] = [
-    {"__init__", "limits", "protocol", "lifecycle", "web"},  # limits, wire values, state, pages
+    {"__init__", "limits", "protocol", "lifecycle", "lockfile", "web"},  # limits, wire, state,
+                                                    # lock files, pages
     {"callables", "settings", "curve", "schedules"},  # policy, settings, keys, schedule
                                                     # bodies: shared by all
     {"jobs", "records"},                            # one job and its record

@@ -11,6 +11,7 @@ import pytest
 
 from emq_green.protocol import ProtocolError
 from emq_green.scheduler import ScheduleStore, ScheduleTable
+from emq_green.scheduler.store import StoreInUse
 from emq_green.schedules import (
     FOREVER,
     parse_schedule,
@@ -172,6 +173,21 @@ def test_client_body_is_whole_seconds_as_eventmq_reads_them():
     sent = schedule_body(queue="q", headers=["nohaste"], payload=CALL, interval=2.2)
     assert sent[2] == "3" and sent[4] == ""
     assert parse_schedule(sent).interval == 3
+
+
+def test_a_store_taken_by_one_scheduler_is_refused_to_another_until_closed(tmp_path):
+    """One scheduler per file: the lock is held from the store's opening to
+    its close, a reader of the file (``take`` left False) is not refused,
+    and the file reached through a symbolic link is the same file."""
+    path = tmp_path / "s.db"
+    first = ScheduleStore(str(path), take=True)
+    (tmp_path / "link.db").symlink_to(path)
+    for other in (str(path), str(tmp_path / "link.db")):
+        with pytest.raises(StoreInUse, match=r"another scheduler \(pid \d+"):
+            ScheduleStore(other, take=True)
+    ScheduleStore(str(path)).close()  # a reader
+    first.close()
+    ScheduleStore(str(tmp_path / "link.db"), take=True).close()
 
 
 def test_store_keeps_state_across_a_restart(tmp_path):

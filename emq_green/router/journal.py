@@ -48,6 +48,7 @@ import gevent
 import gevent.event
 import gevent.threadpool
 
+from .. import lockfile
 from .sockets import YIELD
 
 logger = logging.getLogger(__name__)
@@ -254,21 +255,12 @@ class Journal:
     def _lock(self) -> None:
         lock_path = self.path + ".lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = lockfile.take(lock_path)
+        except lockfile.LockHeld as exc:
+            raise JournalError(f"journal {self.path}: in use by another router "
+                               f"(pid {exc.holder}, lock file {lock_path})") from None
         except OSError as exc:
-            raise self._fail(f"cannot create its lock file {lock_path}", exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise JournalError(f"journal {self.path}: in use by another router "
-                                   f"(pid {holder}, lock file {lock_path})") from None
-            raise self._fail("cannot lock it", exc) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            raise self._fail(f"cannot create or lock its lock file {lock_path}", exc) from exc
 
     def _lock_the_file(self) -> None:
         """Hold a lock on the database file's own inode (``flock``, which

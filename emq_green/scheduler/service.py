@@ -208,7 +208,7 @@ class Scheduler:
         """Open the store, restore its schedules, start connecting."""
         if self._lifecycle.state is not SchedulerState.STOPPED or self._stopped.is_set():
             raise RuntimeError("a Scheduler starts once")
-        self.store = ScheduleStore(self.settings.scheduler_file)
+        self.store = ScheduleStore(self.settings.scheduler_file, take=True)
         logger.info("scheduler: schedules kept in %s", self.settings.scheduler_file
                     or "memory only (no scheduler_file)")
         for entry in self.store.load():

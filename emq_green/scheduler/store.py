@@ -8,6 +8,13 @@ is checked as a new one is. WAL mode with ``synchronous=NORMAL``: a commit
 survives ``kill -9`` of the scheduler. The table has a name of its own
 (``emq_green_schedules``), so the file may be the router's journal file.
 
+One scheduler per file: :meth:`ScheduleStore.take` holds a lock file
+beside it (``<file>.scheduler.lock``) for the scheduler's life, so a second
+scheduler given the same file stops at its start with a
+:class:`StoreInUse` naming the holder's pid, where it would otherwise take
+the router connection from the first one under the same name, over and
+over, and fire every schedule twice.
+
 Writes are a few per firing, on the scheduler's loop: SQLite's commit in
 WAL mode takes well under a millisecond on a local disk.
 """
@@ -15,9 +22,11 @@ WAL mode takes well under a millisecond on a local disk.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from typing import Iterator, Optional
 
+from .. import lockfile
 from ..protocol import ProtocolError, printable
 from ..schedules import parse_schedule
 from .table import Entry
@@ -35,18 +44,37 @@ CREATE TABLE IF NOT EXISTS emq_green_schedules (
 """
 
 
-class ScheduleStore:
-    """The schedules on disk; ``path`` empty: nothing is kept (memory only)."""
+class StoreInUse(Exception):
+    """Another scheduler holds the file."""
 
-    def __init__(self, path: str) -> None:
+
+class ScheduleStore:
+    """The schedules on disk; ``path`` empty: nothing is kept (memory only).
+    ``take``: hold the file's lock first (a scheduler's store; a reader of
+    the file leaves it False)."""
+
+    def __init__(self, path: str, *, take: bool = False) -> None:
         self.path = path
         self._db: Optional[sqlite3.Connection] = None
+        self._lock_fd: Optional[int] = None
+        if path and take:
+            # the real path: through a symbolic link the lock file would be another
+            lock_path = os.path.realpath(path) + ".scheduler.lock"
+            try:
+                self._lock_fd = lockfile.take(lock_path)
+            except lockfile.LockHeld as exc:
+                raise StoreInUse(f"in use by another scheduler (pid {exc.holder}, lock "
+                                 f"file {lock_path})") from None
         if path:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
-            self._db = db
+            try:
+                db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self._db = db
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(_SCHEMA)
+            except BaseException:
+                self.close()
+                raise
 
     def save(self, entry: Entry) -> None:
         if self._db is None:
@@ -84,6 +112,9 @@ class ScheduleStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
-__all__ = ["ScheduleStore"]
+__all__ = ["ScheduleStore", "StoreInUse"]
