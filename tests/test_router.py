@@ -234,6 +234,7 @@ def test_a_router_just_started_keeps_requests_for_queues_its_workers_will_announ
     stray = h.request(client, queue="nobody")
     wait_until(lambda: set(h.router.waiting) == {"probe", "nobody"}, what="both kept")
     assert default.pending() == []
+    assert 0 < h.router.status()["settling_seconds_left"] <= 1.5
     probe = h.worker(queues=[(10, "probe")], name="probe-worker")
     probe.send(Command.READY)
     assert probe.recv(timeout=5).msgid == early.msgid  # the worker that came back has it
@@ -242,6 +243,7 @@ def test_a_router_just_started_keeps_requests_for_queues_its_workers_will_announ
     assert not h.router.waiting
     [line] = [r.getMessage() for r in caplog.records if "after the start" in r.getMessage()]
     assert "nobody (1)" in line and "probe" not in line
+    assert h.router.status()["settling_seconds_left"] == 0
     # and from now on at once, as EventMQ's router does
     later = h.request(client, queue="nobody-else")
     assert default.recv(timeout=5).msgid == later.msgid

@@ -171,6 +171,11 @@ def _begin_settling(router: Router) -> None:
     router.routing.settling = settle > 0
 
 
+def _settling_left(router: Router, now: float) -> float:
+    """STATUS: seconds of the start-up grace left (0 once it is over)."""
+    return round(max(0.0, router._settled_at - now), 1) if router.routing.settling else 0.0
+
+
 def _settle(router: Router, now: float) -> None:
     """A housekeeping step: once the router's first :attr:`Router.settle_for`
     seconds are over, requests waiting for a queue no worker has announced
@@ -579,6 +584,7 @@ class Router:
             "possibly_lost": self.counters["possibly_lost"],
             "unknown_worker_messages": self.counters["unknown_worker_messages"],
             "requests_rerouted": self.counters["requests_rerouted"],
+            "settling_seconds_left": _settling_left(self, time.monotonic()),
             "replies_for_buffered_copies": self.counters["replies_for_buffered_copies"],
             **self.results.status(),
             "results_held_for_client": self.relay.held,
