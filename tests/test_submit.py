@@ -295,3 +295,48 @@ def test_submit_exits_1_when_the_router_stops_reading(monkeypatch, count, said):
         assert router.requests == 1
     finally:
         router.close()
+
+
+@pytest.mark.timeout(60)
+def test_guaranteed_jobs_sent_in_a_batch_and_not_confirmed_are_named_by_number():
+    """A probe's find: after a router's death, ``--guarantee`` without
+    ``--wait`` said only how many jobs were not confirmed, not which; the
+    jobs to send again are now named by number (the number --tag-arg adds)."""
+    import threading
+
+    from emq_green.protocol import Command, Message
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    seen: list[str] = []
+    done = threading.Event()
+
+    def serve() -> None:  # confirms every job but the third, fourth and sixth
+        while not done.is_set():
+            if not router.poll(100):
+                continue
+            ident, *frames = router.recv_multipart()
+            message = Message.parse(frames)
+            if message.command is Command.REQUEST:
+                seen.append(message.body[-1])
+                if len(seen) - 1 not in (2, 3, 5):
+                    router.send_multipart([ident, *Message.new(Command.REPLY,
+                                                               message.msgid).frames()])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        out = submit("-a", f"tcp://127.0.0.1:{port}", "some.callable", "-n", "8", "--tag-arg",
+                     "--guarantee", "--confirm-timeout", "1", timeout=40)
+    finally:
+        done.set()
+        thread.join(5)
+        router.close()
+        context.term()
+    assert out.returncode == 1, out.stderr
+    assert len(seen) == 8
+    assert "ConfirmTimeout" in out.stderr or "not confirmed" in out.stderr, out.stderr
+    assert "not confirmed (they may or may not run): job(s) 2-3, 5; not sent: none" \
+        in out.stderr, out.stderr

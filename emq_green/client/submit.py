@@ -42,7 +42,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Iterable, Optional, TextIO
 
 import zmq
 
@@ -319,6 +319,8 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
     # unconfirmed at a time), not one round trip each
     batch = GuaranteedBatch(client) if ns.guarantee and not ns.wait and ns.delay is None \
         else None
+    #: the batch's msgids -> job numbers, to name the unconfirmed ones
+    numbers: dict[str, int] = {}
     try:
         for i in range(ns.count):
             args = [*ns.args, str(i)] if ns.tag_arg else ns.args
@@ -326,6 +328,7 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
                 sent = batch.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
                                        reply_requested=ns.reply_requested,
                                        timeout=ns.timeout, subprocess=ns.subprocess)
+                numbers[sent] = i
             elif ns.delay is not None:
                 sent = client.defer_job(ns.callable, args, ns.kwargs, queue=ns.queue,
                                         timeout=ns.timeout, guarantee=ns.guarantee,
@@ -354,8 +357,14 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         # runs, and its results are still waited for; the rest is not sent
         unsent = (i, exc)
         if batch is not None:
-            out.write(f"emq-green-submit: {exc}; {len(batch.outstanding)} other job(s) sent "
-                      f"and not confirmed, {ns.count - client.sent} not sent\n")
+            out.write(f"emq-green-submit: {exc}; {len(batch.outstanding)} job(s) sent and "
+                      f"not confirmed (it included), {ns.count - client.sent} not sent\n")
+            # (a msgid not numbered yet is this job's: its send raised after it left)
+            unconfirmed = sorted(numbers.get(m, i) for m in batch.outstanding)
+            if unconfirmed:
+                out.write(f"emq-green-submit: not confirmed (they may or may not run): job(s) "
+                          f"{job_ranges(unconfirmed)}; not sent: "
+                          f"{job_ranges(range(client.sent, ns.count)) or 'none'}\n")
         else:
             out.write(f"emq-green-submit: {exc}; the {ns.count - i - 1} job(s) after it not "
                       "sent\n")
@@ -430,6 +439,17 @@ def _schedule(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     finally:
         client.close()
     return 0
+
+
+def job_ranges(numbers: Iterable[int]) -> str:
+    """Job numbers (sorted) as ``0-4, 7, 9-12``: what to send again."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def print_results(handles: list[ResultHandle], limit: float, out: TextIO) -> int:
