@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -574,9 +575,13 @@ def _short(value: Any) -> str:
     return text[:80] + ("..." if len(text) > 80 else "")
 
 
+_QUEUE_SEPARATORS = re.compile(r"[,\s]+")
+
+
 def queue_names(items: Sequence[str], default_weight: int) -> Queues:
     """Queue names as the command line gives them: ``name`` or
-    ``name:weight``, each item possibly comma-separated (``a,b:20``).
+    ``name:weight``, each item possibly comma- or space-separated (``a,b:20``,
+    ``"a b:20"``: one argument quoted in a unit file, ``-Q "$QUEUES"``).
 
     Text that opens with ``[`` is the JSON ``[[weight, name], ...]`` of the
     INI's ``queues`` (``-Q '[[10, "default"]]'``), read as such, not cut at
@@ -586,7 +591,7 @@ def queue_names(items: Sequence[str], default_weight: int) -> Queues:
         return parse_queues(" ".join(items))
     queues = []
     for item in items:
-        for part in (p.strip() for p in item.split(",")):
+        for part in _QUEUE_SEPARATORS.split(item):
             if not part:
                 continue
             name, sep, weight = part.partition(":")

@@ -309,7 +309,9 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("heartbeat_liveness", ("--heartbeat-liveness",), _to_positive_int,
           "missed heartbeats before the router is taken for dead"),
     _Spec("disable_heartbeats", ("--disable-heartbeats",), _to_bool,
-          "neither send nor watch heartbeats"),
+          "neither send nor watch heartbeats (the router must not watch them either: "
+          "one that does drops this worker after its heartbeat_timeout, silently, and "
+          "the jobs of its queues wait)"),
     _Spec("reconnect_timeout", ("--reconnect-timeout",), _to_positive_seconds,
           "seconds to wait for ACK before trying again"),
     _Spec("global_timeout", ("--global-timeout",), _to_seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -220,6 +221,25 @@ def test_failing_jobs_reply_with_error_and_return_the_slot(
     ok = router.request(ident, JOBS, "add", args=[1, 2], headers="reply-requested")
     assert router.wait_reply(ok) == {"value": 3}
     assert manager.state is State.RUNNING
+
+
+def test_a_timeout_and_an_unsendable_value_are_logged_without_reply_requested(
+        router, make_manager, caplog):
+    """A probe's find: a job that timed out or returned what JSON cannot
+    carry left no line in the worker's log (a job that raised did), so
+    without reply-requested nobody could see it failed."""
+    caplog.set_level(logging.WARNING, logger="emq_green")
+    manager = make_manager(concurrent_jobs=2)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    late = router.request(ident, JOBS, "nap", args=[30], headers="timeout:0.3")
+    odd = router.request(ident, JOBS, "unserialisable")
+    counts = manager.counters
+    router.wait_until(lambda: counts["timed_out"] == 1 and counts["failed"] == 1)
+    text = caplog.text
+    assert f"job {JOBS}.nap ({late}): {JOBS}.nap exceeded its timeout of 0.3 s" in text, text
+    assert f"job {JOBS}.unserialisable ({odd}) returned a value JSON cannot carry: " in text
+    assert "not JSON serializable" in text
 
 
 def test_malformed_input_is_logged_answered_and_never_fatal(router, make_manager, caplog):

@@ -50,6 +50,7 @@ def test_sigquit_is_a_graceful_stop(router, worker_factory):
     assert [replies.get(m) for m in jobs] == [{"value": f"q{i}"} for i in range(3)], replies
     assert router.count(Command.READY) == readies  # none after the KBYE
     assert "draining -> stopped" in w.text() and "Killed" not in w.text()
+    assert "SIGQUIT received: stopping gracefully" in w.text()  # (it said nothing: a probe)
 
 
 # ---------------------------------------------------------------------------

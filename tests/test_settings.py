@@ -87,7 +87,10 @@ def test_eventmq_command_line_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("argv", [['[[10, "default"], [5, "mail"]]'],
                                   ['[[10,', '"default"],', '[5,', '"mail"]]'],
-                                  ["default", "mail:5"], ["default, mail:5"]])
+                                  ["default", "mail:5"], ["default, mail:5"],
+                                  # one argument with a space (-Q "$QUEUES" in a unit
+                                  # file) was one queue named "default mail:5" (a probe)
+                                  ["default mail:5"], ["  default\tmail:5 "]])
 def test_queues_on_the_command_line_as_names_or_json(argv):
     s, _ = load_settings(["-Q", *argv], {})
     assert s.queues == ((10, "default"), (5, "mail"))

@@ -94,6 +94,21 @@ def _stubborn(slots: JobSlots) -> None:
         slots.complete(record, killed("the job did not end when the worker killed it"))
 
 
+
+def _log_unseen_failure(record: JobRecord, outcome: JobOutcome, sent: JobOutcome,
+                        in_loop: bool) -> None:
+    """A WARNING for the failures nothing else logs (a job that raised is
+    logged where it raised, the subprocess pool logs its own timeouts): a
+    timeout in the loop, and a value JSON cannot carry, which without
+    ``reply-requested`` no one would ever see (a probe)."""
+    if sent is not outcome:
+        worker_log.warning("unsendable", "job %s (%s) returned a value JSON cannot carry: "
+                           "%s", record.callable_name, printable(record.msgid),
+                           printable(sent.error_message, 300), via=logger)
+    elif in_loop and outcome.status is Status.TIMED_OUT:
+        worker_log.warning("timed-out", "job %s (%s): %s", record.callable_name,
+                           printable(record.msgid), outcome.error_message, via=logger)
+
 class JobSlots:
     """``concurrent_jobs`` slots, each run by a reusable job greenlet."""
 
@@ -404,7 +419,9 @@ class JobSlots:
         if record.done:
             return
         record.done = True
-        outcome = outcome.sendable()
+        _log_unseen_failure(record, outcome, sent := outcome.sendable(),
+                            pid is None or pid == self.pid)
+        outcome = sent
         refused = not outcome.attempts and outcome.error_type == NOT_ALLOWED
         # refused once resolved (callables.py): counted as refused, not failed
         self.counters["refused" if refused else STATUS_KEYS[outcome.status]] += 1

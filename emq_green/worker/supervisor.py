@@ -134,11 +134,13 @@ class Supervisor:
         self._wake.set()
 
     def _install_signals(self, signals: Mapping[int, Callable[[], Any]]) -> None:
-        stop = functools.partial(self.request_stop, StopMode.GRACEFUL, "signal received")
+        def stop(signum: int) -> Callable[[], None]:
+            return functools.partial(self.request_stop, StopMode.GRACEFUL,
+                                     f"{signal.Signals(signum).name} received")
+
         self._signal_handlers = install_signal_handlers({
-            signal.SIGTERM: stop, signal.SIGINT: stop,
-            signal.SIGQUIT: functools.partial(self.request_stop, StopMode.GRACEFUL),
-            **signals})
+            signal.SIGTERM: stop(signal.SIGTERM), signal.SIGINT: stop(signal.SIGINT),
+            signal.SIGQUIT: stop(signal.SIGQUIT), **signals})
 
     def _reload_if_asked(self) -> bool:
         """When a reload was asked for: re-read the settings; whether they
