@@ -91,3 +91,13 @@ def block_in_bursts(seconds, burst):
         real_sleep(burst)
         gevent.sleep(0)
     return seconds
+
+
+def sleep_then_hold_the_gil(sleep_for, hold_for):
+    """A C call that releases the GIL (a driver waiting), then one that
+    holds it (a regular expression backtracking): the heartbeat thread can
+    send only during the first. Returns when the whole began and ended."""
+    started = time.time()
+    real_sleep(sleep_for)
+    block_holding_the_gil(hold_for)
+    return [started, time.time()]

@@ -253,6 +253,32 @@ def test_heartbeats_keep_their_interval_while_a_job_blocks(router, make_manager,
         assert lifeline_of(manager).sent == 0
 
 
+@pytest.mark.timeout(60)
+def test_thread_heartbeats_go_early_when_the_loop_is_held_by_a_call(router, make_manager):
+    """A probe: a 3 s sleep in C, then a 2.5 s regular expression holding the
+    GIL: the thread sent only once the loop was ``interval + period`` late
+    (3.5 s), by then the GIL was held: 5.5 s of silence, the worker removed
+    as dead. With the loop not running, the thread sends from half an
+    interval of silence on, so the silence is the GIL-holding call's and
+    about half an interval more."""
+    manager = make_manager(thread_heartbeats=True, heartbeat_interval=2.0,
+                           heartbeat_timeout=10.0)
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 4)
+    msgid = router.request(ident, JOBS, "sleep_then_hold_the_gil", args=[2.2, 1.0],
+                           headers="reply-requested")
+    began, ended = router.wait_reply(msgid, timeout=30)["value"]
+    router.wait_until(lambda: any(float(r.message.body[0]) > ended
+                                  for r in router.messages(Command.HEARTBEAT, ident)), 10)
+    sent = sorted(float(r.message.body[0]) for r in router.messages(Command.HEARTBEAT, ident))
+    marks = [began, *[t for t in sent if began < t < ended], ended]
+    # the thread spoke while the C call slept (before: only once the loop was
+    # 2.5 s late, by then the GIL was held), so no silence spans the whole
+    assert [t for t in sent if began < t < began + 2.2], (marks, lifeline_of(manager).sent)
+    longest = max(b - a for a, b in zip(marks, marks[1:]))
+    assert longest < ended - began - 0.5, marks
+
+
 @pytest.mark.timeout(120)
 def test_thread_heartbeats_under_stress_lose_and_corrupt_nothing(router, make_manager):
     """Thousands of jobs, the loop held again and again, and the thread

@@ -5,7 +5,8 @@ EventMQ's router drops a worker it has not heard from for
 that holds the gevent loop for longer (a C driver, a CPU loop) would get the
 whole worker dropped. :class:`Lifeline` runs one native thread (the real
 ``_thread``, not gevent's) that looks every quarter interval whether the
-loop's heartbeat greenlet is late; only then does it send a HEARTBEAT
+loop's heartbeat greenlet is late (or, the loop not running at all, half an
+interval has passed without a message); only then does it send a HEARTBEAT
 itself, on the worker's own DEALER socket, through
 :meth:`Connection.send_from_thread` (a second socket would have a second
 identity, which the router drops as an unknown worker).
@@ -59,6 +60,10 @@ class Lifeline(Extension):
         self.gave_up = 0
         self._manager: Optional[WorkerView] = None
         self._loop: Any = None
+        #: when the loop last ran its ticker (see :meth:`_run`)
+        self._ticked = 0.0
+        self._ticker: Any = None
+        self._tick_every = 0.5
         self._running = False
         self._generation = 0
 
@@ -70,19 +75,43 @@ class Lifeline(Extension):
             return
         self._manager = manager
         self._loop = gevent.get_hub().loop
+        self._ticked = time.monotonic()
+        # a timer of the loop's own (not a callback asked from the thread:
+        # those wake the loop and join its callback queue), not keeping it alive
+        tick = self._tick_every = min(0.5, max(0.01, manager.settings.heartbeat_interval / 4))
+        self._ticker = self._loop.timer(tick, tick)
+        self._ticker.ref = False
+        self._ticker.start(self._tick)
         self._running = True
         self._generation += 1
         _start_thread(self._run, (self._generation,))
 
     def manager_stopped(self, manager: WorkerView) -> None:
         self._running = False
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker.close()
+            self._ticker = None
 
     def status(self, manager: WorkerView) -> dict[str, Any]:
         return {"thread_heartbeats": {"on": self._running, "sent": self.sent,
                                       "failed": self.failed, "gave_up": self.gave_up}}
 
+    def _tick(self) -> None:
+        self._ticked = time.monotonic()
+
     # -- the native thread: no logging, no gevent objects, only the connection --
     def _run(self, generation: int) -> None:
+        """Every ``period``: a HEARTBEAT when the loop is late with its own
+        (``interval + period`` of silence), or already at half an interval
+        of silence when the loop has not run its ticker (:meth:`_tick`) for
+        two of its periods: a loop held by a call that releases the GIL may
+        be held next by one that does not, when this thread cannot send (a
+        probe: a 3 s sleep in C, then a 2.5 s regular expression: 5.5 s of
+        silence, the worker removed as dead). The ticker is a timer of the
+        loop's: callbacks asked from this thread would wake the loop and
+        join its callback queue each period (tried: a dead router was then
+        seen 6 s late behind a job holding the loop in 1 s bursts)."""
         manager = self._manager
         assert manager is not None
         covering_since: Optional[float] = None
@@ -99,7 +128,10 @@ class Lifeline(Extension):
             now = time.monotonic()
             if conn.last_sent != last_own:
                 covering_since = None  # the loop sent something itself: not held
-            if not self.force_every and now - conn.last_sent < interval + period:
+            # the loop has not run its ticker for two of its periods (or ours)
+            held = now - self._ticked > 2 * max(period, self._tick_every)
+            if not self.force_every and now - conn.last_sent < (
+                    interval / 2 if held else interval + period):
                 continue
             if covering_since is None:
                 covering_since = now
