@@ -156,6 +156,11 @@ def printable(text: object, limit: int = 120) -> str:
                    for c in text)
 
 
+_new_tuple = tuple.__new__
+#: a frame's text (strict UTF-8, as ``frame.decode()``)
+_utf8 = bytes.decode
+
+
 def _decode(frame: bytes, what: str) -> str:
     try:
         return frame.decode("utf-8")
@@ -213,8 +218,11 @@ class Message(NamedTuple):
             command = _COMMANDS.get(frames[3])
             if command is not None:
                 try:
-                    return frames[0], cls(command, frames[4].decode(),
-                                          tuple([f.decode() for f in frames[5:]]))
+                    # the tuple built directly (no call of the named tuple's
+                    # __new__), the frames decoded in C: this runs per message
+                    return frames[0], _new_tuple(cls, (
+                        command, frames[4].decode(),
+                        tuple(map(_utf8, frames[5:])) if len(frames) > 5 else ()))
                 except UnicodeDecodeError:
                     pass
         identity, rest = split_identity(frames)
@@ -264,6 +272,9 @@ def relayed_reply_frames(identity: bytes, reply_json: str, orig_msgid: str,
 
 def request_frames(identity: bytes, msgid: str, body: Sequence[str]) -> list[bytes]:
     """A REQUEST to ``identity`` (a ROUTER socket's frames, the identity first)."""
+    if len(body) == 3:  # [queue, headers, payload]: the router's path, once per job
+        return [identity, b"", _VERSION_FRAME, b"REQUEST", msgid.encode(), body[0].encode(),
+                body[1].encode(), body[2].encode()]
     return [identity, b"", _VERSION_FRAME, b"REQUEST", msgid.encode(),
             *[part.encode() for part in body]]
 

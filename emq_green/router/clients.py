@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Optional
 
 from ..limits import MAX_MSGID_BYTES, LogLimiter, msgid_too_long
 from ..protocol import (
+    RESULT_HEADER,
     Command,
     Message,
     ack_frames,
@@ -150,16 +151,18 @@ class ClientSide:
                            self.guarantees.restored, self.settings.journal_file)
 
     def on_request(self, client: bytes, message: Message) -> None:
-        if len(message.body) != 3:
+        body = message.body
+        if len(body) != 3:
             self.dropped_by_reason["malformed"] += 1
             self._log.error("malformed", "router: REQUEST %s from %s has %d body frames, "
                             "expected 3; dropped", printable(message.msgid), printable(client),
-                            len(message.body))
+                            len(body))
             return
         if client in self.schedulers:
             message = self.vet_firing(client, message)
             if message is None:
                 return
+            body = message.body
         msgid = message.msgid
         # O(1) checks, before anything is held: the id's length, whether it is
         # taken (buffered, in flight, or waiting for its result); written out,
@@ -177,8 +180,8 @@ class ClientSide:
                                  "a request with this msgid is already buffered, running or "
                                  "waiting for its result; send it with a new msgid")
             return
-        headers = message.body[1]
-        wants_result = result_requested_in(headers)
+        headers = body[1]
+        wants_result = RESULT_HEADER in headers and result_requested_in(headers)
         now = time.monotonic()
         if wants_result:
             full = self.relay.remember(msgid, client, now)
@@ -188,11 +191,12 @@ class ClientSide:
                 return
             if not reply_requested_in(headers):  # the result is the worker's REPLY: asked
                 headers = with_reply_requested(headers)  # (it waited result_ttl for none)
-                message = message._replace(body=(message.body[0], headers, message.body[2]))
+                body = (body[0], headers, body[2])
+                message = message._replace(body=body)
         if "guarantee" in headers and guarantee_in(headers):
             self._on_guaranteed(client, message, wants_result)
             return
-        request = Request(msgid, client, message.body[0], message.body, now)
+        request = Request(msgid, client, body[0], body, now)
         # EventMQ acknowledges a request when it hands it out (not when it
         # buffers it); a request that asked for its result gets the result
         if self._route(request) and not wants_result:
@@ -268,14 +272,24 @@ class ClientSide:
     def _route(self, request: Request) -> bool:
         """Hand ``request`` to a worker, else buffer it; True when it left."""
         routing = self.routing
-        queue = routing.queue_for(request.queue)
-        if queue != request.queue:
-            self._log.warning("unserved_queue", "router: no worker serves queue %s; REQUEST %s "
-                              "goes to %s", printable(request.queue), printable(request.msgid),
-                              queue)
-        worker = routing.pick(queue)
+        queue = request.queue
+        # Routing.queue_for and Routing.pick, written out for a served queue:
+        # this runs per job
+        book = routing.queues.get(queue)
+        if book is None:
+            queue = routing.queue_for(queue)
+            if queue != request.queue:
+                self._log.warning("unserved_queue", "router: no worker serves queue %s; "
+                                  "REQUEST %s goes to %s", printable(request.queue),
+                                  printable(request.msgid), queue)
+            book = routing.queues.get(queue)
+        worker = book.pick() if book is not None else None
         if worker is None:
-            self._buffer(queue, request)
+            if queue in routing.waiting:  # (nothing to log: written out, per job)
+                if routing.buffer(queue, request):
+                    self._buffer_full(queue)
+            else:
+                self._buffer(queue, request)
             return False
         self.worker_side.hand_over(worker, request, queue)
         worker.slots -= 1
@@ -294,10 +308,14 @@ class ClientSide:
                 _waits_log.warning("queue_waits", "router: no worker serves queue %s now; its "
                                    "requests wait in the buffer for one", printable(queue))
         if routing.buffer(queue, request):
-            self.sockets.pause_clients(
-                f"buffer full (queue {printable(queue)}: {len(routing.waiting.get(queue, ()))} "
-                f"of hwm {self.settings.hwm} requests; {routing.buffered_bytes} of "
-                f"{self.settings.max_buffer_bytes} bytes in all)")
+            self._buffer_full(queue)
+
+    def _buffer_full(self, queue: str) -> None:
+        routing = self.routing
+        self.sockets.pause_clients(
+            f"buffer full (queue {printable(queue)}: {len(routing.waiting.get(queue, ()))} "
+            f"of hwm {self.settings.hwm} requests; {routing.buffered_bytes} of "
+            f"{self.settings.max_buffer_bytes} bytes in all)")
 
     def on_disconnect(self, client: bytes, message: Message) -> None:
         # EventMQ's router stops here; any client could then stop the service

@@ -37,6 +37,7 @@ MAX_NAMES = 1024
 OTHER = "(other)"
 #: a size limit of -1 (unlimited), as a number every size is below
 UNLIMITED = sys.maxsize
+_new_tuple = tuple.__new__
 
 
 #: Bytes a buffered request costs the router beyond its text: the Request,
@@ -79,7 +80,8 @@ class Request:
         self.guaranteed = guaranteed
         self.seq = seq
         #: whether its headers ask the worker for a REPLY
-        self.reply_requested = len(body) > 1 and reply_requested_in(body[1])
+        self.reply_requested = (len(body) > 1 and "reply-requested" in body[1]
+                                and reply_requested_in(body[1]))
         #: What it counts against ``max_buffer_bytes``: the length of its
         #: msgid and body (characters; bytes for ASCII, as JSON mostly is)
         #: and what holding any request costs the router besides
@@ -401,21 +403,22 @@ class Routing:
 
     def sent(self, worker: Worker, request: Request, queue: str, now: float) -> None:
         """``request`` left for ``worker``."""
-        reply_requested = request.reply_requested
-        worker.in_flight[request.msgid] = Sent(request.msgid, queue, now, reply_requested,
-                                               request if request.guaranteed else None)
-        self.holders[request.msgid] = worker
+        msgid, reply_requested = request.msgid, request.reply_requested
+        # the tuple built directly, not through Sent's __new__ (per job)
+        worker.in_flight[msgid] = _new_tuple(Sent, (
+            msgid, queue, now, reply_requested, request if request.guaranteed else None))
+        self.holders[msgid] = worker
         if not reply_requested:
             worker.unreplied += 1
-        by_queue, by_worker = self.processed_by_queue, self.processed_by_worker
+        by_queue, by_worker, name = self.processed_by_queue, self.processed_by_worker, worker.name
         if queue in by_queue:
             by_queue[queue] += 1
         else:
             self._count_new(by_queue, queue, self._live_queues)
-        if worker.name in by_worker:
-            by_worker[worker.name] += 1
+        if name in by_worker:
+            by_worker[name] += 1
         else:
-            self._count_new(by_worker, worker.name, self._live_workers)
+            self._count_new(by_worker, name, self._live_workers)
 
     def unsent(self, worker: Worker, request: Request) -> None:
         """``request``, given to ``worker`` by :meth:`sent`, never left: off
@@ -462,19 +465,6 @@ class Routing:
                     name = OTHER
         counter[name] += 1
 
-    def next_for(self, worker: Worker) -> Optional[tuple[str, Request]]:
-        """The request a READY of ``worker`` takes: the oldest of the first of
-        its queues (in INFORM order) that has one waiting (left in the buffer
-        until :meth:`taken`)."""
-        waiting = self.waiting
-        if not waiting:
-            return None
-        for name in worker.queue_order:
-            requests = waiting.get(name)
-            if requests:
-                return name, requests[0]
-        return None
-
     # -- the buffer ---------------------------------------------------------------
     def buffer(self, queue: str, request: Request, *, head: bool = False) -> bool:
         """Keep ``request`` until a worker has a slot (at the ``head`` of its
@@ -496,8 +486,15 @@ class Routing:
     def taken(self, queue: str) -> bool:
         """The oldest request of ``queue`` left the buffer; True when the
         queue's buffer is empty now."""
+        # _left and _shrunk written out: this runs per job
         waiting = self.waiting[queue]
-        return self._left(queue, waiting, waiting.popleft())
+        self.buffered_bytes -= waiting.popleft().size
+        if self._full_queues and len(waiting) <= self.resume_length:
+            self._full_queues.discard(queue)
+        if not waiting:
+            del self.waiting[queue]
+            return True
+        return False
 
     def _left(self, queue: str, waiting: collections.deque[Request], request: Request) -> bool:
         """``request`` is out of ``queue``'s buffer ``waiting``: the bytes and

@@ -95,6 +95,8 @@ _send, _recv, _get = _BACKEND.send, _BACKEND.recv, _BACKEND.get
 # Unread requests logged one by one when the router stops; beyond, only counted.
 _UNREAD_LOG_LIMIT = 10_000
 
+_parse_routed = Message.parse_routed
+
 #: a handler: (sender identity, message)
 Handler = Callable[[bytes, Message], None]
 #: on the backend, called before the handler; False drops the message
@@ -154,6 +156,29 @@ class RouterSocket:
             if not self._refresh_due:
                 self._refresh_due = True
                 self._loop.run_callback(self._refresh)
+
+    def send_many(self, messages: list[list[bytes]]) -> list[list[bytes]]:
+        """:meth:`send` of each message in turn (a turn's batch, in one call:
+        it runs per job); returns those that could not be delivered (the
+        peer gone, or its pipe full)."""
+        sock = self.sock
+        failed: list[list[bytes]] = []
+        try:
+            for frames in messages:
+                last = len(frames) - 1
+                try:
+                    for i in range(last):
+                        _send(sock, frames[i], _NOBLOCK_MORE)
+                    _send(sock, frames[last], _NOBLOCK)
+                except zmq.ZMQError as exc:
+                    if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                        raise
+                    failed.append(frames)
+        finally:
+            if not self._refresh_due:
+                self._refresh_due = True
+                self._loop.run_callback(self._refresh)
+        return failed
 
     def send_tracked(self, frames: list[bytes], big: int) -> Any:
         """:meth:`send`, frame ``big`` without a copy and tracked: returns
@@ -492,17 +517,10 @@ class RouterSockets:
         sock = self._sockets.get(name)
         if sock is None:
             return list(messages)
-        failed: list[list[bytes]] = []
-        for frames in messages:
-            if self._debug:
+        if self._debug:
+            for frames in messages:
                 logger.debug("%s -> %r: %s", name, frames[0], frames[3:])
-            try:
-                sock.send(frames)
-            except zmq.ZMQError as exc:
-                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                    raise
-                failed.append(frames)
-        return failed
+        return sock.send_many(messages)
 
     # ------------------------------------------------------------------
     # reading
@@ -511,13 +529,14 @@ class RouterSockets:
                    gate: Optional[Gate]) -> None:
         sock = self._sockets[name]
         frontend = name == "frontend"
+        handle = self._handle
         while True:
             if frontend and self.frontend_paused:
                 self._frontend_open.wait()
                 continue
             try:
                 for frames in sock.receive():
-                    self._handle(name, table, gate, frames)
+                    handle(name, table, gate, frames)
                     if frontend and self.frontend_paused:
                         break
             except zmq.ZMQError as exc:
@@ -539,7 +558,7 @@ class RouterSockets:
             identity, message = repaired  # the job ends, failed; its client is told
         else:
             try:
-                identity, message = Message.parse_routed(frames)
+                identity, message = _parse_routed(frames)
             except ProtocolError as exc:
                 repaired = _undecodable_reply(frames) if name == "backend" else None
                 if repaired is None:

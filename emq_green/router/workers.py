@@ -242,7 +242,7 @@ class WorkerSide:
         self._log = limiter or LogLimiter(logger)
         self._sockets = sockets
         self._relay = relay
-        self._pending = relay.pending
+        self._pending = relay.pending.ids  # (its truth is C-level: looked at per REPLY)
         self._counters = counters
         self._last_heartbeat = 0.0
         self.judge_after = 0.0  #: none judged silent before then (``broker.AWAY``)
@@ -366,15 +366,21 @@ class WorkerSide:
         if worker.fresh_after:  # frozen (see ``freeze``)
             worker.frozen_slots += 1
             return
-        found = routing.next_for(worker)
-        if found is None:
+        # the oldest request of the first of its queues (in INFORM order)
+        # that has one waiting; it leaves the buffer below (``taken``)
+        waiting = routing.waiting
+        for name in worker.queue_order if waiting else ():
+            requests = waiting.get(name)
+            if requests:
+                break
+        else:
             routing.give_slot(worker)
             return
-        name, request = found
-        self.hand_over(worker, request, name)
+        self.hand_over(worker, requests[0], name)
         if routing.taken(name):
             logger.info("router: the buffer of queue %s is empty again", printable(name))
-        self.resume_clients()
+        if self._sockets.frontend_paused:
+            self.resume_clients()
 
     def resume_clients(self) -> None:
         """Read clients again if reading was paused and every bound (the
@@ -468,8 +474,9 @@ class WorkerSide:
         self._sockets.send_later("backend", frames)
         now = time.monotonic()
         self.routing.sent(worker, request, queue, now)
-        if self.observer is not None:
-            self.observer.handed_over(queue, now - request.received)
+        observer = self.observer
+        if observer is not None:
+            observer.handed_over(queue, now - request.received)
 
     def _flushed(self, sent: list[list[bytes]], failed: list[list[bytes]]) -> None:
         """This turn's REQUESTs left (``RouterSockets.flushed``); those that
