@@ -249,6 +249,8 @@ def _to_http_addr(text: str) -> str:
 def _to_file(text: str) -> str:
     """A path to a readable file; empty turns the setting off."""
     text = text.strip()
+    if text and os.path.isdir(text):
+        raise ValueError("is a directory: a file is needed")
     if text and not os.path.isfile(text):
         raise ValueError("no such file")
     if text and not os.access(text, os.R_OK):
@@ -258,6 +260,8 @@ def _to_file(text: str) -> str:
 
 def _to_directory(text: str) -> str:
     text = text.strip()
+    if text and os.path.exists(text) and not os.path.isdir(text):
+        raise ValueError("is a file: a directory is needed")
     if text and not os.path.isdir(text):
         raise ValueError("no such directory")
     return text

@@ -515,3 +515,16 @@ def test_a_reload_is_not_refused_for_warnings_about_values():
         assert ns.start_warnings and not ns.config_warnings
         assert settings_logging_warnings(lambda env=env: load_settings([], env),
                                          reloading=True) is not None
+
+
+def test_a_directory_given_for_a_key_file_and_the_reverse_are_named_as_such(tmp_path):
+    """A probe's nit: a directory given for a key file, or a file for the
+    authorized-keys directory, was "no such file" / "no such directory"."""
+    afile = tmp_path / "a.key"
+    afile.write_text("x")
+    with pytest.raises(SettingsError, match="is a directory: a file is needed"):
+        load_settings(["--curve-secret-key-file", str(tmp_path)], {})
+    with pytest.raises(SettingsError, match="is a file: a directory is needed"):
+        load_settings(["--curve-authorized-keys", str(afile)], {}, section="router")
+    with pytest.raises(SettingsError, match="no such file"):
+        load_settings(["--curve-secret-key-file", str(tmp_path / "none")], {})
