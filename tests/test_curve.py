@@ -643,3 +643,23 @@ def test_a_key_file_with_a_bad_or_mixed_key_is_refused_at_the_start(keys: Keys, 
     readable.chmod(0o644)
     ClientCurve.from_files(str(readable), keys.public("router"))
     assert "readable by other users (mode 644)" in caplog.text
+
+
+def test_a_key_reload_names_the_keys_added_as_well_as_those_removed(keys: Keys, caplog):
+    """A probe's nit: the reload line named removed keys only."""
+    import logging
+
+    import zmq.green
+
+    from emq_green.router.zap import ZapHandler
+
+    zap = ZapHandler(context=zmq.green.Context.instance(), authorized_keys=str(keys.authorized))
+    os.remove(keys.authorized / "client.key")
+    shutil.copy(keys.public("stranger"), keys.authorized)
+    caplog.set_level(logging.INFO, logger="emq_green.router.zap")
+    assert zap.reload() == 2
+    stranger, client = (zmq.auth.load_certificate(keys.public(n))[0] for n in ("stranger",
+                                                                              "client"))
+    [line] = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    assert "2 key(s), 1 added, 1 removed" in line
+    assert f"added {fingerprint(stranger)}" in line and f"removed {fingerprint(client)}" in line

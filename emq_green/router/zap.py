@@ -130,7 +130,8 @@ class ZapHandler:
         self.counters["reloads"] += 1
         logger.info("zap: reloaded %s: %d key(s), %d added, %d removed%s", self.directory,
                     len(keys), len(added), len(removed),
-                    "".join(f"; removed {fingerprint(k)}" for k in sorted(removed)))
+                    "".join([*(f"; added {fingerprint(k)}" for k in sorted(added)[:20]),
+                             *(f"; removed {fingerprint(k)}" for k in sorted(removed)[:20])]))
         return len(keys)
 
     def watch(self, name: str, socket: zmq.Socket) -> None:
