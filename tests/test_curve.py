@@ -663,3 +663,19 @@ def test_a_key_reload_names_the_keys_added_as_well_as_those_removed(keys: Keys, 
     [line] = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
     assert "2 key(s), 1 added, 1 removed" in line
     assert f"added {fingerprint(stranger)}" in line and f"removed {fingerprint(client)}" in line
+
+
+def test_a_secret_certificate_in_the_authorized_directory_is_warned_about(keys: Keys, caplog):
+    """A probe's nit: a peer's secret certificate copied (as ``.key``) into
+    the authorized directory counted as its public key without a word."""
+    import logging
+
+    from emq_green.router.zap import read_authorized_keys
+
+    shutil.copy(keys.secret("stranger"), keys.authorized / "stranger.key")
+    caplog.set_level(logging.WARNING, logger="emq_green.router.zap")
+    found = read_authorized_keys(str(keys.authorized))
+    assert len(found) == 3  # still counted: the peer is not locked out
+    [line] = [r.getMessage() for r in caplog.records if "secret key too" in r.getMessage()]
+    assert "stranger.key" in line
+    assert not [r for r in caplog.records if "client.key" in r.getMessage()]

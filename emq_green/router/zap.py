@@ -63,7 +63,7 @@ def read_authorized_keys(directory: str) -> frozenset[bytes]:
             continue
         path = os.path.join(directory, name)
         try:
-            public, _secret = zmq.auth.load_certificate(path)
+            public, secret = zmq.auth.load_certificate(path)
             key = zmq.utils.z85.decode(public)
             if len(key) != 32:
                 raise ValueError("not a 32-byte key")
@@ -72,6 +72,10 @@ def read_authorized_keys(directory: str) -> frozenset[bytes]:
             logger.warning("zap: %s skipped: not a CURVE public certificate (%s)", path,
                            printable(exc, 200))
             continue
+        if secret:  # its public key still counts: refusing it would lock that peer out
+            logger.warning("zap: %s holds a secret key too: only public certificates belong "
+                           "in curve_authorized_keys (the peer's secret is exposed on this "
+                           "host: make it a new pair)", path)
         keys.add(key)
     return frozenset(keys)
 
