@@ -252,10 +252,11 @@ def _standalone(settings, router_settings, load) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"emq-green: {exc}\n")
         return 2
-    router, scheduler = _start_router(router_settings, context, "emq-green",
-                                      extra_backend_addrs=(inproc,), with_scheduler=True)
-    if router is None:
-        return 1
+    try:
+        router, scheduler = _start_router(router_settings, context, "emq-green",
+                                          extra_backend_addrs=(inproc,), with_scheduler=True)
+    except _CannotStart as exc:
+        return exc.status
     # the job manager drains first, as on SIGTERM; the router stops after it.
     # Asked again (a retry, two operators), the drain goes on: a second
     # graceful stop() would kill the running jobs
@@ -286,13 +287,24 @@ def _standalone(settings, router_settings, load) -> int:
     return status
 
 
+class _CannotStart(Exception):
+    """The router could not start; ``status``: the program's exit status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def _start_router(settings, context, prog: str, extra_backend_addrs=(),
                   with_scheduler: bool = False):
     """Start a router, its dashboard and (``with_scheduler``) a scheduler
-    in this process, connected to it over ``inproc://``; ``(None, None)``
-    when the router cannot start (the reason written to stderr)."""
+    in this process, connected to it over ``inproc://``. Raises
+    ``_CannotStart`` when the router cannot start (the reason written
+    to stderr; exit status 2 for its CURVE settings, as the other programs
+    give, else 1)."""
     import uuid
 
+    from .curve import CurveError
     from .router.broker import Router
     from .router.dashboard import start_dashboard
 
@@ -303,7 +315,7 @@ def _start_router(settings, context, prog: str, extra_backend_addrs=(),
         router.start()
     except OSError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
-        return None, None
+        raise _CannotStart(2 if isinstance(exc, CurveError) else 1) from None
     start_dashboard(router, settings.dashboard_addr)
     scheduler = None
     if with_scheduler:
@@ -315,7 +327,7 @@ def _start_router(settings, context, prog: str, extra_backend_addrs=(),
         except Exception as exc:  # its file cannot be opened, or another scheduler has it
             sys.stderr.write(f"{prog}: scheduler_file {settings.scheduler_file}: {exc}\n")
             router.stop()
-            return None, None
+            raise _CannotStart(1) from None
     return router, scheduler
 
 
@@ -388,10 +400,11 @@ def router_main(argv: "list[str] | None" = None) -> int:
                 **router.status()}
 
     _log_status_on_sigusr1("router", status)
-    router, scheduler = _start_router(settings, context, "emq-green-router",
-                                      with_scheduler=settings.run_scheduler)
-    if router is None:
-        return 1
+    try:
+        router, scheduler = _start_router(settings, context, "emq-green-router",
+                                          with_scheduler=settings.run_scheduler)
+    except _CannotStart as exc:
+        return exc.status
     started["router"] = router
 
     def stop() -> None:
