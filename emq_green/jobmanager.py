@@ -178,7 +178,7 @@ class JobManager:
         self.pid_distribution: dict[int, int] = {}
         self._hooks = HookRegistry(self, default_extensions(extensions))
         wake = gevent.event.Event()
-        self._slots = JobSlots(hooks=self._hooks, finished=self._finished,
+        self._slots = JobSlots(hooks=self._hooks, finished=functools.partial(_finished, self),
                                rejected=self._rejected, counters=self.counters)
         self._slots.reply_again = self._reply_again
         self._link = RouterLink(
@@ -384,11 +384,7 @@ class JobManager:
             self.check_worker_health()
 
     def _finished(self, record: JobRecord, outcome: JobOutcome, pid: int) -> None:
-        reply = outcome.reply()
-        killed = outcome.status is Status.KILLED
-        if record.headers.guarantee and not killed:
-            self._slots.ended(record, reply)
-        _respond(self, record, reply, pid, killed)
+        _finished(self, record, outcome, pid)  # (the slots call that directly)
 
     def _reply_again(self, reply: Any, msgid: str) -> None:
         """A guaranteed job that ended here, sent again as its REPLY crossed
@@ -426,13 +422,7 @@ class JobManager:
 
     def _account(self, msgid: Optional[str], reply: Any, pid: int, death: bool,
                  callback: Callback) -> None:
-        if msgid is not None:
-            self._slots.jobs_in_flight.pop(msgid, None)
-        if not death:
-            self.pid_distribution[pid] = self.pid_distribution.get(pid, 0) + 1
-        _call_back(self, callback, (reply, msgid, death, pid))
-        if self._link.origins.conn_of:  # a reload happened with jobs running
-            self._link.origins.ended(msgid)
+        _account(self, msgid, reply, pid, death, callback)
 
     def worker_done(self, reply: Any, msgid: Optional[str], death: bool, pid: int) -> None:
         """Called when a job ends that asked for no reply: offer the freed
@@ -478,8 +468,8 @@ class JobManager:
         healthy); called on each HEARTBEAT from the router."""
         return self._slots.repair()
 
-    def _offer_slots(self) -> None:
-        self._link.offer_slots(self._slots.free())
+    def _offer_slots(self, running: Optional[bool] = None) -> None:
+        self._link.offer_slots(self._slots.free(), running)
 
     def send_ready(self) -> None:
         """Send one READY: the router may send one more REQUEST.
@@ -579,6 +569,22 @@ def _honour_overrides(manager: JobManager, link: RouterLink, slots: JobSlots) ->
         link.admit = functools.partial(_admit_through, manager, slots)
 
 
+def _finished(manager: JobManager, record: JobRecord, outcome: JobOutcome, pid: int) -> None:
+    """A job of the manager's own ended (the slots' ``finished``): a
+    guaranteed one's reply is kept (:meth:`JobSlots.ended`), and it is
+    accounted and answered (:func:`_respond`)."""
+    # (outcome.reply() written out for a success: this runs per job)
+    reply = {"value": outcome.value} if outcome.status is Status.SUCCEEDED else outcome.reply()
+    killed = outcome.status is Status.KILLED
+    if record.headers.guarantee and not killed:
+        manager._slots.ended(record, reply)
+    if type(manager).handle_response is JobManager.handle_response:  # (_respond's usual case)
+        _account(manager, record.msgid, reply, pid, killed, manager.worker_done_with_reply
+                 if record.headers.reply_requested else manager.worker_done)
+    else:
+        _respond(manager, record, reply, pid, killed)
+
+
 def _respond(manager: JobManager, record: JobRecord, reply: Any, pid: int,
              killed: bool) -> None:
     """A job of the manager's own ended: accounted and answered, through a
@@ -599,20 +605,34 @@ def _respond(manager: JobManager, record: JobRecord, reply: Any, pid: int,
     manager._account(record.msgid, reply, pid, killed, getattr(manager, name))
 
 
-def _call_back(manager: JobManager, callback: Callback,
-               args: tuple[Any, Optional[str], bool, int]) -> None:
-    """``callback(*args)``: ``worker_done`` or ``worker_done_with_reply``,
-    maybe a subclass's. One that raises is logged; when it had offered no
-    READY yet, the base method answers and offers the slot (else it would
-    never be offered again)."""
-    ready_sent = manager._link.total_ready_sent
-    name = callback.__name__
+def _account(manager: JobManager, msgid: Optional[str], reply: Any, pid: int, death: bool,
+             callback: Callback) -> None:
+    """:meth:`JobManager._account`: the job leaves the books, its pid is
+    counted (unless killed), ``callback`` is called: ``worker_done`` or
+    ``worker_done_with_reply``, maybe a subclass's (one that raises:
+    :func:`_call_back_failed`)."""
+    if msgid is not None:
+        manager._slots.jobs_in_flight.pop(msgid, None)
+    if not death:
+        manager.pid_distribution[pid] = manager.pid_distribution.get(pid, 0) + 1
+    link = manager._link
+    ready_sent = link.total_ready_sent
     try:
-        callback(*args)
-        return
+        callback(reply, msgid, death, pid)
     except HOOK_FAILURES:
-        logger.exception("%s of %s raised for job %s", name, type(manager).__name__,
-                         printable(args[1]))
+        _call_back_failed(manager, callback, (reply, msgid, death, pid), ready_sent)
+    if link.origins.conn_of:  # a reload happened with jobs running
+        link.origins.ended(msgid)
+
+
+def _call_back_failed(manager: JobManager, callback: Callback,
+                      args: tuple[Any, Optional[str], bool, int], ready_sent: int) -> None:
+    """``callback(*args)`` raised (being handled): logged; when it had offered
+    no READY yet (none since ``ready_sent``), the base method answers and
+    offers the slot (else it would never be offered again)."""
+    name = callback.__name__
+    logger.exception("%s of %s raised for job %s", name, type(manager).__name__,
+                     printable(args[1]))
     base = getattr(JobManager, name, None)
     if (base is not None and getattr(callback, "__func__", None) is not base
             and manager._link.total_ready_sent == ready_sent):

@@ -105,12 +105,18 @@ if c_make_encoder is not None:
     def _encode(value: Any) -> str:
         return "".join(_c_encode(value, 0))
 else:  # pragma: no cover - Pythons without the C accelerator
+    _c_encode = None
     _encode = json.dumps
 
 
 def encode_reply(reply: Any) -> str:
     """JSON for a REPLY frame; an unencodable value becomes its error text."""
-    text = _encoded(reply)
+    try:  # (_encoded written out: this runs per job)
+        return "".join(_c_encode(reply, 0)) if _c_encode is not None else _encode(reply)
+    except RecursionError:
+        text = _dumped(reply)  # circular, or just deep
+    except (TypeError, ValueError, OverflowError) as exc:
+        return _error_reply(exc)
     return text if isinstance(text, str) else _error_reply(text)
 
 
@@ -122,6 +128,11 @@ def _encoded(value: Any) -> Union[str, BaseException]:
         pass  # circular, or just deep: json.dumps tells which, in its own words
     except (TypeError, ValueError, OverflowError) as exc:
         return exc
+    return _dumped(value)
+
+
+def _dumped(value: Any) -> Union[str, BaseException]:
+    """``json.dumps(value)``, or why it cannot (its own words)."""
     try:
         return json.dumps(value)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
@@ -224,6 +235,7 @@ class _JobModules:
 
 
 _modules = _JobModules()
+_sys_modules = sys.modules
 
 
 def resolve(request: RunRequest, policy: Optional[CallablePolicy] = None) -> Callable[..., Any]:
@@ -234,7 +246,11 @@ def resolve(request: RunRequest, policy: Optional[CallablePolicy] = None) -> Cal
     class before it is instantiated, a function before it is returned.
     Raises :class:`~emq_green.callables.CallableNotAllowed` otherwise."""
     module_name, _, class_name = request.path.partition(":")
-    module = _modules.get(module_name)
+    module = _sys_modules.get(module_name)  # (_JobModules.get's fast path, one call less)
+    if module is None or module_name not in _modules._done:
+        module = _modules.get(module_name)
+    if policy is not None and policy.allowed is None:
+        policy = None  # (check_resolved allows everything then)
     target: Any = module
     if class_name:
         cls = getattr(module, class_name)
@@ -342,27 +358,36 @@ class Deadlines:
         self._timer: Any = None
         self.period = self.MAX_PERIOD
 
-    def enter(self, timeout: float) -> object:
-        """Register the current greenlet; returns the token its JobTimeout
-        will carry."""
+    def enter(self, timeout: float, current: Any = None) -> object:
+        """Register ``current`` (default: the current greenlet); returns the
+        token its JobTimeout will carry."""
         token = object()
-        self._attempts[gevent.getcurrent()] = (time.monotonic() + timeout, token)
+        if current is None:
+            current = getcurrent()
+        self._attempts[current] = (time.monotonic() + timeout, token)
         if self._timer is None or timeout < self.period * 20:
             self._arm(timeout)
         return token
 
-    def leave(self) -> None:
-        current = gevent.getcurrent()
-        self._attempts.pop(current, None)
-        if self._thrown:
+    def leave(self, current: Any = None) -> bool:
+        """Unregister ``current`` (default: the current greenlet); returns
+        :meth:`overdue` as it was just before (one call where an attempt
+        that ended well made two: this runs per job)."""
+        if current is None:
+            current = getcurrent()
+        entry = self._attempts.pop(current, None)
+        if self._thrown and current in self._thrown:
             self._thrown.discard(current)
+            return True
+        return entry is not None and entry[0] <= time.monotonic()
 
-    def overdue(self) -> bool:
-        """Whether the current greenlet ran past its deadline: its
-        JobTimeout was thrown (and caught by the job itself, since it is
-        still running), or the job held the event loop past the deadline,
-        so that no check could run to throw it."""
-        current = gevent.getcurrent()
+    def overdue(self, current: Any = None) -> bool:
+        """Whether ``current`` (default: the current greenlet) ran past its
+        deadline: its JobTimeout was thrown (and caught by the job itself,
+        since it is still running), or the job held the event loop past the
+        deadline, so that no check could run to throw it."""
+        if current is None:
+            current = getcurrent()
         if self._thrown and current in self._thrown:
             return True
         entry = self._attempts.get(current)
@@ -423,7 +448,9 @@ class JobRunner:
         The timeout applies to each attempt. A timed-out job is not retried:
         it may have done part of its work, and would likely time out again.
         """
-        timeout = self.timeout_for(headers)
+        # (timeout_for written out: this runs per job)
+        timeout = (self.timeout_for(headers) if type(self).timeout_for is not _timeout_for
+                   else headers.timeout or self.global_timeout or None)
         if headers.retry_count == 0 and self.entry_func is None and self.exit_func is None:
             return self._attempt(request, timeout, 1)  # the usual case, one call less
         return run_attempts(request.name, lambda n: self._attempt(request, timeout, n),
@@ -434,32 +461,45 @@ class JobRunner:
         # JobTimeout derives from BaseException, like gevent.Timeout, so a
         # job's own ``except Exception`` cannot swallow it; it carries this
         # attempt's token, so a nested one is told apart.
-        token = self.deadlines.enter(timeout) if timeout else None
+        deadlines = self.deadlines
+        if timeout:
+            current = getcurrent()
+            token: Optional[object] = deadlines.enter(timeout, current)
+        else:
+            token = current = None
         try:
             try:
                 func = resolve(request, self.policy)
             except Exception as exc:
                 return not_found(request, exc)
             value = func(*request.args, **request.kwargs)
-            if token is not None and self.deadlines.overdue():
-                # the job caught its JobTimeout (a bare except) and ran on,
-                # or held the loop so long that no check could stop it: it
-                # still exceeded its timeout
-                return _timed_out(request, timeout, attempt)
+            if token is not None:
+                token = None  # left here, not again in the finally (no switch in between)
+                if deadlines.leave(current):
+                    # the job caught its JobTimeout (a bare except) and ran
+                    # on, or held the loop so long that no check could stop
+                    # it: it still exceeded its timeout
+                    return _timed_out(request, timeout, attempt)
         except JobTimeout as exc:
             if token is None or exc.args[0] is not token:
                 raise
             return _timed_out(request, timeout, attempt)
         except Exception as exc:
-            if token is not None and self.deadlines.overdue():
+            if token is not None and deadlines.overdue(current):
                 return _timed_out(request, timeout, attempt)
             logger.warning("job %s raised %s: %s", request.name, type(exc).__name__, logged(exc),
                            exc_info=logger.isEnabledFor(logging.DEBUG))
             return JobOutcome.failure(exc, attempt)
         finally:
             if token is not None:
-                self.deadlines.leave()
-        return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
+                deadlines.leave(current)
+        # (tuple.__new__ directly: a named tuple's __new__ is a Python frame)
+        return _tuple_new(JobOutcome, (Status.SUCCEEDED, value, "", "", attempt))
+
+
+_timeout_for = JobRunner.timeout_for
+_tuple_new = tuple.__new__
+getcurrent = gevent.getcurrent
 
 
 def _timed_out(request: RunRequest, timeout: Optional[float], attempt: int) -> JobOutcome:

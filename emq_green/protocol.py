@@ -446,7 +446,7 @@ def reply_requested_in(text: str) -> bool:
 NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
-_MAPPINGS = (dict, MappingProxyType)
+_tuple_new = tuple.__new__  # a named tuple built without its __new__'s Python frame
 _scan_once = json.JSONDecoder().scan_once
 
 
@@ -492,19 +492,29 @@ class RunRequest(NamedTuple):
             raise ProtocolError('payload must be ["run", {options}]')
         if payload[0] != "run":
             raise ProtocolError(f"unknown subcommand {_short(payload[0])}")
+        # Every value here is JSON's (a str is a str, an array a list, an
+        # object a dict; never a subclass), so exact type tests decide what
+        # isinstance would, and key tests replace dict.get: no call per
+        # option, this runs per job. An option that is absent, or empty
+        # (or any false value), takes its default.
         opts = payload[1]
-        path, name = opts.get("path"), opts.get("callable")
-        if not isinstance(path, str) or not path or not isinstance(name, str) or not name:
+        path = opts["path"] if "path" in opts else None
+        name = opts["callable"] if "callable" in opts else None
+        if type(path) is not str or not path or type(name) is not str or not name:
             raise ProtocolError("options need non-empty 'path' and 'callable' strings")
-        args, kwargs = opts.get("args") or (), opts.get("kwargs") or NO_KWARGS
-        class_args = opts.get("class_args") or ()
-        class_kwargs = opts.get("class_kwargs") or NO_KWARGS
-        if not isinstance(args, (list, tuple)) or not isinstance(class_args, (list, tuple)):
+        args = opts["args"] if "args" in opts else None
+        class_args = opts["class_args"] if "class_args" in opts else None
+        if (args and type(args) is not list) or (class_args and type(class_args) is not list):
             raise ProtocolError("'args' and 'class_args' must be lists")
-        if not isinstance(kwargs, _MAPPINGS) or not isinstance(class_kwargs, _MAPPINGS):
+        kwargs = opts["kwargs"] if "kwargs" in opts else None
+        class_kwargs = opts["class_kwargs"] if "class_kwargs" in opts else None
+        if (kwargs and type(kwargs) is not dict) or (
+                class_kwargs and type(class_kwargs) is not dict):
             raise ProtocolError("'kwargs' and 'class_kwargs' must be objects")
-        return cls(path, name, tuple(args), kwargs, tuple(class_args), class_kwargs,
-                   bool(opts.get("subprocess", False)))
+        return _tuple_new(cls, (path, name, tuple(args) if args else (), kwargs or NO_KWARGS,
+                                tuple(class_args) if class_args else (),
+                                class_kwargs or NO_KWARGS,
+                                bool(opts["subprocess"]) if "subprocess" in opts else False))
 
     def payload(self) -> str:
         opts: dict[str, Any] = {

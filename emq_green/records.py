@@ -48,13 +48,14 @@ class JobRecord:
     __slots__ = ("msgid", "queue", "headers", "request", "started", "greenlet", "done")
 
     def __init__(self, msgid: str, queue: str, headers: Headers,
-                 request: Optional[RunRequest] = None) -> None:
+                 request: Optional[RunRequest] = None, started: Optional[float] = None) -> None:
         self.msgid = msgid
         self.queue = queue
         self.headers = headers
         self.request = request
-        #: monotonic time the job started (or was received, until it starts)
-        self.started = time.monotonic()
+        #: monotonic time the job started (or was received, until it starts);
+        #: ``started`` when given (a ``time.monotonic()`` value), else now
+        self.started = time.monotonic() if started is None else started
         #: the greenlet running it, once started
         self.greenlet: Any = None
         self.done = False

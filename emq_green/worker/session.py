@@ -53,6 +53,7 @@ from ..protocol import (
     heartbeat,
     printable,
     queues_json,
+    ready_frames,
     reply_frames,
     request_parts,
 )
@@ -80,10 +81,12 @@ def quiet_left(conn: Connection, quiet: float, since: float) -> float:
 
 
 def job_ended(link: RouterLink, msgid: Optional[str], death: bool,
-              offer: Callable[[], None], replied: bool = False) -> None:
+              offer: Callable[[Optional[bool]], None], replied: bool = False) -> None:
     """A job ended (``death``: killed; ``replied``: its REPLY was sent);
-    ``offer`` offers the free slots. On the running connection the READY
-    that offers its slot names it (:func:`~emq_green.protocol.ready_frames`):
+    ``offer`` offers the free slots (given whether the manager runs, when
+    this found out: :meth:`RouterLink.offer_slots` then need not ask). On
+    the running connection the READY that offers its slot names it
+    (:func:`~emq_green.protocol.ready_frames`):
     emq-green's router then ends exactly that job, where it would take the
     oldest job sent without reply-requested as the one ended. On one that
     said KBYE (a stop's drain, one a reload retired) a job sent without
@@ -91,18 +94,21 @@ def job_ended(link: RouterLink, msgid: Optional[str], death: bool,
     (:meth:`Connection.job_ended_after_kbye`; a killed one is not: the
     router reports it as possibly lost)."""
     conn = link.origins.conn_of.get(msgid) if link.origins.conn_of and msgid else None
-    if conn is None and not link._running():
-        conn = link.outgoing
+    running = None
+    if conn is None:
+        running = link._running()
+        if not running:
+            conn = link.outgoing
     if conn is not None:
         if not (death or replied) and msgid:
             conn.job_ended_after_kbye(msgid)
-        offer()
+        offer(running)
         return
     current = link.outgoing
     if current is not None:
         current.ended_job = msgid
     try:
-        offer()
+        offer(running)
     finally:
         if current is not None:
             current.ended_job = None
@@ -225,10 +231,8 @@ class RouterLink:
         self._wake = wake
         #: take a REQUEST body, send one READY (a subclass's overrides, if any)
         self.admit, self.ready_sender = admit, self.send_ready
-        self._reject = reject
-        self._on_heartbeat = on_heartbeat
-        self._on_disconnect = on_disconnect
-        self._running = running
+        self._reject, self._running = reject, running
+        self._on_heartbeat, self._on_disconnect = on_heartbeat, on_disconnect
         #: the current connection (None between connections); every send
         #: goes through it
         self.outgoing: Optional[Connection] = None
@@ -557,12 +561,12 @@ class RouterLink:
     # ------------------------------------------------------------------
     # READY credit and replies
 
-    def offer_slots(self, free: int) -> None:
-        """READYs until the router's credit on the current connection is
-        ``free`` slots (a retired connection's unused READYs are not counted:
-        the router dropped them with its KBYE)."""
+    def offer_slots(self, free: int, running: Optional[bool] = None) -> None:
+        """READYs until the router's credit on the current connection is ``free``
+        slots (a retired connection's unused READYs are not counted: the router
+        dropped them with its KBYE), if the manager runs (``running``: known)."""
         conn = self.outgoing
-        if conn is None or not self._running():
+        if conn is None or not (self._running() if running is None else running):
             return
         # (counted first: an override of send_ready may send none)
         for _ in range(free - conn.ready_outstanding):
@@ -573,7 +577,8 @@ class RouterLink:
         conn = self.outgoing
         if conn is None:
             raise RuntimeError("not connected")
-        conn.send_ready()
+        conn.send_frames(ready_frames(conn.ended_job))  # (Connection.send_ready,
+        conn.ended_job = None  # written out: this runs per job)
         self.total_ready_sent += 1
         conn.ready_outstanding += 1
 

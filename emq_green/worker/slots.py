@@ -251,7 +251,8 @@ class JobSlots:
                                    via=logger)
                 self.reply_again(reply, msgid)
                 return True
-        record = JobRecord(msgid, queue, headers, request)
+        now = time.monotonic()  # (received and started at once, as a rule: one reading)
+        record = JobRecord(msgid, queue, headers, request, now)
         self.jobs_in_flight[msgid] = record
         if self.running >= self.concurrent_jobs:
             self.counters["backlogged"] += 1
@@ -260,7 +261,7 @@ class JobSlots:
                                self.concurrent_jobs, via=logger)
             self.backlog.append(record)
         else:
-            self.start(record)
+            self.start(record, now)
         return False
 
     def ended(self, record: JobRecord, reply: Any) -> None:
@@ -315,8 +316,9 @@ class JobSlots:
     # ------------------------------------------------------------------
     # running
 
-    def start(self, record: JobRecord) -> None:
-        """Run ``record`` in a parked job greenlet, or a new one if none is idle.
+    def start(self, record: JobRecord, now: Optional[float] = None) -> None:
+        """Run ``record`` in a parked job greenlet, or a new one if none is
+        idle; it starts ``now`` (a ``time.monotonic()`` value; default now).
 
         Job greenlets are kept and reused (at most ``concurrent_jobs`` of
         them): handing a job to a parked greenlet costs a few microseconds,
@@ -325,7 +327,7 @@ class JobSlots:
         its greenlet-local (patched ``threading.local``) state between jobs.
         """
         self.running += 1
-        record.started = time.monotonic()
+        record.started = time.monotonic() if now is None else now
         if self._idle:
             greenlet = record.greenlet = self._idle.pop()
             self._loop.run_callback(greenlet.switch, record)
@@ -344,7 +346,7 @@ class JobSlots:
         idle = self._idle
         try:
             while record is not None:
-                self._run_with_backlog(record)
+                self._run_with_backlog(record, me)
                 idle.append(me)
                 record = hub.switch()
         finally:
@@ -352,10 +354,9 @@ class JobSlots:
             if me in idle:
                 idle.remove(me)
 
-    def _run_with_backlog(self, record: Optional[JobRecord]) -> None:
-        # A finished job's greenlet takes the next backlogged request itself:
-        # spawning into the pool from here would wait on our own pool slot.
-        me = gevent.getcurrent()
+    def _run_with_backlog(self, record: Optional[JobRecord], me: gevent.Greenlet) -> None:
+        # A finished job's greenlet (``me``) takes the next backlogged request
+        # itself: spawning into the pool from here would wait on our own pool slot.
         try:
             while record is not None:
                 self.job_of_greenlet[me] = record
@@ -419,8 +420,9 @@ class JobSlots:
         if record.done:
             return
         record.done = True
-        _log_unseen_failure(record, outcome, sent := outcome.sendable(),
-                            pid is None or pid == self.pid)
+        sent = outcome.sendable()
+        if sent is not outcome or outcome.status is Status.TIMED_OUT:  # (else it logs nothing)
+            _log_unseen_failure(record, outcome, sent, pid is None or pid == self.pid)
         outcome = sent
         refused = not outcome.attempts and outcome.error_type == NOT_ALLOWED
         # refused once resolved (callables.py): counted as refused, not failed
