@@ -43,7 +43,7 @@ from ..jobs import (
     resolve,
     run_attempts,
 )
-from ..protocol import ProtocolError, RunRequest
+from ..protocol import ProtocolError, RunRequest, printable
 
 #: the error type of an outcome too large to send (as the worker's REPLY check names it)
 REPLY_TOO_LARGE = "ReplyTooLarge"
@@ -277,7 +277,12 @@ class Child:
                 return JobOutcome.failure(exc, attempt)
             raise _Final(JobOutcome.failure(exc, attempt)) from None  # not retried
         self._only_here()
-        return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
+        outcome = JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
+        sent = outcome.sendable()
+        if sent is not outcome:  # (the worker sees only a failure: said here, as it says it)
+            logger.warning("job %s returned a value JSON cannot carry: %s", request.name,
+                           printable(sent.error_message, 300))
+        return sent
 
     def _only_here(self) -> None:
         """A process the job forked without exec, returning from the job
