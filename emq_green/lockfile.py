@@ -1,10 +1,14 @@
-"""A lock file beside a data file, held for a process's life: one owner of
-the router's journal, one scheduler per ``scheduler_file``.
+"""Locks held for a process's life: one owner of the router's journal, one
+scheduler per ``scheduler_file``.
 
-``flock`` on a file of its own (SQLite's own locks are ``fcntl`` locks and
-would not see it), with the holder's pid written in it for the message of
-whoever is refused. The kernel lets the lock go when its holder dies, even
-by ``kill -9``: a stale file never blocks a restart.
+:func:`take`: ``flock`` on a lock file beside the data file (SQLite's own
+locks are ``fcntl`` locks and would not see it), with the holder's pid
+written in it for the message of whoever is refused. :func:`take_inode`:
+``flock`` on the data file itself, so that the same file reached under
+another name (a hard link, another mount of it) is refused too; a
+holder may let another owner of its own process share it (the router's
+journal and its own scheduler on one file). The kernel lets a lock go when its holder
+dies, even by ``kill -9``: a stale file never blocks a restart.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
+from typing import Optional
+
+#: (device, inode) -> (descriptor, owner): the data files this process
+#: holds (:func:`take_inode`)
+_HELD_HERE: dict[tuple[int, int], tuple[int, str]] = {}
 
 
 class LockHeld(Exception):
@@ -31,7 +41,7 @@ def take(path: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder = _holder(fd)
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise LockHeld(path, holder) from None
@@ -41,4 +51,48 @@ def take(path: str) -> int:
     return fd
 
 
-__all__ = ["LockHeld", "take"]
+def _holder(fd: int) -> str:
+    """The pid a holder wrote; a holder that has just taken the lock may not
+    have written it yet (a probe saw "pid ?" in 1 of 6 starts at once)."""
+    for _ in range(10):
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return "?"
+
+
+def take_inode(path: str, owner: str, share_with: tuple[str, ...] = ()) -> Optional[int]:
+    """Lock the existing file ``path`` itself, for ``owner`` (a name),
+    without waiting; returns the descriptor to give to
+    :func:`release_inode`, or None when this process holds it already for
+    an owner in ``share_with`` (under any name). Raises :class:`LockHeld`
+    (holder "?": the file tells no pid) when another process, or another
+    owner here, holds it; ``OSError`` when it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    stat = os.fstat(fd)
+    key = (stat.st_dev, stat.st_ino)
+    held = _HELD_HERE.get(key)
+    if held is not None and held[1] in share_with:
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise LockHeld(path, "?") from None
+        raise
+    _HELD_HERE[key] = (fd, owner)
+    return fd
+
+
+def release_inode(fd: int) -> None:
+    """Let go of a lock :func:`take_inode` returned."""
+    for key, (held, _owner) in list(_HELD_HERE.items()):
+        if held == fd:
+            del _HELD_HERE[key]
+    os.close(fd)
+
+
+__all__ = ["LockHeld", "release_inode", "take", "take_inode"]

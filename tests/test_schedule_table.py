@@ -190,6 +190,32 @@ def test_a_store_taken_by_one_scheduler_is_refused_to_another_until_closed(tmp_p
     ScheduleStore(str(tmp_path / "link.db"), take=True).close()
 
 
+def test_a_store_reached_through_a_hard_link_is_refused_but_the_routers_journal_shares_it(
+        tmp_path):
+    """A probe's find: two schedulers on one database under two names (a
+    hard link) each had a lock file of their own, and every tick fired
+    twice. The file itself is locked too; the router's journal on the same
+    file (its own scheduler beside it, one process) shares it."""
+    from emq_green.router.journal import Journal
+
+    first = tmp_path / "x.db"
+    store = ScheduleStore(str(first), take=True)
+    (tmp_path / "y.db").hardlink_to(first)
+    with pytest.raises(StoreInUse, match="the same file under another name"):
+        ScheduleStore(str(tmp_path / "y.db"), take=True)
+    store.close()
+    ScheduleStore(str(tmp_path / "y.db"), take=True).close()  # let go: free again
+
+    shared = str(tmp_path / "journal.db")
+    journal = Journal(shared)
+    journal.open()
+    try:
+        beside = ScheduleStore(shared, take=True)  # the router's own scheduler
+        beside.close()
+    finally:
+        journal.close()
+
+
 def test_store_keeps_state_across_a_restart(tmp_path):
     path = str(tmp_path / "s.db")
     table = ScheduleTable()

@@ -34,8 +34,6 @@ Deletes that failed are tried again with the next commit.
 from __future__ import annotations
 
 import collections
-import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -52,6 +50,9 @@ from .. import lockfile
 from .sockets import YIELD
 
 logger = logging.getLogger(__name__)
+
+#: the journal's name as a holder of its file (:func:`~emq_green.lockfile.take_inode`)
+JOURNAL_OWNER = "journal"
 
 #: ``PRAGMA application_id`` of an emq-green journal ("EMQG")
 APPLICATION_ID = 0x454D5147
@@ -265,24 +266,20 @@ class Journal:
     def _lock_the_file(self) -> None:
         """Hold a lock on the database file's own inode (``flock``, which
         SQLite's ``fcntl`` locks do not see): a router that reaches the same
-        file under another name is refused."""
+        file under another name is refused (its own scheduler may share it:
+        :func:`~emq_green.lockfile.take_inode`)."""
         if self._file_fd is not None:
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._file_fd = lockfile.take_inode(self.path, JOURNAL_OWNER)
         except FileNotFoundError:
             return
+        except lockfile.LockHeld:
+            raise JournalError(f"journal {self.path}: in use by another router, or a "
+                               "scheduler (the same file under another name: a hard "
+                               "link)") from None
         except OSError as exc:
-            raise self._fail("cannot open it", exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise JournalError(f"journal {self.path}: in use by another router (the "
-                                   "same file under another name: a hard link)") from None
-            raise self._fail("cannot lock it", exc) from exc
-        self._file_fd = fd
+            raise self._fail("cannot open or lock it", exc) from exc
 
     def _connect(self) -> sqlite3.Connection:
         _refuse_a_lost_main_file(self.path)
@@ -509,7 +506,7 @@ class Journal:
                 logger.error("router: closing journal %s: %s", self.path, exc)
             self._db = None
         if self._file_fd is not None:
-            os.close(self._file_fd)
+            lockfile.release_inode(self._file_fd)
             self._file_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -57,6 +57,7 @@ class ScheduleStore:
         self.path = path
         self._db: Optional[sqlite3.Connection] = None
         self._lock_fd: Optional[int] = None
+        self._file_fd: Optional[int] = None
         if path and take:
             # the real path: through a symbolic link the lock file would be another
             lock_path = os.path.realpath(path) + ".scheduler.lock"
@@ -69,12 +70,25 @@ class ScheduleStore:
             try:
                 db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 self._db = db
+                if take:
+                    self._take_the_file(path)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(_SCHEMA)
             except BaseException:
                 self.close()
                 raise
+
+    def _take_the_file(self, path: str) -> None:
+        """The file itself locked too (a hard link is another name, with a
+        lock file of its own; a probe ran two schedulers on one database
+        that way, each tick fired twice); the router's journal on the same
+        file in this process shares it with its own scheduler."""
+        try:
+            self._file_fd = lockfile.take_inode(path, "scheduler", share_with=("journal",))
+        except lockfile.LockHeld:
+            raise StoreInUse("in use by another scheduler or router (the same file under "
+                             "another name: a hard link)") from None
 
     def save(self, entry: Entry) -> None:
         if self._db is None:
@@ -112,6 +126,9 @@ class ScheduleStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._file_fd is not None:
+            lockfile.release_inode(self._file_fd)
+            self._file_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
