@@ -101,3 +101,10 @@ def sleep_then_hold_the_gil(sleep_for, hold_for):
     real_sleep(sleep_for)
     block_holding_the_gil(hold_for)
     return [started, time.time()]
+
+
+def nap_then_block(nap_for, block_for):
+    """Wait cooperatively, then hold the loop (a C call gevent cannot see)."""
+    gevent.sleep(nap_for)
+    real_sleep(block_for)
+    return block_for

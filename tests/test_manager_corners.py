@@ -529,6 +529,32 @@ def test_a_job_holding_the_loop_again_and_again_does_not_hide_a_dead_router(
     assert seen()[0].created - started < 6  # the job holds the loop for 9 s
 
 
+def test_a_pause_long_after_the_router_went_quiet_does_not_restart_the_count(
+        router, make_manager, caplog):
+    """A probe: at the defaults a dead router was seen 30 s late behind a
+    job holding the loop in bursts: the first pause after its death was
+    excused (the router had been heard since the last one), and the count
+    of its silence began again. Only a pause the router was heard just
+    before (within heartbeat_timeout) is excused now."""
+    manager = make_manager(concurrent_jobs=2)  # dead after 3 x 0.5 s of silence
+    ident = router.wait_inform()
+    router.wait_count(Command.READY, 2)
+    router.request(ident, "blocking_jobs", "nap_then_block", args=[0.6, 3.0])
+    router.wait_until(lambda: manager.jobs_in_flight)
+    started = time.time()
+    router.close()  # dies, and sends nothing more
+
+    def seen() -> list:
+        return [r for r in caplog.records if "nothing from the router" in r.getMessage()]
+
+    while not seen():  # (this greenlet runs only once the job's block is over)
+        assert time.time() < started + 20
+        gevent.sleep(0.1)
+    # the block ends 3.6 s after the death, when the silence (1.5 s) is long
+    # over: seen then (before: 1.5 s after the block, 5.1 s)
+    assert seen()[0].created - started < 4.5
+
+
 class Deferred(JobManager):
     """Admits each request a moment later, from a greenlet of its own."""
 

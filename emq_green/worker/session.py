@@ -551,10 +551,15 @@ class RouterLink:
             worker_log.flush()  # the summary of lines a flood of REQUESTs caused
             if conn is not None and self._running() and not s.disable_heartbeats:
                 wait = _beat(self, conn, s, awake_since)
+            napped_at = time.monotonic()
             if _nap(max(0.05, min(wait, s.heartbeat_interval)), s.heartbeat_interval) and (
-                    conn is None or conn.last_received >= awake_since):
-                # one pause is excused per time the router is heard: a job
-                # that holds the loop again and again does not hide a dead router
+                    conn is None or conn.last_received >= max(
+                        awake_since, napped_at - s.heartbeat_timeout)):
+                # one pause is excused per time the router is heard, and only
+                # when it was heard just before: a job that holds the loop
+                # again and again does not hide a dead router, nor does a
+                # pause that comes long after it went quiet (a probe: seen
+                # 30 s late at the defaults, behind a job in 1 s bursts)
                 awake_since = time.monotonic()
                 self.counters["resumed_after_a_pause"] += 1
 
