@@ -69,13 +69,16 @@ def take_inode(path: str, owner: str, share_with: tuple[str, ...] = ()) -> Optio
     an owner in ``share_with`` (under any name). Raises :class:`LockHeld`
     (holder "?": the file tells no pid) when another process, or another
     owner here, holds it; ``OSError`` when it cannot be opened."""
+    # Looked up before any open: closing a second descriptor of a file this
+    # process holds would drop every fcntl lock the process has on it,
+    # SQLite's own (a review's find: the journal's WAL read lock).
+    stat = os.stat(path)
+    held = _HELD_HERE.get((stat.st_dev, stat.st_ino))
+    if held is not None and held[1] in share_with:
+        return None
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     stat = os.fstat(fd)
     key = (stat.st_dev, stat.st_ino)
-    held = _HELD_HERE.get(key)
-    if held is not None and held[1] in share_with:
-        os.close(fd)
-        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -597,6 +597,8 @@ def _short(value: Any) -> str:
 
 
 _QUEUE_SEPARATORS = re.compile(r"[,\s]+")
+#: spaces around a weight's colon (``a: 20``, ``a :20``) belong to no name
+_AROUND_COLON = re.compile(r"\s*:\s*")
 
 
 def queue_names(items: Sequence[str], default_weight: int) -> Queues:
@@ -612,7 +614,7 @@ def queue_names(items: Sequence[str], default_weight: int) -> Queues:
         return parse_queues(" ".join(items))
     queues = []
     for item in items:
-        for part in _QUEUE_SEPARATORS.split(item):
+        for part in _QUEUE_SEPARATORS.split(_AROUND_COLON.sub(":", item)):
             if not part:
                 continue
             name, sep, weight = part.partition(":")

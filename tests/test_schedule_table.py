@@ -216,6 +216,37 @@ def test_a_store_reached_through_a_hard_link_is_refused_but_the_routers_journal_
         journal.close()
 
 
+def test_sharing_the_journals_file_keeps_the_processs_fcntl_locks(tmp_path):
+    """A review's find: the scheduler's lock opened and closed a second
+    descriptor of the journal's database, and a close drops every fcntl
+    lock the process holds on the file (SQLite's WAL read lock). In the
+    shared case nothing is opened now."""
+    import fcntl
+    import os
+
+    from emq_green import lockfile
+
+    path = tmp_path / "journal.db"
+    path.write_bytes(b"")
+    held = lockfile.take_inode(str(path), "journal")
+    keep = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(keep, fcntl.LOCK_SH, 1, 100)  # stands for SQLite's lock
+
+        def posix_locks() -> int:
+            inode = os.stat(path).st_ino
+            with open("/proc/locks") as f:
+                return sum(1 for line in f if " POSIX " in line
+                           and f" {os.getpid()} " in line and f":{inode} " in line)
+
+        assert posix_locks() == 1
+        assert lockfile.take_inode(str(path), "scheduler", share_with=("journal",)) is None
+        assert posix_locks() == 1
+    finally:
+        os.close(keep)
+        lockfile.release_inode(held)
+
+
 def test_store_keeps_state_across_a_restart(tmp_path):
     path = str(tmp_path / "s.db")
     table = ScheduleTable()

@@ -90,7 +90,9 @@ def test_eventmq_command_line_is_accepted(tmp_path):
                                   ["default", "mail:5"], ["default, mail:5"],
                                   # one argument with a space (-Q "$QUEUES" in a unit
                                   # file) was one queue named "default mail:5" (a probe)
-                                  ["default mail:5"], ["  default\tmail:5 "]])
+                                  ["default mail:5"], ["  default\tmail:5 "],
+                                  # spaces around the colon belong to no name (a review)
+                                  ["default, mail: 5"], ["default mail : 5"]])
 def test_queues_on_the_command_line_as_names_or_json(argv):
     s, _ = load_settings(["-Q", *argv], {})
     assert s.queues == ((10, "default"), (5, "mail"))

@@ -830,18 +830,24 @@ def test_a_tiny_max_message_size_still_gets_a_reply_too_large(router, make_manag
     stop_and_check(router, manager)
 
 
-def test_a_child_says_when_a_value_cannot_be_carried_as_json(router, make_manager, capfd):
+def test_a_child_says_when_a_value_cannot_be_carried_as_json(router, make_manager, capfd,
+                                                             tmp_path):
     """A probe's find: a subprocess job returning a set was answered and
     counted as failed, but logged nowhere (the same job in the loop is): the
     child, which turns it into the failure, now says so on its stderr (the
     worker's log), naming the callable."""
     manager = make_manager(concurrent_jobs=2, subprocess_pool_size=1)
     ident = router.wait_inform()
-    msgid = router.request(ident, JOBS, "unserialisable", headers=REPLY, subprocess=True)
+    marks = tmp_path / "marks"
+    msgid = router.request(ident, CPU, "set_with_mark", args=[str(marks)],
+                           headers=f"{REPLY},retry-count:2", subprocess=True)
     reply = router.wait_reply(msgid)
     assert reply["error"]["type"] == "TypeError" and "not JSON serializable" in reply["value"]
     assert manager.counters["failed"] == 1
+    # it ran once: a value that cannot be sent is not an error to retry (a
+    # review's find: turned into the failure in the child, it ran 3 times)
+    assert marks.read_text() == "ran\n"
     said = capfd.readouterr().err
-    assert f"job {JOBS}.unserialisable returned a value JSON cannot carry: Object of " \
+    assert f"job {CPU}.set_with_mark returned a value JSON cannot carry: Object of " \
            "type set is not JSON serializable" in said, said[-2000:]
     stop_and_check(router, manager)

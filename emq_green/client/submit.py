@@ -358,7 +358,7 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stderr,
         unsent = (i, exc)
         if batch is not None:
             out.write(f"emq-green-submit: {exc}; {len(batch.outstanding)} job(s) sent and "
-                      f"not confirmed (it included), {ns.count - client.sent} not sent\n")
+                      f"not confirmed, {ns.count - client.sent} not sent\n")
             # (a msgid not numbered yet is this job's: its send raised after it left)
             unconfirmed = sorted(numbers.get(m, i) for m in batch.outstanding)
             if unconfirmed:

@@ -282,7 +282,9 @@ class Child:
         if sent is not outcome:  # (the worker sees only a failure: said here, as it says it)
             logger.warning("job %s returned a value JSON cannot carry: %s", request.name,
                            printable(sent.error_message, 300))
-        return sent
+        # the success still, not the failure: a failure would be retried (and
+        # the job run again); _outcome_line turns it into one after the retries
+        return outcome
 
     def _only_here(self) -> None:
         """A process the job forked without exec, returning from the job
