@@ -552,14 +552,8 @@ class RouterLink:
             if conn is not None and self._running() and not s.disable_heartbeats:
                 wait = _beat(self, conn, s, awake_since)
             napped_at = time.monotonic()
-            if _nap(max(0.05, min(wait, s.heartbeat_interval)), s.heartbeat_interval) and (
-                    conn is None or conn.last_received >= max(
-                        awake_since, napped_at - s.heartbeat_timeout)):
-                # one pause is excused per time the router is heard, and only
-                # when it was heard just before: a job that holds the loop
-                # again and again does not hide a dead router, nor does a
-                # pause that comes long after it went quiet (a probe: seen
-                # 30 s late at the defaults, behind a job in 1 s bursts)
+            if _nap(max(0.05, min(wait, s.heartbeat_interval)), s.heartbeat_interval) and \
+                    _excused(conn, awake_since, napped_at, s):
                 awake_since = time.monotonic()
                 self.counters["resumed_after_a_pause"] += 1
 
@@ -625,6 +619,18 @@ def _beat(link: RouterLink, conn: Connection, s: Settings, awake_since: float) -
         link.router_gone = f"nothing from the router for {now - heard:.1f} s"
         link._wake.set()
     return min(conn.last_sent + s.heartbeat_interval, heard + dead_after) - time.monotonic()
+
+
+def _excused(conn: Optional[Connection], awake_since: float, napped_at: float,
+             s: Settings) -> bool:
+    """Whether a pause of this process that began after ``napped_at`` is
+    not the router's silence: one pause is excused per time the router is
+    heard, and only when it was heard within ``heartbeat_timeout`` before:
+    a job that holds the loop again and again does not hide a dead router,
+    nor does a pause long after it went quiet (a probe: seen 30 s late at
+    the defaults, behind a job in 1 s bursts)."""
+    return conn is None or conn.last_received >= max(awake_since,
+                                                     napped_at - s.heartbeat_timeout)
 
 
 def _nap(seconds: float, interval: float) -> bool:
