@@ -90,6 +90,15 @@ def take_inode(path: str, owner: str, share_with: tuple[str, ...] = ()) -> Optio
     return fd
 
 
+def let_go(file_fd: Optional[int], lock_fd: Optional[int]) -> None:
+    """Release what :func:`take_inode` and :func:`take` returned (either
+    may be None: not taken)."""
+    if file_fd is not None:
+        release_inode(file_fd)
+    if lock_fd is not None:
+        os.close(lock_fd)
+
+
 def release_inode(fd: int) -> None:
     """Let go of a lock :func:`take_inode` returned."""
     for key, (held, _owner) in list(_HELD_HERE.items()):
@@ -98,4 +107,4 @@ def release_inode(fd: int) -> None:
     os.close(fd)
 
 
-__all__ = ["LockHeld", "release_inode", "take", "take_inode"]
+__all__ = ["LockHeld", "let_go", "release_inode", "take", "take_inode"]

@@ -505,12 +505,8 @@ class Journal:
             except sqlite3.Error as exc:
                 logger.error("router: closing journal %s: %s", self.path, exc)
             self._db = None
-        if self._file_fd is not None:
-            lockfile.release_inode(self._file_fd)
-            self._file_fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        lockfile.let_go(self._file_fd, self._lock_fd)
+        self._file_fd = self._lock_fd = None
 
     def status(self) -> dict[str, Any]:
         """STATUS keys of the journal."""

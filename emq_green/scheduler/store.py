@@ -126,12 +126,8 @@ class ScheduleStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-        if self._file_fd is not None:
-            lockfile.release_inode(self._file_fd)
-            self._file_fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        lockfile.let_go(self._file_fd, self._lock_fd)
+        self._file_fd = self._lock_fd = None
 
 
 __all__ = ["ScheduleStore", "StoreInUse"]

@@ -37,6 +37,7 @@ from ..jobs import (
     JOB_EXITS,
     JobOutcome,
     Status,
+    exception_text,
     import_dotted,
     logged,
     not_found,
@@ -148,8 +149,10 @@ def _optional(env: str) -> Optional[Callable[[], Any]]:
     return import_dotted(path) if path else None
 
 
-def _outcome_line(outcome: JobOutcome, max_line: int = -1, retire: bool = False) -> str:
-    """The outcome as the pool reads it; ``retire``: this child exits after it."""
+def _outcome_line(outcome: JobOutcome, max_line: int = -1, retire: bool = False,
+                  name: str = "?") -> str:
+    """The outcome of job ``name`` as the pool reads it; ``retire``: this
+    child exits after it."""
     doc = {"status": outcome.status.value, "value": outcome.value,
            "error_type": outcome.error_type, "error_message": outcome.error_message,
            "attempts": outcome.attempts}
@@ -159,9 +162,11 @@ def _outcome_line(outcome: JobOutcome, max_line: int = -1, retire: bool = False)
         line = json.dumps(doc)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         # as on the wire: an unencodable (or too deeply nested) return value
-        # is an error reply
+        # is an error reply; said here, the worker sees only a failure
+        logger.warning("job %s returned a value JSON cannot carry: %s", name,
+                       printable(exception_text(exc), 300))
         failure = JobOutcome.failure(exc, outcome.attempts)
-        return _outcome_line(failure, max_line, retire)
+        return _outcome_line(failure, max_line, retire, name)
     if 0 <= max_line < len(line) + 1:
         # the pool would not read it whole (nor could the router take it)
         message = (f"the job's outcome is {len(line)} bytes of JSON, larger than "
@@ -230,6 +235,8 @@ class Child:
         self.entry_func = entry_func
         self.exit_func = exit_func
         self.max_line = max_line
+        #: the name of the job run last (its outcome's log line names it)
+        self.job_name = "?"
         #: this process: a job's ``os.fork()`` copy that returns here must not answer
         self.pid = os.getpid()
 
@@ -240,6 +247,7 @@ class Child:
     def run(self, message: dict[str, Any]) -> JobOutcome:
         try:
             request = RunRequest.parse(message["payload"])
+            self.job_name = request.name  # (named in the outcome's line)
         except (KeyError, TypeError, ProtocolError) as exc:
             return JobOutcome.rejected("InvalidRequest", str(exc))
         refused = self.policy.refusal(request)
@@ -277,14 +285,9 @@ class Child:
                 return JobOutcome.failure(exc, attempt)
             raise _Final(JobOutcome.failure(exc, attempt)) from None  # not retried
         self._only_here()
-        outcome = JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
-        sent = outcome.sendable()
-        if sent is not outcome:  # (the worker sees only a failure: said here, as it says it)
-            logger.warning("job %s returned a value JSON cannot carry: %s", request.name,
-                           printable(sent.error_message, 300))
-        # the success still, not the failure: a failure would be retried (and
-        # the job run again); _outcome_line turns it into one after the retries
-        return outcome
+        # a value JSON cannot carry is still a success here (a failure would be
+        # retried, the job run again): _outcome_line turns it into one
+        return JobOutcome(Status.SUCCEEDED, value, attempts=attempt)
 
     def _only_here(self) -> None:
         """A process the job forked without exec, returning from the job
@@ -305,7 +308,8 @@ class Child:
             finally:
                 self._only_here()  # (also from the entry and exit functions)
             retire = limits is not None and not limits.restore()
-            self.out.write(_outcome_line(outcome, self.max_line, retire) + "\n")
+            self.out.write(_outcome_line(outcome, self.max_line, retire, self.job_name)
+                           + "\n")
             self.out.flush()
             if retire:
                 logger.warning("a job lowered a hard resource limit of this child; it "
