@@ -219,3 +219,42 @@ def test_queue_names_from_a_command_line_are_queues_or_one_clear_error(items):
     assert queues and all(isinstance(w, int) and isinstance(n, str) for w, n in queues)
     if not items[0].lstrip().startswith("["):
         assert all(n and not set(n) & set('[]"') for _, n in queues)
+
+
+def _reference_run_request(options: dict) -> object:
+    """The run options as RunRequest.parse read them before its per-job trim
+    (isinstance tests, dict.get): a RunRequest's fields, or "refused"."""
+    from types import MappingProxyType
+
+    path, name = options.get("path"), options.get("callable")
+    if not isinstance(path, str) or not path or not isinstance(name, str) or not name:
+        return "refused"
+    args, kwargs = options.get("args") or (), options.get("kwargs") or {}
+    class_args, class_kwargs = options.get("class_args") or (), options.get("class_kwargs") or {}
+    if not isinstance(args, (list, tuple)) or not isinstance(class_args, (list, tuple)):
+        return "refused"
+    mappings = (dict, MappingProxyType)
+    if not isinstance(kwargs, mappings) or not isinstance(class_kwargs, mappings):
+        return "refused"
+    return (path, name, tuple(args), dict(kwargs), tuple(class_args), dict(class_kwargs),
+            bool(options.get("subprocess", False)))
+
+
+@settings(max_examples=600, deadline=None, derandomize=True)
+@given(st.dictionaries(
+    st.sampled_from(["path", "callable", "args", "kwargs", "class_args", "class_kwargs",
+                     "subprocess", "other"]),
+    st.one_of(json_values, st.sampled_from(["", "m", 0, 1, [], {}, None, False, True])),
+    max_size=8))
+def test_run_options_are_read_as_the_plain_reading_reads_them(options):
+    """The worker's payload reading was rewritten for speed (exact JSON type
+    tests, key lookups): any options a REQUEST can carry give the same job,
+    or the same refusal, as the plain reading."""
+    expected = _reference_run_request(options)
+    try:
+        got = RunRequest.parse(json.dumps(["run", options]))
+    except ProtocolError:
+        assert expected == "refused", options
+        return
+    assert (got.path, got.callable, got.args, dict(got.kwargs), got.class_args,
+            dict(got.class_kwargs), got.subprocess) == expected, options
